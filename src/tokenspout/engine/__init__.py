@@ -1,0 +1,1 @@
+"""Token producers behind one async interface (see ``interface.Engine``)."""
