@@ -1,0 +1,174 @@
+"""Continuous batching with chunked prefill: which tokens each engine step computes.
+
+Pure: no torch, no I/O, no threads; it takes plain sizes and ``Sequence`` objects, so it is
+tested with fake sequences. One ``schedule()`` call plans one step:
+
+1. admit waiting sequences in FIFO order while fewer than ``max_num_seqs`` run and a slot is
+   free (the prefix cache picks the slot and may reuse KV for a prompt prefix);
+2. every running sequence past its prompt decodes its last sampled token;
+3. prompts still to compute get chunks from a budget of ``max_prefill_tokens`` tokens per
+   step, oldest first, so a long new prompt is spread over several steps while the running
+   streams keep decoding.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from tokenspout.engine.prefix_cache import PrefixCache
+from tokenspout.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one sequence to feed this step, starting at position ``start_pos``.
+
+    ``samples`` is true when the chunk reaches the end of the sequence's tokens, so its
+    logits pick the next token; a non-final prompt chunk's logits are discarded.
+    """
+
+    seq: Sequence
+    token_ids: tuple[int, ...]
+    start_pos: int
+    samples: bool
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.start_pos < self.seq.num_prompt_tokens
+
+
+@dataclass(frozen=True)
+class SlotCopy:
+    """Copy KV ``[0, num_tokens)`` from slot ``src`` to slot ``dst`` before the forward pass."""
+
+    src: int
+    dst: int
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's plan: prefix copies to apply in order, then the chunks to run."""
+
+    chunks: list[ScheduledChunk]
+    copies: list[SlotCopy]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks if c.is_prefill)
+
+
+class Scheduler:
+    """See the module docstring. Not thread-safe: the engine thread alone calls it."""
+
+    def __init__(
+        self,
+        *,
+        max_num_seqs: int,
+        max_prefill_tokens: int,
+        num_slots: int,
+        prefix_cache: bool = True,
+        min_prefix_match: int = 16,
+    ):
+        if max_num_seqs < 1 or max_prefill_tokens < 1 or num_slots < 1:
+            raise ValueError("max_num_seqs, max_prefill_tokens and num_slots must be >= 1")
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefix_cache = PrefixCache(
+            num_slots, enabled=prefix_cache, min_match_tokens=min_prefix_match
+        )
+        self.waiting: deque[Sequence] = deque()
+        # Insertion order is admission order: prefill budget goes to the oldest first.
+        self.running: dict[str, Sequence] = {}
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; it can join the batch at the next ``schedule()``."""
+        if seq.seq_id in self.running or any(s.seq_id == seq.seq_id for s in self.waiting):
+            raise ValueError(f"sequence {seq.seq_id!r} is already scheduled")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: str) -> Sequence | None:
+        """Remove a sequence; a waiting one is never prefilled. None when unknown."""
+        seq = self.running.get(seq_id)
+        if seq is not None:
+            self.finish(seq)
+            return seq
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                seq.status = SequenceStatus.FINISHED
+                return seq
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        """Take a running sequence out of the batch; its slot keeps its KV for reuse."""
+        del self.running[seq.seq_id]
+        seq.status = SequenceStatus.FINISHED
+        assert seq.slot is not None
+        self.prefix_cache.release(seq.slot, seq.computed_token_ids)
+
+    def fail(self, seq: Sequence) -> None:
+        """Like ``finish``, but the slot's KV may be half-written: forget it."""
+        del self.running[seq.seq_id]
+        seq.status = SequenceStatus.FINISHED
+        assert seq.slot is not None
+        self.prefix_cache.release(seq.slot, ())
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan the next step (see the module docstring)."""
+        copies = self._admit()
+        chunks = [
+            ScheduledChunk(seq, (seq.last_token_id,), seq.num_tokens - 1, samples=True)
+            for seq in self.running.values()
+            if not seq.is_prefilling
+        ]
+        budget = self.max_prefill_tokens
+        for seq in self.running.values():
+            if budget == 0:
+                break
+            if seq.is_prefilling:
+                start = seq.num_computed_tokens
+                n = min(seq.num_prompt_tokens - start, budget)
+                ids = seq.prompt_token_ids[start : start + n]
+                chunks.append(ScheduledChunk(seq, ids, start, samples=start + n == seq.num_tokens))
+                budget -= n
+        return SchedulerOutput(chunks, copies)
+
+    def postprocess(self, out: SchedulerOutput, sampled: list[int]) -> None:
+        """Record a finished step: ``sampled`` has one token per sampling chunk, in order."""
+        tokens = iter(sampled)
+        for chunk in out.chunks:
+            chunk.seq.num_computed_tokens += len(chunk.token_ids)
+            if chunk.samples:
+                chunk.seq.output_token_ids.append(next(tokens))
+        assert next(tokens, None) is None, "more sampled tokens than sampling chunks"
+
+    def _busy_slots(self) -> dict[int, tuple[int, ...]]:
+        """Busy slot -> tokens whose KV it holds, for prefix matching on admission."""
+        return {s.slot: s.computed_token_ids for s in self.running.values() if s.slot is not None}
+
+    def _admit(self) -> list[SlotCopy]:
+        copies: list[SlotCopy] = []
+        while (
+            self.waiting
+            and len(self.running) < self.max_num_seqs
+            and self.prefix_cache.num_free > 0
+        ):
+            seq = self.waiting.popleft()
+            busy = {
+                s.slot: s.computed_token_ids for s in self.running.values() if s.slot is not None
+            }
+            got = self.prefix_cache.allocate(seq.prompt_token_ids, busy)
+            if got.copy_from is not None:
+                copies.append(SlotCopy(got.copy_from, got.slot, got.num_cached_tokens))
+            seq.slot = got.slot
+            seq.num_computed_tokens = seq.num_cached_tokens = got.num_cached_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running[seq.seq_id] = seq
+        return copies

@@ -1,0 +1,192 @@
+"""Scheduler: continuous batching, chunked prefill, FIFO, cancellation, slots."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
+from tokenspout.engine.sequence import Sequence, SequenceStatus
+
+
+def seq(seq_id: str, n_prompt: int, first: int = 0) -> Sequence:
+    """A fake sequence whose prompt is ``first, first+1, ...``: distinct prompts share nothing."""
+    return Sequence(seq_id, tuple(range(first, first + n_prompt)))
+
+
+def run_step(s: Scheduler) -> SchedulerOutput:
+    """Plan a step and pretend every sampling chunk produced token 7."""
+    out = s.schedule()
+    s.postprocess(out, [7] * sum(c.samples for c in out.chunks))
+    return out
+
+
+def plan(out: SchedulerOutput) -> list[tuple[str, int, int]]:
+    """(id, start_pos, number of tokens) of each chunk."""
+    return [(c.seq.seq_id, c.start_pos, len(c.token_ids)) for c in out.chunks]
+
+
+def make(max_num_seqs: int = 4, max_prefill_tokens: int = 100, num_slots: int = 4) -> Scheduler:
+    return Scheduler(
+        max_num_seqs=max_num_seqs,
+        max_prefill_tokens=max_prefill_tokens,
+        num_slots=num_slots,
+        prefix_cache=False,
+    )
+
+
+def test_short_prompt_prefills_in_one_step_then_decodes() -> None:
+    s = make()
+    s.add(seq("a", 5))
+    out = run_step(s)
+    assert plan(out) == [("a", 0, 5)] and out.chunks[0].samples
+    assert out.num_prefill_tokens == 5
+    a = s.running["a"]
+    assert a.output_token_ids == [7] and a.num_computed_tokens == 5
+    out = run_step(s)
+    assert plan(out) == [("a", 5, 1)] and out.chunks[0].token_ids == (7,)
+    assert out.num_prefill_tokens == 0
+
+
+def test_new_request_joins_the_running_batch_at_the_next_step() -> None:
+    s = make()
+    s.add(seq("a", 3))
+    run_step(s)
+    s.add(seq("b", 4, first=100))
+    assert plan(run_step(s)) == [("a", 3, 1), ("b", 0, 4)]
+    assert plan(run_step(s)) == [("a", 4, 1), ("b", 4, 1)]
+
+
+def test_long_prompt_is_chunked_and_interleaved_with_decoding() -> None:
+    s = make(max_prefill_tokens=8)
+    s.add(seq("a", 2))
+    run_step(s)
+    s.add(seq("long", 20, first=100))
+    steps = [plan(run_step(s)) for _ in range(4)]
+    assert steps == [
+        [("a", 2, 1), ("long", 0, 8)],
+        [("a", 3, 1), ("long", 8, 8)],
+        [("a", 4, 1), ("long", 16, 4)],
+        [("a", 5, 1), ("long", 20, 1)],
+    ]
+    long = s.running["long"]
+    assert long.output_token_ids == [7, 7]
+
+
+def test_only_the_last_prompt_chunk_samples() -> None:
+    s = make(max_prefill_tokens=8)
+    s.add(seq("long", 12))
+    first, second = run_step(s), run_step(s)
+    assert [c.samples for c in first.chunks] == [False]
+    assert [c.samples for c in second.chunks] == [True]
+    assert s.running["long"].output_token_ids == [7]
+
+
+def test_prefill_budget_goes_to_the_oldest_prompt_first() -> None:
+    s = make(max_prefill_tokens=10)
+    s.add(seq("a", 6))
+    s.add(seq("b", 6, first=100))
+    s.add(seq("c", 6, first=200))
+    assert plan(run_step(s)) == [("a", 0, 6), ("b", 0, 4)]
+    assert plan(run_step(s)) == [("a", 6, 1), ("b", 4, 2), ("c", 0, 6)]
+
+
+def test_max_num_seqs_bounds_the_batch_and_the_rest_wait_in_fifo_order() -> None:
+    s = make(max_num_seqs=2, num_slots=8)
+    for i, name in enumerate("abcd"):
+        s.add(seq(name, 3, first=10 * i))
+    run_step(s)
+    assert list(s.running) == ["a", "b"] and [q.seq_id for q in s.waiting] == ["c", "d"]
+    s.finish(s.running["a"])
+    run_step(s)
+    assert list(s.running) == ["b", "c"] and [q.seq_id for q in s.waiting] == ["d"]
+
+
+def test_free_slots_bound_admission() -> None:
+    s = make(max_num_seqs=8, num_slots=2)
+    for i, name in enumerate("abc"):
+        s.add(seq(name, 3, first=10 * i))
+    run_step(s)
+    assert sorted(q.slot for q in s.running.values()) == [0, 1]
+    assert [q.seq_id for q in s.waiting] == ["c"]
+
+
+def test_abort_waiting_drops_it_without_prefilling() -> None:
+    s = make(max_num_seqs=1)
+    s.add(seq("a", 3))
+    s.add(seq("b", 3, first=100))
+    run_step(s)
+    aborted = s.abort("b")
+    assert aborted is not None and aborted.status is SequenceStatus.FINISHED
+    assert aborted.slot is None and aborted.num_computed_tokens == 0
+    assert not s.waiting
+    for _ in range(3):
+        assert all(c.seq.seq_id == "a" for c in run_step(s).chunks)
+
+
+def test_abort_running_frees_its_slot_at_the_next_step() -> None:
+    s = make(max_num_seqs=1, num_slots=1)
+    s.add(seq("a", 3))
+    s.add(seq("b", 3, first=100))
+    run_step(s)
+    assert s.prefix_cache.num_free == 0
+    assert s.abort("a") is not None
+    assert s.prefix_cache.num_free == 1 and "a" not in s.running
+    assert plan(run_step(s)) == [("b", 0, 3)]
+    assert s.running["b"].slot == 0
+
+
+def test_abort_unknown_returns_none() -> None:
+    s = make()
+    assert s.abort("nope") is None
+    s.add(seq("a", 2))
+    run_step(s)
+    s.finish(s.running["a"])
+    assert s.abort("a") is None
+
+
+def test_finish_frees_the_slot_for_the_next_waiting_sequence() -> None:
+    s = make(max_num_seqs=4, num_slots=1)
+    s.add(seq("a", 2))
+    s.add(seq("b", 2, first=100))
+    run_step(s)
+    assert s.running["a"].slot == 0 and len(s.waiting) == 1
+    s.finish(s.running["a"])
+    run_step(s)
+    assert s.running["b"].slot == 0 and not s.waiting
+
+
+def test_duplicate_id_is_rejected() -> None:
+    s = make()
+    s.add(seq("a", 2))
+    with pytest.raises(ValueError):
+        s.add(seq("a", 2))
+
+
+def test_invalid_sizes_are_rejected() -> None:
+    with pytest.raises(ValueError):
+        Scheduler(max_num_seqs=0, max_prefill_tokens=1, num_slots=1)
+
+
+def test_repeated_prompt_reuses_the_cached_prefix() -> None:
+    s = Scheduler(max_num_seqs=2, max_prefill_tokens=100, num_slots=2, min_prefix_match=4)
+    prompt = tuple(range(50))
+    s.add(Sequence("a", prompt))
+    run_step(s)
+    s.finish(s.running["a"])
+    s.add(Sequence("b", (*prompt[:40], 999, 998)))
+    out = run_step(s)
+    assert plan(out) == [("b", 40, 2)]
+    assert s.running["b"].num_cached_tokens == 40
+    assert not out.copies
+
+
+def test_prefix_of_a_busy_slot_is_copied_into_a_free_slot() -> None:
+    s = Scheduler(max_num_seqs=2, max_prefill_tokens=100, num_slots=2, min_prefix_match=4)
+    prompt = tuple(range(30))
+    s.add(Sequence("a", prompt))
+    run_step(s)
+    s.add(Sequence("b", prompt))
+    out = run_step(s)
+    a, b = s.running["a"], s.running["b"]
+    assert [(c.src, c.dst, c.num_tokens) for c in out.copies] == [(a.slot, b.slot, 29)]
+    assert plan(out) == [("a", 30, 1), ("b", 29, 1)]
