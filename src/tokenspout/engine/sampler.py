@@ -1,0 +1,87 @@
+"""Pick the next token of every row of a step's logits, each row with its own settings.
+
+Greedy rows (temperature 0) take the argmax. The others are scaled by their temperature,
+cut to their top-k and top-p sets, and drawn with the exponential-race trick
+(``argmax(p / q)``, ``q ~ Exp(1)``), which samples from ``p`` exactly like
+``torch.multinomial`` but lets each row draw its noise from its own ``torch.Generator``:
+a request with a ``seed`` gets the same tokens whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from tokenspout.engine.request import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A per-request generator: seeded when the request gives a seed, random otherwise."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+class Sampler:
+    """Batched sampling over the rows of one step; stateless."""
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+    ) -> list[int]:
+        """Return one token id per row of ``logits`` ([rows, vocab], float32)."""
+        assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
+        tokens = logits.argmax(dim=-1)  # [rows]; right for greedy rows, overwritten below
+        rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rows:
+            picked = self._sample(
+                logits[rows], [params[i] for i in rows], [generators[i] for i in rows]
+            )
+            tokens[rows] = picked
+        return tokens.tolist()
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        generators: Sequence[torch.Generator],
+    ) -> torch.Tensor:
+        # logits: [R, V]; a copy, so masking in place does not touch the caller's tensor.
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+        logits = logits / temps.unsqueeze(1)
+        if any(p.top_k > 0 for p in params):
+            _mask_top_k(logits, [p.top_k for p in params])
+        if any(p.top_p < 1.0 for p in params):
+            _mask_top_p(logits, [p.top_p for p in params])
+        probs = torch.softmax(logits, dim=-1)  # [R, V]
+        noise = torch.empty_like(probs)
+        for i, gen in enumerate(generators):
+            noise[i].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
+    """Set every logit below each row's k-th largest to -inf (k <= 0: row untouched)."""
+    vocab = logits.shape[-1]
+    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k])  # [R]
+    kth = logits.topk(int(ks.max()), dim=-1).values  # [R, kmax], descending
+    threshold = kth.gather(1, (ks - 1).unsqueeze(1))  # [R, 1]
+    logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _mask_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
+    """Keep each row's smallest set of tokens whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
+    probs = sorted_logits.softmax(dim=-1)
+    # Mass strictly before each token: a token is kept while that is below top_p, so the
+    # most likely token always survives.
+    before = probs.cumsum(dim=-1) - probs
+    drop_sorted = before >= torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
+    drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+    logits.masked_fill_(drop, float("-inf"))

@@ -1,0 +1,80 @@
+"""Sampler: greedy, temperature, top-k, top-p, per-request seeds, mixed batches."""
+
+from __future__ import annotations
+
+import torch
+
+from tokenspout.engine.request import SamplingParams
+from tokenspout.engine.sampler import Sampler, make_generator
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], seed: int = 0) -> list[int]:
+    return Sampler()(logits, params, [make_generator(seed + i) for i in range(len(params))])
+
+
+def test_greedy_takes_the_argmax_of_each_row() -> None:
+    logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 1.0, 2.0]])
+    assert sample(logits, [GREEDY, GREEDY]) == [1, 0]
+
+
+def test_top_k_1_is_greedy_whatever_the_temperature() -> None:
+    logits = torch.randn(4, 100, generator=torch.Generator().manual_seed(1))
+    params = [SamplingParams(temperature=2.0, top_k=1)] * 4
+    assert sample(logits, params) == logits.argmax(-1).tolist()
+
+
+def test_top_k_keeps_only_the_k_best_tokens() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]] * 1)
+    drawn = {sample(logits, [SamplingParams(top_k=2)], seed=s)[0] for s in range(200)}
+    assert drawn == {3, 4}
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token() -> None:
+    logits = torch.tensor([[0.0, 1.0, 2.5, 2.0]])
+    drawn = {sample(logits, [SamplingParams(top_p=0.01)], seed=s)[0] for s in range(50)}
+    assert drawn == {2}
+
+
+def test_top_p_keeps_the_nucleus() -> None:
+    # probs ~ [0.5, 0.3, 0.15, 0.05]: top_p=0.7 keeps the first two tokens.
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    drawn = {sample(logits, [SamplingParams(top_p=0.7)], seed=s)[0] for s in range(300)}
+    assert drawn == {0, 1}
+
+
+def test_temperature_sampling_follows_the_distribution() -> None:
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logits = torch.log(probs).unsqueeze(0)
+    counts = torch.zeros(3)
+    for s in range(3000):
+        counts[sample(logits, [SamplingParams(temperature=1.0)], seed=s)[0]] += 1
+    assert torch.allclose(counts / counts.sum(), probs, atol=0.04)
+
+
+def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
+    hot = SamplingParams(temperature=1.5, seed=42)
+    alone = Sampler()(logits[1:2], [hot], [make_generator(42)])
+    params = [GREEDY, hot, SamplingParams(temperature=1.0)]
+    gens = [make_generator(None), make_generator(42), make_generator(None)]
+    in_batch = Sampler()(logits, params, gens)
+    assert in_batch[1] == alone[0]
+    assert in_batch[0] == int(logits[0].argmax())
+
+
+def test_a_seeded_generator_repeats_its_sequence() -> None:
+    logits = torch.zeros(1, 1000)
+    params = [SamplingParams(temperature=1.0, seed=7)]
+    g1, g2 = make_generator(7), make_generator(7)
+    first = [Sampler()(logits, params, [g1])[0] for _ in range(10)]
+    second = [Sampler()(logits, params, [g2])[0] for _ in range(10)]
+    assert first == second and len(set(first)) > 1
+
+
+def test_sampling_does_not_modify_the_callers_logits() -> None:
+    logits = torch.randn(2, 20, generator=torch.Generator().manual_seed(3))
+    before = logits.clone()
+    sample(logits, [SamplingParams(top_k=3, top_p=0.5, temperature=0.7)] * 2)
+    assert torch.equal(logits, before)
