@@ -1,0 +1,1 @@
+"""Wire formats as pure encoders/decoders: no I/O, table-tested."""

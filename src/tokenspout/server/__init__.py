@@ -1,0 +1,1 @@
+"""FastAPI app and routes: validate, hand to streaming, encode. Never formats wire bytes."""

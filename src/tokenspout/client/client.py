@@ -1,0 +1,151 @@
+"""Sync and async clients that stream deltas over SSE and record time to first token.
+
+with Client("http://127.0.0.1:8000") as client:
+    stream = client.stream_chat("Why is the sky blue?", max_tokens=64)
+    for delta in stream:
+        print(delta, end="", flush=True)
+    print(stream.result.ttft_s)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse, connect_sse
+
+from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
+
+__all__ = ["AsyncClient", "Client", "StreamError", "StreamResult"]
+
+
+def _chat_body(prompt: str | list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    return {"messages": messages, "stream": True, **params}
+
+
+def _error_from(response: httpx.Response, body: bytes) -> StreamError:
+    try:
+        message = response.json()["error"]["message"]
+    except Exception:
+        message = body.decode("utf-8", "replace")[:500]
+    return StreamError(message, status_code=response.status_code, body=body)
+
+
+class SyncStream:
+    """Iterate for text deltas; ``result`` fills in as the stream goes."""
+
+    def __init__(self, client: httpx.Client, path: str, body: dict[str, Any]):
+        self._client, self._path, self._body = client, path, body
+        self.result = StreamResult()
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = StreamResult()
+        with connect_sse(self._client, "POST", self._path, json=self._body) as source:
+            response = source.response
+            if response.status_code >= 400:
+                raise _error_from(response, response.read())
+            self.result.stream_id = response.headers.get("x-stream-id")
+            for event in source.iter_sse():
+                delta = read_event(self.result, event.data)
+                if delta:
+                    yield delta
+
+
+class AsyncStream:
+    """Async twin of ``SyncStream``."""
+
+    def __init__(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]):
+        self._client, self._path, self._body = client, path, body
+        self.result = StreamResult()
+
+    async def __aiter__(self) -> AsyncIterator[str]:
+        self.result = StreamResult()
+        async with aconnect_sse(self._client, "POST", self._path, json=self._body) as source:
+            response = source.response
+            if response.status_code >= 400:
+                raise _error_from(response, await response.aread())
+            self.result.stream_id = response.headers.get("x-stream-id")
+            async for event in source.aiter_sse():
+                delta = read_event(self.result, event.data)
+                if delta:
+                    yield delta
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class Client:
+    """Synchronous client. ``params`` are OpenAI request fields (max_tokens, temperature...)."""
+
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+        timeout: float = 600.0,
+    ):  # fmt: skip
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> SyncStream:
+        return SyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
+
+    def stream_completion(self, prompt: str, **params: Any) -> SyncStream:
+        return SyncStream(
+            self._http, "/v1/completions", {"prompt": prompt, "stream": True, **params}
+        )
+
+    def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
+        """Stream a chat answer to the end and return it with its timing."""
+        stream = self.stream_chat(prompt, **params)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def cancel(self, stream_id: str) -> None:
+        self._http.post(f"/v1/streams/{stream_id}/cancel").raise_for_status()
+
+
+class AsyncClient:
+    """Asynchronous client; same methods as ``Client``, awaitable."""
+
+    def __init__(
+        self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+        timeout: float = 600.0,
+    ):  # fmt: skip
+        self._http = httpx.AsyncClient(
+            base_url=base_url, headers=_headers(api_key), timeout=timeout
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncStream:
+        return AsyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
+
+    def stream_completion(self, prompt: str, **params: Any) -> AsyncStream:
+        body = {"prompt": prompt, "stream": True, **params}
+        return AsyncStream(self._http, "/v1/completions", body)
+
+    async def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
+        stream = self.stream_chat(prompt, **params)
+        async for _ in stream:
+            pass
+        return stream.result
+
+    async def cancel(self, stream_id: str) -> None:
+        (await self._http.post(f"/v1/streams/{stream_id}/cancel")).raise_for_status()

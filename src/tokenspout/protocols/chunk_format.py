@@ -1,0 +1,43 @@
+"""What a stream's JSON payloads look like, independent of framing (SSE, NDJSON, WebSocket).
+
+A ``ChunkFormat`` turns the stream's life (open, text deltas, finish, error) into JSON
+objects; ``protocols.sse`` / ``protocols.ndjson`` frame them. Implementations live in
+``openai_chunks`` (chat and completions) and ``seed_events`` (the seed's ``{"token": ...}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tokenspout.errors import TokenspoutError
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one request, as OpenAI reports them."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+class ChunkFormat(Protocol):
+    """The payloads of one stream, in order: opening, deltas, closing (or error)."""
+
+    #: Whether the SSE framing ends the stream with ``data: [DONE]``.
+    ends_with_done: bool
+
+    def opening(self) -> list[dict[str, Any]]: ...
+
+    def delta(self, text: str) -> dict[str, Any]: ...
+
+    def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]: ...
+
+    def error(self, err: TokenspoutError) -> dict[str, Any]: ...

@@ -1,0 +1,17 @@
+"""The framing a streaming HTTP response uses: SSE or NDJSON."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Framing(Protocol):
+    #: Short transport name for metrics labels.
+    name: str
+    media_type: str
+
+    def event(self, payload_json: str, id: str | None = None) -> bytes: ...
+
+    def heartbeat(self) -> bytes: ...
+
+    def done(self) -> bytes: ...

@@ -1,0 +1,36 @@
+"""Newline-delimited JSON framing: one compact JSON object per line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def encode_line(obj: Any) -> bytes:
+    """One object, one line. ``json.dumps`` escapes newlines inside strings, so lines stay whole."""
+    return dumps(obj).encode("utf-8") + b"\n"
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON with UTF-8 text kept as is (smaller than ``\\uXXXX`` escapes)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class NDJSONFraming:
+    """Frames JSON payloads as NDJSON lines. The end is the end of the body (no sentinel);
+    a heartbeat is an empty line, which NDJSON readers skip."""
+
+    name = "ndjson"
+    media_type = "application/x-ndjson"
+
+    @staticmethod
+    def event(payload_json: str, id: str | None = None) -> bytes:
+        return payload_json.encode("utf-8") + b"\n"
+
+    @staticmethod
+    def heartbeat() -> bytes:
+        return b"\n"
+
+    @staticmethod
+    def done() -> bytes:
+        return b""

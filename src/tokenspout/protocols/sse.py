@@ -1,0 +1,59 @@
+"""Server-Sent Events framing (WHATWG HTML, "9.2 Server-sent events").
+
+Pure functions from values to bytes. A ``data`` value containing newlines is split across
+several ``data:`` lines, which the spec rejoins with ``\\n``; ids must not contain newlines
+or NUL (the spec ignores such ids), so they are rejected here.
+"""
+
+from __future__ import annotations
+
+DONE = b"data: [DONE]\n\n"
+
+
+def _check_field(name: str, value: str) -> None:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError(f"SSE {name} must not contain CR, LF or NUL")
+
+
+def encode_event(
+    data: str, *, event: str | None = None, id: str | None = None, retry_ms: int | None = None
+) -> bytes:
+    """One event: optional ``event:``/``id:``/``retry:`` lines, ``data:`` lines, blank line."""
+    lines: list[str] = []
+    if event is not None:
+        _check_field("event", event)
+        lines.append(f"event: {event}")
+    if id is not None:
+        _check_field("id", id)
+        lines.append(f"id: {id}")
+    if retry_ms is not None:
+        lines.append(f"retry: {int(retry_ms)}")
+    # splitlines() would also split on \v, \f, \x1c..., which SSE does not treat as breaks.
+    normalized = data.replace("\r\n", "\n").replace("\r", "\n")
+    lines.extend(f"data: {part}" for part in normalized.split("\n"))
+    return ("\n".join(lines) + "\n\n").encode("utf-8")
+
+
+def encode_comment(text: str = "ping") -> bytes:
+    """A comment line: clients ignore it; it keeps proxies and idle timers from closing."""
+    _check_field("comment", text)
+    return f": {text}\n\n".encode()
+
+
+class SSEFraming:
+    """Frames JSON payloads as SSE events for an HTTP response body."""
+
+    name = "sse"
+    media_type = "text/event-stream"
+
+    @staticmethod
+    def event(payload_json: str, id: str | None = None) -> bytes:
+        return encode_event(payload_json, id=id)
+
+    @staticmethod
+    def heartbeat() -> bytes:
+        return encode_comment("ping")
+
+    @staticmethod
+    def done() -> bytes:
+        return DONE

@@ -1,0 +1,87 @@
+"""The FastAPI application: routes, error handlers, and the engine's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from tokenspout import __version__
+from tokenspout.engine.interface import Engine
+from tokenspout.errors import (
+    InvalidRequestError,
+    OverloadedError,
+    TokenspoutError,
+)
+from tokenspout.protocols.openai_errors import error_body
+from tokenspout.server import openai_routes, seed_routes, system_routes
+from tokenspout.server.config import ServerConfig
+from tokenspout.server.server_state import ServerState
+
+logger = logging.getLogger("tokenspout")
+
+
+def _error_response(err: TokenspoutError) -> JSONResponse:
+    headers = {}
+    if isinstance(err, OverloadedError):
+        headers["Retry-After"] = str(err.retry_after_s)
+    return JSONResponse(error_body(err), status_code=err.status_code, headers=headers)
+
+
+async def _tokenspout_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TokenspoutError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    err = InvalidRequestError(str(exc.detail), code=f"http_{exc.status_code}")
+    err.status_code = exc.status_code
+    return _error_response(err)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return _error_response(InvalidRequestError(str(exc.errors())))
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    err = TokenspoutError("internal server error; the request was not processed")
+    return _error_response(err)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
+    """Build the app around an engine; the engine is started and stopped by the lifespan."""
+    state = ServerState(engine, config or ServerConfig())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await engine.start()
+        state.ready = True
+        label = "SYNTHETIC engine (not a language model)" if engine.synthetic else "model"
+        logger.info("serving %s %s", label, engine.model_id)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.streams.abort_all("shutdown")
+            await engine.shutdown()
+
+    app = FastAPI(title="tokenspout", version=__version__, lifespan=lifespan)
+    app.state.tokenspout = state
+    app.include_router(system_routes.router)
+    app.include_router(system_routes.api)
+    app.include_router(openai_routes.router)
+    app.include_router(seed_routes.router)
+    app.add_exception_handler(TokenspoutError, _tokenspout_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
+    return app

@@ -1,0 +1,44 @@
+"""Server settings, one field per ``tokenspout serve`` flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """What the HTTP layer enforces. Engine settings live with the engine."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: Used when a request gives no max_tokens.
+    default_max_tokens: int = 512
+    #: A request asking for more gets 400.
+    max_tokens_limit: int = 4096
+    #: Prompt size limit in characters, checked before tokenizing (the token limit is the
+    #: engine's context length).
+    max_prompt_chars: int = 100_000
+    #: Request body limit in bytes.
+    max_body_bytes: int = 1 << 20
+    flush_tokens: int = 5
+    flush_ms: float = 50.0
+    heartbeat_interval_s: float = 15.0
+    #: Open streams (running or queued) beyond which new requests get 429.
+    max_streams: int = 20_000
+    #: Requests waiting for an engine slot beyond which new requests get 429.
+    max_queued: int = 1024
+    #: A send that has not completed for this long closes the connection.
+    send_timeout_s: float = 30.0
+    drain_timeout_s: float = 10.0
+    #: Bearer token required on /v1 routes when set.
+    api_key: str | None = None
+    #: Extra names a request's ``model`` field may use for the served model.
+    model_aliases: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be between 1 and max_tokens_limit")
+        if self.flush_tokens < 1 or self.flush_ms < 0:
+            raise ValueError("flush_tokens must be >= 1 and flush_ms >= 0")
+        if self.heartbeat_interval_s <= 0 or self.send_timeout_s <= 0:
+            raise ValueError("heartbeat_interval_s and send_timeout_s must be > 0")

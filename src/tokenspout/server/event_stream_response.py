@@ -1,0 +1,178 @@
+"""The ASGI response that streams a ``Stream`` to one HTTP client (SSE or NDJSON).
+
+One task group races two tasks: sending the body, and listening for ``http.disconnect``;
+whichever ends first cancels the other. The reader is detached in ``finally`` with the
+reason, which aborts a non-resumable stream at once. A send that does not complete within
+``send_timeout_s`` (a client that stopped reading) ends the connection the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import anyio
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from tokenspout.protocols.chunk_format import ChunkFormat, Usage
+from tokenspout.protocols.framing import Framing
+from tokenspout.protocols.ndjson import dumps
+from tokenspout.server.disconnect import DisconnectWatch
+from tokenspout.server.metrics import Metrics
+from tokenspout.streaming.flush_policy import FlushPolicy
+from tokenspout.streaming.stream import Stream, StreamEnd
+from tokenspout.streaming.stream_reader import Delta, Finished, Heartbeat, read_stream
+
+
+class SendTimeout(Exception):
+    """The client did not take a send within the send timeout."""
+
+
+@dataclass
+class StreamSettings:
+    """Per-response knobs resolved from the server config and the request."""
+
+    flush_tokens: int
+    flush_ms: float
+    heartbeat_s: float
+    send_timeout_s: float
+
+
+def stream_headers(stream: Stream, media_type: str) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", media_type.encode()),
+        (b"cache-control", b"no-cache"),
+        # nginx-style proxies buffer responses unless told not to.
+        (b"x-accel-buffering", b"no"),
+        (b"x-stream-id", stream.id.encode()),
+    ]
+
+
+class EventStreamResponse(Response):
+    """Streams ``stream`` from ``start`` as ``chunks`` payloads in ``framing``."""
+
+    def __init__(
+        self,
+        stream: Stream,
+        chunks: ChunkFormat,
+        framing: Framing,
+        settings: StreamSettings,
+        metrics: Metrics,
+        *,
+        endpoint: str,
+        started_at: float,
+        start: int = 0,
+        opening: bool = True,
+    ):
+        # A Response subclass only so that FastAPI hands it over unchanged: the body is
+        # produced in __call__, so Response.__init__ (which renders content) is not called.
+        self.stream = stream
+        self.status_code = 200
+        self.background: BackgroundTask | None = None
+        self.chunks = chunks
+        self.framing = framing
+        self.settings = settings
+        self.metrics = metrics
+        self.endpoint = endpoint
+        self.started_at = started_at
+        self.start = start
+        self.opening = opening
+        self._first_text_sent = False
+        self._complete = False
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch = DisconnectWatch()
+        reason: str | None = None
+        self.stream.attach()
+        self.metrics.streams_active.inc()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(watch.run, receive, tg.cancel_scope)
+                try:
+                    await self._send_body(send)
+                except SendTimeout:
+                    reason = "send_timeout"
+                except OSError:
+                    reason = "client_disconnect"
+                tg.cancel_scope.cancel()
+            # uvicorn reports a disconnect once the body is complete too: only an earlier
+            # one means the client left.
+            if watch.disconnected and not self._complete:
+                reason = "client_disconnect"
+        finally:
+            self.stream.detach(
+                reason or ("client_disconnect" if not self.stream.finished else None)
+            )
+            self.metrics.streams_active.dec()
+            status = reason or self._status()
+            self.metrics.requests.labels(self.endpoint, self.framing.name, status).inc()
+            self.metrics.e2e.observe(time.monotonic() - self.started_at)
+
+    def _status(self) -> str:
+        end = self.stream.end
+        if end is None:
+            return "incomplete"
+        return "error" if end.error is not None else "ok"
+
+    async def _send(self, send: Send, body: bytes) -> None:
+        if not body:
+            return
+        try:
+            with anyio.fail_after(self.settings.send_timeout_s):
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+        except TimeoutError:
+            raise SendTimeout from None
+        self.metrics.stream_bytes.inc(len(body))
+
+    def _event(self, payload: dict, position: int) -> bytes:
+        return self.framing.event(dumps(payload), id=f"{self.stream.id}:{position}")
+
+    async def _send_body(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": stream_headers(self.stream, self.framing.media_type),
+            }
+        )
+        if self.opening:
+            for payload in self.chunks.opening():
+                await self._send(send, self._event(payload, self.start))
+        policy = FlushPolicy(self.settings.flush_tokens, self.settings.flush_ms)
+        items = read_stream(
+            self.stream, policy, heartbeat_s=self.settings.heartbeat_s, start=self.start
+        )
+        try:
+            async for item in items:
+                if isinstance(item, Delta):
+                    await self._send(send, self._event(self.chunks.delta(item.text), item.position))
+                    self._count_event(item)
+                elif isinstance(item, Heartbeat):
+                    await self._send(send, self.framing.heartbeat())
+                elif isinstance(item, Finished):
+                    await self._send(send, self._closing(item.end))
+        finally:
+            await items.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._complete = True
+
+    def _count_event(self, delta: Delta) -> None:
+        if not self._first_text_sent:
+            self._first_text_sent = True
+            self.metrics.ttft.observe(time.monotonic() - self.started_at)
+        self.metrics.stream_events.inc()
+        self.metrics.tokens_per_event.observe(delta.num_tokens)
+
+    def _closing(self, end: StreamEnd) -> bytes:
+        position = self.stream.length
+        if end.error is not None:
+            body = self._event(self.chunks.error(end.error), position)
+        else:
+            usage = Usage(end.prompt_tokens, end.completion_tokens)
+            assert end.finish_reason is not None
+            body = b"".join(
+                self._event(p, position) for p in self.chunks.closing(end.finish_reason, usage)
+            )
+        return body + self.framing.done()

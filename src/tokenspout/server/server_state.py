@@ -1,0 +1,43 @@
+"""What the routes share: engine, config, streams, metrics and the draining flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from starlette.requests import HTTPConnection
+
+from tokenspout.engine.interface import Engine
+from tokenspout.server.config import ServerConfig
+from tokenspout.server.metrics import Metrics
+from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_registry import StreamRegistry
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    config: ServerConfig
+    metrics: Metrics = field(init=False)
+    streams: StreamRegistry = field(init=False)
+    ready: bool = False
+    draining: bool = False
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.engine)
+        self.streams = StreamRegistry(self.engine, on_end=self._stream_ended)
+
+    def _stream_ended(self, stream: Stream) -> None:
+        end = stream.end
+        reason = stream.abort_reason
+        if reason is None and end is not None and end.error is not None:
+            reason = "error"
+        if reason is not None:
+            self.metrics.requests_aborted.labels(reason).inc()
+
+    def served_names(self) -> tuple[str, ...]:
+        return (self.engine.model_id, *self.config.model_aliases)
+
+
+def state_of(conn: HTTPConnection) -> ServerState:
+    state: ServerState = conn.app.state.tokenspout
+    return state

@@ -1,0 +1,56 @@
+"""Health, model list, metrics, and cancel-by-id."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenspout.server.auth import require_api_key
+from tokenspout.server.server_state import state_of
+
+router = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    """200 when ready to serve; 503 while loading or draining."""
+    state = state_of(request)
+    ok = state.ready and not state.draining
+    body = {
+        "status": "ok" if ok else ("draining" if state.draining else "loading"),
+        "model": state.engine.model_id,
+        "engine": "synthetic" if state.engine.synthetic else "embedded",
+    }
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@api.get("/v1/models")
+async def models(request: Request) -> Response:
+    state = state_of(request)
+    owner = "tokenspout-synthetic" if state.engine.synthetic else "tokenspout"
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": owner,
+            "root": state.engine.model_id,
+            "max_model_len": state.engine.max_model_len,
+        }
+        for name in state.served_names()
+    ]
+    return JSONResponse({"object": "list", "data": data})
+
+
+@api.post("/v1/streams/{stream_id}/cancel")
+async def cancel_stream(stream_id: str, request: Request) -> Response:
+    """Stop a stream by id; its readers see ``finish_reason: "cancelled"``."""
+    stream = state_of(request).streams.cancel(stream_id)
+    return JSONResponse({"id": stream.id, "object": "stream.cancel", "cancelled": True})

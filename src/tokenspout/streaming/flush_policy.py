@@ -1,0 +1,66 @@
+"""Coalescing: when buffered tokens become one event. Pure: time is passed in, no I/O.
+
+The first visible text is sent the moment it exists (that is the time to first token people
+see). After that, tokens are held and sent together when ``flush_tokens`` are pending or
+``flush_ms`` has passed since the oldest pending one, whichever comes first. The end of the
+stream always flushes (``take`` whatever is pending). ``flush_tokens=1, flush_ms=0`` gives one
+event per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class FlushPolicy:
+    """Per-connection coalescing state. ``now`` values are seconds on any monotonic clock."""
+
+    flush_tokens: int = 5
+    flush_ms: float = 50.0
+    _text: str = ""
+    _tokens: int = 0
+    _oldest: float | None = None
+    _sent_any: bool = False
+
+    def __post_init__(self) -> None:
+        if self.flush_tokens < 1:
+            raise ValueError("flush_tokens must be >= 1")
+        if self.flush_ms < 0:
+            raise ValueError("flush_ms must be >= 0")
+
+    @property
+    def pending_tokens(self) -> int:
+        return self._tokens
+
+    def add(self, text: str, num_tokens: int, now: float) -> None:
+        """Buffer new output. Text may be empty (a token held back by the detokenizer)."""
+        if self._oldest is None and (text or num_tokens):
+            self._oldest = now
+        self._text += text
+        self._tokens += num_tokens
+
+    def due(self, now: float) -> bool:
+        """Whether the pending text should be sent now. Nothing visible is never due."""
+        if not self._text:
+            return False
+        if not self._sent_any or self._tokens >= self.flush_tokens:
+            return True
+        assert self._oldest is not None
+        return (now - self._oldest) * 1000.0 >= self.flush_ms
+
+    def deadline(self) -> float | None:
+        """When pending text becomes due by time alone; None if nothing visible is pending."""
+        if not self._text or self._oldest is None:
+            return None
+        if not self._sent_any:
+            return self._oldest
+        return self._oldest + self.flush_ms / 1000.0
+
+    def take(self) -> tuple[str, int]:
+        """Hand over the pending text and its token count, and start a new batch."""
+        text, tokens = self._text, self._tokens
+        self._text, self._tokens, self._oldest = "", 0, None
+        if text:
+            self._sent_any = True
+        return text, tokens

@@ -1,0 +1,128 @@
+"""A battery of malformed requests: each gets a 4xx OpenAI-style JSON error that says what to
+fix, and the server keeps serving."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+
+MSG = [{"role": "user", "content": "hi"}]
+
+CASES: list[tuple[str, str, object, int, str]] = [
+    # name, path, body (bytes = raw), status, text the message must contain
+    ("malformed json", "/v1/chat/completions", b'{"messages": [', 400, "not valid JSON"),
+    ("body not an object", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    ("not utf-8", "/v1/chat/completions", b"\xff\xfe{}", 400, "not valid JSON"),
+    ("messages missing", "/v1/chat/completions", {}, 400, "messages"),
+    ("messages empty", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("messages wrong type", "/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    (
+        "unknown role",
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "role",
+    ),
+    ("content missing", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "content"),
+    (
+        "max_tokens zero",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": 0},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens negative",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": -3},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens string",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": "5"},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens float",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": 2.5},
+        400,
+        "max_tokens",
+    ),
+    (
+        "max_tokens over limit",
+        "/v1/chat/completions",
+        {"messages": MSG, "max_tokens": 10**6},
+        400,
+        "at most",
+    ),
+    (
+        "temperature too high",
+        "/v1/chat/completions",
+        {"messages": MSG, "temperature": 7},
+        400,
+        "temperature",
+    ),
+    (
+        "temperature string",
+        "/v1/chat/completions",
+        {"messages": MSG, "temperature": "hot"},
+        400,
+        "temperature",
+    ),
+    ("top_p zero", "/v1/chat/completions", {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("n two", "/v1/chat/completions", {"messages": MSG, "n": 2}, 400, "n=1"),
+    ("stream not bool", "/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("stop empty", "/v1/chat/completions", {"messages": MSG, "stop": [""]}, 400, "stop"),
+    (
+        "flush_tokens zero",
+        "/v1/chat/completions",
+        {"messages": MSG, "stream_options": {"flush_tokens": 0}},
+        400,
+        "flush_tokens",
+    ),
+    ("logprobs", "/v1/chat/completions", {"messages": MSG, "logprobs": True}, 400, "logprobs"),
+    ("prompt too long", "/v1/completions", {"prompt": "word " * 30_000}, 400, "limit"),
+    ("prompt missing", "/v1/completions", {"max_tokens": 3}, 400, "prompt"),
+    ("prompt list of two", "/v1/completions", {"prompt": ["a", "b"]}, 400, "one prompt"),
+    ("prompt number", "/v1/completions", {"prompt": 12}, 400, "prompt"),
+    ("empty prompt", "/v1/completions/stream", {"prompt": "   "}, 400, "word"),
+    ("unknown model", "/v1/chat/completions", {"messages": MSG, "model": "nope"}, 404, "served"),
+    ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
+    ("unknown stream", "/v1/streams/nope/cancel", {}, 404, "nope"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "text"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_request(
+    synthetic_server: RunningServer, path: str, body: object, status: int, text: str
+) -> None:
+    url = synthetic_server.url + path
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(url, json=body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    error = r.json()["error"]
+    assert set(error) >= {"message", "type", "code"}
+    assert text in error["message"]
+    ok = httpx.post(
+        f"{synthetic_server.url}/v1/completions", json={"prompt": "alive", "max_tokens": 1}
+    )
+    assert ok.json()["choices"][0]["text"] == "alive "
+
+
+def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
+    r = httpx.get(f"{synthetic_server.url}/v1/chat/completions")
+    assert r.status_code == 405 and "error" in r.json()
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", content=b"x" * (2 << 20))
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    assert synthetic_server.metric("tokenspout_requests_running") == 0

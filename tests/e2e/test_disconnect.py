@@ -1,0 +1,79 @@
+"""A client that leaves mid-stream (or while queued) stops generation and frees the slot."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+
+def open_raw_stream(
+    server: RunningServer, body: dict, path: str = "/v1/chat/completions"
+) -> socket.socket:
+    """Send a streaming request over a plain socket and return it unread."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed early"
+        data += chunk
+    return data
+
+
+CHAT = {"messages": [{"role": "user", "content": "go on"}], "max_tokens": 4000, "stream": True}
+
+
+def test_disconnect_mid_stream_frees_the_engine(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5))
+    for _ in range(5):
+        sock = open_raw_stream(server, CHAT)
+        read_until(sock, b'"content":"go ')
+        assert server.metric("tokenspout_requests_running") == 1
+        sock.close()
+        server.wait_metric("tokenspout_requests_running", 0, timeout=2.0)
+    aborted = server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"')
+    assert aborted == 5
+    assert server.metric("tokenspout_streams_active") == 0
+    # The server keeps serving.
+    r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "ok", "max_tokens": 2})
+    assert r.json()["choices"][0]["text"] == "ok ok "
+
+
+def test_non_streaming_request_is_aborted_too(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5))
+    sock = open_raw_stream(server, {**CHAT, "stream": False})
+    server.wait_metric("tokenspout_requests_running", 1)
+    sock.close()
+    server.wait_metric("tokenspout_requests_running", 0, timeout=2.0)
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 1
+
+
+def test_queued_request_whose_client_left_is_never_started(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5, max_num_seqs=1))
+    busy = open_raw_stream(server, CHAT)
+    read_until(busy, b"go ")
+    prompt_tokens = server.metric("tokenspout_prompt_tokens_total")
+    queued = open_raw_stream(server, {**CHAT, "messages": [{"role": "user", "content": "a b c d"}]})
+    server.wait_metric("tokenspout_requests_waiting", 1)
+    queued.close()
+    server.wait_metric("tokenspout_requests_waiting", 0, timeout=2.0)
+    busy.close()
+    server.wait_metric("tokenspout_requests_running", 0)
+    time.sleep(0.05)
+    assert server.metric("tokenspout_prompt_tokens_total") == prompt_tokens

@@ -1,0 +1,108 @@
+"""The official ``openai`` SDK, unchanged, against a real server (synthetic engine)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+
+@pytest.fixture
+def client(synthetic_server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{synthetic_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_streams_incrementally_with_usage(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="synthetic",
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "red green blue"},
+        ],
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(texts) > 3, "the answer must arrive in several chunks"
+    words = "".join(texts).split()
+    assert len(words) == 20 and words[:4] == ["red", "green", "blue", "red"]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finishes == ["length"]
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert usage is not None and usage.completion_tokens == 20
+    assert usage.prompt_tokens == 5  # synthetic counts the words of every message
+    assert usage.total_tokens == 25
+
+
+def test_streamed_equals_non_streamed(client: OpenAI) -> None:
+    args = {"model": "synthetic", "messages": [{"role": "user", "content": "à 日本 😀 <b>x</b>"}]}
+    whole = client.chat.completions.create(**args, max_tokens=13)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(**args, max_tokens=13, stream=True)
+        if c.choices
+    )
+    assert whole.choices[0].message.content == streamed
+    assert whole.usage is not None and whole.usage.completion_tokens == 13
+    assert whole.choices[0].finish_reason == "length"
+
+
+def test_completions_stream_and_whole(client: OpenAI) -> None:
+    whole = client.completions.create(model="synthetic", prompt="one two", max_tokens=5)
+    assert whole.choices[0].text == "one two one two one "
+    chunks = list(
+        client.completions.create(
+            model="synthetic", prompt="one two", max_tokens=5, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+
+
+def test_model_may_be_omitted_or_aliased(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(), model_aliases=("smol",))
+    raw = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    ids = [m.id for m in raw.models.list()]
+    assert ids == ["synthetic", "smol"]
+    out = raw.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert out.choices[0].message.content == "hi hi "
+    # The SDK always sends a model; a plain client may leave it out.
+    omitted = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "yo"}], "max_tokens": 1},
+    )
+    assert omitted.json()["model"] == "synthetic"
+
+
+def test_unknown_model_is_404_listing_served(client: OpenAI) -> None:
+    with pytest.raises(NotFoundError) as info:
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "a"}])
+    assert "synthetic" in info.value.message
+
+
+def test_tokens_arrive_before_the_end(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=20))
+    raw = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    start = time.monotonic()
+    arrivals = []
+    for chunk in raw.chat.completions.create(
+        model="synthetic", messages=[{"role": "user", "content": "a b"}], max_tokens=30, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic() - start)
+    # 30 tokens at 20 ms take ~0.6 s; the first must not wait for the last.
+    assert arrivals[0] < arrivals[-1] / 2

@@ -1,0 +1,61 @@
+"""The seed article's endpoint by POST and GET, with the streaming headers."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+
+STREAM_HEADERS = {
+    "content-type": "text/event-stream",
+    "cache-control": "no-cache",
+    "x-accel-buffering": "no",
+}
+
+
+def events(body: str) -> list[str]:
+    return [line[len("data: ") :] for line in body.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_seed_format(synthetic_server: RunningServer, method: str) -> None:
+    url = f"{synthetic_server.url}/v1/completions/stream"
+    if method == "POST":
+        r = httpx.post(url, json={"prompt": "hello world", "max_tokens": 6})
+    else:
+        r = httpx.get(url, params={"prompt": "hello world", "max_tokens": 6})
+    assert r.status_code == 200
+    for name, value in STREAM_HEADERS.items():
+        assert r.headers[name] == value
+    assert r.headers["x-stream-id"]
+    data = events(r.text)
+    assert data[-1] == "[DONE]"
+    tokens = [json.loads(d)["token"] for d in data[:-1]]
+    assert "".join(tokens) == "hello world hello world hello world "
+    assert tokens[0] == "hello ", "the first token is sent alone, at once"
+
+
+def test_get_validates_query(synthetic_server: RunningServer) -> None:
+    url = f"{synthetic_server.url}/v1/completions/stream"
+    for params in (
+        {"max_tokens": "5"},
+        {"prompt": "a", "max_tokens": "many"},
+        {"prompt": "a", "max_tokens": "0"},
+    ):
+        r = httpx.get(url, params=params)
+        assert r.status_code == 400, params
+        assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_ndjson_by_accept(synthetic_server: RunningServer) -> None:
+    r = httpx.post(
+        f"{synthetic_server.url}/v1/completions/stream",
+        json={"prompt": "x y", "max_tokens": 4},
+        headers={"Accept": "application/x-ndjson"},
+    )
+    assert r.headers["content-type"] == "application/x-ndjson"
+    lines = [json.loads(line) for line in r.text.splitlines() if line]
+    assert "".join(obj["token"] for obj in lines) == "x y x y "
