@@ -37,6 +37,8 @@ class Sampler:
     ) -> list[int]:
         """Return one token id per row of ``logits`` ([rows, vocab], float32)."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
+        if not params:
+            return []
         tokens = logits.argmax(dim=-1)  # [rows]; right for greedy rows, overwritten below
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:

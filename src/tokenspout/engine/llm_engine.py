@@ -1,0 +1,351 @@
+"""The embedded CPU engine: a real model behind the async ``Engine`` interface.
+
+Threads. One daemon *engine thread* owns the model runner, the scheduler and the
+per-request sampling state, and loops: take new requests and aborts from the inbox →
+``step()`` (schedule → forward → sample → detokenize → deliver) → repeat, sleeping on a
+condition when there is nothing to do. The event loop only talks to it through the inbox
+(under ``_cond``) and receives outputs via ``loop.call_soon_threadsafe``, one callback per
+step and loop.
+
+Limits. A prompt of ``max_model_len`` tokens or more is refused (``PromptTooLongError``).
+``max_tokens`` is clamped so that prompt + output fits ``max_model_len``; a request that
+reaches the clamp finishes with ``"length"``, as when it reaches its own ``max_tokens``.
+
+Failures. If a step raises, every running request fails with ``EngineError`` (their KV may
+be half-written), waiting requests stay queued and the thread keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from tokenspout.engine.detokenizer import Detokenizer
+from tokenspout.engine.interface import Engine, EngineStats
+from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
+from tokenspout.engine.sampler import Sampler, make_generator
+from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
+from tokenspout.engine.sequence import Sequence
+from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(eq=False)
+class _Request:
+    """One request in flight.
+
+    ``seq``, ``detokenizer`` and ``generator`` belong to the engine thread; ``queue``,
+    ``done`` and ``completion_tokens`` to the event loop ``loop``.
+    """
+
+    seq: Sequence
+    detokenizer: Detokenizer
+    generator: torch.Generator
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
+    #: The iterator has (or is about to get) its last item; later outputs are dropped.
+    done: bool = False
+    completion_tokens: int = 0
+
+
+#: What the event loop posts to the engine thread: a new request, or the id to abort.
+_InboxItem = _Request | str
+
+
+class LLMEngine(Engine):
+    """Continuous-batching CPU engine over ``ModelRunner``; see the module docstring."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        max_num_seqs: int = 16,
+        max_model_len: int = 2048,
+        max_prefill_tokens: int = 256,
+        weights: str = "int8",
+        prefix_cache: bool = True,
+        num_threads: int | None = None,
+    ):
+        if max_num_seqs < 1 or max_prefill_tokens < 1 or max_model_len < 2:
+            raise ValueError("max_num_seqs, max_prefill_tokens >= 1 and max_model_len >= 2")
+        self._model = model
+        self._weights = weights
+        self._num_threads = num_threads
+        self.model_id = model or "default"
+        self.max_model_len = max_model_len
+        self.scheduler = Scheduler(
+            max_num_seqs=max_num_seqs,
+            max_prefill_tokens=max_prefill_tokens,
+            num_slots=max_num_seqs,
+            prefix_cache=prefix_cache,
+        )
+        self.sampler = Sampler()
+        self.runner: ModelRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._inbox: deque[_InboxItem] = deque()
+        self._stopping = False
+        self._requests: dict[str, _Request] = {}  # event-loop side
+        self._active: dict[str, _Request] = {}  # engine-thread side
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # --- lifecycle (event loop) ---
+
+    async def start(self) -> None:
+        """Load the model (in a worker thread) and start the engine thread."""
+        self.runner = await asyncio.to_thread(
+            ModelRunner,
+            self._model,
+            num_slots=self.scheduler.prefix_cache.num_free,
+            max_model_len=self.max_model_len,
+            weights=self._weights,
+            num_threads=self._num_threads,
+        )
+        self.model_id = self.runner.model_id
+        self._thread = threading.Thread(target=self._loop, name="tokenspout-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the engine thread; requests still in flight fail with ``EngineError``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+
+    # --- Engine API (event loop) ---
+
+    def encode_completion(self, prompt: str) -> Prompt:
+        if not prompt:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        return self._prompt(self._runner().tokenizer.encode(prompt), prompt)
+
+    def encode_chat(self, messages: Seq[ChatMessage]) -> Prompt:
+        if not messages:
+            raise InvalidRequestError("messages must not be empty", param="messages")
+        for m in messages:
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequestError(f"unknown role {m.role!r}", param="messages")
+        tokenizer = self._runner().tokenizer
+        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        return self._prompt(tokenizer.encode(text, add_special_tokens=False), text)
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        self._check_prompt(prompt.token_ids)
+        if self._thread is None or self._stopping:
+            raise EngineError("the engine is not running")
+        req = self._new_request(request_id, prompt, params)
+        self._requests[request_id] = req
+        self._post(req)
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, EngineError):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            del self._requests[request_id]
+            if not req.done:
+                # Closed early or cancelled: free the slot (or the queue place) at the next step.
+                req.done = True
+                self._post(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; call it on the event loop thread."""
+        req = self._requests.get(request_id)
+        if req is None or req.done:
+            return False
+        req.done = True
+        n_prompt = req.seq.num_prompt_tokens
+        req.queue.put_nowait(EngineOutput("", 0, n_prompt, req.completion_tokens, "cancelled"))
+        self._post(request_id)
+        return True
+
+    def stats(self) -> EngineStats:
+        cache = self.scheduler.prefix_cache
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            prefix_cache_queries_total=cache.queries,
+            prefix_cache_hits_total=cache.hits,
+        )
+
+    # --- engine thread ---
+
+    def step(self) -> None:
+        """One engine iteration: schedule, run the model, sample, deliver."""
+        plan = self.scheduler.schedule()
+        tokens = self._run(plan)
+        self.scheduler.postprocess(plan, tokens)
+        self._prompt_tokens_total += plan.num_prefill_tokens
+        self._generation_tokens_total += len(tokens)
+        self._deliver(self._postprocess(c.seq for c in plan.chunks if c.samples))
+
+    def _run(self, plan: SchedulerOutput) -> list[int]:
+        runner = self._runner()
+        for copy in plan.copies:
+            runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens)
+        chunks = [SeqChunk(c.seq.slot, c.token_ids, c.start_pos) for c in plan.chunks]
+        logits = runner.forward(chunks)  # [len(chunks), vocab]
+        rows = [i for i, c in enumerate(plan.chunks) if c.samples]
+        reqs = [self._active[plan.chunks[i].seq.seq_id] for i in rows]
+        return self.sampler(logits[rows], [r.seq.params for r in reqs], [r.generator for r in reqs])
+
+    def _postprocess(self, seqs: Iterable[Sequence]) -> list[tuple[_Request, EngineOutput]]:
+        """Detokenize each sequence's new token and finish the ones that are done."""
+        outputs = []
+        for seq in seqs:
+            req = self._active[seq.seq_id]
+            token = seq.output_token_ids[-1]
+            stop_ids = seq.params.stop_token_ids
+            if token in stop_ids or (
+                not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
+            ):
+                # A stop token's own text is not part of the output.
+                reason, text = "stop", req.detokenizer.flush()
+            else:
+                text = req.detokenizer.add(token)
+                reason = req.detokenizer.finish_reason
+                if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
+                    reason, text = "length", text + req.detokenizer.flush()
+            if reason is not None:
+                self.scheduler.finish(seq)
+                del self._active[seq.seq_id]
+            n = len(seq.output_token_ids)
+            outputs.append((req, EngineOutput(text, 1, seq.num_prompt_tokens, n, reason)))
+        return outputs
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self.scheduler.has_work or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, deque()
+            self._apply(inbox)
+            if self.scheduler.has_work:
+                try:
+                    self.step()
+                except Exception as exc:
+                    logger.exception("engine step failed")
+                    self._fail(list(self.scheduler.running.values()), exc)
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        """At shutdown: fail every request, whether running, waiting or still in the inbox."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, deque()
+        self._apply(inbox)
+        self._fail(list(self.scheduler.running.values()), None)
+        for seq in list(self.scheduler.waiting):
+            self.scheduler.abort(seq.seq_id)
+            self._deliver([(self._active.pop(seq.seq_id), EngineError("the engine shut down"))])
+
+    def _apply(self, inbox: Iterable[_InboxItem]) -> None:
+        for item in inbox:
+            if isinstance(item, str):
+                if self._active.pop(item, None) is not None:
+                    self.scheduler.abort(item)
+            else:
+                self._active[item.seq.seq_id] = item
+                self.scheduler.add(item.seq)
+
+    def _fail(self, seqs: list[Sequence], exc: Exception | None) -> None:
+        """Fail running sequences with ``EngineError`` and forget their (maybe bad) KV."""
+        message = f"the engine failed: {exc}" if exc else "the engine shut down"
+        failed = []
+        for seq in seqs:
+            self.scheduler.fail(seq)
+            failed.append((self._active.pop(seq.seq_id), EngineError(message)))
+        self._deliver(failed)
+
+    # --- helpers ---
+
+    def _deliver(self, items: list[tuple[_Request, EngineOutput | EngineError]]) -> None:
+        """Hand outputs to their event loops, one thread-safe callback per loop."""
+        by_loop: defaultdict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+        for req, item in items:
+            by_loop[req.loop].append((req, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_receive, batch)
+            except RuntimeError:
+                logger.warning("dropping %d outputs for a closed event loop", len(batch))
+
+    def _post(self, item: _InboxItem) -> None:
+        with self._cond:
+            self._inbox.append(item)
+            self._cond.notify()
+
+    def _new_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> _Request:
+        tokenizer = self._runner().tokenizer
+        n_prompt = len(prompt.token_ids)
+        seq = Sequence(
+            request_id,
+            tuple(prompt.token_ids),
+            params,
+            max_tokens=min(params.max_tokens, self.max_model_len - n_prompt),
+        )
+        return _Request(
+            seq,
+            Detokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params.stop),
+            make_generator(params.seed),
+            asyncio.get_running_loop(),
+        )
+
+    def _prompt(self, token_ids: Seq[int], text: str) -> Prompt:
+        self._check_prompt(token_ids)
+        return Prompt(tuple(token_ids), text)
+
+    def _check_prompt(self, token_ids: Seq[int]) -> None:
+        if not token_ids:
+            raise InvalidRequestError("the prompt has no tokens", param="prompt")
+        if len(token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(token_ids)} tokens; this model serves at most "
+                f"{self.max_model_len - 1} prompt tokens",
+                param="prompt",
+            )
+        vocab = self._runner().vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise InvalidRequestError("prompt token ids must be in the vocabulary", param="prompt")
+
+    def _runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise EngineError("the engine is not started")
+        return self.runner
+
+
+def _receive(batch: list[tuple[_Request, EngineOutput | EngineError]]) -> None:
+    """On the event loop: queue each output unless its iterator is already finishing."""
+    for req, item in batch:
+        if req.done:
+            continue
+        if isinstance(item, EngineError):
+            req.done = True
+        else:
+            req.completion_tokens = item.completion_tokens
+            req.done = item.finish_reason is not None
+        req.queue.put_nowait(item)

@@ -1,0 +1,306 @@
+"""LLMEngine against a fake model runner: the engine thread, the contract, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import types
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+try:
+    import tokenspout.engine.model_runner  # noqa: F401
+except ModuleNotFoundError:  # TEMPORARY until the model layer lands
+
+    @dataclass(frozen=True)
+    class _SeqChunk:
+        slot: int
+        token_ids: Sequence[int]
+        start_pos: int
+
+    _mod = types.ModuleType("tokenspout.engine.model_runner")
+    _mod.ModelRunner = object  # type: ignore[attr-defined]
+    _mod.SeqChunk = _SeqChunk  # type: ignore[attr-defined]
+    sys.modules["tokenspout.engine.model_runner"] = _mod
+
+from tokenspout.engine import llm_engine
+from tokenspout.engine.llm_engine import LLMEngine
+from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
+from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
+
+EOS = 256
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+
+
+class FakeTokenizer:
+    """Byte-level: ids 0-255 are bytes, 256 is the end-of-sequence token."""
+
+    eos_token_ids = frozenset({EOS})
+    bos_token_id = None
+    vocab_size = 260
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def render_chat(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+    ) -> str:
+        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+
+
+class FakeRunner:
+    """Keeps each slot's tokens as its 'KV'; the next token is a hash of the whole context.
+
+    So any bug in positions, chunking or prefix reuse changes the output. A chunk containing
+    '#' raises; a context ending in '$' predicts EOS.
+    """
+
+    instances: ClassVar[list[FakeRunner]] = []
+
+    def __init__(
+        self, model: str | None = None, *, num_slots: int, max_model_len: int, **_: object
+    ):
+        self.tokenizer = FakeTokenizer()
+        self.model_id = "fake"
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len
+        self.vocab_size = FakeTokenizer.vocab_size
+        self.kv: list[list[int]] = [[] for _ in range(num_slots)]
+        self.fed: list[tuple[int, ...]] = []
+        FakeRunner.instances.append(self)
+
+    def forward(self, chunks: Sequence[object]) -> torch.Tensor:
+        logits = torch.zeros(len(chunks), self.vocab_size)
+        for row, c in enumerate(chunks):
+            assert len(self.kv[c.slot]) >= c.start_pos, "KV hole before start_pos"
+            if ord("#") in c.token_ids:
+                raise RuntimeError("boom")
+            self.fed.append(tuple(c.token_ids))
+            ctx = self.kv[c.slot] = [*self.kv[c.slot][: c.start_pos], *c.token_ids]
+            assert len(ctx) <= self.max_model_len
+            nxt = EOS if ctx[-1] == ord("$") else ord("a") + (sum(ctx) + len(ctx)) % 26
+            logits[row, nxt] = 10.0
+        time.sleep(0.001)  # a step takes time, so that tests can act between steps
+        return logits
+
+    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int) -> None:
+        self.kv[dst] = self.kv[src][:num_tokens]
+
+
+@pytest.fixture
+async def fake_engine(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[LLMEngine]:
+    monkeypatch.setattr(llm_engine, "ModelRunner", FakeRunner)
+    engine = LLMEngine(max_num_seqs=2, max_model_len=64, max_prefill_tokens=8)
+    await engine.start()
+    yield engine
+    await engine.shutdown()
+
+
+async def collect(
+    engine: LLMEngine, rid: str, prompt: Prompt, params: SamplingParams
+) -> list[EngineOutput]:
+    return [out async for out in engine.generate(rid, prompt, params)]
+
+
+async def wait_for(cond: Callable[[], bool]) -> None:
+    """Poll ``cond`` until it holds (the engine thread acts between steps)."""
+    async with asyncio.timeout(5.0):
+        while not cond():  # noqa: ASYNC110 - the state lives on another thread
+            await asyncio.sleep(0.002)
+
+
+def text(outs: list[EngineOutput]) -> str:
+    return "".join(o.text for o in outs)
+
+
+async def test_generates_until_max_tokens(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    outs = await collect(fake_engine, "r", prompt, GREEDY)
+    assert [o.completion_tokens for o in outs] == list(range(1, 9))
+    assert outs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outs[:-1])
+    assert all(o.prompt_tokens == 5 and o.num_tokens == 1 for o in outs)
+    assert len(text(outs)) == 8
+    stats = fake_engine.stats()
+    assert (stats.prompt_tokens_total, stats.generation_tokens_total) == (5, 8)
+    assert (stats.running, stats.waiting) == (0, 0)
+
+
+async def test_chunked_prefill_and_batching_give_the_same_text_as_alone(
+    fake_engine: LLMEngine,
+) -> None:
+    long = fake_engine.encode_completion("a long prompt of thirty tokens")
+    alone = text(await collect(fake_engine, "a", long, GREEDY))
+    short = fake_engine.encode_completion("hi")
+    together = await asyncio.gather(
+        collect(fake_engine, "b", short, GREEDY), collect(fake_engine, "c", long, GREEDY)
+    )
+    assert text(together[1]) == alone
+
+
+async def test_eos_finishes_with_stop_unless_ignored(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("end$")
+    outs = await collect(fake_engine, "r", prompt, GREEDY)
+    assert [(o.text, o.finish_reason) for o in outs] == [("", "stop")]
+    ignored = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    outs = await collect(fake_engine, "r", prompt, ignored)
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 3
+
+
+async def test_stop_string_cuts_the_text(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    full = text(await collect(fake_engine, "r", prompt, GREEDY))
+    stop = full[3:5]
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop=(stop,))
+    outs = await collect(fake_engine, "r", prompt, params)
+    assert text(outs) == full[: full.index(stop)]
+    assert outs[-1].finish_reason == "stop"
+
+
+async def test_stop_token_ids_finish_with_stop(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    first = (await collect(fake_engine, "r", prompt, GREEDY))[0].text
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=(ord(first),))
+    outs = await collect(fake_engine, "r", prompt, params)
+    assert [(o.text, o.finish_reason) for o in outs] == [("", "stop")]
+
+
+async def test_max_tokens_is_clamped_to_the_context(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("x" * 60)
+    outs = await collect(fake_engine, "r", prompt, SamplingParams(max_tokens=100))
+    assert outs[-1].completion_tokens == 4 and outs[-1].finish_reason == "length"
+
+
+async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
+    with pytest.raises(PromptTooLongError):
+        fake_engine.encode_completion("x" * 64)
+    with pytest.raises(InvalidRequestError):
+        fake_engine.encode_completion("")
+    with pytest.raises(InvalidRequestError):
+        fake_engine.encode_chat([])
+    with pytest.raises(InvalidRequestError):
+        fake_engine.encode_chat([ChatMessage("wizard", "hi")])
+    with pytest.raises(InvalidRequestError):
+        await collect(fake_engine, "r", Prompt((1, 9999), ""), GREEDY)
+
+
+async def test_encode_chat_renders_the_template(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_chat([ChatMessage("user", "hi")])
+    assert prompt.text == "<user>hi\n<assistant>" and len(prompt.token_ids) == 20
+
+
+async def test_duplicate_request_id_is_refused(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    it = fake_engine.generate("dup", prompt, SamplingParams(max_tokens=50))
+    await anext(it)
+    with pytest.raises(InvalidRequestError):
+        await collect(fake_engine, "dup", prompt, GREEDY)
+    await it.aclose()
+
+
+async def test_abort_yields_cancelled_and_frees_the_slot(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    it = fake_engine.generate("r", prompt, SamplingParams(max_tokens=50))
+    first = await anext(it)
+    assert fake_engine.abort("r") is True
+    rest = [o async for o in it]
+    assert rest[-1].finish_reason == "cancelled"
+    assert rest[-1].completion_tokens >= first.completion_tokens
+    assert fake_engine.abort("r") is False
+    await wait_for(lambda: fake_engine.stats().running == 0)
+    assert fake_engine.scheduler.prefix_cache.num_free == 2
+
+
+async def test_closing_the_iterator_frees_the_slot(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    it = fake_engine.generate("r", prompt, SamplingParams(max_tokens=50))
+    await anext(it)
+    await it.aclose()
+    await wait_for(lambda: fake_engine.stats().running == 0)
+    before = fake_engine.stats().generation_tokens_total
+    await asyncio.sleep(0.02)
+    assert fake_engine.stats().generation_tokens_total == before
+
+
+async def test_cancelling_the_consumer_task_frees_the_slot(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    task = asyncio.create_task(collect(fake_engine, "r", prompt, SamplingParams(max_tokens=50)))
+    await wait_for(lambda: fake_engine.stats().running == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_for(lambda: fake_engine.stats().running == 0)
+
+
+async def test_aborted_queued_request_is_never_prefilled(fake_engine: LLMEngine) -> None:
+    busy = [fake_engine.encode_completion(f"busy {i}") for i in range(2)]
+    its = [
+        fake_engine.generate(f"b{i}", p, SamplingParams(max_tokens=40)) for i, p in enumerate(busy)
+    ]
+    for it in its:
+        await anext(it)
+    queued = fake_engine.encode_completion("queued prompt")
+    q = fake_engine.generate("q", queued, GREEDY)
+    task = asyncio.create_task(anext(q))
+    await wait_for(lambda: fake_engine.stats().waiting == 1)
+    prompt_tokens = fake_engine.stats().prompt_tokens_total
+    assert fake_engine.abort("q") is True
+    assert (await task).finish_reason == "cancelled"
+    await wait_for(lambda: fake_engine.stats().waiting == 0)
+    for it in its:
+        await it.aclose()
+    await wait_for(lambda: fake_engine.stats().running == 0)
+    assert fake_engine.stats().prompt_tokens_total == prompt_tokens
+    assert tuple(queued.token_ids) not in FakeRunner.instances[-1].fed
+
+
+async def test_step_failure_fails_running_requests_and_keeps_serving(
+    fake_engine: LLMEngine,
+) -> None:
+    with pytest.raises(EngineError):
+        await collect(fake_engine, "bad", fake_engine.encode_completion("bad # prompt"), GREEDY)
+    outs = await collect(fake_engine, "ok", fake_engine.encode_completion("fine"), GREEDY)
+    assert outs[-1].finish_reason == "length"
+
+
+async def test_same_seed_same_text(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("hello")
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=3)
+    first = text(await collect(fake_engine, "a", prompt, params))
+    assert text(await collect(fake_engine, "b", prompt, params)) == first
+
+
+async def test_prefix_cache_reuses_a_shared_prompt_prefix(fake_engine: LLMEngine) -> None:
+    system = "You are a helpful assistant. "
+    a = fake_engine.encode_completion(system + "question one")
+    b = fake_engine.encode_completion(system + "question two")
+    text(await collect(fake_engine, "a", a, GREEDY))
+    before = fake_engine.stats()
+    out_b = text(await collect(fake_engine, "b", b, GREEDY))
+    after = fake_engine.stats()
+    assert after.prefix_cache_hits_total == before.prefix_cache_hits_total + 1
+    computed = after.prompt_tokens_total - before.prompt_tokens_total
+    assert computed == len(b.token_ids) - len(system.encode()) - len("question ")
+    # Reused KV must give exactly what a cold computation gives.
+    fake_engine.scheduler.prefix_cache.enabled = False
+    assert text(await collect(fake_engine, "c", b, GREEDY)) == out_b
+
+
+async def test_shutdown_fails_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llm_engine, "ModelRunner", FakeRunner)
+    engine = LLMEngine(max_num_seqs=1, max_model_len=64)
+    await engine.start()
+    prompt = engine.encode_completion("hello")
+    it = engine.generate("r", prompt, SamplingParams(max_tokens=60))
+    await anext(it)
+    await engine.shutdown()
+    with pytest.raises(EngineError):
+        async for _ in it:
+            pass
