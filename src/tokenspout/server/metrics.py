@@ -120,5 +120,11 @@ class Metrics:
             "tokenspout_stream_bytes", "Bytes sent on streams (framing included).", registry=r
         )
 
+        self.resumes = Counter(
+            "tokenspout_stream_resumes",
+            "Streams resumed by a reconnecting client (Last-Event-ID or GET /v1/streams/{id}).",
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
