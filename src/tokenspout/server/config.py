@@ -30,6 +30,15 @@ class ServerConfig:
     #: A send that has not completed for this long closes the connection.
     send_timeout_s: float = 30.0
     drain_timeout_s: float = 10.0
+    #: Streams are resumable unless a request says otherwise (stream_options.resumable).
+    resumable: bool = False
+    #: A resumable stream whose client left keeps generating this long for a reconnect.
+    resume_grace_s: float = 30.0
+    #: Finished resumable streams stay replayable this long.
+    resume_ttl_s: float = 300.0
+    #: Replay memory bounds: per stream and in total (the oldest text is evicted first).
+    max_stream_buffer_bytes: int = 4 << 20
+    max_buffer_bytes: int = 256 << 20
     #: Bearer token required on /v1 routes when set.
     api_key: str | None = None
     #: Extra names a request's ``model`` field may use for the served model.

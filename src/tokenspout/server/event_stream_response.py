@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tokenspout.protocols.chunk_format import ChunkFormat, Usage
+from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.disconnect import DisconnectWatch
@@ -127,7 +128,7 @@ class EventStreamResponse(Response):
         self.metrics.stream_bytes.inc(len(body))
 
     def _event(self, payload: dict, position: int) -> bytes:
-        return self.framing.event(dumps(payload), id=f"{self.stream.id}:{position}")
+        return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
 
     async def _send_body(self, send: Send) -> None:
         await send(
@@ -161,7 +162,8 @@ class EventStreamResponse(Response):
     def _count_event(self, delta: Delta) -> None:
         if not self._first_text_sent:
             self._first_text_sent = True
-            self.metrics.ttft.observe(time.monotonic() - self.started_at)
+            if self.opening:  # a resumed reader's first text is not the stream's TTFT
+                self.metrics.ttft.observe(time.monotonic() - self.started_at)
         self.metrics.stream_events.inc()
         self.metrics.tokens_per_event.observe(delta.num_tokens)
 

@@ -1,13 +1,13 @@
-"""Open a stream for a validated request and pick the response that carries it."""
+"""Pick the response that carries a stream: SSE or NDJSON events, or one JSON body."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.protocols.chunk_format import ChunkFormat, Usage
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import NDJSONFraming
@@ -16,7 +16,8 @@ from tokenspout.protocols.seed_events import SeedEvents
 from tokenspout.protocols.sse import SSEFraming
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse, StreamSettings
-from tokenspout.server.request_parsing import admit, flush_settings
+from tokenspout.server.generation_request import GenerationRequest, open_stream
+from tokenspout.server.request_parsing import flush_settings
 from tokenspout.server.schemas import StreamOptions
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream, StreamEnd
@@ -36,55 +37,61 @@ def stream_settings(state: ServerState, options: StreamOptions | None) -> Stream
     return StreamSettings(flush_tokens, flush_ms, cfg.heartbeat_interval_s, cfg.send_timeout_s)
 
 
-def respond(
-    state: ServerState,
-    request: Request,
-    *,
-    prompt: Prompt,
-    params: SamplingParams,
-    kind: str,
-    streaming: bool,
-    options: StreamOptions | None,
-    started_at: float,
-) -> Response:
-    """Admit, start generating, and return the streaming or whole response."""
-    admit(state)
-    resumable = bool(options and options.resumable)
-    stream = state.streams.open(prompt, params, kind=kind, resumable=resumable)
-    chunks = chunk_format(
-        state, stream, kind, include_usage=bool(options and options.include_usage)
-    )
-    if not streaming:
-        assert isinstance(chunks, ChatChunks | CompletionChunks)
-        whole = chunks
-
-        def build(text: str, end: StreamEnd) -> dict[str, Any]:
-            assert end.finish_reason is not None
-            usage = Usage(end.prompt_tokens, end.completion_tokens)
-            return whole.response(text, end.finish_reason, usage)
-
-        return CompletionResponse(
-            stream, build, state.metrics, endpoint=kind, started_at=started_at
-        )
-    return EventStreamResponse(
-        stream,
-        chunks,
-        negotiate_framing(request),
-        stream_settings(state, options),
-        state.metrics,
-        endpoint=kind,
-        started_at=started_at,
-    )
-
-
-def chunk_format(
-    state: ServerState, stream: Stream, kind: str, *, include_usage: bool
-) -> ChunkFormat:
+def chunk_format(state: ServerState, stream: Stream) -> ChunkFormat:
     """The payload shapes of a stream, by the endpoint that opened it."""
     created = int(stream.created)
     model = state.engine.model_id
-    if kind == "chat":
-        return ChatChunks(f"chatcmpl-{stream.id}", created, model, include_usage)
-    if kind == "completion":
-        return CompletionChunks(f"cmpl-{stream.id}", created, model, include_usage)
+    if stream.kind == "chat":
+        return ChatChunks(f"chatcmpl-{stream.id}", created, model, stream.include_usage)
+    if stream.kind == "completion":
+        return CompletionChunks(f"cmpl-{stream.id}", created, model, stream.include_usage)
     return SeedEvents()
+
+
+def respond(
+    state: ServerState,
+    request: Request,
+    generation: GenerationRequest,
+    streaming: bool,
+    started_at: float,
+) -> Response:
+    """Admit, start generating, and return the streaming or whole response."""
+    stream = open_stream(state, generation)
+    if streaming:
+        return follow(state, request, stream, generation.options, started_at=started_at)
+    chunks = chunk_format(state, stream)
+    assert isinstance(chunks, ChatChunks | CompletionChunks)
+
+    def build(text: str, end: StreamEnd) -> dict[str, Any]:
+        assert end.finish_reason is not None
+        return chunks.response(
+            text, end.finish_reason, Usage(end.prompt_tokens, end.completion_tokens)
+        )
+
+    return CompletionResponse(
+        stream, build, state.metrics, endpoint=stream.kind, started_at=started_at
+    )
+
+
+def follow(
+    state: ServerState,
+    request: Request,
+    stream: Stream,
+    options: StreamOptions | None,
+    *,
+    start: int = 0,
+    opening: bool = True,
+    started_at: float | None = None,
+) -> EventStreamResponse:
+    """Stream ``stream`` from ``start`` in its own format (a new stream or a resumed one)."""
+    return EventStreamResponse(
+        stream,
+        chunk_format(state, stream),
+        negotiate_framing(request),
+        stream_settings(state, options),
+        state.metrics,
+        endpoint=stream.kind,
+        started_at=time.monotonic() if started_at is None else started_at,
+        start=start,
+        opening=opening,
+    )

@@ -11,21 +11,18 @@ from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
 from tokenspout.server.auth import require_api_key
-from tokenspout.server.request_parsing import (
-    check_model,
-    check_prompt_chars,
-    parse_body,
-    sampling_params,
-    validate,
-)
+from tokenspout.server.generation_request import prepare_seed
+from tokenspout.server.request_parsing import parse_body, validate
 from tokenspout.server.responder import respond
-from tokenspout.server.schemas import SeedStreamRequest, StreamOptions
+from tokenspout.server.resume import last_event_id, resume
+from tokenspout.server.schemas import SeedStreamRequest
 from tokenspout.server.server_state import state_of
 
 router = APIRouter(dependencies=[Depends(require_api_key)])
 
 _QUERY_TYPES = {"max_tokens": int, "seed": int, "temperature": float}
 _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
+_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 
 
 def _typed(name: str, raw: str, kind: type) -> int | float:
@@ -44,6 +41,10 @@ def query_body(request: Request) -> SeedStreamRequest:
             data[name] = _typed(name, raw, _QUERY_TYPES[name])
         elif name in _OPTION_TYPES:
             options[name] = _typed(name, raw, _OPTION_TYPES[name])
+        elif name == "resumable":
+            if raw.lower() not in _BOOLEANS:
+                raise InvalidRequestError(f"resumable: {raw!r} is not true or false")
+            options[name] = _BOOLEANS[raw.lower()]
         elif name in ("prompt", "model"):
             data[name] = raw
     if "prompt" not in data:
@@ -53,37 +54,21 @@ def query_body(request: Request) -> SeedStreamRequest:
     return validate(SeedStreamRequest, data)
 
 
-async def _stream(request: Request, body: SeedStreamRequest, started: float) -> Response:
-    state = state_of(request)
-    check_model(state, body.model)
-    check_prompt_chars(state, body.prompt)
-    prompt = state.engine.encode_completion(body.prompt)
-    params = sampling_params(
-        state,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        seed=body.seed,
-        prompt_tokens=len(prompt.token_ids),
-    )
-    return respond(
-        state,
-        request,
-        prompt=prompt,
-        params=params,
-        kind="seed",
-        streaming=True,
-        options=body.stream_options or StreamOptions(),
-        started_at=started,
-    )
-
-
 @router.post("/v1/completions/stream")
 async def seed_stream_post(request: Request) -> Response:
     started = time.monotonic()
-    body = await parse_body(request, SeedStreamRequest, state_of(request).config.max_body_bytes)
-    return await _stream(request, body, started)
+    state = state_of(request)
+    body = await parse_body(request, SeedStreamRequest, state.config.max_body_bytes)
+    return respond(state, request, prepare_seed(state, body), True, started)
 
 
 @router.get("/v1/completions/stream")
 async def seed_stream_get(request: Request) -> Response:
-    return await _stream(request, query_body(request), time.monotonic())
+    """A reconnecting ``EventSource`` repeats this URL with ``Last-Event-ID``: that resumes
+    the same stream instead of starting a new generation."""
+    started = time.monotonic()
+    state = state_of(request)
+    event_id = last_event_id(request)
+    if event_id:
+        return resume(state, request, event_id)
+    return respond(state, request, prepare_seed(state, query_body(request)), True, started)

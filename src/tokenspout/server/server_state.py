@@ -10,7 +10,8 @@ from tokenspout.engine.interface import Engine
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.metrics import Metrics
 from tokenspout.streaming.stream import Stream
-from tokenspout.streaming.stream_registry import StreamRegistry
+from tokenspout.streaming.stream_registry import ResumePolicy, StreamRegistry
+from tokenspout.streaming.stream_store import InMemoryStreamStore
 
 
 @dataclass
@@ -24,7 +25,16 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
-        self.streams = StreamRegistry(self.engine, on_end=self._stream_ended)
+        cfg = self.config
+        store = InMemoryStreamStore(
+            max_stream_bytes=cfg.max_stream_buffer_bytes, max_total_bytes=cfg.max_buffer_bytes
+        )
+        self.streams = StreamRegistry(
+            self.engine,
+            store=store,
+            resume=ResumePolicy(grace_s=cfg.resume_grace_s, ttl_s=cfg.resume_ttl_s),
+            on_end=self._stream_ended,
+        )
 
     def _stream_ended(self, stream: Stream) -> None:
         end = stream.end

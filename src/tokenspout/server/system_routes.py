@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tokenspout.server.auth import require_api_key
+from tokenspout.server.resume import last_event_id, replay_all, resume
 from tokenspout.server.server_state import state_of
 
 router = APIRouter()
@@ -47,6 +48,17 @@ async def models(request: Request) -> Response:
         for name in state.served_names()
     ]
     return JSONResponse({"object": "list", "data": data})
+
+
+@api.get("/v1/streams/{stream_id}")
+async def get_stream(stream_id: str, request: Request) -> Response:
+    """Replay a stream after ``Last-Event-ID`` (header or ``?last_event_id=``) in its own
+    format, then follow it live to ``[DONE]``; without one, from the beginning."""
+    state = state_of(request)
+    event_id = last_event_id(request)
+    if event_id:
+        return resume(state, request, event_id, stream_id)
+    return replay_all(state, request, stream_id)
 
 
 @api.post("/v1/streams/{stream_id}/cancel")

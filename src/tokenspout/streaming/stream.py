@@ -1,9 +1,10 @@
 """One generation's life, decoupled from the connections that read it.
 
-A producer task pulls ``EngineOutput`` from the engine into a buffer of ``Chunk``; readers
-(one HTTP response, a WebSocket stream, a resumed connection) follow the buffer from a
-position. Decoupling is what lets a stream be cancelled by id and resumed after a dropped
-connection; a non-resumable stream is aborted as soon as its last reader leaves.
+A producer task pulls ``EngineOutput`` from the engine into the stream's ``ReplayBuffer``;
+readers (an HTTP response, a WebSocket stream, a resumed connection) follow the buffer from
+a position. Decoupling is what lets a stream be cancelled by id and resumed after a dropped
+connection. When its last reader leaves, a non-resumable stream is aborted at once; a
+resumable one keeps generating for ``resume_grace_s`` waiting for a reader to come back.
 
 Positions are absolute chunk indexes: chunk ``i`` is the i-th engine output with text.
 """
@@ -13,23 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from tokenspout.engine.interface import Engine
 from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import EngineError, TokenspoutError
+from tokenspout.errors import EngineError, InvalidRequestError, TokenspoutError
+from tokenspout.streaming.stream_store import Chunk, ReplayBuffer
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """The text of one engine output and the tokens it accounts for."""
-
-    text: str
-    num_tokens: int
+__all__ = ["Chunk", "Stream", "StreamEnd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,74 +46,83 @@ class Stream:
         engine: Engine,
         prompt: Prompt,
         params: SamplingParams,
+        buffer: ReplayBuffer,
         *,
         kind: str,
+        include_usage: bool = False,
         resumable: bool = False,
+        resume_grace_s: float = 30.0,
         max_unread_bytes: int = 1 << 20,
         on_end: Callable[[Stream], None] | None = None,
     ):
         self.id = stream_id
         #: Which endpoint made it (chat, completion, seed): a resumed reader uses its format.
         self.kind = kind
+        self.include_usage = include_usage
         self.resumable = resumable
+        self.resume_grace_s = resume_grace_s
         self.prompt_tokens = len(prompt.token_ids)
         self.created = time.time()
-        self.first_token_at: float | None = None
+        self.opened_at = time.monotonic()
+        self.first_output_at: float | None = None
         self.end: StreamEnd | None = None
         #: Why the stream was aborted from our side (client_disconnect, send_timeout, ...).
         self.abort_reason: str | None = None
         self._engine = engine
-        self._chunks: deque[Chunk] = deque()
-        self._base = 0  # absolute position of self._chunks[0]
+        self._buffer = buffer
         self._unread_bytes = 0
         self._max_unread_bytes = max_unread_bytes
         self._readers = 0
+        self._grace: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()
         self._space = asyncio.Event()
         self._space.set()
         self._on_end = on_end
         self._failure: TokenspoutError | None = None
-        self._producer = asyncio.create_task(
-            self._produce(prompt, params), name=f"stream-{stream_id}"
-        )
+        self._producer = asyncio.create_task(self._produce(prompt, params), name=f"s-{stream_id}")
 
-    # -- reading -----------------------------------------------------------------------
+    # -- reading -------------------------------------------------------------------------
 
     @property
     def length(self) -> int:
         """Absolute position after the last chunk produced so far."""
-        return self._base + len(self._chunks)
+        return self._buffer.end
 
     @property
     def finished(self) -> bool:
         return self.end is not None
 
     def chunks_from(self, pos: int) -> list[Chunk]:
-        """Chunks at ``pos`` and after; raises ``LookupError`` if they were already dropped."""
-        if pos < self._base:
-            raise LookupError(f"stream {self.id}: position {pos} is no longer buffered")
-        start = pos - self._base
-        return [self._chunks[i] for i in range(start, len(self._chunks))]
+        """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
+        return self._buffer.read(pos)
+
+    def check_resumable_at(self, pos: int) -> None:
+        """Raise unless a reader may start at ``pos``: ``InvalidRequestError`` past the end,
+        ``StreamGoneError`` if that text was released or evicted."""
+        if pos > self.length:
+            raise InvalidRequestError(
+                f"stream {self.id} has {self.length} events so far; cannot resume after {pos}"
+            )
+        if pos < self._buffer.start:
+            self._buffer.read(pos)  # raises StreamGoneError with the reason
 
     def text(self) -> str:
         """All buffered text (the whole output for a stream nobody has consumed)."""
-        return "".join(c.text for c in self._chunks)
+        return "".join(c.text for c in self._buffer.read(self._buffer.start))
 
     def changed(self) -> asyncio.Event:
         """An event set at the next change (new chunk or end); take it before checking state."""
         return self._changed
 
-    def consumed(self, pos: int) -> None:
-        """A reader has delivered everything before ``pos``: release it from memory unless
-        the stream is resumable (a resumed reader may need it again)."""
+    def consumed(self, pos: int, nbytes: int) -> None:
+        """A reader delivered everything before ``pos`` (``nbytes`` characters of text):
+        release it unless the stream is resumable (a resumed reader may need it again)."""
         if self.resumable:
             return
-        while self._base < pos and self._chunks:
-            chunk = self._chunks.popleft()
-            self._base += 1
-            self._unread_bytes -= len(chunk.text)
+        self._unread_bytes -= nbytes
         if self._unread_bytes <= self._max_unread_bytes:
             self._space.set()
+        self._buffer.release(pos)
 
     async def wait_end(self) -> StreamEnd:
         """Wait until the producer has finished."""
@@ -126,16 +130,24 @@ class Stream:
         assert self.end is not None
         return self.end
 
-    # -- readers and aborts ----------------------------------------------------------------
+    # -- readers and aborts ------------------------------------------------------------
 
     def attach(self) -> None:
         self._readers += 1
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
 
     def detach(self, reason: str | None = None) -> None:
         """A reader left. If it was the last and the stream still runs, abort it with
-        ``reason`` (resumable streams are kept by the registry for the grace period)."""
+        ``reason`` now, or after the grace period for a resumable stream."""
         self._readers -= 1
-        if self._readers == 0 and reason is not None and not self.finished and not self.resumable:
+        if self._readers or reason is None or self.finished:
+            return
+        if self.resumable:
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(self.resume_grace_s, self.abort, reason)
+        else:
             self.abort(reason)
 
     @property
@@ -163,21 +175,28 @@ class Stream:
         self.abort_reason = "cancelled"
         return self._engine.abort(self.id)
 
-    # -- producing ---------------------------------------------------------------------------
+    # -- producing ---------------------------------------------------------------------
 
     def _append(self, out: EngineOutput) -> None:
+        if self.first_output_at is None:
+            self.first_output_at = time.monotonic()
         if out.text or out.num_tokens:
-            if self.first_token_at is None and out.text:
-                self.first_token_at = time.monotonic()
-            self._chunks.append(Chunk(out.text, out.num_tokens))
-            self._unread_bytes += len(out.text)
-            if not self.resumable and self._unread_bytes > self._max_unread_bytes:
-                self._space.clear()
+            self._buffer.append(Chunk(out.text, out.num_tokens))
+            # Resumable streams are bounded by their store instead: they keep generating
+            # while no reader is attached.
+            if not self.resumable:
+                self._unread_bytes += len(out.text)
+                if self._unread_bytes > self._max_unread_bytes:
+                    self._space.clear()
         self._notify()
 
     def _notify(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def _ended(self, finish_reason: str | None, completion_tokens: int) -> None:
+        err = self._failure
+        self.end = StreamEnd(finish_reason, self.prompt_tokens, completion_tokens, error=err)
 
     async def _produce(self, prompt: Prompt, params: SamplingParams) -> None:
         last: EngineOutput | None = None
@@ -194,19 +213,19 @@ class Stream:
                 raise EngineError("the engine ended the stream without a finish reason")
             self.end = StreamEnd(last.finish_reason, last.prompt_tokens, last.completion_tokens)
         except asyncio.CancelledError:
-            done = last.completion_tokens if last else 0
-            self.end = StreamEnd("cancelled", self.prompt_tokens, done, error=self._failure)
+            self._ended("cancelled", last.completion_tokens if last else 0)
         except TokenspoutError as err:
-            done = last.completion_tokens if last else 0
-            self.end = StreamEnd(None, self.prompt_tokens, done, error=err)
+            self._failure = err
+            self._ended(None, last.completion_tokens if last else 0)
         except Exception:
             logger.exception("stream %s: engine failure", self.id)
-            done = last.completion_tokens if last else 0
-            err = EngineError("the engine failed while generating; the request was stopped")
-            self.end = StreamEnd(None, self.prompt_tokens, done, error=err)
+            self._failure = EngineError("the engine failed while generating; request stopped")
+            self._ended(None, last.completion_tokens if last else 0)
         finally:
             # Closing the generator here (not at garbage collection) frees the engine slot now.
             await generator.aclose()
+            if self._grace is not None:
+                self._grace.cancel()
             self._notify()
             if self._on_end is not None:
                 self._on_end(self)

@@ -57,13 +57,13 @@ async def read_stream(
             text, tokens = policy.take()
             if text:
                 yield Delta(text, tokens, pos)
-            stream.consumed(pos)
+            stream.consumed(pos, len(text))
             yield Finished(stream.end)
             return
         if policy.due(now):
             text, tokens = policy.take()
             yield Delta(text, tokens, pos)
-            stream.consumed(pos)
+            stream.consumed(pos, len(text))
             last_sent = loop.time()
             continue
         heartbeat_at = last_sent + heartbeat_s

@@ -1,15 +1,25 @@
-"""All live streams by id: open, find, cancel, and forget when they are over."""
+"""All streams by id: open, find, cancel, and forget when they are over.
+
+A non-resumable stream is forgotten as soon as it ends. A resumable one stays replayable
+for ``resume_ttl_s`` after its end; after that its id is remembered (boundedly) as expired,
+so that a late resume gets 410 with a clear message rather than 404.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from tokenspout.engine.interface import Engine
 from tokenspout.engine.request import Prompt, SamplingParams
-from tokenspout.errors import StreamNotFoundError
+from tokenspout.errors import StreamGoneError, StreamNotFoundError
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_store import InMemoryStreamStore, StreamStore
+
+_EXPIRED_IDS_KEPT = 10_000
 
 
 def new_stream_id() -> str:
@@ -17,19 +27,46 @@ def new_stream_id() -> str:
     return secrets.token_urlsafe(12)
 
 
+@dataclass(frozen=True)
+class ResumePolicy:
+    """How long streams wait for a reader and stay replayable."""
+
+    grace_s: float = 30.0
+    ttl_s: float = 300.0
+
+
 class StreamRegistry:
     """Owns ``Stream`` objects. ``on_end`` is told about every stream that ends."""
 
-    def __init__(self, engine: Engine, *, on_end: Callable[[Stream], None] | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        store: StreamStore | None = None,
+        resume: ResumePolicy | None = None,
+        on_end: Callable[[Stream], None] | None = None,
+    ):
         self._engine = engine
+        self._store = store or InMemoryStreamStore()
+        self._resume = resume or ResumePolicy()
         self._streams: dict[str, Stream] = {}
+        self._expired: OrderedDict[str, None] = OrderedDict()
         self._on_end = on_end
+        # Counted, not scanned: admission asks on every request, with thousands open.
+        self._generating = 0
 
     def __len__(self) -> int:
-        return len(self._streams)
+        """Streams still generating (finished ones kept for replay do not count)."""
+        return self._generating
 
     def open(
-        self, prompt: Prompt, params: SamplingParams, *, kind: str, resumable: bool = False
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        *,
+        kind: str,
+        include_usage: bool = False,
+        resumable: bool = False,
     ) -> Stream:
         """Start generating now; the stream is findable by id until it is over."""
         stream_id = new_stream_id()
@@ -38,18 +75,27 @@ class StreamRegistry:
             self._engine,
             prompt,
             params,
+            self._store.create(stream_id),
             kind=kind,
+            include_usage=include_usage,
             resumable=resumable,
+            resume_grace_s=self._resume.grace_s,
             on_end=self._ended,
         )
         self._streams[stream_id] = stream
+        self._generating += 1
         return stream
 
     def get(self, stream_id: str) -> Stream:
-        try:
-            return self._streams[stream_id]
-        except KeyError:
-            raise StreamNotFoundError(f"no stream with id {stream_id!r}") from None
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream
+        if stream_id in self._expired:
+            raise StreamGoneError(
+                f"stream {stream_id!r} has expired (streams stay replayable for "
+                f"{self._resume.ttl_s:g} s after they end); start a new request"
+            )
+        raise StreamNotFoundError(f"no stream with id {stream_id!r}")
 
     def cancel(self, stream_id: str) -> Stream:
         """Cancel a running stream by id (a finished one is left as it is)."""
@@ -65,7 +111,22 @@ class StreamRegistry:
         return [s for s in self._streams.values() if not s.finished]
 
     def _ended(self, stream: Stream) -> None:
+        self._generating -= 1
         if self._on_end is not None:
             self._on_end(stream)
-        # Give readers a loop turn to collect the end before the id is forgotten.
-        asyncio.get_running_loop().call_soon(self._streams.pop, stream.id, None)
+        loop = asyncio.get_running_loop()
+        if stream.resumable:
+            loop.call_later(self._resume.ttl_s, self._expire, stream.id)
+        else:
+            # A loop turn lets readers collect the end before the id is forgotten.
+            loop.call_soon(self._forget, stream.id)
+
+    def _forget(self, stream_id: str) -> None:
+        self._streams.pop(stream_id, None)
+        self._store.discard(stream_id)
+
+    def _expire(self, stream_id: str) -> None:
+        self._forget(stream_id)
+        self._expired[stream_id] = None
+        if len(self._expired) > _EXPIRED_IDS_KEPT:
+            self._expired.popitem(last=False)

@@ -1,0 +1,151 @@
+"""Streams survive dropped connections: replay after Last-Event-ID, byte for byte."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+TRICKY = (
+    'Ünïcödé <b>bold</b> <img src=x onerror="alert(1)"> 日本語のテキスト 😀👍🏽 "quotes" \\ end'
+)
+
+
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str | None, str]]:
+    """(id, data) per event, per the WHATWG parsing rules we rely on."""
+    event_id, data = None, []
+    for line in lines:
+        if line == "":
+            if data:
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            data.append(line[6:])
+
+
+def chat_text(data: str) -> str:
+    if data == "[DONE]":
+        return ""
+    chunk = json.loads(data)
+    return "".join(c["delta"].get("content") or "" for c in chunk["choices"])
+
+
+def read_some(response: httpx.Response, max_events: int, out: list[str]) -> str | None:
+    """Read up to ``max_events`` events, appending their text; returns the last event id."""
+    last_id = None
+    for count, (event_id, data) in enumerate(sse_events(response.iter_lines()), start=1):
+        out.append(chat_text(data))
+        last_id = event_id or last_id
+        if data == "[DONE]" or count >= max_events:
+            break
+    return last_id
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_chat_stream_cut_three_times_resumes_exactly(start_server, seed: int) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=2))
+    rng = random.Random(seed)
+    body = {"messages": [{"role": "user", "content": TRICKY}], "max_tokens": 120}
+    expected = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()
+    expected_text = expected["choices"][0]["message"]["content"]
+
+    stream_body = {**body, "stream": True, "stream_options": {"resumable": True, "flush_tokens": 1}}
+    parts: list[str] = []
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read_some(r, rng.randint(2, 20), parts)
+    for _ in range(3):  # cut again at a random point of each resumed connection
+        headers = {"Last-Event-ID": last_id}
+        with httpx.stream("GET", f"{server.url}/v1/streams/{stream_id}", headers=headers) as r:
+            assert r.status_code == 200
+            last_id = read_some(r, rng.randint(2, 20), parts)
+    with httpx.stream(
+        "GET", f"{server.url}/v1/streams/{stream_id}", params={"last_event_id": last_id}
+    ) as r:
+        read_some(r, 10_000, parts)
+    assert "".join(parts) == expected_text
+    assert server.metric("tokenspout_stream_resumes_total") == 4
+
+
+def test_event_source_reconnect_resumes_the_seed_stream(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=2), resumable=True)
+    url = f"{server.url}/v1/completions/stream"
+    params = {"prompt": "a b c", "max_tokens": 50, "flush_tokens": 1}
+    tokens: list[str] = []
+    with httpx.stream("GET", url, params=params) as r:
+        last_id = None
+        for event_id, data in sse_events(r.iter_lines()):
+            tokens.append(json.loads(data)["token"])
+            last_id = event_id
+            if len(tokens) == 7:
+                break
+    # What an EventSource does on its own: same URL, plus Last-Event-ID.
+    with httpx.stream("GET", url, params=params, headers={"Last-Event-ID": last_id}) as r:
+        for _, data in sse_events(r.iter_lines()):
+            if data != "[DONE]":
+                tokens.append(json.loads(data)["token"])
+    assert "".join(tokens) == "a b c " * 16 + "a b "
+    assert server.metric("tokenspout_generation_tokens_total") == 50, "no second generation"
+
+
+def test_resumable_stream_waits_for_grace_then_aborts(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), resume_grace_s=0.5)
+    body = {
+        "prompt": "x",
+        "max_tokens": 4000,
+        "stream": True,
+        "stream_options": {"resumable": True},
+    }
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        next(r.iter_lines())
+    time.sleep(0.2)
+    assert server.metric("tokenspout_requests_running") == 1, "kept for a reconnect"
+    server.wait_metric("tokenspout_requests_running", 0, timeout=3)
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 1
+
+
+def test_non_resumable_and_unknown_streams(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5))
+    body = {"prompt": "x", "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        stream_id = r.headers["x-stream-id"]
+        next(r.iter_lines())
+    server.wait_metric("tokenspout_requests_running", 0, timeout=2)
+    time.sleep(0.05)
+    r = httpx.get(
+        f"{server.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:1"}
+    )
+    assert r.status_code == 404
+    r = httpx.get(f"{server.url}/v1/streams/x", headers={"Last-Event-ID": "garbage"})
+    assert r.status_code == 400 and "Last-Event-ID" in r.json()["error"]["message"]
+
+
+def test_expired_and_evicted_streams_answer_410(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(
+        SyntheticEngine(), resume_ttl_s=0.3, max_stream_buffer_bytes=200, max_buffer_bytes=10_000
+    )
+    body = {
+        "prompt": "word",
+        "max_tokens": 100,
+        "stream": True,
+        "stream_options": {"resumable": True},
+    }
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    stream_id = r.headers["x-stream-id"]
+    # 500 bytes of text went through a 200-byte buffer: the start was evicted.
+    gone = httpx.get(
+        f"{server.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:1"}
+    )
+    assert gone.status_code == 410 and "evicted" in gone.json()["error"]["message"]
+    time.sleep(0.5)
+    expired = httpx.get(f"{server.url}/v1/streams/{stream_id}")
+    assert expired.status_code == 410 and "expired" in expired.json()["error"]["message"]
