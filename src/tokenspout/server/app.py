@@ -20,7 +20,7 @@ from tokenspout.errors import (
     TokenspoutError,
 )
 from tokenspout.protocols.openai_errors import error_body
-from tokenspout.server import openai_routes, seed_routes, system_routes
+from tokenspout.server import openai_routes, seed_routes, system_routes, websocket_routes
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.server_state import ServerState
 
@@ -80,6 +80,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(system_routes.api)
     app.include_router(openai_routes.router)
     app.include_router(seed_routes.router)
+    app.include_router(websocket_routes.router)
     app.add_exception_handler(TokenspoutError, _tokenspout_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

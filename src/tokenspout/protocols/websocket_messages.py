@@ -1,0 +1,78 @@
+"""The JSON messages of ``/v1/ws``. Pure: parse what a client sends, build what we send.
+
+Client → server: ``{"type": "generate", "id": "<client id>", ...chat or completion fields}``
+and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta``, ``done``, ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tokenspout.errors import InvalidRequestError, TokenspoutError
+from tokenspout.protocols.chunk_format import Usage
+
+MAX_ID_LENGTH = 128
+
+
+@dataclass(frozen=True)
+class Generate:
+    id: str
+    #: The chat or completion request fields (everything but ``type`` and ``id``).
+    body: dict[str, Any]
+
+    @property
+    def is_chat(self) -> bool:
+        return "messages" in self.body
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: str
+
+
+ClientMessage = Generate | Cancel
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Raises ``InvalidRequestError`` saying what is wrong; ``err.param`` holds the id when
+    one could be read, so the error can name the stream."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"message is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("message must be a JSON object")
+    msg_id = data.get("id")
+    if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
+        raise InvalidRequestError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    kind = data.get("type")
+    if kind == "cancel":
+        return Cancel(msg_id)
+    if kind == "generate":
+        body = {k: v for k, v in data.items() if k not in ("type", "id")}
+        if ("messages" in body) == ("prompt" in body):
+            raise InvalidRequestError(
+                "generate needs exactly one of messages or prompt", param=msg_id
+            )
+        return Generate(msg_id, body)
+    raise InvalidRequestError(f"type must be 'generate' or 'cancel', not {kind!r}", param=msg_id)
+
+
+def delta(stream_id: str, text: str) -> dict[str, Any]:
+    return {"type": "delta", "id": stream_id, "text": text}
+
+
+def done(stream_id: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    return {
+        "type": "done",
+        "id": stream_id,
+        "finish_reason": finish_reason,
+        "usage": usage.as_dict(),
+    }
+
+
+def error(stream_id: str | None, err: TokenspoutError) -> dict[str, Any]:
+    body = {"message": err.message, "type": err.type, "code": err.code}
+    return {"type": "error", "id": stream_id, "error": body}

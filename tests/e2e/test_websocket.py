@@ -1,0 +1,143 @@
+"""``/v1/ws`` with a real WebSocket client (the ``websockets`` library)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+
+from websockets.asyncio.client import connect
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+
+def ws_url(server: RunningServer) -> str:
+    return f"ws://127.0.0.1:{server.port}/v1/ws"
+
+
+def generate(stream_id: str, text: str, max_tokens: int, **extra: object) -> str:
+    return json.dumps(
+        {
+            "type": "generate",
+            "id": stream_id,
+            "messages": [{"role": "user", "content": text}],
+            "max_tokens": max_tokens,
+            **extra,
+        }
+    )
+
+
+async def test_two_streams_one_cancelled(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
+    async with connect(ws_url(server)) as ws:
+        await ws.send(generate("a", "alpha", 300))
+        await ws.send(generate("b", "beta", 60))
+        texts: dict[str, str] = {"a": "", "b": ""}
+        done: dict[str, dict] = {}
+        cancelled_at = None
+        after_cancel: list[dict] = []
+        while len(done) < 2:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            if cancelled_at is not None and msg["id"] == "a":
+                after_cancel.append(msg)
+            if msg["type"] == "delta":
+                texts[msg["id"]] += msg["text"]
+                if msg["id"] == "a" and cancelled_at is None and len(texts["a"]) > 30:
+                    cancelled_at = time.monotonic()
+                    await ws.send(json.dumps({"type": "cancel", "id": "a"}))
+            elif msg["type"] == "done":
+                done[msg["id"]] = msg
+                if msg["id"] == "a":
+                    cancel_latency = time.monotonic() - cancelled_at
+        assert done["a"]["finish_reason"] == "cancelled"
+        assert [m["type"] for m in after_cancel] == ["done"], "no delta after a cancel"
+        assert cancel_latency < 1.0  # the engine step is 10 ms; 1 s is a loose bound
+        assert done["b"]["finish_reason"] == "length"
+        assert texts["b"] == "beta " * 60
+        assert done["b"]["usage"]["completion_tokens"] == 60
+        # The socket is still usable after that.
+        await ws.send(json.dumps({"type": "generate", "id": "c", "prompt": "p", "max_tokens": 3}))
+        msgs = [json.loads(await ws.recv()) for _ in range(2)]
+        while msgs[-1]["type"] != "done":
+            msgs.append(json.loads(await ws.recv()))
+        assert "".join(m.get("text", "") for m in msgs) == "p p p "
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
+
+
+async def test_closing_the_socket_stops_everything(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10, max_num_seqs=2))
+    async with connect(ws_url(server)) as ws:
+        for i in range(3):  # two run, one waits
+            await ws.send(generate(str(i), "x", 4000))
+        for _ in range(4):
+            await ws.recv()
+        assert server.metric("tokenspout_requests_running") == 2
+    await asyncio.to_thread(server.wait_metric, "tokenspout_requests_running", 0, 2.0)
+    await asyncio.to_thread(server.wait_metric, "tokenspout_requests_waiting", 0, 2.0)
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 3
+    assert server.metric("tokenspout_streams_active") == 0
+
+
+async def test_malformed_messages_get_errors_and_the_socket_stays(
+    synthetic_server: RunningServer,
+) -> None:
+    async with connect(ws_url(synthetic_server)) as ws:
+        bad = [
+            ("not json", None, "JSON"),
+            ("[1]", None, "object"),
+            (json.dumps({"type": "generate"}), None, "id"),
+            (json.dumps({"type": "dance", "id": "q"}), "q", "type"),
+            (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
+            (generate("q", "hi", 0), "q", "max_tokens"),
+            (json.dumps({"type": "cancel", "id": "ghost"}), "ghost", "no running stream"),
+        ]
+        for text, msg_id, words in bad:
+            await ws.send(text)
+            msg = json.loads(await ws.recv())
+            assert msg["type"] == "error" and msg["id"] == msg_id, msg
+            assert words in msg["error"]["message"]
+        await ws.send(generate("ok", "fine", 2))
+        received = [json.loads(await ws.recv()) for _ in range(3)]
+        assert received[-1]["type"] == "done"
+
+
+def masked_text_frame(text: str) -> bytes:
+    """One client→server text frame (RFC 6455 5.2: clients must mask)."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        length = bytes([0x80 | n])
+    elif n < 1 << 16:
+        length = bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        length = bytes([0x80 | 127]) + struct.pack("!Q", n)
+    return b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def test_stuck_websocket_reader_hits_send_timeout(start_server) -> None:  # type: ignore[no-untyped-def]
+    # A raw socket that never reads: the websockets client library keeps reading into
+    # memory on its own, which would hide the server's behaviour.
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=0), send_timeout_s=1.0)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 101")
+        sock.sendall(masked_text_frame(generate("big", "y" * 8192, 4000)))
+        server.wait_metric(
+            "tokenspout_requests_aborted_total", 1, timeout=20, labels='reason="send_timeout"'
+        )
+        server.wait_metric("tokenspout_requests_running", 0, timeout=2)
+        assert server.metric("tokenspout_generation_tokens_total") < 1000
+    finally:
+        sock.close()
