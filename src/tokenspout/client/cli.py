@@ -61,6 +61,19 @@ def serve(
         float, typer.Option(help="Close a client that stops reading.")
     ] = 30.0,
     drain_timeout_s: Annotated[float, typer.Option(help="Grace for streams on SIGTERM.")] = 10.0,
+    resumable: Annotated[
+        bool, typer.Option(help="Streams resumable by default (stream_options.resumable).")
+    ] = False,
+    resume_grace_s: Annotated[
+        float, typer.Option(help="A resumable stream whose client left waits this long.")
+    ] = 30.0,
+    resume_ttl_s: Annotated[
+        float, typer.Option(help="Finished resumable streams stay replayable this long.")
+    ] = 300.0,
+    max_stream_buffer_bytes: Annotated[
+        int, typer.Option(help="Replay memory per stream (oldest text evicted).")
+    ] = 4 << 20,
+    max_buffer_bytes: Annotated[int, typer.Option(help="Replay memory in total.")] = 256 << 20,
     api_key: Annotated[
         str | None, typer.Option(envvar="TOKENSPOUT_API_KEY", help="Require this bearer token.")
     ] = None,
@@ -87,6 +100,11 @@ def serve(
             max_queued=max_queued,
             send_timeout_s=send_timeout_s,
             drain_timeout_s=drain_timeout_s,
+            resumable=resumable,
+            resume_grace_s=resume_grace_s,
+            resume_ttl_s=resume_ttl_s,
+            max_stream_buffer_bytes=max_stream_buffer_bytes,
+            max_buffer_bytes=max_buffer_bytes,
             api_key=api_key,
             model_aliases=tuple(served_model_name or ()),
         )
