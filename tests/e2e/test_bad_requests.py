@@ -3,6 +3,9 @@ fix, and the server keeps serving."""
 
 from __future__ import annotations
 
+import json
+import random
+
 import httpx
 import pytest
 
@@ -126,3 +129,59 @@ def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", content=b"x" * (2 << 20))
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     assert synthetic_server.metric("tokenspout_requests_running") == 0
+
+
+JUNK: list[object] = [
+    None,
+    True,
+    -1,
+    0,
+    2**63,
+    1e308,
+    -0.5,
+    "",
+    "x" * 5000,
+    [],
+    [None],
+    {},
+    {"a": 1},
+]
+VALID = {
+    "messages": [{"role": "user", "content": "ok"}],
+    "max_tokens": 3,
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "stop": ["zz"],
+    "stream": True,
+    "stream_options": {"include_usage": True, "flush_tokens": 2},
+}
+
+
+def mutations(count: int, seed: int) -> list[dict]:
+    """Valid bodies with one or two fields replaced by junk or removed (fixed seed)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        body = json.loads(json.dumps(VALID))
+        for _ in range(rng.randint(1, 2)):
+            key = rng.choice([*body, "messages.0.role", "messages.0.content"])
+            if key.startswith("messages.0."):
+                target = body["messages"][0] if isinstance(body.get("messages"), list) else {}
+                target[key.split(".")[-1]] = rng.choice(JUNK)
+            elif rng.random() < 0.2:
+                body.pop(key, None)
+            else:
+                body[key] = rng.choice(JUNK)
+        out.append(body)
+    return out
+
+
+def test_random_mutations_never_crash_or_leak(synthetic_server: RunningServer) -> None:
+    with httpx.Client(base_url=synthetic_server.url) as client:
+        for body in mutations(150, seed=7):
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code in (200, 400, 404, 413), (body, r.status_code, r.text)
+            if r.status_code != 200:
+                assert "message" in r.json()["error"]
+    synthetic_server.wait_metric("tokenspout_requests_running", 0)
+    assert synthetic_server.metric("tokenspout_streams_active") == 0
