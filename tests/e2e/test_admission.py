@@ -50,3 +50,23 @@ def test_api_key(start_server) -> None:  # type: ignore[no-untyped-def]
     right = {"Authorization": "Bearer s3cret"}
     assert httpx.post(f"{server.url}/v1/completions", json=body, headers=right).status_code == 200
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_cors_only_when_allowed(start_server) -> None:  # type: ignore[no-untyped-def]
+    closed: RunningServer = start_server(SyntheticEngine())
+    opened: RunningServer = start_server(
+        SyntheticEngine(), allowed_origins=("https://app.example",)
+    )
+    headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert (
+        "access-control-allow-origin"
+        not in httpx.options(f"{closed.url}/v1/chat/completions", headers=headers).headers
+    )
+    r = httpx.options(f"{opened.url}/v1/chat/completions", headers=headers)
+    assert r.headers["access-control-allow-origin"] == "https://app.example"
+    r = httpx.post(
+        f"{opened.url}/v1/completions",
+        json={"prompt": "a", "max_tokens": 1},
+        headers={"Origin": "https://app.example"},
+    )
+    assert "x-stream-id" in r.headers["access-control-expose-headers"].lower()

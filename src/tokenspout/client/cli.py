@@ -1,4 +1,4 @@
-"""The ``tokenspout`` command: ``serve`` a model, ``complete`` a prompt live in the terminal."""
+"""tokenspout: serve a model with streaming APIs, or complete a prompt live in the terminal."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="TOKENSPOUT_API_KEY", help="Require this bearer token.")
     ] = None,
+    allowed_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Serve a model over HTTP (SSE, NDJSON) with an OpenAI-compatible API."""
@@ -107,6 +111,7 @@ def serve(
             max_buffer_bytes=max_buffer_bytes,
             api_key=api_key,
             model_aliases=tuple(served_model_name or ()),
+            allowed_origins=tuple(allowed_origin or ()),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

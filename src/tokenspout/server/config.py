@@ -41,6 +41,8 @@ class ServerConfig:
     max_buffer_bytes: int = 256 << 20
     #: Bearer token required on /v1 routes when set.
     api_key: str | None = None
+    #: Origins whose pages may call the API from a browser (CORS); empty means same origin.
+    allowed_origins: tuple[str, ...] = ()
     #: Extra names a request's ``model`` field may use for the served model.
     model_aliases: tuple[str, ...] = ()
 
