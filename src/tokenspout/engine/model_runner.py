@@ -1,0 +1,198 @@
+"""The model API the engine core calls: load once, then ``forward`` a step's chunks.
+
+One engine thread calls ``forward`` and ``copy_slot_prefix``; nothing here is thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tokenspout.engine.kv_cache import KVCache
+from tokenspout.engine.llama_model import AttentionBatch, LlamaConfig, LlamaModel
+from tokenspout.engine.model_files import ModelFiles
+from tokenspout.engine.tokenizer import Tokenizer
+from tokenspout.engine.weights import FORMATS, WeightFormat, Weights
+from tokenspout.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """Tokens of one sequence to run in a step."""
+
+    slot: int  # KV-cache slot owned by the sequence (0 <= slot < num_slots)
+    token_ids: Sequence[int]  # a prompt chunk, or the one last sampled token
+    start_pos: int  # position of token_ids[0]; KV for [0, start_pos) is already in the slot
+
+
+class ModelRunner:
+    """A model, its tokenizer and a KV cache of ``num_slots`` × ``max_model_len`` positions."""
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        num_slots: int = 16,
+        max_model_len: int = 2048,
+        weights: str = "int8",
+        num_threads: int | None = None,
+    ):
+        """Load ``model`` (see ``ModelFiles.resolve``); ``weights`` is int8, bf16 or fp32.
+
+        Raises ``ModelLoadError`` for a model it cannot load, ``ValueError`` for bad sizes.
+        """
+        if num_slots < 1 or max_model_len < 2:
+            raise ValueError("num_slots must be >= 1 and max_model_len >= 2")
+        if weights not in FORMATS:
+            raise ModelLoadError(f"weights must be one of {FORMATS}, not {weights!r}")
+        start = time.perf_counter()
+        # Intra-op threads = usable cores: with 2 cores, extra threads only contend.
+        self.num_threads = num_threads or len(os.sched_getaffinity(0))
+        self._threads_set_for: int | None = None
+        self._set_threads()
+        files = ModelFiles.resolve(model)
+        meta = files.metadata()
+        if files.format == "gguf":
+            self.tokenizer = Tokenizer.from_metadata(meta["tokenizer"])
+        else:
+            self.tokenizer = Tokenizer.from_directory(files.path)
+        self.config = LlamaConfig.from_dict(meta["config"])
+        if max_model_len > self.config.max_position_embeddings:
+            raise ModelLoadError(
+                f"max_model_len {max_model_len} exceeds the model's context length "
+                f"{self.config.max_position_embeddings}"
+            )
+        fmt: WeightFormat = weights  # type: ignore[assignment]  # checked against FORMATS
+        self.model = LlamaModel(
+            self.config, Weights.load(files, meta["config"], fmt), max_model_len
+        )
+        self.cache = KVCache(
+            self.config.num_hidden_layers,
+            num_slots,
+            max_model_len,
+            self.config.num_key_value_heads,
+            self.config.head_dim,
+            self.model.dtype,
+        )
+        self.model_id = files.model_id
+        self.weights = weights
+        self.num_slots = num_slots
+        self.max_model_len = max_model_len
+        self.vocab_size = self.config.vocab_size
+        # One throwaway step, so the first request does not pay for kernel set-up.
+        self.forward([SeqChunk(0, [0], 0)])
+        print(
+            f"tokenspout: {self.model_id} ({weights}) ready in {time.perf_counter() - start:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def forward(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Run all chunks in one step; write their KV; return float32 logits
+        [len(chunks), vocab] for the last token of each chunk.
+
+        Every chunk's tokens go through the matmuls together; attention batches the
+        one-token chunks and runs each longer chunk on its own.
+        """
+        self._set_threads()
+        with torch.inference_mode():
+            token_ids, positions, batch, logit_rows = self._plan(chunks)
+            return self.model.forward(token_ids, positions, batch, self.cache, logit_rows)
+
+    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int) -> None:
+        """Copy KV positions [0, num_tokens) of slot src into slot dst (for the prefix cache)."""
+        for slot in (src, dst):
+            self._check_slot(slot)
+        if not 0 <= num_tokens <= self.max_model_len:
+            raise ValueError(f"num_tokens {num_tokens} is outside [0, {self.max_model_len}]")
+        if src != dst:
+            with torch.inference_mode():
+                self.cache.copy_prefix(src, dst, num_tokens)
+
+    def _plan(
+        self, chunks: Sequence[SeqChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
+        """Pack the chunks: decode tokens first (sorted by slot), then each prefill chunk."""
+        if not chunks:
+            raise ValueError("forward needs at least one chunk")
+        for c in chunks:
+            self._check_slot(c.slot)
+            if (
+                not c.token_ids
+                or c.start_pos < 0
+                or c.start_pos + len(c.token_ids) > self.max_model_len
+            ):
+                raise ValueError(
+                    f"chunk of {len(c.token_ids)} tokens at {c.start_pos} does not fit in "
+                    f"[0, {self.max_model_len})"
+                )
+        if len({c.slot for c in chunks}) != len(chunks):
+            raise ValueError("two chunks in one step share a slot")
+        # A one-token chunk, prompt or not, attends to exactly what a decode token does.
+        decode = sorted(
+            (i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].slot
+        )
+        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        ids: list[int] = []
+        pos: list[int] = []
+        token_slots: list[int] = []
+        last_row = [0] * len(chunks)
+        for i in decode + prefill:
+            c = chunks[i]
+            ids.extend(c.token_ids)
+            pos.extend(range(c.start_pos, c.start_pos + len(c.token_ids)))
+            token_slots.extend([c.slot] * len(c.token_ids))
+            last_row[i] = len(ids) - 1
+        slots = [chunks[i].slot for i in decode]
+        positions = torch.tensor(pos)
+        batch = AttentionBatch(
+            write_rows=torch.tensor(token_slots) * self.max_model_len + positions,
+            num_decode=len(decode),
+            decode_slots=_slots_index(slots),
+            decode_len=0,
+            decode_mask=None,
+            prefills=[],
+            prefill_masks=[],
+        )
+        if decode:
+            lengths = positions[: len(decode)] + 1  # [B]
+            batch.decode_len = int(lengths.max())
+            if int(lengths.min()) != batch.decode_len:  # ragged: hide each row's padding
+                keys = torch.arange(batch.decode_len)
+                batch.decode_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
+        row = len(decode)
+        for i in prefill:
+            c = chunks[i]
+            t = len(c.token_ids)
+            batch.prefills.append((row, t, c.slot, c.start_pos))
+            # [T, start + T]: query i sees keys j <= start + i.
+            keys = torch.arange(c.start_pos + t)
+            batch.prefill_masks.append(
+                keys[None, :] <= torch.arange(c.start_pos, c.start_pos + t)[:, None]
+            )
+            row += t
+        return torch.tensor(ids), positions, batch, torch.tensor(last_row)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is outside [0, {self.num_slots})")
+
+    def _set_threads(self) -> None:
+        # OpenMP's thread count is per calling thread: set it in the thread that runs steps.
+        ident = threading.get_ident()
+        if self._threads_set_for != ident:
+            torch.set_num_threads(self.num_threads)
+            self._threads_set_for = ident
+
+
+def _slots_index(slots: list[int]) -> torch.Tensor | slice:
+    """A slice when the (sorted) slots are consecutive, so attention reads the cache in place."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots, dtype=torch.long)

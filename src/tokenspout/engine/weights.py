@@ -1,0 +1,156 @@
+"""A model's weights, converted once into the layout ``LlamaModel`` runs, and cached.
+
+Canonical names (``N`` = layer): ``embed`` [V, H]; ``layers.N.attn_norm`` [H];
+``layers.N.wqkv`` [(Hq + 2*Hkv) * D, H] (q, k and v fused into one matmul);
+``layers.N.wo`` [H, Hq * D]; ``layers.N.ffn_norm`` [H]; ``layers.N.w13`` [2 * I, H]
+(gate then up, fused); ``layers.N.w2`` [H, I]; ``norm`` [H]; ``lm_head`` [V, H] (absent when
+tied to ``embed``).
+
+Formats: ``fp32``; ``bf16``; ``int8`` = per-output-row symmetric int8 for every matmul weight
+(``name`` int8 [N, K] + ``name.scale`` bf16 [N], the operands of
+``torch.ops.aten._weight_int8pack_mm``), with ``embed`` dropped when tied (rows are read back
+from the int8 ``lm_head``). Norm weights stay fp32 in every format.
+
+Dequantising the default GGUF takes ~2 s and quantising another second or two, so the result
+is saved as safetensors under ``ModelFiles.cache_dir()``; a warm start reads it back.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from tokenspout.engine.model_files import ModelFiles
+from tokenspout.errors import ModelLoadError
+
+WeightFormat = Literal["int8", "bf16", "fp32"]
+FORMATS: tuple[WeightFormat, ...] = ("int8", "bf16", "fp32")
+_MATMULS = ("wqkv", "wo", "w13", "w2")
+_CACHE_VERSION = 1  # bump when the canonical layout changes
+
+
+class Weights:
+    """Named tensors in the canonical layout, in one format."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], fmt: WeightFormat):
+        self.tensors = tensors
+        self.format = fmt
+
+    @classmethod
+    def load(cls, files: ModelFiles, config: dict[str, Any], fmt: WeightFormat) -> Weights:
+        """Load from the cache, or convert from the model files and fill the cache."""
+        if fmt not in FORMATS:
+            raise ModelLoadError(f"weights format {fmt!r} is not one of {FORMATS}")
+        path = files.cache_dir() / f"weights-v{_CACHE_VERSION}-{fmt}.safetensors"
+        if path.is_file():
+            return cls(load_file(path), fmt)
+        start = time.perf_counter()
+        _progress(f"converting {files.path.name} to {fmt} weights (first start only)...")
+        if files.format == "gguf":
+            tensors = _read_gguf(files.path, config)
+        else:
+            tensors = _read_safetensors(files.weight_paths, config)
+        tensors = _to_format(tensors, fmt, tied="lm_head" not in tensors)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, tmp)
+        tmp.replace(path)  # atomic: a concurrent start never reads half a file
+        _progress(f"weights ready in {time.perf_counter() - start:.1f} s, cached at {path}")
+        return cls(tensors, fmt)
+
+
+def _progress(message: str) -> None:
+    print(f"tokenspout: {message}", file=sys.stderr, flush=True)
+
+
+def _read_gguf(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    raw: dict[str, np.ndarray] = {}
+    reader = GGUFReader(path)
+    for i, tensor in enumerate(reader.tensors):
+        # dequantize returns [out, in] (GGUF lists dims innermost first).
+        raw[tensor.name] = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        if i % 40 == 0:
+            _progress(f"  dequantised {i + 1}/{len(reader.tensors)} tensors")
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    out = {"embed": raw.pop("token_embd.weight"), "norm": raw.pop("output_norm.weight")}
+    if "output.weight" in raw:
+        out["lm_head"] = raw.pop("output.weight")
+    for n in range(config["num_hidden_layers"]):
+        blk = f"blk.{n}."
+        q = _unpermute(raw.pop(blk + "attn_q.weight"), heads)
+        k = _unpermute(raw.pop(blk + "attn_k.weight"), kv_heads)
+        v = raw.pop(blk + "attn_v.weight")
+        out[f"layers.{n}.attn_norm"] = raw.pop(blk + "attn_norm.weight")
+        out[f"layers.{n}.wqkv"] = np.concatenate([q, k, v])
+        out[f"layers.{n}.wo"] = raw.pop(blk + "attn_output.weight")
+        out[f"layers.{n}.ffn_norm"] = raw.pop(blk + "ffn_norm.weight")
+        gate, up = raw.pop(blk + "ffn_gate.weight"), raw.pop(blk + "ffn_up.weight")
+        out[f"layers.{n}.w13"] = np.concatenate([gate, up])
+        out[f"layers.{n}.w2"] = raw.pop(blk + "ffn_down.weight")
+    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in out.items()}
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation.
+
+    Its converter reorders each head's rows from Hugging Face's halves layout (rotate_half
+    RoPE) to interleaved pairs (GPT-J RoPE); we run the halves layout, as transformers does.
+    """
+    rows, cols = w.shape
+    # w: [heads, D/2, 2, K] (interleaved) -> [heads, 2, D/2, K] (halves)
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _read_safetensors(paths: list[Path], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    raw: dict[str, torch.Tensor] = {}
+    for path in paths:
+        raw.update(load_file(path))
+    raw = {k.removeprefix("model."): v.float() for k, v in raw.items()}
+    out = {"embed": raw.pop("embed_tokens.weight"), "norm": raw.pop("norm.weight")}
+    if "lm_head.weight" in raw and not config.get("tie_word_embeddings", False):
+        out["lm_head"] = raw.pop("lm_head.weight")
+    for n in range(config["num_hidden_layers"]):
+        p = f"layers.{n}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        out[p + "attn_norm"] = raw.pop(p + "input_layernorm.weight")
+        out[p + "wqkv"] = torch.cat([raw.pop(f"{attn}{x}_proj.weight") for x in "qkv"])
+        out[p + "wo"] = raw.pop(attn + "o_proj.weight")
+        out[p + "ffn_norm"] = raw.pop(p + "post_attention_layernorm.weight")
+        out[p + "w13"] = torch.cat(
+            [raw.pop(mlp + "gate_proj.weight"), raw.pop(mlp + "up_proj.weight")]
+        )
+        out[p + "w2"] = raw.pop(mlp + "down_proj.weight")
+    return out
+
+
+def _to_format(
+    tensors: dict[str, torch.Tensor], fmt: WeightFormat, tied: bool
+) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        is_matmul = name.rsplit(".", 1)[-1] in _MATMULS or name in ("lm_head", "embed")
+        if not is_matmul or fmt == "fp32":
+            out[name] = t.float().contiguous()
+        elif fmt == "bf16":
+            out[name] = t.to(torch.bfloat16).contiguous()
+        elif name != "embed" or not tied:
+            out[name], out[name + ".scale"] = _quantize_rows(t)
+    if fmt == "int8" and tied:
+        out["lm_head"], out["lm_head.scale"] = _quantize_rows(tensors["embed"])
+    return out
+
+
+def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ≈ q * scale[:, None]."""
+    scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0  # [N]
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+    return q.contiguous(), scale.to(torch.bfloat16)
