@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import pytest
 
 from tokenspout.engine.detokenizer import Detokenizer
+from tokenspout.engine.model_files import ModelFiles
+from tokenspout.engine.tokenizer import Tokenizer
 
 
 class ByteTokenizer:
@@ -107,7 +109,7 @@ CASES = [
         "ok",
         "stop",
     ),
-    ("incomplete bytes at the end", [b"a", b"\xf0\x9f"], (), ["a", "", "\ufffd"], "a\ufffd", None),
+    ("cut character at the end is dropped", [b"a", b"\xf0\x9f"], (), ["a", "", ""], "a", None),
 ]
 
 
@@ -139,3 +141,51 @@ def test_concatenated_deltas_equal_a_full_decode(text: str, size: int) -> None:
 def test_empty_stop_string_is_rejected() -> None:
     with pytest.raises(ValueError):
         Detokenizer(lambda ids: "", stop=("",))
+
+
+# --- the real SmolLM2 tokenizer: emoji and CJK characters span several tokens ---
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Tokenizer:
+    return Tokenizer.from_metadata(ModelFiles.resolve(None).metadata()["tokenizer"])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "🐉 The dragon 🐲 met the knight ⚔️.",
+        "騎士とドラゴンは友達になった。",
+        "naïve café, crème brûlée, Ærøskøbing",
+        "mixed: 日本語 and emoji 👍🏽 and more",
+    ],
+)
+def test_real_tokenizer_never_emits_a_broken_character(smollm2: Tokenizer, text: str) -> None:
+    d = Detokenizer(smollm2.decode)
+    deltas = [d.add(i) for i in smollm2.encode(text)] + [d.flush()]
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert "".join(deltas) == d.text == text
+
+
+@pytest.mark.parametrize(
+    ("text", "stop", "expected"),
+    [
+        ("Once upon a time<|stop|> the end", "<|stop|>", "Once upon a time"),
+        ("The knight said: THE END. More words", "THE END", "The knight said: "),
+        ("dragons 🐉🐉 fly", "🐉🐉", "dragons "),
+        ("騎士とドラゴン", "ドラ", "騎士と"),
+    ],
+)
+def test_real_tokenizer_stop_strings_split_across_tokens(
+    smollm2: Tokenizer, text: str, stop: str, expected: str
+) -> None:
+    d = Detokenizer(smollm2.decode, stop=(stop,))
+    deltas = []
+    for i in smollm2.encode(text):
+        deltas.append(d.add(i))
+        if d.finish_reason:
+            break
+    deltas.append(d.flush())
+    assert d.finish_reason == "stop"
+    assert "".join(deltas) == d.text == expected
+    assert not any(stop[:2] in delta for delta in deltas)

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
-import types
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import ClassVar
 
 import pytest
 import torch
 
-try:
-    import tokenspout.engine.model_runner  # noqa: F401
-except ModuleNotFoundError:  # TEMPORARY until the model layer lands
-
-    @dataclass(frozen=True)
-    class _SeqChunk:
-        slot: int
-        token_ids: Sequence[int]
-        start_pos: int
-
-    _mod = types.ModuleType("tokenspout.engine.model_runner")
-    _mod.ModelRunner = object  # type: ignore[attr-defined]
-    _mod.SeqChunk = _SeqChunk  # type: ignore[attr-defined]
-    sys.modules["tokenspout.engine.model_runner"] = _mod
-
-from tokenspout.engine import llm_engine
+from tokenspout.engine import llm_engine, sequence
 from tokenspout.engine.llm_engine import LLMEngine
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
@@ -304,3 +286,117 @@ async def test_shutdown_fails_requests_in_flight(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(EngineError):
         async for _ in it:
             pass
+
+
+# --- the real model (SmolLM2-135M-Instruct), one engine for the module ---
+
+
+@pytest.fixture(scope="module")
+def real_engine() -> Iterator[LLMEngine]:
+    engine = LLMEngine(max_num_seqs=4, max_model_len=512, max_prefill_tokens=64)
+    asyncio.run(engine.start())
+    yield engine
+    asyncio.run(engine.shutdown())
+
+
+@pytest.fixture
+def output_ids(real_engine: LLMEngine, monkeypatch: pytest.MonkeyPatch) -> dict[str, list[int]]:
+    """Records the output token ids of every sequence the engine finishes."""
+    recorded: dict[str, list[int]] = {}
+    finish = real_engine.scheduler.finish
+
+    def recording_finish(seq: sequence.Sequence) -> None:
+        recorded[seq.seq_id] = list(seq.output_token_ids)
+        finish(seq)
+
+    monkeypatch.setattr(real_engine.scheduler, "finish", recording_finish)
+    return recorded
+
+
+def chat(engine: LLMEngine, content: str, system: str | None = None) -> Prompt:
+    messages = [ChatMessage("system", system)] if system else []
+    return engine.encode_chat([*messages, ChatMessage("user", content)])
+
+
+async def test_real_greedy_knows_the_capital_of_france(
+    real_engine: LLMEngine, output_ids: dict[str, list[int]]
+) -> None:
+    prompt = chat(real_engine, "What is the capital of France?")
+    outs = await collect(real_engine, "paris", prompt, SamplingParams(temperature=0, max_tokens=24))
+    assert "Paris" in text(outs)
+    tokenizer = real_engine.runner.tokenizer
+    assert text(outs) == tokenizer.decode(output_ids["paris"], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "Translate into Japanese: good morning, how are you?",
+        "Reply only with five emoji about dragons.",
+        "Écris une phrase en français avec des accents: été, crème, naïve.",
+    ],
+)
+async def test_real_streamed_text_has_no_broken_characters(
+    real_engine: LLMEngine, output_ids: dict[str, list[int]], content: str
+) -> None:
+    params = SamplingParams(temperature=0, max_tokens=32)
+    outs = await collect(real_engine, "u", chat(real_engine, content), params)
+    assert all("\ufffd" not in o.text for o in outs)
+    tokenizer = real_engine.runner.tokenizer
+    # A character cut by max_tokens is dropped rather than shown as U+FFFD.
+    full = tokenizer.decode(output_ids["u"], skip_special_tokens=True).rstrip("\ufffd")
+    assert text(outs) == full
+
+
+async def test_real_same_seed_same_text(real_engine: LLMEngine) -> None:
+    prompt = chat(real_engine, "Tell me a short story.")
+    params = SamplingParams(temperature=1.0, max_tokens=16, seed=11)
+    first, second = await asyncio.gather(
+        collect(real_engine, "s1", prompt, params), collect(real_engine, "s2", prompt, params)
+    )
+    assert text(first) == text(second)
+
+
+async def test_real_abort_while_running_frees_the_slot(real_engine: LLMEngine) -> None:
+    it = real_engine.generate(
+        "ab", chat(real_engine, "Count to one hundred."), SamplingParams(max_tokens=200)
+    )
+    await anext(it)
+    assert real_engine.abort("ab")
+    assert [o async for o in it][-1].finish_reason == "cancelled"
+    await wait_for(lambda: real_engine.stats().running == 0)
+    assert real_engine.scheduler.prefix_cache.num_free == 4
+
+
+async def test_real_repeated_system_prompt_hits_the_prefix_cache(real_engine: LLMEngine) -> None:
+    system = "You are a meticulous assistant for a castle library. " * 6
+    params = SamplingParams(temperature=0, max_tokens=4)
+    await collect(real_engine, "p1", chat(real_engine, "Where are the maps?", system), params)
+    before = real_engine.stats()
+    second = chat(real_engine, "Who wrote the oldest book?", system)
+    await collect(real_engine, "p2", second, params)
+    after = real_engine.stats()
+    assert after.prefix_cache_hits_total == before.prefix_cache_hits_total + 1
+    assert after.prompt_tokens_total - before.prompt_tokens_total < len(second.token_ids) // 2
+
+
+async def test_real_aborted_queued_request_is_never_prefilled() -> None:
+    engine = LLMEngine(max_num_seqs=1, max_model_len=256)
+    await engine.start()
+    try:
+        busy = engine.generate(
+            "busy", chat(engine, "Tell me a story."), SamplingParams(max_tokens=100)
+        )
+        await anext(busy)
+        queued = engine.generate("queued", chat(engine, "What is 2 + 2?"), GREEDY)
+        first = asyncio.create_task(anext(queued))
+        await wait_for(lambda: engine.stats().waiting == 1)
+        prompt_tokens = engine.stats().prompt_tokens_total
+        assert engine.abort("queued")
+        assert (await first).finish_reason == "cancelled"
+        await wait_for(lambda: engine.stats().waiting == 0)
+        await busy.aclose()
+        await wait_for(lambda: engine.stats().running == 0)
+        assert engine.stats().prompt_tokens_total == prompt_tokens
+    finally:
+        await engine.shutdown()

@@ -10,8 +10,10 @@ Pure logic over a ``decode(ids) -> str`` callable. Two things are held back:
   waits until the next token shows whether the stop string completes.
 
 When a stop string appears, the text is cut right before it and ``finish_reason`` is
-``"stop"``. Invariant: the concatenation of every delta returned by ``add`` and ``flush``
-is ``text``, the final output text.
+``"stop"``. When generation ends inside a character, its bytes are dropped. Invariant: the
+concatenation of every delta returned by ``add`` and ``flush`` is ``text``, the final
+output text, which is ``decode(ids)`` less a cut character at the end and anything from
+the stop string on.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Detokenizer:
     def flush(self) -> str:
         """The request ended for another reason: return everything still held back.
 
-        Bytes that never completed a character come out as U+FFFD, as a full decode would.
+        Bytes at the very end that never completed a character are dropped.
         """
         if self.finish_reason is None:
             self.text += self._decode_new(final=True)
@@ -62,7 +64,13 @@ class Detokenizer:
     def _decode_new(self, *, final: bool) -> str:
         shown = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
-        if len(full) <= len(shown) or (full.endswith(REPLACEMENT_CHAR) and not final):
+        if final:
+            # Generation ended inside a character (e.g. at max_tokens): drop the cut bytes
+            # rather than show U+FFFD.
+            full = full.rstrip(REPLACEMENT_CHAR)
+        elif full.endswith(REPLACEMENT_CHAR):
+            return ""
+        if len(full) <= len(shown):
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return full[len(shown) :]
