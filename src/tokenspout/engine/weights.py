@@ -49,7 +49,9 @@ class Weights:
             raise ModelLoadError(f"weights format {fmt!r} is not one of {FORMATS}")
         path = files.cache_dir() / f"weights-v{_CACHE_VERSION}-{fmt}.safetensors"
         if path.is_file():
-            return cls(load_file(path), fmt)
+            # Copy out of safetensors' buffers: they are only 8-byte aligned, and the int8
+            # matmul kernel crashes on some unaligned inputs; torch allocates 64-byte aligned.
+            return cls({name: t.clone() for name, t in load_file(path).items()}, fmt)
         start = time.perf_counter()
         _progress(f"converting {files.path.name} to {fmt} weights (first start only)...")
         if files.format == "gguf":
