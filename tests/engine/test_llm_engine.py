@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import ClassVar
 
 import pytest
@@ -348,13 +349,19 @@ async def test_real_streamed_text_has_no_broken_characters(
     assert text(outs) == full
 
 
-async def test_real_same_seed_same_text(real_engine: LLMEngine) -> None:
+async def test_real_same_seed_same_text(
+    real_engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bit-exact only for the same computation: a prompt whose prefix comes from the cache
+    # computes its last token alone, which rounds differently than a whole-prompt prefill.
+    monkeypatch.setattr(real_engine.scheduler.prefix_cache, "enabled", False)
     prompt = chat(real_engine, "Tell me a short story.")
     params = SamplingParams(temperature=1.0, max_tokens=16, seed=11)
-    first, second = await asyncio.gather(
-        collect(real_engine, "s1", prompt, params), collect(real_engine, "s2", prompt, params)
-    )
+    first = await collect(real_engine, "s1", prompt, params)
+    second = await collect(real_engine, "s2", prompt, params)
     assert text(first) == text(second)
+    other = await collect(real_engine, "s3", prompt, replace(params, seed=12))
+    assert text(other) != text(first)
 
 
 async def test_real_abort_while_running_frees_the_slot(real_engine: LLMEngine) -> None:

@@ -90,3 +90,13 @@ def test_releasing_a_free_slot_twice_is_a_bug() -> None:
     c = PrefixCache(1)
     with pytest.raises(AssertionError):
         c.release(0, ())
+
+
+def test_improve_copies_a_prefix_computed_since_admission_and_counts_the_hit() -> None:
+    c = PrefixCache(2, min_match_tokens=4)
+    c.allocate((*SYSTEM, 1), {})
+    got = c.allocate((*SYSTEM, 2), {0: ()})
+    assert got == SlotAssignment(1) and c.hits == 0
+    assert c.improve((*SYSTEM, 2), 1, 0, {0: SYSTEM}) == SlotAssignment(1, 40, copy_from=0)
+    assert c.hits == 1
+    assert c.improve((*SYSTEM, 2), 1, 40, {0: SYSTEM}) is None

@@ -190,3 +190,37 @@ def test_prefix_of_a_busy_slot_is_copied_into_a_free_slot() -> None:
     a, b = s.running["a"], s.running["b"]
     assert [(c.src, c.dst, c.num_tokens) for c in out.copies] == [(a.slot, b.slot, 29)]
     assert plan(out) == [("a", 30, 1), ("b", 29, 1)]
+
+
+def test_prompts_arriving_together_compute_their_shared_prefix_once() -> None:
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=100, num_slots=4, min_prefix_match=4)
+    system = tuple(range(40))
+    for name, tail in (("a", 900), ("b", 901), ("c", 902)):
+        s.add(Sequence(name, (*system, tail)))
+    first = run_step(s)
+    assert plan(first) == [("a", 0, 41)] and not first.copies
+    second = run_step(s)
+    a = s.running["a"]
+    assert [(c.src, c.dst, c.num_tokens) for c in second.copies] == [
+        (a.slot, s.running["b"].slot, 40),
+        (a.slot, s.running["c"].slot, 40),
+    ]
+    assert plan(second) == [("a", 41, 1), ("b", 40, 1), ("c", 40, 1)]
+    assert (s.prefix_cache.queries, s.prefix_cache.hits) == (3, 2)
+
+
+def test_an_unrelated_prompt_does_not_wait() -> None:
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=100, num_slots=4, min_prefix_match=4)
+    s.add(Sequence("a", tuple(range(40))))
+    s.add(Sequence("b", tuple(range(100, 120))))
+    assert plan(run_step(s)) == [("a", 0, 40), ("b", 0, 20)]
+
+
+def test_waiting_for_a_prefix_stops_when_the_older_prompt_is_aborted() -> None:
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=10, num_slots=4, min_prefix_match=4)
+    system = tuple(range(40))
+    s.add(Sequence("a", (*system, 1)))
+    s.add(Sequence("b", (*system, 2)))
+    assert plan(run_step(s)) == [("a", 0, 10)]
+    s.abort("a")
+    assert plan(run_step(s)) == [("b", 0, 10)]

@@ -11,6 +11,11 @@ Limits. A prompt of ``max_model_len`` tokens or more is refused (``PromptTooLong
 ``max_tokens`` is clamped so that prompt + output fits ``max_model_len``; a request that
 reaches the clamp finishes with ``"length"``, as when it reaches its own ``max_tokens``.
 
+Seeds. A request with a ``seed`` draws from its own generator, so its tokens do not depend
+on the other requests' draws. They are bit-exact only for the same computation, though: a
+prompt whose prefix came from the prefix cache, or a different batch, rounds the logits
+slightly differently, which can flip a sampled token near a probability boundary.
+
 Failures. If a step raises, every running request fails with ``EngineError`` (their KV may
 be half-written), waiting requests stay queued and the thread keeps serving.
 """

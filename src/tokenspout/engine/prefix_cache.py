@@ -10,6 +10,9 @@ between the new prompt and every slot's content:
   matched KV into it (``ModelRunner.copy_slot_prefix``);
 * no match: the sequence takes the free slot whose content was released longest ago.
 
+``improve`` lets a sequence that has not computed anything yet copy a longer prefix that a
+busy slot has computed since its admission (see ``Scheduler``).
+
 A match shorter than ``min_match_tokens`` is ignored: such a short prefix is not worth a
 copy, and counting it would call every chat request a hit (chat templates share their first
 few tokens). A **hit** is an allocation that reuses at least ``min_match_tokens`` tokens; the
@@ -93,6 +96,24 @@ class PrefixCache:
             self.hits += 1
             return SlotAssignment(slot, busy_len, copy_from=best_busy)
         return SlotAssignment(slot)
+
+    def improve(
+        self, prompt: Tokens[int], slot: int, num_cached: int, busy: Mapping[int, Tokens[int]]
+    ) -> SlotAssignment | None:
+        """A longer prefix of ``prompt`` than ``num_cached`` is now computed in a busy slot.
+
+        Called before a sequence computes anything itself, e.g. when requests sharing a
+        system prompt arrive together: the first computes it, the others copy it. Returns the
+        copy to make into ``slot``, or None. Turns the allocation's miss into a hit.
+        """
+        if not self.enabled:
+            return None
+        src, n = self._best(prompt, busy, len(prompt) - 1)
+        if src is None or n < self.min_match_tokens or n <= num_cached:
+            return None
+        if num_cached < self.min_match_tokens:
+            self.hits += 1
+        return SlotAssignment(slot, n, copy_from=src)
 
     def release(self, slot: int, computed: Tokens[int]) -> None:
         """Give ``slot`` back; ``computed`` are the tokens whose KV it now holds (may be empty)."""

@@ -8,7 +8,8 @@ tested with fake sequences. One ``schedule()`` call plans one step:
 2. every running sequence past its prompt decodes its last sampled token;
 3. prompts still to compute get chunks from a budget of ``max_prefill_tokens`` tokens per
    step, oldest first, so a long new prompt is spread over several steps while the running
-   streams keep decoding.
+   streams keep decoding. A prompt that shares a prefix with an older prompt still being
+   computed waits for it, then copies that prefix instead of computing it again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from tokenspout.engine.prefix_cache import PrefixCache
+from tokenspout.engine.prefix_cache import PrefixCache, common_prefix_len
 from tokenspout.engine.sequence import Sequence, SequenceStatus
 
 
@@ -133,6 +134,10 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.is_prefilling:
+                if seq.num_computed_tokens == seq.num_cached_tokens:
+                    if self._prefix_in_flight(seq):
+                        continue  # an older prompt is computing our prefix: copy it later
+                    copies.extend(self._late_copy(seq))
                 start = seq.num_computed_tokens
                 n = min(seq.num_prompt_tokens - start, budget)
                 ids = seq.prompt_token_ids[start : start + n]
@@ -149,9 +154,48 @@ class Scheduler:
                 chunk.seq.output_token_ids.append(next(tokens))
         assert next(tokens, None) is None, "more sampled tokens than sampling chunks"
 
-    def _busy_slots(self) -> dict[int, tuple[int, ...]]:
-        """Busy slot -> tokens whose KV it holds, for prefix matching on admission."""
-        return {s.slot: s.computed_token_ids for s in self.running.values() if s.slot is not None}
+    def _busy_slots(self, but: Sequence | None = None) -> dict[int, tuple[int, ...]]:
+        """Busy slot -> tokens whose KV it holds, for prefix matching."""
+        return {
+            s.slot: s.computed_token_ids
+            for s in self.running.values()
+            if s.slot is not None and s is not but
+        }
+
+    def _prefix_in_flight(self, seq: Sequence) -> bool:
+        """Is an older sequence still prefilling a prefix it shares with ``seq``?
+
+        Requests that share a system prompt often arrive together; the later ones wait for
+        the first to compute the shared part rather than compute it again each.
+        """
+        if not self.prefix_cache.enabled:
+            return False
+        for older in self.running.values():
+            if older is seq:
+                return False
+            if older.is_prefilling:
+                shared = min(
+                    common_prefix_len(seq.prompt_token_ids, older.prompt_token_ids),
+                    seq.num_prompt_tokens - 1,
+                )
+                if (
+                    shared >= self.prefix_cache.min_match_tokens
+                    and shared > seq.num_cached_tokens
+                    and older.num_computed_tokens < shared
+                ):
+                    return True
+        return False
+
+    def _late_copy(self, seq: Sequence) -> list[SlotCopy]:
+        """Copy a longer prefix computed since ``seq`` was admitted, if there is one."""
+        assert seq.slot is not None
+        got = self.prefix_cache.improve(
+            seq.prompt_token_ids, seq.slot, seq.num_cached_tokens, self._busy_slots(but=seq)
+        )
+        if got is None or got.copy_from is None:
+            return []
+        seq.num_computed_tokens = seq.num_cached_tokens = got.num_cached_tokens
+        return [SlotCopy(got.copy_from, seq.slot, got.num_cached_tokens)]
 
     def _admit(self) -> list[SlotCopy]:
         copies: list[SlotCopy] = []
