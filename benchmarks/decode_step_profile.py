@@ -1,0 +1,94 @@
+"""Decode-step time of ModelRunner per weight format and batch size, and where it goes.
+
+    .venv/bin/python benchmarks/decode_step_profile.py [--steps 40] [--context 128]
+
+Every slot first gets a ``--context``-token prompt; then a decode step for ``batch`` slots
+(each feeding one token at the next position) is timed ``--steps`` times, formats side by
+side in one run (the machine is shared: compare ratios, not absolute numbers). A
+``torch.profiler`` table of the top ops follows for the default format at batch 1 and 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+
+BATCHES = (1, 4, 16)
+FORMATS = ("int8", "bf16", "fp32")
+SEED = 0
+
+
+def decode_chunks(batch: int, context: int, step: int) -> list[SeqChunk]:
+    # Positions advance a little each step, as in real decoding; wrap to stay in the slot.
+    pos = context + step % 64
+    return [SeqChunk(slot, [100 + slot], pos) for slot in range(batch)]
+
+
+def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> float:
+    """Median wall time of one decode step, in ms."""
+    for step in range(3):  # warm-up
+        runner.forward(decode_chunks(batch, context, step))
+    times = []
+    for step in range(steps):
+        start = time.perf_counter()
+        runner.forward(decode_chunks(batch, context, step))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def profile_table(runner: ModelRunner, batch: int, context: int, rows: int = 12) -> str:
+    for step in range(3):
+        runner.forward(decode_chunks(batch, context, step))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for step in range(10):
+            runner.forward(decode_chunks(batch, context, step))
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(SEED)
+    max_len = args.context + 128
+    results: dict[str, dict[int, float]] = {}
+    runners: dict[str, ModelRunner] = {}
+    for fmt in FORMATS:
+        runner = ModelRunner(None, weights=fmt, num_slots=max(BATCHES), max_model_len=max_len)
+        prompt = list(range(1000, 1000 + args.context))
+        for slot in range(max(BATCHES)):
+            runner.forward([SeqChunk(slot, prompt, 0)])
+        runners[fmt] = runner
+    # Interleave formats per batch size so that noise from other jobs hits all of them alike.
+    for batch in BATCHES:
+        for fmt in FORMATS:
+            results.setdefault(fmt, {})[batch] = time_steps(
+                runners[fmt], batch, args.context, args.steps
+            )
+    print(
+        f"\nDecode step, context {args.context} tokens, median of {args.steps} steps, "
+        f"{torch.get_num_threads()} threads\n"
+    )
+    print("| weights | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
+    print("|---|" + "---|" * len(BATCHES))
+    for fmt in FORMATS:
+        cells = [
+            f"{results[fmt][b]:.1f} ms ({b / results[fmt][b] * 1e3:.0f} tok/s)" for b in BATCHES
+        ]
+        print(f"| {fmt} | " + " | ".join(cells) + " |")
+    if not args.no_profile:
+        for batch in (1, 16):
+            print(f"\nProfile: int8, batch {batch}, 10 steps\n")
+            print(profile_table(runners["int8"], batch, args.context))
+
+
+if __name__ == "__main__":
+    main()
