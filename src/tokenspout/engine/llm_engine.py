@@ -34,6 +34,7 @@ import torch
 
 from tokenspout.engine.detokenizer import Detokenizer
 from tokenspout.engine.interface import Engine, EngineStats
+from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.engine.sampler import Sampler, make_generator
@@ -87,7 +88,8 @@ class LLMEngine(Engine):
         self._model = model
         self._weights = weights
         self._num_threads = num_threads
-        self.model_id = model or "default"
+        # Resolving is cheap (no weights read) and gives the id before start(), or fails fast.
+        self.model_id = ModelFiles.resolve(model).model_id
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,
