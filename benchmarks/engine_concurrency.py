@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import os
 import platform
 import statistics
 import sys
@@ -167,6 +168,14 @@ async def bench(args: argparse.Namespace) -> str:
     ]
     for prefix_cache in modes:
         lines += await bench_mode(args, prefix_cache)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    lines += [
+        f"Load average at the end (1/5/15 min): {load}; the machine is shared, so compare the "
+        "ratios within one run. Most of a step is `ModelRunner.forward` (see the decode step "
+        "section); the engine adds sampling (about 1 ms for 1 row, 2-4 ms for 16) and "
+        "detokenization. The first burst after start pays the runner's one-time kernel set-up.",
+        "",
+    ]
     return "\n".join(lines)
 
 
