@@ -14,7 +14,12 @@ import torch
 from tokenspout.engine import llm_engine, sequence
 from tokenspout.engine.llm_engine import LLMEngine
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
+from tokenspout.errors import (
+    EngineError,
+    InvalidRequestError,
+    ModelLoadError,
+    PromptTooLongError,
+)
 
 EOS = 256
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
@@ -274,6 +279,18 @@ async def test_prefix_cache_reuses_a_shared_prompt_prefix(fake_engine: LLMEngine
     # Reused KV must give exactly what a cold computation gives.
     fake_engine.scheduler.prefix_cache.enabled = False
     assert text(await collect(fake_engine, "c", b, GREEDY)) == out_b
+
+
+async def test_a_load_failure_is_raised_by_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ModelLoadError("not a model")
+
+    monkeypatch.setattr(llm_engine, "ModelRunner", broken)
+    engine = LLMEngine()
+    with pytest.raises(ModelLoadError):
+        await engine.start()
+    with pytest.raises(EngineError):
+        await collect(engine, "r", Prompt((1, 2), "x"), GREEDY)
 
 
 async def test_shutdown_fails_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
