@@ -31,7 +31,22 @@ def make(max_num_seqs: int = 4, max_prefill_tokens: int = 100, num_slots: int = 
         max_prefill_tokens=max_prefill_tokens,
         num_slots=num_slots,
         prefix_cache=False,
+        # Chunking is tested on its own here; the isolation rule has its own test below.
+        isolate_last_prompt_token=False,
     )
+
+
+def test_last_prompt_token_gets_a_step_of_its_own_by_default() -> None:
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=8, num_slots=4, prefix_cache=False)
+    s.add(seq("a", 12))
+    s.add(seq("one", 1, first=100))
+    steps = [plan(run_step(s)) for _ in range(3)]
+    assert steps == [
+        [("a", 0, 8)],
+        [("a", 8, 3), ("one", 0, 1)],
+        [("one", 1, 1), ("a", 11, 1)],
+    ]
+    assert s.running["a"].output_token_ids == [7]
 
 
 def test_short_prompt_prefills_in_one_step_then_decodes() -> None:
@@ -168,7 +183,13 @@ def test_invalid_sizes_are_rejected() -> None:
 
 
 def test_repeated_prompt_reuses_the_cached_prefix() -> None:
-    s = Scheduler(max_num_seqs=2, max_prefill_tokens=100, num_slots=2, min_prefix_match=4)
+    s = Scheduler(
+        max_num_seqs=2,
+        max_prefill_tokens=100,
+        num_slots=2,
+        min_prefix_match=4,
+        isolate_last_prompt_token=False,
+    )
     prompt = tuple(range(50))
     s.add(Sequence("a", prompt))
     run_step(s)
@@ -181,7 +202,13 @@ def test_repeated_prompt_reuses_the_cached_prefix() -> None:
 
 
 def test_prefix_of_a_busy_slot_is_copied_into_a_free_slot() -> None:
-    s = Scheduler(max_num_seqs=2, max_prefill_tokens=100, num_slots=2, min_prefix_match=4)
+    s = Scheduler(
+        max_num_seqs=2,
+        max_prefill_tokens=100,
+        num_slots=2,
+        min_prefix_match=4,
+        isolate_last_prompt_token=False,
+    )
     prompt = tuple(range(30))
     s.add(Sequence("a", prompt))
     run_step(s)
@@ -193,7 +220,13 @@ def test_prefix_of_a_busy_slot_is_copied_into_a_free_slot() -> None:
 
 
 def test_prompts_arriving_together_compute_their_shared_prefix_once() -> None:
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=100, num_slots=4, min_prefix_match=4)
+    s = Scheduler(
+        max_num_seqs=4,
+        max_prefill_tokens=100,
+        num_slots=4,
+        min_prefix_match=4,
+        isolate_last_prompt_token=False,
+    )
     system = tuple(range(40))
     for name, tail in (("a", 900), ("b", 901), ("c", 902)):
         s.add(Sequence(name, (*system, tail)))
@@ -210,14 +243,26 @@ def test_prompts_arriving_together_compute_their_shared_prefix_once() -> None:
 
 
 def test_an_unrelated_prompt_does_not_wait() -> None:
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=100, num_slots=4, min_prefix_match=4)
+    s = Scheduler(
+        max_num_seqs=4,
+        max_prefill_tokens=100,
+        num_slots=4,
+        min_prefix_match=4,
+        isolate_last_prompt_token=False,
+    )
     s.add(Sequence("a", tuple(range(40))))
     s.add(Sequence("b", tuple(range(100, 120))))
     assert plan(run_step(s)) == [("a", 0, 40), ("b", 0, 20)]
 
 
 def test_waiting_for_a_prefix_stops_when_the_older_prompt_is_aborted() -> None:
-    s = Scheduler(max_num_seqs=4, max_prefill_tokens=10, num_slots=4, min_prefix_match=4)
+    s = Scheduler(
+        max_num_seqs=4,
+        max_prefill_tokens=10,
+        num_slots=4,
+        min_prefix_match=4,
+        isolate_last_prompt_token=False,
+    )
     system = tuple(range(40))
     s.add(Sequence("a", (*system, 1)))
     s.add(Sequence("b", (*system, 2)))

@@ -10,6 +10,12 @@ tested with fake sequences. One ``schedule()`` call plans one step:
    step, oldest first, so a long new prompt is spread over several steps while the running
    streams keep decoding. A prompt that shares a prefix with an older prompt still being
    computed waits for it, then copies that prefix instead of computing it again.
+
+With ``isolate_last_prompt_token`` (the default) the last prompt token gets a step of its
+own: a request whose whole prompt is in the prefix cache computes only that token, alone,
+so computing it alone on a cold start too gives the same first logits, and the same greedy
+answer, with or without a cache hit (the kernels' results depend on how many rows a step
+has, and a small model's logits are often nearly tied). It costs one step of TTFT.
 """
 
 from __future__ import annotations
@@ -71,11 +77,13 @@ class Scheduler:
         num_slots: int,
         prefix_cache: bool = True,
         min_prefix_match: int = 16,
+        isolate_last_prompt_token: bool = True,
     ):
         if max_num_seqs < 1 or max_prefill_tokens < 1 or num_slots < 1:
             raise ValueError("max_num_seqs, max_prefill_tokens and num_slots must be >= 1")
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
+        self.isolate_last_prompt_token = isolate_last_prompt_token
         self.prefix_cache = PrefixCache(
             num_slots, enabled=prefix_cache, min_match_tokens=min_prefix_match
         )
@@ -139,11 +147,17 @@ class Scheduler:
                         continue  # an older prompt is computing our prefix: copy it later
                     copies.extend(self._late_copy(seq))
                 start = seq.num_computed_tokens
-                n = min(seq.num_prompt_tokens - start, budget)
+                n = min(self._chunk_len(seq.num_prompt_tokens - start), budget)
                 ids = seq.prompt_token_ids[start : start + n]
                 chunks.append(ScheduledChunk(seq, ids, start, samples=start + n == seq.num_tokens))
                 budget -= n
         return SchedulerOutput(chunks, copies)
+
+    def _chunk_len(self, remaining: int) -> int:
+        """How many of a prompt's ``remaining`` tokens the next chunk may take."""
+        if self.isolate_last_prompt_token and remaining > 1:
+            return remaining - 1
+        return remaining
 
     def postprocess(self, out: SchedulerOutput, sampled: list[int]) -> None:
         """Record a finished step: ``sampled`` has one token per sampling chunk, in order."""
