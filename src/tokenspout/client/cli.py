@@ -82,6 +82,9 @@ def serve(
         typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_prompts: Annotated[
+        bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
+    ] = False,
 ) -> None:
     """Serve a model over HTTP (SSE, NDJSON) with an OpenAI-compatible API."""
     from tokenspout.engine.interface import Engine
@@ -90,6 +93,10 @@ def serve(
     from tokenspout.server.serve import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # One bare JSON object per line for the request log, so that log shippers parse it as is.
+    request_log = logging.getLogger("tokenspout.requests")
+    request_log.addHandler(logging.StreamHandler())
+    request_log.propagate = False
     try:
         config = ServerConfig(
             host=host,
@@ -112,6 +119,7 @@ def serve(
             api_key=api_key,
             model_aliases=tuple(served_model_name or ()),
             allowed_origins=tuple(allowed_origin or ()),
+            log_prompts=log_prompts,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

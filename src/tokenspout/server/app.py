@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from tokenspout.errors import (
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import openai_routes, seed_routes, system_routes, websocket_routes
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
 
 logger = logging.getLogger("tokenspout")
@@ -68,9 +70,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         state.ready = True
         label = "SYNTHETIC engine (not a language model)" if engine.synthetic else "model"
         logger.info("serving %s %s", label, engine.model_id)
+        lag_probe = asyncio.create_task(watch_loop_lag(state.metrics.event_loop_lag))
         try:
             yield
         finally:
+            lag_probe.cancel()
             state.ready = False
             state.streams.abort_all("shutdown")
             await engine.shutdown()

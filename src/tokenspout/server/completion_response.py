@@ -4,7 +4,6 @@ client leaves first (the same race as streaming, with nothing to send meanwhile)
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.metrics import Metrics
+from tokenspout.server.request_record import RequestRecord
 from tokenspout.streaming.stream import Stream, StreamEnd
 
 
@@ -30,6 +30,7 @@ class CompletionResponse(Response):
         *,
         endpoint: str,
         started_at: float,
+        prompt: str | None = None,
     ):
         # A Response subclass only so that FastAPI hands it over unchanged: the body is
         # produced in __call__, so Response.__init__ (which renders content) is not called.
@@ -37,9 +38,10 @@ class CompletionResponse(Response):
         self.status_code = 200
         self.background: BackgroundTask | None = None
         self.build = build
-        self.metrics = metrics
-        self.endpoint = endpoint
-        self.started_at = started_at
+        self.record = RequestRecord(
+            metrics, stream, endpoint=endpoint, transport="json", started_at=started_at,
+            prompt=prompt,
+        )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = DisconnectWatch()
@@ -53,7 +55,7 @@ class CompletionResponse(Response):
         finally:
             self.stream.detach("client_disconnect" if end is None else None)
         if end is None:
-            self.metrics.requests.labels(self.endpoint, "json", "client_disconnect").inc()
+            self.record.finish("client_disconnect")
             return
         if end.error is not None:
             status, body = end.error.status_code, error_body(end.error)
@@ -67,7 +69,4 @@ class CompletionResponse(Response):
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-        self.metrics.requests.labels(
-            self.endpoint, "json", "ok" if status == 200 else "error"
-        ).inc()
-        self.metrics.e2e.observe(time.monotonic() - self.started_at)
+        self.record.finish("ok" if status == 200 else "error")

@@ -45,6 +45,9 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     #: Extra names a request's ``model`` field may use for the served model.
     model_aliases: tuple[str, ...] = ()
+    #: Put each request's prompt in its ``tokenspout.requests`` log line (off: prompts are
+    #: user data).
+    log_prompts: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:

@@ -8,7 +8,6 @@ reason, which aborts a non-resumable stream at once. A send that does not comple
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import anyio
@@ -22,6 +21,7 @@ from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.metrics import Metrics
+from tokenspout.server.request_record import RequestRecord
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream, StreamEnd
 from tokenspout.streaming.stream_reader import Delta, Finished, Heartbeat, read_stream
@@ -66,6 +66,7 @@ class EventStreamResponse(Response):
         started_at: float,
         start: int = 0,
         opening: bool = True,
+        prompt: str | None = None,
     ):
         # A Response subclass only so that FastAPI hands it over unchanged: the body is
         # produced in __call__, so Response.__init__ (which renders content) is not called.
@@ -76,11 +77,17 @@ class EventStreamResponse(Response):
         self.framing = framing
         self.settings = settings
         self.metrics = metrics
-        self.endpoint = endpoint
-        self.started_at = started_at
         self.start = start
         self.opening = opening
-        self._first_text_sent = False
+        self.record = RequestRecord(
+            metrics,
+            stream,
+            endpoint=endpoint,
+            transport=framing.name,
+            started_at=started_at,
+            prompt=prompt,
+            resumed=not opening,
+        )
         self._complete = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -107,9 +114,7 @@ class EventStreamResponse(Response):
                 reason or ("client_disconnect" if not self.stream.finished else None)
             )
             self.metrics.streams_active.dec()
-            status = reason or self._status()
-            self.metrics.requests.labels(self.endpoint, self.framing.name, status).inc()
-            self.metrics.e2e.observe(time.monotonic() - self.started_at)
+            self.record.finish(reason or self._status())
 
     def _status(self) -> str:
         end = self.stream.end
@@ -149,7 +154,7 @@ class EventStreamResponse(Response):
             async for item in items:
                 if isinstance(item, Delta):
                     await self._send(send, self._event(self.chunks.delta(item.text), item.position))
-                    self._count_event(item)
+                    self.record.text_sent(item.num_tokens)
                 elif isinstance(item, Heartbeat):
                     await self._send(send, self.framing.heartbeat())
                 elif isinstance(item, Finished):
@@ -158,14 +163,6 @@ class EventStreamResponse(Response):
             await items.aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._complete = True
-
-    def _count_event(self, delta: Delta) -> None:
-        if not self._first_text_sent:
-            self._first_text_sent = True
-            if self.opening:  # a resumed reader's first text is not the stream's TTFT
-                self.metrics.ttft.observe(time.monotonic() - self.started_at)
-        self.metrics.stream_events.inc()
-        self.metrics.tokens_per_event.observe(delta.num_tokens)
 
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length

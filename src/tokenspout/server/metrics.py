@@ -14,6 +14,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
 )
@@ -30,6 +32,11 @@ ABORT_REASONS = ("client_disconnect", "cancelled", "send_timeout", "shutdown", "
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+# Gaps between events are short: finer at the low end, like vLLM's inter-token buckets.
+_GAP_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
 )  # fmt: skip
 
 
@@ -73,6 +80,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         r.register(_EngineCollector(engine))
+        # process_* (CPU, RSS, open fds) and python_info, as every Prometheus exporter has.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         info = Gauge(
             "tokenspout_engine_info",
             'The served engine; engine="synthetic" marks the synthetic load-test engine.',
@@ -99,6 +109,24 @@ class Metrics:
             "tokenspout_time_to_first_token_seconds",
             "Request start to the first text sent to the client.",
             buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "tokenspout_inter_token_latency_seconds",
+            "Gap between consecutive text events of a stream as sent to the client.",
+            buckets=_GAP_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "tokenspout_request_queue_time_seconds",
+            "Stream opened to the engine's first output (queue wait plus prefill: the engine "
+            "interface reports no earlier point).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_loop_lag = Gauge(
+            "tokenspout_event_loop_lag_seconds",
+            "How late the last periodic event-loop probe woke up.",
             registry=r,
         )
         self.e2e = Histogram(

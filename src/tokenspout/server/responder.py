@@ -57,8 +57,11 @@ def respond(
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
     stream = open_stream(state, generation)
+    prompt = generation.prompt.text if state.config.log_prompts else None
     if streaming:
-        return follow(state, request, stream, generation.options, started_at=started_at)
+        return follow(
+            state, request, stream, generation.options, started_at=started_at, prompt=prompt
+        )
     chunks = chunk_format(state, stream)
     assert isinstance(chunks, ChatChunks | CompletionChunks)
 
@@ -69,7 +72,7 @@ def respond(
         )
 
     return CompletionResponse(
-        stream, build, state.metrics, endpoint=stream.kind, started_at=started_at
+        stream, build, state.metrics, endpoint=stream.kind, started_at=started_at, prompt=prompt
     )
 
 
@@ -82,6 +85,7 @@ def follow(
     start: int = 0,
     opening: bool = True,
     started_at: float | None = None,
+    prompt: str | None = None,
 ) -> EventStreamResponse:
     """Stream ``stream`` from ``start`` in its own format (a new stream or a resumed one)."""
     return EventStreamResponse(
@@ -94,4 +98,5 @@ def follow(
         started_at=time.monotonic() if started_at is None else started_at,
         start=start,
         opening=opening,
+        prompt=prompt,
     )

@@ -37,6 +37,8 @@ class ServerState:
         )
 
     def _stream_ended(self, stream: Stream) -> None:
+        if stream.first_output_at is not None:
+            self.metrics.queue_time.observe(stream.first_output_at - stream.opened_at)
         end = stream.end
         reason = stream.abort_reason
         if reason is None and end is not None and end.error is not None:

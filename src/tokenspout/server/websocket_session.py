@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 
 import anyio
 from pydantic import BaseModel
@@ -23,8 +24,9 @@ from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.generation_request import open_stream, prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import validate
+from tokenspout.server.request_record import RequestRecord
 from tokenspout.server.responder import stream_settings
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest
+from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream
@@ -37,6 +39,14 @@ _NO_HEARTBEAT_S = 365 * 24 * 3600.0
 
 class _SendTimeout(Exception):
     pass
+
+
+@dataclass
+class _Opened:
+    stream: Stream
+    options: StreamOptions
+    #: For the request log, only with ``--log-prompts``.
+    prompt: str | None
 
 
 class WebSocketSession:
@@ -96,15 +106,16 @@ class WebSocketSession:
             err = InvalidRequestError(f"a stream with id {message.id!r} is already running")
             await self._send(wsm.error(message.id, err))
             return
+        started = time.monotonic()
         try:
-            stream, options = self._open(message)
+            opened = self._open(message)
         except TokenspoutError as err:
             await self._send(wsm.error(message.id, err))
             return
-        self._streams[message.id] = stream
-        self._tasks[message.id] = asyncio.create_task(self._follow(message.id, stream, options))
+        self._streams[message.id] = opened.stream
+        self._tasks[message.id] = asyncio.create_task(self._follow(message.id, opened, started))
 
-    def _open(self, message: wsm.Generate) -> tuple[Stream, object]:
+    def _open(self, message: wsm.Generate) -> _Opened:
         body: BaseModel
         if message.is_chat:
             body = validate(ChatCompletionRequest, message.body)
@@ -112,7 +123,8 @@ class WebSocketSession:
         else:
             body = validate(CompletionRequest, message.body)
             generation = prepare_completion(self.state, body)
-        return open_stream(self.state, generation), generation.options
+        prompt = generation.prompt.text if self.state.config.log_prompts else None
+        return _Opened(open_stream(self.state, generation), generation.options, prompt)
 
     async def _cancel(self, client_id: str) -> None:
         stream = self._streams.get(client_id)
@@ -124,24 +136,23 @@ class WebSocketSession:
         self._cancelled.add(client_id)
         stream.cancel()
 
-    async def _follow(self, client_id: str, stream: Stream, options: object) -> None:
-        settings = stream_settings(self.state, options)  # type: ignore[arg-type]
+    async def _follow(self, client_id: str, opened: _Opened, started: float) -> None:
+        stream = opened.stream
+        settings = stream_settings(self.state, opened.options)
         metrics = self.state.metrics
         policy = FlushPolicy(settings.flush_tokens, settings.flush_ms)
-        started = time.monotonic()
+        record = RequestRecord(
+            metrics, stream, endpoint=stream.kind, transport="ws", started_at=started,
+            prompt=opened.prompt,
+        )  # fmt: skip
         status = "incomplete"
         stream.attach()
         metrics.streams_active.inc()
         try:
-            first = True
             async for item in read_stream(stream, policy, heartbeat_s=_NO_HEARTBEAT_S):
                 if isinstance(item, Delta) and client_id not in self._cancelled:
                     await self._send(wsm.delta(client_id, item.text))
-                    if first:
-                        metrics.ttft.observe(time.monotonic() - started)
-                        first = False
-                    metrics.stream_events.inc()
-                    metrics.tokens_per_event.observe(item.num_tokens)
+                    record.text_sent(item.num_tokens)
                 elif isinstance(item, Finished):
                     end = item.end
                     if end.error is not None:
@@ -163,8 +174,7 @@ class WebSocketSession:
             )
             stream.detach(detach_reason)
             metrics.streams_active.dec()
-            metrics.requests.labels(stream.kind, "ws", status).inc()
-            metrics.e2e.observe(time.monotonic() - started)
+            record.finish(status)
             self._tasks.pop(client_id, None)
             self._streams.pop(client_id, None)
             self._cancelled.discard(client_id)

@@ -1,0 +1,134 @@
+"""``/metrics`` and the request log against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry, Gauge
+from websockets.asyncio.client import connect
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.server.loop_lag import watch_loop_lag
+
+PER_TOKEN = {"flush_tokens": 1, "flush_ms": 0}
+
+
+def chat(server: RunningServer, text: str, max_tokens: int, **extra: object) -> httpx.Response:
+    body = {"messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **extra}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+
+
+def test_stream_histograms_and_counters(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(ttft_ms=30, itl_ms=5), **PER_TOKEN)
+    r = chat(server, "one two", 10, stream=True)
+    assert r.status_code == 200
+    # The request is counted just after its last byte went out.
+    labels = 'endpoint="chat",status="ok",transport="sse"'
+    server.wait_metric("tokenspout_requests_total", 1, labels=labels)
+    assert server.metric("tokenspout_time_to_first_token_seconds_count") == 1
+    assert server.metric("tokenspout_time_to_first_token_seconds_sum") >= 0.03
+    # Ten tokens, one event each: nine gaps, ~5 ms apiece.
+    assert server.metric("tokenspout_inter_token_latency_seconds_count") == 9
+    itl_sum = server.metric("tokenspout_inter_token_latency_seconds_sum")
+    assert 9 * 0.003 < itl_sum < 9 * 0.05
+    assert server.metric("tokenspout_stream_events_total") == 10
+    assert server.metric("tokenspout_request_queue_time_seconds_count") == 1
+    assert server.metric("tokenspout_e2e_request_latency_seconds_count") == 1
+    assert server.metric("tokenspout_stream_resumes_total") == 0
+
+
+def test_queue_time_counts_the_wait_for_a_slot(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10, max_num_seqs=1))
+    threads = [threading.Thread(target=chat, args=(server, "w", 20)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert server.metric("tokenspout_request_queue_time_seconds_count") == 2
+    # The second request waited for most of the first one's 20 tokens (~190 ms).
+    assert server.metric("tokenspout_request_queue_time_seconds_sum") >= 0.1
+    assert (
+        server.metric("tokenspout_requests_total", 'endpoint="chat",status="ok",transport="json"')
+        == 2
+    )
+
+
+async def test_websocket_streams_are_measured_alike(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), **PER_TOKEN)
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ws") as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "a", "prompt": "x", "max_tokens": 6}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] != "done":
+            pass
+    labels = 'endpoint="completion",status="ok",transport="ws"'
+    await asyncio.to_thread(server.wait_metric, "tokenspout_requests_total", 1, 5.0, labels)
+    assert server.metric("tokenspout_inter_token_latency_seconds_count") == 5
+    assert server.metric("tokenspout_time_to_first_token_seconds_count") == 1
+
+
+def test_process_and_loop_metrics_are_exported(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server()
+    time.sleep(0.6)  # one probe of the loop-lag task
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "python_info"):
+        assert name in text
+    assert 0 <= server.metric("tokenspout_event_loop_lag_seconds") < 0.5
+
+
+async def test_loop_lag_sees_a_blocked_loop() -> None:
+    gauge = Gauge("lag", "test", registry=CollectorRegistry())
+    probe = asyncio.create_task(watch_loop_lag(gauge, interval_s=0.05))
+    await asyncio.sleep(0.01)
+    time.sleep(0.2)  # noqa: ASYNC251 - blocks the loop, as a CPU-bound handler would
+    await asyncio.sleep(0.01)  # the probe wakes ~0.15 s late and reports it
+    probe.cancel()
+    assert gauge._value.get() >= 0.1
+
+
+def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "tokenspout.requests"]
+
+
+def test_one_log_line_per_request_without_the_prompt(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=1))
+    with caplog.at_level(logging.INFO, logger="tokenspout.requests"):
+        chat(server, "secret words", 4, stream=True)
+        chat(server, "secret words", 3)
+        time.sleep(0.1)  # the record is written after the last byte is sent
+    streamed, whole = request_lines(caplog)
+    assert streamed["transport"] == "sse" and whole["transport"] == "json"
+    assert streamed["endpoint"] == "chat" and streamed["status"] == "ok"
+    assert streamed["finish_reason"] == "length"
+    assert (streamed["prompt_tokens"], streamed["completion_tokens"]) == (2, 4)
+    assert streamed["ttft_ms"] > 0 and streamed["duration_ms"] >= streamed["ttft_ms"]
+    assert whole["ttft_ms"] is None and whole["completion_tokens"] == 3
+    assert all("secret" not in json.dumps(line) for line in (streamed, whole))
+
+
+def test_log_prompts_puts_the_prompt_in_the_line(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(), log_prompts=True)
+    with caplog.at_level(logging.INFO, logger="tokenspout.requests"):
+        chat(server, "visible words", 2, stream=True)
+        time.sleep(0.1)
+    (line,) = request_lines(caplog)
+    assert "visible words" in line["prompt"]
+
+
+def test_a_client_that_leaves_is_logged_as_such(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
+    body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}
+    with caplog.at_level(logging.INFO, logger="tokenspout.requests"):
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+            next(r.iter_lines())
+        server.wait_metric("tokenspout_requests_running", 0)
+        time.sleep(0.1)
+    (line,) = request_lines(caplog)
+    assert line["status"] == "client_disconnect"
+    # Logged as the client leaves: the stream had not ended yet.
+    assert line["finish_reason"] is None and line["events"] >= 1
