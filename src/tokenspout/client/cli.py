@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import replace
 from enum import StrEnum
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from tokenspout.client.chunk_reader import StreamError
+
+if TYPE_CHECKING:
+    from tokenspout.client.bench import BenchConfig, LevelResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 err_console = Console(stderr=True)
@@ -184,6 +189,92 @@ def complete(
     ttft = f"{result.ttft_s * 1000:.0f} ms" if result.ttft_s is not None else "-"
     total = f"{result.total_s:.2f} s" if result.total_s is not None else "-"
     err_console.print(f"[dim]TTFT {ttft} · total {total} · finish {result.finish_reason}[/]")
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="Server URL (ours, vLLM, llama.cpp, Ollama /v1).")] = (
+        "http://127.0.0.1:8000"
+    ),
+    endpoint: Annotated[str, typer.Option(help="chat, completions or seed.")] = "chat",
+    protocol: Annotated[str, typer.Option(help="sse, ndjson or ws (our /v1/ws).")] = "sse",
+    concurrency: Annotated[str, typer.Option(help="Requests in flight; 1,4,16 sweeps.")] = "1",
+    num_prompts: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 128,
+    request_rate: Annotated[
+        float, typer.Option(help="Poisson requests/s (seeded); inf sends all at once.")
+    ] = float("inf"),
+    seed: Annotated[int, typer.Option(help="Seed of the arrival process.")] = 0,
+    goodput: Annotated[
+        str | None, typer.Option(help="SLOs for goodput, e.g. ttft:500,tpot:50,e2el:5000 (ms).")
+    ] = None,
+    prompt: Annotated[str, typer.Option(help="The prompt of every request.")] = (
+        "Write a long story about a dragon and a knight."
+    ),
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
+    ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly max_tokens.")] = False,
+    model: Annotated[str | None, typer.Option(help="Model (default: first of /v1/models).")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TOKENSPOUT_API_KEY")] = None,
+    timeout_s: Annotated[float, typer.Option(help="Limit for one request.")] = 600.0,
+    json_path: Annotated[
+        Path | None, typer.Option("--json", help="Write every figure to this file.")
+    ] = None,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write latency plots to this PNG.")
+    ] = None,
+) -> None:
+    """Load-test a streaming server: TTFT, TPOT, ITL, E2EL, throughput and goodput."""
+    import asyncio
+
+    from tokenspout.client import bench_report
+    from tokenspout.client.bench import BenchConfig, BenchEndpoint, BenchProtocol, discover_model
+    from tokenspout.client.bench_metrics import parse_goodput
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+        if not levels or min(levels) < 1:
+            raise ValueError("--concurrency: give positive integers, e.g. 1,4,16")
+        slos = parse_goodput(goodput)
+        config = BenchConfig(
+            url=url, endpoint=BenchEndpoint(endpoint), protocol=BenchProtocol(protocol),
+            num_prompts=num_prompts, max_tokens=max_tokens, request_rate=request_rate,
+            seed=seed, prompt=prompt, temperature=temperature, ignore_eos=ignore_eos,
+            model=model, api_key=api_key, timeout_s=timeout_s,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if config.model is None and config.endpoint is not BenchEndpoint.seed:
+        config = replace(config, model=asyncio.run(discover_model(config)))
+    levels_done = _run_with_progress(config, levels, slos)
+    Console().print(bench_report.table(levels_done))
+    if json_path is not None:
+        bench_report.write_json(json_path, config, levels_done)
+    if plot_path is not None:
+        from tokenspout.client.bench_plot import plot
+
+        plot(levels_done, plot_path)
+    if any(level.summary["failed"] for level in levels_done):
+        for level in levels_done:
+            for error in level.summary.get("errors", ()):
+                err_console.print(f"[red]failed:[/] {error}")
+        raise typer.Exit(1)
+
+
+def _run_with_progress(
+    config: BenchConfig, levels: list[int], slos: dict[str, float]
+) -> list[LevelResult]:
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from tokenspout.client.bench import run_sweep
+
+    columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
+        tasks = {c: progress.add_task(f"concurrency {c}", total=config.num_prompts) for c in levels}
+        return asyncio.run(
+            run_sweep(config, levels, slos, on_done=lambda c, _r: progress.advance(tasks[c]))
+        )
 
 
 def main() -> None:

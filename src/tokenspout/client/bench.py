@@ -1,0 +1,280 @@
+"""The load generator behind ``tokenspout bench``.
+
+Sends ``num_prompts`` streamed requests to an OpenAI-compatible server (ours, vLLM,
+llama.cpp, Ollama's ``/v1``) over SSE, or to ours over NDJSON or ``/v1/ws``, at most
+``concurrency`` at a time, all at once or as a seeded Poisson process, and times every
+output-carrying chunk on the client's clock. The statistics are in ``bench_metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+
+from tokenspout.client.bench_metrics import RequestResult, summarize
+from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
+
+
+class BenchEndpoint(StrEnum):
+    chat = "chat"
+    completions = "completions"
+    #: The seed article's ``/v1/completions/stream`` (``{"token": ...}`` events, no usage).
+    seed = "seed"
+
+
+class BenchProtocol(StrEnum):
+    sse = "sse"
+    ndjson = "ndjson"
+    #: tokenspout's ``/v1/ws``.
+    ws = "ws"
+
+
+_PATHS = {
+    BenchEndpoint.chat: "/v1/chat/completions",
+    BenchEndpoint.completions: "/v1/completions",
+    BenchEndpoint.seed: "/v1/completions/stream",
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark's settings; ``concurrency`` is given per run."""
+
+    url: str = "http://127.0.0.1:8000"
+    endpoint: BenchEndpoint = BenchEndpoint.chat
+    protocol: BenchProtocol = BenchProtocol.sse
+    num_prompts: int = 16
+    max_tokens: int = 128
+    #: Requests per second of a Poisson process; ``inf`` sends them all at once.
+    request_rate: float = float("inf")
+    seed: int = 0
+    prompt: str = "Write a long story about a dragon and a knight."
+    temperature: float = 0.8
+    ignore_eos: bool = False
+    model: str | None = None
+    api_key: str | None = None
+    #: Limit for one request, start to end.
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        # Plain strings ("ws") are accepted and stored as the enums (ValueError otherwise).
+        object.__setattr__(self, "endpoint", BenchEndpoint(self.endpoint))
+        object.__setattr__(self, "protocol", BenchProtocol(self.protocol))
+        if self.num_prompts < 1 or self.max_tokens < 1:
+            raise ValueError("num_prompts and max_tokens must be >= 1")
+        if self.request_rate <= 0:
+            raise ValueError("request_rate must be > 0 (inf: all at once)")
+        if self.protocol is BenchProtocol.ws and self.endpoint is BenchEndpoint.seed:
+            raise ValueError("the seed endpoint is HTTP only: use --protocol sse or ndjson")
+
+    @property
+    def base_url(self) -> str:
+        """The server root: a trailing ``/v1`` (Ollama's documented base URL) is dropped."""
+        url = self.url.rstrip("/")
+        return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def request_body(config: BenchConfig) -> dict[str, Any]:
+    """The JSON of one request (the same for every request of a run)."""
+    body: dict[str, Any] = {"max_tokens": config.max_tokens, "temperature": config.temperature}
+    if config.model is not None:
+        body["model"] = config.model
+    if config.endpoint is BenchEndpoint.chat:
+        body["messages"] = [{"role": "user", "content": config.prompt}]
+    else:
+        body["prompt"] = config.prompt
+    if config.endpoint is not BenchEndpoint.seed:
+        body["stream"] = True
+        # The server's own token count; servers that ignore it leave us counting chunks.
+        body["stream_options"] = {"include_usage": True}
+        if config.ignore_eos:
+            body["ignore_eos"] = True  # vLLM / llama.cpp / tokenspout extension
+    return body
+
+
+class _Recorder:
+    """Times one request's output chunks into a ``RequestResult``."""
+
+    def __init__(self) -> None:
+        self.result = RequestResult()
+        self.chunks = 0
+        self.usage_tokens: int | None = None
+        self._start = time.perf_counter()
+        self._last: float | None = None
+
+    def output(self) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self.result.ttft = now - self._start
+        else:
+            self.result.itl.append(now - self._last)
+        self._last = now
+        self.result.e2el = now - self._start
+        self.chunks += 1
+
+    def finish(self) -> RequestResult:
+        self.result.success = True
+        self.result.output_tokens = (
+            self.usage_tokens if self.usage_tokens is not None else self.chunks
+        )
+        return self.result
+
+
+async def _payloads(response: httpx.Response, sse: bool) -> AsyncIterator[str]:
+    """The data of each event: SSE ``data:`` fields, or NDJSON lines."""
+    async for line in response.aiter_lines():
+        if sse:
+            if line.startswith("data:"):
+                # WHATWG SSE: one optional space after the colon belongs to the framing.
+                yield line[6:] if line.startswith("data: ") else line[5:]
+        elif line.strip():
+            yield line
+
+
+async def _http_request(
+    client: httpx.AsyncClient, config: BenchConfig, body: dict[str, Any]
+) -> RequestResult:
+    sse = config.protocol is BenchProtocol.sse
+    accept = "text/event-stream" if sse else "application/x-ndjson"
+    rec = _Recorder()
+    state = StreamResult()
+    async with client.stream(
+        "POST", _PATHS[config.endpoint], json=body, headers={"Accept": accept}
+    ) as response:
+        if response.status_code >= 400:
+            text = (await response.aread()).decode("utf-8", "replace")
+            raise StreamError(f"HTTP {response.status_code}: {text[:200]}")
+        async for data in _payloads(response, sse):
+            if read_event(state, data):
+                rec.output()
+    if state.usage and "completion_tokens" in state.usage:
+        rec.usage_tokens = int(state.usage["completion_tokens"])
+    return rec.finish()
+
+
+def _ws_url(config: BenchConfig) -> str:
+    parts = urlsplit(config.base_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return urlunsplit((scheme, parts.netloc, parts.path + "/v1/ws", "", ""))
+
+
+async def _ws_request(config: BenchConfig, body: dict[str, Any], request_id: str) -> RequestResult:
+    from websockets.asyncio.client import connect
+
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
+    message = {"type": "generate", "id": request_id, **body}
+    message.pop("stream", None)
+    message.pop("stream_options", None)
+    rec = _Recorder()
+    async with connect(_ws_url(config), additional_headers=headers, max_size=None) as ws:
+        await ws.send(json.dumps(message))
+        async for raw in ws:
+            msg = json.loads(raw)
+            kind = msg.get("type")
+            if kind == "delta" and msg.get("text"):
+                rec.output()
+            elif kind == "done":
+                usage = msg.get("usage") or {}
+                if "completion_tokens" in usage:
+                    rec.usage_tokens = int(usage["completion_tokens"])
+                return rec.finish()
+            elif kind == "error":
+                raise StreamError((msg.get("error") or {}).get("message", "stream error"))
+    raise StreamError("the WebSocket closed before the stream was done")
+
+
+def _arrival_delays(config: BenchConfig) -> list[float]:
+    """Seconds to wait before each request is sent: a seeded Poisson process (exponential
+    gaps), or zeros when all are sent at once."""
+    if config.request_rate == float("inf"):
+        return [0.0] * config.num_prompts
+    rng = random.Random(config.seed)
+    return [rng.expovariate(config.request_rate) for _ in range(config.num_prompts)]
+
+
+@dataclass
+class LevelResult:
+    """One concurrency level: the figures, and the raw per-request results (for plots)."""
+
+    concurrency: int
+    summary: dict[str, Any]
+    results: list[RequestResult]
+
+
+async def run_level(
+    config: BenchConfig,
+    concurrency: int,
+    slos: dict[str, float] | None = None,
+    on_done: Callable[[RequestResult], None] | None = None,
+) -> LevelResult:
+    """Send every request of ``config`` with at most ``concurrency`` in flight."""
+    body = request_body(config)
+    slots = asyncio.Semaphore(concurrency)
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    timeout = httpx.Timeout(config.timeout_s, connect=30.0)
+
+    async with httpx.AsyncClient(
+        base_url=config.base_url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
+
+        async def one(index: int) -> RequestResult:
+            async with slots:
+                try:
+                    if config.protocol is BenchProtocol.ws:
+                        call = _ws_request(config, body, f"bench-{index}")
+                    else:
+                        call = _http_request(client, config, body)
+                    result = await asyncio.wait_for(call, config.timeout_s)
+                except Exception as exc:  # a failed request is a figure, not a crash
+                    result = RequestResult(error=f"{type(exc).__name__}: {exc}"[:300])
+            if on_done is not None:
+                on_done(result)
+            return result
+
+        tasks: list[asyncio.Task[RequestResult]] = []
+        started = time.perf_counter()
+        for index, delay in enumerate(_arrival_delays(config)):
+            if delay:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(index)))
+        results = list(await asyncio.gather(*tasks))
+        duration = time.perf_counter() - started
+    summary = {"concurrency": concurrency, **summarize(results, duration, slos)}
+    return LevelResult(concurrency, summary, results)
+
+
+async def discover_model(config: BenchConfig) -> str | None:
+    """The first model ``GET /v1/models`` lists (vLLM and Ollama need one in the body);
+    None when the server does not say."""
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    try:
+        async with httpx.AsyncClient(base_url=config.base_url, headers=headers) as client:
+            response = await client.get("/v1/models", timeout=10.0)
+            return str(response.json()["data"][0]["id"])
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+async def run_sweep(
+    config: BenchConfig,
+    concurrencies: list[int],
+    slos: dict[str, float] | None = None,
+    on_done: Callable[[int, RequestResult], None] | None = None,
+) -> list[LevelResult]:
+    """One run per concurrency level, in order; ``on_done(concurrency, result)`` after
+    every request (the progress bar)."""
+    levels = []
+    for concurrency in concurrencies:
+        callback = None if on_done is None else (lambda r, c=concurrency: on_done(c, r))
+        levels.append(await run_level(config, concurrency, slos, callback))
+    return levels

@@ -1,0 +1,46 @@
+"""``tokenspout bench --plot``: latency distributions per concurrency, and the sweep."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenspout.client.bench import LevelResult
+
+
+def plot(levels: Sequence[LevelResult], path: Path) -> None:
+    """Write a PNG: histograms of TTFT, ITL and E2EL (one colour per concurrency), and
+    median TTFT and output tok/s against concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a server
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    series = {
+        "TTFT (ms)": lambda lv: [r.ttft for r in lv.results if r.success and r.ttft is not None],
+        "ITL (ms)": lambda lv: [g for r in lv.results if r.success for g in r.itl],
+        "E2EL (ms)": lambda lv: [r.e2el for r in lv.results if r.success and r.e2el is not None],
+    }
+    for ax, (title, values_of) in zip(axes.flat, series.items(), strict=False):
+        for level in levels:
+            values = [v * 1000.0 for v in values_of(level)]
+            if values:
+                ax.hist(values, bins=40, alpha=0.5, label=f"concurrency {level.concurrency}")
+        ax.set_title(title)
+        ax.set_ylabel("requests" if title != "ITL (ms)" else "gaps")
+        ax.legend(fontsize="small")
+
+    sweep = axes.flat[3]
+    xs = [level.concurrency for level in levels]
+    sweep.plot(xs, [lv.summary["output_throughput"] for lv in levels], "o-", color="tab:blue")
+    sweep.set_xlabel("concurrency")
+    sweep.set_ylabel("output tok/s", color="tab:blue")
+    sweep.set_xscale("log", base=2)
+    ttft = sweep.twinx()
+    ttft.plot(xs, [lv.summary["median_ttft_ms"] for lv in levels], "s--", color="tab:red")
+    ttft.set_ylabel("median TTFT (ms)", color="tab:red")
+    sweep.set_title("concurrency sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,107 @@
+"""``tokenspout bench`` end to end against a synthetic server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer
+from tokenspout.client.bench import BenchConfig, BenchProtocol, run_level
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+
+def bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tokenspout.client.cli", "bench", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def slow_server(start_server: Callable[..., RunningServer]) -> RunningServer:
+    return start_server(SyntheticEngine(ttft_ms=100, itl_ms=10))
+
+
+def test_bench_measures_the_synthetic_ttft(slow_server: RunningServer, tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    plot = tmp_path / "plot.png"
+    run = bench(
+        "--url", slow_server.url, "--concurrency", "8", "--num-prompts", "16",
+        "--max-tokens", "40", "--json", str(out), "--plot", str(plot),
+        "--goodput", "ttft:5000,tpot:1000",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "median TTFT (ms)" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["completed"] == 16 and data["failed"] == 0 and data["concurrency"] == 8
+    assert 80 <= data["median_ttft_ms"] <= 250
+    # The server's usage count, not the (coalesced) event count.
+    assert data["total_output_tokens"] == 16 * 40
+    assert 8 <= data["median_tpot_ms"] <= 20
+    # Default coalescing sends ~5 tokens per event, so the gap between chunks is ~50 ms.
+    assert 30 <= data["median_itl_ms"] <= 80
+    assert data["median_e2el_ms"] >= data["median_ttft_ms"] + 39 * 8
+    assert data["request_goodput"] == pytest.approx(data["request_throughput"])
+    assert plot.stat().st_size > 10_000
+
+
+def test_sweep_writes_one_entry_per_concurrency(slow_server: RunningServer, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    run = bench(
+        "--url", slow_server.url + "/v1", "--concurrency", "1,4", "--num-prompts", "4",
+        "--max-tokens", "5", "--endpoint", "completions", "--protocol", "ndjson",
+        "--json", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert [d["concurrency"] for d in data] == [1, 4]
+    assert all(d["completed"] == 4 and d["total_output_tokens"] == 20 for d in data)
+    assert all(d["protocol"] == "ndjson" and d["model"] == "synthetic" for d in data)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "protocol"), [("chat", "ws"), ("completions", "ws"), ("seed", "sse")]
+)
+def test_other_transports(
+    endpoint: str, protocol: str, start_server: Callable[..., RunningServer]
+) -> None:
+    server = start_server(SyntheticEngine(itl_ms=2), flush_tokens=1, flush_ms=0)
+    config = BenchConfig(
+        url=server.url, endpoint=endpoint, protocol=protocol,  # type: ignore[arg-type]
+        num_prompts=6, max_tokens=7, prompt="a b c",
+    )  # fmt: skip
+    level = asyncio.run(run_level(config, 3))
+    assert level.summary["completed"] == 6, level.summary.get("errors")
+    # One token per event here, so the seed's chunk count is the token count too.
+    assert level.summary["total_output_tokens"] == 42
+    assert all(len(r.itl) == 6 for r in level.results)
+
+
+def test_poisson_arrivals_spread_the_requests(start_server: Callable[..., RunningServer]) -> None:
+    server = start_server(SyntheticEngine())
+    config = BenchConfig(url=server.url, num_prompts=10, max_tokens=2, request_rate=50.0, seed=1)
+    level = asyncio.run(run_level(config, 10))
+    assert level.summary["completed"] == 10
+    # Ten exponential gaps of mean 20 ms: the run cannot end at once.
+    assert level.summary["duration_s"] > 0.05
+
+
+def test_failures_are_reported(start_server: Callable[..., RunningServer], tmp_path: Path) -> None:
+    server = start_server(SyntheticEngine(), api_key="secret")
+    out = tmp_path / "f.json"
+    run = bench("--url", server.url, "--num-prompts", "2", "--max-tokens", "2", "--json", str(out))
+    assert run.returncode == 1
+    assert "HTTP 401" in run.stderr
+    assert json.loads(out.read_text())["failed"] == 2
+    ok = BenchConfig(url=server.url, num_prompts=2, max_tokens=2, api_key="secret")
+    assert asyncio.run(run_level(ok, 2)).summary["completed"] == 2
+    ws = BenchConfig(
+        url=server.url, num_prompts=1, max_tokens=2, api_key="secret", protocol=BenchProtocol.ws
+    )
+    assert asyncio.run(run_level(ws, 1)).summary["completed"] == 1
