@@ -84,7 +84,7 @@ class LLMEngine(Engine):
         num_threads: int | None = None,
     ):
         if max_num_seqs < 1 or max_prefill_tokens < 1 or max_model_len < 2:
-            raise ValueError("max_num_seqs, max_prefill_tokens >= 1 and max_model_len >= 2")
+            raise ValueError("max_num_seqs and max_prefill_tokens must be >= 1, max_model_len >= 2")
         self._model = model
         self._weights = weights
         self._num_threads = num_threads
