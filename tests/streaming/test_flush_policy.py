@@ -103,3 +103,26 @@ def test_many_pending_tokens_merge_into_one_event() -> None:
 def test_rejects_bad_settings(tokens: int, ms: float) -> None:
     with pytest.raises(ValueError):
         FlushPolicy(tokens, ms)
+
+
+@pytest.mark.parametrize(
+    ("flush_tokens", "added", "sent_any", "expected"),
+    [
+        (5, [], False, 1),  # the first visible text is due at once
+        (5, [("a", 1)], False, 1),
+        (5, [], True, 1),  # the next token starts the flush_ms clock
+        (5, [("a", 1), ("b", 2)], True, 2),  # then only the tokens that fill the batch
+        (5, [("", 7)], True, 1),  # tokens without visible text yet
+        (1, [], True, 1),
+    ],
+)
+def test_tokens_until_due(
+    flush_tokens: int, added: list[tuple[str, int]], sent_any: bool, expected: int
+) -> None:
+    policy = FlushPolicy(flush_tokens, 50.0)
+    if sent_any:
+        policy.add("x", 1, 0.0)
+        policy.take()
+    for text, tokens in added:
+        policy.add(text, tokens, 0.0)
+    assert policy.tokens_until_due() == expected

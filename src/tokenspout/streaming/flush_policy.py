@@ -49,6 +49,15 @@ class FlushPolicy:
         assert self._oldest is not None
         return (now - self._oldest) * 1000.0 >= self.flush_ms
 
+    def tokens_until_due(self) -> int:
+        """How many more tokens make the pending text due by count (at least 1): a reader
+        need not look before then unless the deadline comes first. With nothing pending
+        it is 1: the first pending token starts the ``flush_ms`` clock, and before the first
+        event any text is due at once."""
+        if not self._text or not self._sent_any:
+            return 1
+        return max(1, self.flush_tokens - self._tokens)
+
     def deadline(self) -> float | None:
         """When pending text becomes due by time alone; None if nothing visible is pending."""
         if not self._text or self._oldest is None:

@@ -74,7 +74,9 @@ class Stream:
         self._max_unread_bytes = max_unread_bytes
         self._readers = 0
         self._grace: asyncio.TimerHandle | None = None
-        self._changed = asyncio.Event()
+        #: Tokens produced so far, and the readers waiting for a token count (or any change).
+        self._tokens = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._space = asyncio.Event()
         self._space.set()
         self._on_end = on_end
@@ -110,9 +112,17 @@ class Stream:
         """All buffered text (the whole output for a stream nobody has consumed)."""
         return "".join(c.text for c in self._buffer.read(self._buffer.start))
 
-    def changed(self) -> asyncio.Event:
-        """An event set at the next change (new chunk or end); take it before checking state."""
-        return self._changed
+    def changed(self, tokens_ahead: int = 1) -> asyncio.Future[None]:
+        """A future done once ``tokens_ahead`` more tokens exist, or earlier at text without
+        tokens, at the end, or at an abort. A coalescing reader asks for the tokens that make
+        its next event due, so it is not woken for every token (at 400 streams those wake-ups
+        were most of the server's CPU). Take it right after reading the state, with no await
+        in between."""
+        future = asyncio.get_running_loop().create_future()
+        # Waiters whose reader timed out are dropped here and at each wake.
+        self._waiters = [w for w in self._waiters if not w[1].done()]
+        self._waiters.append((self._tokens + tokens_ahead, future))
+        return future
 
     def consumed(self, pos: int, nbytes: int) -> None:
         """A reader delivered everything before ``pos`` (``nbytes`` characters of text):
@@ -177,22 +187,36 @@ class Stream:
 
     # -- producing ---------------------------------------------------------------------
 
-    def _append(self, out: EngineOutput) -> None:
+    def _append(self, out: EngineOutput) -> bool:
+        """Buffer one output; True if it woke a reader."""
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
         if out.text or out.num_tokens:
             self._buffer.append(Chunk(out.text, out.num_tokens))
+            self._tokens += out.num_tokens
             # Resumable streams are bounded by their store instead: they keep generating
             # while no reader is attached.
             if not self.resumable:
                 self._unread_bytes += len(out.text)
                 if self._unread_bytes > self._max_unread_bytes:
                     self._space.clear()
-        self._notify()
+        # An output without tokens (rare) wakes every reader, as any other change does.
+        return self._notify(self._tokens if out.num_tokens else None)
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _notify(self, tokens: int | None = None) -> bool:
+        """Wake the readers waiting for ``tokens`` or fewer (all of them when None); True if
+        any was woken."""
+        woken, waiting = False, []
+        for target, future in self._waiters:
+            if future.done():
+                continue
+            if tokens is None or target <= tokens:
+                future.set_result(None)
+                woken = True
+            else:
+                waiting.append((target, future))
+        self._waiters = waiting
+        return woken
 
     def _ended(self, finish_reason: str | None, completion_tokens: int) -> None:
         err = self._failure
@@ -204,11 +228,14 @@ class Stream:
         try:
             async for out in generator:
                 last = out
-                self._append(out)
+                woken = self._append(out)
                 # Backpressure: a reader that cannot keep up holds the engine, not our memory.
-                await self._space.wait()
-                # Let readers see each output on its own (one event per token when asked).
-                await asyncio.sleep(0)
+                if not self._space.is_set():  # the common case skips a coroutine per token
+                    await self._space.wait()
+                if woken:
+                    # Let the woken reader see this output on its own (one event per token
+                    # when asked) before the engine's next one, even from a fast engine.
+                    await asyncio.sleep(0)
             if last is None or last.finish_reason is None:
                 raise EngineError("the engine ended the stream without a finish reason")
             self.end = StreamEnd(last.finish_reason, last.prompt_tokens, last.completion_tokens)

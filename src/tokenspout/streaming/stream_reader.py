@@ -47,7 +47,6 @@ async def read_stream(
     pos = start
     last_sent = loop.time()
     while True:
-        changed = stream.changed()
         now = loop.time()
         chunks = stream.chunks_from(pos)
         for chunk in chunks:
@@ -73,8 +72,10 @@ async def read_stream(
             continue
         flush_at = policy.deadline()
         deadline = heartbeat_at if flush_at is None else min(heartbeat_at, flush_at)
+        # Not woken for every token: only for the ones that make the next event due.
+        changed = stream.changed(policy.tokens_until_due())
         try:
             async with asyncio.timeout_at(deadline):
-                await changed.wait()
+                await changed
         except TimeoutError:
             pass
