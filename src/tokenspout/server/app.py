@@ -22,7 +22,14 @@ from tokenspout.errors import (
     TokenspoutError,
 )
 from tokenspout.protocols.openai_errors import error_body
-from tokenspout.server import openai_routes, seed_routes, system_routes, websocket_routes
+from tokenspout.server import (
+    openai_routes,
+    seed_routes,
+    system_routes,
+    telemetry_routes,
+    web_routes,
+    websocket_routes,
+)
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
@@ -86,6 +93,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(openai_routes.router)
     app.include_router(seed_routes.router)
     app.include_router(websocket_routes.router)
+    app.include_router(telemetry_routes.router)
+    app.include_router(web_routes.router)
     if state.config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

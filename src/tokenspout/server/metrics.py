@@ -28,6 +28,8 @@ from tokenspout.engine.interface import Engine
 disable_created_metrics()
 
 ABORT_REASONS = ("client_disconnect", "cancelled", "send_timeout", "shutdown", "error")
+#: The ``transport`` label of client telemetry (a fixed set: it comes from browsers).
+CLIENT_TRANSPORTS = ("sse", "eventsource", "websocket", "buffered")
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
@@ -151,6 +153,39 @@ class Metrics:
         self.resumes = Counter(
             "tokenspout_stream_resumes",
             "Streams resumed by a reconnecting client (Last-Event-ID or GET /v1/streams/{id}).",
+            registry=r,
+        )
+
+        self._add_client_metrics()
+
+    def _add_client_metrics(self) -> None:
+        """What pages measured and reported to ``POST /v1/telemetry``, by transport."""
+        r = self.registry
+        self.client_ttft = Histogram(
+            "tokenspout_client_ttft_seconds",
+            "Browser: request sent to the first text received (network TTFT).",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_first_paint = Histogram(
+            "tokenspout_client_first_paint_seconds",
+            "Browser: request sent to the first text painted on screen.",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_complete = Histogram(
+            "tokenspout_client_complete_seconds",
+            "Browser: request sent to the whole answer received.",
+            ["transport"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_long_frames = Counter(
+            "tokenspout_client_long_frames",
+            "Browser: animation frames longer than 50 ms while an answer was arriving.",
+            ["transport"],
             registry=r,
         )
 

@@ -1,0 +1,56 @@
+"""``POST /v1/telemetry``: what a page measured for one answer (never its text), recorded in
+the server's ``tokenspout_client_*`` metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tokenspout.server.auth import require_api_key
+from tokenspout.server.metrics import CLIENT_TRANSPORTS
+from tokenspout.server.request_parsing import parse_body
+from tokenspout.server.server_state import state_of
+
+router = APIRouter(dependencies=[Depends(require_api_key)])
+
+# A report is a few small numbers; anything larger is not one.
+_MAX_BODY_BYTES = 1024
+# An hour: longer than any answer, short enough to keep a bad clock out of the histograms.
+Millis = Annotated[float, Field(ge=0.0, le=3_600_000.0, allow_inf_nan=False)]
+
+
+class ClientTelemetry(BaseModel):
+    """Times in milliseconds since the page sent the request."""
+
+    # forbid: a report that carries anything else (a prompt, an answer) is refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    transport: str
+    ttft_ms: Millis
+    first_paint_ms: Millis
+    complete_ms: Millis
+    long_frames: Annotated[StrictInt, Field(ge=0, le=1_000_000)]
+
+    @field_validator("transport")
+    @classmethod
+    def _known_transport(cls, value: str) -> str:
+        # A fixed set: the value becomes a metric label.
+        if value not in CLIENT_TRANSPORTS:
+            raise ValueError(f"must be one of {', '.join(CLIENT_TRANSPORTS)}")
+        return value
+
+
+@router.post("/v1/telemetry")
+async def telemetry(request: Request) -> Response:
+    state = state_of(request)
+    report = await parse_body(request, ClientTelemetry, _MAX_BODY_BYTES)
+    metrics = state.metrics
+    metrics.client_ttft.labels(report.transport).observe(report.ttft_ms / 1000)
+    metrics.client_first_paint.labels(report.transport).observe(report.first_paint_ms / 1000)
+    metrics.client_complete.labels(report.transport).observe(report.complete_ms / 1000)
+    metrics.client_long_frames.labels(report.transport).inc(report.long_frames)
+    return Response(status_code=204)

@@ -1,0 +1,264 @@
+// The chat page: sends a prompt, renders the answer as it streams, measures what the
+// person sees (network TTFT, first paint, rate, total) and reports it to /v1/telemetry.
+//
+// Model text only ever reaches the page through Text nodes (textContent / appendData),
+// never innerHTML: a model that writes <img onerror=...> shows those characters.
+
+import { complete, reportTelemetry, stream } from "/static/tokenspout.js";
+
+const $ = (id) => document.getElementById(id);
+// A frame this much longer than 1/60 s is one the person may see as a stutter.
+const LONG_FRAME_MS = 50;
+// The telemetry label of each transport ("sse" as in the server's own request metrics).
+const TELEMETRY_LABEL = { fetch: "sse", eventsource: "eventsource", websocket: "websocket" };
+const TRANSPORT_NAME = { fetch: "SSE (fetch)", eventsource: "EventSource", websocket: "WebSocket" };
+
+/** Appends text to one Text node at most once per animation frame. */
+class FrameRenderer {
+  constructor(element) {
+    this.node = document.createTextNode("");
+    element.append(this.node);
+    this.pending = "";
+    this.frame = 0;
+    this.firstPaint = null; // performance.now() just after the first text was painted
+  }
+
+  push(text) {
+    this.pending += text;
+    if (this.frame === 0) this.frame = requestAnimationFrame(() => this.#flush());
+  }
+
+  #flush() {
+    this.frame = 0;
+    if (this.pending === "") return;
+    this.node.appendData(this.pending);
+    this.pending = "";
+    // rAF callbacks run before the frame's paint; a task queued now runs after it.
+    if (this.firstPaint === null) setTimeout(() => (this.firstPaint ??= performance.now()));
+  }
+
+  /** Resolves once pending text is appended and painted. */
+  drain() {
+    return new Promise((resolve) => {
+      requestAnimationFrame(() => {
+        if (this.frame !== 0) cancelAnimationFrame(this.frame);
+        this.#flush();
+        setTimeout(resolve);
+      });
+    });
+  }
+}
+
+/** Counts long frames while an answer is on its way (a rAF loop, stopped at the end). */
+class FrameMonitor {
+  constructor() {
+    this.longFrames = 0;
+    this.running = true;
+    this.last = performance.now();
+    requestAnimationFrame((t) => this.#tick(t));
+  }
+
+  #tick(now) {
+    if (!this.running) return;
+    if (now - this.last > LONG_FRAME_MS) this.longFrames++;
+    this.last = now;
+    requestAnimationFrame((t) => this.#tick(t));
+  }
+
+  stop() {
+    this.running = false;
+    return this.longFrames;
+  }
+}
+
+/** One answer column: its text, status line and stats panel. */
+class AnswerView {
+  constructor(container, label, kind) {
+    const node = $("answer-template").content.firstElementChild.cloneNode(true);
+    node.dataset.kind = kind;
+    node.querySelector(".label").textContent = label;
+    container.append(node);
+    this.node = node;
+    this.renderer = new FrameRenderer(node.querySelector(".text"));
+    this.status("waiting for the first token…");
+  }
+
+  status(text) {
+    this.node.querySelector(".status").textContent = text;
+  }
+
+  stat(name, text) {
+    this.node.querySelector(`[data-stat="${name}"]`).textContent = text;
+  }
+
+  /** Fill the panel; times are ms since the request started. */
+  showTimes({ ttft, paint, total, rate, unit }) {
+    const ms = (v) => (v == null ? "–" : `${Math.round(v)} ms`);
+    this.stat("ttft", ms(ttft));
+    this.stat("paint", ms(paint));
+    this.stat("total", ms(total));
+    this.stat("rate-unit", unit);
+    this.stat("rate", rate == null ? "–" : rate.toFixed(1));
+  }
+}
+
+const history = []; // chat messages so far
+const running = new Set(); // Generations and AbortControllers that Stop acts on
+let apiKey = null;
+
+function settings() {
+  const number = (id) => (($(id).value === "") ? null : Number($(id).value));
+  return {
+    transport: $("transport").value,
+    flushTokens: number("flush-tokens"),
+    flushMs: number("flush-ms"),
+    maxTokens: number("max-tokens"),
+    temperature: number("temperature"),
+    compare: $("compare").checked,
+    apiKey,
+  };
+}
+
+/** Report what the person saw (never the text) to the server's client_* metrics. */
+function sendTelemetry(transport, t) {
+  if (t.ttft == null || t.paint == null) return;
+  const report = {
+    transport,
+    ttft_ms: t.ttft,
+    first_paint_ms: t.paint,
+    complete_ms: t.total,
+    long_frames: t.longFrames,
+  };
+  reportTelemetry(report, { apiKey });
+}
+
+async function streamAnswer(view, request) {
+  const monitor = new FrameMonitor();
+  const gen = stream(request);
+  running.add(gen);
+  let error = null;
+  try {
+    for await (const text of gen) {
+      if (gen.events === 1) view.status("streaming…");
+      view.renderer.push(text);
+    }
+  } catch (err) {
+    error = err;
+  } finally {
+    running.delete(gen);
+  }
+  await view.renderer.drain();
+  const start = gen.marks.start;
+  const end = gen.marks.end ?? performance.now();
+  const tokens = gen.usage?.completion_tokens;
+  const streamed = end - (gen.marks.firstText ?? end);
+  const amount = tokens ?? gen.chars;
+  const times = {
+    ttft: gen.marks.firstText && gen.marks.firstText - start,
+    paint: view.renderer.firstPaint && view.renderer.firstPaint - start,
+    total: end - start,
+    rate: streamed > 0 ? (amount * 1000) / streamed : null,
+    unit: tokens == null ? "chars/s" : "tokens/s",
+    longFrames: monitor.stop(),
+  };
+  view.showTimes(times);
+  view.status(error ? `error: ${error.message}` : `done (${gen.finishReason ?? "end of stream"})`);
+  sendTelemetry(TELEMETRY_LABEL[request.transport], times);
+  return view.renderer.node.data;
+}
+
+async function bufferedAnswer(view, request) {
+  const monitor = new FrameMonitor();
+  const abort = new AbortController();
+  running.add(abort);
+  const start = performance.now();
+  view.status("waiting for the whole answer…");
+  let text = "";
+  try {
+    // EventSource streams a bare prompt: the buffered twin asks the same way.
+    const asPrompt = request.transport === "eventsource";
+    const answer = await complete({ ...request, asPrompt, signal: abort.signal });
+    text = answer.text;
+    const arrived = performance.now();
+    view.renderer.push(text);
+    await view.renderer.drain();
+    const times = {
+      ttft: arrived - start,
+      paint: view.renderer.firstPaint - start,
+      total: arrived - start,
+      rate: null,
+      unit: "tokens/s",
+      longFrames: monitor.stop(),
+    };
+    view.showTimes(times);
+    view.status("done");
+    sendTelemetry("buffered", times);
+  } catch (err) {
+    monitor.stop();
+    view.status(`error: ${err.message}`);
+  } finally {
+    running.delete(abort);
+  }
+  return text;
+}
+
+async function ask(prompt) {
+  const s = settings();
+  const turn = $("turn-template").content.firstElementChild.cloneNode(true);
+  turn.querySelector(".user").textContent = prompt;
+  $("log").append(turn);
+  const answers = turn.querySelector(".answers");
+  history.push({ role: "user", content: prompt });
+  const request = { ...s, messages: [...history] };
+  const jobs = [];
+  if (s.compare) {
+    answers.classList.add("compare");
+    jobs.push(bufferedAnswer(new AnswerView(answers, "Buffered (stream: false)", "buffered"), request));
+  }
+  const streamed = streamAnswer(new AnswerView(answers, `Streamed · ${TRANSPORT_NAME[s.transport]}`, "streamed"), request);
+  jobs.push(streamed);
+  turn.scrollIntoView({ block: "end" });
+  await Promise.allSettled(jobs);
+  history.push({ role: "assistant", content: await streamed });
+}
+
+function stopAll() {
+  // Generations cancel on the server; a buffered request can only be abandoned.
+  for (const job of running) {
+    if (job instanceof AbortController) job.abort();
+    else job.stop();
+  }
+}
+
+async function showEngine() {
+  const health = await (await fetch("/health")).json();
+  $("model").textContent = health.model;
+  $("synthetic").hidden = health.engine !== "synthetic";
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+$("composer").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const prompt = $("prompt").value.trim();
+  if (prompt === "" || $("send").disabled) return;
+  $("prompt").value = "";
+  setBusy(true);
+  try {
+    await ask(prompt);
+  } finally {
+    setBusy(false);
+  }
+});
+$("prompt").addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+$("stop").addEventListener("click", stopAll);
+$("api-key").addEventListener("change", () => (apiKey = $("api-key").value || null));
+showEngine().catch(() => ($("model").textContent = "server unreachable"));
