@@ -23,6 +23,9 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) -e '.[dev]'
+	# Browser tests drive Debian's Chromium (Playwright's own browser downloads are not used).
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium) \
+		|| echo "WARNING: chromium could not be installed: the browser tests will be SKIPPED"
 	touch $@
 
 run: install
