@@ -1,0 +1,230 @@
+"""The page at ``/`` in headless Chromium against the synthetic engine: text grows in many
+frames, Stop stops the server, markup from the model stays text, telemetry reaches
+/metrics, and an EventSource cut mid-stream resumes without losing or repeating text."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+pytestmark = pytest.mark.browser
+
+STREAMED = '[data-kind="streamed"] .text'
+MARKUP = '<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>'
+
+# Runs in the page for `ms`: the answer's length at every animation frame, the number of
+# frames, and how many times the answer's DOM changed (for "one update per frame").
+SAMPLE_GROWTH = """([selector, ms]) => new Promise((resolve) => {
+  const lengths = [];
+  let frames = 0, mutations = 0;
+  const observer = new MutationObserver((records) => (mutations += records.length));
+  observer.observe(document.getElementById("log"),
+                   { characterData: true, childList: true, subtree: true });
+  const t0 = performance.now();
+  const tick = () => {
+    frames++;
+    const el = document.querySelector(selector);
+    const n = el ? el.textContent.length : 0;
+    if (lengths.at(-1) !== n) lengths.push(n);
+    if (performance.now() - t0 < ms) requestAnimationFrame(tick);
+    else { observer.disconnect(); resolve({ lengths, frames, mutations }); }
+  };
+  requestAnimationFrame(tick);
+})"""
+
+
+@pytest.fixture
+def open_page(browser) -> Iterator[Callable[..., object]]:  # type: ignore[no-untyped-def]
+    """``open_page(server, transport=..., max_tokens=..., compare=...)`` → a Playwright Page
+    on the server's ``/`` with those settings."""
+    pages = []
+
+    def factory(server: RunningServer, transport: str = "fetch", **settings: object):  # type: ignore[no-untyped-def]
+        page = browser.new_page()
+        pages.append(page)
+        page.goto(server.url)
+        page.select_option("#transport", transport)
+        if "max_tokens" in settings:
+            page.fill("#max-tokens", str(settings["max_tokens"]))
+        if settings.get("compare"):
+            page.check("#compare")
+        return page
+
+    yield factory
+    for page in pages:
+        page.close()
+
+
+def send(page, prompt: str) -> None:  # type: ignore[no-untyped-def]
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+
+
+def wait_idle(page, timeout_ms: float = 15_000) -> None:  # type: ignore[no-untyped-def]
+    page.wait_for_selector("#send:not([disabled])", timeout=timeout_ms)
+
+
+def test_text_grows_in_many_frames_one_update_each(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, max_tokens=200)
+    assert page.locator("#synthetic").is_visible(), "the SYNTHETIC banner is shown"
+    send(page, "one two three four five six seven eight")
+    sample = page.evaluate(SAMPLE_GROWTH, [STREAMED, 2000])
+    lengths = sample["lengths"]
+    assert lengths == sorted(lengths), "text only grows"
+    assert len(lengths) - 1 >= 5, f"visible growth steps in 2 s: {lengths}"
+    # Each frame appends to one Text node at most once (plus the page building the turn).
+    assert sample["mutations"] <= sample["frames"] + 10, sample
+    assert page.evaluate(f"document.querySelector('{STREAMED}').childNodes.length") == 1
+
+
+@pytest.mark.parametrize("transport", ["fetch", "eventsource", "websocket"])
+def test_stop_stops_generation_on_the_server(start_server, open_page, transport: str) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, transport, max_tokens=4000)
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    assert server.metric("tokenspout_requests_running") == 1
+    page.click("#stop")
+    server.wait_metric("tokenspout_requests_running", 0, timeout=3)
+    # Cancelled by the server's cancel path: not a dropped connection (a resumable
+    # EventSource stream would outlive one).
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
+    wait_idle(page)
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+
+
+def test_markup_from_the_model_is_shown_as_text(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=2))
+    page = open_page(server, max_tokens=8, compare=True)
+    send(page, MARKUP)
+    wait_idle(page)
+    page.wait_for_timeout(200)  # an onerror would fire by now
+    assert page.evaluate("window.__pwned") is None
+    assert page.locator(".answer img, .answer script, .user img").count() == 0
+    for kind in ("streamed", "buffered"):
+        text = page.locator(f'[data-kind="{kind}"] .text').text_content()
+        assert text.startswith(MARKUP), (kind, text)
+
+
+def test_telemetry_reaches_metrics(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=2))
+    page = open_page(server, "websocket", max_tokens=20, compare=True)
+    send(page, "measure me")
+    wait_idle(page)
+    for transport in ("websocket", "buffered"):
+        label = f'transport="{transport}"'
+        server.wait_metric("tokenspout_client_ttft_seconds_count", 1, labels=label)
+        assert server.metric("tokenspout_client_first_paint_seconds_count", label) == 1
+        assert server.metric("tokenspout_client_complete_seconds_count", label) == 1
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "measure" not in metrics, "no prompt text in telemetry"
+
+
+class CuttingProxy:
+    """A TCP relay in front of the server that drops the first EventSource stream after
+    ``cut_after`` response bytes (mid-event), as a flaky network would."""
+
+    def __init__(self, target_port: int, cut_after: int):
+        self.target_port = target_port
+        self.cut_after = cut_after
+        self.cuts = 0
+        self._armed = False
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            cut = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, cut), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, upstream, cut), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket, cut: threading.Event) -> None:
+        while data := _recv(client):
+            with self._lock:
+                first_stream = b"GET /v1/completions/stream?" in data and not self._armed
+                if first_stream and b"last-event-id" not in data.lower():
+                    self._armed = True
+                    cut.set()
+            upstream.sendall(data)
+        _close(upstream)
+
+    def _down(self, client: socket.socket, upstream: socket.socket, cut: threading.Event) -> None:
+        sent = 0
+        while data := _recv(upstream):
+            if cut.is_set() and sent + len(data) > self.cut_after:
+                client.sendall(data[: self.cut_after - sent])
+                self.cuts += 1
+                break
+            sent += len(data) if cut.is_set() else 0
+            client.sendall(data)
+        _close(client)
+        _close(upstream)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def seed_text(server: RunningServer, prompt: str, max_tokens: int) -> str:
+    """The same answer read straight from the server (the synthetic engine is deterministic)."""
+    params = {"prompt": prompt, "max_tokens": max_tokens, "flush_tokens": 1}
+    tokens = []
+    with httpx.stream("GET", f"{server.url}/v1/completions/stream", params=params) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                tokens.append(json.loads(line[6:])["token"])
+    return "".join(tokens)
+
+
+def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=10))
+    prompt, max_tokens = "alpha beta gamma delta épsilon 日本", 150
+    proxy = CuttingProxy(server.port, cut_after=700)
+    page = browser.new_page()
+    try:
+        page.goto(proxy.url)
+        page.select_option("#transport", "eventsource")
+        page.fill("#max-tokens", str(max_tokens))
+        send(page, prompt)
+        # The browser waits its reconnection delay (about 3 s) before resuming.
+        wait_idle(page, timeout_ms=20_000)
+        shown = page.locator(STREAMED).text_content()
+        status = page.locator('[data-kind="streamed"] .status').text_content()
+    finally:
+        page.close()
+        proxy.close()
+    assert proxy.cuts == 1, "the stream was cut"
+    assert "error" not in status, status
+    assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
+    assert server.metric("tokenspout_generation_tokens_total") == max_tokens
+    assert shown == seed_text(server, prompt, max_tokens)
