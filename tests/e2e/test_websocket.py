@@ -10,7 +10,9 @@ import socket
 import struct
 import time
 
+import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
@@ -141,3 +143,19 @@ def test_stuck_websocket_reader_hits_send_timeout(start_server) -> None:  # type
         assert server.metric("tokenspout_generation_tokens_total") < 1000
     finally:
         sock.close()
+
+
+async def test_api_key_by_header_or_query(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(), api_key="k3y")
+    for url, headers in (
+        (ws_url(server) + "?api_key=k3y", None),
+        (ws_url(server), {"Authorization": "Bearer k3y"}),
+    ):
+        async with connect(url, additional_headers=headers) as ws:
+            await ws.send(generate("a", "ok", 1))
+            assert json.loads(await ws.recv())["text"] == "ok "
+    # Refused at the handshake, before any message is read.
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(ws_url(server) + "?api_key=wrong"):
+            pass
+    assert info.value.response.status_code == 403
