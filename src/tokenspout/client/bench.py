@@ -270,11 +270,14 @@ async def run_sweep(
     concurrencies: list[int],
     slos: dict[str, float] | None = None,
     on_done: Callable[[int, RequestResult], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> list[LevelResult]:
-    """One run per concurrency level, in order; ``on_done(concurrency, result)`` after
-    every request (the progress bar)."""
+    """One run per concurrency level, in order; ``on_start(concurrency)`` before a level
+    and ``on_done(concurrency, result)`` after every request (the progress bar)."""
     levels = []
     for concurrency in concurrencies:
+        if on_start is not None:
+            on_start(concurrency)
         callback = None if on_done is None else (lambda r, c=concurrency: on_done(c, r))
         levels.append(await run_level(config, concurrency, slos, callback))
     return levels

@@ -271,10 +271,19 @@ def _run_with_progress(
 
     columns = (*Progress.get_default_columns()[:1], BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=err_console) as progress:
-        tasks = {c: progress.add_task(f"concurrency {c}", total=config.num_prompts) for c in levels}
-        return asyncio.run(
-            run_sweep(config, levels, slos, on_done=lambda c, _r: progress.advance(tasks[c]))
+        # Each bar's clock starts with its level, not with the whole sweep.
+        tasks = {
+            c: progress.add_task(f"concurrency {c}", total=config.num_prompts, start=False)
+            for c in levels
+        }
+        sweep = run_sweep(
+            config,
+            levels,
+            slos,
+            on_done=lambda c, _r: progress.advance(tasks[c]),
+            on_start=lambda c: progress.start_task(tasks[c]),
         )
+        return asyncio.run(sweep)
 
 
 def main() -> None:
