@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,10 @@ def tokenspout_serve(port: int, *args: str) -> list[str]:
             "--log-level", "warning", *args]  # fmt: skip
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 class ServerProcess:
     """A server command run as a subprocess until the ``with`` block ends; ``ready`` once
     ``GET /health`` answers 200. The child gets a high open-file limit before it starts."""
@@ -52,6 +57,9 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         nofile = self.nofile
+        # `timeout` ends a benchmark with SIGTERM: exit through the `with` blocks so that the
+        # server is stopped instead of left running.
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         self.proc = subprocess.Popen(
             self.cmd,
             stdout=subprocess.DEVNULL,
