@@ -1,16 +1,19 @@
 """The one async interface every token producer implements.
 
 The server only ever talks to an ``Engine``: it builds a ``Prompt`` (which may raise
-``InvalidRequestError``), calls ``generate`` and iterates. The engine never knows about HTTP.
+``InvalidRequestError``) and ``submit``s it with a sink (a ``Stream``). The engine never knows
+about HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
+from tokenspout.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -25,17 +28,26 @@ class EngineStats:
     prefix_cache_hits_total: int = 0
 
 
+#: Receives a request's outputs on the event-loop thread, in order; the last one has a
+#: ``finish_reason``, or is an ``EngineError``.
+OutputSink = Callable[[EngineOutput | EngineError], None]
+
+
 class Engine(ABC):
     """A token producer.
 
-    Contract for ``generate``:
-    * it yields ``EngineOutput`` items and ends right after the one with ``finish_reason``;
-    * closing the iterator early (``aclose()``, or cancelling the task that iterates it)
-      aborts the request: it leaves the running batch at the next step, or the queue without
-      ever being prefilled, and its slot is freed;
-    * ``abort(request_id)`` from anywhere makes the iterator yield a final output with
+    Engines push: ``submit`` starts a request and every output goes to its sink on the event
+    loop, with no task switch per token (at thousands of streams, waking one task per token
+    per stream was most of the server's CPU). ``generate`` is the pull-style view over it.
+
+    * ``submit`` raises ``InvalidRequestError``/``EngineError`` at once for a request that
+      cannot start; afterwards outputs arrive until one has ``finish_reason`` set, or an
+      ``EngineError`` ends the request;
+    * ``abort(request_id)`` makes the request leave the running batch at the next step, or
+      the queue without ever being prefilled, frees its slot, and pushes a final output with
       ``finish_reason="cancelled"``;
-    * a failure inside the engine raises ``EngineError`` from the iterator.
+    * ``pause``/``resume`` are backpressure hints: a consumer that cannot keep up asks the
+      engine to hold a request's tokens; engines that cannot hold one request ignore them.
     """
 
     #: Served model id (``GET /v1/models``).
@@ -60,15 +72,42 @@ class Engine(ABC):
         """Render the chat template with a generation prompt and tokenize it."""
 
     @abstractmethod
-    def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[EngineOutput]:
+    def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
+    ) -> None:
         """Start generating; see the class docstring for the contract."""
 
     @abstractmethod
     def abort(self, request_id: str) -> bool:
         """Cancel a request; returns False when the id is unknown or already finished."""
 
+    def pause(self, request_id: str) -> None:  # noqa: B027 - optional hint
+        """Hold this request's next tokens until ``resume`` (a hint)."""
+
+    def resume(self, request_id: str) -> None:  # noqa: B027 - optional hint
+        """Undo ``pause``."""
+
     @abstractmethod
     def stats(self) -> EngineStats:
         """Counters and gauges for ``/metrics``."""
+
+    async def generate(
+        self, request_id: str, prompt: Prompt, params: SamplingParams
+    ) -> AsyncIterator[EngineOutput]:
+        """Iterate a request's outputs; closing the iterator early aborts the request."""
+        queue: asyncio.Queue[EngineOutput | EngineError] = asyncio.Queue()
+        self.submit(request_id, prompt, params, queue.put_nowait)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, EngineError):
+                    finished = True
+                    raise item
+                finished = item.finish_reason is not None
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)

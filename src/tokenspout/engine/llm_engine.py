@@ -26,14 +26,14 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from tokenspout.engine.detokenizer import Detokenizer
-from tokenspout.engine.interface import Engine, EngineStats
+from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
@@ -51,7 +51,7 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 class _Request:
     """One request in flight.
 
-    ``seq``, ``detokenizer`` and ``generator`` belong to the engine thread; ``queue``,
+    ``seq``, ``detokenizer`` and ``generator`` belong to the engine thread; ``sink``,
     ``done`` and ``completion_tokens`` to the event loop ``loop``.
     """
 
@@ -59,8 +59,8 @@ class _Request:
     detokenizer: Detokenizer
     generator: torch.Generator
     loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue[EngineOutput | EngineError] = field(default_factory=asyncio.Queue)
-    #: The iterator has (or is about to get) its last item; later outputs are dropped.
+    sink: OutputSink
+    #: The sink has had its last item; later outputs are dropped.
     done: bool = False
     completion_tokens: int = 0
 
@@ -158,31 +158,17 @@ class LLMEngine(Engine):
         text = tokenizer.render_chat(messages, add_generation_prompt=True)
         return self._prompt(tokenizer.encode(text, add_special_tokens=False), text)
 
-    async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[EngineOutput]:
+    def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
+    ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt.token_ids)
         if self._thread is None or self._stopping:
             raise EngineError("the engine is not running")
-        req = self._new_request(request_id, prompt, params)
+        req = self._new_request(request_id, prompt, params, sink)
         self._requests[request_id] = req
         self._post(req)
-        try:
-            while True:
-                item = await req.queue.get()
-                if isinstance(item, EngineError):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
-        finally:
-            del self._requests[request_id]
-            if not req.done:
-                # Closed early or cancelled: free the slot (or the queue place) at the next step.
-                req.done = True
-                self._post(request_id)
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; call it on the event loop thread."""
@@ -190,9 +176,11 @@ class LLMEngine(Engine):
         if req is None or req.done:
             return False
         req.done = True
-        n_prompt = req.seq.num_prompt_tokens
-        req.queue.put_nowait(EngineOutput("", 0, n_prompt, req.completion_tokens, "cancelled"))
+        del self._requests[request_id]
+        # Free the slot (or the queue place) at the next step.
         self._post(request_id)
+        n_prompt = req.seq.num_prompt_tokens
+        req.sink(EngineOutput("", 0, n_prompt, req.completion_tokens, "cancelled"))
         return True
 
     def stats(self) -> EngineStats:
@@ -321,7 +309,7 @@ class LLMEngine(Engine):
             by_loop[req.loop].append((req, item))
         for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_receive, batch)
+                loop.call_soon_threadsafe(self._receive, batch)
             except RuntimeError:
                 logger.warning("dropping %d outputs for a closed event loop", len(batch))
 
@@ -330,7 +318,23 @@ class LLMEngine(Engine):
             self._inbox.append(item)
             self._cond.notify()
 
-    def _new_request(self, request_id: str, prompt: Prompt, params: SamplingParams) -> _Request:
+    def _receive(self, batch: list[tuple[_Request, EngineOutput | EngineError]]) -> None:
+        """On the event loop: hand each output to its sink unless the request is over."""
+        for req, item in batch:
+            if req.done:
+                continue
+            if isinstance(item, EngineError):
+                req.done = True
+            else:
+                req.completion_tokens = item.completion_tokens
+                req.done = item.finish_reason is not None
+            if req.done:
+                self._requests.pop(req.seq.seq_id, None)
+            req.sink(item)
+
+    def _new_request(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
+    ) -> _Request:
         tokenizer = self._runner().tokenizer
         n_prompt = len(prompt.token_ids)
         seq = Sequence(
@@ -344,6 +348,7 @@ class LLMEngine(Engine):
             Detokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params.stop),
             make_generator(params.seed),
             asyncio.get_running_loop(),
+            sink,
         )
 
     def _prompt(self, token_ids: Seq[int], text: str) -> Prompt:
@@ -367,19 +372,6 @@ class LLMEngine(Engine):
         if self.runner is None:
             raise EngineError("the engine is not started")
         return self.runner
-
-
-def _receive(batch: list[tuple[_Request, EngineOutput | EngineError]]) -> None:
-    """On the event loop: queue each output unless its iterator is already finishing."""
-    for req, item in batch:
-        if req.done:
-            continue
-        if isinstance(item, EngineError):
-            req.done = True
-        else:
-            req.completion_tokens = item.completion_tokens
-            req.done = item.finish_reason is not None
-        req.queue.put_nowait(item)
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:

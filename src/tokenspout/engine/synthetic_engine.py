@@ -3,39 +3,47 @@
 Its output is the last user message's (or the prompt's) whitespace-separated words, each
 followed by one space, one word per token, cycled until exactly ``max_tokens`` tokens: it
 never stops early. ``ttft_ms`` and ``itl_ms`` set the time to the first token and between
-tokens. It queues beyond ``max_num_seqs``, honours cancellation and reports the same stats
-as the real engine, so every server path can be exercised without a model.
+tokens. It queues beyond ``max_num_seqs``, honours cancellation, pause and resume, and
+reports the same stats as the real engine, so every server path can be exercised without a
+model.
+
+Each running request is a chain of timer callbacks on the event loop (one ``call_at`` per
+token, no task), so that load tests measure the server rather than this engine.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from tokenspout.engine.interface import Engine, EngineStats
+from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import InvalidRequestError
 
 SYNTHETIC_MODEL_ID = "synthetic"
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request:
-    """Per-request state: ``wake`` is the future a sleeping generator waits on."""
+    """Per-request state; ``t0`` is when it started running (loop time)."""
 
-    cancelled: bool = False
-    wake: asyncio.Future[None] | None = field(default=None, repr=False)
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
+    id: str
+    words: Iterator[str]
+    max_tokens: int
+    prompt_tokens: int
+    sink: OutputSink
+    produced: int = 0
+    running: bool = False
+    paused: bool = False
+    t0: float = 0.0
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
 
 class SyntheticEngine(Engine):
-    """See the module docstring. Runs on the event loop: it only sleeps."""
+    """See the module docstring. Runs on the event loop: it only sets timers."""
 
     synthetic = True
 
@@ -56,11 +64,10 @@ class SyntheticEngine(Engine):
         self.max_model_len = max_model_len
         self.ttft_s = ttft_ms / 1000.0
         self.itl_s = itl_ms / 1000.0
-        self._slots: asyncio.Semaphore | None = None
         self._max_num_seqs = max_num_seqs
         self._requests: dict[str, _Request] = {}
+        self._queue: deque[_Request] = deque()
         self._running = 0
-        self._waiting = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
 
@@ -86,102 +93,94 @@ class SyntheticEngine(Engine):
     def stats(self) -> EngineStats:
         return EngineStats(
             running=self._running,
-            waiting=self._waiting,
+            waiting=len(self._queue),
             prompt_tokens_total=self._prompt_tokens,
             generation_tokens_total=self._generation_tokens,
         )
 
-    def abort(self, request_id: str) -> bool:
-        req = self._requests.get(request_id)
-        if req is None or req.cancelled:
-            return False
-        req.cancelled = True
-        if req.wake is not None:
-            _wake(req.wake)
-        return True
-
-    async def _sleep_until(self, req: _Request, deadline: float) -> None:
-        """Sleep until ``deadline`` (loop time) or until the request is aborted."""
-        loop = asyncio.get_running_loop()
-        if deadline <= loop.time() or req.cancelled:
-            return
-        req.wake = loop.create_future()
-        handle = loop.call_at(deadline, _wake, req.wake)
-        try:
-            await req.wake
-        finally:
-            handle.cancel()
-            req.wake = None
-
-    async def _acquire_slot(self, req: _Request) -> bool:
-        """Wait in the queue for a slot; False if the request was aborted meanwhile."""
-        assert self._slots is not None
-        if not self._slots.locked():
-            await self._slots.acquire()
-            return True
-        loop = asyncio.get_running_loop()
-        self._waiting += 1
-        acquire = asyncio.ensure_future(self._slots.acquire())
-        req.wake = loop.create_future()
-        try:
-            await asyncio.wait({acquire, req.wake}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            # Cancelled from outside just as the slot was granted: give it back.
-            if acquire.done() and not acquire.cancelled():
-                self._slots.release()
-            raise
-        finally:
-            self._waiting -= 1
-            req.wake = None
-            if not acquire.done():
-                acquire.cancel()
-        if acquire.cancelled():
-            return False
-        if req.cancelled:
-            self._slots.release()
-            return False
-        return True
-
-    async def generate(
-        self, request_id: str, prompt: Prompt, params: SamplingParams
-    ) -> AsyncIterator[EngineOutput]:
+    def submit(
+        self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
+    ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self._max_num_seqs)
-        req = _Request()
+        req = _Request(
+            request_id,
+            itertools.cycle(prompt.text.split()),
+            params.max_tokens,
+            len(prompt.token_ids),
+            sink,
+        )
         self._requests[request_id] = req
-        words = itertools.cycle(prompt.text.split())
-        n_prompt = len(prompt.token_ids)
-        produced = 0
-        try:
-            if not await self._acquire_slot(req):
-                # Aborted while queued: it leaves the queue and is never "prefilled".
-                yield EngineOutput("", 0, n_prompt, 0, finish_reason="cancelled")
-                return
-            try:
-                self._running += 1
-                self._prompt_tokens += n_prompt
-                loop = asyncio.get_running_loop()
-                start = loop.time()
-                while produced < params.max_tokens:
-                    await self._sleep_until(req, start + self.ttft_s + produced * self.itl_s)
-                    if req.cancelled:
-                        break
-                    produced += 1
-                    self._generation_tokens += 1
-                    done = produced == params.max_tokens
-                    yield EngineOutput(
-                        text=next(words) + " ",
-                        num_tokens=1,
-                        prompt_tokens=n_prompt,
-                        completion_tokens=produced,
-                        finish_reason="length" if done else None,
-                    )
-                if req.cancelled:
-                    yield EngineOutput("", 0, n_prompt, produced, finish_reason="cancelled")
-            finally:
-                self._running -= 1
-                self._slots.release()
-        finally:
+        if self._running < self._max_num_seqs:
+            self._start(req)
+        else:
+            self._queue.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        if req.running:
+            self._stop(req)
+        else:
+            # Still queued: it leaves the queue and is never "prefilled".
+            self._queue.remove(req)
             del self._requests[request_id]
+        req.sink(EngineOutput("", 0, req.prompt_tokens, req.produced, finish_reason="cancelled"))
+        return True
+
+    def pause(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is not None and not req.paused:
+            req.paused = True
+            if req.timer is not None:
+                req.timer.cancel()
+                req.timer = None
+
+    def resume(self, request_id: str) -> None:
+        req = self._requests.get(request_id)
+        if req is None or not req.paused:
+            return
+        req.paused = False
+        if req.running:
+            # Continue at the same pace from now, rather than bursting the tokens "missed".
+            loop = asyncio.get_running_loop()
+            due = req.t0 + self.ttft_s + req.produced * self.itl_s
+            req.t0 += max(0.0, loop.time() - due)
+            self._schedule(req)
+
+    def _start(self, req: _Request) -> None:
+        req.running = True
+        req.t0 = asyncio.get_running_loop().time()
+        self._running += 1
+        self._prompt_tokens += req.prompt_tokens
+        self._schedule(req)
+
+    def _schedule(self, req: _Request) -> None:
+        if req.paused:
+            return
+        due = req.t0 + self.ttft_s + req.produced * self.itl_s
+        req.timer = asyncio.get_running_loop().call_at(due, self._emit, req)
+
+    def _emit(self, req: _Request) -> None:
+        req.timer = None
+        req.produced += 1
+        self._generation_tokens += 1
+        done = req.produced == req.max_tokens
+        if done:
+            self._stop(req)
+        else:
+            self._schedule(req)
+        reason = "length" if done else None
+        req.sink(EngineOutput(next(req.words) + " ", 1, req.prompt_tokens, req.produced, reason))
+
+    def _stop(self, req: _Request) -> None:
+        """Take a running request out and start the next queued one."""
+        if req.timer is not None:
+            req.timer.cancel()
+            req.timer = None
+        req.running = False
+        self._running -= 1
+        del self._requests[req.id]
+        if self._queue:
+            self._start(self._queue.popleft())

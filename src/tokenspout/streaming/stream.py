@@ -1,10 +1,12 @@
 """One generation's life, decoupled from the connections that read it.
 
-A producer task pulls ``EngineOutput`` from the engine into the stream's ``ReplayBuffer``;
-readers (an HTTP response, a WebSocket stream, a resumed connection) follow the buffer from
-a position. Decoupling is what lets a stream be cancelled by id and resumed after a dropped
-connection. When its last reader leaves, a non-resumable stream is aborted at once; a
-resumable one keeps generating for ``resume_grace_s`` waiting for a reader to come back.
+A ``Stream`` is the engine's sink for one request: each output the engine pushes is
+appended to the stream's ``ReplayBuffer``, and readers (an HTTP response, a WebSocket
+stream, a resumed connection) follow the buffer from a position and are woken only when
+their next event is due. Decoupling is what lets a stream be cancelled by id and resumed
+after a dropped connection. When its last reader leaves, a non-resumable stream is aborted
+at once; a resumable one keeps generating for ``resume_grace_s`` waiting for a reader to
+come back.
 
 Positions are absolute chunk indexes: chunk ``i`` is the i-th engine output with text.
 """
@@ -76,12 +78,15 @@ class Stream:
         self._grace: asyncio.TimerHandle | None = None
         #: Tokens produced so far, and the readers waiting for a token count (or any change).
         self._tokens = 0
+        self._completion_tokens = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._space = asyncio.Event()
-        self._space.set()
+        #: The engine was asked to hold this request until readers catch up.
+        self._paused = False
         self._on_end = on_end
         self._failure: TokenspoutError | None = None
-        self._producer = asyncio.create_task(self._produce(prompt, params), name=f"s-{stream_id}")
+        self._done = asyncio.get_running_loop().create_future()
+        # The engine pushes outputs to _receive; raises at once if the request cannot start.
+        engine.submit(stream_id, prompt, params, self._receive)
 
     # -- reading -------------------------------------------------------------------------
 
@@ -130,13 +135,15 @@ class Stream:
         if self.resumable:
             return
         self._unread_bytes -= nbytes
-        if self._unread_bytes <= self._max_unread_bytes:
-            self._space.set()
+        if self._paused and self._unread_bytes <= self._max_unread_bytes:
+            self._paused = False
+            if not self.finished:
+                self._engine.resume(self.id)
         self._buffer.release(pos)
 
     async def wait_end(self) -> StreamEnd:
-        """Wait until the producer has finished."""
-        await asyncio.shield(self._producer)
+        """Wait until the stream has ended."""
+        await asyncio.shield(self._done)
         assert self.end is not None
         return self.end
 
@@ -165,11 +172,14 @@ class Stream:
         return self._readers
 
     def abort(self, reason: str) -> None:
-        """Stop generating now (the engine request is closed, its slot freed)."""
-        if self.finished or self._producer.done():
+        """Stop generating now: the engine frees the request's slot and ends the stream with
+        ``finish_reason="cancelled"`` (what readers still attached see)."""
+        if self.finished:
             return
         self.abort_reason = reason
-        self._producer.cancel()
+        if not self._engine.abort(self.id):
+            # The engine's last output is already on its way to us.
+            logger.debug("stream %s: abort found the request finished", self.id)
 
     def fail(self, err: TokenspoutError, reason: str) -> None:
         """Stop generating and end the stream with ``err`` (readers send an error event)."""
@@ -177,31 +187,52 @@ class Stream:
             self._failure = err
             self.abort(reason)
 
-    def cancel(self) -> bool:
-        """Cancel by request (``/v1/streams/{id}/cancel``, WebSocket ``cancel``): the engine
-        ends the stream with ``finish_reason="cancelled"`` that readers still see."""
-        if self.finished:
-            return False
-        self.abort_reason = "cancelled"
-        return self._engine.abort(self.id)
+    def cancel(self) -> None:
+        """Cancel by request (``/v1/streams/{id}/cancel``, WebSocket ``cancel``)."""
+        self.abort("cancelled")
 
     # -- producing ---------------------------------------------------------------------
 
-    def _append(self, out: EngineOutput) -> bool:
-        """Buffer one output; True if it woke a reader."""
+    def _receive(self, item: EngineOutput | EngineError) -> None:
+        """The engine's sink: buffer an output, wake the readers it makes due, and end the
+        stream at the last one."""
+        if self.end is not None:
+            return
+        if isinstance(item, EngineError):
+            self._failure = item
+            self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
+            return
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
-        if out.text or out.num_tokens:
-            self._buffer.append(Chunk(out.text, out.num_tokens))
-            self._tokens += out.num_tokens
+        self._completion_tokens = item.completion_tokens
+        if item.text or item.num_tokens:
+            self._buffer.append(Chunk(item.text, item.num_tokens))
+            self._tokens += item.num_tokens
+            # Backpressure: a reader that cannot keep up holds the engine, not our memory.
             # Resumable streams are bounded by their store instead: they keep generating
             # while no reader is attached.
             if not self.resumable:
-                self._unread_bytes += len(out.text)
-                if self._unread_bytes > self._max_unread_bytes:
-                    self._space.clear()
-        # An output without tokens (rare) wakes every reader, as any other change does.
-        return self._notify(self._tokens if out.num_tokens else None)
+                self._unread_bytes += len(item.text)
+                if self._unread_bytes > self._max_unread_bytes and not self._paused:
+                    self._paused = True
+                    self._engine.pause(self.id)
+        if item.finish_reason is not None:
+            end = StreamEnd(
+                item.finish_reason, item.prompt_tokens, item.completion_tokens, self._failure
+            )
+            self._finish(end)
+        else:
+            # An output without tokens (rare) wakes every reader, as any other change does.
+            self._notify(self._tokens if item.num_tokens else None)
+
+    def _finish(self, end: StreamEnd) -> None:
+        self.end = end
+        if self._grace is not None:
+            self._grace.cancel()
+        self._notify()
+        self._done.set_result(None)
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _notify(self, tokens: int | None = None) -> bool:
         """Wake the readers waiting for ``tokens`` or fewer (all of them when None); True if
@@ -217,42 +248,3 @@ class Stream:
                 waiting.append((target, future))
         self._waiters = waiting
         return woken
-
-    def _ended(self, finish_reason: str | None, completion_tokens: int) -> None:
-        err = self._failure
-        self.end = StreamEnd(finish_reason, self.prompt_tokens, completion_tokens, error=err)
-
-    async def _produce(self, prompt: Prompt, params: SamplingParams) -> None:
-        last: EngineOutput | None = None
-        generator = self._engine.generate(self.id, prompt, params)
-        try:
-            async for out in generator:
-                last = out
-                woken = self._append(out)
-                # Backpressure: a reader that cannot keep up holds the engine, not our memory.
-                if not self._space.is_set():  # the common case skips a coroutine per token
-                    await self._space.wait()
-                if woken:
-                    # Let the woken reader see this output on its own (one event per token
-                    # when asked) before the engine's next one, even from a fast engine.
-                    await asyncio.sleep(0)
-            if last is None or last.finish_reason is None:
-                raise EngineError("the engine ended the stream without a finish reason")
-            self.end = StreamEnd(last.finish_reason, last.prompt_tokens, last.completion_tokens)
-        except asyncio.CancelledError:
-            self._ended("cancelled", last.completion_tokens if last else 0)
-        except TokenspoutError as err:
-            self._failure = err
-            self._ended(None, last.completion_tokens if last else 0)
-        except Exception:
-            logger.exception("stream %s: engine failure", self.id)
-            self._failure = EngineError("the engine failed while generating; request stopped")
-            self._ended(None, last.completion_tokens if last else 0)
-        finally:
-            # Closing the generator here (not at garbage collection) frees the engine slot now.
-            await generator.aclose()
-            if self._grace is not None:
-                self._grace.cancel()
-            self._notify()
-            if self._on_end is not None:
-                self._on_end(self)
