@@ -7,17 +7,21 @@ tokens. It queues beyond ``max_num_seqs``, honours cancellation, pause and resum
 reports the same stats as the real engine, so every server path can be exercised without a
 model.
 
-Each running request is a chain of timer callbacks on the event loop (one ``call_at`` per
-token, no task), so that load tests measure the server rather than this engine.
+Token times live in the engine's own heap of ``(due, seq, request)`` tuples behind one
+asyncio timer: no task per request, and no asyncio ``TimerHandle`` per token (asyncio
+compares those in Python; with 400 streams that heap was the largest cost of a load
+test). So load tests measure the server rather than this engine.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
+import math
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
@@ -39,7 +43,8 @@ class _Request:
     running: bool = False
     paused: bool = False
     t0: float = 0.0
-    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+    #: Identifies the request's live heap entry; older entries are skipped when popped.
+    entry: int = -1
 
 
 class SyntheticEngine(Engine):
@@ -70,6 +75,10 @@ class SyntheticEngine(Engine):
         self._running = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
+        self._heap: list[tuple[float, int, _Request]] = []
+        self._entries = itertools.count()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
 
     def encode_completion(self, prompt: str) -> Prompt:
         return self._prompt(prompt, prompt)
@@ -131,11 +140,8 @@ class SyntheticEngine(Engine):
 
     def pause(self, request_id: str) -> None:
         req = self._requests.get(request_id)
-        if req is not None and not req.paused:
+        if req is not None:
             req.paused = True
-            if req.timer is not None:
-                req.timer.cancel()
-                req.timer = None
 
     def resume(self, request_id: str) -> None:
         req = self._requests.get(request_id)
@@ -160,10 +166,37 @@ class SyntheticEngine(Engine):
         if req.paused:
             return
         due = req.t0 + self.ttft_s + req.produced * self.itl_s
-        req.timer = asyncio.get_running_loop().call_at(due, self._emit, req)
+        req.entry = next(self._entries)
+        heapq.heappush(self._heap, (due, req.entry, req))
+        if due < self._timer_at:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        """Emit one token for every request that is due. One token per request per tick:
+        a request already late gets its next token on the next loop turn, so its readers
+        see tokens one by one even from ``itl_ms=0``."""
+        # Until the end of the tick, _schedule must not arm the timer: a due time already
+        # set means "armed", so the timer is armed once, below.
+        self._timer, self._timer_at = None, -math.inf
+        now = asyncio.get_running_loop().time()
+        due: list[_Request] = []
+        while self._heap and self._heap[0][0] <= now:
+            _, entry, req = heapq.heappop(self._heap)
+            if entry == req.entry and req.running and not req.paused:
+                due.append(req)
+        for req in due:
+            self._emit(req)
+        self._timer_at = math.inf
+        if self._heap:
+            self._arm(self._heap[0][0])
 
     def _emit(self, req: _Request) -> None:
-        req.timer = None
         req.produced += 1
         self._generation_tokens += 1
         done = req.produced == req.max_tokens
@@ -175,11 +208,9 @@ class SyntheticEngine(Engine):
         req.sink(EngineOutput(next(req.words) + " ", 1, req.prompt_tokens, req.produced, reason))
 
     def _stop(self, req: _Request) -> None:
-        """Take a running request out and start the next queued one."""
-        if req.timer is not None:
-            req.timer.cancel()
-            req.timer = None
+        """Take a running request out (its heap entry goes stale) and start the next one."""
         req.running = False
+        req.entry = -1
         self._running -= 1
         del self._requests[req.id]
         if self._queue:
