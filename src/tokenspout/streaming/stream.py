@@ -167,10 +167,6 @@ class Stream:
         else:
             self.abort(reason)
 
-    @property
-    def readers(self) -> int:
-        return self._readers
-
     def abort(self, reason: str) -> None:
         """Stop generating now: the engine frees the request's slot and ends the stream with
         ``finish_reason="cancelled"`` (what readers still attached see)."""
@@ -234,17 +230,14 @@ class Stream:
         if self._on_end is not None:
             self._on_end(self)
 
-    def _notify(self, tokens: int | None = None) -> bool:
-        """Wake the readers waiting for ``tokens`` or fewer (all of them when None); True if
-        any was woken."""
-        woken, waiting = False, []
+    def _notify(self, tokens: int | None = None) -> None:
+        """Wake the readers waiting for ``tokens`` or fewer (all of them when None)."""
+        waiting = []
         for target, future in self._waiters:
             if future.done():
                 continue
             if tokens is None or target <= tokens:
                 future.set_result(None)
-                woken = True
             else:
                 waiting.append((target, future))
         self._waiters = waiting
-        return woken
