@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from tokenspout.errors import InvalidRequestError
 
@@ -56,9 +56,9 @@ class Prompt:
     text: str
 
 
-@dataclass(frozen=True)
-class EngineOutput:
-    """One step's worth of output for one request.
+class EngineOutput(NamedTuple):
+    """One step's worth of output for one request (a named tuple: one is built per token,
+    and a tuple is the cheapest immutable record to build).
 
     ``text`` is the new text since the previous output; it may be empty when the
     detokenizer holds back an incomplete UTF-8 character or a possible stop string.

@@ -2,15 +2,17 @@
 
 Its output is the last user message's (or the prompt's) whitespace-separated words, each
 followed by one space, one word per token, cycled until exactly ``max_tokens`` tokens: it
-never stops early. ``ttft_ms`` and ``itl_ms`` set the time to the first token and between
-tokens. It queues beyond ``max_num_seqs``, honours cancellation, pause and resume, and
-reports the same stats as the real engine, so every server path can be exercised without a
-model.
+never stops early. It queues beyond ``max_num_seqs``, honours cancellation, pause and resume,
+and reports the same stats as the real engine, so every server path can be exercised without
+a model.
 
-Token times live in the engine's own heap of ``(due, seq, request)`` tuples behind one
-asyncio timer: no task per request, and no asyncio ``TimerHandle`` per token (asyncio
-compares those in Python; with 400 streams that heap was the largest cost of a load
-test). So load tests measure the server rather than this engine.
+It is paced like a batched engine. A request's first token comes ``ttft_ms`` after it starts
+(its "prefill"); then it joins the decode steps, which run every ``itl_ms`` for all running
+requests at once and give each one token, as a continuous-batching engine's steps do (ours,
+vLLM's). So the gap between the first and second token is at most ``itl_ms``, and every
+later gap is ``itl_ms``. One asyncio timer drives the steps and one heap holds the first
+tokens' times: no task or timer per request or per token, so a load test measures the
+server rather than this engine.
 """
 
 from __future__ import annotations
@@ -30,10 +32,8 @@ from tokenspout.errors import InvalidRequestError
 SYNTHETIC_MODEL_ID = "synthetic"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
-    """Per-request state; ``t0`` is when it started running (loop time)."""
-
     id: str
     words: Iterator[str]
     max_tokens: int
@@ -42,9 +42,6 @@ class _Request:
     produced: int = 0
     running: bool = False
     paused: bool = False
-    t0: float = 0.0
-    #: Identifies the request's live heap entry; older entries are skipped when popped.
-    entry: int = -1
 
 
 class SyntheticEngine(Engine):
@@ -75,10 +72,15 @@ class SyntheticEngine(Engine):
         self._running = 0
         self._prompt_tokens = 0
         self._generation_tokens = 0
-        self._heap: list[tuple[float, int, _Request]] = []
-        self._entries = itertools.count()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = math.inf
+        #: Requests waiting for their first token, by due time, behind one timer.
+        self._prefills: list[tuple[float, int, _Request]] = []
+        self._order = itertools.count()
+        self._prefill_timer: asyncio.TimerHandle | None = None
+        self._prefill_at = math.inf
+        #: Requests past their first token, in step order, and the step timer.
+        self._decoding: dict[str, _Request] = {}
+        self._step_timer: asyncio.TimerHandle | None = None
+        self._step_at = 0.0
 
     def encode_completion(self, prompt: str) -> Prompt:
         return self._prompt(prompt, prompt)
@@ -114,7 +116,7 @@ class SyntheticEngine(Engine):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         req = _Request(
             request_id,
-            itertools.cycle(prompt.text.split()),
+            itertools.cycle([word + " " for word in prompt.text.split()]),
             params.max_tokens,
             len(prompt.token_ids),
             sink,
@@ -135,7 +137,7 @@ class SyntheticEngine(Engine):
             # Still queued: it leaves the queue and is never "prefilled".
             self._queue.remove(req)
             del self._requests[request_id]
-        req.sink(EngineOutput("", 0, req.prompt_tokens, req.produced, finish_reason="cancelled"))
+        req.sink(EngineOutput("", 0, req.prompt_tokens, req.produced, "cancelled"))
         return True
 
     def pause(self, request_id: str) -> None:
@@ -144,74 +146,77 @@ class SyntheticEngine(Engine):
             req.paused = True
 
     def resume(self, request_id: str) -> None:
+        # A paused request is skipped by the steps; it continues at the next one, at the
+        # same pace, rather than bursting the tokens "missed".
         req = self._requests.get(request_id)
-        if req is None or not req.paused:
-            return
-        req.paused = False
-        if req.running:
-            # Continue at the same pace from now, rather than bursting the tokens "missed".
-            loop = asyncio.get_running_loop()
-            due = req.t0 + self.ttft_s + req.produced * self.itl_s
-            req.t0 += max(0.0, loop.time() - due)
-            self._schedule(req)
+        if req is not None:
+            req.paused = False
 
     def _start(self, req: _Request) -> None:
         req.running = True
-        req.t0 = asyncio.get_running_loop().time()
         self._running += 1
         self._prompt_tokens += req.prompt_tokens
-        self._schedule(req)
+        due = asyncio.get_running_loop().time() + self.ttft_s
+        heapq.heappush(self._prefills, (due, next(self._order), req))
+        if due < self._prefill_at:
+            if self._prefill_timer is not None:
+                self._prefill_timer.cancel()
+            self._prefill_at = due
+            self._prefill_timer = asyncio.get_running_loop().call_at(due, self._prefill_tick)
 
-    def _schedule(self, req: _Request) -> None:
-        if req.paused:
-            return
-        due = req.t0 + self.ttft_s + req.produced * self.itl_s
-        req.entry = next(self._entries)
-        heapq.heappush(self._heap, (due, req.entry, req))
-        if due < self._timer_at:
-            self._arm(due)
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = due
-        self._timer = asyncio.get_running_loop().call_at(due, self._tick)
-
-    def _tick(self) -> None:
-        """Emit one token for every request that is due. One token per request per tick:
-        a request already late gets its next token on the next loop turn, so its readers
-        see tokens one by one even from ``itl_ms=0``."""
-        # Until the end of the tick, _schedule must not arm the timer: a due time already
-        # set means "armed", so the timer is armed once, below.
-        self._timer, self._timer_at = None, -math.inf
-        now = asyncio.get_running_loop().time()
+    def _prefill_tick(self) -> None:
+        """First tokens for the requests whose prefill is due; they join the decode steps."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._prefill_timer, self._prefill_at = None, math.inf
         due: list[_Request] = []
-        while self._heap and self._heap[0][0] <= now:
-            _, entry, req = heapq.heappop(self._heap)
-            if entry == req.entry and req.running and not req.paused:
-                due.append(req)
+        while self._prefills and self._prefills[0][0] <= now:
+            due.append(heapq.heappop(self._prefills)[2])
+        if self._prefills:
+            self._prefill_at = self._prefills[0][0]
+            self._prefill_timer = loop.call_at(self._prefill_at, self._prefill_tick)
         for req in due:
-            self._emit(req)
-        self._timer_at = math.inf
-        if self._heap:
-            self._arm(self._heap[0][0])
+            # An aborted request left `running`; its heap entry is simply dropped.
+            if req.running and self._emit(req):
+                self._decoding[req.id] = req
+        if self._decoding and self._step_timer is None:
+            self._step_at = now + self.itl_s
+            self._step_timer = loop.call_at(self._step_at, self._step)
 
-    def _emit(self, req: _Request) -> None:
+    def _step(self) -> None:
+        """One decode step: a token for every running request that is not paused."""
+        loop = asyncio.get_running_loop()
+        for req in list(self._decoding.values()):
+            # A sink may abort another request during the step: `running` is checked here.
+            if req.running and not req.paused:
+                self._emit(req)
+        if not self._decoding:
+            self._step_timer = None
+            return
+        # Keep to the step grid, but a loop more than a step late restarts the grid from now
+        # instead of catching up in a burst.
+        now = loop.time()
+        self._step_at += self.itl_s
+        if self._step_at < now:
+            self._step_at = now + self.itl_s
+        self._step_timer = loop.call_at(self._step_at, self._step)
+
+    def _emit(self, req: _Request) -> bool:
+        """Give ``req`` its next token; whether it goes on after this one."""
         req.produced += 1
         self._generation_tokens += 1
-        done = req.produced == req.max_tokens
-        if done:
+        more = req.produced < req.max_tokens
+        if not more:
             self._stop(req)
-        else:
-            self._schedule(req)
-        reason = "length" if done else None
-        req.sink(EngineOutput(next(req.words) + " ", 1, req.prompt_tokens, req.produced, reason))
+        word = next(req.words)
+        req.sink(EngineOutput(word, 1, req.prompt_tokens, req.produced, None if more else "length"))
+        return more
 
     def _stop(self, req: _Request) -> None:
-        """Take a running request out (its heap entry goes stale) and start the next one."""
+        """Take a running request out and start the next queued one."""
         req.running = False
-        req.entry = -1
         self._running -= 1
+        self._decoding.pop(req.id, None)
         del self._requests[req.id]
         if self._queue:
             self._start(self._queue.popleft())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,6 +75,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        # What start-up built (the framework, a model's modules) lives as long as the
+        # server: moved out of the collector's sight, it is not traversed again by every
+        # full collection while streams allocate (as vLLM does after loading).
+        gc.collect()
+        gc.freeze()
         state.ready = True
         label = "SYNTHETIC engine (not a language model)" if engine.synthetic else "model"
         logger.info("serving %s %s", label, engine.model_id)

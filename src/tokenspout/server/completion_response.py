@@ -7,7 +7,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import anyio
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -44,17 +43,14 @@ class CompletionResponse(Response):
         )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch = DisconnectWatch()
-        end: StreamEnd | None = None
+        watch = DisconnectWatch(receive)
         self.stream.attach()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch.run, receive, tg.cancel_scope)
-                end = await self.stream.wait_end()
-                tg.cancel_scope.cancel()
+            left = await watch.run(self.stream.wait_end())
         finally:
-            self.stream.detach("client_disconnect" if end is None else None)
-        if end is None:
+            self.stream.detach(None if self.stream.finished else "client_disconnect")
+        end = self.stream.end
+        if left is not None or end is None:
             self.record.finish("client_disconnect")
             return
         if end.error is not None:

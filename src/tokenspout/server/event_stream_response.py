@@ -3,14 +3,14 @@
 One task group races two tasks: sending the body, and listening for ``http.disconnect``;
 whichever ends first cancels the other. The reader is detached in ``finally`` with the
 reason, which aborts a non-resumable stream at once. A send that does not complete within
-``send_timeout_s`` (a client that stopped reading) ends the connection the same way.
+the send timeout (a client that stopped reading) ends the connection the same way: the
+server's ``SendWatchdog`` cancels the scope.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import anyio
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -22,13 +22,10 @@ from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.metrics import Metrics
 from tokenspout.server.request_record import RequestRecord
+from tokenspout.server.send_watchdog import SendGuard, SendWatchdog
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream, StreamEnd
 from tokenspout.streaming.stream_reader import Delta, Finished, Heartbeat, read_stream
-
-
-class SendTimeout(Exception):
-    """The client did not take a send within the send timeout."""
 
 
 @dataclass
@@ -61,6 +58,7 @@ class EventStreamResponse(Response):
         framing: Framing,
         settings: StreamSettings,
         metrics: Metrics,
+        watchdog: SendWatchdog,
         *,
         endpoint: str,
         started_at: float,
@@ -77,6 +75,7 @@ class EventStreamResponse(Response):
         self.framing = framing
         self.settings = settings
         self.metrics = metrics
+        self.watchdog = watchdog
         self.start = start
         self.opening = opening
         self.record = RequestRecord(
@@ -88,28 +87,19 @@ class EventStreamResponse(Response):
             prompt=prompt,
             resumed=not opening,
         )
-        self._complete = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch = DisconnectWatch()
+        watch = DisconnectWatch(receive)
+        guard = self.watchdog.guard(lambda: watch.interrupt("send_timeout"))
         reason: str | None = None
         self.stream.attach()
         self.metrics.streams_active.inc()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(watch.run, receive, tg.cancel_scope)
-                try:
-                    await self._send_body(send)
-                except SendTimeout:
-                    reason = "send_timeout"
-                except OSError:
-                    reason = "client_disconnect"
-                tg.cancel_scope.cancel()
-            # uvicorn reports a disconnect once the body is complete too: only an earlier
-            # one means the client left.
-            if watch.disconnected and not self._complete:
-                reason = "client_disconnect"
+            reason = await watch.run(self._send_body(send, guard))
+        except OSError:
+            reason = "client_disconnect"
         finally:
+            self.watchdog.release(guard)
             self.stream.detach(
                 reason or ("client_disconnect" if not self.stream.finished else None)
             )
@@ -122,20 +112,18 @@ class EventStreamResponse(Response):
             return "incomplete"
         return "error" if end.error is not None else "ok"
 
-    async def _send(self, send: Send, body: bytes) -> None:
+    async def _send(self, send: Send, guard: SendGuard, body: bytes) -> None:
         if not body:
             return
-        try:
-            with anyio.fail_after(self.settings.send_timeout_s):
-                await send({"type": "http.response.body", "body": body, "more_body": True})
-        except TimeoutError:
-            raise SendTimeout from None
+        guard.sending()
+        await send({"type": "http.response.body", "body": body, "more_body": True})
+        guard.sent()
         self.metrics.stream_bytes.inc(len(body))
 
     def _event(self, payload: dict, position: int) -> bytes:
         return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
 
-    async def _send_body(self, send: Send) -> None:
+    async def _send_body(self, send: Send, guard: SendGuard) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -145,7 +133,7 @@ class EventStreamResponse(Response):
         )
         if self.opening:
             for payload in self.chunks.opening():
-                await self._send(send, self._event(payload, self.start))
+                await self._send(send, guard, self._event(payload, self.start))
         policy = FlushPolicy(self.settings.flush_tokens, self.settings.flush_ms)
         items = read_stream(
             self.stream, policy, heartbeat_s=self.settings.heartbeat_s, start=self.start
@@ -153,16 +141,17 @@ class EventStreamResponse(Response):
         try:
             async for item in items:
                 if isinstance(item, Delta):
-                    await self._send(send, self._event(self.chunks.delta(item.text), item.position))
+                    await self._send(
+                        send, guard, self._event(self.chunks.delta(item.text), item.position)
+                    )
                     self.record.text_sent(item.num_tokens)
                 elif isinstance(item, Heartbeat):
-                    await self._send(send, self.framing.heartbeat())
+                    await self._send(send, guard, self.framing.heartbeat())
                 elif isinstance(item, Finished):
-                    await self._send(send, self._closing(item.end))
+                    await self._send(send, guard, self._closing(item.end))
         finally:
             await items.aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        self._complete = True
 
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length

@@ -94,6 +94,7 @@ def follow(
         negotiate_framing(request),
         stream_settings(state, options),
         state.metrics,
+        state.send_watchdog,
         endpoint=stream.kind,
         started_at=time.monotonic() if started_at is None else started_at,
         start=start,

@@ -9,6 +9,7 @@ from starlette.requests import HTTPConnection
 from tokenspout.engine.interface import Engine
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.metrics import Metrics
+from tokenspout.server.send_watchdog import SendWatchdog
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_registry import ResumePolicy, StreamRegistry
 from tokenspout.streaming.stream_store import InMemoryStreamStore
@@ -20,12 +21,14 @@ class ServerState:
     config: ServerConfig
     metrics: Metrics = field(init=False)
     streams: StreamRegistry = field(init=False)
+    send_watchdog: SendWatchdog = field(init=False)
     ready: bool = False
     draining: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
         cfg = self.config
+        self.send_watchdog = SendWatchdog(cfg.send_timeout_s)
         store = InMemoryStreamStore(
             max_stream_bytes=cfg.max_stream_buffer_bytes, max_total_bytes=cfg.max_buffer_bytes
         )

@@ -84,7 +84,10 @@ class Stream:
         self._paused = False
         self._on_end = on_end
         self._failure: TokenspoutError | None = None
-        self._done = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and
+        # changed() runs for every event.
+        self._loop = asyncio.get_running_loop()
+        self._done = self._loop.create_future()
         # The engine pushes outputs to _receive; raises at once if the request cannot start.
         engine.submit(stream_id, prompt, params, self._receive)
 
@@ -123,7 +126,7 @@ class Stream:
         its next event due, so it is not woken for every token (at 400 streams those wake-ups
         were most of the server's CPU). Take it right after reading the state, with no await
         in between."""
-        future = asyncio.get_running_loop().create_future()
+        future = self._loop.create_future()
         # Waiters whose reader timed out are dropped here and at each wake.
         self._waiters = [w for w in self._waiters if not w[1].done()]
         self._waiters.append((self._tokens + tokens_ahead, future))
@@ -162,8 +165,7 @@ class Stream:
         if self._readers or reason is None or self.finished:
             return
         if self.resumable:
-            loop = asyncio.get_running_loop()
-            self._grace = loop.call_later(self.resume_grace_s, self.abort, reason)
+            self._grace = self._loop.call_later(self.resume_grace_s, self.abort, reason)
         else:
             self.abort(reason)
 

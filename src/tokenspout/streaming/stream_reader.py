@@ -72,10 +72,16 @@ async def read_stream(
             continue
         flush_at = policy.deadline()
         deadline = heartbeat_at if flush_at is None else min(heartbeat_at, flush_at)
-        # Not woken for every token: only for the ones that make the next event due.
+        # Not woken for every token: only for the ones that make the next event due. A
+        # plain timer wakes it at the deadline (cheaper than an asyncio.timeout scope).
         changed = stream.changed(policy.tokens_until_due())
+        timer = loop.call_at(deadline, _wake, changed)
         try:
-            async with asyncio.timeout_at(deadline):
-                await changed
-        except TimeoutError:
-            pass
+            await changed
+        finally:
+            timer.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from tokenspout.errors import StreamGoneError
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """The text of one engine output and the tokens it accounts for."""
+class Chunk(NamedTuple):
+    """The text of one engine output and the tokens it accounts for (a named tuple: one is
+    built per token)."""
 
     text: str
     num_tokens: int
