@@ -110,7 +110,7 @@ def test_rejects_bad_settings(tokens: int, ms: float) -> None:
     [
         (5, [], False, 1),  # the first visible text is due at once
         (5, [("a", 1)], False, 1),
-        (5, [], True, 1),  # the next token starts the flush_ms clock
+        (5, [], True, 5),  # a whole batch (the producer starts the flush_ms clock)
         (5, [("a", 1), ("b", 2)], True, 2),  # then only the tokens that fill the batch
         (5, [("", 7)], True, 1),  # tokens without visible text yet
         (1, [], True, 1),
@@ -126,3 +126,14 @@ def test_tokens_until_due(
     for text, tokens in added:
         policy.add(text, tokens, 0.0)
     assert policy.tokens_until_due() == expected
+
+
+def test_clock_starts_on_next_token_only_between_events() -> None:
+    policy = FlushPolicy(5, 50.0)
+    assert not policy.clock_starts_on_next_token()  # the first text is due at once
+    policy.add("a", 1, 0.0)
+    policy.take()
+    assert policy.clock_starts_on_next_token()
+    policy.add("b", 1, 0.01)
+    assert not policy.clock_starts_on_next_token()  # running since 0.01
+    assert policy.deadline() == pytest.approx(0.06)

@@ -7,10 +7,13 @@ objects; ``protocols.sse`` / ``protocols.ndjson`` frame them. Implementations li
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
 from tokenspout.errors import TokenspoutError
+from tokenspout.protocols.ndjson import dumps
 
 
 @dataclass(frozen=True)
@@ -41,3 +44,19 @@ class ChunkFormat(Protocol):
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]: ...
 
     def error(self, err: TokenspoutError) -> dict[str, Any]: ...
+
+
+def delta_encoder(chunks: ChunkFormat) -> Callable[[str], str]:
+    """``text -> dumps(chunks.delta(text))``, built once per stream from a template: the
+    delta payload's JSON split around its text. A delta is then one string escape instead
+    of a dict and a whole ``json.dumps`` (deltas are most of what a stream sends)."""
+    marker = "\x00tokenspout-delta-text\x00"
+    prefix, found, suffix = dumps(chunks.delta(marker)).partition(encode_basestring(marker))
+    if not found:
+        raise ValueError("a delta payload must carry its text as a JSON string")
+
+    def encode(text: str) -> str:
+        # encode_basestring is what json.dumps(..., ensure_ascii=False) applies to a str.
+        return prefix + encode_basestring(text) + suffix
+
+    return encode

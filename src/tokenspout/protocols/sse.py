@@ -19,6 +19,12 @@ def encode_event(
     data: str, *, event: str | None = None, id: str | None = None, retry_ms: int | None = None
 ) -> bytes:
     """One event: optional ``event:``/``id:``/``retry:`` lines, ``data:`` lines, blank line."""
+    if event is None and retry_ms is None and "\n" not in data and "\r" not in data:
+        # The common case (one line of JSON, maybe an id), sent for every event.
+        if id is None:
+            return f"data: {data}\n\n".encode()
+        _check_field("id", id)
+        return f"id: {id}\ndata: {data}\n\n".encode()
     lines: list[str] = []
     if event is not None:
         _check_field("event", event)

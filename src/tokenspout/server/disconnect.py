@@ -10,12 +10,14 @@ from starlette.types import Receive
 
 
 class DisconnectWatch:
-    """Runs a response's body in the current task, racing it against the client leaving.
+    """Runs a response's body as its own task, racing it against the client leaving.
 
     A listener task waits for ``http.disconnect``; when it comes first, or when ``interrupt``
     is called (the send watchdog), the body is cancelled and ``run`` returns the reason.
     Plain asyncio rather than an anyio task group with cancel scopes: this runs once per
     request, and the task group's bookkeeping was a tenth of the server's CPU at 400 streams.
+    The body runs in a task of its own so that each of its wake-ups (one per event) resumes
+    a short stack rather than the dozen middleware frames above the response.
 
     Starlette's own ``StreamingResponse`` only listens on ASGI spec < 2.4 and never while a
     request is queued with nothing to send; owning the race lets a queued request whose
@@ -24,7 +26,7 @@ class DisconnectWatch:
 
     def __init__(self, receive: Receive):
         self._receive = receive
-        self._task: asyncio.Task[Any] | None = None
+        self._body: asyncio.Task[Any] | None = None
         #: Why the body was stopped; None while it runs and after it ended by itself.
         self.reason: str | None = None
 
@@ -32,24 +34,25 @@ class DisconnectWatch:
         """Run ``body``; return None if it ended by itself, else why it was stopped."""
         task = asyncio.current_task()
         assert task is not None
-        listener = task.get_loop().create_task(self._listen())
-        self._task = task
+        loop = task.get_loop()
+        self._body = loop.create_task(body)
+        listener = loop.create_task(self._listen())
         try:
-            await body
+            await self._body
         except asyncio.CancelledError:
-            # Ours only if nobody else (server shutdown) cancelled the task as well.
-            if self.reason is None or task.uncancel() > 0:
+            # Ours only if nobody else (server shutdown) cancelled this task as well.
+            if self.reason is None or task.cancelling():
                 raise
         finally:
-            self._task = None
+            self._body = None
             listener.cancel()
         return self.reason
 
     def interrupt(self, reason: str) -> None:
         """Stop the body with ``reason``; no effect once it has ended or was stopped."""
-        if self._task is not None and self.reason is None:
+        if self._body is not None and self.reason is None:
             self.reason = reason
-            self._task.cancel()
+            self._body.cancel()
 
     async def _listen(self) -> None:
         while True:

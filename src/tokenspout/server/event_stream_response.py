@@ -15,7 +15,7 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tokenspout.protocols.chunk_format import ChunkFormat, Usage
+from tokenspout.protocols.chunk_format import ChunkFormat, Usage, delta_encoder
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
@@ -90,15 +90,22 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch = DisconnectWatch(receive)
+        await watch.run(self._serve(send, watch))
+
+    async def _serve(self, send: Send, watch: DisconnectWatch) -> None:
+        """The body task: the stream, then the bookkeeping, in the same task as the last
+        send (so a client that got the end also finds the request counted)."""
         guard = self.watchdog.guard(lambda: watch.interrupt("send_timeout"))
         reason: str | None = None
         self.stream.attach()
         self.metrics.streams_active.inc()
         try:
-            reason = await watch.run(self._send_body(send, guard))
+            await self._send_body(send, guard)
         except OSError:
             reason = "client_disconnect"
         finally:
+            # Set when the race stopped us (disconnect, send timeout).
+            reason = reason or watch.reason
             self.watchdog.release(guard)
             self.stream.detach(
                 reason or ("client_disconnect" if not self.stream.finished else None)
@@ -135,15 +142,16 @@ class EventStreamResponse(Response):
             for payload in self.chunks.opening():
                 await self._send(send, guard, self._event(payload, self.start))
         policy = FlushPolicy(self.settings.flush_tokens, self.settings.flush_ms)
+        delta_json = delta_encoder(self.chunks)
         items = read_stream(
             self.stream, policy, heartbeat_s=self.settings.heartbeat_s, start=self.start
         )
         try:
             async for item in items:
                 if isinstance(item, Delta):
-                    await self._send(
-                        send, guard, self._event(self.chunks.delta(item.text), item.position)
-                    )
+                    event_id = format_event_id(self.stream.id, item.position)
+                    body = self.framing.event(delta_json(item.text), id=event_id)
+                    await self._send(send, guard, body)
                     self.record.text_sent(item.num_tokens)
                 elif isinstance(item, Heartbeat):
                     await self._send(send, guard, self.framing.heartbeat())

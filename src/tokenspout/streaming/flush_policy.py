@@ -51,12 +51,18 @@ class FlushPolicy:
 
     def tokens_until_due(self) -> int:
         """How many more tokens make the pending text due by count (at least 1): a reader
-        need not look before then unless the deadline comes first. With nothing pending
-        it is 1: the first pending token starts the ``flush_ms`` clock, and before the first
-        event any text is due at once."""
-        if not self._text or not self._sent_any:
+        need not look before then unless the deadline comes first. Before the first event
+        any text is due at once, and tokens pending without visible text need a look at
+        each next one; otherwise it is what fills the batch."""
+        if not self._sent_any or (self._tokens and not self._text):
             return 1
         return max(1, self.flush_tokens - self._tokens)
+
+    def clock_starts_on_next_token(self) -> bool:
+        """Nothing is pending after an event: the next token starts the ``flush_ms`` clock,
+        so whoever produces it must arm the deadline (``add`` that token with its arrival
+        time)."""
+        return self._sent_any and self._oldest is None
 
     def deadline(self) -> float | None:
         """When pending text becomes due by time alone; None if nothing visible is pending."""

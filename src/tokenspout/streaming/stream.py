@@ -23,10 +23,11 @@ from tokenspout.engine.interface import Engine
 from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import EngineError, InvalidRequestError, TokenspoutError
 from tokenspout.streaming.stream_store import Chunk, ReplayBuffer
+from tokenspout.streaming.wake_timers import WakeTimers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "Stream", "StreamEnd"]
+__all__ = ["Chunk", "Stream", "StreamEnd", "Wait"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class Stream:
         resume_grace_s: float = 30.0,
         max_unread_bytes: int = 1 << 20,
         on_end: Callable[[Stream], None] | None = None,
+        timers: WakeTimers | None = None,
     ):
         self.id = stream_id
         #: Which endpoint made it (chat, completion, seed): a resumed reader uses its format.
@@ -79,7 +81,7 @@ class Stream:
         #: Tokens produced so far, and the readers waiting for a token count (or any change).
         self._tokens = 0
         self._completion_tokens = 0
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._waits: list[Wait] = []
         #: The engine was asked to hold this request until readers catch up.
         self._paused = False
         self._on_end = on_end
@@ -88,6 +90,8 @@ class Stream:
         # changed() runs for every event.
         self._loop = asyncio.get_running_loop()
         self._done = self._loop.create_future()
+        #: Readers' timed wake-ups (shared by the registry's streams).
+        self.timers = timers if timers is not None else WakeTimers()
         # The engine pushes outputs to _receive; raises at once if the request cannot start.
         engine.submit(stream_id, prompt, params, self._receive)
 
@@ -120,17 +124,19 @@ class Stream:
         """All buffered text (the whole output for a stream nobody has consumed)."""
         return "".join(c.text for c in self._buffer.read(self._buffer.start))
 
-    def changed(self, tokens_ahead: int = 1) -> asyncio.Future[None]:
-        """A future done once ``tokens_ahead`` more tokens exist, or earlier at text without
-        tokens, at the end, or at an abort. A coalescing reader asks for the tokens that make
-        its next event due, so it is not woken for every token (at 400 streams those wake-ups
-        were most of the server's CPU). Take it right after reading the state, with no await
-        in between."""
-        future = self._loop.create_future()
-        # Waiters whose reader timed out are dropped here and at each wake.
-        self._waiters = [w for w in self._waiters if not w[1].done()]
-        self._waiters.append((self._tokens + tokens_ahead, future))
-        return future
+    def changed(self, tokens_ahead: int = 1, *, flush_after_s: float | None = None) -> Wait:
+        """A wait that is done once ``tokens_ahead`` more tokens exist, or earlier at text
+        without tokens, at the end, or at an abort. A coalescing reader asks for the tokens
+        that make its next event due, so it is not woken for every token (at 400 streams
+        those wake-ups were most of the server's CPU). With ``flush_after_s``, the wait is
+        also done that long after the next token arrives, and records when it did
+        (``Wait.first_at``): the reader's flush deadline starts there, without a wake-up of
+        its own. Take it right after reading the state, with no await in between."""
+        wait = Wait(self._tokens + tokens_ahead, self._loop.create_future(), flush_after_s)
+        # Waits whose reader timed out are dropped here and at each wake.
+        self._waits = [w for w in self._waits if not w.future.done()]
+        self._waits.append(wait)
+        return wait
 
     def consumed(self, pos: int, nbytes: int) -> None:
         """A reader delivered everything before ``pos`` (``nbytes`` characters of text):
@@ -204,7 +210,7 @@ class Stream:
             self.first_output_at = time.monotonic()
         self._completion_tokens = item.completion_tokens
         if item.text or item.num_tokens:
-            self._buffer.append(Chunk(item.text, item.num_tokens))
+            self._buffer.append(item.text, item.num_tokens)
             self._tokens += item.num_tokens
             # Backpressure: a reader that cannot keep up holds the engine, not our memory.
             # Resumable streams are bounded by their store instead: they keep generating
@@ -233,13 +239,33 @@ class Stream:
             self._on_end(self)
 
     def _notify(self, tokens: int | None = None) -> None:
-        """Wake the readers waiting for ``tokens`` or fewer (all of them when None)."""
+        """Wake the waits for ``tokens`` or fewer (all of them when None); start the flush
+        clock of those that asked for it."""
         waiting = []
-        for target, future in self._waiters:
+        for wait in self._waits:
+            future = wait.future
             if future.done():
                 continue
-            if tokens is None or target <= tokens:
+            if tokens is None or wait.tokens <= tokens:
                 future.set_result(None)
-            else:
-                waiting.append((target, future))
-        self._waiters = waiting
+                continue
+            if wait.flush_after_s is not None:
+                wait.first_at = now = self._loop.time()
+                # Left in place if the tokens come first: a done future is skipped.
+                self.timers.wake_at(now + wait.flush_after_s, future)
+                wait.flush_after_s = None
+            waiting.append(wait)
+        self._waits = waiting
+
+
+class Wait:
+    """A reader's wait for a stream to change (``Stream.changed``)."""
+
+    __slots__ = ("first_at", "flush_after_s", "future", "tokens")
+
+    def __init__(self, tokens: int, future: asyncio.Future[None], flush_after_s: float | None):
+        self.tokens = tokens
+        self.future = future
+        self.flush_after_s = flush_after_s
+        #: Loop time of the first token after the wait began, if its flush clock was armed.
+        self.first_at: float | None = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream, StreamEnd
+from tokenspout.streaming.wake_timers import Alarm
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,44 +45,53 @@ async def read_stream(
 ) -> AsyncIterator[StreamItem]:
     """See the module docstring. The caller attaches/detaches the reader."""
     loop = asyncio.get_running_loop()
+    timers = stream.timers
+    heartbeat = Alarm()
     pos = start
     last_sent = loop.time()
-    while True:
-        now = loop.time()
-        chunks = stream.chunks_from(pos)
-        for chunk in chunks:
-            policy.add(chunk.text, chunk.num_tokens, now)
-        pos += len(chunks)
-        if stream.end is not None and pos >= stream.length:
-            text, tokens = policy.take()
-            if text:
+    #: When the first token of what is read next arrived, if the stream timed it.
+    first_at: float | None = None
+    try:
+        while True:
+            now = loop.time()
+            chunks = stream.chunks_from(pos)
+            at = now if first_at is None else first_at
+            first_at = None
+            for chunk in chunks:
+                policy.add(chunk.text, chunk.num_tokens, at)
+            pos += len(chunks)
+            if stream.end is not None and pos >= stream.length:
+                text, tokens = policy.take()
+                if text:
+                    yield Delta(text, tokens, pos)
+                stream.consumed(pos, len(text))
+                yield Finished(stream.end)
+                return
+            if policy.due(now):
+                text, tokens = policy.take()
                 yield Delta(text, tokens, pos)
-            stream.consumed(pos, len(text))
-            yield Finished(stream.end)
-            return
-        if policy.due(now):
-            text, tokens = policy.take()
-            yield Delta(text, tokens, pos)
-            stream.consumed(pos, len(text))
-            last_sent = loop.time()
-            continue
-        heartbeat_at = last_sent + heartbeat_s
-        if heartbeat_at <= now:
-            yield Heartbeat()
-            last_sent = loop.time()
-            continue
-        flush_at = policy.deadline()
-        deadline = heartbeat_at if flush_at is None else min(heartbeat_at, flush_at)
-        # Not woken for every token: only for the ones that make the next event due. A
-        # plain timer wakes it at the deadline (cheaper than an asyncio.timeout scope).
-        changed = stream.changed(policy.tokens_until_due())
-        timer = loop.call_at(deadline, _wake, changed)
-        try:
-            await changed
-        finally:
-            timer.cancel()
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+                stream.consumed(pos, len(text))
+                last_sent = loop.time()
+                continue
+            if last_sent + heartbeat_s <= now:
+                yield Heartbeat()
+                last_sent = loop.time()
+                continue
+            # Woken only when the next event is due: by its tokens, by the flush deadline
+            # (which the stream arms when the batch's first token arrives, unless it is
+            # known already), or by the heartbeat alarm.
+            starts = policy.clock_starts_on_next_token()
+            wait = stream.changed(
+                policy.tokens_until_due(),
+                flush_after_s=policy.flush_ms / 1000.0 if starts else None,
+            )
+            flush_at = policy.deadline()
+            if flush_at is not None:
+                timers.wake_at(flush_at, wait.future)
+            heartbeat.future = wait.future
+            timers.set_alarm(heartbeat, last_sent + heartbeat_s)
+            await wait.future
+            first_at = wait.first_at
+    finally:
+        heartbeat.closed = True
+        heartbeat.future = None

@@ -18,6 +18,7 @@ from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.errors import StreamGoneError, StreamNotFoundError
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_store import InMemoryStreamStore, StreamStore
+from tokenspout.streaming.wake_timers import WakeTimers
 
 _EXPIRED_IDS_KEPT = 10_000
 
@@ -50,6 +51,7 @@ class StreamRegistry:
         self._store = store or InMemoryStreamStore()
         self._resume = resume or ResumePolicy()
         self._streams: dict[str, Stream] = {}
+        self._timers = WakeTimers()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._on_end = on_end
         # Counted, not scanned: admission asks on every request, with thousands open.
@@ -81,6 +83,7 @@ class StreamRegistry:
             resumable=resumable,
             resume_grace_s=self._resume.grace_s,
             on_end=self._ended,
+            timers=self._timers,
         )
         self._streams[stream_id] = stream
         self._generating += 1

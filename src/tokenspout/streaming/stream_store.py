@@ -17,11 +17,12 @@ from tokenspout.errors import StreamGoneError
 
 
 class Chunk(NamedTuple):
-    """The text of one engine output and the tokens it accounts for (a named tuple: one is
-    built per token)."""
+    """The text of one engine output, the tokens it accounts for, and its UTF-8 size (a
+    named tuple: one is built per token)."""
 
     text: str
     num_tokens: int
+    nbytes: int
 
 
 def _size(text: str) -> int:
@@ -43,7 +44,7 @@ class ReplayBuffer(ABC):
         """Position after the last chunk."""
 
     @abstractmethod
-    def append(self, chunk: Chunk) -> None: ...
+    def append(self, text: str, num_tokens: int) -> None: ...
 
     @abstractmethod
     def read(self, pos: int) -> list[Chunk]:
@@ -80,9 +81,9 @@ class _MemoryBuffer(ReplayBuffer):
     def end(self) -> int:
         return self._start + len(self._chunks)
 
-    def append(self, chunk: Chunk) -> None:
-        self._chunks.append(chunk)
-        size = _size(chunk.text)
+    def append(self, text: str, num_tokens: int) -> None:
+        size = _size(text)
+        self._chunks.append(Chunk(text, num_tokens, size))
         self.nbytes += size
         self._store._grew(self, size)
 
@@ -100,7 +101,7 @@ class _MemoryBuffer(ReplayBuffer):
         while self._start < pos and self._chunks:
             chunk = self._chunks.popleft()
             self._start += 1
-            freed += _size(chunk.text)
+            freed += chunk.nbytes
         self.nbytes -= freed
         self._store._shrank(freed)
 
