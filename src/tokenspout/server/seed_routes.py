@@ -1,24 +1,22 @@
 """The seed article's endpoint, ``/v1/completions/stream``, by POST body or GET query (the
-latter is what a browser ``EventSource`` can call)."""
+latter is what a browser ``EventSource`` can call). Plain Starlette routes, as in
+``openai_routes``."""
 
 from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
-from tokenspout.server.auth import require_api_key
 from tokenspout.server.generation_request import prepare_seed
 from tokenspout.server.request_parsing import parse_body, validate
 from tokenspout.server.responder import respond
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.schemas import SeedStreamRequest
 from tokenspout.server.server_state import state_of
-
-router = APIRouter(dependencies=[Depends(require_api_key)])
 
 _QUERY_TYPES = {"max_tokens": int, "seed": int, "temperature": float}
 _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
@@ -54,7 +52,6 @@ def query_body(request: Request) -> SeedStreamRequest:
     return validate(SeedStreamRequest, data)
 
 
-@router.post("/v1/completions/stream")
 async def seed_stream_post(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
@@ -62,7 +59,6 @@ async def seed_stream_post(request: Request) -> Response:
     return respond(state, request, prepare_seed(state, body), True, started)
 
 
-@router.get("/v1/completions/stream")
 async def seed_stream_get(request: Request) -> Response:
     """A reconnecting ``EventSource`` repeats this URL with ``Last-Event-ID``: that resumes
     the same stream instead of starting a new generation."""
@@ -72,3 +68,8 @@ async def seed_stream_get(request: Request) -> Response:
     if event_id:
         return resume(state, request, event_id)
     return respond(state, request, prepare_seed(state, query_body(request)), True, started)
+
+
+router = APIRouter()
+router.add_route("/v1/completions/stream", seed_stream_post, methods=["POST"])
+router.add_route("/v1/completions/stream", seed_stream_get, methods=["GET"])

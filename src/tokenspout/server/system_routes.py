@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenspout.server.auth import require_api_key
 from tokenspout.server.resume import last_event_id, replay_all, resume
 from tokenspout.server.server_state import state_of
 
 router = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+api = APIRouter()
 
 
 @router.get("/health")

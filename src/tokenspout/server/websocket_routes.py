@@ -7,6 +7,7 @@ import secrets
 from fastapi import APIRouter
 from starlette.websockets import WebSocket
 
+from tokenspout.server.auth import bearer_matches
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.websocket_session import WebSocketSession
 
@@ -18,10 +19,9 @@ def _authorized(websocket: WebSocket, state: ServerState) -> bool:
     expected = state.config.api_key
     if expected is None:
         return True
-    header = websocket.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
-    token = token or websocket.query_params.get("api_key", "")
-    return secrets.compare_digest(token, expected)
+    if bearer_matches(websocket.headers.get("authorization", ""), expected):
+        return True
+    return secrets.compare_digest(websocket.query_params.get("api_key", ""), expected)
 
 
 @router.websocket("/v1/ws")

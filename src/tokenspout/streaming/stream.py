@@ -240,22 +240,23 @@ class Stream:
 
     def _notify(self, tokens: int | None = None) -> None:
         """Wake the waits for ``tokens`` or fewer (all of them when None); start the flush
-        clock of those that asked for it."""
-        waiting = []
+        clock of those that asked for it. Runs for every token: the list of waits is only
+        rebuilt when one is done."""
+        finished = False
         for wait in self._waits:
             future = wait.future
             if future.done():
-                continue
-            if tokens is None or wait.tokens <= tokens:
+                finished = True
+            elif tokens is None or wait.tokens <= tokens:
                 future.set_result(None)
-                continue
-            if wait.flush_after_s is not None:
+                finished = True
+            elif wait.flush_after_s is not None:
                 wait.first_at = now = self._loop.time()
                 # Left in place if the tokens come first: a done future is skipped.
                 self.timers.wake_at(now + wait.flush_after_s, future)
                 wait.flush_after_s = None
-            waiting.append(wait)
-        self._waits = waiting
+        if finished:
+            self._waits = [w for w in self._waits if not w.future.done()]
 
 
 class Wait:
