@@ -18,6 +18,7 @@ server rather than this engine.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import math
@@ -30,6 +31,10 @@ from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, Samplin
 from tokenspout.errors import InvalidRequestError
 
 SYNTHETIC_MODEL_ID = "synthetic"
+
+#: Builds an EngineOutput from a tuple in C: the named tuple's generated constructor is a
+#: Python function, and one output is built per token.
+_output = functools.partial(tuple.__new__, EngineOutput)
 
 
 @dataclass(eq=False, slots=True)
@@ -208,8 +213,8 @@ class SyntheticEngine(Engine):
         more = req.produced < req.max_tokens
         if not more:
             self._stop(req)
-        word = next(req.words)
-        req.sink(EngineOutput(word, 1, req.prompt_tokens, req.produced, None if more else "length"))
+        reason = None if more else "length"
+        req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason)))
         return more
 
     def _stop(self, req: _Request) -> None:

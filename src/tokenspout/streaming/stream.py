@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,6 +83,9 @@ class Stream:
         self._tokens = 0
         self._completion_tokens = 0
         self._waits: list[Wait] = []
+        #: _notify has work at this token count or before (the nearest wait's target, or
+        #: the next token when a wait's flush clock is to start): skipped otherwise.
+        self._notify_at: float = math.inf
         #: The engine was asked to hold this request until readers catch up.
         self._paused = False
         self._on_end = on_end
@@ -136,6 +140,8 @@ class Stream:
         # Waits whose reader timed out are dropped here and at each wake.
         self._waits = [w for w in self._waits if not w.future.done()]
         self._waits.append(wait)
+        due = self._tokens + 1 if flush_after_s is not None else wait.tokens
+        self._notify_at = min(self._notify_at, due)
         return wait
 
     def consumed(self, pos: int, nbytes: int) -> None:
@@ -206,28 +212,28 @@ class Stream:
             self._failure = item
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
             return
+        text, num_tokens, prompt_tokens, completion_tokens, finish_reason = item
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
-        self._completion_tokens = item.completion_tokens
-        if item.text or item.num_tokens:
-            self._buffer.append(item.text, item.num_tokens)
-            self._tokens += item.num_tokens
+        self._completion_tokens = completion_tokens
+        if text or num_tokens:
+            self._buffer.append(text, num_tokens)
+            self._tokens += num_tokens
             # Backpressure: a reader that cannot keep up holds the engine, not our memory.
             # Resumable streams are bounded by their store instead: they keep generating
             # while no reader is attached.
             if not self.resumable:
-                self._unread_bytes += len(item.text)
+                self._unread_bytes += len(text)
                 if self._unread_bytes > self._max_unread_bytes and not self._paused:
                     self._paused = True
                     self._engine.pause(self.id)
-        if item.finish_reason is not None:
-            end = StreamEnd(
-                item.finish_reason, item.prompt_tokens, item.completion_tokens, self._failure
-            )
-            self._finish(end)
-        else:
+        if finish_reason is not None:
+            self._finish(StreamEnd(finish_reason, prompt_tokens, completion_tokens, self._failure))
+        elif not num_tokens:
             # An output without tokens (rare) wakes every reader, as any other change does.
-            self._notify(self._tokens if item.num_tokens else None)
+            self._notify(None)
+        elif self._tokens >= self._notify_at:
+            self._notify(self._tokens)
 
     def _finish(self, end: StreamEnd) -> None:
         self.end = end
@@ -240,21 +246,25 @@ class Stream:
 
     def _notify(self, tokens: int | None = None) -> None:
         """Wake the waits for ``tokens`` or fewer (all of them when None); start the flush
-        clock of those that asked for it. Runs for every token: the list of waits is only
-        rebuilt when one is done."""
+        clock of those that asked for it, and note when there is work next."""
         finished = False
+        notify_at = math.inf
         for wait in self._waits:
             future = wait.future
             if future.done():
                 finished = True
-            elif tokens is None or wait.tokens <= tokens:
+                continue
+            if tokens is None or wait.tokens <= tokens:
                 future.set_result(None)
                 finished = True
-            elif wait.flush_after_s is not None:
+                continue
+            if wait.flush_after_s is not None:
                 wait.first_at = now = self._loop.time()
                 # Left in place if the tokens come first: a done future is skipped.
                 self.timers.wake_at(now + wait.flush_after_s, future)
                 wait.flush_after_s = None
+            notify_at = min(notify_at, wait.tokens)
+        self._notify_at = notify_at
         if finished:
             self._waits = [w for w in self._waits if not w.future.done()]
 

@@ -9,6 +9,8 @@ replicas (Redis) would write behind and keep this shape.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from abc import ABC, abstractmethod
 from collections import deque
 from typing import NamedTuple
@@ -25,9 +27,9 @@ class Chunk(NamedTuple):
     nbytes: int
 
 
-def _size(text: str) -> int:
-    """UTF-8 size; ASCII (most tokens) skips the encode."""
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+#: Builds a Chunk from a tuple in C: the generated ``Chunk(...)`` constructor is a Python
+#: function, and one chunk is built per token.
+_new_chunk = functools.partial(tuple.__new__, Chunk)
 
 
 class ReplayBuffer(ABC):
@@ -82,10 +84,13 @@ class _MemoryBuffer(ReplayBuffer):
         return self._start + len(self._chunks)
 
     def append(self, text: str, num_tokens: int) -> None:
-        size = _size(text)
-        self._chunks.append(Chunk(text, num_tokens, size))
+        size = len(text) if text.isascii() else len(text.encode("utf-8"))
+        self._chunks.append(_new_chunk((text, num_tokens, size)))
         self.nbytes += size
-        self._store._grew(self, size)
+        store = self._store
+        store.total_bytes += size
+        if self.nbytes > store.max_stream_bytes or store.total_bytes > store.max_total_bytes:
+            store._evict(self)
 
     def read(self, pos: int) -> list[Chunk]:
         if pos < self._start:
@@ -94,7 +99,9 @@ class _MemoryBuffer(ReplayBuffer):
                 f"stream {self.stream_id}: text before position {self._start} is no longer "
                 f"buffered ({why}); start a new request"
             )
-        return [self._chunks[i] for i in range(pos - self._start, len(self._chunks))]
+        if pos == self._start:
+            return list(self._chunks)
+        return list(itertools.islice(self._chunks, pos - self._start, None))
 
     def release(self, pos: int) -> None:
         freed = 0
@@ -134,8 +141,8 @@ class InMemoryStreamStore(StreamStore):
         if buffer is not None:
             self.total_bytes -= buffer.nbytes
 
-    def _grew(self, buffer: _MemoryBuffer, size: int) -> None:
-        self.total_bytes += size
+    def _evict(self, buffer: _MemoryBuffer) -> None:
+        """``buffer`` grew past its bound, or all buffers past theirs."""
         if buffer.nbytes > self.max_stream_bytes:
             buffer.evict_front(self.max_stream_bytes // 2)
         if self.total_bytes > self.max_total_bytes:
