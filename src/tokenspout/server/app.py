@@ -14,6 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout import __version__
 from tokenspout.engine.interface import Engine
@@ -33,6 +34,7 @@ from tokenspout.server import (
 )
 from tokenspout.server.auth import ApiKeyMiddleware
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.direct_routes import DirectRoutes
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
 
@@ -61,6 +63,12 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     return _error_response(InvalidRequestError(str(exc.errors())))
+
+
+async def _direct_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, TokenspoutError):
+        return _error_response(exc)
+    return await _unexpected_error(request, exc)
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
@@ -96,7 +104,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             state.streams.abort_all("shutdown")
             await engine.shutdown()
 
-    app = FastAPI(title="tokenspout", version=__version__, lifespan=lifespan)
+    app = TokenspoutApp(title="tokenspout", version=__version__, lifespan=lifespan)
     app.state.tokenspout = state
     app.include_router(system_routes.router)
     app.include_router(system_routes.api)
@@ -105,18 +113,39 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(websocket_routes.router)
     app.include_router(telemetry_routes.router)
     app.include_router(web_routes.router)
+    direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
+        direct = ApiKeyMiddleware(direct, api_key=state.config.api_key)
     if state.config.allowed_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(state.config.allowed_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "Accept"],
-            expose_headers=["X-Stream-Id", "Retry-After"],
-        )
+        cors = {
+            "allow_origins": list(state.config.allowed_origins),
+            "allow_methods": ["GET", "POST"],
+            "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Accept"],
+            "expose_headers": ["X-Stream-Id", "Retry-After"],
+        }
+        app.add_middleware(CORSMiddleware, **cors)
+        direct = CORSMiddleware(direct, **cors)
+    app.direct_entry = direct
     app.add_exception_handler(TokenspoutError, _tokenspout_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
+
+
+class TokenspoutApp(FastAPI):
+    """FastAPI, with the generation endpoints answered before its middleware stack (see
+    ``direct_routes``), behind the same API key and CORS middleware as the rest."""
+
+    direct_entry: ASGIApp
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (scope["method"], scope["path"]) in _DIRECT:
+            scope["app"] = self
+            await self.direct_entry(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+_DIRECT = {**openai_routes.ROUTES, **seed_routes.ROUTES}

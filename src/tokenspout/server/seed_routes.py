@@ -1,6 +1,5 @@
 """The seed article's endpoint, ``/v1/completions/stream``, by POST body or GET query (the
-latter is what a browser ``EventSource`` can call). Plain Starlette routes, as in
-``openai_routes``."""
+latter is what a browser ``EventSource`` can call). Served by ``direct_routes``."""
 
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
+from tokenspout.server.direct_routes import Handler
 from tokenspout.server.generation_request import prepare_seed
 from tokenspout.server.request_parsing import parse_body, validate
 from tokenspout.server.responder import respond
@@ -70,6 +70,11 @@ async def seed_stream_get(request: Request) -> Response:
     return respond(state, request, prepare_seed(state, query_body(request)), True, started)
 
 
+#: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).
+ROUTES: dict[tuple[str, str], Handler] = {
+    ("POST", "/v1/completions/stream"): seed_stream_post,
+    ("GET", "/v1/completions/stream"): seed_stream_get,
+}
 router = APIRouter()
-router.add_route("/v1/completions/stream", seed_stream_post, methods=["POST"])
-router.add_route("/v1/completions/stream", seed_stream_get, methods=["GET"])
+for (method, path), handler in ROUTES.items():
+    router.add_route(path, handler, methods=[method])
