@@ -9,8 +9,9 @@ a model.
 It is paced like a batched engine. A request's first token comes ``ttft_ms`` after it starts
 (its "prefill"); then it joins the decode steps, which run every ``itl_ms`` for all running
 requests at once and give each one token, as a continuous-batching engine's steps do (ours,
-vLLM's). So the gap between the first and second token is at most ``itl_ms``, and every
-later gap is ``itl_ms``. One asyncio timer drives the steps and one heap holds the first
+vLLM's). It joins at the first step at least ``itl_ms`` after its first token, so the gap
+between the first and second token is between ``itl_ms`` and twice that, and every later
+gap is ``itl_ms``. One asyncio timer drives the steps and one heap holds the first
 tokens' times: no task or timer per request or per token, so a load test measures the
 server rather than this engine.
 """
@@ -47,6 +48,8 @@ class _Request:
     produced: int = 0
     running: bool = False
     paused: bool = False
+    #: Loop time from which it takes part in the decode steps (its first token + itl).
+    join_at: float = 0.0
 
 
 class SyntheticEngine(Engine):
@@ -82,8 +85,10 @@ class SyntheticEngine(Engine):
         self._order = itertools.count()
         self._prefill_timer: asyncio.TimerHandle | None = None
         self._prefill_at = math.inf
-        #: Requests past their first token, in step order, and the step timer.
+        #: Requests past their first token, in step order, those waiting to join the steps
+        #: (a whole itl after their first token), and the step timer.
         self._decoding: dict[str, _Request] = {}
+        self._joining: list[_Request] = []
         self._step_timer: asyncio.TimerHandle | None = None
         self._step_at = 0.0
 
@@ -183,19 +188,30 @@ class SyntheticEngine(Engine):
         for req in due:
             # An aborted request left `running`; its heap entry is simply dropped.
             if req.running and self._emit(req):
-                self._decoding[req.id] = req
-        if self._decoding and self._step_timer is None:
+                req.join_at = now + self.itl_s
+                self._joining.append(req)
+        if self._joining and self._step_timer is None:
             self._step_at = now + self.itl_s
             self._step_timer = loop.call_at(self._step_at, self._step)
 
     def _step(self) -> None:
         """One decode step: a token for every running request that is not paused."""
         loop = asyncio.get_running_loop()
+        if self._joining:
+            # Compared with the step's grid time: a timer may fire a hair early.
+            joining, self._joining = self._joining, []
+            for req in joining:
+                if not req.running:
+                    continue
+                if req.join_at <= self._step_at:
+                    self._decoding[req.id] = req
+                else:
+                    self._joining.append(req)
         for req in list(self._decoding.values()):
             # A sink may abort another request during the step: `running` is checked here.
             if req.running and not req.paused:
                 self._emit(req)
-        if not self._decoding:
+        if not self._decoding and not self._joining:
             self._step_timer = None
             return
         # Keep to the step grid, but a loop more than a step late restarts the grid from now

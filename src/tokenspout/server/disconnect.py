@@ -24,6 +24,8 @@ class DisconnectWatch:
     client left be dropped before it is ever prefilled.
     """
 
+    __slots__ = ("_body", "_receive", "reason")
+
     def __init__(self, receive: Receive):
         self._receive = receive
         self._body: asyncio.Task[Any] | None = None

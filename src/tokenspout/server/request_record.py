@@ -29,6 +29,19 @@ class RequestRecord:
     ws or json). A resumed reader's first text is not the stream's TTFT: ``resumed=True``
     keeps it out of the TTFT histogram."""
 
+    __slots__ = (
+        "_first_text_at",
+        "_last_text_at",
+        "endpoint",
+        "events",
+        "metrics",
+        "prompt",
+        "resumed",
+        "started_at",
+        "stream",
+        "transport",
+    )
+
     def __init__(
         self,
         metrics: Metrics,

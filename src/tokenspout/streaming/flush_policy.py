@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(slots=True)
 class FlushPolicy:
     """Per-connection coalescing state. ``now`` values are seconds on any monotonic clock."""
 

@@ -44,6 +44,37 @@ class StreamEnd:
 class Stream:
     """A generation with its buffer. Create through ``StreamRegistry.open``."""
 
+    # Slots: one Stream per open request, and thousands may be open.
+    __slots__ = (
+        "_buffer",
+        "_completion_tokens",
+        "_done",
+        "_engine",
+        "_failure",
+        "_grace",
+        "_loop",
+        "_max_unread_bytes",
+        "_notify_at",
+        "_on_end",
+        "_paused",
+        "_readers",
+        "_tokens",
+        "_unread_bytes",
+        "_waits",
+        "abort_reason",
+        "created",
+        "end",
+        "first_output_at",
+        "id",
+        "include_usage",
+        "kind",
+        "opened_at",
+        "prompt_tokens",
+        "resumable",
+        "resume_grace_s",
+        "timers",
+    )
+
     def __init__(
         self,
         stream_id: str,

@@ -10,9 +10,7 @@ replicas (Redis) would write behind and keep this shape.
 from __future__ import annotations
 
 import functools
-import itertools
 from abc import ABC, abstractmethod
-from collections import deque
 from typing import NamedTuple
 
 from tokenspout.errors import StreamGoneError
@@ -34,6 +32,8 @@ _new_chunk = functools.partial(tuple.__new__, Chunk)
 
 class ReplayBuffer(ABC):
     """The chunks of one stream, addressed by absolute position (0 = first chunk)."""
+
+    __slots__ = ()
 
     @property
     @abstractmethod
@@ -67,10 +67,15 @@ class StreamStore(ABC):
 
 
 class _MemoryBuffer(ReplayBuffer):
+    # A list, not a deque: a deque allocates a 64-slot block up front, the biggest single
+    # object of a stream that holds a few unread chunks. Released chunks are cut off the
+    # front in one slice per event.
+    __slots__ = ("_chunks", "_start", "_store", "evicted", "nbytes", "stream_id")
+
     def __init__(self, stream_id: str, store: InMemoryStreamStore):
         self.stream_id = stream_id
         self._store = store
-        self._chunks: deque[Chunk] = deque()
+        self._chunks: list[Chunk] = []
         self._start = 0
         self.nbytes = 0
         self.evicted = False
@@ -99,24 +104,28 @@ class _MemoryBuffer(ReplayBuffer):
                 f"stream {self.stream_id}: text before position {self._start} is no longer "
                 f"buffered ({why}); start a new request"
             )
-        if pos == self._start:
-            return list(self._chunks)
-        return list(itertools.islice(self._chunks, pos - self._start, None))
+        return self._chunks[pos - self._start :]
 
     def release(self, pos: int) -> None:
-        freed = 0
-        while self._start < pos and self._chunks:
-            chunk = self._chunks.popleft()
-            self._start += 1
-            freed += chunk.nbytes
+        count = min(pos - self._start, len(self._chunks))
+        if count <= 0:
+            return
+        freed = sum(chunk.nbytes for chunk in self._chunks[:count])
+        del self._chunks[:count]
+        self._start += count
         self.nbytes -= freed
         self._store._shrank(freed)
 
     def evict_front(self, target_bytes: int) -> None:
         """Drop the oldest chunks until at most ``target_bytes`` remain (keeps the newest)."""
-        while self.nbytes > target_bytes and len(self._chunks) > 1:
+        excess = self.nbytes - target_bytes
+        count = 0
+        while excess > 0 and count < len(self._chunks) - 1:
+            excess -= self._chunks[count].nbytes
+            count += 1
+        if count:
             self.evicted = True
-            self.release(self._start + 1)
+            self.release(self._start + count)
 
 
 class InMemoryStreamStore(StreamStore):

@@ -1,0 +1,126 @@
+"""The SYNTHETIC engine: exact echo, pacing like a batched engine's steps, queueing, abort,
+pause and resume. Time bounds here are lower bounds (timers never fire early), not speed
+thresholds."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import pytest
+
+from tokenspout.engine.request import EngineOutput, SamplingParams
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+pytestmark = pytest.mark.asyncio
+
+
+async def collect(engine: SyntheticEngine, rid: str, prompt: str, n: int) -> list[EngineOutput]:
+    loop = asyncio.get_running_loop()
+    outs = []
+    async for out in engine.generate(rid, engine.encode_completion(prompt), SamplingParams(n)):
+        outs.append((loop.time(), out))
+    return outs  # type: ignore[return-value]
+
+
+async def test_echoes_words_for_exactly_max_tokens() -> None:
+    engine = SyntheticEngine()
+    outs = [o for _, o in await collect(engine, "a", "one two three", 7)]  # type: ignore[misc]
+    assert "".join(o.text for o in outs) == "one two three one two three one "
+    assert [o.num_tokens for o in outs] == [1] * 7
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 7
+    assert all(o.finish_reason is None for o in outs[:-1])
+    assert engine.stats().running == 0 and engine.stats().generation_tokens_total == 7
+
+
+async def test_first_token_after_ttft_then_a_step_apart() -> None:
+    engine = SyntheticEngine(ttft_ms=40, itl_ms=20)
+    start = asyncio.get_running_loop().time()
+    timed = await collect(engine, "a", "w", 5)
+    times = [t for t, _ in timed]  # type: ignore[misc]
+    eps = 0.002  # the loop's clock resolution
+    assert times[0] - start >= 0.040 - eps
+    assert times[1] - times[0] >= 0.020 - eps  # joins the steps a whole itl later
+    gaps = [b - a for a, b in itertools.pairwise(times[1:])]
+    assert all(g >= 0.020 - eps for g in gaps)
+
+
+async def test_concurrent_requests_share_steps() -> None:
+    engine = SyntheticEngine(itl_ms=10)
+    loop = asyncio.get_running_loop()
+    times: dict[str, list[float]] = {"a": [], "b": []}
+    ended = {rid: asyncio.Event() for rid in times}
+
+    def sink(rid: str, out: EngineOutput) -> None:
+        times[rid].append(loop.time())
+        if out.finish_reason is not None:
+            ended[rid].set()
+
+    for rid in times:
+        engine.submit(
+            rid, engine.encode_completion("x"), SamplingParams(6), lambda o, r=rid: sink(r, o)
+        )
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in ended.values())), 10)
+    # After joining, every step gives both requests their token in the same callback
+    # (steps are 10 ms apart; the two sink calls are microseconds apart).
+    for t in times["a"][2:]:
+        assert min(abs(t - u) for u in times["b"]) < 0.002
+
+
+async def test_queue_beyond_max_num_seqs_and_abort_frees_the_slot() -> None:
+    engine = SyntheticEngine(itl_ms=5, max_num_seqs=1)
+    got: list[EngineOutput] = []
+    engine.submit("a", engine.encode_completion("x"), SamplingParams(1000), got.append)
+    queued: list[EngineOutput] = []
+    engine.submit("b", engine.encode_completion("y"), SamplingParams(3), queued.append)
+    assert (engine.stats().running, engine.stats().waiting) == (1, 1)
+    await asyncio.sleep(0.03)
+    assert not queued and got
+    assert engine.abort("a")
+    assert got[-1].finish_reason == "cancelled"
+    assert not engine.abort("a")
+    for _ in range(100):
+        if queued and queued[-1].finish_reason:
+            break
+        await asyncio.sleep(0.01)
+    assert "".join(o.text for o in queued) == "y y y "
+    assert engine.stats().running == 0
+
+
+async def test_abort_while_queued_never_starts() -> None:
+    engine = SyntheticEngine(itl_ms=5, max_num_seqs=1)
+    engine.submit("a", engine.encode_completion("x"), SamplingParams(50), lambda o: None)
+    queued: list[EngineOutput] = []
+    engine.submit("b", engine.encode_completion("y"), SamplingParams(3), queued.append)
+    assert engine.abort("b")
+    assert [o.finish_reason for o in queued] == ["cancelled"]
+    assert engine.stats().waiting == 0
+    engine.abort("a")
+
+
+async def test_pause_holds_tokens_and_resume_continues() -> None:
+    engine = SyntheticEngine(itl_ms=2)
+    got: list[EngineOutput] = []
+    engine.submit("a", engine.encode_completion("x"), SamplingParams(100), got.append)
+    await asyncio.sleep(0.02)
+    engine.pause("a")
+    held = len(got)
+    await asyncio.sleep(0.03)
+    assert len(got) <= held + 1  # at most a step already under way
+    held = len(got)
+    engine.resume("a")
+    await asyncio.sleep(0.03)
+    assert len(got) > held
+    engine.abort("a")
+
+
+async def test_zero_itl_gives_one_token_per_loop_turn() -> None:
+    engine = SyntheticEngine()
+    got: list[EngineOutput] = []
+    engine.submit("a", engine.encode_completion("x"), SamplingParams(5), got.append)
+    counts = []
+    for _ in range(8):
+        await asyncio.sleep(0)
+        counts.append(len(got))
+    assert counts[-1] == 5
+    assert all(b - a <= 1 for a, b in itertools.pairwise(counts))
