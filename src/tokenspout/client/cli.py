@@ -53,7 +53,9 @@ def serve(
     prefix_cache: Annotated[bool, typer.Option(help="Reuse KV of shared prompt prefixes.")] = True,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: cores).")] = None,
     synthetic_ttft_ms: Annotated[float, typer.Option(help="Synthetic engine TTFT.")] = 0.0,
-    synthetic_itl_ms: Annotated[float, typer.Option(help="Synthetic time between tokens.")] = 0.0,
+    synthetic_itl_ms: Annotated[
+        float, typer.Option(help="Synthetic decode step: every running request gets a token.")
+    ] = 0.0,
     flush_tokens: Annotated[int, typer.Option(help="Coalesce up to N tokens per event.")] = 5,
     flush_ms: Annotated[float, typer.Option(help="...or send after this many ms.")] = 50.0,
     heartbeat_interval_s: Annotated[float, typer.Option(help="SSE ': ping' when idle.")] = 15.0,
