@@ -14,12 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+
+def fastapi_router(routes: dict[tuple[str, str], Handler]) -> APIRouter:
+    """The same handlers registered with FastAPI (API schema, 405 for a wrong method)."""
+    router = APIRouter()
+    for (method, path), handler in routes.items():
+        router.add_route(path, handler, methods=[method])
+    return router
 
 
 class DirectRoutes:

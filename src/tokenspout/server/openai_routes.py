@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.server.direct_routes import Handler
+from tokenspout.server.direct_routes import Handler, fastapi_router
 from tokenspout.server.generation_request import prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
@@ -38,6 +37,4 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/chat/completions"): chat_completions,
     ("POST", "/v1/completions"): completions,
 }
-router = APIRouter()
-for (method, path), handler in ROUTES.items():
-    router.add_route(path, handler, methods=[method])
+router = fastapi_router(ROUTES)

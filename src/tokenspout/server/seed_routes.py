@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
-from tokenspout.server.direct_routes import Handler
+from tokenspout.server.direct_routes import Handler, fastapi_router
 from tokenspout.server.generation_request import prepare_seed
 from tokenspout.server.request_parsing import parse_body, validate
 from tokenspout.server.responder import respond
@@ -75,6 +74,4 @@ ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/completions/stream"): seed_stream_post,
     ("GET", "/v1/completions/stream"): seed_stream_get,
 }
-router = APIRouter()
-for (method, path), handler in ROUTES.items():
-    router.add_route(path, handler, methods=[method])
+router = fastapi_router(ROUTES)
