@@ -11,7 +11,7 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seed: int = 0) -> list[int]:
-    return Sampler()(logits, params, [make_generator(seed + i) for i in range(len(params))])
+    return Sampler()(logits, params, [make_generator(seed + i) for i in range(len(params))]).tokens
 
 
 def test_greedy_takes_the_argmax_of_each_row() -> None:
@@ -56,10 +56,10 @@ def test_temperature_sampling_follows_the_distribution() -> None:
 def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
     hot = SamplingParams(temperature=1.5, seed=42)
-    alone = Sampler()(logits[1:2], [hot], [make_generator(42)])
+    alone = Sampler()(logits[1:2], [hot], [make_generator(42)]).tokens
     params = [GREEDY, hot, SamplingParams(temperature=1.0)]
     gens = [make_generator(None), make_generator(42), make_generator(None)]
-    in_batch = Sampler()(logits, params, gens)
+    in_batch = Sampler()(logits, params, gens).tokens
     assert in_batch[1] == alone[0]
     assert in_batch[0] == int(logits[0].argmax())
 
@@ -68,8 +68,8 @@ def test_a_seeded_generator_repeats_its_sequence() -> None:
     logits = torch.zeros(1, 1000)
     params = [SamplingParams(temperature=1.0, seed=7)]
     g1, g2 = make_generator(7), make_generator(7)
-    first = [Sampler()(logits, params, [g1])[0] for _ in range(10)]
-    second = [Sampler()(logits, params, [g2])[0] for _ in range(10)]
+    first = [Sampler()(logits, params, [g1]).tokens[0] for _ in range(10)]
+    second = [Sampler()(logits, params, [g2]).tokens[0] for _ in range(10)]
     assert first == second and len(set(first)) > 1
 
 

@@ -11,9 +11,13 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import EngineError
+from tokenspout.errors import EngineError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenspout.engine.tool_calls import Tool
 
 
 @dataclass(frozen=True)
@@ -68,8 +72,27 @@ class Engine(ABC):
         """Tokenize a raw completion prompt."""
 
     @abstractmethod
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> Prompt:
-        """Render the chat template with a generation prompt and tokenize it."""
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> Prompt:
+        """Render the chat template (with ``tools`` the model may call) and a generation
+        prompt, and tokenize it; ``InvalidRequestError`` for tools the engine cannot offer."""
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise ``InvalidRequestError`` naming the first field of ``params`` this engine
+        cannot honour (never accept and ignore). By default: everything beyond plain
+        temperature/top-p/top-k sampling."""
+        unsupported = {
+            "response_format": params.grammar is not None and not params.tool_calls,
+            "tools": params.tool_calls,
+            "logprobs": params.logprobs is not None,
+            "min_p": params.min_p != 0.0,
+            "presence_penalty": params.presence_penalty != 0.0,
+            "frequency_penalty": params.frequency_penalty != 0.0,
+            "repetition_penalty": params.repetition_penalty != 1.0,
+            "logit_bias": bool(params.logit_bias),
+        }
+        for name, used in unsupported.items():
+            if used:
+                raise InvalidRequestError(f"{name} is not supported by this engine", param=name)
 
     @abstractmethod
     def submit(

@@ -16,6 +16,11 @@ on the other requests' draws. They are bit-exact only for the same computation, 
 prompt whose prefix came from the prefix cache, or a different batch, rounds the logits
 slightly differently, which can flip a sampled token near a probability boundary.
 
+Constraints and extras. A request with a ``grammar`` gets an llguidance matcher (built on
+this thread) whose token mask the sampler applies to its row; it finishes with ``"stop"`` as
+soon as the grammar is complete. Requests that asked for logprobs or tool calls get them as
+``EngineOutput.extras`` with each token.
+
 Failures. If a step raises, every running request fails with ``EngineError`` (their KV may
 be half-written), waiting requests stay queued and the thread keeps serving.
 """
@@ -29,17 +34,35 @@ from collections import defaultdict, deque
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import torch
 
+from tokenspout.engine import tool_calls
 from tokenspout.engine.detokenizer import Detokenizer
+from tokenspout.engine.grammar import TokenMasks, check_grammar
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
-from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
-from tokenspout.engine.sampler import Sampler, make_generator
+from tokenspout.engine.request import (
+    ChatMessage,
+    EngineOutput,
+    OutputExtras,
+    Prompt,
+    SamplingParams,
+    TokenLogprob,
+)
+from tokenspout.engine.sampler import (
+    RowContext,
+    RowLogprobs,
+    Sampled,
+    Sampler,
+    make_generator,
+)
 from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
 from tokenspout.engine.sequence import Sequence
+from tokenspout.engine.tokenizer import Tokenizer
 from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +86,10 @@ class _Request:
     #: The sink has had its last item; later outputs are dropped.
     done: bool = False
     completion_tokens: int = 0
+    #: Engine thread: the grammar's matcher (``llguidance.LLMatcher``) and the tool-call
+    #: parser, when the request has them.
+    matcher: Any = None
+    tool_parser: tool_calls.ToolCallParser | None = None
 
 
 #: What the event loop posts to the engine thread: a new request, or the id to abort.
@@ -107,6 +134,8 @@ class LLMEngine(Engine):
         self._active: dict[str, _Request] = {}  # engine-thread side
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        #: Token id -> (text, bytes) for logprobs; engine thread.
+        self._token_text = lru_cache(maxsize=1 << 16)(self._decode_token)
 
     # --- lifecycle (event loop) ---
 
@@ -148,15 +177,40 @@ class LLMEngine(Engine):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return self._prompt(self._runner().tokenizer.encode(prompt), prompt)
 
-    def encode_chat(self, messages: Seq[ChatMessage]) -> Prompt:
+    def encode_chat(self, messages: Seq[ChatMessage], tools: Seq[tool_calls.Tool] = ()) -> Prompt:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         for m in messages:
             if m.role not in CHAT_ROLES:
                 raise InvalidRequestError(f"unknown role {m.role!r}", param="messages")
         tokenizer = self._runner().tokenizer
-        text = tokenizer.render_chat(messages, add_generation_prompt=True)
+        if isinstance(tokenizer, Tokenizer) and tokenizer.renders_tools:
+            text = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
+        else:
+            messages = tool_calls.with_generic_tools(messages, tools)
+            text = tokenizer.render_chat(messages, add_generation_prompt=True)
         return self._prompt(tokenizer.encode(text, add_special_tokens=False), text)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Everything ``SamplingParams`` can ask for is served here; a grammar must be one
+        llguidance supports, and the model's tokenizer must be one it can mask."""
+        vocab = self._runner().vocab_size
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise InvalidRequestError(
+                "logit_bias token ids must be in the vocabulary", param="logit_bias"
+            )
+        if params.grammar is None:
+            return
+        param = "tools" if params.tool_calls else "response_format"
+        if self.sampler.masks is None:
+            raise InvalidRequestError(
+                "this model's tokenizer does not support constrained decoding", param=param
+            )
+        if params.ignore_eos:
+            raise InvalidRequestError(
+                "ignore_eos cannot be combined with a constrained output", param="ignore_eos"
+            )
+        check_grammar(params.grammar, param)
 
     def submit(
         self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
@@ -164,6 +218,7 @@ class LLMEngine(Engine):
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt.token_ids)
+        self.check_params(params)
         if self._thread is None or self._stopping:
             raise EngineError("the engine is not running")
         req = self._new_request(request_id, prompt, params, sink)
@@ -199,13 +254,14 @@ class LLMEngine(Engine):
     def step(self) -> None:
         """One engine iteration: schedule, run the model, sample, deliver."""
         plan = self.scheduler.schedule()
-        tokens = self._run(plan)
-        self.scheduler.postprocess(plan, tokens)
+        sampled = self._run(plan)
+        self.scheduler.postprocess(plan, sampled.tokens)
         self._prompt_tokens_total += plan.num_prefill_tokens
-        self._generation_tokens_total += len(tokens)
-        self._deliver(self._postprocess(c.seq for c in plan.chunks if c.samples))
+        self._generation_tokens_total += len(sampled.tokens)
+        seqs = [c.seq for c in plan.chunks if c.samples]
+        self._deliver(self._postprocess(zip(seqs, sampled.logprobs, strict=True)))
 
-    def _run(self, plan: SchedulerOutput) -> list[int]:
+    def _run(self, plan: SchedulerOutput) -> Sampled:
         runner = self._runner()
         for copy in plan.copies:
             runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens)
@@ -213,31 +269,73 @@ class LLMEngine(Engine):
         logits = runner.forward(chunks)  # [len(chunks), vocab]
         rows = [i for i, c in enumerate(plan.chunks) if c.samples]
         reqs = [self._active[plan.chunks[i].seq.seq_id] for i in rows]
-        return self.sampler(logits[rows], [r.seq.params for r in reqs], [r.generator for r in reqs])
+        contexts = None
+        if any(r.matcher is not None or r.seq.params.penalized or r.seq.params.logit_bias
+               for r in reqs):  # fmt: skip
+            contexts = [
+                RowContext(r.seq.prompt_token_ids, r.seq.output_token_ids, r.matcher) for r in reqs
+            ]
+        return self.sampler(
+            logits[rows], [r.seq.params for r in reqs], [r.generator for r in reqs], contexts
+        )
 
-    def _postprocess(self, seqs: Iterable[Sequence]) -> list[tuple[_Request, EngineOutput]]:
+    def _postprocess(
+        self, rows: Iterable[tuple[Sequence, RowLogprobs | None]]
+    ) -> list[tuple[_Request, EngineOutput]]:
         """Detokenize each sequence's new token and finish the ones that are done."""
         outputs = []
-        for seq in seqs:
+        for seq, logprobs in rows:
             req = self._active[seq.seq_id]
             token = seq.output_token_ids[-1]
             stop_ids = seq.params.stop_token_ids
+            extras: OutputExtras | None = None
             if token in stop_ids or (
                 not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
             ):
-                # A stop token's own text is not part of the output.
+                # A stop token's own text (and logprob) is not part of the output.
                 reason, text = "stop", req.detokenizer.flush()
             else:
                 text = req.detokenizer.add(token)
                 reason = req.detokenizer.finish_reason
+                if reason is None and req.matcher is not None:
+                    req.matcher.consume_token(token)
+                    if req.matcher.is_stopped():
+                        # The grammar is complete: only its end could follow.
+                        reason, text = "stop", text + req.detokenizer.flush()
                 if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
                     reason, text = "length", text + req.detokenizer.flush()
+                if logprobs is not None:
+                    extras = OutputExtras(logprob=self._token_logprob(token, logprobs))
+            if req.tool_parser is not None:
+                text, extras = self._parse_tools(req.tool_parser, text, extras, reason)
+                if reason == "stop" and req.tool_parser.has_call:
+                    reason = "tool_calls"
             if reason is not None:
                 self.scheduler.finish(seq)
                 del self._active[seq.seq_id]
             n = len(seq.output_token_ids)
-            outputs.append((req, EngineOutput(text, 1, seq.num_prompt_tokens, n, reason)))
+            outputs.append((req, EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras)))
         return outputs
+
+    @staticmethod
+    def _parse_tools(
+        parser: tool_calls.ToolCallParser,
+        text: str,
+        extras: OutputExtras | None,
+        reason: str | None,
+    ) -> tuple[str, OutputExtras | None]:
+        """Move the text that belongs to a tool call into the output's extras."""
+        content, calls = parser.feed(text)
+        if reason is not None:
+            rest, more = parser.finish()
+            content, calls = content + rest, calls + more
+        if calls:
+            extras = (extras or OutputExtras())._replace(tool_calls=calls)
+        return content, extras
+
+    def _token_logprob(self, token: int, logprobs: RowLogprobs) -> TokenLogprob:
+        top = tuple((*self._token_text(t), lp) for t, lp in logprobs.top)
+        return TokenLogprob(*self._token_text(token), logprobs.logprob, top)
 
     def _main(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         """The engine thread: load the model, report to ``start()``, then serve."""
@@ -252,6 +350,11 @@ class LLMEngine(Engine):
         except BaseException as exc:
             loop.call_soon_threadsafe(_settle, ready, exc)
             return
+        tokenizer = self.runner.tokenizer
+        if isinstance(tokenizer, Tokenizer):
+            self.sampler.masks = TokenMasks(
+                tokenizer.backend_json(), self.runner.vocab_size, tokenizer.eos_token_ids
+            )
         loop.call_soon_threadsafe(_settle, ready, None)
         self._loop()
 
@@ -288,8 +391,26 @@ class LLMEngine(Engine):
                 if self._active.pop(item, None) is not None:
                     self.scheduler.abort(item)
             else:
+                if not self._start_request(item):
+                    continue
                 self._active[item.seq.seq_id] = item
                 self.scheduler.add(item.seq)
+
+    def _start_request(self, req: _Request) -> bool:
+        """Build the request's grammar matcher here, off the event loop (a large schema can
+        take a while); a grammar that fails to compile fails the request."""
+        params = req.seq.params
+        if params.tool_calls:
+            req.tool_parser = tool_calls.ToolCallParser()
+        if params.grammar is None:
+            return True
+        assert self.sampler.masks is not None
+        try:
+            req.matcher = self.sampler.masks.matcher(params.grammar)
+        except Exception as exc:
+            self._deliver([(req, EngineError(f"the grammar could not be built: {exc}"))])
+            return False
+        return True
 
     def _fail(self, seqs: list[Sequence], exc: Exception | None) -> None:
         """Fail running sequences with ``EngineError`` and forget their (maybe bad) KV."""
@@ -350,6 +471,15 @@ class LLMEngine(Engine):
             asyncio.get_running_loop(),
             sink,
         )
+
+    def _decode_token(self, token: int) -> tuple[str, bytes]:
+        """A token's text and bytes, for logprobs (a token may hold part of a character)."""
+        masks = self.sampler.masks
+        if masks is not None:
+            raw = masks.token_bytes(token)
+        else:
+            raw = self._runner().tokenizer.decode([token]).encode()
+        return raw.decode("utf-8", errors="replace"), raw
 
     def _prompt(self, token_ids: Seq[int], text: str) -> Prompt:
         self._check_prompt(token_ids)

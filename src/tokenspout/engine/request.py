@@ -7,15 +7,42 @@ from typing import Literal, NamedTuple
 
 from tokenspout.errors import InvalidRequestError
 
-FinishReason = Literal["stop", "length", "cancelled"]
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+#: Most entries a request's ``logit_bias`` may have (OpenAI's limit).
+MAX_LOGIT_BIAS = 300
+#: Most alternatives per token that ``top_logprobs`` may ask for (OpenAI's limit).
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made: ``arguments`` is a JSON text."""
+
+    id: str
+    name: str
+    arguments: str
 
 
 @dataclass(frozen=True)
 class ChatMessage:
-    """One message of a chat; ``role`` is system, user, assistant or tool."""
+    """One message of a chat; ``role`` is system, user, assistant or tool. An assistant
+    message may carry the ``tool_calls`` it made; a tool message answers ``tool_call_id``."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the output: ``kind`` is ``json_schema`` (``source`` is the schema as
+    JSON text), ``json_object`` (any JSON object), ``regex``, ``choice`` (``source`` is a JSON
+    list of strings) or ``lark`` (a llguidance Lark grammar, used for tool calls)."""
+
+    kind: Literal["json_schema", "json_object", "regex", "choice", "lark"]
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -30,6 +57,21 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    #: Keep only tokens at least ``min_p`` times as likely as the most likely one (0: off).
+    min_p: float = 0.0
+    #: OpenAI's penalties, subtracted from a logit: ``presence`` once for a token that is in
+    #: the output so far, ``frequency`` times its count there.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: vLLM's multiplicative penalty on tokens of the prompt and output (1: off).
+    repetition_penalty: float = 1.0
+    #: Added to the logits of these token ids before anything else.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    #: Return the sampled token's log-probability, with this many alternatives (None: no).
+    logprobs: int | None = None
+    grammar: Grammar | None = None
+    #: Output in the generic tool-call format is parsed into ``ToolCallDelta`` extras.
+    tool_calls: bool = False
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -38,6 +80,36 @@ class SamplingParams:
             raise InvalidRequestError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]", param="top_p")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequestError("min_p must be in [0, 1]", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequestError(f"{name} must be between -2 and 2", param=name)
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidRequestError(
+                "repetition_penalty must be in (0, 2]", param="repetition_penalty"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias has more than {MAX_LOGIT_BIAS} entries", param="logit_bias"
+            )
+        if any(not -100.0 <= b <= 100.0 for _, b in self.logit_bias):
+            raise InvalidRequestError(
+                "logit_bias values must be between -100 and 100", param="logit_bias"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequestError(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}", param="top_logprobs"
+            )
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty needs the tokens generated so far."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
 
     @property
     def greedy(self) -> bool:
@@ -71,3 +143,33 @@ class EngineOutput(NamedTuple):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: FinishReason | None = None
+    #: What else this output carries (logprobs, tool-call pieces); None for plain text.
+    extras: OutputExtras | None = None
+
+
+class TokenLogprob(NamedTuple):
+    """One generated token's log-probability and the most likely alternatives
+    (``top``: (token, bytes, logprob) sorted by logprob, most likely first)."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[tuple[str, bytes, float], ...]
+
+
+class ToolCallDelta(NamedTuple):
+    """A piece of the ``index``-th tool call: its first piece has ``id`` and ``name``, the
+    later ones add to ``arguments`` (concatenated, they are the arguments' JSON text)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+class OutputExtras(NamedTuple):
+    """Per-token extras of an ``EngineOutput``: the token's logprob (when asked for) and the
+    tool-call pieces its text completed (the text then goes there instead of ``text``)."""
+
+    logprob: TokenLogprob | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()

@@ -1,5 +1,12 @@
 """Pick the next token of every row of a step's logits, each row with its own settings.
 
+Before picking, each row's logits go through its own processors, in vLLM's order, touching
+only the rows that asked: ``logit_bias``; the repetition, frequency and presence penalties
+(over the prompt and the output so far); the grammar's token mask (``grammar.TokenMasks``).
+Logprobs are taken from that distribution at the row's temperature (unscaled for greedy
+rows), before ``top_k``/``top_p``/``min_p`` truncation, as vLLM's ``processed_logprobs``:
+a token the grammar forbids has no logprob and is never listed.
+
 Greedy rows (temperature 0) take the argmax. The others are scaled by their temperature,
 cut to their top-k and top-p sets, and drawn by inverse-CDF sampling: one uniform number per
 row, located in the row's cumulative distribution. That needs a single random number per
@@ -11,10 +18,39 @@ tokens whatever else shares its batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
 from tokenspout.engine.request import SamplingParams
+
+if TYPE_CHECKING:
+    import llguidance
+
+    from tokenspout.engine.grammar import TokenMasks
+
+
+class RowContext(NamedTuple):
+    """What a row's processors need besides its params: the tokens so far (penalties) and
+    its grammar matcher (None: unconstrained)."""
+
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+    matcher: llguidance.LLMatcher | None = None
+
+
+class RowLogprobs(NamedTuple):
+    """The sampled token's logprob and the ``top`` (token id, logprob), most likely first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class Sampled(NamedTuple):
+    """One step's picks: a token per row, and its logprobs where the row asked for them."""
+
+    tokens: list[int]
+    logprobs: list[RowLogprobs | None]
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -28,18 +64,25 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 class Sampler:
-    """Batched sampling over the rows of one step; stateless."""
+    """Batched sampling over the rows of one step; stateless but for the grammar masks
+    (``masks``, set by the engine once its tokenizer is loaded)."""
+
+    def __init__(self, masks: TokenMasks | None = None):
+        self.masks = masks
 
     def __call__(
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator],
-    ) -> list[int]:
-        """Return one token id per row of ``logits`` ([rows, vocab], float32)."""
+        contexts: Sequence[RowContext] | None = None,
+    ) -> Sampled:
+        """Pick one token id per row of ``logits`` ([rows, vocab], float32; not modified)."""
         assert logits.dim() == 2 and logits.shape[0] == len(params) == len(generators)
         if not params:
-            return []
+            return Sampled([], [])
+        if contexts is not None:
+            logits = self._process(logits, params, contexts)
         tokens = [0] * len(params)
         # Each op over [rows, vocab] costs about a millisecond here: touch only the rows
         # that need it.
@@ -54,7 +97,28 @@ class Sampler:
             )
             for i, t in zip(rows, picked.tolist(), strict=True):
                 tokens[i] = t
-        return tokens
+        return Sampled(tokens, _logprobs(logits, params, tokens))
+
+    def _process(
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        contexts: Sequence[RowContext],
+    ) -> torch.Tensor:
+        """Bias, penalties and grammar masks, on a copy, for the rows that use them."""
+        biased = [i for i, p in enumerate(params) if p.logit_bias or p.penalized]
+        constrained = [i for i, c in enumerate(contexts) if c.matcher is not None]
+        if not (biased or constrained):
+            return logits
+        logits = logits.clone()
+        for i in biased:
+            _bias_and_penalize(logits[i], params[i], contexts[i])
+        if constrained:
+            if self.masks is None:
+                raise RuntimeError("a constrained row but no grammar masks")
+            matchers = [contexts[i].matcher for i in constrained]
+            self.masks.apply(logits, constrained, matchers)  # type: ignore[arg-type]
+        return logits
 
     @staticmethod
     def _sample(
@@ -69,6 +133,8 @@ class Sampler:
             _mask_top_k(logits, [p.top_k for p in params])
         if any(p.top_p < 1.0 for p in params):
             _mask_top_p(logits, [p.top_p for p in params])
+        if any(p.min_p > 0.0 for p in params):
+            _mask_min_p(logits, [p.min_p for p in params])
         cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)  # [R, V], non-decreasing
         u = torch.cat([torch.rand(1, generator=g) for g in generators])  # [R] in [0, 1)
         # side="right": the first token whose cumulative mass exceeds u * total. A masked
@@ -96,3 +162,53 @@ def _mask_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     drop_sorted = before >= torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     logits.masked_fill_(drop, float("-inf"))
+
+
+def _mask_min_p(logits: torch.Tensor, min_p: list[float]) -> None:
+    """Drop tokens less likely than ``min_p`` times each row's most likely token."""
+    probs = logits.softmax(dim=-1)
+    floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p).unsqueeze(1)
+    logits.masked_fill_(probs < floor, float("-inf"))
+
+
+def _bias_and_penalize(row: torch.Tensor, params: SamplingParams, context: RowContext) -> None:
+    """``logit_bias``, then vLLM's repetition penalty (divide a positive logit, multiply a
+    negative one, for tokens of the prompt or output) and OpenAI's frequency and presence
+    penalties (output tokens only), in place on one row."""
+    vocab = row.shape[-1]
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias])
+        row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor([*context.prompt_ids, *context.output_ids]).unique()
+        values = row[seen]
+        penalty = params.repetition_penalty
+        row[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if (params.frequency_penalty or params.presence_penalty) and context.output_ids:
+        counts = torch.bincount(torch.tensor(list(context.output_ids)), minlength=vocab)
+        counts = counts[:vocab].to(row.dtype)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+
+
+def _logprobs(
+    logits: torch.Tensor, params: Sequence[SamplingParams], tokens: list[int]
+) -> list[RowLogprobs | None]:
+    """Each asking row's log-softmax at its temperature (see the module docstring)."""
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out: list[RowLogprobs | None] = [None] * len(params)
+    if not rows:
+        return out
+    temps = torch.tensor([params[i].temperature or 1.0 for i in rows], dtype=logits.dtype)
+    logprobs = torch.log_softmax(logits[rows] / temps.unsqueeze(1), dim=-1)  # [R, V]
+    k = max(params[i].logprobs or 0 for i in rows)
+    top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+    for j, i in enumerate(rows):
+        chosen = float(logprobs[j, tokens[i]])
+        top: list[tuple[int, float]] = []
+        want = params[i].logprobs or 0
+        if want:
+            assert top_values is not None and top_ids is not None
+            pairs = zip(top_ids[j, :want].tolist(), top_values[j, :want].tolist(), strict=True)
+            top = [(t, v) for t, v in pairs if v != float("-inf")]
+        out[i] = RowLogprobs(chosen, top)
+    return out

@@ -26,10 +26,14 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenspout.engine.tool_calls import Tool
 
 SYNTHETIC_MODEL_ID = "synthetic"
 
@@ -95,7 +99,9 @@ class SyntheticEngine(Engine):
     def encode_completion(self, prompt: str) -> Prompt:
         return self._prompt(prompt, prompt)
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> Prompt:
+    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> Prompt:
+        if tools:
+            raise InvalidRequestError("tools are not supported by this engine", param="tools")
         users = [m.content for m in messages if m.role == "user"]
         source = users[-1] if users else messages[-1].content
         # Every message counts towards the prompt size; only the last user message is echoed.

@@ -77,6 +77,9 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_exception
         env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(self.chat_template)
+        #: The template renders a ``tools`` list itself (otherwise callers describe tools
+        #: in a message: ``tool_calls.with_generic_tools``).
+        self.renders_tools = "tools" in self.chat_template
 
     @classmethod
     def from_metadata(cls, meta: dict[str, Any]) -> Tokenizer:
@@ -147,13 +150,22 @@ class Tokenizer:
         """Text of ``ids``; a cut multi-byte character decodes to U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def backend_json(self) -> str:
+        """The Hugging Face tokenizer as ``tokenizer.json`` text (for llguidance)."""
+        return self._backend.to_str()
+
     def render_chat(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Any] = (),
     ) -> str:
-        """The model's chat template applied to ``messages``."""
+        """The model's chat template applied to ``messages`` (and ``tools``, objects with
+        ``as_openai()``, when ``renders_tools``)."""
         try:
             return self._template.render(
-                messages=[{"role": m.role, "content": m.content} for m in messages],
+                messages=[_message_dict(m) for m in messages],
+                tools=[t.as_openai() for t in tools] or None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_text,
                 eos_token=self._eos_text,
@@ -164,6 +176,23 @@ class Tokenizer:
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._backend.id_to_token(token_id) or "")
+
+
+def _message_dict(message: ChatMessage) -> dict[str, Any]:
+    """A message as chat templates expect it (OpenAI's shape, arguments as an object)."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": json.loads(c.arguments)},
+            }
+            for c in message.tool_calls
+        ]
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def _pre_tokenizer(name: str) -> pre_tokenizers.PreTokenizer:
