@@ -2,14 +2,19 @@
 
 Shapes follow the OpenAI API reference for ``chat.completion.chunk`` and ``text_completion``;
 with ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a last chunk
-with empty ``choices`` carries the usage.
+with empty ``choices`` carries the usage. Tokens with extras (``OutputExtras``) add chat's
+``logprobs.content`` / ``delta.tool_calls`` (name first, arguments in pieces) or the legacy
+completions ``logprobs`` object.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from tokenspout.engine.request import OutputExtras, TokenLogprob, ToolCallDelta
+from tokenspout.engine.tool_calls import merge_calls
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_errors import error_body
@@ -64,14 +69,41 @@ class ChatChunks(_OpenAIChunks):
     def delta(self, text: str) -> dict[str, Any]:
         return self._chunk(self.OBJECT, [self._choice({"content": text}, None)])
 
+    def delta_with(self, text: str, extras: list[OutputExtras]) -> dict[str, Any]:
+        delta: dict[str, Any] = {"content": text} if text else {}
+        calls = _tool_call_deltas([d for x in extras for d in x.tool_calls])
+        if calls:
+            delta["tool_calls"] = calls
+        choice = self._choice(delta, None)
+        choice["logprobs"] = _chat_logprobs(extras)
+        return self._chunk(self.OBJECT, [choice])
+
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
         final = self._chunk(self.OBJECT, [self._choice({}, finish_reason)])
         return [final, *self._usage_chunk(self.OBJECT, usage)]
 
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def response(
+        self, text: str, finish_reason: str, usage: Usage, extras: Sequence[OutputExtras] = ()
+    ) -> dict[str, Any]:
         """The whole non-streamed ``chat.completion``."""
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        calls = merge_calls([d for x in extras for d in x.tool_calls])
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["content"] = text or None
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in calls
+            ]
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": _chat_logprobs(extras),
+            "finish_reason": finish_reason,
+        }
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -82,10 +114,16 @@ class ChatChunks(_OpenAIChunks):
         }
 
 
+@dataclass(frozen=True)
 class CompletionChunks(_OpenAIChunks):
-    """``text_completion`` payloads (streamed chunks share the object name with the response)."""
+    """``text_completion`` payloads (streamed chunks share the object name with the response).
+
+    ``text_offset`` in logprobs counts from where this reader started (0 for a new stream).
+    """
 
     OBJECT = "text_completion"
+    #: Characters sent so far, for ``text_offset`` (one encoder per response).
+    _offset: list[int] = field(default_factory=lambda: [0])
 
     def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -96,17 +134,73 @@ class CompletionChunks(_OpenAIChunks):
     def delta(self, text: str) -> dict[str, Any]:
         return self._chunk(self.OBJECT, [self._choice(text, None)])
 
+    def delta_with(self, text: str, extras: list[OutputExtras]) -> dict[str, Any]:
+        choice = self._choice(text, None)
+        choice["logprobs"] = self._logprobs(extras)
+        return self._chunk(self.OBJECT, [choice])
+
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
         final = self._chunk(self.OBJECT, [self._choice("", finish_reason)])
         return [final, *self._usage_chunk(self.OBJECT, usage)]
 
-    def response(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+    def response(
+        self, text: str, finish_reason: str, usage: Usage, extras: Sequence[OutputExtras] = ()
+    ) -> dict[str, Any]:
         """The whole non-streamed ``text_completion``."""
+        choice = self._choice(text, finish_reason)
+        choice["logprobs"] = self._logprobs(extras)
         return {
             "id": self.id,
             "object": self.OBJECT,
             "created": self.created,
             "model": self.model,
-            "choices": [self._choice(text, finish_reason)],
+            "choices": [choice],
             "usage": usage.as_dict(),
         }
+
+    def _logprobs(self, extras: Sequence[OutputExtras]) -> dict[str, Any] | None:
+        """The legacy ``logprobs`` object of the completions API."""
+        tokens = [x.logprob for x in extras if x.logprob is not None]
+        if not tokens:
+            return None
+        offsets = []
+        for t in tokens:
+            offsets.append(self._offset[0])
+            self._offset[0] += len(t.token)
+        return {
+            "tokens": [t.token for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{tok: lp for tok, _, lp in t.top} for t in tokens],
+            "text_offset": offsets,
+        }
+
+
+def _chat_logprobs(extras: Sequence[OutputExtras]) -> dict[str, Any] | None:
+    tokens = [x.logprob for x in extras if x.logprob is not None]
+    return {"content": [_chat_token(t) for t in tokens]} if tokens else None
+
+
+def _chat_token(t: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": t.token,
+        "logprob": t.logprob,
+        "bytes": list(t.bytes),
+        "top_logprobs": [
+            {"token": tok, "logprob": lp, "bytes": list(raw)} for tok, raw, lp in t.top
+        ],
+    }
+
+
+def _tool_call_deltas(deltas: Sequence[ToolCallDelta]) -> list[dict[str, Any]]:
+    """OpenAI's ``delta.tool_calls``: a call's first piece has its id, type and name; the
+    pieces of one call that arrive together are sent as one."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        if d.id is not None:
+            function = {"name": d.name, "arguments": d.arguments}
+            out.append({"index": d.index, "id": d.id, "type": "function", "function": function})
+        elif out and out[-1]["index"] == d.index:
+            out[-1]["function"]["arguments"] += d.arguments
+        else:
+            out.append({"index": d.index, "function": {"arguments": d.arguments}})
+    return out

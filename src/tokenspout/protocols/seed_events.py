@@ -24,6 +24,10 @@ class SeedEvents:
     def delta(self, text: str) -> dict[str, Any]:
         return {"token": text}
 
+    def delta_with(self, text: str, extras: list[Any]) -> dict[str, Any]:
+        """The seed endpoint takes no field that produces extras: the text alone."""
+        return self.delta(text)
+
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
         return []
 

@@ -150,7 +150,12 @@ class EventStreamResponse(Response):
             async for item in items:
                 if isinstance(item, Delta):
                     event_id = format_event_id(self.stream.id, item.position)
-                    body = self.framing.event(delta_json(item.text), id=event_id)
+                    payload = (
+                        dumps(self.chunks.delta_with(item.text, item.extras))
+                        if item.extras
+                        else delta_json(item.text)
+                    )
+                    body = self.framing.event(payload, id=event_id)
                     await self._send(send, guard, body)
                     self.record.text_sent(item.num_tokens)
                 elif isinstance(item, Heartbeat):

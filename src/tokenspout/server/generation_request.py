@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
+from tokenspout.engine.request import Prompt, SamplingParams
+from tokenspout.server import advanced_params
 from tokenspout.server.request_parsing import (
     admit,
     check_model,
@@ -34,9 +35,9 @@ class GenerationRequest:
 
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
     check_model(state, body.model)
-    messages = [ChatMessage(m.role, m.text()) for m in body.messages]
+    messages = advanced_params.chat_messages(body)
     check_prompt_chars(state, "".join(m.content for m in messages))
-    prompt = state.engine.encode_chat(messages)
+    prompt = state.engine.encode_chat(messages, advanced_params.chat_tools(body))
     return _request(state, "chat", prompt, body, body.max_completion_tokens or body.max_tokens)
 
 
@@ -81,6 +82,8 @@ def _request(
         ignore_eos=body.ignore_eos,
         prompt_tokens=len(prompt.token_ids),
     )
+    params = advanced_params.apply(params, body)
+    state.engine.check_params(params)
     return GenerationRequest(kind, prompt, params, body.stream_options or StreamOptions())
 
 

@@ -58,7 +58,9 @@ def validate(model: type[Body], data: object) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise InvalidRequestError(describe(err)) from None
+        first = err.errors(include_url=False)[0]["loc"]
+        param = str(first[0]) if first else None
+        raise InvalidRequestError(describe(err), param=param) from None
 
 
 def check_model(state: ServerState, name: str | None) -> str:

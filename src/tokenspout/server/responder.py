@@ -67,9 +67,8 @@ def respond(
 
     def build(text: str, end: StreamEnd) -> dict[str, Any]:
         assert end.finish_reason is not None
-        return chunks.response(
-            text, end.finish_reason, Usage(end.prompt_tokens, end.completion_tokens)
-        )
+        usage = Usage(end.prompt_tokens, end.completion_tokens)
+        return chunks.response(text, end.finish_reason, usage, stream.extras())
 
     return CompletionResponse(
         stream, build, state.metrics, endpoint=stream.kind, started_at=started_at, prompt=prompt

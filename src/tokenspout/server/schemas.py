@@ -1,20 +1,33 @@
 """Request bodies as pydantic models: types are strict so that a wrong type is a 400 that
-names the field, not a silent coercion."""
+names the field, not a silent coercion, and an unknown field is a 400 that names it (a field
+we do not know is one we would otherwise accept and ignore). The README's table lists the
+fields; the OpenAPI schema documents each."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+)
+
+from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=False)]
 
 
 class _Body(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do (SDKs send extras).
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Body):
@@ -31,14 +44,97 @@ class TextPart(_Body):
     text: str
 
 
+class FunctionCallIn(_Body):
+    name: StrictStr
+    #: A JSON object, as text (OpenAI's shape).
+    arguments: StrictStr
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"arguments must be JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError("arguments must be a JSON object")
+        return arguments
+
+
+class ToolCallIn(_Body):
+    """A call an earlier assistant message made."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
+    #: Accepted for OpenAI compatibility; chat templates do not render it.
+    name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+class FunctionIn(_Body):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr = ""
+    #: A JSON schema for the arguments (an object); omitted means no arguments.
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: StrictBool | None = None
+
+
+class ToolIn(_Body):
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class NamedFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Body):
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: StrictStr | None = None
+    #: Omitted means any JSON object.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    #: Output always conforms to the schema (constrained decoding), strict or not.
+    strict: StrictBool | None = None
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+class ResponseFormatText(_Body):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Body):
+    type: Literal["json_object"]
+
+
+class ResponseFormatJsonSchema(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[
+    ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+    Field(discriminator="type"),
+]
 
 
 class _GenerationBody(_Body):
@@ -56,7 +152,23 @@ class _GenerationBody(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
-    logprobs: StrictBool | StrictInt | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=False)] = 0.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    #: vLLM's extension: > 1 discourages tokens already in the prompt or output.
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, strict=False)] = 1.0
+    #: Token id (as a string, as OpenAI spells it) -> bias in [-100, 100].
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, strict=False)]],
+                  Field(max_length=MAX_LOGIT_BIAS)] | None
+    ) = None  # fmt: skip
+    response_format: ResponseFormat | None = None
+    #: vLLM's guided decoding extensions (at most one, and not with ``response_format``).
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    #: Accepted for OpenAI compatibility (an end-user id); it does not change the output.
+    user: StrictStr | None = None
 
     @field_validator("n")
     @classmethod
@@ -75,12 +187,13 @@ class _GenerationBody(_Body):
             raise ValueError("stop strings must not be empty")
         return stop
 
-    @field_validator("logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, not {key!r}")
+        return bias
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -91,10 +204,18 @@ class _GenerationBody(_Body):
 class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    tools: Annotated[list[ToolIn], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    #: One call per answer is generated whatever this says (see the README).
+    parallel_tool_calls: StrictBool | None = None
 
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
+    #: The legacy form: the sampled token's logprob and this many alternatives.
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     @field_validator("prompt")
     @classmethod

@@ -22,6 +22,7 @@ from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
+from tokenspout.server import advanced_params
 from tokenspout.server.generation_request import open_stream, prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import validate
 from tokenspout.server.request_record import RequestRecord
@@ -123,6 +124,7 @@ class WebSocketSession:
         else:
             body = validate(CompletionRequest, message.body)
             generation = prepare_completion(self.state, body)
+        advanced_params.check_text_only(generation.params)
         prompt = generation.prompt.text if self.state.config.log_prompts else None
         return _Opened(open_stream(self.state, generation), generation.options, prompt)
 

@@ -4,12 +4,14 @@ The first visible text is sent the moment it exists (that is the time to first t
 see). After that, tokens are held and sent together when ``flush_tokens`` are pending or
 ``flush_ms`` has passed since the oldest pending one, whichever comes first. The end of the
 stream always flushes (``take`` whatever is pending). ``flush_tokens=1, flush_ms=0`` gives one
-event per token.
+event per token. Per-token extras (logprobs, tool-call pieces) travel with their tokens and
+count as visible output, like text.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -22,6 +24,7 @@ class FlushPolicy:
     _tokens: int = 0
     _oldest: float | None = None
     _sent_any: bool = False
+    _extras: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.flush_tokens < 1:
@@ -33,16 +36,18 @@ class FlushPolicy:
     def pending_tokens(self) -> int:
         return self._tokens
 
-    def add(self, text: str, num_tokens: int, now: float) -> None:
+    def add(self, text: str, num_tokens: int, now: float, extras: Any = None) -> None:
         """Buffer new output. Text may be empty (a token held back by the detokenizer)."""
         if self._oldest is None and (text or num_tokens):
             self._oldest = now
         self._text += text
         self._tokens += num_tokens
+        if extras is not None:
+            self._extras.append(extras)
 
     def due(self, now: float) -> bool:
         """Whether the pending text should be sent now. Nothing visible is never due."""
-        if not self._text:
+        if not (self._text or self._extras):
             return False
         if not self._sent_any or self._tokens >= self.flush_tokens:
             return True
@@ -54,7 +59,7 @@ class FlushPolicy:
         need not look before then unless the deadline comes first. Before the first event
         any text is due at once, and tokens pending without visible text need a look at
         each next one; otherwise it is what fills the batch."""
-        if not self._sent_any or (self._tokens and not self._text):
+        if not self._sent_any or (self._tokens and not (self._text or self._extras)):
             return 1
         return max(1, self.flush_tokens - self._tokens)
 
@@ -66,7 +71,7 @@ class FlushPolicy:
 
     def deadline(self) -> float | None:
         """When pending text becomes due by time alone; None if nothing visible is pending."""
-        if not self._text or self._oldest is None:
+        if not (self._text or self._extras) or self._oldest is None:
             return None
         if not self._sent_any:
             return self._oldest
@@ -76,6 +81,11 @@ class FlushPolicy:
         """Hand over the pending text and its token count, and start a new batch."""
         text, tokens = self._text, self._tokens
         self._text, self._tokens, self._oldest = "", 0, None
-        if text:
+        if text or self._extras:
             self._sent_any = True
         return text, tokens
+
+    def take_extras(self) -> list[Any]:
+        """The extras of what ``take`` handed over (call right after it)."""
+        extras, self._extras = self._extras, []
+        return extras

@@ -159,6 +159,10 @@ class Stream:
         """All buffered text (the whole output for a stream nobody has consumed)."""
         return "".join(c.text for c in self._buffer.read(self._buffer.start))
 
+    def extras(self) -> list:
+        """Every buffered chunk's extras, in order (for a whole, non-streamed response)."""
+        return [c.extras for c in self._buffer.read(self._buffer.start) if c.extras is not None]
+
     def changed(self, tokens_ahead: int = 1, *, flush_after_s: float | None = None) -> Wait:
         """A wait that is done once ``tokens_ahead`` more tokens exist, or earlier at text
         without tokens, at the end, or at an abort. A coalescing reader asks for the tokens
@@ -243,12 +247,12 @@ class Stream:
             self._failure = item
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
             return
-        text, num_tokens, prompt_tokens, completion_tokens, finish_reason = item
+        text, num_tokens, prompt_tokens, completion_tokens, finish_reason, extras = item
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
         self._completion_tokens = completion_tokens
         if text or num_tokens:
-            self._buffer.append(text, num_tokens)
+            self._buffer.append(text, num_tokens, extras)
             self._tokens += num_tokens
             # Backpressure: a reader that cannot keep up holds the engine, not our memory.
             # Resumable streams are bounded by their store instead: they keep generating

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream, StreamEnd
@@ -21,6 +21,8 @@ class Delta:
     text: str
     num_tokens: int
     position: int
+    #: The chunks' extras (``EngineOutput.extras``), in order; empty for plain text.
+    extras: list = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +60,19 @@ async def read_stream(
             at = now if first_at is None else first_at
             first_at = None
             for chunk in chunks:
-                policy.add(chunk.text, chunk.num_tokens, at)
+                policy.add(chunk.text, chunk.num_tokens, at, chunk.extras)
             pos += len(chunks)
             if stream.end is not None and pos >= stream.length:
                 text, tokens = policy.take()
-                if text:
-                    yield Delta(text, tokens, pos)
+                extras = policy.take_extras()
+                if text or extras:
+                    yield Delta(text, tokens, pos, extras)
                 stream.consumed(pos, len(text))
                 yield Finished(stream.end)
                 return
             if policy.due(now):
                 text, tokens = policy.take()
-                yield Delta(text, tokens, pos)
+                yield Delta(text, tokens, pos, policy.take_extras())
                 stream.consumed(pos, len(text))
                 last_sent = loop.time()
                 continue

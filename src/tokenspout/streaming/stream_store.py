@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import functools
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tokenspout.errors import StreamGoneError
 
 
 class Chunk(NamedTuple):
-    """The text of one engine output, the tokens it accounts for, and its UTF-8 size (a
-    named tuple: one is built per token)."""
+    """The text of one engine output, the tokens it accounts for, its UTF-8 size, and its
+    extras (logprobs, tool-call pieces; ``EngineOutput.extras``) if any (a named tuple: one
+    is built per token)."""
 
     text: str
     num_tokens: int
     nbytes: int
+    extras: Any = None
 
 
 #: Builds a Chunk from a tuple in C: the generated ``Chunk(...)`` constructor is a Python
@@ -46,7 +48,7 @@ class ReplayBuffer(ABC):
         """Position after the last chunk."""
 
     @abstractmethod
-    def append(self, text: str, num_tokens: int) -> None: ...
+    def append(self, text: str, num_tokens: int, extras: Any = None) -> None: ...
 
     @abstractmethod
     def read(self, pos: int) -> list[Chunk]:
@@ -88,9 +90,9 @@ class _MemoryBuffer(ReplayBuffer):
     def end(self) -> int:
         return self._start + len(self._chunks)
 
-    def append(self, text: str, num_tokens: int) -> None:
+    def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
         size = len(text) if text.isascii() else len(text.encode("utf-8"))
-        self._chunks.append(_new_chunk((text, num_tokens, size)))
+        self._chunks.append(_new_chunk((text, num_tokens, size, extras)))
         self.nbytes += size
         store = self._store
         store.total_bytes += size

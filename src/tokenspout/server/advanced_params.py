@@ -1,0 +1,147 @@
+"""The request fields beyond plain sampling, as engine inputs: structured output (OpenAI's
+``response_format``, vLLM's ``guided_*``), tools, logprobs, penalties, ``min_p`` and
+``logit_bias``. Conflicting fields are a 400 that names them; whether the serving engine can
+honour the result is its ``check_params``'s call."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from typing import Any
+
+from tokenspout.engine import tool_calls
+from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams, ToolCall
+from tokenspout.engine.tool_calls import Tool
+from tokenspout.errors import InvalidRequestError
+from tokenspout.server.schemas import (
+    ChatCompletionRequest,
+    ChatMessageIn,
+    CompletionRequest,
+    NamedToolChoice,
+    ResponseFormatJsonObject,
+    ResponseFormatJsonSchema,
+    ResponseFormatText,
+)
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
+    return [_message(m) for m in body.messages]
+
+
+def _message(m: ChatMessageIn) -> ChatMessage:
+    calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
+    if calls and m.role != "assistant":
+        raise InvalidRequestError("only assistant messages carry tool_calls", param="messages")
+    if m.content is None and not calls:
+        raise InvalidRequestError(f"a {m.role} message needs content", param="messages")
+    return ChatMessage(m.role, m.text(), calls, m.tool_call_id)
+
+
+def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
+    """The tools to render in the prompt (all of them, also with ``tool_choice: "none"``)."""
+    return [
+        Tool(t.function.name, t.function.description, t.function.parameters)
+        for t in body.tools or ()
+    ]
+
+
+def apply(
+    params: SamplingParams, body: ChatCompletionRequest | CompletionRequest
+) -> SamplingParams:
+    """``params`` with the body's advanced fields (validated again by ``SamplingParams``)."""
+    changes: dict[str, Any] = {
+        "min_p": body.min_p,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+        "logit_bias": tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+        "logprobs": _logprobs(body),
+        "grammar": _structured_output(body),
+    }
+    if isinstance(body, ChatCompletionRequest):
+        tools_grammar = _tool_grammar(body)
+        if tools_grammar is not None:
+            if changes["grammar"] is not None:
+                raise InvalidRequestError(
+                    "tools cannot be combined with response_format or guided_* (unless "
+                    'tool_choice is "none")',
+                    param="tools",
+                )
+            changes["grammar"] = tools_grammar
+            changes["tool_calls"] = True
+    return replace(params, **changes)
+
+
+def check_text_only(params: SamplingParams) -> None:
+    """For a transport that carries only text (the WebSocket API): refuse the fields whose
+    answer is more than text."""
+    if params.logprobs is not None:
+        raise InvalidRequestError("logprobs are not available over /v1/ws", param="logprobs")
+    if params.tool_calls:
+        raise InvalidRequestError("tool calls are not available over /v1/ws", param="tools")
+
+
+def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _structured_output(body: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
+    given = {
+        name: value
+        for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+        if (value := getattr(body, name)) is not None
+    }
+    if isinstance(given.get("response_format"), ResponseFormatText):
+        del given["response_format"]  # no constraint
+    if len(given) > 1:
+        raise InvalidRequestError(
+            f"give at most one of {', '.join(sorted(given))}", param=sorted(given)[1]
+        )
+    if not given:
+        return None
+    name, value = next(iter(given.items()))
+    if isinstance(value, ResponseFormatJsonObject):
+        return Grammar("json_object")
+    if isinstance(value, ResponseFormatJsonSchema):
+        schema = value.json_schema.schema_
+        return Grammar("json_object") if schema is None else _schema(schema, name)
+    if name == "guided_json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequestError(f"guided_json is not JSON: {exc}", param=name) from None
+    if name == "guided_json":
+        return _schema(value, name)
+    if name == "guided_regex":
+        return Grammar("regex", value)
+    return Grammar("choice", json.dumps(value))
+
+
+def _schema(schema: Any, param: str) -> Grammar:
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("the JSON schema must be an object", param=param)
+    return Grammar("json_schema", json.dumps(schema))
+
+
+def _tool_grammar(body: ChatCompletionRequest) -> Grammar | None:
+    """The grammar of the tool-call output, or None when no call may be made."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice is not None and choice != "none":
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        return None
+    if choice == "none":
+        return None
+    tools = chat_tools(body)
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in {t.name for t in tools}:
+            raise InvalidRequestError(
+                f"tool_choice names {choice.function.name!r}, which is not in tools",
+                param="tool_choice",
+            )
+        return tool_calls.grammar(tools, choice.function.name)
+    return tool_calls.grammar(tools, choice or "auto")
