@@ -236,7 +236,7 @@ class SyntheticEngine(Engine):
         if not more:
             self._stop(req)
         reason = None if more else "length"
-        req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason)))
+        req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason, None)))
         return more
 
     def _stop(self, req: _Request) -> None:
