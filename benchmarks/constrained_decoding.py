@@ -1,0 +1,92 @@
+"""Cost of constrained decoding: 16 concurrent streams with 0, 8 and 16 of them under a JSON
+schema grammar (llguidance masks in the batched sampler), side by side in one process.
+
+Every stream asks for the same number of tokens: free streams use ``ignore_eos``, the
+constrained ones a schema that cannot be complete before ``max_tokens`` (an array of at
+least 1000 small objects), so the batch keeps 16 rows throughout and the only difference
+is the masking. Levels are interleaved over ``--reps`` rounds; the medians are reported.
+
+    .venv/bin/python benchmarks/constrained_decoding.py [--reps 3] [--max-tokens 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import time
+
+from tokenspout.engine.llm_engine import LLMEngine
+from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams
+
+PROMPT = "List people with their name and age, as JSON."
+STREAMS = 16
+SCHEMA = {
+    "type": "array",
+    "minItems": 1000,
+    "items": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 24},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
+}
+
+
+async def level(engine: LLMEngine, constrained: int, max_tokens: int, tag: str) -> float:
+    """Aggregate output tok/s of 16 streams, ``constrained`` of them under the schema."""
+    prompt = engine.encode_chat([ChatMessage("user", PROMPT)])
+    free = SamplingParams(max_tokens=max_tokens, temperature=0.8, ignore_eos=True, seed=1)
+    grammar = Grammar("json_schema", json.dumps(SCHEMA))
+    json_params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=1, grammar=grammar)
+
+    async def one(i: int) -> int:
+        params = json_params if i < constrained else free
+        count = 0
+        async for out in engine.generate(f"{tag}-{i}", prompt, params):
+            count += out.num_tokens
+            if out.finish_reason is not None:
+                assert out.finish_reason == "length", out.finish_reason
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(STREAMS)))
+    elapsed = time.perf_counter() - start
+    assert all(c == max_tokens for c in counts), counts
+    return sum(counts) / elapsed
+
+
+async def main(reps: int, max_tokens: int) -> None:
+    engine = LLMEngine(None, max_num_seqs=STREAMS, prefix_cache=True)
+    await engine.start()
+    try:
+        await level(engine, 16, 8, "warmup")
+        results: dict[int, list[float]] = {0: [], 8: [], 16: []}
+        for rep in range(reps):
+            for constrained in results:
+                tok_s = await level(engine, constrained, max_tokens, f"r{rep}-{constrained}")
+                results[constrained].append(tok_s)
+                print(f"rep {rep}: {constrained:2d} constrained: {tok_s:6.1f} tok/s", flush=True)
+    finally:
+        await engine.shutdown()
+    base = statistics.median(results[0])
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    print("| constrained rows of 16 | tok/s (median) | runs | vs 0 constrained |")
+    print("|---|---|---|---|")
+    for constrained, runs in results.items():
+        med = statistics.median(runs)
+        listed = ", ".join(f"{r:.0f}" for r in runs)
+        print(f"| {constrained} | {med:.0f} | {listed} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    args = parser.parse_args()
+    asyncio.run(main(args.reps, args.max_tokens))

@@ -1,0 +1,378 @@
+"""Structured output, tool calls and logprobs on the real model, through real clients (the
+openai SDK, LangChain, httpx). With a 135M model these assert structure, not cleverness:
+valid JSON, schema-conformant, well-formed calls, sorted logprobs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from openai import BadRequestError, OpenAI
+from pydantic import BaseModel
+
+from tests.conftest import RunningServer, _start
+from tokenspout.engine.llm_engine import LLMEngine
+from tokenspout.server.config import ServerConfig
+
+MODEL = "SmolLM2-135M-Instruct"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The local time in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 20}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    running, stop = _start(LLMEngine(None, max_num_seqs=4), ServerConfig())
+    yield running
+    stop()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=300)
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def test_sdk_parse_returns_a_pydantic_object(client: OpenAI) -> None:
+    person = Person.model_json_schema()
+    person["additionalProperties"] = False
+    out = client.chat.completions.parse(
+        model=MODEL,
+        messages=user("Invent a person. Reply with their name and age."),
+        response_format=Person,
+        max_tokens=40,
+        temperature=0,
+    )
+    assert out.choices[0].finish_reason == "stop"
+    parsed = out.choices[0].message.parsed
+    assert isinstance(parsed, Person)
+    assert json.loads(out.choices[0].message.content or "") == parsed.model_dump()
+
+
+def test_streamed_json_schema_answer_validates(client: OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "colors": {
+                "type": "array",
+                "items": {"type": "string", "maxLength": 12},
+                "minItems": 2,
+                "maxItems": 3,
+            },
+            "happy": {"type": "boolean"},
+        },
+        "required": ["colors", "happy"],
+        "additionalProperties": False,
+    }
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Name two colours you like."),
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "colours", "schema": schema, "strict": True},
+        },
+        max_tokens=60,
+        seed=3,
+        stream=True,
+        stream_options={"flush_tokens": 1, "flush_ms": 0},
+    )
+    chunks = list(stream)
+    pieces = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
+    assert len(pieces) > 3, "the JSON arrives in pieces"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads("".join(pieces)), schema)
+
+
+def test_json_object_mode_gives_a_json_object(client: OpenAI) -> None:
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Give me a JSON object with one key, ok, set to true."),
+        response_format={"type": "json_object"},
+        max_tokens=60,
+        temperature=0,
+    )
+    assert out.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(out.choices[0].message.content or ""), dict)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "check"),
+    [
+        ("guided_choice", ["yes", "no"], lambda text: text in ("yes", "no")),
+        ("guided_regex", r"[0-9]{3}-[a-z]{2}", lambda text: len(text) == 6 and text[3] == "-"),
+    ],
+)
+def test_vllm_guided_extensions(server: RunningServer, field: str, value: object, check) -> None:  # type: ignore[no-untyped-def]
+    body = {"messages": user("Answer."), "max_tokens": 10, field: value}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    assert check(r.json()["choices"][0]["message"]["content"])
+
+
+def test_required_tool_call_streams_name_first_then_arguments(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=user("What is the weather in Paris?"),
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+        stream_options={"flush_tokens": 1, "flush_ms": 0},
+    )
+    calls = [call for c in stream if c.choices for call in (c.choices[0].delta.tool_calls or [])]
+    finish = None
+    assert calls, "the call arrives as delta.tool_calls"
+    first, rest = calls[0], calls[1:]
+    assert first.index == 0 and first.id and first.type == "function"
+    assert first.function is not None and first.function.name in ("get_weather", "get_time")
+    assert len(rest) > 2, "the arguments arrive in pieces"
+    assert all(c.index == 0 and c.id is None and c.function.name is None for c in rest)  # type: ignore[union-attr]
+    arguments = json.loads("".join(c.function.arguments or "" for c in calls))  # type: ignore[union-attr]
+    tool = WEATHER if first.function.name == "get_weather" else TIME
+    jsonschema.validate(arguments, tool["function"]["parameters"])  # type: ignore[index]
+    del finish
+
+
+def test_named_tool_choice_and_the_tool_result_continues(client: OpenAI) -> None:
+    messages: list[dict] = user("What time is it in Tokyo?")
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        max_tokens=40,
+        temperature=0,
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    (call,) = choice.message.tool_calls or []
+    assert call.function.name == "get_time"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])  # type: ignore[union-attr,index]
+    messages.append(choice.message.model_dump(exclude_none=True))
+    messages.append({"role": "tool", "tool_call_id": call.id, "content": "09:30"})
+    follow = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        tools=[WEATHER, TIME],  # type: ignore[list-item]
+        tool_choice="none",
+        max_tokens=12,
+        temperature=0,
+    )
+    assert follow.choices[0].finish_reason in ("stop", "length")
+    assert follow.choices[0].message.content
+    assert not follow.choices[0].message.tool_calls
+
+
+def test_chat_logprobs_are_sorted_and_not_positive(client: OpenAI) -> None:
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Say hello."),
+        max_tokens=6,
+        logprobs=True,
+        top_logprobs=5,
+        seed=1,
+    )
+    content = out.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == out.usage.completion_tokens  # type: ignore[union-attr]
+    assert "".join(t.token for t in content) == out.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0
+        values = [t.logprob for t in token.top_logprobs]
+        assert len(values) == 5 and values == sorted(values, reverse=True)
+        assert all(v <= 0 for v in values)
+        assert token.logprob >= values[-1] or token.token not in [
+            t.token for t in token.top_logprobs
+        ]
+
+
+def test_streamed_logprobs_arrive_with_their_tokens(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Say hello."),
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=0,
+        stream=True,
+    )
+    text, tokens = "", []
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += chunk.choices[0].logprobs.content or []
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+    assert len(tokens) == 8 or tokens  # EOS may end it early
+    assert "".join(t.token for t in tokens) == text
+    # Greedy: the sampled token is the most likely one.
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in tokens)
+
+
+def test_completions_logprobs_legacy_shape(client: OpenAI) -> None:
+    out = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, logprobs=3, temperature=0
+    )
+    lp = out.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert "".join(lp.tokens) == out.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and len(top) <= 3
+        assert value == pytest.approx(max(top.values()))
+
+
+LOOKAHEAD = {"name": "x", "schema": {"type": "string", "pattern": "(?=a)b"}}
+WEIRD_FORMAT = {"type": "object", "properties": {"a": {"type": "string", "format": "weird"}}}
+NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 3}, "n"),
+        ({"foo": 1}, "foo"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)b"}},
+                }
+            },
+            "response_format",
+        ),
+        ({"response_format": {"type": "json_object"}, "guided_regex": "a+"}, "response_format"),
+        ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+        ),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos"),
+    ],
+)
+def test_fields_that_cannot_be_honoured_are_a_400_naming_them(
+    server: RunningServer, body: dict, param: str
+) -> None:
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json={"messages": user("Hi"), "max_tokens": 4, **body},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and param in error["message"], error
+
+
+def test_sdk_raises_on_unsupported_schema(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError, match="response_format"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=user("Hi"),
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": WEIRD_FORMAT},
+            },
+        )
+
+
+# --- property test: random schemas from a fixed supported subset ------------------------
+
+_leaf = st.sampled_from(
+    [
+        {"type": "boolean"},
+        {"type": "integer", "minimum": 0, "maximum": 99},
+        {"type": "string", "maxLength": 6},
+        {"type": "string", "enum": ["red", "green", "blue"]},
+        {"type": "null"},
+    ]
+)
+_names = st.sampled_from(["a", "name", "size", "ok", "tags"])
+
+
+def _object(children: st.SearchStrategy) -> st.SearchStrategy:
+    return st.dictionaries(_names, children, min_size=1, max_size=3).map(
+        lambda props: {
+            "type": "object",
+            "properties": props,
+            "required": sorted(props),
+            "additionalProperties": False,
+        }
+    )
+
+
+_schemas = st.recursive(
+    _leaf,
+    lambda children: st.one_of(
+        _object(children),
+        children.map(lambda item: {"type": "array", "items": item, "maxItems": 2}),
+    ),
+    max_leaves=4,
+).filter(lambda s: s["type"] in ("object", "array"))
+
+
+@settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(schema=_schemas, seed=st.integers(0, 1000))
+def test_every_output_of_a_random_schema_validates(
+    server: RunningServer, schema: dict, seed: int
+) -> None:
+    body = {
+        "messages": user("Reply with JSON."),
+        "max_tokens": 80,
+        "seed": seed,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+    }
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop", choice
+    jsonschema.validate(json.loads(choice["message"]["content"]), schema)
