@@ -106,3 +106,18 @@ def test_tokens_arrive_before_the_end(start_server) -> None:  # type: ignore[no-
             arrivals.append(time.monotonic() - start)
     # 30 tokens at 20 ms take ~0.6 s; the first must not wait for the last.
     assert arrivals[0] < arrivals[-1] / 2
+
+
+def test_heartbeats_between_events_do_not_break_the_sdk(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Heartbeats after an event id: the SDK's decoder used to see an empty event there.
+    server = start_server(SyntheticEngine(itl_ms=150), heartbeat_interval_s=0.02)
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="synthetic",
+        messages=[{"role": "user", "content": "slow words"}],
+        max_tokens=4,
+        stream=True,
+        stream_options={"flush_tokens": 1, "flush_ms": 0},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text.split() == ["slow", "words", "slow", "words"]

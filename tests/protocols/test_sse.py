@@ -34,7 +34,7 @@ def test_ids_with_line_breaks_are_rejected(bad: str) -> None:
 
 
 def test_comment_and_done() -> None:
-    assert encode_comment() == b": ping\n\n"
+    assert encode_comment() == b": ping\n"
     assert DONE == b"data: [DONE]\n\n"
 
 

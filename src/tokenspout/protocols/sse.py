@@ -41,9 +41,13 @@ def encode_event(
 
 
 def encode_comment(text: str = "ping") -> bytes:
-    """A comment line: clients ignore it; it keeps proxies and idle timers from closing."""
+    """A comment line: clients ignore it; it keeps proxies and idle timers from closing.
+
+    No blank line after it: a blank line ends an event, and the openai SDK's decoder
+    dispatches an event with empty data (and fails to parse it) for a blank line once it has
+    seen an ``id:``, even though no ``data:`` came."""
     _check_field("comment", text)
-    return f": {text}\n\n".encode()
+    return f": {text}\n".encode()
 
 
 class SSEFraming:
