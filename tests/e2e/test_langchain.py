@@ -3,13 +3,19 @@ tool binding are what agent frameworks build on."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import jsonschema
+import pytest
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from tests.conftest import RunningServer
-from tests.e2e.test_structured_output import MODEL, server  # noqa: F401 - the fixture
+from tests.conftest import RunningServer, _start
+from tokenspout.engine.llm_engine import LLMEngine
+from tokenspout.server.config import ServerConfig
+
+MODEL = "SmolLM2-135M-Instruct"
 
 
 class Person(BaseModel):
@@ -23,6 +29,13 @@ def get_weather(city: str) -> str:
     return f"sunny in {city}"
 
 
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    running, stop = _start(LLMEngine(None, max_num_seqs=2), ServerConfig())
+    yield running
+    stop()
+
+
 def chat_model(server: RunningServer, **kw: object) -> ChatOpenAI:
     return ChatOpenAI(
         model=MODEL,
@@ -34,13 +47,13 @@ def chat_model(server: RunningServer, **kw: object) -> ChatOpenAI:
     )
 
 
-def test_with_structured_output_returns_the_pydantic_object(server: RunningServer) -> None:  # noqa: F811
+def test_with_structured_output_returns_the_pydantic_object(server: RunningServer) -> None:
     model = chat_model(server, max_tokens=40).with_structured_output(Person)
     person = model.invoke("Invent a person. Reply with their name and age.")
     assert isinstance(person, Person)
 
 
-def test_bind_tools_with_a_required_call_streams_a_valid_call(server: RunningServer) -> None:  # noqa: F811
+def test_bind_tools_with_a_required_call_streams_a_valid_call(server: RunningServer) -> None:
     model = chat_model(server, max_tokens=40, streaming=True).bind_tools(
         [get_weather], tool_choice="get_weather"
     )
