@@ -180,7 +180,8 @@ def _bias_and_penalize(row: torch.Tensor, params: SamplingParams, context: RowCo
         ids = torch.tensor([t for t, _ in params.logit_bias])
         row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
     if params.repetition_penalty != 1.0:
-        seen = torch.tensor([*context.prompt_ids, *context.output_ids]).unique()
+        seen = torch.tensor([*context.prompt_ids, *context.output_ids], dtype=torch.long)
+        seen = seen.unique()
         values = row[seen]
         penalty = params.repetition_penalty
         row[seen] = torch.where(values > 0, values / penalty, values * penalty)

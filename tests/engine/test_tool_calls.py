@@ -1,0 +1,109 @@
+"""The generic tool-call format: the parser at every split point, the grammar against the
+real tokenizer (llguidance), and how tools reach a template without tool support."""
+
+from __future__ import annotations
+
+import json
+
+import llguidance
+import pytest
+
+from tokenspout.engine.grammar import check_grammar, grammar_text
+from tokenspout.engine.model_files import ModelFiles
+from tokenspout.engine.request import ChatMessage, Grammar, ToolCall
+from tokenspout.engine.tokenizer import Tokenizer
+from tokenspout.engine.tool_calls import (
+    Tool,
+    ToolCallParser,
+    call_text,
+    grammar,
+    merge_calls,
+    with_generic_tools,
+)
+from tokenspout.errors import InvalidRequestError
+
+WEATHER = Tool(
+    "get_weather",
+    "weather",
+    {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+)
+CALL = call_text("get_weather", '{"city": "Pa\\"ris"}')
+
+
+def feed_in_pieces(text: str, size: int) -> tuple[str, list]:
+    parser = ToolCallParser()
+    content, deltas = "", []
+    for i in range(0, len(text), size):
+        c, d = parser.feed(text[i : i + size])
+        content, deltas = content + c, deltas + list(d)
+    c, d = parser.finish()
+    return content + c, deltas + list(d)
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
+def test_a_call_parses_whole_at_any_split_with_the_name_first(size: int) -> None:
+    content, deltas = feed_in_pieces(CALL, size)
+    assert content == ""
+    assert deltas[0].name == "get_weather" and deltas[0].id and deltas[0].arguments == ""
+    assert all(d.name is None and d.id is None for d in deltas[1:])
+    (call,) = merge_calls(deltas)
+    assert json.loads(call.arguments) == {"city": 'Pa"ris'}
+
+
+@pytest.mark.parametrize("text", ["Hello <b>there</b>", "<to be or not>", "<"])
+def test_text_that_is_not_a_call_is_content(text: str) -> None:
+    for size in (1, 3, 100):
+        assert feed_in_pieces(text, size) == (text, [])
+
+
+def test_a_call_cut_before_its_name_is_content() -> None:
+    assert feed_in_pieces('<tool_call>\n{"na', 4) == ('<tool_call>\n{"na', [])
+
+
+@pytest.fixture(scope="module")
+def lltokenizer() -> tuple[Tokenizer, llguidance.LLTokenizer]:
+    tok = Tokenizer.from_metadata(ModelFiles.resolve(None).metadata()["tokenizer"])
+    ll = llguidance.LLTokenizer(
+        tok.backend_json(), n_vocab=tok.vocab_size, eos_token=sorted(tok.eos_token_ids)
+    )
+    return tok, ll
+
+
+def accepts(tokens: tuple[Tokenizer, llguidance.LLTokenizer], g: Grammar, text: str) -> bool:
+    tok, ll = tokens
+    matcher = llguidance.LLMatcher(ll, grammar_text(g))
+    return matcher.consume_tokens(tok.encode(text)) and matcher.is_accepting()
+
+
+def test_grammars_accept_calls_and_only_calls_when_required(lltokenizer) -> None:  # type: ignore[no-untyped-def]
+    other = Tool("get_time", "time", {"type": "object"})
+    required = grammar([WEATHER, other], "required")
+    assert accepts(lltokenizer, required, call_text("get_weather", '{"city": "Paris"}'))
+    assert accepts(lltokenizer, required, call_text("get_time", "{}"))
+    assert not accepts(lltokenizer, required, "Sunny.")
+    assert not accepts(lltokenizer, required, call_text("get_weather", '{"town": 1}'))
+    named = grammar([WEATHER, other], "get_time")
+    assert not accepts(lltokenizer, named, call_text("get_weather", '{"city": "Paris"}'))
+    auto = grammar([WEATHER], "auto")
+    assert accepts(lltokenizer, auto, "Sunny.")
+    assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
+
+
+def test_unsupported_schema_features_are_refused_naming_the_field() -> None:
+    bad = Grammar("json_schema", json.dumps({"type": "string", "pattern": "(?=a)b"}))
+    with pytest.raises(InvalidRequestError) as err:
+        check_grammar(bad, "response_format")
+    assert err.value.param == "response_format"
+    check_grammar(Grammar("json_schema", json.dumps({"type": "object"})), "response_format")
+
+
+def test_tools_and_earlier_calls_are_written_into_the_messages() -> None:
+    messages = [
+        ChatMessage("user", "Weather?"),
+        ChatMessage("assistant", "", (ToolCall("c1", "get_weather", '{"city": "Oslo"}'),)),
+        ChatMessage("tool", "rain", tool_call_id="c1"),
+    ]
+    out = with_generic_tools(messages, [WEATHER])
+    assert out[0].role == "system" and '"name": "get_weather"' in out[0].content
+    assert out[2].content == call_text("get_weather", '{"city": "Oslo"}')
+    assert out[2].tool_calls == () and out[3] == messages[2]
