@@ -26,6 +26,7 @@ from tokenspout.errors import (
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import (
     openai_routes,
+    openapi_schema,
     seed_routes,
     system_routes,
     telemetry_routes,
@@ -109,6 +110,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(system_routes.router)
     app.include_router(system_routes.api)
     app.include_router(openai_routes.router)
+    openapi_schema.install(app)
     app.include_router(seed_routes.router)
     app.include_router(websocket_routes.router)
     app.include_router(telemetry_routes.router)

@@ -27,7 +27,8 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=False)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Attribute docstrings become the fields' descriptions in the OpenAPI schema.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 class StreamOptions(_Body):
@@ -46,8 +47,8 @@ class TextPart(_Body):
 
 class FunctionCallIn(_Body):
     name: StrictStr
-    #: A JSON object, as text (OpenAI's shape).
     arguments: StrictStr
+    """A JSON object, as text (OpenAI's shape)."""
 
     @field_validator("arguments")
     @classmethod
@@ -72,8 +73,8 @@ class ToolCallIn(_Body):
 class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    #: Accepted for OpenAI compatibility; chat templates do not render it.
     name: StrictStr | None = None
+    """Accepted for OpenAI compatibility; chat templates do not render it."""
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: StrictStr | None = None
 
@@ -88,8 +89,8 @@ class ChatMessageIn(_Body):
 class FunctionIn(_Body):
     name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr = ""
-    #: A JSON schema for the arguments (an object); omitted means no arguments.
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    """A JSON schema for the arguments (an object); omitted means no arguments."""
     strict: StrictBool | None = None
 
 
@@ -110,12 +111,14 @@ class NamedToolChoice(_Body):
 class JsonSchemaFormat(_Body):
     name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr | None = None
-    #: Omitted means any JSON object.
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
-    #: Output always conforms to the schema (constrained decoding), strict or not.
+    """Omitted means any JSON object."""
     strict: StrictBool | None = None
+    """Output always conforms to the schema (constrained decoding), strict or not."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=True
+    )
 
 
 class ResponseFormatText(_Body):
@@ -149,26 +152,32 @@ class _GenerationBody(_Body):
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
     n: StrictInt = 1
+    """Only 1: several choices per request are not served (a 400 otherwise)."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=False)] = 0.0
+    """Drop tokens less likely than min_p times the most likely one (0: off)."""
     presence_penalty: Penalty = 0.0
+    """Subtracted once from the logit of every token already in the output."""
     frequency_penalty: Penalty = 0.0
-    #: vLLM's extension: > 1 discourages tokens already in the prompt or output.
+    """Subtracted from a token's logit once per occurrence in the output."""
     repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, strict=False)] = 1.0
-    #: Token id (as a string, as OpenAI spells it) -> bias in [-100, 100].
+    """vLLM's extension: > 1 discourages tokens already in the prompt or output."""
     logit_bias: (
         Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, strict=False)]],
                   Field(max_length=MAX_LOGIT_BIAS)] | None
     ) = None  # fmt: skip
+    """Token id (as a string, as OpenAI spells it) -> bias in [-100, 100]."""
     response_format: ResponseFormat | None = None
-    #: vLLM's guided decoding extensions (at most one, and not with ``response_format``).
+    """json_object or json_schema: the output is constrained to valid JSON (conforming to
+    the schema); a schema feature the grammar engine lacks is a 400."""
     guided_json: dict[str, Any] | StrictStr | None = None
+    """vLLM's guided decoding extensions (at most one, and not with ``response_format``)."""
     guided_regex: StrictStr | None = None
     guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
-    #: Accepted for OpenAI compatibility (an end-user id); it does not change the output.
     user: StrictStr | None = None
+    """Accepted for OpenAI compatibility (an end-user id); it does not change the output."""
 
     @field_validator("n")
     @classmethod
@@ -205,17 +214,22 @@ class ChatCompletionRequest(_GenerationBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool = False
+    """Return each output token's log-probability (after penalties and temperature)."""
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """With logprobs: this many most likely alternatives per token, sorted."""
     tools: Annotated[list[ToolIn], Field(max_length=128)] | None = None
+    """Functions the model may call (one call per answer)."""
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    #: One call per answer is generated whatever this says (see the README).
+    """auto (default with tools), none, required or a named function; required and a
+    named function are enforced by grammar."""
     parallel_tool_calls: StrictBool | None = None
+    """One call per answer is generated whatever this says (see the README)."""
 
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
-    #: The legacy form: the sampled token's logprob and this many alternatives.
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    """The legacy form: the sampled token's logprob and this many alternatives."""
 
     @field_validator("prompt")
     @classmethod
