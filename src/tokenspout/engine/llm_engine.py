@@ -63,7 +63,12 @@ from tokenspout.engine.sampler import (
 from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
 from tokenspout.engine.sequence import Sequence
 from tokenspout.engine.tokenizer import Tokenizer
-from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
+from tokenspout.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -219,6 +224,8 @@ class LLMEngine(Engine):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt.token_ids)
         self.check_params(params)
+        if self.failure is not None:
+            raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
         if self._thread is None or self._stopping:
             raise EngineError("the engine is not running")
         req = self._new_request(request_id, prompt, params, sink)
@@ -258,8 +265,15 @@ class LLMEngine(Engine):
         self.scheduler.postprocess(plan, sampled.tokens)
         self._prompt_tokens_total += plan.num_prefill_tokens
         self._generation_tokens_total += len(sampled.tokens)
-        seqs = [c.seq for c in plan.chunks if c.samples]
-        self._deliver(self._postprocess(zip(seqs, sampled.logprobs, strict=True)))
+        outputs: list[tuple[_Request, EngineOutput | EngineError]] = []
+        try:
+            rows = (c.seq for c in plan.chunks if c.samples)
+            for seq, logprobs in zip(rows, sampled.logprobs, strict=True):
+                outputs.append(self._postprocess(seq, logprobs))
+        finally:
+            # Delivered even when a later sequence failed: outputs taken out of the
+            # scheduler here (finished sequences) have no other way to reach their streams.
+            self._deliver(outputs)
 
     def _run(self, plan: SchedulerOutput) -> Sampled:
         runner = self._runner()
@@ -280,42 +294,52 @@ class LLMEngine(Engine):
         )
 
     def _postprocess(
-        self, rows: Iterable[tuple[Sequence, RowLogprobs | None]]
-    ) -> list[tuple[_Request, EngineOutput]]:
-        """Detokenize each sequence's new token and finish the ones that are done."""
-        outputs = []
-        for seq, logprobs in rows:
-            req = self._active[seq.seq_id]
-            token = seq.output_token_ids[-1]
-            stop_ids = seq.params.stop_token_ids
-            extras: OutputExtras | None = None
-            if token in stop_ids or (
-                not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
-            ):
-                # A stop token's own text (and logprob) is not part of the output.
-                reason, text = "stop", req.detokenizer.flush()
-            else:
-                text = req.detokenizer.add(token)
-                reason = req.detokenizer.finish_reason
-                if reason is None and req.matcher is not None:
-                    req.matcher.consume_token(token)
-                    if req.matcher.is_stopped():
-                        # The grammar is complete: only its end could follow.
-                        reason, text = "stop", text + req.detokenizer.flush()
-                if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
-                    reason, text = "length", text + req.detokenizer.flush()
-                if logprobs is not None:
-                    extras = OutputExtras(logprob=self._token_logprob(token, logprobs))
-            if req.tool_parser is not None:
-                text, extras = self._parse_tools(req.tool_parser, text, extras, reason)
-                if reason == "stop" and req.tool_parser.has_call:
-                    reason = "tool_calls"
-            if reason is not None:
-                self.scheduler.finish(seq)
-                del self._active[seq.seq_id]
-            n = len(seq.output_token_ids)
-            outputs.append((req, EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras)))
-        return outputs
+        self, seq: Sequence, logprobs: RowLogprobs | None
+    ) -> tuple[_Request, EngineOutput | EngineError]:
+        """Detokenize a sequence's new token and finish it if it is done. A failure here
+        ends this sequence only."""
+        req = self._active[seq.seq_id]
+        try:
+            output = self._detokenize(req, seq, logprobs)
+        except Exception as exc:
+            logger.exception("request %s: detokenizing failed", seq.seq_id)
+            self.scheduler.fail(seq)
+            del self._active[seq.seq_id]
+            return req, EngineError(f"the engine failed on this request: {exc}")
+        if output.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self._active[seq.seq_id]
+        return req, output
+
+    def _detokenize(
+        self, req: _Request, seq: Sequence, logprobs: RowLogprobs | None
+    ) -> EngineOutput:
+        token = seq.output_token_ids[-1]
+        stop_ids = seq.params.stop_token_ids
+        extras: OutputExtras | None = None
+        if token in stop_ids or (
+            not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
+        ):
+            # A stop token's own text (and logprob) is not part of the output.
+            reason, text = "stop", req.detokenizer.flush()
+        else:
+            text = req.detokenizer.add(token)
+            reason = req.detokenizer.finish_reason
+            if reason is None and req.matcher is not None:
+                req.matcher.consume_token(token)
+                if req.matcher.is_stopped():
+                    # The grammar is complete: only its end could follow.
+                    reason, text = "stop", text + req.detokenizer.flush()
+            if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
+                reason, text = "length", text + req.detokenizer.flush()
+            if logprobs is not None:
+                extras = OutputExtras(logprob=self._token_logprob(token, logprobs))
+        if req.tool_parser is not None:
+            text, extras = self._parse_tools(req.tool_parser, text, extras, reason)
+            if reason == "stop" and req.tool_parser.has_call:
+                reason = "tool_calls"
+        n = len(seq.output_token_ids)
+        return EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras)
 
     @staticmethod
     def _parse_tools(
@@ -359,12 +383,24 @@ class LLMEngine(Engine):
         self._loop()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            # Outside a step (the inbox, the scheduler's own state): the loop cannot go on.
+            logger.exception("engine loop failed; it serves no more requests")
+            self.failure = f"{type(exc).__name__}: {exc}"
+        try:
+            self._fail_all()
+        except Exception:
+            logger.exception("engine: failing the remaining requests failed")
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not (self._inbox or self.scheduler.has_work or self._stopping):
                     self._cond.wait()
                 if self._stopping:
-                    break
+                    return
                 inbox, self._inbox = self._inbox, deque()
             self._apply(inbox)
             if self.scheduler.has_work:
@@ -373,7 +409,6 @@ class LLMEngine(Engine):
                 except Exception as exc:
                     logger.exception("engine step failed")
                     self._fail(list(self.scheduler.running.values()), exc)
-        self._fail_all()
 
     def _fail_all(self) -> None:
         """At shutdown: fail every request, whether running, waiting or still in the inbox."""
