@@ -7,8 +7,9 @@ import json
 
 import llguidance
 import pytest
+import torch
 
-from tokenspout.engine.grammar import check_grammar, grammar_text
+from tokenspout.engine.grammar import TokenMasks, check_grammar, grammar_text
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.request import ChatMessage, Grammar, ToolCall
 from tokenspout.engine.tokenizer import Tokenizer
@@ -107,3 +108,15 @@ def test_tools_and_earlier_calls_are_written_into_the_messages() -> None:
     assert out[0].role == "system" and '"name": "get_weather"' in out[0].content
     assert out[2].content == call_text("get_weather", '{"city": "Oslo"}')
     assert out[2].tool_calls == () and out[3] == messages[2]
+
+
+def test_token_masks_forbid_only_the_constrained_rows_tokens(lltokenizer) -> None:  # type: ignore[no-untyped-def]
+    tok, _ = lltokenizer
+    masks = TokenMasks(tok.backend_json(), tok.vocab_size, tok.eos_token_ids)
+    matcher = masks.matcher(Grammar("choice", json.dumps(["yes", "no"])))
+    logits = torch.zeros(3, tok.vocab_size)
+    masks.apply(logits, [1], [matcher])
+    allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
+    assert allowed and all(tok.decode([t]) in ("y", "ye", "yes", "n", "no") for t in allowed)
+    assert torch.equal(logits[0], torch.zeros(tok.vocab_size))
+    assert torch.equal(logits[2], torch.zeros(tok.vocab_size))

