@@ -15,39 +15,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import llguidance
-import llguidance.torch as lltorch
 import numpy as np
-import torch
 
+from tokenspout.engine.json_layout import JSON_OPTIONS
 from tokenspout.engine.request import Grammar
 from tokenspout.errors import InvalidRequestError
 
-#: JSON is generated with ``", "`` and ``": "`` and no other whitespace: a small model left
-#: free to add whitespace can loop on newlines until ``max_tokens``.
-_JSON_OPTIONS: dict[str, Any] = {
-    "whitespace_flexible": False,
-    "item_separator": ", ",
-    "key_separator": ": ",
-}
-
-
-def json_schema_lark(schema: dict[str, Any]) -> str:
-    """``%json`` body for a Lark rule: the schema with our JSON layout options."""
-    return json.dumps({**schema, "x-guidance": _JSON_OPTIONS})
+if TYPE_CHECKING:
+    import torch
 
 
 def grammar_text(grammar: Grammar) -> str:
     """llguidance's grammar text for ``grammar`` (not yet validated)."""
     if grammar.kind == "json_schema":
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            grammar.source, overrides=_JSON_OPTIONS
-        )
+        return llguidance.LLMatcher.grammar_from_json_schema(grammar.source, overrides=JSON_OPTIONS)
     if grammar.kind == "json_object":
         return llguidance.LLMatcher.grammar_from_json_schema(
-            {"type": "object"}, overrides=_JSON_OPTIONS
+            {"type": "object"}, overrides=JSON_OPTIONS
         )
     if grammar.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(grammar.source)
@@ -81,7 +68,9 @@ class TokenMasks:
             tokenizer_json, n_vocab=vocab_size, eos_token=sorted(eos_token_ids)
         )
         self.vocab_size = vocab_size
-        self._bitmask = lltorch.allocate_token_bitmask(1, vocab_size)
+        #: One bit per token, 32 to an int32 word (llguidance's mask layout).
+        self._words = (vocab_size + 31) // 32
+        self._bitmask = np.empty((1, self._words), dtype=np.int32)
 
     def matcher(self, grammar: Grammar) -> llguidance.LLMatcher:
         """A fresh matcher at the grammar's start; raises ``InvalidRequestError`` if the
@@ -97,15 +86,17 @@ class TokenMasks:
         """Set to ``-inf`` the logits of ``rows`` (in place) that their matcher forbids;
         ``logits`` is a contiguous CPU float tensor."""
         if len(self._bitmask) < len(rows):
-            self._bitmask = lltorch.allocate_token_bitmask(len(rows), self.vocab_size)
+            self._bitmask = np.empty((len(rows), self._words), dtype=np.int32)
         bitmask = self._bitmask[: len(rows)]
         for i, matcher in enumerate(matchers):
-            lltorch.fill_next_token_bitmask(matcher, bitmask, i)
+            # What llguidance.torch.fill_next_token_bitmask does, without importing
+            # torch.compile machinery (seconds of start-up) for it.
+            matcher.unsafe_compute_mask_ptr(bitmask[i].ctypes.data, bitmask[i].nbytes)
         # One bit per token, 32 to a little-endian int32 word, lowest bit first. Unpacked and
         # applied with numpy, in place through a view of the logits: measured here, torch's
         # shifts over [rows, words, 32] and masked_fill_ cost several times numpy's
         # single-pass unpackbits and putmask (~1.5 ms for 16 rows).
-        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
         forbidden = np.zeros(logits.shape, dtype=np.bool_)
         forbidden[list(rows)] = bits[:, : logits.shape[-1]] == 0
         np.putmask(logits.numpy(), forbidden, -np.inf)

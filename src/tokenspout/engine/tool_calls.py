@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tokenspout.engine.grammar import json_schema_lark
+from tokenspout.engine.json_layout import json_schema_lark
 from tokenspout.engine.request import ChatMessage, Grammar, ToolCall, ToolCallDelta
 
 OPEN = "<tool_call>\n"
