@@ -45,6 +45,9 @@ def _error_response(err: TokenspoutError) -> JSONResponse:
     headers = {}
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(err.retry_after_s)
+    if err.status_code == 413:
+        # The rest of the body is not read: the connection cannot carry another request.
+        headers["Connection"] = "close"
     return JSONResponse(error_body(err), status_code=err.status_code, headers=headers)
 
 
@@ -114,9 +117,10 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(telemetry_routes.router)
     app.include_router(web_routes.router)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
-    if state.config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
-        direct = ApiKeyMiddleware(direct, api_key=state.config.api_key)
+    if state.keys.enabled or state.config.metrics_api_key is not None:
+        auth = {"keys": state.keys, "metrics_key": state.config.metrics_api_key}
+        app.add_middleware(ApiKeyMiddleware, **auth)
+        direct = ApiKeyMiddleware(direct, **auth)
     if state.config.allowed_origins:
         cors = {
             "allow_origins": list(state.config.allowed_origins),

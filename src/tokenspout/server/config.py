@@ -39,8 +39,12 @@ class ServerConfig:
     #: Replay memory bounds: per stream and in total (the oldest text is evicted first).
     max_stream_buffer_bytes: int = 4 << 20
     max_buffer_bytes: int = 256 << 20
-    #: Bearer token required on /v1 routes when set.
+    #: Bearer token required on /v1 routes when set (the key named "default").
     api_key: str | None = None
+    #: TOML file of named keys with per-key limits (see ``api_keys``); reloaded on SIGHUP.
+    api_keys_file: str | None = None
+    #: Bearer token required on /metrics when set.
+    metrics_api_key: str | None = None
     #: Origins whose pages may call the API from a browser (CORS); empty means same origin.
     allowed_origins: tuple[str, ...] = ()
     #: Extra names a request's ``model`` field may use for the served model.
@@ -49,6 +53,27 @@ class ServerConfig:
     #: user data).
     log_prompts: bool = False
 
+    #: Abuse limits (see ``connection_limits`` and ``json_limits``).
+    #: A request head (request line and headers) must arrive within this many seconds of
+    #: the connection opening or of the previous response.
+    header_timeout_s: float = 10.0
+    #: Largest request head in bytes (431 beyond it).
+    max_head_bytes: int = 64 << 10
+    #: Open connections (HTTP and WebSocket) beyond which requests get a fast 503.
+    max_connections: int = 4096
+    #: Largest WebSocket message in bytes (the socket is closed with 1009 beyond it).
+    ws_max_message_bytes: int = 1 << 20
+    #: Streams running at once on one WebSocket.
+    ws_max_streams: int = 64
+    #: Deepest JSON nesting accepted in a request body or WebSocket message.
+    max_json_depth: int = 32
+    #: ``stop``: how many strings, and how long each may be.
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    #: TLS: served by uvicorn when both are set.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError("default_max_tokens must be between 1 and max_tokens_limit")
@@ -56,3 +81,7 @@ class ServerConfig:
             raise ValueError("flush_tokens must be >= 1 and flush_ms >= 0")
         if self.heartbeat_interval_s <= 0 or self.send_timeout_s <= 0:
             raise ValueError("heartbeat_interval_s and send_timeout_s must be > 0")
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile go together")
+        if self.header_timeout_s <= 0 or min(self.max_head_bytes, self.max_connections) < 1:
+            raise ValueError("header_timeout_s, max_head_bytes and max_connections must be > 0")

@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
+from tokenspout.server.api_keys import ApiKey
+from tokenspout.server.key_admission import admit_key
+from tokenspout.server.request_limits import check_stop
 from tokenspout.server.request_parsing import (
     admit,
     check_model,
@@ -69,6 +72,7 @@ def _request(
     body: ChatCompletionRequest | CompletionRequest,
     max_tokens: int | None,
 ) -> GenerationRequest:
+    check_stop(state.config, body.stop_list())
     params = sampling_params(
         state,
         max_tokens=max_tokens,
@@ -84,9 +88,14 @@ def _request(
     return GenerationRequest(kind, prompt, params, body.stream_options or StreamOptions())
 
 
-def open_stream(state: ServerState, request: GenerationRequest) -> Stream:
-    """Admit the request and start generating."""
+def open_stream(
+    state: ServerState, request: GenerationRequest, key: ApiKey | None = None
+) -> Stream:
+    """Admit the request (and the key's limits) and start generating; the stream is owned
+    by ``key``."""
     admit(state)
+    if key is not None:
+        admit_key(state, key, len(request.prompt.token_ids))
     options = request.options
     resumable = state.config.resumable if options.resumable is None else options.resumable
     return state.streams.open(
@@ -95,4 +104,5 @@ def open_stream(state: ServerState, request: GenerationRequest) -> Stream:
         kind=request.kind,
         include_usage=options.include_usage,
         resumable=resumable,
+        owner=None if key is None else key.name,
     )

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -18,15 +17,13 @@ from tokenspout.errors import (
     ShuttingDownError,
     TokenspoutError,
 )
+from tokenspout.protocols import json_limits
+from tokenspout.protocols.json_limits import DEFAULT_MAX_DEPTH
+from tokenspout.server.request_body import read_body, require_json
 from tokenspout.server.schemas import StreamOptions
 from tokenspout.server.server_state import ServerState
 
 Body = TypeVar("Body", bound=BaseModel)
-
-
-class PayloadTooLargeError(InvalidRequestError):
-    status_code = 413
-    code = "payload_too_large"
 
 
 def describe(err: ValidationError) -> str:
@@ -38,18 +35,12 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    return validate(model, data)
+async def parse_body(
+    request: Request, model: type[Body], limit: int, *, max_depth: int = DEFAULT_MAX_DEPTH
+) -> Body:
+    require_json(request)
+    raw = await read_body(request, limit)
+    return validate(model, json_limits.loads(raw, "request body", max_depth))
 
 
 def validate(model: type[Body], data: object) -> Body:

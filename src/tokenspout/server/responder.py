@@ -14,6 +14,7 @@ from tokenspout.protocols.ndjson import NDJSONFraming
 from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
 from tokenspout.protocols.sse import SSEFraming
+from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse, StreamSettings
 from tokenspout.server.generation_request import GenerationRequest, open_stream
@@ -56,7 +57,7 @@ def respond(
     started_at: float,
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
-    stream = open_stream(state, generation)
+    stream = open_stream(state, generation, key_of(request))
     prompt = generation.prompt.text if state.config.log_prompts else None
     if streaming:
         return follow(

@@ -10,6 +10,7 @@ from tokenspout.errors import InvalidRequestError
 from tokenspout.protocols.event_id import parse_event_id
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
+from tokenspout.server.stream_ownership import owned_stream
 
 
 def last_event_id(request: Request) -> str | None:
@@ -29,7 +30,7 @@ def resume(
         raise InvalidRequestError(
             f"Last-Event-ID names stream {sid!r}, not {stream_id!r}", param="Last-Event-ID"
         )
-    stream = state.streams.get(sid)
+    stream = owned_stream(state, request, sid)
     stream.check_resumable_at(position)
     state.metrics.resumes.inc()
     return follow(state, request, stream, None, start=position, opening=False)
@@ -37,7 +38,7 @@ def resume(
 
 def replay_all(state: ServerState, request: Request, stream_id: str) -> Response:
     """A stream from its beginning (no ``Last-Event-ID``)."""
-    stream = state.streams.get(stream_id)
+    stream = owned_stream(state, request, stream_id)
     stream.check_resumable_at(0)
     state.metrics.resumes.inc()
     return follow(state, request, stream, None)

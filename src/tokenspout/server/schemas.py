@@ -57,6 +57,8 @@ class _GenerationBody(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
     logprobs: StrictBool | StrictInt | None = None
+    #: Not implemented: refused (never accepted and ignored). The one place it is refused.
+    logit_bias: object = None
 
     @field_validator("n")
     @classmethod
@@ -69,8 +71,6 @@ class _GenerationBody(_Body):
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stop
@@ -80,6 +80,13 @@ class _GenerationBody(_Body):
     def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
         if value:
             raise ValueError("logprobs are not supported")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: object) -> object:
+        if value is not None and value != {}:
+            raise ValueError("logit_bias is not supported by this server")
         return value
 
     def stop_list(self) -> tuple[str, ...]:

@@ -22,6 +22,7 @@ from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
+from tokenspout.server.api_keys import ApiKey
 from tokenspout.server.generation_request import open_stream, prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import validate
 from tokenspout.server.request_record import RequestRecord
@@ -52,9 +53,11 @@ class _Opened:
 class WebSocketSession:
     """Serves one accepted WebSocket until it closes."""
 
-    def __init__(self, websocket: WebSocket, state: ServerState):
+    def __init__(self, websocket: WebSocket, state: ServerState, key: ApiKey | None = None):
         self.ws = websocket
         self.state = state
+        #: The key of the handshake: owner of every stream this socket opens.
+        self.key = key
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._streams: dict[str, Stream] = {}
         self._cancelled: set[str] = set()
@@ -66,7 +69,15 @@ class WebSocketSession:
         self._main = asyncio.current_task()
         try:
             while True:
-                await self._handle(await self.ws.receive_text())
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect(message.get("code", 1000))
+                text = message.get("text")
+                if text is None:
+                    err = InvalidRequestError("binary messages are not supported: send JSON text")
+                    await self._send(wsm.error(None, err))
+                    continue
+                await self._handle(text)
         except WebSocketDisconnect:
             pass
         except _SendTimeout:
@@ -95,7 +106,7 @@ class WebSocketSession:
 
     async def _handle(self, text: str) -> None:
         try:
-            message = wsm.parse_client_message(text)
+            message = wsm.parse_client_message(text, self.state.config.max_json_depth)
         except InvalidRequestError as err:
             await self._send(wsm.error(err.param, err))
             return
@@ -104,6 +115,13 @@ class WebSocketSession:
             return
         if message.id in self._tasks:
             err = InvalidRequestError(f"a stream with id {message.id!r} is already running")
+            await self._send(wsm.error(message.id, err))
+            return
+        if len(self._tasks) >= self.state.config.ws_max_streams:
+            err = InvalidRequestError(
+                f"{len(self._tasks)} streams are running on this WebSocket, the most it "
+                "may carry; open another socket or wait for one to end"
+            )
             await self._send(wsm.error(message.id, err))
             return
         started = time.monotonic()
@@ -124,7 +142,8 @@ class WebSocketSession:
             body = validate(CompletionRequest, message.body)
             generation = prepare_completion(self.state, body)
         prompt = generation.prompt.text if self.state.config.log_prompts else None
-        return _Opened(open_stream(self.state, generation), generation.options, prompt)
+        stream = open_stream(self.state, generation, self.key)
+        return _Opened(stream, generation.options, prompt)
 
     async def _cancel(self, client_id: str) -> None:
         stream = self._streams.get(client_id)

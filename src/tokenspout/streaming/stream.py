@@ -69,6 +69,7 @@ class Stream:
         "include_usage",
         "kind",
         "opened_at",
+        "owner",
         "prompt_tokens",
         "resumable",
         "resume_grace_s",
@@ -90,8 +91,11 @@ class Stream:
         max_unread_bytes: int = 1 << 20,
         on_end: Callable[[Stream], None] | None = None,
         timers: WakeTimers | None = None,
+        owner: str | None = None,
     ):
         self.id = stream_id
+        #: The API key name that opened it: only that key may resume, follow or cancel it.
+        self.owner = owner
         #: Which endpoint made it (chat, completion, seed): a resumed reader uses its format.
         self.kind = kind
         self.include_usage = include_usage

@@ -69,6 +69,7 @@ class StreamRegistry:
         kind: str,
         include_usage: bool = False,
         resumable: bool = False,
+        owner: str | None = None,
     ) -> Stream:
         """Start generating now; the stream is findable by id until it is over."""
         stream_id = new_stream_id()
@@ -84,6 +85,7 @@ class StreamRegistry:
             resume_grace_s=self._resume.grace_s,
             on_end=self._ended,
             timers=self._timers,
+            owner=owner,
         )
         self._streams[stream_id] = stream
         self._generating += 1
