@@ -84,6 +84,30 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="TOKENSPOUT_API_KEY", help="Require this bearer token.")
     ] = None,
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(help="TOML file of named keys with per-key limits; reloaded on SIGHUP."),
+    ] = None,
+    metrics_api_key: Annotated[
+        str | None,
+        typer.Option(envvar="TOKENSPOUT_METRICS_API_KEY", help="Require this token on /metrics."),
+    ] = None,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="A request head must arrive within this (slowloris).")
+    ] = 10.0,
+    max_head_bytes: Annotated[int, typer.Option(help="Largest request head (431).")] = 64 << 10,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections before a fast 503.")
+    ] = 4096,
+    ws_max_message_bytes: Annotated[int, typer.Option(help="Largest WebSocket message.")] = 1 << 20,
+    ws_max_streams: Annotated[int, typer.Option(help="Streams at once per WebSocket.")] = 64,
+    max_json_depth: Annotated[int, typer.Option(help="Deepest JSON nesting in a request.")] = 32,
+    max_stop_strings: Annotated[int, typer.Option(help="Most strings in `stop`.")] = 16,
+    max_stop_chars: Annotated[int, typer.Option(help="Longest string in `stop`.")] = 256,
+    ssl_certfile: Annotated[
+        Path | None, typer.Option(help="Serve HTTPS/WSS: certificate (PEM).")
+    ] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="Serve HTTPS/WSS: private key.")] = None,
     allowed_origin: Annotated[
         list[str] | None,
         typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
@@ -124,12 +148,33 @@ def serve(
             max_stream_buffer_bytes=max_stream_buffer_bytes,
             max_buffer_bytes=max_buffer_bytes,
             api_key=api_key,
+            api_keys_file=None if api_keys_file is None else str(api_keys_file),
+            metrics_api_key=metrics_api_key,
+            header_timeout_s=header_timeout_s,
+            max_head_bytes=max_head_bytes,
+            max_connections=max_connections,
+            ws_max_message_bytes=ws_max_message_bytes,
+            ws_max_streams=ws_max_streams,
+            max_json_depth=max_json_depth,
+            max_stop_strings=max_stop_strings,
+            max_stop_chars=max_stop_chars,
+            ssl_certfile=None if ssl_certfile is None else str(ssl_certfile),
+            ssl_keyfile=None if ssl_keyfile is None else str(ssl_keyfile),
             model_aliases=tuple(served_model_name or ()),
             allowed_origins=tuple(allowed_origin or ()),
             log_prompts=log_prompts,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if api_keys_file is not None:
+        # Checked before the model loads: a broken keys file is one line and exit 2.
+        from tokenspout.server.api_keys import KeysFileError, load_keys_file
+
+        try:
+            load_keys_file(api_keys_file)
+        except KeysFileError as exc:
+            err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
     built: Engine
     if engine is EngineName.synthetic:
         from tokenspout.engine.synthetic_engine import SyntheticEngine

@@ -18,10 +18,9 @@ from tokenspout.errors import (
     TokenspoutError,
 )
 from tokenspout.protocols import json_limits
-from tokenspout.protocols.json_limits import DEFAULT_MAX_DEPTH
 from tokenspout.server.request_body import read_body, require_json
 from tokenspout.server.schemas import StreamOptions
-from tokenspout.server.server_state import ServerState
+from tokenspout.server.server_state import ServerState, state_of
 
 Body = TypeVar("Body", bound=BaseModel)
 
@@ -35,11 +34,12 @@ def describe(err: ValidationError) -> str:
     return "; ".join(parts)
 
 
-async def parse_body(
-    request: Request, model: type[Body], limit: int, *, max_depth: int = DEFAULT_MAX_DEPTH
-) -> Body:
+async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
+    """A JSON body (415 otherwise) of at most ``limit`` bytes (413), nested no deeper than
+    ``--max-json-depth``, valid Unicode, validated as ``model``."""
     require_json(request)
     raw = await read_body(request, limit)
+    max_depth = state_of(request).config.max_json_depth
     return validate(model, json_limits.loads(raw, "request body", max_depth))
 
 

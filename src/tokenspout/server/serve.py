@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 
 import uvicorn
 
 from tokenspout.errors import ShuttingDownError
+from tokenspout.server.connection_limits import uvicorn_options
 from tokenspout.server.server_state import ServerState
 
 logger = logging.getLogger("tokenspout")
@@ -24,6 +26,13 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self._state = state
+
+    async def startup(self, sockets: list | None = None) -> None:  # type: ignore[override]
+        await super().startup(sockets)
+        if self._state.config.api_keys_file is not None:
+            # Re-read the keys file on SIGHUP; open streams are not touched.
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self._state.keys.reload)
 
     async def shutdown(self, sockets: list | None = None) -> None:  # type: ignore[override]
         self._state.draining = True
@@ -56,5 +65,6 @@ def serve(
         log_level=log_level,
         # Our own drain ends streams; this is only the last resort after it.
         timeout_graceful_shutdown=int(state.config.drain_timeout_s) + 5,
+        **uvicorn_options(state.config),
     )
     DrainingServer(config, state).run()
