@@ -82,7 +82,10 @@ def test_one_key_cannot_touch_another_keys_stream(tenants: RunningServer) -> Non
         assert cancel.json()["error"]["code"] == unknown.json()["error"]["code"]
         # The owner can follow and cancel it.
         with httpx.stream(
-            "GET", f"{url}/v1/streams/{stream_id}", headers=ALICE, params={"last_event_id": event_id}
+            "GET",
+            f"{url}/v1/streams/{stream_id}",
+            headers=ALICE,
+            params={"last_event_id": event_id},
         ) as follow:
             assert follow.status_code == 200
         assert httpx.post(f"{url}/v1/streams/{stream_id}/cancel", headers=ALICE).status_code == 200
