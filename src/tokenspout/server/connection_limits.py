@@ -112,8 +112,9 @@ def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
     TLS; the CLI and the test servers both use them."""
     return {
         "http": guarded_protocol(config),
-        # Beyond this many open connections (HTTP and WebSocket), a fast 503.
-        "limit_concurrency": config.max_connections,
+        # Beyond this many open connections (HTTP and WebSocket), a fast 503. uvicorn
+        # counts the connection asking too, and answers 503 when the count reaches its limit.
+        "limit_concurrency": config.max_connections + 1,
         "ws_max_size": config.ws_max_message_bytes,
         "ssl_certfile": config.ssl_certfile,
         "ssl_keyfile": config.ssl_keyfile,
