@@ -26,6 +26,7 @@ from tokenspout.errors import (
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import (
     openai_routes,
+    openapi_schema,
     seed_routes,
     system_routes,
     telemetry_routes,
@@ -116,6 +117,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(websocket_routes.router)
     app.include_router(telemetry_routes.router)
     app.include_router(web_routes.router)
+    openapi_schema.describe(app)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.keys.enabled or state.config.metrics_api_key is not None:
         auth = {"keys": state.keys, "metrics_key": state.config.metrics_api_key}

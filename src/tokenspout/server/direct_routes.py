@@ -27,7 +27,8 @@ def fastapi_router(routes: dict[tuple[str, str], Handler]) -> APIRouter:
     """The same handlers registered with FastAPI (API schema, 405 for a wrong method)."""
     router = APIRouter()
     for (method, path), handler in routes.items():
-        router.add_route(path, handler, methods=[method])
+        # An API route (in the schema; ``openapi_schema`` describes the body it parses).
+        router.add_api_route(path, handler, methods=[method])
     return router
 
 
