@@ -230,3 +230,25 @@ def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> N
     assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
     assert server.metric("tokenspout_generation_tokens_total") == max_tokens
     assert shown == seed_text(server, prompt, max_tokens)
+
+
+def test_api_key_is_asked_and_kept_for_the_tab_only(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=2), api_key="sk-page")
+    page = open_page(server, max_tokens=5)
+    reports: list[str] = []
+    page.on(
+        "request",
+        lambda r: reports.append(r.post_data or "") if r.url.endswith("/v1/telemetry") else None,
+    )
+    page.fill("#api-key", "sk-page")
+    page.dispatch_event("#api-key", "change")
+    for transport in ("fetch", "websocket"):
+        page.select_option("#transport", transport)
+        send(page, f"hello {transport}")
+        wait_idle(page)
+        assert f"hello {transport}" in page.locator(STREAMED).last.text_content()
+    assert page.evaluate("() => sessionStorage.getItem('tokenspout.apiKey')") == "sk-page"
+    assert page.evaluate("() => localStorage.length") == 0
+    page.reload()
+    assert page.input_value("#api-key") == "sk-page"  # the same tab keeps it
+    assert all("sk-page" not in body and "hello" not in body for body in reports)

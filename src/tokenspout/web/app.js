@@ -260,5 +260,15 @@ $("prompt").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", stopAll);
-$("api-key").addEventListener("change", () => (apiKey = $("api-key").value || null));
+// The key is kept for this tab only (sessionStorage, never localStorage): closing the tab
+// forgets it. It goes in an Authorization header (a WebSocket: ?api_key=); telemetry
+// reports carry timings only, never the key or any text.
+const KEY_ITEM = "tokenspout.apiKey";
+apiKey = sessionStorage.getItem(KEY_ITEM);
+$("api-key").value = apiKey ?? "";
+$("api-key").addEventListener("change", () => {
+  apiKey = $("api-key").value || null;
+  if (apiKey) sessionStorage.setItem(KEY_ITEM, apiKey);
+  else sessionStorage.removeItem(KEY_ITEM);
+});
 showEngine().catch(() => ($("model").textContent = "server unreachable"));
