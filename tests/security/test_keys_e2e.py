@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -223,3 +225,18 @@ def test_sighup_reloads_keys_without_dropping_streams(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_request_log_names_the_key_never_the_secret(tenants: RunningServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.INFO, logger="tokenspout.requests"):
+        body = {"prompt": "x", "max_tokens": 2}
+        r = httpx.post(f"{tenants.url}/v1/completions", json=body, headers=BOB)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 10
+        while not [rec for rec in caplog.records if rec.name == "tokenspout.requests"]:
+            assert time.monotonic() < deadline, "no request log line"
+            time.sleep(0.01)  # polling for the line written after the last byte
+    (line,) = [json.loads(rec.getMessage()) for rec in caplog.records
+               if rec.name == "tokenspout.requests"]  # fmt: skip
+    assert line["key"] == "bob"
+    assert "sk-bob" not in json.dumps(line)

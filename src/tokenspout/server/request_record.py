@@ -104,6 +104,8 @@ class RequestRecord:
             "duration_ms": _ms(now - self.started_at),
             "events": self.events,
         }
+        if stream.owner is not None:
+            fields["key"] = stream.owner  # the key's name, never its secret
         if self.resumed:
             fields["resumed"] = True
         if end is not None and end.error is not None:
