@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
@@ -43,13 +43,25 @@ def test_max_connections_gives_a_fast_503(start_server) -> None:  # type: ignore
     try:
         for sock in held:
             assert _health_on(sock).startswith(b"HTTP/1.1 200")
-        assert httpx.get(f"{server.url}/health").status_code == 503
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{server.url}/health")).status_code == 503
     finally:
         for sock in held:
             sock.close()
     deadline = time.monotonic() + 10
     while httpx.get(f"{server.url}/health").status_code != 200:
         assert time.monotonic() < deadline
+
+
+async def test_max_connections_counts_websockets(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_connections=3)
+    async with connect(ws_url(server)), connect(ws_url(server)), connect(ws_url(server)):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws_url(server)):
+                pass
+        assert info.value.response.status_code == 503
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{server.url}/health")).status_code == 503
 
 
 async def test_websocket_message_size_limit(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -65,7 +65,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
         self._disarm_head_timer()
+        if self.parser.should_upgrade() and self._over_connection_limit():
+            # uvicorn checks its limit only for plain HTTP requests: a WebSocket handshake
+            # would get past it.
+            self._refuse(503, "Service Unavailable", "too many open connections")
+            return
         super().on_headers_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self.transport.is_closing():
+            super().handle_websocket_upgrade()
+
+    def _over_connection_limit(self) -> bool:
+        limit = self.limit_concurrency
+        return limit is not None and len(self.connections) >= limit
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
