@@ -43,12 +43,19 @@ key = "sk-normal"
 KEY = "sk-normal"
 MiB = 1 << 20
 
+
+async def nothing() -> AttackResult:
+    """The baseline: the normal stream and the /health probes with no attack."""
+    return AttackResult("none (baseline)", "-")
+
+
 Attack = Callable[[asyncio.Event], Coroutine[None, None, AttackResult]]
 
 
 def attacks(port: int, scale: float) -> list[Attack]:
     n = lambda count: max(1, int(count * scale))  # noqa: E731
     return [
+        lambda _: nothing(),
         lambda _: key_flood(port, "sk-flood", total=n(10_000), connections=50),
         lambda over: slowloris(port, connections=n(2000), hold=over),
         lambda over: idle_websockets(port, sockets=n(1000), hold=over, key=KEY),

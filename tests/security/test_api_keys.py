@@ -139,3 +139,15 @@ def test_tokens_per_minute_counts_prompt_and_completion() -> None:
     assert info.value.limit == "tokens" and info.value.retry_after_s == 1
     clock.now += 1  # 10 tokens back
     limiter.admit(key, 1)
+
+
+def test_key_metric_labels_are_bounded() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tokenspout.server.key_metrics import MAX_LABELLED_KEYS, OTHER, KeyMetrics
+
+    metrics = KeyMetrics(CollectorRegistry())
+    for i in range(MAX_LABELLED_KEYS + 500):
+        metrics.admitted(f"tenant-{i}")
+    labels = {s.labels["key"] for s in next(iter(metrics.requests.collect())).samples}
+    assert len(labels) == MAX_LABELLED_KEYS + 1 and OTHER in labels
