@@ -145,9 +145,6 @@ class KeyStore:
         """Keys are required: set once at start, whatever a reload finds in the file."""
         return self._single is not None or self._file is not None
 
-    def __len__(self) -> int:
-        return len(self._by_hash)
-
     def authenticate(self, secret: str | None) -> ApiKey | None:
         """The key whose secret this is, or None."""
         if not secret:

@@ -102,7 +102,3 @@ class InMemoryKeyLimiter:
         usage.streams -= 1
         if usage.tokens is not None:
             usage.tokens.level -= completion_tokens
-
-    def open_streams(self, key_name: str) -> int:
-        usage = self._usage.get(key_name)
-        return 0 if usage is None else usage.streams
