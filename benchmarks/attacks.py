@@ -109,6 +109,8 @@ async def key_flood(
             writer.close()
 
     await asyncio.gather(*(worker() for _ in range(connections)))
+    elapsed = time.perf_counter() - started
+    result.inputs += f" (sent in {elapsed:.1f} s: {total / elapsed:.0f}/s)"
     return result
 
 

@@ -94,7 +94,9 @@ def test_idle_websockets(server: ServerProcess) -> None:
 
 def test_oversized_bodies_and_headers(server: ServerProcess) -> None:
     seen = run(server, lambda _: body_flood(server.port, requests=8, body_mb=50, key=KEY))
-    assert seen.result.statuses == {413: 8}
+    # 0: the server closed while the client was still sending, and the client's socket
+    # was reset before it read the 413.
+    assert set(seen.result.statuses) <= {413, 0} and seen.result.statuses[413] >= 1
     assert_unharmed(server, seen)
     seen = run(server, lambda _: header_flood(server.port, requests=8, header_mb=50))
     assert set(seen.result.statuses) <= {431, 0} and seen.result.statuses[431] >= 1
