@@ -174,7 +174,7 @@ async def test_websocket_handshake_needs_a_key_and_streams_are_per_key(
 
 
 def _serve(*args: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "tokenspout.client.cli", "serve", "--engine", "synthetic", *args]
+    cmd = [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
