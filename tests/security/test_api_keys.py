@@ -151,3 +151,25 @@ def test_key_metric_labels_are_bounded() -> None:
         metrics.admitted(f"tenant-{i}")
     labels = {s.labels["key"] for s in next(iter(metrics.requests.collect())).samples}
     assert len(labels) == MAX_LABELLED_KEYS + 1 and OTHER in labels
+
+
+def test_a_stream_that_fails_to_open_gives_its_key_slot_back() -> None:
+    from tokenspout.engine.synthetic_engine import SyntheticEngine
+    from tokenspout.server.config import ServerConfig
+    from tokenspout.server.generation_request import prepare_completion
+    from tokenspout.server.responder import open_stream
+    from tokenspout.server.schemas import CompletionRequest
+    from tokenspout.server.server_state import ServerState
+
+    state = ServerState(SyntheticEngine(), ServerConfig())
+    state.ready = True
+    key = ApiKey("a", b"", max_concurrent_streams=1)
+    generation = prepare_completion(state, CompletionRequest(prompt="x"))
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("engine refused")
+
+    state.streams.open = fail  # type: ignore[method-assign]
+    for _ in range(2):  # a leaked slot would make the second a 429
+        with pytest.raises(RuntimeError):
+            open_stream(state, generation, key)

@@ -35,3 +35,9 @@ def stream_ended(state: ServerState, stream: Stream) -> None:
     completion = stream.end.completion_tokens if stream.end is not None else 0
     state.key_limiter.finished(stream.owner, completion)
     state.key_metrics.finished(stream.owner, stream.prompt_tokens, completion)
+
+
+def release_key(state: ServerState, key_name: str) -> None:
+    """An admitted stream that could not be opened after all: its slot is given back."""
+    state.key_limiter.finished(key_name, 0)
+    state.key_metrics.finished(key_name, 0, 0)

@@ -17,7 +17,7 @@ from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
-from tokenspout.server.key_admission import admit_key
+from tokenspout.server.key_admission import admit_key, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
@@ -36,15 +36,20 @@ def open_stream(
     """Admit the request (and the key's limits) and start generating; the stream is owned
     by ``key``."""
     admit(state)
-    if key is not None:
-        admit_key(state, key, len(generation.prompt.token_ids))
-    return state.streams.open(
-        generation.prompt,
-        generation.params,
-        resumable=generation.resumable,
-        meta=generation.wire,
-        owner=None if key is None else key.name,
-    )
+    if key is None:
+        return state.streams.open(
+            generation.prompt, generation.params, resumable=generation.resumable,
+            meta=generation.wire,
+        )  # fmt: skip
+    admit_key(state, key, len(generation.prompt.token_ids))
+    try:
+        return state.streams.open(
+            generation.prompt, generation.params, resumable=generation.resumable,
+            meta=generation.wire, owner=key.name,
+        )  # fmt: skip
+    except BaseException:
+        release_key(state, key.name)
+        raise
 
 
 def respond(
