@@ -111,9 +111,7 @@ def test_streamed_markdown_renders_formatted_and_hostile_parts_stay_inert(
     assert text.locator("p").last.text_content() == "Done."
 
 
-def test_every_frame_is_one_dom_update_and_the_history_keeps_the_source(
-    start_server, page
-) -> None:  # type: ignore[no-untyped-def]
+def test_every_frame_is_one_dom_update_and_the_history_keeps_the_source(start_server, page) -> None:  # type: ignore[no-untyped-def]
     server, n = scripted(start_server, ANSWER)
     page.goto(server.url)
     page.evaluate("""() => {
@@ -180,7 +178,12 @@ def test_only_the_last_block_is_re_rendered_and_the_result_matches_a_whole_rende
 
 
 def test_unterminated_fence_and_table_render_sensibly_mid_stream(synthetic_server, page) -> None:  # type: ignore[no-untyped-def]
-    chunks = ["Intro\n\n```js\nlet a = 1;\n", "let b = <i>2</i>;\n", "```\n\nAfter.", "\n\n| x | y |\n|"]
+    chunks = [
+        "Intro\n\n```js\nlet a = 1;\n",
+        "let b = <i>2</i>;\n",
+        "```\n\nAfter.",
+        "\n\n| x | y |\n|",
+    ]
     chunks += ["---|---|\n| 1 |"]
     result = render(page, synthetic_server, chunks)
     mid = result["snapshots"][1]
@@ -198,11 +201,13 @@ def test_hostile_html_links_and_a_200kb_line_stay_inert(synthetic_server, page) 
     hostile = [
         '<img src=x onerror="window.__pwned=1">\n\n',
         "[x](javascript:window.__pwned=2) [y](  javascript:alert(1)) [z](data:text/html,hi)\n\n",
-        "<a href=\"javascript:window.__pwned=3\">click</a> <svg onload=window.__pwned=4>\n\n",
+        '<a href="javascript:window.__pwned=3">click</a> <svg onload=window.__pwned=4>\n\n',
         "![img](https://example.com/a.png) [mail](mailto:a@example.com)\n\n",
     ]
     line = "word " * 40_000  # 200 KB without a line break
-    result = render(page, synthetic_server, [*hostile, *(line[i : i + 4096] for i in range(0, len(line), 4096))])
+    result = render(
+        page, synthetic_server, [*hostile, *(line[i : i + 4096] for i in range(0, len(line), 4096))]
+    )
     page.wait_for_timeout(200)
     assert result["pwned"] is None and page.evaluate("window.__pwned") is None
     assert not {"IMG", "SVG", "SCRIPT", "IFRAME"} & set(result["tags"]), result["tags"]
