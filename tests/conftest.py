@@ -58,8 +58,11 @@ class _ThreadServer(uvicorn.Server):
         pass
 
 
-def _start(engine: Engine, config: ServerConfig) -> tuple[RunningServer, Callable[[], None]]:
-    port = free_port()
+def _start(
+    engine: Engine, config: ServerConfig, port: int | None = None
+) -> tuple[RunningServer, Callable[[], None]]:
+    """A server on ``port`` (a free one by default); returns it and its stop function."""
+    port = port or free_port()
     app = create_app(engine, config)
     server = _ThreadServer(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -25,6 +25,7 @@ from tokenspout.errors import (
 )
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import (
+    dashboard_data,
     openai_routes,
     seed_routes,
     system_routes,
@@ -113,6 +114,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(websocket_routes.router)
     app.include_router(telemetry_routes.router)
     app.include_router(web_routes.router)
+    app.include_router(dashboard_data.router)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.config.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
