@@ -92,6 +92,10 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
     ] = False,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(help="Export a trace per request over OTLP/HTTP, e.g. http://host:4318."),
+    ] = None,
 ) -> None:
     """Serve a model over HTTP (SSE, NDJSON) with an OpenAI-compatible API."""
     from tokenspout.engine.interface import Engine
@@ -127,6 +131,7 @@ def serve(
             model_aliases=tuple(served_model_name or ()),
             allowed_origins=tuple(allowed_origin or ()),
             log_prompts=log_prompts,
+            otlp_traces_endpoint=otlp_traces_endpoint,
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None

@@ -48,6 +48,8 @@ class ServerConfig:
     #: Put each request's prompt in its ``tokenspout.requests`` log line (off: prompts are
     #: user data).
     log_prompts: bool = False
+    #: Export one OpenTelemetry trace per request to this OTLP/HTTP endpoint (off if None).
+    otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
@@ -56,3 +58,6 @@ class ServerConfig:
             raise ValueError("flush_tokens must be >= 1 and flush_ms >= 0")
         if self.heartbeat_interval_s <= 0 or self.send_timeout_s <= 0:
             raise ValueError("heartbeat_interval_s and send_timeout_s must be > 0")
+        endpoint = self.otlp_traces_endpoint
+        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"otlp_traces_endpoint must be an http(s) URL, not {endpoint!r}")
