@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -183,3 +184,26 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
 def test_the_endpoint_must_be_an_http_url() -> None:
     with pytest.raises(ValueError, match="http"):
         ServerConfig(otlp_traces_endpoint="grpc://collector:4317")
+
+
+async def test_websocket_streams_are_traced_under_the_handshake_traceparent(
+    start_server, collector: Collector
+) -> None:  # type: ignore[no-untyped-def]
+    from websockets.asyncio.client import connect
+
+    server: RunningServer = start_server(
+        SyntheticEngine(itl_ms=2), otlp_traces_endpoint=collector.url
+    )
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ws", additional_headers=headers) as ws:
+        for stream_id in ("a", "b"):
+            message = {"type": "generate", "id": stream_id, "max_tokens": 3,
+                       "messages": [{"role": "user", "content": "ws"}]}  # fmt: skip
+            await ws.send(json.dumps(message))
+            while json.loads(await ws.recv())["type"] != "done":
+                pass
+    traces = await asyncio.to_thread(collector.wait_traces, 2)
+    roots = [s for s in traces[TRACE_ID] if s.kind == Span.SPAN_KIND_SERVER]
+    assert [r.name for r in roots] == ["WEBSOCKET /v1/ws"] * 2
+    assert all(r.parent_span_id.hex() == PARENT_ID for r in roots)
+    assert {attributes(r)["tokenspout.transport"] for r in roots} == {"ws"}
