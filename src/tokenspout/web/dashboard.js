@@ -18,6 +18,7 @@ let snapshots = []; // recent {time, data} of the current server instance
 let instance = null;
 let samples = 0;
 let restarts = 0;
+let firstSampleAt = null; // this browser's clock
 
 for (const figure of document.querySelectorAll("[data-chart]")) {
   charts.set(figure.dataset.chart, { figure, series: new Map() });
@@ -120,7 +121,9 @@ function draw(name, now) {
   g.scale(ratio, ratio);
   const left = 44;
   const bottom = height - 18;
-  const x = (t) => left + ((t - (now - WINDOW_S)) / WINDOW_S) * (width - left - 6);
+  // The axis grows with the data from one minute up to WINDOW_S.
+  const span = Math.min(WINDOW_S, Math.max(60, now - (firstSampleAt ?? now)));
+  const x = (t) => left + ((t - (now - span)) / span) * (width - left - 6);
   let top = 0;
   for (const points of series.values()) {
     for (const [, v] of points) if (v != null && v > top) top = v;
@@ -140,12 +143,12 @@ function draw(name, now) {
     g.stroke();
     g.fillText(format(v), 2, y(v) + 4);
   }
-  g.fillText("−5 min", left, height - 4);
+  g.fillText(span >= 120 ? `−${Math.round(span / 60)} min` : `−${Math.round(span)} s`, left, height - 4);
   g.fillText("now", width - 28, height - 4);
   g.setLineDash([4, 3]);
   g.strokeStyle = "#c92a2a";
   for (const t of restartsAt) {
-    if (t < now - WINDOW_S) continue;
+    if (t < now - span) continue;
     g.beginPath();
     g.moveTo(x(t), 6);
     g.lineTo(x(t), bottom);
@@ -198,6 +201,7 @@ async function tick() {
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     record(await response.json());
     samples += 1;
+    firstSampleAt ??= Date.now() / 1000;
     const restarted = restarts > 0 ? ` · restarted ${restarts}×` : "";
     status(`live${restarted}`, "live");
   } catch {
