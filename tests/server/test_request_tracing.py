@@ -142,9 +142,11 @@ def test_a_streamed_request_is_one_trace_under_the_incoming_traceparent(
     stream = spans["stream"]
     assert stream.start_time_unix_nano == first[0].time_unix_nano
     assert stream.end_time_unix_nano == root.end_time_unix_nano
-    events = [e for e in stream.events if e.name == "event"]
-    assert len(events) == a["tokenspout.events"]
-    assert sum(attributes(e)["tokens"] for e in events) == 12  # type: ignore[misc]
+    timeline = str(attributes(stream)["tokenspout.events_timeline"]).split()
+    assert len(timeline) == a["tokenspout.events"]
+    offsets = [float(e.split(":")[0]) for e in timeline]
+    assert offsets[0] == 0.0 and offsets == sorted(offsets)
+    assert sum(int(e.split(":")[1]) for e in timeline) == 12
     assert not [e for e in root.events if e.name == "abort"]
 
 
