@@ -177,6 +177,17 @@ def test_only_the_last_block_is_re_rendered_and_the_result_matches_a_whole_rende
     assert result["blocks"] == result["wholeBlocks"]
 
 
+def test_a_growing_code_block_gets_only_its_new_text_each_update(synthetic_server, page) -> None:  # type: ignore[no-untyped-def]
+    lines = [f"let x{i} = '<b>{i}</b>';\n" for i in range(300)]
+    chunks = ["Intro\n\n", "```js\n", *lines, "``", "`\n", "\nAfter *that*."]
+    result = render(page, synthetic_server, chunks)
+    inside = result["lexed"][3 : 2 + len(lines)]
+    assert inside == [0] * len(inside), "lines of an open fence are appended, not re-lexed"
+    assert result["blocks"] == result["wholeBlocks"], "closed, it renders as a whole render"
+    assert "<em>that</em>" in result["snapshots"][-1]
+    assert result["snapshots"][-1].count("<code>") == 1
+
+
 def test_unterminated_fence_and_table_render_sensibly_mid_stream(synthetic_server, page) -> None:  # type: ignore[no-untyped-def]
     chunks = [
         "Intro\n\n```js\nlet a = 1;\n",

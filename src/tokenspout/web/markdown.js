@@ -78,6 +78,18 @@ function render(tokens) {
   return DOMPurify.sanitize(markdown.parser(tokens), PURIFY);
 }
 
+const FENCE_OPENING = /^(`{3,}|~{3,})/;
+
+/** Whether a line of `text` could close a fence opened with `marker` (the partial last
+ * line included: it may be the closing fence itself, at the very end of the answer). */
+function mayClose(text, marker) {
+  for (const line of text.split("\n")) {
+    const m = /^ {0,3}(`{3,}|~{3,})[ \t]*$/.exec(line);
+    if (m && m[1][0] === marker[0] && m[1].length >= marker.length) return true;
+  }
+  return false;
+}
+
 /** Renders an answer's Markdown into `element` as the answer grows (see the module doc). */
 export class MarkdownView {
   constructor(element) {
@@ -87,10 +99,13 @@ export class MarkdownView {
     this.live.className = "md-live";
     element.append(this.live);
     this.lastLexed = 0; // characters lexed by the last update (what a frame costs)
+    // An open code fence being streamed: {code element, marker, text seen, partial line}.
+    this.fence = null;
   }
 
   /** Show `text` (the whole answer so far; it only grows): one DOM mutation. */
   update(text) {
+    if (this.#extendFence(text)) return;
     const tail = text.slice(this.committed);
     this.lastLexed = tail.length;
     const tokens = markdown.lexer(tail);
@@ -116,6 +131,38 @@ export class MarkdownView {
     fragment.append(live);
     this.live.replaceWith(fragment);
     this.live = live;
+    this.#watchFence(text, last >= 0 ? tokens[last] : null);
+  }
+
+  // A code fence that is still open grows by lines of code, which cannot be Markdown:
+  // they are appended to its code element as text (one Text node per frame), so that a
+  // long code block costs each frame only its new text rather than re-rendering the block
+  // (and re-laying out all of it). Until a line appears that could close the fence.
+  #watchFence(text, token) {
+    this.fence = null;
+    const marker = token?.type === "code" ? FENCE_OPENING.exec(token.raw)?.[1] : undefined;
+    if (!marker) return;
+    const newline = token.raw.indexOf("\n");
+    const body = newline === -1 ? "" : token.raw.slice(newline + 1);
+    const code = this.live.querySelector("pre > code");
+    if (newline === -1 || mayClose(body, marker) || code === null) return;
+    // The code exactly as written so far (marked trims the last newline), as plain text.
+    code.textContent = body;
+    const partial = body.slice(body.lastIndexOf("\n") + 1);
+    this.fence = { code, marker, seen: text.length, partial };
+  }
+
+  #extendFence(text) {
+    const fence = this.fence;
+    if (fence === null || text.length <= fence.seen) return fence !== null;
+    const added = text.slice(fence.seen);
+    const pending = fence.partial + added;
+    if (mayClose(pending, fence.marker)) return false;
+    fence.code.append(added);
+    fence.seen = text.length;
+    fence.partial = pending.slice(pending.lastIndexOf("\n") + 1);
+    this.lastLexed = 0;
+    return true;
   }
 }
 
