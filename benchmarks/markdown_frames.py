@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=100.0, help="tokens per second")
+    parser.add_argument("--only", help="run only the answer whose name contains this")
     args = parser.parse_args()
     print(machine())
     port = free_port()
@@ -122,6 +123,8 @@ def main() -> None:
               "chars lexed p50 / max | frame gap > 16.7 ms | frames > 50 ms |")  # fmt: skip
         print("|---|---|---|---|---|---|---|")
         for name, tokens in answers(args.tokens).items():
+            if args.only and args.only not in name:
+                continue
             page = browser.new_page(bypass_csp=True)
             page.goto(f"http://127.0.0.1:{port}/")
             result = page.evaluate(FEED, [tokens, args.rate])

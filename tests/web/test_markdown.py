@@ -199,7 +199,7 @@ def test_unterminated_fence_and_table_render_sensibly_mid_stream(synthetic_serve
     result = render(page, synthetic_server, chunks)
     mid = result["snapshots"][1]
     assert '<span class="lang">js</span>' in mid
-    assert "let a = 1;\nlet b = &lt;i&gt;2&lt;/i&gt;;" in mid, mid
+    assert "let a = 1;\nlet b = &lt;i&gt;2&lt;/i&gt;;" in re.sub(r"<[^>]+>", "", mid), mid
     final = result["snapshots"][-1]
     assert "<p>After.</p>" in final
     assert "<th>x</th>" in final and "<td>1</td>" in final, final

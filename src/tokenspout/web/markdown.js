@@ -79,6 +79,7 @@ function render(tokens) {
 }
 
 const FENCE_OPENING = /^(`{3,}|~{3,})/;
+const SEGMENT_LINES = 32;
 
 /** Whether a line of `text` could close a fence opened with `marker` (the partial last
  * line included: it may be the closing fence itself, at the very end of the answer). */
@@ -149,7 +150,8 @@ export class MarkdownView {
     // The code exactly as written so far (marked trims the last newline), as plain text.
     code.textContent = body;
     const partial = body.slice(body.lastIndexOf("\n") + 1);
-    this.fence = { code, marker, seen: text.length, partial };
+    const lines = body.split("\n").length - 1;
+    this.fence = { code, marker, seen: text.length, partial, target: code, lines };
   }
 
   #extendFence(text) {
@@ -158,7 +160,18 @@ export class MarkdownView {
     const added = text.slice(fence.seen);
     const pending = fence.partial + added;
     if (mayClose(pending, fence.marker)) return false;
-    fence.code.append(added);
+    // New lines go into blocks of SEGMENT_LINES lines: the browser lays out again only
+    // the last one, not every line of the block (one long <pre> was re-laid out whole).
+    if (fence.lines >= SEGMENT_LINES && fence.partial === "") {
+      fence.target = document.createElement("span");
+      fence.target.className = "code-lines";
+      fence.target.append(added);
+      fence.code.append(fence.target);
+      fence.lines = 0;
+    } else {
+      fence.target.append(added);
+    }
+    fence.lines += added.split("\n").length - 1;
     fence.seen = text.length;
     fence.partial = pending.slice(pending.lastIndexOf("\n") + 1);
     this.lastLexed = 0;
