@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 ARGS   ?=
 
-.PHONY: install dev browser run test test-all lint bench clean
+.PHONY: install dev browser run test test-slow test-all lint bench clean
 
 install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -33,6 +33,10 @@ run: install
 
 test: dev
 	$(PY) -m pytest -q
+
+# The real model end to end and the reference checks: minutes on two shared cores.
+test-slow: dev
+	$(PY) -m pytest -q -m slow
 
 test-all: dev
 	$(PY) -m pytest -q -m ''

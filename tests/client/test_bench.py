@@ -18,7 +18,7 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "tokenspout.client.cli", "bench", *args],
+        [sys.executable, "-m", "tokenspout.cli", "bench", *args],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 

@@ -41,7 +41,7 @@ def test_client_raises_on_http_errors(synthetic_server: RunningServer) -> None:
 
 def test_complete_command_prints_the_answer(synthetic_server: RunningServer) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "tokenspout.client.cli", "complete", "live words",
+        [sys.executable, "-m", "tokenspout.cli", "complete", "live words",
          "--url", synthetic_server.url, "--max-tokens", "4"],
         capture_output=True, text=True, timeout=60, check=True,
     )  # fmt: skip

@@ -1,8 +1,10 @@
 """SIGTERM drains: the server stops accepting, running streams may finish within the drain
-timeout, and the rest end with an error event and [DONE] (a real `tokenspout serve`)."""
+timeout, and the rest end with an error — the same for every transport — before the
+process exits with 0 (a real `tokenspout serve`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,6 +14,7 @@ import threading
 import time
 
 import httpx
+from websockets.asyncio.client import connect
 
 from tests.conftest import free_port
 
@@ -19,7 +22,7 @@ from tests.conftest import free_port
 def start_cli_server(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tokenspout.client.cli", "serve", "--engine", "synthetic",
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
          "--port", str(port), "--log-level", "warning", *args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -35,35 +38,82 @@ def start_cli_server(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     raise RuntimeError("server did not start")
 
 
-def collect(url: str, max_tokens: int, out: list[str]) -> None:
+def collect(url: str, max_tokens: int, out: list[str], started: threading.Event) -> None:
     body = {"prompt": "drain", "max_tokens": max_tokens}
     with httpx.stream("POST", f"{url}/v1/completions/stream", json=body, timeout=30) as r:
-        out.extend(line[6:] for line in r.iter_lines() if line.startswith("data: "))
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(line[6:])
+                started.set()
 
 
-def test_sigterm_drains_then_ends_streams_with_an_error() -> None:
+async def ws_collect(url: str, out: list[dict], started: threading.Event) -> None:
+    """Two streams on one WebSocket: a short one and one the drain timeout cuts."""
+    async with connect(url.replace("http", "ws") + "/v1/ws") as ws:
+        for sid, tokens in (("short", 20), ("long", 2000)):
+            await ws.send(json.dumps({"type": "generate", "id": sid, "prompt": "drain",
+                                      "max_tokens": tokens}))  # fmt: skip
+        ended = 0
+        async for raw in ws:
+            message = json.loads(raw)
+            out.append(message)
+            started.set()
+            if message["type"] in ("done", "error"):
+                ended += 1
+                if ended == 2:
+                    return
+
+
+def test_sigterm_drains_every_transport_then_exits_0() -> None:
+    """Regression (issue 10, defect 8): WebSocket clients were cut at once with close code
+    1012 and no error message, and the process exited with 143 after a clean drain."""
     proc, url = start_cli_server("--synthetic-itl-ms", "20", "--drain-timeout-s", "1")
+    short: list[str] = []
+    long: list[str] = []
+    ws_messages: list[dict] = []
+    started = [threading.Event() for _ in range(3)]
+    threads = [
+        threading.Thread(target=collect, args=(url, 20, short, started[0])),  # ~0.4 s
+        threading.Thread(target=collect, args=(url, 2000, long, started[1])),  # cut at 1 s
+        threading.Thread(target=lambda: asyncio.run(ws_collect(url, ws_messages, started[2]))),
+    ]
     try:
-        short: list[str] = []
-        long: list[str] = []
-        threads = [
-            threading.Thread(target=collect, args=(url, 20, short)),  # ~0.4 s: finishes
-            threading.Thread(target=collect, args=(url, 2000, long)),  # ~40 s: cut at 1 s
-        ]
         for t in threads:
             t.start()
-        time.sleep(0.2)
+        for event in started:
+            assert event.wait(15)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
-            t.join(timeout=15)
-        # uvicorn re-raises the signal after its clean shutdown, as process managers expect.
-        assert proc.wait(timeout=15) in (0, -signal.SIGTERM)
+            t.join(timeout=20)
+        assert proc.wait(timeout=20) == 0
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
     assert short[-1] == "[DONE]"
     assert "".join(json.loads(d)["token"] for d in short[:-1]) == "drain " * 20
     assert long[-1] == "[DONE]"
-    error = json.loads(long[-2])["error"]
-    assert error["code"] == "shutting_down"
-    assert 10 < len(long) < 200
+    assert json.loads(long[-2])["error"]["code"] == "shutting_down"
+    assert "".join(json.loads(d)["token"] for d in long[:-2]).startswith("drain drain ")
+    ends = {m["id"]: m for m in ws_messages if m["type"] in ("done", "error")}
+    assert ends["short"]["type"] == "done"
+    assert ends["short"]["finish_reason"] == "length"
+    assert ends["long"]["type"] == "error"
+    assert ends["long"]["error"]["code"] == "shutting_down"
+    short_text = "".join(
+        m["text"] for m in ws_messages if m["type"] == "delta" and m["id"] == "short"
+    )
+    assert short_text == "drain " * 20
+
+
+def test_a_bad_flag_combination_is_one_line_and_exit_2() -> None:
+    """Regression (issue 10, defect 9): a 40-line traceback instead of a clear error."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
+         "--max-stream-buffer-bytes", "1000", "--max-buffer-bytes", "10"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--max-stream-buffer-bytes" in lines[0] and "--max-buffer-bytes" in lines[0]
+    assert "Traceback" not in result.stderr

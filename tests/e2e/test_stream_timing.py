@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 
@@ -11,20 +10,20 @@ from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 
-def test_heartbeats_arrive_before_the_first_token(start_server) -> None:  # type: ignore[no-untyped-def]
-    server: RunningServer = start_server(SyntheticEngine(ttft_ms=1200), heartbeat_interval_s=0.2)
-    lines: list[tuple[float, str]] = []
-    start = time.monotonic()
+def test_heartbeats_arrive_while_the_first_token_is_pending(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Order, not timing: the first token is a minute away, and pings keep coming."""
+    server: RunningServer = start_server(SyntheticEngine(ttft_ms=60_000), heartbeat_interval_s=0.05)
+    lines: list[str] = []
     with httpx.stream(
         "POST", f"{server.url}/v1/completions/stream", json={"prompt": "late", "max_tokens": 2}
     ) as r:
         for line in r.iter_lines():
             if line:
-                lines.append((time.monotonic() - start, line))
-    pings = [t for t, line in lines if line == ": ping"]
-    first_token = next(t for t, line in lines if line.startswith("data: {"))
-    assert len([t for t in pings if t < first_token]) >= 3
-    assert lines[-1][1] == "data: [DONE]"
+                lines.append(line)
+            if len(lines) == 3:
+                break
+    assert lines == [": ping"] * 3
+    server.wait_metric("tokenspout_requests_running", 0)
 
 
 def count_events(server: RunningServer, options: dict | None) -> tuple[int, str]:
@@ -47,11 +46,13 @@ def test_coalescing_defaults_and_per_token(start_server) -> None:  # type: ignor
 
 
 def test_coalescing_by_time(start_server) -> None:  # type: ignore[no-untyped-def]
-    # 10 ms tokens with flush_ms=35 and a large flush_tokens: about 3-4 tokens per event.
+    # 10 ms tokens with flush_ms=35 and a flush_tokens above the answer's length: by count
+    # alone there would be two events (the first token, then the rest at the end); the
+    # deadline makes more, and never one per token.
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
     events, text = count_events(server, {"flush_tokens": 1000, "flush_ms": 35})
     assert text == "tok " * 200
-    assert 20 < events < 120
+    assert 2 < events < 200
 
 
 def test_server_flags_set_the_default(start_server) -> None:  # type: ignore[no-untyped-def]

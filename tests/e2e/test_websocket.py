@@ -159,3 +159,34 @@ async def test_api_key_by_header_or_query(start_server) -> None:  # type: ignore
         async with connect(ws_url(server) + "?api_key=wrong"):
             pass
     assert info.value.response.status_code == 403
+
+
+def test_peer_gone_mid_send_ends_every_stream_of_the_socket(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Regression (issue 10, defect 5): a send to a peer that had gone raised out of the
+    stream's task and the socket's other stream tasks were never awaited. Now every stream
+    of the socket is aborted as a client disconnect, and nothing is left running."""
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=1))
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert sock.recv(1024).startswith(b"HTTP/1.1 101")
+    for sid in ("a", "b", "c"):
+        sock.sendall(masked_text_frame(generate(sid, "long " * 50, 4000)))
+    server.wait_metric("tokenspout_requests_running", 3, timeout=10)
+    # Gone without a close frame: a reset, as when a client's machine drops off.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    server.wait_metric("tokenspout_requests_running", 0, timeout=10)
+    server.wait_metric("tokenspout_streams_active", 0, timeout=10)
+    server.wait_metric(
+        "tokenspout_requests_aborted_total", 3, timeout=10, labels='reason="client_disconnect"'
+    )
+    server.wait_metric(
+        "tokenspout_requests_total",
+        3,
+        timeout=10,
+        labels='endpoint="chat",status="client_disconnect",transport="ws"',
+    )

@@ -424,3 +424,47 @@ async def test_real_aborted_queued_request_is_never_prefilled() -> None:
         assert engine.stats().prompt_tokens_total == prompt_tokens
     finally:
         await engine.shutdown()
+
+
+class _FailingDetokenizer(llm_engine.Detokenizer):
+    """Fault injector: raises on the first token of a request whose stop list asks for it."""
+
+    def add(self, token: int) -> str:
+        if "\x00fail" in self._stop:
+            raise ValueError("injected detokenizer failure")
+        return super().add(token)
+
+
+async def test_a_failing_sequence_ends_alone_and_finished_ones_still_arrive(
+    fake_engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 10, defect 6): a step that failed after some sequences finished
+    dropped their final outputs, and those streams hung."""
+    monkeypatch.setattr(llm_engine, "Detokenizer", _FailingDetokenizer)
+    done = asyncio.get_running_loop().create_future()
+    got: dict[str, list[EngineOutput | Exception]] = {"ok": [], "bad": []}
+
+    def sink(rid: str) -> Callable[[object], None]:
+        def receive(item: object) -> None:
+            got[rid].append(item)  # type: ignore[arg-type]
+            if all(
+                x and (isinstance(x[-1], Exception) or x[-1].finish_reason) for x in got.values()
+            ):
+                if not done.done():
+                    done.set_result(None)
+
+        return receive
+
+    # Both prompts fit one step: "ok" finishes at its first token, "bad" fails at its first.
+    ok_params = SamplingParams(temperature=0.0, max_tokens=1)
+    bad_params = SamplingParams(temperature=0.0, max_tokens=4, stop=("\x00fail",))
+    fake_engine.submit("ok", fake_engine.encode_completion("hi"), ok_params, sink("ok"))
+    fake_engine.submit("bad", fake_engine.encode_completion("yo"), bad_params, sink("bad"))
+    async with asyncio.timeout(10):
+        await done
+    assert got["ok"][-1].finish_reason == "length"  # type: ignore[union-attr]
+    assert isinstance(got["bad"][-1], EngineError)
+    # The engine goes on serving.
+    outs = await collect(fake_engine, "after", fake_engine.encode_completion("hello"), GREEDY)
+    assert outs[-1].finish_reason == "length"
+    assert fake_engine.failure is None

@@ -16,6 +16,9 @@ import torch
 
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 
+# Model reference checks on the real weights: `make test-slow` (and CI, after `make test`).
+pytestmark = pytest.mark.slow
+
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_greedy.json").read_text())
 CASES = REFERENCE["cases"]
 

@@ -20,6 +20,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.errors import ConfigError
 from tokenspout.server.config import ServerConfig
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -184,7 +185,7 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
 
 
 def test_the_endpoint_must_be_an_http_url() -> None:
-    with pytest.raises(ValueError, match="http"):
+    with pytest.raises(ConfigError, match="http"):
         ServerConfig(otlp_traces_endpoint="grpc://collector:4317")
 
 

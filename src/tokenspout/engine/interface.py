@@ -46,6 +46,8 @@ class Engine(ABC):
     * ``abort(request_id)`` makes the request leave the running batch at the next step, or
       the queue without ever being prefilled, frees its slot, and pushes a final output with
       ``finish_reason="cancelled"``;
+    * a sink must not raise; should one raise anyway, the engine ends that request only
+      (it aborts it) and goes on serving the others;
     * ``pause``/``resume`` are backpressure hints: a consumer that cannot keep up asks the
       engine to hold a request's tokens; engines that cannot hold one request ignore them.
     """
@@ -56,6 +58,9 @@ class Engine(ABC):
     max_model_len: int
     #: True for the synthetic engine, so that every surface can label it.
     synthetic: bool = False
+    #: Why the engine can no longer generate (its loop died), or None while it can. The
+    #: server then fails ``/health`` and answers new requests with 503.
+    failure: str | None = None
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up; called once before serving."""

@@ -40,7 +40,12 @@ from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, Samplin
 from tokenspout.engine.sampler import Sampler, make_generator
 from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
 from tokenspout.engine.sequence import Sequence
-from tokenspout.errors import EngineError, InvalidRequestError, PromptTooLongError
+from tokenspout.errors import (
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    PromptTooLongError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +169,8 @@ class LLMEngine(Engine):
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt.token_ids)
+        if self.failure is not None:
+            raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
         if self._thread is None or self._stopping:
             raise EngineError("the engine is not running")
         req = self._new_request(request_id, prompt, params, sink)
@@ -203,7 +210,15 @@ class LLMEngine(Engine):
         self.scheduler.postprocess(plan, tokens)
         self._prompt_tokens_total += plan.num_prefill_tokens
         self._generation_tokens_total += len(tokens)
-        self._deliver(self._postprocess(c.seq for c in plan.chunks if c.samples))
+        outputs: list[tuple[_Request, EngineOutput | EngineError]] = []
+        try:
+            for chunk in plan.chunks:
+                if chunk.samples:
+                    outputs.append(self._postprocess(chunk.seq))
+        finally:
+            # Delivered even when a later sequence failed: outputs taken out of the
+            # scheduler here (finished sequences) have no other way to reach their streams.
+            self._deliver(outputs)
 
     def _run(self, plan: SchedulerOutput) -> list[int]:
         runner = self._runner()
@@ -215,29 +230,37 @@ class LLMEngine(Engine):
         reqs = [self._active[plan.chunks[i].seq.seq_id] for i in rows]
         return self.sampler(logits[rows], [r.seq.params for r in reqs], [r.generator for r in reqs])
 
-    def _postprocess(self, seqs: Iterable[Sequence]) -> list[tuple[_Request, EngineOutput]]:
-        """Detokenize each sequence's new token and finish the ones that are done."""
-        outputs = []
-        for seq in seqs:
-            req = self._active[seq.seq_id]
-            token = seq.output_token_ids[-1]
-            stop_ids = seq.params.stop_token_ids
-            if token in stop_ids or (
-                not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
-            ):
-                # A stop token's own text is not part of the output.
-                reason, text = "stop", req.detokenizer.flush()
-            else:
-                text = req.detokenizer.add(token)
-                reason = req.detokenizer.finish_reason
-                if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
-                    reason, text = "length", text + req.detokenizer.flush()
-            if reason is not None:
-                self.scheduler.finish(seq)
-                del self._active[seq.seq_id]
-            n = len(seq.output_token_ids)
-            outputs.append((req, EngineOutput(text, 1, seq.num_prompt_tokens, n, reason)))
-        return outputs
+    def _postprocess(self, seq: Sequence) -> tuple[_Request, EngineOutput | EngineError]:
+        """Detokenize a sequence's new token and finish it if it is done. A failure here
+        ends this sequence only."""
+        req = self._active[seq.seq_id]
+        try:
+            output = self._detokenize(req, seq)
+        except Exception as exc:
+            logger.exception("request %s: detokenizing failed", seq.seq_id)
+            self.scheduler.fail(seq)
+            del self._active[seq.seq_id]
+            return req, EngineError(f"the engine failed on this request: {exc}")
+        if output.finish_reason is not None:
+            self.scheduler.finish(seq)
+            del self._active[seq.seq_id]
+        return req, output
+
+    def _detokenize(self, req: _Request, seq: Sequence) -> EngineOutput:
+        token = seq.output_token_ids[-1]
+        stop_ids = seq.params.stop_token_ids
+        if token in stop_ids or (
+            not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
+        ):
+            # A stop token's own text is not part of the output.
+            reason, text = "stop", req.detokenizer.flush()
+        else:
+            text = req.detokenizer.add(token)
+            reason = req.detokenizer.finish_reason
+            if reason is None and len(seq.output_token_ids) >= seq.max_tokens:
+                reason, text = "length", text + req.detokenizer.flush()
+        n = len(seq.output_token_ids)
+        return EngineOutput(text, 1, seq.num_prompt_tokens, n, reason)
 
     def _main(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         """The engine thread: load the model, report to ``start()``, then serve."""
@@ -256,12 +279,24 @@ class LLMEngine(Engine):
         self._loop()
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            # Outside a step (the inbox, the scheduler's own state): the loop cannot go on.
+            logger.exception("engine loop failed; it serves no more requests")
+            self.failure = f"{type(exc).__name__}: {exc}"
+        try:
+            self._fail_all()
+        except Exception:
+            logger.exception("engine: failing the remaining requests failed")
+
+    def _serve(self) -> None:
         while True:
             with self._cond:
                 while not (self._inbox or self.scheduler.has_work or self._stopping):
                     self._cond.wait()
                 if self._stopping:
-                    break
+                    return
                 inbox, self._inbox = self._inbox, deque()
             self._apply(inbox)
             if self.scheduler.has_work:
@@ -270,7 +305,6 @@ class LLMEngine(Engine):
                 except Exception as exc:
                     logger.exception("engine step failed")
                     self._fail(list(self.scheduler.running.values()), exc)
-        self._fail_all()
 
     def _fail_all(self) -> None:
         """At shutdown: fail every request, whether running, waiting or still in the inbox."""

@@ -22,6 +22,7 @@ import asyncio
 import functools
 import heapq
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -29,7 +30,9 @@ from dataclasses import dataclass
 
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import EngineError, EngineUnavailableError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
 
 SYNTHETIC_MODEL_ID = "synthetic"
 
@@ -122,6 +125,8 @@ class SyntheticEngine(Engine):
     def submit(
         self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
     ) -> None:
+        if self.failure is not None:
+            raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         req = _Request(
@@ -176,6 +181,12 @@ class SyntheticEngine(Engine):
 
     def _prefill_tick(self) -> None:
         """First tokens for the requests whose prefill is due; they join the decode steps."""
+        try:
+            self._prefill_due()
+        except Exception as exc:
+            self._die(exc)
+
+    def _prefill_due(self) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._prefill_timer, self._prefill_at = None, math.inf
@@ -196,6 +207,12 @@ class SyntheticEngine(Engine):
 
     def _step(self) -> None:
         """One decode step: a token for every running request that is not paused."""
+        try:
+            self._decode()
+        except Exception as exc:
+            self._die(exc)
+
+    def _decode(self) -> None:
         loop = asyncio.get_running_loop()
         if self._joining:
             # Compared with the step's grid time: a timer may fire a hair early.
@@ -230,8 +247,38 @@ class SyntheticEngine(Engine):
         if not more:
             self._stop(req)
         reason = None if more else "length"
-        req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason)))
+        try:
+            req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason)))
+        except Exception:
+            # A sink must not raise (the contract); if one does, only its request ends.
+            logger.exception("synthetic engine: the sink of %s raised; dropping it", req.id)
+            if req.running:
+                self._stop(req)
+            return False
         return more
+
+    def _die(self, exc: Exception) -> None:
+        """The step machinery itself failed: nothing can be trusted to advance any more.
+        Every request ends with an error, and the engine refuses new ones (``failure``)."""
+        logger.exception("synthetic engine failed; it serves no more requests")
+        self.failure = f"{type(exc).__name__}: {exc}"
+        for timer in (self._step_timer, self._prefill_timer):
+            if timer is not None:
+                timer.cancel()
+        requests = list(self._requests.values())
+        self._requests.clear()
+        self._queue.clear()
+        self._decoding.clear()
+        self._joining.clear()
+        self._prefills.clear()
+        self._running = 0
+        error = EngineError(f"the engine failed: {self.failure}")
+        for req in requests:
+            req.running = False
+            try:
+                req.sink(error)
+            except Exception:
+                logger.exception("synthetic engine: the sink of %s raised", req.id)
 
     def _stop(self, req: _Request) -> None:
         """Take a running request out and start the next queued one."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +35,7 @@ from tokenspout.server import (
 )
 from tokenspout.server.auth import ApiKeyMiddleware
 from tokenspout.server.config import ServerConfig
-from tokenspout.server.direct_routes import DirectRoutes
+from tokenspout.server.direct_routes import DirectRoutes, direct_table
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
 
@@ -90,14 +89,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
-        # What start-up built (the framework, a model's modules) lives as long as the
-        # server: moved out of the collector's sight, it is not traversed again by every
-        # full collection while streams allocate (as vLLM does after loading). Streaming
-        # allocates a few small tuples per token; young collections every 700 of them
-        # (the default) were 7% of the CPU at 400 streams.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 20, 20)
         state.ready = True
         label = "SYNTHETIC engine (not a language model)" if engine.synthetic else "model"
         logger.info("serving %s %s", label, engine.model_id)
@@ -173,4 +164,4 @@ class TokenspoutApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-_DIRECT = {**openai_routes.ROUTES, **seed_routes.ROUTES}
+_DIRECT = direct_table(openai_routes.router, seed_routes.router)

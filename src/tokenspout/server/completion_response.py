@@ -1,68 +1,94 @@
-"""The ASGI response for ``stream: false``: wait for the whole answer, or abort when the
-client leaves first (the same race as streaming, with nothing to send meanwhile)."""
+"""The ASGI response for ``stream: false``: read the stream to its end, then send one JSON
+body, or stop reading (and abort) when the client leaves first. The same cursor and life
+as streaming; its "send" only gathers the text, so the log releases it as it comes."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
 from typing import Any
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tokenspout.errors import TokenspoutError
+from tokenspout.protocols.chunk_format import Usage
+from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.disconnect import DisconnectWatch
-from tokenspout.server.metrics import Metrics
-from tokenspout.server.request_record import RequestRecord
-from tokenspout.streaming.stream import Stream, StreamEnd
+from tokenspout.server.generation_request import ReadSettings
+from tokenspout.server.server_state import ServerState
+from tokenspout.server.stream_transport import StreamTransport
+from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
 
-class CompletionResponse(Response):
-    """Sends ``build(text, end)`` as JSON once ``stream`` ends."""
+class CompletionResponse(Response, StreamTransport):
+    """The whole ``chat.completion`` / ``text_completion`` once ``stream`` ends."""
+
+    transport = "json"
+    # The client sees nothing before the whole body: no time to first text, no gaps.
+    streams_events = False
 
     def __init__(
         self,
+        state: ServerState,
         stream: Stream,
-        build: Callable[[str, StreamEnd], dict[str, Any]],
-        metrics: Metrics,
+        reading: ReadSettings,
         *,
-        endpoint: str,
         started_at: float,
         prompt: str | None = None,
     ):
         # A Response subclass only so that FastAPI hands it over unchanged: the body is
         # produced in __call__, so Response.__init__ (which renders content) is not called.
-        self.stream = stream
         self.status_code = 200
         self.background: BackgroundTask | None = None
-        self.build = build
-        self.record = RequestRecord(
-            metrics, stream, endpoint=endpoint, transport="json", started_at=started_at,
-            prompt=prompt,
-        )  # fmt: skip
+        StreamTransport.__init__(self, state, stream, reading, started_at=started_at, prompt=prompt)
+        chunks = self.wire.chunks(stream.id, stream.created)
+        assert isinstance(chunks, ChatChunks | CompletionChunks)
+        self.chunks = chunks
+        self._parts: list[str] = []
+        self._send_asgi: Send | None = None
+        self._watch: DisconnectWatch | None = None
+
+    def heartbeat_s(self, reading: ReadSettings) -> float:
+        return math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch = DisconnectWatch(receive)
-        self.stream.attach()
+        self._send_asgi = send
+        watch = self._watch = DisconnectWatch(receive)
         try:
-            left = await watch.run(self.stream.wait_end())
+            await watch.run(self.run())
         finally:
-            self.stream.detach(None if self.stream.finished else "client_disconnect")
-        end = self.stream.end
-        if left is not None or end is None:
-            self.record.finish("client_disconnect")
-            return
-        if end.error is not None:
-            status, body = end.error.status_code, error_body(end.error)
-        else:
-            status, body = 200, self.build(self.stream.text(), end)
+            self.abandon(watch.reason or "client_disconnect")
+
+    def stopped_reason(self) -> str | None:
+        return None if self._watch is None else self._watch.reason
+
+    async def send(self, event: StreamEvent) -> None:
+        if isinstance(event, Delta):
+            self._parts.append(event.text)
+        elif isinstance(event, Finished):
+            end = event.end
+            if end.error is not None:
+                await self._respond(end.error.status_code, error_body(end.error))
+                return
+            assert end.finish_reason is not None
+            usage = Usage(end.prompt_tokens, end.completion_tokens)
+            text = "".join(self._parts)
+            await self._respond(200, self.chunks.response(text, end.finish_reason, usage))
+
+    async def send_failure(self, err: TokenspoutError) -> None:
+        await self._respond(err.status_code, error_body(err))
+
+    async def _respond(self, status: int, body: dict[str, Any]) -> None:
+        assert self._send_asgi is not None
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
             (b"x-stream-id", self.stream.id.encode()),
         ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
-        self.record.finish("ok" if status == 200 else "error")
+        await self._send_asgi({"type": "http.response.start", "status": status, "headers": headers})
+        await self._send_asgi({"type": "http.response.body", "body": payload})

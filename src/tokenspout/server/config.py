@@ -1,8 +1,11 @@
-"""Server settings, one field per ``tokenspout serve`` flag."""
+"""Server settings, one field per ``tokenspout serve`` flag: the one place their defaults
+live (the CLI reads them from here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from tokenspout.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -52,12 +55,30 @@ class ServerConfig:
     otlp_traces_endpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if not 1 <= self.default_max_tokens <= self.max_tokens_limit:
-            raise ValueError("default_max_tokens must be between 1 and max_tokens_limit")
-        if self.flush_tokens < 1 or self.flush_ms < 0:
-            raise ValueError("flush_tokens must be >= 1 and flush_ms >= 0")
-        if self.heartbeat_interval_s <= 0 or self.send_timeout_s <= 0:
-            raise ValueError("heartbeat_interval_s and send_timeout_s must be > 0")
-        endpoint = self.otlp_traces_endpoint
-        if endpoint is not None and not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"otlp_traces_endpoint must be an http(s) URL, not {endpoint!r}")
+        """Refuse settings that cannot work, with a message naming the flags."""
+        checks = [
+            (1 <= self.default_max_tokens <= self.max_tokens_limit,
+             "--default-max-tokens must be between 1 and --max-tokens-limit"),
+            (self.flush_tokens >= 1, "--flush-tokens must be >= 1"),
+            (self.flush_ms >= 0, "--flush-ms must be >= 0"),
+            (self.heartbeat_interval_s > 0, "--heartbeat-interval-s must be > 0"),
+            (self.send_timeout_s > 0, "--send-timeout-s must be > 0"),
+            (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
+            (self.max_prompt_chars >= 1, "--max-prompt-chars must be >= 1"),
+            (self.max_body_bytes >= 1, "the request body limit must be >= 1 byte"),
+            (self.max_streams >= 1, "--max-streams must be >= 1"),
+            (self.max_queued >= 0, "--max-queued must be >= 0"),
+            (self.resume_grace_s >= 0, "--resume-grace-s must be >= 0"),
+            (self.resume_ttl_s >= 0, "--resume-ttl-s must be >= 0"),
+            (self.max_stream_buffer_bytes >= 1, "--max-stream-buffer-bytes must be >= 1"),
+            (self.max_stream_buffer_bytes <= self.max_buffer_bytes,
+             f"--max-stream-buffer-bytes ({self.max_stream_buffer_bytes}) must not be larger "
+             f"than --max-buffer-bytes ({self.max_buffer_bytes})"),
+            (0 <= self.port < 65536, "--port must be between 0 and 65535"),
+            (self.otlp_traces_endpoint is None
+             or self.otlp_traces_endpoint.startswith(("http://", "https://")),
+             f"--otlp-traces-endpoint must be an http(s) URL, not {self.otlp_traces_endpoint!r}"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

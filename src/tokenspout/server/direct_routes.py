@@ -17,18 +17,31 @@ from collections.abc import Awaitable, Callable
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
 
 
-def fastapi_router(routes: dict[tuple[str, str], Handler]) -> APIRouter:
-    """The same handlers registered with FastAPI (API schema, 405 for a wrong method)."""
+def generation_router(routes: dict[tuple[str, str], Handler]) -> APIRouter:
+    """Register ``(method, path) -> handler`` once: with FastAPI (API schema, 405 for a
+    wrong method), and for ``DirectRoutes``, which reads its table from the router."""
     router = APIRouter()
     for (method, path), handler in routes.items():
         router.add_route(path, handler, methods=[method])
     return router
+
+
+def direct_table(*routers: APIRouter) -> dict[tuple[str, str], Handler]:
+    """The exact ``(method, path)`` matches of the routers' plain routes."""
+    table: dict[tuple[str, str], Handler] = {}
+    for router in routers:
+        for route in router.routes:
+            assert isinstance(route, Route) and route.methods is not None
+            for method in route.methods - {"HEAD"}:
+                table[method, route.path] = route.endpoint
+    return table
 
 
 class DirectRoutes:

@@ -1,41 +1,30 @@
 """The ASGI response that streams a ``Stream`` to one HTTP client (SSE or NDJSON).
 
-One task group races two tasks: sending the body, and listening for ``http.disconnect``;
-whichever ends first cancels the other. The reader is detached in ``finally`` with the
-reason, which aborts a non-resumable stream at once. A send that does not complete within
-the send timeout (a client that stopped reading) ends the connection the same way: the
-server's ``SendWatchdog`` cancels the scope.
+The body runs as its own task, raced against ``http.disconnect`` (``DisconnectWatch``); a
+send that does not complete within the send timeout ends it the same way (the server's
+``SendWatchdog``). Everything else about the reader's life is ``StreamTransport``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from tokenspout.protocols.chunk_format import ChunkFormat, Usage, delta_encoder
+from tokenspout.errors import TokenspoutError
+from tokenspout.protocols.chunk_format import Usage, delta_encoder
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.disconnect import DisconnectWatch
-from tokenspout.server.metrics import Metrics
-from tokenspout.server.request_record import RequestRecord
-from tokenspout.server.send_watchdog import SendGuard, SendWatchdog
-from tokenspout.streaming.flush_policy import FlushPolicy
+from tokenspout.server.generation_request import ReadSettings
+from tokenspout.server.send_watchdog import SendGuard
+from tokenspout.server.server_state import ServerState
+from tokenspout.server.stream_transport import StreamTransport
 from tokenspout.streaming.stream import Stream, StreamEnd
-from tokenspout.streaming.stream_reader import Delta, Finished, Heartbeat, read_stream
-
-
-@dataclass
-class StreamSettings:
-    """Per-response knobs resolved from the server config and the request."""
-
-    flush_tokens: int
-    flush_ms: float
-    heartbeat_s: float
-    send_timeout_s: float
+from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
 
 def stream_headers(stream: Stream, media_type: str) -> list[tuple[bytes, bytes]]:
@@ -48,118 +37,108 @@ def stream_headers(stream: Stream, media_type: str) -> list[tuple[bytes, bytes]]
     ]
 
 
-class EventStreamResponse(Response):
-    """Streams ``stream`` from ``start`` as ``chunks`` payloads in ``framing``."""
+class EventStreamResponse(Response, StreamTransport):
+    """Streams ``stream`` from ``start`` in ``framing``; opening chunks unless resumed
+    (``opening`` overrides: a reader that replays from the start gets them too)."""
 
     def __init__(
         self,
+        state: ServerState,
         stream: Stream,
-        chunks: ChunkFormat,
         framing: Framing,
-        settings: StreamSettings,
-        metrics: Metrics,
-        watchdog: SendWatchdog,
+        reading: ReadSettings,
         *,
-        endpoint: str,
         started_at: float,
         start: int = 0,
-        opening: bool = True,
+        resumed: bool = False,
+        opening: bool | None = None,
         prompt: str | None = None,
     ):
         # A Response subclass only so that FastAPI hands it over unchanged: the body is
         # produced in __call__, so Response.__init__ (which renders content) is not called.
-        self.stream = stream
         self.status_code = 200
         self.background: BackgroundTask | None = None
-        self.chunks = chunks
+        self.transport = framing.name
         self.framing = framing
-        self.settings = settings
-        self.metrics = metrics
-        self.watchdog = watchdog
-        self.start = start
-        self.opening = opening
-        self.record = RequestRecord(
-            metrics,
+        StreamTransport.__init__(
+            self,
+            state,
             stream,
-            endpoint=endpoint,
-            transport=framing.name,
+            reading,
             started_at=started_at,
+            start=start,
+            resumed=resumed,
             prompt=prompt,
-            resumed=not opening,
         )
+        self.chunks = self.wire.chunks(stream.id, stream.created)
+        self._delta_json = delta_encoder(self.chunks)
+        #: The opening chunks (chat's role chunk) go to a reader from the start.
+        self._opening = (not resumed) if opening is None else opening
+        self._send_asgi: Send | None = None
+        self._guard: SendGuard | None = None
+        self._watch: DisconnectWatch | None = None
+        self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch = DisconnectWatch(receive)
-        await watch.run(self._serve(send, watch))
-
-    async def _serve(self, send: Send, watch: DisconnectWatch) -> None:
-        """The body task: the stream, then the bookkeeping, in the same task as the last
-        send (so a client that got the end also finds the request counted)."""
-        guard = self.watchdog.guard(lambda: watch.interrupt("send_timeout"))
-        reason: str | None = None
-        self.stream.attach()
-        self.metrics.streams_active.inc()
+        self._send_asgi = send
+        watch = self._watch = DisconnectWatch(receive)
+        watchdog = self.state.send_watchdog
+        self._guard = watchdog.guard(lambda: watch.interrupt("send_timeout"))
         try:
-            await self._send_body(send, guard)
-        except OSError:
-            reason = "client_disconnect"
+            await watch.run(self._body())
         finally:
-            # Set when the race stopped us (disconnect, send timeout).
-            reason = reason or watch.reason
-            self.watchdog.release(guard)
-            self.stream.detach(
-                reason or ("client_disconnect" if not self.stream.finished else None)
-            )
-            self.metrics.streams_active.dec()
-            self.record.finish(reason or self._status())
+            watchdog.release(self._guard)
+            self.abandon(watch.reason or "client_disconnect")
 
-    def _status(self) -> str:
-        end = self.stream.end
-        if end is None:
-            return "incomplete"
-        return "error" if end.error is not None else "ok"
+    async def _body(self) -> None:
+        await self.run()
+        if self._started:
+            await self._write_raw(b"", more_body=False)
 
-    async def _send(self, send: Send, guard: SendGuard, body: bytes) -> None:
-        if not body:
-            return
-        guard.sending()
-        await send({"type": "http.response.body", "body": body, "more_body": True})
-        guard.sent()
-        self.metrics.stream_bytes.inc(len(body))
+    def stopped_reason(self) -> str | None:
+        return None if self._watch is None else self._watch.reason
 
-    def _event(self, payload: dict, position: int) -> bytes:
-        return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
-
-    async def _send_body(self, send: Send, guard: SendGuard) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": stream_headers(self.stream, self.framing.media_type),
-            }
-        )
-        if self.opening:
+    async def opened(self) -> None:
+        await self._start()
+        if self._opening:
             for payload in self.chunks.opening():
-                await self._send(send, guard, self._event(payload, self.start))
-        policy = FlushPolicy(self.settings.flush_tokens, self.settings.flush_ms)
-        delta_json = delta_encoder(self.chunks)
-        items = read_stream(
-            self.stream, policy, heartbeat_s=self.settings.heartbeat_s, start=self.start
-        )
-        try:
-            async for item in items:
-                if isinstance(item, Delta):
-                    event_id = format_event_id(self.stream.id, item.position)
-                    body = self.framing.event(delta_json(item.text), id=event_id)
-                    await self._send(send, guard, body)
-                    self.record.text_sent(item.num_tokens)
-                elif isinstance(item, Heartbeat):
-                    await self._send(send, guard, self.framing.heartbeat())
-                elif isinstance(item, Finished):
-                    await self._send(send, guard, self._closing(item.end))
-        finally:
-            await items.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                await self._write(self._event(payload, self.cursor.position))
+
+    async def send(self, event: StreamEvent) -> None:
+        if isinstance(event, Delta):
+            event_id = format_event_id(self.stream.id, event.position)
+            await self._write(self.framing.event(self._delta_json(event.text), id=event_id))
+        elif isinstance(event, Finished):
+            await self._write(self._closing(event.end))
+        else:
+            await self._write(self.framing.heartbeat())
+
+    async def send_failure(self, err: TokenspoutError) -> None:
+        await self._start()
+        body = self._event(self.chunks.error(err), self.cursor.position) + self.framing.done()
+        await self._write(body)
+
+    async def _start(self) -> None:
+        if self._started:
+            return
+        assert self._send_asgi is not None
+        self._started = True
+        headers = stream_headers(self.stream, self.framing.media_type)
+        await self._send_asgi({"type": "http.response.start", "status": 200, "headers": headers})
+
+    async def _write(self, body: bytes) -> None:
+        await self._write_raw(body, more_body=True)
+        self.state.metrics.stream_bytes.inc(len(body))
+
+    async def _write_raw(self, body: bytes, *, more_body: bool) -> None:
+        assert self._send_asgi is not None and self._guard is not None
+        guard = self._guard
+        guard.sending()
+        await self._send_asgi({"type": "http.response.body", "body": body, "more_body": more_body})
+        guard.sent()
+
+    def _event(self, payload: dict[str, Any], position: int) -> bytes:
+        return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
 
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length

@@ -1,17 +1,18 @@
-"""From a validated body (HTTP or WebSocket) to what a stream needs: prompt, sampling
-parameters, and the stream options. Shared by every transport so that they validate alike."""
+"""Prepare: from a validated body (HTTP or WebSocket) to everything a stream needs — the
+model check, the prompt (chat template, tokens), sampling parameters within the server's
+limits, and how the stream is to be read (wire format, coalescing, resumability). Shared by
+every transport so that they validate alike."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
-from tokenspout.server.request_parsing import (
-    admit,
-    check_model,
-    check_prompt_chars,
-    sampling_params,
-)
+from tokenspout.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from tokenspout.protocols.chunk_format import ChunkFormat
+from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
+from tokenspout.protocols.seed_events import SeedEvents
+from tokenspout.server.config import ServerConfig
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -19,37 +20,76 @@ from tokenspout.server.schemas import (
     StreamOptions,
 )
 from tokenspout.server.server_state import ServerState
-from tokenspout.streaming.stream import Stream
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWire:
+    """How a stream's events look on the wire: which endpoint opened it (chat, completion,
+    seed), for which model name, with a usage chunk or not. Kept with the stream
+    (``Stream.meta``) so that a resumed reader encodes it the same way."""
+
+    kind: str
+    model: str
+    include_usage: bool = False
+
+    def chunks(self, stream_id: str, created: float) -> ChunkFormat:
+        if self.kind == "chat":
+            return ChatChunks(f"chatcmpl-{stream_id}", int(created), self.model, self.include_usage)
+        if self.kind == "completion":
+            return CompletionChunks(
+                f"cmpl-{stream_id}", int(created), self.model, self.include_usage
+            )
+        return SeedEvents()
+
+
+@dataclass(frozen=True, slots=True)
+class ReadSettings:
+    """How one reader coalesces and keeps its connection alive."""
+
+    flush_tokens: int
+    flush_ms: float
+    heartbeat_s: float
+
+    @classmethod
+    def resolve(cls, config: ServerConfig, options: StreamOptions | None = None) -> ReadSettings:
+        """The request's own flush settings where it gives them, the server's otherwise."""
+        tokens, ms = config.flush_tokens, config.flush_ms
+        if options is not None:
+            tokens = options.flush_tokens if options.flush_tokens is not None else tokens
+            ms = options.flush_ms if options.flush_ms is not None else ms
+        return cls(tokens, ms, config.heartbeat_interval_s)
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """A request ready to become a stream. ``kind`` is chat, completion or seed."""
+    """A request ready to become a stream."""
 
-    kind: str
     prompt: Prompt
     params: SamplingParams
-    options: StreamOptions
+    wire: StreamWire
+    reading: ReadSettings
+    resumable: bool
 
 
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
-    check_model(state, body.model)
+    model = check_model(state, body.model)
     messages = [ChatMessage(m.role, m.text()) for m in body.messages]
     check_prompt_chars(state, "".join(m.content for m in messages))
     prompt = state.engine.encode_chat(messages)
-    return _request(state, "chat", prompt, body, body.max_completion_tokens or body.max_tokens)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return _request(state, StreamWire("chat", model), prompt, body, max_tokens)
 
 
 def prepare_completion(state: ServerState, body: CompletionRequest) -> GenerationRequest:
-    check_model(state, body.model)
+    model = check_model(state, body.model)
     text = body.prompt_text()
     check_prompt_chars(state, text)
     prompt = state.engine.encode_completion(text)
-    return _request(state, "completion", prompt, body, body.max_tokens)
+    return _request(state, StreamWire("completion", model), prompt, body, body.max_tokens)
 
 
 def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationRequest:
-    check_model(state, body.model)
+    model = check_model(state, body.model)
     check_prompt_chars(state, body.prompt)
     prompt = state.engine.encode_completion(body.prompt)
     params = sampling_params(
@@ -59,12 +99,74 @@ def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationReque
         seed=body.seed,
         prompt_tokens=len(prompt.token_ids),
     )
-    return GenerationRequest("seed", prompt, params, body.stream_options or StreamOptions())
+    return _generation(state, StreamWire("seed", model), prompt, params, body.stream_options)
+
+
+def check_model(state: ServerState, name: str | None) -> str:
+    """The served model id for a request's ``model`` field (omitted means the served one)."""
+    if name is None or name in state.served_names():
+        return state.engine.model_id
+    served = ", ".join(state.served_names())
+    raise ModelNotFoundError(f"model {name!r} is not served here; served: {served}", param="model")
+
+
+def check_prompt_chars(state: ServerState, text: str) -> None:
+    limit = state.config.max_prompt_chars
+    if len(text) > limit:
+        raise PromptTooLongError(
+            f"prompt is {len(text)} characters; the limit is {limit}", param="prompt"
+        )
+
+
+def sampling_params(
+    state: ServerState,
+    *,
+    max_tokens: int | None,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    stop_token_ids: tuple[int, ...] = (),
+    ignore_eos: bool = False,
+    prompt_tokens: int,
+) -> SamplingParams:
+    cfg = state.config
+    if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
+        raise InvalidRequestError(
+            f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens_limit}",
+            param="max_tokens",
+        )
+    room = state.engine.max_model_len - prompt_tokens
+    if room < 1:
+        raise PromptTooLongError(
+            f"prompt is {prompt_tokens} tokens; the model's context is "
+            f"{state.engine.max_model_len} tokens",
+            param="messages",
+        )
+    if max_tokens is None:
+        max_tokens = min(cfg.default_max_tokens, room)
+    elif max_tokens > room:
+        raise PromptTooLongError(
+            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {state.engine.max_model_len} tokens",
+            param="max_tokens",
+        )
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        stop_token_ids=stop_token_ids,
+        ignore_eos=ignore_eos,
+    )
 
 
 def _request(
     state: ServerState,
-    kind: str,
+    wire: StreamWire,
     prompt: Prompt,
     body: ChatCompletionRequest | CompletionRequest,
     max_tokens: int | None,
@@ -81,18 +183,21 @@ def _request(
         ignore_eos=body.ignore_eos,
         prompt_tokens=len(prompt.token_ids),
     )
-    return GenerationRequest(kind, prompt, params, body.stream_options or StreamOptions())
+    return _generation(state, wire, prompt, params, body.stream_options)
 
 
-def open_stream(state: ServerState, request: GenerationRequest) -> Stream:
-    """Admit the request and start generating."""
-    admit(state)
-    options = request.options
-    resumable = state.config.resumable if options.resumable is None else options.resumable
-    return state.streams.open(
-        request.prompt,
-        request.params,
-        kind=request.kind,
-        include_usage=options.include_usage,
-        resumable=resumable,
-    )
+def _generation(
+    state: ServerState,
+    wire: StreamWire,
+    prompt: Prompt,
+    params: SamplingParams,
+    options: StreamOptions | None,
+) -> GenerationRequest:
+    cfg = state.config
+    resumable = cfg.resumable
+    if options is not None:
+        if options.resumable is not None:
+            resumable = options.resumable
+        if options.include_usage:
+            wire = StreamWire(wire.kind, wire.model, include_usage=True)
+    return GenerationRequest(prompt, params, wire, ReadSettings.resolve(cfg, options), resumable)

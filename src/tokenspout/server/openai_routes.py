@@ -10,7 +10,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.server.direct_routes import Handler, fastapi_router
+from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
@@ -33,8 +33,9 @@ async def completions(request: Request) -> Response:
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).
-ROUTES: dict[tuple[str, str], Handler] = {
-    ("POST", "/v1/chat/completions"): chat_completions,
-    ("POST", "/v1/completions"): completions,
-}
-router = fastapi_router(ROUTES)
+router = generation_router(
+    {
+        ("POST", "/v1/chat/completions"): chat_completions,
+        ("POST", "/v1/completions"): completions,
+    }
+)

@@ -1,12 +1,12 @@
 """Resume a stream after a dropped connection: find it by the id in ``Last-Event-ID`` and
-follow it from the position after that event."""
+follow it from the position after that event. Only a resumable stream takes a new reader."""
 
 from __future__ import annotations
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, StreamNotResumableError
 from tokenspout.protocols.event_id import parse_event_id
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
@@ -18,26 +18,28 @@ def last_event_id(request: Request) -> str | None:
 
 
 def resume(
-    state: ServerState, request: Request, event_id: str, stream_id: str | None = None
+    state: ServerState, request: Request, event_id: str | None, stream_id: str | None = None
 ) -> Response:
-    """Replay everything after ``event_id`` in the stream's own format, then follow it live."""
-    try:
-        sid, position = parse_event_id(event_id)
-    except ValueError as exc:
-        raise InvalidRequestError(str(exc), param="Last-Event-ID") from None
-    if stream_id is not None and sid != stream_id:
-        raise InvalidRequestError(
-            f"Last-Event-ID names stream {sid!r}, not {stream_id!r}", param="Last-Event-ID"
-        )
-    stream = state.streams.get(sid)
-    stream.check_resumable_at(position)
-    state.metrics.resumes.inc()
-    return follow(state, request, stream, None, start=position, opening=False)
-
-
-def replay_all(state: ServerState, request: Request, stream_id: str) -> Response:
-    """A stream from its beginning (no ``Last-Event-ID``)."""
+    """Replay everything after ``event_id`` (from the beginning without one) in the
+    stream's own format, then follow it live."""
+    position = 0
+    if event_id:
+        try:
+            sid, position = parse_event_id(event_id)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="Last-Event-ID") from None
+        if stream_id is not None and sid != stream_id:
+            raise InvalidRequestError(
+                f"Last-Event-ID names stream {sid!r}, not {stream_id!r}", param="Last-Event-ID"
+            )
+        stream_id = sid
+    assert stream_id is not None
     stream = state.streams.get(stream_id)
-    stream.check_resumable_at(0)
+    if not stream.resumable:
+        raise StreamNotResumableError(
+            f"stream {stream_id} is not resumable: open it with "
+            '"stream_options": {"resumable": true} (or start the server with --resumable)'
+        )
+    response = follow(state, request, stream, start=position)
     state.metrics.resumes.inc()
-    return follow(state, request, stream, None)
+    return response

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
-from tokenspout.server.direct_routes import Handler, fastapi_router
+from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import prepare_seed
 from tokenspout.server.request_parsing import parse_body, validate
 from tokenspout.server.responder import respond
@@ -70,8 +70,9 @@ async def seed_stream_get(request: Request) -> Response:
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).
-ROUTES: dict[tuple[str, str], Handler] = {
-    ("POST", "/v1/completions/stream"): seed_stream_post,
-    ("GET", "/v1/completions/stream"): seed_stream_get,
-}
-router = fastapi_router(ROUTES)
+router = generation_router(
+    {
+        ("POST", "/v1/completions/stream"): seed_stream_post,
+        ("GET", "/v1/completions/stream"): seed_stream_get,
+    }
+)

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenspout.server.resume import last_event_id, replay_all, resume
+from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.server_state import state_of
 
 router = APIRouter()
@@ -15,14 +15,23 @@ api = APIRouter()
 
 @router.get("/health")
 async def health(request: Request) -> Response:
-    """200 when ready to serve; 503 while loading or draining."""
+    """200 when ready to serve; 503 while loading, draining, or after the engine failed."""
     state = state_of(request)
-    ok = state.ready and not state.draining
+    failure = state.engine.failure
+    if failure is not None:
+        status = "engine_failed"
+    elif state.draining:
+        status = "draining"
+    else:
+        status = "ok" if state.ready else "loading"
+    ok = status == "ok"
     body = {
-        "status": "ok" if ok else ("draining" if state.draining else "loading"),
+        "status": status,
         "model": state.engine.model_id,
         "engine": "synthetic" if state.engine.synthetic else "embedded",
     }
+    if failure is not None:
+        body["error"] = failure
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -53,11 +62,7 @@ async def models(request: Request) -> Response:
 async def get_stream(stream_id: str, request: Request) -> Response:
     """Replay a stream after ``Last-Event-ID`` (header or ``?last_event_id=``) in its own
     format, then follow it live to ``[DONE]``; without one, from the beginning."""
-    state = state_of(request)
-    event_id = last_event_id(request)
-    if event_id:
-        return resume(state, request, event_id, stream_id)
-    return replay_all(state, request, stream_id)
+    return resume(state_of(request), request, last_event_id(request), stream_id)
 
 
 @api.post("/v1/streams/{stream_id}/cancel")

@@ -1,20 +1,22 @@
 """One WebSocket connection carrying several streams (RFC 6455; messages in
 ``protocols.websocket_messages``).
 
-A receive loop handles ``generate`` and ``cancel``; each stream has a task that follows it
-with its own flush policy and sends ``delta``/``done``/``error``. Sends go through one lock
-(one frame at a time) with the send timeout. Closing the socket, or a send that times out,
-ends every stream of the connection.
+A receive loop handles ``generate`` and ``cancel``; each stream is a ``WebSocketStream`` (a
+``StreamTransport``) run as a task of the session. Frames go out one at a time, through
+one lock, watched by the server's ``SendWatchdog``. The session ends when the peer closes,
+when a send finds it gone, or when a send overstays the send timeout; every stream task is
+then stopped with that reason and awaited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 import time
-from dataclasses import dataclass
+from typing import Any
 
-import anyio
 from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -22,31 +24,21 @@ from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
-from tokenspout.server.generation_request import open_stream, prepare_chat, prepare_completion
+from tokenspout.server.generation_request import (
+    GenerationRequest,
+    ReadSettings,
+    prepare_chat,
+    prepare_completion,
+)
 from tokenspout.server.request_parsing import validate
-from tokenspout.server.request_record import RequestRecord
-from tokenspout.server.responder import stream_settings
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
+from tokenspout.server.responder import open_stream
+from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest
 from tokenspout.server.server_state import ServerState
-from tokenspout.streaming.flush_policy import FlushPolicy
+from tokenspout.server.stream_transport import PEER_GONE, PeerGone, StreamTransport
 from tokenspout.streaming.stream import Stream
-from tokenspout.streaming.stream_reader import Delta, Finished, read_stream
+from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
-# WebSocket keep-alive is the server's protocol-level ping (uvicorn's ws_ping_interval), so
-# streams send no heartbeat messages of their own.
-_NO_HEARTBEAT_S = 365 * 24 * 3600.0
-
-
-class _SendTimeout(Exception):
-    pass
-
-
-@dataclass
-class _Opened:
-    stream: Stream
-    options: StreamOptions
-    #: For the request log, only with ``--log-prompts``.
-    prompt: str | None
+logger = logging.getLogger("tokenspout")
 
 
 class WebSocketSession:
@@ -55,136 +47,167 @@ class WebSocketSession:
     def __init__(self, websocket: WebSocket, state: ServerState):
         self.ws = websocket
         self.state = state
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._streams: dict[str, Stream] = {}
-        self._cancelled: set[str] = set()
+        self._streams: dict[str, WebSocketStream] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
-        self._closing_reason: str | None = None
-        self._main: asyncio.Task[None] | None = None
+        #: Why the session ended, once it did: client_disconnect or send_timeout.
+        self.closing_reason: str | None = None
+        self._main: asyncio.Task[Any] | None = None
+        self._guard = state.send_watchdog.guard(lambda: self._stop("send_timeout"))
 
     async def run(self) -> None:
         self._main = asyncio.current_task()
+        watchdog = self.state.send_watchdog
         try:
             while True:
                 await self._handle(await self.ws.receive_text())
-        except WebSocketDisconnect:
-            pass
-        except _SendTimeout:
-            self._closing_reason = "send_timeout"
+        except (WebSocketDisconnect, PeerGone):
+            self.closing_reason = self.closing_reason or "client_disconnect"
         except asyncio.CancelledError:
-            # A stream task hit the send timeout and stopped the receive loop.
-            if self._closing_reason is None:
+            # A stream's send found the peer gone, or the watchdog fired: _stop cancelled us.
+            if self.closing_reason is None:
                 raise
             assert self._main is not None
             self._main.uncancel()
         finally:
+            watchdog.release(self._guard)
             await self._end_all()
 
+    def _stop(self, reason: str) -> None:
+        """End the session with ``reason`` (from a stream task or the watchdog)."""
+        if self.closing_reason is None:
+            self.closing_reason = reason
+            if self._main is not None:
+                self._main.cancel()
+
     async def _end_all(self) -> None:
-        """Stop every stream of this connection (their tasks detach with the reason)."""
-        tasks = list(self._tasks.values())
+        """Stop every stream of this connection and wait for each to detach."""
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._closing_reason == "send_timeout":
+        for follower in list(self._streams.values()):
+            # Its task was cancelled before it ever ran.
+            follower.abandon(self.closing_reason or "client_disconnect")
+        if self.closing_reason == "send_timeout":
             # The client is not reading: do not wait long for the close handshake either.
-            with anyio.move_on_after(1), contextlib.suppress(Exception):
-                await self.ws.close(code=1008, reason="send timeout")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(code=1008, reason="send timeout"), 1.0)
 
     async def _handle(self, text: str) -> None:
         try:
             message = wsm.parse_client_message(text)
         except InvalidRequestError as err:
-            await self._send(wsm.error(err.param, err))
+            await self.send(wsm.error(err.param, err))
             return
         if isinstance(message, wsm.Cancel):
             await self._cancel(message.id)
             return
-        if message.id in self._tasks:
+        if message.id in self._streams:
             err = InvalidRequestError(f"a stream with id {message.id!r} is already running")
-            await self._send(wsm.error(message.id, err))
+            await self.send(wsm.error(message.id, err))
             return
         started = time.monotonic()
         try:
-            opened = self._open(message)
+            generation = self._prepare(message)
+            stream = open_stream(self.state, generation)
         except TokenspoutError as err:
-            await self._send(wsm.error(message.id, err))
+            await self.send(wsm.error(message.id, err))
             return
-        self._streams[message.id] = opened.stream
-        self._tasks[message.id] = asyncio.create_task(self._follow(message.id, opened, started))
+        prompt = generation.prompt.text if self.state.config.log_prompts else None
+        follower = WebSocketStream(
+            self, message.id, stream, generation.reading, started_at=started, prompt=prompt
+        )
+        self._streams[message.id] = follower
+        task = asyncio.create_task(self._follow(follower))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _open(self, message: wsm.Generate) -> _Opened:
+    def _prepare(self, message: wsm.Generate) -> GenerationRequest:
         body: BaseModel
         if message.is_chat:
             body = validate(ChatCompletionRequest, message.body)
-            generation = prepare_chat(self.state, body)
-        else:
-            body = validate(CompletionRequest, message.body)
-            generation = prepare_completion(self.state, body)
-        prompt = generation.prompt.text if self.state.config.log_prompts else None
-        return _Opened(open_stream(self.state, generation), generation.options, prompt)
+            return prepare_chat(self.state, body)
+        body = validate(CompletionRequest, message.body)
+        return prepare_completion(self.state, body)
+
+    async def _follow(self, follower: WebSocketStream) -> None:
+        try:
+            await follower.run()
+        finally:
+            self._streams.pop(follower.client_id, None)
 
     async def _cancel(self, client_id: str) -> None:
-        stream = self._streams.get(client_id)
-        if stream is None:
+        follower = self._streams.get(client_id)
+        if follower is None:
             err = InvalidRequestError(f"no running stream with id {client_id!r}")
-            await self._send(wsm.error(client_id, err))
+            await self.send(wsm.error(client_id, err))
             return
         # From now on nothing but its `done` is sent for this stream.
-        self._cancelled.add(client_id)
-        stream.cancel()
+        follower.cancelled = True
+        follower.stream.cancel()
 
-    async def _follow(self, client_id: str, opened: _Opened, started: float) -> None:
-        stream = opened.stream
-        settings = stream_settings(self.state, opened.options)
-        metrics = self.state.metrics
-        policy = FlushPolicy(settings.flush_tokens, settings.flush_ms)
-        record = RequestRecord(
-            metrics, stream, endpoint=stream.kind, transport="ws", started_at=started,
-            prompt=opened.prompt,
-        )  # fmt: skip
-        status = "incomplete"
-        stream.attach()
-        metrics.streams_active.inc()
-        try:
-            async for item in read_stream(stream, policy, heartbeat_s=_NO_HEARTBEAT_S):
-                if isinstance(item, Delta) and client_id not in self._cancelled:
-                    await self._send(wsm.delta(client_id, item.text))
-                    record.text_sent(item.num_tokens)
-                elif isinstance(item, Finished):
-                    end = item.end
-                    if end.error is not None:
-                        await self._send(wsm.error(client_id, end.error))
-                        status = "error"
-                    else:
-                        assert end.finish_reason is not None
-                        usage = Usage(end.prompt_tokens, end.completion_tokens)
-                        await self._send(wsm.done(client_id, end.finish_reason, usage))
-                        status = "ok"
-        except _SendTimeout:
-            self._closing_reason = "send_timeout"
-            status = "send_timeout"
-            if self._main is not None:
-                self._main.cancel()
-        finally:
-            detach_reason = (
-                None if stream.finished else (self._closing_reason or "client_disconnect")
-            )
-            stream.detach(detach_reason)
-            metrics.streams_active.dec()
-            record.finish(status)
-            self._tasks.pop(client_id, None)
-            self._streams.pop(client_id, None)
-            self._cancelled.discard(client_id)
-
-    async def _send(self, message: dict) -> None:
+    async def send(self, message: dict[str, Any]) -> None:
+        """Send one frame; ``PeerGone`` once the socket is closed or the session ending."""
+        if self.closing_reason is not None:
+            raise PeerGone
         data = dumps(message)
+        guard = self._guard
         async with self._send_lock:
+            guard.sending()
             try:
-                with anyio.fail_after(self.state.config.send_timeout_s):
-                    await self.ws.send_text(data)
-            except TimeoutError:
-                raise _SendTimeout from None
+                await self.ws.send_text(data)
+            except (*PEER_GONE, RuntimeError) as exc:
+                # Starlette raises RuntimeError for a send after the close handshake.
+                self._stop("client_disconnect")
+                raise PeerGone from exc
+            finally:
+                guard.sent()
         self.state.metrics.stream_bytes.inc(len(data))
+
+
+class WebSocketStream(StreamTransport):
+    """One stream of a WebSocket session, sent as ``delta`` / ``done`` / ``error``."""
+
+    transport = "ws"
+
+    def __init__(
+        self,
+        session: WebSocketSession,
+        client_id: str,
+        stream: Stream,
+        reading: ReadSettings,
+        *,
+        started_at: float,
+        prompt: str | None,
+    ):
+        self.session = session
+        self.client_id = client_id
+        self.cancelled = False
+        super().__init__(session.state, stream, reading, started_at=started_at, prompt=prompt)
+
+    def heartbeat_s(self, reading: ReadSettings) -> float:
+        # WebSocket keep-alive is the server's protocol-level ping (uvicorn's
+        # ws_ping_interval), so streams send no heartbeat messages of their own.
+        return math.inf
+
+    def stopped_reason(self) -> str | None:
+        return self.session.closing_reason
+
+    async def send(self, event: StreamEvent) -> None:
+        if isinstance(event, Delta):
+            if not self.cancelled:
+                await self.session.send(wsm.delta(self.client_id, event.text))
+        elif isinstance(event, Finished):
+            end = event.end
+            if end.error is not None:
+                await self.session.send(wsm.error(self.client_id, end.error))
+            else:
+                assert end.finish_reason is not None
+                usage = Usage(end.prompt_tokens, end.completion_tokens)
+                await self.session.send(wsm.done(self.client_id, end.finish_reason, usage))
+
+    async def send_failure(self, err: TokenspoutError) -> None:
+        await self.session.send(wsm.error(self.client_id, err))

@@ -33,6 +33,11 @@ class FlushPolicy:
     def pending_tokens(self) -> int:
         return self._tokens
 
+    @property
+    def has_text(self) -> bool:
+        """Visible text is pending."""
+        return bool(self._text)
+
     def add(self, text: str, num_tokens: int, now: float) -> None:
         """Buffer new output. Text may be empty (a token held back by the detokenizer)."""
         if self._oldest is None and (text or num_tokens):
@@ -47,7 +52,9 @@ class FlushPolicy:
         if not self._sent_any or self._tokens >= self.flush_tokens:
             return True
         assert self._oldest is not None
-        return (now - self._oldest) * 1000.0 >= self.flush_ms
+        # The same sum as ``deadline()``: a reader woken at its deadline finds the text due
+        # (``(now - oldest) * 1000 >= flush_ms`` is False there for most values, by rounding).
+        return now >= self._oldest + self.flush_ms / 1000.0
 
     def tokens_until_due(self) -> int:
         """How many more tokens make the pending text due by count (at least 1): a reader

@@ -1,12 +1,16 @@
-"""One generation's life, decoupled from the connections that read it.
+"""One generation's life: a log, an end, and the cursors that read it.
 
-A ``Stream`` is the engine's sink for one request: each output the engine pushes is
-appended to the stream's ``ReplayBuffer``, and readers (an HTTP response, a WebSocket
-stream, a resumed connection) follow the buffer from a position and are woken only when
-their next event is due. Decoupling is what lets a stream be cancelled by id and resumed
-after a dropped connection. When its last reader leaves, a non-resumable stream is aborted
-at once; a resumable one keeps generating for ``resume_grace_s`` waiting for a reader to
-come back.
+A ``Stream`` is the engine's sink for one request: each output the engine pushes is appended
+to the stream's ``ReplayBuffer`` (its log). Readers are ``Subscription`` cursors
+(``subscribe``), each with its own position; the log keeps what the slowest of them has not
+delivered, and when that passes the store's bounds the stream pauses the engine rather than
+drop text. Decoupling producer and readers is what lets a stream be cancelled by id and
+resumed after a dropped connection. When its last reader leaves, a non-resumable stream is
+aborted at once; a resumable one keeps generating for ``resume_grace_s`` waiting for a
+reader to come back.
+
+Whatever goes wrong while taking in one output ends this stream only, with an error: the
+sink never raises into the engine, whose loop serves every other request.
 
 Positions are absolute chunk indexes: chunk ``i`` is the i-th engine output with text.
 """
@@ -19,16 +23,24 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from tokenspout.engine.interface import Engine
-from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import EngineError, InvalidRequestError, TokenspoutError
+from tokenspout.engine.request import EngineOutput
+from tokenspout.errors import (
+    EngineError,
+    InternalError,
+    InvalidRequestError,
+    StreamNotResumableError,
+    TokenspoutError,
+)
+from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream_store import Chunk, ReplayBuffer
+from tokenspout.streaming.subscription import ReadObserver, Subscription
 from tokenspout.streaming.wake_timers import WakeTimers
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Chunk", "Stream", "StreamEnd", "Wait"]
+__all__ = ["Chunk", "Stream", "StreamEnd"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,33 +54,34 @@ class StreamEnd:
 
 
 class Stream:
-    """A generation with its buffer. Create through ``StreamRegistry.open``."""
+    """A generation with its log and readers. Create through ``StreamRegistry.open``."""
 
     # Slots: one Stream per open request, and thousands may be open.
     __slots__ = (
+        "_abort",
         "_buffer",
         "_completion_tokens",
+        "_cursors",
         "_done",
-        "_engine",
         "_failure",
         "_grace",
-        "_loop",
-        "_max_unread_bytes",
         "_notify_at",
         "_on_end",
-        "_paused",
-        "_readers",
+        "_on_reader_left",
+        "_pause",
+        "_resume",
+        "_subscribed",
         "_tokens",
-        "_unread_bytes",
-        "_waits",
+        "_waiting",
         "abort_reason",
         "created",
         "end",
         "first_output_at",
         "id",
-        "include_usage",
-        "kind",
+        "loop",
+        "meta",
         "opened_at",
+        "paused",
         "prompt_tokens",
         "resumable",
         "resume_grace_s",
@@ -78,59 +91,59 @@ class Stream:
     def __init__(
         self,
         stream_id: str,
-        engine: Engine,
-        prompt: Prompt,
-        params: SamplingParams,
         buffer: ReplayBuffer,
         *,
-        kind: str,
-        include_usage: bool = False,
+        prompt_tokens: int,
+        abort: Callable[[str], bool],
+        pause: Callable[[str], None],
+        resume: Callable[[str], None],
         resumable: bool = False,
         resume_grace_s: float = 30.0,
-        max_unread_bytes: int = 1 << 20,
         on_end: Callable[[Stream], None] | None = None,
+        on_reader_left: Callable[[Stream], None] | None = None,
         timers: WakeTimers | None = None,
+        meta: Any = None,
     ):
         self.id = stream_id
-        #: Which endpoint made it (chat, completion, seed): a resumed reader uses its format.
-        self.kind = kind
-        self.include_usage = include_usage
+        #: Whatever its opener needs to read it again (the server keeps the wire format and
+        #: the request's options here); the streaming layer never looks inside.
+        self.meta = meta
         self.resumable = resumable
         self.resume_grace_s = resume_grace_s
-        self.prompt_tokens = len(prompt.token_ids)
+        self.prompt_tokens = prompt_tokens
         self.created = time.time()
         self.opened_at = time.monotonic()
         self.first_output_at: float | None = None
         self.end: StreamEnd | None = None
         #: Why the stream was aborted from our side (client_disconnect, send_timeout, ...).
         self.abort_reason: str | None = None
-        self._engine = engine
+        #: The engine holds this request until the readers catch up.
+        self.paused = False
+        self._abort = abort
+        self._pause = pause
+        self._resume = resume
         self._buffer = buffer
-        self._unread_bytes = 0
-        self._max_unread_bytes = max_unread_bytes
-        self._readers = 0
+        self._cursors: list[Subscription] = []
+        self._subscribed = False
         self._grace: asyncio.TimerHandle | None = None
-        #: Tokens produced so far, and the readers waiting for a token count (or any change).
+        #: Tokens produced so far, and the cursors waiting for a token count (or a change).
         self._tokens = 0
         self._completion_tokens = 0
-        self._waits: list[Wait] = []
+        self._waiting: list[Subscription] = []
         #: _notify has work at this token count or before (the nearest wait's target, or
         #: the next token when a wait's flush clock is to start): skipped otherwise.
         self._notify_at: float = math.inf
-        #: The engine was asked to hold this request until readers catch up.
-        self._paused = False
         self._on_end = on_end
+        self._on_reader_left = on_reader_left
         self._failure: TokenspoutError | None = None
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11, and
-        # changed() runs for every event.
-        self._loop = asyncio.get_running_loop()
-        self._done = self._loop.create_future()
+        # a cursor asks for the loop at every event.
+        self.loop = asyncio.get_running_loop()
+        self._done = self.loop.create_future()
         #: Readers' timed wake-ups (shared by the registry's streams).
         self.timers = timers if timers is not None else WakeTimers()
-        # The engine pushes outputs to _receive; raises at once if the request cannot start.
-        engine.submit(stream_id, prompt, params, self._receive)
 
-    # -- reading -------------------------------------------------------------------------
+    # -- the log -------------------------------------------------------------------------
 
     @property
     def length(self) -> int:
@@ -141,51 +154,9 @@ class Stream:
     def finished(self) -> bool:
         return self.end is not None
 
-    def chunks_from(self, pos: int) -> list[Chunk]:
+    def read(self, pos: int) -> list[Chunk]:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)
-
-    def check_resumable_at(self, pos: int) -> None:
-        """Raise unless a reader may start at ``pos``: ``InvalidRequestError`` past the end,
-        ``StreamGoneError`` if that text was released or evicted."""
-        if pos > self.length:
-            raise InvalidRequestError(
-                f"stream {self.id} has {self.length} events so far; cannot resume after {pos}"
-            )
-        if pos < self._buffer.start:
-            self._buffer.read(pos)  # raises StreamGoneError with the reason
-
-    def text(self) -> str:
-        """All buffered text (the whole output for a stream nobody has consumed)."""
-        return "".join(c.text for c in self._buffer.read(self._buffer.start))
-
-    def changed(self, tokens_ahead: int = 1, *, flush_after_s: float | None = None) -> Wait:
-        """A wait that is done once ``tokens_ahead`` more tokens exist, or earlier at text
-        without tokens, at the end, or at an abort. A coalescing reader asks for the tokens
-        that make its next event due, so it is not woken for every token (at 400 streams
-        those wake-ups were most of the server's CPU). With ``flush_after_s``, the wait is
-        also done that long after the next token arrives, and records when it did
-        (``Wait.first_at``): the reader's flush deadline starts there, without a wake-up of
-        its own. Take it right after reading the state, with no await in between."""
-        wait = Wait(self._tokens + tokens_ahead, self._loop.create_future(), flush_after_s)
-        # Waits whose reader timed out are dropped here and at each wake.
-        self._waits = [w for w in self._waits if not w.future.done()]
-        self._waits.append(wait)
-        due = self._tokens + 1 if flush_after_s is not None else wait.tokens
-        self._notify_at = min(self._notify_at, due)
-        return wait
-
-    def consumed(self, pos: int, nbytes: int) -> None:
-        """A reader delivered everything before ``pos`` (``nbytes`` characters of text):
-        release it unless the stream is resumable (a resumed reader may need it again)."""
-        if self.resumable:
-            return
-        self._unread_bytes -= nbytes
-        if self._paused and self._unread_bytes <= self._max_unread_bytes:
-            self._paused = False
-            if not self.finished:
-                self._engine.resume(self.id)
-        self._buffer.release(pos)
 
     async def wait_end(self) -> StreamEnd:
         """Wait until the stream has ended."""
@@ -193,24 +164,87 @@ class Stream:
         assert self.end is not None
         return self.end
 
-    # -- readers and aborts ------------------------------------------------------------
+    # -- cursors -------------------------------------------------------------------------
 
-    def attach(self) -> None:
-        self._readers += 1
+    def subscribe(
+        self,
+        policy: FlushPolicy,
+        *,
+        heartbeat_s: float = math.inf,
+        start: int = 0,
+        observer: ReadObserver | None = None,
+    ) -> Subscription:
+        """A new reader from ``start``. Only a resumable stream takes more than one reader:
+        ``StreamNotResumableError`` otherwise; ``InvalidRequestError`` past the end;
+        ``StreamGoneError`` if that text was released or evicted."""
+        if self._subscribed and not self.resumable:
+            raise StreamNotResumableError(
+                f"stream {self.id} is not resumable (ask for it with "
+                f"stream_options.resumable); it has a reader already"
+            )
+        if start > self.length:
+            raise InvalidRequestError(
+                f"stream {self.id} has {self.length} events so far; cannot resume after {start}"
+            )
+        self._buffer.read(start)  # raises StreamGoneError with the reason
+        cursor = Subscription(self, policy, heartbeat_s=heartbeat_s, start=start, observer=observer)
+        self._subscribed = True
+        self._cursors.append(cursor)
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
+        self._advanced()
+        return cursor
 
-    def detach(self, reason: str | None = None) -> None:
+    @property
+    def readers(self) -> int:
+        return len(self._cursors)
+
+    def _unsubscribe(self, cursor: Subscription, reason: str | None) -> None:
         """A reader left. If it was the last and the stream still runs, abort it with
         ``reason`` now, or after the grace period for a resumable stream."""
-        self._readers -= 1
-        if self._readers or reason is None or self.finished:
+        self._cursors.remove(cursor)
+        self._advanced()
+        if self._on_reader_left is not None:
+            self._on_reader_left(self)
+        if self._cursors or reason is None or self.finished:
             return
         if self.resumable:
-            self._grace = self._loop.call_later(self.resume_grace_s, self.abort, reason)
+            self._grace = self.loop.call_later(self.resume_grace_s, self.abort, reason)
         else:
             self.abort(reason)
+
+    def _advanced(self) -> None:
+        """A cursor moved, came or went: the log keeps from the slowest one, and a paused
+        engine goes on once the readers have caught up."""
+        cursors = self._cursors
+        if not cursors:
+            floor = None
+        elif len(cursors) == 1:
+            floor = cursors[0].delivered
+        else:
+            floor = min(c.delivered for c in cursors)
+        buffer = self._buffer
+        buffer.hold_from(floor)
+        if self.paused and not buffer.must_pause:
+            self.paused = False
+            if not self.finished:
+                self._resume(self.id)
+
+    def _wait(self, cursor: Subscription, future: asyncio.Future[None], tokens_ahead: int) -> None:
+        """``cursor`` waits on ``future`` until ``tokens_ahead`` more tokens exist, or an end,
+        a pause or text without tokens; with ``cursor.flush_after_s`` set, the flush clock
+        starts at the next token. Called right after reading, with no await in between."""
+        cursor.future = future
+        cursor.target = self._tokens + tokens_ahead
+        if not cursor.queued:
+            cursor.queued = True
+            self._waiting.append(cursor)
+        due = self._tokens + 1 if cursor.flush_after_s is not None else cursor.target
+        if due < self._notify_at:
+            self._notify_at = due
+
+    # -- aborts ---------------------------------------------------------------------------
 
     def abort(self, reason: str) -> None:
         """Stop generating now: the engine frees the request's slot and ends the stream with
@@ -218,15 +252,16 @@ class Stream:
         if self.finished:
             return
         self.abort_reason = reason
-        if not self._engine.abort(self.id):
+        if not self._abort(self.id):
             # The engine's last output is already on its way to us.
             logger.debug("stream %s: abort found the request finished", self.id)
 
     def fail(self, err: TokenspoutError, reason: str) -> None:
         """Stop generating and end the stream with ``err`` (readers send an error event)."""
-        if not self.finished:
-            self._failure = err
-            self.abort(reason)
+        if self.finished:
+            return
+        self._failure = err
+        self.abort(reason)
 
     def cancel(self) -> None:
         """Cancel by request (``/v1/streams/{id}/cancel``, WebSocket ``cancel``)."""
@@ -234,11 +269,18 @@ class Stream:
 
     # -- producing ---------------------------------------------------------------------
 
-    def _receive(self, item: EngineOutput | EngineError) -> None:
+    def receive(self, item: EngineOutput | EngineError) -> None:
         """The engine's sink: buffer an output, wake the readers it makes due, and end the
-        stream at the last one."""
+        stream at the last one. Never raises: a failure here ends this stream only."""
         if self.end is not None:
             return
+        try:
+            self._take(item)
+        except Exception as exc:
+            logger.exception("stream %s: could not take an engine output", self.id)
+            self._break(InternalError(f"the server could not deliver this answer: {exc}"))
+
+    def _take(self, item: EngineOutput | EngineError) -> None:
         if isinstance(item, EngineError):
             self._failure = item
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
@@ -248,23 +290,31 @@ class Stream:
             self.first_output_at = time.monotonic()
         self._completion_tokens = completion_tokens
         if text or num_tokens:
-            self._buffer.append(text, num_tokens)
+            buffer = self._buffer
+            buffer.append(text, num_tokens)
             self._tokens += num_tokens
-            # Backpressure: a reader that cannot keep up holds the engine, not our memory.
-            # Resumable streams are bounded by their store instead: they keep generating
-            # while no reader is attached.
-            if not self.resumable:
-                self._unread_bytes += len(text)
-                if self._unread_bytes > self._max_unread_bytes and not self._paused:
-                    self._paused = True
-                    self._engine.pause(self.id)
+            # Backpressure: text a reader has not delivered is never dropped; past the
+            # store's bounds the engine holds the request instead.
+            if not self.paused and buffer.must_pause and finish_reason is None:
+                self.paused = True
+                self._pause(self.id)
+                # Readers waiting for a full batch send what they have now.
+                self._notify()
+                return
         if finish_reason is not None:
             self._finish(StreamEnd(finish_reason, prompt_tokens, completion_tokens, self._failure))
         elif not num_tokens:
             # An output without tokens (rare) wakes every reader, as any other change does.
-            self._notify(None)
+            self._notify()
         elif self._tokens >= self._notify_at:
             self._notify(self._tokens)
+
+    def _break(self, err: TokenspoutError) -> None:
+        """End the stream with ``err`` now, and free the engine's slot if it still runs."""
+        self.fail(err, "error")
+        if self.end is None:
+            # The failing output was the request's last, so no "cancelled" one will come.
+            self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, err))
 
     def _finish(self, end: StreamEnd) -> None:
         self.end = end
@@ -276,38 +326,25 @@ class Stream:
             self._on_end(self)
 
     def _notify(self, tokens: int | None = None) -> None:
-        """Wake the waits for ``tokens`` or fewer (all of them when None); start the flush
-        clock of those that asked for it, and note when there is work next."""
-        finished = False
+        """Wake the cursors waiting for ``tokens`` or fewer (all of them when None); start
+        the flush clock of those that asked for it, and note when there is work next."""
         notify_at = math.inf
-        for wait in self._waits:
-            future = wait.future
-            if future.done():
-                finished = True
+        still: list[Subscription] = []
+        timers = self.timers
+        for cursor in self._waiting:
+            future = cursor.future
+            if future is None or future.done():
+                cursor.queued = False
                 continue
-            if tokens is None or wait.tokens <= tokens:
+            if tokens is None or cursor.target <= tokens:
                 future.set_result(None)
-                finished = True
+                cursor.queued = False
                 continue
-            if wait.flush_after_s is not None:
-                wait.first_at = now = self._loop.time()
-                # Left in place if the tokens come first: a done future is skipped.
-                self.timers.wake_at(now + wait.flush_after_s, future)
-                wait.flush_after_s = None
-            notify_at = min(notify_at, wait.tokens)
+            if cursor.flush_after_s is not None:
+                # Left in the heap if the tokens come first: a done future is skipped.
+                timers.wake_at(cursor.armed(self.loop.time()), future)
+            if cursor.target < notify_at:
+                notify_at = cursor.target
+            still.append(cursor)
+        self._waiting = still
         self._notify_at = notify_at
-        if finished:
-            self._waits = [w for w in self._waits if not w.future.done()]
-
-
-class Wait:
-    """A reader's wait for a stream to change (``Stream.changed``)."""
-
-    __slots__ = ("first_at", "flush_after_s", "future", "tokens")
-
-    def __init__(self, tokens: int, future: asyncio.Future[None], flush_after_s: float | None):
-        self.tokens = tokens
-        self.future = future
-        self.flush_after_s = flush_after_s
-        #: Loop time of the first token after the wait began, if its flush clock was armed.
-        self.first_at: float | None = None

@@ -8,10 +8,12 @@ so that a late resume gets 410 with a clear message rather than 404.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tokenspout.engine.interface import Engine
 from tokenspout.engine.request import Prompt, SamplingParams
@@ -54,6 +56,8 @@ class StreamRegistry:
         self._timers = WakeTimers()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._on_end = on_end
+        #: Set whenever a reader detaches from any stream.
+        self._reader_left = asyncio.Event()
         # Counted, not scanned: admission asks on every request, with thousands open.
         self._generating = 0
 
@@ -66,25 +70,33 @@ class StreamRegistry:
         prompt: Prompt,
         params: SamplingParams,
         *,
-        kind: str,
-        include_usage: bool = False,
         resumable: bool = False,
+        meta: Any = None,
     ) -> Stream:
-        """Start generating now; the stream is findable by id until it is over."""
+        """Start generating now; the stream is findable by id until it is over. ``meta`` is
+        kept with the stream for its readers (see ``Stream.meta``). Raises what the engine's
+        ``submit`` raises, leaving nothing behind."""
         stream_id = new_stream_id()
+        engine = self._engine
         stream = Stream(
             stream_id,
-            self._engine,
-            prompt,
-            params,
-            self._store.create(stream_id),
-            kind=kind,
-            include_usage=include_usage,
+            self._store.create(stream_id, resumable=resumable),
+            prompt_tokens=len(prompt.token_ids),
+            abort=engine.abort,
+            pause=engine.pause,
+            resume=engine.resume,
             resumable=resumable,
             resume_grace_s=self._resume.grace_s,
             on_end=self._ended,
+            on_reader_left=self._reader_left_stream,
             timers=self._timers,
+            meta=meta,
         )
+        try:
+            engine.submit(stream_id, prompt, params, stream.receive)
+        except BaseException:
+            self._store.discard(stream_id)
+            raise
         self._streams[stream_id] = stream
         self._generating += 1
         return stream
@@ -113,16 +125,30 @@ class StreamRegistry:
     def running(self) -> list[Stream]:
         return [s for s in self._streams.values() if not s.finished]
 
+    async def wait_readers_gone(self, timeout_s: float) -> None:
+        """Until no stream has a reader, or ``timeout_s`` (a drain's last step: readers of
+        ended streams send their end, then detach). Polled: it runs once per process."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while any(s.readers for s in self._streams.values()):
+                    self._reader_left.clear()
+                    await self._reader_left.wait()
+
     def _ended(self, stream: Stream) -> None:
         self._generating -= 1
         if self._on_end is not None:
             self._on_end(stream)
-        loop = asyncio.get_running_loop()
         if stream.resumable:
-            loop.call_later(self._resume.ttl_s, self._expire, stream.id)
-        else:
-            # A loop turn lets readers collect the end before the id is forgotten.
-            loop.call_soon(self._forget, stream.id)
+            asyncio.get_running_loop().call_later(self._resume.ttl_s, self._expire, stream.id)
+        elif not stream.readers:
+            self._forget(stream.id)
+        # Otherwise forgotten when its last reader has read the end (_reader_left_stream):
+        # until then the log still holds that reader's text.
+
+    def _reader_left_stream(self, stream: Stream) -> None:
+        self._reader_left.set()
+        if stream.finished and not stream.resumable and not stream.readers:
+            self._forget(stream.id)
 
     def _forget(self, stream_id: str) -> None:
         self._streams.pop(stream_id, None)

@@ -1,0 +1,22 @@
+"""Admit: whether a prepared request may start now. Refuse (429 + Retry-After) rather than
+queue without bound; 503 while draining or when the engine can no longer generate."""
+
+from __future__ import annotations
+
+from tokenspout.errors import EngineUnavailableError, OverloadedError, ShuttingDownError
+from tokenspout.server.server_state import ServerState
+
+
+def admit(state: ServerState) -> None:
+    if state.draining:
+        raise ShuttingDownError("the server is shutting down; retry on another replica")
+    failure = state.engine.failure
+    if failure is not None:
+        raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
+    cfg = state.config
+    if len(state.streams) >= cfg.max_streams:
+        raise OverloadedError(f"{cfg.max_streams} streams are open; retry shortly", retry_after_s=1)
+    if state.engine.stats().waiting >= cfg.max_queued:
+        raise OverloadedError(
+            f"{cfg.max_queued} requests are already queued; retry shortly", retry_after_s=2
+        )

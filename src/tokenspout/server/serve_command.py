@@ -1,0 +1,180 @@
+"""``tokenspout serve``: flags → ``ServerConfig`` and an engine → the app under uvicorn.
+
+Every server setting's default is read from ``ServerConfig`` (one place). A setting, or a
+combination of them, that cannot work is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import fields
+from enum import StrEnum
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+
+from tokenspout.errors import ConfigError
+from tokenspout.server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from tokenspout.engine.interface import Engine
+
+err_console = Console(stderr=True)
+_D = ServerConfig()
+
+
+class EngineName(StrEnum):
+    embedded = "embedded"
+    synthetic = "synthetic"
+
+
+class WeightFormat(StrEnum):
+    int8 = "int8"
+    bf16 = "bf16"
+    fp32 = "fp32"
+
+
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = _D.host,
+    port: Annotated[int, typer.Option(help="Port to bind.")] = _D.port,
+    engine: Annotated[
+        EngineName, typer.Option(help="embedded: the real model on the CPU; synthetic: load tests.")
+    ] = EngineName.embedded,
+    model: Annotated[
+        str | None,
+        typer.Option(help="GGUF file or Hugging Face model directory (default: SmolLM2-135M)."),
+    ] = None,
+    served_model_name: Annotated[
+        list[str] | None, typer.Option(help="Extra names requests may use for the model.")
+    ] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Running batch size.")] = None,
+    max_model_len: Annotated[int, typer.Option(help="Context length (prompt + output).")] = 2048,
+    max_prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens per step.")] = 256,
+    weights: Annotated[WeightFormat, typer.Option(help="Weight format.")] = WeightFormat.int8,
+    prefix_cache: Annotated[bool, typer.Option(help="Reuse KV of shared prompt prefixes.")] = True,
+    threads: Annotated[int | None, typer.Option(help="Torch threads (default: cores).")] = None,
+    synthetic_ttft_ms: Annotated[float, typer.Option(help="Synthetic engine TTFT.")] = 0.0,
+    synthetic_itl_ms: Annotated[
+        float, typer.Option(help="Synthetic decode step: every running request gets a token.")
+    ] = 0.0,
+    flush_tokens: Annotated[
+        int, typer.Option(help="Coalesce up to N tokens per event.")
+    ] = _D.flush_tokens,
+    flush_ms: Annotated[float, typer.Option(help="...or send after this many ms.")] = _D.flush_ms,
+    heartbeat_interval_s: Annotated[
+        float, typer.Option(help="SSE ': ping' when idle.")
+    ] = _D.heartbeat_interval_s,
+    default_max_tokens: Annotated[
+        int, typer.Option(help="max_tokens when omitted.")
+    ] = _D.default_max_tokens,
+    max_tokens_limit: Annotated[
+        int, typer.Option(help="Largest max_tokens allowed.")
+    ] = _D.max_tokens_limit,
+    max_prompt_chars: Annotated[
+        int, typer.Option(help="Largest prompt in characters.")
+    ] = _D.max_prompt_chars,
+    max_streams: Annotated[int, typer.Option(help="Open streams before 429.")] = _D.max_streams,
+    max_queued: Annotated[int, typer.Option(help="Queued requests before 429.")] = _D.max_queued,
+    send_timeout_s: Annotated[
+        float, typer.Option(help="Close a client that stops reading.")
+    ] = _D.send_timeout_s,
+    drain_timeout_s: Annotated[
+        float, typer.Option(help="Grace for streams on SIGTERM.")
+    ] = _D.drain_timeout_s,
+    resumable: Annotated[
+        bool, typer.Option(help="Streams resumable by default (stream_options.resumable).")
+    ] = _D.resumable,
+    resume_grace_s: Annotated[
+        float, typer.Option(help="A resumable stream whose client left waits this long.")
+    ] = _D.resume_grace_s,
+    resume_ttl_s: Annotated[
+        float, typer.Option(help="Finished resumable streams stay replayable this long.")
+    ] = _D.resume_ttl_s,
+    max_stream_buffer_bytes: Annotated[
+        int,
+        typer.Option(help="Text held per stream; past it the engine waits for slow readers."),
+    ] = _D.max_stream_buffer_bytes,
+    max_buffer_bytes: Annotated[
+        int, typer.Option(help="Text held for all streams (replay text evicted first).")
+    ] = _D.max_buffer_bytes,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="TOKENSPOUT_API_KEY", help="Require this bearer token.")
+    ] = None,
+    allowed_origin: Annotated[
+        list[str] | None,
+        typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    log_prompts: Annotated[
+        bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
+    ] = _D.log_prompts,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(help="Export a trace per request over OTLP/HTTP, e.g. http://host:4318."),
+    ] = _D.otlp_traces_endpoint,
+) -> None:
+    """Serve a model over HTTP (SSE, NDJSON, WebSocket) with an OpenAI-compatible API."""
+    # The flags named after ServerConfig's fields go to it as they are.
+    settings = {f.name for f in fields(ServerConfig)}
+    given = {k: v for k, v in locals().items() if k in settings}
+    try:
+        _configure_logging(log_level)
+        config = ServerConfig(
+            **given,
+            model_aliases=tuple(served_model_name or ()),
+            allowed_origins=tuple(allowed_origin or ()),
+        )
+        built = _engine(
+            engine,
+            model=model,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            max_prefill_tokens=max_prefill_tokens,
+            weights=weights,
+            prefix_cache=prefix_cache,
+            threads=threads,
+            synthetic_ttft_ms=synthetic_ttft_ms,
+            synthetic_itl_ms=synthetic_itl_ms,
+        )
+    except (ConfigError, ValueError) as exc:
+        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+        typer.echo(f"tokenspout serve: configuration error: {message}", err=True)
+        raise typer.Exit(2) from None
+    from tokenspout.server.app import create_app
+    from tokenspout.server.serve import serve as run
+
+    application = create_app(built, config)
+    run(application, application.state.tokenspout, host=host, port=port, log_level=log_level)
+
+
+def _engine(name: EngineName, **opts: Any) -> Engine:
+    if name is EngineName.synthetic:
+        from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+        err_console.print("[bold yellow]SYNTHETIC engine: echoes prompt words, not a model[/]")
+        return SyntheticEngine(
+            ttft_ms=opts["synthetic_ttft_ms"],
+            itl_ms=opts["synthetic_itl_ms"],
+            max_num_seqs=opts["max_num_seqs"] or 100_000,
+            max_model_len=opts["max_model_len"],
+        )
+    from tokenspout.engine.llm_engine import LLMEngine
+
+    return LLMEngine(
+        opts["model"],
+        max_num_seqs=opts["max_num_seqs"] or 16,
+        max_model_len=opts["max_model_len"],
+        max_prefill_tokens=opts["max_prefill_tokens"],
+        weights=opts["weights"].value,
+        prefix_cache=opts["prefix_cache"],
+        num_threads=opts["threads"],
+    )
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # One bare JSON object per line for the request log, so that log shippers parse it as is.
+    request_log = logging.getLogger("tokenspout.requests")
+    request_log.addHandler(logging.StreamHandler())
+    request_log.propagate = False

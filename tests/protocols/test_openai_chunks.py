@@ -1,0 +1,169 @@
+"""OpenAI chat and completion payloads against the API reference's shapes, and the delta
+encoder's output against ``json.dumps`` byte for byte."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from tokenspout.errors import InternalError, StreamGoneError
+from tokenspout.protocols.chunk_format import Usage, delta_encoder
+from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
+from tokenspout.protocols.seed_events import SeedEvents
+
+USAGE = Usage(prompt_tokens=7, completion_tokens=5)
+USAGE_DICT = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+HEAD = {"id": "chatcmpl-1", "created": 1700000000, "model": "m"}
+
+
+def chat(include_usage: bool = False) -> ChatChunks:
+    return ChatChunks("chatcmpl-1", 1700000000, "m", include_usage)
+
+
+def completion(include_usage: bool = False) -> CompletionChunks:
+    return CompletionChunks("chatcmpl-1", 1700000000, "m", include_usage)
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {**HEAD, "object": "chat.completion.chunk", "choices": [choice], **extra}
+
+
+def text_chunk(text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {**HEAD, "object": "text_completion", "choices": [choice], **extra}
+
+
+def test_usage_counts_the_total() -> None:
+    assert USAGE.as_dict() == USAGE_DICT
+
+
+def test_a_chat_stream_without_usage() -> None:
+    chunks = chat()
+    assert chunks.ends_with_done
+    assert chunks.opening() == [chat_chunk({"role": "assistant", "content": ""}, None)]
+    assert chunks.delta("Hi") == chat_chunk({"content": "Hi"}, None)
+    assert chunks.closing("stop", USAGE) == [chat_chunk({}, "stop")]
+    # No "usage" key at all unless asked for.
+    assert all("usage" not in c for c in [*chunks.opening(), chunks.delta("x")])
+
+
+def test_a_chat_stream_with_usage_ends_with_a_usage_chunk_with_no_choices() -> None:
+    chunks = chat(include_usage=True)
+    assert chunks.opening() == [chat_chunk({"role": "assistant", "content": ""}, None, usage=None)]
+    assert chunks.delta("Hi") == chat_chunk({"content": "Hi"}, None, usage=None)
+    assert chunks.closing("length", USAGE) == [
+        chat_chunk({}, "length", usage=None),
+        {**HEAD, "object": "chat.completion.chunk", "choices": [], "usage": USAGE_DICT},
+    ]
+
+
+def test_a_whole_chat_completion() -> None:
+    assert chat().response("Hello!", "stop", USAGE) == {
+        **HEAD,
+        "object": "chat.completion",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello!"},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": USAGE_DICT,
+    }
+    # Usage is part of a whole response whatever the stream option says.
+    assert chat(include_usage=True).response("", "length", USAGE)["usage"] == USAGE_DICT
+
+
+def test_a_completion_stream_without_usage() -> None:
+    chunks = completion()
+    assert chunks.ends_with_done
+    assert chunks.opening() == []
+    assert chunks.delta("Hi") == text_chunk("Hi", None)
+    assert chunks.closing("stop", USAGE) == [text_chunk("", "stop")]
+
+
+def test_a_completion_stream_with_usage() -> None:
+    chunks = completion(include_usage=True)
+    assert chunks.delta("Hi") == text_chunk("Hi", None, usage=None)
+    assert chunks.closing("cancelled", USAGE) == [
+        text_chunk("", "cancelled", usage=None),
+        {**HEAD, "object": "text_completion", "choices": [], "usage": USAGE_DICT},
+    ]
+
+
+def test_a_whole_text_completion() -> None:
+    assert completion().response("once upon", "length", USAGE) == {
+        **text_chunk("once upon", "length"),
+        "usage": USAGE_DICT,
+    }
+
+
+@pytest.mark.parametrize("chunks", [chat(), completion(), SeedEvents()])
+def test_an_error_event_has_the_openai_error_shape(chunks: Any) -> None:
+    err = InternalError("the server failed: boom")
+    assert chunks.error(err) == {
+        "error": {
+            "message": "the server failed: boom",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
+    gone = StreamGoneError("gone", param="stream_id")
+    assert chunks.error(gone)["error"]["param"] == "stream_id"
+    assert chunks.error(gone)["error"]["code"] == "stream_gone"
+
+
+def test_every_payload_is_json() -> None:
+    for chunks in (chat(True), completion(True)):
+        payloads = [
+            *chunks.opening(),
+            chunks.delta("a"),
+            *chunks.closing("stop", USAGE),
+            chunks.response("a", "stop", USAGE),
+        ]
+        for payload in payloads:
+            assert json.loads(dumps(payload)) == payload
+
+
+TEXTS = [
+    "",
+    "plain",
+    " leading space",
+    'quote " and backslash \\',
+    "line\nbreak\r\tand tab",
+    "controls \x00\x01\x1f\x7f",
+    "é日本語 😀",
+    "separators \u2028\u2029",
+    "a lone \ud800 surrogate",
+    "</script>",
+    "\x00tokenspout-delta-text\x00",  # the encoder's own marker, as text
+    '{"content":"x"}',
+]
+
+
+@pytest.mark.parametrize(
+    "chunks", [chat(), chat(True), completion(), completion(True), SeedEvents()]
+)
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_delta_encoder_equals_json_dumps_byte_for_byte(chunks: Any, text: str) -> None:
+    encode = delta_encoder(chunks)
+    expected = json.dumps(chunks.delta(text), ensure_ascii=False, separators=(",", ":"))
+    assert encode(text) == expected
+    if "\ud800" not in text:  # a lone surrogate has no UTF-8 form
+        assert encode(text).encode("utf-8") == expected.encode("utf-8")
+        assert json.loads(encode(text)) == chunks.delta(text)
+
+
+def test_the_delta_encoder_needs_the_text_as_a_json_string() -> None:
+    class Counted(SeedEvents):
+        def delta(self, text: str) -> dict[str, Any]:
+            return {"length": len(text)}
+
+    with pytest.raises(ValueError):
+        delta_encoder(Counted())

@@ -1,0 +1,114 @@
+"""The ``/v1/ws`` messages: what a client may send (and the error for what it may not), and
+the shapes of what the server sends."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenspout.errors import EngineError, InvalidRequestError
+from tokenspout.protocols.chunk_format import Usage
+from tokenspout.protocols.websocket_messages import (
+    MAX_ID_LENGTH,
+    Cancel,
+    Generate,
+    delta,
+    done,
+    error,
+    parse_client_message,
+)
+
+
+def test_generate_with_a_prompt() -> None:
+    message = parse_client_message(
+        json.dumps({"type": "generate", "id": "r1", "prompt": "Hi", "max_tokens": 4})
+    )
+    assert message == Generate("r1", {"prompt": "Hi", "max_tokens": 4})
+    assert isinstance(message, Generate) and not message.is_chat
+
+
+def test_generate_with_messages_is_a_chat() -> None:
+    messages = [{"role": "user", "content": "Hi"}]
+    message = parse_client_message(
+        json.dumps({"id": "c", "type": "generate", "messages": messages, "stream": True})
+    )
+    assert message == Generate("c", {"messages": messages, "stream": True})
+    assert isinstance(message, Generate) and message.is_chat
+
+
+def test_cancel() -> None:
+    assert parse_client_message('{"type": "cancel", "id": "r1"}') == Cancel("r1")
+
+
+def test_ids_of_up_to_the_limit_are_taken() -> None:
+    long_id = "x" * MAX_ID_LENGTH
+    assert parse_client_message(json.dumps({"type": "cancel", "id": long_id})) == Cancel(long_id)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("{not json", "not valid JSON"),
+        ("", "not valid JSON"),
+        ('["generate"]', "must be a JSON object"),
+        ('"generate"', "must be a JSON object"),
+        ("null", "must be a JSON object"),
+        ('{"type": "generate", "prompt": "x"}', "id must be a string"),
+        ('{"type": "generate", "id": 7, "prompt": "x"}', "id must be a string"),
+        ('{"type": "generate", "id": "", "prompt": "x"}', "id must be a string"),
+        (json.dumps({"type": "cancel", "id": "x" * (MAX_ID_LENGTH + 1)}), "1 to 128"),
+    ],
+)
+def test_unreadable_messages_are_refused_without_an_id(text: str, says: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_client_message(text)
+    assert says in refused.value.message
+    assert refused.value.param is None and refused.value.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("message", "says"),
+    [
+        ({"type": "generate", "id": "r9"}, "exactly one of messages or prompt"),
+        (
+            {"type": "generate", "id": "r9", "prompt": "a", "messages": []},
+            "exactly one of messages or prompt",
+        ),
+        ({"type": "stop", "id": "r9"}, "'stop'"),
+        ({"id": "r9", "prompt": "a"}, "type must be 'generate' or 'cancel'"),
+    ],
+)
+def test_wrong_messages_with_an_id_name_it(message: dict, says: str) -> None:
+    with pytest.raises(InvalidRequestError) as refused:
+        parse_client_message(json.dumps(message))
+    assert says in refused.value.message
+    assert refused.value.param == "r9"
+
+
+def test_what_the_server_sends() -> None:
+    assert delta("r1", "Hel") == {"type": "delta", "id": "r1", "text": "Hel"}
+    assert done("r1", "stop", Usage(3, 4)) == {
+        "type": "done",
+        "id": "r1",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7},
+    }
+    assert error("r1", EngineError("the engine broke")) == {
+        "type": "error",
+        "id": "r1",
+        "error": {"message": "the engine broke", "type": "server_error", "code": "engine_error"},
+    }
+    # An error about a message whose id could not be read names no stream.
+    refused = InvalidRequestError("message must be a JSON object")
+    assert error(None, refused) == {
+        "type": "error",
+        "id": None,
+        "error": {
+            "message": "message must be a JSON object",
+            "type": "invalid_request_error",
+            "code": "invalid_request",
+        },
+    }
+    for message in (delta("r", "é\n"), done("r", "length", Usage(0, 1)), error(None, refused)):
+        assert json.loads(json.dumps(message)) == message
