@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     args = parser.parse_args()
     port = free_port()
-    cmd = [sys.executable, "-m", "tokenspout.client.cli", "serve", "--engine", args.engine,
+    cmd = [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", args.engine,
            "--port", str(port), "--log-level", "warning"]  # fmt: skip
     if args.engine == "synthetic":
         cmd += ["--synthetic-itl-ms", "10"]

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import httpx
@@ -37,9 +38,16 @@ def raise_nofile(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def tokenspout_serve(port: int, *args: str) -> list[str]:
-    """The command line of ``tokenspout serve`` on ``port`` (quiet: warnings only)."""
-    return [sys.executable, "-m", "tokenspout.client.cli", "serve", "--port", str(port),
+def tokenspout_serve(port: int, *args: str, src: str | None = None) -> list[str]:
+    """The command line of ``tokenspout serve`` on ``port`` (quiet: warnings only). With
+    ``src``, the tokenspout of that checkout (another commit, for a before/after run)."""
+    prefix = [sys.executable]
+    module = "tokenspout.cli"
+    if src is not None:
+        prefix = ["env", f"PYTHONPATH={Path(src) / 'src'}", sys.executable]
+        if not (Path(src) / "src/tokenspout/cli.py").exists():
+            module = "tokenspout.client.cli"  # where `serve` lived before
+    return [*prefix, "-m", module, "serve", "--port", str(port),
             "--log-level", "warning", *args]  # fmt: skip
 
 

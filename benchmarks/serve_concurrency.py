@@ -40,7 +40,7 @@ def main() -> None:
     ):
         out = Path(tmp) / "bench.json"
         subprocess.run(
-            [sys.executable, "-m", "tokenspout.client.cli", "bench",
+            [sys.executable, "-m", "tokenspout.cli", "bench",
              "--url", f"http://127.0.0.1:{port}", "--endpoint", "chat",
              "--concurrency", args.concurrency, "--num-prompts", str(args.num_prompts),
              "--max-tokens", "128", "--ignore-eos", "--temperature", "0.8",

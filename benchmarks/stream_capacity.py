@@ -125,7 +125,7 @@ def measure(n: int, args: argparse.Namespace) -> Level:
     port = free_port()
     cmd = tokenspout_serve(
         port, "--engine", "synthetic", "--synthetic-itl-ms", str(args.itl_ms),
-        "--max-streams", str(n + 100), "--max-queued", str(n + 100),
+        "--max-streams", str(n + 100), "--max-queued", str(n + 100), src=args.src,
     )  # fmt: skip
     with ServerProcess(cmd, port, nofile=n + 1000) as server:
         asyncio.run(Streams(port, 2, 30).run(10, 10, server))  # warm up
@@ -147,6 +147,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=60, help="per stream: 60 × 1 s holds")
     parser.add_argument("--batch", type=int, default=250, help="connections opened together")
     parser.add_argument("--timeout", type=float, default=240.0, help="per stream, seconds")
+    parser.add_argument("--src", help="run the tokenspout of this checkout (before/after runs)")
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     limit = raise_nofile(max(levels) + 1000)

@@ -11,6 +11,9 @@ divided by the tokens the client received.
   coalescing (5 tokens or 50 ms per event).
 
     .venv/bin/python benchmarks/transport_cost.py --streams 400 --tokens 300 --reps 3
+
+``--before DIR`` adds the tokenspout of another checkout (e.g. ``git worktree add DIR REV``)
+to the alternation, for a before/after comparison of a change.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import sys
 import time
 from dataclasses import dataclass
 
-from harness import RawResponse, ServerProcess, fetch, free_port, machine, raise_nofile
+from harness import (
+    RawResponse,
+    ServerProcess,
+    fetch,
+    free_port,
+    machine,
+    raise_nofile,
+    tokenspout_serve,
+)
 
 #: Both servers echo the prompt's words, one word per token: tokens are counted as words.
 WORD = "tok"
@@ -46,12 +57,15 @@ class Run:
         return self.cpu_s / max(self.tokens, 1) * 1e6
 
 
-def server_cmd(name: str, port: int, itl_ms: float) -> list[str]:
+def server_cmd(name: str, port: int, itl_ms: float, src: str | None, extra: list[str]) -> list[str]:
     if name == "baseline":
         script = "benchmarks/seed_baseline_server.py"
         return [sys.executable, script, "--port", str(port), "--itl-ms", str(itl_ms)]
-    return [sys.executable, "-m", "tokenspout.client.cli", "serve", "--engine", "synthetic",
-            "--synthetic-itl-ms", str(itl_ms), "--port", str(port)]  # fmt: skip
+    # "tokenspout@before": the checkout given by --before, for a before/after comparison.
+    checkout = src if name.endswith("@before") else None
+    return tokenspout_serve(
+        port, "--engine", "synthetic", "--synthetic-itl-ms", str(itl_ms), *extra, src=checkout
+    )
 
 
 async def load(port: int, streams: int, tokens: int, limit_s: float) -> list[RawResponse]:
@@ -63,7 +77,8 @@ async def load(port: int, streams: int, tokens: int, limit_s: float) -> list[Raw
 
 def measure(name: str, args: argparse.Namespace) -> Run:
     port = free_port()
-    with ServerProcess(server_cmd(name, port, args.itl_ms), port) as server:
+    cmd = server_cmd(name, port, args.itl_ms, args.before, args.serve_args.split())
+    with ServerProcess(cmd, port) as server:
         time.sleep(0.5)  # start-up work settles before the CPU clock is read
         cpu0, wall0 = server.cpu_seconds(), time.perf_counter()
         responses = asyncio.run(load(port, args.streams, args.tokens, args.limit_s))
@@ -91,10 +106,21 @@ def main() -> None:
     parser.add_argument("--itl-ms", type=float, default=10.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--limit-s", type=float, default=120.0, help="time bound of one load")
+    parser.add_argument(
+        "--before", help="also run the tokenspout of this checkout (before/after), alternating"
+    )
+    parser.add_argument(
+        "--serve-args",
+        default="",
+        help="more `tokenspout serve` flags, e.g. '--flush-ms 100000': events by count only, "
+        "so that a before/after run on a busy machine sends the same events",
+    )
     args = parser.parse_args()
     raise_nofile(args.streams + 1024)
     print(machine())
     runs: dict[str, list[Run]] = {"baseline": [], "tokenspout": []}
+    if args.before:
+        runs["tokenspout@before"] = []
     for _ in range(args.reps):
         for name, reps in runs.items():
             reps.append(measure(name, args))
@@ -117,6 +143,9 @@ def main() -> None:
         print("| " + " | ".join(str(c) for c in cells) + " |")
     ratio = medians["tokenspout"] / medians["baseline"]
     print(f"\ntokenspout / baseline CPU per token: {ratio:.2f} (goal <= 0.20)")
+    if args.before:
+        after = medians["tokenspout"] / medians["tokenspout@before"]
+        print(f"tokenspout / tokenspout@before CPU per token: {after:.2f}")
     for name, reps in runs.items():
         print(f"{name} µs/token per rep: {[round(r.us_per_token, 1) for r in reps]}")
 

@@ -45,19 +45,20 @@ def test_stream_histograms_and_counters(start_server) -> None:  # type: ignore[n
 
 
 def test_queue_time_counts_the_wait_for_a_slot(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Order, not timing: the second request is seen waiting before the first one leaves."""
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10, max_num_seqs=1))
-    threads = [threading.Thread(target=chat, args=(server, "w", 20)) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=10)
-    assert server.metric("tokenspout_request_queue_time_seconds_count") == 2
-    # The second request waited for most of the first one's 20 tokens (~190 ms).
-    assert server.metric("tokenspout_request_queue_time_seconds_sum") >= 0.1
-    assert (
-        server.metric("tokenspout_requests_total", 'endpoint="chat",status="ok",transport="json"')
-        == 2
-    )
+    body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 2000, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as first:
+        lines = first.iter_lines()  # kept: a dropped line iterator closes the response
+        next(lines)
+        second = threading.Thread(target=chat, args=(server, "w", 3))
+        second.start()
+        server.wait_metric("tokenspout_requests_waiting", 1)
+    second.join(timeout=30)
+    server.wait_metric("tokenspout_request_queue_time_seconds_count", 2)
+    assert server.metric("tokenspout_request_queue_time_seconds_sum") > 0
+    ok = server.metric("tokenspout_requests_total", 'endpoint="chat",status="ok",transport="json"')
+    assert ok == 1
 
 
 async def test_websocket_streams_are_measured_alike(start_server) -> None:  # type: ignore[no-untyped-def]
