@@ -244,3 +244,15 @@ def test_copy_button_copies_the_code(start_server, browser) -> None:  # type: ig
     finally:
         context.close()
     assert copied == 'def hello():\n    return "<b>not bold</b>"'
+
+
+def test_a_200kb_single_line_streams_through_the_page(start_server, page) -> None:  # type: ignore[no-untyped-def]
+    word = "<b>x</b>" + "y" * 41 + " "  # 50 characters, markup included
+    engine = ScriptedEngine(word * 4096, itl_ms=0)
+    server = start_server(engine, max_tokens_limit=4096)
+    ask(page, server, 4096, prompt="one long line")
+    text = page.locator(STREAMED)
+    assert text.locator("b").count() == 0
+    shown = text.text_content()
+    assert shown.count("<b>x</b>") == 4096 and len(shown.strip()) == 50 * 4096 - 1
+    assert "done (length)" in page.locator('[data-kind="streamed"] .status').text_content()
