@@ -130,22 +130,22 @@ export class MarkdownView {
     live.className = "md-live";
     if (last >= 0) live.append(render(tokens.slice(last)));
     fragment.append(live);
+    this.#watchFence(text, last >= 0 ? tokens[last] : null, live);
     this.live.replaceWith(fragment);
     this.live = live;
-    this.#watchFence(text, last >= 0 ? tokens[last] : null);
   }
 
   // A code fence that is still open grows by lines of code, which cannot be Markdown:
   // they are appended to its code element as text (one Text node per frame), so that a
   // long code block costs each frame only its new text rather than re-rendering the block
   // (and re-laying out all of it). Until a line appears that could close the fence.
-  #watchFence(text, token) {
+  #watchFence(text, token, live) {
     this.fence = null;
     const marker = token?.type === "code" ? FENCE_OPENING.exec(token.raw)?.[1] : undefined;
     if (!marker) return;
     const newline = token.raw.indexOf("\n");
     const body = newline === -1 ? "" : token.raw.slice(newline + 1);
-    const code = this.live.querySelector("pre > code");
+    const code = live.querySelector("pre > code");
     if (newline === -1 || mayClose(body, marker) || code === null) return;
     // The code exactly as written so far (marked trims the last newline), as plain text.
     code.textContent = body;
@@ -160,8 +160,8 @@ export class MarkdownView {
     const added = text.slice(fence.seen);
     const pending = fence.partial + added;
     if (mayClose(pending, fence.marker)) return false;
-    // New lines go into blocks of SEGMENT_LINES lines: the browser lays out again only
-    // the last one, not every line of the block (one long <pre> was re-laid out whole).
+    // New lines go into blocks of SEGMENT_LINES lines, so that those out of view are not
+    // rendered (content-visibility in style.css).
     if (fence.lines >= SEGMENT_LINES && fence.partial === "") {
       fence.target = document.createElement("span");
       fence.target.className = "code-lines";
