@@ -9,11 +9,13 @@ timer or task will ever bring fails at once with ``Deadlock`` instead of hanging
 from __future__ import annotations
 
 import asyncio
+import functools
 import selectors
-from collections.abc import Coroutine
-from typing import Any, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 
 class Deadlock(RuntimeError):
@@ -56,3 +58,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(coro)
     finally:
         loop.close()
+
+
+def on_fake_clock(test: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """Run an ``async def`` test on a fresh fake-clock loop (a plain test for pytest)."""
+
+    @functools.wraps(test)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        return run(test(*args, **kwargs))
+
+    return wrapper

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 
@@ -22,16 +21,15 @@ def test_cancel_by_id_ends_the_stream_with_cancelled(start_server) -> None:  # t
             if line.startswith("data: {"):
                 chunks.append(json.loads(line[6:]))
             if len(chunks) == 3:
-                cancelled_at = time.monotonic()
                 c = httpx.post(f"{server.url}/v1/streams/{stream_id}/cancel")
                 assert c.status_code == 200 and c.json()["id"] == stream_id
                 break
         rest = list(lines)
-    ended_after = time.monotonic() - cancelled_at
     data = [json.loads(line[6:]) for line in rest if line.startswith("data: {")]
     assert data[-1]["choices"][0]["finish_reason"] == "cancelled"
     assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
-    assert ended_after < 2.0
+    # Stopped, not run to its 3000 tokens (30 s).
+    assert server.metric("tokenspout_generation_tokens_total") < 3000
     assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
     assert server.metric("tokenspout_requests_running") == 0
 
