@@ -59,8 +59,11 @@ class _ThreadServer(uvicorn.Server):
         pass
 
 
-def _start(engine: Engine, config: ServerConfig) -> tuple[RunningServer, Callable[[], None]]:
-    port = free_port()
+def _start(
+    engine: Engine, config: ServerConfig, port: int | None = None
+) -> tuple[RunningServer, Callable[[], None]]:
+    """A server on ``port`` (a free one by default); returns it and its stop function."""
+    port = port or free_port()
     app = create_app(engine, config)
     options = uvicorn_options(config)
     server = _ThreadServer(

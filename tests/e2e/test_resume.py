@@ -97,30 +97,63 @@ def test_event_source_reconnect_resumes_the_seed_stream(start_server) -> None:  
     assert server.metric("tokenspout_generation_tokens_total") == 50, "no second generation"
 
 
-def test_resumable_stream_waits_for_grace_then_aborts(start_server) -> None:  # type: ignore[no-untyped-def]
-    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), resume_grace_s=0.5)
-    body = {
-        "prompt": "x",
-        "max_tokens": 4000,
-        "stream": True,
-        "stream_options": {"resumable": True},
-    }
+RESUMABLE = {
+    "prompt": "x",
+    "max_tokens": 4000,
+    "stream": True,
+    "stream_options": {"resumable": True},
+}
+
+
+def leave_after_first_event(server: RunningServer, body: dict) -> str:
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
         next(r.iter_lines())
-    time.sleep(0.2)
-    assert server.metric("tokenspout_requests_running") == 1, "kept for a reconnect"
-    server.wait_metric("tokenspout_requests_running", 0, timeout=3)
+        return r.headers["x-stream-id"]
+
+
+def test_resumable_stream_keeps_generating_while_its_reader_is_away(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), resume_grace_s=600)
+    stream_id = leave_after_first_event(server, RESUMABLE)
+    server.wait_metric("tokenspout_streams_active", 0)  # the reader is gone...
+    assert server.metric("tokenspout_requests_running") == 1, "...the stream waits for it"
+    assert server.state.streams.get(stream_id).readers == 0
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 0
+
+
+def test_resumable_stream_is_aborted_after_its_grace(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), resume_grace_s=0.2)
+    leave_after_first_event(server, RESUMABLE)
+    server.wait_metric("tokenspout_requests_running", 0, timeout=10)
     assert server.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 1
 
 
-def test_non_resumable_and_unknown_streams(start_server) -> None:  # type: ignore[no-untyped-def]
+def test_a_live_stream_that_is_not_resumable_refuses_a_second_reader(start_server) -> None:  # type: ignore[no-untyped-def]
+    """Regression (issue 10, defect 2): a second reader could attach to a live non-resumable
+    stream, and each reader then released text the other had not read."""
     server: RunningServer = start_server(SyntheticEngine(itl_ms=5))
     body = {"prompt": "x", "max_tokens": 4000, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
         stream_id = r.headers["x-stream-id"]
-        next(r.iter_lines())
+        lines = r.iter_lines()
+        next(lines)
+        for headers in ({"Last-Event-ID": f"{stream_id}:0"}, {}):
+            second = httpx.get(f"{server.url}/v1/streams/{stream_id}", headers=headers)
+            assert second.status_code == 409
+            error = second.json()["error"]
+            assert error["code"] == "stream_not_resumable" and "resumable" in error["message"]
+        seed = httpx.get(
+            f"{server.url}/v1/completions/stream", headers={"Last-Event-ID": f"{stream_id}:0"}
+        )
+        assert seed.status_code == 409
+        # The first reader is untouched.
+        assert next(lines) is not None
+        assert server.metric("tokenspout_streams_active") == 1
+
+
+def test_non_resumable_and_unknown_streams(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5))
+    stream_id = leave_after_first_event(server, {"prompt": "x", "max_tokens": 4000, "stream": True})
     server.wait_metric("tokenspout_requests_running", 0, timeout=2)
-    time.sleep(0.05)
     r = httpx.get(
         f"{server.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:1"}
     )
@@ -146,6 +179,13 @@ def test_expired_and_evicted_streams_answer_410(start_server) -> None:  # type: 
         f"{server.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:1"}
     )
     assert gone.status_code == 410 and "evicted" in gone.json()["error"]["message"]
-    time.sleep(0.5)
-    expired = httpx.get(f"{server.url}/v1/streams/{stream_id}")
-    assert expired.status_code == 410 and "expired" in expired.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while "expired" not in (message := replay_error(server, stream_id)):
+        assert "evicted" in message  # until the TTL has passed
+        assert time.monotonic() < deadline, "never expired"
+
+
+def replay_error(server: RunningServer, stream_id: str) -> str:
+    r = httpx.get(f"{server.url}/v1/streams/{stream_id}")
+    assert r.status_code == 410
+    return str(r.json()["error"]["message"])

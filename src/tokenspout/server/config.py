@@ -55,6 +55,8 @@ class ServerConfig:
     #: Put each request's prompt in its ``tokenspout.requests`` log line (off: prompts are
     #: user data).
     log_prompts: bool = False
+    #: Export one OpenTelemetry trace per request to this OTLP/HTTP endpoint (off if None).
+    otlp_traces_endpoint: str | None = None
 
     #: Abuse limits (see ``connection_limits`` and ``json_limits``).
     #: A request head (request line and headers) must arrive within this many seconds of
@@ -108,6 +110,9 @@ class ServerConfig:
             (self.max_json_depth >= 1, "--max-json-depth must be >= 1"),
             (self.max_stop_strings >= 0, "--max-stop-strings must be >= 0"),
             (self.max_stop_chars >= 1, "--max-stop-chars must be >= 1"),
+            (self.otlp_traces_endpoint is None
+             or self.otlp_traces_endpoint.startswith(("http://", "https://")),
+             f"--otlp-traces-endpoint must be an http(s) URL, not {self.otlp_traces_endpoint!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

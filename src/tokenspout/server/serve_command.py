@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from tokenspout.errors import ConfigError
+from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
 from tokenspout.server.api_keys import load_keys_file
 from tokenspout.server.config import ServerConfig
 
@@ -49,16 +49,27 @@ def serve(
     served_model_name: Annotated[
         list[str] | None, typer.Option(help="Extra names requests may use for the model.")
     ] = None,
-    max_num_seqs: Annotated[int | None, typer.Option(help="Running batch size.")] = None,
-    max_model_len: Annotated[int, typer.Option(help="Context length (prompt + output).")] = 2048,
-    max_prefill_tokens: Annotated[int, typer.Option(help="Prompt tokens per step.")] = 256,
-    weights: Annotated[WeightFormat, typer.Option(help="Weight format.")] = WeightFormat.int8,
-    prefix_cache: Annotated[bool, typer.Option(help="Reuse KV of shared prompt prefixes.")] = True,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="Running batch size (embedded: 16).")
+    ] = None,
+    max_model_len: Annotated[
+        int | None, typer.Option(help="Context length, prompt + output (embedded: 2048).")
+    ] = None,
+    max_prefill_tokens: Annotated[
+        int | None, typer.Option(help="Prompt tokens per step (256).")
+    ] = None,
+    weights: Annotated[WeightFormat | None, typer.Option(help="Weight format (int8).")] = None,
+    prefix_cache: Annotated[
+        bool | None, typer.Option(help="Reuse KV of shared prompt prefixes (on).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="Torch threads (default: cores).")] = None,
-    synthetic_ttft_ms: Annotated[float, typer.Option(help="Synthetic engine TTFT.")] = 0.0,
+    synthetic_ttft_ms: Annotated[
+        float | None, typer.Option(help="Synthetic engine TTFT in ms (0).")
+    ] = None,
     synthetic_itl_ms: Annotated[
-        float, typer.Option(help="Synthetic decode step: every running request gets a token.")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="Synthetic decode step: every running request gets a token, ms (0)."),
+    ] = None,
     flush_tokens: Annotated[
         int, typer.Option(help="Coalesce up to N tokens per event.")
     ] = _D.flush_tokens,
@@ -146,6 +157,10 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
     ] = _D.log_prompts,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(help="Export a trace per request over OTLP/HTTP, e.g. http://host:4318."),
+    ] = _D.otlp_traces_endpoint,
 ) -> None:
     """Serve a model over HTTP (SSE, NDJSON, WebSocket) with an OpenAI-compatible API."""
     # The flags named after ServerConfig's fields go to it as they are.
@@ -173,8 +188,8 @@ def serve(
             synthetic_ttft_ms=synthetic_ttft_ms,
             synthetic_itl_ms=synthetic_itl_ms,
         )
-    except (ConfigError, ValueError) as exc:
-        message = exc.message if isinstance(exc, ConfigError) else str(exc)
+    except (ConfigError, ModelLoadError, ValueError) as exc:
+        message = exc.message if isinstance(exc, TokenspoutError) else str(exc)
         typer.echo(f"tokenspout serve: configuration error: {message}", err=True)
         raise typer.Exit(2) from None
     from tokenspout.server.app import create_app
@@ -185,27 +200,22 @@ def serve(
 
 
 def _engine(name: EngineName, **opts: Any) -> Engine:
+    """The engine, given only the options the user set: its own defaults stay in one
+    place, its constructor (the help texts quote them)."""
+    given = {k: v.value if isinstance(v, StrEnum) else v for k, v in opts.items() if v is not None}
     if name is EngineName.synthetic:
         from tokenspout.engine.synthetic_engine import SyntheticEngine
 
         err_console.print("[bold yellow]SYNTHETIC engine: echoes prompt words, not a model[/]")
-        return SyntheticEngine(
-            ttft_ms=opts["synthetic_ttft_ms"],
-            itl_ms=opts["synthetic_itl_ms"],
-            max_num_seqs=opts["max_num_seqs"] or 100_000,
-            max_model_len=opts["max_model_len"],
-        )
+        synthetic = {"synthetic_ttft_ms": "ttft_ms", "synthetic_itl_ms": "itl_ms",
+                     "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len"}  # fmt: skip
+        return SyntheticEngine(**{synthetic[k]: v for k, v in given.items() if k in synthetic})
     from tokenspout.engine.llm_engine import LLMEngine
 
-    return LLMEngine(
-        opts["model"],
-        max_num_seqs=opts["max_num_seqs"] or 16,
-        max_model_len=opts["max_model_len"],
-        max_prefill_tokens=opts["max_prefill_tokens"],
-        weights=opts["weights"].value,
-        prefix_cache=opts["prefix_cache"],
-        num_threads=opts["threads"],
-    )
+    embedded = {"model": "model", "max_num_seqs": "max_num_seqs", "threads": "num_threads",
+                "max_model_len": "max_model_len", "max_prefill_tokens": "max_prefill_tokens",
+                "weights": "weights", "prefix_cache": "prefix_cache"}  # fmt: skip
+    return LLMEngine(**{embedded[k]: v for k, v in given.items() if k in embedded})
 
 
 def _configure_logging(level: str) -> None:
