@@ -26,6 +26,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	# Browser tests drive Debian's Chromium (Playwright's own browser downloads are not used).
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium) \
 		|| echo "WARNING: chromium could not be installed: the browser tests will be SKIPPED"
+	# The TLS test makes its certificate with the openssl command.
+	command -v openssl >/dev/null || (apt-get update && apt-get install -y openssl)
 	touch $@
 
 run: install

@@ -17,6 +17,7 @@ from tokenspout.engine.interface import Engine
 from tokenspout.engine.synthetic_engine import SyntheticEngine
 from tokenspout.server.app import create_app
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.connection_limits import uvicorn_options
 from tokenspout.server.server_state import ServerState
 
 
@@ -58,11 +59,17 @@ class _ThreadServer(uvicorn.Server):
         pass
 
 
-def _start(engine: Engine, config: ServerConfig) -> tuple[RunningServer, Callable[[], None]]:
-    port = free_port()
+def _start(
+    engine: Engine, config: ServerConfig, port: int | None = None
+) -> tuple[RunningServer, Callable[[], None]]:
+    """A server on ``port`` (a free one by default); returns it and its stop function."""
+    port = port or free_port()
     app = create_app(engine, config)
+    options = uvicorn_options(config)
     server = _ThreadServer(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        uvicorn.Config(
+            app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options
+        )
     )
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
@@ -76,7 +83,8 @@ def _start(engine: Engine, config: ServerConfig) -> tuple[RunningServer, Callabl
         server.should_exit = True
         thread.join(timeout=10)
 
-    running = RunningServer(f"http://127.0.0.1:{port}", port, app.state.tokenspout, engine)
+    scheme = "https" if config.ssl_certfile else "http"
+    running = RunningServer(f"{scheme}://127.0.0.1:{port}", port, app.state.tokenspout, engine)
     return running, stop
 
 

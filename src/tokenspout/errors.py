@@ -80,6 +80,32 @@ class OverloadedError(TokenspoutError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimitError(OverloadedError):
+    """An API key is over one of its own limits (streams, requests or tokens per minute)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, limit: str = "requests"):
+        super().__init__(message, retry_after_s=retry_after_s)
+        #: Which limit: streams, requests or tokens (a metric label).
+        self.limit = limit
+
+
+class PermissionDeniedError(TokenspoutError):
+    """The API key is valid but may not do this (a model it is not allowed)."""
+
+    status_code = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A body that is not ``application/json`` (a cross-site form or text/plain post)."""
+
+    status_code = 415
+    code = "unsupported_media_type"
+
+
 class ShuttingDownError(TokenspoutError):
     """The server is draining and accepts no new requests."""
 

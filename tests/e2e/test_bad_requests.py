@@ -126,7 +126,11 @@ def test_bad_request(
 def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
-    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", content=b"x" * (2 << 20))
+    r = httpx.post(
+        f"{synthetic_server.url}/v1/chat/completions",
+        content=b"x" * (2 << 20),
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
     assert synthetic_server.metric("tokenspout_requests_running") == 0
 

@@ -156,7 +156,8 @@ async def test_api_key_by_header_or_query(start_server) -> None:  # type: ignore
     with pytest.raises(InvalidStatus) as info:
         async with connect(ws_url(server) + "?api_key=wrong"):
             pass
-    assert info.value.response.status_code == 403
+    assert info.value.response.status_code == 401
+    assert info.value.response.headers["www-authenticate"] == "Bearer"
 
 
 def test_peer_gone_mid_send_ends_every_stream_of_the_socket(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -32,7 +32,11 @@ def test_unexpected_error_is_a_500_json_and_the_server_goes_on(start_server) -> 
 
 def test_invalid_request_and_wrong_method(start_server) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine())
-    r = httpx.post(f"{server.url}/v1/chat/completions", content=b"{not json")
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
     assert httpx.put(f"{server.url}/v1/chat/completions", json={}).status_code == 405

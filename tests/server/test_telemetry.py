@@ -53,7 +53,8 @@ def test_missing_field_and_non_json_are_400(synthetic_server: RunningServer) -> 
     url = f"{synthetic_server.url}/v1/telemetry"
     partial = {k: v for k, v in REPORT.items() if k != "ttft_ms"}
     assert httpx.post(url, json=partial).status_code == 400
-    assert httpx.post(url, content=b"not json").status_code == 400
+    json_type = {"content-type": "application/json"}
+    assert httpx.post(url, content=b"not json", headers=json_type).status_code == 400
 
 
 def test_oversized_report_is_413_and_records_nothing(synthetic_server: RunningServer) -> None:

@@ -6,12 +6,12 @@ and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta``, ``done``,
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
+from tokenspout.protocols.json_limits import DEFAULT_MAX_DEPTH, check_value, parse
 
 MAX_ID_LENGTH = 128
 
@@ -35,18 +35,19 @@ class Cancel:
 ClientMessage = Generate | Cancel
 
 
-def parse_client_message(text: str) -> ClientMessage:
+def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> ClientMessage:
     """Raises ``InvalidRequestError`` saying what is wrong; ``err.param`` holds the id when
     one could be read, so the error can name the stream."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequestError(f"message is not valid JSON: {exc}") from None
+    data = parse(text, "message")
     if not isinstance(data, dict):
         raise InvalidRequestError("message must be a JSON object")
     msg_id = data.get("id")
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
         raise InvalidRequestError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    try:
+        check_value(data, max_depth)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(err.message, param=msg_id) from None
     kind = data.get("type")
     if kind == "cancel":
         return Cancel(msg_id)

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,7 @@ from tokenspout.errors import (
 )
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import (
+    dashboard_data,
     openai_routes,
     openapi_schema,
     seed_routes,
@@ -38,6 +40,9 @@ from tokenspout.server.direct_routes import DirectRoutes, direct_table
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
 
+if TYPE_CHECKING:
+    from tokenspout.server.request_tracing import RequestTracing
+
 logger = logging.getLogger("tokenspout")
 
 
@@ -45,6 +50,9 @@ def _error_response(err: TokenspoutError) -> JSONResponse:
     headers = {}
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(err.retry_after_s)
+    if err.status_code == 413:
+        # The rest of the body is not read: the connection cannot carry another request.
+        headers["Connection"] = "close"
     return JSONResponse(error_body(err), status_code=err.status_code, headers=headers)
 
 
@@ -80,6 +88,7 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     """Build the app around an engine; the engine is started and stopped by the lifespan."""
     state = ServerState(engine, config or ServerConfig())
+    tracing = _tracing(state.config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -95,21 +104,25 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             state.ready = False
             state.streams.abort_all("shutdown")
             await engine.shutdown()
+            if tracing is not None:
+                tracing.shutdown()
 
     app = TokenspoutApp(title="tokenspout", version=__version__, lifespan=lifespan)
     app.state.tokenspout = state
     app.include_router(system_routes.router)
     app.include_router(system_routes.api)
     app.include_router(openai_routes.router)
-    openapi_schema.install(app)
     app.include_router(seed_routes.router)
     app.include_router(websocket_routes.router)
     app.include_router(telemetry_routes.router)
     app.include_router(web_routes.router)
+    openapi_schema.describe(app)
+    app.include_router(dashboard_data.router)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
-    if state.config.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=state.config.api_key)
-        direct = ApiKeyMiddleware(direct, api_key=state.config.api_key)
+    if state.keys.enabled or state.config.metrics_api_key is not None:
+        auth = {"keys": state.keys, "metrics_key": state.config.metrics_api_key}
+        app.add_middleware(ApiKeyMiddleware, **auth)
+        direct = ApiKeyMiddleware(direct, **auth)
     if state.config.allowed_origins:
         cors = {
             "allow_origins": list(state.config.allowed_origins),
@@ -119,12 +132,28 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         }
         app.add_middleware(CORSMiddleware, **cors)
         direct = CORSMiddleware(direct, **cors)
+    if tracing is not None:
+        from tokenspout.server.request_tracing import TraceContextMiddleware
+
+        app.add_middleware(TraceContextMiddleware, tracing=tracing)
+        direct = TraceContextMiddleware(direct, tracing)
+    app.state.tracing = tracing
     app.direct_entry = direct
     app.add_exception_handler(TokenspoutError, _tokenspout_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unexpected_error)
     return app
+
+
+def _tracing(config: ServerConfig) -> RequestTracing | None:
+    """The server's trace exporter with ``otlp_traces_endpoint``; OpenTelemetry is not even
+    imported without it."""
+    if config.otlp_traces_endpoint is None:
+        return None
+    from tokenspout.server.request_tracing import RequestTracing
+
+    return RequestTracing(config.otlp_traces_endpoint)
 
 
 class TokenspoutApp(FastAPI):

@@ -1,21 +1,28 @@
-"""Optional bearer-token check on the API routes (``--api-key``), as vLLM's server has.
+"""Bearer-key check on the API routes (``--api-key``, ``--api-keys-file``) and on
+``/metrics`` (``--metrics-api-key``).
 
-A pure ASGI middleware in front of the HTTP ``/v1`` routes, installed only when a key is
-configured: a server without a key pays nothing per request. (As a FastAPI dependency the
+A pure ASGI middleware in front of the HTTP ``/v1`` routes, installed only when keys are
+configured: a server without keys pays nothing per request. (As a FastAPI dependency the
 check made FastAPI parse every request's query string, headers and cookies once more.) The
+key found is put in the scope for the routes (stream ownership, per-key limits). The
 WebSocket route checks the key itself at the handshake, where ``?api_key=`` is accepted too.
 """
 
 from __future__ import annotations
 
-import secrets
+import hmac
 
 from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.protocols.openai_errors import error_body
+from tokenspout.server.api_keys import ApiKey, KeyStore, bearer_token, digest
+
+#: Where the middleware leaves the request's ``ApiKey``.
+SCOPE_KEY = "tokenspout.api_key"
 
 
 class AuthenticationError(TokenspoutError):
@@ -24,33 +31,52 @@ class AuthenticationError(TokenspoutError):
     code = "invalid_api_key"
 
 
-def bearer_matches(authorization: str, expected: str) -> bool:
-    """Whether an ``Authorization`` header value carries ``Bearer <expected>``."""
-    scheme, _, token = authorization.partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.strip(), expected)
+MISSING_KEY = "missing or wrong API key: send 'Authorization: Bearer <key>'"
+
+
+def key_of(conn: HTTPConnection) -> ApiKey | None:
+    """The key a request was authenticated with (None when the server has no keys)."""
+    key: ApiKey | None = conn.scope.get(SCOPE_KEY)
+    return key
+
+
+def unauthorized_body() -> bytes:
+    return dumps(error_body(AuthenticationError(MISSING_KEY))).encode()
+
+
+async def _send_401(send: Send) -> None:
+    body = unauthorized_body()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b"Bearer"),
+    ]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class ApiKeyMiddleware:
-    """Answers 401 (OpenAI-shaped) to an HTTP request under ``/v1`` without the key."""
+    """Answers 401 (OpenAI-shaped, ``WWW-Authenticate: Bearer``) to an HTTP request under
+    ``/v1`` without a valid key, and to ``/metrics`` without the metrics key."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
+    def __init__(self, app: ASGIApp, keys: KeyStore, metrics_key: str | None = None):
         self.app = app
-        self.api_key = api_key
+        self.keys = keys
+        self.metrics_digest = None if metrics_key is None else digest(metrics_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "")
-            if not bearer_matches(given, self.api_key):
-                err = AuthenticationError(
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'"
-                )
-                body = dumps(error_body(err)).encode()
-                headers = [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ]
-                await send({"type": "http.response.start", "status": 401, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http":
+            path = scope["path"]
+            if path.startswith("/v1/") and self.keys.enabled:
+                token = bearer_token(Headers(scope=scope).get("authorization", ""))
+                key = self.keys.authenticate(token)
+                if key is None:
+                    await _send_401(send)
+                    return
+                scope[SCOPE_KEY] = key
+            elif path == "/metrics" and self.metrics_digest is not None:
+                token = bearer_token(Headers(scope=scope).get("authorization", ""))
+                if token is None or not hmac.compare_digest(digest(token), self.metrics_digest):
+                    await _send_401(send)
+                    return
         await self.app(scope, receive, send)

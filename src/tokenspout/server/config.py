@@ -42,8 +42,12 @@ class ServerConfig:
     #: Replay memory bounds: per stream and in total (the oldest text is evicted first).
     max_stream_buffer_bytes: int = 4 << 20
     max_buffer_bytes: int = 256 << 20
-    #: Bearer token required on /v1 routes when set.
+    #: Bearer token required on /v1 routes when set (the key named "default").
     api_key: str | None = None
+    #: TOML file of named keys with per-key limits (see ``api_keys``); reloaded on SIGHUP.
+    api_keys_file: str | None = None
+    #: Bearer token required on /metrics when set.
+    metrics_api_key: str | None = None
     #: Origins whose pages may call the API from a browser (CORS); empty means same origin.
     allowed_origins: tuple[str, ...] = ()
     #: Extra names a request's ``model`` field may use for the served model.
@@ -51,6 +55,29 @@ class ServerConfig:
     #: Put each request's prompt in its ``tokenspout.requests`` log line (off: prompts are
     #: user data).
     log_prompts: bool = False
+    #: Export one OpenTelemetry trace per request to this OTLP/HTTP endpoint (off if None).
+    otlp_traces_endpoint: str | None = None
+
+    #: Abuse limits (see ``connection_limits`` and ``json_limits``).
+    #: A request head (request line and headers) must arrive within this many seconds of
+    #: the connection opening or of the previous response.
+    header_timeout_s: float = 10.0
+    #: Largest request head in bytes (431 beyond it).
+    max_head_bytes: int = 64 << 10
+    #: Open connections (HTTP and WebSocket) beyond which requests get a fast 503.
+    max_connections: int = 4096
+    #: Largest WebSocket message in bytes (the socket is closed with 1009 beyond it).
+    ws_max_message_bytes: int = 1 << 20
+    #: Streams running at once on one WebSocket.
+    ws_max_streams: int = 64
+    #: Deepest JSON nesting accepted in a request body or WebSocket message.
+    max_json_depth: int = 32
+    #: ``stop``: how many strings, and how long each may be.
+    max_stop_strings: int = 16
+    max_stop_chars: int = 256
+    #: TLS: served by uvicorn when both are set.
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work, with a message naming the flags."""
@@ -73,6 +100,19 @@ class ServerConfig:
              f"--max-stream-buffer-bytes ({self.max_stream_buffer_bytes}) must not be larger "
              f"than --max-buffer-bytes ({self.max_buffer_bytes})"),
             (0 <= self.port < 65536, "--port must be between 0 and 65535"),
+            ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
+             "--ssl-certfile and --ssl-keyfile go together"),
+            (self.header_timeout_s > 0, "--header-timeout-s must be > 0"),
+            (self.max_head_bytes >= 1, "--max-head-bytes must be >= 1"),
+            (self.max_connections >= 1, "--max-connections must be >= 1"),
+            (self.ws_max_message_bytes >= 1, "--ws-max-message-bytes must be >= 1"),
+            (self.ws_max_streams >= 1, "--ws-max-streams must be >= 1"),
+            (self.max_json_depth >= 1, "--max-json-depth must be >= 1"),
+            (self.max_stop_strings >= 0, "--max-stop-strings must be >= 0"),
+            (self.max_stop_chars >= 1, "--max-stop-chars must be >= 1"),
+            (self.otlp_traces_endpoint is None
+             or self.otlp_traces_endpoint.startswith(("http://", "https://")),
+             f"--otlp-traces-endpoint must be an http(s) URL, not {self.otlp_traces_endpoint!r}"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

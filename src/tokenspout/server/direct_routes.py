@@ -29,7 +29,8 @@ def generation_router(routes: dict[tuple[str, str], Handler]) -> APIRouter:
     wrong method), and for ``DirectRoutes``, which reads its table from the router."""
     router = APIRouter()
     for (method, path), handler in routes.items():
-        router.add_route(path, handler, methods=[method])
+        # An API route (in the schema; ``openapi_schema`` describes the body it parses).
+        router.add_api_route(path, handler, methods=[method])
     return router
 
 

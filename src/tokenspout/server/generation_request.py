@@ -14,6 +14,7 @@ from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
 from tokenspout.server import advanced_params
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.request_limits import check_stop
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -172,6 +173,7 @@ def _request(
     body: ChatCompletionRequest | CompletionRequest,
     max_tokens: int | None,
 ) -> GenerationRequest:
+    check_stop(state.config, body.stop_list())
     params = sampling_params(
         state,
         max_tokens=max_tokens,

@@ -3,20 +3,17 @@ failure is an ``InvalidRequestError`` (or a subclass) with a message that says w
 
 from __future__ import annotations
 
-import json
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
 from tokenspout.errors import InvalidRequestError
+from tokenspout.protocols import json_limits
+from tokenspout.server.request_body import read_body, require_json
+from tokenspout.server.server_state import state_of
 
 Body = TypeVar("Body", bound=BaseModel)
-
-
-class PayloadTooLargeError(InvalidRequestError):
-    status_code = 413
-    code = "payload_too_large"
 
 
 def describe(err: ValidationError) -> str:
@@ -29,17 +26,12 @@ def describe(err: ValidationError) -> str:
 
 
 async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    raw = await request.body()
-    if len(raw) > limit:
-        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    return validate(model, data)
+    """A JSON body (415 otherwise) of at most ``limit`` bytes (413), nested no deeper than
+    ``--max-json-depth``, valid Unicode, validated as ``model``."""
+    require_json(request)
+    raw = await read_body(request, limit)
+    max_depth = state_of(request).config.max_json_depth
+    return validate(model, json_limits.loads(raw, "request body", max_depth))
 
 
 def validate(model: type[Body], data: object) -> Body:

@@ -15,6 +15,7 @@ from typing import Any
 
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.metrics import Metrics
+from tokenspout.server.request_trace import start_trace
 from tokenspout.streaming.stream import Stream
 
 request_log = logging.getLogger("tokenspout.requests")
@@ -39,6 +40,7 @@ class RequestRecord:
         "resumed",
         "started_at",
         "stream",
+        "trace",
         "transport",
     )
 
@@ -63,6 +65,8 @@ class RequestRecord:
         self.events = 0
         self._first_text_at: float | None = None
         self._last_text_at: float | None = None
+        #: The request's OpenTelemetry trace; None unless the server exports traces.
+        self.trace = start_trace(self)
 
     def text_sent(self, num_tokens: int) -> None:
         """An event carrying ``num_tokens`` tokens of text was handed to the connection."""
@@ -78,12 +82,16 @@ class RequestRecord:
         self.events += 1
         m.stream_events.inc()
         m.tokens_per_event.observe(num_tokens)
+        if self.trace is not None:
+            self.trace.text_sent(now, num_tokens)
 
     def finish(self, status: str) -> None:
         """The request is over with ``status`` (ok, error, client_disconnect, ...)."""
         now = time.monotonic()
         self.metrics.requests.labels(self.endpoint, self.transport, status).inc()
         self.metrics.e2e.observe(now - self.started_at)
+        if self.trace is not None:
+            self.trace.finish(status, now)
         if request_log.isEnabledFor(logging.INFO):
             request_log.info(dumps(self.log_fields(status, now)))
 
@@ -104,6 +112,8 @@ class RequestRecord:
             "duration_ms": _ms(now - self.started_at),
             "events": self.events,
         }
+        if stream.owner is not None:
+            fields["key"] = stream.owner  # the key's name, never its secret
         if self.resumed:
             fields["resumed"] = True
         if end is not None and end.error is not None:

@@ -12,9 +12,12 @@ from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import NDJSONFraming
 from tokenspout.protocols.sse import SSEFraming
 from tokenspout.server.admission import admit
+from tokenspout.server.api_keys import ApiKey
+from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
+from tokenspout.server.key_admission import admit_key, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
@@ -27,15 +30,26 @@ def negotiate_framing(request: Request) -> Framing:
     return SSEFraming()
 
 
-def open_stream(state: ServerState, generation: GenerationRequest) -> Stream:
-    """Admit the request and start generating."""
+def open_stream(
+    state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
+) -> Stream:
+    """Admit the request (and the key's limits) and start generating; the stream is owned
+    by ``key``."""
     admit(state)
-    return state.streams.open(
-        generation.prompt,
-        generation.params,
-        resumable=generation.resumable,
-        meta=generation.wire,
-    )
+    if key is None:
+        return state.streams.open(
+            generation.prompt, generation.params, resumable=generation.resumable,
+            meta=generation.wire,
+        )  # fmt: skip
+    admit_key(state, key, len(generation.prompt.token_ids))
+    try:
+        return state.streams.open(
+            generation.prompt, generation.params, resumable=generation.resumable,
+            meta=generation.wire, owner=key.name,
+        )  # fmt: skip
+    except BaseException:
+        release_key(state, key.name)
+        raise
 
 
 def respond(
@@ -46,7 +60,7 @@ def respond(
     started_at: float,
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
-    stream = open_stream(state, generation)
+    stream = open_stream(state, generation, key_of(request))
     prompt = generation.prompt.text if state.config.log_prompts else None
     try:
         if streaming:

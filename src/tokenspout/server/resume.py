@@ -10,6 +10,7 @@ from tokenspout.errors import InvalidRequestError, StreamNotResumableError
 from tokenspout.protocols.event_id import parse_event_id
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
+from tokenspout.server.stream_ownership import owned_stream
 
 
 def last_event_id(request: Request) -> str | None:
@@ -34,7 +35,7 @@ def resume(
             )
         stream_id = sid
     assert stream_id is not None
-    stream = state.streams.get(stream_id)
+    stream = owned_stream(state, request, stream_id)
     if not stream.resumable:
         raise StreamNotResumableError(
             f"stream {stream_id} is not resumable: open it with "

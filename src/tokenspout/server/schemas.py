@@ -190,8 +190,6 @@ class _GenerationBody(_Body):
     @classmethod
     def _stop_list(cls, stop: str | list[str] | None) -> str | list[str] | None:
         stops = [stop] if isinstance(stop, str) else stop or []
-        if len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         return stop

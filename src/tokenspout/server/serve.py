@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import signal
 import socket
 
 import uvicorn
@@ -21,6 +22,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 
 from tokenspout.errors import ShuttingDownError
+from tokenspout.server.connection_limits import uvicorn_options
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
@@ -40,6 +42,10 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         tune_gc()
+        if self._state.config.api_keys_file is not None:
+            # Re-read the keys file on SIGHUP; open streams are not touched.
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGHUP, self._state.keys.reload)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self._state
@@ -111,5 +117,6 @@ def serve(
         ws=WebSocketProtocol,
         # Our own drain ends streams first; this is only the last resort after it.
         timeout_graceful_shutdown=int(state.config.drain_timeout_s + _FAREWELL_S) + 5,
+        **uvicorn_options(state.config),
     )
     DrainingServer(config, state).run()

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
+from tokenspout.server.api_keys import load_keys_file
 from tokenspout.server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -112,6 +113,42 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(envvar="TOKENSPOUT_API_KEY", help="Require this bearer token.")
     ] = None,
+    api_keys_file: Annotated[
+        str | None,
+        typer.Option(help="TOML file of named keys with per-key limits; reloaded on SIGHUP."),
+    ] = None,
+    metrics_api_key: Annotated[
+        str | None,
+        typer.Option(envvar="TOKENSPOUT_METRICS_API_KEY", help="Require this token on /metrics."),
+    ] = None,
+    header_timeout_s: Annotated[
+        float, typer.Option(help="A request head must arrive within this (slowloris).")
+    ] = _D.header_timeout_s,
+    max_head_bytes: Annotated[
+        int, typer.Option(help="Largest request head (431).")
+    ] = _D.max_head_bytes,
+    max_connections: Annotated[
+        int, typer.Option(help="Open connections before a fast 503.")
+    ] = _D.max_connections,
+    ws_max_message_bytes: Annotated[
+        int, typer.Option(help="Largest WebSocket message.")
+    ] = _D.ws_max_message_bytes,
+    ws_max_streams: Annotated[
+        int, typer.Option(help="Streams at once per WebSocket.")
+    ] = _D.ws_max_streams,
+    max_json_depth: Annotated[
+        int, typer.Option(help="Deepest JSON nesting in a request.")
+    ] = _D.max_json_depth,
+    max_stop_strings: Annotated[
+        int, typer.Option(help="Most strings in `stop`.")
+    ] = _D.max_stop_strings,
+    max_stop_chars: Annotated[
+        int, typer.Option(help="Longest string in `stop`.")
+    ] = _D.max_stop_chars,
+    ssl_certfile: Annotated[
+        str | None, typer.Option(help="Serve HTTPS/WSS: certificate (PEM).")
+    ] = None,
+    ssl_keyfile: Annotated[str | None, typer.Option(help="Serve HTTPS/WSS: private key.")] = None,
     allowed_origin: Annotated[
         list[str] | None,
         typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
@@ -120,6 +157,10 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
     ] = _D.log_prompts,
+    otlp_traces_endpoint: Annotated[
+        str | None,
+        typer.Option(help="Export a trace per request over OTLP/HTTP, e.g. http://host:4318."),
+    ] = _D.otlp_traces_endpoint,
 ) -> None:
     """Serve a model over HTTP (SSE, NDJSON, WebSocket) with an OpenAI-compatible API."""
     # The flags named after ServerConfig's fields go to it as they are.
@@ -132,6 +173,9 @@ def serve(
             model_aliases=tuple(served_model_name or ()),
             allowed_origins=tuple(allowed_origin or ()),
         )
+        if config.api_keys_file is not None:
+            # Checked before the model loads: a broken keys file is one line and exit 2.
+            load_keys_file(config.api_keys_file)
         built = _engine(
             engine,
             model=model,

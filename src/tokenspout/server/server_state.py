@@ -7,7 +7,11 @@ from dataclasses import dataclass, field
 from starlette.requests import HTTPConnection
 
 from tokenspout.engine.interface import Engine
+from tokenspout.server.api_keys import KeyStore
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.key_admission import stream_ended
+from tokenspout.server.key_limits import InMemoryKeyLimiter, KeyLimiter
+from tokenspout.server.key_metrics import KeyMetrics
 from tokenspout.server.metrics import Metrics
 from tokenspout.server.send_watchdog import SendWatchdog
 from tokenspout.streaming.stream import Stream
@@ -22,12 +26,18 @@ class ServerState:
     metrics: Metrics = field(init=False)
     streams: StreamRegistry = field(init=False)
     send_watchdog: SendWatchdog = field(init=False)
+    keys: KeyStore = field(init=False)
+    key_limiter: KeyLimiter = field(init=False)
+    key_metrics: KeyMetrics = field(init=False)
     ready: bool = False
     draining: bool = False
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
         cfg = self.config
+        self.keys = KeyStore(cfg.api_key, cfg.api_keys_file)
+        self.key_limiter = InMemoryKeyLimiter()
+        self.key_metrics = KeyMetrics(self.metrics.registry)
         self.send_watchdog = SendWatchdog(cfg.send_timeout_s)
         store = InMemoryStreamStore(
             max_stream_bytes=cfg.max_stream_buffer_bytes, max_total_bytes=cfg.max_buffer_bytes
@@ -40,6 +50,7 @@ class ServerState:
         )
 
     def _stream_ended(self, stream: Stream) -> None:
+        stream_ended(self, stream)
         if stream.first_output_at is not None:
             self.metrics.queue_time.observe(stream.first_output_at - stream.opened_at)
         end = stream.end

@@ -6,8 +6,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.server_state import state_of
+from tokenspout.server.stream_ownership import owned_stream
 
 router = APIRouter()
 api = APIRouter()
@@ -68,5 +70,7 @@ async def get_stream(stream_id: str, request: Request) -> Response:
 @api.post("/v1/streams/{stream_id}/cancel")
 async def cancel_stream(stream_id: str, request: Request) -> Response:
     """Stop a stream by id; its readers see ``finish_reason: "cancelled"``."""
-    stream = state_of(request).streams.cancel(stream_id)
+    refuse_non_json_body(request)
+    stream = owned_stream(state_of(request), request, stream_id)
+    stream.cancel()
     return JSONResponse({"id": stream.id, "object": "stream.cancel", "cancelled": True})

@@ -13,10 +13,16 @@ router = APIRouter()
 
 _WEB = files("tokenspout") / "web"
 # Only these are served; ``/static/tokenspout.js`` is a stable path for other pages to import.
+_JS = "text/javascript; charset=utf-8"
 _STATIC = {
-    "app.js": "text/javascript; charset=utf-8",
-    "tokenspout.js": "text/javascript; charset=utf-8",
+    "app.js": _JS,
+    "tokenspout.js": _JS,
+    "markdown.js": _JS,
+    "dashboard.js": _JS,
     "style.css": "text/css; charset=utf-8",
+    # Third-party libraries, committed as published (see web/vendor/README.md).
+    "vendor/marked.esm.js": _JS,
+    "vendor/purify.es.mjs": _JS,
 }
 # The page runs only its own scripts and talks only to this server: even if model text
 # were ever inserted as HTML, an injected script or inline handler would not run.
@@ -39,7 +45,12 @@ async def index() -> Response:
     return _file("index.html", "text/html; charset=utf-8")
 
 
-@router.get("/static/{name}", include_in_schema=False)
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard() -> Response:
+    return _file("dashboard.html", "text/html; charset=utf-8")
+
+
+@router.get("/static/{name:path}", include_in_schema=False)
 async def static(name: str) -> Response:
     media_type = _STATIC.get(name)
     if media_type is None:

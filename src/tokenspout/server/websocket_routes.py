@@ -2,33 +2,31 @@
 
 from __future__ import annotations
 
-import secrets
-
 from fastapi import APIRouter
+from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
 
-from tokenspout.server.auth import bearer_matches
-from tokenspout.server.server_state import ServerState
+from tokenspout.server.websocket_handshake import check_handshake
 from tokenspout.server.websocket_session import WebSocketSession
 
 router = APIRouter()
 
 
-def _authorized(websocket: WebSocket, state: ServerState) -> bool:
-    """Browsers cannot set headers on a WebSocket, so ``?api_key=`` is accepted too."""
-    expected = state.config.api_key
-    if expected is None:
-        return True
-    if bearer_matches(websocket.headers.get("authorization", ""), expected):
-        return True
-    return secrets.compare_digest(websocket.query_params.get("api_key", ""), expected)
-
-
 @router.websocket("/v1/ws")
 async def websocket_streams(websocket: WebSocket) -> None:
-    state: ServerState = websocket.app.state.tokenspout
-    if not _authorized(websocket, state):
-        await websocket.close(code=1008, reason="missing or wrong API key")
+    state = websocket.app.state.tokenspout
+    key, refusal = check_handshake(websocket, state)
+    if refusal is not None:
+        await _refuse(websocket, refusal)
         return
     await websocket.accept()
-    await WebSocketSession(websocket, state).run()
+    await WebSocketSession(websocket, state, key).run()
+
+
+async def _refuse(websocket: WebSocket, response: JSONResponse) -> None:
+    """An HTTP answer to the handshake (401, 403) where the server can send one; a close
+    before accepting (which the client sees as 403) otherwise."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(response)
+    else:
+        await websocket.close(code=1008, reason=f"refused ({response.status_code})")

@@ -25,6 +25,7 @@ from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server import advanced_params
+from tokenspout.server.api_keys import ApiKey
 from tokenspout.server.generation_request import (
     GenerationRequest,
     ReadSettings,
@@ -45,9 +46,11 @@ logger = logging.getLogger("tokenspout")
 class WebSocketSession:
     """Serves one accepted WebSocket until it closes."""
 
-    def __init__(self, websocket: WebSocket, state: ServerState):
+    def __init__(self, websocket: WebSocket, state: ServerState, key: ApiKey | None = None):
         self.ws = websocket
         self.state = state
+        #: The key of the handshake: owner of every stream this socket opens.
+        self.key = key
         self._streams: dict[str, WebSocketStream] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._send_lock = asyncio.Lock()
@@ -61,7 +64,15 @@ class WebSocketSession:
         watchdog = self.state.send_watchdog
         try:
             while True:
-                await self._handle(await self.ws.receive_text())
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    raise WebSocketDisconnect(message.get("code", 1000))
+                text = message.get("text")
+                if text is None:
+                    err = InvalidRequestError("binary messages are not supported: send JSON text")
+                    await self.send(wsm.error(None, err))
+                    continue
+                await self._handle(text)
         except (WebSocketDisconnect, PeerGone):
             self.closing_reason = self.closing_reason or "client_disconnect"
         except asyncio.CancelledError:
@@ -99,7 +110,7 @@ class WebSocketSession:
 
     async def _handle(self, text: str) -> None:
         try:
-            message = wsm.parse_client_message(text)
+            message = wsm.parse_client_message(text, self.state.config.max_json_depth)
         except InvalidRequestError as err:
             await self.send(wsm.error(err.param, err))
             return
@@ -110,10 +121,17 @@ class WebSocketSession:
             err = InvalidRequestError(f"a stream with id {message.id!r} is already running")
             await self.send(wsm.error(message.id, err))
             return
+        if len(self._streams) >= self.state.config.ws_max_streams:
+            err = InvalidRequestError(
+                f"{len(self._streams)} streams are running on this WebSocket, the most it "
+                "may carry; open another socket or wait for one to end"
+            )
+            await self.send(wsm.error(message.id, err))
+            return
         started = time.monotonic()
         try:
             generation = self._prepare(message)
-            stream = open_stream(self.state, generation)
+            stream = open_stream(self.state, generation, self.key)
         except TokenspoutError as err:
             await self.send(wsm.error(message.id, err))
             return

@@ -81,6 +81,7 @@ class Stream:
         "loop",
         "meta",
         "opened_at",
+        "owner",
         "paused",
         "prompt_tokens",
         "resumable",
@@ -102,9 +103,12 @@ class Stream:
         on_end: Callable[[Stream], None] | None = None,
         on_reader_left: Callable[[Stream], None] | None = None,
         timers: WakeTimers | None = None,
+        owner: str | None = None,
         meta: Any = None,
     ):
         self.id = stream_id
+        #: The API key name that opened it: only that key may resume, follow or cancel it.
+        self.owner = owner
         #: Whatever its opener needs to read it again (the server keeps the wire format and
         #: the request's options here); the streaming layer never looks inside.
         self.meta = meta

@@ -71,6 +71,7 @@ class StreamRegistry:
         params: SamplingParams,
         *,
         resumable: bool = False,
+        owner: str | None = None,
         meta: Any = None,
     ) -> Stream:
         """Start generating now; the stream is findable by id until it is over. ``meta`` is
@@ -90,6 +91,7 @@ class StreamRegistry:
             on_end=self._ended,
             on_reader_left=self._reader_left_stream,
             timers=self._timers,
+            owner=owner,
             meta=meta,
         )
         try:

@@ -1,9 +1,13 @@
-// The chat page: sends a prompt, renders the answer as it streams, measures what the
-// person sees (network TTFT, first paint, rate, total) and reports it to /v1/telemetry.
+// The chat page: sends a conversation, renders the answer as Markdown as it streams,
+// measures what the person sees (network TTFT, first paint, rate, total) and reports it to
+// /v1/telemetry. The conversation is kept for the tab in sessionStorage and sent only to
+// this server, with each request.
 //
-// Model text only ever reaches the page through Text nodes (textContent / appendData),
-// never innerHTML: a model that writes <img onerror=...> shows those characters.
+// Model text reaches the page only through markdown.js (Markdown rendered with raw HTML
+// escaped, then sanitised into DOM nodes) or Text nodes: a model that writes
+// <img onerror=...> shows those characters.
 
+import { enableCopyButtons, MarkdownView } from "/static/markdown.js";
 import { complete, reportTelemetry, stream } from "/static/tokenspout.js";
 
 const $ = (id) => document.getElementById(id);
@@ -12,32 +16,42 @@ const LONG_FRAME_MS = 50;
 // The telemetry label of each transport ("sse" as in the server's own request metrics).
 const TELEMETRY_LABEL = { fetch: "sse", eventsource: "eventsource", websocket: "websocket" };
 const TRANSPORT_NAME = { fetch: "SSE (fetch)", eventsource: "EventSource", websocket: "WebSocket" };
+const STORAGE_KEY = "tokenspout.conversation";
 
-/** Appends text to one Text node at most once per animation frame. */
+/** Renders the answer's text at most once per animation frame (one DOM mutation each). */
 class FrameRenderer {
   constructor(element) {
-    this.node = document.createTextNode("");
-    element.append(this.node);
-    this.pending = "";
+    this.view = new MarkdownView(element);
+    this.text = ""; // the whole answer so far, line ends normalised to \n
+    this.endsWithCR = false;
+    this.dirty = false;
     this.frame = 0;
     this.firstPaint = null; // performance.now() just after the first text was painted
   }
 
   push(text) {
-    this.pending += text;
+    // A CRLF may be split between two pushes: its LF was already counted as a line end.
+    if (this.endsWithCR && text.startsWith("\n")) {
+      text = text.slice(1);
+      this.endsWithCR = false;
+    }
+    if (text === "") return;
+    this.endsWithCR = text.endsWith("\r");
+    this.text += text.replace(/\r\n?/g, "\n");
+    this.dirty = true;
     if (this.frame === 0) this.frame = requestAnimationFrame(() => this.#flush());
   }
 
   #flush() {
     this.frame = 0;
-    if (this.pending === "") return;
-    this.node.appendData(this.pending);
-    this.pending = "";
+    if (!this.dirty) return;
+    this.dirty = false;
+    this.view.update(this.text);
     // rAF callbacks run before the frame's paint; a task queued now runs after it.
     if (this.firstPaint === null) setTimeout(() => (this.firstPaint ??= performance.now()));
   }
 
-  /** Resolves once pending text is appended and painted. */
+  /** Resolves once pending text is rendered and painted. */
   drain() {
     return new Promise((resolve) => {
       requestAnimationFrame(() => {
@@ -102,7 +116,7 @@ class AnswerView {
   }
 }
 
-const history = []; // chat messages so far
+const history = loadHistory(); // this tab's conversation: {role, content} messages
 const running = new Set(); // Generations and AbortControllers that Stop acts on
 let apiKey = null;
 
@@ -164,7 +178,7 @@ async function streamAnswer(view, request) {
   view.showTimes(times);
   view.status(error ? `error: ${error.message}` : `done (${gen.finishReason ?? "end of stream"})`);
   sendTelemetry(TELEMETRY_LABEL[request.transport], times);
-  return view.renderer.node.data;
+  return view.renderer.text;
 }
 
 async function bufferedAnswer(view, request) {
@@ -202,11 +216,43 @@ async function bufferedAnswer(view, request) {
   return text;
 }
 
-async function ask(prompt) {
-  const s = settings();
+function loadHistory() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(STORAGE_KEY) ?? "[]");
+    return Array.isArray(saved) ? saved : [];
+  } catch {
+    return [];
+  }
+}
+
+function saveHistory() {
+  sessionStorage.setItem(STORAGE_KEY, JSON.stringify(history));
+}
+
+function addTurn(prompt) {
   const turn = $("turn-template").content.firstElementChild.cloneNode(true);
   turn.querySelector(".user").textContent = prompt;
   $("log").append(turn);
+  return turn;
+}
+
+/** Show the conversation kept in sessionStorage (after a reload of the tab). */
+function showHistory() {
+  let turn = null;
+  for (const message of history) {
+    if (message.role === "user") turn = addTurn(message.content);
+    else if (turn !== null) {
+      const view = new AnswerView(turn.querySelector(".answers"), "Answer", "streamed");
+      view.renderer.push(message.content);
+      view.renderer.drain();
+      view.status("from earlier in this tab");
+    }
+  }
+}
+
+async function ask(prompt) {
+  const s = settings();
+  const turn = addTurn(prompt);
   const answers = turn.querySelector(".answers");
   history.push({ role: "user", content: prompt });
   const request = { ...s, messages: [...history] };
@@ -220,6 +266,23 @@ async function ask(prompt) {
   turn.scrollIntoView({ block: "end" });
   await Promise.allSettled(jobs);
   history.push({ role: "assistant", content: await streamed });
+  saveHistory();
+}
+
+/** Ask the last question again: its answer leaves the conversation and the page. */
+async function regenerate() {
+  if (history.at(-1)?.role !== "assistant") return;
+  history.pop();
+  const prompt = history.pop().content;
+  $("log").lastElementChild?.remove();
+  await ask(prompt);
+}
+
+function newConversation() {
+  history.length = 0;
+  sessionStorage.removeItem(STORAGE_KEY);
+  $("log").replaceChildren();
+  updateButtons();
 }
 
 function stopAll() {
@@ -236,23 +299,37 @@ async function showEngine() {
   $("synthetic").hidden = health.engine !== "synthetic";
 }
 
-function setBusy(busy) {
+let busy = false;
+
+function updateButtons() {
   $("send").disabled = busy;
   $("stop").disabled = !busy;
+  $("regenerate").disabled = busy || history.at(-1)?.role !== "assistant";
+  $("new-conversation").disabled = busy || history.length === 0;
 }
 
-$("composer").addEventListener("submit", async (event) => {
+/** Run one exchange with the buttons showing that an answer is on its way. */
+async function exchange(work) {
+  if (busy) return;
+  busy = true;
+  updateButtons();
+  try {
+    await work();
+  } finally {
+    busy = false;
+    updateButtons();
+  }
+}
+
+$("composer").addEventListener("submit", (event) => {
   event.preventDefault();
   const prompt = $("prompt").value.trim();
-  if (prompt === "" || $("send").disabled) return;
+  if (prompt === "" || busy) return;
   $("prompt").value = "";
-  setBusy(true);
-  try {
-    await ask(prompt);
-  } finally {
-    setBusy(false);
-  }
+  exchange(() => ask(prompt));
 });
+$("regenerate").addEventListener("click", () => exchange(regenerate));
+$("new-conversation").addEventListener("click", newConversation);
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
@@ -260,5 +337,18 @@ $("prompt").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", stopAll);
-$("api-key").addEventListener("change", () => (apiKey = $("api-key").value || null));
+// The key is kept for this tab only (sessionStorage, never localStorage): closing the tab
+// forgets it. It goes in an Authorization header (a WebSocket: ?api_key=); telemetry
+// reports carry timings only, never the key or any text.
+const KEY_ITEM = "tokenspout.apiKey";
+apiKey = sessionStorage.getItem(KEY_ITEM);
+$("api-key").value = apiKey ?? "";
+$("api-key").addEventListener("change", () => {
+  apiKey = $("api-key").value || null;
+  if (apiKey) sessionStorage.setItem(KEY_ITEM, apiKey);
+  else sessionStorage.removeItem(KEY_ITEM);
+});
+enableCopyButtons($("log"));
+showHistory();
+updateButtons();
 showEngine().catch(() => ($("model").textContent = "server unreachable"));

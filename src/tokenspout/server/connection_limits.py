@@ -1,0 +1,134 @@
+"""Connection-level abuse limits, applied in uvicorn's HTTP protocol before any request
+reaches the app: how long a request head may take, and how large it may be.
+
+uvicorn's httptools protocol has neither (its ``h11_max_incomplete_event_size`` applies to
+the h11 protocol only, and its keep-alive timer stops at the first byte of a request). A
+never-ending header held a connection and its buffered bytes forever (four 50 MB headers:
+RSS from 128 to 291 MiB); a thousand idle sockets were held indefinitely. Here the head
+must arrive within ``header_timeout_s`` of the connection opening (or of the previous
+response), and a head larger than ``max_head_bytes`` gets 431 and a close. The bytes are
+counted as they arrive, before the parser buffers them: httptools keeps a header's value
+until its end, so counting in the parser's callbacks would count too late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokenspout.server.config import ServerConfig
+
+
+def _status(code: int, reason: str, message: str) -> bytes:
+    body = message.encode()
+    head = (
+        f"HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head timeout and a head size limit (set by
+    ``guarded_protocol``)."""
+
+    header_timeout_s: float = 10.0
+    max_head_bytes: int = 64 << 10
+
+    _head_timer: asyncio.TimerHandle | None = None
+    _head_bytes: int = 0
+    _awaiting_head: bool = True
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # Still inside a head after the parser took these bytes: they were all head bytes.
+        if self._awaiting_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(431, "Request Header Fields Too Large", "request head too large")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting_head = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        self._disarm_head_timer()
+        if self.parser.should_upgrade() and self._over_connection_limit():
+            # uvicorn checks its limit only for plain HTTP requests: a WebSocket handshake
+            # would get past it.
+            self._refuse(503, "Service Unavailable", "too many open connections")
+            return
+        super().on_headers_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        if not self.transport.is_closing():
+            super().handle_websocket_upgrade()
+
+    def _over_connection_limit(self) -> bool:
+        limit = self.limit_concurrency
+        return limit is not None and len(self.connections) >= limit
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._awaiting_head = True
+            self._head_bytes = 0
+            self._arm_head_timer()
+
+    def _arm_head_timer(self) -> None:
+        self._disarm_head_timer()
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._awaiting_head and not self.transport.is_closing():
+            if self._head_bytes:
+                self._refuse(408, "Request Timeout", "request head not received in time")
+            else:
+                # Nothing was sent: closed quietly, as an expired keep-alive is.
+                self.transport.close()
+
+    def _refuse(self, code: int, reason: str, message: str) -> None:
+        self._disarm_head_timer()
+        self.transport.write(_status(code, reason, message))
+        self.transport.close()
+
+
+def guarded_protocol(config: ServerConfig) -> type[GuardedHttpProtocol]:
+    """The protocol class for uvicorn's ``http=`` with this server's limits."""
+    return type(
+        "GuardedHttpProtocol",
+        (GuardedHttpProtocol,),
+        {"header_timeout_s": config.header_timeout_s, "max_head_bytes": config.max_head_bytes},
+    )
+
+
+def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+    """The ``uvicorn.Config`` arguments that carry this server's connection limits and
+    TLS; the CLI and the test servers both use them."""
+    return {
+        "http": guarded_protocol(config),
+        # Beyond this many open connections (HTTP and WebSocket), a fast 503. uvicorn
+        # counts the connection asking too, and answers 503 when the count reaches its limit.
+        "limit_concurrency": config.max_connections + 1,
+        "ws_max_size": config.ws_max_message_bytes,
+        "ssl_certfile": config.ssl_certfile,
+        "ssl_keyfile": config.ssl_keyfile,
+    }

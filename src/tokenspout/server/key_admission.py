@@ -1,0 +1,43 @@
+"""What a key may open: its models (403) and its limits (429), checked as a stream opens,
+and the key's counts released when the stream ends."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tokenspout.errors import PermissionDeniedError, RateLimitError
+from tokenspout.server.api_keys import ApiKey
+
+if TYPE_CHECKING:
+    from tokenspout.server.server_state import ServerState
+    from tokenspout.streaming.stream import Stream
+
+
+def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
+    """Raise 403 for a model the key may not use, 429 over one of its limits; otherwise
+    the key's new stream is counted (``stream_ended`` gives it back)."""
+    if key.models is not None and key.models.isdisjoint(state.served_names()):
+        raise PermissionDeniedError(
+            f"the API key {key.name!r} may not use the model {state.engine.model_id!r}",
+            param="model",
+        )
+    try:
+        state.key_limiter.admit(key, prompt_tokens)
+    except RateLimitError as err:
+        state.key_metrics.refused(key.name, err.limit)
+        raise
+    state.key_metrics.admitted(key.name)
+
+
+def stream_ended(state: ServerState, stream: Stream) -> None:
+    if stream.owner is None:
+        return
+    completion = stream.end.completion_tokens if stream.end is not None else 0
+    state.key_limiter.finished(stream.owner, completion)
+    state.key_metrics.finished(stream.owner, stream.prompt_tokens, completion)
+
+
+def release_key(state: ServerState, key_name: str) -> None:
+    """An admitted stream that could not be opened after all: its slot is given back."""
+    state.key_limiter.finished(key_name, 0)
+    state.key_metrics.finished(key_name, 0, 0)

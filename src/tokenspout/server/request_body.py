@@ -1,0 +1,59 @@
+"""Reading a request body: JSON only, and no more than the limit.
+
+Only ``application/json`` is taken (415 otherwise): a cross-site page can send a form or a
+``text/plain`` POST without a CORS preflight, and such a request must not spend the
+server's compute. The body is read as it arrives and reading stops at the limit (413): a
+chunked body has no length to check first, and reading it whole took a 300 MB body into
+memory before it was refused.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+
+from tokenspout.errors import InvalidRequestError, UnsupportedMediaTypeError
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+def is_json(content_type: str) -> bool:
+    media_type = content_type.partition(";")[0].strip().lower()
+    return media_type == "application/json"
+
+
+def _unsupported(content_type: str | None) -> UnsupportedMediaTypeError:
+    return UnsupportedMediaTypeError(
+        "the request body must be JSON sent with 'Content-Type: application/json' "
+        f"(got {content_type or 'no Content-Type'})",
+        param="Content-Type",
+    )
+
+
+def require_json(request: Request) -> None:
+    content_type = request.headers.get("content-type")
+    if content_type is None or not is_json(content_type):
+        raise _unsupported(content_type)
+
+
+def refuse_non_json_body(request: Request) -> None:
+    """For bodiless POSTs (cancel): no Content-Type, or JSON; never a form or text."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json(content_type):
+        raise _unsupported(content_type)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)

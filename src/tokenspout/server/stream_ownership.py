@@ -1,0 +1,22 @@
+"""A stream is resumed, followed or cancelled only with the key that opened it.
+
+Another key gets the same 404 as an id that was never issued: the answer does not tell
+whether someone else's stream exists.
+"""
+
+from __future__ import annotations
+
+from starlette.requests import HTTPConnection
+
+from tokenspout.errors import StreamNotFoundError
+from tokenspout.server.auth import key_of
+from tokenspout.server.server_state import ServerState
+from tokenspout.streaming.stream import Stream
+
+
+def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream:
+    stream = state.streams.get(stream_id)
+    key = key_of(conn)
+    if stream.owner != (None if key is None else key.name):
+        raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+    return stream

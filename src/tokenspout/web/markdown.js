@@ -1,0 +1,196 @@
+// markdown.js: renders a streamed answer as Markdown, one block at a time, safely.
+//
+//   const view = new MarkdownView(element);
+//   view.update(textSoFar);  // at most once per animation frame; the text only grows
+//
+// Incremental: blocks before the last one are final (Markdown blocks do not change once a
+// later block has started), so they are rendered once and kept; each update re-lexes and
+// re-renders only the text from the start of the last block. A frame's cost depends on
+// the last block's size, not on the answer's length.
+//
+// Safe: marked (vendored, see vendor/README.md) turns Markdown into HTML with raw HTML
+// escaped as text by our renderer, then DOMPurify builds the DOM nodes from it, keeping
+// only the tags and attributes below and only http, https and mailto URLs. The page's CSP
+// (script-src 'self') is the third line of defence.
+
+import { Marked } from "/static/vendor/marked.esm.js";
+import DOMPurify from "/static/vendor/purify.es.mjs";
+
+const SAFE_URL = /^(?:https?:|mailto:)/i;
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
+const escapeHtml = (s) => String(s).replace(/[&<>"']/g, (c) => ESCAPES[c]);
+
+const markdown = new Marked({
+  gfm: true,
+  renderer: {
+    // Raw HTML from the model is shown as the characters it is.
+    html({ text, block }) {
+      return block ? `<p class="raw">${escapeHtml(text)}</p>` : escapeHtml(text);
+    },
+    link({ href, title, tokens }) {
+      const inner = this.parser.parseInline(tokens);
+      if (!SAFE_URL.test(href.trim())) return inner; // javascript:, data:, relative: text only
+      const t = title ? ` title="${escapeHtml(title)}"` : "";
+      return `<a href="${escapeHtml(href)}"${t}>${inner}</a>`;
+    },
+    // Images would load from wherever the model points (the CSP blocks other origins):
+    // shown as a link to the image instead.
+    image({ href, text }) {
+      const label = escapeHtml(text || "image");
+      return SAFE_URL.test(href.trim()) ? `<a href="${escapeHtml(href)}">🖼 ${label}</a>` : label;
+    },
+    // Task lists: a character, not a form control.
+    checkbox({ checked }) {
+      return checked ? "☑ " : "☐ ";
+    },
+    code({ text, lang }) {
+      const name = (lang ?? "").trim().split(/\s+/)[0];
+      const label = name ? `<span class="lang">${escapeHtml(name)}</span>` : "";
+      return (
+        `<div class="code"><div class="code-bar">${label}` +
+        `<button type="button" class="copy">Copy</button></div>` +
+        `<pre><code>${escapeHtml(text)}</code></pre></div>`
+      );
+    },
+  },
+});
+
+const PURIFY = {
+  ALLOWED_TAGS: [
+    "a", "blockquote", "br", "button", "code", "del", "div", "em", "h1", "h2", "h3", "h4",
+    "h5", "h6", "hr", "li", "ol", "p", "pre", "span", "strong", "table", "tbody", "td", "th",
+    "thead", "tr", "ul",
+  ],
+  ALLOWED_ATTR: ["href", "title", "class", "type", "align", "start"],
+  ALLOWED_URI_REGEXP: SAFE_URL,
+  RETURN_DOM_FRAGMENT: true,
+};
+
+DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+  if (node.tagName === "A" && node.hasAttribute("href")) {
+    node.setAttribute("rel", "noopener noreferrer");
+    node.setAttribute("target", "_blank");
+  }
+});
+
+/** Sanitised DOM nodes for a list of marked block tokens. */
+function render(tokens) {
+  return DOMPurify.sanitize(markdown.parser(tokens), PURIFY);
+}
+
+const FENCE_OPENING = /^(`{3,}|~{3,})/;
+const SEGMENT_LINES = 32;
+
+/** Whether a line of `text` could close a fence opened with `marker` (the partial last
+ * line included: it may be the closing fence itself, at the very end of the answer). */
+function mayClose(text, marker) {
+  for (const line of text.split("\n")) {
+    const m = /^ {0,3}(`{3,}|~{3,})[ \t]*$/.exec(line);
+    if (m && m[1][0] === marker[0] && m[1].length >= marker.length) return true;
+  }
+  return false;
+}
+
+/** Renders an answer's Markdown into `element` as the answer grows (see the module doc). */
+export class MarkdownView {
+  constructor(element) {
+    this.element = element;
+    this.committed = 0; // characters of the text rendered as final blocks
+    this.live = document.createElement("div"); // the last block, re-rendered each update
+    this.live.className = "md-live";
+    element.append(this.live);
+    this.lastLexed = 0; // characters lexed by the last update (what a frame costs)
+    // An open code fence being streamed: {code element, marker, text seen, partial line}.
+    this.fence = null;
+  }
+
+  /** Show `text` (the whole answer so far; it only grows): one DOM mutation. */
+  update(text) {
+    if (this.#extendFence(text)) return;
+    const tail = text.slice(this.committed);
+    this.lastLexed = tail.length;
+    const tokens = markdown.lexer(tail);
+    let last = tokens.length - 1;
+    while (last > 0 && tokens[last].type === "space") last -= 1;
+    const fragment = document.createDocumentFragment();
+    const final = tokens.slice(0, last);
+    const finalText = final.map((token) => token.raw).join("");
+    // marked's tokens carry their exact source (checked, rather than assumed: a token whose
+    // raw text was normalised stays live instead of shifting every later block).
+    if (final.length > 0 && tail.startsWith(finalText)) {
+      const block = document.createElement("div");
+      block.className = "md-done";
+      block.append(render(final));
+      fragment.append(block);
+      this.committed += finalText.length;
+    } else {
+      last = 0;
+    }
+    const live = document.createElement("div");
+    live.className = "md-live";
+    if (last >= 0) live.append(render(tokens.slice(last)));
+    fragment.append(live);
+    this.#watchFence(text, last >= 0 ? tokens[last] : null, live);
+    this.live.replaceWith(fragment);
+    this.live = live;
+  }
+
+  // A code fence that is still open grows by lines of code, which cannot be Markdown:
+  // they are appended to its code element as text (one Text node per frame), so that a
+  // long code block costs each frame only its new text rather than re-rendering the block
+  // (and re-laying out all of it). Until a line appears that could close the fence.
+  #watchFence(text, token, live) {
+    this.fence = null;
+    const marker = token?.type === "code" ? FENCE_OPENING.exec(token.raw)?.[1] : undefined;
+    if (!marker) return;
+    const newline = token.raw.indexOf("\n");
+    const body = newline === -1 ? "" : token.raw.slice(newline + 1);
+    const code = live.querySelector("pre > code");
+    if (newline === -1 || mayClose(body, marker) || code === null) return;
+    // The code exactly as written so far (marked trims the last newline), as plain text.
+    code.textContent = body;
+    const partial = body.slice(body.lastIndexOf("\n") + 1);
+    const lines = body.split("\n").length - 1;
+    this.fence = { code, marker, seen: text.length, partial, target: code, lines };
+  }
+
+  #extendFence(text) {
+    const fence = this.fence;
+    if (fence === null || text.length <= fence.seen) return fence !== null;
+    const added = text.slice(fence.seen);
+    const pending = fence.partial + added;
+    if (mayClose(pending, fence.marker)) return false;
+    // New lines go into blocks of SEGMENT_LINES lines, so that those out of view are not
+    // rendered (content-visibility in style.css).
+    if (fence.lines >= SEGMENT_LINES && fence.partial === "") {
+      fence.target = document.createElement("span");
+      fence.target.className = "code-lines";
+      fence.target.append(added);
+      fence.code.append(fence.target);
+      fence.lines = 0;
+    } else {
+      fence.target.append(added);
+    }
+    fence.lines += added.split("\n").length - 1;
+    fence.seen = text.length;
+    fence.partial = pending.slice(pending.lastIndexOf("\n") + 1);
+    this.lastLexed = 0;
+    return true;
+  }
+}
+
+/** Copy buttons of code blocks under `root` copy their block's code (one listener). */
+export function enableCopyButtons(root) {
+  root.addEventListener("click", async (event) => {
+    const button = event.target.closest?.(".code .copy");
+    if (!button) return;
+    const code = button.closest(".code").querySelector("code").textContent;
+    try {
+      await navigator.clipboard.writeText(code);
+      button.textContent = "Copied";
+    } catch {
+      button.textContent = "Copy failed";
+    }
+    setTimeout(() => (button.textContent = "Copy"), 1500);
+  });
+}

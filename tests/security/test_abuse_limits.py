@@ -1,0 +1,123 @@
+"""The abuse limits, each a flag with a safe default: connections, WebSocket messages and
+streams, stop lists, JSON depth; and TLS."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.server.config import ServerConfig
+
+
+def ws_url(server: RunningServer) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/ws"
+
+
+def test_safe_defaults() -> None:
+    cfg = ServerConfig()
+    assert cfg.header_timeout_s <= 30 and cfg.max_head_bytes <= 1 << 20
+    assert cfg.max_connections <= 10_000 and cfg.ws_max_message_bytes <= 1 << 20
+    assert cfg.ws_max_streams <= 256 and cfg.max_json_depth <= 64
+    assert cfg.max_stop_strings <= 16 and cfg.max_stop_chars <= 1024
+
+
+def _health_on(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    return sock.recv(65536)
+
+
+def test_max_connections_gives_a_fast_503(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_connections=4)
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(4)]
+    try:
+        for sock in held:
+            assert _health_on(sock).startswith(b"HTTP/1.1 200")
+        assert httpx.get(f"{server.url}/health").status_code == 503
+    finally:
+        for sock in held:
+            sock.close()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/health").status_code != 200:
+        assert time.monotonic() < deadline
+
+
+async def test_max_connections_counts_websockets(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_connections=3)
+    async with connect(ws_url(server)), connect(ws_url(server)), connect(ws_url(server)):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws_url(server)):
+                pass
+        assert info.value.response.status_code == 503
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{server.url}/health")).status_code == 503
+
+
+async def test_websocket_message_size_limit(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(ws_max_message_bytes=1024)
+    async with connect(ws_url(server)) as ws:
+        await ws.send(json.dumps({"type": "generate", "id": "a", "prompt": "x" * 2000}))
+        with pytest.raises(ConnectionClosed) as info:
+            await ws.recv()
+    assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+
+
+async def test_websocket_streams_per_socket(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=20), ws_max_streams=2)
+    async with connect(ws_url(server)) as ws:
+        for i in range(3):
+            msg = {"type": "generate", "id": f"s{i}", "prompt": "a b", "max_tokens": 1000}
+            await ws.send(json.dumps(msg))
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == "error":
+                break
+        assert message["id"] == "s2" and "2 streams are running" in message["error"]["message"]
+
+
+def test_stop_list_limits(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_stop_strings=3, max_stop_chars=10)
+    url = f"{server.url}/v1/completions"
+    ok = httpx.post(url, json={"prompt": "x", "max_tokens": 1, "stop": ["a", "b", "c"]})
+    assert ok.status_code == 200
+    for stop in (["a", "b", "c", "d"], ["a" * 11]):
+        r = httpx.post(url, json={"prompt": "x", "max_tokens": 1, "stop": stop})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+
+
+def test_json_depth_flag(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_json_depth=4)
+    url = f"{server.url}/v1/completions"
+    assert httpx.post(url, json={"prompt": "x", "max_tokens": 1, "x": [[1]]}).status_code == 200
+    r = httpx.post(url, json={"prompt": "x", "max_tokens": 1, "x": [[[[1]]]]})
+    assert r.status_code == 400 and "deeper than 4" in r.json()["error"]["message"]
+
+
+def test_tls(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server: RunningServer = start_server(ssl_certfile=str(cert), ssl_keyfile=str(key))
+    assert server.url.startswith("https://")
+    context = ssl.create_default_context(cafile=str(cert))
+    body = {"prompt": "hello tls", "max_tokens": 3}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, verify=context)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    with pytest.raises(httpx.ConnectError):  # not trusted without the certificate
+        httpx.get(f"{server.url}/health")
+    with pytest.raises(httpx.RemoteProtocolError):  # and no plain HTTP on the port
+        httpx.get(f"http://127.0.0.1:{server.port}/health")

@@ -1,0 +1,198 @@
+"""Regression tests for the defects found trying the server as a new user would (issue 13):
+each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import RunningServer
+
+CHAT = "/v1/chat/completions"
+
+
+def ws_url(server: RunningServer) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/ws"
+
+
+# 1. Cross-site WebSocket hijacking: Origin is checked at the handshake.
+async def test_websocket_origin_is_checked(start_server) -> None:  # type: ignore[no-untyped-def]
+    for allowed in ((), ("https://app.example",)):
+        server: RunningServer = start_server(allowed_origins=allowed)
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws_url(server), origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert info.value.response.status_code == 403
+        same = f"http://127.0.0.1:{server.port}"
+        origins = [None, same, *allowed]
+        for origin in origins:
+            async with connect(ws_url(server), origin=origin) as ws:  # type: ignore[arg-type]
+                await ws.send(
+                    json.dumps({"type": "generate", "id": "a", "prompt": "x", "max_tokens": 1})
+                )
+                assert json.loads(await ws.recv())["type"] == "delta"
+
+
+# 2. A cross-site text/plain or form POST needs no preflight: refused with 415.
+def test_generation_and_cancel_take_only_json(synthetic_server: RunningServer) -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    for path in (CHAT, "/v1/completions", "/v1/completions/stream"):
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {"content-type": content_type} if content_type else {}
+            r = httpx.post(synthetic_server.url + path, content=body, headers=headers)
+            assert r.status_code == 415, (path, content_type)
+            assert r.json()["error"]["param"] == "Content-Type"
+    r = httpx.post(
+        f"{synthetic_server.url}/v1/streams/anything/cancel",
+        content=b"x",
+        headers={"content-type": "text/plain"},
+    )
+    assert r.status_code == 415
+    ok = httpx.post(
+        synthetic_server.url + CHAT,
+        content=body,
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert ok.status_code == 200
+
+
+def send_until_answered(port: int, head: bytes, filler: bytes, most: int) -> tuple[bytes, int]:
+    """Send ``head`` then ``filler`` repeatedly until the server answers (or closes) or
+    ``most`` bytes went out; the answer's first bytes and how much was sent."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+        while sent < most:
+            readable, _, _ = select.select([s], [], [], 0)
+            if readable:
+                break
+            try:
+                s.sendall(filler)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(filler)
+        try:
+            return s.recv(65536), sent
+        except ConnectionResetError:
+            return b"", sent
+
+
+# 3. A chunked body is refused at the limit, not read whole.
+def test_chunked_body_stops_at_the_limit(synthetic_server: RunningServer) -> None:
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode()
+    chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+    response, sent = send_until_answered(synthetic_server.port, head, chunk, 300 << 20)
+    assert response.startswith(b"HTTP/1.1 413"), response[:100]
+    assert b"connection: close" in response.lower()
+    assert sent < 64 << 20  # answered long before the 300 MB were sent
+
+
+# 4. The request head: size and time limits; idle sockets are closed.
+@pytest.mark.parametrize("size", [1 << 20, 10 << 20])
+def test_huge_header_is_431(synthetic_server: RunningServer, size: int) -> None:
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+    response, sent = send_until_answered(synthetic_server.port, head, b"a" * 65536, size)
+    assert response.startswith(b"HTTP/1.1 431"), response[:100]
+    assert sent < 8 << 20
+
+
+def test_large_but_allowed_header_is_served(synthetic_server: RunningServer) -> None:
+    r = httpx.get(f"{synthetic_server.url}/health", headers={"x-big": "a" * 32_000})
+    assert r.status_code == 200
+
+
+def test_slow_and_idle_connections_time_out(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(header_timeout_s=0.5)
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow,
+    ):
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+        assert slow.recv(1024).startswith(b"HTTP/1.1 408")
+        assert idle.recv(1024) == b""  # closed by the server
+    # A request whose head arrives in time is served as usual.
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+# 5. Deep nesting and binary frames: clear errors, the socket kept.
+def test_deeply_nested_json_is_400(synthetic_server: RunningServer) -> None:
+    json_type = {"content-type": "application/json"}
+    for path in (CHAT, "/v1/completions", "/v1/completions/stream"):
+        r = httpx.post(synthetic_server.url + path, content=b"[" * 100_000, headers=json_type)
+        assert r.status_code == 400, path
+        assert "nested" in r.json()["error"]["message"]
+    nested: object = 1
+    for _ in range(40):
+        nested = [nested]
+    deeper_than_limit = {"prompt": "x", "extra": nested}
+    r = httpx.post(synthetic_server.url + "/v1/completions", json=deeper_than_limit)
+    assert r.status_code == 400 and "deeper than 32" in r.json()["error"]["message"]
+
+
+async def test_websocket_bad_frames_get_errors_and_the_socket_stays(
+    synthetic_server: RunningServer,
+) -> None:
+    async with connect(ws_url(synthetic_server)) as ws:
+        await ws.send("[" * 100_000)
+        error = json.loads(await ws.recv())
+        assert error["type"] == "error" and "nested" in error["error"]["message"]
+        await ws.send(b"\x00\x01binary")
+        error = json.loads(await ws.recv())
+        assert error["type"] == "error" and "binary" in error["error"]["message"]
+        await ws.send(json.dumps({"type": "generate", "id": "ok", "prompt": "x", "max_tokens": 1}))
+        assert json.loads(await ws.recv()) == {"type": "delta", "id": "ok", "text": "x "}
+
+
+# 6. A lone surrogate is refused at parse time, naming the field.
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        (CHAT, '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+        (
+            CHAT,
+            '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+            "messages.0.content.0.text",
+        ),
+        ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", '{"prompt": ["\\ud800"]}', "prompt.0"),
+        ("/v1/completions", '{"prompt": "x", "stop": ["\\ud800"]}', "stop.0"),
+        ("/v1/completions/stream", '{"prompt": "\\ud800"}', "prompt"),
+    ],
+)
+def test_lone_surrogate_is_400_naming_the_field(
+    synthetic_server: RunningServer, path: str, body: str, field: str
+) -> None:
+    r = httpx.post(
+        synthetic_server.url + path, content=body, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == field and "surrogate" in error["message"]
+
+
+async def test_lone_surrogate_on_the_websocket(synthetic_server: RunningServer) -> None:
+    async with connect(ws_url(synthetic_server)) as ws:
+        await ws.send('{"type": "generate", "id": "s", "prompt": "\\ud800"}')
+        error = json.loads(await ws.recv())
+        assert error["id"] == "s" and "prompt" in error["error"]["message"]
+        assert "surrogate" in error["error"]["message"]
+
+
+# 7. logit_bias is refused, not ignored.
+def test_logit_bias_is_refused(synthetic_server: RunningServer) -> None:
+    for path, body in (
+        (CHAT, {"messages": [{"role": "user", "content": "x"}]}),
+        ("/v1/completions", {"prompt": "x"}),
+    ):
+        r = httpx.post(synthetic_server.url + path, json={**body, "logit_bias": {"50256": -100}})
+        assert r.status_code == 400
+        assert "logit_bias" in r.json()["error"]["message"]

@@ -1,0 +1,242 @@
+"""Two tenants on one server, from outside: ownership, limits, 401/403/429."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from tests.conftest import RunningServer, free_port
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+KEYS = """
+[[keys]]
+name = "alice"
+key = "sk-alice-secret"
+max_concurrent_streams = 2
+
+[[keys]]
+name = "bob"
+key = "sk-bob-secret"
+
+[[keys]]
+name = "carol"
+key = "sk-carol-secret"
+models = ["some-other-model"]
+
+[[keys]]
+name = "dave"
+key = "sk-dave-secret"
+requests_per_minute = 2
+"""
+ALICE = {"Authorization": "Bearer sk-alice-secret"}
+BOB = {"Authorization": "Bearer sk-bob-secret"}
+LONG = {
+    "messages": [{"role": "user", "content": "a b c"}],
+    "max_tokens": 2000,
+    "stream": True,
+    "stream_options": {"resumable": True},
+}
+
+
+@pytest.fixture
+def tenants(start_server, tmp_path: Path) -> RunningServer:  # type: ignore[no-untyped-def]
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    server: RunningServer = start_server(
+        SyntheticEngine(itl_ms=5), api_keys_file=str(path), metrics_api_key="metrics-secret"
+    )
+    return server
+
+
+def test_one_key_cannot_touch_another_keys_stream(tenants: RunningServer) -> None:
+    url = tenants.url
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, headers=ALICE) as r:
+        assert r.status_code == 200
+        stream_id = r.headers["x-stream-id"]
+        # Unguessable: at least 96 random bits (16 base64url characters).
+        assert len(stream_id) >= 16
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("id: "))
+        event_id = first[4:]
+        for where, kwargs in (
+            (f"/v1/streams/{stream_id}", {}),
+            (f"/v1/streams/{stream_id}", {"params": {"last_event_id": event_id}}),
+            ("/v1/completions/stream", {"params": {"last_event_id": event_id, "prompt": "x"}}),
+        ):
+            other = httpx.get(url + where, headers=BOB, **kwargs)  # type: ignore[arg-type]
+            assert other.status_code == 404, where
+            assert other.json()["error"]["code"] == "stream_not_found"
+        # The same 404 as an id that was never issued: nothing tells the stream exists.
+        unknown = httpx.post(f"{url}/v1/streams/nosuchstream00000/cancel", headers=BOB)
+        cancel = httpx.post(f"{url}/v1/streams/{stream_id}/cancel", headers=BOB)
+        assert cancel.status_code == unknown.status_code == 404
+        assert cancel.json()["error"]["code"] == unknown.json()["error"]["code"]
+        # The owner can follow and cancel it.
+        with httpx.stream(
+            "GET",
+            f"{url}/v1/streams/{stream_id}",
+            headers=ALICE,
+            params={"last_event_id": event_id},
+        ) as follow:
+            assert follow.status_code == 200
+        assert httpx.post(f"{url}/v1/streams/{stream_id}/cancel", headers=ALICE).status_code == 200
+        rest = list(lines)
+    assert rest[-1] == "data: [DONE]" or rest[-2:] == ["data: [DONE]", ""]
+    assert any('"cancelled"' in line for line in rest)
+
+
+def test_third_concurrent_stream_gets_429_with_retry_after(tenants: RunningServer) -> None:
+    url = f"{tenants.url}/v1/chat/completions"
+    with (
+        httpx.stream("POST", url, json=LONG, headers=ALICE) as one,
+        httpx.stream("POST", url, json=LONG, headers=ALICE) as two,
+    ):
+        assert one.status_code == two.status_code == 200
+        third = httpx.post(url, json=LONG, headers=ALICE)
+        assert third.status_code == 429
+        assert int(third.headers["retry-after"]) >= 1
+        error = third.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "alice" in error["message"]
+        # Another key is not affected by alice's limit.
+        with httpx.stream("POST", url, json=LONG, headers=BOB) as bobs:
+            assert bobs.status_code == 200
+    metrics = httpx.get(
+        f"{tenants.url}/metrics", headers={"Authorization": "Bearer metrics-secret"}
+    ).text
+    assert 'tokenspout_key_rate_limited_total{key="alice",limit="streams"} 1.0' in metrics
+    assert 'tokenspout_key_requests_total{key="bob"} 1.0' in metrics
+    assert "secret" not in metrics.replace("metrics-secret", "")
+
+
+def test_requests_per_minute(tenants: RunningServer) -> None:
+    url = f"{tenants.url}/v1/completions"
+    body = {"prompt": "x", "max_tokens": 2}
+    dave = {"Authorization": "Bearer sk-dave-secret"}
+    codes = [httpx.post(url, json=body, headers=dave).status_code for _ in range(4)]
+    assert codes == [200, 200, 429, 429]
+
+
+def test_wrong_key_and_disallowed_model(tenants: RunningServer) -> None:
+    url = f"{tenants.url}/v1/completions"
+    body = {"prompt": "x", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer sk-alice"}, {"Authorization": "sk-bob-secret"}):
+        r = httpx.post(url, json=body, headers=headers)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    carol = {"Authorization": "Bearer sk-carol-secret"}
+    r = httpx.post(url, json=body, headers=carol)
+    assert r.status_code == 403 and r.json()["error"]["param"] == "model"
+    # /metrics: only with its own key.
+    assert httpx.get(f"{tenants.url}/metrics").status_code == 401
+    assert httpx.get(f"{tenants.url}/metrics", headers=ALICE).status_code == 401
+    assert httpx.get(f"{tenants.url}/health").status_code == 200
+
+
+async def test_websocket_handshake_needs_a_key_and_streams_are_per_key(
+    tenants: RunningServer,
+) -> None:
+    ws = tenants.url.replace("http://", "ws://") + "/v1/ws"
+    for bad in ("", "?api_key=sk-alice"):
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(ws + bad):
+                pass
+        assert info.value.response.status_code == 401
+        assert info.value.response.headers["www-authenticate"] == "Bearer"
+    async with (
+        connect(ws, additional_headers=ALICE) as alice,
+        connect(ws + "?api_key=sk-bob-secret") as bob,
+    ):
+        await alice.send(json.dumps({"type": "generate", "id": "s1", **LONG}))
+        assert json.loads(await alice.recv())["type"] == "delta"
+        await bob.send(json.dumps({"type": "cancel", "id": "s1"}))
+        reply = json.loads(await bob.recv())
+        assert reply["type"] == "error" and reply["id"] == "s1"
+        assert json.loads(await alice.recv())["type"] == "delta"  # still running
+        # The WebSocket's stream counts against alice's limit of two like any other.
+        await alice.send(json.dumps({"type": "generate", "id": "s2", **LONG}))
+        await alice.send(json.dumps({"type": "generate", "id": "s3", **LONG}))
+        while True:
+            message = json.loads(await alice.recv())
+            if message["type"] == "error":
+                break
+        assert message["id"] == "s3" and message["error"]["code"] == "rate_limit_exceeded"
+
+
+def _serve(*args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_malformed_keys_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "a"\n')
+    proc = _serve("--api-keys-file", str(path), "--port", str(free_port()))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "exactly one of key or key_sha256" in lines[0]
+
+
+def test_sighup_reloads_keys_without_dropping_streams(tmp_path: Path) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "a"\nkey = "sk-old"\n')
+    port = free_port()
+    proc = _serve("--api-keys-file", str(path), "--port", str(port), "--synthetic-itl-ms", "5")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the server says when it listens
+            if "Uvicorn running" in line:
+                break
+        old = {"Authorization": "Bearer sk-old"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, headers=old) as r:
+            lines = r.iter_lines()
+            assert r.status_code == 200
+            next(lines)
+            path.write_text('[[keys]]\nname = "a"\nkey = "sk-new"\n')
+            os.kill(proc.pid, signal.SIGHUP)
+            for line in proc.stderr:
+                if "keys file reloaded" in line:
+                    break
+            new = {"Authorization": "Bearer sk-new"}
+            body = {"prompt": "x", "max_tokens": 2}
+            assert httpx.post(f"{url}/v1/completions", json=body, headers=new).status_code == 200
+            assert httpx.post(f"{url}/v1/completions", json=body, headers=old).status_code == 401
+            # A broken file on reload: an error line, the keys in use stay.
+            path.write_text("[[keys]\n")
+            os.kill(proc.pid, signal.SIGHUP)
+            for line in proc.stderr:
+                if "keys file not reloaded" in line:
+                    break
+            assert httpx.post(f"{url}/v1/completions", json=body, headers=new).status_code == 200
+            # The stream opened with the old key is still flowing.
+            assert sum(1 for line in lines if line.startswith("data: {")) > 10
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_request_log_names_the_key_never_the_secret(tenants: RunningServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    with caplog.at_level(logging.INFO, logger="tokenspout.requests"):
+        body = {"prompt": "x", "max_tokens": 2}
+        r = httpx.post(f"{tenants.url}/v1/completions", json=body, headers=BOB)
+        assert r.status_code == 200
+        deadline = time.monotonic() + 10
+        while not [rec for rec in caplog.records if rec.name == "tokenspout.requests"]:
+            assert time.monotonic() < deadline, "no request log line"
+            time.sleep(0.01)  # polling for the line written after the last byte
+    (line,) = [json.loads(rec.getMessage()) for rec in caplog.records
+               if rec.name == "tokenspout.requests"]  # fmt: skip
+    assert line["key"] == "bob"
+    assert "sk-bob" not in json.dumps(line)
