@@ -17,6 +17,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 
 from attacks import (
+    KEY,
+    KEYS,
     AttackResult,
     Observed,
     body_flood,
@@ -29,18 +31,6 @@ from attacks import (
 )
 from harness import ServerProcess, free_port, machine, percentile, raise_nofile, tokenspout_serve
 
-KEYS = """
-[[keys]]
-name = "flooder"
-key = "sk-flood"
-max_concurrent_streams = 2
-requests_per_minute = 60
-
-[[keys]]
-name = "normal"
-key = "sk-normal"
-"""
-KEY = "sk-normal"
 MiB = 1 << 20
 
 

@@ -16,6 +16,20 @@ from dataclasses import dataclass, field
 
 from harness import fetch
 
+#: The keys file every attack run uses: a limited key that floods, and the normal user's.
+KEYS = """
+[[keys]]
+name = "flooder"
+key = "sk-flood"
+max_concurrent_streams = 2
+requests_per_minute = 60
+
+[[keys]]
+name = "normal"
+key = "sk-normal"
+"""
+KEY = "sk-normal"
+
 _CHUNK = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
 
 

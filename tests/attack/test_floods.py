@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from attacks import (  # type: ignore[import-not-found]
+    KEY,
+    KEYS,
     Observed,
     body_flood,
     deep_json,
@@ -25,18 +27,6 @@ from attacks import (  # type: ignore[import-not-found]
 )
 from harness import ServerProcess, free_port, tokenspout_serve  # type: ignore[import-not-found]
 
-KEYS = """
-[[keys]]
-name = "flooder"
-key = "sk-flood"
-max_concurrent_streams = 2
-requests_per_minute = 60
-
-[[keys]]
-name = "normal"
-key = "sk-normal"
-"""
-KEY = "sk-normal"
 NORMAL = {"Authorization": f"Bearer {KEY}"}
 MiB = 1 << 20
 
