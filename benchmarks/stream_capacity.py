@@ -20,6 +20,7 @@ import collections
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from harness import ServerProcess, free_port, machine, raise_nofile, tokenspout_serve
 
@@ -121,11 +122,18 @@ class Streams:
         return ramp, best[0], best[1], peak
 
 
+def connection_limit(n: int, src: str | None) -> list[str]:
+    """``--max-connections n`` where the server has the flag (checkouts before it do not)."""
+    config = Path(src or Path(__file__).parents[1]) / "src/tokenspout/server/config.py"
+    return ["--max-connections", str(n)] if "max_connections" in config.read_text() else []
+
+
 def measure(n: int, args: argparse.Namespace) -> Level:
     port = free_port()
     cmd = tokenspout_serve(
         port, "--engine", "synthetic", "--synthetic-itl-ms", str(args.itl_ms),
-        "--max-streams", str(n + 100), "--max-queued", str(n + 100), src=args.src,
+        "--max-streams", str(n + 100), "--max-queued", str(n + 100),
+        *connection_limit(n + 1000, args.src), src=args.src,
     )  # fmt: skip
     with ServerProcess(cmd, port, nofile=n + 1000) as server:
         asyncio.run(Streams(port, 2, 30).run(10, 10, server))  # warm up
