@@ -16,7 +16,6 @@ from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
 from tokenspout.protocols.openai_errors import error_body
-from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
@@ -51,21 +50,13 @@ class CompletionResponse(Response, StreamTransport):
         self._parts: list[str] = []
         self._extras: list = []
         self._send_asgi: Send | None = None
-        self._watch: DisconnectWatch | None = None
 
     def heartbeat_s(self, reading: ReadSettings) -> float:
         return math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send_asgi = send
-        watch = self._watch = DisconnectWatch(receive)
-        try:
-            await watch.run(self.run())
-        finally:
-            self.abandon(watch.reason or "client_disconnect")
-
-    def stopped_reason(self) -> str | None:
-        return None if self._watch is None else self._watch.reason
+        await self.race_disconnect(receive, self.run())
 
     async def send(self, event: StreamEvent) -> None:
         if isinstance(event, Delta):

@@ -18,7 +18,6 @@ from tokenspout.protocols.chunk_format import Usage, delta_encoder
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
-from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.send_watchdog import SendGuard
 from tokenspout.server.server_state import ServerState
@@ -76,27 +75,25 @@ class EventStreamResponse(Response, StreamTransport):
         self._opening = (not resumed) if opening is None else opening
         self._send_asgi: Send | None = None
         self._guard: SendGuard | None = None
-        self._watch: DisconnectWatch | None = None
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send_asgi = send
-        watch = self._watch = DisconnectWatch(receive)
         watchdog = self.state.send_watchdog
-        self._guard = watchdog.guard(lambda: watch.interrupt("send_timeout"))
+        self._guard = watchdog.guard(self._send_timed_out)
         try:
-            await watch.run(self._body())
+            await self.race_disconnect(receive, self._body())
         finally:
             watchdog.release(self._guard)
-            self.abandon(watch.reason or "client_disconnect")
+
+    def _send_timed_out(self) -> None:
+        if self._watch is not None:
+            self._watch.interrupt("send_timeout")
 
     async def _body(self) -> None:
         await self.run()
         if self._started:
             await self._write_raw(b"", more_body=False)
-
-    def stopped_reason(self) -> str | None:
-        return None if self._watch is None else self._watch.reason
 
     async def opened(self) -> None:
         await self._start()

@@ -26,11 +26,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Coroutine
+from typing import Any
 
 from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 from starlette.websockets import WebSocketDisconnect
 
 from tokenspout.errors import InternalError, TokenspoutError
+from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.generation_request import ReadSettings, StreamWire
 from tokenspout.server.request_record import RequestRecord
 from tokenspout.server.server_state import ServerState
@@ -56,6 +60,8 @@ class StreamTransport(ABC):
     transport: str
     #: Whether the client sees each event (time to first text, gaps between events).
     streams_events = True
+    #: The disconnect race of an HTTP transport (``race_disconnect``); None otherwise.
+    _watch: DisconnectWatch | None = None
 
     def __init__(
         self,
@@ -136,10 +142,20 @@ class StreamTransport(ABC):
             return "incomplete"
         return "error" if end.error is not None else "ok"
 
+    async def race_disconnect(self, receive: Receive, body: Coroutine[Any, Any, None]) -> None:
+        """For an HTTP transport: run ``body`` (which calls ``run``) raced against the
+        client leaving (``DisconnectWatch``); a reader whose ``run`` never started is
+        detached all the same."""
+        watch = self._watch = DisconnectWatch(receive)
+        try:
+            await watch.run(body)
+        finally:
+            self.abandon(watch.reason or "client_disconnect")
+
     def stopped_reason(self) -> str | None:
         """Why the connection was stopped from outside (disconnect race, send timeout), if
         it was; a cancel with no reason is the server's own (shutdown)."""
-        return None
+        return None if self._watch is None else self._watch.reason
 
     async def opened(self) -> None:  # noqa: B027 - optional hook
         """Send what precedes the events (headers, opening chunks)."""

@@ -37,7 +37,7 @@ class FlushPolicy:
         return self._tokens
 
     @property
-    def has_text(self) -> bool:
+    def has_output(self) -> bool:
         """Visible output (text or extras) is pending."""
         return bool(self._text or self._extras)
 
@@ -52,7 +52,7 @@ class FlushPolicy:
 
     def due(self, now: float) -> bool:
         """Whether the pending text should be sent now. Nothing visible is never due."""
-        if not (self._text or self._extras):
+        if not self.has_output:
             return False
         if not self._sent_any or self._tokens >= self.flush_tokens:
             return True
@@ -66,7 +66,7 @@ class FlushPolicy:
         need not look before then unless the deadline comes first. Before the first event
         any text is due at once, and tokens pending without visible text need a look at
         each next one; otherwise it is what fills the batch."""
-        if not self._sent_any or (self._tokens and not (self._text or self._extras)):
+        if not self._sent_any or (self._tokens and not self.has_output):
             return 1
         return max(1, self.flush_tokens - self._tokens)
 
@@ -78,7 +78,7 @@ class FlushPolicy:
 
     def deadline(self) -> float | None:
         """When pending text becomes due by time alone; None if nothing visible is pending."""
-        if not (self._text or self._extras) or self._oldest is None:
+        if not self.has_output or self._oldest is None:
             return None
         if not self._sent_any:
             return self._oldest

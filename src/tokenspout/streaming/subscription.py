@@ -160,7 +160,7 @@ class Subscription:
                 yield Finished(end)
                 return
             # A paused stream waits for its readers: what is pending goes now.
-            if policy.due(now) or (stream.paused and policy.has_text):
+            if policy.due(now) or (stream.paused and policy.has_output):
                 text, tokens = policy.take()
                 yield Delta(text, tokens, self.position, policy.take_extras())
                 self._delivered(tokens)
