@@ -6,7 +6,7 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.errors import InvalidRequestError, StreamNotResumableError
+from tokenspout.errors import InvalidRequestError
 from tokenspout.protocols.event_id import parse_event_id
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
@@ -36,11 +36,7 @@ def resume(
         stream_id = sid
     assert stream_id is not None
     stream = owned_stream(state, request, stream_id)
-    if not stream.resumable:
-        raise StreamNotResumableError(
-            f"stream {stream_id} is not resumable: open it with "
-            '"stream_options": {"resumable": true} (or start the server with --resumable)'
-        )
+    # A stream that is not resumable refuses the new reader itself (409).
     response = follow(state, request, stream, start=position)
     state.metrics.resumes.inc()
     return response

@@ -183,8 +183,9 @@ class Stream:
         ``StreamGoneError`` if that text was released or evicted."""
         if self._subscribed and not self.resumable:
             raise StreamNotResumableError(
-                f"stream {self.id} is not resumable (ask for it with "
-                f"stream_options.resumable); it has a reader already"
+                f"stream {self.id} is not resumable, and it has a reader already: open it "
+                'with "stream_options": {"resumable": true} (or start the server with '
+                "--resumable)"
             )
         if start > self.length:
             raise InvalidRequestError(
