@@ -148,3 +148,25 @@ class ModelLoadError(TokenspoutError):
     """The model given at start-up cannot be loaded (wrong format, missing files...)."""
 
     code = "model_load_error"
+
+
+class UpstreamError(EngineError):
+    """An upstream server could not give (the rest of) an answer. ``status_code`` is the
+    one the client gets: the upstream's own for a request it refused (4xx), 503 when no
+    upstream could be reached, 504 when one timed out. Messages name upstreams by address
+    only, never with their key."""
+
+    code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int = 502,
+        type: str = "server_error",
+        code: str | None = None,
+        param: str | None = None,
+    ):
+        super().__init__(message, param=param, code=code)
+        self.status_code = status_code
+        self.type = type

@@ -67,6 +67,10 @@ class Engine(ABC):
     synthetic: bool = False
     #: What kind of engine this is (``/health``, ``tokenspout_engine_info``).
     kind: str = "embedded"
+    #: The engine sends requests on to other servers, with the client's fields as given
+    #: (``SamplingParams.extra_body``): fields tokenspout does not know are theirs to
+    #: honour, kept rather than refused; and its ``failure`` passes when they are back.
+    forwards_fields: bool = False
     #: Why the engine can no longer generate (its loop died), or None while it can. The
     #: server then fails ``/health`` and answers new requests with 503.
     failure: str | None = None

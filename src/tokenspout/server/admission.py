@@ -12,6 +12,9 @@ def admit(state: ServerState) -> None:
         raise ShuttingDownError("the server is shutting down; retry on another replica")
     failure = state.engine.failure
     if failure is not None:
+        if state.engine.forwards_fields:
+            # In front of other servers, this passes when one of them is back.
+            raise EngineUnavailableError(f"{failure}; retry shortly", code="upstream_unavailable")
         raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
     cfg = state.config
     if len(state.streams) >= cfg.max_streams:

@@ -6,6 +6,7 @@ every transport so that they validate alike."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
@@ -195,8 +196,23 @@ def _request(
         prompt_tokens=prompt.num_tokens,
     )
     params = advanced_params.apply(params, body)
+    if state.engine.forwards_fields:
+        params = replace(params, extra_body=_forwarded(body))
     state.engine.check_params(params)
     return _generation(state, wire, prompt, params, body.stream_options)
+
+
+#: Fields the engine sets itself when it forwards a request (see ``upstream_body``).
+_NOT_FORWARDED = frozenset(
+    {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
+     "stream_options", "add_generation_prompt", "continue_final_message"}
+)  # fmt: skip
+
+
+def _forwarded(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    """The client's own fields, as it sent them (unknown ones included), for an engine that
+    passes them on to another server."""
+    return body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=_NOT_FORWARDED)
 
 
 def _generation(

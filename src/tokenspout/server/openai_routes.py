@@ -14,21 +14,23 @@ from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest
+from tokenspout.server.schemas import chat_schema, completion_schema
 from tokenspout.server.server_state import state_of
 
 
 async def chat_completions(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
-    body = await parse_body(request, ChatCompletionRequest, state.config.max_body_bytes)
+    schema = chat_schema(state.engine.forwards_fields)
+    body = await parse_body(request, schema, state.config.max_body_bytes)
     return respond(state, request, prepare_chat(state, body), body.stream, started)
 
 
 async def completions(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
-    body = await parse_body(request, CompletionRequest, state.config.max_body_bytes)
+    schema = completion_schema(state.engine.forwards_fields)
+    body = await parse_body(request, schema, state.config.max_body_bytes)
     return respond(state, request, prepare_completion(state, body), body.stream, started)
 
 

@@ -246,6 +246,28 @@ class CompletionRequest(_GenerationBody):
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
 
 
+class UpstreamChatCompletionRequest(ChatCompletionRequest):
+    """In front of other servers: fields tokenspout does not know are kept, for them."""
+
+    model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
+
+
+class UpstreamCompletionRequest(CompletionRequest):
+    """In front of other servers: fields tokenspout does not know are kept, for them."""
+
+    model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
+
+
+def chat_schema(forwards_fields: bool) -> type[ChatCompletionRequest]:
+    """The chat body's schema: strict, or keeping unknown fields for an upstream."""
+    return UpstreamChatCompletionRequest if forwards_fields else ChatCompletionRequest
+
+
+def completion_schema(forwards_fields: bool) -> type[CompletionRequest]:
+    """The completions body's schema: strict, or keeping unknown fields for an upstream."""
+    return UpstreamCompletionRequest if forwards_fields else CompletionRequest
+
+
 class SeedStreamRequest(_Body):
     """The seed article's body: ``{"prompt": "...", "max_tokens": N}``."""
 

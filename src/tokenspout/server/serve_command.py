@@ -28,6 +28,7 @@ _D = ServerConfig()
 class EngineName(StrEnum):
     embedded = "embedded"
     synthetic = "synthetic"
+    upstream = "upstream"
 
 
 class WeightFormat(StrEnum):
@@ -40,7 +41,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = _D.host,
     port: Annotated[int, typer.Option(help="Port to bind.")] = _D.port,
     engine: Annotated[
-        EngineName, typer.Option(help="embedded: the real model on the CPU; synthetic: load tests.")
+        EngineName,
+        typer.Option(
+            help="embedded: the real model on the CPU; synthetic: load tests; upstream: in "
+            "front of OpenAI-compatible servers (--upstream)."
+        ),
     ] = EngineName.embedded,
     model: Annotated[
         str | None,
@@ -69,6 +74,37 @@ def serve(
     synthetic_itl_ms: Annotated[
         float | None,
         typer.Option(help="Synthetic decode step: every running request gets a token, ms (0)."),
+    ] = None,
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="--engine upstream: an OpenAI base URL (http://host:8000/v1); repeatable."
+        ),
+    ] = None,
+    upstream_api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TOKENSPOUT_UPSTREAM_API_KEY",
+            help="Bearer token sent to the upstreams (never logged or shown).",
+            show_default=False,
+        ),
+    ] = None,
+    upstream_max_concurrency: Annotated[
+        int | None, typer.Option(help="Requests in flight per upstream; more wait here (64).")
+    ] = None,
+    upstream_health_interval_s: Annotated[
+        float | None, typer.Option(help="Seconds between health checks of each upstream (5).")
+    ] = None,
+    upstream_retries: Annotated[
+        int | None,
+        typer.Option(help="Tries on other upstreams after a failure, before or mid-answer (2)."),
+    ] = None,
+    upstream_first_token_timeout_s: Annotated[
+        float | None, typer.Option(help="No first chunk within this: try another upstream (60).")
+    ] = None,
+    upstream_stall_timeout_s: Annotated[
+        float | None,
+        typer.Option(help="No chunk for this long mid-answer: continue on another upstream (30)."),
     ] = None,
     flush_tokens: Annotated[
         int, typer.Option(help="Coalesce up to N tokens per event.")
@@ -187,6 +223,13 @@ def serve(
             threads=threads,
             synthetic_ttft_ms=synthetic_ttft_ms,
             synthetic_itl_ms=synthetic_itl_ms,
+            upstream=tuple(upstream or ()),
+            upstream_api_key=upstream_api_key,
+            upstream_max_concurrency=upstream_max_concurrency,
+            upstream_health_interval_s=upstream_health_interval_s,
+            upstream_retries=upstream_retries,
+            upstream_first_token_timeout_s=upstream_first_token_timeout_s,
+            upstream_stall_timeout_s=upstream_stall_timeout_s,
         )
     except (ConfigError, ModelLoadError, ValueError) as exc:
         message = exc.message if isinstance(exc, TokenspoutError) else str(exc)
@@ -203,6 +246,21 @@ def _engine(name: EngineName, **opts: Any) -> Engine:
     """The engine, given only the options the user set: its own defaults stay in one
     place, its constructor (the help texts quote them)."""
     given = {k: v.value if isinstance(v, StrEnum) else v for k, v in opts.items() if v is not None}
+    upstream = {
+        k.removeprefix("upstream_"): given.pop(k) for k in list(given) if k.startswith("upstream")
+    }
+    if name is EngineName.upstream:
+        from tokenspout.engine.upstream_engine import UpstreamEngine
+        from tokenspout.engine.upstream_options import UpstreamOptions
+
+        upstream["urls"] = upstream.pop("upstream")
+        return UpstreamEngine(UpstreamOptions(**upstream))
+    if upstream.pop("upstream"):
+        raise ConfigError("--upstream needs --engine upstream")
+    if upstream:
+        raise ConfigError(
+            f"--upstream-{next(iter(upstream)).replace('_', '-')} needs --engine upstream"
+        )
     if name is EngineName.synthetic:
         from tokenspout.engine.synthetic_engine import SyntheticEngine
 

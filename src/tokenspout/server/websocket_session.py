@@ -34,7 +34,7 @@ from tokenspout.server.generation_request import (
 )
 from tokenspout.server.request_parsing import validate
 from tokenspout.server.responder import open_stream
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest
+from tokenspout.server.schemas import chat_schema, completion_schema
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import PEER_GONE, PeerGone, StreamTransport
 from tokenspout.streaming.stream import Stream
@@ -147,10 +147,10 @@ class WebSocketSession:
     def _prepare(self, message: wsm.Generate) -> GenerationRequest:
         body: BaseModel
         if message.is_chat:
-            body = validate(ChatCompletionRequest, message.body)
+            body = validate(chat_schema(self.state.engine.forwards_fields), message.body)
             generation = prepare_chat(self.state, body)
         else:
-            body = validate(CompletionRequest, message.body)
+            body = validate(completion_schema(self.state.engine.forwards_fields), message.body)
             generation = prepare_completion(self.state, body)
         advanced_params.check_text_only(generation.params)
         return generation

@@ -1,0 +1,53 @@
+"""The JSON an upstream is sent for a prompt and its params.
+
+The client's own fields go through as it sent them (``SamplingParams.extra_body``: sampling
+fields, vendor extensions, tools); tokenspout sets what it owns: the model, the messages or
+prompt (a continuation's), ``max_tokens`` (less what a first part generated) and always
+``stream: true`` with ``stream_options.include_usage``, whatever the client asked, since
+tokenspout makes the client's stream itself.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
+
+
+def request_body(prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
+    """The path under the upstream's base (``/chat/completions`` or ``/completions``) and
+    the body to post there."""
+    body = dict(params.extra_body)
+    body.update(
+        model=params.model,
+        max_tokens=params.max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    if not prompt.is_chat:
+        body["prompt"] = prompt.text
+        return "/completions", body
+    body["messages"] = [_message(m) for m in prompt.messages]
+    if prompt.continue_final_message:
+        # vLLM's way to go on with the final assistant message (tokenspout speaks it too).
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    elif not prompt.add_generation_prompt:
+        body["add_generation_prompt"] = False
+    return "/chat/completions", body
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def encode(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()

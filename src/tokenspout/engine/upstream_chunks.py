@@ -1,0 +1,111 @@
+"""One OpenAI streaming chunk from an upstream, as what the relay needs of it.
+
+Chat chunks carry ``choices[0].delta`` (``content``, ``tool_calls``), completion chunks
+``choices[0].text``; with ``stream_options.include_usage`` the last chunk has no choices and
+the ``usage``. Anything that is not such a chunk is a ``MalformedChunkError``: the relay then
+treats the upstream as failed, as it would a cut connection.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, NamedTuple
+
+from tokenspout.engine.request import TokenLogprob, ToolCallDelta
+
+
+class MalformedChunkError(ValueError):
+    """An upstream sent something that is not an OpenAI streaming chunk."""
+
+
+class UpstreamChunk(NamedTuple):
+    """What one chunk adds: text, tool-call pieces, the finish reason, the usage."""
+
+    text: str
+    tool_calls: tuple[ToolCallDelta, ...]
+    finish_reason: str | None
+    #: (prompt_tokens, completion_tokens) when the chunk reports usage.
+    usage: tuple[int, int] | None
+    #: The logprobs of the chunk's tokens, when the request asked for them.
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+def parse_chunk(data: str) -> UpstreamChunk:
+    """The chunk in one SSE ``data:`` field; ``MalformedChunkError`` for anything else,
+    including an ``{"error": ...}`` an upstream sends when it fails mid-stream."""
+    try:
+        chunk = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise MalformedChunkError(f"a chunk that is not JSON ({exc})") from None
+    if not isinstance(chunk, dict):
+        raise MalformedChunkError("a chunk that is not a JSON object")
+    if "error" in chunk:
+        raise MalformedChunkError(f"an error in the stream: {_error_message(chunk['error'])}")
+    try:
+        usage = _usage(chunk.get("usage"))
+        choices = chunk["choices"]
+        if not choices:
+            return UpstreamChunk("", (), None, usage)
+        choice = choices[0]
+        delta = choice.get("delta")
+        logprobs = choice.get("logprobs")
+        if delta is None:  # a completion chunk
+            text, calls = choice.get("text") or "", ()
+            tokens = _completion_logprobs(logprobs) if logprobs else ()
+        else:
+            text = delta.get("content") or ""
+            calls = tuple(_tool_call(c) for c in delta.get("tool_calls") or ())
+            tokens = tuple(_chat_logprob(t) for t in (logprobs or {}).get("content") or ())
+        finish = choice.get("finish_reason")
+        if not isinstance(text, str) or not (finish is None or isinstance(finish, str)):
+            raise TypeError("text or finish_reason of the wrong type")
+        return UpstreamChunk(text, calls, finish, usage, tokens)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise MalformedChunkError(f"a chunk of an unexpected shape ({exc!r})") from None
+
+
+def _usage(usage: Any) -> tuple[int, int] | None:
+    if usage is None:
+        return None
+    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+
+
+def _tool_call(call: dict[str, Any]) -> ToolCallDelta:
+    function = call.get("function") or {}
+    return ToolCallDelta(
+        int(call["index"]), call.get("id"), function.get("name"), function.get("arguments") or ""
+    )
+
+
+def _error_message(error: Any) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message", error))[:200]
+    return str(error)[:200]
+
+
+def _chat_logprob(entry: dict[str, Any]) -> TokenLogprob:
+    top = tuple(
+        (t["token"], _bytes(t), float(t["logprob"])) for t in entry.get("top_logprobs") or ()
+    )
+    return TokenLogprob(entry["token"], _bytes(entry), float(entry["logprob"]), top)
+
+
+def _completion_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """The legacy completions shape: parallel lists, alternatives as token -> logprob."""
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+    return tuple(
+        TokenLogprob(
+            token,
+            token.encode(),
+            float(logprob),
+            tuple((t, t.encode(), float(lp)) for t, lp in (top or {}).items()),
+        )
+        for token, logprob, top in zip(
+            logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True
+        )
+    )
+
+
+def _bytes(entry: dict[str, Any]) -> bytes:
+    raw = entry.get("bytes")
+    return bytes(raw) if raw is not None else str(entry["token"]).encode()

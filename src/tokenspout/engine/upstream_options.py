@@ -1,0 +1,60 @@
+"""How the upstream engine reaches its servers and when it gives up on one."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from tokenspout.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class UpstreamOptions:
+    """``tokenspout serve --engine upstream`` settings (see the flags' help)."""
+
+    #: OpenAI-compatible base URLs, e.g. ``http://host:8000/v1``.
+    urls: tuple[str, ...]
+    #: Sent to every upstream as ``Authorization: Bearer``; never logged or shown.
+    api_key: str | None = None
+    #: Requests in flight per upstream; more wait in tokenspout's queue.
+    max_concurrency: int = 64
+    #: Seconds between active health checks (``GET /models``) of each upstream.
+    health_interval_s: float = 5.0
+    #: Consecutive connect errors or 5xx that take an upstream out until it is healthy.
+    eject_after: int = 3
+    #: Tries on other upstreams after a failure before the first token.
+    retries: int = 2
+    #: No first byte of the answer within this long counts as a failure (then retried).
+    first_token_timeout_s: float = 60.0
+    #: No chunk for this long mid-stream counts as a cut (then continued elsewhere).
+    stall_timeout_s: float = 30.0
+    #: First retry's backoff; doubled per retry, with up to as much again of jitter.
+    backoff_s: float = 0.05
+    #: Longest ``Retry-After`` of a 429 that is waited for.
+    max_retry_after_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            raise ConfigError("--engine upstream needs at least one --upstream URL")
+        for url in self.urls:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(
+                    f"--upstream must be an http(s) OpenAI base URL such as "
+                    f"http://host:8000/v1, not {address(url)!r}"
+                )
+        if self.max_concurrency < 1 or self.eject_after < 1 or self.retries < 0:
+            raise ConfigError("--upstream-max-concurrency must be >= 1 and --upstream-retries >= 0")
+        timeouts = (self.health_interval_s, self.first_token_timeout_s, self.stall_timeout_s)
+        if min(timeouts) <= 0:
+            raise ConfigError("upstream intervals and timeouts must be > 0")
+
+
+def address(url: str) -> str:
+    """``url`` without user info, query or fragment: safe to log and to use as a label."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"

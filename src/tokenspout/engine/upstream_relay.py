@@ -1,0 +1,335 @@
+"""One request's life against the upstreams: pick one, send, relay its chunks, and on a
+failure try again elsewhere.
+
+* Before the first chunk (connect error, 5xx, 429, no first chunk within
+  ``first_token_timeout_s``) the request is sent again to another healthy upstream, up to
+  ``retries`` times, after a backoff with jitter (at least a 429's ``Retry-After``). The
+  client's stream has only heartbeats meanwhile. Another 4xx is the client's own fault and
+  ends the request with that status and the upstream's message.
+* After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
+  answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
+  followed by the text so far and what is left of ``max_tokens``, so the client's stream
+  has no duplicated and no lost text, and the usage counts both parts. A stream that has
+  carried part of a tool call cannot be continued; it ends with an error.
+* ``cancel`` (the client left, cancel by id, send timeout, drain) cancels the task, which
+  closes the upstream response at once: the upstream aborts the generation on disconnect.
+  A request cancelled while it waits for an upstream is never sent.
+
+Each upstream chunk with content is one output of one token (tokenspout's flush policy
+coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
+after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
+tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage,
+at the last output only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import httpx
+import httpx_sse
+
+from tokenspout.engine.continuation import Continuation
+from tokenspout.engine.interface import OutputSink
+from tokenspout.engine.request import (
+    EngineOutput,
+    FinishReason,
+    OutputExtras,
+    Prompt,
+    SamplingParams,
+)
+from tokenspout.engine.upstream_body import encode, request_body
+from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
+from tokenspout.engine.upstream_metrics import UpstreamMetrics
+from tokenspout.engine.upstream_options import UpstreamOptions
+from tokenspout.engine.upstream_pool import UpstreamPool
+from tokenspout.engine.upstream_server import UpstreamServer
+from tokenspout.errors import EngineError, UpstreamError
+
+logger = logging.getLogger(__name__)
+
+#: Builds the request for the rest of an answer (``Engine.continuation``).
+ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, SamplingParams]]
+
+_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
+
+
+@dataclass
+class _Failed(Exception):
+    """An upstream failed this request in a way another upstream may not."""
+
+    #: Metric label: connect_error, timeout, 429, 5xx status, cut, stall, malformed.
+    status: str
+    #: What happened, for the log and the client's error (addresses only, no key).
+    why: str
+    retry_after_s: float = 0.0
+    #: The upstream is at fault (passive health): connect errors and 5xx.
+    eject: bool = False
+
+
+@dataclass
+class UpstreamRelay:
+    """See the module docstring. ``run`` is the request's task."""
+
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    sink: OutputSink
+    pool: UpstreamPool
+    options: UpstreamOptions
+    metrics: UpstreamMetrics
+    continuation: ContinueWith
+    #: Text delivered so far, and outputs (tokens) delivered so far.
+    parts: list[str] = field(default_factory=list)
+    tokens: int = 0
+    #: The sink has had its last item.
+    finished: bool = False
+    #: Set unless the stream asked to hold this request (backpressure).
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    _tool_calls_sent: bool = False
+
+    #: The current upstream has sent its first chunk (a timeout is then a stall).
+    def start(self) -> None:
+        self.flowing.set()
+        self.task = asyncio.create_task(self.run(), name=f"tokenspout-upstream-{self.request_id}")
+
+    def cancel(self) -> bool:
+        """Stop now: the upstream's response is closed, or the request never sent."""
+        if self.finished:
+            return False
+        assert self.task is not None
+        self.task.cancel()
+        self._emit(EngineOutput("", 0, 0, self.tokens, "cancelled"), last=True)
+        return True
+
+    async def run(self) -> None:
+        try:
+            await self._relay()
+        except EngineError as err:
+            self._emit(err, last=True)
+        except Exception as exc:
+            logger.exception("upstream relay of %s failed", self.request_id)
+            self._emit(EngineError(f"relaying the upstream's answer failed: {exc}"), last=True)
+
+    async def _relay(self) -> None:
+        failed: list[UpstreamServer] = []
+        model = self.params.model or ""
+        while True:
+            server = await self.pool.acquire(model, failed)
+            try:
+                await self._attempt(server)
+                return
+            except _Failed as f:
+                retry_after_s = f.retry_after_s
+                if f.eject:
+                    server.failed(f.why)
+                self.metrics.requests.labels(server.address, f.status).inc()
+                if len(failed) >= self.options.retries:
+                    raise self._gave_up(server, f) from None
+                failed.append(server)
+                if self.parts:
+                    reason = f.status if f.status in ("stall", "malformed", "cut") else "cut"
+                    self.metrics.failovers.labels(reason, server.address).inc()
+                else:
+                    self.metrics.retries.labels(server.address).inc()
+                logger.warning(
+                    "request %s: upstream %s failed (%s); trying another (%d of %d)",
+                    self.request_id,
+                    server.address,
+                    f.why,
+                    len(failed),
+                    self.options.retries,
+                )
+            finally:
+                self.pool.release(server)
+            await asyncio.sleep(self._backoff(len(failed), retry_after_s))
+
+    def _backoff(self, tries: int, retry_after_s: float) -> float:
+        base = self.options.backoff_s * 2 ** (tries - 1)
+        return max(base * (1 + random.random()), min(retry_after_s, self.options.max_retry_after_s))
+
+    def _gave_up(self, server: UpstreamServer, f: _Failed) -> UpstreamError:
+        if self.parts:
+            return UpstreamError(
+                f"the answer was cut ({f.why} at {server.address}) and no upstream could "
+                f"continue it",
+                status_code=502,
+                code="upstream_failed",
+            )
+        status = {"timeout": 504, "429": 429, "connect_error": 503}.get(f.status, 502)
+        return UpstreamError(
+            f"no upstream could answer: {f.why} at {server.address}",
+            status_code=status,
+            code="upstream_timeout" if status == 504 else "upstream_unavailable",
+        )
+
+    async def _attempt(self, server: UpstreamServer) -> None:
+        prompt, params = self.prompt, self.params
+        if self.parts:
+            if self._tool_calls_sent:
+                raise UpstreamError(
+                    f"upstream {server.address} failed in the middle of a tool call, which "
+                    "cannot be continued",
+                    status_code=502,
+                    code="upstream_failed",
+                )
+            if self.tokens >= params.max_tokens:
+                self._finish("length", None, 0)
+                return
+            sofar = Continuation("".join(self.parts), None, self.tokens)
+            prompt, params = self.continuation(prompt, params, sofar)
+        path, body = request_body(prompt, params)
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
+        try:
+            async with asyncio.timeout(self.options.first_token_timeout_s) as timer:
+                request = server.client.build_request(
+                    "POST", path, content=encode(body), headers={"Content-Type": "application/json"}
+                )
+                response = await server.client.send(request, stream=True)
+                try:
+                    await self._check_status(server, response)
+                    await self._read(server, response, timer, sent_at)
+                finally:
+                    await response.aclose()
+        except TimeoutError:
+            first = self._first_seen
+            raise _Failed(
+                "stall" if first else "timeout",
+                f"no chunk for {self.options.stall_timeout_s} s"
+                if first
+                else f"no first chunk within {self.options.first_token_timeout_s} s",
+            ) from None
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Failed("connect_error", f"cannot connect ({exc})", eject=True) from None
+        except (httpx.TransportError, httpx_sse.SSEError) as exc:
+            raise _Failed("cut", f"the connection was cut ({type(exc).__name__})") from None
+        except MalformedChunkError as exc:
+            raise _Failed("malformed", f"it sent {exc}") from None
+        except asyncio.CancelledError:
+            self.metrics.requests.labels(server.address, "cancelled").inc()
+            raise
+
+    async def _check_status(self, server: UpstreamServer, response: httpx.Response) -> None:
+        status = response.status_code
+        if status == 200:
+            server.succeeded()
+            return
+        await response.aread()
+        if status == 429:
+            raise _Failed("429", "429 Too Many Requests", retry_after_s=_retry_after(response))
+        if status >= 500:
+            raise _Failed(str(status), f"status {status}", eject=True)
+        server.succeeded()
+        self.metrics.requests.labels(server.address, str(status)).inc()
+        raise _refused(server, response)
+
+    async def _read(
+        self,
+        server: UpstreamServer,
+        response: httpx.Response,
+        timer: asyncio.Timeout,
+        sent_at: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._first_seen = False
+        before = self.tokens
+        finish: str | None = None
+        usage: tuple[int, int] | None = None
+        async for event in httpx_sse.EventSource(response).aiter_sse():
+            if not self._first_seen:
+                self._first_seen = True
+                self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
+            if event.data == "[DONE]":
+                break
+            chunk = parse_chunk(event.data)
+            self._deliver(chunk)
+            finish = chunk.finish_reason or finish
+            usage = chunk.usage or usage
+            if not self.flowing.is_set():
+                # Held by backpressure: the stall clock stops meanwhile, and TCP's own flow
+                # control holds the upstream back.
+                timer.reschedule(None)
+                await self.flowing.wait()
+            timer.reschedule(loop.time() + self.options.stall_timeout_s)
+        if finish is None:
+            raise _Failed("cut", "the stream ended before the answer did")
+        self.metrics.requests.labels(server.address, "200").inc()
+        self._finish(finish, usage, self.tokens - before)
+
+    def _deliver(self, chunk: UpstreamChunk) -> None:
+        if not (chunk.text or chunk.tool_calls or chunk.logprobs):
+            return
+        if chunk.tool_calls:
+            self._tool_calls_sent = True
+        logprobs = chunk.logprobs or (None,)
+        for i, logprob in enumerate(logprobs):
+            first = i == 0
+            extras = None
+            calls = chunk.tool_calls if first else ()
+            if logprob is not None or calls:
+                extras = OutputExtras(logprob, calls)
+            text = chunk.text if first else ""
+            self.tokens += 1
+            if text:
+                self.parts.append(text)
+            self._emit(EngineOutput(text, 1, 0, self.tokens, None, extras))
+
+    def _finish(self, finish: str, usage: tuple[int, int] | None, part_tokens: int) -> None:
+        """The last output: the finish reason and the usage of all parts. The last part's
+        upstream reports its usage; a cut part's tokens are its outputs counted here, and
+        a continuation's prompt holds them, so they come off its prompt tokens."""
+        before = self.tokens - part_tokens
+        prompt, completion = 0, self.tokens
+        if usage is not None:
+            prompt, completion = max(0, usage[0] - before), before + usage[1]
+        reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
+        self._emit(EngineOutput("", 0, prompt, completion, reason), last=True)
+
+    def _emit(self, item: EngineOutput | EngineError, *, last: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = last
+        try:
+            self.sink(item)
+        except Exception:
+            # A sink must not raise (the contract); if one does, only its request ends.
+            logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
+            if not last:
+                self.cancel()
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("retry-after", "0")))
+    except ValueError:  # an HTTP date: not worth parsing for a short wait
+        return 1.0
+
+
+def _refused(server: UpstreamServer, response: httpx.Response) -> UpstreamError:
+    """The upstream's own 4xx, passed on with its status and OpenAI-shaped message."""
+    status = response.status_code
+    message, kind, code, param = f"status {status}", "invalid_request_error", None, None
+    try:
+        error = response.json()["error"]
+        if isinstance(error, dict):
+            message = str(error.get("message") or message)
+            kind = str(error.get("type") or kind)
+            code = error.get("code")
+            param = error.get("param")
+        else:
+            message = str(error)
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500] or message
+    return UpstreamError(
+        f"upstream {server.address} refused the request: {message}",
+        status_code=status,
+        type=kind,
+        code=str(code) if code is not None else "upstream_refused",
+        param=str(param) if param is not None else None,
+    )

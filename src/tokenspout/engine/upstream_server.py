@@ -1,0 +1,99 @@
+"""One upstream server: its pooled HTTP client, the models it serves, and its health.
+
+Health is active and passive: ``check`` asks ``GET /models`` (every
+``--upstream-health-interval-s``, from the pool), and ``eject_after`` consecutive connect
+errors or 5xx answers take the upstream out until a check finds it healthy again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+
+from tokenspout.engine.upstream_options import UpstreamOptions, address
+
+logger = logging.getLogger(__name__)
+
+#: Connecting is quick or the upstream is down; the answer's own pace is bounded by the
+#: relay's first-token and stall timeouts, not by httpx's read timeout.
+_CONNECT_TIMEOUT_S = 5.0
+_CHECK_TIMEOUT_S = 5.0
+
+
+class UpstreamServer:
+    """An upstream at ``url`` (its OpenAI base, ``.../v1``)."""
+
+    def __init__(self, url: str, options: UpstreamOptions):
+        self.url = url.rstrip("/")
+        #: How it is named in logs, metrics and messages: no credentials.
+        self.address = address(url)
+        self.max_concurrency = options.max_concurrency
+        self._eject_after = options.eject_after
+        headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
+        # One pooled client per upstream: keep-alive for every request it may run at once,
+        # plus one connection for the health checks.
+        self.client = httpx.AsyncClient(
+            base_url=self.url,
+            headers=headers,
+            limits=httpx.Limits(
+                max_connections=options.max_concurrency + 1,
+                max_keepalive_connections=options.max_concurrency + 1,
+            ),
+            timeout=httpx.Timeout(_CONNECT_TIMEOUT_S, read=None, write=_CONNECT_TIMEOUT_S),
+        )
+        #: Model ids it serves (its ``/models``), as of the last successful check.
+        self.models: frozenset[str] = frozenset()
+        self.healthy = False
+        #: Requests it is answering now (the balancer's least-outstanding count).
+        self.outstanding = 0
+        self._failures = 0
+
+    @property
+    def has_room(self) -> bool:
+        return self.outstanding < self.max_concurrency
+
+    def serves(self, model: str) -> bool:
+        return model in self.models
+
+    async def check(self) -> None:
+        """Ask its ``/models``: healthy, with that list, if it answers; ejected if not."""
+        try:
+            r = await self.client.get("/models", timeout=_CHECK_TIMEOUT_S)
+            r.raise_for_status()
+            models = frozenset(m["id"] for m in r.json()["data"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            if self.healthy:
+                logger.warning("upstream %s failed its health check: %s", self.address, _why(exc))
+            self.healthy = False
+            return
+        if not self.healthy:
+            logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
+        self.models = models
+        self.healthy = True
+        self._failures = 0
+
+    def succeeded(self) -> None:
+        """It answered a request (any status below 500 but 429)."""
+        self._failures = 0
+
+    def failed(self, why: str) -> None:
+        """A connect error or a 5xx; ``eject_after`` of them in a row take it out."""
+        self._failures += 1
+        if self.healthy and self._failures >= self._eject_after:
+            logger.warning(
+                "upstream %s ejected after %d failures in a row (last: %s)",
+                self.address,
+                self._failures,
+                why,
+            )
+            self.healthy = False
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _why(exc: Exception) -> str:
+    """A one-line reason that names no URL with credentials (httpx errors carry only the
+    request's URL, which is the upstream's base without its key)."""
+    return f"{type(exc).__name__}: {exc}"[:200]

@@ -1,0 +1,175 @@
+"""Upstream failures through tokenspout: retried before the first token, continued on
+another upstream after it (exactly: no duplicated or lost text, usage of both parts), a
+4xx passed on, clear errors when nothing can answer.
+
+The first request of a fresh front goes to its first upstream (ties of the balancer go in
+turn from the first), which here is the fault-injecting one; the synthetic tokenspout
+behind it gives the answer an uncut stream would have."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer, free_port
+from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
+
+FAST = {"backoff_s": 0.001, "stall_timeout_s": 0.5, "first_token_timeout_s": 5.0}
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[list[UpstreamProcess]]:
+    with processes(faulty, lambda: tokenspout("--engine", "synthetic")) as started:
+        yield started
+
+
+@pytest.fixture
+def fault(upstreams: list[UpstreamProcess]) -> UpstreamProcess:
+    upstreams[0].fault("none")
+    return upstreams[0]
+
+
+@pytest.fixture
+def synthetic(upstreams: list[UpstreamProcess]) -> UpstreamProcess:
+    return upstreams[1]
+
+
+def stream(server: RunningServer, path: str, body: dict) -> tuple[str, dict, list[str]]:
+    """The streamed text, the usage chunk and the raw data lines."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    lines: list[str] = []
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    chunks = [json.loads(line) for line in lines[:-1]]
+    text = "".join(
+        c["choices"][0].get("delta", {}).get("content") or c["choices"][0].get("text") or ""
+        for c in chunks
+        if c.get("choices")
+    )
+    return text, chunks[-1].get("usage") or {}, lines
+
+
+CHAT = ("/v1/chat/completions", {"messages": [{"role": "user", "content": "one two three"}]})
+# A completion prompt that ends in a space continues the synthetic engine's words exactly.
+COMPLETION = ("/v1/completions", {"prompt": "one two three "})
+
+
+@pytest.mark.parametrize("fault_name", ["cut", "stall", "malformed"])
+@pytest.mark.parametrize("request_kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_mid_stream_failure_continues_exactly_on_another_upstream(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    synthetic: UpstreamProcess,
+    fault_name: str,
+    request_kind: tuple[str, dict],
+) -> None:
+    path, body = request_kind
+    body = {**body, "model": "synthetic", "max_tokens": 11}
+    uncut = httpx.post(f"{synthetic.url}{path}", json=body).json()
+    expected = uncut["choices"][0].get("message", {}).get("content") or uncut["choices"][0].get(
+        "text"
+    )
+    fault.fault(fault_name, after=4)
+    server = front(start_server, fault, synthetic, **FAST)
+    text, usage, _ = stream(server, path, body)
+    assert text == expected
+    assert usage["completion_tokens"] == 11
+    reason = {"cut": "cut", "stall": "stall", "malformed": "malformed"}[fault_name]
+    labels = f'reason="{reason}",upstream="{fault.base}"'
+    assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
+
+
+def test_upstream_killed_mid_stream_is_continued(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    with processes(faulty) as (dying,):
+        dying.fault("exit", after=3)
+        server = front(start_server, dying, synthetic, **FAST)
+        path, body = CHAT
+        text, usage, _ = stream(server, path, {**body, "model": "synthetic", "max_tokens": 8})
+        assert dying.proc.wait(timeout=10) == 1
+    assert text == "one two three one two three one two "
+    assert usage["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_failure_before_the_first_token_is_retried_elsewhere(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    synthetic: UpstreamProcess,
+    status: int,
+) -> None:
+    fault.fault("status", status=status)
+    # A 429's Retry-After (1 s here) is waited for: the client sees heartbeats meanwhile.
+    server = front(start_server, fault, synthetic, **FAST)
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["message"]["content"] == "one two three "
+    assert server.metric("tokenspout_upstream_retries_total", f'upstream="{fault.base}"') == 1
+    labels = f'status="{status}",upstream="{fault.base}"'
+    assert server.metric("tokenspout_upstream_requests_total", labels) == 1
+
+
+def test_a_4xx_is_the_clients_and_passes_through(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("status", status=422)
+    server = front(start_server, fault, **FAST)
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["message"].endswith("fault injected: 422")
+    assert (error["type"], error["param"], error["code"]) == (
+        "invalid_request_error",
+        "temperature",
+        "injected",
+    )
+    received = fault.stats()["received"]
+    _, _, lines = stream(server, path, {**body, "model": "synthetic", "max_tokens": 3})
+    assert "fault injected: 422" in lines[-2] and lines[-1] == "[DONE]"
+    assert fault.stats()["received"] == received + 1, "a 4xx is not retried"
+
+
+def test_first_token_timeout_is_a_504(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("slow", delay_s=30)
+    server = front(start_server, fault, first_token_timeout_s=0.3, retries=1, backoff_s=0.001)
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic"}, timeout=30)
+    assert r.status_code == 504
+    assert "no first chunk within 0.3 s" in r.json()["error"]["message"]
+
+
+def test_all_upstreams_down_is_a_clear_503(start_server: Callable[..., RunningServer]) -> None:
+    nobody = [f"http://127.0.0.1:{free_port()}/v1" for _ in range(2)]
+    server = front(start_server, *nobody, api_key="upstream-secret")
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503
+    r = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "hi", "stream": True}, timeout=30
+    )
+    assert r.status_code == 503
+    message = r.json()["error"]["message"]
+    assert "no upstream is healthy" in message and nobody[0].removesuffix("/v1") in message
+    assert "upstream-secret" not in r.text + health.text
+
+
+def test_nothing_can_continue_ends_with_an_error_event_then_done(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("cut", after=2)
+    server = front(start_server, fault, retries=1, backoff_s=0.001)
+    path, body = CHAT
+    text, _, lines = stream(server, path, {**body, "model": "synthetic", "max_tokens": 9})
+    assert text.startswith("one two ")
+    error = json.loads(lines[-2])["error"]
+    assert "the answer was cut" in error["message"] and fault.base in error["message"]
+    assert lines[-1] == "[DONE]"

@@ -1,0 +1,156 @@
+"""tokenspout in front of other servers (``--engine upstream``): the openai SDK through it,
+models and routing, fields passed through, tool calls, the upstream's key, usage.
+
+Upstreams are real processes: a synthetic ``tokenspout serve`` and the fault-injecting
+upstream (``tests/upstream_faults.py``), here answering normally."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+from openai import NotFoundError, OpenAI
+
+from tests.conftest import RunningServer
+from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[list[UpstreamProcess]]:
+    with processes(lambda: tokenspout("--engine", "synthetic"), faulty) as started:
+        yield started
+
+
+@pytest.fixture
+def synthetic(upstreams: list[UpstreamProcess]) -> UpstreamProcess:
+    return upstreams[0]
+
+
+@pytest.fixture
+def fault(upstreams: list[UpstreamProcess]) -> UpstreamProcess:
+    upstreams[1].fault("none")
+    return upstreams[1]
+
+
+def sdk(server: RunningServer) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="client-key", max_retries=0)
+
+
+def test_openai_sdk_streams_through_tokenspout(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    server = front(start_server, synthetic)
+    client = sdk(server)
+    asked = {"model": "synthetic", "messages": [{"role": "user", "content": "red green blue"}]}
+    chunks = list(
+        client.chat.completions.create(
+            **asked, max_tokens=9, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    direct = OpenAI(base_url=synthetic.base, api_key="x").chat.completions.create(
+        **asked, max_tokens=9
+    )
+    assert text == direct.choices[0].message.content == "red green blue " * 3
+    assert chunks[-1].usage is not None
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (3, 9)
+    whole = client.completions.create(model="synthetic", prompt="a b ", max_tokens=5)
+    assert whole.choices[0].text == "a b a b a "
+    assert whole.usage is not None and whole.usage.completion_tokens == 5
+
+
+def test_models_come_from_the_upstreams_and_route_requests(
+    start_server: Callable[..., RunningServer], upstreams: list[UpstreamProcess]
+) -> None:
+    server = front(start_server, *upstreams)
+    client = sdk(server)
+    assert [m.id for m in client.models.list()] == ["synthetic"]
+    with pytest.raises(NotFoundError, match="not served here"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 200 and health.json()["engine"] == "upstream"
+
+
+def test_fields_pass_through_and_the_upstream_always_streams(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    server = front(start_server, fault, api_key="upstream-secret")
+    body = {
+        "model": "synthetic",
+        "messages": [{"role": "user", "content": "x y"}],
+        "max_tokens": 4,
+        "temperature": 0.3,
+        "seed": 7,
+        "stop": ["zzz"],
+        "min_tokens": 2,  # vendor extensions tokenspout does not know: kept for the upstream
+        "chat_template_kwargs": {"enable_thinking": False},
+        "top_k": 5,
+    }
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        json=body,
+        headers={"Authorization": "Bearer client-key"},
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "x y x y "
+    sent = fault.stats()
+    expected = {k: v for k, v in body.items()}
+    expected.update(stream=True, stream_options={"include_usage": True})
+    assert sent["body"] == expected
+    assert sent["headers"]["authorization"] == "Bearer upstream-secret"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "upstream-secret" not in metrics
+    assert f'tokenspout_upstream_requests_total{{status="200",upstream="{fault.base}"}}' in metrics
+
+
+def test_the_embedded_mode_still_refuses_unknown_fields(synthetic_server: RunningServer) -> None:
+    body = {"messages": [{"role": "user", "content": "x"}], "min_tokens": 2}
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+
+
+def test_streamed_tool_call_reaches_the_sdk_intact(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("tools")
+    client = sdk(front(start_server, fault))
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    stream = client.chat.completions.create(
+        model="synthetic",
+        messages=[{"role": "user", "content": "weather in Paris?"}],
+        tools=tools,  # type: ignore[arg-type]
+        tool_choice="auto",
+        stream=True,
+        stream_options={"flush_tokens": 1},  # type: ignore[typeddict-unknown-key]
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        for d in choice.delta.tool_calls or ():
+            call = calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = d.id or call["id"]
+            call["name"] = (d.function and d.function.name) or call["name"]
+            call["arguments"] += (d.function and d.function.arguments) or ""
+    assert calls == {0: {"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    assert finish == "tool_calls"
+    assert fault.stats()["body"]["tools"] == tools
+    whole = client.chat.completions.create(
+        model="synthetic",
+        messages=[{"role": "user", "content": "weather?"}],
+        tools=tools,  # type: ignore[arg-type]
+    )
+    call = whole.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')

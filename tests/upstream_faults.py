@@ -1,0 +1,166 @@
+"""A fault-injecting OpenAI-compatible upstream for the upstream engine's tests, run as its
+own process: ``python -m tests.upstream_faults --port N``; ``POST /fault`` with
+``{"fault": "cut", "after": 3}`` sets how it fails from then on.
+
+It answers ``/v1/chat/completions`` and ``/v1/completions`` (always streamed, usage last)
+with the synthetic engine's words, so that an answer it cuts can be finished exactly by a
+synthetic tokenspout, and fails the way ``fault`` says:
+
+* ``none``: answers normally; ``cut``: closes the connection after ``--after`` chunks;
+  ``stall``: sends nothing more after ``--after`` chunks; ``malformed``: sends a chunk
+  that is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after``
+  chunks (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: 1``
+  for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its first byte;
+  ``tools``: streams a tool call (``get_weather``, arguments in pieces).
+
+``GET /stats`` tells what it received: the requests, and the last body and headers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tokenspout.engine.request import ChatMessage, SamplingParams
+from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+MODEL = "synthetic"
+
+
+FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools")
+
+
+class FaultyUpstream:
+    def __init__(self) -> None:
+        self.args = argparse.Namespace(fault="none", after=3, status=500, delay_s=5.0)
+        self.engine = SyntheticEngine()
+        self.received = 0
+        self.last_body: dict[str, Any] = {}
+        self.last_headers: dict[str, str] = {}
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+
+    async def set_fault(self, request: Request) -> Response:
+        given = await request.json()
+        assert given.get("fault", "none") in FAULTS
+        self.args = argparse.Namespace(**{**vars(self.args), **given})
+        return JSONResponse(vars(self.args))
+
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(
+            {"received": self.received, "body": self.last_body, "headers": self.last_headers}
+        )
+
+    async def generate(self, request: Request) -> Response:
+        body = await request.json()
+        self.received += 1
+        self.last_body = body
+        self.last_headers = dict(request.headers)
+        args = self.args
+        if args.fault == "status":
+            error = {"message": f"fault injected: {args.status}", "type": "invalid_request_error",
+                     "param": "temperature", "code": "injected"}  # fmt: skip
+            headers = {"Retry-After": "1"} if args.status == 429 else {}
+            return JSONResponse({"error": error}, status_code=args.status, headers=headers)
+        if args.fault == "slow":
+            await asyncio.sleep(args.delay_s)
+        if args.fault == "tools":
+            return StreamingResponse(_tool_call(), media_type="text/event-stream")
+        chat = "messages" in body
+        if chat:
+            messages = [ChatMessage(m["role"], m["content"]) for m in body["messages"]]
+            prompt = self.engine.encode_chat(
+                messages,
+                add_generation_prompt=body.get("add_generation_prompt", True),
+                continue_final_message=body.get("continue_final_message", False),
+            )
+        else:
+            prompt = self.engine.encode_completion(body["prompt"])
+        params = SamplingParams(max_tokens=body["max_tokens"])
+        return StreamingResponse(self._chunks(prompt, params, chat), media_type="text/event-stream")
+
+    async def _chunks(self, prompt: Any, params: SamplingParams, chat: bool) -> AsyncIterator[str]:
+        args = self.args
+        sent = 0
+        rid = f"faulty-{self.received}"
+        async for out in self.engine.generate(rid, prompt, params):
+            if sent == args.after and args.fault in ("cut", "stall", "malformed", "exit"):
+                if args.fault == "cut":
+                    raise ConnectionAbortedError("fault injected: cut")
+                if args.fault == "exit":
+                    os._exit(1)
+                if args.fault == "malformed":
+                    yield "data: {not json\n\n"
+                await asyncio.sleep(3600)
+            if out.text:
+                yield _event(_chunk(chat, out.text, None))
+                sent += 1
+            if out.finish_reason is not None:
+                yield _event(_chunk(chat, "", out.finish_reason))
+                usage = {"prompt_tokens": out.prompt_tokens,
+                         "completion_tokens": out.completion_tokens,
+                         "total_tokens": out.prompt_tokens + out.completion_tokens}  # fmt: skip
+                yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+        yield "data: [DONE]\n\n"
+
+
+async def _tool_call() -> AsyncIterator[str]:
+    start = {"index": 0, "id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    yield _event(_delta({"role": "assistant", "tool_calls": [start]}, None))
+    for piece in ('{"city": ', '"Paris"', "}"):
+        yield _event(_delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
+    yield _event(_delta({}, "tool_calls"))
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+def _delta(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return {"id": "x", "object": "chunk", "model": MODEL, "choices": [choice]}
+
+
+def _chunk(chat: bool, text: str, finish: str | None) -> dict[str, Any]:
+    if chat:
+        delta = {"content": text} if text else {}
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": finish}
+    return {"id": "x", "object": "chunk", "model": MODEL, "choices": [choice]}
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    port = parser.parse_args().port
+    upstream = FaultyUpstream()
+    app = Starlette(
+        routes=[
+            Route("/v1/models", upstream.models),
+            Route("/stats", upstream.stats),
+            Route("/fault", upstream.set_fault, methods=["POST"]),
+            Route("/v1/chat/completions", upstream.generate, methods=["POST"]),
+            Route("/v1/completions", upstream.generate, methods=["POST"]),
+        ]
+    )
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
