@@ -92,8 +92,9 @@ class UpstreamRelay:
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     _tool_calls_sent: bool = False
-
     #: The current upstream has sent its first chunk (a timeout is then a stall).
+    _first_seen: bool = False
+
     def start(self) -> None:
         self.flowing.set()
         self.task = asyncio.create_task(self.run(), name=f"tokenspout-upstream-{self.request_id}")
