@@ -1,0 +1,83 @@
+"""Reading an upstream's OpenAI streaming chunks: what each shape gives, and what is
+malformed (which the relay treats as a failed upstream)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenspout.engine.request import TokenLogprob, ToolCallDelta
+from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
+
+
+def chat(delta: dict, finish: str | None = None, **more: object) -> str:
+    return json.dumps({"choices": [{"index": 0, "delta": delta, "finish_reason": finish, **more}]})
+
+
+@pytest.mark.parametrize(
+    ("data", "chunk"),
+    [
+        (chat({"role": "assistant", "content": ""}), UpstreamChunk("", (), None, None)),
+        (chat({"content": "Hi"}), UpstreamChunk("Hi", (), None, None)),
+        (chat({}, "length"), UpstreamChunk("", (), "length", None)),
+        (
+            json.dumps({"choices": [{"index": 0, "text": " there", "finish_reason": None}]}),
+            UpstreamChunk(" there", (), None, None),
+        ),
+        (
+            json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}),
+            UpstreamChunk("", (), None, (3, 9)),
+        ),
+        (
+            chat(
+                {
+                    "tool_calls": [
+                        {"index": 0, "id": "c1", "function": {"name": "f", "arguments": ""}}
+                    ]
+                }
+            ),
+            UpstreamChunk("", (ToolCallDelta(0, "c1", "f", ""),), None, None),
+        ),
+        (
+            chat({"tool_calls": [{"index": 0, "function": {"arguments": '{"a"'}}]}),
+            UpstreamChunk("", (ToolCallDelta(0, None, None, '{"a"'),), None, None),
+        ),
+        (
+            chat(
+                {"content": "é"},
+                logprobs={
+                    "content": [
+                        {
+                            "token": "é",
+                            "logprob": -0.5,
+                            "bytes": [195, 169],
+                            "top_logprobs": [{"token": "e", "logprob": -1.0, "bytes": [101]}],
+                        }
+                    ]
+                },
+            ),
+            UpstreamChunk(
+                "é", (), None, None, (TokenLogprob("é", b"\xc3\xa9", -0.5, (("e", b"e", -1.0),)),)
+            ),
+        ),
+    ],
+)
+def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
+    assert parse_chunk(data) == chunk
+
+
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        ("{not json", "not JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"error": {"message": "engine died"}}', "engine died"),
+        ('{"choices": [{"delta": {"content": 5}}]}', "unexpected shape"),
+        ('{"object": "chunk"}', "unexpected shape"),
+        ('{"choices": [], "usage": {"prompt_tokens": 1}}', "unexpected shape"),
+    ],
+)
+def test_malformed_chunks(data: str, why: str) -> None:
+    with pytest.raises(MalformedChunkError, match=why):
+        parse_chunk(data)
