@@ -96,6 +96,31 @@ def test_one_key_cannot_touch_another_keys_stream(tenants: RunningServer) -> Non
     assert any('"cancelled"' in line for line in rest)
 
 
+def test_an_expired_stream_is_gone_for_its_owner_and_unknown_to_others(
+    start_server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    server: RunningServer = start_server(
+        SyntheticEngine(), api_keys_file=str(path), resume_ttl_s=0.2
+    )
+    short = {**LONG, "max_tokens": 3}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=short, headers=ALICE)
+    stream_id = r.headers["x-stream-id"]
+    url = f"{server.url}/v1/streams/{stream_id}"
+    deadline = time.monotonic() + 10
+    while (mine := httpx.get(url, headers=ALICE)).status_code == 200:
+        assert time.monotonic() < deadline, "never expired"
+    assert mine.status_code == 410 and "expired" in mine.json()["error"]["message"]
+    theirs = httpx.get(url, headers=BOB)
+    unknown = httpx.get(f"{server.url}/v1/streams/nosuchstream00000", headers=BOB)
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"]
+    cancel = httpx.post(f"{url}/cancel", headers=BOB)
+    assert cancel.status_code == 404
+
+
 def test_third_concurrent_stream_gets_429_with_retry_after(tenants: RunningServer) -> None:
     url = f"{tenants.url}/v1/chat/completions"
     with (
