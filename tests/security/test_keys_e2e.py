@@ -15,6 +15,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as sync_connect
 
 from tests.conftest import RunningServer, free_port
 from tokenspout.engine.synthetic_engine import SyntheticEngine
@@ -265,3 +266,35 @@ def test_request_log_names_the_key_never_the_secret(tenants: RunningServer, capl
                if rec.name == "tokenspout.requests"]  # fmt: skip
     assert line["key"] == "bob"
     assert "sk-bob" not in json.dumps(line)
+
+
+def test_a_key_sent_as_a_parameter_works_and_never_reaches_the_log() -> None:
+    """Browsers send the key as ``?api_key=`` on a WebSocket and an EventSource (a GET): it
+    authenticates there, and uvicorn's access and handshake logs print it blanked."""
+    secret = "sk-param-secret-123"
+    port = free_port()
+    proc = _serve("--api-key", secret, "--port", str(port), "--log-level", "info")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Uvicorn running" in line:
+                break
+        seed = f"{url}/v1/completions/stream"
+        params = {"prompt": "a b", "max_tokens": "2"}
+        ok = httpx.get(seed, params={**params, "api_key": secret})
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(seed, params={**params, "api_key": "wrong"}).status_code == 401
+        # Only GET: a POST carries its key in the Authorization header.
+        body = {"prompt": "a", "max_tokens": 1}
+        posted = httpx.post(f"{url}/v1/completions", params={"api_key": secret}, json=body)
+        assert posted.status_code == 401
+        encoded = httpx.get(f"{url}/v1/models?api%5Fkey={secret}")
+        assert encoded.status_code == 200
+        with sync_connect(f"ws://127.0.0.1:{port}/v1/ws?api_key={secret}"):
+            pass
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert secret not in err
+    assert err.count("[redacted]") >= 4, err
