@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tokenspout.errors import ConfigError
@@ -15,7 +15,7 @@ class UpstreamOptions:
     #: OpenAI-compatible base URLs, e.g. ``http://host:8000/v1``.
     urls: tuple[str, ...]
     #: Sent to every upstream as ``Authorization: Bearer``; never logged or shown.
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
     #: Requests in flight per upstream; more wait in tokenspout's queue.
     max_concurrency: int = 64
     #: Seconds between active health checks (``GET /models``) of each upstream.
