@@ -278,6 +278,8 @@ def _engine(name: EngineName, **opts: Any) -> Engine:
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: a line per upstream request and health check.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     # One bare JSON object per line for the request log, so that log shippers parse it as is.
     request_log = logging.getLogger("tokenspout.requests")
     request_log.addHandler(logging.StreamHandler())
