@@ -11,7 +11,8 @@ synthetic tokenspout, and fails the way ``fault`` says:
   that is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after``
   chunks (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: 1``
   for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its first byte;
-  ``tools``: streams a tool call (``get_weather``, arguments in pieces).
+  ``tools``: streams a tool call (``get_weather``, arguments in pieces); ``nousage``: closes
+  the connection right after the finish reason (no usage, no ``[DONE]``).
 
 ``GET /stats`` tells what it received: the requests, and the last body and headers.
 """
@@ -37,7 +38,7 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 MODEL = "synthetic"
 
 
-FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools")
+FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "nousage")
 
 
 class FaultyUpstream:
@@ -108,6 +109,8 @@ class FaultyUpstream:
                 sent += 1
             if out.finish_reason is not None:
                 yield _event(_chunk(chat, "", out.finish_reason))
+                if args.fault == "nousage":
+                    raise ConnectionAbortedError("fault injected: cut after the finish")
                 usage = {"prompt_tokens": out.prompt_tokens,
                          "completion_tokens": out.completion_tokens,
                          "total_tokens": out.prompt_tokens + out.completion_tokens}  # fmt: skip

@@ -97,6 +97,20 @@ def test_upstream_killed_mid_stream_is_continued(
     assert usage["completion_tokens"] == 8
 
 
+def test_a_whole_answer_cut_before_its_usage_is_not_continued(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    fault.fault("nousage")
+    server = front(start_server, fault, synthetic, **FAST)
+    path, body = CHAT
+    text, usage, _ = stream(server, path, {**body, "model": "synthetic", "max_tokens": 4})
+    assert text == "one two three one "
+    assert usage["completion_tokens"] == 4
+    labels = f'reason="cut",upstream="{fault.base}"'
+    with pytest.raises(KeyError):
+        server.metric("tokenspout_upstream_failovers_total", labels)
+
+
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_failure_before_the_first_token_is_retried_elsewhere(
     start_server: Callable[..., RunningServer],

@@ -72,6 +72,15 @@ class _Failed(Exception):
 
 
 @dataclass
+class _Part:
+    """One upstream's part of the answer: where it started, how it said it ended."""
+
+    tokens_before: int
+    finish: str | None = None
+    usage: tuple[int, int] | None = None
+
+
+@dataclass
 class UpstreamRelay:
     """See the module docstring. ``run`` is the request's task."""
 
@@ -94,6 +103,8 @@ class UpstreamRelay:
     _tool_calls_sent: bool = False
     #: The current upstream has sent its first chunk (a timeout is then a stall).
     _first_seen: bool = False
+    #: What the current upstream's answer has said so far.
+    _part: _Part | None = None
 
     def start(self) -> None:
         self.flowing.set()
@@ -185,8 +196,8 @@ class UpstreamRelay:
             sofar = Continuation("".join(self.parts), None, self.tokens)
             prompt, params = self.continuation(prompt, params, sofar)
         path, body = request_body(prompt, params)
-        loop = asyncio.get_running_loop()
-        sent_at = loop.time()
+        self._part = None
+        sent_at = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.options.first_token_timeout_s) as timer:
                 request = server.client.build_request(
@@ -198,23 +209,29 @@ class UpstreamRelay:
                     await self._read(server, response, timer, sent_at)
                 finally:
                     await response.aclose()
-        except TimeoutError:
-            first = self._first_seen
-            raise _Failed(
-                "stall" if first else "timeout",
-                f"no chunk for {self.options.stall_timeout_s} s"
-                if first
-                else f"no first chunk within {self.options.first_token_timeout_s} s",
-            ) from None
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Failed("connect_error", f"cannot connect ({exc})", eject=True) from None
-        except (httpx.TransportError, httpx_sse.SSEError) as exc:
-            raise _Failed("cut", f"the connection was cut ({type(exc).__name__})") from None
+        except (TimeoutError, httpx.TransportError, httpx_sse.SSEError) as exc:
+            if self._part is not None and self._part.finish is not None:
+                # The answer was whole; only its usage or [DONE] went missing.
+                self._finish_part(server)
+                return
+            raise self._failure(exc) from None
         except MalformedChunkError as exc:
             raise _Failed("malformed", f"it sent {exc}") from None
         except asyncio.CancelledError:
             self.metrics.requests.labels(server.address, "cancelled").inc()
             raise
+
+    def _failure(self, exc: Exception) -> _Failed:
+        """What a timeout or a transport error while asking an upstream means."""
+        if isinstance(exc, TimeoutError):
+            if self._first_seen:
+                return _Failed("stall", f"no chunk for {self.options.stall_timeout_s} s")
+            return _Failed(
+                "timeout", f"no first chunk within {self.options.first_token_timeout_s} s"
+            )
+        if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+            return _Failed("connect_error", f"cannot connect ({exc})", eject=True)
+        return _Failed("cut", f"the connection was cut ({type(exc).__name__})")
 
     async def _check_status(self, server: UpstreamServer, response: httpx.Response) -> None:
         status = response.status_code
@@ -239,9 +256,7 @@ class UpstreamRelay:
     ) -> None:
         loop = asyncio.get_running_loop()
         self._first_seen = False
-        before = self.tokens
-        finish: str | None = None
-        usage: tuple[int, int] | None = None
+        self._part = _Part(self.tokens)
         async for event in httpx_sse.EventSource(response).aiter_sse():
             if not self._first_seen:
                 self._first_seen = True
@@ -250,18 +265,23 @@ class UpstreamRelay:
                 break
             chunk = parse_chunk(event.data)
             self._deliver(chunk)
-            finish = chunk.finish_reason or finish
-            usage = chunk.usage or usage
+            self._part.finish = chunk.finish_reason or self._part.finish
+            self._part.usage = chunk.usage or self._part.usage
             if not self.flowing.is_set():
                 # Held by backpressure: the stall clock stops meanwhile, and TCP's own flow
                 # control holds the upstream back.
                 timer.reschedule(None)
                 await self.flowing.wait()
             timer.reschedule(loop.time() + self.options.stall_timeout_s)
-        if finish is None:
+        if self._part.finish is None:
             raise _Failed("cut", "the stream ended before the answer did")
+        self._finish_part(server)
+
+    def _finish_part(self, server: UpstreamServer) -> None:
+        part = self._part
+        assert part is not None and part.finish is not None
         self.metrics.requests.labels(server.address, "200").inc()
-        self._finish(finish, usage, self.tokens - before)
+        self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
 
     def _deliver(self, chunk: UpstreamChunk) -> None:
         if not (chunk.text or chunk.tool_calls or chunk.logprobs):
