@@ -82,7 +82,8 @@ def tokenspout(*flags: str) -> UpstreamProcess:
     """``tokenspout serve`` with one event per token, so that its chunks count tokens."""
     return spawn(
         [sys.executable, "-m", "tokenspout.cli", "serve", "--log-level", "warning",
-         "--flush-tokens", "1", "--flush-ms", "0", *flags]
+         "--flush-tokens", "1", "--flush-ms", "0", *flags],
+        timeout=600,  # the embedded engine loads its model first
     )  # fmt: skip
 
 

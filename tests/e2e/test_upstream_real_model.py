@@ -18,10 +18,11 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 
 
-@pytest.mark.parametrize("cut_after", [1, 6])
+@pytest.mark.timeout(1800)  # two model loads and a greedy answer on a shared machine
 def test_upstream_killed_mid_stream_gives_the_exact_greedy_answer(
-    start_server: Callable[..., RunningServer], cut_after: int
+    start_server: Callable[..., RunningServer],
 ) -> None:
+    cut_after = 5
     embedded = ("--engine", "embedded", "--max-num-seqs", "2")
     with processes(lambda: tokenspout(*embedded), lambda: tokenspout(*embedded)) as (a, b):
         body = {

@@ -57,15 +57,15 @@ class UpstreamServer:
         return model in self.models
 
     async def check(self) -> None:
-        """Ask its ``/models``: healthy, with that list, if it answers; ejected if not."""
+        """Ask its ``/models``: healthy, with that list, if it answers. A failed check counts
+        as a failure: ``eject_after`` in a row take it out (one slow answer from a busy
+        upstream does not)."""
         try:
             r = await self.client.get("/models", timeout=_CHECK_TIMEOUT_S)
             r.raise_for_status()
             models = frozenset(m["id"] for m in r.json()["data"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            if self.healthy:
-                logger.warning("upstream %s failed its health check: %s", self.address, _why(exc))
-            self.healthy = False
+            self.failed(f"health check: {_why(exc)}")
             return
         if not self.healthy:
             logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
@@ -78,7 +78,8 @@ class UpstreamServer:
         self._failures = 0
 
     def failed(self, why: str) -> None:
-        """A connect error or a 5xx; ``eject_after`` of them in a row take it out."""
+        """A connect error, a 5xx or a failed health check; ``eject_after`` of them in a row
+        take it out."""
         self._failures += 1
         if self.healthy and self._failures >= self._eject_after:
             logger.warning(
