@@ -14,8 +14,10 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from tokenspout.engine.upstream_server import UpstreamServer
 
-#: Why an answer moved to another upstream mid-stream (``tokenspout_upstream_failovers``).
-FAILOVER_REASONS = ("cut", "stall", "malformed", "upstream_error")
+#: Why an answer moved to another upstream mid-stream (``tokenspout_upstream_failovers``);
+#: anything else (the continuation's own request failed: connect error, 5xx) is
+#: ``upstream_error``.
+FAILOVER_REASONS = ("cut", "stall", "malformed")
 
 _TTFT_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,

@@ -44,7 +44,7 @@ from tokenspout.engine.request import (
 )
 from tokenspout.engine.upstream_body import encode, request_body
 from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
-from tokenspout.engine.upstream_metrics import UpstreamMetrics
+from tokenspout.engine.upstream_metrics import FAILOVER_REASONS, UpstreamMetrics
 from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_pool import UpstreamPool
 from tokenspout.engine.upstream_server import UpstreamServer
@@ -145,7 +145,7 @@ class UpstreamRelay:
                     raise self._gave_up(server, f) from None
                 failed.append(server)
                 if self.parts:
-                    reason = f.status if f.status in ("stall", "malformed", "cut") else "cut"
+                    reason = f.status if f.status in FAILOVER_REASONS else "upstream_error"
                     self.metrics.failovers.labels(reason, server.address).inc()
                 else:
                     self.metrics.retries.labels(server.address).inc()
