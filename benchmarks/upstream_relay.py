@@ -78,11 +78,15 @@ def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[floa
     responses = asyncio.run(run())
     used, wall = cpu.cpu_seconds() - cpu0, time.perf_counter() - wall0
     counts = [r.body.count(TOKEN) for r in responses]
-    done = sum(
+    complete = [
         n == tokens and r.body.endswith(b"data: [DONE]\n\n")
         for r, n in zip(responses, counts, strict=True)
-    )
-    return sum(counts) / wall, used / max(sum(counts), 1) * 1e6, done
+    ]
+    for r, ok in zip(responses, complete, strict=True):
+        if not ok:  # one example of what went wrong
+            print(f"incomplete: status {r.status}, {r.error}, ends {r.body[-300:]!r}", flush=True)
+            break
+    return sum(counts) / wall, used / max(sum(counts), 1) * 1e6, sum(complete)
 
 
 def seed_load(port: int, streams: int, tokens: int, server: ServerProcess) -> float:

@@ -76,3 +76,14 @@ def test_options_refuse_what_cannot_work() -> None:
         UpstreamOptions(("ftp://x/v1",))
     secret = UpstreamOptions(("http://u:pw@h:1/v1",), api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
+
+
+def test_passive_failures_never_eject_the_last_healthy_upstream() -> None:
+    p = pool(2)
+    a, b = p.servers
+    for _ in range(3):
+        p.failed(a, "connect error")
+    assert not a.healthy and b.healthy
+    for _ in range(5):
+        p.failed(b, "connect error")
+    assert b.healthy, "ejecting it would refuse every request until the next health check"

@@ -139,7 +139,7 @@ class UpstreamRelay:
             except _Failed as f:
                 retry_after_s = f.retry_after_s
                 if f.eject:
-                    server.failed(f.why)
+                    self.pool.failed(server, f.why)
                 self.metrics.requests.labels(server.address, f.status).inc()
                 if len(failed) >= self.options.retries:
                     raise self._gave_up(server, f) from None
@@ -230,7 +230,7 @@ class UpstreamRelay:
                 "timeout", f"no first chunk within {self.options.first_token_timeout_s} s"
             )
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-            return _Failed("connect_error", f"cannot connect ({exc})", eject=True)
+            return _Failed("connect_error", f"cannot connect ({_why(exc)})", eject=True)
         return _Failed("cut", f"the connection was cut ({type(exc).__name__})")
 
     async def _check_status(self, server: UpstreamServer, response: httpx.Response) -> None:
@@ -323,6 +323,10 @@ class UpstreamRelay:
             logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
             if not last:
                 self.cancel()
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}".rstrip(": ")
 
 
 def _retry_after(response: httpx.Response) -> float:

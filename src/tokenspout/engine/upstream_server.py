@@ -77,11 +77,11 @@ class UpstreamServer:
         """It answered a request (any status below 500 but 429)."""
         self._failures = 0
 
-    def failed(self, why: str) -> None:
+    def failed(self, why: str, *, may_eject: bool = True) -> None:
         """A connect error, a 5xx or a failed health check; ``eject_after`` of them in a row
-        take it out."""
+        take it out (when ``may_eject``)."""
         self._failures += 1
-        if self.healthy and self._failures >= self._eject_after:
+        if may_eject and self.healthy and self._failures >= self._eject_after:
             logger.warning(
                 "upstream %s ejected after %d failures in a row (last: %s)",
                 self.address,
