@@ -264,6 +264,7 @@ class UpstreamRelay:
             if event.data == "[DONE]":
                 break
             chunk = parse_chunk(event.data)
+            server.streaming = True
             self._deliver(chunk)
             self._part.finish = chunk.finish_reason or self._part.finish
             self._part.usage = chunk.usage or self._part.usage

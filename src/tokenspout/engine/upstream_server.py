@@ -47,6 +47,8 @@ class UpstreamServer:
         self.healthy = False
         #: Requests it is answering now (the balancer's least-outstanding count).
         self.outstanding = 0
+        #: A chunk came from it since the last health check (set by the relays).
+        self.streaming = False
         self._failures = 0
 
     @property
@@ -65,8 +67,13 @@ class UpstreamServer:
             r.raise_for_status()
             models = frozenset(m["id"] for m in r.json()["data"])
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            if self.streaming:
+                # It answered requests since the last check: busy, not down.
+                self.streaming = False
+                return
             self.failed(f"health check: {_why(exc)}")
             return
+        self.streaming = False
         if not self.healthy:
             logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
         self.models = models
