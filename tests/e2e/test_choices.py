@@ -15,7 +15,9 @@ from openai import OpenAI
 from websockets.sync.client import connect
 
 from tests.conftest import RunningServer
+from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.server.generation_request import GenerationRequest, ReadSettings, StreamWire
 
 CHAT = [{"role": "user", "content": "one two three four"}]
 
@@ -135,9 +137,6 @@ def test_websocket_refuses_n(synthetic_server: RunningServer) -> None:
 
 @pytest.mark.parametrize("seed", [None, 7])
 def test_choices_of_a_seeded_request_draw_from_derived_seeds(seed: int | None) -> None:
-    from tokenspout.engine.request import Prompt, SamplingParams
-    from tokenspout.server.generation_request import GenerationRequest, ReadSettings, StreamWire
-
     generation = GenerationRequest(
         Prompt((1,), "x"),
         SamplingParams(seed=seed),
