@@ -154,7 +154,7 @@ def test_json_object_mode_gives_a_json_object(client: OpenAI) -> None:
                 }
             },
             lambda text: isinstance(json.loads(text)["ok"], bool),
-        ),  # fmt: skip
+        ),
         ("structured_outputs", {"json_object": True}, lambda text: text.startswith("{")),
         ("structured_outputs", {"grammar": 'start: "a" | "b"'}, lambda text: text in ("a", "b")),
     ],

@@ -71,7 +71,7 @@ def test_a_failing_choice_ends_the_group_with_its_error_and_aborts_the_others() 
 
 def test_cancel_by_the_group_id_cancels_every_choice_and_a_second_reader_is_refused() -> None:
     async def main() -> None:
-        engine, registry, group = open_group(2)
+        _, registry, group = open_group(2)
         cursor = group.subscribe(per_token(), heartbeat_s=60)
         with pytest.raises(StreamNotResumableError, match="n > 1"):
             group.subscribe(per_token(), heartbeat_s=60)
