@@ -43,7 +43,7 @@ def open_stream(
     admitted = 0
     try:
         for _ in range(generation.n):
-            admit_key(state, key, 0 if admitted else len(generation.prompt.token_ids))
+            admit_key(state, key, 0 if admitted else generation.prompt.num_tokens)
             admitted += 1
         return _open(state, generation, key.name)
     except BaseException:

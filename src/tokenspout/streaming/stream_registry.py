@@ -87,7 +87,7 @@ class StreamRegistry:
         stream = Stream(
             stream_id,
             self._store.create(stream_id, resumable=resumable),
-            prompt_tokens=len(prompt.token_ids),
+            prompt_tokens=prompt.num_tokens,
             abort=engine.abort,
             pause=engine.pause,
             resume=engine.resume,
