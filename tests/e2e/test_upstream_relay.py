@@ -154,3 +154,16 @@ def test_streamed_tool_call_reaches_the_sdk_intact(
     )
     call = whole.choices[0].message.tool_calls[0]  # type: ignore[index]
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
+
+
+def test_n_choices_are_requests_of_their_own_upstream(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "prompt": "p q ", "max_tokens": 2, "n": 2, "seed": 5}
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert [c["text"] for c in r.json()["choices"]] == ["p q ", "p q "]
+    sent = fault.stats()
+    assert sent["received"] >= 2 and "n" not in sent["body"]
+    assert sent["body"]["seed"] in (5, 6)

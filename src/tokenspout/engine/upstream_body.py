@@ -25,6 +25,9 @@ def request_body(prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str,
         stream=True,
         stream_options={"include_usage": True},
     )
+    if params.seed is not None:
+        # Choice i of a request with n > 1 draws with seed + i (``choice_params``).
+        body["seed"] = params.seed
     if not prompt.is_chat:
         body["prompt"] = prompt.text
         return "/completions", body

@@ -228,7 +228,9 @@ def _request(
 #: Fields the engine sets itself when it forwards a request (see ``upstream_body``).
 _NOT_FORWARDED = frozenset(
     {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
-     "stream_options", "add_generation_prompt", "continue_final_message"}
+     "stream_options", "add_generation_prompt", "continue_final_message",
+     # Each of n choices is a stream, and a request upstream, of its own.
+     "n"}
 )  # fmt: skip
 
 
