@@ -124,8 +124,14 @@ def main() -> None:
     with ExitStack() as stack:
         stack.enter_context(ServerProcess(llama_cmd, lp))
         stack.enter_context(ServerProcess(front_cmd, fp))
-        llama = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{lp}", timeout=120))
-        through = stack.enter_context(httpx.Client(base_url=f"http://127.0.0.1:{fp}", timeout=120))
+        # Idle connections are dropped before llama-server's own keep-alive timeout (5 s).
+        limits = httpx.Limits(keepalive_expiry=1.0)
+        llama = stack.enter_context(
+            httpx.Client(base_url=f"http://127.0.0.1:{lp}", timeout=120, limits=limits)
+        )
+        through = stack.enter_context(
+            httpx.Client(base_url=f"http://127.0.0.1:{fp}", timeout=120, limits=limits)
+        )
         print("\n| question | llama.cpp == through tokenspout (streamed, whole) |")
         print("|---|---|")
         for q in QUESTIONS:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 #: relay's first-token and stall timeouts, not by httpx's read timeout.
 _CONNECT_TIMEOUT_S = 5.0
 _CHECK_TIMEOUT_S = 5.0
+_KEEPALIVE_S = 2.0
 
 
 class UpstreamServer:
@@ -39,6 +40,10 @@ class UpstreamServer:
             limits=httpx.Limits(
                 max_connections=options.max_concurrency + 1,
                 max_keepalive_connections=options.max_concurrency + 1,
+                # Servers close idle connections after about 5 s (uvicorn, llama-server): a
+                # POST sent on one just closed fails before any answer, so idle ones are
+                # dropped here first.
+                keepalive_expiry=_KEEPALIVE_S,
             ),
             timeout=httpx.Timeout(_CONNECT_TIMEOUT_S, read=None, write=_CONNECT_TIMEOUT_S),
         )
