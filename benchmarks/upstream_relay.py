@@ -136,7 +136,7 @@ def cancel_trials(front: int, upstream: int, trials: int) -> list[float]:
     out = []
     with httpx.Client(base_url=f"http://127.0.0.1:{upstream}") as client:
         for _ in range(trials):
-            sock = open_stream(front, 5000)
+            sock = open_stream(front, 4000)
             read_text(sock)
             closed = time.perf_counter()
             sock.close()
