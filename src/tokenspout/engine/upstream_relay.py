@@ -162,6 +162,10 @@ class UpstreamRelay:
             await asyncio.sleep(self._backoff(len(failed), retry_after_s))
 
     def _backoff(self, tries: int, retry_after_s: float) -> float:
+        if self.parts and tries == 1 and not retry_after_s:
+            # The client is mid-answer: the first failover goes to another upstream at once
+            # (backing off is for not hammering the same one).
+            return 0.0
         base = self.options.backoff_s * 2 ** (tries - 1)
         return max(base * (1 + random.random()), min(retry_after_s, self.options.max_retry_after_s))
 
