@@ -124,13 +124,13 @@ def main() -> None:
     with ExitStack() as stack:
         stack.enter_context(ServerProcess(llama_cmd, lp))
         stack.enter_context(ServerProcess(front_cmd, fp))
-        # Idle connections are dropped before llama-server's own keep-alive timeout (5 s).
-        limits = httpx.Limits(keepalive_expiry=1.0)
+        # A connection per request: llama-server closed kept-alive ones under the client.
+        close = {"Connection": "close"}
         llama = stack.enter_context(
-            httpx.Client(base_url=f"http://127.0.0.1:{lp}", timeout=120, limits=limits)
+            httpx.Client(base_url=f"http://127.0.0.1:{lp}", timeout=120, headers=close)
         )
         through = stack.enter_context(
-            httpx.Client(base_url=f"http://127.0.0.1:{fp}", timeout=120, limits=limits)
+            httpx.Client(base_url=f"http://127.0.0.1:{fp}", timeout=120, headers=close)
         )
         print("\n| question | llama.cpp == through tokenspout (streamed, whole) |")
         print("|---|---|")
