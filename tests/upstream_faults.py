@@ -162,7 +162,10 @@ def main() -> None:
             Route("/v1/completions", upstream.generate, methods=["POST"]),
         ]
     )
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    # Stopped at once: a stalled answer would otherwise hold the shutdown for its whole sleep.
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=0.5
+    )
 
 
 if __name__ == "__main__":
