@@ -29,6 +29,7 @@ import os
 import re
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 from playwright.sync_api import sync_playwright
@@ -64,6 +65,9 @@ def step_{n}(values: list[int]) -> int:
 """
 
 FEED = """async ([module, tokens, rate]) => {
+  window.__done = false;
+  window.__updates = 0;
+  window.__at = 0;
   const { MarkdownView } = await import(module);
   const section = document.createElement("section");
   section.className = "answer";
@@ -79,7 +83,9 @@ FEED = """async ([module, tokens, rate]) => {
   // the browser's style, layout and paint of that frame.
   const channel = new MessageChannel();
   const frames = [];
-  channel.port1.onmessage = ({ data }) => (frames[data].work = performance.now() - frames[data].start);
+  channel.port1.onmessage = ({ data }) => {
+    frames[data].work = performance.now() - frames[data].start;
+  };
   let source = "", next = 0, dirty = false;
   return await new Promise((resolve) => {
     const t0 = performance.now();
@@ -96,6 +102,8 @@ FEED = """async ([module, tokens, rate]) => {
         const start = performance.now();
         view.update(source);
         frames.push({ start, update: performance.now() - start, lexed: view.lastLexed, at: next });
+        window.__updates = frames.length;
+        window.__at = next;
         channel.port2.postMessage(frames.length - 1);
       }
       if (next < tokens.length || dirty) return requestAnimationFrame(frame);
@@ -106,6 +114,7 @@ FEED = """async ([module, tokens, rate]) => {
         const finish = performance.now() - start;
         setTimeout(() => {
           observer.disconnect();
+          window.__done = true;
           resolve({ frames, finish, chars: source.length, shown: text.textContent.length,
                     longFrames: longFrames.map((e) => e.duration) });
         }, 100);
@@ -114,6 +123,41 @@ FEED = """async ([module, tokens, rate]) => {
     requestAnimationFrame(frame);
   });
 }"""
+
+
+def feed(page, feed_args: list[object], n_tokens: int) -> dict:  # type: ignore[no-untyped-def]
+    """Runs FEED in ``page``; meanwhile notes the renderer process's CPU time (all its
+    threads: script, style, layout, paint, raster) and its main thread's, from Chromium's
+    own counters, where the first quarter of the answer ends and where the last begins.
+    CPU time per frame hardly depends on how many other jobs share the cores; the frame
+    times above do."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Performance.enable")
+    # Started, not awaited: the loop below samples the counters while it runs.
+    page.evaluate(f"(args) => {{ window.__feed = ({FEED})(args); }}", feed_args)
+    marks = [0, n_tokens // 4, n_tokens * 3 // 4]
+    samples: list[tuple[int, dict[str, float]]] = []
+    while True:
+        updates, at, done = page.evaluate("[window.__updates, window.__at, window.__done]")
+        if done or (len(samples) < 3 and at >= marks[len(samples)]):
+            metrics = cdp.send("Performance.getMetrics")["metrics"]
+            sample = (updates, {m["name"]: m["value"] for m in metrics})
+            while len(samples) < 3 and (done or at >= marks[len(samples)]):
+                samples.append(sample)
+        if done:
+            samples.append(sample)
+            break
+        time.sleep(0.05)
+    result = page.evaluate("window.__feed")
+    # (first quarter, last quarter): CPU ms per frame, process and main thread.
+    cpu = {}
+    for key in ("ProcessTime", "ThreadTime"):
+        per = []
+        for (u0, m0), (u1, m1) in ((samples[0], samples[1]), (samples[2], samples[3])):
+            per.append(1000 * (m1[key] - m0[key]) / max(1, u1 - u0))
+        cpu[key] = per
+    result["cpu"] = cpu
+    return result
 
 
 def answers(n_tokens: int) -> dict[str, list[str]]:
@@ -150,6 +194,8 @@ def row(name: str, renderer: str, result: dict, n_tokens: int) -> list[object]:
         name, renderer, len(frames), ms3(work),
         sum(1 for w in work if w > LONG_FRAME_MS),
         f"{pct([f['work'] for f in first], 99):.1f} → {pct([f['work'] for f in last], 99):.1f}",
+        "{:.1f} → {:.1f}".format(*result["cpu"]["ProcessTime"]),
+        "{:.1f} → {:.1f}".format(*result["cpu"]["ThreadTime"]),
         ms3([f["update"] for f in frames]),
         f"{max((f['lexed'] for f in first), default=0)} → "
         f"{max((f['lexed'] for f in last), default=0)}",
@@ -184,10 +230,11 @@ def main() -> None:
         print(f"\n{args.tokens} tokens at {args.rate:g} tokens/s, headless Chromium\n")
         print(
             "| answer | renderer | frames | frame work ms p50 / p99 / max | frames > 16 ms | "
-            "p99 first → last quarter | renderer ms p50 / p99 / max | chars lexed max first → "
+            "p99 first → last quarter | CPU ms per frame, first → last quarter: process | "
+            "main thread | renderer ms p50 / p99 / max | chars lexed max first → "
             "last quarter | long animation frames > 50 ms (max ms) | finish() ms | load |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for name, tokens in answers(args.tokens).items():
             if args.only and args.only not in name:
                 continue
@@ -198,7 +245,7 @@ def main() -> None:
                     lambda route: route.fulfill(body=old, content_type="text/javascript"),
                 )
                 page.goto(f"http://127.0.0.1:{port}/")
-                result = page.evaluate(FEED, [module, tokens, args.rate])
+                result = feed(page, [module, tokens, args.rate], args.tokens)
                 page.close()
                 assert result["shown"] > 0
                 cells = row(name, renderer, result, args.tokens)

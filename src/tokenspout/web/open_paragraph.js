@@ -29,8 +29,11 @@ const CLOSED = new Set(["escape", "codespan", "strong", "em", "del", "link", "im
 // The start of a line (sticky, at the line's first character) that might interrupt the
 // paragraph or turn it into something else. Deliberately wider than Markdown's rules: a false
 // alarm costs one re-lex of the block.
-const MAY_INTERRUPT =
-  / {0,3}(?:#{1,6}(?:[ \t\n]|$)|`{3}|~{3}|[>|<]|[-+*](?:[ \t\n]|$)|\d{1,9}[.)](?:[ \t\n]|$)|[-=_*:| \t]*(?:\n|$))/y;
+const MAY_INTERRUPT = new RegExp(
+  " {0,3}(?:#{1,6}(?:[ \\t\\n]|$)|`{3}|~{3}|[>|<]|[-+*](?:[ \\t\\n]|$)|\\d{1,9}[.)](?:[ \\t\\n]|$)" +
+    "|[-=_*:| \\t]*(?:\\n|$))",
+  "y",
+);
 
 /** How many leading characters of `raw` (a text token's source) are plain, safe text. */
 function safeLength(raw) {
@@ -43,8 +46,9 @@ function settlePoint(text, tokens) {
   let position = 0;
   let best = 0;
   for (const token of tokens) {
-    const safe = token.type === "text" ? safeLength(token.raw) : CLOSED.has(token.type) ? token.raw.length : 0;
-    if (token.type === "text") {
+    const plain = token.type === "text";
+    const safe = plain ? safeLength(token.raw) : CLOSED.has(token.type) ? token.raw.length : 0;
+    if (plain) {
       // After a single space that follows a non-space character, before a non-space one.
       for (let i = position + safe - 1; i >= Math.max(position, 1); i--) {
         if (text[i] === " " && /\S/.test(text[i - 1]) && /\S/.test(text[i + 1] ?? " ")) {
@@ -127,7 +131,9 @@ export class OpenParagraph {
       whole += 1;
     }
     const expected = tokens.slice(0, whole);
-    if (length < point) expected.push({ type: "text", raw: tokens[whole].raw.slice(0, point - length) });
+    if (length < point) {
+      expected.push({ type: "text", raw: tokens[whole].raw.slice(0, point - length) });
+    }
     return sameTokens(prefix, expected);
   }
 
