@@ -151,7 +151,7 @@ def feed(page, feed_args: list[object], n_tokens: int) -> dict:  # type: ignore[
     result = page.evaluate("window.__feed")
     # (first quarter, last quarter): CPU ms per frame, process and main thread.
     cpu = {}
-    for key in ("ProcessTime", "ThreadTime"):
+    for key in ("ProcessTime", "ThreadTime", "LayoutDuration", "RecalcStyleDuration"):
         per = []
         for (u0, m0), (u1, m1) in ((samples[0], samples[1]), (samples[2], samples[3])):
             per.append(1000 * (m1[key] - m0[key]) / max(1, u1 - u0))
@@ -196,6 +196,8 @@ def row(name: str, renderer: str, result: dict, n_tokens: int) -> list[object]:
         f"{pct([f['work'] for f in first], 99):.1f} → {pct([f['work'] for f in last], 99):.1f}",
         "{:.1f} → {:.1f}".format(*result["cpu"]["ProcessTime"]),
         "{:.1f} → {:.1f}".format(*result["cpu"]["ThreadTime"]),
+        "{:.1f} → {:.1f}".format(*result["cpu"]["RecalcStyleDuration"]),
+        "{:.1f} → {:.1f}".format(*result["cpu"]["LayoutDuration"]),
         ms3([f["update"] for f in frames]),
         f"{max((f['lexed'] for f in first), default=0)} → "
         f"{max((f['lexed'] for f in last), default=0)}",
@@ -231,10 +233,11 @@ def main() -> None:
         print(
             "| answer | renderer | frames | frame work ms p50 / p99 / max | frames > 16 ms | "
             "p99 first → last quarter | CPU ms per frame, first → last quarter: process | "
-            "main thread | renderer ms p50 / p99 / max | chars lexed max first → "
+            "main thread | style | layout | renderer ms p50 / p99 / max | "
+            "chars lexed max first → "
             "last quarter | long animation frames > 50 ms (max ms) | finish() ms | load |"
         )
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("|---" * 15 + "|")
         for name, tokens in answers(args.tokens).items():
             if args.only and args.only not in name:
                 continue

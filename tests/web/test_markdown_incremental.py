@@ -114,7 +114,10 @@ def test_a_long_code_block_gets_only_its_new_text_and_ends_as_a_one_shot_render(
     assert_flat(updates, "lexed")
     assert_flat(updates, "inserted")
     assert max(u["lexed"] for u in updates[-100:]) == 0, "lines of an open fence are not re-lexed"
-    assert all(u["mutations"] == 1 for u in updates), "one DOM mutation per update"
+    # Mostly one mutation; where a block of 32 lines ends inside the update's text, two.
+    assert max(u["mutations"] for u in updates) <= 2
+    # Out-of-view lines are in blocks of 32 lines that the browser need not lay out.
+    assert result["beforeFinish"][-1].count('class="code-lines"') >= 1000 // 32 - 1
     assert result["blocks"] == result["oneShot"]
     assert "&lt;b&gt;999&lt;/b&gt;" in result["blocks"][-1]
     closed = stream(page, synthetic_server, "```js\n" + code + "```\n\nAfter *that*.")

@@ -214,17 +214,24 @@ export class MarkdownView {
     const pending = fence.partial + added;
     if (mayClose(pending, fence.marker)) return false;
     // New lines go into blocks of SEGMENT_LINES lines, so that those out of view are not
-    // rendered (content-visibility in style.css).
-    if (fence.lines >= SEGMENT_LINES && fence.partial === "") {
+    // laid out or rendered (content-visibility in style.css). A block ends at the end of a
+    // line, which is mostly inside a frame's new text (tokens often start with "\n"): then
+    // the line's end goes to the full block and the rest starts the next one, two
+    // mutations in the same update.
+    let rest = added;
+    if (fence.lines >= SEGMENT_LINES && (fence.partial === "" || added.includes("\n"))) {
+      const cut = fence.partial === "" ? 0 : added.indexOf("\n") + 1;
+      if (cut > 0) fence.target.append(added.slice(0, cut));
+      rest = added.slice(cut);
       fence.target = document.createElement("span");
       fence.target.className = "code-lines";
-      fence.target.append(added);
+      fence.target.append(rest);
       fence.code.append(fence.target);
       fence.lines = 0;
     } else {
       fence.target.append(added);
     }
-    fence.lines += added.split("\n").length - 1;
+    fence.lines += rest.split("\n").length - 1;
     fence.seen = text.length;
     fence.partial = pending.slice(pending.lastIndexOf("\n") + 1);
     this.lastLexed = 0;
