@@ -11,13 +11,17 @@ records:
   posted from it, which runs once the browser has done that frame's style, layout and
   paint. A frame whose work is over 16 ms cannot keep 60 Hz;
 * the renderer's own time (lex, render, sanitise, the DOM update) and what it lexed;
-* Chromium's long animation frames (``long-animation-frame`` entries, over 50 ms).
+* Chromium's long animation frames (``long-animation-frame`` entries, over 50 ms);
+* per frame, in the first and the last quarter of the answer: the CPU time of the page's
+  renderer process and of its main thread, and the time in style and layout (Chromium's
+  own counters). CPU time hardly depends on how many other jobs share the cores, frame
+  times do: on a loaded machine, whether a frame's work grows with the answer shows here.
 
 Four answers: mixed Markdown (headings, lists, tables, code blocks: the usual case), one
 code block, one paragraph (no blank line: the last block is the whole answer), one table.
 Each runs with the renderer of this checkout ("new") and with the renderer of ``--baseline``
-(a commit, served from ``git show``: "old"), one after the other, so both see the same
-machine load; the load average is printed with each row.
+(a commit, served from ``git show``, with this checkout's style sheet: "old"), one after the
+other, so both see the same machine load; the load average is printed with each row.
 
     .venv/bin/python benchmarks/markdown_frames.py --tokens 5000 --rate 100
 """
