@@ -15,6 +15,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as sync_connect
 
 from tests.conftest import RunningServer, free_port
 from tokenspout.engine.synthetic_engine import SyntheticEngine
@@ -94,6 +95,31 @@ def test_one_key_cannot_touch_another_keys_stream(tenants: RunningServer) -> Non
         rest = list(lines)
     assert rest[-1] == "data: [DONE]" or rest[-2:] == ["data: [DONE]", ""]
     assert any('"cancelled"' in line for line in rest)
+
+
+def test_an_expired_stream_is_gone_for_its_owner_and_unknown_to_others(
+    start_server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text(KEYS)
+    server: RunningServer = start_server(
+        SyntheticEngine(), api_keys_file=str(path), resume_ttl_s=0.2
+    )
+    short = {**LONG, "max_tokens": 3}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=short, headers=ALICE)
+    stream_id = r.headers["x-stream-id"]
+    url = f"{server.url}/v1/streams/{stream_id}"
+    deadline = time.monotonic() + 10
+    while (mine := httpx.get(url, headers=ALICE)).status_code == 200:
+        assert time.monotonic() < deadline, "never expired"
+    assert mine.status_code == 410 and "expired" in mine.json()["error"]["message"]
+    theirs = httpx.get(url, headers=BOB)
+    unknown = httpx.get(f"{server.url}/v1/streams/nosuchstream00000", headers=BOB)
+    assert theirs.status_code == unknown.status_code == 404
+    assert theirs.json()["error"]["code"] == unknown.json()["error"]["code"]
+    cancel = httpx.post(f"{url}/cancel", headers=BOB)
+    assert cancel.status_code == 404
 
 
 def test_third_concurrent_stream_gets_429_with_retry_after(tenants: RunningServer) -> None:
@@ -240,3 +266,35 @@ def test_request_log_names_the_key_never_the_secret(tenants: RunningServer, capl
                if rec.name == "tokenspout.requests"]  # fmt: skip
     assert line["key"] == "bob"
     assert "sk-bob" not in json.dumps(line)
+
+
+def test_a_key_sent_as_a_parameter_works_and_never_reaches_the_log() -> None:
+    """Browsers send the key as ``?api_key=`` on a WebSocket and an EventSource (a GET): it
+    authenticates there, and uvicorn's access and handshake logs print it blanked."""
+    secret = "sk-param-secret-123"
+    port = free_port()
+    proc = _serve("--api-key", secret, "--port", str(port), "--log-level", "info")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Uvicorn running" in line:
+                break
+        seed = f"{url}/v1/completions/stream"
+        params = {"prompt": "a b", "max_tokens": "2"}
+        ok = httpx.get(seed, params={**params, "api_key": secret})
+        assert ok.status_code == 200 and ok.text.rstrip().endswith("data: [DONE]")
+        assert httpx.get(seed, params={**params, "api_key": "wrong"}).status_code == 401
+        # Only GET: a POST carries its key in the Authorization header.
+        body = {"prompt": "a", "max_tokens": 1}
+        posted = httpx.post(f"{url}/v1/completions", params={"api_key": secret}, json=body)
+        assert posted.status_code == 401
+        encoded = httpx.get(f"{url}/v1/models?api%5Fkey={secret}")
+        assert encoded.status_code == 200
+        with sync_connect(f"ws://127.0.0.1:{port}/v1/ws?api_key={secret}"):
+            pass
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert secret not in err
+    assert err.count("[redacted]") >= 4, err

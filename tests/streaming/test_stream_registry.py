@@ -92,6 +92,28 @@ def test_a_resumable_stream_stays_replayable_for_the_ttl_then_is_gone() -> None:
     run(main())
 
 
+def test_find_hides_another_owners_stream_live_and_expired() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        reg, _ = registry(engine, grace_s=30, ttl_s=300)
+        stream = reg.open(PROMPT, PARAMS, resumable=True, owner="alice")
+        assert reg.find(stream.id, owner="alice") is stream
+        for owner in ("bob", None):
+            with pytest.raises(StreamNotFoundError):
+                reg.find(stream.id, owner=owner)
+        engine.script(stream.id, [(0.0, "a", "stop")])
+        await stream.wait_end()
+        await until(300.5)
+        # Expired: its owner learns why (410); anyone else gets the 404 of an unknown id.
+        with pytest.raises(StreamGoneError):
+            reg.find(stream.id, owner="alice")
+        with pytest.raises(StreamNotFoundError) as missing:
+            reg.find(stream.id, owner="bob")
+        assert missing.value.message == f"no stream with id {stream.id!r}"
+
+    run(main())
+
+
 def test_a_failed_submit_leaves_no_buffer_and_no_stream() -> None:
     async def main() -> None:
         err = EngineError("no slot for you")

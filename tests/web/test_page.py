@@ -244,7 +244,7 @@ def test_api_key_is_asked_and_kept_for_the_tab_only(start_server, open_page) -> 
     )
     page.fill("#api-key", "sk-page")
     page.dispatch_event("#api-key", "change")
-    for transport in ("fetch", "websocket"):
+    for transport in ("fetch", "websocket", "eventsource"):
         page.select_option("#transport", transport)
         send(page, f"hello {transport}")
         wait_idle(page)

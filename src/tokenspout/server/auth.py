@@ -5,14 +5,16 @@ A pure ASGI middleware in front of the HTTP ``/v1`` routes, installed only when 
 configured: a server without keys pays nothing per request. (As a FastAPI dependency the
 check made FastAPI parse every request's query string, headers and cookies once more.) The
 key found is put in the scope for the routes (stream ownership, per-key limits). The
-WebSocket route checks the key itself at the handshake, where ``?api_key=`` is accepted too.
+WebSocket route checks the key itself at the handshake. Browsers cannot set headers on a
+WebSocket or an ``EventSource``, so the handshake and GET requests accept ``?api_key=`` too
+(``log_redaction`` keeps it out of the logs).
 """
 
 from __future__ import annotations
 
 import hmac
 
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -69,6 +71,8 @@ class ApiKeyMiddleware:
             path = scope["path"]
             if path.startswith("/v1/") and self.keys.enabled:
                 token = bearer_token(Headers(scope=scope).get("authorization", ""))
+                if token is None and scope["method"] == "GET":
+                    token = QueryParams(scope["query_string"]).get("api_key")
                 key = self.keys.authenticate(token)
                 if key is None:
                     await _send_401(send)

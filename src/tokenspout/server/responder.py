@@ -41,7 +41,7 @@ def open_stream(
             generation.prompt, generation.params, resumable=generation.resumable,
             meta=generation.wire,
         )  # fmt: skip
-    admit_key(state, key, len(generation.prompt.token_ids))
+    admit_key(state, key, generation.prompt.num_tokens)
     try:
         return state.streams.open(
             generation.prompt, generation.params, resumable=generation.resumable,

@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidState
 
 from tokenspout.errors import ShuttingDownError
 from tokenspout.server.connection_limits import uvicorn_options
+from tokenspout.server.log_redaction import redact_key_params
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
@@ -119,4 +120,5 @@ def serve(
         timeout_graceful_shutdown=int(state.config.drain_timeout_s + _FAREWELL_S) + 5,
         **uvicorn_options(state.config),
     )
+    redact_key_params()
     DrainingServer(config, state).run()

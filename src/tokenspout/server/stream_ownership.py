@@ -8,15 +8,11 @@ from __future__ import annotations
 
 from starlette.requests import HTTPConnection
 
-from tokenspout.errors import StreamNotFoundError
 from tokenspout.server.auth import key_of
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
 
 def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream:
-    stream = state.streams.get(stream_id)
     key = key_of(conn)
-    if stream.owner != (None if key is None else key.name):
-        raise StreamNotFoundError(f"no stream with id {stream_id!r}")
-    return stream
+    return state.streams.find(stream_id, owner=None if key is None else key.name)

@@ -2,7 +2,8 @@
 
 A non-resumable stream is forgotten as soon as it ends. A resumable one stays replayable
 for ``resume_ttl_s`` after its end; after that its id is remembered (boundedly) as expired,
-so that a late resume gets 410 with a clear message rather than 404.
+with its owner, so that a late resume with the same key gets 410 with a clear message
+rather than 404 (and another key the 404 of an unknown id).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class StreamRegistry:
         self._resume = resume or ResumePolicy()
         self._streams: dict[str, Stream] = {}
         self._timers = WakeTimers()
-        self._expired: OrderedDict[str, None] = OrderedDict()
+        #: Expired ids and the owner of each (see ``find``).
+        self._expired: OrderedDict[str, str | None] = OrderedDict()
         self._on_end = on_end
         #: Set whenever a reader detaches from any stream.
         self._reader_left = asyncio.Event()
@@ -82,7 +84,7 @@ class StreamRegistry:
         stream = Stream(
             stream_id,
             self._store.create(stream_id, resumable=resumable),
-            prompt_tokens=len(prompt.token_ids),
+            prompt_tokens=prompt.num_tokens,
             abort=engine.abort,
             pause=engine.pause,
             resume=engine.resume,
@@ -114,6 +116,16 @@ class StreamRegistry:
             )
         raise StreamNotFoundError(f"no stream with id {stream_id!r}")
 
+    def find(self, stream_id: str, owner: str | None) -> Stream:
+        """``get`` for the holder of ``owner``'s key: a stream of another owner, live or
+        expired, is not found, exactly like an id that was never issued."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.owner == owner:
+            return stream
+        if stream is None and stream_id in self._expired and self._expired[stream_id] == owner:
+            return self.get(stream_id)  # raises StreamGoneError
+        raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+
     def cancel(self, stream_id: str) -> Stream:
         """Cancel a running stream by id (a finished one is left as it is)."""
         stream = self.get(stream_id)
@@ -141,7 +153,7 @@ class StreamRegistry:
         if self._on_end is not None:
             self._on_end(stream)
         if stream.resumable:
-            asyncio.get_running_loop().call_later(self._resume.ttl_s, self._expire, stream.id)
+            asyncio.get_running_loop().call_later(self._resume.ttl_s, self._expire, stream)
         elif not stream.readers:
             self._forget(stream.id)
         # Otherwise forgotten when its last reader has read the end (_reader_left_stream):
@@ -156,8 +168,8 @@ class StreamRegistry:
         self._streams.pop(stream_id, None)
         self._store.discard(stream_id)
 
-    def _expire(self, stream_id: str) -> None:
-        self._forget(stream_id)
-        self._expired[stream_id] = None
+    def _expire(self, stream: Stream) -> None:
+        self._forget(stream.id)
+        self._expired[stream.id] = stream.owner
         if len(self._expired) > _EXPIRED_IDS_KEPT:
             self._expired.popitem(last=False)

@@ -326,6 +326,8 @@ class EventSourceGeneration extends Generation {
       url.searchParams.set(name, String(value));
     }
     url.searchParams.set("resumable", "true");
+    // EventSource cannot set headers either: the server accepts the key as a GET parameter.
+    if (o.apiKey) url.searchParams.set("api_key", o.apiKey);
     const channel = new Channel();
     const source = new EventSource(url);
     source.onopen = () => (this.marks.open ??= now());
