@@ -103,7 +103,6 @@ export class OpenParagraph {
       if (this.#splitsCleanly(tokens, prefix, point)) {
         nodes.push(this.renderInline(prefix));
         tokens = rest;
-        source = source.slice(point);
         this.settled += point;
       }
     }
