@@ -20,6 +20,7 @@ from tokenspout.server.generation_request import GenerationRequest, ReadSettings
 from tokenspout.server.key_admission import admit_key, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 
 
 def negotiate_framing(request: Request) -> Framing:
@@ -32,24 +33,36 @@ def negotiate_framing(request: Request) -> Framing:
 
 def open_stream(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
-) -> Stream:
+) -> Stream | StreamGroup:
     """Admit the request (and the key's limits) and start generating; the stream is owned
-    by ``key``."""
-    admit(state)
+    by ``key``. With ``n > 1``, a group of ``n`` streams, each counted as a stream (the
+    prompt's tokens once)."""
+    admit(state, generation.n)
     if key is None:
-        return state.streams.open(
-            generation.prompt, generation.params, resumable=generation.resumable,
-            meta=generation.wire,
-        )  # fmt: skip
-    admit_key(state, key, generation.prompt.num_tokens)
+        return _open(state, generation, None)
+    admitted = 0
     try:
-        return state.streams.open(
-            generation.prompt, generation.params, resumable=generation.resumable,
-            meta=generation.wire, owner=key.name,
-        )  # fmt: skip
+        for _ in range(generation.n):
+            admit_key(state, key, 0 if admitted else generation.prompt.num_tokens)
+            admitted += 1
+        return _open(state, generation, key.name)
     except BaseException:
-        release_key(state, key.name)
+        for _ in range(admitted):
+            release_key(state, key.name)
         raise
+
+
+def _open(
+    state: ServerState, generation: GenerationRequest, owner: str | None
+) -> Stream | StreamGroup:
+    if generation.n > 1:
+        return state.streams.open_group(
+            generation.prompt, generation.choice_params(), owner=owner, meta=generation.wire
+        )
+    return state.streams.open(
+        generation.prompt, generation.params, resumable=generation.resumable,
+        meta=generation.wire, owner=owner,
+    )  # fmt: skip
 
 
 def respond(
@@ -80,7 +93,9 @@ def respond(
         raise
 
 
-def follow(state: ServerState, request: Request, stream: Stream, *, start: int) -> Response:
+def follow(
+    state: ServerState, request: Request, stream: Stream | StreamGroup, *, start: int
+) -> Response:
     """A new reader of an existing stream from ``start``, in the stream's own format."""
     return EventStreamResponse(
         state,

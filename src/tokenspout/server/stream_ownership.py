@@ -11,8 +11,9 @@ from starlette.requests import HTTPConnection
 from tokenspout.server.auth import key_of
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 
 
-def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream:
+def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream | StreamGroup:
     key = key_of(conn)
     return state.streams.find(stream_id, owner=None if key is None else key.name)
