@@ -148,3 +148,12 @@ class ModelLoadError(TokenspoutError):
     """The model given at start-up cannot be loaded (wrong format, missing files...)."""
 
     code = "model_load_error"
+
+
+class RedisUnavailableError(TokenspoutError):
+    """An operation that needs the shared Redis (a resume or cancel on another replica, a
+    takeover, shared admission) while this replica cannot reach it."""
+
+    status_code = 503
+    type = "server_error"
+    code = "redis_unavailable"

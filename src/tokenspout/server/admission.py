@@ -14,6 +14,8 @@ def admit(state: ServerState) -> None:
     if failure is not None:
         raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
     cfg = state.config
+    if state.cluster is not None:
+        return  # counted across replicas: key_admission.admit_shared
     if len(state.streams) >= cfg.max_streams:
         raise OverloadedError(f"{cfg.max_streams} streams are open; retry shortly", retry_after_s=1)
     if state.engine.stats().waiting >= cfg.max_queued:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydantic import BaseModel
+
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from tokenspout.protocols.chunk_format import ChunkFormat
@@ -71,6 +73,8 @@ class GenerationRequest:
     wire: StreamWire
     reading: ReadSettings
     resumable: bool
+    #: The validated request it was prepared from (a takeover prepares it again).
+    body: BaseModel | None = None
 
 
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
@@ -101,7 +105,7 @@ def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationReque
         seed=body.seed,
         prompt_tokens=len(prompt.token_ids),
     )
-    return _generation(state, StreamWire("seed", model), prompt, params, body.stream_options)
+    return _generation(state, StreamWire("seed", model), prompt, params, body)
 
 
 def check_model(state: ServerState, name: str | None) -> str:
@@ -188,7 +192,7 @@ def _request(
     )
     params = advanced_params.apply(params, body)
     state.engine.check_params(params)
-    return _generation(state, wire, prompt, params, body.stream_options)
+    return _generation(state, wire, prompt, params, body)
 
 
 def _generation(
@@ -196,13 +200,15 @@ def _generation(
     wire: StreamWire,
     prompt: Prompt,
     params: SamplingParams,
-    options: StreamOptions | None,
+    body: ChatCompletionRequest | CompletionRequest | SeedStreamRequest,
 ) -> GenerationRequest:
     cfg = state.config
+    options = body.stream_options
     resumable = cfg.resumable
     if options is not None:
         if options.resumable is not None:
             resumable = options.resumable
         if options.include_usage:
             wire = StreamWire(wire.kind, wire.model, include_usage=True)
-    return GenerationRequest(prompt, params, wire, ReadSettings.resolve(cfg, options), resumable)
+    reading = ReadSettings.resolve(cfg, options)
+    return GenerationRequest(prompt, params, wire, reading, resumable, body)

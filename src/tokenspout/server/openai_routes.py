@@ -22,14 +22,14 @@ async def chat_completions(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
     body = await parse_body(request, ChatCompletionRequest, state.config.max_body_bytes)
-    return respond(state, request, prepare_chat(state, body), body.stream, started)
+    return await respond(state, request, prepare_chat(state, body), body.stream, started)
 
 
 async def completions(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
     body = await parse_body(request, CompletionRequest, state.config.max_body_bytes)
-    return respond(state, request, prepare_completion(state, body), body.stream, started)
+    return await respond(state, request, prepare_completion(state, body), body.stream, started)
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).

@@ -17,7 +17,7 @@ from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
-from tokenspout.server.key_admission import admit_key, release_key
+from tokenspout.server.key_admission import admit_key, admit_shared, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 
@@ -30,29 +30,33 @@ def negotiate_framing(request: Request) -> Framing:
     return SSEFraming()
 
 
-def open_stream(
+async def open_stream(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
 ) -> Stream:
     """Admit the request (and the key's limits) and start generating; the stream is owned
-    by ``key``."""
+    by ``key``. With ``--redis-url`` the limits count across replicas, and a resumable
+    stream is written to Redis."""
     admit(state)
-    if key is None:
-        return state.streams.open(
-            generation.prompt, generation.params, resumable=generation.resumable,
-            meta=generation.wire,
-        )  # fmt: skip
-    admit_key(state, key, len(generation.prompt.token_ids))
+    prompt_tokens = len(generation.prompt.token_ids)
+    if state.cluster is not None:
+        await admit_shared(state, key, prompt_tokens)
+    elif key is not None:
+        admit_key(state, key, prompt_tokens)
     try:
-        return state.streams.open(
+        stream = state.streams.open(
             generation.prompt, generation.params, resumable=generation.resumable,
-            meta=generation.wire, owner=key.name,
+            meta=generation.wire, owner=None if key is None else key.name,
         )  # fmt: skip
     except BaseException:
-        release_key(state, key.name)
+        if key is not None:
+            release_key(state, key.name)
         raise
+    if state.cluster is not None:
+        state.cluster.opened(stream, generation)
+    return stream
 
 
-def respond(
+async def respond(
     state: ServerState,
     request: Request,
     generation: GenerationRequest,
@@ -60,7 +64,7 @@ def respond(
     started_at: float,
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
-    stream = open_stream(state, generation, key_of(request))
+    stream = await open_stream(state, generation, key_of(request))
     prompt = generation.prompt.text if state.config.log_prompts else None
     try:
         if streaming:

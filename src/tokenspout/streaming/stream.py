@@ -158,6 +158,15 @@ class Stream:
     def finished(self) -> bool:
         return self.end is not None
 
+    def load(self, start: int, chunks: list[tuple[str, int, Any]]) -> None:
+        """Before any output: the log begins at ``start`` with ``chunks`` (text, tokens,
+        extras) produced elsewhere (a stream continued from another replica's)."""
+        buffer = self._buffer
+        buffer.begin_at(start)
+        for text, num_tokens, extras in chunks:
+            buffer.append(text, num_tokens, extras)
+            self._tokens += num_tokens
+
     def read(self, pos: int) -> list[Chunk]:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)

@@ -1,0 +1,216 @@
+"""Several `tokenspout serve` replicas sharing streams through a real Redis, behind the
+shipped nginx config: resume, cancel, takeover after SIGKILL, a Redis restart, admission."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from tests.cluster.conftest import ReplicaSet, kill, needs_nginx
+from tests.conftest import free_port
+from tests.e2e.test_resume import chat_text, read_some, sse_events
+
+PROMPT = "Ünïcödé 日本語 😀 alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
+
+
+def chat_body(max_tokens: int, **options: object) -> dict:  # type: ignore[type-arg]
+    return {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"resumable": True, "flush_tokens": 1, **options},
+    }
+
+
+def whole_text(url: str, max_tokens: int) -> str:
+    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens}
+    return httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"][
+        "content"
+    ]
+
+
+def resume_to_end(url: str, stream_id: str, last_id: str | None, parts: list[str]) -> None:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    with httpx.stream(
+        "GET", f"{url}/v1/streams/{stream_id}", headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200, response.read()
+        read_some(response, 100_000, parts)
+
+
+@needs_nginx
+def test_resume_across_replicas_through_nginx_after_three_cuts(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+) -> None:
+    replicas = [replica_set.start("--synthetic-itl-ms", "5") for _ in range(3)]
+    url = start_nginx([r.port for r in replicas])
+    expected = whole_text(url, 150)
+    rng = random.Random(12)
+    parts: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(150)) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read_some(r, rng.randint(2, 20), parts)
+    for _ in range(3):
+        headers = {"Last-Event-ID": last_id}
+        with httpx.stream("GET", f"{url}/v1/streams/{stream_id}", headers=headers) as r:
+            assert r.status_code == 200
+            last_id = read_some(r, rng.randint(2, 20), parts)
+    resume_to_end(url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    served = [r.metric("tokenspout_stream_resumes_total") for r in replicas]
+    assert sum(served) == 4
+    # Round robin: the resumes were not all answered by one replica (the owner).
+    assert sum(1 for n in served if n) >= 2
+
+
+def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet) -> None:
+    owner = replica_set.start("--synthetic-itl-ms", "10")
+    other = replica_set.start("--synthetic-itl-ms", "10")
+    with httpx.stream(
+        "POST", f"{owner.url}/v1/chat/completions", json=chat_body(4000), timeout=30
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        next(events)
+        cancel = httpx.post(f"{other.url}/v1/streams/{stream_id}/cancel", json={})
+        assert cancel.status_code == 200, cancel.text
+        finish = [json.loads(d)["choices"][0]["finish_reason"] for _, d in events if d != "[DONE]"]
+    assert finish[-1] == "cancelled"
+    assert owner.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
+    assert owner.metric("tokenspout_requests_running") == 0
+
+
+def test_websocket_cancel_by_stream_id_on_another_replica(replica_set: ReplicaSet) -> None:
+    from websockets.sync.client import connect
+
+    owner = replica_set.start("--synthetic-itl-ms", "10")
+    other = replica_set.start("--synthetic-itl-ms", "10")
+    with httpx.stream(
+        "POST", f"{owner.url}/v1/chat/completions", json=chat_body(4000), timeout=30
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        next(events)
+        with connect(other.url.replace("http", "ws") + "/v1/ws") as ws:
+            ws.send(json.dumps({"type": "cancel", "id": stream_id}))
+        finish = [json.loads(d)["choices"][0]["finish_reason"] for _, d in events if d != "[DONE]"]
+    assert finish[-1] == "cancelled"
+
+
+@needs_nginx
+def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+) -> None:
+    replicas = [replica_set.start("--synthetic-itl-ms", "10") for _ in range(2)]
+    url = start_nginx([r.port for r in replicas])
+    expected = whole_text(url, 300)
+    parts: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(300)) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read_some(r, 30, parts)
+        owner = replica_set.owner(stream_id)
+        kill(owner)
+        # What the dead replica had already sent is read too: the client keeps it.
+        done = False
+        try:
+            for event_id, data in sse_events(r.iter_lines()):
+                done = data == "[DONE]"
+                parts.append(chat_text(data))
+                last_id = event_id or last_id
+        except httpx.HTTPError:
+            pass
+    assert not done  # the connection was cut before the end
+    resume_to_end(url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    survivor = next(r for r in replicas if r is not owner)
+    assert survivor.metric("tokenspout_stream_takeovers_total") == 1
+
+
+def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:
+    replicas = [replica_set.start("--synthetic-itl-ms", "10") for _ in range(2)]
+    expected = whole_text(replicas[0].url, 200)
+    results: dict[int, list[str]] = {}
+    ids: dict[int, str] = {}
+    started = threading.Barrier(5)
+
+    def read(index: int) -> None:
+        url = replicas[index % 2].url
+        parts: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(200)) as r:
+            ids[index] = r.headers["x-stream-id"]
+            read_some(r, 5, parts)
+            started.wait()
+            read_some(r, 100_000, parts)
+        results[index] = parts
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    replica_set.redis.stop()
+    # While Redis is down, a resume on a replica that does not generate the stream is a 503.
+    down = httpx.get(f"{replicas[1].url}/v1/streams/{ids[0]}")
+    assert down.status_code == 503
+    assert down.json()["error"]["code"] == "redis_unavailable"
+    replica_set.redis.start()
+    for t in threads:
+        t.join(60)
+    for index in range(4):
+        assert "".join(results[index]) == expected, index
+    # Once Redis is back, the replicas write what it lost, and resumes work again.
+    for replica in replicas:
+        replica.wait_metric("tokenspout_redis_up", 1)
+        replica.wait_metric("tokenspout_redis_write_pending_seconds", 0)
+    for index in range(4):
+        other = replicas[1 - index % 2]
+        parts: list[str] = []
+        resume_to_end(other.url, ids[index], None, parts)
+        assert "".join(parts) == expected
+
+
+def test_admission_limits_hold_across_two_replicas(replica_set: ReplicaSet, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        '[[keys]]\nname = "alice"\nkey = "sk-alice"\nmax_concurrent_streams = 1\n'
+        '[[keys]]\nname = "bob"\nkey = "sk-bob"\n'
+    )
+    args = ("--synthetic-itl-ms", "10", "--max-streams", "2", "--api-keys-file", str(keys))
+    a, b = replica_set.start(*args), replica_set.start(*args)
+    alice = {"Authorization": "Bearer sk-alice"}
+    bob = {"Authorization": "Bearer sk-bob"}
+    body = chat_body(4000)
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, headers=alice) as r1:
+        assert r1.status_code == 200
+        # alice's second stream, on the other replica: over her own limit.
+        refused = httpx.post(f"{b.url}/v1/chat/completions", json=body, headers=alice)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=body, headers=bob) as r2:
+            assert r2.status_code == 200
+            # Two streams are open across the replicas: a third is refused on either.
+            for replica in (a, b):
+                full = httpx.post(f"{replica.url}/v1/chat/completions", json=body, headers=bob)
+                assert full.status_code == 429
+                assert full.json()["error"]["code"] == "server_overloaded"
+                assert "across the replicas" in full.json()["error"]["message"]
+
+
+def test_unreachable_redis_at_start_is_one_line_and_exit_2() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
+         "--redis-url", f"redis://127.0.0.1:{port}/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "SYNTHETIC" not in line]
+    assert len(lines) == 1, result.stderr
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in lines[0]
