@@ -126,24 +126,37 @@ class ReplicaSet:
     replicas: list[Replica] = field(default_factory=list)
 
     def start(self, *args: str, engine: str = "synthetic") -> Replica:
+        return self.start_many(1, *args, engine=engine)[0]
+
+    def start_many(self, count: int, *args: str, engine: str = "synthetic") -> list[Replica]:
+        """``count`` replicas started together (a process start takes seconds here)."""
+        started = [self._spawn(args, engine) for _ in range(count)]
+        for replica in started:
+            self._wait_ready(replica)
+        return started
+
+    def _spawn(self, args: tuple[str, ...], engine: str) -> Replica:
         port = free_port()
         log = self.directory / f"replica-{port}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", engine,
              "--port", str(port), "--redis-url", self.redis.url, "--log-level", "warning",
-             "--drain-timeout-s", "1",
-             *args],
+             "--drain-timeout-s", "1", *args],
             stdout=log.open("wb"), stderr=subprocess.STDOUT,
         )  # fmt: skip
         replica = Replica(f"http://127.0.0.1:{port}", port, proc, log)
         self.replicas.append(replica)
+        return replica
+
+    @staticmethod
+    def _wait_ready(replica: Replica) -> None:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"replica exited: {log.read_text()}")
+            if replica.proc.poll() is not None:
+                raise RuntimeError(f"replica exited: {replica.log.read_text()}")
             try:
                 if httpx.get(f"{replica.url}/health").status_code == 200:
-                    return replica
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)

@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -59,6 +62,10 @@ class RedisLink:
             socket_connect_timeout=_SOCKET_TIMEOUT_S,
             socket_timeout=_SOCKET_TIMEOUT_S,
             health_check_interval=10,
+            # One retry on a fresh connection: after a Redis restart the pooled ones are
+            # dead, which is no reason to call Redis lost.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         self.up = True
         self._on_up = on_up
@@ -85,17 +92,17 @@ class RedisLink:
             self._probe = asyncio.create_task(self._wait_up())
 
     async def _wait_up(self) -> None:
-        while True:
+        # Until up for good: catching up (``on_up``) may find it gone again.
+        while not self.up:
             await asyncio.sleep(_PROBE_S)
             try:
                 await self.client.ping()
             except LOST:
                 continue
-            break
-        logger.warning("Redis at %s is reachable again", self.url)
-        self.up = True
-        if self._on_up is not None:
-            await self._on_up()
+            logger.warning("Redis at %s is reachable again", self.url)
+            self.up = True
+            if self._on_up is not None:
+                await self._on_up()
 
     def _message(self) -> str:
         return (
@@ -109,3 +116,11 @@ class RedisLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probe
         await self.client.aclose()
+
+
+async def execute(pipe: Pipeline) -> list[Any]:
+    """Run a pipeline, and release its connection whatever happens."""
+    try:
+        return await pipe.execute()
+    finally:
+        await pipe.reset()

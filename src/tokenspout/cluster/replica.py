@@ -23,7 +23,7 @@ from prometheus_client import Counter
 
 from tokenspout.cluster import redis_keys as rk
 from tokenspout.cluster.persisted_store import PersistedStreamStore
-from tokenspout.cluster.redis_link import LOST, RedisLink
+from tokenspout.cluster.redis_link import LOST, RedisLink, execute
 from tokenspout.cluster.shared_admission import SharedAdmission
 from tokenspout.cluster.stream_mirror import StreamMirror
 from tokenspout.cluster.stream_record import GONE, StreamRecord
@@ -220,7 +220,7 @@ class Replica:
             pipe = client.pipeline(transaction=False)
             pipe.hset(rk.meta(record.stream_id), "cancelled", "1")
             pipe.publish(rk.CANCEL, record.stream_id)
-            await pipe.execute()
+            await execute(pipe)
 
         await self.link.call(send)
 
@@ -284,7 +284,7 @@ class Replica:
         pipe.hset(rk.meta(stream_id), mapping={"state": GONE, "why": why})
         pipe.xadd(rk.stream(stream_id), {"g": why}, id=rk.entry_id(end, True))
         pipe.srem(rk.owned(self.id), stream_id)
-        await pipe.execute()
+        await execute(pipe)
 
     async def _continue(self, stream_id: str, dead: str) -> None:
         assert self._state is not None and self.admission is not None

@@ -18,7 +18,7 @@ from collections import Counter as Tally
 from collections.abc import Callable
 
 from tokenspout.cluster import redis_keys as rk
-from tokenspout.cluster.redis_link import LOST, RedisLink
+from tokenspout.cluster.redis_link import LOST, RedisLink, execute
 from tokenspout.errors import OverloadedError, RateLimitError
 from tokenspout.server.api_keys import ApiKey
 
@@ -166,7 +166,7 @@ class SharedAdmission:
             if tokens:
                 pipe.hincrbyfloat(rk.key(name), "tl", -tokens)
         try:
-            await pipe.execute()
+            await execute(pipe)
         except LOST as exc:
             self._link.lost(exc)
             self._charges.update(charges)

@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from tokenspout.cluster import redis_keys as rk
 from tokenspout.cluster.chunk_codec import encode_chunks
-from tokenspout.cluster.redis_link import LOST, RedisLink
+from tokenspout.cluster.redis_link import LOST, RedisLink, execute
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.errors import StreamGoneError
 from tokenspout.streaming.stream import Stream, StreamEnd
@@ -256,7 +256,7 @@ class StreamWriter:
             return False
         if ops:
             await self._script(keys=[*keys, rk.owned(self._replica)], args=args, client=pipe)
-        results = await pipe.execute()
+        results = await execute(pipe)
         for tracked in opening:
             tracked.opened = True
         self._settle(ops, results[-1] if ops else [])
@@ -288,7 +288,7 @@ class StreamWriter:
             pipe.hget(rk.meta(t.stream.id), "replica")
             pipe.xrevrange(rk.stream(t.stream.id), count=1)
         try:
-            answers = await pipe.execute()
+            answers = await execute(pipe)
         except LOST as exc:
             self._link.lost(exc)
             return
@@ -303,3 +303,4 @@ class StreamWriter:
             else:
                 t.persisted = rk.entry_end(last[0][0])[0] if last else 0
             self.touched(t.stream.id)
+        self._wake.set()
