@@ -35,6 +35,7 @@ _PROBE_S = 0.5
 #: Commands on a live connection answer in well under a millisecond: anything near this
 #: means Redis is gone, and no operation should hang on it.
 _SOCKET_TIMEOUT_S = 2.0
+_MAX_CONNECTIONS = 64
 
 
 def check_reachable(url: str) -> None:
@@ -57,8 +58,12 @@ class RedisLink:
 
     def __init__(self, url: str, on_up: Callable[[], Awaitable[None]] | None = None):
         self.url = url
-        self.client: aioredis.Redis = aioredis.from_url(
+        # Bursts of admissions wait for one of a bounded set of connections rather than
+        # open hundreds at once.
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=_SOCKET_TIMEOUT_S,
             socket_connect_timeout=_SOCKET_TIMEOUT_S,
             socket_timeout=_SOCKET_TIMEOUT_S,
             health_check_interval=10,
@@ -67,6 +72,7 @@ class RedisLink:
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
+        self.client = aioredis.Redis(connection_pool=pool)
         self.up = True
         self._on_up = on_up
         self._probe: asyncio.Task[None] | None = None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import Counter
 
 from tokenspout.cluster import redis_keys as rk
+from tokenspout.cluster.mirror_feed import MirrorFeed
 from tokenspout.cluster.persisted_store import PersistedStreamStore
 from tokenspout.cluster.redis_link import LOST, RedisLink, execute
 from tokenspout.cluster.shared_admission import SharedAdmission
@@ -93,6 +94,7 @@ class Replica:
             max_total_bytes=config.max_buffer_bytes,
         )
         self._mirrors: dict[str, StreamMirror] = {}
+        self._feed = MirrorFeed(self.link)
         self._tasks: list[asyncio.Task[None]] = []
         client = self.link.client
         self._lease = client.register_script(_LEASE)
@@ -136,8 +138,7 @@ class Replica:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for mirror in list(self._mirrors.values()):
-            await mirror.close()
+        await self._feed.close()
         await self.writer.stop()
         if self.link.up:
             with contextlib.suppress(*LOST):
@@ -187,7 +188,7 @@ class Replica:
         record, entries = await self._read(stream_id, owner)
         if record.state == GONE:
             raise StreamGoneError(f"stream {stream_id!r} cannot be resumed: {record.why}")
-        mirror = StreamMirror(self.link, record, self._mirror_store, self._mirror_ended)
+        mirror = StreamMirror(self._feed, record, self._mirror_store, self._mirror_ended)
         mirror.start(entries)
         if not mirror.stream.finished:
             self._mirrors[stream_id] = mirror

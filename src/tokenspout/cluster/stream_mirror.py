@@ -10,8 +10,6 @@ at the next positions. The mirror ends at the end entry, or when its last reader
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -19,7 +17,7 @@ from typing import Any
 
 from tokenspout.cluster import redis_keys as rk
 from tokenspout.cluster.chunk_codec import decode_chunks
-from tokenspout.cluster.redis_link import LOST, RedisLink
+from tokenspout.cluster.mirror_feed import MirrorFeed
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.engine.request import EngineOutput
 from tokenspout.errors import EngineError
@@ -28,36 +26,34 @@ from tokenspout.streaming.stream_store import InMemoryStreamStore
 
 logger = logging.getLogger("tokenspout.cluster")
 
-_BLOCK_MS = 1000
-_RETRY_S = 0.5
-
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class StreamMirror:
-    """Create with ``open``; ``stream`` is what readers subscribe to."""
+    """Create, then ``start`` with the entries read so far; ``stream`` is what readers
+    subscribe to. Followed by the replica's ``MirrorFeed``."""
 
     def __init__(
         self,
-        link: RedisLink,
+        feed: MirrorFeed,
         record: StreamRecord,
         store: InMemoryStreamStore,
         on_end: Callable[[Stream], None],
     ):
-        self._link = link
+        self._feed = feed
         self._record = record
-        self._key = rk.stream(record.stream_id)
-        self._running = asyncio.Event()
-        self._running.set()
-        self._task: asyncio.Task[None] | None = None
+        self.key = rk.stream(record.stream_id)
+        #: The last entry taken, and whether the feed reads on (its readers keep up).
+        self.last = b"0-0"
+        self.running = True
         self._buffer = store.create(record.stream_id, resumable=True)
         self.stream = Stream(
             record.stream_id,
             self._buffer,
             prompt_tokens=record.prompt_tokens,
             abort=self._abort,
-            pause=lambda _id: self._running.clear(),
-            resume=lambda _id: self._running.set(),
+            pause=self._pause,
+            resume=self._resume,
             resumable=True,
             # Its last reader gone, a mirror stops at once (the owner goes on).
             resume_grace_s=0.0,
@@ -69,34 +65,18 @@ class StreamMirror:
 
     def start(self, entries: list[Entry]) -> None:
         """Take the entries read so far, then follow the rest."""
-        last = b"0-0"
         if entries and b"c" in entries[0][1]:
             # Redis keeps a bounded length: the oldest entries may be gone.
             end, _ = rk.entry_end(entries[0][0])
             self._buffer.begin_at(end - len(decode_chunks(entries[0][1][b"c"])))
         for entry_id, fields in entries:
-            self._take(entry_id, fields)
-            last = entry_id
+            self.take(entry_id, fields)
+            self.last = entry_id
         if not self.stream.finished:
-            self._task = asyncio.create_task(self._follow(last))
+            self._feed.add(self)
 
-    async def _follow(self, last: bytes) -> None:
-        client = self._link.client
-        stream = self.stream
-        while not stream.finished:
-            await self._running.wait()
-            try:
-                answer = await client.xread({self._key: last}, count=256, block=_BLOCK_MS)
-            except LOST as exc:
-                self._link.lost(exc)
-                await asyncio.sleep(_RETRY_S)
-                continue
-            for _key, entries in answer:
-                for entry_id, fields in entries:
-                    self._take(entry_id, fields)
-                    last = entry_id
-
-    def _take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    def take(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """One entry of the Redis stream: chunks (those not held yet), or the end."""
         stream = self.stream
         if stream.finished:
             return
@@ -121,23 +101,25 @@ class StreamMirror:
             self._fail(fields[b"g"].decode())
         elif final:
             logger.warning("stream %s: unknown end entry %r", stream.id, entry_id)
+        if stream.finished:
+            self._feed.remove(self)
 
     def _fail(self, why: str) -> None:
-        self.stream.receive(EngineError(f"stream {self.stream.id} cannot be resumed: {why}",
-                                        code="stream_gone"))  # fmt: skip
+        message = f"stream {self.stream.id} cannot be resumed: {why}"
+        self.stream.receive(EngineError(message, code="stream_gone"))
+
+    def _pause(self, _stream_id: str) -> None:
+        self.running = False
+
+    def _resume(self, _stream_id: str) -> None:
+        self.running = True
+        self._feed.wake()
 
     def _abort(self, _stream_id: str) -> bool:
         """The last reader left: stop following, and end the local copy only."""
-        if self._task is not None:
-            self._task.cancel()
+        self._feed.remove(self)
         stream = self.stream
         stream.loop.call_soon(
             stream.receive, EngineOutput("", 0, stream.prompt_tokens, 0, "cancelled")
         )
         return True
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
