@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.cluster.conftest import ReplicaSet, kill, needs_nginx
 from tests.conftest import free_port
@@ -25,13 +26,18 @@ def chat_body(max_tokens: int, **options: object) -> dict:  # type: ignore[type-
     return {
         "messages": [{"role": "user", "content": PROMPT}],
         "max_tokens": max_tokens,
+        "temperature": 0,
         "stream": True,
         "stream_options": {"resumable": True, "flush_tokens": 1, **options},
     }
 
 
 def whole_text(url: str, max_tokens: int) -> str:
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
     return httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"][
         "content"
     ]
@@ -96,16 +102,29 @@ def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet)
 
 
 @needs_nginx
+@pytest.mark.parametrize(
+    ("engine", "args", "max_tokens"),
+    [
+        ("synthetic", ("--synthetic-itl-ms", "10"), 300),
+        pytest.param("embedded", ("--max-num-seqs", "2"), 120, marks=pytest.mark.slow),
+    ],
+)
 def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
-    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+    replica_set: ReplicaSet,
+    start_nginx: Callable[[list[int]], str],
+    engine: str,
+    args: tuple[str, ...],
+    max_tokens: int,
 ) -> None:
-    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    """The client, reconnecting through nginx with Last-Event-ID, receives exactly the
+    uncut answer (greedy decoding for the embedded engine) and [DONE]."""
+    replicas = replica_set.start_many(2, *args, engine=engine)
     url = start_nginx([r.port for r in replicas])
-    expected = whole_text(url, 300)
+    expected = whole_text(url, max_tokens)
     parts: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(300)) as r:
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens)) as r:
         stream_id = r.headers["x-stream-id"]
-        last_id = read_some(r, 30, parts)
+        last_id = read_some(r, 20, parts)
         owner = replica_set.owner(stream_id)
         kill(owner)
         # What the dead replica had already sent is read too: the client keeps it.
