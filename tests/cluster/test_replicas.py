@@ -124,13 +124,17 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
     parts: list[str] = []
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens)) as r:
         stream_id = r.headers["x-stream-id"]
-        last_id = read_some(r, 20, parts)
+        events = sse_events(r.iter_lines())
+        last_id = None
+        for event_id, data in itertools.islice(events, 20):
+            parts.append(chat_text(data))
+            last_id = event_id or last_id
         owner = replica_set.owner(stream_id)
         kill(owner)
         # What the dead replica had already sent is read too: the client keeps it.
         done = False
         try:
-            for event_id, data in sse_events(r.iter_lines()):
+            for event_id, data in events:
                 done = data == "[DONE]"
                 parts.append(chat_text(data))
                 last_id = event_id or last_id

@@ -6,7 +6,7 @@ import time
 
 import httpx
 import pytest
-from openai import NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError, OpenAI
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
@@ -121,3 +121,27 @@ def test_heartbeats_between_events_do_not_break_the_sdk(start_server) -> None:  
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text.split() == ["slow", "words", "slow", "words"]
+
+
+def test_chat_continues_the_final_assistant_message(client: OpenAI) -> None:
+    # vLLM's continue_final_message, which an upstream's failover sends to a tokenspout.
+    asked = [{"role": "user", "content": "one two three"}]
+    whole = client.chat.completions.create(model="synthetic", messages=asked, max_tokens=8)
+    assert whole.choices[0].message.content == "one two three one two three one two "
+    rest = client.chat.completions.create(
+        model="synthetic",
+        messages=[*asked, {"role": "assistant", "content": "one two three one "}],
+        max_tokens=4,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert rest.choices[0].message.content == "two three one two "
+
+
+def test_continue_final_message_with_a_generation_prompt_is_refused(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError, match="cannot both be true") as err:
+        client.chat.completions.create(
+            model="synthetic",
+            messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}],
+            extra_body={"continue_final_message": True},
+        )
+    assert err.value.body["param"] == "continue_final_message"  # type: ignore[index]

@@ -146,3 +146,36 @@ def test_health_answers_while_streams_generate(real_server: RunningServer) -> No
         for s in socks:
             s.close()
     real_server.wait_metric("tokenspout_requests_running", 0, timeout=5)
+
+
+@pytest.mark.parametrize("cut", [1, 7, 20])
+def test_continue_final_message_gives_the_rest_of_the_greedy_answer(
+    real_server: RunningServer, cut: int
+) -> None:
+    # What an upstream's failover sends to a tokenspout: the messages, the answer so far as
+    # an open assistant message, and what is left of max_tokens.
+    client = OpenAI(base_url=f"{real_server.url}/v1", api_key="x", max_retries=0)
+    asked = [{"role": "user", "content": "Explain why the sky is blue."}]
+    model = "SmolLM2-135M-Instruct"
+    deltas = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(
+            model=model,
+            messages=asked,
+            temperature=0,
+            max_tokens=40,
+            stream=True,
+            stream_options={"flush_tokens": 1, "flush_ms": 0},
+        )
+        if c.choices
+    ]
+    whole = "".join(deltas)
+    first = "".join(deltas[: cut + 1])  # the first chunk is the role alone
+    rest = client.chat.completions.create(
+        model=model,
+        messages=[*asked, {"role": "assistant", "content": first}],
+        temperature=0,
+        max_tokens=40 - cut,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False},
+    )
+    assert first + (rest.choices[0].message.content or "") == whole

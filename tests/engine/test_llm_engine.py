@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tokenspout.engine import llm_engine, sequence
+from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.llm_engine import LLMEngine
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import (
@@ -39,9 +40,16 @@ class FakeTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def render_chat(
-        self, messages: Sequence[ChatMessage], add_generation_prompt: bool = True
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> str:
-        return "".join(f"<{m.role}>{m.content}\n" for m in messages) + "<assistant>"
+        if continue_final_message:
+            *before, final = messages
+            return self.render_chat(before, False) + f"<{final.role}>{final.content}"
+        text = "".join(f"<{m.role}>{m.content}\n" for m in messages)
+        return text + "<assistant>" if add_generation_prompt else text
 
 
 class FakeRunner:
@@ -176,7 +184,7 @@ async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
     with pytest.raises(InvalidRequestError):
         fake_engine.encode_chat([ChatMessage("wizard", "hi")])
     with pytest.raises(InvalidRequestError):
-        await collect(fake_engine, "r", Prompt((1, 9999), ""), GREEDY)
+        await collect(fake_engine, "r", Prompt("", (1, 9999)), GREEDY)
 
 
 async def test_encode_chat_renders_the_template(fake_engine: LLMEngine) -> None:
@@ -292,7 +300,7 @@ async def test_a_load_failure_is_raised_by_start(monkeypatch: pytest.MonkeyPatch
     with pytest.raises(ModelLoadError):
         await engine.start()
     with pytest.raises(EngineError):
-        await collect(engine, "r", Prompt((1, 2), "x"), GREEDY)
+        await collect(engine, "r", Prompt("x", (1, 2)), GREEDY)
 
 
 async def test_shutdown_fails_requests_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -470,3 +478,38 @@ async def test_a_failing_sequence_ends_alone_and_finished_ones_still_arrive(
     outs = await collect(fake_engine, "after", fake_engine.encode_completion("hello"), GREEDY)
     assert outs[-1].finish_reason == "length"
     assert fake_engine.failure is None
+
+
+@pytest.mark.parametrize("known_ids", [True, False], ids=["ids", "retokenized"])
+async def test_continuation_reproduces_the_uncut_greedy_answer(
+    fake_engine: LLMEngine, known_ids: bool
+) -> None:
+    # The fake's next token hashes the whole context, so any id out of place shows.
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    for prompt in (
+        fake_engine.encode_completion("hello"),
+        fake_engine.encode_chat([ChatMessage("user", "hi")]),
+    ):
+        whole = await collect(fake_engine, "whole", prompt, params)
+        first = text(whole[:5])
+        ids = tuple(first.encode()) if known_ids else None
+        rest_prompt, rest_params = fake_engine.continuation(
+            prompt, params, Continuation(first, ids, 5)
+        )
+        assert rest_params.max_tokens == 7
+        rest = await collect(fake_engine, "rest", rest_prompt, rest_params)
+        assert first + text(rest) == text(whole)
+        assert rest[-1].finish_reason == whole[-1].finish_reason == "length"
+
+
+async def test_chat_continue_final_message_leaves_the_answer_open(fake_engine: LLMEngine) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    asked = [ChatMessage("user", "hi")]
+    whole = text(await collect(fake_engine, "w", fake_engine.encode_chat(asked), params))
+    continued = fake_engine.encode_chat(
+        [*asked, ChatMessage("assistant", whole[:4])],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    rest = await collect(fake_engine, "c", continued, SamplingParams(temperature=0.0, max_tokens=6))
+    assert whole[:4] + text(rest) == whole

@@ -10,8 +10,10 @@ import itertools
 import pytest
 
 from tests.fake_clock import on_fake_clock
-from tokenspout.engine.request import EngineOutput, SamplingParams
+from tokenspout.engine.continuation import Continuation
+from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.errors import InvalidRequestError
 
 
 async def collect(engine: SyntheticEngine, rid: str, prompt: str, n: int) -> list[EngineOutput]:
@@ -129,3 +131,78 @@ async def test_zero_itl_gives_one_token_per_loop_turn() -> None:
         counts.append(len(got))
     assert counts[-1] == 5
     assert all(b - a <= 1 for a, b in itertools.pairwise(counts))
+
+
+@pytest.mark.parametrize(
+    ("words", "echo"),
+    [
+        ("a b c", "a b c a b c a "),
+        ("a b a", "b a b a b a b "),
+        ("a a b", "a a b a a b a "),
+        ("solo", "solo " * 7),
+    ],
+)
+@on_fake_clock
+async def test_words_go_on_with_their_smallest_period(words: str, echo: str) -> None:
+    outs = [o for _, o in await collect(SyntheticEngine(), "a", words, 7)]  # type: ignore[misc]
+    assert "".join(o.text for o in outs) == echo
+
+
+async def answer(engine: SyntheticEngine, prompt: Prompt, params: SamplingParams) -> str:
+    return "".join([o.text async for o in engine.generate("r", prompt, params)])
+
+
+@pytest.mark.parametrize("words", ["one two three", "a b a", "x x y x", "w"])
+@pytest.mark.parametrize("cut", [1, 4, 9])
+@on_fake_clock
+async def test_continuation_gives_the_rest_of_the_uncut_answer(words: str, cut: int) -> None:
+    engine = SyntheticEngine()
+    params = SamplingParams(12)
+    for prompt in (
+        engine.encode_completion(words),
+        engine.encode_chat([ChatMessage("system", "be brief"), ChatMessage("user", words)]),
+    ):
+        whole = await answer(engine, prompt, params)
+        first = "".join(word + " " for word in whole.split()[:cut])
+        rest_prompt, rest_params = engine.continuation(
+            prompt, params, Continuation(first, None, cut)
+        )
+        assert rest_params.max_tokens == 12 - cut
+        assert first + await answer(engine, rest_prompt, rest_params) == whole
+
+
+@on_fake_clock
+async def test_chat_continues_its_final_assistant_message() -> None:
+    # What an upstream's failover sends: the messages plus the answer so far, continued.
+    engine = SyntheticEngine()
+    asked = [ChatMessage("user", "red green blue")]
+    whole = await answer(engine, engine.encode_chat(asked), SamplingParams(8))
+    first = "red green blue red "
+    assert whole.startswith(first)
+    continued = engine.encode_chat(
+        [*asked, ChatMessage("assistant", first)],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert first + await answer(engine, continued, SamplingParams(4)) == whole
+
+
+def test_continuation_refuses_when_nothing_is_left() -> None:
+    engine = SyntheticEngine()
+    prompt = engine.encode_completion("a b")
+    with pytest.raises(InvalidRequestError, match="nothing is left"):
+        engine.continuation(prompt, SamplingParams(2), Continuation("a b ", None, 2))
+
+
+def test_continue_final_message_needs_an_assistant_message_and_no_generation_prompt() -> None:
+    engine = SyntheticEngine()
+    with pytest.raises(InvalidRequestError, match="assistant") as err:
+        engine.encode_chat(
+            [ChatMessage("user", "hi")], add_generation_prompt=False, continue_final_message=True
+        )
+    assert err.value.param == "continue_final_message"
+    with pytest.raises(InvalidRequestError, match="cannot both be true"):
+        engine.encode_chat(
+            [ChatMessage("user", "hi"), ChatMessage("assistant", "hi")],
+            continue_final_message=True,
+        )

@@ -128,3 +128,16 @@ def test_from_directory(tokenizer: Tokenizer, tmp_path: Path) -> None:
         assert loaded.encode(case["text"]) == case["ids"]
     assert loaded.eos_token_ids == frozenset({2})
     assert loaded.bos_token_id == 1
+
+
+@pytest.mark.parametrize("so_far", ["The sky", "", "hi <|im_end|> and hi"])
+def test_continue_final_message_ends_with_its_content(tokenizer: Tokenizer, so_far: str) -> None:
+    # What the model saw before the cut, followed by the text so far: no end of turn after
+    # it, whatever the content holds (an empty answer, text equal to an earlier message).
+    asked = [ChatMessage("system", "hi"), ChatMessage("user", "Why is the sky blue?")]
+    continued = tokenizer.render_chat(
+        [*asked, ChatMessage("assistant", so_far)],
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert continued == tokenizer.render_chat(asked) + so_far

@@ -62,6 +62,7 @@ class StreamMirror:
             meta=record.wire,
         )
         self.stream.created = record.created
+        self.stream.positions_ahead = True
 
     def start(self, entries: list[Entry]) -> None:
         """Take the entries read so far, then follow the rest."""

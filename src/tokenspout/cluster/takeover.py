@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from tokenspout.cluster import redis_keys as rk
 from tokenspout.cluster.chunk_codec import decode_chunks
 from tokenspout.cluster.stream_record import StreamRecord
+from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import EngineOutput
 from tokenspout.errors import InvalidRequestError
 from tokenspout.server.generation_request import (
@@ -45,8 +46,6 @@ class Takeover:
         text = "".join(text for text, _, _ in history)
         tokens = sum(n for _, n, _ in history)
         generation = self._prepare()
-        from tokenspout.engine.continuation import Continuation
-
         sofar = Continuation(text=text, token_ids=None, completion_tokens=tokens)
         try:
             prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)

@@ -13,10 +13,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import EngineError, InvalidRequestError
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from tokenspout.engine.tool_calls import Tool
 
 
@@ -62,9 +65,19 @@ class Engine(ABC):
     max_model_len: int
     #: True for the synthetic engine, so that every surface can label it.
     synthetic: bool = False
+    #: What kind of engine this is (``/health``, ``tokenspout_engine_info``).
+    kind: str = "embedded"
     #: Why the engine can no longer generate (its loop died), or None while it can. The
     #: server then fails ``/health`` and answers new requests with 503.
     failure: str | None = None
+
+    def served_models(self) -> tuple[str, ...]:
+        """Model ids a request may name (an engine in front of other servers has several)."""
+        return (self.model_id,)
+
+    def collectors(self) -> tuple[Collector, ...]:
+        """Prometheus collectors of the engine's own metrics, beyond ``stats``."""
+        return ()
 
     async def start(self) -> None:  # noqa: B027 - optional hook
         """Load and warm up; called once before serving."""
@@ -77,9 +90,28 @@ class Engine(ABC):
         """Tokenize a raw completion prompt."""
 
     @abstractmethod
-    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> Prompt:
-        """Render the chat template (with ``tools`` the model may call) and a generation
-        prompt, and tokenize it; ``InvalidRequestError`` for tools the engine cannot offer."""
+    def encode_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Tool] = (),
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> Prompt:
+        """A chat prompt: ``messages`` (and ``tools`` the model may call) ending with a
+        generation prompt, or with the final (assistant) message left open for the model to
+        continue (vLLM's ``continue_final_message``; never both). An engine with a local
+        model renders its chat template and tokenizes here; ``InvalidRequestError`` for
+        tools the engine cannot offer."""
+
+    @abstractmethod
+    def continuation(
+        self, prompt: Prompt, params: SamplingParams, sofar: Continuation
+    ) -> tuple[Prompt, SamplingParams]:
+        """The prompt and params that generate the rest of the answer to ``prompt`` whose
+        first part is ``sofar`` (``max_tokens`` less ``sofar.completion_tokens``;
+        ``InvalidRequestError`` when nothing is left). Under greedy decoding the first
+        part followed by the rest is the answer an uncut request would have given."""
 
     def check_params(self, params: SamplingParams) -> None:
         """Raise ``InvalidRequestError`` naming the first field of ``params`` this engine

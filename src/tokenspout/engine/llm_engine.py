@@ -33,13 +33,14 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 import torch
 
 from tokenspout.engine import tool_calls
+from tokenspout.engine.continuation import Continuation, remaining_params
 from tokenspout.engine.detokenizer import Detokenizer
 from tokenspout.engine.grammar import TokenMasks, check_grammar
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
@@ -52,6 +53,7 @@ from tokenspout.engine.request import (
     Prompt,
     SamplingParams,
     TokenLogprob,
+    check_chat_ending,
 )
 from tokenspout.engine.sampler import (
     RowContext,
@@ -182,19 +184,57 @@ class LLMEngine(Engine):
             raise InvalidRequestError("prompt must not be empty", param="prompt")
         return self._prompt(self._runner().tokenizer.encode(prompt), prompt)
 
-    def encode_chat(self, messages: Seq[ChatMessage], tools: Seq[tool_calls.Tool] = ()) -> Prompt:
+    def encode_chat(
+        self,
+        messages: Seq[ChatMessage],
+        tools: Seq[tool_calls.Tool] = (),
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> Prompt:
         if not messages:
             raise InvalidRequestError("messages must not be empty", param="messages")
         for m in messages:
             if m.role not in CHAT_ROLES:
                 raise InvalidRequestError(f"unknown role {m.role!r}", param="messages")
+        check_chat_ending(messages, add_generation_prompt, continue_final_message)
+        ending = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+        }
         tokenizer = self._runner().tokenizer
         if isinstance(tokenizer, Tokenizer) and tokenizer.renders_tools:
-            text = tokenizer.render_chat(messages, add_generation_prompt=True, tools=tools)
+            text = tokenizer.render_chat(messages, tools=tools, **ending)
         else:
-            messages = tool_calls.with_generic_tools(messages, tools)
-            text = tokenizer.render_chat(messages, add_generation_prompt=True)
-        return self._prompt(tokenizer.encode(text, add_special_tokens=False), text)
+            text = tokenizer.render_chat(tool_calls.with_generic_tools(messages, tools), **ending)
+        return replace(
+            self._prompt(tokenizer.encode(text, add_special_tokens=False), text),
+            messages=tuple(messages),
+            tools=tuple(tools),
+            **ending,
+        )
+
+    def continuation(
+        self, prompt: Prompt, params: SamplingParams, sofar: Continuation
+    ) -> tuple[Prompt, SamplingParams]:
+        """The prompt's ids followed by the answer's own ids (re-tokenized from its text
+        when they are not known), so greedy decoding resumes exactly where it was cut.
+        Penalties on the output alone (presence, frequency) then see the first part as
+        prompt: such a continuation is close, not exact."""
+        if params.grammar is not None:
+            # The grammar's matcher would have to replay the first part; not done.
+            raise InvalidRequestError(
+                "a constrained answer (response_format, tools) cannot be continued",
+                param="response_format",
+            )
+        rest = remaining_params(params, sofar)
+        text = prompt.text + sofar.text
+        if prompt.token_ids is not None and sofar.token_ids is not None:
+            ids = prompt.token_ids + sofar.token_ids
+        else:
+            ids = tuple(self._runner().tokenizer.encode(text, add_special_tokens=False))
+        self._check_prompt(ids)
+        return replace(prompt, text=text, token_ids=ids), rest
 
     def check_params(self, params: SamplingParams) -> None:
         """Everything ``SamplingParams`` can ask for is served here; a grammar must be one
@@ -222,7 +262,7 @@ class LLMEngine(Engine):
     ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_prompt(prompt.token_ids)
+        self._check_prompt(prompt.token_ids or ())
         self.check_params(params)
         if self.failure is not None:
             raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
@@ -492,10 +532,11 @@ class LLMEngine(Engine):
         self, request_id: str, prompt: Prompt, params: SamplingParams, sink: OutputSink
     ) -> _Request:
         tokenizer = self._runner().tokenizer
-        n_prompt = len(prompt.token_ids)
+        ids = prompt.token_ids or ()
+        n_prompt = len(ids)
         seq = Sequence(
             request_id,
-            tuple(prompt.token_ids),
+            ids,
             params,
             max_tokens=min(params.max_tokens, self.max_model_len - n_prompt),
         )
@@ -518,7 +559,7 @@ class LLMEngine(Engine):
 
     def _prompt(self, token_ids: Seq[int], text: str) -> Prompt:
         self._check_prompt(token_ids)
-        return Prompt(tuple(token_ids), text)
+        return Prompt(text, tuple(token_ids))
 
     def _check_prompt(self, token_ids: Seq[int]) -> None:
         if not token_ids:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from tokenspout.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from tokenspout.engine.tool_calls import Tool
 
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
@@ -72,6 +76,11 @@ class SamplingParams:
     grammar: Grammar | None = None
     #: Output in the generic tool-call format is parsed into ``ToolCallDelta`` extras.
     tool_calls: bool = False
+    #: The model the request names (an engine in front of several servers routes by it).
+    model: str | None = None
+    #: The client's other fields as it sent them (sampling fields, vendor extensions,
+    #: tools), for an engine that passes them on to another server; empty otherwise.
+    extra_body: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -120,12 +129,32 @@ class SamplingParams:
 class Prompt:
     """A prompt ready for an engine, built by ``Engine.encode_completion/encode_chat``.
 
-    ``token_ids`` is what the model consumes; ``text`` is the rendered prompt (chat template
-    applied). Engines read whichever they need: the synthetic engine echoes ``text``'s words.
+    One shape for every engine, which reads whichever part it needs:
+
+    * ``text``: the completion prompt, or the rendered chat (template applied) for engines
+      that render one; the synthetic engine keeps the words it echoes here;
+    * ``token_ids``: what a local model consumes; None when the engine does not tokenize
+      (an upstream server tokenizes itself, so tokenspout never needs its tokenizer);
+    * ``messages``/``tools``: a chat prompt as the client gave it (empty for a completion),
+      with how its template is to end: a generation prompt for a new assistant turn, or the
+      final message left open (``continue_final_message``, vLLM's semantics).
     """
 
-    token_ids: tuple[int, ...]
     text: str
+    token_ids: tuple[int, ...] | None = None
+    messages: tuple[ChatMessage, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @property
+    def is_chat(self) -> bool:
+        return bool(self.messages)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt tokens as far as tokenspout knows them (0 when the upstream tokenizes)."""
+        return 0 if self.token_ids is None else len(self.token_ids)
 
 
 class EngineOutput(NamedTuple):
@@ -173,3 +202,25 @@ class OutputExtras(NamedTuple):
 
     logprob: TokenLogprob | None = None
     tool_calls: tuple[ToolCallDelta, ...] = ()
+
+
+def check_chat_ending(
+    messages: tuple[ChatMessage, ...] | list[ChatMessage],
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+) -> None:
+    """How a chat prompt ends must make sense (vLLM's rules): the final message is either
+    answered (a generation prompt) or continued, never both, and only an assistant
+    message is continued."""
+    if not continue_final_message:
+        return
+    if add_generation_prompt:
+        raise InvalidRequestError(
+            "continue_final_message and add_generation_prompt cannot both be true",
+            param="continue_final_message",
+        )
+    if not messages or messages[-1].role != "assistant":
+        raise InvalidRequestError(
+            "continue_final_message needs the final message to be an assistant message",
+            param="continue_final_message",
+        )

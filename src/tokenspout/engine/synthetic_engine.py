@@ -1,10 +1,16 @@
 """SYNTHETIC engine: a deterministic token producer for tests and load, not a language model.
 
-Its output is the last user message's (or the prompt's) whitespace-separated words, each
-followed by one space, one word per token, cycled until exactly ``max_tokens`` tokens: it
-never stops early. It queues beyond ``max_num_seqs``, honours cancellation, pause and resume,
-and reports the same stats as the real engine, so every server path can be exercised without
-a model.
+Its output continues the last user message's (or the prompt's) whitespace-separated words
+with their smallest period, one word per token, each followed by one space, until exactly
+``max_tokens`` tokens: it never stops early. Words that do not repeat are cycled whole
+("a b c" → "a b c a b c ..."); words that already repeat go on from where they are
+("a b a" → "b a b a ..."). So its continuation is exact: the prompt followed by part of
+its answer has the same smallest period, and the rest follows from it (a chat continues
+its final assistant message, ``continue_final_message``; a completion prompt that ends in
+whitespace may simply be followed by the text so far, as an upstream's failover does).
+
+It queues beyond ``max_num_seqs``, honours cancellation, pause and resume, and reports the
+same stats as the real engine, so every server path can be exercised without a model.
 
 It is paced like a batched engine. A request's first token comes ``ttft_ms`` after it starts
 (its "prefill"); then it joins the decode steps, which run every ``itl_ms`` for all running
@@ -26,11 +32,18 @@ import logging
 import math
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from tokenspout.engine.continuation import Continuation, remaining_params
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
-from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
+from tokenspout.engine.request import (
+    ChatMessage,
+    EngineOutput,
+    Prompt,
+    SamplingParams,
+    check_chat_ending,
+)
 from tokenspout.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -43,6 +56,21 @@ SYNTHETIC_MODEL_ID = "synthetic"
 #: Builds an EngineOutput from a tuple in C: the named tuple's generated constructor is a
 #: Python function, and one output is built per token.
 _output = functools.partial(tuple.__new__, EngineOutput)
+
+
+def _continued(words: list[str]) -> Iterator[str]:
+    """The tokens that go on after ``words`` with their smallest period."""
+    # border[i]: length of the longest proper prefix of words[: i + 1] that is also its
+    # suffix (Knuth-Morris-Pratt); the smallest period is the length less the longest one.
+    border = [0] * len(words)
+    for i in range(1, len(words)):
+        k = border[i - 1]
+        while k and words[i] != words[k]:
+            k = border[k - 1]
+        border[i] = k + (words[i] == words[k])
+    period = len(words) - border[-1]
+    cycle = itertools.cycle([word + " " for word in words[:period]])
+    return itertools.islice(cycle, len(words) % period, None)
 
 
 @dataclass(eq=False, slots=True)
@@ -63,6 +91,7 @@ class SyntheticEngine(Engine):
     """See the module docstring. Runs on the event loop: it only sets timers."""
 
     synthetic = True
+    kind = "synthetic"
 
     def __init__(
         self,
@@ -102,14 +131,38 @@ class SyntheticEngine(Engine):
     def encode_completion(self, prompt: str) -> Prompt:
         return self._prompt(prompt, prompt)
 
-    def encode_chat(self, messages: Sequence[ChatMessage], tools: Sequence[Tool] = ()) -> Prompt:
+    def encode_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        tools: Sequence[Tool] = (),
+        *,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+    ) -> Prompt:
         if tools:
             raise InvalidRequestError("tools are not supported by this engine", param="tools")
-        users = [m.content for m in messages if m.role == "user"]
-        source = users[-1] if users else messages[-1].content
+        check_chat_ending(messages, add_generation_prompt, continue_final_message)
+        asked = messages[:-1] if continue_final_message else messages
+        users = [m.content for m in asked if m.role == "user"]
+        source = users[-1] if users else asked[-1].content if asked else ""
+        if continue_final_message:
+            # The answer so far extends the words: the rest follows on from it.
+            source = f"{source} {messages[-1].content}"
         # Every message counts towards the prompt size; only the last user message is echoed.
         counted = " ".join(m.content for m in messages)
-        return self._prompt(source, counted)
+        return replace(
+            self._prompt(source, counted),
+            messages=tuple(messages),
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+        )
+
+    def continuation(
+        self, prompt: Prompt, params: SamplingParams, sofar: Continuation
+    ) -> tuple[Prompt, SamplingParams]:
+        rest = remaining_params(params, sofar)
+        ids = tuple(range(prompt.num_tokens + len(sofar.text.split())))
+        return replace(prompt, text=f"{prompt.text} {sofar.text}", token_ids=ids), rest
 
     @staticmethod
     def _prompt(source: str, counted: str) -> Prompt:
@@ -118,7 +171,7 @@ class SyntheticEngine(Engine):
                 "the synthetic engine echoes words: the prompt needs at least one word",
                 param="prompt",
             )
-        return Prompt(token_ids=tuple(range(len(counted.split()))), text=source)
+        return Prompt(text=source, token_ids=tuple(range(len(counted.split()))))
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -137,9 +190,9 @@ class SyntheticEngine(Engine):
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         req = _Request(
             request_id,
-            itertools.cycle([word + " " for word in prompt.text.split()]),
+            _continued(prompt.text.split()),
             params.max_tokens,
-            len(prompt.token_ids),
+            prompt.num_tokens,
             sink,
         )
         self._requests[request_id] = req

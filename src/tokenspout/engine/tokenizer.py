@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ CHATML_TEMPLATE = (
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 _CONTROL = 3  # llama.cpp token type for control tokens such as <|im_start|>
 _USER_DEFINED = 4
+# Stands in for the content of a message to be continued; no conversation contains it.
+_CONTINUE_MARK = "\x00tokenspout-continue\x00"
 
 # The regexes that llama.cpp's ``tokenizer.ggml.pre`` names stand for (llama-vocab.cpp).
 _LLAMA3_SPLIT = (
@@ -159,9 +162,32 @@ class Tokenizer:
         messages: Sequence[ChatMessage],
         add_generation_prompt: bool = True,
         tools: Sequence[Any] = (),
+        continue_final_message: bool = False,
     ) -> str:
         """The model's chat template applied to ``messages`` (and ``tools``, objects with
-        ``as_openai()``, when ``renders_tools``)."""
+        ``as_openai()``, when ``renders_tools``). With ``continue_final_message`` the text
+        ends with the final message's content, without the end-of-turn marks the template
+        puts after it, so that the model continues that message."""
+        if not continue_final_message:
+            return self._render(messages, add_generation_prompt, tools)
+        # Rendered with a marker in place of the final content and cut at the marker: the
+        # template may wrap or trim a message's content, and the content may well occur
+        # earlier in the conversation, so searching for the content itself is not safe.
+        *before, final = messages
+        marked = [*before, replace(final, content=_CONTINUE_MARK)]
+        text = self._render(marked, False, tools)
+        cut = text.rfind(_CONTINUE_MARK)
+        if cut < 0:
+            raise InvalidRequestError(
+                "this model's chat template does not render the final message's content, "
+                "so it cannot be continued",
+                param="continue_final_message",
+            )
+        return text[:cut] + final.content
+
+    def _render(
+        self, messages: Sequence[ChatMessage], add_generation_prompt: bool, tools: Sequence[Any]
+    ) -> str:
         try:
             return self._template.render(
                 messages=[_message_dict(m) for m in messages],

@@ -5,7 +5,7 @@ every transport so that they validate alike."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel
 
@@ -81,7 +81,12 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationR
     model = check_model(state, body.model)
     messages = advanced_params.chat_messages(body)
     check_prompt_chars(state, "".join(m.content for m in messages))
-    prompt = state.engine.encode_chat(messages, advanced_params.chat_tools(body))
+    prompt = state.engine.encode_chat(
+        messages,
+        advanced_params.chat_tools(body),
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+    )
     max_tokens = body.max_completion_tokens or body.max_tokens
     return _request(state, StreamWire("chat", model), prompt, body, max_tokens)
 
@@ -103,14 +108,17 @@ def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationReque
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         seed=body.seed,
-        prompt_tokens=len(prompt.token_ids),
+        prompt_tokens=prompt.num_tokens,
     )
     return _generation(state, StreamWire("seed", model), prompt, params, body)
 
 
 def check_model(state: ServerState, name: str | None) -> str:
-    """The served model id for a request's ``model`` field (omitted means the served one)."""
-    if name is None or name in state.served_names():
+    """The served model id for a request's ``model`` field (omitted or an alias means the
+    engine's own)."""
+    if name is not None and name in state.engine.served_models():
+        return name
+    if name is None or name in state.config.model_aliases:
         return state.engine.model_id
     served = ", ".join(state.served_names())
     raise ModelNotFoundError(f"model {name!r} is not served here; served: {served}", param="model")
@@ -188,7 +196,7 @@ def _request(
         stop=body.stop_list(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-        prompt_tokens=len(prompt.token_ids),
+        prompt_tokens=prompt.num_tokens,
     )
     params = advanced_params.apply(params, body)
     state.engine.check_params(params)
@@ -210,5 +218,6 @@ def _generation(
             resumable = options.resumable
         if options.include_usage:
             wire = StreamWire(wire.kind, wire.model, include_usage=True)
+    params = replace(params, model=wire.model)
     reading = ReadSettings.resolve(cfg, options)
     return GenerationRequest(prompt, params, wire, reading, resumable, body)

@@ -91,7 +91,9 @@ class Metrics:
             ["engine", "model"],
             registry=r,
         )
-        info.labels("synthetic" if engine.synthetic else "embedded", engine.model_id).set(1)
+        info.labels(engine.kind, engine.model_id).set(1)
+        for collector in engine.collectors():
+            r.register(collector)
         self.streams_active = Gauge("tokenspout_streams_active", "Open client streams.", registry=r)
         self.requests_aborted = Counter(
             "tokenspout_requests_aborted",

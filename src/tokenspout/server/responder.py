@@ -37,7 +37,7 @@ async def open_stream(
     by ``key``. With ``--redis-url`` the limits count across replicas, and a resumable
     stream is written to Redis."""
     admit(state)
-    prompt_tokens = len(generation.prompt.token_ids)
+    prompt_tokens = generation.prompt.num_tokens
     if state.cluster is not None:
         await admit_shared(state, key, prompt_tokens)
     elif key is not None:

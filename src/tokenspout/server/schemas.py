@@ -222,6 +222,12 @@ class ChatCompletionRequest(_GenerationBody):
     named function are enforced by grammar."""
     parallel_tool_calls: StrictBool | None = None
     """One call per answer is generated whatever this says (see the README)."""
+    add_generation_prompt: StrictBool = True
+    """vLLM's extension: end the prompt with the template's generation prompt (a new
+    assistant turn)."""
+    continue_final_message: StrictBool = False
+    """vLLM's extension: leave the final (assistant) message open and continue it; needs
+    ``add_generation_prompt: false``."""
 
 
 class CompletionRequest(_GenerationBody):

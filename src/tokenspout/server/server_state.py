@@ -77,7 +77,7 @@ class ServerState:
             self.metrics.requests_aborted.labels(reason).inc()
 
     def served_names(self) -> tuple[str, ...]:
-        return (self.engine.model_id, *self.config.model_aliases)
+        return (*self.engine.served_models(), *self.config.model_aliases)
 
 
 def state_of(conn: HTTPConnection) -> ServerState:

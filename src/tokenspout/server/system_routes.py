@@ -30,7 +30,7 @@ async def health(request: Request) -> Response:
     body = {
         "status": status,
         "model": state.engine.model_id,
-        "engine": "synthetic" if state.engine.synthetic else "embedded",
+        "engine": state.engine.kind,
     }
     if failure is not None:
         body["error"] = failure
@@ -49,15 +49,17 @@ async def metrics(request: Request) -> Response:
 @api.get("/v1/models")
 async def models(request: Request) -> Response:
     state = state_of(request)
-    owner = "tokenspout-synthetic" if state.engine.synthetic else "tokenspout"
+    engine = state.engine
+    owner = "tokenspout-synthetic" if engine.synthetic else "tokenspout"
+    models = engine.served_models()
     data = [
         {
             "id": name,
             "object": "model",
             "created": 0,
             "owned_by": owner,
-            "root": state.engine.model_id,
-            "max_model_len": state.engine.max_model_len,
+            "root": name if name in models else engine.model_id,
+            "max_model_len": engine.max_model_len,
         }
         for name in state.served_names()
     ]

@@ -47,6 +47,7 @@ class Continued:
         """Fill ``stream`` with the history; the sink for the engine's outputs, whose
         counts continue the history's."""
         stream.created = self.created
+        stream.positions_ahead = True
         stream.load(self.start, self.history)
         prompt_tokens, before = self.prompt_tokens, self.completion_tokens
         receive = stream.receive
@@ -119,7 +120,7 @@ class StreamRegistry:
             prompt_tokens = continued.prompt_tokens
         else:
             assert prompt is not None
-            prompt_tokens = len(prompt.token_ids)
+            prompt_tokens = prompt.num_tokens
         stream = Stream(
             stream_id,
             self._store.create(stream_id, resumable=resumable),
