@@ -1,7 +1,8 @@
 """A batch of a stream's chunks as the bytes of one Redis Stream entry, and back.
 
 JSON: ``[[text, num_tokens], ...]``, with a third item for a chunk that has extras (a
-token's logprob, tool-call pieces), whose bytes travel as hex.
+token's logprob, tool-call pieces): their own JSON as a string (bytes as hex), so that the
+writer's script can pass batches through Redis's Lua JSON codec unchanged.
 """
 
 from __future__ import annotations
@@ -14,17 +15,23 @@ from tokenspout.engine.request import OutputExtras, TokenLogprob, ToolCallDelta
 from tokenspout.streaming.stream_store import Chunk
 
 
-def encode_chunks(chunks: Iterable[Chunk]) -> bytes:
-    items = [
-        [c.text, c.num_tokens] if c.extras is None else [c.text, c.num_tokens, _extras(c.extras)]
+def chunk_items(chunks: Iterable[Chunk]) -> list[list[Any]]:
+    """The chunks as JSON-ready lists (what ``encode_chunks`` encodes)."""
+    return [
+        [c.text, c.num_tokens]
+        if c.extras is None
+        else [c.text, c.num_tokens, json.dumps(_extras(c.extras))]
         for c in chunks
     ]
-    return json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def encode_chunks(chunks: Iterable[Chunk]) -> bytes:
+    return json.dumps(chunk_items(chunks), ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def decode_chunks(data: bytes) -> list[tuple[str, int, OutputExtras | None]]:
     return [
-        (item[0], item[1], _from_extras(item[2]) if len(item) > 2 else None)
+        (item[0], int(item[1]), _from_extras(json.loads(item[2])) if len(item) > 2 else None)
         for item in json.loads(data)
     ]
 

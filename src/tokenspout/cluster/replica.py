@@ -140,9 +140,8 @@ class Replica:
                 await task
         await self._feed.close()
         await self.writer.stop()
-        if self.link.up:
-            with contextlib.suppress(*LOST):
-                await self.link.client.zrem(rk.REPLICAS, self.id)
+        # The lease is left to lapse: a stream whose end could not be written is then
+        # taken over, and a replica with nothing left is forgotten (_FORGET).
         await self.link.close()
 
     async def _redis_back(self) -> None:
