@@ -38,9 +38,8 @@ def whole_text(url: str, max_tokens: int) -> str:
         "max_tokens": max_tokens,
         "temperature": 0,
     }
-    return httpx.post(f"{url}/v1/chat/completions", json=body).json()["choices"][0]["message"][
-        "content"
-    ]
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    return answer.json()["choices"][0]["message"]["content"]
 
 
 def resume_to_end(url: str, stream_id: str, last_id: str | None, parts: list[str]) -> None:
@@ -106,7 +105,12 @@ def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet)
     ("engine", "args", "max_tokens"),
     [
         ("synthetic", ("--synthetic-itl-ms", "10"), 300),
-        pytest.param("embedded", ("--max-num-seqs", "2"), 120, marks=pytest.mark.slow),
+        pytest.param(
+            "embedded",
+            ("--max-num-seqs", "2"),
+            120,
+            marks=[pytest.mark.slow, pytest.mark.timeout(1200)],
+        ),
     ],
 )
 def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
@@ -122,7 +126,9 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
     url = start_nginx([r.port for r in replicas])
     expected = whole_text(url, max_tokens)
     parts: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens)) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens), timeout=60
+    ) as r:
         stream_id = r.headers["x-stream-id"]
         events = sse_events(r.iter_lines())
         last_id = None

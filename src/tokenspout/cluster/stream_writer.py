@@ -4,8 +4,9 @@ The per-token path never waits on Redis: an append to a persisted buffer only no
 stream as dirty (``touched``: a set insertion) and wakes the writer task. The writer takes
 every dirty stream's chunks after what it has persisted, one entry per stream, and writes
 them all in one round trip (one pipeline: new streams' records, then one script that checks
-ownership and appends). While a round trip is in flight, new tokens accumulate for the next
-one: batches grow with the load, as a group commit does.
+ownership and appends), at most every ``FLUSH_EVERY_S`` (20 ms); while a round trip is in
+flight, new tokens accumulate for the next one: batches grow with the load, as a group
+commit does.
 
 What can be lost: if this process dies, the text produced since the last completed flush
 (the ``tokenspout_redis_write_lag_seconds`` histogram: how old the oldest unwritten token
@@ -44,6 +45,9 @@ logger = logging.getLogger("tokenspout.cluster")
 #: A running stream's keys expire after this long without an end (an owner that died with
 #: no replica left to take over must not leave them forever).
 RUNNING_TTL_S = 3600.0
+#: The writer writes at most this often: what a replica's death can lose is about this
+#: plus one round trip to Redis.
+FLUSH_EVERY_S = 0.02
 #: How long a stopping replica keeps writing its streams' last outputs.
 _STOP_FLUSH_S = 2.0
 
@@ -205,8 +209,16 @@ class StreamWriter:
     # -- the writer task -----------------------------------------------------------------
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
         while True:
             await self._wake.wait()
+            # A group commit: at most one write every FLUSH_EVERY_S, so that a batch holds
+            # a few tokens per stream (each stream's entry costs more than its tokens).
+            wait = last + FLUSH_EVERY_S - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            last = loop.time()
             self._wake.clear()
             if not self._link.up:
                 continue  # resync() runs when it is back
