@@ -79,7 +79,15 @@ CASES: list[tuple[str, str, object, int, str]] = [
         "temperature",
     ),
     ("top_p zero", "/v1/chat/completions", {"messages": MSG, "top_p": 0}, 400, "top_p"),
-    ("n two", "/v1/chat/completions", {"messages": MSG, "n": 2}, 400, "n=1"),
+    ("n nine", "/v1/chat/completions", {"messages": MSG, "n": 9}, 400, "n:"),
+    ("n zero", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n:"),
+    (
+        "n resumable",
+        "/v1/chat/completions",
+        {"messages": MSG, "n": 2, "stream_options": {"resumable": True}},
+        400,
+        "n > 1 is not resumable",
+    ),
     ("stream not bool", "/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
     ("stop empty", "/v1/chat/completions", {"messages": MSG, "stop": [""]}, 400, "stop"),
     (

@@ -141,6 +141,22 @@ def test_json_object_mode_gives_a_json_object(client: OpenAI) -> None:
     [
         ("guided_choice", ["yes", "no"], lambda text: text in ("yes", "no")),
         ("guided_regex", r"[0-9]{3}-[a-z]{2}", lambda text: len(text) == 6 and text[3] == "-"),
+        ("structured_outputs", {"choice": ["yes", "no"]}, lambda text: text in ("yes", "no")),
+        ("structured_outputs", {"regex": "[0-9]{4}"}, lambda text: len(text) == 4),
+        (
+            "structured_outputs",
+            {
+                "json": {
+                    "type": "object",
+                    "properties": {"ok": {"type": "boolean"}},
+                    "required": ["ok"],
+                    "additionalProperties": False,
+                }
+            },
+            lambda text: isinstance(json.loads(text)["ok"], bool),
+        ),
+        ("structured_outputs", {"json_object": True}, lambda text: text.startswith("{")),
+        ("structured_outputs", {"grammar": 'start: "a" | "b"'}, lambda text: text in ("a", "b")),
     ],
 )
 def test_vllm_guided_extensions(server: RunningServer, field: str, value: object, check) -> None:  # type: ignore[no-untyped-def]
@@ -271,8 +287,13 @@ NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"n": 3}, "n"),
+        ({"n": 9}, "n"),
         ({"foo": 1}, "foo"),
+        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+        ({"structured_outputs": {"regex": "(?=a)b"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"json": "{"}}, "structured_outputs.json"),
         (
             {
                 "response_format": {
@@ -376,3 +397,96 @@ def test_every_output_of_a_random_schema_validates(
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "stop", choice
     jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+# --- n > 1 and echo on the real model ----------------------------------------------------
+
+
+def test_n3_seeded_choices_differ_and_share_the_prompt(
+    server: RunningServer, client: OpenAI
+) -> None:
+    hits = server.metric("tokenspout_prefix_cache_hits_total")
+    computed = server.metric("tokenspout_prompt_tokens_total")
+    kwargs = {
+        "model": MODEL,
+        "messages": user("Write one short sentence about the sea."),
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 11,
+        "n": 3,
+        "logprobs": True,
+    }
+    out = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+    texts = [c.message.content for c in out.choices]
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert len(set(texts)) == 3, texts  # choice i draws with seed + i
+    # Usage: every choice's tokens (a stop token has no logprob but is counted).
+    assert out.usage is not None
+    counted = [len(c.logprobs.content) + (c.finish_reason == "stop") for c in out.choices]
+    assert out.usage.completion_tokens == sum(counted)
+    # The prompt was computed once: the two other choices copied it from the first and
+    # computed only their last prompt token.
+    assert server.metric("tokenspout_prefix_cache_hits_total") - hits >= 2
+    prompt = out.usage.prompt_tokens
+    assert server.metric("tokenspout_prompt_tokens_total") - computed <= prompt + 2
+
+
+def test_n2_streamed_with_logprobs_on_each_choice(client: OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=user("Say hello."),
+        max_tokens=5,
+        n=2,
+        logprobs=True,
+        top_logprobs=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    tokens: dict[int, int] = {0: 0, 1: 0}
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            if choice.logprobs and choice.logprobs.content:
+                tokens[choice.index] += len(choice.logprobs.content)
+    assert all(tokens.values()), tokens
+    assert usage is not None and usage.completion_tokens == sum(tokens.values())
+
+
+def test_echo_with_logprobs_scores_the_prompt(client: OpenAI) -> None:
+    prompt = "The capital of France is Paris"
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=2, logprobs=2, echo=True, temperature=0
+    )
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt) and len(choice.text) > len(prompt)
+    lp = choice.logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs
+    assert out.usage is not None
+    n_prompt = out.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + out.usage.completion_tokens
+    assert "".join(lp.tokens) == choice.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    # "Paris" after "The capital of France is" is likelier than the first words were.
+    assert lp.token_logprobs[n_prompt - 1] > min(lp.token_logprobs[1 : n_prompt - 1])
+
+
+def test_echo_with_max_tokens_0_is_the_prompt_alone_scored(server: RunningServer) -> None:
+    prompt = "The capital of France is Paris"
+    body = {"prompt": prompt, "max_tokens": 0, "logprobs": 1, "echo": True}
+    first = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    choice = first["choices"][0]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert first["usage"]["completion_tokens"] == 0
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == first["usage"]["prompt_tokens"]
+    # The same prompt again (its KV now in the prefix cache) scores the same: computed whole.
+    again = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    values = again["choices"][0]["logprobs"]["token_logprobs"]
+    assert values[0] is None and values[1:] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    refused = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 0}, timeout=60
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

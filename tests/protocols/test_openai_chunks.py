@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
+from tokenspout.engine.request import OutputExtras, TokenLogprob
 from tokenspout.errors import InternalError, StreamGoneError
 from tokenspout.protocols.chunk_format import Usage, delta_encoder
 from tokenspout.protocols.ndjson import dumps
-from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
+from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
 
 USAGE = Usage(prompt_tokens=7, completion_tokens=5)
@@ -167,3 +168,39 @@ def test_the_delta_encoder_needs_the_text_as_a_json_string() -> None:
 
     with pytest.raises(ValueError):
         delta_encoder(Counted())
+
+
+def test_choices_of_a_group_carry_their_index_and_the_usage_comes_once() -> None:
+    chunks = chat(include_usage=True)
+    assert chunks.opening(2)[0]["choices"][0]["index"] == 2
+    assert chunks.delta("hi", 1)["choices"][0] == {
+        "index": 1,
+        "delta": {"content": "hi"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert chunks.choice_end("stop", 2)["choices"][0]["finish_reason"] == "stop"
+    [usage] = chunks.usage_end(USAGE)
+    assert usage["choices"] == [] and usage["usage"] == USAGE_DICT
+    whole = completion().response_choices(
+        [ChoiceOutput("a", "stop"), ChoiceOutput("b", "length")], USAGE
+    )
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in whole["choices"]] == [
+        (0, "a", "stop"),
+        (1, "b", "length"),
+    ]
+
+
+def test_echoed_prompt_logprobs_come_first_the_first_one_null() -> None:
+    prompt = (TokenLogprob("The", b"The", None, ()), TokenLogprob(" sky", b" sky", -2.0, ()))
+    first = OutputExtras(
+        logprob=TokenLogprob(" is", b" is", -0.5, ((" is", b" is", -0.5),)),
+        prompt_logprobs=prompt,
+    )
+    payload = completion().delta_with("The sky is", [first])
+    assert payload["choices"][0]["logprobs"] == {
+        "tokens": ["The", " sky", " is"],
+        "token_logprobs": [None, -2.0, -0.5],
+        "top_logprobs": [None, {}, {" is": -0.5}],
+        "text_offset": [0, 3, 7],
+    }

@@ -16,5 +16,8 @@ def test_openapi_documents_the_generation_fields(synthetic_server: RunningServer
         assert fields[name].get("description"), name
     for name in ("logit_bias", "min_p", "repetition_penalty", "guided_json"):
         assert name in fields
+    assert fields["n"]["maximum"] == 8 and fields["structured_outputs"].get("description")
     completion = schema["paths"]["/v1/completions"]["post"]["requestBody"]
     assert completion["content"]["application/json"]["schema"]["$ref"].endswith("CompletionRequest")
+    completion_fields = schema["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert completion_fields["echo"].get("description")

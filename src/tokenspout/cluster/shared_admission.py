@@ -56,19 +56,20 @@ if waiting >= tonumber(ARGV[5]) then return {2, waiting, 2} end
 if #KEYS == 3 then
   local mine, most = tonumber(ARGV[6]), tonumber(ARGV[7])
   local rpm, tpm, prompt = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+  local n = tonumber(ARGV[11])
   local open = others(KEYS[3], 's:') + mine
   if most >= 0 and open > most then return {3, open - 1, 1} end
   local b = redis.call('HMGET', KEYS[3], 'rl', 'rt', 'tl', 'tt')
   local rl, tl
   if rpm >= 0 then
     rl = refill(b[1], b[2], rpm)
-    if rl < 1 then return {4, 0, math.max(1, math.ceil((1 - rl) * 60 / rpm))} end
+    if rl < n then return {4, 0, math.max(1, math.ceil((n - rl) * 60 / rpm))} end
   end
   if tpm >= 0 then
     tl = refill(b[3], b[4], tpm)
     if tl <= 0 then return {5, 0, math.max(1, math.ceil((1 - tl) * 60 / tpm))} end
   end
-  if rl then redis.call('HSET', KEYS[3], 'rl', tostring(rl - 1), 'rt', tostring(now)) end
+  if rl then redis.call('HSET', KEYS[3], 'rl', tostring(rl - n), 'rt', tostring(now)) end
   if tl then redis.call('HSET', KEYS[3], 'tl', tostring(tl - prompt), 'tt', tostring(now)) end
   redis.call('HSET', KEYS[3], 's:' .. me, mine)
 end
@@ -110,33 +111,34 @@ class SharedAdmission:
         self._script = link.client.register_script(_ADMIT)
         self._publishing: asyncio.Task[None] | None = None
 
-    async def admit(self, key: ApiKey | None, prompt_tokens: int) -> None:
-        """Count a new stream (and ``key``'s), or raise 429 (``OverloadedError``, or
-        ``RateLimitError`` for the key's own limits) with nothing counted; 503 without Redis."""
-        self._reserved += 1
+    async def admit(self, key: ApiKey | None, prompt_tokens: int, n: int = 1) -> None:
+        """Count ``n`` new streams (and ``key``'s: ``n`` requests, the prompt's tokens
+        once), or raise 429 (``OverloadedError``, or ``RateLimitError`` for the key's own
+        limits) with nothing counted; 503 without Redis."""
+        self._reserved += n
         keys = [rk.REPLICAS, rk.ADMISSION]
         args = [self._replica, str(self._generating() + self._reserved), str(self._max_streams)]
         args += [str(self._queued()), str(self._max_queued)]
         if key is not None:
-            self._keys[key.name] += 1
+            self._keys[key.name] += n
             keys.append(rk.key(key.name))
             args += [str(self._keys[key.name]), _limit(key.max_concurrent_streams)]
             args += [_limit(key.requests_per_minute), _limit(key.tokens_per_minute)]
-            args.append(str(prompt_tokens))
+            args += [str(prompt_tokens), str(n)]
         try:
             code, count, retry = await self._link.call(lambda: self._script(keys=keys, args=args))
         except BaseException:
-            self._release(key)
+            self._release(key, n)
             raise
         finally:
-            self._reserved -= 1
+            self._reserved -= n
         if code != 0:
-            self._release(key)
+            self._release(key, n)
             raise _refusal(int(code), int(count), int(retry), self, key)
 
-    def _release(self, key: ApiKey | None) -> None:
+    def _release(self, key: ApiKey | None, n: int) -> None:
         if key is not None:
-            self._keys[key.name] -= 1
+            self._keys[key.name] -= n
 
     def adopt(self, key_name: str) -> None:
         """A stream of ``key_name`` taken over from a dead replica now counts here."""

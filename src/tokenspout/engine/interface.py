@@ -117,8 +117,10 @@ class Engine(ABC):
         """Raise ``InvalidRequestError`` naming the first field of ``params`` this engine
         cannot honour (never accept and ignore). By default: everything beyond plain
         temperature/top-p/top-k sampling."""
+        grammar = params.grammar
         unsupported = {
-            "response_format": params.grammar is not None and not params.tool_calls,
+            (grammar and grammar.param) or "response_format": grammar is not None
+            and not params.tool_calls,
             "tools": params.tool_calls,
             "logprobs": params.logprobs is not None,
             "min_p": params.min_p != 0.0,
@@ -126,6 +128,7 @@ class Engine(ABC):
             "frequency_penalty": params.frequency_penalty != 0.0,
             "repetition_penalty": params.repetition_penalty != 1.0,
             "logit_bias": bool(params.logit_bias),
+            "echo": params.echo,
         }
         for name, used in unsupported.items():
             if used:

@@ -21,6 +21,12 @@ this thread) whose token mask the sampler applies to its row; it finishes with `
 soon as the grammar is complete. Requests that asked for logprobs or tool calls get them as
 ``EngineOutput.extras`` with each token.
 
+Echo. A request with ``echo`` gets the prompt's text at the start of its first output. With
+logprobs too, its prompt is computed whole (no prefix reuse) with every position's logits,
+and the first output carries each prompt token's logprob: the model's own distribution
+(no temperature or penalties), as vLLM's ``prompt_logprobs``. With ``max_tokens`` 0 the
+token sampled after the prompt is dropped: the answer is the prompt alone, scored.
+
 Failures. If a step raises, every running request fails with ``EngineError`` (their KV may
 be half-written), waiting requests stay queued and the thread keeps serving.
 """
@@ -33,7 +39,7 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -62,7 +68,7 @@ from tokenspout.engine.sampler import (
     Sampler,
     make_generator,
 )
-from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
+from tokenspout.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from tokenspout.engine.sequence import Sequence
 from tokenspout.engine.tokenizer import Tokenizer
 from tokenspout.errors import (
@@ -97,6 +103,10 @@ class _Request:
     #: parser, when the request has them.
     matcher: Any = None
     tool_parser: tool_calls.ToolCallParser | None = None
+    #: With echo: the prompt's text, which the first output begins with, and (with
+    #: logprobs) its tokens' logprobs, gathered while the prompt is computed.
+    echo: str | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 #: What the event loop posts to the engine thread: a new request, or the id to abort.
@@ -227,6 +237,9 @@ class LLMEngine(Engine):
                 "a constrained answer (response_format, tools) cannot be continued",
                 param="response_format",
             )
+        if params.echo:
+            # The text so far begins with the prompt itself; echoing it again is not done.
+            raise InvalidRequestError("an echoed answer cannot be continued", param="echo")
         rest = remaining_params(params, sofar)
         text = prompt.text + sofar.text
         if prompt.token_ids is not None and sofar.token_ids is not None:
@@ -246,7 +259,7 @@ class LLMEngine(Engine):
             )
         if params.grammar is None:
             return
-        param = "tools" if params.tool_calls else "response_format"
+        param = "tools" if params.tool_calls else params.grammar.param or "response_format"
         if self.sampler.masks is None:
             raise InvalidRequestError(
                 "this model's tokenizer does not support constrained decoding", param=param
@@ -320,7 +333,16 @@ class LLMEngine(Engine):
         for copy in plan.copies:
             runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens)
         chunks = [SeqChunk(c.seq.slot, c.token_ids, c.start_pos) for c in plan.chunks]
-        logits = runner.forward(chunks)  # [len(chunks), vocab]
+        # Prompts whose logprobs are asked for: every position's logits.
+        full = [
+            i for i, c in enumerate(plan.chunks) if c.is_prefill and c.seq.params.prompt_logprobs
+        ]
+        if full:
+            logits, every = runner.forward_all(chunks, full)
+            for i, chunk_logits in zip(full, every, strict=True):
+                self._score_prompt(plan.chunks[i], chunk_logits)
+        else:
+            logits = runner.forward(chunks)  # [len(chunks), vocab]
         rows = [i for i, c in enumerate(plan.chunks) if c.samples]
         reqs = [self._active[plan.chunks[i].seq.seq_id] for i in rows]
         contexts = None
@@ -332,6 +354,27 @@ class LLMEngine(Engine):
         return self.sampler(
             logits[rows], [r.seq.params for r in reqs], [r.generator for r in reqs], contexts
         )
+
+    def _score_prompt(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
+        """The logprobs of the prompt tokens this chunk's positions predict (position p
+        predicts token p + 1; the prompt's last position predicts the output)."""
+        seq = chunk.seq
+        start = chunk.start_pos
+        n = min(len(chunk.token_ids), seq.num_prompt_tokens - 1 - start)
+        if n <= 0:
+            return
+        targets = torch.tensor(seq.prompt_token_ids[start + 1 : start + 1 + n])  # [n]
+        logprobs = torch.log_softmax(logits[:n], dim=-1)  # [n, V]
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        k = seq.params.logprobs or 0
+        top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+        out = self._active[seq.seq_id].prompt_logprobs
+        for j, token in enumerate(targets.tolist()):
+            top: tuple[tuple[str, bytes, float], ...] = ()
+            if top_values is not None and top_ids is not None:
+                pairs = zip(top_ids[j].tolist(), top_values[j].tolist(), strict=True)
+                top = tuple((*self._token_text(t), v) for t, v in pairs)
+            out.append(TokenLogprob(*self._token_text(token), chosen[j], top))
 
     def _postprocess(
         self, seq: Sequence, logprobs: RowLogprobs | None
@@ -354,6 +397,10 @@ class LLMEngine(Engine):
     def _detokenize(
         self, req: _Request, seq: Sequence, logprobs: RowLogprobs | None
     ) -> EngineOutput:
+        if seq.max_tokens == 0:
+            # Echo alone (the prompt, scored): the token sampled after it is not output.
+            text, extras = self._echo(req, "", None)
+            return EngineOutput(text, 0, seq.num_prompt_tokens, 0, "length", extras)
         token = seq.output_token_ids[-1]
         stop_ids = seq.params.stop_token_ids
         extras: OutputExtras | None = None
@@ -379,7 +426,19 @@ class LLMEngine(Engine):
             if reason == "stop" and req.tool_parser.has_call:
                 reason = "tool_calls"
         n = len(seq.output_token_ids)
+        if req.echo is not None and n == 1:
+            text, extras = self._echo(req, text, extras)
         return EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras)
+
+    @staticmethod
+    def _echo(
+        req: _Request, text: str, extras: OutputExtras | None
+    ) -> tuple[str, OutputExtras | None]:
+        """The first output's text and extras with the prompt (and its logprobs) first."""
+        assert req.echo is not None
+        if req.prompt_logprobs:
+            extras = (extras or OutputExtras())._replace(prompt_logprobs=tuple(req.prompt_logprobs))
+        return req.echo + text, extras
 
     @staticmethod
     def _parse_tools(
@@ -475,6 +534,10 @@ class LLMEngine(Engine):
         """Build the request's grammar matcher here, off the event loop (a large schema can
         take a while); a grammar that fails to compile fails the request."""
         params = req.seq.params
+        if params.prompt_logprobs:
+            # The first prompt token has no logprob: nothing comes before it.
+            first = req.seq.prompt_token_ids[0]
+            req.prompt_logprobs.append(TokenLogprob(*self._token_text(first), None, ()))
         if params.tool_calls:
             req.tool_parser = tool_calls.ToolCallParser()
         if params.grammar is None:
@@ -546,6 +609,7 @@ class LLMEngine(Engine):
             make_generator(params.seed),
             asyncio.get_running_loop(),
             sink,
+            echo=prompt.text if params.echo else None,
         )
 
     def _decode_token(self, token: int) -> tuple[str, bytes]:

@@ -105,6 +105,23 @@ class ModelRunner:
             token_ids, positions, batch, logit_rows = self._plan(chunks)
             return self.model.forward(token_ids, positions, batch, self.cache, logit_rows)
 
+    def forward_all(
+        self, chunks: Sequence[SeqChunk], full: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``forward``, and for the chunks at the indexes ``full`` the logits of every
+        position, [len(chunk.token_ids), vocab] each (what a prompt's logprobs need)."""
+        self._set_threads()
+        with torch.inference_mode():
+            token_ids, positions, batch, last_rows = self._plan(chunks)
+            sizes = [len(chunks[i].token_ids) for i in full]
+            firsts = [int(last_rows[i]) - n + 1 for i, n in zip(full, sizes, strict=True)]
+            rows = torch.cat(
+                [last_rows, *(torch.arange(a, a + n) for a, n in zip(firsts, sizes, strict=True))]
+            )
+            logits = self.model.forward(token_ids, positions, batch, self.cache, rows)
+        # logits: [len(chunks) + sum(sizes), V]
+        return logits[: len(chunks)], list(logits[len(chunks) :].split(sizes))
+
     def copy_slot_prefix(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy KV positions [0, num_tokens) of slot src into slot dst (for the prefix cache)."""
         for slot in (src, dst):

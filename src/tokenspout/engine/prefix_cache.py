@@ -71,14 +71,18 @@ class PrefixCache:
     def num_free(self) -> int:
         return len(self._free)
 
-    def allocate(self, prompt: Tokens[int], busy: Mapping[int, Tokens[int]]) -> SlotAssignment:
+    def allocate(
+        self, prompt: Tokens[int], busy: Mapping[int, Tokens[int]], *, reuse: bool = True
+    ) -> SlotAssignment:
         """Take a free slot for ``prompt``; ``busy`` maps busy slots to their computed tokens.
+        ``reuse=False``: the prompt is to be computed whole (its every position's logits are
+        wanted), so the least recently used slot is taken and nothing is reused.
 
         Raises ``RuntimeError`` when no slot is free (the scheduler checks ``num_free``).
         """
         if not self._free:
             raise RuntimeError("no free KV-cache slot")
-        if not self.enabled:
+        if not (self.enabled and reuse):
             slot, _ = self._free.popitem(last=False)
             return SlotAssignment(slot)
         self.queries += 1

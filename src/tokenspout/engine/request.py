@@ -47,6 +47,8 @@ class Grammar:
 
     kind: Literal["json_schema", "json_object", "regex", "choice", "lark"]
     source: str = ""
+    #: The request field it came from, named by errors (empty: ``response_format``).
+    param: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,10 @@ class SamplingParams:
     grammar: Grammar | None = None
     #: Output in the generic tool-call format is parsed into ``ToolCallDelta`` extras.
     tool_calls: bool = False
+    #: The output begins with the prompt's text (completions' ``echo``); with ``logprobs``,
+    #: the prompt's tokens come with theirs (``OutputExtras.prompt_logprobs``). With echo,
+    #: ``max_tokens`` may be 0: the prompt alone, scored.
+    echo: bool = False
     #: The model the request names (an engine in front of several servers routes by it).
     model: str | None = None
     #: The client's other fields as it sent them (sampling fields, vendor extensions,
@@ -83,8 +89,10 @@ class SamplingParams:
     extra_body: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if self.max_tokens < (0 if self.echo else 1):
+            raise InvalidRequestError(
+                "max_tokens must be at least 1 (0 only with echo)", param="max_tokens"
+            )
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequestError("temperature must be between 0 and 2", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -119,6 +127,11 @@ class SamplingParams:
             or self.frequency_penalty != 0.0
             or self.repetition_penalty != 1.0
         )
+
+    @property
+    def prompt_logprobs(self) -> bool:
+        """Whether every prompt position's logits are needed (echo with logprobs)."""
+        return self.echo and self.logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -178,11 +191,12 @@ class EngineOutput(NamedTuple):
 
 class TokenLogprob(NamedTuple):
     """One generated token's log-probability and the most likely alternatives
-    (``top``: (token, bytes, logprob) sorted by logprob, most likely first)."""
+    (``top``: (token, bytes, logprob) sorted by logprob, most likely first). A prompt's
+    first token has none (``logprob`` None): nothing comes before it."""
 
     token: str
     bytes: bytes
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, bytes, float], ...]
 
 
@@ -202,6 +216,8 @@ class OutputExtras(NamedTuple):
 
     logprob: TokenLogprob | None = None
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    #: With echo and logprobs, on the first output: every prompt token's logprob.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 def check_chat_ending(

@@ -142,7 +142,11 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.is_prefilling:
-                if seq.num_computed_tokens == seq.num_cached_tokens:
+                # A prompt whose logprobs are asked for is computed whole, never copied.
+                if (
+                    seq.num_computed_tokens == seq.num_cached_tokens
+                    and not seq.params.prompt_logprobs
+                ):
                     if self._prefix_in_flight(seq):
                         continue  # an older prompt is computing our prefix: copy it later
                     copies.extend(self._late_copy(seq))
@@ -222,7 +226,9 @@ class Scheduler:
             busy = {
                 s.slot: s.computed_token_ids for s in self.running.values() if s.slot is not None
             }
-            got = self.prefix_cache.allocate(seq.prompt_token_ids, busy)
+            got = self.prefix_cache.allocate(
+                seq.prompt_token_ids, busy, reuse=not seq.params.prompt_logprobs
+            )
             if got.copy_from is not None:
                 copies.append(SlotCopy(got.copy_from, got.slot, got.num_cached_tokens))
             seq.slot = got.slot

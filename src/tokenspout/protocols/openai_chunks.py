@@ -11,13 +11,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from tokenspout.engine.request import OutputExtras, TokenLogprob, ToolCallDelta
 from tokenspout.engine.tool_calls import merge_calls
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_errors import error_body
+
+
+class ChoiceOutput(NamedTuple):
+    """One choice of a whole (non-streamed) response."""
+
+    text: str
+    finish_reason: str
+    extras: Sequence[OutputExtras] = ()
 
 
 @dataclass(frozen=True)
@@ -54,38 +62,63 @@ class _OpenAIChunks:
 
 
 class ChatChunks(_OpenAIChunks):
-    """``chat.completion.chunk`` payloads; the opening chunk announces the assistant role."""
+    """``chat.completion.chunk`` payloads; the opening chunk announces the assistant role.
+    ``index`` is the choice's (``n > 1``)."""
 
     OBJECT = "chat.completion.chunk"
 
-    def _choice(self, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(
+        self, delta: dict[str, Any], finish_reason: str | None, index: int = 0
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    def opening(self) -> list[dict[str, Any]]:
-        return [
-            self._chunk(self.OBJECT, [self._choice({"role": "assistant", "content": ""}, None)])
-        ]
+    def opening(self, index: int = 0) -> list[dict[str, Any]]:
+        role = {"role": "assistant", "content": ""}
+        return [self._chunk(self.OBJECT, [self._choice(role, None, index)])]
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk(self.OBJECT, [self._choice({"content": text}, None)])
+    def delta(self, text: str, index: int = 0) -> dict[str, Any]:
+        return self._chunk(self.OBJECT, [self._choice({"content": text}, None, index)])
 
-    def delta_with(self, text: str, extras: list[OutputExtras]) -> dict[str, Any]:
+    def delta_with(self, text: str, extras: list[OutputExtras], index: int = 0) -> dict[str, Any]:
         delta: dict[str, Any] = {"content": text} if text else {}
         calls = _tool_call_deltas([d for x in extras for d in x.tool_calls])
         if calls:
             delta["tool_calls"] = calls
-        choice = self._choice(delta, None)
+        choice = self._choice(delta, None, index)
         choice["logprobs"] = _chat_logprobs(extras)
         return self._chunk(self.OBJECT, [choice])
 
+    def choice_end(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        """The chunk that ends one choice."""
+        return self._chunk(self.OBJECT, [self._choice({}, finish_reason, index)])
+
+    def usage_end(self, usage: Usage) -> list[dict[str, Any]]:
+        """What follows the last choice's end: the usage chunk, if asked for."""
+        return self._usage_chunk(self.OBJECT, usage)
+
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
-        final = self._chunk(self.OBJECT, [self._choice({}, finish_reason)])
-        return [final, *self._usage_chunk(self.OBJECT, usage)]
+        return [self.choice_end(finish_reason), *self.usage_end(usage)]
 
     def response(
         self, text: str, finish_reason: str, usage: Usage, extras: Sequence[OutputExtras] = ()
     ) -> dict[str, Any]:
         """The whole non-streamed ``chat.completion``."""
+        return self.response_choices([ChoiceOutput(text, finish_reason, extras)], usage)
+
+    def response_choices(self, choices: Sequence[ChoiceOutput], usage: Usage) -> dict[str, Any]:
+        """The whole ``chat.completion`` of ``n`` choices (``choices[i]`` is index ``i``)."""
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._message_choice(c, i) for i, c in enumerate(choices)],
+            "usage": usage.as_dict(),
+        }
+
+    @staticmethod
+    def _message_choice(output: ChoiceOutput, index: int) -> dict[str, Any]:
+        text, finish_reason, extras = output
         calls = merge_calls([d for x in extras for d in x.tool_calls])
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
@@ -98,19 +131,11 @@ class ChatChunks(_OpenAIChunks):
                 }
                 for c in calls
             ]
-        choice = {
-            "index": 0,
+        return {
+            "index": index,
             "message": message,
             "logprobs": _chat_logprobs(extras),
             "finish_reason": finish_reason,
-        }
-        return {
-            "id": self.id,
-            "object": "chat.completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-            "usage": usage.as_dict(),
         }
 
 
@@ -118,59 +143,83 @@ class ChatChunks(_OpenAIChunks):
 class CompletionChunks(_OpenAIChunks):
     """``text_completion`` payloads (streamed chunks share the object name with the response).
 
-    ``text_offset`` in logprobs counts from where this reader started (0 for a new stream).
+    ``text_offset`` in logprobs counts from where this reader started (0 for a new stream),
+    per choice.
     """
 
     OBJECT = "text_completion"
-    #: Characters sent so far, for ``text_offset`` (one encoder per response).
-    _offset: list[int] = field(default_factory=lambda: [0])
+    #: Characters sent so far per choice, for ``text_offset`` (one encoder per response).
+    _offset: dict[int, int] = field(default_factory=dict)
 
-    def _choice(self, text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    def _choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
-    def opening(self) -> list[dict[str, Any]]:
+    def opening(self, index: int = 0) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, text: str) -> dict[str, Any]:
-        return self._chunk(self.OBJECT, [self._choice(text, None)])
+    def delta(self, text: str, index: int = 0) -> dict[str, Any]:
+        return self._chunk(self.OBJECT, [self._choice(text, None, index)])
 
-    def delta_with(self, text: str, extras: list[OutputExtras]) -> dict[str, Any]:
-        choice = self._choice(text, None)
-        choice["logprobs"] = self._logprobs(extras)
+    def delta_with(self, text: str, extras: list[OutputExtras], index: int = 0) -> dict[str, Any]:
+        choice = self._choice(text, None, index)
+        choice["logprobs"] = self._logprobs(extras, index)
         return self._chunk(self.OBJECT, [choice])
 
+    def choice_end(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
+        """The chunk that ends one choice."""
+        return self._chunk(self.OBJECT, [self._choice("", finish_reason, index)])
+
+    def usage_end(self, usage: Usage) -> list[dict[str, Any]]:
+        """What follows the last choice's end: the usage chunk, if asked for."""
+        return self._usage_chunk(self.OBJECT, usage)
+
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
-        final = self._chunk(self.OBJECT, [self._choice("", finish_reason)])
-        return [final, *self._usage_chunk(self.OBJECT, usage)]
+        return [self.choice_end(finish_reason), *self.usage_end(usage)]
 
     def response(
         self, text: str, finish_reason: str, usage: Usage, extras: Sequence[OutputExtras] = ()
     ) -> dict[str, Any]:
         """The whole non-streamed ``text_completion``."""
-        choice = self._choice(text, finish_reason)
-        choice["logprobs"] = self._logprobs(extras)
+        return self.response_choices([ChoiceOutput(text, finish_reason, extras)], usage)
+
+    def response_choices(self, choices: Sequence[ChoiceOutput], usage: Usage) -> dict[str, Any]:
+        """The whole ``text_completion`` of ``n`` choices (``choices[i]`` is index ``i``)."""
+        out = []
+        for i, (text, finish_reason, extras) in enumerate(choices):
+            choice = self._choice(text, finish_reason, i)
+            choice["logprobs"] = self._logprobs(extras, i)
+            out.append(choice)
         return {
             "id": self.id,
             "object": self.OBJECT,
             "created": self.created,
             "model": self.model,
-            "choices": [choice],
+            "choices": out,
             "usage": usage.as_dict(),
         }
 
-    def _logprobs(self, extras: Sequence[OutputExtras]) -> dict[str, Any] | None:
-        """The legacy ``logprobs`` object of the completions API."""
-        tokens = [x.logprob for x in extras if x.logprob is not None]
+    def _logprobs(self, extras: Sequence[OutputExtras], index: int = 0) -> dict[str, Any] | None:
+        """The legacy ``logprobs`` object of the completions API; with echo, the prompt's
+        tokens first (the first with null logprobs)."""
+        tokens: list[TokenLogprob] = []
+        for x in extras:
+            tokens += x.prompt_logprobs
+            if x.logprob is not None:
+                tokens.append(x.logprob)
         if not tokens:
             return None
+        offset = self._offset.get(index, 0)
         offsets = []
         for t in tokens:
-            offsets.append(self._offset[0])
-            self._offset[0] += len(t.token)
+            offsets.append(offset)
+            offset += len(t.token)
+        self._offset[index] = offset
         return {
             "tokens": [t.token for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{tok: lp for tok, _, lp in t.top} for t in tokens],
+            "top_logprobs": [
+                None if t.logprob is None else {tok: lp for tok, _, lp in t.top} for t in tokens
+            ],
             "text_offset": offsets,
         }
 

@@ -7,7 +7,8 @@ from tokenspout.errors import EngineUnavailableError, OverloadedError, ShuttingD
 from tokenspout.server.server_state import ServerState
 
 
-def admit(state: ServerState) -> None:
+def admit(state: ServerState, n: int = 1) -> None:
+    """Raise unless ``n`` more streams (a request's choices) may start now."""
     if state.draining:
         raise ShuttingDownError("the server is shutting down; retry on another replica")
     failure = state.engine.failure
@@ -16,7 +17,7 @@ def admit(state: ServerState) -> None:
     cfg = state.config
     if state.cluster is not None:
         return  # counted across replicas: key_admission.admit_shared
-    if len(state.streams) >= cfg.max_streams:
+    if len(state.streams) + n > cfg.max_streams:
         raise OverloadedError(f"{cfg.max_streams} streams are open; retry shortly", retry_after_s=1)
     if state.engine.stats().waiting >= cfg.max_queued:
         raise OverloadedError(

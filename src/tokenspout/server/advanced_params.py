@@ -21,6 +21,7 @@ from tokenspout.server.schemas import (
     ResponseFormatJsonObject,
     ResponseFormatJsonSchema,
     ResponseFormatText,
+    StructuredOutputs,
 )
 
 
@@ -90,9 +91,10 @@ def _logprobs(body: ChatCompletionRequest | CompletionRequest) -> int | None:
 
 
 def _structured_output(body: ChatCompletionRequest | CompletionRequest) -> Grammar | None:
+    fields = ("response_format", "guided_json", "guided_regex", "guided_choice")
     given = {
         name: value
-        for name in ("response_format", "guided_json", "guided_regex", "guided_choice")
+        for name in (*fields, "structured_outputs")
         if (value := getattr(body, name)) is not None
     }
     if isinstance(given.get("response_format"), ResponseFormatText):
@@ -104,6 +106,8 @@ def _structured_output(body: ChatCompletionRequest | CompletionRequest) -> Gramm
     if not given:
         return None
     name, value = next(iter(given.items()))
+    if isinstance(value, StructuredOutputs):
+        return _structured_outputs(value)
     if isinstance(value, ResponseFormatJsonObject):
         return Grammar("json_object")
     if isinstance(value, ResponseFormatJsonSchema):
@@ -117,14 +121,44 @@ def _structured_output(body: ChatCompletionRequest | CompletionRequest) -> Gramm
     if name == "guided_json":
         return _schema(value, name)
     if name == "guided_regex":
-        return Grammar("regex", value)
-    return Grammar("choice", json.dumps(value))
+        return Grammar("regex", value, param=name)
+    return Grammar("choice", json.dumps(value), param=name)
+
+
+def _structured_outputs(value: StructuredOutputs) -> Grammar:
+    """vLLM's ``structured_outputs`` onto the same grammar kinds as ``guided_*``."""
+    given = {
+        key: v
+        for key in ("json", "regex", "choice", "grammar", "json_object")
+        if (v := getattr(value, "json_" if key == "json" else key)) is not None
+    }
+    if len(given) != 1:
+        raise InvalidRequestError(
+            "structured_outputs needs exactly one of json, regex, choice, grammar, json_object",
+            param="structured_outputs",
+        )
+    key, v = next(iter(given.items()))
+    param = f"structured_outputs.{key}"
+    if key == "json":
+        if isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"{param} is not JSON: {exc}", param=param) from None
+        return _schema(v, param)
+    if key == "json_object":
+        if v is not True:
+            raise InvalidRequestError(f"{param} must be true when given", param=param)
+        return Grammar("json_object", param=param)
+    if key == "choice":
+        return Grammar("choice", json.dumps(v), param=param)
+    return Grammar("regex" if key == "regex" else "lark", v, param=param)
 
 
 def _schema(schema: Any, param: str) -> Grammar:
     if not isinstance(schema, dict):
         raise InvalidRequestError("the JSON schema must be an object", param=param)
-    return Grammar("json_schema", json.dumps(schema))
+    return Grammar("json_schema", json.dumps(schema), param=param)
 
 
 def _tool_grammar(body: ChatCompletionRequest) -> Grammar | None:

@@ -14,17 +14,19 @@ from starlette.types import Receive, Scope, Send
 
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
-from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
+from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import ChoiceFinished, StreamGroup
 from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
 
 class CompletionResponse(Response, StreamTransport):
-    """The whole ``chat.completion`` / ``text_completion`` once ``stream`` ends."""
+    """The whole ``chat.completion`` / ``text_completion`` once ``stream`` ends (a
+    ``StreamGroup``: once every choice has, with ``n`` choices)."""
 
     transport = "json"
     # The client sees nothing before the whole body: no time to first text, no gaps.
@@ -33,7 +35,7 @@ class CompletionResponse(Response, StreamTransport):
     def __init__(
         self,
         state: ServerState,
-        stream: Stream,
+        stream: Stream | StreamGroup,
         reading: ReadSettings,
         *,
         started_at: float,
@@ -47,8 +49,11 @@ class CompletionResponse(Response, StreamTransport):
         chunks = self.wire.chunks(stream.id, stream.created)
         assert isinstance(chunks, ChatChunks | CompletionChunks)
         self.chunks = chunks
-        self._parts: list[str] = []
-        self._extras: list = []
+        choices = stream.n if isinstance(stream, StreamGroup) else 1
+        #: Per choice: its text pieces, its extras, and how it finished.
+        self._parts: list[list[str]] = [[] for _ in range(choices)]
+        self._extras: list[list] = [[] for _ in range(choices)]
+        self._finish: list[str | None] = [None] * choices
         self._send_asgi: Send | None = None
 
     def heartbeat_s(self, reading: ReadSettings) -> float:
@@ -58,20 +63,28 @@ class CompletionResponse(Response, StreamTransport):
         self._send_asgi = send
         await self.race_disconnect(receive, self.run())
 
-    async def send(self, event: StreamEvent) -> None:
+    async def send(self, event: StreamEvent | ChoiceFinished) -> None:
         if isinstance(event, Delta):
-            self._parts.append(event.text)
-            self._extras += event.extras
+            self._parts[event.index].append(event.text)
+            self._extras[event.index] += event.extras
+        elif isinstance(event, ChoiceFinished):
+            self._finish[event.index] = event.end.finish_reason
         elif isinstance(event, Finished):
             end = event.end
             if end.error is not None:
                 await self._respond(end.error.status_code, error_body(end.error))
                 return
             assert end.finish_reason is not None
+            if len(self._finish) == 1:
+                self._finish[0] = end.finish_reason
+            choices = [
+                ChoiceOutput("".join(parts), finish or end.finish_reason, extras)
+                for parts, extras, finish in zip(
+                    self._parts, self._extras, self._finish, strict=True
+                )
+            ]
             usage = Usage(end.prompt_tokens, end.completion_tokens)
-            text = "".join(self._parts)
-            body = self.chunks.response(text, end.finish_reason, usage, self._extras)
-            await self._respond(200, body)
+            await self._respond(200, self.chunks.response_choices(choices, usage))
 
     async def send_failure(self, err: TokenspoutError) -> None:
         await self._respond(err.status_code, error_body(err))

@@ -23,10 +23,11 @@ from tokenspout.server.send_watchdog import SendGuard
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
 from tokenspout.streaming.stream import Stream, StreamEnd
+from tokenspout.streaming.stream_group import ChoiceFinished, StreamGroup
 from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
 
-def stream_headers(stream: Stream, media_type: str) -> list[tuple[bytes, bytes]]:
+def stream_headers(stream: Stream | StreamGroup, media_type: str) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-type", media_type.encode()),
         (b"cache-control", b"no-cache"),
@@ -38,12 +39,14 @@ def stream_headers(stream: Stream, media_type: str) -> list[tuple[bytes, bytes]]
 
 class EventStreamResponse(Response, StreamTransport):
     """Streams ``stream`` from ``start`` in ``framing``; opening chunks unless resumed
-    (``opening`` overrides: a reader that replays from the start gets them too)."""
+    (``opening`` overrides: a reader that replays from the start gets them too). A
+    ``StreamGroup`` (``n > 1``) is streamed with each choice's ``index``: its opening
+    chunks, deltas and end, then the usage of all of them."""
 
     def __init__(
         self,
         state: ServerState,
-        stream: Stream,
+        stream: Stream | StreamGroup,
         framing: Framing,
         reading: ReadSettings,
         *,
@@ -98,18 +101,32 @@ class EventStreamResponse(Response, StreamTransport):
     async def opened(self) -> None:
         await self._start()
         if self._opening:
-            for payload in self.chunks.opening():
+            for payload in self._opening_chunks():
                 await self._write(self._event(payload, self.cursor.position))
 
-    async def send(self, event: StreamEvent) -> None:
+    def _opening_chunks(self) -> list[dict[str, Any]]:
+        if not isinstance(self.stream, StreamGroup):
+            return self.chunks.opening()
+        # Only the OpenAI formats (``openai_chunks``) open groups: they take an index.
+        chunks: Any = self.chunks
+        return [p for i in range(self.stream.n) for p in chunks.opening(i)]
+
+    async def send(self, event: StreamEvent | ChoiceFinished) -> None:
         if isinstance(event, Delta):
             event_id = format_event_id(self.stream.id, event.position)
-            payload = (
-                dumps(self.chunks.delta_with(event.text, event.extras))
-                if event.extras
-                else self._delta_json(event.text)
-            )
+            if event.index:  # a choice of a group (OpenAI formats only)
+                chunks: Any = self.chunks
+                payload = dumps(chunks.delta_with(event.text, event.extras, event.index))
+            elif event.extras:
+                payload = dumps(self.chunks.delta_with(event.text, event.extras))
+            else:
+                payload = self._delta_json(event.text)
             await self._write(self.framing.event(payload, id=event_id))
+        elif isinstance(event, ChoiceFinished):
+            if event.end.finish_reason is not None:
+                chunks = self.chunks
+                payload = chunks.choice_end(event.end.finish_reason, event.index)  # type: ignore[attr-defined]
+                await self._write(self._event(payload, self.stream.length))
         elif isinstance(event, Finished):
             await self._write(self._closing(event.end))
         else:
@@ -149,7 +166,10 @@ class EventStreamResponse(Response, StreamTransport):
         else:
             usage = Usage(end.prompt_tokens, end.completion_tokens)
             assert end.finish_reason is not None
-            body = b"".join(
-                self._event(p, position) for p in self.chunks.closing(end.finish_reason, usage)
-            )
+            if isinstance(self.stream, StreamGroup):
+                # Each choice's end went before.
+                payloads = self.chunks.usage_end(usage)  # type: ignore[attr-defined]
+            else:
+                payloads = self.chunks.closing(end.finish_reason, usage)
+            body = b"".join(self._event(p, position) for p in payloads)
         return body + self.framing.done()

@@ -75,6 +75,16 @@ class GenerationRequest:
     resumable: bool
     #: The validated request it was prepared from (a takeover prepares it again).
     body: BaseModel | None = None
+    #: How many choices to generate for the prompt (``n``).
+    n: int = 1
+
+    def choice_params(self) -> list[SamplingParams]:
+        """The sampling parameters of each choice: with a seed, choice ``i`` draws with
+        ``seed + i``, so that the choices differ and each is reproducible."""
+        seed = self.params.seed
+        if seed is None:
+            return [self.params] * self.n
+        return [replace(self.params, seed=seed + i) for i in range(self.n)]
 
 
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
@@ -143,6 +153,7 @@ def sampling_params(
     stop: tuple[str, ...] = (),
     stop_token_ids: tuple[int, ...] = (),
     ignore_eos: bool = False,
+    echo: bool = False,
     prompt_tokens: int,
 ) -> SamplingParams:
     cfg = state.config
@@ -175,6 +186,7 @@ def sampling_params(
         stop=stop,
         stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
+        echo=echo,
     )
 
 
@@ -196,11 +208,22 @@ def _request(
         stop=body.stop_list(),
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
+        echo=isinstance(body, CompletionRequest) and body.echo,
         prompt_tokens=prompt.num_tokens,
     )
     params = advanced_params.apply(params, body)
     state.engine.check_params(params)
-    return _generation(state, wire, prompt, params, body)
+    generation = _generation(state, wire, prompt, params, body)
+    if body.n == 1:
+        return generation
+    options = body.stream_options
+    if options is not None and options.resumable:
+        raise InvalidRequestError(
+            "a request with n > 1 is not resumable: ask for one choice, or leave "
+            "stream_options.resumable out",
+            param="n",
+        )
+    return replace(generation, n=body.n, resumable=False)
 
 
 def _generation(

@@ -25,14 +25,17 @@ def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
     state.key_metrics.admitted(key.name)
 
 
-async def admit_shared(state: ServerState, key: ApiKey | None, prompt_tokens: int) -> None:
-    """With ``--redis-url``: the server's and the key's limits, counted across replicas in
-    one atomic check (429 over one of them; 503 while Redis is unreachable)."""
+async def admit_shared(
+    state: ServerState, key: ApiKey | None, prompt_tokens: int, n: int = 1
+) -> None:
+    """With ``--redis-url``: the server's and the key's limits for ``n`` new streams,
+    counted across replicas in one atomic check (429 over one of them; 503 while Redis is
+    unreachable)."""
     if key is not None:
         check_model(state, key)
     assert state.cluster is not None and state.cluster.admission is not None
     try:
-        await state.cluster.admission.admit(key, prompt_tokens)
+        await state.cluster.admission.admit(key, prompt_tokens, n)
     except RateLimitError as err:
         if key is not None:
             state.key_metrics.refused(key.name, err.limit)

@@ -20,6 +20,7 @@ from tokenspout.server.generation_request import GenerationRequest, ReadSettings
 from tokenspout.server.key_admission import admit_key, admit_shared, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 
 
 def negotiate_framing(request: Request) -> Framing:
@@ -32,28 +33,56 @@ def negotiate_framing(request: Request) -> Framing:
 
 async def open_stream(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
-) -> Stream:
+) -> Stream | StreamGroup:
     """Admit the request (and the key's limits) and start generating; the stream is owned
-    by ``key``. With ``--redis-url`` the limits count across replicas, and a resumable
-    stream is written to Redis."""
-    admit(state)
-    prompt_tokens = generation.prompt.num_tokens
+    by ``key``. With ``n > 1``, a group of ``n`` streams, each counted as a stream (the
+    prompt's tokens once). With ``--redis-url`` the limits count across replicas, and a
+    resumable stream is written to Redis."""
+    admit(state, generation.n)
     if state.cluster is not None:
-        await admit_shared(state, key, prompt_tokens)
-    elif key is not None:
-        admit_key(state, key, prompt_tokens)
+        return await _open_shared(state, generation, key)
+    if key is None:
+        return _open(state, generation, None)
+    admitted = 0
     try:
-        stream = state.streams.open(
-            generation.prompt, generation.params, resumable=generation.resumable,
-            meta=generation.wire, owner=None if key is None else key.name,
-        )  # fmt: skip
+        for _ in range(generation.n):
+            admit_key(state, key, 0 if admitted else generation.prompt.num_tokens)
+            admitted += 1
+        return _open(state, generation, key.name)
     except BaseException:
-        if key is not None:
+        for _ in range(admitted):
             release_key(state, key.name)
         raise
-    if state.cluster is not None:
+
+
+async def _open_shared(
+    state: ServerState, generation: GenerationRequest, key: ApiKey | None
+) -> Stream | StreamGroup:
+    assert state.cluster is not None
+    await admit_shared(state, key, generation.prompt.num_tokens, generation.n)
+    try:
+        stream = _open(state, generation, None if key is None else key.name)
+    except BaseException:
+        if key is not None:
+            for _ in range(generation.n):
+                release_key(state, key.name)
+        raise
+    if isinstance(stream, Stream):
         state.cluster.opened(stream, generation)
     return stream
+
+
+def _open(
+    state: ServerState, generation: GenerationRequest, owner: str | None
+) -> Stream | StreamGroup:
+    if generation.n > 1:
+        return state.streams.open_group(
+            generation.prompt, generation.choice_params(), owner=owner, meta=generation.wire
+        )
+    return state.streams.open(
+        generation.prompt, generation.params, resumable=generation.resumable,
+        meta=generation.wire, owner=owner,
+    )  # fmt: skip
 
 
 async def respond(
@@ -84,7 +113,9 @@ async def respond(
         raise
 
 
-def follow(state: ServerState, request: Request, stream: Stream, *, start: int) -> Response:
+def follow(
+    state: ServerState, request: Request, stream: Stream | StreamGroup, *, start: int
+) -> Response:
     """A new reader of an existing stream from ``start``, in the stream's own format."""
     return EventStreamResponse(
         state,

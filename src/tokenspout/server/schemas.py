@@ -22,6 +22,8 @@ from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+#: Most choices one request may ask for (``n``): each is a stream of its own.
+MAX_CHOICES = 8
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=False)]
 
@@ -140,6 +142,24 @@ ResponseFormat = Annotated[
 ]
 
 
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs``: exactly one constraint. Its other keys
+    (``whitespace_pattern``, ``structural_tag``...) are not served: a 400 names them."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    """A JSON schema (an object, or its JSON text)."""
+    regex: StrictStr | None = None
+    choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    grammar: StrictStr | None = None
+    """A grammar in llguidance's Lark syntax (not GBNF)."""
+    json_object: StrictBool | None = None
+    """true: any JSON object."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=True
+    )
+
+
 class _GenerationBody(_Body):
     """Fields shared by chat and completions."""
 
@@ -151,8 +171,9 @@ class _GenerationBody(_Body):
     seed: StrictInt | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
-    n: StrictInt = 1
-    """Only 1: several choices per request are not served (a 400 otherwise)."""
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    """Choices to generate for the prompt (at most 8; the prompt is computed once). With
+    a seed, choice i draws with seed + i. Not resumable, and not over /v1/ws."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
@@ -176,15 +197,11 @@ class _GenerationBody(_Body):
     """vLLM's guided decoding extensions (at most one, and not with ``response_format``)."""
     guided_regex: StrictStr | None = None
     guided_choice: Annotated[list[StrictStr], Field(min_length=1)] | None = None
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's newer form of the guided_* fields: one of json, regex, choice, grammar (Lark)
+    or json_object."""
     user: StrictStr | None = None
     """Accepted for OpenAI compatibility (an end-user id); it does not change the output."""
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -232,8 +249,13 @@ class ChatCompletionRequest(_GenerationBody):
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # type: ignore[assignment]
+    """0 only with echo: the prompt alone, scored (with logprobs)."""
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     """The legacy form: the sampled token's logprob and this many alternatives."""
+    echo: StrictBool = False
+    """The text begins with the prompt; with logprobs, the prompt's tokens get theirs too
+    (the first one null), as evaluation harnesses use for log-likelihoods."""
 
     @field_validator("prompt")
     @classmethod

@@ -13,6 +13,7 @@ from tokenspout.errors import StreamNotFoundError
 from tokenspout.server.auth import key_of
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 
 
 def owner_of(conn: HTTPConnection) -> str | None:
@@ -20,11 +21,13 @@ def owner_of(conn: HTTPConnection) -> str | None:
     return None if key is None else key.name
 
 
-def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream:
+def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream | StreamGroup:
     return state.streams.find(stream_id, owner=owner_of(conn))
 
 
-async def follow_owned(state: ServerState, owner: str | None, stream_id: str) -> Stream:
+async def follow_owned(
+    state: ServerState, owner: str | None, stream_id: str
+) -> Stream | StreamGroup:
     """A stream of ``owner``'s key to read: this replica's, or, with Redis, a local copy of
     another replica's."""
     try:

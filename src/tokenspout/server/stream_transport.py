@@ -40,6 +40,7 @@ from tokenspout.server.request_record import RequestRecord
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 from tokenspout.streaming.subscription import StreamEvent
 
 logger = logging.getLogger("tokenspout")
@@ -66,7 +67,7 @@ class StreamTransport(ABC):
     def __init__(
         self,
         state: ServerState,
-        stream: Stream,
+        stream: Stream | StreamGroup,
         reading: ReadSettings,
         *,
         started_at: float,

@@ -154,6 +154,10 @@ class WebSocketSession:
             body = validate(CompletionRequest, message.body)
             generation = prepare_completion(self.state, body)
         advanced_params.check_text_only(generation.params)
+        if generation.n > 1:
+            raise InvalidRequestError(
+                "n > 1 is not available over /v1/ws: open one stream per choice", param="n"
+            )
         return generation
 
     async def _follow(self, follower: WebSocketStream) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +20,7 @@ from tokenspout.engine.interface import Engine, OutputSink
 from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
 from tokenspout.errors import EngineError, StreamGoneError, StreamNotFoundError
 from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_group import StreamGroup
 from tokenspout.streaming.stream_store import InMemoryStreamStore, StreamStore
 from tokenspout.streaming.wake_timers import WakeTimers
 
@@ -86,6 +87,8 @@ class StreamRegistry:
         self._store = store or InMemoryStreamStore()
         self._resume = resume or ResumePolicy()
         self._streams: dict[str, Stream] = {}
+        #: The groups of streams of requests with ``n > 1``, while their reader reads them.
+        self._groups: dict[str, StreamGroup] = {}
         self._timers = WakeTimers()
         #: Expired ids and the owner of each (see ``find``).
         self._expired: OrderedDict[str, str | None] = OrderedDict()
@@ -147,10 +150,36 @@ class StreamRegistry:
         self._generating += 1
         return stream
 
-    def get(self, stream_id: str) -> Stream:
+    def open_group(
+        self,
+        prompt: Prompt,
+        params: Sequence[SamplingParams],
+        *,
+        owner: str | None = None,
+        meta: Any = None,
+    ) -> StreamGroup:
+        """One stream per ``params`` (a request's choices), not resumable, read as one
+        ``StreamGroup`` that is findable by its own id while it is read. Raises what
+        ``open`` raises, leaving nothing behind."""
+        streams: list[Stream] = []
+        try:
+            for choice in params:
+                streams.append(self.open(prompt, choice, owner=owner, meta=meta))
+        except BaseException:
+            for stream in streams:
+                stream.abort("error")
+            raise
+        group = StreamGroup(new_stream_id(), streams, on_closed=self._group_closed)
+        self._groups[group.id] = group
+        return group
+
+    def get(self, stream_id: str) -> Stream | StreamGroup:
         stream = self._streams.get(stream_id)
         if stream is not None:
             return stream
+        group = self._groups.get(stream_id)
+        if group is not None:
+            return group
         if stream_id in self._expired:
             raise StreamGoneError(
                 f"stream {stream_id!r} has expired (streams stay replayable for "
@@ -158,17 +187,17 @@ class StreamRegistry:
             )
         raise StreamNotFoundError(f"no stream with id {stream_id!r}")
 
-    def find(self, stream_id: str, owner: str | None) -> Stream:
+    def find(self, stream_id: str, owner: str | None) -> Stream | StreamGroup:
         """``get`` for the holder of ``owner``'s key: a stream of another owner, live or
         expired, is not found, exactly like an id that was never issued."""
-        stream = self._streams.get(stream_id)
+        stream = self._streams.get(stream_id) or self._groups.get(stream_id)
         if stream is not None and stream.owner == owner:
             return stream
         if stream is None and stream_id in self._expired and self._expired[stream_id] == owner:
             return self.get(stream_id)  # raises StreamGoneError
         raise StreamNotFoundError(f"no stream with id {stream_id!r}")
 
-    def cancel(self, stream_id: str) -> Stream:
+    def cancel(self, stream_id: str) -> Stream | StreamGroup:
         """Cancel a running stream by id (a finished one is left as it is)."""
         stream = self.get(stream_id)
         stream.cancel()
@@ -200,6 +229,9 @@ class StreamRegistry:
             self._forget(stream.id)
         # Otherwise forgotten when its last reader has read the end (_reader_left_stream):
         # until then the log still holds that reader's text.
+
+    def _group_closed(self, group: StreamGroup) -> None:
+        self._groups.pop(group.id, None)
 
     def _reader_left_stream(self, stream: Stream) -> None:
         self._reader_left.set()

@@ -41,6 +41,8 @@ class Delta:
     position: int
     #: The chunks' extras (``EngineOutput.extras``), in order; empty for plain text.
     extras: list = field(default_factory=list)
+    #: Which choice of the request it belongs to (``n > 1``: see ``StreamGroup``).
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
