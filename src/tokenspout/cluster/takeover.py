@@ -17,7 +17,7 @@ from tokenspout.cluster.chunk_codec import decode_chunks
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import EngineOutput
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, StreamGoneError
 from tokenspout.server.generation_request import (
     GenerationRequest,
     prepare_chat,
@@ -43,6 +43,9 @@ class Takeover:
         """Open the continued stream in this replica's registry and start generating."""
         state, record = self._state, self._record
         history, start = self._history()
+        if start > 0:
+            # The continuation needs the whole answer so far.
+            raise StreamGoneError(f"Redis no longer holds its text before position {start}")
         text = "".join(text for text, _, _ in history)
         tokens = sum(n for _, n, _ in history)
         generation = self._prepare()
