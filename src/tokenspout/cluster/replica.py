@@ -295,8 +295,9 @@ class Replica:
             "replica %s: taking over stream %s of replica %s (lease lapsed)", self.id,
             stream_id, dead,
         )  # fmt: skip
+        takeover = Takeover(self._state, record, entries)
         try:
-            stream = Takeover(self._state, record, entries).start()
+            stream = takeover.start()
         except Exception as exc:
             logger.exception("stream %s: the takeover failed", stream_id)
             await self._give_up(stream_id, f"the takeover after its replica died failed: {exc}")
@@ -305,6 +306,6 @@ class Replica:
         if record.key:
             self.admission.adopt(record.key)
         mine = record.owned_by(self.id)
-        self.writer.track(stream, mine, persisted=stream.length, opened=True)
+        self.writer.track(stream, mine, persisted=takeover.persisted, opened=True)
         if record.cancelled:
             stream.cancel()

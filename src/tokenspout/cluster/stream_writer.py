@@ -269,7 +269,7 @@ class StreamWriter:
             if chunks:
                 batch.append([stream_id, "a", end, chunk_items(chunks)])
                 ops.append((tracked, end, "a"))
-            if stream.end is not None and end == stream.length:
+            if stream.end is not None and end >= stream.length:
                 batch.append([stream_id, "e", end, end_payload(stream.end)])
                 ops.append((tracked, end, "e"))
         if not ops and not len(pipe):

@@ -38,6 +38,7 @@ class Takeover:
         self._state = state
         self._record = record
         self._entries = entries
+        self.persisted = 0
 
     def start(self) -> Stream:
         """Open the continued stream in this replica's registry and start generating."""
@@ -46,6 +47,13 @@ class Takeover:
         if start > 0:
             # The continuation needs the whole answer so far.
             raise StreamGoneError(f"Redis no longer holds its text before position {start}")
+        #: Where Redis's entries end: the continued stream writes after it.
+        self.persisted = start + len(history)
+        # Trailing outputs without text are tokens the detokenizer was holding back (part
+        # of a character): their text is not in the answer so far, so they are generated
+        # again (the same ones under greedy decoding) rather than counted as done.
+        while history and not history[-1][0] and history[-1][2] is None:
+            history.pop()
         text = "".join(text for text, _, _ in history)
         tokens = sum(n for _, n, _ in history)
         generation = self._prepare()
