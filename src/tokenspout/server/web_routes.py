@@ -18,6 +18,7 @@ _STATIC = {
     "app.js": _JS,
     "tokenspout.js": _JS,
     "markdown.js": _JS,
+    "open_paragraph.js": _JS,
     "dashboard.js": _JS,
     "style.css": "text/css; charset=utf-8",
     # Third-party libraries, committed as published (see web/vendor/README.md).

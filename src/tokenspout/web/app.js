@@ -51,12 +51,14 @@ class FrameRenderer {
     if (this.firstPaint === null) setTimeout(() => (this.firstPaint ??= performance.now()));
   }
 
-  /** Resolves once pending text is rendered and painted. */
+  /** The answer is complete: resolves once all of it is rendered (as a one-shot render of
+   * it would be) and painted. */
   drain() {
     return new Promise((resolve) => {
       requestAnimationFrame(() => {
         if (this.frame !== 0) cancelAnimationFrame(this.frame);
         this.#flush();
+        this.view.finish();
         setTimeout(resolve);
       });
     });

@@ -5,8 +5,12 @@
 //
 // Incremental: blocks before the last one are final (Markdown blocks do not change once a
 // later block has started), so they are rendered once and kept; each update re-lexes and
-// re-renders only the text from the start of the last block. A frame's cost depends on
-// the last block's size, not on the answer's length.
+// re-renders only the text from the start of the last block. Where the last block can grow
+// without end, even that is too much, so two kinds are streamed in place: an open code fence
+// gets its new lines appended as text, and a long paragraph is split at safe points
+// (open_paragraph.js) so that only its tail is re-rendered. A frame's cost then depends on
+// what arrived since the last frame, not on the answer's length. finish() leaves the DOM as a
+// whole render of the answer would be.
 //
 // Safe: marked (vendored, see vendor/README.md) turns Markdown into HTML with raw HTML
 // escaped as text by our renderer, then DOMPurify builds the DOM nodes from it, keeping
@@ -15,6 +19,7 @@
 
 import { Marked } from "/static/vendor/marked.esm.js";
 import DOMPurify from "/static/vendor/purify.es.mjs";
+import { OpenParagraph } from "/static/open_paragraph.js";
 
 const SAFE_URL = /^(?:https?:|mailto:)/i;
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -78,6 +83,15 @@ function render(tokens) {
   return DOMPurify.sanitize(markdown.parser(tokens), PURIFY);
 }
 
+// A paragraph's inline text, lexed and rendered as marked does inside a paragraph.
+const INLINE = {
+  lexInline: (source) => markdown.Lexer.lexInline(source, markdown.defaults),
+  renderInline: (tokens) =>
+    DOMPurify.sanitize(markdown.Parser.parseInline(tokens, markdown.defaults), PURIFY),
+};
+// A last block that is a paragraph this long is streamed in place (OpenParagraph).
+const OPEN_PARAGRAPH_AT = 512;
+
 const FENCE_OPENING = /^(`{3,}|~{3,})/;
 const SEGMENT_LINES = 32;
 
@@ -102,11 +116,34 @@ export class MarkdownView {
     this.lastLexed = 0; // characters lexed by the last update (what a frame costs)
     // An open code fence being streamed: {code element, marker, text seen, partial line}.
     this.fence = null;
+    this.paragraph = null; // a long last paragraph being streamed (OpenParagraph)
+    this.text = "";
   }
 
   /** Show `text` (the whole answer so far; it only grows): one DOM mutation. */
   update(text) {
+    this.text = text;
     if (this.#extendFence(text)) return;
+    if (this.paragraph?.extend(text)) {
+      this.lastLexed = this.paragraph.lexed;
+      return;
+    }
+    this.paragraph = null;
+    this.#renderLastBlock(text);
+  }
+
+  /** The answer is complete: leave the DOM as a one-shot render of it would be. An open
+   * fence's code (appended in pieces) is rendered once more as a whole; a long paragraph
+   * loses the wrapper of its tail. */
+  finish() {
+    if (this.fence !== null) this.#renderLastBlock(this.text, false);
+    this.paragraph?.finish();
+    this.paragraph = null;
+  }
+
+  // Re-lexes and renders the text from the start of the last block; `stream`: whether the
+  // last block may then be streamed in place (an open fence or a long paragraph).
+  #renderLastBlock(text, stream = true) {
     const tail = text.slice(this.committed);
     this.lastLexed = tail.length;
     const tokens = markdown.lexer(tail);
@@ -130,9 +167,26 @@ export class MarkdownView {
     live.className = "md-live";
     if (last >= 0) live.append(render(tokens.slice(last)));
     fragment.append(live);
-    this.#watchFence(text, last >= 0 ? tokens[last] : null, live);
+    this.fence = null;
+    if (stream) {
+      this.#watchFence(text, last >= 0 ? tokens[last] : null, live);
+      this.#watchParagraph(text, tokens, last, live);
+    }
     this.live.replaceWith(fragment);
     this.live = live;
+  }
+
+  // A long paragraph that is the last block and runs to the end of the text (no blank line
+  // after it) is streamed in place from the next update on. Its text must start the block's
+  // source (it does, unless marked normalised it: then it is re-rendered as a block).
+  #watchParagraph(text, tokens, last, live) {
+    const token = tokens[last];
+    if (token?.type !== "paragraph" || token.text.length < OPEN_PARAGRAPH_AT) return;
+    if (this.committed + token.raw.length !== text.length) return;
+    if (!text.startsWith(token.raw, this.committed) || !token.raw.startsWith(token.text)) return;
+    const p = live.firstElementChild;
+    if (p?.tagName !== "P") return;
+    this.paragraph = new OpenParagraph(p, this.committed, text, INLINE);
   }
 
   // A code fence that is still open grows by lines of code, which cannot be Markdown:
@@ -140,7 +194,6 @@ export class MarkdownView {
   // long code block costs each frame only its new text rather than re-rendering the block
   // (and re-laying out all of it). Until a line appears that could close the fence.
   #watchFence(text, token, live) {
-    this.fence = null;
     const marker = token?.type === "code" ? FENCE_OPENING.exec(token.raw)?.[1] : undefined;
     if (!marker) return;
     const newline = token.raw.indexOf("\n");
@@ -161,17 +214,24 @@ export class MarkdownView {
     const pending = fence.partial + added;
     if (mayClose(pending, fence.marker)) return false;
     // New lines go into blocks of SEGMENT_LINES lines, so that those out of view are not
-    // rendered (content-visibility in style.css).
-    if (fence.lines >= SEGMENT_LINES && fence.partial === "") {
+    // laid out or rendered (content-visibility in style.css). A block ends at the end of a
+    // line, which is mostly inside a frame's new text (tokens often start with "\n"): then
+    // the line's end goes to the full block and the rest starts the next one, two
+    // mutations in the same update.
+    let rest = added;
+    if (fence.lines >= SEGMENT_LINES && (fence.partial === "" || added.includes("\n"))) {
+      const cut = fence.partial === "" ? 0 : added.indexOf("\n") + 1;
+      if (cut > 0) fence.target.append(added.slice(0, cut));
+      rest = added.slice(cut);
       fence.target = document.createElement("span");
       fence.target.className = "code-lines";
-      fence.target.append(added);
+      fence.target.append(rest);
       fence.code.append(fence.target);
       fence.lines = 0;
     } else {
       fence.target.append(added);
     }
-    fence.lines += added.split("\n").length - 1;
+    fence.lines += rest.split("\n").length - 1;
     fence.seen = text.length;
     fence.partial = pending.slice(pending.lastIndexOf("\n") + 1);
     this.lastLexed = 0;

@@ -1,0 +1,173 @@
+"""The Markdown renderer's work per update does not grow with the answer, in headless
+Chromium: a long code block and a long paragraph (the shapes whose last block is the whole
+answer) are streamed in place, end as a one-shot render would, and stay safe.
+
+No timings: the page's renderer reports what each update lexed (``lastLexed``), and a
+MutationObserver counts the DOM mutations and the nodes each update inserted; early and late
+updates of the same answer are compared."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+STREAM = """async ([chunks]) => {
+  const { MarkdownView } = await import("/static/markdown.js");
+  const el = document.createElement("div");
+  document.body.append(el);
+  const view = new MarkdownView(el);
+  const observer = new MutationObserver(() => {});
+  observer.observe(el, { childList: true, subtree: true, characterData: true });
+  const size = (node) => {
+    let n = 1;
+    for (const child of node.childNodes) n += size(child);
+    return n;
+  };
+  let text = "";
+  const updates = [];
+  for (const chunk of chunks) {
+    text += chunk;
+    view.update(text);
+    const records = observer.takeRecords();
+    let inserted = 0;
+    for (const record of records) for (const node of record.addedNodes) inserted += size(node);
+    updates.push({ lexed: view.lastLexed, mutations: records.length, inserted });
+  }
+  const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
+  // Before finish(): the DOM as streamed, with the wrapper of a paragraph's tail removed.
+  const streamed = el.cloneNode(true);
+  for (const tail of streamed.querySelectorAll(".md-tail")) tail.replaceWith(...tail.childNodes);
+  const beforeFinish = blocks(streamed);
+  view.finish();
+  const whole = document.createElement("div");
+  const oneShot = new MarkdownView(whole);
+  oneShot.update(text);
+  oneShot.finish();
+  const hrefs = [...el.querySelectorAll("a")].map((a) => a.getAttribute("href"));
+  const attributes = [...el.querySelectorAll("*")].flatMap(
+    (e) => [...e.attributes].map((a) => `${e.tagName} ${a.name}=${a.value}`));
+  return { updates, beforeFinish, blocks: blocks(el), oneShot: blocks(whole),
+           tags: [...new Set([...el.querySelectorAll("*")].map((e) => e.tagName))],
+           hrefs, attributes, rels: [...el.querySelectorAll("a")].map((a) => a.rel),
+           tails: el.querySelectorAll(".md-tail").length, pwned: window.__pwned ?? null };
+}"""
+
+# Prose with the inline constructs a model writes, none left open.
+SENTENCE = (
+    "Sentence {i} has **bold {i}**, *emphasis*, `code_{i} < 2`, a [link](https://example.com/{i}"
+    ' "title"), an autolink https://example.org/p/{i}, an escaped \\* star, A&amp;B & C, '
+    "~~struck~~ and a long tail of ordinary words to read through. "
+)
+
+
+def stream(page, server, text: str, words_per_update: int = 1) -> dict:  # type: ignore[no-untyped-def]
+    words = re.findall(r"\s*\S+|\s+", text)
+    n = words_per_update
+    page.goto(server.url)
+    return page.evaluate(STREAM, [["".join(words[i : i + n]) for i in range(0, len(words), n)]])
+
+
+@pytest.fixture
+def page(browser):  # type: ignore[no-untyped-def]
+    context = browser.new_context(bypass_csp=True)
+    yield context.new_page()
+    context.close()
+
+
+def assert_flat(updates: list[dict], key: str) -> None:
+    """The largest value of ``key`` in the last tenth of the updates is no more than half
+    again the largest in the second tenth (the first is skipped: the paragraph or fence is
+    still short there), although the answer is five times as long."""
+    tenth = len(updates) // 10
+    early = max(u[key] for u in updates[tenth : 2 * tenth])
+    late = max(u[key] for u in updates[-tenth:])
+    assert late <= 1.5 * early, (key, early, late)
+
+
+def test_a_long_paragraph_re_renders_only_its_tail_and_ends_as_a_one_shot_render(
+    synthetic_server, page
+) -> None:  # type: ignore[no-untyped-def]
+    # About 60 KB in one paragraph: a few soft line breaks, no blank line.
+    text = "".join(
+        SENTENCE.format(i=i) + ("\n" if i % 25 == 24 else "") for i in range(150)
+    ).rstrip()
+    result = stream(page, synthetic_server, text)
+    updates = result["updates"]
+    assert_flat(updates, "lexed")
+    assert_flat(updates, "inserted")
+    assert max(u["lexed"] for u in updates[-100:]) < len(text) / 20
+    assert all(u["mutations"] == 1 for u in updates), "one DOM mutation per update"
+    assert len(result["oneShot"]) == 1 and result["oneShot"][0].startswith("<p>")
+    assert result["beforeFinish"] == result["oneShot"], "streamed in pieces, rendered as one"
+    assert result["blocks"] == result["oneShot"] and result["tails"] == 0
+
+
+def test_a_long_code_block_gets_only_its_new_text_and_ends_as_a_one_shot_render(
+    synthetic_server, page
+) -> None:  # type: ignore[no-untyped-def]
+    code = "".join(f"let x{i} = '<b>{i}</b>' && f(`*{i}*`);\n" for i in range(1000))
+    result = stream(page, synthetic_server, "Intro\n\n```js\n" + code)  # the answer stops open
+    updates = result["updates"]
+    assert_flat(updates, "lexed")
+    assert_flat(updates, "inserted")
+    assert max(u["lexed"] for u in updates[-100:]) == 0, "lines of an open fence are not re-lexed"
+    # Mostly one mutation; where a block of 32 lines ends inside the update's text, two.
+    assert max(u["mutations"] for u in updates) <= 2
+    # Out-of-view lines are in blocks of 32 lines that the browser need not lay out.
+    assert result["beforeFinish"][-1].count('class="code-lines"') >= 1000 // 32 - 1
+    assert result["blocks"] == result["oneShot"]
+    assert "&lt;b&gt;999&lt;/b&gt;" in result["blocks"][-1]
+    closed = stream(page, synthetic_server, "```js\n" + code + "```\n\nAfter *that*.")
+    assert closed["blocks"] == closed["oneShot"] == closed["beforeFinish"]
+
+
+# Hostile links and markup in code spans are finished inline constructs: a settled prefix
+# may hold them. Raw HTML is not: after it, the paragraph's tail stays long.
+HOSTILE_LINKS = (
+    "Then [x](javascript:window.__pwned=2) and [y]( JAVASCRIPT:alert(1)) and [z](data:text/html,x)"
+    " and [ok](https://example.com/ok) plus `<svg onload=window.__pwned=5>` words words. "
+)
+HOSTILE_HTML = (
+    'Text <img src=x onerror="window.__pwned=1"> and <a href="javascript:window.__pwned=3">a</a>'
+    " and <script>window.__pwned=4</script> words. "
+)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        "",
+        "\n---\n\nAfter.",  # a setext underline turns the whole paragraph into a heading
+        "\n- a list item\n",
+        "\n| a | b |\n| --- | --- |\n| 1 | 2 |\n",
+        "\n# Heading\n\nAnd *more*.",
+        "\n```py\nx = 1\n```\n",
+        "\n\nA new paragraph, 2 * 3 = 6, snake_case and a lone [ bracket.",
+    ],
+    ids=["open", "setext", "list", "table", "heading", "fence", "blank line"],
+)
+def test_a_long_paragraph_with_hostile_parts_stays_inert_and_ends_as_a_one_shot_render(
+    synthetic_server, page, ending: str
+) -> None:  # type: ignore[no-untyped-def]
+    # Hostile parts throughout, and sentences whose unmatched delimiters give no safe point.
+    prose = "".join(SENTENCE.format(i=i) for i in range(4))
+    spanning = (
+        "*emphasis over " + "plain words " * 60 + "to here* and `a code " + "span " * 60 + "end` "
+    )
+    text = (
+        (prose + HOSTILE_LINKS) * 3 + spanning + HOSTILE_HTML + prose + "A lone * " + prose + ending
+    )
+    result = stream(page, synthetic_server, text, words_per_update=3)
+    page.wait_for_timeout(200)  # an onerror handler would have fired by now
+    assert result["pwned"] is None and page.evaluate("window.__pwned") is None
+    assert not {"IMG", "SVG", "SCRIPT"} & set(result["tags"]), result["tags"]
+    assert all(h.startswith("https://") for h in result["hrefs"]), set(result["hrefs"])
+    assert set(result["rels"]) == {"noopener noreferrer"}
+    for attribute in result["attributes"]:
+        assert "javascript:" not in attribute.lower() and " on" not in attribute, attribute
+    assert result["blocks"] == result["oneShot"]
+    if ending == "":
+        assert result["beforeFinish"] == result["oneShot"]
