@@ -28,6 +28,10 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 		|| echo "WARNING: chromium could not be installed: the browser tests will be SKIPPED"
 	# The TLS test makes its certificate with the openssl command.
 	command -v openssl >/dev/null || (apt-get update && apt-get install -y openssl)
+	# The replica tests run a real Redis and nginx (started on free ports by the fixtures).
+	(command -v redis-server >/dev/null && command -v nginx >/dev/null) \
+		|| (apt-get update && apt-get install -y redis-server nginx) \
+		|| echo "WARNING: redis-server/nginx could not be installed: the replica tests will be SKIPPED"
 	touch $@
 
 run: install

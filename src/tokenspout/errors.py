@@ -170,3 +170,12 @@ class UpstreamError(EngineError):
         super().__init__(message, param=param, code=code)
         self.status_code = status_code
         self.type = type
+
+
+class RedisUnavailableError(TokenspoutError):
+    """An operation that needs the shared Redis (a resume or cancel on another replica, a
+    takeover, shared admission) while this replica cannot reach it."""
+
+    status_code = 503
+    type = "server_error"
+    code = "redis_unavailable"

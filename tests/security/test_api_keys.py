@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -172,4 +173,4 @@ def test_a_stream_that_fails_to_open_gives_its_key_slot_back() -> None:
     state.streams.open = fail  # type: ignore[method-assign]
     for _ in range(2):  # a leaked slot would make the second a 429
         with pytest.raises(RuntimeError):
-            open_stream(state, generation, key)
+            asyncio.run(open_stream(state, generation, key))

@@ -18,6 +18,8 @@ def admit(state: ServerState, n: int = 1) -> None:
             raise EngineUnavailableError(f"{failure}; retry shortly", code="upstream_unavailable")
         raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
     cfg = state.config
+    if state.cluster is not None:
+        return  # counted across replicas: key_admission.admit_shared
     if len(state.streams) + n > cfg.max_streams:
         raise OverloadedError(f"{cfg.max_streams} streams are open; retry shortly", retry_after_s=1)
     if state.engine.stats().waiting >= cfg.max_queued:

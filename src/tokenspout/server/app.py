@@ -93,6 +93,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        if state.cluster is not None:
+            await state.cluster.start(state)
         state.ready = True
         label = "SYNTHETIC engine (not a language model)" if engine.synthetic else "model"
         logger.info("serving %s %s", label, engine.model_id)
@@ -103,6 +105,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             lag_probe.cancel()
             state.ready = False
             state.streams.abort_all("shutdown")
+            if state.cluster is not None:
+                await state.cluster.stop()
             await engine.shutdown()
             if tracing is not None:
                 tracing.shutdown()

@@ -58,6 +58,10 @@ class ServerConfig:
     #: Export one OpenTelemetry trace per request to this OTLP/HTTP endpoint (off if None).
     otlp_traces_endpoint: str | None = None
 
+    #: Share resumable streams, cancels, takeovers and admission with other replicas
+    #: through this Redis (``redis://host:port/db``); None: one process, in memory.
+    redis_url: str | None = None
+
     #: Abuse limits (see ``connection_limits`` and ``json_limits``).
     #: A request head (request line and headers) must arrive within this many seconds of
     #: the connection opening or of the previous response.

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import BaseModel
+
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from tokenspout.protocols.chunk_format import ChunkFormat
@@ -72,6 +74,8 @@ class GenerationRequest:
     wire: StreamWire
     reading: ReadSettings
     resumable: bool
+    #: The validated request it was prepared from (a takeover prepares it again).
+    body: BaseModel | None = None
     #: How many choices to generate for the prompt (``n``).
     n: int = 1
 
@@ -117,7 +121,7 @@ def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationReque
         seed=body.seed,
         prompt_tokens=prompt.num_tokens,
     )
-    return _generation(state, StreamWire("seed", model), prompt, params, body.stream_options)
+    return _generation(state, StreamWire("seed", model), prompt, params, body)
 
 
 def check_model(state: ServerState, name: str | None) -> str:
@@ -212,7 +216,7 @@ def _request(
     if state.engine.forwards_fields:
         params = replace(params, extra_body=_forwarded(body))
     state.engine.check_params(params)
-    generation = _generation(state, wire, prompt, params, body.stream_options)
+    generation = _generation(state, wire, prompt, params, body)
     if body.n == 1:
         return generation
     options = body.stream_options
@@ -245,9 +249,10 @@ def _generation(
     wire: StreamWire,
     prompt: Prompt,
     params: SamplingParams,
-    options: StreamOptions | None,
+    body: ChatCompletionRequest | CompletionRequest | SeedStreamRequest,
 ) -> GenerationRequest:
     cfg = state.config
+    options = body.stream_options
     resumable = cfg.resumable
     if options is not None:
         if options.resumable is not None:
@@ -255,4 +260,5 @@ def _generation(
         if options.include_usage:
             wire = StreamWire(wire.kind, wire.model, include_usage=True)
     params = replace(params, model=wire.model)
-    return GenerationRequest(prompt, params, wire, ReadSettings.resolve(cfg, options), resumable)
+    reading = ReadSettings.resolve(cfg, options)
+    return GenerationRequest(prompt, params, wire, reading, resumable, body)

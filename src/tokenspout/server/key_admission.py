@@ -16,11 +16,7 @@ if TYPE_CHECKING:
 def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
     """Raise 403 for a model the key may not use, 429 over one of its limits; otherwise
     the key's new stream is counted (``stream_ended`` gives it back)."""
-    if key.models is not None and key.models.isdisjoint(state.served_names()):
-        raise PermissionDeniedError(
-            f"the API key {key.name!r} may not use the model {state.engine.model_id!r}",
-            param="model",
-        )
+    check_model(state, key)
     try:
         state.key_limiter.admit(key, prompt_tokens)
     except RateLimitError as err:
@@ -29,15 +25,48 @@ def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
     state.key_metrics.admitted(key.name)
 
 
+async def admit_shared(
+    state: ServerState, key: ApiKey | None, prompt_tokens: int, n: int = 1
+) -> None:
+    """With ``--redis-url``: the server's and the key's limits for ``n`` new streams,
+    counted across replicas in one atomic check (429 over one of them; 503 while Redis is
+    unreachable)."""
+    if key is not None:
+        check_model(state, key)
+    assert state.cluster is not None and state.cluster.admission is not None
+    try:
+        await state.cluster.admission.admit(key, prompt_tokens, n)
+    except RateLimitError as err:
+        if key is not None:
+            state.key_metrics.refused(key.name, err.limit)
+        raise
+    if key is not None:
+        state.key_metrics.admitted(key.name)
+
+
+def check_model(state: ServerState, key: ApiKey) -> None:
+    if key.models is not None and key.models.isdisjoint(state.served_names()):
+        raise PermissionDeniedError(
+            f"the API key {key.name!r} may not use the model {state.engine.model_id!r}",
+            param="model",
+        )
+
+
 def stream_ended(state: ServerState, stream: Stream) -> None:
     if stream.owner is None:
         return
     completion = stream.end.completion_tokens if stream.end is not None else 0
-    state.key_limiter.finished(stream.owner, completion)
+    if state.cluster is not None and state.cluster.admission is not None:
+        state.cluster.admission.finished(stream.owner, completion)
+    else:
+        state.key_limiter.finished(stream.owner, completion)
     state.key_metrics.finished(stream.owner, stream.prompt_tokens, completion)
 
 
 def release_key(state: ServerState, key_name: str) -> None:
     """An admitted stream that could not be opened after all: its slot is given back."""
-    state.key_limiter.finished(key_name, 0)
+    if state.cluster is not None and state.cluster.admission is not None:
+        state.cluster.admission.finished(key_name, 0)
+    else:
+        state.key_limiter.finished(key_name, 0)
     state.key_metrics.finished(key_name, 0, 0)

@@ -23,7 +23,7 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     schema = chat_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
-    return respond(state, request, prepare_chat(state, body), body.stream, started)
+    return await respond(state, request, prepare_chat(state, body), body.stream, started)
 
 
 async def completions(request: Request) -> Response:
@@ -31,7 +31,7 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     schema = completion_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
-    return respond(state, request, prepare_completion(state, body), body.stream, started)
+    return await respond(state, request, prepare_completion(state, body), body.stream, started)
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).

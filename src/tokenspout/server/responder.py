@@ -17,7 +17,7 @@ from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
-from tokenspout.server.key_admission import admit_key, release_key
+from tokenspout.server.key_admission import admit_key, admit_shared, release_key
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_group import StreamGroup
@@ -31,13 +31,16 @@ def negotiate_framing(request: Request) -> Framing:
     return SSEFraming()
 
 
-def open_stream(
+async def open_stream(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
 ) -> Stream | StreamGroup:
     """Admit the request (and the key's limits) and start generating; the stream is owned
     by ``key``. With ``n > 1``, a group of ``n`` streams, each counted as a stream (the
-    prompt's tokens once)."""
+    prompt's tokens once). With ``--redis-url`` the limits count across replicas, and a
+    resumable stream is written to Redis."""
     admit(state, generation.n)
+    if state.cluster is not None:
+        return await _open_shared(state, generation, key)
     if key is None:
         return _open(state, generation, None)
     admitted = 0
@@ -50,6 +53,23 @@ def open_stream(
         for _ in range(admitted):
             release_key(state, key.name)
         raise
+
+
+async def _open_shared(
+    state: ServerState, generation: GenerationRequest, key: ApiKey | None
+) -> Stream | StreamGroup:
+    assert state.cluster is not None
+    await admit_shared(state, key, generation.prompt.num_tokens, generation.n)
+    try:
+        stream = _open(state, generation, None if key is None else key.name)
+    except BaseException:
+        if key is not None:
+            for _ in range(generation.n):
+                release_key(state, key.name)
+        raise
+    if isinstance(stream, Stream):
+        state.cluster.opened(stream, generation)
+    return stream
 
 
 def _open(
@@ -65,7 +85,7 @@ def _open(
     )  # fmt: skip
 
 
-def respond(
+async def respond(
     state: ServerState,
     request: Request,
     generation: GenerationRequest,
@@ -73,7 +93,7 @@ def respond(
     started_at: float,
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
-    stream = open_stream(state, generation, key_of(request))
+    stream = await open_stream(state, generation, key_of(request))
     prompt = generation.prompt.text if state.config.log_prompts else None
     try:
         if streaming:

@@ -10,7 +10,7 @@ from tokenspout.errors import InvalidRequestError
 from tokenspout.protocols.event_id import parse_event_id
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
-from tokenspout.server.stream_ownership import owned_stream
+from tokenspout.server.stream_ownership import follow_owned, owner_of
 
 
 def last_event_id(request: Request) -> str | None:
@@ -18,7 +18,7 @@ def last_event_id(request: Request) -> str | None:
     return request.headers.get("last-event-id") or request.query_params.get("last_event_id")
 
 
-def resume(
+async def resume(
     state: ServerState, request: Request, event_id: str | None, stream_id: str | None = None
 ) -> Response:
     """Replay everything after ``event_id`` (from the beginning without one) in the
@@ -35,7 +35,7 @@ def resume(
             )
         stream_id = sid
     assert stream_id is not None
-    stream = owned_stream(state, request, stream_id)
+    stream = await follow_owned(state, owner_of(request), stream_id)
     # A stream that is not resumable refuses the new reader itself (409).
     response = follow(state, request, stream, start=position)
     state.metrics.resumes.inc()

@@ -55,7 +55,7 @@ async def seed_stream_post(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
     body = await parse_body(request, SeedStreamRequest, state.config.max_body_bytes)
-    return respond(state, request, prepare_seed(state, body), True, started)
+    return await respond(state, request, prepare_seed(state, body), True, started)
 
 
 async def seed_stream_get(request: Request) -> Response:
@@ -65,8 +65,8 @@ async def seed_stream_get(request: Request) -> Response:
     state = state_of(request)
     event_id = last_event_id(request)
     if event_id:
-        return resume(state, request, event_id)
-    return respond(state, request, prepare_seed(state, query_body(request)), True, started)
+        return await resume(state, request, event_id)
+    return await respond(state, request, prepare_seed(state, query_body(request)), True, started)
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).

@@ -193,6 +193,13 @@ def serve(
     log_prompts: Annotated[
         bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
     ] = _D.log_prompts,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TOKENSPOUT_REDIS_URL",
+            help="Share streams with other replicas through Redis (redis://host:port/db).",
+        ),
+    ] = _D.redis_url,
     otlp_traces_endpoint: Annotated[
         str | None,
         typer.Option(help="Export a trace per request over OTLP/HTTP, e.g. http://host:4318."),
@@ -212,6 +219,11 @@ def serve(
         if config.api_keys_file is not None:
             # Checked before the model loads: a broken keys file is one line and exit 2.
             load_keys_file(config.api_keys_file)
+        if config.redis_url is not None:
+            # Also before the model loads: an unreachable Redis is one line and exit 2.
+            from tokenspout.cluster.redis_link import check_reachable
+
+            check_reachable(config.redis_url)
         built = _engine(
             engine,
             model=model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from starlette.requests import HTTPConnection
 
@@ -18,6 +19,9 @@ from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_registry import ResumePolicy, StreamRegistry
 from tokenspout.streaming.stream_store import InMemoryStreamStore
 
+if TYPE_CHECKING:
+    from tokenspout.cluster.replica import Replica
+
 
 @dataclass
 class ServerState:
@@ -31,6 +35,8 @@ class ServerState:
     key_metrics: KeyMetrics = field(init=False)
     ready: bool = False
     draining: bool = False
+    #: This process as one of several replicas sharing streams (``--redis-url``).
+    cluster: Replica | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine)
@@ -39,9 +45,17 @@ class ServerState:
         self.key_limiter = InMemoryKeyLimiter()
         self.key_metrics = KeyMetrics(self.metrics.registry)
         self.send_watchdog = SendWatchdog(cfg.send_timeout_s)
-        store = InMemoryStreamStore(
-            max_stream_bytes=cfg.max_stream_buffer_bytes, max_total_bytes=cfg.max_buffer_bytes
-        )
+        bounds = {
+            "max_stream_bytes": cfg.max_stream_buffer_bytes,
+            "max_total_bytes": cfg.max_buffer_bytes,
+        }
+        store = InMemoryStreamStore(**bounds)
+        if cfg.redis_url is not None:
+            # Imported only with --redis-url: the cluster modules import the server's.
+            from tokenspout.cluster.replica import Replica
+
+            self.cluster = Replica(cfg, self.metrics.registry)
+            store = self.cluster.stream_store(**bounds)
         self.streams = StreamRegistry(
             self.engine,
             store=store,
@@ -51,6 +65,8 @@ class ServerState:
 
     def _stream_ended(self, stream: Stream) -> None:
         stream_ended(self, stream)
+        if self.cluster is not None:
+            self.cluster.ended(stream)
         if stream.first_output_at is not None:
             self.metrics.queue_time.observe(stream.first_output_at - stream.opened_at)
         end = stream.end

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.server_state import state_of
-from tokenspout.server.stream_ownership import owned_stream
+from tokenspout.server.stream_ownership import cancel_owned, owner_of
 
 router = APIRouter()
 api = APIRouter()
@@ -34,6 +34,10 @@ async def health(request: Request) -> Response:
     }
     if failure is not None:
         body["error"] = failure
+    if state.cluster is not None:
+        # Still 200 without Redis: this replica's live streams go on from memory.
+        body["replica"] = state.cluster.id
+        body["redis"] = "up" if state.cluster.link.up else "unreachable"
     return JSONResponse(body, status_code=200 if ok else 503)
 
 
@@ -66,13 +70,12 @@ async def models(request: Request) -> Response:
 async def get_stream(stream_id: str, request: Request) -> Response:
     """Replay a stream after ``Last-Event-ID`` (header or ``?last_event_id=``) in its own
     format, then follow it live to ``[DONE]``; without one, from the beginning."""
-    return resume(state_of(request), request, last_event_id(request), stream_id)
+    return await resume(state_of(request), request, last_event_id(request), stream_id)
 
 
 @api.post("/v1/streams/{stream_id}/cancel")
 async def cancel_stream(stream_id: str, request: Request) -> Response:
     """Stop a stream by id; its readers see ``finish_reason: "cancelled"``."""
     refuse_non_json_body(request)
-    stream = owned_stream(state_of(request), request, stream_id)
-    stream.cancel()
-    return JSONResponse({"id": stream.id, "object": "stream.cancel", "cancelled": True})
+    await cancel_owned(state_of(request), owner_of(request), stream_id)
+    return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})

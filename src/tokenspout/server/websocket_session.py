@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tokenspout.errors import InvalidRequestError, TokenspoutError
+from tokenspout.errors import InvalidRequestError, StreamNotFoundError, TokenspoutError
 from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
@@ -36,6 +36,7 @@ from tokenspout.server.request_parsing import validate
 from tokenspout.server.responder import open_stream
 from tokenspout.server.schemas import chat_schema, completion_schema
 from tokenspout.server.server_state import ServerState
+from tokenspout.server.stream_ownership import cancel_owned
 from tokenspout.server.stream_transport import PEER_GONE, PeerGone, StreamTransport
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
@@ -131,7 +132,7 @@ class WebSocketSession:
         started = time.monotonic()
         try:
             generation = self._prepare(message)
-            stream = open_stream(self.state, generation, self.key)
+            stream = await open_stream(self.state, generation, self.key)
         except TokenspoutError as err:
             await self.send(wsm.error(message.id, err))
             return
@@ -168,12 +169,23 @@ class WebSocketSession:
     async def _cancel(self, client_id: str) -> None:
         follower = self._streams.get(client_id)
         if follower is None:
-            err = InvalidRequestError(f"no running stream with id {client_id!r}")
-            await self.send(wsm.error(client_id, err))
+            await self._cancel_by_stream_id(client_id)
             return
         # From now on nothing but its `done` is sent for this stream.
         follower.cancelled = True
         follower.stream.cancel()
+
+    async def _cancel_by_stream_id(self, stream_id: str) -> None:
+        """A cancel naming no stream of this socket may name a server stream id (an
+        ``X-Stream-Id``) of the socket's key: on this replica or, with Redis, on another."""
+        owner = None if self.key is None else self.key.name
+        try:
+            await cancel_owned(self.state, owner, stream_id)
+        except StreamNotFoundError:
+            err = InvalidRequestError(f"no running stream with id {stream_id!r}")
+            await self.send(wsm.error(stream_id, err))
+        except TokenspoutError as err:
+            await self.send(wsm.error(stream_id, err))
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one frame; ``PeerGone`` once the socket is closed or the session ending."""

@@ -83,6 +83,7 @@ class Stream:
         "opened_at",
         "owner",
         "paused",
+        "positions_ahead",
         "prompt_tokens",
         "resumable",
         "resume_grace_s",
@@ -123,6 +124,10 @@ class Stream:
         self.abort_reason: str | None = None
         #: The engine holds this request until the readers catch up.
         self.paused = False
+        #: A copy of a stream begun on another replica (``cluster``): a reader may resume
+        #: after a position not here yet, which the replica that died had sent before its
+        #: last write to Redis and which the stream's continuation produces again.
+        self.positions_ahead = False
         self._abort = abort
         self._pause = pause
         self._resume = resume
@@ -158,6 +163,15 @@ class Stream:
     def finished(self) -> bool:
         return self.end is not None
 
+    def load(self, start: int, chunks: list[tuple[str, int, Any]]) -> None:
+        """Before any output: the log begins at ``start`` with ``chunks`` (text, tokens,
+        extras) produced elsewhere (a stream continued from another replica's)."""
+        buffer = self._buffer
+        buffer.begin_at(start)
+        for text, num_tokens, extras in chunks:
+            buffer.append(text, num_tokens, extras)
+            self._tokens += num_tokens
+
     def read(self, pos: int) -> list[Chunk]:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)
@@ -187,11 +201,11 @@ class Stream:
                 'with "stream_options": {"resumable": true} (or start the server with '
                 "--resumable)"
             )
-        if start > self.length:
+        if start > self.length and not self.positions_ahead:
             raise InvalidRequestError(
                 f"stream {self.id} has {self.length} events so far; cannot resume after {start}"
             )
-        self._buffer.read(start)  # raises StreamGoneError with the reason
+        self._buffer.read(min(start, self.length))  # raises StreamGoneError with the reason
         cursor = Subscription(self, policy, heartbeat_s=heartbeat_s, start=start, observer=observer)
         self._subscribed = True
         self._cursors.append(cursor)

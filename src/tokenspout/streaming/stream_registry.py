@@ -16,9 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tokenspout.engine.interface import Engine
-from tokenspout.engine.request import Prompt, SamplingParams
-from tokenspout.errors import StreamGoneError, StreamNotFoundError
+from tokenspout.engine.interface import Engine, OutputSink
+from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
+from tokenspout.errors import EngineError, StreamGoneError, StreamNotFoundError
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_group import StreamGroup
 from tokenspout.streaming.stream_store import InMemoryStreamStore, StreamStore
@@ -30,6 +30,38 @@ _EXPIRED_IDS_KEPT = 10_000
 def new_stream_id() -> str:
     """Short, unguessable: knowing an id is what lets a client cancel or resume a stream."""
     return secrets.token_urlsafe(12)
+
+
+@dataclass(frozen=True)
+class Continued:
+    """A stream begun elsewhere: its id, its chunks so far (from ``start``), and the counts
+    its outputs carry on from."""
+
+    stream_id: str
+    history: list[tuple[str, int, Any]]
+    start: int
+    prompt_tokens: int
+    completion_tokens: int
+    created: float
+
+    def prepare(self, stream: Stream) -> OutputSink:
+        """Fill ``stream`` with the history; the sink for the engine's outputs, whose
+        counts continue the history's."""
+        stream.created = self.created
+        stream.positions_ahead = True
+        stream.load(self.start, self.history)
+        prompt_tokens, before = self.prompt_tokens, self.completion_tokens
+        receive = stream.receive
+
+        def sink(item: EngineOutput | EngineError) -> None:
+            if isinstance(item, EngineOutput):
+                item = item._replace(
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=before + item.completion_tokens,
+                )
+            receive(item)
+
+        return sink
 
 
 @dataclass(frozen=True)
@@ -72,22 +104,30 @@ class StreamRegistry:
 
     def open(
         self,
-        prompt: Prompt,
+        prompt: Prompt | None,
         params: SamplingParams,
         *,
         resumable: bool = False,
         owner: str | None = None,
         meta: Any = None,
+        continued: Continued | None = None,
     ) -> Stream:
         """Start generating now; the stream is findable by id until it is over. ``meta`` is
-        kept with the stream for its readers (see ``Stream.meta``). Raises what the engine's
+        kept with the stream for its readers (see ``Stream.meta``). ``continued``: the stream
+        is one begun elsewhere (another replica's), continued here under its own id with its
+        text so far (None ``prompt``: nothing is left to generate). Raises what the engine's
         ``submit`` raises, leaving nothing behind."""
-        stream_id = new_stream_id()
+        stream_id = new_stream_id() if continued is None else continued.stream_id
         engine = self._engine
+        if continued is not None:
+            prompt_tokens = continued.prompt_tokens
+        else:
+            assert prompt is not None
+            prompt_tokens = prompt.num_tokens
         stream = Stream(
             stream_id,
             self._store.create(stream_id, resumable=resumable),
-            prompt_tokens=prompt.num_tokens,
+            prompt_tokens=prompt_tokens,
             abort=engine.abort,
             pause=engine.pause,
             resume=engine.resume,
@@ -99,8 +139,10 @@ class StreamRegistry:
             owner=owner,
             meta=meta,
         )
+        sink = stream.receive if continued is None else continued.prepare(stream)
         try:
-            engine.submit(stream_id, prompt, params, stream.receive)
+            if prompt is not None:
+                engine.submit(stream_id, prompt, params, sink)
         except BaseException:
             self._store.discard(stream_id)
             raise

@@ -63,6 +63,10 @@ class ReplayBuffer(ABC):
         """Position after the last chunk."""
 
     @abstractmethod
+    def begin_at(self, pos: int) -> None:
+        """Make an empty buffer start at ``pos``."""
+
+    @abstractmethod
     def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
         """Add a chunk at ``end``; ``UnicodeEncodeError`` for text that is not valid UTF-8."""
 
@@ -130,6 +134,12 @@ class _MemoryBuffer(ReplayBuffer):
     @property
     def end(self) -> int:
         return self._start + len(self._chunks)
+
+    def begin_at(self, pos: int) -> None:
+        """An empty buffer whose first chunk will be at ``pos`` (a stream continued from a
+        copy whose earlier text is no longer held)."""
+        assert not self._chunks
+        self._start = pos
 
     def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
         size = utf8_size(text)
@@ -227,11 +237,15 @@ class InMemoryStreamStore(StreamStore):
         return stream_id in self._buffers
 
     def create(self, stream_id: str, *, resumable: bool) -> ReplayBuffer:
-        buffer = _MemoryBuffer(stream_id, self, resumable)
+        buffer = self._new_buffer(stream_id, resumable)
         self._buffers[stream_id] = buffer
         if resumable:
             self._resumable[stream_id] = buffer
         return buffer
+
+    def _new_buffer(self, stream_id: str, resumable: bool) -> _MemoryBuffer:
+        """The buffer ``create`` registers (a store that persists streams makes its own)."""
+        return _MemoryBuffer(stream_id, self, resumable)
 
     def discard(self, stream_id: str) -> None:
         buffer = self._buffers.pop(stream_id, None)

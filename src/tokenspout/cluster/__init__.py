@@ -1,0 +1,1 @@
+"""Streams shared by several replicas through Redis (``--redis-url``)."""

@@ -1,0 +1,50 @@
+"""Where the cluster's state lives in Redis: every key name, in one place.
+
+* ``stream(id)``: a Redis Stream of the stream's chunks. An entry's id is
+  ``<end position>-0`` (``end position``: the position after its last chunk), so ids grow
+  with positions, a reader at position ``p`` reads from ``<p + 1>-0``, and an append at a
+  position already written is refused by Redis itself. The end is one more entry,
+  ``<end position>-1``;
+* ``meta(id)``: a hash: how to read and continue the stream (``StreamRecord``);
+* ``replicas``: a sorted set, replica id → lease expiry (ms, Redis clock);
+* ``owned(replica)``: the ids of the unfinished streams a replica generates;
+* ``admission``: a hash, ``s:<replica>`` → streams generating there, ``q:<replica>`` →
+  requests queued there;
+* ``key(name)``: a hash per API key: ``s:<replica>`` → its streams there, and the
+  request and token buckets (``rl``/``rt``, ``tl``/``tt``: level and time);
+* ``CANCEL``: the pub/sub channel cancels travel on.
+"""
+
+from __future__ import annotations
+
+PREFIX = "tokenspout:"
+CANCEL = PREFIX + "cancel"
+REPLICAS = PREFIX + "replicas"
+ADMISSION = PREFIX + "admission"
+
+
+def stream(stream_id: str) -> str:
+    return f"{PREFIX}s:{stream_id}"
+
+
+def meta(stream_id: str) -> str:
+    return f"{PREFIX}m:{stream_id}"
+
+
+def owned(replica: str) -> str:
+    return f"{PREFIX}o:{replica}"
+
+
+def key(name: str) -> str:
+    return f"{PREFIX}k:{name}"
+
+
+def entry_id(end: int, final: bool = False) -> str:
+    return f"{end}-{1 if final else 0}"
+
+
+def entry_end(entry: bytes | str) -> tuple[int, bool]:
+    """(end position, whether it is the end entry) of an entry id."""
+    text = entry.decode() if isinstance(entry, bytes) else entry
+    end, _, seq = text.partition("-")
+    return int(end), seq == "1"

@@ -1,0 +1,311 @@
+"""This process as one replica among several sharing streams through Redis.
+
+It owns the Redis link and everything that uses it: the write-behind of this replica's
+resumable streams (``StreamWriter``), mirrors of streams generated elsewhere
+(``StreamMirror``), cancels by pub/sub, shared admission, and the lease. The lease is a
+score in ``replicas`` (its expiry on Redis's clock), refreshed every second; every replica
+looks, at each refresh, for replicas whose lease lapsed, and claims their unfinished
+streams one by one in a script (``_CLAIM``: the stream leaves the dead replica's set and
+joins the claimer's atomically, so exactly one replica takes each) and continues them
+(``Takeover``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter
+
+from tokenspout.cluster import redis_keys as rk
+from tokenspout.cluster.mirror_feed import MirrorFeed
+from tokenspout.cluster.persisted_store import PersistedStreamStore
+from tokenspout.cluster.redis_link import LOST, RedisLink, execute
+from tokenspout.cluster.shared_admission import SharedAdmission
+from tokenspout.cluster.stream_mirror import StreamMirror
+from tokenspout.cluster.stream_record import GONE, StreamRecord
+from tokenspout.cluster.stream_writer import StreamWriter
+from tokenspout.cluster.takeover import Takeover
+from tokenspout.errors import StreamGoneError, StreamNotFoundError
+from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_store import InMemoryStreamStore
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from tokenspout.server.config import ServerConfig
+    from tokenspout.server.generation_request import GenerationRequest
+    from tokenspout.server.server_state import ServerState
+
+logger = logging.getLogger("tokenspout.cluster")
+
+#: The lease is refreshed this often and lapses after LEASE_TTL_S without a refresh.
+LEASE_EVERY_S = 1.0
+LEASE_TTL_S = 3.0
+
+_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+"""
+
+# KEYS: replicas, owned(dead), owned(me), meta(id); ARGV: dead, me, id. 1 if claimed.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if lease and tonumber(lease) > now then return 0 end
+if redis.call('SREM', KEYS[2], ARGV[3]) == 0 then return 0 end
+if redis.call('HGET', KEYS[4], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[4], 'replica', ARGV[2])
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+
+# KEYS: replicas, admission, owned(dead); ARGV: dead. A lapsed replica with nothing left
+# to take over is forgotten.
+_FORGET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (lease and tonumber(lease) > now) or redis.call('SCARD', KEYS[3]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], 's:' .. ARGV[1], 'q:' .. ARGV[1])
+return 1
+"""
+
+
+class Replica:
+    """Built with the server's state (``ServerState``); ``start``/``stop`` in its lifespan."""
+
+    def __init__(self, config: ServerConfig, registry: CollectorRegistry):
+        assert config.redis_url is not None
+        self.id = secrets.token_hex(6)
+        self.link = RedisLink(config.redis_url, on_up=self._redis_back)
+        self.writer = StreamWriter(self.link, self.id, registry, ended_ttl_s=config.resume_ttl_s)
+        self._config = config
+        self._mirror_store = InMemoryStreamStore(
+            max_stream_bytes=config.max_stream_buffer_bytes,
+            max_total_bytes=config.max_buffer_bytes,
+        )
+        self._mirrors: dict[str, StreamMirror] = {}
+        self._feed = MirrorFeed(self.link)
+        self._tasks: list[asyncio.Task[None]] = []
+        client = self.link.client
+        self._lease = client.register_script(_LEASE)
+        self._claim = client.register_script(_CLAIM)
+        self._forget = client.register_script(_FORGET)
+        self.takeovers = Counter(
+            "tokenspout_stream_takeovers",
+            "Streams of a replica whose lease lapsed that this replica continued.",
+            registry=registry,
+        )
+        self._takeovers_after = 0.0
+        self._state: ServerState | None = None
+        self.admission: SharedAdmission | None = None
+
+    def stream_store(self, **bounds: int) -> PersistedStreamStore:
+        return PersistedStreamStore(self.writer.touched, **bounds)
+
+    # -- life ----------------------------------------------------------------------------
+
+    async def start(self, state: ServerState) -> None:
+        self._state = state
+        self.admission = SharedAdmission(
+            self.link,
+            self.id,
+            max_streams=self._config.max_streams,
+            max_queued=self._config.max_queued,
+            generating=lambda: len(state.streams),
+            queued=lambda: state.engine.stats().waiting,
+        )
+        await self._refresh_lease()
+        self.writer.start()
+        self._tasks = [
+            asyncio.create_task(self._keep_lease()),
+            asyncio.create_task(self._listen_cancels()),
+        ]
+        logger.info("replica %s: sharing streams through Redis at %s", self.id, self.link.url)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._feed.close()
+        await self.writer.stop()
+        # The lease is left to lapse: a stream whose end could not be written is then
+        # taken over, and a replica with nothing left is forgotten (_FORGET).
+        await self.link.close()
+
+    async def _redis_back(self) -> None:
+        # The other replicas could not refresh their leases either, and may not have
+        # noticed yet that Redis is back: none of them is taken for dead before they could.
+        self._takeovers_after = time.monotonic() + LEASE_TTL_S
+        await self._refresh_lease()
+        await self.writer.resync()
+        if self.admission is not None:
+            await self.admission.publish()
+
+    # -- this replica's streams ----------------------------------------------------------
+
+    def opened(self, stream: Stream, generation: GenerationRequest) -> None:
+        """A stream opened here: a resumable one is written to Redis from now on."""
+        if not stream.resumable or generation.body is None:
+            return
+        record = StreamRecord(
+            stream.id,
+            generation.wire,
+            key=stream.owner or "",
+            replica=self.id,
+            created=stream.created,
+            prompt_tokens=stream.prompt_tokens,
+            body=generation.body.model_dump_json(exclude_unset=True),
+        )
+        self.writer.track(stream, record)
+
+    def ended(self, stream: Stream) -> None:
+        if stream.resumable:
+            self.writer.touched(stream.id)
+
+    # -- streams of any replica ----------------------------------------------------------
+
+    async def find(self, stream_id: str, owner: str | None) -> Stream:
+        """A stream generated on another replica for ``owner``'s key, read from Redis (404,
+        410; 503 without Redis)."""
+        mirror = self._mirrors.get(stream_id)
+        if mirror is not None:
+            if mirror.stream.owner != owner:
+                raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+            return mirror.stream
+        record, entries = await self._read(stream_id, owner)
+        if record.state == GONE:
+            raise StreamGoneError(f"stream {stream_id!r} cannot be resumed: {record.why}")
+        mirror = StreamMirror(self._feed, record, self._mirror_store, self._mirror_ended)
+        mirror.start(entries)
+        if not mirror.stream.finished:
+            self._mirrors[stream_id] = mirror
+        return mirror.stream
+
+    async def record(self, stream_id: str, owner: str | None) -> StreamRecord:
+        """The stream's record, if ``owner``'s key opened it (404 otherwise)."""
+        raw = await self.link.call(lambda: self.link.client.hgetall(rk.meta(stream_id)))
+        record = None if not raw else StreamRecord.from_fields(stream_id, raw)
+        if record is None or record.key != (owner or ""):
+            raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+        return record
+
+    async def _read(self, stream_id: str, owner: str | None) -> tuple[StreamRecord, list[Any]]:
+        record = await self.record(stream_id, owner)
+        entries = await self.link.call(lambda: self.link.client.xrange(rk.stream(stream_id)))
+        return record, entries
+
+    def _mirror_ended(self, stream: Stream) -> None:
+        self._mirrors.pop(stream.id, None)
+        self._mirror_store.discard(stream.id)
+
+    async def cancel(self, stream_id: str, owner: str | None) -> None:
+        """Cancel a stream generated on another replica: its owner hears it on the cancel
+        channel (and a replica that takes it over later finds the flag)."""
+        record = await self.record(stream_id, owner)
+        client = self.link.client
+
+        async def send() -> None:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(rk.meta(record.stream_id), "cancelled", "1")
+            pipe.publish(rk.CANCEL, record.stream_id)
+            await execute(pipe)
+
+        await self.link.call(send)
+
+    async def _listen_cancels(self) -> None:
+        while True:
+            try:
+                async with self.link.client.pubsub() as pubsub:
+                    await pubsub.subscribe(rk.CANCEL)
+                    async for message in pubsub.listen():
+                        if message["type"] == "message":
+                            self._cancel_here(message["data"].decode())
+            except LOST as exc:
+                self.link.lost(exc)
+                await asyncio.sleep(LEASE_EVERY_S / 2)
+
+    def _cancel_here(self, stream_id: str) -> None:
+        assert self._state is not None
+        with contextlib.suppress(StreamNotFoundError, StreamGoneError):
+            self._state.streams.get(stream_id).cancel()
+
+    # -- the lease and takeovers ---------------------------------------------------------
+
+    async def _keep_lease(self) -> None:
+        while True:
+            await asyncio.sleep(LEASE_EVERY_S)
+            if not self.link.up:
+                continue
+            try:
+                lapsed = await self._refresh_lease()
+                assert self.admission is not None
+                await self.admission.publish()
+                if time.monotonic() < self._takeovers_after:
+                    continue
+                for replica in lapsed:
+                    await self._take_over_from(replica)
+            except LOST as exc:
+                self.link.lost(exc)
+            except Exception:
+                logger.exception("replica %s: lease or takeover failed", self.id)
+
+    async def _refresh_lease(self) -> list[str]:
+        ttl_ms = str(int(LEASE_TTL_S * 1000))
+        lapsed = await self._lease(keys=[rk.REPLICAS], args=[self.id, ttl_ms])
+        return [r.decode() for r in lapsed if r.decode() != self.id]
+
+    async def _take_over_from(self, dead: str) -> None:
+        client = self.link.client
+        orphans = await client.smembers(rk.owned(dead))
+        for raw in orphans:
+            stream_id = raw.decode()
+            keys = [rk.REPLICAS, rk.owned(dead), rk.owned(self.id), rk.meta(stream_id)]
+            if await self._claim(keys=keys, args=[dead, self.id, stream_id]):
+                await self._continue(stream_id, dead)
+        await self._forget(keys=[rk.REPLICAS, rk.ADMISSION, rk.owned(dead)], args=[dead])
+
+    async def _give_up(self, stream_id: str, why: str) -> None:
+        """A claimed stream that cannot go on: its readers get the reason (410 on resume)."""
+        last = await self.link.client.xrevrange(rk.stream(stream_id), count=1)
+        end = rk.entry_end(last[0][0])[0] if last else 0
+        pipe = self.link.client.pipeline(transaction=False)
+        pipe.hset(rk.meta(stream_id), mapping={"state": GONE, "why": why})
+        pipe.xadd(rk.stream(stream_id), {"g": why}, id=rk.entry_id(end, True))
+        pipe.srem(rk.owned(self.id), stream_id)
+        await execute(pipe)
+
+    async def _continue(self, stream_id: str, dead: str) -> None:
+        assert self._state is not None and self.admission is not None
+        raw = await self.link.client.hgetall(rk.meta(stream_id))
+        record = StreamRecord.from_fields(stream_id, raw)
+        entries = await self.link.client.xrange(rk.stream(stream_id))
+        logger.warning(
+            "replica %s: taking over stream %s of replica %s (lease lapsed)", self.id,
+            stream_id, dead,
+        )  # fmt: skip
+        takeover = Takeover(self._state, record, entries)
+        try:
+            stream = takeover.start()
+        except Exception as exc:
+            logger.exception("stream %s: the takeover failed", stream_id)
+            await self._give_up(stream_id, f"the takeover after its replica died failed: {exc}")
+            return
+        self.takeovers.inc()
+        if record.key:
+            self.admission.adopt(record.key)
+        mine = record.owned_by(self.id)
+        self.writer.track(stream, mine, persisted=takeover.persisted, opened=True)
+        if record.cancelled:
+            stream.cancel()

@@ -1,0 +1,98 @@
+"""Continue a stream whose replica died, from its request and its text in Redis.
+
+The request is prepared again from the body the client sent (the same validation, chat
+template and limits as the first time), and the engine's ``continuation`` turns it and the
+text so far into the request for the rest (``max_tokens`` less what was generated). The new
+stream keeps the id, the chunks so far and the counts, so its next chunk goes at the next
+position of the same Redis stream: readers that have a position skip nothing and repeat
+nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tokenspout.cluster import redis_keys as rk
+from tokenspout.cluster.chunk_codec import decode_chunks
+from tokenspout.cluster.stream_record import StreamRecord
+from tokenspout.engine.continuation import Continuation
+from tokenspout.engine.request import EngineOutput
+from tokenspout.errors import InvalidRequestError, StreamGoneError
+from tokenspout.server.generation_request import (
+    GenerationRequest,
+    prepare_chat,
+    prepare_completion,
+    prepare_seed,
+)
+from tokenspout.server.request_parsing import validate
+from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, SeedStreamRequest
+from tokenspout.streaming.stream import Stream
+from tokenspout.streaming.stream_registry import Continued
+
+if TYPE_CHECKING:
+    from tokenspout.server.server_state import ServerState
+
+
+class Takeover:
+    def __init__(self, state: ServerState, record: StreamRecord, entries: list[Any]):
+        self._state = state
+        self._record = record
+        self._entries = entries
+        self.persisted = 0
+
+    def start(self) -> Stream:
+        """Open the continued stream in this replica's registry and start generating."""
+        state, record = self._state, self._record
+        history, start = self._history()
+        if start > 0:
+            # The continuation needs the whole answer so far.
+            raise StreamGoneError(f"Redis no longer holds its text before position {start}")
+        #: Where Redis's entries end: the continued stream writes after it.
+        self.persisted = start + len(history)
+        # Trailing outputs without text are tokens the detokenizer was holding back (part
+        # of a character): their text is not in the answer so far, so they are generated
+        # again (the same ones under greedy decoding) rather than counted as done.
+        while history and not history[-1][0] and history[-1][2] is None:
+            history.pop()
+        text = "".join(text for text, _, _ in history)
+        tokens = sum(n for _, n, _ in history)
+        generation = self._prepare()
+        sofar = Continuation(text=text, token_ids=None, completion_tokens=tokens)
+        try:
+            prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)
+        except InvalidRequestError:
+            # Nothing is left to generate: the owner died before it wrote the end.
+            prompt, params = None, generation.params
+        continued = Continued(
+            record.stream_id, history, start, record.prompt_tokens, tokens, record.created
+        )
+        stream = state.streams.open(
+            prompt, params, resumable=True, owner=record.key or None, meta=record.wire,
+            continued=continued,
+        )  # fmt: skip
+        if prompt is None:
+            stream.receive(EngineOutput("", 0, record.prompt_tokens, tokens, "length"))
+        return stream
+
+    def _history(self) -> tuple[list[tuple[str, int, Any]], int]:
+        """The chunks Redis has, and the position of the first."""
+        history: list[tuple[str, int, Any]] = []
+        start = 0
+        for index, (entry_id, fields) in enumerate(self._entries):
+            if b"c" not in fields:
+                continue
+            chunks = decode_chunks(fields[b"c"])
+            if index == 0:
+                start = rk.entry_end(entry_id)[0] - len(chunks)
+            history += chunks
+        return history, start
+
+    def _prepare(self) -> GenerationRequest:
+        state, record = self._state, self._record
+        body = record.request_body()
+        kind = record.wire.kind
+        if kind == "chat":
+            return prepare_chat(state, validate(ChatCompletionRequest, body))
+        if kind == "completion":
+            return prepare_completion(state, validate(CompletionRequest, body))
+        return prepare_seed(state, validate(SeedStreamRequest, body))

@@ -1,0 +1,34 @@
+"""What goes to Redis comes back the same: chunks (with extras) and stream records."""
+
+from __future__ import annotations
+
+from tokenspout.cluster.chunk_codec import decode_chunks, encode_chunks
+from tokenspout.cluster.stream_record import StreamRecord
+from tokenspout.engine.request import OutputExtras, TokenLogprob, ToolCallDelta
+from tokenspout.server.generation_request import StreamWire
+from tokenspout.streaming.stream_store import Chunk
+
+
+def test_chunks_with_and_without_extras_round_trip() -> None:
+    extras = OutputExtras(
+        TokenLogprob("é", "é".encode(), -0.25, (("é", b"\xc3\xa9", -0.25), ("e", b"e", -2.0))),
+        (ToolCallDelta(0, "call_1", "get", '{"a": '),),
+    )
+    chunks = [Chunk("Ünï 😀\n", 2, 9), Chunk("data: x\r", 1, 8, extras), Chunk("", 1, 0)]
+    decoded = decode_chunks(encode_chunks(chunks))
+    assert decoded == [(c.text, c.num_tokens, c.extras) for c in chunks]
+
+
+def test_stream_record_round_trips_through_hash_fields() -> None:
+    record = StreamRecord(
+        "abc",
+        StreamWire("chat", "synthetic", include_usage=True),
+        key="alice",
+        replica="r1",
+        created=1234.5,
+        prompt_tokens=7,
+        body='{"messages": []}',
+        cancelled=True,
+    )
+    raw = {k.encode(): v.encode() for k, v in record.fields().items()}
+    assert StreamRecord.from_fields("abc", raw) == record

@@ -1,0 +1,258 @@
+"""Several `tokenspout serve` replicas sharing streams through a real Redis, behind the
+shipped nginx config: resume, cancel, takeover after SIGKILL, a Redis restart, admission."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import ReplicaSet, kill, needs_nginx
+from tests.conftest import free_port
+from tests.e2e.test_resume import chat_text, read_some, sse_events
+
+PROMPT = "Ünïcödé 日本語 😀 alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
+
+
+def chat_body(max_tokens: int, **options: object) -> dict:  # type: ignore[type-arg]
+    return {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"resumable": True, "flush_tokens": 1, **options},
+    }
+
+
+def whole_text(url: str, max_tokens: int) -> str:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    answer = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
+    return answer.json()["choices"][0]["message"]["content"]
+
+
+def resume_to_end(url: str, stream_id: str, last_id: str | None, parts: list[str]) -> None:
+    headers = {"Last-Event-ID": last_id} if last_id else {}
+    with httpx.stream(
+        "GET", f"{url}/v1/streams/{stream_id}", headers=headers, timeout=60
+    ) as response:
+        assert response.status_code == 200, response.read()
+        read_some(response, 100_000, parts)
+
+
+@needs_nginx
+def test_resume_across_replicas_through_nginx_after_three_cuts(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+) -> None:
+    replicas = replica_set.start_many(3, "--synthetic-itl-ms", "5")
+    url = start_nginx([r.port for r in replicas])
+    expected = whole_text(url, 150)
+    rng = random.Random(12)
+    parts: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(150)) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read_some(r, rng.randint(2, 20), parts)
+    for _ in range(3):
+        headers = {"Last-Event-ID": last_id}
+        with httpx.stream("GET", f"{url}/v1/streams/{stream_id}", headers=headers) as r:
+            assert r.status_code == 200
+            last_id = read_some(r, rng.randint(2, 20), parts)
+    resume_to_end(url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    served = [r.metric("tokenspout_stream_resumes_total") for r in replicas]
+    assert sum(served) == 4
+    # Round robin: the resumes were not all answered by one replica (the owner).
+    assert sum(1 for n in served if n) >= 2
+
+
+def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet) -> None:
+    """Over HTTP, then as a WebSocket cancel naming the stream id."""
+    from websockets.sync.client import connect
+
+    owner, other = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    for how in ("http", "ws"):
+        with httpx.stream(
+            "POST", f"{owner.url}/v1/chat/completions", json=chat_body(4000), timeout=30
+        ) as r:
+            stream_id = r.headers["x-stream-id"]
+            events = sse_events(r.iter_lines())
+            next(events)
+            if how == "http":
+                cancel = httpx.post(f"{other.url}/v1/streams/{stream_id}/cancel", json={})
+                assert cancel.status_code == 200, cancel.text
+            else:
+                with connect(other.url.replace("http", "ws") + "/v1/ws") as ws:
+                    ws.send(json.dumps({"type": "cancel", "id": stream_id}))
+            chunks = [json.loads(d) for _, d in events if d != "[DONE]"]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "cancelled"
+    assert owner.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 2
+    assert owner.metric("tokenspout_requests_running") == 0
+
+
+@needs_nginx
+@pytest.mark.parametrize(
+    ("engine", "args", "max_tokens"),
+    [
+        ("synthetic", ("--synthetic-itl-ms", "10"), 300),
+        pytest.param(
+            "embedded",
+            ("--max-num-seqs", "2"),
+            120,
+            marks=[pytest.mark.slow, pytest.mark.timeout(1200)],
+        ),
+    ],
+)
+def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
+    replica_set: ReplicaSet,
+    start_nginx: Callable[[list[int]], str],
+    engine: str,
+    args: tuple[str, ...],
+    max_tokens: int,
+) -> None:
+    """The client, reconnecting through nginx with Last-Event-ID, receives exactly the
+    uncut answer (greedy decoding for the embedded engine) and [DONE]."""
+    replicas = replica_set.start_many(2, *args, engine=engine)
+    url = start_nginx([r.port for r in replicas])
+    expected = whole_text(url, max_tokens)
+    parts: list[str] = []
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens), timeout=60
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        last_id = None
+        for event_id, data in itertools.islice(events, 20):
+            parts.append(chat_text(data))
+            last_id = event_id or last_id
+        owner = replica_set.owner(stream_id)
+        kill(owner)
+        # What the dead replica had already sent is read too: the client keeps it.
+        done = False
+        try:
+            for event_id, data in events:
+                done = data == "[DONE]"
+                parts.append(chat_text(data))
+                last_id = event_id or last_id
+        except httpx.HTTPError:
+            pass
+    assert not done  # the connection was cut before the end
+    resume_to_end(url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    survivor = next(r for r in replicas if r is not owner)
+    assert survivor.metric("tokenspout_stream_takeovers_total") == 1
+
+
+def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:
+    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    expected = whole_text(replicas[0].url, 200)
+    results: dict[int, list[str]] = {}
+    ids: dict[int, str] = {}
+    started = threading.Barrier(5)
+
+    def read(index: int) -> None:
+        url = replicas[index % 2].url
+        parts: list[str] = []
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=chat_body(200)) as r:
+            ids[index] = r.headers["x-stream-id"]
+            events = sse_events(r.iter_lines())
+            parts += [chat_text(data) for _, data in itertools.islice(events, 5)]
+            started.wait()
+            parts += [chat_text(data) for _, data in events]
+        results[index] = parts
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    started.wait()
+    replica_set.redis.stop()
+    # While Redis is down, a resume on a replica that does not generate the stream is a 503.
+    down = httpx.get(f"{replicas[1].url}/v1/streams/{ids[0]}")
+    assert down.status_code == 503
+    assert down.json()["error"]["code"] == "redis_unavailable"
+    replica_set.redis.start()
+    for t in threads:
+        t.join(60)
+    for index in range(4):
+        assert "".join(results[index]) == expected, index
+    # Once Redis is back, the replicas write what it lost, and resumes work again.
+    for replica in replicas:
+        replica.wait_metric("tokenspout_redis_up", 1)
+        replica.wait_metric("tokenspout_redis_write_pending_seconds", 0)
+    for index in range(4):
+        other = replicas[1 - index % 2]
+        parts: list[str] = []
+        resume_to_end(other.url, ids[index], None, parts)
+        assert "".join(parts) == expected
+
+
+def test_text_lost_while_redis_was_down_makes_the_stream_gone(replica_set: ReplicaSet) -> None:
+    """The writer cannot catch up when what Redis missed was evicted meanwhile (a small
+    replay bound here): resuming it answers 410 with the reason, never a shortened text."""
+    owner, other = replica_set.start_many(
+        2, "--synthetic-itl-ms", "2", "--max-stream-buffer-bytes", "300"
+    )
+    with httpx.stream(
+        "POST", f"{owner.url}/v1/chat/completions", json=chat_body(400), timeout=30
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        next(events)
+        replica_set.redis.stop()
+        assert [d for _, d in events][-1] == "[DONE]"
+    replica_set.redis.start()
+    owner.wait_metric("tokenspout_redis_streams_gone_total", 1)
+    gone = httpx.get(f"{other.url}/v1/streams/{stream_id}")
+    assert gone.status_code == 410
+    assert "cannot be resumed" in gone.json()["error"]["message"]
+
+
+def test_admission_limits_hold_across_two_replicas(replica_set: ReplicaSet, tmp_path: Path) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        '[[keys]]\nname = "alice"\nkey = "sk-alice"\nmax_concurrent_streams = 1\n'
+        '[[keys]]\nname = "bob"\nkey = "sk-bob"\n'
+    )
+    args = ("--synthetic-itl-ms", "10", "--max-streams", "2", "--api-keys-file", str(keys))
+    a, b = replica_set.start_many(2, *args)
+    alice = {"Authorization": "Bearer sk-alice"}
+    bob = {"Authorization": "Bearer sk-bob"}
+    body = chat_body(4000)
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, headers=alice) as r1:
+        assert r1.status_code == 200
+        # alice's second stream, on the other replica: over her own limit.
+        refused = httpx.post(f"{b.url}/v1/chat/completions", json=body, headers=alice)
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert int(refused.headers["retry-after"]) >= 1
+        with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=body, headers=bob) as r2:
+            assert r2.status_code == 200
+            # Two streams are open across the replicas: a third is refused on either.
+            for replica in (a, b):
+                full = httpx.post(f"{replica.url}/v1/chat/completions", json=body, headers=bob)
+                assert full.status_code == 429
+                assert full.json()["error"]["code"] == "server_overloaded"
+                assert "across the replicas" in full.json()["error"]["message"]
+
+
+def test_unreachable_redis_at_start_is_one_line_and_exit_2() -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
+         "--redis-url", f"redis://127.0.0.1:{port}/0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if "SYNTHETIC" not in line]
+    assert len(lines) == 1, result.stderr
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in lines[0]
