@@ -40,12 +40,14 @@ def test_bench_measures_the_synthetic_ttft(slow_server: RunningServer, tmp_path:
     assert "median TTFT (ms)" in run.stdout
     data = json.loads(out.read_text())
     assert data["completed"] == 16 and data["failed"] == 0 and data["concurrency"] == 8
-    assert 80 <= data["median_ttft_ms"] <= 250
+    # Lower bounds only: the synthetic engine cannot be faster than its 100 ms first token
+    # and 10 ms steps, while a loaded machine can make anything slower.
+    assert data["median_ttft_ms"] >= 80
     # The server's usage count, not the (coalesced) event count.
     assert data["total_output_tokens"] == 16 * 40
-    assert 8 <= data["median_tpot_ms"] <= 20
-    # Default coalescing sends ~5 tokens per event, so the gap between chunks is ~50 ms.
-    assert 30 <= data["median_itl_ms"] <= 80
+    assert data["median_tpot_ms"] >= 8
+    # Default coalescing sends ~5 tokens per event: chunks are several steps apart.
+    assert data["median_itl_ms"] >= 30
     assert data["median_e2el_ms"] >= data["median_ttft_ms"] + 39 * 8
     assert data["request_goodput"] == pytest.approx(data["request_throughput"])
     assert plot.stat().st_size > 10_000
