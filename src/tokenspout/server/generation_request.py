@@ -11,7 +11,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from tokenspout.engine.request import Prompt, SamplingParams
-from tokenspout.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
+from tokenspout.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PromptTooLongError,
+)
 from tokenspout.protocols.chunk_format import ChunkFormat
 from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
@@ -131,6 +136,11 @@ def check_model(state: ServerState, name: str | None) -> str:
         return name
     if name is None or name in state.config.model_aliases:
         return state.engine.model_id
+    failure = state.engine.failure
+    if failure is not None and state.engine.forwards_fields:
+        # In front of servers none of which answers, the model list is what they last said
+        # (nothing, if none ever answered): "not served" would be the wrong thing to act on.
+        raise EngineUnavailableError(f"{failure}; retry shortly", code="upstream_unavailable")
     served = ", ".join(state.served_names())
     raise ModelNotFoundError(f"model {name!r} is not served here; served: {served}", param="model")
 
