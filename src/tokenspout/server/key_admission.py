@@ -13,10 +13,10 @@ if TYPE_CHECKING:
     from tokenspout.streaming.stream import Stream
 
 
-def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
+def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int) -> None:
     """Raise 403 for a model the key may not use, 429 over one of its limits; otherwise
     the key's new stream is counted (``stream_ended`` gives it back)."""
-    check_model(state, key)
+    check_model(state, key, model)
     try:
         state.key_limiter.admit(key, prompt_tokens)
     except RateLimitError as err:
@@ -26,13 +26,13 @@ def admit_key(state: ServerState, key: ApiKey, prompt_tokens: int) -> None:
 
 
 async def admit_shared(
-    state: ServerState, key: ApiKey | None, prompt_tokens: int, n: int = 1
+    state: ServerState, key: ApiKey | None, model: str, prompt_tokens: int, n: int = 1
 ) -> None:
     """With ``--redis-url``: the server's and the key's limits for ``n`` new streams,
     counted across replicas in one atomic check (429 over one of them; 503 while Redis is
     unreachable)."""
     if key is not None:
-        check_model(state, key)
+        check_model(state, key, model)
     assert state.cluster is not None and state.cluster.admission is not None
     try:
         await state.cluster.admission.admit(key, prompt_tokens, n)
@@ -44,11 +44,18 @@ async def admit_shared(
         state.key_metrics.admitted(key.name)
 
 
-def check_model(state: ServerState, key: ApiKey) -> None:
-    if key.models is not None and key.models.isdisjoint(state.served_names()):
+def check_model(state: ServerState, key: ApiKey, model: str) -> None:
+    """403 unless the key may use ``model``, the served id the request resolved to (the
+    engine's own model also answers to the server's aliases). In front of upstreams that
+    serve several models, a key allowed one of them must not reach the others."""
+    if key.models is None:
+        return
+    names = {model}
+    if model == state.engine.model_id:
+        names.update(state.config.model_aliases)
+    if key.models.isdisjoint(names):
         raise PermissionDeniedError(
-            f"the API key {key.name!r} may not use the model {state.engine.model_id!r}",
-            param="model",
+            f"the API key {key.name!r} may not use the model {model!r}", param="model"
         )
 
 

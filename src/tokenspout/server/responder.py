@@ -46,7 +46,9 @@ async def open_stream(
     admitted = 0
     try:
         for _ in range(generation.n):
-            admit_key(state, key, 0 if admitted else generation.prompt.num_tokens)
+            admit_key(
+                state, key, generation.wire.model, 0 if admitted else generation.prompt.num_tokens
+            )
             admitted += 1
         return _open(state, generation, key.name)
     except BaseException:
@@ -59,7 +61,9 @@ async def _open_shared(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None
 ) -> Stream | StreamGroup:
     assert state.cluster is not None
-    await admit_shared(state, key, generation.prompt.num_tokens, generation.n)
+    await admit_shared(
+        state, key, generation.wire.model, generation.prompt.num_tokens, generation.n
+    )
     try:
         stream = _open(state, generation, None if key is None else key.name)
     except BaseException:
