@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.conftest import RunningServer
+from tests.upstream_processes import faulty, front, processes
 from tokenspout.engine.synthetic_engine import SyntheticEngine
 from tokenspout.errors import ConfigError
 from tokenspout.server.config import ServerConfig
@@ -210,3 +211,33 @@ async def test_websocket_streams_are_traced_under_the_handshake_traceparent(
     assert [r.name for r in roots] == ["WEBSOCKET /v1/ws"] * 2
     assert all(r.parent_span_id.hex() == PARENT_ID for r in roots)
     assert {attributes(r)["tokenspout.transport"] for r in roots} == {"ws"}
+
+
+def test_the_upstream_request_is_a_child_of_the_request_span(
+    start_server, collector: Collector
+) -> None:  # type: ignore[no-untyped-def]
+    body = {"messages": [{"role": "user", "content": "one two"}], "max_tokens": 3, "stream": True}
+    incoming = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    with processes(faulty) as (upstream,):
+        untraced = front(start_server, upstream)
+        r = httpx.post(f"{untraced.url}/v1/chat/completions", json=body, headers=incoming)
+        assert r.status_code == 200
+        assert "traceparent" not in upstream.stats()["headers"], "tracing off: nothing sent"
+
+        traced = front(start_server, upstream, config={"otlp_traces_endpoint": collector.url})
+        sent = []
+        for headers in (incoming, {}):
+            r = httpx.post(f"{traced.url}/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 200
+            sent.append(upstream.stats()["headers"]["traceparent"])
+    traces = collector.wait_traces(2)
+    assert len(traces) == 2
+    for traceparent, caller in zip(sent, (PARENT_ID, ""), strict=True):
+        version, trace_id, parent_id, flags = traceparent.split("-")
+        assert version == "00" and int(flags, 16) & 1, "version 00, sampled"
+        assert trace_id in traces, "the upstream request is in the exported trace"
+        root = next(s for s in traces[trace_id] if s.kind == Span.SPAN_KIND_SERVER)
+        assert root.parent_span_id.hex() == caller
+        assert parent_id == root.span_id.hex(), "its parent is the request's span"
+        assert len(by_name(traces[trace_id])) == 4
+    assert sent[0].split("-")[1] == TRACE_ID, "the client's trace id is kept"

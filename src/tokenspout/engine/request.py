@@ -150,7 +150,10 @@ class Prompt:
       (an upstream server tokenizes itself, so tokenspout never needs its tokenizer);
     * ``messages``/``tools``: a chat prompt as the client gave it (empty for a completion),
       with how its template is to end: a generation prompt for a new assistant turn, or the
-      final message left open (``continue_final_message``, vLLM's semantics).
+      final message left open (``continue_final_message``, vLLM's semantics);
+    * ``traceparent``: the W3C Trace Context of the request's span when the server traces
+      requests (``00-<trace id>-<span id>-<flags>``), else None; an engine that asks
+      another server passes it on, so that the work there joins the request's trace.
     """
 
     text: str
@@ -159,6 +162,7 @@ class Prompt:
     tools: tuple[Tool, ...] = ()
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    traceparent: str | None = None
 
     @property
     def is_chat(self) -> bool:

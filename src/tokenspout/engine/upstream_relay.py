@@ -205,7 +205,7 @@ class UpstreamRelay:
         try:
             async with asyncio.timeout(self.options.first_token_timeout_s) as timer:
                 request = server.client.build_request(
-                    "POST", path, content=encode(body), headers={"Content-Type": "application/json"}
+                    "POST", path, content=encode(body), headers=_headers(prompt)
                 )
                 response = await server.client.send(request, stream=True)
                 try:
@@ -328,6 +328,14 @@ class UpstreamRelay:
             logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
             if not last:
                 self.cancel()
+
+
+def _headers(prompt: Prompt) -> dict[str, str]:
+    """The request's headers: JSON, and the request's trace context when it has one (W3C
+    Trace Context: the upstream's work becomes a child of tokenspout's request span)."""
+    if prompt.traceparent is None:
+        return {"Content-Type": "application/json"}
+    return {"Content-Type": "application/json", "traceparent": prompt.traceparent}
 
 
 def _why(exc: Exception) -> str:

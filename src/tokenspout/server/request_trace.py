@@ -1,9 +1,16 @@
 """The trace of one request, gathered while it runs (see ``request_tracing`` for the
 spans it becomes and how they are exported).
 
-Off by default, and then free: ``RequestRecord`` asks ``start_trace``, which reads one
-context variable that only ``request_tracing``'s middleware sets, and holds ``None``;
-nothing is done per token. This module imports nothing from OpenTelemetry.
+Off by default, and then free: ``RequestRecord`` asks ``start_trace`` and the responder
+asks ``start_root``; both read one context variable that only ``request_tracing``'s
+middleware sets, and get ``None``; nothing is done per token. This module imports nothing
+from OpenTelemetry.
+
+The root span of a request that opens a stream is started when the stream opens, before the
+engine gets the prompt, so that its ids exist while the engine works: ``RootSpan.traceparent``
+rides on ``Prompt.traceparent`` and an engine calling another server passes it on, which
+makes the other server's work a child of this request's span. Its other spans, attributes
+and events are built at the end, when the root span ends (``RequestTracing.export``).
 """
 
 from __future__ import annotations
@@ -18,32 +25,77 @@ if TYPE_CHECKING:
 #: Flushed events recorded per request; later ones are only counted.
 MAX_EVENTS = 128
 
-#: The tracing of the server handling this request, the request's parent context (an
-#: OpenTelemetry ``Context``) and its route; set by ``TraceContextMiddleware``.
-current: ContextVar[tuple[RequestTracing, Any, str] | None] = ContextVar(
-    "tokenspout_trace", default=None
-)
+
+class TraceScope:
+    """One HTTP request or WebSocket connection of a server that traces: the server's
+    tracing, the caller's context (an OpenTelemetry ``Context``: the incoming
+    ``traceparent``'s span, or empty), the route, and the root spans of the streams opened
+    here whose readers have not taken them yet (by stream id)."""
+
+    __slots__ = ("parent", "roots", "route", "tracing")
+
+    def __init__(self, tracing: RequestTracing, parent: Any, route: str):
+        self.tracing = tracing
+        self.parent = parent
+        self.route = route
+        self.roots: dict[str, RootSpan] = {}
+
+
+#: The scope of the request being handled; set by ``TraceContextMiddleware``.
+current: ContextVar[TraceScope | None] = ContextVar("tokenspout_trace", default=None)
+
+
+class RootSpan:
+    """The root span of a request about to open a stream, started (not yet ended) at the
+    request's start; ``traceparent`` is its W3C Trace Context (``00-<trace id>-<span id>-
+    <flags>``) for the engine to pass on; ``offset_ns``: wall clock less monotonic clock
+    when it started, which the request's other spans use too (their times line up)."""
+
+    __slots__ = ("offset_ns", "scope", "span", "traceparent")
+
+    def __init__(self, scope: TraceScope, span: Any, traceparent: str, offset_ns: int):
+        self.scope = scope
+        self.span = span
+        self.traceparent = traceparent
+        self.offset_ns = offset_ns
+
+    def opened(self, stream_id: str) -> None:
+        """The stream (or group) ``stream_id`` was opened under this span: its reader's
+        ``RequestRecord`` takes the span over and ends it."""
+        self.scope.roots[stream_id] = self
+
+
+def start_root(started_at: float) -> RootSpan | None:
+    """The root span of a request about to open a stream (``started_at``: when the request
+    was received, monotonic), when the server traces requests, else ``None``."""
+    scope = current.get()
+    if scope is None:
+        return None
+    return scope.tracing.start_root(scope, started_at)
 
 
 def start_trace(record: RequestRecord) -> RequestTrace | None:
-    """A trace for this request when the server traces requests, else ``None``."""
-    traced = current.get()
-    if traced is None:
+    """A trace for this request when the server traces requests, else ``None``; under the
+    root span started when its stream opened, if this request opened it."""
+    scope = current.get()
+    if scope is None:
         return None
-    tracing, parent, route = traced
-    return RequestTrace(tracing, parent, route, record)
+    return RequestTrace(scope, scope.roots.pop(record.stream.id, None), record)
 
 
 class RequestTrace:
     """Times of one request's flushed events; ``finish`` hands the request to the
     exporter. Monotonic times, as the request records them."""
 
-    __slots__ = ("dropped_events", "events", "parent", "record", "route", "tracing")
+    __slots__ = ("dropped_events", "events", "parent", "record", "root", "route", "tracing")
 
-    def __init__(self, tracing: RequestTracing, parent: Any, route: str, record: RequestRecord):
-        self.tracing = tracing
-        self.parent = parent
-        self.route = route
+    def __init__(self, scope: TraceScope, root: RootSpan | None, record: RequestRecord):
+        self.tracing = scope.tracing
+        self.parent = scope.parent
+        self.route = scope.route
+        #: The request's root span when it was started with its stream, else None: the
+        #: export starts it with its real start time.
+        self.root = root
         self.record = record
         #: (monotonic time, tokens) of each flushed event, up to MAX_EVENTS.
         self.events: list[tuple[float, int]] = []

@@ -4,9 +4,11 @@ Imported only when the server traces (off by default: see ``request_trace``). Th
 
 * ``TraceContextMiddleware`` reads an incoming W3C ``traceparent`` (and ``tracestate``)
   and makes it the parent of the request's trace, for every route and the WebSocket;
+* a request that opens a stream starts its root span then (``start_root``), so that the
+  engine can pass its context on (the upstream engine sends it as ``traceparent``);
 * ``RequestRecord`` keeps a ``RequestTrace``, which notes times while the request runs (a
-  tuple per flushed event); at the end ``RequestTracing.export`` builds the spans at once,
-  with their real times:
+  tuple per flushed event); at the end ``RequestTracing.export`` builds the other spans at
+  once, with their real times, and ends the root span:
 
   ``POST /v1/chat/completions`` (the request's method and path; a SERVER span over the
   whole request; event ``first_token``; event ``abort`` with its reason; finish reason,
@@ -39,7 +41,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout import __version__
 from tokenspout.server import request_trace
-from tokenspout.server.request_trace import RequestTrace
+from tokenspout.server.request_trace import RequestTrace, RootSpan, TraceScope
 
 #: Statuses that mean the request was stopped before its natural end.
 _ABORTS = ("client_disconnect", "cancelled", "send_timeout", "shutdown")
@@ -69,6 +71,20 @@ class RequestTracing:
             BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_url(endpoint)))
         )
         self.tracer = self.provider.get_tracer("tokenspout", __version__)
+
+    def start_root(self, scope: TraceScope, started_at: float) -> RootSpan:
+        """Start the root span of a request of ``scope`` received at ``started_at``
+        (monotonic), under the caller's context; its ids are fixed from now on."""
+        ns = time.time_ns() - time.monotonic_ns()
+        span = self.tracer.start_span(
+            scope.route,
+            context=scope.parent,
+            kind=SpanKind.SERVER,
+            start_time=_wall_ns(started_at, ns),
+        )
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        return RootSpan(scope, span, carrier["traceparent"], ns)
 
     def export(self, traced: RequestTrace, status: str, now: float) -> None:
         """Build one request's spans and hand them to the exporter (it batches them)."""
@@ -101,7 +117,7 @@ class TraceContextMiddleware:
         parent = _PROPAGATOR.extract(carrier) if carrier else Context()
         method = scope.get("method", "WEBSOCKET")
         route = f"{method} {scope['path']}"
-        token = request_trace.current.set((self.tracing, parent, route))
+        token = request_trace.current.set(request_trace.TraceScope(self.tracing, parent, route))
         try:
             await self.app(scope, receive, send)
         finally:
@@ -114,7 +130,8 @@ def _wall_ns(monotonic: float, offset_ns: int) -> int:
 
 def _export(tracer: trace.Tracer, traced: RequestTrace, status: str, now: float) -> None:
     # Monotonic times (what the request records) to the wall clock spans carry.
-    ns = time.time_ns() - time.monotonic_ns()
+    early = traced.root
+    ns = time.time_ns() - time.monotonic_ns() if early is None else early.offset_ns
     record, stream = traced.record, traced.record.stream
     end, started = stream.end, record.started_at
     attributes: dict[str, str | int | bool] = {
@@ -131,13 +148,17 @@ def _export(tracer: trace.Tracer, traced: RequestTrace, status: str, now: float)
             attributes["gen_ai.response.finish_reasons"] = end.finish_reason
     if record.resumed:
         attributes["tokenspout.resumed"] = True
-    root = tracer.start_span(
-        traced.route,
-        context=traced.parent,
-        kind=SpanKind.SERVER,
-        start_time=_wall_ns(started, ns),
-        attributes=attributes,
-    )
+    if early is None:
+        root = tracer.start_span(
+            traced.route,
+            context=traced.parent,
+            kind=SpanKind.SERVER,
+            start_time=_wall_ns(started, ns),
+            attributes=attributes,
+        )
+    else:
+        root = early.span
+        root.set_attributes(attributes)
     inside = trace.set_span_in_context(root)
     if not record.resumed:
         _span(tracer, inside, ns, "admission", started, stream.opened_at)

@@ -4,6 +4,7 @@ response that follows an existing stream (resume)."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -18,6 +19,7 @@ from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
 from tokenspout.server.key_admission import admit_key, admit_shared, release_key
+from tokenspout.server.request_trace import start_root
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_group import StreamGroup
@@ -32,13 +34,32 @@ def negotiate_framing(request: Request) -> Framing:
 
 
 async def open_stream(
-    state: ServerState, generation: GenerationRequest, key: ApiKey | None = None
+    state: ServerState,
+    generation: GenerationRequest,
+    key: ApiKey | None = None,
+    *,
+    started_at: float | None = None,
 ) -> Stream | StreamGroup:
     """Admit the request (and the key's limits) and start generating; the stream is owned
     by ``key``. With ``n > 1``, a group of ``n`` streams, each counted as a stream (the
     prompt's tokens once). With ``--redis-url`` the limits count across replicas, and a
-    resumable stream is written to Redis."""
+    resumable stream is written to Redis. ``started_at``: when the request was received
+    (monotonic; now when not given), where its trace starts."""
     admit(state, generation.n)
+    root = start_root(time.monotonic() if started_at is None else started_at)
+    if root is not None:
+        generation = replace(
+            generation, prompt=replace(generation.prompt, traceparent=root.traceparent)
+        )
+    stream = await _open_admitted(state, generation, key)
+    if root is not None:
+        root.opened(stream.id)
+    return stream
+
+
+async def _open_admitted(
+    state: ServerState, generation: GenerationRequest, key: ApiKey | None
+) -> Stream | StreamGroup:
     if state.cluster is not None:
         return await _open_shared(state, generation, key)
     if key is None:
@@ -97,7 +118,7 @@ async def respond(
     started_at: float,
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
-    stream = await open_stream(state, generation, key_of(request))
+    stream = await open_stream(state, generation, key_of(request), started_at=started_at)
     prompt = generation.prompt.text if state.config.log_prompts else None
     try:
         if streaming:

@@ -132,7 +132,7 @@ class WebSocketSession:
         started = time.monotonic()
         try:
             generation = self._prepare(message)
-            stream = await open_stream(self.state, generation, self.key)
+            stream = await open_stream(self.state, generation, self.key, started_at=started)
         except TokenspoutError as err:
             await self.send(wsm.error(message.id, err))
             return
