@@ -20,8 +20,9 @@ records:
 Four answers: mixed Markdown (headings, lists, tables, code blocks: the usual case), one
 code block, one paragraph (no blank line: the last block is the whole answer), one table.
 Each runs with the renderer of this checkout ("new") and with the renderer of ``--baseline``
-(a commit, served from ``git show``, with this checkout's style sheet: "old"), one after the
-other, so both see the same machine load; the load average is printed with each row.
+(a commit: its ``web/*.js`` modules served from ``git show``, with this checkout's style
+sheet and vendored libraries: "old"), one after the other, so both see the same machine
+load; the load average is printed with each row.
 
     .venv/bin/python benchmarks/markdown_frames.py --tokens 5000 --rate 100
 """
@@ -40,9 +41,10 @@ from playwright.sync_api import sync_playwright
 
 from harness import ServerProcess, free_port, machine, tokenspout_serve
 
-# The renderer measured in RESULTS.md before long paragraphs were streamed in place.
-BASELINE = "7f4b3ef"
-RENDERER = "src/tokenspout/web/markdown.js"
+# The renderer measured in RESULTS.md before tables and long paragraphs were streamed as
+# appended rows and line blocks.
+BASELINE = "dbccd50"
+WEB = "src/tokenspout/web"
 LONG_FRAME_MS = 16.0
 
 MIXED = """## Section {n}
@@ -219,10 +221,20 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="the new renderer only")
     args = parser.parse_args()
     root = Path(__file__).resolve().parent.parent
-    old = subprocess.run(
-        ["git", "show", f"{args.baseline}:{RENDERER}"], cwd=root, check=True,
-        capture_output=True, text=True,
-    ).stdout  # fmt: skip
+
+    def baseline_module(route) -> None:  # type: ignore[no-untyped-def]
+        # The baseline's own modules import each other from /static/: from its copies.
+        name = route.request.url.rsplit("/", 1)[1]
+        shown = subprocess.run(
+            ["git", "show", f"{args.baseline}:{WEB}/{name}"], cwd=root, capture_output=True,
+            text=True,
+        )  # fmt: skip
+        if shown.returncode != 0:
+            route.fulfill(status=404)
+            return
+        body = re.sub(r'"/static/(?!vendor/)', '"/static/baseline/', shown.stdout)
+        route.fulfill(body=body, content_type="text/javascript")
+
     renderers = {"new": "/static/markdown.js"}
     if not args.no_baseline:
         renderers[f"old ({args.baseline})"] = "/static/baseline/markdown.js"
@@ -247,10 +259,7 @@ def main() -> None:
                 continue
             for renderer, module in renderers.items():
                 page = browser.new_page(bypass_csp=True)
-                page.route(
-                    "**/static/baseline/markdown.js",
-                    lambda route: route.fulfill(body=old, content_type="text/javascript"),
-                )
+                page.route("**/static/baseline/*.js", baseline_module)
                 page.goto(f"http://127.0.0.1:{port}/")
                 result = feed(page, [module, tokens, args.rate], args.tokens)
                 page.close()

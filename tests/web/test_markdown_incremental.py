@@ -1,10 +1,12 @@
 """The Markdown renderer's work per update does not grow with the answer, in headless
-Chromium: a long code block and a long paragraph (the shapes whose last block is the whole
-answer) are streamed in place, end as a one-shot render would, and stay safe.
+Chromium: a long code block, a long paragraph and a long table (the shapes whose last block
+is the whole answer) are streamed in place, end as a one-shot render would, and stay safe.
 
-No timings: the page's renderer reports what each update lexed (``lastLexed``), and a
-MutationObserver counts the DOM mutations and the nodes each update inserted; early and late
-updates of the same answer are compared."""
+No timings: the page's renderer reports what each update lexed (``lastLexed``), a
+MutationObserver counts the DOM mutations and the nodes each update inserted, and the nodes
+of an early table row and of the paragraph's first text are kept to check that they are
+still the ones in the document at the end (a renderer that replaced the whole block on some
+update would have made new ones); early and late updates of the same answer are compared."""
 
 from __future__ import annotations
 
@@ -26,11 +28,23 @@ STREAM = """async ([chunks]) => {
     for (const child of node.childNodes) n += size(child);
     return n;
   };
+  const firstText = (root) => {
+    const walker = document.createTreeWalker(root, NodeFilter.SHOW_TEXT);
+    return walker.nextNode();
+  };
   let text = "";
+  let earlyRow = null;
+  let earlyText = null;
   const updates = [];
   for (const chunk of chunks) {
     text += chunk;
     view.update(text);
+    // The first row once it is finished (a later row follows it).
+    if (earlyRow === null && el.querySelectorAll("tbody > tr").length >= 3) {
+      earlyRow = el.querySelector("tbody > tr");
+    }
+    const p = el.querySelector(".md-live > p");
+    if (earlyText === null && p !== null && text.length > 2000) earlyText = firstText(p);
     const records = observer.takeRecords();
     let inserted = 0;
     for (const record of records) for (const node of record.addedNodes) inserted += size(node);
@@ -40,7 +54,12 @@ STREAM = """async ([chunks]) => {
   // Before finish(): the DOM as streamed, with the wrapper of a paragraph's tail removed.
   const streamed = el.cloneNode(true);
   for (const tail of streamed.querySelectorAll(".md-tail")) tail.replaceWith(...tail.childNodes);
+  for (const lines of streamed.querySelectorAll(".md-lines")) lines.replaceWith(...lines.childNodes);
+  streamed.normalize();
   const beforeFinish = blocks(streamed);
+  const kept = (node) => node !== null && node.isConnected && el.contains(node);
+  const earlyRowKept = kept(earlyRow) && el.querySelector("tbody > tr") === earlyRow;
+  const earlyTextKept = kept(earlyText);
   view.finish();
   const whole = document.createElement("div");
   const oneShot = new MarkdownView(whole);
@@ -52,7 +71,9 @@ STREAM = """async ([chunks]) => {
   return { updates, beforeFinish, blocks: blocks(el), oneShot: blocks(whole),
            tags: [...new Set([...el.querySelectorAll("*")].map((e) => e.tagName))],
            hrefs, attributes, rels: [...el.querySelectorAll("a")].map((a) => a.rel),
-           tails: el.querySelectorAll(".md-tail").length, pwned: window.__pwned ?? null };
+           tails: el.querySelectorAll(".md-tail").length, pwned: window.__pwned ?? null,
+           earlyRowKept, earlyTextKept,
+           lineBlocks: el.querySelectorAll(".md-lines").length };
 }"""
 
 # Prose with the inline constructs a model writes, none left open.
@@ -103,6 +124,7 @@ def test_a_long_paragraph_re_renders_only_its_tail_and_ends_as_a_one_shot_render
     assert len(result["oneShot"]) == 1 and result["oneShot"][0].startswith("<p>")
     assert result["beforeFinish"] == result["oneShot"], "streamed in pieces, rendered as one"
     assert result["blocks"] == result["oneShot"] and result["tails"] == 0
+    assert result["earlyTextKept"], "the paragraph's first text was never rendered again"
 
 
 def test_a_long_code_block_gets_only_its_new_text_and_ends_as_a_one_shot_render(
@@ -171,3 +193,33 @@ def test_a_long_paragraph_with_hostile_parts_stays_inert_and_ends_as_a_one_shot_
     assert result["blocks"] == result["oneShot"]
     if ending == "":
         assert result["beforeFinish"] == result["oneShot"]
+
+
+# Table cells with inline Markdown, hostile parts, escaped pipes and ragged rows.
+ROW = (
+    "| {i} | **{i}** `a\\|b` | [ok](https://example.com/{i}) [x](javascript:window.__pwned=1)"
+    " <img src=x onerror=window.__pwned=2> |{extra}\n"
+)
+
+
+@pytest.mark.parametrize("ending", ["", "\nAfter the table, *done*."], ids=["open", "closed"])
+def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
+    synthetic_server, page, ending: str
+) -> None:  # type: ignore[no-untyped-def]
+    rows = "".join(ROW.format(i=i, extra=" surplus |" if i % 7 == 0 else "") for i in range(400))
+    text = "Intro\n\n| n | text | links |\n| ---: | :---: | --- |\n" + rows + ending
+    result = stream(page, synthetic_server, text, words_per_update=2)
+    updates = result["updates"]
+    page.wait_for_timeout(200)  # an onerror handler would have fired by now
+    assert result["pwned"] is None and page.evaluate("window.__pwned") is None
+    assert "IMG" not in result["tags"]
+    assert all(h.startswith("https://") for h in result["hrefs"]), set(result["hrefs"])
+    if ending == "":
+        assert_flat(updates, "lexed")
+        assert_flat(updates, "inserted")
+        assert max(u["lexed"] for u in updates[-100:]) < len(text) / 20
+        assert all(u["mutations"] <= 1 for u in updates), "one DOM mutation per update"
+        assert result["earlyRowKept"], "the first row was never rendered again"
+        assert result["beforeFinish"] == result["oneShot"]
+    assert result["blocks"] == result["oneShot"]
+    assert result["oneShot"][-1 if ending == "" else -2].count("<tr>") == 401

@@ -19,6 +19,7 @@ _STATIC = {
     "tokenspout.js": _JS,
     "markdown.js": _JS,
     "open_paragraph.js": _JS,
+    "open_table.js": _JS,
     "dashboard.js": _JS,
     "style.css": "text/css; charset=utf-8",
     # Third-party libraries, committed as published (see web/vendor/README.md).

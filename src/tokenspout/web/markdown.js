@@ -6,11 +6,12 @@
 // Incremental: blocks before the last one are final (Markdown blocks do not change once a
 // later block has started), so they are rendered once and kept; each update re-lexes and
 // re-renders only the text from the start of the last block. Where the last block can grow
-// without end, even that is too much, so two kinds are streamed in place: an open code fence
-// gets its new lines appended as text, and a long paragraph is split at safe points
-// (open_paragraph.js) so that only its tail is re-rendered. A frame's cost then depends on
-// what arrived since the last frame, not on the answer's length. finish() leaves the DOM as a
-// whole render of the answer would be.
+// without end, even that is too much, so three kinds are streamed in place: an open code
+// fence gets its new lines appended as text, a long paragraph is split at safe points
+// (open_paragraph.js) so that only its tail is re-rendered, and a table gets its new rows
+// appended (open_table.js), only its unfinished last row rendered again. A frame's cost then
+// depends on what arrived since the last frame, not on the answer's length. finish() leaves
+// the DOM as a whole render of the answer would be.
 //
 // Safe: marked (vendored, see vendor/README.md) turns Markdown into HTML with raw HTML
 // escaped as text by our renderer, then DOMPurify builds the DOM nodes from it, keeping
@@ -20,6 +21,7 @@
 import { Marked } from "/static/vendor/marked.esm.js";
 import DOMPurify from "/static/vendor/purify.es.mjs";
 import { OpenParagraph } from "/static/open_paragraph.js";
+import { OpenTable } from "/static/open_table.js";
 
 const SAFE_URL = /^(?:https?:|mailto:)/i;
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
@@ -89,6 +91,19 @@ const INLINE = {
   renderInline: (tokens) =>
     DOMPurify.sanitize(markdown.Parser.parseInline(tokens, markdown.defaults), PURIFY),
 };
+// One row of a table (OpenTable): `head` (its header line and delimiter row) and `line`
+// rendered as a table; its row's <tr> and the white space after it, or null if that is not
+// one table of exactly one row.
+function renderRow(head, line) {
+  const tokens = markdown.lexer(head + line);
+  if (tokens.length !== 1 || tokens[0].type !== "table" || tokens[0].rows.length !== 1) {
+    return null;
+  }
+  const row = render(tokens).querySelector("tbody > tr");
+  if (row === null) return null;
+  return row.nextSibling?.nodeType === Node.TEXT_NODE ? [row, row.nextSibling] : [row];
+}
+
 // A last block that is a paragraph this long is streamed in place (OpenParagraph).
 const OPEN_PARAGRAPH_AT = 512;
 
@@ -117,6 +132,7 @@ export class MarkdownView {
     // An open code fence being streamed: {code element, marker, text seen, partial line}.
     this.fence = null;
     this.paragraph = null; // a long last paragraph being streamed (OpenParagraph)
+    this.table = null; // a last block that is a table being streamed (OpenTable)
     this.text = "";
   }
 
@@ -128,7 +144,12 @@ export class MarkdownView {
       this.lastLexed = this.paragraph.lexed;
       return;
     }
+    if (this.table?.extend(text)) {
+      this.lastLexed = this.table.lexed;
+      return;
+    }
     this.paragraph = null;
+    this.table = null;
     this.#renderLastBlock(text);
   }
 
@@ -139,6 +160,7 @@ export class MarkdownView {
     if (this.fence !== null) this.#renderLastBlock(this.text, false);
     this.paragraph?.finish();
     this.paragraph = null;
+    this.table = null;
   }
 
   // Re-lexes and renders the text from the start of the last block; `stream`: whether the
@@ -187,6 +209,15 @@ export class MarkdownView {
     const p = live.firstElementChild;
     if (p?.tagName !== "P") return;
     this.paragraph = new OpenParagraph(p, this.committed, text, INLINE);
+  }
+
+  // A table that is the last block and runs to the end of the text gets its rows appended
+  // from the next update on.
+  #watchTable(text, token, live) {
+    if (token?.type !== "table" || this.committed + token.raw.length !== text.length) return;
+    const table = live.firstElementChild;
+    if (table?.tagName !== "TABLE") return;
+    this.table = OpenTable.open(table, this.committed, text, renderRow);
   }
 
   // A code fence that is still open grows by lines of code, which cannot be Markdown:
