@@ -155,7 +155,7 @@ export class MarkdownView {
 
   /** The answer is complete: leave the DOM as a one-shot render of it would be. An open
    * fence's code (appended in pieces) is rendered once more as a whole; a long paragraph
-   * loses the wrapper of its tail. */
+   * loses the wrappers of its tail and of its blocks of lines. */
   finish() {
     if (this.fence !== null) this.#renderLastBlock(this.text, false);
     this.paragraph?.finish();
@@ -164,7 +164,7 @@ export class MarkdownView {
   }
 
   // Re-lexes and renders the text from the start of the last block; `stream`: whether the
-  // last block may then be streamed in place (an open fence or a long paragraph).
+  // last block may then be streamed in place (an open fence, a long paragraph or a table).
   #renderLastBlock(text, stream = true) {
     const tail = text.slice(this.committed);
     this.lastLexed = tail.length;
@@ -193,6 +193,7 @@ export class MarkdownView {
     if (stream) {
       this.#watchFence(text, last >= 0 ? tokens[last] : null, live);
       this.#watchParagraph(text, tokens, last, live);
+      this.#watchTable(text, tokens[last], live);
     }
     this.live.replaceWith(fragment);
     this.live = live;
