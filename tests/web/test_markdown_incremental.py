@@ -48,7 +48,8 @@ STREAM = """async ([chunks]) => {
     const records = observer.takeRecords();
     let inserted = 0;
     for (const record of records) for (const node of record.addedNodes) inserted += size(node);
-    updates.push({ lexed: view.lastLexed, mutations: records.length, inserted });
+    updates.push({ lexed: view.lastLexed, mutations: records.length, inserted,
+                   lineBlocks: el.querySelectorAll(".md-lines").length });
   }
   const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
   // Before finish(): the DOM as streamed, with the wrapper of a paragraph's tail removed.
@@ -60,7 +61,12 @@ STREAM = """async ([chunks]) => {
   const kept = (node) => node !== null && node.isConnected && el.contains(node);
   const earlyRowKept = kept(earlyRow) && el.querySelector("tbody > tr") === earlyRow;
   const earlyTextKept = kept(earlyText);
+  // Cut into blocks of lines at the browser's own line starts, the paragraph is as tall as
+  // the same text in one block (a cut elsewhere would end a line early: one more line).
+  const height = () => el.querySelector(".md-live > p")?.getBoundingClientRect().height ?? 0;
+  const heightStreamed = height();
   view.finish();
+  const heightFinished = height();
   const whole = document.createElement("div");
   const oneShot = new MarkdownView(whole);
   oneShot.update(text);
@@ -72,7 +78,7 @@ STREAM = """async ([chunks]) => {
            tags: [...new Set([...el.querySelectorAll("*")].map((e) => e.tagName))],
            hrefs, attributes, rels: [...el.querySelectorAll("a")].map((a) => a.rel),
            tails: el.querySelectorAll(".md-tail").length, pwned: window.__pwned ?? null,
-           earlyRowKept, earlyTextKept,
+           earlyRowKept, earlyTextKept, heightStreamed, heightFinished,
            lineBlocks: el.querySelectorAll(".md-lines").length };
 }"""
 
@@ -120,7 +126,14 @@ def test_a_long_paragraph_re_renders_only_its_tail_and_ends_as_a_one_shot_render
     assert_flat(updates, "lexed")
     assert_flat(updates, "inserted")
     assert max(u["lexed"] for u in updates[-100:]) < len(text) / 20
-    assert all(u["mutations"] == 1 for u in updates), "one DOM mutation per update"
+    # One DOM mutation per update, but where a block of lines was cut off.
+    cuts = {
+        i for i in range(1, len(updates)) if updates[i]["lineBlocks"] > updates[i - 1]["lineBlocks"]
+    }
+    assert len(cuts) >= len(text) // 4096, "the paragraph is streamed as blocks of lines"
+    assert all(u["mutations"] == 1 for i, u in enumerate(updates) if i not in cuts)
+    assert result["heightStreamed"] == result["heightFinished"] > 0
+    assert result["lineBlocks"] == 0
     assert len(result["oneShot"]) == 1 and result["oneShot"][0].startswith("<p>")
     assert result["beforeFinish"] == result["oneShot"], "streamed in pieces, rendered as one"
     assert result["blocks"] == result["oneShot"] and result["tails"] == 0

@@ -6,6 +6,14 @@
 // update re-lexes and re-renders only the tail after it (inside one <span class="md-tail">,
 // replaced with one DOM mutation; finish() unwraps it).
 //
+// The browser, though, lays out all of a paragraph's lines whenever any of its text changes
+// (one inline formatting context), so the settled text is also cut into blocks of lines:
+// <span class="md-lines"> (display: block), each the paragraph's lines from one line start
+// to the next block's. A block is cut where the browser itself started a new line, so every
+// line keeps the text it had; only the last block's lines are laid out again on an update.
+// (While the answer streams, a change of the page's width wraps each block by itself; finish()
+// unwraps the blocks.)
+//
 // A point is safe when everything before it is finished inline constructs (emphasis, code
 // spans, links, escapes) or plain text with no character that could still open one, and it
 // sits inside plain text right after a single space: no later text can change how the
@@ -21,6 +29,8 @@
 // Tail length at which a settle point is looked for: settling costs one more lex and render
 // of the settled text, so it happens once per this many characters, not every frame.
 const SETTLE_AT = 256;
+// Characters settled into the last block of lines after which it is cut at a line start.
+const LINES_AT = 1024;
 // Characters that, in plain text, could still open (or be) an inline construct.
 const UNSAFE_TEXT = /[\\`<>![\]*_~]/;
 // Finished inline tokens: later text cannot change them. ("html" is not: an <a> tag changes
@@ -63,6 +73,32 @@ function settlePoint(text, tokens) {
   return best;
 }
 
+/** The offset in Text `node` where the last of its lines begins, or 0 if it is all on one line
+ * (or not laid out). Layout is clean here (an update runs before the frame's layout), so
+ * these are reads of the last frame's line boxes. */
+function lastLineStart(node) {
+  const range = document.createRange();
+  range.selectNodeContents(node);
+  const lines = range.getClientRects();
+  if (lines.length < 2) return 0;
+  const top = lines[lines.length - 1].top;
+  const onLastLine = (i) => {
+    range.setStart(node, i);
+    range.setEnd(node, i + 1);
+    const rects = range.getClientRects();
+    return rects.length > 0 && rects[0].top >= top - 0.5;
+  };
+  let lo = 1;
+  let hi = node.length - 1;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (onLastLine(mid)) hi = mid;
+    else lo = mid + 1;
+  }
+  // Checked, not assumed (a collapsed space has no box): the line starts exactly here.
+  return onLastLine(lo) && !onLastLine(lo - 1) ? lo : 0;
+}
+
 const sameTokens = (a, b) =>
   a.length === b.length && a.every((t, i) => t.type === b[i].type && t.raw === b[i].raw);
 
@@ -78,6 +114,8 @@ export class OpenParagraph {
     this.start = start;
     this.settled = start; // the answer's offset up to which the paragraph is rendered for good
     this.tail = null; // the <span> holding the rest; null: all of p's children are the rest
+    this.lines = null; // the last block of lines (<span class="md-lines">), holding the tail
+    this.linesSettled = 0; // characters settled into it
     this.lineStart = Math.max(start, text.lastIndexOf("\n") + 1); // the first line to check
     this.lexInline = lexInline;
     this.renderInline = renderInline;
@@ -90,6 +128,7 @@ export class OpenParagraph {
     if (!this.#continues(text)) return false;
     let source = text.slice(this.settled);
     if (source.endsWith("\n")) source = source.slice(0, -1); // as marked's paragraph text
+    if (this.linesSettled >= LINES_AT) this.#cutLines();
     let tokens = this.lexInline(source);
     this.lexed = source.length;
     const nodes = [];
@@ -104,22 +143,55 @@ export class OpenParagraph {
         nodes.push(this.renderInline(prefix));
         tokens = rest;
         this.settled += point;
+        this.linesSettled += point;
       }
     }
     const tail = document.createElement("span");
     tail.className = "md-tail";
     tail.append(this.renderInline(tokens));
     nodes.push(tail);
-    if (this.tail === null) this.p.replaceChildren(...nodes);
-    else this.tail.replaceWith(...nodes);
+    if (this.tail === null) {
+      this.lines = document.createElement("span");
+      this.lines.className = "md-lines";
+      this.lines.append(...nodes);
+      this.p.replaceChildren(this.lines);
+    } else {
+      this.tail.replaceWith(...nodes);
+    }
     this.tail = tail;
     return true;
   }
 
-  /** Leave the paragraph's DOM as a whole render would be (no tail wrapper). */
+  /** Leave the paragraph's DOM as a whole render would be (no tail or line wrappers). */
   finish() {
     this.tail?.replaceWith(...this.tail.childNodes);
     this.tail = null;
+    for (const lines of this.p.querySelectorAll(":scope > .md-lines")) {
+      lines.replaceWith(...lines.childNodes);
+    }
+    this.p.normalize();
+    this.lines = null;
+  }
+
+  // Moves the last block's text from its last line start found in one of its own Text
+  // children (the latest before the tail) to the end, tail included, into a new block after
+  // it. The old block keeps its nodes, laid out already.
+  #cutLines() {
+    this.linesSettled = 0;
+    for (let node = this.tail?.previousSibling; node; node = node.previousSibling) {
+      if (node.nodeType !== Node.TEXT_NODE) continue;
+      const at = lastLineStart(node);
+      if (at === 0) continue;
+      const range = document.createRange();
+      range.setStart(node, at);
+      range.setEndAfter(this.lines.lastChild);
+      const next = document.createElement("span");
+      next.className = "md-lines";
+      next.append(range.extractContents());
+      this.lines.after(next);
+      this.lines = next;
+      return;
+    }
   }
 
   #splitsCleanly(tokens, prefix, point) {
