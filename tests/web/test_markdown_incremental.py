@@ -52,10 +52,12 @@ STREAM = """async ([chunks]) => {
                    lineBlocks: el.querySelectorAll(".md-lines").length });
   }
   const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
-  // Before finish(): the DOM as streamed, with the wrapper of a paragraph's tail removed.
+  // Before finish(): the DOM as streamed, without the wrappers of a paragraph's tail and
+  // blocks of lines.
   const streamed = el.cloneNode(true);
-  for (const tail of streamed.querySelectorAll(".md-tail")) tail.replaceWith(...tail.childNodes);
-  for (const lines of streamed.querySelectorAll(".md-lines")) lines.replaceWith(...lines.childNodes);
+  for (const wrapper of streamed.querySelectorAll(".md-tail, .md-lines")) {
+    wrapper.replaceWith(...wrapper.childNodes);
+  }
   streamed.normalize();
   const beforeFinish = blocks(streamed);
   const kept = (node) => node !== null && node.isConnected && el.contains(node);
