@@ -6,7 +6,6 @@ One engine thread calls ``forward`` and ``copy_slot_prefix``; nothing here is th
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 import time
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokenspout.engine.cpu_budget import CpuBudget, usable_cpus
 from tokenspout.engine.kv_cache import KVCache
 from tokenspout.engine.llama_model import AttentionBatch, LlamaConfig, LlamaModel
 from tokenspout.engine.model_files import ModelFiles
@@ -55,9 +55,11 @@ class ModelRunner:
         if weights not in FORMATS:
             raise ModelLoadError(f"weights must be one of {FORMATS}, not {weights!r}")
         start = time.perf_counter()
-        # Intra-op threads = usable cores: with 2 cores, extra threads only contend.
-        self.num_threads = num_threads or len(os.sched_getaffinity(0))
-        self._threads_set_for: int | None = None
+        # Intra-op threads = usable cores (affinity, cgroup quota): extra threads only
+        # contend; fewer while other processes compete for the cores (CpuBudget).
+        self.num_threads = num_threads or usable_cpus()
+        self.cpu_budget = CpuBudget(self.num_threads)
+        self._threads_set: tuple[int, int] | None = None  # (thread ident, count)
         self._set_threads()
         files = ModelFiles.resolve(model)
         meta = files.metadata()
@@ -206,10 +208,10 @@ class ModelRunner:
 
     def _set_threads(self) -> None:
         # OpenMP's thread count is per calling thread: set it in the thread that runs steps.
-        ident = threading.get_ident()
-        if self._threads_set_for != ident:
-            torch.set_num_threads(self.num_threads)
-            self._threads_set_for = ident
+        wanted = (threading.get_ident(), self.cpu_budget.threads())
+        if self._threads_set != wanted:
+            torch.set_num_threads(wanted[1])
+            self._threads_set = wanted
 
 
 def _return_freed_memory() -> None:
