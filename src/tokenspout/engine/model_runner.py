@@ -175,7 +175,8 @@ class ModelRunner:
         slots = [chunks[i].slot for i in decode]
         positions = torch.tensor(pos)
         batch = AttentionBatch(
-            write_rows=torch.tensor(token_slots) * self.max_model_len + positions,
+            write_slots=torch.tensor(token_slots),
+            write_positions=positions,
             num_decode=len(decode),
             decode_slots=_slots_index(slots),
             decode_len=0,
