@@ -105,11 +105,14 @@ def test_a_probe_that_stays_quiet_resets_the_hold() -> None:
     assert b.threads() == 2
 
 
-def test_one_thread_limit_never_looks() -> None:
+@pytest.mark.parametrize(("limit", "adaptive"), [(1, True), (2, False)])
+def test_a_fixed_count_never_looks(limit: int, adaptive: bool) -> None:
     def fail() -> int:
         raise AssertionError("looked")
 
-    assert CpuBudget(1, delay_ns=fail).threads() == 1
+    clock = iter([0.0, 10.0, 20.0, 30.0]).__next__
+    b = CpuBudget(limit, adaptive=adaptive, clock=clock, delay_ns=fail)
+    assert [b.threads(), b.threads(), b.threads()] == [limit] * 3
 
 
 def test_run_delay_reads_this_threads_schedstat() -> None:

@@ -63,7 +63,8 @@ def run_delay_ns() -> int:
 
 
 class CpuBudget:
-    """The thread count for the next model step (``threads()``), between 1 and ``limit``.
+    """The thread count for the next model step (``threads()``), between 1 and ``limit``;
+    always ``limit`` when not ``adaptive`` (a count the user chose).
 
     Call ``threads()`` from the thread that runs the steps: it is the one whose waiting is
     measured.
@@ -73,10 +74,12 @@ class CpuBudget:
         self,
         limit: int,
         *,
+        adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
         delay_ns: Callable[[], int] = run_delay_ns,
     ):
         self.limit = limit
+        self.adaptive = adaptive and limit > 1
         self._clock, self._delay_ns = clock, delay_ns
         self._current = limit
         self._since = clock()
@@ -88,7 +91,7 @@ class CpuBudget:
     def threads(self) -> int:
         """The thread count to use now; cheap between looks (one clock read)."""
         now = self._clock()
-        if self.limit == 1 or now - self._since < INTERVAL_S:
+        if not self.adaptive or now - self._since < INTERVAL_S:
             return self._current
         try:
             delay = self._delay_ns()
