@@ -106,11 +106,15 @@ class Fp16Linear:
     it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/linear_kernels.py).
     """
 
+    # The overload itself: calling the packet re-resolves it and checks every argument for
+    # Python dispatch, on each of the 121 calls of a step.
+    _matmul = torch.ops.quantized.linear_dynamic_fp16.default
+
     def __init__(self, weight: torch.Tensor):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return self._matmul(x, self.packed)
 
 
 class RMSNorm:
