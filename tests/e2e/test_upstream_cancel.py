@@ -62,7 +62,7 @@ def wait_upstream_idle(upstream: UpstreamProcess, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def wait_abandoned(upstream: UpstreamProcess, user: str, timeout: float = 10.0) -> None:
+def wait_abandoned(upstream: UpstreamProcess, user: str, timeout: float = 20.0) -> None:
     """Until the fault-injecting upstream saw the client of ``user``'s answer go away."""
     deadline = time.monotonic() + timeout
     while user not in upstream.stats()["abandoned"]:
@@ -186,7 +186,7 @@ def test_drain_ends_the_stream_and_closes_the_upstream_response(fault: UpstreamP
             b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{"
         )
         body = {**LONG, "user": "drain"}
-        with httpx.stream("POST", f"{spout.url}/v1/chat/completions", json=body) as r:
+        with httpx.stream("POST", f"{spout.url}/v1/chat/completions", json=body, timeout=30) as r:
             lines = r.iter_lines()
             next(line for line in lines if '"content":"go ' in line)
             spout.proc.send_signal(signal.SIGTERM)
