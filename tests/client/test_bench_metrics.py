@@ -54,6 +54,7 @@ def test_latency_stats_keys_and_values() -> None:
             "std_ttft_ms": 111.80339887,  # population std of 100..400
             "p90_ttft_ms": 370.0,
             "p99_ttft_ms": 397.0,
+            "max_ttft_ms": 400.0,
         }
     )
 

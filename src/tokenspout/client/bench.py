@@ -220,7 +220,9 @@ async def run_level(
     body = request_body(config)
     slots = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # A fresh connection per request: a server that closes idle keep-alive connections
+    # (llama-server does) races a pooled one, and the request fails without a response.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)
     timeout = httpx.Timeout(config.timeout_s, connect=30.0)
 
     async with httpx.AsyncClient(

@@ -64,7 +64,7 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 def latency_stats(name: str, seconds: Sequence[float]) -> dict[str, float]:
     """``mean_<name>_ms``, ``median_<name>_ms``, ``std_<name>_ms``, ``p90_<name>_ms``, ...
-    (the keys vLLM's ``--save-result`` writes)."""
+    (the keys vLLM's ``--save-result`` writes), and ``max_<name>_ms``."""
     ms = [s * 1000.0 for s in seconds]
     mean = sum(ms) / len(ms) if ms else 0.0
     std = math.sqrt(sum((v - mean) ** 2 for v in ms) / len(ms)) if ms else 0.0
@@ -75,6 +75,7 @@ def latency_stats(name: str, seconds: Sequence[float]) -> dict[str, float]:
     }
     for p in PERCENTILES:
         stats[f"p{p}_{name}_ms"] = percentile(ms, p)
+    stats[f"max_{name}_ms"] = max(ms, default=0.0)  # the one stall a percentile can hide
     return stats
 
 

@@ -123,7 +123,7 @@ class LLMEngine(Engine):
         max_num_seqs: int = 16,
         max_model_len: int = 2048,
         max_prefill_tokens: int = 256,
-        weights: str = "int8",
+        weights: str | None = None,
         prefix_cache: bool = True,
         num_threads: int | None = None,
     ):

@@ -6,10 +6,11 @@ Canonical names (``N`` = layer): ``embed`` [V, H]; ``layers.N.attn_norm`` [H];
 (gate then up, fused); ``layers.N.w2`` [H, I]; ``norm`` [H]; ``lm_head`` [V, H] (absent when
 tied to ``embed``).
 
-Formats: ``fp32``; ``bf16``; ``int8`` = per-output-row symmetric int8 for every matmul weight
-(``name`` int8 [N, K] + ``name.scale`` bf16 [N], the operands of
-``torch.ops.aten._weight_int8pack_mm``), with ``embed`` dropped when tied (rows are read back
-from the int8 ``lm_head``). Norm weights stay fp32 in every format.
+Formats: ``fp32``; ``bf16``; ``fp16`` (matmuls run by fbgemm's fp16 GEMM on fp32
+activations); ``int8`` = per-output-row symmetric int8 for every matmul weight (``name`` int8
+[N, K] + ``name.scale`` bf16 [N], the operands of ``torch.ops.aten._weight_int8pack_mm``), with
+``embed`` dropped when tied (rows are read back from the int8 ``lm_head``). Norm weights stay
+fp32 in every format. ``default_format`` picks the fastest one for this CPU.
 
 Dequantising the default GGUF takes ~2 s and quantising another second or two, so the result
 is saved as safetensors under ``ModelFiles.cache_dir()``; a warm start reads it back.
@@ -29,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.errors import ModelLoadError
 
-WeightFormat = Literal["int8", "bf16", "fp32"]
-FORMATS: tuple[WeightFormat, ...] = ("int8", "bf16", "fp32")
+WeightFormat = Literal["int8", "fp16", "bf16", "fp32"]
+FORMATS: tuple[WeightFormat, ...] = ("int8", "fp16", "bf16", "fp32")
 _MATMULS = ("wqkv", "wo", "w13", "w2")
 _CACHE_VERSION = 1  # bump when the canonical layout changes
 
@@ -65,6 +66,18 @@ class Weights:
         tmp.replace(path)  # atomic: a concurrent start never reads half a file
         _progress(f"weights ready in {time.perf_counter() - start:.1f} s, cached at {path}")
         return cls(tensors, fmt)
+
+
+def default_format() -> WeightFormat:
+    """``int8`` where the CPU has AVX-512 BF16, ``fp16`` elsewhere.
+
+    The int8 path runs bf16 activations: with AVX-512 BF16 it is the fastest (8.7 ms for a
+    batch-1 decode step on 2 cores), but without it every bf16 op is emulated (a bf16 GEMM
+    ran at 0.9 GFLOP/s on an AVX2-only EPYC, against 108 for fp32), so there fbgemm's fp16
+    GEMM on fp32 activations wins, and is as accurate as fp32 activations
+    (benchmarks/decode_step_profile.py, RESULTS.md).
+    """
+    return "int8" if torch.cpu._is_avx512_bf16_supported() else "fp16"
 
 
 def _progress(message: str) -> None:
@@ -142,8 +155,8 @@ def _to_format(
         is_matmul = name.rsplit(".", 1)[-1] in _MATMULS or name in ("lm_head", "embed")
         if not is_matmul or fmt == "fp32":
             out[name] = t.float().contiguous()
-        elif fmt == "bf16":
-            out[name] = t.to(torch.bfloat16).contiguous()
+        elif fmt in ("bf16", "fp16"):
+            out[name] = t.to(torch.bfloat16 if fmt == "bf16" else torch.float16).contiguous()
         elif name != "embed" or not tied:
             out[name], out[name + ".scale"] = _quantize_rows(t)
     if fmt == "int8" and tied:

@@ -63,7 +63,10 @@ def serve(
     max_prefill_tokens: Annotated[
         int | None, typer.Option(help="Prompt tokens per step (256).")
     ] = None,
-    weights: Annotated[WeightFormat | None, typer.Option(help="Weight format (int8).")] = None,
+    weights: Annotated[
+        WeightFormat | None,
+        typer.Option(help="Weight format (int8 with AVX-512 BF16, else fp16)."),
+    ] = None,
     prefix_cache: Annotated[
         bool | None, typer.Option(help="Reuse KV of shared prompt prefixes (on).")
     ] = None,
