@@ -5,7 +5,8 @@
 Every slot first gets a ``--context``-token prompt; then a decode step for ``batch`` slots
 (each feeding one token at the next position) is timed ``--steps`` times, formats side by
 side in one run (the machine is shared: compare ratios, not absolute numbers). A
-``torch.profiler`` table of the top ops follows for the default format at batch 1 and 16.
+``torch.profiler`` table of the top ops follows for this CPU's default format at batch 1
+and 16.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+from tokenspout.engine.weights import default_format
 
 BATCHES = (1, 4, 16)
-FORMATS = ("int8", "bf16", "fp32")
+FORMATS = ("int8", "fp16", "bf16", "fp32")
 SEED = 0
 
 
@@ -86,8 +88,8 @@ def main() -> None:
         print(f"| {fmt} | " + " | ".join(cells) + " |")
     if not args.no_profile:
         for batch in (1, 16):
-            print(f"\nProfile: int8, batch {batch}, 10 steps\n")
-            print(profile_table(runners["int8"], batch, args.context))
+            print(f"\nProfile: {default_format()} (this CPU's default), batch {batch}, 10 steps\n")
+            print(profile_table(runners[default_format()], batch, args.context))
 
 
 if __name__ == "__main__":

@@ -31,16 +31,31 @@ class FakeThread:
         return self.delay_ns
 
     def wait(self, waiting: float) -> None:
-        self.now += INTERVAL_S
-        self.delay_ns += int(waiting * INTERVAL_S * 1e9)
+        step = INTERVAL_S * 1.001  # just past the interval, whatever the float rounding
+        self.now += step
+        self.delay_ns += int(waiting * step * 1e9)
 
 
 def budget(limit: int = 2) -> tuple[CpuBudget, FakeThread]:
+    """A budget past its start: one thread until a quiet look, then ``limit``."""
     t = FakeThread()
     b = CpuBudget(limit, clock=t.clock, delay_ns=t.delay)
+    assert b.threads() == 1
     t.wait(0.0)
-    assert b.threads() == limit  # the first look sets the baseline
+    assert b.threads() == 1  # the first look only sets the baseline
+    t.wait(0.0)
+    assert b.threads() == limit
+    t.wait(0.0)
+    assert b.threads() == limit
     return b, t
+
+
+def test_contention_from_the_start_stays_at_one_thread() -> None:
+    t = FakeThread()
+    b = CpuBudget(2, clock=t.clock, delay_ns=t.delay)
+    for _ in range(5):
+        t.wait(0.4)
+        assert b.threads() == 1
 
 
 def test_quiet_keeps_every_thread() -> None:
@@ -72,7 +87,7 @@ def test_a_probe_that_meets_contention_holds_back_twice_as_long() -> None:
     t.wait(0.9)
     assert b.threads() == 1
     holds = []
-    for _ in range(6):
+    for _ in range(7):
         quiet_looks = 0
         while True:  # one busy process: one thread never waits, two always do
             t.wait(0.0)
@@ -82,7 +97,8 @@ def test_a_probe_that_meets_contention_holds_back_twice_as_long() -> None:
         holds.append(quiet_looks)
         t.wait(0.6)
         assert b.threads() == 1
-    assert holds == [1, 2, 4, 8, 16, MAX_HOLD]
+    assert holds == [1, 2, 4, 8, 16, 32, 32]
+    assert holds[-1] == MAX_HOLD
 
 
 def test_a_probe_that_stays_quiet_resets_the_hold() -> None:
@@ -105,11 +121,14 @@ def test_a_probe_that_stays_quiet_resets_the_hold() -> None:
     assert b.threads() == 2
 
 
-def test_one_thread_limit_never_looks() -> None:
+@pytest.mark.parametrize(("limit", "adaptive"), [(1, True), (2, False)])
+def test_a_fixed_count_never_looks(limit: int, adaptive: bool) -> None:
     def fail() -> int:
         raise AssertionError("looked")
 
-    assert CpuBudget(1, delay_ns=fail).threads() == 1
+    clock = iter([0.0, 10.0, 20.0, 30.0]).__next__
+    b = CpuBudget(limit, adaptive=adaptive, clock=clock, delay_ns=fail)
+    assert [b.threads(), b.threads(), b.threads()] == [limit] * 3
 
 
 def test_run_delay_reads_this_threads_schedstat() -> None:

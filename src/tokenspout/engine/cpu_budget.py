@@ -9,7 +9,9 @@ to its share of the CPU. So the budget watches how long the thread that runs the
 for a CPU (``run_delay`` in ``/proc/thread-self/schedstat``) and drops to one thread while
 that wait is a large part of the time. It probes all of them again once the wait is gone,
 holding back twice as long after each probe that met contention (one busy process beside
-two threads on two cores would otherwise flip the count every look).
+two threads on two cores would otherwise flip the count every look). It starts with one
+thread: a step of two threads under contention can stall for a second before the first
+look, while one thread on a quiet machine only runs slower until then.
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-#: Seconds between two looks at the run-queue delay (each look reads a few /proc files).
-INTERVAL_S = 0.5
+#: Seconds between two looks at the run-queue delay (each look reads one /proc file).
+INTERVAL_S = 0.2
 #: Waiting per second of wall time above which the step thread is contended: beside two
 #: busy processes on two cores it waits ~0.5 s per second with two threads, ~0.33 with one.
 CONTENDED = 0.25
 #: ...and below which the machine is quiet again.
 QUIET = 0.05
-#: The longest wait, in looks, before probing all threads again.
-MAX_HOLD = 16
+#: The longest wait, in looks, before probing all threads again (~6 s).
+MAX_HOLD = 32
 
 
 def usable_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
@@ -63,7 +65,8 @@ def run_delay_ns() -> int:
 
 
 class CpuBudget:
-    """The thread count for the next model step (``threads()``), between 1 and ``limit``.
+    """The thread count for the next model step (``threads()``), between 1 and ``limit``;
+    always ``limit`` when not ``adaptive`` (a count the user chose).
 
     Call ``threads()`` from the thread that runs the steps: it is the one whose waiting is
     measured.
@@ -73,12 +76,14 @@ class CpuBudget:
         self,
         limit: int,
         *,
+        adaptive: bool = True,
         clock: Callable[[], float] = time.monotonic,
         delay_ns: Callable[[], int] = run_delay_ns,
     ):
         self.limit = limit
+        self.adaptive = adaptive and limit > 1
         self._clock, self._delay_ns = clock, delay_ns
-        self._current = limit
+        self._current = 1 if self.adaptive else limit
         self._since = clock()
         self._delay_at: int | None = None
         self._hold = 1  # quiet looks needed before probing all threads again
@@ -88,7 +93,7 @@ class CpuBudget:
     def threads(self) -> int:
         """The thread count to use now; cheap between looks (one clock read)."""
         now = self._clock()
-        if self.limit == 1 or now - self._since < INTERVAL_S:
+        if not self.adaptive or now - self._since < INTERVAL_S:
             return self._current
         try:
             delay = self._delay_ns()

@@ -9,9 +9,10 @@ import torch
 class KVCache:
     """Keys and values of every layer, one fixed region per sequence slot.
 
-    Layout ``k[layer]``: [num_slots * max_len, Hkv, D], so a token's K/V lands at row
-    ``slot * max_len + pos`` with a single ``index_copy_`` for the whole step, and
-    ``slot_view`` reshapes it to [num_slots, max_len, Hkv, D] without a copy.
+    Layout ``k[layer]``: [num_slots, Hkv, max_len, D], head-major, so that the keys a
+    sequence's head attends to are one contiguous [length, D] block: decode attention reads
+    them in place (with the position-major layout, [max_len, Hkv, D], each head's keys were
+    strided, and attention at batch 16 over 512 positions took twice as long).
     """
 
     def __init__(
@@ -25,25 +26,32 @@ class KVCache:
     ):
         self.num_slots = num_slots
         self.max_len = max_len
-        shape = (num_layers, num_slots * max_len, kv_heads, head_dim)
+        shape = (num_layers, num_slots, kv_heads, max_len, head_dim)
         self.k = _lazy_zeros(shape, dtype)
         self.v = _lazy_zeros(shape, dtype)
+        self._heads = torch.arange(kv_heads)[None, :]  # [1, Hkv], broadcast against tokens
 
-    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v: [N, Hkv, D] at flat rows [N] (``slot * max_len + pos``)."""
-        self.k[layer].index_copy_(0, rows, k)
-        self.v[layer].index_copy_(0, rows, v)
+    def write(
+        self,
+        layer: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+    ) -> None:
+        """Store k, v: [N, Hkv, D] of tokens at ``positions`` [N] of ``slots`` [N]."""
+        where = (slots[:, None], self._heads, positions[:, None])  # each [N, Hkv] after broadcast
+        self.k[layer].index_put_(where, k)
+        self.v[layer].index_put_(where, v)
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v of one layer as [num_slots, max_len, Hkv, D] views."""
-        shape = (self.num_slots, self.max_len, *self.k.shape[2:])
-        return self.k[layer].view(shape), self.v[layer].view(shape)
+        """k, v of one layer: [num_slots, Hkv, max_len, D]."""
+        return self.k[layer], self.v[layer]
 
     def copy_prefix(self, src: int, dst: int, num_tokens: int) -> None:
         """Copy positions [0, num_tokens) of slot ``src`` into slot ``dst``, every layer."""
-        s, d = src * self.max_len, dst * self.max_len
-        self.k[:, d : d + num_tokens] = self.k[:, s : s + num_tokens]
-        self.v[:, d : d + num_tokens] = self.v[:, s : s + num_tokens]
+        self.k[:, dst, :, :num_tokens] = self.k[:, src, :, :num_tokens]
+        self.v[:, dst, :, :num_tokens] = self.v[:, src, :, :num_tokens]
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -68,7 +68,8 @@ class AttentionBatch:
     follows as a run of rows. Masks are built once per step and shared by all layers.
     """
 
-    write_rows: torch.Tensor  # [N] cache row of each token: slot * max_len + pos
+    write_slots: torch.Tensor  # [N] KV-cache slot of each token
+    write_positions: torch.Tensor  # [N] its position there
     num_decode: int
     decode_slots: torch.Tensor | slice  # [B] slots, or a slice when they are consecutive
     decode_len: int  # S: keys to read, max(pos) + 1 over the decode tokens
@@ -105,11 +106,15 @@ class Fp16Linear:
     it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/linear_kernels.py).
     """
 
+    # The overload itself: calling the packet re-resolves it and checks every argument for
+    # Python dispatch, on each of the 121 calls of a step.
+    _matmul = torch.ops.quantized.linear_dynamic_fp16.default
+
     def __init__(self, weight: torch.Tensor):
         self.packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+        return self._matmul(x, self.packed)
 
 
 class RMSNorm:
@@ -175,8 +180,8 @@ class Attention:
         q = qk[:, : self.heads]  # [N, Hq, D]
         k = qk[:, self.heads :]  # [N, Hkv, D]
         v = qkv[:, self.qk_heads * d :].view(n, self.kv_heads, d)  # [N, Hkv, D]
-        cache.write(self.layer, batch.write_rows, k, v)
-        k_slots, v_slots = cache.slot_view(self.layer)  # [slots, L, Hkv, D]
+        cache.write(self.layer, batch.write_slots, batch.write_positions, k, v)
+        k_slots, v_slots = cache.slot_view(self.layer)  # [slots, Hkv, L, D]
         outs = []
         if batch.num_decode:
             outs.append(self._decode(q[: batch.num_decode], k_slots, v_slots, batch))
@@ -189,9 +194,9 @@ class Attention:
         self, q: torch.Tensor, k_slots: torch.Tensor, v_slots: torch.Tensor, batch: AttentionBatch
     ) -> torch.Tensor:
         b, s, d = q.shape[0], batch.decode_len, self.head_dim
-        # [B, S, Hkv, D] -> [B, Hkv, S, D]; a view when the slots are consecutive.
-        k = _select(k_slots, batch.decode_slots, s).transpose(1, 2)
-        v = _select(v_slots, batch.decode_slots, s).transpose(1, 2)
+        # [B, Hkv, S, D]; a view when the slots are consecutive.
+        k = _select(k_slots, batch.decode_slots, s)
+        v = _select(v_slots, batch.decode_slots, s)
         # One query per sequence: fold the G query heads that share a KV head into the query
         # axis, q: [B, Hkv, G, D], so no K/V repeat is needed for GQA.
         qg = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, d)
@@ -208,8 +213,8 @@ class Attention:
     ) -> torch.Tensor:
         t, s = q.shape[0], start + q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
-        k = k_slot[:s].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-        v = v_slot[:s].transpose(0, 1).unsqueeze(0)
+        k = k_slot[:, :s].unsqueeze(0)  # [1, Hkv, S, D]
+        v = v_slot[:, :s].unsqueeze(0)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(t, self.q_size)  # [T, Hq * D]
 
@@ -298,7 +303,7 @@ def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
 
 
 def _select(slots: torch.Tensor, which: torch.Tensor | slice, length: int) -> torch.Tensor:
-    """slots[which, :length] -> [B, length, Hkv, D]; no copy for a slice."""
+    """slots[which, :, :length] -> [B, Hkv, length, D]; no copy for a slice."""
     if isinstance(which, slice):
-        return slots[which, :length]
-    return slots[:, :length].index_select(0, which)
+        return slots[which, :, :length]
+    return slots[:, :, :length].index_select(0, which)

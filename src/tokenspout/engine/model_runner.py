@@ -56,9 +56,10 @@ class ModelRunner:
             raise ModelLoadError(f"weights must be one of {FORMATS}, not {weights!r}")
         start = time.perf_counter()
         # Intra-op threads = usable cores (affinity, cgroup quota): extra threads only
-        # contend; fewer while other processes compete for the cores (CpuBudget).
+        # contend; fewer while other processes compete for the cores (CpuBudget), unless
+        # the caller fixed the count.
         self.num_threads = num_threads or usable_cpus()
-        self.cpu_budget = CpuBudget(self.num_threads)
+        self.cpu_budget = CpuBudget(self.num_threads, adaptive=num_threads is None)
         self._threads_set: tuple[int, int] | None = None  # (thread ident, count)
         self._set_threads()
         files = ModelFiles.resolve(model)
@@ -175,7 +176,8 @@ class ModelRunner:
         slots = [chunks[i].slot for i in decode]
         positions = torch.tensor(pos)
         batch = AttentionBatch(
-            write_rows=torch.tensor(token_slots) * self.max_model_len + positions,
+            write_slots=torch.tensor(token_slots),
+            write_positions=positions,
             num_decode=len(decode),
             decode_slots=_slots_index(slots),
             decode_len=0,

@@ -70,7 +70,12 @@ def serve(
     prefix_cache: Annotated[
         bool | None, typer.Option(help="Reuse KV of shared prompt prefixes (on).")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="Torch threads (default: cores).")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Model threads, fixed (default: usable cores, one while others compete)."
+        ),
+    ] = None,
     synthetic_ttft_ms: Annotated[
         float | None, typer.Option(help="Synthetic engine TTFT in ms (0).")
     ] = None,
