@@ -31,18 +31,18 @@ class KVCache:
         self.v = _lazy_zeros(shape, dtype)
         self._heads = torch.arange(kv_heads)[None, :]  # [1, Hkv], broadcast against tokens
 
-    def write(
-        self,
-        layer: int,
-        slots: torch.Tensor,
-        positions: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-    ) -> None:
-        """Store k, v: [N, Hkv, D] of tokens at ``positions`` [N] of ``slots`` [N]."""
-        where = (slots[:, None], self._heads, positions[:, None])  # each [N, Hkv] after broadcast
-        self.k[layer].index_put_(where, k)
-        self.v[layer].index_put_(where, v)
+    def rows(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Where tokens at ``positions`` [N] of ``slots`` [N] go: [N * Hkv] rows of a layer
+        flattened to [num_slots * Hkv * max_len, D], token-major like ``k.reshape(-1, D)``.
+        Computed once per step and shared by every layer's ``write``."""
+        heads = self.k.shape[2]
+        return ((slots[:, None] * heads + self._heads) * self.max_len + positions[:, None]).view(-1)
+
+    def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v: [N, Hkv, D] at ``rows`` (from ``rows()``)."""
+        d = k.shape[-1]
+        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
+        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of one layer: [num_slots, Hkv, max_len, D]."""

@@ -68,8 +68,7 @@ class AttentionBatch:
     follows as a run of rows. Masks are built once per step and shared by all layers.
     """
 
-    write_slots: torch.Tensor  # [N] KV-cache slot of each token
-    write_positions: torch.Tensor  # [N] its position there
+    write_rows: torch.Tensor  # [N * Hkv] KV-cache rows of the tokens (KVCache.rows)
     num_decode: int
     decode_slots: torch.Tensor | slice  # [B] slots, or a slice when they are consecutive
     decode_len: int  # S: keys to read, max(pos) + 1 over the decode tokens
@@ -180,7 +179,7 @@ class Attention:
         q = qk[:, : self.heads]  # [N, Hq, D]
         k = qk[:, self.heads :]  # [N, Hkv, D]
         v = qkv[:, self.qk_heads * d :].view(n, self.kv_heads, d)  # [N, Hkv, D]
-        cache.write(self.layer, batch.write_slots, batch.write_positions, k, v)
+        cache.write(self.layer, batch.write_rows, k, v)
         k_slots, v_slots = cache.slot_view(self.layer)  # [slots, Hkv, L, D]
         outs = []
         if batch.num_decode:

@@ -176,8 +176,7 @@ class ModelRunner:
         slots = [chunks[i].slot for i in decode]
         positions = torch.tensor(pos)
         batch = AttentionBatch(
-            write_slots=torch.tensor(token_slots),
-            write_positions=positions,
+            write_rows=self.cache.rows(torch.tensor(token_slots), positions),
             num_decode=len(decode),
             decode_slots=_slots_index(slots),
             decode_len=0,
