@@ -14,9 +14,15 @@ def test_chunks_with_and_without_extras_round_trip() -> None:
         TokenLogprob("é", "é".encode(), -0.25, (("é", b"\xc3\xa9", -0.25), ("e", b"e", -2.0))),
         (ToolCallDelta(0, "call_1", "get", '{"a": '),),
     )
-    chunks = [Chunk("Ünï 😀\n", 2, 9), Chunk("data: x\r", 1, 8, extras), Chunk("", 1, 0)]
+    chunks = [
+        Chunk("Ünï 😀\n", 2, 9),
+        Chunk("data: x\r", 1, 8, extras),
+        Chunk("", 1, 0),
+        Chunk(" Paris", 1, 6, None, 7042),  # the embedded engine's token id
+        Chunk("é", 1, 2, extras, 0),
+    ]
     decoded = decode_chunks(encode_chunks(chunks))
-    assert decoded == [(c.text, c.num_tokens, c.extras) for c in chunks]
+    assert decoded == [(c.text, c.num_tokens, c.extras, c.token_id) for c in chunks]
 
 
 def test_stream_record_round_trips_through_hash_fields() -> None:

@@ -492,14 +492,43 @@ async def test_continuation_reproduces_the_uncut_greedy_answer(
     ):
         whole = await collect(fake_engine, "whole", prompt, params)
         first = text(whole[:5])
-        ids = tuple(first.encode()) if known_ids else None
+        ids = tuple(o.token_id for o in whole[:5]) if known_ids else None
         rest_prompt, rest_params = fake_engine.continuation(
-            prompt, params, Continuation(first, ids, 5)
+            prompt,
+            params,
+            Continuation(first, ids, 5),  # type: ignore[arg-type]
         )
         assert rest_params.max_tokens == 7
         rest = await collect(fake_engine, "rest", rest_prompt, rest_params)
         assert first + text(rest) == text(whole)
         assert rest[-1].finish_reason == whole[-1].finish_reason == "length"
+
+
+async def test_outputs_carry_the_ids_of_their_tokens(fake_engine: LLMEngine) -> None:
+    outs = await collect(fake_engine, "r", fake_engine.encode_completion("hello"), GREEDY)
+    ids = [o.token_id for o in outs]
+    assert None not in ids and len(ids) == outs[-1].completion_tokens
+    assert fake_engine._runner().tokenizer.decode(ids) == text(outs)  # type: ignore[arg-type]
+
+
+async def test_continuation_ids_that_say_more_than_the_text_give_way_to_it(
+    fake_engine: LLMEngine,
+) -> None:
+    # As when the detokenizer held text back: the ids of six tokens, the text of five. The
+    # ids would skip the sixth token's text; the text is re-tokenized instead.
+    params = SamplingParams(temperature=0.0, max_tokens=12)
+    prompt = fake_engine.encode_completion("hello")
+    whole = await collect(fake_engine, "whole", prompt, params)
+    first = text(whole[:5])
+    ids = tuple(o.token_id for o in whole[:6])
+    rest_prompt, rest_params = fake_engine.continuation(
+        prompt,
+        params,
+        Continuation(first, ids, 5),  # type: ignore[arg-type]
+    )
+    assert rest_prompt.token_ids == prompt.token_ids + tuple(first.encode())  # type: ignore[operator]
+    rest = await collect(fake_engine, "rest", rest_prompt, rest_params)
+    assert first + text(rest) == text(whole)
 
 
 async def test_chat_continue_final_message_leaves_the_answer_open(fake_engine: LLMEngine) -> None:

@@ -2,7 +2,8 @@
 
 JSON: ``[[text, num_tokens], ...]``, with a third item for a chunk that has extras (a
 token's logprob, tool-call pieces): their own JSON as a string (bytes as hex), so that the
-writer's script can pass batches through Redis's Lua JSON codec unchanged.
+writer's script can pass batches through Redis's Lua JSON codec unchanged; and a fourth,
+the token id, when the engine gave one (the third is then ``""`` if there are no extras).
 """
 
 from __future__ import annotations
@@ -17,21 +18,29 @@ from tokenspout.streaming.stream_store import Chunk
 
 def chunk_items(chunks: Iterable[Chunk]) -> list[list[Any]]:
     """The chunks as JSON-ready lists (what ``encode_chunks`` encodes)."""
-    return [
-        [c.text, c.num_tokens]
-        if c.extras is None
-        else [c.text, c.num_tokens, json.dumps(_extras(c.extras))]
-        for c in chunks
-    ]
+    return [_item(c) for c in chunks]
+
+
+def _item(c: Chunk) -> list[Any]:
+    extras = "" if c.extras is None else json.dumps(_extras(c.extras))
+    if c.token_id is not None:
+        return [c.text, c.num_tokens, extras, c.token_id]
+    return [c.text, c.num_tokens, extras] if extras else [c.text, c.num_tokens]
 
 
 def encode_chunks(chunks: Iterable[Chunk]) -> bytes:
     return json.dumps(chunk_items(chunks), ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def decode_chunks(data: bytes) -> list[tuple[str, int, OutputExtras | None]]:
+def decode_chunks(data: bytes) -> list[tuple[str, int, OutputExtras | None, int | None]]:
+    """(text, num_tokens, extras, token id) of each chunk."""
     return [
-        (item[0], int(item[1]), _from_extras(json.loads(item[2])) if len(item) > 2 else None)
+        (
+            item[0],
+            int(item[1]),
+            _from_extras(json.loads(item[2])) if len(item) > 2 and item[2] else None,
+            int(item[3]) if len(item) > 3 else None,
+        )
         for item in json.loads(data)
     ]
 

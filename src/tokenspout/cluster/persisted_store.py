@@ -14,8 +14,10 @@ class _PersistedBuffer(_MemoryBuffer):
 
     touched: Callable[[str], None]
 
-    def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
-        super().append(text, num_tokens, extras)
+    def append(
+        self, text: str, num_tokens: int, extras: Any = None, token_id: int | None = None
+    ) -> None:
+        super().append(text, num_tokens, extras, token_id)
         self.touched(self.stream_id)
 
 

@@ -89,8 +89,10 @@ class StreamMirror:
             if first > stream.length:
                 self._fail(f"text at positions {stream.length} to {first} is no longer in Redis")
                 return
-            for text, tokens, extras in chunks[stream.length - first :]:
-                stream.receive(EngineOutput(text, tokens, record.prompt_tokens, 0, None, extras))
+            for text, tokens, extras, token_id in chunks[stream.length - first :]:
+                stream.receive(
+                    EngineOutput(text, tokens, record.prompt_tokens, 0, None, extras, token_id)
+                )
         elif b"e" in fields:
             data: dict[str, Any] = json.loads(fields[b"e"])
             if data["e"] is not None:

@@ -54,10 +54,13 @@ class Takeover:
         # again (the same ones under greedy decoding) rather than counted as done.
         while history and not history[-1][0] and history[-1][2] is None:
             history.pop()
-        text = "".join(text for text, _, _ in history)
-        tokens = sum(n for _, n, _ in history)
+        text = "".join(text for text, _, _, _ in history)
+        tokens = sum(n for _, n, _, _ in history)
+        # The generated ids when every token has one (the embedded engine's): the engine
+        # continues from them, exactly where the owner was.
+        ids = tuple(token_id for _, n, _, token_id in history if n and token_id is not None)
         generation = self._prepare()
-        sofar = Continuation(text=text, token_ids=None, completion_tokens=tokens)
+        sofar = Continuation(text, ids if len(ids) == tokens else None, tokens)
         try:
             prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)
         except InvalidRequestError:
@@ -74,9 +77,9 @@ class Takeover:
             stream.receive(EngineOutput("", 0, record.prompt_tokens, tokens, "length"))
         return stream
 
-    def _history(self) -> tuple[list[tuple[str, int, Any]], int]:
+    def _history(self) -> tuple[list[tuple[str, int, Any, int | None]], int]:
         """The chunks Redis has, and the position of the first."""
-        history: list[tuple[str, int, Any]] = []
+        history: list[tuple[str, int, Any, int | None]] = []
         start = 0
         for index, (entry_id, fields) in enumerate(self._entries):
             if b"c" not in fields:

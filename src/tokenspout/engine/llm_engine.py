@@ -228,7 +228,8 @@ class LLMEngine(Engine):
         self, prompt: Prompt, params: SamplingParams, sofar: Continuation
     ) -> tuple[Prompt, SamplingParams]:
         """The prompt's ids followed by the answer's own ids (re-tokenized from its text
-        when they are not known), so greedy decoding resumes exactly where it was cut.
+        when they are not known, or when they say more than the text: the detokenizer was
+        holding some back), so greedy decoding resumes exactly where it was cut.
         Penalties on the output alone (presence, frequency) then see the first part as
         prompt: such a continuation is close, not exact."""
         if params.grammar is not None:
@@ -242,10 +243,15 @@ class LLMEngine(Engine):
             raise InvalidRequestError("an echoed answer cannot be continued", param="echo")
         rest = remaining_params(params, sofar)
         text = prompt.text + sofar.text
-        if prompt.token_ids is not None and sofar.token_ids is not None:
+        tokenizer = self._runner().tokenizer
+        if (
+            prompt.token_ids is not None
+            and sofar.token_ids is not None
+            and tokenizer.decode(sofar.token_ids, skip_special_tokens=False) == sofar.text
+        ):
             ids = prompt.token_ids + sofar.token_ids
         else:
-            ids = tuple(self._runner().tokenizer.encode(text, add_special_tokens=False))
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
         self._check_prompt(ids)
         return replace(prompt, text=text, token_ids=ids), rest
 
@@ -428,7 +434,7 @@ class LLMEngine(Engine):
         n = len(seq.output_token_ids)
         if req.echo is not None and n == 1:
             text, extras = self._echo(req, text, extras)
-        return EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras)
+        return EngineOutput(text, 1, seq.num_prompt_tokens, n, reason, extras, token)
 
     @staticmethod
     def _echo(

@@ -187,6 +187,10 @@ class EngineOutput(NamedTuple):
     finish_reason: FinishReason | None = None
     #: What else this output carries (logprobs, tool-call pieces); None for plain text.
     extras: OutputExtras | None = None
+    #: The embedded engine's id of the token this output accounts for: kept with the text
+    #: so that another replica continues from the ids, which re-tokenizing the text need
+    #: not give back. None from the other engines.
+    token_id: int | None = None
 
 
 class TokenLogprob(NamedTuple):

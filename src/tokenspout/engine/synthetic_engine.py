@@ -307,7 +307,9 @@ class SyntheticEngine(Engine):
             self._stop(req)
         reason = None if more else "length"
         try:
-            req.sink(_output((next(req.words), 1, req.prompt_tokens, req.produced, reason, None)))
+            req.sink(
+                _output((next(req.words), 1, req.prompt_tokens, req.produced, reason, None, None))
+            )
         except Exception:
             # A sink must not raise (the contract); if one does, only its request ends.
             logger.exception("synthetic engine: the sink of %s raised; dropping it", req.id)

@@ -163,13 +163,13 @@ class Stream:
     def finished(self) -> bool:
         return self.end is not None
 
-    def load(self, start: int, chunks: list[tuple[str, int, Any]]) -> None:
+    def load(self, start: int, chunks: list[tuple[str, int, Any, int | None]]) -> None:
         """Before any output: the log begins at ``start`` with ``chunks`` (text, tokens,
-        extras) produced elsewhere (a stream continued from another replica's)."""
+        extras, token id) produced elsewhere (a stream continued from another replica's)."""
         buffer = self._buffer
         buffer.begin_at(start)
-        for text, num_tokens, extras in chunks:
-            buffer.append(text, num_tokens, extras)
+        for text, num_tokens, extras, token_id in chunks:
+            buffer.append(text, num_tokens, extras, token_id)
             self._tokens += num_tokens
 
     def read(self, pos: int) -> list[Chunk]:
@@ -304,13 +304,13 @@ class Stream:
             self._failure = item
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
             return
-        text, num_tokens, prompt_tokens, completion_tokens, finish_reason, extras = item
+        text, num_tokens, prompt_tokens, completion_tokens, finish_reason, extras, token_id = item
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
         self._completion_tokens = completion_tokens
         if text or num_tokens:
             buffer = self._buffer
-            buffer.append(text, num_tokens, extras)
+            buffer.append(text, num_tokens, extras, token_id)
             self._tokens += num_tokens
             # Backpressure: text a reader has not delivered is never dropped; past the
             # store's bounds the engine holds the request instead.

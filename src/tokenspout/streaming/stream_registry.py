@@ -38,7 +38,7 @@ class Continued:
     its outputs carry on from."""
 
     stream_id: str
-    history: list[tuple[str, int, Any]]
+    history: list[tuple[str, int, Any, int | None]]
     start: int
     prompt_tokens: int
     completion_tokens: int

@@ -26,14 +26,15 @@ from tokenspout.errors import StreamGoneError
 
 
 class Chunk(NamedTuple):
-    """The text of one engine output, the tokens it accounts for, its UTF-8 size, and its
-    extras (logprobs, tool-call pieces; ``EngineOutput.extras``) if any (a named tuple: one
-    is built per token)."""
+    """The text of one engine output, the tokens it accounts for, its UTF-8 size, its
+    extras (logprobs, tool-call pieces; ``EngineOutput.extras``) if any, and its token id
+    when the engine gives one (a named tuple: one is built per token)."""
 
     text: str
     num_tokens: int
     nbytes: int
     extras: Any = None
+    token_id: int | None = None
 
 
 #: Builds a Chunk from a tuple in C: the generated ``Chunk(...)`` constructor is a Python
@@ -67,7 +68,9 @@ class ReplayBuffer(ABC):
         """Make an empty buffer start at ``pos``."""
 
     @abstractmethod
-    def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
+    def append(
+        self, text: str, num_tokens: int, extras: Any = None, token_id: int | None = None
+    ) -> None:
         """Add a chunk at ``end``; ``UnicodeEncodeError`` for text that is not valid UTF-8."""
 
     @abstractmethod
@@ -141,9 +144,11 @@ class _MemoryBuffer(ReplayBuffer):
         assert not self._chunks
         self._start = pos
 
-    def append(self, text: str, num_tokens: int, extras: Any = None) -> None:
+    def append(
+        self, text: str, num_tokens: int, extras: Any = None, token_id: int | None = None
+    ) -> None:
         size = utf8_size(text)
-        self._chunks.append(_new_chunk((text, num_tokens, size, extras)))
+        self._chunks.append(_new_chunk((text, num_tokens, size, extras, token_id)))
         self.nbytes += size
         store = self._store
         store.total_bytes += size
