@@ -11,10 +11,15 @@ synthetic tokenspout, and fails the way ``fault`` says:
   that is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after``
   chunks (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: 1``
   for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its first byte;
-  ``tools``: streams a tool call (``get_weather``, arguments in pieces); ``nousage``: closes
-  the connection right after the finish reason (no usage, no ``[DONE]``).
+  ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut after
+  ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after the
+  finish reason (no usage, no ``[DONE]``).
 
-``GET /stats`` tells what it received: the requests, and the last body and headers.
+``GET /stats`` tells what it received: the requests, the last body and headers, and the
+answers ``abandoned`` (by their request's ``user`` field): their client went away before
+their end, which a real upstream takes as the signal to abort the generation.
+``--models`` (a JSON list of ``/v1/models`` entries) replaces the one model it serves,
+``synthetic``.
 """
 
 from __future__ import annotations
@@ -38,19 +43,23 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 MODEL = "synthetic"
 
 
-FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "nousage")
+FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "toolcut",
+          "nousage")  # fmt: skip
 
 
 class FaultyUpstream:
-    def __init__(self) -> None:
+    def __init__(self, models: list[dict[str, Any]]) -> None:
         self.args = argparse.Namespace(fault="none", after=3, status=500, delay_s=5.0)
         self.engine = SyntheticEngine()
+        self.served = models
         self.received = 0
+        self.abandoned: list[str] = []
         self.last_body: dict[str, Any] = {}
         self.last_headers: dict[str, str] = {}
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+        data = [{"object": "model", **entry} for entry in self.served]
+        return JSONResponse({"object": "list", "data": data})
 
     async def set_fault(self, request: Request) -> Response:
         given = await request.json()
@@ -60,7 +69,12 @@ class FaultyUpstream:
 
     async def stats(self, request: Request) -> Response:
         return JSONResponse(
-            {"received": self.received, "body": self.last_body, "headers": self.last_headers}
+            {
+                "received": self.received,
+                "abandoned": self.abandoned,
+                "body": self.last_body,
+                "headers": self.last_headers,
+            }
         )
 
     async def generate(self, request: Request) -> Response:
@@ -76,8 +90,11 @@ class FaultyUpstream:
             return JSONResponse({"error": error}, status_code=args.status, headers=headers)
         if args.fault == "slow":
             await asyncio.sleep(args.delay_s)
-        if args.fault == "tools":
-            return StreamingResponse(_tool_call(), media_type="text/event-stream")
+        if args.fault in ("tools", "toolcut"):
+            cut_after = args.after if args.fault == "toolcut" else None
+            return StreamingResponse(
+                self._watched(request, body, _tool_call(cut_after)), media_type="text/event-stream"
+            )
         chat = "messages" in body
         if chat:
             messages = [ChatMessage(m["role"], m["content"]) for m in body["messages"]]
@@ -89,7 +106,28 @@ class FaultyUpstream:
         else:
             prompt = self.engine.encode_completion(body["prompt"])
         params = SamplingParams(max_tokens=body["max_tokens"])
-        return StreamingResponse(self._chunks(prompt, params, chat), media_type="text/event-stream")
+        return StreamingResponse(
+            self._watched(request, body, self._chunks(prompt, params, chat)),
+            media_type="text/event-stream",
+        )
+
+    async def _watched(
+        self, request: Request, body: dict[str, Any], chunks: AsyncIterator[str]
+    ) -> AsyncIterator[str]:
+        """``chunks`` until the client goes away, as a real upstream does (vLLM and
+        llama.cpp check for it while they generate); the answer is then abandoned. Sending
+        to a client that left does not fail, so each chunk asks first; Starlette cancels a
+        response that is waiting for a chunk when its client disconnects."""
+        user = str(body.get("user", ""))
+        try:
+            async for chunk in chunks:
+                if await request.is_disconnected():
+                    self.abandoned.append(user)
+                    return
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            self.abandoned.append(user)
+            raise
 
     async def _chunks(self, prompt: Any, params: SamplingParams, chat: bool) -> AsyncIterator[str]:
         args = self.args
@@ -118,12 +156,14 @@ class FaultyUpstream:
         yield "data: [DONE]\n\n"
 
 
-async def _tool_call() -> AsyncIterator[str]:
+async def _tool_call(cut_after: int | None) -> AsyncIterator[str]:
     start = {"index": 0, "id": "call_1", "type": "function",
              "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
     yield _event(_delta({"role": "assistant", "tool_calls": [start]}, None))
-    for piece in ('{"city": ', '"Paris"', "}"):
+    for sent, piece in enumerate(('{"city": ', '"Paris"', "}"), start=1):
         yield _event(_delta({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}, None))
+        if sent == cut_after:
+            raise ConnectionAbortedError("fault injected: cut in the middle of a tool call")
     yield _event(_delta({}, "tool_calls"))
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
@@ -151,8 +191,10 @@ def _event(data: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
-    port = parser.parse_args().port
-    upstream = FaultyUpstream()
+    parser.add_argument("--models", type=json.loads, default=[{"id": MODEL}])
+    given = parser.parse_args()
+    port = given.port
+    upstream = FaultyUpstream(given.models)
     app = Starlette(
         routes=[
             Route("/v1/models", upstream.models),

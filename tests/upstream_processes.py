@@ -87,8 +87,8 @@ def tokenspout(*flags: str) -> UpstreamProcess:
     )  # fmt: skip
 
 
-def faulty() -> UpstreamProcess:
-    return spawn([sys.executable, "-m", "tests.upstream_faults"])
+def faulty(*flags: str) -> UpstreamProcess:
+    return spawn([sys.executable, "-m", "tests.upstream_faults", *flags])
 
 
 @contextlib.contextmanager

@@ -1,11 +1,16 @@
 """Cancel reaches the upstream: a client that leaves, cancel by id and a WebSocket cancel
 close the upstream's response, so the upstream (a real synthetic tokenspout here) frees
-the slot; a request whose client left while it waited in tokenspout's queue is never sent;
-the client gets heartbeats while the upstream is silent and while it waits."""
+the slot; so do the send timeout and a SIGTERM drain (the fault-injecting upstream records
+that its client went away mid-answer); a request whose client left while it waited in
+tokenspout's queue is never sent; the client gets heartbeats while the upstream is silent
+and while it waits."""
 
 from __future__ import annotations
 
 import json
+import signal
+import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -15,7 +20,14 @@ from websockets.sync.client import connect
 
 from tests.conftest import RunningServer
 from tests.e2e.test_disconnect import open_raw_stream, read_until
-from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
+from tests.upstream_processes import (
+    UpstreamProcess,
+    faulty,
+    front,
+    processes,
+    spawn,
+    tokenspout,
+)
 
 LONG = {
     "model": "synthetic",
@@ -47,6 +59,14 @@ def wait_upstream_idle(upstream: UpstreamProcess, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while upstream.metric("tokenspout_requests_running") != 0:
         assert time.monotonic() < deadline, "the upstream still generates for a client who left"
+        time.sleep(0.005)
+
+
+def wait_abandoned(upstream: UpstreamProcess, user: str, timeout: float = 20.0) -> None:
+    """Until the fault-injecting upstream saw the client of ``user``'s answer go away."""
+    deadline = time.monotonic() + timeout
+    while user not in upstream.stats()["abandoned"]:
+        assert time.monotonic() < deadline, "the upstream's response was never closed"
         time.sleep(0.005)
 
 
@@ -121,3 +141,62 @@ def test_heartbeats_while_the_upstream_is_silent(
     before_text = read_until(sock, b'"content":"go ', timeout=10).split(b'"content":"go ')[0]
     assert b": ping" in before_text
     sock.close()
+
+
+def test_send_timeout_closes_the_upstream_response(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """A client that stops reading is cut off after --send-timeout-s, and the upstream's
+    response is closed with it, mid-answer."""
+    server = front(start_server, fault, config={"send_timeout_s": 1.0})
+    # 8 KB words (the upstream echoes them): the unread answer fills every buffer quickly.
+    body = {"model": "synthetic", "prompt": "x" * 8192, "max_tokens": 4000, "stream": True,
+            "user": "send-timeout"}  # fmt: skip
+    sock = open_raw_stream(server, body, path="/v1/completions")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        server.wait_metric(
+            "tokenspout_requests_aborted_total", 1, timeout=20, labels='reason="send_timeout"'
+        )
+        wait_abandoned(fault, "send-timeout")
+        server.wait_metric("tokenspout_upstream_in_flight", 0, labels=f'upstream="{fault.base}"')
+        labels = f'status="cancelled",upstream="{fault.base}"'
+        assert server.metric("tokenspout_upstream_requests_total", labels) == 1
+    finally:
+        sock.close()
+
+
+def test_drain_ends_the_stream_and_closes_the_upstream_response(fault: UpstreamProcess) -> None:
+    """SIGTERM with a stream in flight (its upstream silent after three chunks): at the
+    drain timeout the client gets an error event and [DONE], the upstream's response is
+    closed, and the process exits with 0."""
+    fault.fault("stall", after=3)
+    spout = spawn(
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "upstream",
+         "--upstream", fault.base, "--drain-timeout-s", "0.2", "--log-level", "warning"],
+        ready="/health",
+    )  # fmt: skip
+    # A request still uploading its body holds the process open after the drain (uvicorn
+    # waits for it), so that a closed upstream response is the drain's doing, not the
+    # process's exit.
+    upload = socket.create_connection(("127.0.0.1", int(spout.url.rsplit(":", 1)[1])))
+    try:
+        upload.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{"
+        )
+        body = {**LONG, "user": "drain"}
+        with httpx.stream("POST", f"{spout.url}/v1/chat/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if '"content":"go ' in line)
+            spout.proc.send_signal(signal.SIGTERM)
+            data = [line for line in lines if line.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"
+        assert json.loads(data[-2][6:])["error"]["code"] == "shutting_down"
+        wait_abandoned(fault, "drain")
+        assert spout.proc.poll() is None, "the process exited before the upload ended"
+        upload.sendall(b"}")
+        assert spout.proc.wait(timeout=30) == 0
+    finally:
+        upload.close()
+        spout.stop()

@@ -1,6 +1,6 @@
 """Upstream failures through tokenspout: retried before the first token, continued on
 another upstream after it (exactly: no duplicated or lost text, usage of both parts), a
-4xx passed on, clear errors when nothing can answer.
+4xx passed on, clear errors when nothing can answer or a tool call was cut.
 
 The first request of a fresh front goes to its first upstream (ties of the balancer go in
 turn from the first), which here is the fault-injecting one; the synthetic tokenspout
@@ -191,3 +191,48 @@ def test_nothing_can_continue_ends_with_an_error_event_then_done(
     error = json.loads(lines[-2])["error"]
     assert "the answer was cut" in error["message"] and fault.base in error["message"]
     assert lines[-1] == "[DONE]"
+
+
+def test_a_tool_call_cut_mid_stream_ends_with_a_clear_error_and_is_not_retried(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """Half a tool call cannot be continued elsewhere, and sending the request again would
+    stream the call twice: the client gets the pieces it already had, an error event that
+    says the call was interrupted, and [DONE]; no other upstream is asked."""
+    fault.fault("toolcut", after=2)
+    server = front(start_server, fault, synthetic, **FAST)
+    received = fault.stats()["received"]
+    path, body = CHAT
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    _, _, lines = stream(server, path, {**body, "model": "synthetic", "tools": tools})
+    chunks = [json.loads(line) for line in lines[:-2]]
+    calls = [c for ch in chunks for c in ch["choices"][0]["delta"].get("tool_calls") or ()]
+    assert [c["function"].get("name") for c in calls if "id" in c] == ["get_weather"]
+    assert "".join(c["function"].get("arguments") or "" for c in calls) == '{"city": "Paris"'
+    assert all(ch["choices"][0]["finish_reason"] is None for ch in chunks)
+    error = json.loads(lines[-2])["error"]
+    assert error["code"] == "tool_call_interrupted"
+    assert "tool call" in error["message"] and fault.base in error["message"]
+    assert lines[-1] == "[DONE]"
+    assert fault.stats()["received"] == received + 1
+    server.wait_metric("tokenspout_upstream_in_flight", 0, labels=f'upstream="{fault.base}"')
+    server.wait_metric("tokenspout_requests_running", 0)
+    labels = 'endpoint="chat",status="error",transport="sse"'
+    server.wait_metric("tokenspout_requests_total", 1, labels=labels)
+    for name, labels in (
+        ("tokenspout_upstream_failovers_total", f'reason="cut",upstream="{fault.base}"'),
+        ("tokenspout_upstream_retries_total", f'upstream="{fault.base}"'),
+        ("tokenspout_upstream_requests_total", f'status="200",upstream="{synthetic.base}"'),
+    ):
+        with pytest.raises(KeyError):
+            server.metric(name, labels)
+    assert (
+        server.metric("tokenspout_upstream_requests_total", f'status="cut",upstream="{fault.base}"')
+        == 1
+    )
+    # Not streamed: the same error, with its status.
+    alone = front(start_server, fault, **FAST)
+    whole = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "tools": tools})
+    assert whole.status_code == 502
+    assert whole.json()["error"]["code"] == "tool_call_interrupted"
+    assert fault.stats()["received"] == received + 2, "the request was sent again"

@@ -6,6 +6,7 @@ upstream (``tests/upstream_faults.py``), here answering normally."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -70,6 +71,28 @@ def test_models_come_from_the_upstreams_and_route_requests(
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["engine"] == "upstream"
+
+
+def test_models_report_the_upstreams_context_length_or_none(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    """Each upstream model's max_model_len is what its upstream says (vLLM's own field,
+    llama.cpp's ``meta.n_ctx_train``, another tokenspout's); a model whose entry says
+    nothing has no max_model_len rather than an invented one."""
+    entries = [
+        {"id": "vllm-like", "max_model_len": 4096},
+        {"id": "llama-like", "meta": {"n_vocab": 49152, "n_ctx_train": 8192}},
+        {"id": "plain", "owned_by": "someone"},
+    ]
+    with processes(lambda: faulty("--models", json.dumps(entries))) as (upstream,):
+        server = front(start_server, upstream, synthetic)
+        r = httpx.get(f"{server.url}/v1/models")
+    listed = {m["id"]: m for m in r.json()["data"]}
+    assert sorted(listed) == ["llama-like", "plain", "synthetic", "vllm-like"]
+    assert listed["vllm-like"]["max_model_len"] == 4096
+    assert listed["llama-like"]["max_model_len"] == 8192
+    assert "max_model_len" not in listed["plain"]
+    assert listed["synthetic"]["max_model_len"] == 1_000_000  # the synthetic engine's
 
 
 def test_fields_pass_through_and_the_upstream_always_streams(

@@ -79,6 +79,11 @@ class Engine(ABC):
         """Model ids a request may name (an engine in front of other servers has several)."""
         return (self.model_id,)
 
+    def context_length(self, model: str) -> int | None:
+        """``model``'s context length for ``GET /v1/models``, or None when it is not known
+        (an upstream that does not say)."""
+        return self.max_model_len
+
     def collectors(self) -> tuple[Collector, ...]:
         """Prometheus collectors of the engine's own metrics, beyond ``stats``."""
         return ()

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
     from tokenspout.engine.tool_calls import Tool
 
-#: The context length reported for upstream models: the upstream enforces its own.
+#: The bound tokenspout's own length checks use: the upstream enforces its own context.
+#: ``GET /v1/models`` shows the upstream's (``context_length``), never this.
 UNBOUNDED_CONTEXT = 1 << 31
 
 
@@ -65,6 +66,11 @@ class UpstreamEngine(Engine):
 
     def served_models(self) -> tuple[str, ...]:
         return self.pool.models()
+
+    def context_length(self, model: str) -> int | None:
+        """What the upstreams report for ``model``, if they do: tokenspout never guesses
+        it (``max_model_len`` above only keeps its own checks out of the upstream's way)."""
+        return self.pool.context_length(model)
 
     def collectors(self) -> tuple[Collector, ...]:
         return self.metrics.collectors()

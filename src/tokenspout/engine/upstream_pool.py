@@ -53,6 +53,12 @@ class UpstreamPool:
             seen.update(dict.fromkeys(sorted(server.models)))
         return tuple(seen)
 
+    def context_length(self, model: str) -> int | None:
+        """The context length of ``model`` as its upstreams report it: the shortest, since a
+        request may go to any of them; None when none reports one."""
+        lengths = [s.context_lengths[model] for s in self.servers if model in s.context_lengths]
+        return min(lengths, default=None)
+
     @property
     def failure(self) -> str | None:
         """Why nothing can be served now (no upstream healthy), or None."""

@@ -9,8 +9,12 @@ failure try again elsewhere.
 * After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
-  has no duplicated and no lost text, and the usage counts both parts. A stream that has
-  carried part of a tool call cannot be continued; it ends with an error.
+  has no duplicated and no lost text, and the usage counts both parts. "After" means once
+  the client has had anything (text, a tool call's piece, a logprob).
+* A stream that has carried part of a tool call is neither continued (an upstream cannot
+  resume half a call's arguments reliably) nor sent again (the client would get the call
+  twice): it ends at once with a ``tool_call_interrupted`` error, after the pieces the
+  client already had, never with silently shortened arguments.
 * ``cancel`` (the client left, cancel by id, send timeout, drain) cancels the task, which
   closes the upstream response at once: the upstream aborts the generation on disconnect.
   A request cancelled while it waits for an upstream is never sent.
@@ -141,10 +145,12 @@ class UpstreamRelay:
                 if f.eject:
                     self.pool.failed(server, f.why)
                 self.metrics.requests.labels(server.address, f.status).inc()
+                if self._tool_calls_sent:
+                    raise _tool_call_cut(server, f) from None
                 if len(failed) >= self.options.retries:
                     raise self._gave_up(server, f) from None
                 failed.append(server)
-                if self.parts:
+                if self.tokens:
                     reason = f.status if f.status in FAILOVER_REASONS else "upstream_error"
                     self.metrics.failovers.labels(reason, server.address).inc()
                 else:
@@ -162,7 +168,7 @@ class UpstreamRelay:
             await asyncio.sleep(self._backoff(len(failed), retry_after_s))
 
     def _backoff(self, tries: int, retry_after_s: float) -> float:
-        if self.parts and tries == 1 and not retry_after_s:
+        if self.tokens and tries == 1 and not retry_after_s:
             # The client is mid-answer: the first failover goes to another upstream at once
             # (backing off is for not hammering the same one).
             return 0.0
@@ -170,7 +176,7 @@ class UpstreamRelay:
         return max(base * (1 + random.random()), min(retry_after_s, self.options.max_retry_after_s))
 
     def _gave_up(self, server: UpstreamServer, f: _Failed) -> UpstreamError:
-        if self.parts:
+        if self.tokens:
             return UpstreamError(
                 f"the answer was cut ({f.why} at {server.address}) and no upstream could "
                 f"continue it",
@@ -186,14 +192,7 @@ class UpstreamRelay:
 
     async def _attempt(self, server: UpstreamServer) -> None:
         prompt, params = self.prompt, self.params
-        if self.parts:
-            if self._tool_calls_sent:
-                raise UpstreamError(
-                    f"upstream {server.address} failed in the middle of a tool call, which "
-                    "cannot be continued",
-                    status_code=502,
-                    code="upstream_failed",
-                )
+        if self.tokens:
             if self.tokens >= params.max_tokens:
                 self._finish("length", None, 0)
                 return
@@ -336,6 +335,16 @@ def _headers(prompt: Prompt) -> dict[str, str]:
     if prompt.traceparent is None:
         return {"Content-Type": "application/json"}
     return {"Content-Type": "application/json", "traceparent": prompt.traceparent}
+
+
+def _tool_call_cut(server: UpstreamServer, f: _Failed) -> UpstreamError:
+    return UpstreamError(
+        f"the answer was cut in the middle of a tool call ({f.why} at {server.address}); "
+        "a tool call cannot be continued on another upstream, so its arguments are "
+        "incomplete: send the request again",
+        status_code=502,
+        code="tool_call_interrupted",
+    )
 
 
 def _why(exc: Exception) -> str:

@@ -1,4 +1,5 @@
-"""One upstream server: its pooled HTTP client, the models it serves, and its health.
+"""One upstream server: its pooled HTTP client, the models it serves (with their context
+length where its ``/models`` says it), and its health.
 
 Health is active and passive: ``check`` asks ``GET /models`` (every
 ``--upstream-health-interval-s``, from the pool), and ``eject_after`` consecutive connect
@@ -8,6 +9,7 @@ errors or 5xx answers take the upstream out until a check finds it healthy again
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 
@@ -49,6 +51,8 @@ class UpstreamServer:
         )
         #: Model ids it serves (its ``/models``), as of the last successful check.
         self.models: frozenset[str] = frozenset()
+        #: Each model's context length in tokens, for the models whose entry gives one.
+        self.context_lengths: dict[str, int] = {}
         self.healthy = False
         #: Requests it is answering now (the balancer's least-outstanding count).
         self.outstanding = 0
@@ -70,7 +74,9 @@ class UpstreamServer:
         try:
             r = await self.client.get("/models", timeout=_CHECK_TIMEOUT_S)
             r.raise_for_status()
-            models = frozenset(m["id"] for m in r.json()["data"])
+            entries = r.json()["data"]
+            models = frozenset(m["id"] for m in entries)
+            lengths = {m["id"]: n for m in entries if (n := context_length(m)) is not None}
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if self.streaming:
                 # It answered requests since the last check: busy, not down.
@@ -82,6 +88,7 @@ class UpstreamServer:
         if not self.healthy:
             logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
         self.models = models
+        self.context_lengths = lengths
         self.healthy = True
         self._failures = 0
 
@@ -104,6 +111,23 @@ class UpstreamServer:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def context_length(entry: dict[str, Any]) -> int | None:
+    """The context length (prompt + output tokens) an upstream's ``/models`` entry gives,
+    or None: vLLM, SGLang and tokenspout say ``max_model_len``; llama.cpp's
+    ``llama-server`` says ``meta.n_ctx_train`` (the model's own context, which its
+    ``--ctx-size`` may lower); hosted APIs such as OpenRouter say ``context_length``."""
+    meta = entry.get("meta")
+    candidates = (
+        entry.get("max_model_len"),
+        entry.get("context_length"),
+        meta.get("n_ctx_train") if isinstance(meta, dict) else None,
+    )
+    for value in candidates:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def _why(exc: Exception) -> str:

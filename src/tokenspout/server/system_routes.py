@@ -52,17 +52,14 @@ async def models(request: Request) -> Response:
     engine = state.engine
     owner = "tokenspout-synthetic" if engine.synthetic else "tokenspout"
     models = engine.served_models()
-    data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": 0,
-            "owned_by": owner,
-            "root": name if name in models else engine.model_id,
-            "max_model_len": engine.max_model_len,
-        }
-        for name in state.served_names()
-    ]
+    data = []
+    for name in state.served_names():
+        root = name if name in models else engine.model_id
+        entry = {"id": name, "object": "model", "created": 0, "owned_by": owner, "root": root}
+        length = engine.context_length(root)
+        if length is not None:  # an upstream that does not say: left out, not guessed
+            entry["max_model_len"] = length
+        data.append(entry)
     return JSONResponse({"object": "list", "data": data})
 
 
