@@ -34,7 +34,7 @@ def test_bench_measures_the_synthetic_ttft(slow_server: RunningServer, tmp_path:
     run = bench(
         "--url", slow_server.url, "--concurrency", "8", "--num-prompts", "16",
         "--max-tokens", "40", "--json", str(out), "--plot", str(plot),
-        "--goodput", "ttft:5000,tpot:1000",
+        "--goodput", "ttft:600000,tpot:600000",  # met by any run: goodput is its bookkeeping
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "median TTFT (ms)" in run.stdout

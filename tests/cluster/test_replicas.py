@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -212,7 +213,12 @@ def test_text_lost_while_redis_was_down_makes_the_stream_gone(replica_set: Repli
         assert [d for _, d in events][-1] == "[DONE]"
     replica_set.redis.start()
     owner.wait_metric("tokenspout_redis_streams_gone_total", 1)
-    gone = httpx.get(f"{other.url}/v1/streams/{stream_id}")
+    # The other replica may learn only now that Redis went away: its first call answers 503
+    # (Redis unavailable, retry) while its link reconnects.
+    deadline = time.monotonic() + 30
+    while (gone := httpx.get(f"{other.url}/v1/streams/{stream_id}")).status_code == 503:
+        assert time.monotonic() < deadline, gone.text
+        time.sleep(0.05)
     assert gone.status_code == 410
     assert "cannot be resumed" in gone.json()["error"]["message"]
 
