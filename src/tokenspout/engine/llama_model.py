@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenspout.engine.kv_cache import KVCache
-from tokenspout.engine.weights import Weights
+from tokenspout.engine.weights import LAYER_MATMULS, Weights
 from tokenspout.errors import ModelLoadError
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
@@ -241,9 +241,7 @@ class LlamaModel:
         eps = config.rms_norm_eps
         head = "lm_head" if "lm_head" in w else "embed"
         names = [head] + [  # the head first: the largest, so the workers finish together
-            f"layers.{n}.{m}"
-            for n in range(config.num_hidden_layers)
-            for m in ("wqkv", "wo", "w13", "w2")
+            f"layers.{n}.{m}" for n in range(config.num_hidden_layers) for m in LAYER_MATMULS
         ]
         # Packing fp16 weights for fbgemm takes ~3 s on one core; the kernel releases the GIL,
         # so one worker per torch thread divides the warm start by as much.

@@ -32,7 +32,8 @@ from tokenspout.errors import ModelLoadError
 
 WeightFormat = Literal["int8", "fp16", "bf16", "fp32"]
 FORMATS: tuple[WeightFormat, ...] = ("int8", "fp16", "bf16", "fp32")
-_MATMULS = ("wqkv", "wo", "w13", "w2")
+#: The per-layer matmul weights, by canonical name.
+LAYER_MATMULS = ("wqkv", "wo", "w13", "w2")
 _CACHE_VERSION = 1  # bump when the canonical layout changes
 
 
@@ -152,7 +153,7 @@ def _to_format(
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
-        is_matmul = name.rsplit(".", 1)[-1] in _MATMULS or name in ("lm_head", "embed")
+        is_matmul = name.rsplit(".", 1)[-1] in LAYER_MATMULS or name in ("lm_head", "embed")
         if not is_matmul or fmt == "fp32":
             out[name] = t.float().contiguous()
         elif fmt in ("bf16", "fp16"):
