@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenspout.engine import block_kernels
 from tokenspout.engine.kv_cache import KVCache
 from tokenspout.engine.weights import LAYER_MATMULS, Weights
 from tokenspout.errors import ModelLoadError
@@ -102,7 +103,7 @@ class Fp16Linear:
 
     The weights are packed once for the kernel (fbgemm keeps its own copy); the activations
     stay fp32, so unlike int8 GEMMs nothing is quantised on the way in. On an AVX2-only CPU
-    it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/linear_kernels.py).
+    it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/block_kernels.py).
     """
 
     # The overload itself: calling the packet re-resolves it and checks every argument for
@@ -114,6 +115,26 @@ class Fp16Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.packed)
+
+
+class BlockLinear:
+    """x @ w.T for Q4_1 block weights: the C kernel for a few rows, fbgemm's fp16 GEMM above.
+
+    At decode batch sizes the step is bound by reading weights, and the 4-bit blocks are 4x
+    fewer bytes than fp16 (block_kernels.py); with more rows fbgemm's GEMM does more per
+    byte read, so rows above ``KERNEL_ROWS`` go to it, on the same weights dequantised.
+    """
+
+    KERNEL_ROWS = 4
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        self.kernel = block_kernels.Q4Linear(qs, d, m)
+        self.gemm = Fp16Linear(self.kernel.dequantize())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.KERNEL_ROWS:
+            return self.kernel(x)
+        return self.gemm(x)
 
 
 class RMSNorm:
@@ -237,9 +258,9 @@ class LlamaModel:
         w = weights.tensors
         #: Activations and KV cache dtype: bf16 for bf16 and int8 weights (the int8 kernel is
         #: ~10x slower with fp32 activations), fp32 for fp32 and fp16 ones.
-        self.dtype = torch.float32 if weights.format in ("fp32", "fp16") else torch.bfloat16
+        self.dtype = torch.float32 if weights.format in ("fp32", "fp16", "q4_1") else torch.bfloat16
         eps = config.rms_norm_eps
-        head = "lm_head" if "lm_head" in w else "embed"
+        head = "lm_head" if "lm_head" in w or "lm_head.qs" in w else "embed"
         names = [head] + [  # the head first: the largest, so the workers finish together
             f"layers.{n}.{m}" for n in range(config.num_hidden_layers) for m in LAYER_MATMULS
         ]
@@ -260,12 +281,20 @@ class LlamaModel:
             )
         self.norm = RMSNorm(w["norm"].to(self.dtype), eps)
         self.lm_head = linears[head]
-        embed = "embed" if "embed" in w else "lm_head"  # int8 + tied: only lm_head is stored
-        self.embed_weight, self.embed_scale = w[embed], w.get(embed + ".scale")
+        embed = "embed" if "embed" in w or "embed.qs" in w else "lm_head"  # int8 + tied: lm_head
+        if embed + ".qs" in w:  # Q8_0 blocks (shared with a tied head): rows dequantised
+            self.embed_blocks: block_kernels.Q8Linear | None = block_kernels.Q8Linear(
+                w[embed + ".qs"], w[embed + ".d"]
+            )
+        else:
+            self.embed_blocks = None
+            self.embed_weight, self.embed_scale = w[embed], w.get(embed + ".scale")
         self.rope = Rotary(config.head_dim, config.rope_theta, max_len, self.dtype)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N] ids -> [N, H] in the activation dtype."""
+        if self.embed_blocks is not None:
+            return self.embed_blocks.rows(token_ids)
         rows = self.embed_weight[token_ids]
         if self.embed_scale is not None:
             return rows.to(self.dtype) * self.embed_scale[token_ids, None]
@@ -291,6 +320,10 @@ class LlamaModel:
 
 
 def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
+    if name + ".m" in w:
+        return BlockLinear(w[name + ".qs"], w[name + ".d"], w[name + ".m"])
+    if name + ".qs" in w:
+        return block_kernels.Q8Linear(w[name + ".qs"], w[name + ".d"])
     weight, scale = w[name], w.get(name + ".scale")
     if scale is not None:
         return Int8Linear(weight, scale)
