@@ -109,3 +109,16 @@ def test_gguf_blocks_dequantise_as_gguf_does() -> None:
                 torch.from_numpy(parts["qs"]), torch.from_numpy(parts["d"])
             )
         assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(rows: int, with_delta: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, delta = torch.randn(rows, 100, generator=gen), torch.randn(rows, 100, generator=gen)
+    weight = torch.randn(100, generator=gen)
+    summed = x + delta if with_delta else x.clone()
+    expected = torch.nn.functional.rms_norm(summed, (100,), weight, 1e-5)
+    got = block_kernels.add_rms_norm(x, delta if with_delta else None, weight, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, summed)  # the residual add happened in place

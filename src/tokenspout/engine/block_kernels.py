@@ -26,7 +26,7 @@ from tokenspout.engine.model_files import cache_root
 
 BLOCK = 32  # weights per block, both formats
 _SOURCE = Path(__file__).with_name("block_kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 
 def library_path() -> Path:
@@ -74,6 +74,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_1_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
     lib.q8_0_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
     lib.q4_1_linear.restype = lib.q8_0_linear.restype = ctypes.c_int
+    lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.add_rms_norm.restype = None
     return lib
 
 
@@ -147,6 +149,25 @@ class Q8Linear:
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The fp32 weight rows ``ids`` [T] -> [T, K]."""
         return dequantize_q8_0(self.qs[ids], self.d[ids])
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``x += delta`` in place (a residual add; skipped for None), then RMSNorm of x by
+    ``weight``: fp32 [M, H] contiguous, returned as a new tensor."""
+    lib = _library()
+    assert lib is not None, "add_rms_norm needs block_kernels.available()"
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("add_rms_norm wants contiguous fp32 rows")
+    out = torch.empty_like(x)
+    if delta is not None:
+        delta = _check(delta, x.shape[1])
+    lib.add_rms_norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), x.shape[0], x.shape[1],
+        weight.data_ptr(), eps, out.data_ptr(),
+    )  # fmt: skip
+    return out
 
 
 def _check(x: torch.Tensor, k: int) -> torch.Tensor:

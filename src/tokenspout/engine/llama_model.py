@@ -138,14 +138,31 @@ class BlockLinear:
 
 
 class RMSNorm:
-    """x / rms(x) * weight, over the last dimension."""
+    """x / rms(x) * weight, over the last dimension.
 
-    def __init__(self, weight: torch.Tensor, eps: float):
+    ``fused``: by the block kernels' C function (fp32 only), which also does the residual
+    add before it in ``add_and_norm``: 61 of these per decode step cost ~30 µs each as
+    ``F.rms_norm``'s six small ops at batch 1, ~2 µs in C.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False):
         self.weight = weight
         self.eps = eps
+        self.fused = fused
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return block_kernels.add_rms_norm(x.contiguous(), None, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm); ``x`` (a tensor of the step's own) may be updated in place."""
+        if self.fused:
+            return x, block_kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class Rotary:
@@ -269,17 +286,18 @@ class LlamaModel:
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             linears = dict(zip(names, pool.map(lambda n: _linear(w, n), names), strict=True))
         self.layers = []
+        fused = weights.format == "q4_1"  # the block kernels are there, activations fp32
         for n in range(config.num_hidden_layers):
             p = f"layers.{n}."
             self.layers.append(
                 (
-                    RMSNorm(w[p + "attn_norm"].to(self.dtype), eps),
+                    RMSNorm(w[p + "attn_norm"].to(self.dtype), eps, fused),
                     Attention(config, n, linears[p + "wqkv"], linears[p + "wo"]),
-                    RMSNorm(w[p + "ffn_norm"].to(self.dtype), eps),
+                    RMSNorm(w[p + "ffn_norm"].to(self.dtype), eps, fused),
                     MLP(linears[p + "w13"], linears[p + "w2"]),
                 )
             )
-        self.norm = RMSNorm(w["norm"].to(self.dtype), eps)
+        self.norm = RMSNorm(w["norm"].to(self.dtype), eps, fused)
         self.lm_head = linears[head]
         embed = "embed" if "embed" in w or "embed.qs" in w else "lm_head"  # int8 + tied: lm_head
         if embed + ".qs" in w:  # Q8_0 blocks (shared with a tied head): rows dequantised
@@ -310,11 +328,16 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Run the packed tokens [N]; write their KV; return float32 logits [C, V] of
         ``logit_rows`` [C]."""
-        x = self.embed(token_ids)  # [N, H]
+        x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         cos, sin = self.rope.tables(positions)  # [N, 1, D]
-        for attn_norm, attn, ffn_norm, mlp in self.layers:
-            x = x + attn(attn_norm(x), self.rope, cos, sin, batch, cache)
-            x = x + mlp(ffn_norm(x))
+        h = self.layers[0][0](x)
+        for n, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
+            # Each residual add goes with the norm after it (one call when fused).
+            x, h = ffn_norm.add_and_norm(x, attn(h, self.rope, cos, sin, batch, cache))
+            if n + 1 < len(self.layers):
+                x, h = self.layers[n + 1][0].add_and_norm(x, mlp(h))
+            else:
+                x = x + mlp(h)
         h = self.norm(x[logit_rows])  # [C, H]: only the rows we sample from
         return self.lm_head(h).float()  # [C, V]
 
