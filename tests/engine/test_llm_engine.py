@@ -321,7 +321,10 @@ async def test_shutdown_fails_requests_in_flight(monkeypatch: pytest.MonkeyPatch
 
 @pytest.fixture(scope="module")
 def real_engine() -> Iterator[LLMEngine]:
-    engine = LLMEngine(max_num_seqs=4, max_model_len=512, max_prefill_tokens=64)
+    # Threads fixed: with the adaptive budget a change of thread count between steps changes
+    # the rounding of PyTorch's CPU attention, and so, rarely, a seeded sample
+    # (test_real_same_seed_same_text failed that way on a loaded machine).
+    engine = LLMEngine(max_num_seqs=4, max_model_len=512, max_prefill_tokens=64, num_threads=2)
     asyncio.run(engine.start())
     yield engine
     asyncio.run(engine.shutdown())
