@@ -70,6 +70,10 @@ const PURIFY = {
   ],
   ALLOWED_ATTR: ["href", "title", "class", "type", "align", "start"],
   ALLOWED_URI_REGEXP: SAFE_URL,
+  // DOMPurify checks every attribute that is not on its list of attributes that are never
+  // URLs against ALLOWED_URI_REGEXP, which would drop a column's alignment, a list's start
+  // and the copy button's type; none of them is a URL.
+  ADD_URI_SAFE_ATTR: ["align", "start", "type"],
   RETURN_DOM_FRAGMENT: true,
 };
 
