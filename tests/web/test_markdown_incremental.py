@@ -10,6 +10,7 @@ update would have made new ones); early and late updates of the same answer are 
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -64,13 +65,15 @@ STREAM = """async ([chunks]) => {
   }
   // Each row's cells (their sanitised markup) and, laid out, each cell's left and right edges
   // and each row's top and bottom.
-  const table = (root) => [...root.querySelectorAll("tr")].map((tr) => [...tr.cells].map((c) => c.innerHTML));
+  const table = (root) =>
+    [...root.querySelectorAll("tr")].map((tr) => [...tr.cells].map((c) => c.innerHTML));
+  const edges = (c) => [c.getBoundingClientRect().left, c.getBoundingClientRect().right];
   const geometry = [...el.querySelectorAll("table")].map((t) => [...t.rows].map((tr) => {
     const row = tr.getBoundingClientRect();
-    return { top: row.top, bottom: row.bottom,
-             cells: [...tr.cells].map((c) => [c.getBoundingClientRect().left, c.getBoundingClientRect().right]) };
+    return { top: row.top, bottom: row.bottom, cells: [...tr.cells].map(edges) };
   }));
-  const colgroups = [...el.querySelectorAll("table")].map((t) => t.querySelector("colgroup")?.outerHTML);
+  const colgroups =
+    [...el.querySelectorAll("table")].map((t) => t.querySelector("colgroup")?.outerHTML);
   const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
   // Before finish(): the DOM as streamed, without the wrappers of a paragraph's tail and
   // blocks of lines.
@@ -255,7 +258,8 @@ def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
     assert "IMG" not in result["tags"]
     assert all(h.startswith("https://") for h in result["hrefs"]), set(result["hrefs"])
     assert result["oneShot"][-1 if ending == "" else -2].count("<tr>") == 401
-    assert len(result["oneShotCells"]) == 401 and "<strong>399</strong>" in result["oneShotCells"][-1][1]
+    assert len(result["oneShotCells"]) == 401
+    assert "<strong>399</strong>" in result["oneShotCells"][-1][1]
     if ending != "":
         # The table ended: it was rendered again as a block, one table.
         assert result["blocks"] == result["oneShot"]
@@ -267,9 +271,7 @@ def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
         # unfinished row and its white space leave the full table, the new one is added; the
         # first time, the first table also moves into the <div> that holds them).
         starts = {
-            i
-            for i in range(1, len(updates))
-            if updates[i]["tables"] > updates[i - 1]["tables"] > 0
+            i for i in range(1, len(updates)) if updates[i]["tables"] > updates[i - 1]["tables"] > 0
         }
         assert len(starts) == len(result["geometry"]) - 1
         assert all(u["mutations"] <= 1 for i, u in enumerate(updates) if i not in starts)
@@ -293,8 +295,10 @@ def assert_one_table(result: dict) -> None:
     header = tables[0][0]["cells"]
     rows = [row for rows in tables for row in rows]
     for row in rows:
-        assert all(
-            abs(a - b) < 0.01 for cell, head in zip(row["cells"], header) for a, b in zip(cell, head)
+        edges = [edge for cell in row["cells"] for edge in cell]
+        head = [edge for cell in header for edge in cell]
+        assert len(edges) == len(head) and all(
+            abs(a - b) < 0.01 for a, b in zip(edges, head, strict=True)
         ), (row, header)
-    gaps = {round(after["top"] - before["bottom"], 2) for before, after in zip(rows, rows[1:])}
+    gaps = {round(after["top"] - before["bottom"], 2) for before, after in itertools.pairwise(rows)}
     assert len(gaps) == 1, gaps  # the same between tables as between rows of one table
