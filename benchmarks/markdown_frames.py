@@ -16,8 +16,6 @@ records:
   renderer process and of its main thread, and the time in style and layout (Chromium's
   own counters). CPU time hardly depends on how many other jobs share the cores, frame
   times do: on a loaded machine, whether a frame's work grows with the answer shows here.
-  But a loaded machine also gives fewer frames, each with more tokens to show, so the main
-  thread's CPU time per 100 tokens of each quarter is given too.
 
 Four answers: mixed Markdown (headings, lists, tables, code blocks: the usual case), one
 code block, one paragraph (no blank line: the last block is the whole answer), one table.
@@ -149,7 +147,7 @@ def feed(page, feed_args: list[object], n_tokens: int) -> dict:  # type: ignore[
         updates, at, done = page.evaluate("[window.__updates, window.__at, window.__done]")
         if done or (len(samples) < 3 and at >= marks[len(samples)]):
             metrics = cdp.send("Performance.getMetrics")["metrics"]
-            sample = (updates, {m["name"]: m["value"] for m in metrics}, at)
+            sample = (updates, {m["name"]: m["value"] for m in metrics})
             while len(samples) < 3 and (done or at >= marks[len(samples)]):
                 samples.append(sample)
         if done:
@@ -157,17 +155,11 @@ def feed(page, feed_args: list[object], n_tokens: int) -> dict:  # type: ignore[
             break
         time.sleep(0.05)
     result = page.evaluate("window.__feed")
-    # (first quarter, last quarter): CPU ms per frame, process and main thread; and the main
-    # thread's CPU ms per 100 tokens (a loaded machine gives fewer frames, each carrying more
-    # tokens: per token, what a quarter cost does not depend on that).
+    # (first quarter, last quarter): CPU ms per frame, process and main thread.
     cpu = {}
-    cpu["ThreadTimePerToken"] = [
-        100_000 * (m1["ThreadTime"] - m0["ThreadTime"]) / max(1, at1 - at0)
-        for (_, m0, at0), (_, m1, at1) in ((samples[0], samples[1]), (samples[2], samples[3]))
-    ]
     for key in ("ProcessTime", "ThreadTime", "LayoutDuration", "RecalcStyleDuration"):
         per = []
-        for (u0, m0, _), (u1, m1, _) in ((samples[0], samples[1]), (samples[2], samples[3])):
+        for (u0, m0), (u1, m1) in ((samples[0], samples[1]), (samples[2], samples[3])):
             per.append(1000 * (m1[key] - m0[key]) / max(1, u1 - u0))
         cpu[key] = per
     result["cpu"] = cpu
@@ -210,7 +202,6 @@ def row(name: str, renderer: str, result: dict, n_tokens: int) -> list[object]:
         f"{pct([f['work'] for f in first], 99):.1f} → {pct([f['work'] for f in last], 99):.1f}",
         "{:.1f} → {:.1f}".format(*result["cpu"]["ProcessTime"]),
         "{:.1f} → {:.1f}".format(*result["cpu"]["ThreadTime"]),
-        "{:.1f} → {:.1f}".format(*result["cpu"]["ThreadTimePerToken"]),
         "{:.1f} → {:.1f}".format(*result["cpu"]["RecalcStyleDuration"]),
         "{:.1f} → {:.1f}".format(*result["cpu"]["LayoutDuration"]),
         ms3([f["update"] for f in frames]),
@@ -258,12 +249,11 @@ def main() -> None:
         print(
             "| answer | renderer | frames | frame work ms p50 / p99 / max | frames > 16 ms | "
             "p99 first → last quarter | CPU ms per frame, first → last quarter: process | "
-            "main thread | main thread CPU ms per 100 tokens, first → last quarter | style | "
-            "layout | renderer ms p50 / p99 / max | "
+            "main thread | style | layout | renderer ms p50 / p99 / max | "
             "chars lexed max first → "
             "last quarter | long animation frames > 50 ms (max ms) | finish() ms | load |"
         )
-        print("|---" * 16 + "|")
+        print("|---" * 15 + "|")
         for name, tokens in answers(args.tokens).items():
             if args.only and args.only not in name:
                 continue
