@@ -1,6 +1,7 @@
 """The Markdown renderer's work per update does not grow with the answer, in headless
 Chromium: a long code block, a long paragraph and a long table (the shapes whose last block
-is the whole answer) are streamed in place, end as a one-shot render would, and stay safe.
+is the whole answer) are streamed in place, end as a one-shot render would (a long table that
+ends the answer: with the same cells, in tables of rows laid out as one), and stay safe.
 
 No timings: the page's renderer reports what each update lexed (``lastLexed``), a
 MutationObserver counts the DOM mutations and the nodes each update inserted, and the nodes
@@ -74,6 +75,7 @@ STREAM = """async ([chunks]) => {
   }));
   const colgroups =
     [...el.querySelectorAll("table")].map((t) => t.querySelector("colgroup")?.outerHTML);
+  const streamedCells = table(el);
   const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
   // Before finish(): the DOM as streamed, without the wrappers of a paragraph's tail and
   // blocks of lines.
@@ -97,7 +99,6 @@ STREAM = """async ([chunks]) => {
   const oneShot = new MarkdownView(whole);
   oneShot.update(text);
   oneShot.finish();
-  const streamedCells = table(el);
   const hrefs = [...el.querySelectorAll("a")].map((a) => a.getAttribute("href"));
   const attributes = [...el.querySelectorAll("*")].flatMap(
     (e) => [...e.attributes].map((a) => `${e.tagName} ${a.name}=${a.value}`));
@@ -246,7 +247,7 @@ ROW = (
 
 
 @pytest.mark.parametrize("ending", ["", "\nAfter the table, *done*."], ids=["open", "closed"])
-def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
+def test_a_long_table_appends_its_rows_and_ends_with_a_one_shot_renders_cells(
     synthetic_server, page, ending: str
 ) -> None:  # type: ignore[no-untyped-def]
     rows = "".join(ROW.format(i=i, extra=" surplus |" if i % 7 == 0 else "") for i in range(400))
