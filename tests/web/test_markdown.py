@@ -177,6 +177,14 @@ def test_only_the_last_block_is_re_rendered_and_the_result_matches_a_whole_rende
     assert result["blocks"] == result["wholeBlocks"]
 
 
+def test_column_alignments_and_a_list_start_survive_the_sanitiser(synthetic_server, page) -> None:  # type: ignore[no-untyped-def]
+    table = "| a | b | c |\n| :--- | :---: | ---: |\n| 1 | 2 | 3 |\n\n3. three\n4. four\n"
+    final = render(page, synthetic_server, [table])["snapshots"][-1]
+    assert '<th align="left">a</th>' in final and '<td align="center">2</td>' in final, final
+    assert '<td align="right">3</td>' in final
+    assert '<ol start="3">' in final
+
+
 def test_a_growing_code_block_gets_only_its_new_text_each_update(synthetic_server, page) -> None:  # type: ignore[no-untyped-def]
     lines = [f"let x{i} = '<b>{i}</b>';\n" for i in range(300)]
     chunks = ["Intro\n\n", "```js\n", *lines, "``", "`\n", "\nAfter *that*."]

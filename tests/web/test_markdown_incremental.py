@@ -1,6 +1,7 @@
 """The Markdown renderer's work per update does not grow with the answer, in headless
 Chromium: a long code block, a long paragraph and a long table (the shapes whose last block
-is the whole answer) are streamed in place, end as a one-shot render would, and stay safe.
+is the whole answer) are streamed in place, end as a one-shot render would (a long table that
+ends the answer: with the same cells, in tables of rows laid out as one), and stay safe.
 
 No timings: the page's renderer reports what each update lexed (``lastLexed``), a
 MutationObserver counts the DOM mutations and the nodes each update inserted, and the nodes
@@ -10,6 +11,7 @@ update would have made new ones); early and late updates of the same answer are 
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
@@ -18,8 +20,14 @@ pytestmark = pytest.mark.browser
 
 STREAM = """async ([chunks]) => {
   const { MarkdownView } = await import("/static/markdown.js");
+  const { CHUNK_ROWS } = await import("/static/open_table.js");
+  // In the page's answer markup, so that its style sheet applies.
+  const section = document.createElement("section");
+  section.className = "answer";
   const el = document.createElement("div");
-  document.body.append(el);
+  el.className = "text";
+  section.append(el);
+  document.body.append(section);
   const view = new MarkdownView(el);
   const observer = new MutationObserver(() => {});
   observer.observe(el, { childList: true, subtree: true, characterData: true });
@@ -34,6 +42,7 @@ STREAM = """async ([chunks]) => {
   };
   let text = "";
   let earlyRow = null;
+  let laterRow = null;
   let earlyText = null;
   const updates = [];
   for (const chunk of chunks) {
@@ -43,14 +52,30 @@ STREAM = """async ([chunks]) => {
     if (earlyRow === null && el.querySelectorAll("tbody > tr").length >= 3) {
       earlyRow = el.querySelector("tbody > tr");
     }
+    // A finished row in the third table of rows, once a long table is cut into tables.
+    const third = el.querySelectorAll(".md-table table")[2];
+    if (laterRow === null && third?.rows.length >= 2) laterRow = third.rows[0];
     const p = el.querySelector(".md-live > p");
     if (earlyText === null && p !== null && text.length > 2000) earlyText = firstText(p);
     const records = observer.takeRecords();
     let inserted = 0;
     for (const record of records) for (const node of record.addedNodes) inserted += size(node);
     updates.push({ lexed: view.lastLexed, mutations: records.length, inserted,
-                   lineBlocks: el.querySelectorAll(".md-lines").length });
+                   lineBlocks: el.querySelectorAll(".md-lines").length,
+                   tables: el.querySelectorAll("table").length });
   }
+  // Each row's cells (their sanitised markup) and, laid out, each cell's left and right edges
+  // and each row's top and bottom.
+  const table = (root) =>
+    [...root.querySelectorAll("tr")].map((tr) => [...tr.cells].map((c) => c.innerHTML));
+  const edges = (c) => [c.getBoundingClientRect().left, c.getBoundingClientRect().right];
+  const geometry = [...el.querySelectorAll("table")].map((t) => [...t.rows].map((tr) => {
+    const row = tr.getBoundingClientRect();
+    return { top: row.top, bottom: row.bottom, cells: [...tr.cells].map(edges) };
+  }));
+  const colgroups =
+    [...el.querySelectorAll("table")].map((t) => t.querySelector("colgroup")?.outerHTML);
+  const streamedCells = table(el);
   const blocks = (e) => [...e.querySelectorAll(":scope > div > *")].map((b) => b.outerHTML);
   // Before finish(): the DOM as streamed, without the wrappers of a paragraph's tail and
   // blocks of lines.
@@ -62,6 +87,7 @@ STREAM = """async ([chunks]) => {
   const beforeFinish = blocks(streamed);
   const kept = (node) => node !== null && node.isConnected && el.contains(node);
   const earlyRowKept = kept(earlyRow) && el.querySelector("tbody > tr") === earlyRow;
+  const laterRowKept = kept(laterRow);
   const earlyTextKept = kept(earlyText);
   // Cut into blocks of lines at the browser's own line starts, the paragraph is as tall as
   // the same text in one block (a cut elsewhere would end a line early: one more line).
@@ -80,8 +106,11 @@ STREAM = """async ([chunks]) => {
            tags: [...new Set([...el.querySelectorAll("*")].map((e) => e.tagName))],
            hrefs, attributes, rels: [...el.querySelectorAll("a")].map((a) => a.rel),
            tails: el.querySelectorAll(".md-tail").length, pwned: window.__pwned ?? null,
-           earlyRowKept, earlyTextKept, heightStreamed, heightFinished,
-           lineBlocks: el.querySelectorAll(".md-lines").length };
+           earlyRowKept, laterRowKept, earlyTextKept, heightStreamed, heightFinished,
+           lineBlocks: el.querySelectorAll(".md-lines").length,
+           cells: streamedCells, finishedCells: table(el), oneShotCells: table(whole),
+           geometry, colgroups, heads: el.querySelectorAll("thead").length,
+           headerCells: el.querySelectorAll("th").length, chunkRows: CHUNK_ROWS };
 }"""
 
 # Prose with the inline constructs a model writes, none left open.
@@ -218,7 +247,7 @@ ROW = (
 
 
 @pytest.mark.parametrize("ending", ["", "\nAfter the table, *done*."], ids=["open", "closed"])
-def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
+def test_a_long_table_appends_its_rows_and_ends_with_a_one_shot_renders_cells(
     synthetic_server, page, ending: str
 ) -> None:  # type: ignore[no-untyped-def]
     rows = "".join(ROW.format(i=i, extra=" surplus |" if i % 7 == 0 else "") for i in range(400))
@@ -229,12 +258,48 @@ def test_a_long_table_appends_its_rows_and_ends_as_a_one_shot_render(
     assert result["pwned"] is None and page.evaluate("window.__pwned") is None
     assert "IMG" not in result["tags"]
     assert all(h.startswith("https://") for h in result["hrefs"]), set(result["hrefs"])
-    if ending == "":
+    assert result["oneShot"][-1 if ending == "" else -2].count("<tr>") == 401
+    assert len(result["oneShotCells"]) == 401
+    assert "<strong>399</strong>" in result["oneShotCells"][-1][1]
+    if ending != "":
+        # The table ended: it was rendered again as a block, one table.
+        assert result["blocks"] == result["oneShot"]
+    else:
         assert_flat(updates, "lexed")
         assert_flat(updates, "inserted")
         assert max(u["lexed"] for u in updates[-100:]) < len(text) / 20
-        assert all(u["mutations"] <= 1 for u in updates), "one DOM mutation per update"
+        # One DOM mutation per update, but where a table of rows was started (a few: the
+        # unfinished row and its white space leave the full table, the new one is added; the
+        # first time, the first table also moves into the <div> that holds them).
+        starts = {
+            i for i in range(1, len(updates)) if updates[i]["tables"] > updates[i - 1]["tables"] > 0
+        }
+        assert len(starts) == len(result["geometry"]) - 1
+        assert all(u["mutations"] <= 1 for i, u in enumerate(updates) if i not in starts)
+        assert max(updates[i]["mutations"] for i in starts) <= 6
         assert result["earlyRowKept"], "the first row was never rendered again"
-        assert result["beforeFinish"] == result["oneShot"]
-    assert result["blocks"] == result["oneShot"]
-    assert result["oneShot"][-1 if ending == "" else -2].count("<tr>") == 401
+        assert result["laterRowKept"], "a row of a later table of rows was never rendered again"
+        assert_one_table(result)
+
+
+def assert_one_table(result: dict) -> None:
+    """A long table streamed in tables of rows: the header once, every cell as the one-shot
+    render has it, and laid out as one table (its columns aligned, its rows spaced alike)."""
+    assert result["cells"] == result["finishedCells"] == result["oneShotCells"]
+    assert result["heads"] == 1 and result["headerCells"] == 3
+    tables = result["geometry"]
+    chunk = result["chunkRows"]
+    assert len(tables) >= 400 // chunk, "the table is cut into tables of rows"
+    assert chunk <= len(tables[0]) - 1 <= chunk + 2  # its header row and the first rows
+    assert all(len(rows) == chunk for rows in tables[1:-1]) and len(tables[-1]) <= chunk
+    assert len(set(result["colgroups"])) == 1 and result["colgroups"][0].count("<col ") == 3
+    header = tables[0][0]["cells"]
+    rows = [row for rows in tables for row in rows]
+    for row in rows:
+        edges = [edge for cell in row["cells"] for edge in cell]
+        head = [edge for cell in header for edge in cell]
+        assert len(edges) == len(head) and all(
+            abs(a - b) < 0.01 for a, b in zip(edges, head, strict=True)
+        ), (row, header)
+    gaps = {round(after["top"] - before["bottom"], 2) for before, after in itertools.pairwise(rows)}
+    assert len(gaps) == 1, gaps  # the same between tables as between rows of one table

@@ -9,9 +9,11 @@
 // without end, even that is too much, so three kinds are streamed in place: an open code
 // fence gets its new lines appended as text, a long paragraph is split at safe points
 // (open_paragraph.js) so that only its tail is re-rendered, and a table gets its new rows
-// appended (open_table.js), only its unfinished last row rendered again. A frame's cost then
-// depends on what arrived since the last frame, not on the answer's length. finish() leaves
-// the DOM as a whole render of the answer would be.
+// appended (open_table.js), only its unfinished last row rendered again, and once it is long,
+// into further tables of rows with the same kept column widths, so that the browser lays out
+// only the last of them. A frame's cost then depends on what arrived since the last frame,
+// not on the answer's length. finish() leaves the DOM as a whole render of the answer would
+// be, but for a long table at its end: that one keeps its tables of rows (same cells).
 //
 // Safe: marked (vendored, see vendor/README.md) turns Markdown into HTML with raw HTML
 // escaped as text by our renderer, then DOMPurify builds the DOM nodes from it, keeping
@@ -70,6 +72,10 @@ const PURIFY = {
   ],
   ALLOWED_ATTR: ["href", "title", "class", "type", "align", "start"],
   ALLOWED_URI_REGEXP: SAFE_URL,
+  // DOMPurify checks every attribute that is not on its list of attributes that are never
+  // URLs against ALLOWED_URI_REGEXP, which would drop a column's alignment, a list's start
+  // and the copy button's type; none of them is a URL.
+  ADD_URI_SAFE_ATTR: ["align", "start", "type"],
   RETURN_DOM_FRAGMENT: true,
 };
 
@@ -155,7 +161,9 @@ export class MarkdownView {
 
   /** The answer is complete: leave the DOM as a one-shot render of it would be. An open
    * fence's code (appended in pieces) is rendered once more as a whole; a long paragraph
-   * loses the wrappers of its tail and of its blocks of lines. */
+   * loses the wrappers of its tail and of its blocks of lines. A long table that ends the
+   * answer stays in its tables of rows (one table would cost a layout of all its rows and
+   * move its columns): the same cells as a one-shot render, columns as they streamed. */
   finish() {
     if (this.fence !== null) this.#renderLastBlock(this.text, false);
     this.paragraph?.finish();
