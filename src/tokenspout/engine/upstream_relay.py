@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-import httpx_sse
 
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.interface import OutputSink
@@ -46,6 +45,7 @@ from tokenspout.engine.request import (
     Prompt,
     SamplingParams,
 )
+from tokenspout.engine.stall_clock import StallClock
 from tokenspout.engine.upstream_body import encode, request_body
 from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
 from tokenspout.engine.upstream_metrics import FAILOVER_REASONS, UpstreamMetrics
@@ -53,6 +53,7 @@ from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_pool import UpstreamPool
 from tokenspout.engine.upstream_server import UpstreamServer
 from tokenspout.errors import EngineError, UpstreamError
+from tokenspout.protocols.sse_decoder import SSEDataDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class UpstreamRelay:
                     await self._read(server, response, timer, sent_at)
                 finally:
                     await response.aclose()
-        except (TimeoutError, httpx.TransportError, httpx_sse.SSEError) as exc:
+        except (TimeoutError, httpx.TransportError) as exc:
             if self._part is not None and self._part.finish is not None:
                 # The answer was whole; only its usage or [DONE] went missing.
                 self._finish_part(server)
@@ -257,29 +258,50 @@ class UpstreamRelay:
         timer: asyncio.Timeout,
         sent_at: float,
     ) -> None:
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            raise _Failed("cut", f"it answered {content_type or 'no content type'!r}, not SSE")
         loop = asyncio.get_running_loop()
         self._first_seen = False
-        self._part = _Part(self.tokens)
-        async for event in httpx_sse.EventSource(response).aiter_sse():
-            if not self._first_seen:
-                self._first_seen = True
-                self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
-            if event.data == "[DONE]":
-                break
-            chunk = parse_chunk(event.data)
-            server.streaming = True
-            self._deliver(chunk)
-            self._part.finish = chunk.finish_reason or self._part.finish
-            self._part.usage = chunk.usage or self._part.usage
-            if not self.flowing.is_set():
-                # Held by backpressure: the stall clock stops meanwhile, and TCP's own flow
-                # control holds the upstream back.
-                timer.reschedule(None)
-                await self.flowing.wait()
-            timer.reschedule(loop.time() + self.options.stall_timeout_s)
-        if self._part.finish is None:
+        part = self._part = _Part(self.tokens)
+        stall = StallClock(timer, self.options.stall_timeout_s, loop)
+        decoder = SSEDataDecoder()
+        try:
+            # Whatever one read brought, at once: under load one read holds several chunks.
+            async for data in _body(response):
+                payloads = decoder.feed(data)
+                if not payloads:
+                    continue
+                if not self._first_seen:
+                    self._first_seen = True
+                    self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
+                    stall.start()
+                if self._take(payloads, part):
+                    break  # [DONE]
+                server.streaming = True
+                stall.beat()
+                if not self.flowing.is_set():
+                    # Held by backpressure: the stall clock stops meanwhile, and TCP's own
+                    # flow control holds the upstream back.
+                    stall.stop()
+                    await self.flowing.wait()
+                    stall.start()
+        finally:
+            stall.stop()
+        if part.finish is None:
             raise _Failed("cut", "the stream ended before the answer did")
         self._finish_part(server)
+
+    def _take(self, payloads: list[bytes], part: _Part) -> bool:
+        """Relay the chunks of one read; True at ``[DONE]`` (what follows it is ignored)."""
+        for payload in payloads:
+            if payload == b"[DONE]":
+                return True
+            chunk = parse_chunk(payload)
+            self._deliver(chunk)
+            part.finish = chunk.finish_reason or part.finish
+            part.usage = chunk.usage or part.usage
+        return False
 
     def _finish_part(self, server: UpstreamServer) -> None:
         part = self._part
@@ -327,6 +349,14 @@ class UpstreamRelay:
             logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
             if not last:
                 self.cancel()
+
+
+def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body as it arrives: the raw bytes when they are not compressed (each
+    of ``aiter_bytes``'s decoding layers costs CPU per chunk)."""
+    if response.headers.get("content-encoding", "identity") == "identity":
+        return response.aiter_raw()
+    return response.aiter_bytes()
 
 
 def _headers(prompt: Prompt) -> dict[str, str]:
