@@ -310,7 +310,11 @@ class UpstreamRelay:
         self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
 
     def _deliver(self, chunk: UpstreamChunk) -> None:
-        if not (chunk.text or chunk.tool_calls or chunk.logprobs):
+        if not (chunk.tool_calls or chunk.logprobs):
+            if chunk.text:  # the usual chunk: one token's text, nothing else
+                self.tokens += 1
+                self.parts.append(chunk.text)
+                self._emit(EngineOutput(chunk.text, 1, 0, self.tokens))
             return
         if chunk.tool_calls:
             self._tool_calls_sent = True
