@@ -65,8 +65,11 @@ async def ttft_once(port: int) -> float:
     return r.read_times[0] - r.started
 
 
-def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[float, float, int]:
-    """(tokens/s, CPU µs per token of ``cpu``'s process, completed streams)."""
+def load(
+    port: int, streams: int, tokens: int, cpu: ServerProcess
+) -> tuple[float, float, int, float]:
+    """(tokens/s, CPU µs per token of ``cpu``'s process, completed streams, CPU µs per
+    token of this client: the load's three processes share the machine's cores)."""
 
     async def run() -> list:
         body = completion(tokens)
@@ -74,9 +77,10 @@ def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[floa
             *(fetch(port, "/v1/completions", body, timeout_s=300) for _ in range(streams))
         )
 
-    cpu0, wall0 = cpu.cpu_seconds(), time.perf_counter()
+    cpu0, wall0, own0 = cpu.cpu_seconds(), time.perf_counter(), time.process_time()
     responses = asyncio.run(run())
     used, wall = cpu.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    own = time.process_time() - own0
     counts = [r.body.count(TOKEN) for r in responses]
     complete = [
         n == tokens and r.body.endswith(b"data: [DONE]\n\n")
@@ -86,7 +90,8 @@ def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[floa
         if not ok:  # one example of what went wrong
             print(f"incomplete: status {r.status}, {r.error}, ends {r.body[-300:]!r}", flush=True)
             break
-    return sum(counts) / wall, used / max(sum(counts), 1) * 1e6, sum(complete)
+    n = max(sum(counts), 1)
+    return sum(counts) / wall, used / n * 1e6, sum(complete), own / n * 1e6
 
 
 def seed_load(port: int, streams: int, tokens: int, server: ServerProcess) -> float:
@@ -194,15 +199,21 @@ def main() -> None:
         print(f"\nTTFT one at a time ({args.ttft_trials} each, alternating): direct "
               f"{ms(direct_ttft)}; through tokenspout {ms(relay_ttft)}; "
               f"added p50 {added * 1000:.2f} ms")  # fmt: skip
-        direct_tps, upstream_us, direct_done = load(up, args.streams, args.tokens, upstream)
-        relay_tps, front_us, relay_done = load(fr, args.streams, args.tokens, front)
+        direct_tps, upstream_us, direct_done, direct_client_us = load(
+            up, args.streams, args.tokens, upstream
+        )
+        relay_tps, front_us, relay_done, relay_client_us = load(
+            fr, args.streams, args.tokens, front
+        )
         print(f"\n{args.streams} streams x {args.tokens} tokens at {args.itl_ms:g} ms/token:")
-        print("| path | output tokens/s | completed | server CPU µs / token |")
-        print("|---|---|---|---|")
+        print(
+            "| path | output tokens/s | completed | server CPU µs / token | client CPU µs / token |"
+        )
+        print("|---|---|---|---|---|")
         print(f"| direct (upstream alone) | {direct_tps:.0f} | {direct_done}/{args.streams} | "
-              f"{upstream_us:.1f} (upstream) |")  # fmt: skip
+              f"{upstream_us:.1f} (upstream) | {direct_client_us:.1f} |")  # fmt: skip
         print(f"| through tokenspout | {relay_tps:.0f} | {relay_done}/{args.streams} | "
-              f"{front_us:.1f} (front only) |")  # fmt: skip
+              f"{front_us:.1f} (front only) | {relay_client_us:.1f} |")  # fmt: skip
         print(f"tokens/s ratio through / direct: {relay_tps / direct_tps:.3f}")
         cancels = cancel_trials(fr, up, args.cancel_trials)
         print(f"\ncancel → upstream slot free ({args.cancel_trials} trials): {ms(cancels)}")
