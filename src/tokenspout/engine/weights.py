@@ -7,10 +7,13 @@ Canonical names (``N`` = layer): ``embed`` [V, H]; ``layers.N.attn_norm`` [H];
 tied to ``embed``).
 
 Formats: ``fp32``; ``bf16``; ``fp16`` (matmuls run by fbgemm's fp16 GEMM on fp32
-activations); ``int8`` = per-output-row symmetric int8 for every matmul weight (``name`` int8
-[N, K] + ``name.scale`` bf16 [N], the operands of ``torch.ops.aten._weight_int8pack_mm``), with
-``embed`` dropped when tied (rows are read back from the int8 ``lm_head``). Norm weights stay
-fp32 in every format. ``default_format`` picks the fastest one for this CPU.
+activations); ``q4_1`` = llama.cpp's blocks, layer matmuls in Q4_1 and the embedding / LM head
+in Q8_0 (``name.qs``, ``name.d``[, ``name.m``]; see ``block_kernels``), kept as the GGUF has
+them, quantised here otherwise; ``int8`` = per-output-row symmetric int8 for every matmul
+weight (``name`` int8 [N, K] + ``name.scale`` bf16 [N], the operands of
+``torch.ops.aten._weight_int8pack_mm``), with ``embed`` dropped when tied (rows are read
+back from the int8 ``lm_head``). Norm weights stay fp32 in every format. ``default_format``
+picks the fastest one for this CPU.
 
 Dequantising the default GGUF takes ~2 s and quantising another second or two, so the result
 is saved as safetensors under ``ModelFiles.cache_dir()``; a warm start reads it back.
@@ -27,11 +30,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from tokenspout.engine import block_kernels
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.errors import ModelLoadError
 
-WeightFormat = Literal["int8", "fp16", "bf16", "fp32"]
-FORMATS: tuple[WeightFormat, ...] = ("int8", "fp16", "bf16", "fp32")
+WeightFormat = Literal["q4_1", "int8", "fp16", "bf16", "fp32"]
+FORMATS: tuple[WeightFormat, ...] = ("q4_1", "int8", "fp16", "bf16", "fp32")
 #: The per-layer matmul weights, by canonical name.
 LAYER_MATMULS = ("wqkv", "wo", "w13", "w2")
 _CACHE_VERSION = 1  # bump when the canonical layout changes
@@ -57,10 +61,11 @@ class Weights:
         start = time.perf_counter()
         _progress(f"converting {files.path.name} to {fmt} weights (first start only)...")
         if files.format == "gguf":
-            tensors = _read_gguf(files.path, config)
+            tensors = _read_gguf(files.path, config, keep_blocks=fmt == "q4_1")
         else:
             tensors = _read_safetensors(files.weight_paths, config)
-        tensors = _to_format(tensors, fmt, tied="lm_head" not in tensors)
+        tied = "lm_head" not in tensors and "lm_head.qs" not in tensors
+        tensors = _to_format(tensors, fmt, tied)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file(tensors, tmp)
@@ -70,32 +75,50 @@ class Weights:
 
 
 def default_format() -> WeightFormat:
-    """``int8`` where the CPU has AVX-512 BF16, ``fp16`` elsewhere.
+    """``int8`` where the CPU has AVX-512 BF16; else ``q4_1`` where the block kernels run
+    (AVX2 and a C compiler); else ``fp16``.
 
     The int8 path runs bf16 activations: with AVX-512 BF16 it is the fastest (8.7 ms for a
     batch-1 decode step on 2 cores), but without it every bf16 op is emulated (a bf16 GEMM
-    ran at 0.9 GFLOP/s on an AVX2-only EPYC, against 108 for fp32), so there fbgemm's fp16
-    GEMM on fp32 activations wins, and is as accurate as fp32 activations
-    (benchmarks/decode_step_profile.py, RESULTS.md).
+    ran at 0.9 GFLOP/s on an AVX2-only EPYC, against 108 for fp32). There the 4-bit block
+    kernels make decode steps of 1-4 sequences faster than fbgemm's fp16 GEMM, which they
+    leave larger batches to (benchmarks/decode_step_profile.py, RESULTS.md).
     """
-    return "int8" if torch.cpu._is_avx512_bf16_supported() else "fp16"
+    if torch.cpu._is_avx512_bf16_supported():
+        return "int8"
+    return "q4_1" if block_kernels.available() else "fp16"
 
 
 def _progress(message: str) -> None:
     print(f"tokenspout: {message}", file=sys.stderr, flush=True)
 
 
-def _read_gguf(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    from gguf import GGUFReader
+# A tensor as read: fp32, or a GGUF tensor's blocks kept as they are ({"qs", "d"[, "m"]}).
+Raw = np.ndarray | dict[str, np.ndarray]
+
+
+def _read_gguf(path: Path, config: dict[str, Any], keep_blocks: bool) -> dict[str, torch.Tensor]:
+    """Canonical tensors from a GGUF file, dequantised to fp32; with ``keep_blocks``, Q4_1 and
+    Q8_0 tensors keep their blocks instead (``name.qs``, ``name.d``[, ``name.m``])."""
+    from gguf import GGMLQuantizationType, GGUFReader
     from gguf.quants import dequantize
 
-    raw: dict[str, np.ndarray] = {}
+    splitters = {
+        GGMLQuantizationType.Q4_1: block_kernels.split_gguf_q4_1,
+        GGMLQuantizationType.Q8_0: block_kernels.split_gguf_q8_0,
+    }
+    raw: dict[str, Raw] = {}
     reader = GGUFReader(path)
     for i, tensor in enumerate(reader.tensors):
-        # dequantize returns [out, in] (GGUF lists dims innermost first).
-        raw[tensor.name] = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+        split = splitters.get(tensor.tensor_type) if keep_blocks else None
+        if split is not None:
+            cols, rows = (int(x) for x in tensor.shape)  # GGUF lists dims innermost first
+            raw[tensor.name] = split(np.asarray(tensor.data).reshape(-1), rows, cols)
+        else:
+            # dequantize returns [out, in].
+            raw[tensor.name] = dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
         if i % 40 == 0:
-            _progress(f"  dequantised {i + 1}/{len(reader.tensors)} tensors")
+            _progress(f"  read {i + 1}/{len(reader.tensors)} tensors")
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     out = {"embed": raw.pop("token_embd.weight"), "norm": raw.pop("output_norm.weight")}
     if "output.weight" in raw:
@@ -106,21 +129,46 @@ def _read_gguf(path: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
         k = _unpermute(raw.pop(blk + "attn_k.weight"), kv_heads)
         v = raw.pop(blk + "attn_v.weight")
         out[f"layers.{n}.attn_norm"] = raw.pop(blk + "attn_norm.weight")
-        out[f"layers.{n}.wqkv"] = np.concatenate([q, k, v])
+        out[f"layers.{n}.wqkv"] = _concat_rows([q, k, v])
         out[f"layers.{n}.wo"] = raw.pop(blk + "attn_output.weight")
         out[f"layers.{n}.ffn_norm"] = raw.pop(blk + "ffn_norm.weight")
         gate, up = raw.pop(blk + "ffn_gate.weight"), raw.pop(blk + "ffn_up.weight")
-        out[f"layers.{n}.w13"] = np.concatenate([gate, up])
+        out[f"layers.{n}.w13"] = _concat_rows([gate, up])
         out[f"layers.{n}.w2"] = raw.pop(blk + "ffn_down.weight")
-    return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in out.items()}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, value in out.items():
+        if isinstance(value, dict):
+            tensors.update({f"{name}.{part}": torch.from_numpy(a) for part, a in value.items()})
+        else:
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(value))
+    return tensors
 
 
-def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation.
+def _concat_rows(parts: list[Raw]) -> Raw:
+    """Stack tensors by rows; blocks part by part, or fp32 when they do not all have the same
+    block type."""
+    if all(isinstance(p, dict) for p in parts) and len({tuple(p) for p in parts}) == 1:  # type: ignore[arg-type]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}  # type: ignore[index]
+    return np.concatenate([_dequantize(p) for p in parts])
+
+
+def _dequantize(value: Raw) -> np.ndarray:
+    if not isinstance(value, dict):
+        return value
+    t = {key: torch.from_numpy(a) for key, a in value.items()}
+    if "m" in t:
+        return block_kernels.dequantize_q4_1(t["qs"], t["d"], t["m"]).numpy()
+    return block_kernels.dequantize_q8_0(t["qs"], t["d"]).numpy()
+
+
+def _unpermute(w: Raw, heads: int) -> Raw:
+    """Undo llama.cpp's q/k row permutation (of each part, for blocks).
 
     Its converter reorders each head's rows from Hugging Face's halves layout (rotate_half
     RoPE) to interleaved pairs (GPT-J RoPE); we run the halves layout, as transformers does.
     """
+    if isinstance(w, dict):
+        return {key: _unpermute(a, heads) for key, a in w.items()}  # type: ignore[misc]
     rows, cols = w.shape
     # w: [heads, D/2, 2, K] (interleaved) -> [heads, 2, D/2, K] (halves)
     return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
@@ -151,6 +199,8 @@ def _read_safetensors(paths: list[Path], config: dict[str, Any]) -> dict[str, to
 def _to_format(
     tensors: dict[str, torch.Tensor], fmt: WeightFormat, tied: bool
 ) -> dict[str, torch.Tensor]:
+    if fmt == "q4_1":
+        return _to_blocks(tensors)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         is_matmul = name.rsplit(".", 1)[-1] in LAYER_MATMULS or name in ("lm_head", "embed")
@@ -162,6 +212,33 @@ def _to_format(
             out[name], out[name + ".scale"] = _quantize_rows(t)
     if fmt == "int8" and tied:
         out["lm_head"], out["lm_head.scale"] = _quantize_rows(tensors["embed"])
+    return out
+
+
+def _to_blocks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``q4_1`` format: layer matmuls in Q4_1 blocks, the embedding and LM head in Q8_0
+    (as llama.cpp's Q4_1 files have them), norms fp32. Blocks read from the file are kept;
+    anything else is quantised here."""
+    out: dict[str, torch.Tensor] = {}
+    bases = {name.removesuffix(s) for name in tensors for s in (".qs", ".d", ".m")}
+    for base in bases - {n for n in tensors if n.endswith((".qs", ".d", ".m"))}:
+        is_layer_matmul = base.rsplit(".", 1)[-1] in LAYER_MATMULS
+        kind = "q4_1" if is_layer_matmul else "q8_0" if base in ("embed", "lm_head") else None
+        if kind is None:
+            out[base] = tensors[base].float().contiguous()
+            continue
+        has = "q4_1" if base + ".m" in tensors else "q8_0" if base + ".qs" in tensors else None
+        if has == kind:
+            out.update({k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == base})
+            continue
+        if has == "q4_1":
+            w = block_kernels.dequantize_q4_1(*(tensors[f"{base}.{p}"] for p in ("qs", "d", "m")))
+        elif has == "q8_0":
+            w = block_kernels.dequantize_q8_0(tensors[base + ".qs"], tensors[base + ".d"])
+        else:
+            w = tensors[base]
+        quantize = block_kernels.quantize_q4_1 if kind == "q4_1" else block_kernels.quantize_q8_0
+        out.update({f"{base}.{p}": t for p, t in quantize(w).items()})
     return out
 
 

@@ -1,0 +1,231 @@
+"""Matmuls on llama.cpp's block-quantised weights (Q4_1, Q8_0): the C kernels and their use.
+
+``block_kernels.c`` is compiled once per machine with the system's C compiler (``make
+install`` does it; otherwise the first use does, in well under a second) into the cache
+folder, and called through ``ctypes``, which releases the GIL for the call. It needs AVX2
+and FMA; ``available()`` says whether this machine can run it, so that the engine falls back
+to another weight format where it cannot.
+
+Why C and not PyTorch: see the header of ``block_kernels.c`` (on an AVX2-only CPU torch's
+low-bit kernels are 10-100x slower than the fp16 GEMM, which is bound by memory at batch 1).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenspout.engine.model_files import cache_root
+
+BLOCK = 32  # weights per block, both formats
+_SOURCE = Path(__file__).with_name("block_kernels.c")
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+
+
+def library_path() -> Path:
+    """Where the compiled kernels live: keyed by the source and flags, so an edit rebuilds."""
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()
+    return cache_root() / "kernels" / f"block_kernels-{digest[:16]}.so"
+
+
+def build() -> Path:
+    """Compile the kernels if they are not already; return the library's path.
+
+    Raises ``RuntimeError`` when no compiler is found or the compile fails.
+    """
+    path = library_path()
+    if path.is_file():
+        return path
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise RuntimeError("no C compiler (cc or gcc) to build the block kernels")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{id(path)}.tmp")
+    result = subprocess.run(
+        [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"building the block kernels failed:\n{result.stderr}")
+    tmp.replace(path)  # atomic: a concurrent start never loads half a file
+    return path
+
+
+def cpu_supported() -> bool:
+    """Whether this CPU has what the kernels need (AVX2 and FMA)."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if not cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError):
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.q4_1_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
+    lib.q8_0_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
+    lib.q4_1_linear.restype = lib.q8_0_linear.restype = ctypes.c_int
+    lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.add_rms_norm.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run here: a CPU with AVX2 and FMA, and a compiler or a prior build."""
+    return _library() is not None
+
+
+class Q4Linear:
+    """x @ W.T for Q4_1 weights (w = q * d + m per block of 32): the C kernel.
+
+    ``qs`` uint8 [N, K/2] (GGUF's nibble order), ``d`` and ``m`` fp32 [N, K/32].
+    """
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        self.qs, self.d, self.m = qs.contiguous(), d.contiguous(), m.contiguous()
+        self.n, self.k = d.shape[0], d.shape[1] * BLOCK
+        lib = _library()
+        assert lib is not None, "Q4Linear needs block_kernels.available()"
+        self._call = lib.q4_1_linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N]."""
+        x = _check(x, self.k)
+        y = torch.empty(x.shape[0], self.n)
+        status = self._call(
+            x.data_ptr(),
+            x.shape[0],
+            self.k,
+            self.qs.data_ptr(),
+            self.d.data_ptr(),
+            self.m.data_ptr(),
+            self.n,
+            y.data_ptr(),
+        )
+        if status != 0:
+            raise MemoryError("block kernel: no memory for the quantised activations")
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weights [N, K]."""
+        return dequantize_q4_1(self.qs, self.d, self.m)
+
+
+class Q8Linear:
+    """x @ W.T for Q8_0 weights (w = q * d per block of 32): the C kernel.
+
+    ``qs`` int8 [N, K], ``d`` fp32 [N, K/32]. Also gives rows back, for an embedding tied to
+    the LM head.
+    """
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor):
+        self.qs, self.d = qs.contiguous(), d.contiguous()
+        self.n, self.k = d.shape[0], d.shape[1] * BLOCK
+        lib = _library()
+        assert lib is not None, "Q8Linear needs block_kernels.available()"
+        self._call = lib.q8_0_linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N]."""
+        x = _check(x, self.k)
+        y = torch.empty(x.shape[0], self.n)
+        status = self._call(
+            x.data_ptr(), x.shape[0], self.k, self.qs.data_ptr(), self.d.data_ptr(), self.n,
+            y.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("block kernel: no memory for the quantised activations")
+        return y
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight rows ``ids`` [T] -> [T, K]."""
+        return dequantize_q8_0(self.qs[ids], self.d[ids])
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``x += delta`` in place (a residual add; skipped for None), then RMSNorm of x by
+    ``weight``: fp32 [M, H] contiguous, returned as a new tensor."""
+    lib = _library()
+    assert lib is not None, "add_rms_norm needs block_kernels.available()"
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("add_rms_norm wants contiguous fp32 rows")
+    out = torch.empty_like(x)
+    if delta is not None:
+        delta = _check(delta, x.shape[1])
+    lib.add_rms_norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), x.shape[0], x.shape[1],
+        weight.data_ptr(), eps, out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def _check(x: torch.Tensor, k: int) -> torch.Tensor:
+    # The kernel reads raw fp32 memory: anything else would be read as garbage, not refused.
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"block kernel wants fp32 [M, {k}], got {x.dtype} {list(x.shape)}")
+    return x.contiguous()
+
+
+def dequantize_q8_0(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] from Q8_0 blocks."""
+    n, nb = d.shape
+    return (qs.view(n, nb, BLOCK).float() * d[..., None]).view(n, nb * BLOCK)
+
+
+def dequantize_q4_1(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """fp32 [N, K] from Q4_1 blocks (the same arithmetic as the kernel and gguf-py)."""
+    n, nb = d.shape
+    blocks = qs.view(n, nb, BLOCK // 2)
+    q = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).float()  # [N, nb, 32]
+    return (q * d[..., None] + m[..., None]).view(n, nb * BLOCK)
+
+
+def split_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """GGUF Q4_1 bytes of a [rows, cols] tensor -> ``qs``, ``d``, ``m`` (see Q4Linear)."""
+    blocks = raw.reshape(rows, cols // BLOCK, 20)  # fp16 d, fp16 m, 16 bytes of nibbles
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = np.ascontiguousarray(blocks[..., 4:]).reshape(rows, cols // 2)
+    return {"qs": qs, "d": d, "m": m}
+
+
+def split_gguf_q8_0(raw: np.ndarray, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """GGUF Q8_0 bytes of a [rows, cols] tensor -> ``qs``, ``d`` (see Q8Linear)."""
+    blocks = raw.reshape(rows, cols // BLOCK, 34)  # fp16 d, 32 int8
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
+    return {"qs": qs, "d": d}
+
+
+def quantize_q4_1(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Q4_1 blocks of fp32 weights [N, K] (as llama.cpp quantises: the block's min and range
+    over 15 steps), for weights that do not come as Q4_1 in the model file."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // BLOCK, BLOCK)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = (hi - lo) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = ((blocks - lo[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
+    qs = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
+    return {"qs": qs.reshape(n, k // 2).contiguous(), "d": d.contiguous(), "m": lo.contiguous()}
+
+
+def quantize_q8_0(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Q8_0 blocks of fp32 weights [N, K]: scale max|w| / 127 per block."""
+    n, k = w.shape
+    blocks = w.float().reshape(n, k // BLOCK, BLOCK)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = (blocks * inv[..., None]).round().clamp(-127, 127).to(torch.int8)
+    return {"qs": q.reshape(n, k).contiguous(), "d": d.contiguous()}

@@ -1,0 +1,124 @@
+"""The Q4_1 / Q8_0 block kernels against plain torch arithmetic on the same blocks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tokenspout.engine import block_kernels
+from tokenspout.engine.model_files import ModelFiles
+
+pytestmark = pytest.mark.skipif(
+    not block_kernels.available(), reason="the block kernels need AVX2 and a C compiler"
+)
+
+
+def activations(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Hidden-state-like rows: mostly small values and a few large outlier columns."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=gen)
+    x[:, torch.randint(0, k, (3,), generator=gen)] *= 40
+    x[0, :32] = 0.0  # an all-zero block: its scale is 0
+    return x
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536)])
+def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    x = activations(rows, k, seed=rows)
+    expected = x.double() @ linear.dequantize().double().T
+    got = linear(x)
+    assert got.shape == (rows, n)
+    # x is rounded to int16 per block of 32: relative error ~1e-5 of the block's largest value.
+    scale = (x.abs().double() @ linear.dequantize().abs().double().T).max()
+    assert ((got.double() - expected).abs().max() / scale).item() < 1e-4
+
+
+@pytest.mark.parametrize("rows", [1, 4, 6])
+def test_q8_0_matches_its_dequantised_weights(rows: int) -> None:
+    w = torch.randn(300, 576, generator=torch.Generator().manual_seed(1))
+    w[0, :32] = 0.0
+    blocks = block_kernels.quantize_q8_0(w)
+    linear = block_kernels.Q8Linear(blocks["qs"], blocks["d"])
+    weights = block_kernels.dequantize_q8_0(blocks["qs"], blocks["d"])
+    x = activations(rows, 576, seed=rows)
+    expected = x.double() @ weights.double().T
+    scale = (x.abs().double() @ weights.abs().double().T).max()
+    assert ((linear(x).double() - expected).abs().max() / scale).item() < 1e-4
+    ids = torch.tensor([5, 0, 299])
+    assert torch.equal(linear.rows(ids), weights[ids])
+
+
+def test_rows_of_a_batch_do_not_depend_on_each_other() -> None:
+    # Each row is quantised and summed on its own: a sequence's logits must not change with
+    # what else is in the step (batched decode == each alone).
+    w = torch.randn(200, 576, generator=torch.Generator().manual_seed(2))
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    x = activations(7, 576, seed=3)
+    alone = torch.cat([linear(x[i : i + 1]) for i in range(7)])
+    assert torch.equal(linear(x), alone)
+
+
+def test_quantisers_round_trip_within_one_step() -> None:
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    q4 = block_kernels.quantize_q4_1(w)
+    step = q4["d"].repeat_interleave(32, dim=1)
+    assert (
+        (block_kernels.dequantize_q4_1(q4["qs"], q4["d"], q4["m"]) - w).abs() <= step / 2 + 1e-6
+    ).all()
+    q8 = block_kernels.quantize_q8_0(w)
+    step = q8["d"].repeat_interleave(32, dim=1)
+    assert ((block_kernels.dequantize_q8_0(q8["qs"], q8["d"]) - w).abs() <= step / 2 + 1e-6).all()
+
+
+def test_bad_activations_are_refused_not_read_as_garbage() -> None:
+    blocks = block_kernels.quantize_q8_0(torch.randn(4, 64))
+    linear = block_kernels.Q8Linear(blocks["qs"], blocks["d"])
+    with pytest.raises(ValueError, match="fp32"):
+        linear(torch.randn(2, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="64"):
+        linear(torch.randn(2, 32))
+
+
+def test_gguf_blocks_dequantise_as_gguf_does() -> None:
+    # The default model's own Q4_1 and Q8_0 tensors, split into the kernels' layout, give
+    # back exactly what gguf-py's dequantize gives.
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(ModelFiles.resolve(None).path)
+    tensors = {t.name: t for t in reader.tensors}
+    for name in ("blk.0.attn_q.weight", "blk.3.ffn_down.weight", "token_embd.weight"):
+        tensor = tensors[name]
+        expected = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+        rows, cols = expected.shape
+        raw = np.asarray(tensor.data).reshape(-1)
+        if tensor.tensor_type.name == "Q4_1":
+            parts = block_kernels.split_gguf_q4_1(raw, rows, cols)
+            got = block_kernels.dequantize_q4_1(
+                *(torch.from_numpy(parts[p]) for p in "qs d m".split())
+            )
+        else:
+            parts = block_kernels.split_gguf_q8_0(raw, rows, cols)
+            got = block_kernels.dequantize_q8_0(
+                torch.from_numpy(parts["qs"]), torch.from_numpy(parts["d"])
+            )
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(rows: int, with_delta: bool) -> None:
+    gen = torch.Generator().manual_seed(rows)
+    x, delta = torch.randn(rows, 100, generator=gen), torch.randn(rows, 100, generator=gen)
+    weight = torch.randn(100, generator=gen)
+    summed = x + delta if with_delta else x.clone()
+    expected = torch.nn.functional.rms_norm(summed, (100,), weight, 1e-5)
+    got = block_kernels.add_rms_norm(x, delta if with_delta else None, weight, 1e-5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(x, summed)  # the residual add happened in place
