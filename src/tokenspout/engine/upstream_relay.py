@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 #: Builds the request for the rest of an answer (``Engine.continuation``).
 ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, SamplingParams]]
 
+#: How long the end of a body may take after ``[DONE]`` before its connection is closed.
+_READ_TO_END_S = 1.0
+
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
 
 
@@ -266,9 +269,11 @@ class UpstreamRelay:
         part = self._part = _Part(self.tokens)
         stall = StallClock(timer, self.options.stall_timeout_s, loop)
         decoder = SSEDataDecoder()
+        body = _body(response)
+        done = False
         try:
             # Whatever one read brought, at once: under load one read holds several chunks.
-            async for data in _body(response):
+            async for data in body:
                 payloads = decoder.feed(data)
                 if not payloads:
                     continue
@@ -276,7 +281,7 @@ class UpstreamRelay:
                     self._first_seen = True
                     self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
                     stall.start()
-                if self._take(payloads, part):
+                if done := self._take(payloads, part):
                     break  # [DONE]
                 server.streaming = True
                 stall.beat()
@@ -291,6 +296,8 @@ class UpstreamRelay:
         if part.finish is None:
             raise _Failed("cut", "the stream ended before the answer did")
         self._finish_part(server)
+        if done:
+            await _read_to_end(body)
 
     def _take(self, payloads: list[bytes], part: _Part) -> bool:
         """Relay the chunks of one read; True at ``[DONE]`` (what follows it is ignored)."""
@@ -361,6 +368,19 @@ def _body(response: httpx.Response) -> AsyncIterator[bytes]:
     if response.headers.get("content-encoding", "identity") == "identity":
         return response.aiter_raw()
     return response.aiter_bytes()
+
+
+async def _read_to_end(body: AsyncIterator[bytes]) -> None:
+    """After ``[DONE]`` (the client has had the end already), the body's last bytes: its
+    end of chunks usually comes in the next segment, and a response read to its end leaves
+    its connection to the next request, which then needs no new one. Bounded; whatever
+    goes wrong here is ignored (the answer was whole)."""
+    try:
+        async with asyncio.timeout(_READ_TO_END_S):
+            async for _ in body:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
 
 
 def _headers(prompt: Prompt) -> dict[str, str]:
