@@ -17,6 +17,10 @@ serve --engine upstream`` (default coalescing). Each in its own subprocess.
   its first text; the time from the kill to the next text at the client (p50, max).
 
     .venv/bin/python benchmarks/upstream_relay.py
+
+With ``--baseline-src DIR`` (another checkout, e.g. ``git archive main | tar -x -C DIR``),
+rounds of the same load through that checkout's front and this one's, in turn, for the
+front's CPU per relayed token side by side.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ def upstream_cmd(port: int, itl_ms: float) -> list[str]:
     )  # fmt: skip
 
 
-def front_cmd(port: int, *upstreams: int) -> list[str]:
+def front_cmd(port: int, *upstreams: int, src: str | None = None) -> list[str]:
     urls = [a for p in upstreams for a in ("--upstream", f"http://127.0.0.1:{p}/v1")]
     return tokenspout_serve(
         port, "--engine", "upstream", *urls, "--upstream-max-concurrency", "2000",
-        "--upstream-retries", "2",
+        "--upstream-retries", "2", src=src,
     )  # fmt: skip
 
 
@@ -104,6 +108,23 @@ def seed_load(port: int, streams: int, tokens: int, server: ServerProcess) -> fl
     cpu0 = server.cpu_seconds()
     responses = asyncio.run(run())
     return (server.cpu_seconds() - cpu0) / max(sum(r.body.count(TOKEN) for r in responses), 1) * 1e6
+
+
+def paired_fronts(args: argparse.Namespace, up: int, fr: int, front: ServerProcess) -> None:
+    """The front's CPU per relayed token, this checkout's and ``--baseline-src``'s, both in
+    front of the same upstream, the load through each in turn: on a shared machine, rounds
+    side by side compare where separate runs do not."""
+    port = free_port()
+    with ServerProcess(front_cmd(port, up, src=args.baseline_src), port) as baseline:
+        print(f"\nfront CPU µs per relayed token, {args.paired_rounds} rounds, in turn "
+              f"(baseline: {args.baseline_src}):")  # fmt: skip
+        print("| round | baseline | this checkout | ratio |")
+        print("|---|---|---|---|")
+        for i in range(args.paired_rounds):
+            _, base_us, base_done, _ = load(port, args.streams, args.tokens, baseline)
+            _, this_us, this_done, _ = load(fr, args.streams, args.tokens, front)
+            print(f"| {i + 1} | {base_us:.1f} ({base_done}/{args.streams}) | {this_us:.1f} "
+                  f"({this_done}/{args.streams}) | {this_us / base_us:.2f} |")  # fmt: skip
 
 
 def open_stream(port: int, tokens: int) -> socket.socket:
@@ -183,6 +204,11 @@ def main() -> None:
     parser.add_argument("--ttft-trials", type=int, default=40)
     parser.add_argument("--cancel-trials", type=int, default=20)
     parser.add_argument("--failover-trials", type=int, default=5)
+    parser.add_argument(
+        "--baseline-src",
+        help="another checkout: its front beside this one, the same load through each in turn",
+    )
+    parser.add_argument("--paired-rounds", type=int, default=4)
     args = parser.parse_args()
     raise_nofile(args.streams * 2 + 1024)
     print(machine())
@@ -215,6 +241,8 @@ def main() -> None:
         print(f"| through tokenspout | {relay_tps:.0f} | {relay_done}/{args.streams} | "
               f"{front_us:.1f} (front only) | {relay_client_us:.1f} |")  # fmt: skip
         print(f"tokens/s ratio through / direct: {relay_tps / direct_tps:.3f}")
+        if args.baseline_src:
+            paired_fronts(args, up, fr, front)
         cancels = cancel_trials(fr, up, args.cancel_trials)
         print(f"\ncancel → upstream slot free ({args.cancel_trials} trials): {ms(cancels)}")
     seed_cmd = [sys.executable, "benchmarks/seed_baseline_server.py", "--port", str(seed),
