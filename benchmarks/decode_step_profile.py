@@ -1,12 +1,13 @@
 """Decode-step time of ModelRunner per weight format and batch size, and where it goes.
 
-    .venv/bin/python benchmarks/decode_step_profile.py [--steps 40] [--context 128]
+    .venv/bin/python benchmarks/decode_step_profile.py [--steps 40] [--context 128] \
+        [--formats q4_1,fp16] [--batches 1,2,4,8,16] [--no-profile]
 
 Every slot first gets a ``--context``-token prompt; then a decode step for ``batch`` slots
 (each feeding one token at the next position) is timed ``--steps`` times, formats side by
-side in one run (the machine is shared: compare ratios, not absolute numbers). A
-``torch.profiler`` table of the top ops follows for this CPU's default format at batch 1
-and 16.
+side in one run (the machine is shared: compare ratios, not absolute numbers), then a
+256-token prefill in one chunk (best of 3). A ``torch.profiler`` table of the top ops
+follows for this CPU's default format at batch 1 and 16.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tokenspout.engine.weights import default_format
 BATCHES = (1, 4, 16)
 FORMATS = ("q4_1", "int8", "fp16", "bf16", "fp32")
 SEED = 0
+PREFILL = 256
 
 
 def decode_chunks(batch: int, context: int, step: int) -> list[SeqChunk]:
@@ -44,6 +46,17 @@ def time_steps(runner: ModelRunner, batch: int, context: int, steps: int) -> flo
     return statistics.median(times) * 1e3
 
 
+def prefill_ms(runner: ModelRunner) -> float:
+    """Best of 3: one PREFILL-token prompt in one chunk."""
+    prompt = list(range(2000, 2000 + PREFILL))
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        runner.forward([SeqChunk(0, prompt, 0)])
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
 def profile_table(runner: ModelRunner, batch: int, context: int, rows: int = 12) -> str:
     for step in range(3):
         runner.forward(decode_chunks(batch, context, step))
@@ -57,21 +70,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
+    formats = args.formats.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(SEED)
-    max_len = args.context + 128
+    max_len = max(args.context + 128, PREFILL + 1)
     results: dict[str, dict[int, float]] = {}
     runners: dict[str, ModelRunner] = {}
-    for fmt in FORMATS:
-        runner = ModelRunner(None, weights=fmt, num_slots=max(BATCHES), max_model_len=max_len)
+    for fmt in formats:
+        runner = ModelRunner(None, weights=fmt, num_slots=max(batches), max_model_len=max_len)
         prompt = list(range(1000, 1000 + args.context))
-        for slot in range(max(BATCHES)):
+        for slot in range(max(batches)):
             runner.forward([SeqChunk(slot, prompt, 0)])
         runners[fmt] = runner
     # Interleave formats per batch size so that noise from other jobs hits all of them alike.
-    for batch in BATCHES:
-        for fmt in FORMATS:
+    for batch in batches:
+        for fmt in formats:
             results.setdefault(fmt, {})[batch] = time_steps(
                 runners[fmt], batch, args.context, args.steps
             )
@@ -79,14 +96,15 @@ def main() -> None:
         f"\nDecode step, context {args.context} tokens, median of {args.steps} steps, "
         f"{torch.get_num_threads()} threads\n"
     )
-    print("| weights | " + " | ".join(f"batch {b}" for b in BATCHES) + " |")
-    print("|---|" + "---|" * len(BATCHES))
-    for fmt in FORMATS:
+    print("| weights | " + " | ".join(f"batch {b}" for b in batches) + " | prefill 256 |")
+    print("|---|" + "---|" * (len(batches) + 1))
+    for fmt in formats:
         cells = [
-            f"{results[fmt][b]:.1f} ms ({b / results[fmt][b] * 1e3:.0f} tok/s)" for b in BATCHES
+            f"{results[fmt][b]:.1f} ms ({b / results[fmt][b] * 1e3:.0f} tok/s)" for b in batches
         ]
+        cells.append(f"{prefill_ms(runners[fmt]):.0f} ms")
         print(f"| {fmt} | " + " | ".join(cells) + " |")
-    if not args.no_profile:
+    if not args.no_profile and default_format() in runners:
         for batch in (1, 16):
             print(f"\nProfile: {default_format()} (this CPU's default), batch {batch}, 10 steps\n")
             print(profile_table(runners[default_format()], batch, args.context))

@@ -100,7 +100,7 @@ def test_quantised_weights_agree_with_reference_top1(
     # continuations part ways. Teacher-forcing on the reference ids measures agreement per
     # step instead: the argmax must equal the reference's next token nearly always.
     # Measured over these 160 steps: int8 156, fp16 (fp32 activations) 160, q4_1 160 (the
-    # GGUF's own blocks; activations rounded to int16 per block in decode steps of <= 4 rows).
+    # GGUF's own blocks; activations rounded to int16 per block in decode steps of <= 2 rows).
     runner: ModelRunner = request.getfixturevalue(fmt)
     agree = total = 0
     for case in CASES:
@@ -128,9 +128,9 @@ def test_batched_decode_equals_each_alone(
     batched = runner.forward(chunks)
     alone = torch.cat([runner.forward([c]) for c in chunks])
     # bf16 activations (int8) and fbgemm's blocking by batch size (fp16) change the rounding.
-    # q4_1's kernel treats each row on its own, but rounds activations to int16: an ulp of
-    # difference from attention's batching can move a rounding by one step.
-    tolerance = {"fp32": 1e-4, "int8": 0.15, "fp16": 0.01, "q4_1": 0.01}[fmt]
+    # q4_1: three rows go to fbgemm on fp16-rounded weights, one row alone to the kernel on
+    # the exact blocks with int16-rounded activations (measured: 0.012 at most).
+    tolerance = {"fp32": 1e-4, "int8": 0.15, "fp16": 0.01, "q4_1": 0.05}[fmt]
     assert batched.shape == (len(slots), runner.vocab_size)
     assert batched.dtype == torch.float32
     torch.testing.assert_close(batched, alone, atol=tolerance, rtol=0)

@@ -84,67 +84,45 @@ def available() -> bool:
     return _library() is not None
 
 
-class Q4Linear:
-    """x @ W.T for Q4_1 weights (w = q * d + m per block of 32): the C kernel.
+class _BlockLinear:
+    """x @ W.T by one of the C kernels, on W's block tensors (weight-sized, then d[, m])."""
 
-    ``qs`` uint8 [N, K/2] (GGUF's nibble order), ``d`` and ``m`` fp32 [N, K/32].
-    """
-
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
-        self.qs, self.d, self.m = qs.contiguous(), d.contiguous(), m.contiguous()
-        self.n, self.k = d.shape[0], d.shape[1] * BLOCK
+    def __init__(self, kernel: str, qs: torch.Tensor, *scales: torch.Tensor):
+        self.blocks = (qs.contiguous(), *(t.contiguous() for t in scales))
+        self.n, self.k = scales[0].shape[0], scales[0].shape[1] * BLOCK
         lib = _library()
-        assert lib is not None, "Q4Linear needs block_kernels.available()"
-        self._call = lib.q4_1_linear
+        assert lib is not None, f"{type(self).__name__} needs block_kernels.available()"
+        self._call = getattr(lib, kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x fp32 [M, K] -> [M, N]."""
         x = _check(x, self.k)
         y = torch.empty(x.shape[0], self.n)
-        status = self._call(
-            x.data_ptr(),
-            x.shape[0],
-            self.k,
-            self.qs.data_ptr(),
-            self.d.data_ptr(),
-            self.m.data_ptr(),
-            self.n,
-            y.data_ptr(),
-        )
-        if status != 0:
+        blocks = [t.data_ptr() for t in self.blocks]
+        if self._call(x.data_ptr(), x.shape[0], self.k, *blocks, self.n, y.data_ptr()) != 0:
             raise MemoryError("block kernel: no memory for the quantised activations")
         return y
+
+
+class Q4Linear(_BlockLinear):
+    """Q4_1 weights (w = q * d + m per block of 32): ``qs`` uint8 [N, K/2] (GGUF's nibble
+    order), ``d`` and ``m`` fp32 [N, K/32]."""
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
+        super().__init__("q4_1_linear", qs, d, m)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights [N, K]."""
-        return dequantize_q4_1(self.qs, self.d, self.m)
+        return dequantize_q4_1(*self.blocks)
 
 
-class Q8Linear:
-    """x @ W.T for Q8_0 weights (w = q * d per block of 32): the C kernel.
-
-    ``qs`` int8 [N, K], ``d`` fp32 [N, K/32]. Also gives rows back, for an embedding tied to
-    the LM head.
-    """
+class Q8Linear(_BlockLinear):
+    """Q8_0 weights (w = q * d per block of 32): ``qs`` int8 [N, K], ``d`` fp32 [N, K/32].
+    Also gives rows back, for an embedding tied to the LM head."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor):
-        self.qs, self.d = qs.contiguous(), d.contiguous()
-        self.n, self.k = d.shape[0], d.shape[1] * BLOCK
-        lib = _library()
-        assert lib is not None, "Q8Linear needs block_kernels.available()"
-        self._call = lib.q8_0_linear
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x fp32 [M, K] -> [M, N]."""
-        x = _check(x, self.k)
-        y = torch.empty(x.shape[0], self.n)
-        status = self._call(
-            x.data_ptr(), x.shape[0], self.k, self.qs.data_ptr(), self.d.data_ptr(), self.n,
-            y.data_ptr(),
-        )  # fmt: skip
-        if status != 0:
-            raise MemoryError("block kernel: no memory for the quantised activations")
-        return y
+        super().__init__("q8_0_linear", qs, d)
+        self.qs, self.d = self.blocks
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The fp32 weight rows ``ids`` [T] -> [T, K]."""

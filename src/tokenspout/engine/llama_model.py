@@ -120,12 +120,14 @@ class Fp16Linear:
 class BlockLinear:
     """x @ w.T for Q4_1 block weights: the C kernel for a few rows, fbgemm's fp16 GEMM above.
 
-    At decode batch sizes the step is bound by reading weights, and the 4-bit blocks are 4x
-    fewer bytes than fp16 (block_kernels.py); with more rows fbgemm's GEMM does more per
-    byte read, so rows above ``KERNEL_ROWS`` go to it, on the same weights dequantised.
+    At batch 1-2 the step is bound by reading weights, and the 4-bit blocks are 4x fewer
+    bytes than fp16 (block_kernels.py); with more rows fbgemm's GEMM does more per byte read,
+    so rows above ``KERNEL_ROWS`` go to it, on the same weights dequantised. Measured per
+    layer (benchmarks/block_kernels.py, 2 threads): kernel / fbgemm 240 / 308 µs at 1 row,
+    340 / 366 at 2, 562 / 464 at 4.
     """
 
-    KERNEL_ROWS = 4
+    KERNEL_ROWS = 2
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         self.kernel = block_kernels.Q4Linear(qs, d, m)

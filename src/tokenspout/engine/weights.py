@@ -81,7 +81,7 @@ def default_format() -> WeightFormat:
     The int8 path runs bf16 activations: with AVX-512 BF16 it is the fastest (8.7 ms for a
     batch-1 decode step on 2 cores), but without it every bf16 op is emulated (a bf16 GEMM
     ran at 0.9 GFLOP/s on an AVX2-only EPYC, against 108 for fp32). There the 4-bit block
-    kernels make decode steps of 1-4 sequences faster than fbgemm's fp16 GEMM, which they
+    kernels make decode steps of 1-2 sequences faster than fbgemm's fp16 GEMM, which they
     leave larger batches to (benchmarks/decode_step_profile.py, RESULTS.md).
     """
     if torch.cpu._is_avx512_bf16_supported():
