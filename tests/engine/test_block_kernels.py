@@ -122,3 +122,29 @@ def test_add_rms_norm_matches_torch(rows: int, with_delta: bool) -> None:
     got = block_kernels.add_rms_norm(x, delta if with_delta else None, weight, 1e-5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(x, summed)  # the residual add happened in place
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_rope_and_store_matches_the_torch_path(tokens: int) -> None:
+    from tokenspout.engine.kv_cache import KVCache
+    from tokenspout.engine.llama_model import Rotary
+
+    heads, kv_heads, d = 9, 3, 64
+    rope = Rotary(d, 10000.0, 64, torch.float32)
+    positions = torch.tensor([3, 17, 0, 63, 8][:tokens])
+    slots = torch.tensor([1, 0, 2, 2, 1][:tokens])
+    cos, sin = rope.tables(positions)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d)
+    expected_cache, cache = (KVCache(1, 3, 64, kv_heads, d, torch.float32) for _ in range(2))
+    rows = cache.rows(slots, positions)
+    qk = rope(qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d), cos, sin)
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    expected_cache.write(0, rows, qk[:, heads:], v)
+    got = qkv.clone()
+    k_slots, v_slots = cache.slot_view(0)
+    block_kernels.rope_and_store(
+        got, heads, kv_heads, cos.squeeze(1), sin.squeeze(1), rows, k_slots, v_slots
+    )
+    torch.testing.assert_close(got[:, : heads * d].view(tokens, heads, d), qk[:, :heads])
+    torch.testing.assert_close(k_slots, expected_cache.slot_view(0)[0])
+    torch.testing.assert_close(v_slots, expected_cache.slot_view(0)[1])

@@ -253,3 +253,33 @@ void add_rms_norm(float *x, const float *delta, int64_t M, int64_t H, const floa
         for (; j < H; j++) o[j] = xr[j] * scale * w[j];
     }
 }
+
+/* RoPE on the q and k heads of qkv [N, (Hq + 2 * Hkv) * D] in place (rotate-half layout:
+ * x * cos + roll(x, D/2) * sin_signed, cos and sin_signed [N, D]: each token's rows of the
+ * tables), then k and v into one layer of
+ * the cache at rows[n * Hkv + h] (rows of D floats). What a layer's attention did before its
+ * matmul-free part as ~15 small ops (views, roll, mul, add, two index_copy_). */
+void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
+                    const float *cos, const float *sin_signed, const int64_t *rows,
+                    float *k_cache, float *v_cache) {
+    const int64_t width = (Hq + 2 * Hkv) * D, half = D / 2;
+    float rotated[D];
+    for (int64_t n = 0; n < N; n++) {
+        const float *c = cos + n * D, *s = sin_signed + n * D;
+        for (int64_t h = 0; h < Hq + Hkv; h++) {
+            float *x = qkv + n * width + h * D;
+            for (int64_t i = 0; i < D; i++)
+                rotated[i] = x[i] * c[i] + x[(i + half) % D] * s[i];
+            for (int64_t i = 0; i < D; i++) x[i] = rotated[i];
+        }
+        for (int64_t h = 0; h < Hkv; h++) {
+            const int64_t row = rows[n * Hkv + h];
+            const float *k = qkv + n * width + (Hq + h) * D;
+            const float *v = qkv + n * width + (Hq + Hkv + h) * D;
+            for (int64_t i = 0; i < D; i++) {
+                k_cache[row * D + i] = k[i];
+                v_cache[row * D + i] = v[i];
+            }
+        }
+    }
+}

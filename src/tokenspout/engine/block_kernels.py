@@ -76,6 +76,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q4_1_linear.restype = lib.q8_0_linear.restype = ctypes.c_int
     lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.add_rms_norm.restype = None
+    lib.rope_and_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.rope_and_store.restype = None
     return lib
 
 
@@ -146,6 +148,35 @@ def add_rms_norm(
         weight.data_ptr(), eps, out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+def rope_and_store(
+    qkv: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    cos: torch.Tensor,
+    sin_signed: torch.Tensor,
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> None:
+    """RoPE on the q and k heads of ``qkv`` [N, (heads + 2 * kv_heads) * D] in place, then k
+    and v into ``k_cache``/``v_cache`` (one layer, contiguous) at ``rows`` [N * kv_heads]
+    (``KVCache.rows``). ``cos``/``sin_signed``: each token's table rows [N, D] (``Rotary``)."""
+    lib = _library()
+    assert lib is not None, "rope_and_store needs block_kernels.available()"
+    n, width = qkv.shape
+    d = width // (heads + 2 * kv_heads)
+    tensors = (qkv, cos, sin_signed, k_cache, v_cache)
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
+        raise ValueError("rope_and_store wants contiguous fp32 tensors")
+    if cos.shape != (n, d) or sin_signed.shape != (n, d) or rows.shape != (n * kv_heads,):
+        raise ValueError("rope_and_store: tables must be [N, D] and rows [N * kv_heads]")
+    rows = rows.contiguous()
+    lib.rope_and_store(
+        qkv.data_ptr(), n, heads, kv_heads, d, cos.data_ptr(), sin_signed.data_ptr(),
+        rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+    )  # fmt: skip
 
 
 def _check(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -195,8 +195,13 @@ class Rotary:
 class Attention:
     """Grouped-query self-attention over the KV cache (q, k, v from one fused matmul)."""
 
-    def __init__(self, config: LlamaConfig, layer: int, wqkv: Linear, wo: Linear):
+    def __init__(
+        self, config: LlamaConfig, layer: int, wqkv: Linear, wo: Linear, fused: bool = False
+    ):
         self.layer = layer
+        #: RoPE and the KV-cache write in one C call (block kernels, fp32): they were ~15
+        #: small ops of a few µs each per layer.
+        self.fused = fused
         self.wqkv, self.wo = wqkv, wo
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -214,13 +219,20 @@ class Attention:
     ) -> torch.Tensor:
         n, d = x.shape[0], self.head_dim
         qkv = self.wqkv(x)  # [N, (Hq + 2*Hkv) * D]
-        # q and k sit side by side in each row, so RoPE rotates both in one pass.
-        qk = rope(qkv[:, : self.qk_heads * d].view(n, self.qk_heads, d), cos, sin)
-        q = qk[:, : self.heads]  # [N, Hq, D]
-        k = qk[:, self.heads :]  # [N, Hkv, D]
-        v = qkv[:, self.qk_heads * d :].view(n, self.kv_heads, d)  # [N, Hkv, D]
-        cache.write(self.layer, batch.write_rows, k, v)
         k_slots, v_slots = cache.slot_view(self.layer)  # [slots, Hkv, L, D]
+        if self.fused:
+            block_kernels.rope_and_store(
+                qkv, self.heads, self.kv_heads, cos.squeeze(1), sin.squeeze(1),
+                batch.write_rows, k_slots, v_slots,
+            )  # fmt: skip
+            q = qkv[:, : self.q_size].view(n, self.heads, d)
+        else:
+            # q and k sit side by side in each row, so RoPE rotates both in one pass.
+            qk = rope(qkv[:, : self.qk_heads * d].view(n, self.qk_heads, d), cos, sin)
+            q = qk[:, : self.heads]  # [N, Hq, D]
+            k = qk[:, self.heads :]  # [N, Hkv, D]
+            v = qkv[:, self.qk_heads * d :].view(n, self.kv_heads, d)  # [N, Hkv, D]
+            cache.write(self.layer, batch.write_rows, k, v)
         outs = []
         if batch.num_decode:
             outs.append(self._decode(q[: batch.num_decode], k_slots, v_slots, batch))
@@ -294,7 +306,7 @@ class LlamaModel:
             self.layers.append(
                 (
                     RMSNorm(w[p + "attn_norm"].to(self.dtype), eps, fused),
-                    Attention(config, n, linears[p + "wqkv"], linears[p + "wo"]),
+                    Attention(config, n, linears[p + "wqkv"], linears[p + "wo"], fused),
                     RMSNorm(w[p + "ffn_norm"].to(self.dtype), eps, fused),
                     MLP(linears[p + "w13"], linears[p + "w2"]),
                 )
