@@ -17,6 +17,10 @@ serve --engine upstream`` (default coalescing). Each in its own subprocess.
   its first text; the time from the kill to the next text at the client (p50, max).
 
     .venv/bin/python benchmarks/upstream_relay.py
+
+With ``--baseline-src DIR`` (another checkout, e.g. ``git archive main | tar -x -C DIR``),
+rounds of the same load through that checkout's front and this one's, in turn, for the
+front's CPU per relayed token side by side.
 """
 
 from __future__ import annotations
@@ -46,11 +50,11 @@ def upstream_cmd(port: int, itl_ms: float) -> list[str]:
     )  # fmt: skip
 
 
-def front_cmd(port: int, *upstreams: int) -> list[str]:
+def front_cmd(port: int, *upstreams: int, src: str | None = None) -> list[str]:
     urls = [a for p in upstreams for a in ("--upstream", f"http://127.0.0.1:{p}/v1")]
     return tokenspout_serve(
         port, "--engine", "upstream", *urls, "--upstream-max-concurrency", "2000",
-        "--upstream-retries", "2",
+        "--upstream-retries", "2", src=src,
     )  # fmt: skip
 
 
@@ -65,8 +69,11 @@ async def ttft_once(port: int) -> float:
     return r.read_times[0] - r.started
 
 
-def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[float, float, int]:
-    """(tokens/s, CPU µs per token of ``cpu``'s process, completed streams)."""
+def load(
+    port: int, streams: int, tokens: int, cpu: ServerProcess
+) -> tuple[float, float, int, float]:
+    """(tokens/s, CPU µs per token of ``cpu``'s process, completed streams, CPU µs per
+    token of this client: the load's three processes share the machine's cores)."""
 
     async def run() -> list:
         body = completion(tokens)
@@ -74,9 +81,10 @@ def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[floa
             *(fetch(port, "/v1/completions", body, timeout_s=300) for _ in range(streams))
         )
 
-    cpu0, wall0 = cpu.cpu_seconds(), time.perf_counter()
+    cpu0, wall0, own0 = cpu.cpu_seconds(), time.perf_counter(), time.process_time()
     responses = asyncio.run(run())
     used, wall = cpu.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    own = time.process_time() - own0
     counts = [r.body.count(TOKEN) for r in responses]
     complete = [
         n == tokens and r.body.endswith(b"data: [DONE]\n\n")
@@ -86,7 +94,8 @@ def load(port: int, streams: int, tokens: int, cpu: ServerProcess) -> tuple[floa
         if not ok:  # one example of what went wrong
             print(f"incomplete: status {r.status}, {r.error}, ends {r.body[-300:]!r}", flush=True)
             break
-    return sum(counts) / wall, used / max(sum(counts), 1) * 1e6, sum(complete)
+    n = max(sum(counts), 1)
+    return sum(counts) / wall, used / n * 1e6, sum(complete), own / n * 1e6
 
 
 def seed_load(port: int, streams: int, tokens: int, server: ServerProcess) -> float:
@@ -99,6 +108,23 @@ def seed_load(port: int, streams: int, tokens: int, server: ServerProcess) -> fl
     cpu0 = server.cpu_seconds()
     responses = asyncio.run(run())
     return (server.cpu_seconds() - cpu0) / max(sum(r.body.count(TOKEN) for r in responses), 1) * 1e6
+
+
+def paired_fronts(args: argparse.Namespace, up: int, fr: int, front: ServerProcess) -> None:
+    """The front's CPU per relayed token, this checkout's and ``--baseline-src``'s, both in
+    front of the same upstream, the load through each in turn: on a shared machine, rounds
+    side by side compare where separate runs do not."""
+    port = free_port()
+    with ServerProcess(front_cmd(port, up, src=args.baseline_src), port) as baseline:
+        print(f"\nfront CPU µs per relayed token, {args.paired_rounds} rounds, in turn "
+              f"(baseline: {args.baseline_src}):")  # fmt: skip
+        print("| round | baseline | this checkout | ratio |")
+        print("|---|---|---|---|")
+        for i in range(args.paired_rounds):
+            _, base_us, base_done, _ = load(port, args.streams, args.tokens, baseline)
+            _, this_us, this_done, _ = load(fr, args.streams, args.tokens, front)
+            print(f"| {i + 1} | {base_us:.1f} ({base_done}/{args.streams}) | {this_us:.1f} "
+                  f"({this_done}/{args.streams}) | {this_us / base_us:.2f} |")  # fmt: skip
 
 
 def open_stream(port: int, tokens: int) -> socket.socket:
@@ -178,6 +204,11 @@ def main() -> None:
     parser.add_argument("--ttft-trials", type=int, default=40)
     parser.add_argument("--cancel-trials", type=int, default=20)
     parser.add_argument("--failover-trials", type=int, default=5)
+    parser.add_argument(
+        "--baseline-src",
+        help="another checkout: its front beside this one, the same load through each in turn",
+    )
+    parser.add_argument("--paired-rounds", type=int, default=4)
     args = parser.parse_args()
     raise_nofile(args.streams * 2 + 1024)
     print(machine())
@@ -194,16 +225,24 @@ def main() -> None:
         print(f"\nTTFT one at a time ({args.ttft_trials} each, alternating): direct "
               f"{ms(direct_ttft)}; through tokenspout {ms(relay_ttft)}; "
               f"added p50 {added * 1000:.2f} ms")  # fmt: skip
-        direct_tps, upstream_us, direct_done = load(up, args.streams, args.tokens, upstream)
-        relay_tps, front_us, relay_done = load(fr, args.streams, args.tokens, front)
+        direct_tps, upstream_us, direct_done, direct_client_us = load(
+            up, args.streams, args.tokens, upstream
+        )
+        relay_tps, front_us, relay_done, relay_client_us = load(
+            fr, args.streams, args.tokens, front
+        )
         print(f"\n{args.streams} streams x {args.tokens} tokens at {args.itl_ms:g} ms/token:")
-        print("| path | output tokens/s | completed | server CPU µs / token |")
-        print("|---|---|---|---|")
+        print(
+            "| path | output tokens/s | completed | server CPU µs / token | client CPU µs / token |"
+        )
+        print("|---|---|---|---|---|")
         print(f"| direct (upstream alone) | {direct_tps:.0f} | {direct_done}/{args.streams} | "
-              f"{upstream_us:.1f} (upstream) |")  # fmt: skip
+              f"{upstream_us:.1f} (upstream) | {direct_client_us:.1f} |")  # fmt: skip
         print(f"| through tokenspout | {relay_tps:.0f} | {relay_done}/{args.streams} | "
-              f"{front_us:.1f} (front only) |")  # fmt: skip
+              f"{front_us:.1f} (front only) | {relay_client_us:.1f} |")  # fmt: skip
         print(f"tokens/s ratio through / direct: {relay_tps / direct_tps:.3f}")
+        if args.baseline_src:
+            paired_fronts(args, up, fr, front)
         cancels = cancel_trials(fr, up, args.cancel_trials)
         print(f"\ncancel → upstream slot free ({args.cancel_trials} trials): {ms(cancels)}")
     seed_cmd = [sys.executable, "benchmarks/seed_baseline_server.py", "--port", str(seed),

@@ -65,6 +65,7 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
 )
 def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
     assert parse_chunk(data) == chunk
+    assert parse_chunk(data.encode()) == chunk  # as the relay reads it: SSE data as bytes
 
 
 @pytest.mark.parametrize(
@@ -81,3 +82,11 @@ def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
 def test_malformed_chunks(data: str, why: str) -> None:
     with pytest.raises(MalformedChunkError, match=why):
         parse_chunk(data)
+    with pytest.raises(MalformedChunkError, match=why):
+        parse_chunk(data.encode())
+
+
+def test_a_chunk_that_is_not_utf8_is_malformed() -> None:
+    # "é" in Latin-1: an upstream that does not send UTF-8.
+    with pytest.raises(MalformedChunkError, match="not UTF-8"):
+        parse_chunk(b'{"choices": [{"delta": {"content": "\xe9"}}]}')

@@ -30,11 +30,14 @@ class UpstreamChunk(NamedTuple):
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-def parse_chunk(data: str) -> UpstreamChunk:
+def parse_chunk(data: str | bytes) -> UpstreamChunk:
     """The chunk in one SSE ``data:`` field; ``MalformedChunkError`` for anything else,
     including an ``{"error": ...}`` an upstream sends when it fails mid-stream."""
     try:
-        chunk = json.loads(data)
+        # Bytes decoded here: json.loads would first guess their encoding (SSE is UTF-8).
+        chunk = json.loads(data.decode() if isinstance(data, bytes) else data)
+    except UnicodeDecodeError:
+        raise MalformedChunkError("a chunk that is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise MalformedChunkError(f"a chunk that is not JSON ({exc})") from None
     if not isinstance(chunk, dict):

@@ -31,11 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import httpx
-import httpx_sse
 
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.interface import OutputSink
@@ -46,6 +45,7 @@ from tokenspout.engine.request import (
     Prompt,
     SamplingParams,
 )
+from tokenspout.engine.stall_clock import StallClock
 from tokenspout.engine.upstream_body import encode, request_body
 from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
 from tokenspout.engine.upstream_metrics import FAILOVER_REASONS, UpstreamMetrics
@@ -53,11 +53,15 @@ from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_pool import UpstreamPool
 from tokenspout.engine.upstream_server import UpstreamServer
 from tokenspout.errors import EngineError, UpstreamError
+from tokenspout.protocols.sse_decoder import SSEDataDecoder
 
 logger = logging.getLogger(__name__)
 
 #: Builds the request for the rest of an answer (``Engine.continuation``).
 ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, SamplingParams]]
+
+#: How long the end of a body may take after ``[DONE]`` before its connection is closed.
+_READ_TO_END_S = 1.0
 
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
 
@@ -212,7 +216,7 @@ class UpstreamRelay:
                     await self._read(server, response, timer, sent_at)
                 finally:
                     await response.aclose()
-        except (TimeoutError, httpx.TransportError, httpx_sse.SSEError) as exc:
+        except (TimeoutError, httpx.TransportError) as exc:
             if self._part is not None and self._part.finish is not None:
                 # The answer was whole; only its usage or [DONE] went missing.
                 self._finish_part(server)
@@ -257,29 +261,54 @@ class UpstreamRelay:
         timer: asyncio.Timeout,
         sent_at: float,
     ) -> None:
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            raise _Failed("cut", f"it answered {content_type or 'no content type'!r}, not SSE")
         loop = asyncio.get_running_loop()
         self._first_seen = False
-        self._part = _Part(self.tokens)
-        async for event in httpx_sse.EventSource(response).aiter_sse():
-            if not self._first_seen:
-                self._first_seen = True
-                self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
-            if event.data == "[DONE]":
-                break
-            chunk = parse_chunk(event.data)
-            server.streaming = True
-            self._deliver(chunk)
-            self._part.finish = chunk.finish_reason or self._part.finish
-            self._part.usage = chunk.usage or self._part.usage
-            if not self.flowing.is_set():
-                # Held by backpressure: the stall clock stops meanwhile, and TCP's own flow
-                # control holds the upstream back.
-                timer.reschedule(None)
-                await self.flowing.wait()
-            timer.reschedule(loop.time() + self.options.stall_timeout_s)
-        if self._part.finish is None:
+        part = self._part = _Part(self.tokens)
+        stall = StallClock(timer, self.options.stall_timeout_s, loop)
+        decoder = SSEDataDecoder()
+        body = _body(response)
+        done = False
+        try:
+            # Whatever one read brought, at once: under load one read holds several chunks.
+            async for data in body:
+                payloads = decoder.feed(data)
+                if not payloads:
+                    continue
+                if not self._first_seen:
+                    self._first_seen = True
+                    self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
+                    stall.start()
+                if done := self._take(payloads, part):
+                    break  # [DONE]
+                server.streaming = True
+                stall.beat()
+                if not self.flowing.is_set():
+                    # Held by backpressure: the stall clock stops meanwhile, and TCP's own
+                    # flow control holds the upstream back.
+                    stall.stop()
+                    await self.flowing.wait()
+                    stall.start()
+        finally:
+            stall.stop()
+        if part.finish is None:
             raise _Failed("cut", "the stream ended before the answer did")
         self._finish_part(server)
+        if done:
+            await _read_to_end(body)
+
+    def _take(self, payloads: list[bytes], part: _Part) -> bool:
+        """Relay the chunks of one read; True at ``[DONE]`` (what follows it is ignored)."""
+        for payload in payloads:
+            if payload == b"[DONE]":
+                return True
+            chunk = parse_chunk(payload)
+            self._deliver(chunk)
+            part.finish = chunk.finish_reason or part.finish
+            part.usage = chunk.usage or part.usage
+        return False
 
     def _finish_part(self, server: UpstreamServer) -> None:
         part = self._part
@@ -288,7 +317,11 @@ class UpstreamRelay:
         self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
 
     def _deliver(self, chunk: UpstreamChunk) -> None:
-        if not (chunk.text or chunk.tool_calls or chunk.logprobs):
+        if not (chunk.tool_calls or chunk.logprobs):
+            if chunk.text:  # the usual chunk: one token's text, nothing else
+                self.tokens += 1
+                self.parts.append(chunk.text)
+                self._emit(EngineOutput(chunk.text, 1, 0, self.tokens))
             return
         if chunk.tool_calls:
             self._tool_calls_sent = True
@@ -327,6 +360,27 @@ class UpstreamRelay:
             logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
             if not last:
                 self.cancel()
+
+
+def _body(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's body as it arrives: the raw bytes when they are not compressed (each
+    of ``aiter_bytes``'s decoding layers costs CPU per chunk)."""
+    if response.headers.get("content-encoding", "identity") == "identity":
+        return response.aiter_raw()
+    return response.aiter_bytes()
+
+
+async def _read_to_end(body: AsyncIterator[bytes]) -> None:
+    """After ``[DONE]`` (the client has had the end already), the body's last bytes: its
+    end of chunks usually comes in the next segment, and a response read to its end leaves
+    its connection to the next request, which then needs no new one. Bounded; whatever
+    goes wrong here is ignored (the answer was whole)."""
+    try:
+        async with asyncio.timeout(_READ_TO_END_S):
+            async for _ in body:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass
 
 
 def _headers(prompt: Prompt) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 
 from tokenspout.engine.upstream_options import UpstreamOptions, address
+from tokenspout.engine.upstream_transport import relay_transport
 
 logger = logging.getLogger(__name__)
 
@@ -36,18 +37,22 @@ class UpstreamServer:
         headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
         # One pooled client per upstream: keep-alive for every request it may run at once,
         # plus one connection for the health checks.
+        limits = httpx.Limits(
+            max_connections=options.max_concurrency + 1,
+            max_keepalive_connections=options.max_concurrency + 1,
+            # Servers close idle connections after about 5 s (uvicorn, llama-server): a
+            # POST sent on one just closed fails before any answer, so idle ones are
+            # dropped here first.
+            keepalive_expiry=_KEEPALIVE_S,
+        )
         self.client = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
-            limits=httpx.Limits(
-                max_connections=options.max_concurrency + 1,
-                max_keepalive_connections=options.max_concurrency + 1,
-                # Servers close idle connections after about 5 s (uvicorn, llama-server): a
-                # POST sent on one just closed fails before any answer, so idle ones are
-                # dropped here first.
-                keepalive_expiry=_KEEPALIVE_S,
-            ),
+            limits=limits,
             timeout=httpx.Timeout(_CONNECT_TIMEOUT_S, read=None, write=_CONNECT_TIMEOUT_S),
+            # Plain HTTP goes through our transport (the relay's CPU per token), the rest
+            # through httpx's own.
+            transport=relay_transport(self.url, limits),
         )
         #: Model ids it serves (its ``/models``), as of the last successful check.
         self.models: frozenset[str] = frozenset()
