@@ -167,59 +167,50 @@ static inline __attribute__((always_inline)) void q8_0_row(
     for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
-/* For each group of up to ROWS rows of x: ROW_CALL(rows) with rows a literal 1..4. */
-#define FOR_ROW_GROUPS(ROW_CALL)                                                           \
-    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {                                             \
-        const int16_t *xq = qx.q + r0 * K;                                                  \
-        const float *xs = qx.scale + r0 * nb, *xsum = qx.sum + r0 * nb;                    \
-        float out[ROWS];                                                                   \
-        const int64_t rows = M - r0 < ROWS ? M - r0 : ROWS;                                \
-        switch (rows) {                                                                    \
-        case 1: ROW_CALL(1); break;                                                        \
-        case 2: ROW_CALL(2); break;                                                        \
-        case 3: ROW_CALL(3); break;                                                        \
-        default: ROW_CALL(4); break;                                                       \
+/* The body of a block linear: x quantised once, then in parallel over output rows n, for each
+ * group of up to ROWS rows of x, ROW_CALL(rows) with rows a literal 1..4 (it reads n, nb, xq,
+ * xs, xsum and writes out). Returns 0, or -1 when memory for the quantised x could not be
+ * allocated. */
+#define BLOCK_LINEAR(ROW_CALL)                                                             \
+    const int64_t nb = K / 32;                                                             \
+    QuantizedX qx;                                                                         \
+    if (quantize_x(x, M, K, &qx) != 0) {                                                   \
+        free_x(&qx);                                                                       \
+        return -1;                                                                         \
+    }                                                                                      \
+    _Pragma("omp parallel for schedule(static)")                                           \
+    for (int64_t n = 0; n < N; n++) {                                                      \
+        for (int64_t r0 = 0; r0 < M; r0 += ROWS) {                                         \
+            const int16_t *xq = qx.q + r0 * K;                                             \
+            const float *xs = qx.scale + r0 * nb, *xsum = qx.sum + r0 * nb;                \
+            float out[ROWS];                                                               \
+            const int64_t rows = M - r0 < ROWS ? M - r0 : ROWS;                            \
+            switch (rows) {                                                                \
+            case 1: ROW_CALL(1); break;                                                    \
+            case 2: ROW_CALL(2); break;                                                    \
+            case 3: ROW_CALL(3); break;                                                    \
+            default: ROW_CALL(4); break;                                                   \
+            }                                                                              \
+            (void)xsum;                                                                    \
+            for (int64_t r = 0; r < rows; r++) y[(r0 + r) * N + n] = out[r];               \
         }                                                                                  \
-        (void)xsum;                                                                        \
-        for (int64_t r = 0; r < rows; r++) y[(r0 + r) * N + n] = out[r];                   \
-    }
+    }                                                                                      \
+    free_x(&qx);                                                                           \
+    return 0;
 
-/* Returns 0, or -1 when memory for the quantised x could not be allocated. */
 int q4_1_linear(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
                 const float *m, int64_t N, float *y) {
-    const int64_t nb = K / 32;
-    QuantizedX qx;
-    if (quantize_x(x, M, K, &qx) != 0) {
-        free_x(&qx);
-        return -1;
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
 #define Q4_CALL(R) \
     q4_1_row(qs + n * (K / 2), d + n * nb, m + n * nb, nb, xq, xs, xsum, R, out)
-        FOR_ROW_GROUPS(Q4_CALL)
+    BLOCK_LINEAR(Q4_CALL)
 #undef Q4_CALL
-    }
-    free_x(&qx);
-    return 0;
 }
 
 int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
                 int64_t N, float *y) {
-    const int64_t nb = K / 32;
-    QuantizedX qx;
-    if (quantize_x(x, M, K, &qx) != 0) {
-        free_x(&qx);
-        return -1;
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
 #define Q8_CALL(R) q8_0_row(qs + n * K, d + n * nb, nb, xq, xs, R, out)
-        FOR_ROW_GROUPS(Q8_CALL)
+    BLOCK_LINEAR(Q8_CALL)
 #undef Q8_CALL
-    }
-    free_x(&qx);
-    return 0;
 }
 
 /* x += delta (when delta is not NULL), then out = x / rms(x) * w, per row of H; fp32. The

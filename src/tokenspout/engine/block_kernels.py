@@ -81,6 +81,12 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def _loaded(user: str) -> ctypes.CDLL:
+    lib = _library()
+    assert lib is not None, f"{user} needs block_kernels.available()"
+    return lib
+
+
 def available() -> bool:
     """Whether the kernels run here: a CPU with AVX2 and FMA, and a compiler or a prior build."""
     return _library() is not None
@@ -92,9 +98,7 @@ class _BlockLinear:
     def __init__(self, kernel: str, qs: torch.Tensor, *scales: torch.Tensor):
         self.blocks = (qs.contiguous(), *(t.contiguous() for t in scales))
         self.n, self.k = scales[0].shape[0], scales[0].shape[1] * BLOCK
-        lib = _library()
-        assert lib is not None, f"{type(self).__name__} needs block_kernels.available()"
-        self._call = getattr(lib, kernel)
+        self._call = getattr(_loaded(type(self).__name__), kernel)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x fp32 [M, K] -> [M, N]."""
@@ -136,8 +140,7 @@ def add_rms_norm(
 ) -> torch.Tensor:
     """``x += delta`` in place (a residual add; skipped for None), then RMSNorm of x by
     ``weight``: fp32 [M, H] contiguous, returned as a new tensor."""
-    lib = _library()
-    assert lib is not None, "add_rms_norm needs block_kernels.available()"
+    lib = _loaded("add_rms_norm")
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise ValueError("add_rms_norm wants contiguous fp32 rows")
     out = torch.empty_like(x)
@@ -163,8 +166,7 @@ def rope_and_store(
     """RoPE on the q and k heads of ``qkv`` [N, (heads + 2 * kv_heads) * D] in place, then k
     and v into ``k_cache``/``v_cache`` (one layer, contiguous) at ``rows`` [N * kv_heads]
     (``KVCache.rows``). ``cos``/``sin_signed``: each token's table rows [N, D] (``Rotary``)."""
-    lib = _library()
-    assert lib is not None, "rope_and_store needs block_kernels.available()"
+    lib = _loaded("rope_and_store")
     n, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
     tensors = (qkv, cos, sin_signed, k_cache, v_cache)
@@ -184,6 +186,13 @@ def _check(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"block kernel wants fp32 [M, {k}], got {x.dtype} {list(x.shape)}")
     return x.contiguous()
+
+
+def dequantize(blocks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """fp32 [N, K] from either format's parts: Q4_1 {qs, d, m}, or Q8_0 {qs, d}."""
+    if "m" in blocks:
+        return dequantize_q4_1(blocks["qs"], blocks["d"], blocks["m"])
+    return dequantize_q8_0(blocks["qs"], blocks["d"])
 
 
 def dequantize_q8_0(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:

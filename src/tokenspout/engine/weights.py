@@ -39,6 +39,7 @@ FORMATS: tuple[WeightFormat, ...] = ("q4_1", "int8", "fp16", "bf16", "fp32")
 #: The per-layer matmul weights, by canonical name.
 LAYER_MATMULS = ("wqkv", "wo", "w13", "w2")
 _CACHE_VERSION = 1  # bump when the canonical layout changes
+_BLOCK_PARTS = ("qs", "d", "m")  # a block tensor's parts: ``name.qs``, ``name.d``[, ``name.m``]
 
 
 class Weights:
@@ -155,10 +156,7 @@ def _concat_rows(parts: list[Raw]) -> Raw:
 def _dequantize(value: Raw) -> np.ndarray:
     if not isinstance(value, dict):
         return value
-    t = {key: torch.from_numpy(a) for key, a in value.items()}
-    if "m" in t:
-        return block_kernels.dequantize_q4_1(t["qs"], t["d"], t["m"]).numpy()
-    return block_kernels.dequantize_q8_0(t["qs"], t["d"]).numpy()
+    return block_kernels.dequantize({k: torch.from_numpy(a) for k, a in value.items()}).numpy()
 
 
 def _unpermute(w: Raw, heads: int) -> Raw:
@@ -220,23 +218,18 @@ def _to_blocks(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     (as llama.cpp's Q4_1 files have them), norms fp32. Blocks read from the file are kept;
     anything else is quantised here."""
     out: dict[str, torch.Tensor] = {}
-    bases = {name.removesuffix(s) for name in tensors for s in (".qs", ".d", ".m")}
-    for base in bases - {n for n in tensors if n.endswith((".qs", ".d", ".m"))}:
+    bases = {n.rsplit(".", 1)[0] if n.rsplit(".", 1)[-1] in _BLOCK_PARTS else n for n in tensors}
+    for base in bases:
         is_layer_matmul = base.rsplit(".", 1)[-1] in LAYER_MATMULS
         kind = "q4_1" if is_layer_matmul else "q8_0" if base in ("embed", "lm_head") else None
         if kind is None:
             out[base] = tensors[base].float().contiguous()
             continue
-        has = "q4_1" if base + ".m" in tensors else "q8_0" if base + ".qs" in tensors else None
-        if has == kind:
-            out.update({k: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == base})
+        parts = {p: tensors[f"{base}.{p}"] for p in _BLOCK_PARTS if f"{base}.{p}" in tensors}
+        if parts and ("q4_1" if "m" in parts else "q8_0") == kind:
+            out.update({f"{base}.{p}": t for p, t in parts.items()})
             continue
-        if has == "q4_1":
-            w = block_kernels.dequantize_q4_1(*(tensors[f"{base}.{p}"] for p in ("qs", "d", "m")))
-        elif has == "q8_0":
-            w = block_kernels.dequantize_q8_0(tensors[base + ".qs"], tensors[base + ".d"])
-        else:
-            w = tensors[base]
+        w = block_kernels.dequantize(parts) if parts else tensors[base]
         quantize = block_kernels.quantize_q4_1 if kind == "q4_1" else block_kernels.quantize_q8_0
         out.update({f"{base}.{p}": t for p, t in quantize(w).items()})
     return out
