@@ -26,6 +26,7 @@
 #include <stdint.h>
 
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 /* Rows of x processed together, so that each unpacked weight block serves several rows. */
@@ -51,34 +52,37 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* One block of 32 floats -> int16 q with the scale max|x| / 32767, and the block's sum. */
+static inline void quantize_block(const float *xb, int16_t *q, float *scale, float *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(xb + 8 * j);
+    const __m256 amax4 = _mm256_max_ps(
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+        _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    const float amax = hmax(amax4);
+    const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    __m256i qi[4];
+    for (int j = 0; j < 4; j++) qi[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+    for (int h = 0; h < 2; h++) {
+        /* packs_epi32 interleaves the 128-bit lanes of its inputs; 0xD8 restores order */
+        const __m256i q16 =
+            _mm256_permute4x64_epi64(_mm256_packs_epi32(qi[2 * h], qi[2 * h + 1]), 0xD8);
+        _mm256_storeu_si256((__m256i *)(q + 16 * h), q16);
+    }
+    *scale = amax / 32767.0f;
+    *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+}
+
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantizedX *out) {
     const int64_t nb = K / 32;
     out->q = malloc(M * K * sizeof(int16_t));
     out->scale = malloc(M * nb * sizeof(float));
     out->sum = malloc(M * nb * sizeof(float));
     if (!out->q || !out->scale || !out->sum) return -1;
-    const __m256 sign = _mm256_set1_ps(-0.0f);
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
-    for (int64_t i = 0; i < M * nb; i++) {
-        const float *xb = x + i * 32;
-        __m256 v[4];
-        for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(xb + 8 * j);
-        const __m256 amax4 = _mm256_max_ps(
-            _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
-            _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
-        const float amax = hmax(amax4);
-        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-        __m256i q[4];
-        for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
-        for (int h = 0; h < 2; h++) {
-            /* packs_epi32 interleaves the 128-bit lanes of its inputs; 0xD8 restores order */
-            const __m256i q16 = _mm256_permute4x64_epi64(
-                _mm256_packs_epi32(q[2 * h], q[2 * h + 1]), 0xD8);
-            _mm256_storeu_si256((__m256i *)(out->q + i * 32 + 16 * h), q16);
-        }
-        out->scale[i] = amax / 32767.0f;
-        out->sum[i] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
-    }
+    for (int64_t i = 0; i < M * nb; i++)
+        quantize_block(x + i * 32, out->q + i * 32, out->scale + i, out->sum + i);
     return 0;
 }
 
@@ -213,36 +217,39 @@ int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const fl
 #undef Q8_CALL
 }
 
+/* One row of H: x += delta (when delta is not NULL), then out = x / rms(x) * w. */
+static inline void add_rms_norm_row(float *xr, const float *delta, int64_t H, const float *w,
+                                    float eps, float *o) {
+    __m256 ss = _mm256_setzero_ps();
+    int64_t j = 0;
+    for (; j + 8 <= H; j += 8) {
+        __m256 v = _mm256_loadu_ps(xr + j);
+        if (delta) {
+            v = _mm256_add_ps(v, _mm256_loadu_ps(delta + j));
+            _mm256_storeu_ps(xr + j, v);
+        }
+        ss = _mm256_fmadd_ps(v, v, ss);
+    }
+    float sum = hsum(ss);
+    for (; j < H; j++) {
+        if (delta) xr[j] += delta[j];
+        sum += xr[j] * xr[j];
+    }
+    const float scale = 1.0f / sqrtf(sum / (float)H + eps);
+    const __m256 vs = _mm256_set1_ps(scale);
+    for (j = 0; j + 8 <= H; j += 8)
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j), vs),
+                                              _mm256_loadu_ps(w + j)));
+    for (; j < H; j++) o[j] = xr[j] * scale * w[j];
+}
+
 /* x += delta (when delta is not NULL), then out = x / rms(x) * w, per row of H; fp32. The
  * residual add and RMSNorm of every layer in one call: F.rms_norm on CPU is six ops of a few
  * microseconds each at batch 1, and a decode step has 61 of them. */
 void add_rms_norm(float *x, const float *delta, int64_t M, int64_t H, const float *w,
                   float eps, float *out) {
-    for (int64_t i = 0; i < M; i++) {
-        float *xr = x + i * H;
-        float *o = out + i * H;
-        __m256 ss = _mm256_setzero_ps();
-        int64_t j = 0;
-        for (; j + 8 <= H; j += 8) {
-            __m256 v = _mm256_loadu_ps(xr + j);
-            if (delta) {
-                v = _mm256_add_ps(v, _mm256_loadu_ps(delta + i * H + j));
-                _mm256_storeu_ps(xr + j, v);
-            }
-            ss = _mm256_fmadd_ps(v, v, ss);
-        }
-        float sum = hsum(ss);
-        for (; j < H; j++) {
-            if (delta) xr[j] += delta[i * H + j];
-            sum += xr[j] * xr[j];
-        }
-        const float scale = 1.0f / sqrtf(sum / (float)H + eps);
-        const __m256 vs = _mm256_set1_ps(scale);
-        for (j = 0; j + 8 <= H; j += 8)
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + j), vs),
-                                                  _mm256_loadu_ps(w + j)));
-        for (; j < H; j++) o[j] = xr[j] * scale * w[j];
-    }
+    for (int64_t i = 0; i < M; i++)
+        add_rms_norm_row(x + i * H, delta ? delta + i * H : NULL, H, w, eps, out + i * H);
 }
 
 /* RoPE on the q and k heads of qkv [N, (Hq + 2 * Hkv) * D] in place (rotate-half layout:
@@ -273,4 +280,190 @@ void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
             }
         }
     }
+}
+
+/* ---- A decode step's decoder layers in one call (1..ROWS tokens, Q4_1 weights) ----------
+ *
+ * At batch 1 the layers' matmuls take ~7 ms of a step, and the ~20 small torch ops and
+ * ctypes calls around them per layer took ~5 ms more (dispatch, argument conversion, one
+ * OpenMP fork/join per parallel op). Here the whole stack of layers runs inside one
+ * parallel region: the matmuls are shared out by rows between the threads with a barrier
+ * after each, and what is cheap (RMSNorm, quantising a matmul's input, the residual) each
+ * thread does for itself on its own copy, so it needs no barrier. Same arithmetic as the
+ * per-op path (add_rms_norm, q4_1_linear, rope_and_store); attention and SiLU are plain C. */
+
+/* The Q4_1 blocks of one linear, as q4_1_linear takes them. */
+typedef struct {
+    const uint8_t *qs;
+    const float *d, *m;
+} Q4Weights;
+
+/* One decoder layer's weights: the caller passes 14 pointers per layer in this order. */
+typedef struct {
+    const float *attn_norm;
+    Q4Weights wqkv, wo; /* wqkv: rows q (Hq * D), k, v (Hkv * D each) */
+    const float *ffn_norm;
+    Q4Weights w13, w2; /* w13: rows gate (I), then up (I) */
+} LayerWeights;
+
+/* Output row n of W against the M (1..ROWS) rows of quantised x. */
+static inline void q4_1_rows(const Q4Weights *w, int64_t n, int64_t nb, const QuantizedX *qx,
+                             int64_t M, float out[ROWS]) {
+    const uint8_t *qn = w->qs + n * nb * 16;
+    const float *dn = w->d + n * nb, *mn = w->m + n * nb;
+    switch (M) {
+    case 1: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 1, out); break;
+    case 2: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 2, out); break;
+    case 3: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 3, out); break;
+    default: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 4, out); break;
+    }
+}
+
+static inline void quantize_rows(const float *x, int64_t M, int64_t K, QuantizedX *qx) {
+    for (int64_t i = 0; i < M * (K / 32); i++)
+        quantize_block(x + i * 32, qx->q + i * 32, qx->scale + i, qx->sum + i);
+}
+
+/* y[M, N] = x @ W^T, this thread's share of the rows; ends with the team's barrier (an
+ * orphaned omp for: called inside the parallel region). */
+static void team_linear(const Q4Weights *w, const QuantizedX *qx, int64_t M, int64_t K,
+                        int64_t N, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[ROWS];
+        q4_1_rows(w, n, K / 32, qx, M, out);
+        for (int64_t r = 0; r < M; r++) y[r * N + n] = out[r];
+    }
+}
+
+/* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T, this thread's share of i. */
+static void team_swiglu(const Q4Weights *w, const QuantizedX *qx, int64_t M, int64_t K,
+                        int64_t I, float *act) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < I; i++) {
+        float gate[ROWS], up[ROWS];
+        q4_1_rows(w, i, K / 32, qx, M, gate);
+        q4_1_rows(w, I + i, K / 32, qx, M, up);
+        for (int64_t r = 0; r < M; r++) act[r * I + i] = gate[r] / (1.0f + expf(-gate[r])) * up[r];
+    }
+}
+
+static inline float dot_d(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum(acc);
+}
+
+/* x * cos + roll(x, D/2) * sin_signed (rope_and_store's arithmetic) into out. */
+static inline void rope_head(const float *x, const float *c, const float *s, int64_t D,
+                             float *out) {
+    for (int64_t i = 0; i < D; i++) out[i] = x[i] * c[i] + x[(i + D / 2) % D] * s[i];
+}
+
+/* One query head of one token attending to its sequence's keys [0, pos] of one KV head: the
+ * cache holds [0, pos); the token's own key and value are k (roped) and v. scores: pos + 1
+ * floats of scratch. */
+static void attend_head(const float *q, const float *k, const float *v, const float *k_cache,
+                        const float *v_cache, int64_t pos, int64_t D, float *scores,
+                        float *out) {
+    const float scale = 1.0f / sqrtf((float)D);
+    float top = -INFINITY;
+    for (int64_t j = 0; j <= pos; j++) {
+        scores[j] = dot_d(q, j < pos ? k_cache + j * D : k, D) * scale;
+        top = scores[j] > top ? scores[j] : top;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j <= pos; j++) total += scores[j] = expf(scores[j] - top);
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int64_t i = 0; i < D; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j <= pos; j++)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scores[j]),
+                                  _mm256_loadu_ps((j < pos ? v_cache + j * D : v) + i), acc);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(acc, inv));
+    }
+}
+
+/* Run M (1..ROWS) decode tokens through all L layers and the final norm.
+ *   x [M, H]: the tokens' embeddings (read only); out [M, H]: the final norm of the residual.
+ *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed [M, D].
+ *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp32;
+ *   each token's k and v are stored at its position, every layer.
+ * D a multiple of 8, at most 256; H, I and Hq * D multiples of 32. Returns 0, or -1 when
+ * scratch memory could not be allocated. */
+int decode_layers(const float *x, int64_t M, const int64_t *slots, const int64_t *positions,
+                  const float *cos, const float *sin_signed, const LayerWeights *layers,
+                  int64_t L, const float *final_norm, int64_t H, int64_t Hq, int64_t Hkv,
+                  int64_t D, int64_t I, float eps, float *k_cache, float *v_cache,
+                  int64_t num_slots, int64_t max_len, float *out) {
+    const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
+    int64_t widest = H > I ? H : I;
+    widest = widest > Hq * D ? widest : Hq * D;
+    /* shared: each matmul's output */
+    float *qkv = malloc(M * width * sizeof(float)), *att = malloc(M * Hq * D * sizeof(float));
+    float *delta = malloc(M * H * sizeof(float)), *act = malloc(M * I * sizeof(float));
+    /* per thread: the residual, a normed row, its quantised form, attention scores */
+    const int threads = omp_get_max_threads();
+    const int64_t own = M * H + M * widest + M * widest / 32 * 2 + max_len;
+    float *scratch = malloc(threads * own * sizeof(float));
+    int16_t *qscratch = malloc(threads * M * widest * sizeof(int16_t));
+    int failed = !qkv || !att || !delta || !act || !scratch || !qscratch;
+    if (!failed) {
+#pragma omp parallel
+        {
+            const int t = omp_get_thread_num();
+            float *xr = scratch + t * own, *normed = xr + M * H;
+            QuantizedX qx = {qscratch + t * M * widest, normed + M * widest, NULL};
+            qx.sum = qx.scale + M * widest / 32;
+            float *scores = qx.sum + M * widest / 32;
+            for (int64_t i = 0; i < M * H; i++) xr[i] = x[i];
+            for (int64_t l = 0; l < L; l++) {
+                const LayerWeights *lw = layers + l;
+                for (int64_t r = 0; r < M; r++)
+                    add_rms_norm_row(xr + r * H, NULL, H, lw->attn_norm, eps, normed + r * H);
+                quantize_rows(normed, M, H, &qx);
+                team_linear(&lw->wqkv, &qx, M, H, width, qkv);
+#pragma omp for schedule(static)
+                for (int64_t item = 0; item < M * Hq; item++) {
+                    const int64_t r = item / Hq, h = item % Hq, g = h / group;
+                    const float *row = qkv + r * width, *c = cos + r * D, *s = sin_signed + r * D;
+                    const int64_t base =
+                        (((l * num_slots + slots[r]) * Hkv + g) * max_len) * D;
+                    float q[256], k[256];
+                    rope_head(row + h * D, c, s, D, q);
+                    rope_head(row + (Hq + g) * D, c, s, D, k);
+                    const float *v = row + (Hq + Hkv + g) * D;
+                    attend_head(q, k, v, k_cache + base, v_cache + base, positions[r], D,
+                                scores, att + r * Hq * D + h * D);
+                    if (h % group == 0) { /* one writer per KV head; no one reads this row */
+                        for (int64_t i = 0; i < D; i++) {
+                            k_cache[base + positions[r] * D + i] = k[i];
+                            v_cache[base + positions[r] * D + i] = v[i];
+                        }
+                    }
+                }
+                quantize_rows(att, M, Hq * D, &qx);
+                team_linear(&lw->wo, &qx, M, Hq * D, H, delta);
+                for (int64_t r = 0; r < M; r++)
+                    add_rms_norm_row(xr + r * H, delta + r * H, H, lw->ffn_norm, eps,
+                                     normed + r * H);
+                quantize_rows(normed, M, H, &qx);
+                team_swiglu(&lw->w13, &qx, M, H, I, act);
+                quantize_rows(act, M, I, &qx);
+                team_linear(&lw->w2, &qx, M, I, H, delta);
+                for (int64_t i = 0; i < M * H; i++) xr[i] += delta[i];
+            }
+            if (t == 0)
+                for (int64_t r = 0; r < M; r++)
+                    add_rms_norm_row(xr + r * H, NULL, H, final_norm, eps, out + r * H);
+        }
+    }
+    free(qkv);
+    free(att);
+    free(delta);
+    free(act);
+    free(scratch);
+    free(qscratch);
+    return failed ? -1 : 0;
 }

@@ -78,6 +78,10 @@ def _library() -> ctypes.CDLL | None:
     lib.add_rms_norm.restype = None
     lib.rope_and_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.rope_and_store.restype = None
+    lib.decode_layers.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.decode_layers.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64]
+    lib.decode_layers.argtypes += [ptr]
+    lib.decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -133,6 +137,77 @@ class Q8Linear(_BlockLinear):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The fp32 weight rows ``ids`` [T] -> [T, K]."""
         return dequantize_q8_0(self.qs[ids], self.d[ids])
+
+
+class DecodeLayers:
+    """A decode step's decoder layers and final norm in one C call (``decode_layers``), for up
+    to ``ROWS`` tokens on Q4_1 weights and an fp32 KV cache.
+
+    Per layer the per-op path is ~20 small torch ops and ctypes calls of a few µs each, ~5 ms
+    of a ~15 ms batch-1 step; here the layers run in one OpenMP region, a barrier after each
+    matmul (benchmarks/RESULTS.md, issue 14).
+    """
+
+    ROWS = 2  # above, fbgemm's GEMM beats the kernel (BlockLinear.KERNEL_ROWS)
+    MAX_HEAD_DIM = 256  # the C function's stack buffers
+
+    def __init__(
+        self,
+        layers: list[tuple[torch.Tensor, Q4Linear, Q4Linear, torch.Tensor, Q4Linear, Q4Linear]],
+        final_norm: torch.Tensor,
+        *,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+    ):
+        """``layers``: per layer (attn_norm, wqkv, wo, ffn_norm, w13, w2); norms fp32 [H]."""
+        if head_dim % 8 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
+            raise ValueError(f"decode_layers cannot run head_dim {head_dim}, {heads}/{kv_heads}")
+        self._call = _loaded(type(self).__name__).decode_layers
+        # Kept alive here: the C side gets their addresses only.
+        self._norms = [t.float().contiguous() for t, *_ in layers] + [
+            t.float().contiguous() for _, _, _, t, *_ in layers
+        ]
+        self._final = final_norm.float().contiguous()
+        pointers: list[int] = []
+        for n, (_, wqkv, wo, _, w13, w2) in enumerate(layers):
+            pointers.append(self._norms[n].data_ptr())
+            pointers += [t.data_ptr() for t in (*wqkv.blocks, *wo.blocks)]
+            pointers.append(self._norms[len(layers) + n].data_ptr())
+            pointers += [t.data_ptr() for t in (*w13.blocks, *w2.blocks)]
+        self._layers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.hidden = wqkv.k
+        self.intermediate = w13.n // 2
+        self._dims = (len(layers), self._final.data_ptr(), self.hidden, heads, kv_heads)
+        self._dims += (head_dim, self.intermediate, eps)
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin_signed: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """x fp32 [M, H] embeddings of M <= ROWS tokens at ``slots``, ``positions`` [M] (int64);
+        ``cos``, ``sin_signed`` [M, D] (``Rotary``); the caches of all layers, fp32 [L, slots,
+        Hkv, max_len, D], get each token's k and v. Returns the final norm's output [M, H]."""
+        m = x.shape[0]
+        if not 1 <= m <= self.ROWS or x.shape != (m, self.hidden) or x.dtype != torch.float32:
+            raise ValueError(f"decode_layers wants fp32 [1..{self.ROWS}, {self.hidden}]")
+        x, slots, positions = x.contiguous(), slots.contiguous(), positions.contiguous()
+        out = torch.empty_like(x)
+        status = self._call(
+            x.data_ptr(), m, slots.data_ptr(), positions.data_ptr(), cos.data_ptr(),
+            sin_signed.data_ptr(), self._layers, *self._dims, k_cache.data_ptr(),
+            v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3], out.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("decode_layers: no memory for its scratch buffers")
+        return out
 
 
 def add_rms_norm(

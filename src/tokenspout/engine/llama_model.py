@@ -312,6 +312,7 @@ class LlamaModel:
                 )
             )
         self.norm = RMSNorm(w["norm"].to(self.dtype), eps, fused)
+        self.decode_layers = _decode_layers(config, self.layers, self.norm) if fused else None
         self.lm_head = linears[head]
         embed = "embed" if "embed" in w or "embed.qs" in w else "lm_head"  # int8 + tied: lm_head
         if embed + ".qs" in w:  # Q8_0 blocks (shared with a tied head): rows dequantised
@@ -344,6 +345,18 @@ class LlamaModel:
         ``logit_rows`` [C]."""
         x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         cos, sin = self.rope.tables(positions)  # [N, 1, D]
+        if (
+            self.decode_layers is not None
+            and not batch.prefills
+            and x.shape[0] <= self.decode_layers.ROWS
+        ):
+            slots = batch.decode_slots
+            if isinstance(slots, slice):
+                slots = torch.arange(slots.start, slots.stop)
+            h = self.decode_layers(
+                x, slots, positions, cos.squeeze(1), sin.squeeze(1), cache.k, cache.v
+            )  # [N, H]
+            return self.lm_head(h[logit_rows]).float()
         h = self.layers[0][0](x)
         for n, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
             # Each residual add goes with the norm after it (one call when fused).
@@ -367,6 +380,27 @@ def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
     if weight.dtype == torch.float16:
         return Fp16Linear(weight)
     return lambda x: F.linear(x, weight)
+
+
+def _decode_layers(
+    config: LlamaConfig, layers: list[tuple[RMSNorm, Attention, RMSNorm, MLP]], norm: RMSNorm
+) -> block_kernels.DecodeLayers | None:
+    """All layers in one C call for small decode steps, when every matmul is a Q4_1 one."""
+    parts = []
+    for attn_norm, attn, ffn_norm, mlp in layers:
+        linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
+        if not all(isinstance(linear, BlockLinear) for linear in linears):
+            return None
+        wqkv, wo, w13, w2 = (linear.kernel for linear in linears)  # type: ignore[attr-defined]
+        parts.append((attn_norm.weight, wqkv, wo, ffn_norm.weight, w13, w2))
+    return block_kernels.DecodeLayers(
+        parts,
+        norm.weight,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        eps=config.rms_norm_eps,
+    )
 
 
 def _select(slots: torch.Tensor, which: torch.Tensor | slice, length: int) -> torch.Tensor:
