@@ -162,7 +162,7 @@ class DecodeLayers:
         eps: float,
     ):
         """``layers``: per layer (attn_norm, wqkv, wo, ffn_norm, w13, w2); norms fp32 [H]."""
-        if head_dim % 8 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
+        if head_dim % 64 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
             raise ValueError(f"decode_layers cannot run head_dim {head_dim}, {heads}/{kv_heads}")
         self._call = _loaded(type(self).__name__).decode_layers
         # Kept alive here: the C side gets their addresses only.
