@@ -178,7 +178,9 @@ def reference_decode(x, layers, final_norm, positions, slots, k_cache, v_cache, 
 
 
 @pytest.mark.parametrize(
-    ("positions", "slots"), [([0], [1]), ([37], [0]), ([5, 30], [2, 0])], ids=["first", "one", "two"]
+    ("positions", "slots"),
+    [([0], [1]), ([37], [0]), ([5, 30], [2, 0])],
+    ids=["first", "one", "two"],
 )
 def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[int]) -> None:
     # Small random layers of the model's shape family: hidden 128, 4 query heads on 2 KV
