@@ -7,7 +7,7 @@ Every slot first gets a ``--context``-token prompt; then a decode step for ``bat
 (each feeding one token at the next position) is timed ``--steps`` times, formats side by
 side in one run (the machine is shared: compare ratios, not absolute numbers), then a
 256-token prefill in one chunk (best of 3). A ``torch.profiler`` table of the top ops
-follows for this CPU's default format at batch 1 and 16.
+follows for this CPU's default format at batch 1 and 16, those of them in ``--batches``.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> None:
         cells.append(f"{prefill_ms(runners[fmt]):.0f} ms")
         print(f"| {fmt} | " + " | ".join(cells) + " |")
     if not args.no_profile and default_format() in runners:
-        for batch in (1, 16):
+        for batch in (b for b in (1, 16) if b in batches):  # only slots that were filled
             print(f"\nProfile: {default_format()} (this CPU's default), batch {batch}, 10 steps\n")
             print(profile_table(runners[default_format()], batch, args.context))
 
