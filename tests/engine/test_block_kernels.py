@@ -219,8 +219,8 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     )
     from tokenspout.engine.llama_model import Rotary
 
-    cos, sin = Rotary(d, 10000.0, 40, torch.float32).tables(pos)
-    got = decoder(x, slot, pos, cos.squeeze(1), sin.squeeze(1), k_cache, v_cache)
+    rope = Rotary(d, 10000.0, 40, torch.float32)
+    got = decoder(x, slot, pos, rope.cos, rope.sin_signed, k_cache, v_cache)
     # The matmuls' inputs are rounded to int16 per block of 32 (~1e-5 of the block's largest).
     torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(k_cache, expected_k, atol=2e-3, rtol=2e-3)
@@ -239,10 +239,10 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     decoder = block_kernels.DecodeLayers(layers, ones, heads=2, kv_heads=2, head_dim=64, eps=1e-5)
     caches = [torch.randn(1, 2, 2, 16, 64, generator=gen) for _ in range(2)]
     x, pos, slot = torch.randn(2, 128, generator=gen), torch.tensor([3, 9]), torch.tensor([0, 1])
-    cos, sin = torch.randn(2, 64, generator=gen), torch.randn(2, 64, generator=gen)
+    cos, sin = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
     both = decoder(x, slot, pos, cos, sin, *(c.clone() for c in caches))
     alone = [
-        decoder(x[i : i + 1], slot[i : i + 1], pos[i : i + 1], cos[i : i + 1], sin[i : i + 1],
+        decoder(x[i : i + 1], slot[i : i + 1], pos[i : i + 1], cos, sin,
                 *(c.clone() for c in caches))
         for i in range(2)
     ]  # fmt: skip

@@ -466,7 +466,8 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
 
 /* Run M (1..ROWS) decode tokens through all L layers and the final norm.
  *   x [M, H]: the tokens' embeddings (read only); out [M, H]: the final norm of the residual.
- *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed [M, D].
+ *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
+ *   tables [max_len, D], read at the positions.
  *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp32;
  *   each token's k and v are stored at its position, every layer.
  * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, or -1 when
@@ -506,7 +507,8 @@ int decode_layers(const float *x, int64_t M, const int64_t *slots, const int64_t
 #pragma omp for schedule(static)
                 for (int64_t item = 0; item < M * Hq; item++) {
                     const int64_t r = item / Hq, h = item % Hq, g = h / group;
-                    const float *row = qkv + r * width, *c = cos + r * D, *s = sin_signed + r * D;
+                    const float *row = qkv + r * width, *c = cos + positions[r] * D,
+                                *s = sin_signed + positions[r] * D;
                     const int64_t base =
                         (((l * num_slots + slots[r]) * Hkv + g) * max_len) * D;
                     float q[256], k[256];

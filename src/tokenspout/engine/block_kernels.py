@@ -193,11 +193,14 @@ class DecodeLayers:
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
         """x fp32 [M, H] embeddings of M <= ROWS tokens at ``slots``, ``positions`` [M] (int64);
-        ``cos``, ``sin_signed`` [M, D] (``Rotary``); the caches of all layers, fp32 [L, slots,
-        Hkv, max_len, D], get each token's k and v. Returns the final norm's output [M, H]."""
+        ``cos``, ``sin_signed``: RoPE's whole tables [max_len, D] (``Rotary``); the caches of
+        all layers, fp32 [L, slots, Hkv, max_len, D], get each token's k and v. Returns the
+        final norm's output [M, H]."""
         m = x.shape[0]
         if not 1 <= m <= self.ROWS or x.shape != (m, self.hidden) or x.dtype != torch.float32:
             raise ValueError(f"decode_layers wants fp32 [1..{self.ROWS}, {self.hidden}]")
+        if cos.shape[0] < k_cache.shape[3] or sin_signed.shape != cos.shape:
+            raise ValueError("decode_layers wants RoPE tables for every cache position")
         x, slots, positions = x.contiguous(), slots.contiguous(), positions.contiguous()
         out = torch.empty_like(x)
         status = self._call(

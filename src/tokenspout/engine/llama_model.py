@@ -344,7 +344,6 @@ class LlamaModel:
         """Run the packed tokens [N]; write their KV; return float32 logits [C, V] of
         ``logit_rows`` [C]."""
         x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
-        cos, sin = self.rope.tables(positions)  # [N, 1, D]
         if (
             self.decode_layers is not None
             and not batch.prefills
@@ -354,9 +353,10 @@ class LlamaModel:
             if isinstance(slots, slice):
                 slots = torch.arange(slots.start, slots.stop)
             h = self.decode_layers(
-                x, slots, positions, cos.squeeze(1), sin.squeeze(1), cache.k, cache.v
+                x, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
             )  # [N, H]
             return self.lm_head(h[logit_rows]).float()
+        cos, sin = self.rope.tables(positions)  # [N, 1, D]
         h = self.layers[0][0](x)
         for n, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
             # Each residual add goes with the norm after it (one call when fused).

@@ -185,9 +185,9 @@ class ModelRunner:
             prefill_masks=[],
         )
         if decode:
-            lengths = positions[: len(decode)] + 1  # [B]
-            batch.decode_len = int(lengths.max())
-            if int(lengths.min()) != batch.decode_len:  # ragged: hide each row's padding
+            batch.decode_len = max(pos[: len(decode)]) + 1  # Python ints: no tensor reductions
+            if min(pos[: len(decode)]) + 1 != batch.decode_len:  # ragged: hide the padding
+                lengths = positions[: len(decode)] + 1  # [B]
                 keys = torch.arange(batch.decode_len)
                 batch.decode_mask = (keys[None, :] < lengths[:, None])[:, None, None, :]
         row = len(decode)
