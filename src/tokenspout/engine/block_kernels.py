@@ -201,6 +201,10 @@ class DecodeLayers:
             raise ValueError(f"decode_layers wants fp32 [1..{self.ROWS}, {self.hidden}]")
         if cos.shape[0] < k_cache.shape[3] or sin_signed.shape != cos.shape:
             raise ValueError("decode_layers wants RoPE tables for every cache position")
+        if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
+            raise ValueError("decode_layers wants an fp32 KV cache")
+        if slots.dtype != torch.int64 or positions.dtype != torch.int64:
+            raise ValueError("decode_layers wants int64 slots and positions")
         x, slots, positions = x.contiguous(), slots.contiguous(), positions.contiguous()
         out = torch.empty_like(x)
         status = self._call(
