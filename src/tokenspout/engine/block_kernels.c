@@ -464,19 +464,23 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
     }
 }
 
-/* Run M (1..ROWS) decode tokens through all L layers and the final norm.
- *   x [M, H]: the tokens' embeddings (read only); out [M, H]: the final norm of the residual.
+/* Run M (1..ROWS) decode tokens from their embedding rows through all L layers, the final
+ * norm and the LM head.
+ *   ids [M]: the tokens; embed_qs, embed_d: the embedding's Q8_0 blocks [vocab, H];
  *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
  *   tables [max_len, D], read at the positions.
  *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp32;
  *   each token's k and v are stored at its position, every layer.
+ *   head_qs, head_d: the LM head's Q8_0 blocks [V, H]; logits [M, V] out.
  * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, or -1 when
  * scratch memory could not be allocated. */
-int decode_layers(const float *x, int64_t M, const int64_t *slots, const int64_t *positions,
-                  const float *cos, const float *sin_signed, const LayerWeights *layers,
-                  int64_t L, const float *final_norm, int64_t H, int64_t Hq, int64_t Hkv,
-                  int64_t D, int64_t I, float eps, float *k_cache, float *v_cache,
-                  int64_t num_slots, int64_t max_len, float *out) {
+int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const float *embed_d,
+                  const int64_t *slots, const int64_t *positions, const float *cos,
+                  const float *sin_signed, const LayerWeights *layers, int64_t L,
+                  const float *final_norm, const int8_t *head_qs, const float *head_d,
+                  int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D, int64_t I,
+                  float eps, float *k_cache, float *v_cache, int64_t num_slots,
+                  int64_t max_len, float *logits) {
     const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
     int64_t widest = H > I ? H : I;
     widest = widest > Hq * D ? widest : Hq * D;
@@ -497,7 +501,9 @@ int decode_layers(const float *x, int64_t M, const int64_t *slots, const int64_t
             QuantizedX qx = {qscratch + t * M * widest, normed + M * widest, NULL};
             qx.sum = qx.scale + M * widest / 32;
             float *scores = qx.sum + M * widest / 32;
-            for (int64_t i = 0; i < M * H; i++) xr[i] = x[i];
+            for (int64_t r = 0; r < M; r++) /* the embedding row, as dequantize_q8_0 */
+                for (int64_t i = 0; i < H; i++)
+                    xr[r * H + i] = (float)embed_qs[ids[r] * H + i] * embed_d[(ids[r] * H + i) / 32];
             for (int64_t l = 0; l < L; l++) {
                 const LayerWeights *lw = layers + l;
                 for (int64_t r = 0; r < M; r++)
@@ -535,9 +541,22 @@ int decode_layers(const float *x, int64_t M, const int64_t *slots, const int64_t
                 team_linear(&lw->w2, &qx, M, I, H, delta);
                 for (int64_t i = 0; i < M * H; i++) xr[i] += delta[i];
             }
-            if (t == 0)
-                for (int64_t r = 0; r < M; r++)
-                    add_rms_norm_row(xr + r * H, NULL, H, final_norm, eps, out + r * H);
+            for (int64_t r = 0; r < M; r++)
+                add_rms_norm_row(xr + r * H, NULL, H, final_norm, eps, normed + r * H);
+            quantize_rows(normed, M, H, &qx);
+#pragma omp for schedule(static)
+            for (int64_t n = 0; n < V; n++) { /* the LM head, as q8_0_linear */
+                float out[ROWS];
+                const int8_t *qn = head_qs + n * H;
+                const float *dn = head_d + n * (H / 32);
+                switch (M) {
+                case 1: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 1, out); break;
+                case 2: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 2, out); break;
+                case 3: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 3, out); break;
+                default: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 4, out); break;
+                }
+                for (int64_t r = 0; r < M; r++) logits[r * V + n] = out[r];
+            }
         }
     }
     free(qkv);

@@ -78,9 +78,9 @@ def _library() -> ctypes.CDLL | None:
     lib.add_rms_norm.restype = None
     lib.rope_and_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.rope_and_store.restype = None
-    lib.decode_layers.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
-    lib.decode_layers.argtypes += [i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr, i64, i64]
-    lib.decode_layers.argtypes += [ptr]
+    lib.decode_layers.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.decode_layers.argtypes += [ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
+    lib.decode_layers.argtypes += [i64, i64, ptr]
     lib.decode_layers.restype = ctypes.c_int
     return lib
 
@@ -140,12 +140,15 @@ class Q8Linear(_BlockLinear):
 
 
 class DecodeLayers:
-    """A decode step's decoder layers and final norm in one C call (``decode_layers``), for up
-    to ``ROWS`` tokens on Q4_1 weights and an fp32 KV cache.
+    """A decode step of up to ``ROWS`` tokens in one C call (``decode_layers``): embedding
+    rows, decoder layers, final norm and LM head, on Q4_1 layers, a Q8_0 embedding and head
+    and an fp32 KV cache.
 
     Per layer the per-op path is ~20 small torch ops and ctypes calls of a few µs each, ~5 ms
     of a ~15 ms batch-1 step; here the layers run in one OpenMP region, a barrier after each
-    matmul (benchmarks/RESULTS.md, issue 14).
+    matmul (benchmarks/RESULTS.md, issue 14). The embedding and the head come in too: after
+    the weights have streamed through the caches, the few torch ops around them ran cold,
+    ~0.2 ms a step.
     """
 
     ROWS = 2  # above, fbgemm's GEMM beats the kernel (BlockLinear.KERNEL_ROWS)
@@ -155,13 +158,16 @@ class DecodeLayers:
         self,
         layers: list[tuple[torch.Tensor, Q4Linear, Q4Linear, torch.Tensor, Q4Linear, Q4Linear]],
         final_norm: torch.Tensor,
+        embed: Q8Linear,
+        head: Q8Linear,
         *,
         heads: int,
         kv_heads: int,
         head_dim: int,
         eps: float,
     ):
-        """``layers``: per layer (attn_norm, wqkv, wo, ffn_norm, w13, w2); norms fp32 [H]."""
+        """``layers``: per layer (attn_norm, wqkv, wo, ffn_norm, w13, w2); norms fp32 [H];
+        ``embed`` [vocab, H] and ``head`` [V, H]."""
         if head_dim % 64 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
             raise ValueError(f"decode_layers cannot run head_dim {head_dim}, {heads}/{kv_heads}")
         self._call = _loaded(type(self).__name__).decode_layers
@@ -170,6 +176,7 @@ class DecodeLayers:
             t.float().contiguous() for _, _, _, t, *_ in layers
         ]
         self._final = final_norm.float().contiguous()
+        self._embed, self._head = embed, head
         pointers: list[int] = []
         for n, (_, wqkv, wo, _, w13, w2) in enumerate(layers):
             pointers.append(self._norms[n].data_ptr())
@@ -177,14 +184,16 @@ class DecodeLayers:
             pointers.append(self._norms[len(layers) + n].data_ptr())
             pointers += [t.data_ptr() for t in (*w13.blocks, *w2.blocks)]
         self._layers = (ctypes.c_void_p * len(pointers))(*pointers)
-        self.hidden = wqkv.k
-        self.intermediate = w13.n // 2
-        self._dims = (len(layers), self._final.data_ptr(), self.hidden, heads, kv_heads)
-        self._dims += (head_dim, self.intermediate, eps)
+        self.hidden, self.vocab = wqkv.k, head.n
+        if embed.k != self.hidden or head.k != self.hidden:
+            raise ValueError("decode_layers: the embedding and head must be [*, hidden]")
+        self._embed_blocks = (embed.qs.data_ptr(), embed.d.data_ptr())
+        self._rest = (len(layers), self._final.data_ptr(), head.qs.data_ptr(), head.d.data_ptr())
+        self._rest += (self.vocab, self.hidden, heads, kv_heads, head_dim, w13.n // 2, eps)
 
     def __call__(
         self,
-        x: torch.Tensor,
+        ids: torch.Tensor,
         slots: torch.Tensor,
         positions: torch.Tensor,
         cos: torch.Tensor,
@@ -192,29 +201,31 @@ class DecodeLayers:
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """x fp32 [M, H] embeddings of M <= ROWS tokens at ``slots``, ``positions`` [M] (int64);
-        ``cos``, ``sin_signed``: RoPE's whole tables [max_len, D] (``Rotary``); the caches of
-        all layers, fp32 [L, slots, Hkv, max_len, D], get each token's k and v. Returns the
-        final norm's output [M, H]."""
-        m = x.shape[0]
-        if not 1 <= m <= self.ROWS or x.shape != (m, self.hidden) or x.dtype != torch.float32:
-            raise ValueError(f"decode_layers wants fp32 [1..{self.ROWS}, {self.hidden}]")
+        """Logits fp32 [M, V] of M <= ROWS tokens ``ids`` at ``slots``, ``positions`` [M] (int64
+        each); ``cos``, ``sin_signed``: RoPE's whole tables [max_len, D] (``Rotary``); the
+        caches of all layers, fp32 [L, slots, Hkv, max_len, D], get each token's k and v."""
+        m = ids.shape[0]
+        if not 1 <= m <= self.ROWS or ids.shape != slots.shape or ids.shape != positions.shape:
+            raise ValueError(
+                f"decode_layers runs 1..{self.ROWS} tokens, one slot and position each"
+            )
+        if any(t.dtype != torch.int64 for t in (ids, slots, positions)):
+            raise ValueError("decode_layers wants int64 ids, slots and positions")
         if cos.shape[0] < k_cache.shape[3] or sin_signed.shape != cos.shape:
             raise ValueError("decode_layers wants RoPE tables for every cache position")
         if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
             raise ValueError("decode_layers wants an fp32 KV cache")
-        if slots.dtype != torch.int64 or positions.dtype != torch.int64:
-            raise ValueError("decode_layers wants int64 slots and positions")
-        x, slots, positions = x.contiguous(), slots.contiguous(), positions.contiguous()
-        out = torch.empty_like(x)
+        ids, slots, positions = ids.contiguous(), slots.contiguous(), positions.contiguous()
+        logits = torch.empty(m, self.vocab)
         status = self._call(
-            x.data_ptr(), m, slots.data_ptr(), positions.data_ptr(), cos.data_ptr(),
-            sin_signed.data_ptr(), self._layers, *self._dims, k_cache.data_ptr(),
-            v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3], out.data_ptr(),
+            ids.data_ptr(), m, *self._embed_blocks, slots.data_ptr(), positions.data_ptr(),
+            cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
+            k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
+            logits.data_ptr(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode_layers: no memory for its scratch buffers")
-        return out
+        return logits
 
 
 def add_rms_norm(

@@ -312,7 +312,6 @@ class LlamaModel:
                 )
             )
         self.norm = RMSNorm(w["norm"].to(self.dtype), eps, fused)
-        self.decode_layers = _decode_layers(config, self.layers, self.norm) if fused else None
         self.lm_head = linears[head]
         embed = "embed" if "embed" in w or "embed.qs" in w else "lm_head"  # int8 + tied: lm_head
         if embed + ".qs" in w:  # Q8_0 blocks (shared with a tied head): rows dequantised
@@ -323,6 +322,31 @@ class LlamaModel:
             self.embed_blocks = None
             self.embed_weight, self.embed_scale = w[embed], w.get(embed + ".scale")
         self.rope = Rotary(config.head_dim, config.rope_theta, max_len, self.dtype)
+        self.decode_layers = self._decode_layers() if fused else None
+
+    def _decode_layers(self) -> block_kernels.DecodeLayers | None:
+        """The whole model in one C call for small decode steps, when every layer matmul is a
+        Q4_1 one and the embedding and head are Q8_0."""
+        parts = []
+        for attn_norm, attn, ffn_norm, mlp in self.layers:
+            linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
+            if not all(isinstance(linear, BlockLinear) for linear in linears):
+                return None
+            wqkv, wo, w13, w2 = (linear.kernel for linear in linears)  # type: ignore[attr-defined]
+            parts.append((attn_norm.weight, wqkv, wo, ffn_norm.weight, w13, w2))
+        if self.embed_blocks is None or not isinstance(self.lm_head, block_kernels.Q8Linear):
+            return None
+        config = self.config
+        return block_kernels.DecodeLayers(
+            parts,
+            self.norm.weight,
+            self.embed_blocks,
+            self.lm_head,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            eps=config.rms_norm_eps,
+        )
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """[N] ids -> [N, H] in the activation dtype."""
@@ -343,19 +367,21 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Run the packed tokens [N]; write their KV; return float32 logits [C, V] of
         ``logit_rows`` [C]."""
-        x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         if (
             self.decode_layers is not None
             and not batch.prefills
-            and x.shape[0] <= self.decode_layers.ROWS
+            and token_ids.shape[0] <= self.decode_layers.ROWS
         ):
             slots = batch.decode_slots
             if isinstance(slots, slice):
                 slots = torch.arange(slots.start, slots.stop)
-            h = self.decode_layers(
-                x, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
-            )  # [N, H]
-            return self.lm_head(h[logit_rows]).float()
+            logits = self.decode_layers(
+                token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
+            )  # [N, V]
+            if logit_rows.shape[0] == logits.shape[0] == 1:
+                return logits
+            return logits.index_select(0, logit_rows)
+        x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         cos, sin = self.rope.tables(positions)  # [N, 1, D]
         h = self.layers[0][0](x)
         for n, (_, attn, ffn_norm, mlp) in enumerate(self.layers):
@@ -380,27 +406,6 @@ def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
     if weight.dtype == torch.float16:
         return Fp16Linear(weight)
     return lambda x: F.linear(x, weight)
-
-
-def _decode_layers(
-    config: LlamaConfig, layers: list[tuple[RMSNorm, Attention, RMSNorm, MLP]], norm: RMSNorm
-) -> block_kernels.DecodeLayers | None:
-    """All layers in one C call for small decode steps, when every matmul is a Q4_1 one."""
-    parts = []
-    for attn_norm, attn, ffn_norm, mlp in layers:
-        linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
-        if not all(isinstance(linear, BlockLinear) for linear in linears):
-            return None
-        wqkv, wo, w13, w2 = (linear.kernel for linear in linears)  # type: ignore[attr-defined]
-        parts.append((attn_norm.weight, wqkv, wo, ffn_norm.weight, w13, w2))
-    return block_kernels.DecodeLayers(
-        parts,
-        norm.weight,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        head_dim=config.head_dim,
-        eps=config.rms_norm_eps,
-    )
 
 
 def _select(slots: torch.Tensor, which: torch.Tensor | slice, length: int) -> torch.Tensor:
