@@ -207,10 +207,7 @@ class UpstreamRelay:
         sent_at = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.options.first_token_timeout_s) as timer:
-                request = server.client.build_request(
-                    "POST", path, content=encode(body), headers=_headers(prompt)
-                )
-                response = await server.client.send(request, stream=True)
+                response = await server.post(path, encode(body), _headers(prompt))
                 try:
                     await self._check_status(server, response)
                     await self._read(server, response, timer, sent_at)

@@ -45,15 +45,19 @@ class UpstreamServer:
             # dropped here first.
             keepalive_expiry=_KEEPALIVE_S,
         )
+        # Plain HTTP goes through our transport (the relay's CPU per token), the rest
+        # through httpx's own.
+        self._transport = relay_transport(self.url, limits)
         self.client = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
             limits=limits,
             timeout=httpx.Timeout(_CONNECT_TIMEOUT_S, read=None, write=_CONNECT_TIMEOUT_S),
-            # Plain HTTP goes through our transport (the relay's CPU per token), the rest
-            # through httpx's own.
-            transport=relay_transport(self.url, limits),
+            transport=self._transport,
         )
+        self._timeouts = self.client.timeout.as_dict()
+        #: Per path: the request line and the headers every request to it carries.
+        self._heads: dict[str, bytes] = {}
         #: Model ids it serves (its ``/models``), as of the last successful check.
         self.models: frozenset[str] = frozenset()
         #: Each model's context length in tokens, for the models whose entry gives one.
@@ -68,6 +72,28 @@ class UpstreamServer:
     @property
     def has_room(self) -> bool:
         return self.outstanding < self.max_concurrency
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST ``body`` to ``path`` (under its base URL) with ``headers`` besides the
+        client's own; the answer's body is left to stream (close the response)."""
+        if self._transport is None:
+            request = self.client.build_request("POST", path, content=body, headers=headers)
+            return await self.client.send(request, stream=True)
+        head = self._heads.get(path) or self._head(path)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
+            raise ValueError(f"a header holds a line break: {headers!r}")  # no smuggling
+        wire = b"%s%sContent-Length: %d\r\n\r\n%s" % (head, extra.encode(), len(body), body)
+        return await self._transport.exchange(self.client.base_url, wire, self._timeouts)
+
+    def _head(self, path: str) -> bytes:
+        """What httpx would send before the request's own headers: the request line, Host
+        and the client's headers (User-Agent, Accept..., the API key)."""
+        url = self.client.build_request("POST", path).url
+        lines = [b"POST %s HTTP/1.1" % url.raw_path, b"Host: %s" % url.netloc]
+        lines += [name + b": " + value for name, value in self.client.headers.raw]
+        head = self._heads[path] = b"\r\n".join(lines) + b"\r\n"
+        return head
 
     def serves(self, model: str) -> bool:
         return model in self.models
