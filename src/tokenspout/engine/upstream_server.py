@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from tokenspout.engine.upstream_body import TokenCounts
 from tokenspout.engine.upstream_options import UpstreamOptions, address
 from tokenspout.engine.upstream_transport import relay_transport
 
@@ -62,6 +63,9 @@ class UpstreamServer:
         self.models: frozenset[str] = frozenset()
         #: Each model's context length in tokens, for the models whose entry gives one.
         self.context_lengths: dict[str, int] = {}
+        #: How its chunks say how many tokens they hold (``token_counts``), as of the last
+        #: successful check; None: they do not, and a chunk counts as one token.
+        self.token_counts: TokenCounts | None = None
         self.healthy = False
         #: Requests it is answering now (the balancer's least-outstanding count).
         self.outstanding = 0
@@ -108,6 +112,7 @@ class UpstreamServer:
             entries = r.json()["data"]
             models = frozenset(m["id"] for m in entries)
             lengths = {m["id"]: n for m in entries if (n := context_length(m)) is not None}
+            counts = token_counts(entries)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if self.streaming:
                 # It answered requests since the last check: busy, not down.
@@ -120,6 +125,7 @@ class UpstreamServer:
             logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
         self.models = models
         self.context_lengths = lengths
+        self.token_counts = counts
         self.healthy = True
         self._failures = 0
 
@@ -142,6 +148,23 @@ class UpstreamServer:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def token_counts(entries: list[dict[str, Any]]) -> TokenCounts | None:
+    """How the server whose ``/models`` lists ``entries`` can be asked to count the tokens
+    of each streamed chunk: one chunk may hold several (a coalescing server such as
+    tokenspout; llama.cpp sends the tokens of a UTF-8 character together), and a
+    continuation's ``max_tokens`` must take off what was generated, not what was sent.
+    vLLM and tokenspout put the usage so far in every chunk
+    (``stream_options.continuous_usage_stats``), llama.cpp its ``timings.predicted_n``
+    (``timings_per_token``). Others are not asked: a field a hosted API does not know can
+    be refused."""
+    owners = {str(m.get("owned_by", "")) for m in entries}
+    if owners and all(o == "vllm" or o.startswith("tokenspout") for o in owners):
+        return "usage"
+    if owners == {"llamacpp"}:
+        return "timings"
+    return None
 
 
 def context_length(entry: dict[str, Any]) -> int | None:
