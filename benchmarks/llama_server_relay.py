@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--llama-server", required=True)
     parser.add_argument("--ttft-trials", type=int, default=20)
     parser.add_argument("--cancel-trials", type=int, default=10)
+    parser.add_argument("--rate-rounds", type=int, default=6)
     args = parser.parse_args()
     print(machine())
     gguf = ModelFiles.resolve(None).path
@@ -147,13 +148,22 @@ def main() -> None:
             f"\nTTFT ({args.ttft_trials} each, alternating): llama.cpp p50 {d * 1000:.1f} ms, "
             f"through tokenspout p50 {r * 1000:.1f} ms, added {(r - d) * 1000:.2f} ms"
         )
-        rates = {}
-        for name, client in (("llama.cpp", llama), ("through tokenspout", through)):
-            start = time.perf_counter()
-            words = sum(len(chat(client, q, stream=True, max_tokens=128)) for q in QUESTIONS)
-            rates[name] = words / (time.perf_counter() - start)
-        ratio = rates["through tokenspout"] / rates["llama.cpp"]
-        print(f"output characters/s, the questions one after another: {rates}; ratio {ratio:.3f}")
+        # Rounds of the questions one after another, direct and through in turn (the order
+        # alternating): on a shared machine, only ratios side by side compare.
+        print("\n| round | llama.cpp chars/s | through tokenspout chars/s | ratio |")
+        print("|---|---|---|---|")
+        ratios = []
+        for i in range(args.rate_rounds):
+            pair = [("llama.cpp", llama), ("through", through)]
+            rates = {}
+            for name, client in pair if i % 2 == 0 else pair[::-1]:
+                start = time.perf_counter()
+                chars = sum(len(chat(client, q, stream=True, max_tokens=128)) for q in QUESTIONS)
+                rates[name] = chars / (time.perf_counter() - start)
+            ratios.append(rates["through"] / rates["llama.cpp"])
+            print(f"| {i + 1} | {rates['llama.cpp']:.1f} | {rates['through']:.1f} | "
+                  f"{ratios[-1]:.3f} |")  # fmt: skip
+        print(f"median ratio, through / direct: {statistics.median(ratios):.3f}")
         cancels = [cancel_once(fp, llama) for _ in range(args.cancel_trials)]
         p50, worst = statistics.median(cancels) * 1000, max(cancels) * 1000
         print(
