@@ -79,7 +79,7 @@ def spawn(args: list[str], *, ready: str = "/v1/models", timeout: float = 120.0)
 
 
 def tokenspout(*flags: str) -> UpstreamProcess:
-    """``tokenspout serve`` with one event per token, so that its chunks count tokens."""
+    """``tokenspout serve`` with one event per token (unless ``flags`` set the flush)."""
     return spawn(
         [sys.executable, "-m", "tokenspout.cli", "serve", "--log-level", "warning",
          "--flush-tokens", "1", "--flush-ms", "0", *flags],

@@ -145,3 +145,38 @@ def test_continue_final_message_with_a_generation_prompt_is_refused(client: Open
             extra_body={"continue_final_message": True},
         )
     assert err.value.body["param"] == "continue_final_message"  # type: ignore[index]
+
+
+def test_continuous_usage_counts_every_chunks_tokens(client: OpenAI) -> None:
+    """vLLM's ``continuous_usage_stats``: each chunk's usage is the tokens so far, so a
+    chunk that coalesced several tokens says so (a front relaying this server counts by it)."""
+    chunks = list(
+        client.chat.completions.create(
+            model="synthetic", messages=[{"role": "user", "content": "a b c"}], max_tokens=12,
+            stream=True,
+            stream_options={  # type: ignore[typeddict-unknown-key]
+                "include_usage": True, "continuous_usage_stats": True,
+                "flush_tokens": 4, "flush_ms": 10_000,  # 4 tokens a chunk
+            },
+        )
+    )  # fmt: skip
+    usages = [c.usage for c in chunks]
+    assert all(u is not None and u.prompt_tokens == 3 for u in usages)
+    words = 0
+    for chunk, usage in zip(chunks, usages, strict=True):
+        if chunk.choices:
+            words += len((chunk.choices[0].delta.content or "").split())
+        assert usage is not None and usage.completion_tokens == words  # one word per token
+        assert usage.total_tokens == 3 + words
+    assert words == 12 and usages[-1] is not None and usages[-1].completion_tokens == 12
+    per_chunk = [len((c.choices[0].delta.content or "").split()) for c in chunks if c.choices]
+    assert max(per_chunk) == 4  # chunks of several tokens, each counted
+
+
+def test_continuous_usage_is_for_one_choice(client: OpenAI) -> None:
+    with pytest.raises(BadRequestError) as err:
+        client.completions.create(
+            model="synthetic", prompt="a", max_tokens=2, n=2, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        )  # fmt: skip
+    assert err.value.body["param"] == "stream_options.continuous_usage_stats"  # type: ignore[index]

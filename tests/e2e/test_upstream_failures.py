@@ -97,6 +97,42 @@ def test_upstream_killed_mid_stream_is_continued(
     assert usage["completion_tokens"] == 8
 
 
+@pytest.mark.parametrize("request_kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_a_coalescing_upstream_killed_mid_stream_is_continued_by_its_token_count(
+    start_server: Callable[..., RunningServer], request_kind: tuple[str, dict]
+) -> None:
+    """Upstreams that send several tokens per chunk (a tokenspout's coalescing) say how many
+    (continuous usage): the continuation's max_tokens takes off the tokens generated, not
+    the chunks received, so the answer is exactly as long as the uncut one."""
+    flags = ("--engine", "synthetic", "--synthetic-itl-ms", "20", "--flush-tokens", "4",
+             "--flush-ms", "10000")  # fmt: skip
+    path, body = request_kind
+    body = {**body, "model": "synthetic", "max_tokens": 30}
+    with processes(lambda: tokenspout(*flags), lambda: tokenspout(*flags)) as (dying, other):
+        uncut = httpx.post(f"{other.url}{path}", json=body).json()
+        choice = uncut["choices"][0]
+        expected = choice.get("message", {}).get("content") or choice.get("text")
+        server = front(start_server, dying, other, **FAST)
+        streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        texts, usage = [], None
+        with httpx.stream("POST", f"{server.url}{path}", json=streamed, timeout=30) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                usage = chunk.get("usage") or usage
+                if chunk["choices"]:
+                    c = chunk["choices"][0]
+                    texts.append(c.get("delta", {}).get("content") or c.get("text") or "")
+                # Killed once a chunk of several tokens reached the front.
+                if dying.proc.poll() is None and len("".join(texts).split()) >= 5:
+                    dying.kill()
+    assert "".join(texts) == expected
+    assert usage is not None and usage["completion_tokens"] == 30
+    labels = f'reason="cut",upstream="{dying.base}"'
+    assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
+
+
 def test_a_whole_answer_cut_before_its_usage_is_not_continued(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
 ) -> None:

@@ -61,6 +61,24 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
                 "é", (), None, None, (TokenLogprob("é", b"\xc3\xa9", -0.5, (("e", b"e", -1.0),)),)
             ),
         ),
+        (  # vLLM's and tokenspout's continuous usage: the tokens so far, in every chunk
+            json.dumps(
+                {
+                    "choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": None}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+                }
+            ),
+            UpstreamChunk("ab", (), None, (3, 4), (), 4),
+        ),
+        (  # llama.cpp's timings_per_token
+            json.dumps(
+                {
+                    "choices": [{"index": 0, "delta": {"content": "😀"}, "finish_reason": None}],
+                    "timings": {"prompt_n": 3, "predicted_n": 7},
+                }
+            ),
+            UpstreamChunk("😀", (), None, None, (), 7),
+        ),
     ],
 )
 def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:

@@ -1,11 +1,13 @@
 """The context length an upstream's ``/models`` entry gives, in each server's own words,
-and none where the entry does not say."""
+and none where the entry does not say; how its chunks can be asked to count tokens."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenspout.engine.upstream_server import context_length
+from tokenspout.engine.request import Prompt, SamplingParams
+from tokenspout.engine.upstream_body import request_body
+from tokenspout.engine.upstream_server import context_length, token_counts
 
 
 @pytest.mark.parametrize(
@@ -26,3 +28,33 @@ from tokenspout.engine.upstream_server import context_length
 )
 def test_context_length_of_a_models_entry(entry: dict, length: int | None) -> None:
     assert context_length(entry) == length
+
+
+@pytest.mark.parametrize(
+    ("owners", "counts"),
+    [
+        (["vllm"], "usage"),
+        (["tokenspout"], "usage"),
+        (["tokenspout-synthetic", "tokenspout"], "usage"),
+        (["llamacpp"], "timings"),
+        (["openai"], None),  # a hosted API may refuse a field it does not know: not asked
+        (["vllm", "someone"], None),
+        ([], None),
+    ],
+)
+def test_which_upstreams_are_asked_to_count_the_tokens_of_chunks(
+    owners: list[str], counts: str | None
+) -> None:
+    assert token_counts([{"id": f"m{i}", "owned_by": o} for i, o in enumerate(owners)]) == counts
+
+
+def test_the_request_asks_for_the_counts_the_upstream_gives() -> None:
+    prompt = Prompt(text="hi", token_ids=None)
+    params = SamplingParams(max_tokens=5, model="m")
+    _, plain = request_body(prompt, params)
+    _, usage = request_body(prompt, params, "usage")
+    _, timings = request_body(prompt, params, "timings")
+    assert plain["stream_options"] == {"include_usage": True} and "timings_per_token" not in plain
+    assert usage["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert timings["timings_per_token"] is True
+    assert timings["stream_options"] == {"include_usage": True}

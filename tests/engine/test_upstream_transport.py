@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import pytest
 
+from tokenspout.engine.upstream_options import UpstreamOptions
+from tokenspout.engine.upstream_server import UpstreamServer
 from tokenspout.engine.upstream_transport import UpstreamTransport, relay_transport
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -243,3 +245,29 @@ def test_only_plain_http_without_a_proxy_gets_it(monkeypatch: pytest.MonkeyPatch
     assert relay_transport("http://gpu-box:8000/v1", limits) is None
     monkeypatch.setenv("NO_PROXY", "gpu-box")
     assert isinstance(relay_transport("http://gpu-box:8000/v1", limits), UpstreamTransport)
+
+
+async def test_a_relayed_post_sends_what_httpx_would(serve) -> None:
+    """``UpstreamServer.post`` writes the request itself (no ``httpx.Request``): the same
+    bytes as httpx's client sends for it, API key and base path included."""
+    upstream = await serve(writes(SSE_HEAD + chunked(b"data: [DONE]\n\n")))
+    options = UpstreamOptions(urls=(upstream.url + "/v1",), api_key="k3y")
+    server = UpstreamServer(upstream.url + "/v1", options)
+    headers = {"Content-Type": "application/json", "traceparent": "00-ab-cd-01"}
+    try:
+        response = await server.post("/chat/completions", b'{"a":1}', headers)
+        assert await body(response) == b"data: [DONE]\n\n"
+        await response.aclose()
+        request = server.client.build_request(
+            "POST", "/chat/completions", content=b'{"a":1}', headers=headers
+        )
+        sent = await server.client.send(request)
+        assert sent.status_code == 200
+        assert upstream.requests[0] == upstream.requests[1]
+        assert upstream.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert b"\r\nAuthorization: Bearer k3y\r\n" in upstream.requests[0]
+        assert upstream.connections == 1  # the first answer's connection served the second
+        with pytest.raises(ValueError, match="line break"):
+            await server.post("/completions", b"{}", {"traceparent": "x\r\nHost: evil"})
+    finally:
+        await server.close()

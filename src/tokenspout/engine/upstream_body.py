@@ -10,20 +10,30 @@ tokenspout makes the client's stream itself.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
 
+#: How an upstream's chunks say the tokens generated so far (``upstream_server.token_counts``).
+TokenCounts = Literal["usage", "timings"]
 
-def request_body(prompt: Prompt, params: SamplingParams) -> tuple[str, dict[str, Any]]:
+
+def request_body(
+    prompt: Prompt, params: SamplingParams, counts: TokenCounts | None = None
+) -> tuple[str, dict[str, Any]]:
     """The path under the upstream's base (``/chat/completions`` or ``/completions``) and
-    the body to post there."""
+    the body to post there; ``counts`` asks for each chunk's count of tokens so far."""
     body = dict(params.extra_body)
+    options: dict[str, Any] = {"include_usage": True}
+    if counts == "usage":
+        options["continuous_usage_stats"] = True
+    elif counts == "timings":
+        body["timings_per_token"] = True
     body.update(
         model=params.model,
         max_tokens=params.max_tokens,
         stream=True,
-        stream_options={"include_usage": True},
+        stream_options=options,
     )
     if params.seed is not None:
         # Choice i of a request with n > 1 draws with seed + i (``choice_params``).

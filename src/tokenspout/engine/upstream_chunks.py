@@ -28,6 +28,9 @@ class UpstreamChunk(NamedTuple):
     usage: tuple[int, int] | None
     #: The logprobs of the chunk's tokens, when the request asked for them.
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: Tokens generated so far, this chunk's included, when the upstream says (the usage of
+    #: a chunk with choices, or llama.cpp's ``timings.predicted_n``).
+    generated: int | None = None
 
 
 def parse_chunk(data: str | bytes) -> UpstreamChunk:
@@ -62,7 +65,13 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
         finish = choice.get("finish_reason")
         if not isinstance(text, str) or not (finish is None or isinstance(finish, str)):
             raise TypeError("text or finish_reason of the wrong type")
-        return UpstreamChunk(text, calls, finish, usage, tokens)
+        if usage is not None:
+            generated: int | None = usage[1]
+        elif (timings := chunk.get("timings")) is not None:
+            generated = int(timings["predicted_n"])
+        else:
+            generated = None
+        return UpstreamChunk(text, calls, finish, usage, tokens, generated)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise MalformedChunkError(f"a chunk of an unexpected shape ({exc!r})") from None
 

@@ -202,15 +202,12 @@ class UpstreamRelay:
                 return
             sofar = Continuation("".join(self.parts), None, self.tokens)
             prompt, params = self.continuation(prompt, params, sofar)
-        path, body = request_body(prompt, params)
+        path, body = request_body(prompt, params, server.token_counts)
         self._part = None
         sent_at = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.options.first_token_timeout_s) as timer:
-                request = server.client.build_request(
-                    "POST", path, content=encode(body), headers=_headers(prompt)
-                )
-                response = await server.client.send(request, stream=True)
+                response = await server.post(path, encode(body), _headers(prompt))
                 try:
                     await self._check_status(server, response)
                     await self._read(server, response, timer, sent_at)
@@ -318,10 +315,11 @@ class UpstreamRelay:
 
     def _deliver(self, chunk: UpstreamChunk) -> None:
         if not (chunk.tool_calls or chunk.logprobs):
-            if chunk.text:  # the usual chunk: one token's text, nothing else
-                self.tokens += 1
+            if chunk.text:  # the usual chunk: text, nothing else
+                n = self._count(chunk)
+                self.tokens += n
                 self.parts.append(chunk.text)
-                self._emit(EngineOutput(chunk.text, 1, 0, self.tokens))
+                self._emit(EngineOutput(chunk.text, n, 0, self.tokens))
             return
         if chunk.tool_calls:
             self._tool_calls_sent = True
@@ -333,10 +331,18 @@ class UpstreamRelay:
             if logprob is not None or calls:
                 extras = OutputExtras(logprob, calls)
             text = chunk.text if first else ""
-            self.tokens += 1
+            n = 1 if logprob is not None else self._count(chunk)  # a logprob is a token
+            self.tokens += n
             if text:
                 self.parts.append(text)
-            self._emit(EngineOutput(text, 1, 0, self.tokens, None, extras))
+            self._emit(EngineOutput(text, n, 0, self.tokens, None, extras))
+
+    def _count(self, chunk: UpstreamChunk) -> int:
+        """The tokens a chunk with output accounts for: the upstream's own count when it
+        gives one (several when it coalesced them), else one."""
+        if chunk.generated is None or self._part is None:
+            return 1
+        return max(self._part.tokens_before + chunk.generated - self.tokens, 1)
 
     def _finish(self, finish: str, usage: tuple[int, int] | None, part_tokens: int) -> None:
         """The last output: the finish reason and the usage of all parts. The last part's

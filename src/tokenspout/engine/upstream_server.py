@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from tokenspout.engine.upstream_body import TokenCounts
 from tokenspout.engine.upstream_options import UpstreamOptions, address
 from tokenspout.engine.upstream_transport import relay_transport
 
@@ -45,19 +46,26 @@ class UpstreamServer:
             # dropped here first.
             keepalive_expiry=_KEEPALIVE_S,
         )
+        # Plain HTTP goes through our transport (the relay's CPU per token), the rest
+        # through httpx's own.
+        self._transport = relay_transport(self.url, limits)
         self.client = httpx.AsyncClient(
             base_url=self.url,
             headers=headers,
             limits=limits,
             timeout=httpx.Timeout(_CONNECT_TIMEOUT_S, read=None, write=_CONNECT_TIMEOUT_S),
-            # Plain HTTP goes through our transport (the relay's CPU per token), the rest
-            # through httpx's own.
-            transport=relay_transport(self.url, limits),
+            transport=self._transport,
         )
+        self._timeouts = self.client.timeout.as_dict()
+        #: Per path: the request line and the headers every request to it carries.
+        self._heads: dict[str, bytes] = {}
         #: Model ids it serves (its ``/models``), as of the last successful check.
         self.models: frozenset[str] = frozenset()
         #: Each model's context length in tokens, for the models whose entry gives one.
         self.context_lengths: dict[str, int] = {}
+        #: How its chunks say how many tokens they hold (``token_counts``), as of the last
+        #: successful check; None: they do not, and a chunk counts as one token.
+        self.token_counts: TokenCounts | None = None
         self.healthy = False
         #: Requests it is answering now (the balancer's least-outstanding count).
         self.outstanding = 0
@@ -68,6 +76,28 @@ class UpstreamServer:
     @property
     def has_room(self) -> bool:
         return self.outstanding < self.max_concurrency
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """POST ``body`` to ``path`` (under its base URL) with ``headers`` besides the
+        client's own; the answer's body is left to stream (close the response)."""
+        if self._transport is None:
+            request = self.client.build_request("POST", path, content=body, headers=headers)
+            return await self.client.send(request, stream=True)
+        head = self._heads.get(path) or self._head(path)
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        if extra.count("\n") != len(headers) or extra.count("\r") != len(headers):
+            raise ValueError(f"a header holds a line break: {headers!r}")  # no smuggling
+        wire = b"%s%sContent-Length: %d\r\n\r\n%s" % (head, extra.encode(), len(body), body)
+        return await self._transport.exchange(self.client.base_url, wire, self._timeouts)
+
+    def _head(self, path: str) -> bytes:
+        """What httpx would send before the request's own headers: the request line, Host
+        and the client's headers (User-Agent, Accept..., the API key)."""
+        url = self.client.build_request("POST", path).url
+        lines = [b"POST %s HTTP/1.1" % url.raw_path, b"Host: %s" % url.netloc]
+        lines += [name + b": " + value for name, value in self.client.headers.raw]
+        head = self._heads[path] = b"\r\n".join(lines) + b"\r\n"
+        return head
 
     def serves(self, model: str) -> bool:
         return model in self.models
@@ -82,6 +112,7 @@ class UpstreamServer:
             entries = r.json()["data"]
             models = frozenset(m["id"] for m in entries)
             lengths = {m["id"]: n for m in entries if (n := context_length(m)) is not None}
+            counts = token_counts(entries)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if self.streaming:
                 # It answered requests since the last check: busy, not down.
@@ -94,6 +125,7 @@ class UpstreamServer:
             logger.info("upstream %s is healthy; serves %s", self.address, ", ".join(models))
         self.models = models
         self.context_lengths = lengths
+        self.token_counts = counts
         self.healthy = True
         self._failures = 0
 
@@ -116,6 +148,23 @@ class UpstreamServer:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def token_counts(entries: list[dict[str, Any]]) -> TokenCounts | None:
+    """How the server whose ``/models`` lists ``entries`` can be asked to count the tokens
+    of each streamed chunk: one chunk may hold several (a coalescing server such as
+    tokenspout; llama.cpp sends the tokens of a UTF-8 character together), and a
+    continuation's ``max_tokens`` must take off what was generated, not what was sent.
+    vLLM and tokenspout put the usage so far in every chunk
+    (``stream_options.continuous_usage_stats``), llama.cpp its ``timings.predicted_n``
+    (``timings_per_token``). Others are not asked: a field a hosted API does not know can
+    be refused."""
+    owners = {str(m.get("owned_by", "")) for m in entries}
+    if owners and all(o == "vllm" or o.startswith("tokenspout") for o in owners):
+        return "usage"
+    if owners == {"llamacpp"}:
+        return "timings"
+    return None
 
 
 def context_length(entry: dict[str, Any]) -> int | None:

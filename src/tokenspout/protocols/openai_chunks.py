@@ -36,6 +36,8 @@ class _OpenAIChunks:
     created: int
     model: str
     include_usage: bool = False
+    #: Each chunk's ``usage`` is the usage so far (``usage_so_far``), not null.
+    continuous_usage: bool = False
     ends_with_done = True
 
     def _chunk(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -56,6 +58,12 @@ class _OpenAIChunks:
         chunk = self._chunk(object_, [])
         chunk["usage"] = usage.as_dict()
         return [chunk]
+
+    @staticmethod
+    def usage_so_far(chunk: dict[str, Any], usage: Usage) -> dict[str, Any]:
+        """``chunk`` with ``usage`` (continuous usage): the tokens up to and including its own."""
+        chunk["usage"] = usage.as_dict()
+        return chunk
 
     def error(self, err: TokenspoutError) -> dict[str, Any]:
         return error_body(err)

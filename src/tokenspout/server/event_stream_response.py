@@ -74,6 +74,10 @@ class EventStreamResponse(Response, StreamTransport):
         )
         self.chunks = self.wire.chunks(stream.id, stream.created)
         self._delta_json = delta_encoder(self.chunks)
+        #: Tokens sent so far, for continuous usage; None without it, and for a reader that
+        #: starts later (a resumed one does not know the tokens before it: null usage).
+        continuous = getattr(self.chunks, "continuous_usage", False) and start == 0
+        self._usage_sent: int | None = 0 if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
         self._opening = (not resumed) if opening is None else opening
         self._send_asgi: Send | None = None
@@ -102,6 +106,8 @@ class EventStreamResponse(Response, StreamTransport):
         await self._start()
         if self._opening:
             for payload in self._opening_chunks():
+                if self._usage_sent is not None:
+                    payload = self._with_usage(payload, 0)
                 await self._write(self._event(payload, self.cursor.position))
 
     def _opening_chunks(self) -> list[dict[str, Any]]:
@@ -117,6 +123,10 @@ class EventStreamResponse(Response, StreamTransport):
             if event.index:  # a choice of a group (OpenAI formats only)
                 chunks: Any = self.chunks
                 payload = dumps(chunks.delta_with(event.text, event.extras, event.index))
+            elif self._usage_sent is not None:
+                self._usage_sent += event.num_tokens
+                chunk = self.chunks.delta_with(event.text, event.extras)
+                payload = dumps(self._with_usage(chunk, self._usage_sent))
             elif event.extras:
                 payload = dumps(self.chunks.delta_with(event.text, event.extras))
             else:
@@ -156,6 +166,10 @@ class EventStreamResponse(Response, StreamTransport):
         await self._send_asgi({"type": "http.response.body", "body": body, "more_body": more_body})
         guard.sent()
 
+    def _with_usage(self, chunk: dict[str, Any], completion_tokens: int) -> dict[str, Any]:
+        usage = Usage(self.stream.prompt_tokens, completion_tokens)
+        return self.chunks.usage_so_far(chunk, usage)  # type: ignore[attr-defined]
+
     def _event(self, payload: dict[str, Any], position: int) -> bytes:
         return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
 
@@ -171,5 +185,7 @@ class EventStreamResponse(Response, StreamTransport):
                 payloads = self.chunks.usage_end(usage)  # type: ignore[attr-defined]
             else:
                 payloads = self.chunks.closing(end.finish_reason, usage)
+                if self._usage_sent is not None:
+                    payloads[0] = self._with_usage(payloads[0], end.completion_tokens)
             body = b"".join(self._event(p, position) for p in payloads)
         return body + self.framing.done()

@@ -41,14 +41,15 @@ class StreamWire:
     kind: str
     model: str
     include_usage: bool = False
+    #: Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``).
+    continuous_usage: bool = False
 
     def chunks(self, stream_id: str, created: float) -> ChunkFormat:
+        usage = self.include_usage, self.continuous_usage
         if self.kind == "chat":
-            return ChatChunks(f"chatcmpl-{stream_id}", int(created), self.model, self.include_usage)
+            return ChatChunks(f"chatcmpl-{stream_id}", int(created), self.model, *usage)
         if self.kind == "completion":
-            return CompletionChunks(
-                f"cmpl-{stream_id}", int(created), self.model, self.include_usage
-            )
+            return CompletionChunks(f"cmpl-{stream_id}", int(created), self.model, *usage)
         return SeedEvents()
 
 
@@ -236,6 +237,12 @@ def _request(
             "stream_options.resumable out",
             param="n",
         )
+    if generation.wire.continuous_usage:
+        raise InvalidRequestError(
+            "stream_options.continuous_usage_stats is for one choice: ask for n = 1, or "
+            "leave it out",
+            param="stream_options.continuous_usage_stats",
+        )
     return replace(generation, n=body.n, resumable=False)
 
 
@@ -268,7 +275,8 @@ def _generation(
         if options.resumable is not None:
             resumable = options.resumable
         if options.include_usage:
-            wire = StreamWire(wire.kind, wire.model, include_usage=True)
+            # As vLLM: continuous usage needs include_usage, and is ignored without it.
+            wire = StreamWire(wire.kind, wire.model, True, options.continuous_usage_stats)
     params = replace(params, model=wire.model)
     reading = ReadSettings.resolve(cfg, options)
     return GenerationRequest(prompt, params, wire, reading, resumable, body)

@@ -37,6 +37,8 @@ class StreamOptions(_Body):
     """OpenAI's ``stream_options`` plus our coalescing and resume knobs."""
 
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+    """vLLM's: with ``include_usage``, every chunk carries the usage so far."""
     flush_tokens: PositiveInt | None = None
     flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0, strict=False)] | None = None
     resumable: StrictBool | None = None
