@@ -1,7 +1,7 @@
 """Decode-step time of ModelRunner per weight format and batch size, and where it goes.
 
     .venv/bin/python benchmarks/decode_step_profile.py [--steps 40] [--context 128] \
-        [--formats q4_1,fp16] [--batches 1,2,4,8,16] [--no-profile]
+        [--formats q4_1,fp16] [--batches 1,2,4,8,16] [--threads N] [--no-profile]
 
 Every slot first gets a ``--context``-token prompt; then a decode step for ``batch`` slots
 (each feeding one token at the next position) is timed ``--steps`` times, formats side by
@@ -72,6 +72,13 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="a fixed thread count (default: the engine's own, which drops to 1 while other "
+        "processes compete for the cores)",
+    )
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
     formats = args.formats.split(",")
@@ -81,7 +88,13 @@ def main() -> None:
     results: dict[str, dict[int, float]] = {}
     runners: dict[str, ModelRunner] = {}
     for fmt in formats:
-        runner = ModelRunner(None, weights=fmt, num_slots=max(batches), max_model_len=max_len)
+        runner = ModelRunner(
+            None,
+            weights=fmt,
+            num_slots=max(batches),
+            max_model_len=max_len,
+            num_threads=args.threads,
+        )
         prompt = list(range(1000, 1000 + args.context))
         for slot in range(max(batches)):
             runner.forward([SeqChunk(slot, prompt, 0)])
