@@ -32,6 +32,11 @@
 /* Rows of x processed together, so that each unpacked weight block serves several rows. */
 #define ROWS 4
 
+/* How far ahead of the weight blocks being read to prefetch, in bytes (the rows that follow
+ * in the same stream): the hardware prefetcher alone left a batch-1 step 4-7 % slower
+ * (benchmarks/RESULTS.md, issue 14); 1 and 2 KB measured alike. */
+#define PREFETCH 2048
+
 /* x quantised per row and block of 32: q [M, K] int16, scale and exact sum [M, K/32]. */
 typedef struct {
     int16_t *q;
@@ -127,11 +132,12 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
 /* One output row of W against ``rows`` rows of quantised x (a literal at each call site, so
  * the accumulators stay in registers). Blocks go in pairs with one accumulator each, so
  * that consecutive blocks' FMAs do not wait on each other's latency. */
-#define ROW_BODY(BLOCK_FN)                                                                 \
+#define ROW_BODY(BLOCK_FN, BLOCK_BYTES)                                                    \
     __m256 acc0[ROWS], acc1[ROWS];                                                         \
     for (int r = 0; r < rows; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();               \
     int64_t b = 0;                                                                         \
     for (; b + 2 <= nb; b += 2) {                                                          \
+        _mm_prefetch((const char *)(qn + b * BLOCK_BYTES) + PREFETCH, _MM_HINT_T0);        \
         __m256i w0[2], w1[2];                                                              \
         BLOCK_FN(qn, b, w0);                                                               \
         BLOCK_FN(qn, b + 1, w1);                                                           \
@@ -159,7 +165,7 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
 static inline __attribute__((always_inline)) void q4_1_row(
     const uint8_t *qn, const float *dn, const float *mn, int64_t nb, const int16_t *xq,
     const float *xs, const float *xsum, const int rows, float out[ROWS]) {
-    ROW_BODY(q4_1_block)
+    ROW_BODY(q4_1_block, 16)
     for (int r = 0; r < rows; r++)
         out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + dot_f32(mn, xsum + r * nb, nb);
 }
@@ -167,7 +173,7 @@ static inline __attribute__((always_inline)) void q4_1_row(
 static inline __attribute__((always_inline)) void q8_0_row(
     const int8_t *qn, const float *dn, int64_t nb, const int16_t *xq, const float *xs,
     const int rows, float out[ROWS]) {
-    ROW_BODY(q8_0_block)
+    ROW_BODY(q8_0_block, 32)
     for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
