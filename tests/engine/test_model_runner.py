@@ -179,12 +179,34 @@ def test_copy_slot_prefix_then_continue_equals_recompute(fp32: ModelRunner) -> N
         [SeqChunk(0, [1, 2], 255)],
         [SeqChunk(0, [1], 0), SeqChunk(0, [2], 1)],
         [],
+        [SeqChunk(0, [49152], 0)],
+        [SeqChunk(0, [5, -1], 0)],
     ],
-    ids=["slot-too-big", "negative-slot", "empty", "past-max-len", "same-slot-twice", "no-chunks"],
+    ids=[
+        "slot-too-big",
+        "negative-slot",
+        "empty",
+        "past-max-len",
+        "same-slot-twice",
+        "no-chunks",
+        "token-past-vocab",
+        "negative-token",
+    ],
 )
 def test_forward_rejects_bad_chunks(fp32: ModelRunner, chunks: list[SeqChunk]) -> None:
     with pytest.raises(ValueError):
         fp32.forward(chunks)
+
+
+@pytest.mark.parametrize("token", [-1, 49152, 10**9])
+def test_one_call_decode_refuses_tokens_outside_the_vocabulary(
+    q4_1: ModelRunner, token: int
+) -> None:
+    # The one-call decode step reads the embedding row in C: an id past it must be refused
+    # before, not read from whatever memory follows.
+    assert q4_1.vocab_size == 49152
+    with pytest.raises(ValueError, match="outside"):
+        q4_1.forward([SeqChunk(0, [token], 0)])
 
 
 def test_copy_slot_prefix_rejects_bad_arguments(fp32: ModelRunner) -> None:

@@ -156,6 +156,9 @@ class ModelRunner:
                     f"chunk of {len(c.token_ids)} tokens at {c.start_pos} does not fit in "
                     f"[0, {self.max_model_len})"
                 )
+            # The embedding is read by index, in C on the one-call decode path: never past it.
+            if not all(0 <= t < self.vocab_size for t in c.token_ids):
+                raise ValueError(f"a token id of a chunk is outside [0, {self.vocab_size})")
         if len({c.slot for c in chunks}) != len(chunks):
             raise ValueError("two chunks in one step share a slot")
         # A one-token chunk, prompt or not, attends to exactly what a decode token does.
