@@ -256,3 +256,25 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
         for i in range(2)
     ]  # fmt: skip
     assert torch.equal(both, torch.cat(alone))
+
+
+def test_decode_layers_do_not_depend_on_the_thread_count() -> None:
+    # Every output row, head and norm is computed whole by one thread with the same
+    # arithmetic, whichever thread: 1 and 2 threads give the same bits.
+    gen = torch.Generator().manual_seed(10)
+    layers, final, embed, head = small_model(gen, 128, 4, 2, 256)
+    decoder = block_kernels.DecodeLayers(
+        layers, final, embed, head, heads=4, kv_heads=2, head_dim=64, eps=1e-5
+    )
+    caches = [torch.randn(2, 2, 2, 40, 64, generator=gen) for _ in range(2)]
+    ids, pos, slot = torch.tensor([3, 11]), torch.tensor([33, 9]), torch.tensor([1, 0])
+    cos, sin = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        logits = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            logits.append(decoder(ids, slot, pos, cos, sin, *(c.clone() for c in caches)))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(logits[0], logits[1])
