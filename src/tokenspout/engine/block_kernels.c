@@ -507,9 +507,11 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
             QuantizedX qx = {qscratch + t * M * widest, normed + M * widest, NULL};
             qx.sum = qx.scale + M * widest / 32;
             float *scores = qx.sum + M * widest / 32;
-            for (int64_t r = 0; r < M; r++) /* the embedding row, as dequantize_q8_0 */
-                for (int64_t i = 0; i < H; i++)
-                    xr[r * H + i] = (float)embed_qs[ids[r] * H + i] * embed_d[(ids[r] * H + i) / 32];
+            for (int64_t r = 0; r < M; r++) { /* the embedding row, as dequantize_q8_0 */
+                const int8_t *eq = embed_qs + ids[r] * H;
+                const float *ed = embed_d + ids[r] * (H / 32);
+                for (int64_t i = 0; i < H; i++) xr[r * H + i] = (float)eq[i] * ed[i / 32];
+            }
             for (int64_t l = 0; l < L; l++) {
                 const LayerWeights *lw = layers + l;
                 for (int64_t r = 0; r < M; r++)
