@@ -211,8 +211,8 @@ def small_model(gen: torch.Generator, hidden: int, heads: int, kv_heads: int, in
 
 @pytest.mark.parametrize(
     ("positions", "slots"),
-    [([0], [1]), ([37], [0]), ([5, 30], [2, 0])],
-    ids=["first", "one", "two"],
+    [([0], [1]), ([37], [0]), ([5, 30], [2, 0]), ([5, 30, 0, 12, 39, 7], [2, 0, 5, 1, 3, 4])],
+    ids=["first", "one", "two", "six"],  # six: a group of 4 rows of x, then one of 2
 )
 def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[int]) -> None:
     # Small random layers of the model's shape family (hidden 128, 4 query heads on 2 KV heads
@@ -222,9 +222,9 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     gen = torch.Generator().manual_seed(len(positions) + positions[0])
     heads, kv_heads, eps = 4, 2, 1e-5
     layers, final, embed, head = small_model(gen, 128, heads, kv_heads, 256)
-    caches = [torch.randn(2, 3, kv_heads, 40, 64, generator=gen) for _ in range(2)]
+    caches = [torch.randn(2, 6, kv_heads, 40, 64, generator=gen) for _ in range(2)]
     expected_caches = [c.clone() for c in caches]
-    ids = torch.tensor([7, 49][: len(positions)])
+    ids = torch.tensor([7, 49, 0, 13, 21, 33][: len(positions)])
     pos, slot = torch.tensor(positions), torch.tensor(slots)
     expected = reference_decode(
         ids, embed, layers, final, head, pos, slot, expected_caches, heads, eps
@@ -246,16 +246,20 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     decoder = block_kernels.DecodeLayers(
         layers, final, embed, head, heads=2, kv_heads=2, head_dim=64, eps=1e-5
     )
-    caches = [torch.randn(2, 2, 2, 16, 64, generator=gen) for _ in range(2)]
-    ids, pos, slot = torch.tensor([3, 11]), torch.tensor([3, 9]), torch.tensor([0, 1])
+    caches = [torch.randn(2, 6, 2, 16, 64, generator=gen) for _ in range(2)]
+    ids, pos = torch.tensor([3, 11, 0, 49, 7, 20]), torch.tensor([3, 9, 0, 15, 4, 9])
+    slot = torch.tensor([0, 1, 2, 3, 4, 5])
     cos, sin = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
-    both = decoder(ids, slot, pos, cos, sin, *(c.clone() for c in caches))
+    together = decoder(ids, slot, pos, cos, sin, *(c.clone() for c in caches))
     alone = [
         decoder(ids[i : i + 1], slot[i : i + 1], pos[i : i + 1], cos, sin,
                 *(c.clone() for c in caches))
-        for i in range(2)
+        for i in range(6)
     ]  # fmt: skip
-    assert torch.equal(both, torch.cat(alone))
+    assert torch.equal(together, torch.cat(alone))
+    many = torch.zeros(decoder.ROWS + 1, dtype=torch.int64)
+    with pytest.raises(ValueError, match="tokens"):
+        decoder(many, many, many, cos, sin, *caches)
 
 
 def test_decode_layers_do_not_depend_on_the_thread_count() -> None:

@@ -312,16 +312,25 @@ typedef struct {
     Q4Weights w13, w2; /* w13: rows gate (I), then up (I) */
 } LayerWeights;
 
-/* Output row n of W against the M (1..ROWS) rows of quantised x. */
+/* The most tokens of one decode_layers call: groups of ROWS rows of x each read the weights
+ * once more, which still beat fbgemm's GEMM (and its ops between) up to here (RESULTS.md). */
+#define MAX_M 16
+
+/* Output row n of W against the M (1..MAX_M) rows of quantised x, ROWS rows at a time. */
 static inline void q4_1_rows(const Q4Weights *w, int64_t n, int64_t nb, const QuantizedX *qx,
-                             int64_t M, float out[ROWS]) {
+                             int64_t M, float out[MAX_M]) {
     const uint8_t *qn = w->qs + n * nb * 16;
     const float *dn = w->d + n * nb, *mn = w->m + n * nb;
-    switch (M) {
-    case 1: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 1, out); break;
-    case 2: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 2, out); break;
-    case 3: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 3, out); break;
-    default: q4_1_row(qn, dn, mn, nb, qx->q, qx->scale, qx->sum, 4, out); break;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        const int16_t *q = qx->q + r0 * nb * 32;
+        const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
+        float *o = out + r0;
+        switch (M - r0) {
+        case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
+        case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
+        case 3: q4_1_row(qn, dn, mn, nb, q, scale, sum, 3, o); break;
+        default: q4_1_row(qn, dn, mn, nb, q, scale, sum, 4, o); break;
+        }
     }
 }
 
@@ -336,7 +345,7 @@ static void team_linear(const Q4Weights *w, const QuantizedX *qx, int64_t M, int
                         int64_t N, float *y) {
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        float out[ROWS];
+        float out[MAX_M];
         q4_1_rows(w, n, K / 32, qx, M, out);
         for (int64_t r = 0; r < M; r++) y[r * N + n] = out[r];
     }
@@ -381,9 +390,9 @@ static void team_swiglu(const Q4Weights *w, const QuantizedX *qx, int64_t M, int
                         int64_t I, float *act) {
 #pragma omp for schedule(static)
     for (int64_t i0 = 0; i0 < I; i0 += 8) {
-        float gate[ROWS][8], up[ROWS][8];
+        float gate[MAX_M][8], up[MAX_M][8];
         for (int64_t i = 0; i < 8; i++) {
-            float g[ROWS], u[ROWS];
+            float g[MAX_M], u[MAX_M];
             q4_1_rows(w, i0 + i, K / 32, qx, M, g);
             q4_1_rows(w, I + i0 + i, K / 32, qx, M, u);
             for (int64_t r = 0; r < M; r++) gate[r][i] = g[r], up[r][i] = u[r];
@@ -470,7 +479,7 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
     }
 }
 
-/* Run M (1..ROWS) decode tokens from their embedding rows through all L layers, the final
+/* Run M (1..MAX_M) decode tokens from their embedding rows through all L layers, the final
  * norm and the LM head.
  *   ids [M]: the tokens; embed_qs, embed_d: the embedding's Q8_0 blocks [vocab, H];
  *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
@@ -478,8 +487,8 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
  *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp32;
  *   each token's k and v are stored at its position, every layer.
  *   head_qs, head_d: the LM head's Q8_0 blocks [V, H]; logits [M, V] out.
- * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, or -1 when
- * scratch memory could not be allocated. */
+ * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, -1 when
+ * scratch memory could not be allocated, -2 for M outside 1..MAX_M. */
 int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const float *embed_d,
                   const int64_t *slots, const int64_t *positions, const float *cos,
                   const float *sin_signed, const LayerWeights *layers, int64_t L,
@@ -487,6 +496,7 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
                   int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D, int64_t I,
                   float eps, float *k_cache, float *v_cache, int64_t num_slots,
                   int64_t max_len, float *logits) {
+    if (M < 1 || M > MAX_M) return -2;
     const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
     int64_t widest = H > I ? H : I;
     widest = widest > Hq * D ? widest : Hq * D;
@@ -554,14 +564,18 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
             quantize_rows(normed, M, H, &qx);
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < V; n++) { /* the LM head, as q8_0_linear */
-                float out[ROWS];
+                float out[MAX_M];
                 const int8_t *qn = head_qs + n * H;
                 const float *dn = head_d + n * (H / 32);
-                switch (M) {
-                case 1: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 1, out); break;
-                case 2: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 2, out); break;
-                case 3: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 3, out); break;
-                default: q8_0_row(qn, dn, H / 32, qx.q, qx.scale, 4, out); break;
+                for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+                    const int16_t *q = qx.q + r0 * H;
+                    const float *scale = qx.scale + r0 * (H / 32);
+                    switch (M - r0) {
+                    case 1: q8_0_row(qn, dn, H / 32, q, scale, 1, out + r0); break;
+                    case 2: q8_0_row(qn, dn, H / 32, q, scale, 2, out + r0); break;
+                    case 3: q8_0_row(qn, dn, H / 32, q, scale, 3, out + r0); break;
+                    default: q8_0_row(qn, dn, H / 32, q, scale, 4, out + r0); break;
+                    }
                 }
                 for (int64_t r = 0; r < M; r++) logits[r * V + n] = out[r];
             }

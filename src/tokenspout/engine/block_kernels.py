@@ -151,7 +151,7 @@ class DecodeLayers:
     ~0.2 ms a step.
     """
 
-    ROWS = 2  # above, fbgemm's GEMM beats the kernel (BlockLinear.KERNEL_ROWS)
+    ROWS = 16  # the C function's MAX_M
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
@@ -223,6 +223,8 @@ class DecodeLayers:
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
             logits.data_ptr(),
         )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"decode_layers runs 1..{self.ROWS} tokens")
         if status != 0:
             raise MemoryError("decode_layers: no memory for its scratch buffers")
         return logits
