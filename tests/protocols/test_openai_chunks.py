@@ -10,7 +10,7 @@ import pytest
 
 from tokenspout.engine.request import OutputExtras, TokenLogprob
 from tokenspout.errors import InternalError, StreamGoneError
-from tokenspout.protocols.chunk_format import Usage, delta_encoder
+from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_encoder
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
@@ -159,6 +159,21 @@ def test_the_delta_encoder_equals_json_dumps_byte_for_byte(chunks: Any, text: st
     if "\ud800" not in text:  # a lone surrogate has no UTF-8 form
         assert encode(text).encode("utf-8") == expected.encode("utf-8")
         assert json.loads(encode(text)) == chunks.delta(text)
+
+
+@pytest.mark.parametrize("chunks", [chat(True), completion(True)])
+@pytest.mark.parametrize("text", TEXTS)
+def test_the_continuous_usage_encoder_equals_json_dumps(chunks: Any, text: str) -> None:
+    encode = delta_usage_encoder(chunks)
+    assert encode is not None
+    usage = Usage(12, 345)
+    expected = chunks.usage_so_far(chunks.delta(text), usage)
+    assert encode(text, usage) == json.dumps(expected, ensure_ascii=False, separators=(",", ":"))
+
+
+def test_no_continuous_usage_encoder_without_a_usage_field() -> None:
+    assert delta_usage_encoder(chat()) is None
+    assert delta_usage_encoder(SeedEvents()) is None
 
 
 def test_the_delta_encoder_needs_the_text_as_a_json_string() -> None:

@@ -54,13 +54,38 @@ def delta_encoder(chunks: ChunkFormat) -> Callable[[str], str]:
     """``text -> dumps(chunks.delta(text))``, built once per stream from a template: the
     delta payload's JSON split around its text. A delta is then one string escape instead
     of a dict and a whole ``json.dumps`` (deltas are most of what a stream sends)."""
-    marker = "\x00tokenspout-delta-text\x00"
-    prefix, found, suffix = dumps(chunks.delta(marker)).partition(encode_basestring(marker))
-    if not found:
-        raise ValueError("a delta payload must carry its text as a JSON string")
+    prefix, suffix = _delta_template(chunks)
 
     def encode(text: str) -> str:
         # encode_basestring is what json.dumps(..., ensure_ascii=False) applies to a str.
         return prefix + encode_basestring(text) + suffix
 
     return encode
+
+
+def delta_usage_encoder(chunks: ChunkFormat) -> Callable[[str, Usage], str] | None:
+    """As ``delta_encoder``, for a delta that carries the usage so far (continuous usage:
+    the delta's ``"usage": null`` filled in), or None when the delta does not end with it."""
+    prefix, suffix = _delta_template(chunks)
+    null = '"usage":null}'
+    if not suffix.endswith(null):
+        return None
+    suffix = suffix[: -len(null)]
+
+    def encode(text: str, usage: Usage) -> str:
+        p, c = usage.prompt_tokens, usage.completion_tokens
+        return (
+            f'{prefix}{encode_basestring(text)}{suffix}"usage":{{"prompt_tokens":{p},'
+            f'"completion_tokens":{c},"total_tokens":{p + c}}}}}'
+        )
+
+    return encode
+
+
+def _delta_template(chunks: ChunkFormat) -> tuple[str, str]:
+    """A delta payload's JSON before and after its text."""
+    marker = "\x00tokenspout-delta-text\x00"
+    prefix, found, suffix = dumps(chunks.delta(marker)).partition(encode_basestring(marker))
+    if not found:
+        raise ValueError("a delta payload must carry its text as a JSON string")
+    return prefix, suffix

@@ -14,7 +14,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tokenspout.errors import TokenspoutError
-from tokenspout.protocols.chunk_format import Usage, delta_encoder
+from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_encoder
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
@@ -78,6 +78,7 @@ class EventStreamResponse(Response, StreamTransport):
         #: starts later (a resumed one does not know the tokens before it: null usage).
         continuous = getattr(self.chunks, "continuous_usage", False) and start == 0
         self._usage_sent: int | None = 0 if continuous else None
+        self._delta_usage_json = delta_usage_encoder(self.chunks) if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
         self._opening = (not resumed) if opening is None else opening
         self._send_asgi: Send | None = None
@@ -125,8 +126,12 @@ class EventStreamResponse(Response, StreamTransport):
                 payload = dumps(chunks.delta_with(event.text, event.extras, event.index))
             elif self._usage_sent is not None:
                 self._usage_sent += event.num_tokens
-                chunk = self.chunks.delta_with(event.text, event.extras)
-                payload = dumps(self._with_usage(chunk, self._usage_sent))
+                usage = Usage(self.stream.prompt_tokens, self._usage_sent)
+                if event.extras or self._delta_usage_json is None:
+                    chunk = self.chunks.delta_with(event.text, event.extras)
+                    payload = dumps(self.chunks.usage_so_far(chunk, usage))  # type: ignore[attr-defined]
+                else:  # the usual delta: text only, from the template
+                    payload = self._delta_usage_json(event.text, usage)
             elif event.extras:
                 payload = dumps(self.chunks.delta_with(event.text, event.extras))
             else:
