@@ -240,12 +240,20 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
         torch.testing.assert_close(cache, expected_cache, atol=2e-3, rtol=2e-3)
 
 
-def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
-    gen = torch.Generator().manual_seed(9)
-    layers, final, embed, head = small_model(gen, 128, 2, 2, 256)
+def small_decoder(
+    seed: int, heads: int, kv_heads: int
+) -> tuple[block_kernels.DecodeLayers, torch.Generator]:
+    """``DecodeLayers`` over ``small_model``'s random layers, and the generator after them."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, final, embed, head = small_model(gen, 128, heads, kv_heads, 256)
     decoder = block_kernels.DecodeLayers(
-        layers, final, embed, head, heads=2, kv_heads=2, head_dim=64, eps=1e-5
+        layers, final, embed, head, heads=heads, kv_heads=kv_heads, head_dim=64, eps=1e-5
     )
+    return decoder, gen
+
+
+def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
+    decoder, gen = small_decoder(9, 2, 2)
     caches = [torch.randn(2, 6, 2, 16, 64, generator=gen) for _ in range(2)]
     ids, pos = torch.tensor([3, 11, 0, 49, 7, 20]), torch.tensor([3, 9, 0, 15, 4, 9])
     slot = torch.tensor([0, 1, 2, 3, 4, 5])
@@ -265,11 +273,7 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
 def test_decode_layers_do_not_depend_on_the_thread_count() -> None:
     # Every output row, head and norm is computed whole by one thread with the same
     # arithmetic, whichever thread: 1 and 2 threads give the same bits.
-    gen = torch.Generator().manual_seed(10)
-    layers, final, embed, head = small_model(gen, 128, 4, 2, 256)
-    decoder = block_kernels.DecodeLayers(
-        layers, final, embed, head, heads=4, kv_heads=2, head_dim=64, eps=1e-5
-    )
+    decoder, gen = small_decoder(10, 4, 2)
     caches = [torch.randn(2, 2, 2, 40, 64, generator=gen) for _ in range(2)]
     ids, pos, slot = torch.tensor([3, 11]), torch.tensor([33, 9]), torch.tensor([1, 0])
     cos, sin = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)

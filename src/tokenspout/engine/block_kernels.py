@@ -177,6 +177,7 @@ class DecodeLayers:
         ]
         self._final = final_norm.float().contiguous()
         self._embed, self._head = embed, head
+        self._linears = [linears for _, *linears in layers]  # their blocks, as the norms
         pointers: list[int] = []
         for n, (_, wqkv, wo, _, w13, w2) in enumerate(layers):
             pointers.append(self._norms[n].data_ptr())
