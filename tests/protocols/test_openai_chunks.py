@@ -172,8 +172,9 @@ def test_the_continuous_usage_encoder_equals_json_dumps(chunks: Any, text: str) 
 
 
 def test_no_continuous_usage_encoder_without_a_usage_field() -> None:
-    assert delta_usage_encoder(chat()) is None
-    assert delta_usage_encoder(SeedEvents()) is None
+    for chunks in (chat(), SeedEvents()):
+        with pytest.raises(ValueError, match="usage"):
+            delta_usage_encoder(chunks)
 
 
 def test_the_delta_encoder_needs_the_text_as_a_json_string() -> None:

@@ -334,6 +334,24 @@ static inline void q4_1_rows(const Q4Weights *w, int64_t n, int64_t nb, const Qu
     }
 }
 
+/* As q4_1_rows, for a Q8_0 weight (the LM head). */
+static inline void q8_0_rows(const int8_t *qs, const float *d, int64_t n, int64_t nb,
+                             const QuantizedX *qx, int64_t M, float out[MAX_M]) {
+    const int8_t *qn = qs + n * nb * 32;
+    const float *dn = d + n * nb;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        const int16_t *q = qx->q + r0 * nb * 32;
+        const float *scale = qx->scale + r0 * nb;
+        float *o = out + r0;
+        switch (M - r0) {
+        case 1: q8_0_row(qn, dn, nb, q, scale, 1, o); break;
+        case 2: q8_0_row(qn, dn, nb, q, scale, 2, o); break;
+        case 3: q8_0_row(qn, dn, nb, q, scale, 3, o); break;
+        default: q8_0_row(qn, dn, nb, q, scale, 4, o); break;
+        }
+    }
+}
+
 static inline void quantize_rows(const float *x, int64_t M, int64_t K, QuantizedX *qx) {
     for (int64_t i = 0; i < M * (K / 32); i++)
         quantize_block(x + i * 32, qx->q + i * 32, qx->scale + i, qx->sum + i);
@@ -565,18 +583,7 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
 #pragma omp for schedule(static)
             for (int64_t n = 0; n < V; n++) { /* the LM head, as q8_0_linear */
                 float out[MAX_M];
-                const int8_t *qn = head_qs + n * H;
-                const float *dn = head_d + n * (H / 32);
-                for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-                    const int16_t *q = qx.q + r0 * H;
-                    const float *scale = qx.scale + r0 * (H / 32);
-                    switch (M - r0) {
-                    case 1: q8_0_row(qn, dn, H / 32, q, scale, 1, out + r0); break;
-                    case 2: q8_0_row(qn, dn, H / 32, q, scale, 2, out + r0); break;
-                    case 3: q8_0_row(qn, dn, H / 32, q, scale, 3, out + r0); break;
-                    default: q8_0_row(qn, dn, H / 32, q, scale, 4, out + r0); break;
-                    }
-                }
+                q8_0_rows(head_qs, head_d, n, H / 32, &qx, M, out);
                 for (int64_t r = 0; r < M; r++) logits[r * V + n] = out[r];
             }
         }

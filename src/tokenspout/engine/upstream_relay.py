@@ -302,7 +302,7 @@ class UpstreamRelay:
             if payload == b"[DONE]":
                 return True
             chunk = parse_chunk(payload)
-            self._deliver(chunk)
+            self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
             part.usage = chunk.usage or part.usage
         return False
@@ -313,10 +313,10 @@ class UpstreamRelay:
         self.metrics.requests.labels(server.address, "200").inc()
         self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
 
-    def _deliver(self, chunk: UpstreamChunk) -> None:
+    def _deliver(self, chunk: UpstreamChunk, part: _Part) -> None:
         if not (chunk.tool_calls or chunk.logprobs):
             if chunk.text:  # the usual chunk: text, nothing else
-                n = self._count(chunk)
+                n = self._count(chunk, part)
                 self.tokens += n
                 self.parts.append(chunk.text)
                 self._emit(EngineOutput(chunk.text, n, 0, self.tokens))
@@ -331,18 +331,18 @@ class UpstreamRelay:
             if logprob is not None or calls:
                 extras = OutputExtras(logprob, calls)
             text = chunk.text if first else ""
-            n = 1 if logprob is not None else self._count(chunk)  # a logprob is a token
+            n = 1 if logprob is not None else self._count(chunk, part)  # a logprob is a token
             self.tokens += n
             if text:
                 self.parts.append(text)
             self._emit(EngineOutput(text, n, 0, self.tokens, None, extras))
 
-    def _count(self, chunk: UpstreamChunk) -> int:
-        """The tokens a chunk with output accounts for: the upstream's own count when it
-        gives one (several when it coalesced them), else one."""
-        if chunk.generated is None or self._part is None:
+    def _count(self, chunk: UpstreamChunk, part: _Part) -> int:
+        """The tokens a chunk of ``part`` with output accounts for: the upstream's own count
+        when it gives one (several when it coalesced them), else one."""
+        if chunk.generated is None:
             return 1
-        return max(self._part.tokens_before + chunk.generated - self.tokens, 1)
+        return max(part.tokens_before + chunk.generated - self.tokens, 1)
 
     def _finish(self, finish: str, usage: tuple[int, int] | None, part_tokens: int) -> None:
         """The last output: the finish reason and the usage of all parts. The last part's

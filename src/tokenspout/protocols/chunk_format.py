@@ -63,13 +63,14 @@ def delta_encoder(chunks: ChunkFormat) -> Callable[[str], str]:
     return encode
 
 
-def delta_usage_encoder(chunks: ChunkFormat) -> Callable[[str, Usage], str] | None:
+def delta_usage_encoder(chunks: ChunkFormat) -> Callable[[str, Usage], str]:
     """As ``delta_encoder``, for a delta that carries the usage so far (continuous usage:
-    the delta's ``"usage": null`` filled in), or None when the delta does not end with it."""
+    the delta's ``"usage": null`` filled in); ValueError for a format whose delta does not
+    end with it."""
     prefix, suffix = _delta_template(chunks)
     null = '"usage":null}'
     if not suffix.endswith(null):
-        return None
+        raise ValueError("a delta payload must end with its usage for continuous usage")
     suffix = suffix[: -len(null)]
 
     def encode(text: str, usage: Usage) -> str:

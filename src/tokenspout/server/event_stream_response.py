@@ -124,13 +124,14 @@ class EventStreamResponse(Response, StreamTransport):
             if event.index:  # a choice of a group (OpenAI formats only)
                 chunks: Any = self.chunks
                 payload = dumps(chunks.delta_with(event.text, event.extras, event.index))
-            elif self._usage_sent is not None:
+            elif self._delta_usage_json is not None:
+                assert self._usage_sent is not None  # set together
                 self._usage_sent += event.num_tokens
-                usage = Usage(self.stream.prompt_tokens, self._usage_sent)
-                if event.extras or self._delta_usage_json is None:
+                if event.extras:
                     chunk = self.chunks.delta_with(event.text, event.extras)
-                    payload = dumps(self.chunks.usage_so_far(chunk, usage))  # type: ignore[attr-defined]
+                    payload = dumps(self._with_usage(chunk, self._usage_sent))
                 else:  # the usual delta: text only, from the template
+                    usage = Usage(self.stream.prompt_tokens, self._usage_sent)
                     payload = self._delta_usage_json(event.text, usage)
             elif event.extras:
                 payload = dumps(self.chunks.delta_with(event.text, event.extras))
