@@ -104,7 +104,8 @@ def test_a_coalescing_upstream_killed_mid_stream_is_continued_by_its_token_count
     """Upstreams that send several tokens per chunk (a tokenspout's coalescing) say how many
     (continuous usage): the continuation's max_tokens takes off the tokens generated, not
     the chunks received, so the answer is exactly as long as the uncut one."""
-    flags = ("--engine", "synthetic", "--synthetic-itl-ms", "20", "--flush-tokens", "4",
+    # 50 ms a token: the kill, after 5 tokens, comes well before the 30th on a loaded machine.
+    flags = ("--engine", "synthetic", "--synthetic-itl-ms", "50", "--flush-tokens", "4",
              "--flush-ms", "10000")  # fmt: skip
     path, body = request_kind
     body = {**body, "model": "synthetic", "max_tokens": 30}
