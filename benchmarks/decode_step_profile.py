@@ -1,13 +1,16 @@
 """Decode-step time of ModelRunner per weight format and batch size, and where it goes.
 
     .venv/bin/python benchmarks/decode_step_profile.py [--steps 40] [--context 128] \
-        [--formats q4_1,fp16] [--batches 1,2,4,8,16] [--threads N] [--no-profile]
+        [--formats q4_1,fp16] [--batches 1,2,4,8,16] [--threads N] [--no-profile] \
+        [--gemm-rows 8,17]
 
 Every slot first gets a ``--context``-token prompt; then a decode step for ``batch`` slots
 (each feeding one token at the next position) is timed ``--steps`` times, formats side by
 side in one run (the machine is shared: compare ratios, not absolute numbers), then a
 256-token prefill in one chunk (best of 3). A ``torch.profiler`` table of the top ops
 follows for this CPU's default format at batch 1 and 16, those of them in ``--batches``.
+``--gemm-rows`` times q4_1 once per value of ``DecodeLayers.GEMM_ROWS`` (the batch size from
+which its one-call step runs GEMMs rather than the int16 kernels; 17: kernels up to 16).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tokenspout.engine.block_kernels import DecodeLayers
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.weights import default_format
 
@@ -80,8 +84,16 @@ def main() -> None:
         "processes compete for the cores)",
     )
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--gemm-rows", default=str(DecodeLayers.GEMM_ROWS))
     args = parser.parse_args()
     formats = args.formats.split(",")
+    gemm_rows = [int(r) for r in args.gemm_rows.split(",")]
+    # (label, format, GEMM_ROWS): q4_1 once per --gemm-rows value
+    variants = [
+        (f"{fmt} (GEMMs from {r})" if fmt == "q4_1" and len(gemm_rows) > 1 else fmt, fmt, r)
+        for fmt in formats
+        for r in (gemm_rows if fmt == "q4_1" else gemm_rows[:1])
+    ]
     batches = [int(b) for b in args.batches.split(",")]
     torch.manual_seed(SEED)
     max_len = max(args.context + 128, PREFILL + 1)
@@ -101,22 +113,24 @@ def main() -> None:
         runners[fmt] = runner
     # Interleave formats per batch size so that noise from other jobs hits all of them alike.
     for batch in batches:
-        for fmt in formats:
-            results.setdefault(fmt, {})[batch] = time_steps(
+        for label, fmt, rows in variants:
+            DecodeLayers.GEMM_ROWS = rows
+            results.setdefault(label, {})[batch] = time_steps(
                 runners[fmt], batch, args.context, args.steps
             )
+    DecodeLayers.GEMM_ROWS = gemm_rows[0]
     print(
         f"\nDecode step, context {args.context} tokens, median of {args.steps} steps, "
         f"{torch.get_num_threads()} threads\n"
     )
     print("| weights | " + " | ".join(f"batch {b}" for b in batches) + " | prefill 256 |")
     print("|---|" + "---|" * (len(batches) + 1))
-    for fmt in formats:
+    for label, fmt, _ in variants:
         cells = [
-            f"{results[fmt][b]:.1f} ms ({b / results[fmt][b] * 1e3:.0f} tok/s)" for b in batches
+            f"{results[label][b]:.1f} ms ({b / results[label][b] * 1e3:.0f} tok/s)" for b in batches
         ]
         cells.append(f"{prefill_ms(runners[fmt]):.0f} ms")
-        print(f"| {fmt} | " + " | ".join(cells) + " |")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if not args.no_profile and default_format() in runners:
         for batch in (b for b in (1, 16) if b in batches):  # only slots that were filled
             print(f"\nProfile: {default_format()} (this CPU's default), batch {batch}, 10 steps\n")

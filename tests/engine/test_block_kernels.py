@@ -23,7 +23,7 @@ def activations(rows: int, k: int, seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17, 33])
 @pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536)])
 def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
@@ -38,7 +38,7 @@ def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None
     assert ((got.double() - expected).abs().max() / scale).item() < 1e-4
 
 
-@pytest.mark.parametrize("rows", [1, 4, 6])
+@pytest.mark.parametrize("rows", [1, 4, 6, 21])
 def test_q8_0_matches_its_dequantised_weights(rows: int) -> None:
     w = torch.randn(300, 576, generator=torch.Generator().manual_seed(1))
     w[0, :32] = 0.0
@@ -54,14 +54,20 @@ def test_q8_0_matches_its_dequantised_weights(rows: int) -> None:
 
 
 def test_rows_of_a_batch_do_not_depend_on_each_other() -> None:
-    # Each row is quantised and summed on its own: a sequence's logits must not change with
-    # what else is in the step (batched decode == each alone).
+    # Each row is quantised and summed on its own by the kernel, and has a lane of its own in
+    # the GEMM's tiles: a sequence's logits must not change with what else is in the step
+    # (batched decode == each alone, a prefill == its chunks).
     w = torch.randn(200, 576, generator=torch.Generator().manual_seed(2))
     blocks = block_kernels.quantize_q4_1(w)
     linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
-    x = activations(7, 576, seed=3)
-    alone = torch.cat([linear(x[i : i + 1]) for i in range(7)])
-    assert torch.equal(linear(x), alone)
+    x = activations(27, 576, seed=3)  # the GEMM's chunks: 16 rows, then 8 + 3 of padding
+    few = linear.KERNEL_ROWS
+    alone = torch.cat([linear(x[i : i + 1]) for i in range(few)])
+    assert torch.equal(linear(x[:few]), alone)
+    together = linear(x)
+    assert torch.equal(torch.cat([linear(x[: few + 1]), linear(x[few + 1 :])]), together)
+    order = torch.randperm(27, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(linear(x[order]), together[order])
 
 
 def test_quantisers_round_trip_within_one_step() -> None:
@@ -211,8 +217,15 @@ def small_model(gen: torch.Generator, hidden: int, heads: int, kv_heads: int, in
 
 @pytest.mark.parametrize(
     ("positions", "slots"),
-    [([0], [1]), ([37], [0]), ([5, 30], [2, 0]), ([5, 30, 0, 12, 39, 7], [2, 0, 5, 1, 3, 4])],
-    ids=["first", "one", "two", "six"],  # six: a group of 4 rows of x, then one of 2
+    [
+        ([0], [1]),
+        ([37], [0]),
+        ([5, 30], [2, 0]),
+        ([5, 30, 0, 12, 39, 7], [2, 0, 5, 1, 3, 4]),
+        ([7 * i % 40 for i in range(19)], [(5 * i + 3) % 19 for i in range(19)]),
+    ],
+    # six: a group of 4 rows of x, then one of 2; nineteen: GEMMs, a chunk of 16 and one of 8
+    ids=["first", "one", "two", "six", "nineteen"],
 )
 def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[int]) -> None:
     # Small random layers of the model's shape family (hidden 128, 4 query heads on 2 KV heads
@@ -222,9 +235,9 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     gen = torch.Generator().manual_seed(len(positions) + positions[0])
     heads, kv_heads, eps = 4, 2, 1e-5
     layers, final, embed, head = small_model(gen, 128, heads, kv_heads, 256)
-    caches = [torch.randn(2, 6, kv_heads, 40, 64, generator=gen) for _ in range(2)]
+    caches = [torch.randn(2, 19, kv_heads, 40, 64, generator=gen) for _ in range(2)]
     expected_caches = [c.clone() for c in caches]
-    ids = torch.tensor([7, 49, 0, 13, 21, 33][: len(positions)])
+    ids = torch.tensor([7, 49, 0, 13, 21, 33] * 4)[: len(positions)]
     pos, slot = torch.tensor(positions), torch.tensor(slots)
     expected = reference_decode(
         ids, embed, layers, final, head, pos, slot, expected_caches, heads, eps
@@ -234,7 +247,8 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     )
     rope = Rotary(64, 10000.0, 40, torch.float32)
     got = decoder(ids, slot, pos, rope.cos, rope.sin_signed, *caches)
-    # The matmuls' inputs are rounded to int16 per block of 32 (~1e-5 of the block's largest).
+    # The kernels round the matmuls' inputs to int16 per block of 32 (~1e-5 of the block's
+    # largest); the GEMMs are fp32 throughout.
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=2e-3)
     for cache, expected_cache in zip(caches, expected_caches, strict=True):
         torch.testing.assert_close(cache, expected_cache, atol=2e-3, rtol=2e-3)
@@ -254,28 +268,35 @@ def small_decoder(
 
 def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     decoder, gen = small_decoder(9, 2, 2)
-    caches = [torch.randn(2, 6, 2, 16, 64, generator=gen) for _ in range(2)]
-    ids, pos = torch.tensor([3, 11, 0, 49, 7, 20]), torch.tensor([3, 9, 0, 15, 4, 9])
-    slot = torch.tensor([0, 1, 2, 3, 4, 5])
+    caches = [torch.randn(2, 17, 2, 16, 64, generator=gen) for _ in range(2)]
+    ids = torch.tensor([3, 11, 0, 49, 7, 20, 8, 8, 1, 2, 30, 31, 12, 40, 41, 5, 6])
+    pos = torch.tensor([3, 9, 0, 15, 4, 9, 1, 2, 14, 10, 3, 3, 7, 0, 11, 6, 5])
+    slot = torch.randperm(17, generator=gen)
     cos, sin = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
-    together = decoder(ids, slot, pos, cos, sin, *(c.clone() for c in caches))
-    alone = [
-        decoder(ids[i : i + 1], slot[i : i + 1], pos[i : i + 1], cos, sin,
-                *(c.clone() for c in caches))
-        for i in range(6)
-    ]  # fmt: skip
-    assert torch.equal(together, torch.cat(alone))
+
+    def run(rows: torch.Tensor | slice) -> torch.Tensor:
+        return decoder(ids[rows], slot[rows], pos[rows], cos, sin, *(c.clone() for c in caches))
+
+    few = decoder.GEMM_ROWS - 1  # by the kernels
+    assert torch.equal(run(slice(0, few)), torch.cat([run(slice(i, i + 1)) for i in range(few)]))
+    together = run(slice(None))  # by the GEMMs
+    assert torch.equal(torch.cat([run(slice(0, 8)), run(slice(8, None))]), together)
+    order = torch.randperm(17, generator=gen)
+    assert torch.equal(run(order), together[order])
     many = torch.zeros(decoder.ROWS + 1, dtype=torch.int64)
     with pytest.raises(ValueError, match="tokens"):
         decoder(many, many, many, cos, sin, *caches)
 
 
-def test_decode_layers_do_not_depend_on_the_thread_count() -> None:
+@pytest.mark.parametrize("tokens", [2, 10], ids=["kernels", "gemms"])
+def test_decode_layers_do_not_depend_on_the_thread_count(tokens: int) -> None:
     # Every output row, head and norm is computed whole by one thread with the same
     # arithmetic, whichever thread: 1 and 2 threads give the same bits.
     decoder, gen = small_decoder(10, 4, 2)
-    caches = [torch.randn(2, 2, 2, 40, 64, generator=gen) for _ in range(2)]
-    ids, pos, slot = torch.tensor([3, 11]), torch.tensor([33, 9]), torch.tensor([1, 0])
+    caches = [torch.randn(2, tokens, 2, 40, 64, generator=gen) for _ in range(2)]
+    ids = torch.randint(0, 50, (tokens,), generator=gen)
+    pos = torch.randint(0, 40, (tokens,), generator=gen)
+    slot = torch.randperm(tokens, generator=gen)
     cos, sin = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen)
     before = torch.get_num_threads()
     try:

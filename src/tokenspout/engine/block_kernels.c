@@ -288,92 +288,6 @@ void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
     }
 }
 
-/* ---- A decode step's decoder layers in one call (1..ROWS tokens, Q4_1 weights) ----------
- *
- * At batch 1 the layers' matmuls take ~7 ms of a step, and the ~20 small torch ops and
- * ctypes calls around them per layer took ~5 ms more (dispatch, argument conversion, one
- * OpenMP fork/join per parallel op). Here the whole stack of layers runs inside one
- * parallel region: the matmuls are shared out by rows between the threads with a barrier
- * after each, and what is cheap (RMSNorm, quantising a matmul's input, the residual) each
- * thread does for itself on its own copy, so it needs no barrier. Same arithmetic as the
- * per-op path (add_rms_norm, q4_1_linear, rope_and_store); attention and SiLU are plain C. */
-
-/* The Q4_1 blocks of one linear, as q4_1_linear takes them. */
-typedef struct {
-    const uint8_t *qs;
-    const float *d, *m;
-} Q4Weights;
-
-/* One decoder layer's weights: the caller passes 14 pointers per layer in this order. */
-typedef struct {
-    const float *attn_norm;
-    Q4Weights wqkv, wo; /* wqkv: rows q (Hq * D), k, v (Hkv * D each) */
-    const float *ffn_norm;
-    Q4Weights w13, w2; /* w13: rows gate (I), then up (I) */
-} LayerWeights;
-
-/* The most tokens of one decode_layers call: groups of ROWS rows of x each read the weights
- * once more, which still beat fbgemm's GEMM (and its ops between) up to here (RESULTS.md). */
-#define MAX_M 16
-
-/* Output row n of W against the M (1..MAX_M) rows of quantised x, ROWS rows at a time. */
-static inline void q4_1_rows(const Q4Weights *w, int64_t n, int64_t nb, const QuantizedX *qx,
-                             int64_t M, float out[MAX_M]) {
-    const uint8_t *qn = w->qs + n * nb * 16;
-    const float *dn = w->d + n * nb, *mn = w->m + n * nb;
-    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-        const int16_t *q = qx->q + r0 * nb * 32;
-        const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
-        float *o = out + r0;
-        switch (M - r0) {
-        case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
-        case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
-        case 3: q4_1_row(qn, dn, mn, nb, q, scale, sum, 3, o); break;
-        default: q4_1_row(qn, dn, mn, nb, q, scale, sum, 4, o); break;
-        }
-    }
-}
-
-/* As q4_1_rows, for a Q8_0 weight (the LM head). */
-static inline void q8_0_rows(const int8_t *qs, const float *d, int64_t n, int64_t nb,
-                             const QuantizedX *qx, int64_t M, float out[MAX_M]) {
-    const int8_t *qn = qs + n * nb * 32;
-    const float *dn = d + n * nb;
-    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-        const int16_t *q = qx->q + r0 * nb * 32;
-        const float *scale = qx->scale + r0 * nb;
-        float *o = out + r0;
-        switch (M - r0) {
-        case 1: q8_0_row(qn, dn, nb, q, scale, 1, o); break;
-        case 2: q8_0_row(qn, dn, nb, q, scale, 2, o); break;
-        case 3: q8_0_row(qn, dn, nb, q, scale, 3, o); break;
-        default: q8_0_row(qn, dn, nb, q, scale, 4, o); break;
-        }
-    }
-}
-
-static inline void quantize_rows(const float *x, int64_t M, int64_t K, QuantizedX *qx) {
-    for (int64_t i = 0; i < M * (K / 32); i++)
-        quantize_block(x + i * 32, qx->q + i * 32, qx->scale + i, qx->sum + i);
-}
-
-/* y[M, N] = x @ W^T, this thread's share of the rows; ends with the team's barrier (an
- * orphaned omp for: called inside the parallel region). */
-static void team_linear(const Q4Weights *w, const QuantizedX *qx, int64_t M, int64_t K,
-                        int64_t N, float *y) {
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float out[MAX_M];
-        q4_1_rows(w, n, K / 32, qx, M, out);
-        for (int64_t r = 0; r < M; r++) y[r * N + n] = out[r];
-    }
-}
-
-/* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T, this thread's share of i, 8 at a
- * time for a vector SiLU (silu_times, after exp_neg below). */
-static void team_swiglu(const Q4Weights *w, const QuantizedX *qx, int64_t M, int64_t K,
-                        int64_t I, float *act);
-
 /* e^x for x <= 0 (softmax scores less their max), 8 at a time: Cephes' expf (range reduction
  * by ln 2, degree-6 polynomial), within 2 ulp; below -87 it gives e^-87, not 0. */
 static inline __m256 exp_neg(__m256 x) {
@@ -404,21 +318,314 @@ static inline __m256 silu_times(__m256 g, __m256 u) {
     return _mm256_mul_ps(_mm256_mul_ps(g, sig), u);
 }
 
-static void team_swiglu(const Q4Weights *w, const QuantizedX *qx, int64_t M, int64_t K,
+/* ---- fp32 GEMM on weights dequantised a panel at a time (prefill, larger batches) ---------
+ *
+ * Above a few rows of x the kernels above lose to a GEMM (benchmarks/block_kernels.py): they
+ * spend ~8 instructions per block of 32 products and row, where a register-tiled fp32 GEMM
+ * spends 4 FMAs. fbgemm's fp16 GEMM did that before, at the price of a second, fp16 copy of
+ * every weight (2 bytes each beside Q4_1's 0.6) and seconds of packing at start. Here each
+ * thread dequantises NR output rows of W at a time into fp32 (a panel, in L1/L2) and
+ * multiplies it by x, packed once per call as x^T in chunks of 16 rows ([K][16] each, the
+ * last maybe [K][8]): per k, 2 loads of x^T, 6 broadcasts of the panel, 12 FMAs into 12
+ * accumulators. The weights' fp32 values are exact (q * d + m), the products fp32 as in any
+ * sgemm; a row of x gets the same arithmetic whichever rows are beside it. */
+
+#define NR 12 /* output rows of W per panel */
+
+/* Q4_1 (m set) or Q8_0 (m NULL) blocks of a weight [N, K], as q4_1_linear / q8_0_linear take
+ * them. */
+typedef struct {
+    const void *qs;
+    const float *d, *m;
+} BlockWeights;
+
+/* x [M, K] -> chunks of 16 rows (the last 8 when M's rest is 8 or fewer), each [K][width],
+ * zero-padded to M rounded up to 8: rows [m0, m0 + 8) of it. */
+static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
+    const int64_t Mp = (M + 7) / 8 * 8, c0 = m0 / 16 * 16, width = Mp - c0 >= 16 ? 16 : 8;
+    float *chunk = xt + c0 * K + (m0 - c0);
+    for (int64_t j = 0; j < 8; j++) {
+        if (m0 + j < M) {
+            const float *row = x + (m0 + j) * K;
+            for (int64_t k = 0; k < K; k++) chunk[k * width + j] = row[k];
+        } else {
+            for (int64_t k = 0; k < K; k++) chunk[k * width + j] = 0.0f;
+        }
+    }
+}
+
+/* W's row n into K fp32 weights, as dequantize_q4_1 / dequantize_q8_0. */
+static inline void dequant_row(const BlockWeights *w, int64_t n, int64_t K, float *out) {
+    const int64_t nb = K / 32;
+    const float *dn = w->d + n * nb;
+    if (w->m) {
+        const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
+        const float *mn = w->m + n * nb;
+        const __m128i low = _mm_set1_epi8(0x0F);
+        for (int64_t b = 0; b < nb; b++) {
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(qn + b * 16));
+            const __m128i lo = _mm_and_si128(raw, low);
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            const __m256 d = _mm256_set1_ps(dn[b]), m = _mm256_set1_ps(mn[b]);
+            for (int j = 0; j < 4; j++) {
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
+                _mm256_storeu_ps(out + b * 32 + 8 * j, _mm256_fmadd_ps(q, d, m));
+            }
+        }
+    } else {
+        const int8_t *qn = (const int8_t *)w->qs + n * K;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m256 d = _mm256_set1_ps(dn[b]);
+            for (int j = 0; j < 4; j++) {
+                const __m128i raw = _mm_loadl_epi64((const __m128i *)(qn + b * 32 + 8 * j));
+                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                _mm256_storeu_ps(out + b * 32 + 8 * j, _mm256_mul_ps(q, d));
+            }
+        }
+    }
+}
+
+/* The panel [NR][K]: row i is W's row rows[i], or zeros where rows[i] < 0. */
+static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int64_t K,
+                              float *panel) {
+    for (int i = 0; i < NR; i++) {
+        if (rows[i] >= 0)
+            dequant_row(w, rows[i], K, panel + i * K);
+        else
+            for (int64_t k = 0; k < K; k++) panel[i * K + k] = 0.0f;
+    }
+}
+
+/* R rows of a panel ([R][K], R * V <= 12) against one chunk of x^T ([K][8 * V]) -> out[R][16],
+ * columns 8 * V used: R * V accumulators, enough to hide the FMAs' latency at 12. (Blocking
+ * over K, to keep the panel's and x's slices in L1, measured alike.) */
+static inline __attribute__((always_inline)) void gemm_tile(const float *panel, int64_t K,
+                                                            const float *xt, const int R,
+                                                            const int V, float out[][16]) {
+    __m256 c[12][2];
+    for (int i = 0; i < R; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 x0 = _mm256_loadu_ps(xt + k * 8 * V);
+        const __m256 x1 = V == 2 ? _mm256_loadu_ps(xt + k * 16 + 8) : x0;
+        for (int i = 0; i < R; i++) {
+            const __m256 w = _mm256_broadcast_ss(panel + i * K + k);
+            c[i][0] = _mm256_fmadd_ps(w, x0, c[i][0]);
+            if (V == 2) c[i][1] = _mm256_fmadd_ps(w, x1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < R; i++) {
+        _mm256_storeu_ps(out[i], c[i][0]);
+        if (V == 2) _mm256_storeu_ps(out[i] + 8, c[i][1]);
+    }
+}
+
+/* The panel against every chunk of the packed x. Plain: y[m, n0 + i] = panel row i . x[m] for
+ * i < rows (y [M, N]). swiglu: rows 0..NR/2 of the panel are gate rows n0 + i, the rest the
+ * matching up rows, and y[m, n0 + i] = silu(gate) * up for i < rows (y [M, N], N = I). */
+static inline void gemm_panel(const float *panel, const float *xt, int64_t M, int64_t K,
+                              int64_t n0, int64_t rows, int64_t N, float *y, const int swiglu) {
+    const int64_t Mp = (M + 7) / 8 * 8;
+    for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+        float out[NR][16];
+        const int V = Mp - m0 >= 16 ? 2 : 1;
+        if (V == 2) { /* two halves: 12 accumulators each */
+            gemm_tile(panel, K, xt + m0 * K, NR / 2, 2, out);
+            gemm_tile(panel + NR / 2 * K, K, xt + m0 * K, NR / 2, 2, out + NR / 2);
+        } else {
+            gemm_tile(panel, K, xt + m0 * K, NR, 1, out);
+        }
+        const int64_t width = M - m0 < 8 * V ? M - m0 : 8 * V;
+        if (swiglu) {
+            for (int64_t i = 0; i < rows; i++)
+                for (int v = 0; v < V; v++)
+                    _mm256_storeu_ps(out[i] + 8 * v,
+                                     silu_times(_mm256_loadu_ps(out[i] + 8 * v),
+                                                _mm256_loadu_ps(out[NR / 2 + i] + 8 * v)));
+        }
+        for (int64_t j = 0; j < width; j++)
+            for (int64_t i = 0; i < rows; i++) y[(m0 + j) * N + n0 + i] = out[i][j];
+    }
+}
+
+/* y[M, N] = x @ W^T from x packed (xt), this thread's share of W's rows, one panel (scratch
+ * [NR][K]) at a time; ends with the team's barrier (an orphaned omp for). */
+static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t K, int64_t N,
+                      float *panel, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += NR) {
+        int64_t rows[NR];
+        for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
+        fill_panel(w, rows, K, panel);
+        gemm_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, 0);
+    }
+}
+
+/* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T (W13: I gate rows, then I up
+ * rows), as team_gemm. */
+static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M, int64_t K,
+                             int64_t I, float *panel, float *act) {
+#pragma omp for schedule(static)
+    for (int64_t i0 = 0; i0 < I; i0 += NR / 2) {
+        int64_t rows[NR];
+        for (int64_t i = 0; i < NR / 2; i++) {
+            rows[i] = i0 + i < I ? i0 + i : -1;
+            rows[NR / 2 + i] = i0 + i < I ? I + i0 + i : -1;
+        }
+        fill_panel(w13, rows, K, panel);
+        gemm_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act, 1);
+    }
+}
+
+/* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own). Returns 0, or -1
+ * without memory for the packed x and the panels. */
+static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *w, int64_t N,
+                      float *y) {
+    const int64_t Mp = (M + 7) / 8 * 8;
+    const int threads = omp_get_max_threads();
+    float *xt = malloc(Mp * K * sizeof(float)), *panels = malloc(threads * NR * K * sizeof(float));
+    if (xt && panels) {
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (int64_t m0 = 0; m0 < Mp; m0 += 8) pack_rows8(x, M, K, m0, xt);
+            team_gemm(w, xt, M, K, N, panels + omp_get_thread_num() * NR * K, y);
+        }
+    }
+    const int failed = !xt || !panels;
+    free(xt);
+    free(panels);
+    return failed ? -1 : 0;
+}
+
+int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
+              const float *m, int64_t N, float *y) {
+    const BlockWeights w = {qs, d, m};
+    return block_gemm(x, M, K, &w, N, y);
+}
+
+int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
+              int64_t N, float *y) {
+    const BlockWeights w = {qs, d, NULL};
+    return block_gemm(x, M, K, &w, N, y);
+}
+
+/* ---- A decode step's decoder layers in one call (1..ROWS tokens, Q4_1 weights) ----------
+ *
+ * At batch 1 the layers' matmuls take ~7 ms of a step, and the ~20 small torch ops and
+ * ctypes calls around them per layer took ~5 ms more (dispatch, argument conversion, one
+ * OpenMP fork/join per parallel op). Here the whole stack of layers runs inside one
+ * parallel region: the matmuls are shared out by rows between the threads with a barrier
+ * after each, and what is cheap (RMSNorm, quantising a matmul's input, the residual) each
+ * thread does for itself on its own copy, so it needs no barrier. Same arithmetic as the
+ * per-op path (add_rms_norm, q4_1_linear, rope_and_store); attention and SiLU are plain C. */
+
+/* One decoder layer's weights: the caller passes 14 pointers per layer in this order. */
+typedef struct {
+    const float *attn_norm;
+    BlockWeights wqkv, wo; /* Q4_1; wqkv: rows q (Hq * D), k, v (Hkv * D each) */
+    const float *ffn_norm;
+    BlockWeights w13, w2; /* Q4_1; w13: rows gate (I), then up (I) */
+} LayerWeights;
+
+/* The most tokens of one decode_layers call, and of one that runs the kernels above (their
+ * stack buffers): groups of ROWS rows of x each read the weights once more, so from some
+ * batch size on the GEMMs win (the caller's gemm_from, measured: RESULTS.md). */
+#define MAX_M 64
+#define MAX_M_KERNEL 16
+
+/* Output row n of W (Q4_1 or Q8_0) against the M (1..MAX_M_KERNEL) rows of quantised x,
+ * ROWS rows at a time. */
+static inline void block_rows(const BlockWeights *w, int64_t n, int64_t nb,
+                              const QuantizedX *qx, int64_t M, float out[MAX_M_KERNEL]) {
+    const float *dn = w->d + n * nb;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        const int16_t *q = qx->q + r0 * nb * 32;
+        const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
+        float *o = out + r0;
+        if (w->m) {
+            const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
+            const float *mn = w->m + n * nb;
+            switch (M - r0) {
+            case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
+            case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
+            case 3: q4_1_row(qn, dn, mn, nb, q, scale, sum, 3, o); break;
+            default: q4_1_row(qn, dn, mn, nb, q, scale, sum, 4, o); break;
+            }
+        } else {
+            const int8_t *qn = (const int8_t *)w->qs + n * nb * 32;
+            switch (M - r0) {
+            case 1: q8_0_row(qn, dn, nb, q, scale, 1, o); break;
+            case 2: q8_0_row(qn, dn, nb, q, scale, 2, o); break;
+            case 3: q8_0_row(qn, dn, nb, q, scale, 3, o); break;
+            default: q8_0_row(qn, dn, nb, q, scale, 4, o); break;
+            }
+        }
+    }
+}
+
+/* y[M, N] = x @ W^T by the kernels, this thread's share of the rows; ends with the team's
+ * barrier (an orphaned omp for: called inside the parallel region). */
+static void team_linear(const BlockWeights *w, const QuantizedX *qx, int64_t M, int64_t K,
+                        int64_t N, float *y) {
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float out[MAX_M_KERNEL];
+        block_rows(w, n, K / 32, qx, M, out);
+        for (int64_t r = 0; r < M; r++) y[r * N + n] = out[r];
+    }
+}
+
+/* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T by the kernels, this thread's
+ * share of i, 8 at a time for a vector SiLU. */
+static void team_swiglu(const BlockWeights *w, const QuantizedX *qx, int64_t M, int64_t K,
                         int64_t I, float *act) {
 #pragma omp for schedule(static)
     for (int64_t i0 = 0; i0 < I; i0 += 8) {
-        float gate[MAX_M][8], up[MAX_M][8];
+        float gate[MAX_M_KERNEL][8], up[MAX_M_KERNEL][8];
         for (int64_t i = 0; i < 8; i++) {
-            float g[MAX_M], u[MAX_M];
-            q4_1_rows(w, i0 + i, K / 32, qx, M, g);
-            q4_1_rows(w, I + i0 + i, K / 32, qx, M, u);
+            float g[MAX_M_KERNEL], u[MAX_M_KERNEL];
+            block_rows(w, i0 + i, K / 32, qx, M, g);
+            block_rows(w, I + i0 + i, K / 32, qx, M, u);
             for (int64_t r = 0; r < M; r++) gate[r][i] = g[r], up[r][i] = u[r];
         }
         for (int64_t r = 0; r < M; r++)
             _mm256_storeu_ps(act + r * I + i0,
                              silu_times(_mm256_loadu_ps(gate[r]), _mm256_loadu_ps(up[r])));
     }
+}
+
+/* A matmul's input as each thread holds its own copy: quantised rows for the kernels, or x
+ * packed for the GEMMs (with the thread's panel). */
+typedef struct {
+    int gemm;
+    QuantizedX qx;
+    float *xt, *panel;
+} Operand;
+
+static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
+    if (op->gemm) {
+        for (int64_t m0 = 0; m0 < M; m0 += 8) pack_rows8(x, M, K, m0, op->xt);
+    } else {
+        for (int64_t i = 0; i < M * (K / 32); i++)
+            quantize_block(x + i * 32, op->qx.q + i * 32, op->qx.scale + i, op->qx.sum + i);
+    }
+}
+
+static inline void team_matmul(const BlockWeights *w, const Operand *op, int64_t M, int64_t K,
+                               int64_t N, float *y) {
+    if (op->gemm)
+        team_gemm(w, op->xt, M, K, N, op->panel, y);
+    else
+        team_linear(w, &op->qx, M, K, N, y);
+}
+
+static inline void team_matmul_swiglu(const BlockWeights *w13, const Operand *op, int64_t M,
+                                      int64_t K, int64_t I, float *act) {
+    if (op->gemm)
+        team_gemm_swiglu(w13, op->xt, M, K, I, op->panel, act);
+    else
+        team_swiglu(w13, &op->qx, M, K, I, act);
 }
 
 /* The lane sums of a[0..7], in order, in one vector. */
@@ -498,7 +705,7 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
 }
 
 /* Run M (1..MAX_M) decode tokens from their embedding rows through all L layers, the final
- * norm and the LM head.
+ * norm and the LM head; the matmuls by the kernels for M < gemm_from, else by the GEMMs.
  *   ids [M]: the tokens; embed_qs, embed_d: the embedding's Q8_0 blocks [vocab, H];
  *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
  *   tables [max_len, D], read at the positions.
@@ -506,35 +713,46 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
  *   each token's k and v are stored at its position, every layer.
  *   head_qs, head_d: the LM head's Q8_0 blocks [V, H]; logits [M, V] out.
  * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, -1 when
- * scratch memory could not be allocated, -2 for M outside 1..MAX_M. */
-int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const float *embed_d,
-                  const int64_t *slots, const int64_t *positions, const float *cos,
-                  const float *sin_signed, const LayerWeights *layers, int64_t L,
-                  const float *final_norm, const int8_t *head_qs, const float *head_d,
-                  int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D, int64_t I,
-                  float eps, float *k_cache, float *v_cache, int64_t num_slots,
+ * scratch memory could not be allocated, -2 for M outside 1..MAX_M or over MAX_M_KERNEL
+ * below gemm_from. */
+int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t *embed_qs,
+                  const float *embed_d, const int64_t *slots, const int64_t *positions,
+                  const float *cos, const float *sin_signed, const LayerWeights *layers,
+                  int64_t L, const float *final_norm, const int8_t *head_qs,
+                  const float *head_d, int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
+                  int64_t I, float eps, float *k_cache, float *v_cache, int64_t num_slots,
                   int64_t max_len, float *logits) {
-    if (M < 1 || M > MAX_M) return -2;
-    const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
+    const int gemm = M >= gemm_from;
+    if (M < 1 || M > MAX_M || (!gemm && M > MAX_M_KERNEL)) return -2;
+    const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv, Mp = (M + 7) / 8 * 8;
     int64_t widest = H > I ? H : I;
     widest = widest > Hq * D ? widest : Hq * D;
     /* shared: each matmul's output */
     float *qkv = malloc(M * width * sizeof(float)), *att = malloc(M * Hq * D * sizeof(float));
     float *delta = malloc(M * H * sizeof(float)), *act = malloc(M * I * sizeof(float));
-    /* per thread: the residual, a normed row, its quantised form, attention scores */
+    /* per thread: the residual, a normed row, its quantised or packed form (and a panel),
+     * attention scores */
     const int threads = omp_get_max_threads();
-    const int64_t own = M * H + M * widest + M * widest / 32 * 2 + max_len + 8;
+    const int64_t operand = gemm ? Mp * widest + NR * widest : M * widest / 32 * 2;
+    const int64_t own = M * H + M * widest + operand + max_len + 8;
     float *scratch = malloc(threads * own * sizeof(float));
-    int16_t *qscratch = malloc(threads * M * widest * sizeof(int16_t));
-    int failed = !qkv || !att || !delta || !act || !scratch || !qscratch;
+    int16_t *qscratch = gemm ? NULL : malloc(threads * M * widest * sizeof(int16_t));
+    int failed = !qkv || !att || !delta || !act || !scratch || (!gemm && !qscratch);
     if (!failed) {
 #pragma omp parallel
         {
             const int t = omp_get_thread_num();
-            float *xr = scratch + t * own, *normed = xr + M * H;
-            QuantizedX qx = {qscratch + t * M * widest, normed + M * widest, NULL};
-            qx.sum = qx.scale + M * widest / 32;
-            float *scores = qx.sum + M * widest / 32;
+            float *xr = scratch + t * own, *normed = xr + M * H, *scores = normed + M * widest;
+            Operand op = {gemm, {NULL, NULL, NULL}, NULL, NULL};
+            if (gemm) {
+                op.xt = scores;
+                op.panel = op.xt + Mp * widest;
+            } else {
+                op.qx.q = qscratch + t * M * widest;
+                op.qx.scale = scores;
+                op.qx.sum = scores + M * widest / 32;
+            }
+            scores += operand;
             for (int64_t r = 0; r < M; r++) { /* the embedding row, as dequantize_q8_0 */
                 const int8_t *eq = embed_qs + ids[r] * H;
                 const float *ed = embed_d + ids[r] * (H / 32);
@@ -544,8 +762,8 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
                 const LayerWeights *lw = layers + l;
                 for (int64_t r = 0; r < M; r++)
                     add_rms_norm_row(xr + r * H, NULL, H, lw->attn_norm, eps, normed + r * H);
-                quantize_rows(normed, M, H, &qx);
-                team_linear(&lw->wqkv, &qx, M, H, width, qkv);
+                prepare(normed, M, H, &op);
+                team_matmul(&lw->wqkv, &op, M, H, width, qkv);
 #pragma omp for schedule(static)
                 for (int64_t item = 0; item < M * Hq; item++) {
                     const int64_t r = item / Hq, h = item % Hq, g = h / group;
@@ -566,26 +784,22 @@ int decode_layers(const int64_t *ids, int64_t M, const int8_t *embed_qs, const f
                         }
                     }
                 }
-                quantize_rows(att, M, Hq * D, &qx);
-                team_linear(&lw->wo, &qx, M, Hq * D, H, delta);
+                prepare(att, M, Hq * D, &op);
+                team_matmul(&lw->wo, &op, M, Hq * D, H, delta);
                 for (int64_t r = 0; r < M; r++)
                     add_rms_norm_row(xr + r * H, delta + r * H, H, lw->ffn_norm, eps,
                                      normed + r * H);
-                quantize_rows(normed, M, H, &qx);
-                team_swiglu(&lw->w13, &qx, M, H, I, act);
-                quantize_rows(act, M, I, &qx);
-                team_linear(&lw->w2, &qx, M, I, H, delta);
+                prepare(normed, M, H, &op);
+                team_matmul_swiglu(&lw->w13, &op, M, H, I, act);
+                prepare(act, M, I, &op);
+                team_matmul(&lw->w2, &op, M, I, H, delta);
                 for (int64_t i = 0; i < M * H; i++) xr[i] += delta[i];
             }
             for (int64_t r = 0; r < M; r++)
                 add_rms_norm_row(xr + r * H, NULL, H, final_norm, eps, normed + r * H);
-            quantize_rows(normed, M, H, &qx);
-#pragma omp for schedule(static)
-            for (int64_t n = 0; n < V; n++) { /* the LM head, as q8_0_linear */
-                float out[MAX_M];
-                q8_0_rows(head_qs, head_d, n, H / 32, &qx, M, out);
-                for (int64_t r = 0; r < M; r++) logits[r * V + n] = out[r];
-            }
+            prepare(normed, M, H, &op);
+            const BlockWeights head = {head_qs, head_d, NULL};
+            team_matmul(&head, &op, M, H, V, logits);
         }
     }
     free(qkv);

@@ -73,12 +73,15 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.q4_1_linear.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr]
     lib.q8_0_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
-    lib.q4_1_linear.restype = lib.q8_0_linear.restype = ctypes.c_int
+    lib.q4_1_gemm.argtypes = lib.q4_1_linear.argtypes
+    lib.q8_0_gemm.argtypes = lib.q8_0_linear.argtypes
+    for name in ("q4_1_linear", "q8_0_linear", "q4_1_gemm", "q8_0_gemm"):
+        getattr(lib, name).restype = ctypes.c_int
     lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.add_rms_norm.restype = None
     lib.rope_and_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.rope_and_store.restype = None
-    lib.decode_layers.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.decode_layers.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
     lib.decode_layers.argtypes += [ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
     lib.decode_layers.argtypes += [i64, i64, ptr]
     lib.decode_layers.restype = ctypes.c_int
@@ -97,20 +100,31 @@ def available() -> bool:
 
 
 class _BlockLinear:
-    """x @ W.T by one of the C kernels, on W's block tensors (weight-sized, then d[, m])."""
+    """x @ W.T by the C code, on W's block tensors (weight-sized, then d[, m]): the kernel up
+    to ``KERNEL_ROWS`` rows of x, the GEMM above.
+
+    At 1-2 rows a matmul is bound by reading the weights, and the kernel reads the blocks
+    themselves; with more rows the GEMM's register tiling does fewer instructions per
+    product. Measured (benchmarks/block_kernels.py, RESULTS.md): see ``KERNEL_ROWS``.
+    """
+
+    KERNEL_ROWS = 2
 
     def __init__(self, kernel: str, qs: torch.Tensor, *scales: torch.Tensor):
         self.blocks = (qs.contiguous(), *(t.contiguous() for t in scales))
         self.n, self.k = scales[0].shape[0], scales[0].shape[1] * BLOCK
-        self._call = getattr(_loaded(type(self).__name__), kernel)
+        lib = _loaded(type(self).__name__)
+        self._kernel = getattr(lib, kernel + "_linear")
+        self._gemm = getattr(lib, kernel + "_gemm")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x fp32 [M, K] -> [M, N]."""
         x = _check(x, self.k)
         y = torch.empty(x.shape[0], self.n)
+        call = self._kernel if x.shape[0] <= self.KERNEL_ROWS else self._gemm
         blocks = [t.data_ptr() for t in self.blocks]
-        if self._call(x.data_ptr(), x.shape[0], self.k, *blocks, self.n, y.data_ptr()) != 0:
-            raise MemoryError("block kernel: no memory for the quantised activations")
+        if call(x.data_ptr(), x.shape[0], self.k, *blocks, self.n, y.data_ptr()) != 0:
+            raise MemoryError("block kernel: no memory for the quantised or packed activations")
         return y
 
 
@@ -119,7 +133,7 @@ class Q4Linear(_BlockLinear):
     order), ``d`` and ``m`` fp32 [N, K/32]."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
-        super().__init__("q4_1_linear", qs, d, m)
+        super().__init__("q4_1", qs, d, m)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights [N, K]."""
@@ -131,7 +145,7 @@ class Q8Linear(_BlockLinear):
     Also gives rows back, for an embedding tied to the LM head."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor):
-        super().__init__("q8_0_linear", qs, d)
+        super().__init__("q8_0", qs, d)
         self.qs, self.d = self.blocks
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
@@ -151,7 +165,10 @@ class DecodeLayers:
     ~0.2 ms a step.
     """
 
-    ROWS = 16  # the C function's MAX_M
+    ROWS = 64  # the C function's MAX_M
+    #: From this many tokens on, the matmuls run as GEMMs on weights dequantised a panel at a
+    #: time rather than by the block kernels (at most the C side's MAX_M_KERNEL + 1 = 17).
+    GEMM_ROWS = 8
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
@@ -219,8 +236,8 @@ class DecodeLayers:
         ids, slots, positions = ids.contiguous(), slots.contiguous(), positions.contiguous()
         logits = torch.empty(m, self.vocab)
         status = self._call(
-            ids.data_ptr(), m, *self._embed_blocks, slots.data_ptr(), positions.data_ptr(),
-            cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
+            ids.data_ptr(), m, self.GEMM_ROWS, *self._embed_blocks, slots.data_ptr(),
+            positions.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
             logits.data_ptr(),
         )  # fmt: skip

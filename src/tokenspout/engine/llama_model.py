@@ -117,28 +117,6 @@ class Fp16Linear:
         return self._matmul(x, self.packed)
 
 
-class BlockLinear:
-    """x @ w.T for Q4_1 block weights: the C kernel for a few rows, fbgemm's fp16 GEMM above.
-
-    At batch 1-2 the step is bound by reading weights, and the 4-bit blocks are 4x fewer
-    bytes than fp16 (block_kernels.py); with more rows fbgemm's GEMM does more per byte read,
-    so rows above ``KERNEL_ROWS`` go to it, on the same weights dequantised. Measured per
-    layer (benchmarks/block_kernels.py, 2 threads): kernel / fbgemm 240 / 308 µs at 1 row,
-    340 / 366 at 2, 562 / 464 at 4.
-    """
-
-    KERNEL_ROWS = 2
-
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
-        self.kernel = block_kernels.Q4Linear(qs, d, m)
-        self.gemm = Fp16Linear(self.kernel.dequantize())
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.KERNEL_ROWS:
-            return self.kernel(x)
-        return self.gemm(x)
-
-
 class RMSNorm:
     """x / rms(x) * weight, over the last dimension.
 
@@ -295,7 +273,7 @@ class LlamaModel:
         names = [head] + [  # the head first: the largest, so the workers finish together
             f"layers.{n}.{m}" for n in range(config.num_hidden_layers) for m in LAYER_MATMULS
         ]
-        # Packing fp16 weights for fbgemm takes ~3 s on one core; the kernel releases the GIL,
+        # Packing fp16 weights for fbgemm (format fp16) takes ~3 s on one core; it releases the GIL,
         # so one worker per torch thread divides the warm start by as much.
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             linears = dict(zip(names, pool.map(lambda n: _linear(w, n), names), strict=True))
@@ -330,10 +308,9 @@ class LlamaModel:
         parts = []
         for attn_norm, attn, ffn_norm, mlp in self.layers:
             linears = (attn.wqkv, attn.wo, mlp.w13, mlp.w2)
-            if not all(isinstance(linear, BlockLinear) for linear in linears):
+            if not all(isinstance(linear, block_kernels.Q4Linear) for linear in linears):
                 return None
-            wqkv, wo, w13, w2 = (linear.kernel for linear in linears)  # type: ignore[attr-defined]
-            parts.append((attn_norm.weight, wqkv, wo, ffn_norm.weight, w13, w2))
+            parts.append((attn_norm.weight, *linears[:2], ffn_norm.weight, *linears[2:]))
         if self.embed_blocks is None or not isinstance(self.lm_head, block_kernels.Q8Linear):
             return None
         config = self.config
@@ -397,7 +374,7 @@ class LlamaModel:
 
 def _linear(w: dict[str, torch.Tensor], name: str) -> Linear:
     if name + ".m" in w:
-        return BlockLinear(w[name + ".qs"], w[name + ".d"], w[name + ".m"])
+        return block_kernels.Q4Linear(w[name + ".qs"], w[name + ".d"], w[name + ".m"])
     if name + ".qs" in w:
         return block_kernels.Q8Linear(w[name + ".qs"], w[name + ".d"])
     weight, scale = w[name], w.get(name + ".scale")
