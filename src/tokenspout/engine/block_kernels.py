@@ -85,6 +85,8 @@ def _library() -> ctypes.CDLL | None:
     lib.decode_layers.argtypes += [ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
     lib.decode_layers.argtypes += [i64, i64, ptr]
     lib.decode_layers.restype = ctypes.c_int
+    lib.sample_rows.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr]
+    lib.sample_rows.restype = ctypes.c_int
     return lib
 
 
@@ -292,6 +294,32 @@ def rope_and_store(
         qkv.data_ptr(), n, heads, kv_heads, d, cos.data_ptr(), sin_signed.data_ptr(),
         rows.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
     )  # fmt: skip
+
+
+def sample_rows(
+    logits: torch.Tensor, rows: list[int], temperatures: list[float], uniforms: torch.Tensor
+) -> list[int]:
+    """Inverse-CDF sampling of ``logits[rows]`` (fp32 [*, V]) at ``temperatures`` (> 0), one
+    uniform in [0, 1) per row (``uniforms`` fp32 [len(rows)]): per row the first token whose
+    running probability exceeds its uniform; -inf logits have none. What
+    ``softmax(x / T).cumsum()`` and ``searchsorted`` do, without their [rows, V] tensors."""
+    lib = _loaded("sample_rows")
+    if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError("sample_rows wants contiguous fp32 [rows, vocab] logits")
+    if not all(0 <= r < logits.shape[0] for r in rows):
+        raise ValueError("sample_rows: a row outside the logits")
+    n = len(rows)
+    index = torch.tensor(rows, dtype=torch.int64)
+    temps = torch.tensor(temperatures, dtype=torch.float32)
+    u = uniforms.to(torch.float32).contiguous()
+    out = torch.empty(n, dtype=torch.int64)
+    status = lib.sample_rows(
+        logits.data_ptr(), logits.shape[1], index.data_ptr(), n, temps.data_ptr(),
+        u.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError("sample_rows: no memory for its block sums")
+    return out.tolist()
 
 
 def _check(x: torch.Tensor, k: int) -> torch.Tensor:

