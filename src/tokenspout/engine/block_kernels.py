@@ -120,10 +120,20 @@ class _BlockLinear:
         self._gemm = getattr(lib, kernel + "_gemm")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x fp32 [M, K] -> [M, N]."""
+        """x fp32 [M, K] -> [M, N], by the kernel or the GEMM as M asks."""
+        return self.kernel(x) if x.shape[0] <= self.KERNEL_ROWS else self.gemm(x)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N] by the block kernel (x rounded to int16 per block)."""
+        return self._run(self._kernel, x)
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N] by the GEMM (fp32 on the dequantised weights)."""
+        return self._run(self._gemm, x)
+
+    def _run(self, call: ctypes._CFuncPtr, x: torch.Tensor) -> torch.Tensor:
         x = _check(x, self.k)
         y = torch.empty(x.shape[0], self.n)
-        call = self._kernel if x.shape[0] <= self.KERNEL_ROWS else self._gemm
         blocks = [t.data_ptr() for t in self.blocks]
         if call(x.data_ptr(), x.shape[0], self.k, *blocks, self.n, y.data_ptr()) != 0:
             raise MemoryError("block kernel: no memory for the quantised or packed activations")
