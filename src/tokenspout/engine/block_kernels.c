@@ -510,15 +510,16 @@ int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const floa
     return block_gemm(x, M, K, &w, N, y);
 }
 
-/* ---- A decode step's decoder layers in one call (1..ROWS tokens, Q4_1 weights) ----------
+/* ---- A decode step's decoder layers in one call (1..MAX_M tokens, Q4_1 weights) ---------
  *
  * At batch 1 the layers' matmuls take ~7 ms of a step, and the ~20 small torch ops and
  * ctypes calls around them per layer took ~5 ms more (dispatch, argument conversion, one
  * OpenMP fork/join per parallel op). Here the whole stack of layers runs inside one
  * parallel region: the matmuls are shared out by rows between the threads with a barrier
- * after each, and what is cheap (RMSNorm, quantising a matmul's input, the residual) each
- * thread does for itself on its own copy, so it needs no barrier. Same arithmetic as the
- * per-op path (add_rms_norm, q4_1_linear, rope_and_store); attention and SiLU are plain C. */
+ * after each, and what is cheap (RMSNorm, quantising or packing a matmul's input, the
+ * residual) each thread does for itself on its own copy, so it needs no barrier. Same
+ * arithmetic as the per-op path (add_rms_norm, q4_1_linear or the GEMMs, rope_and_store);
+ * attention and SiLU are plain C. */
 
 /* One decoder layer's weights: the caller passes 14 pointers per layer in this order. */
 typedef struct {
