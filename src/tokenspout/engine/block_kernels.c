@@ -177,50 +177,81 @@ static inline __attribute__((always_inline)) void q8_0_row(
     for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
 
-/* The body of a block linear: x quantised once, then in parallel over output rows n, for each
- * group of up to ROWS rows of x, ROW_CALL(rows) with rows a literal 1..4 (it reads n, nb, xq,
- * xs, xsum and writes out). Returns 0, or -1 when memory for the quantised x could not be
- * allocated. */
-#define BLOCK_LINEAR(ROW_CALL)                                                             \
-    const int64_t nb = K / 32;                                                             \
-    QuantizedX qx;                                                                         \
-    if (quantize_x(x, M, K, &qx) != 0) {                                                   \
-        free_x(&qx);                                                                       \
-        return -1;                                                                         \
-    }                                                                                      \
-    _Pragma("omp parallel for schedule(static)")                                           \
-    for (int64_t n = 0; n < N; n++) {                                                      \
-        for (int64_t r0 = 0; r0 < M; r0 += ROWS) {                                         \
-            const int16_t *xq = qx.q + r0 * K;                                             \
-            const float *xs = qx.scale + r0 * nb, *xsum = qx.sum + r0 * nb;                \
-            float out[ROWS];                                                               \
-            const int64_t rows = M - r0 < ROWS ? M - r0 : ROWS;                            \
-            switch (rows) {                                                                \
-            case 1: ROW_CALL(1); break;                                                    \
-            case 2: ROW_CALL(2); break;                                                    \
-            case 3: ROW_CALL(3); break;                                                    \
-            default: ROW_CALL(4); break;                                                   \
-            }                                                                              \
-            (void)xsum;                                                                    \
-            for (int64_t r = 0; r < rows; r++) y[(r0 + r) * N + n] = out[r];               \
-        }                                                                                  \
-    }                                                                                      \
-    free_x(&qx);                                                                           \
+/* Q4_1 (m set) or Q8_0 (m NULL) blocks of a weight [N, K], as q4_1_linear / q8_0_linear take
+ * them. */
+typedef struct {
+    const void *qs;
+    const float *d, *m;
+} BlockWeights;
+
+/* Rows of x that block_rows takes at once (its callers' stack buffers). */
+#define MAX_M_KERNEL 16
+
+/* Output row n of W (Q4_1 or Q8_0) against the M (1..MAX_M_KERNEL) rows of quantised x,
+ * ROWS rows at a time. */
+static inline void block_rows(const BlockWeights *w, int64_t n, int64_t nb,
+                              const QuantizedX *qx, int64_t M, float out[MAX_M_KERNEL]) {
+    const float *dn = w->d + n * nb;
+    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
+        const int16_t *q = qx->q + r0 * nb * 32;
+        const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
+        float *o = out + r0;
+        if (w->m) {
+            const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
+            const float *mn = w->m + n * nb;
+            switch (M - r0) {
+            case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
+            case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
+            case 3: q4_1_row(qn, dn, mn, nb, q, scale, sum, 3, o); break;
+            default: q4_1_row(qn, dn, mn, nb, q, scale, sum, 4, o); break;
+            }
+        } else {
+            const int8_t *qn = (const int8_t *)w->qs + n * nb * 32;
+            switch (M - r0) {
+            case 1: q8_0_row(qn, dn, nb, q, scale, 1, o); break;
+            case 2: q8_0_row(qn, dn, nb, q, scale, 2, o); break;
+            case 3: q8_0_row(qn, dn, nb, q, scale, 3, o); break;
+            default: q8_0_row(qn, dn, nb, q, scale, 4, o); break;
+            }
+        }
+    }
+}
+
+/* y[M, N] = x @ W^T by the kernels: x quantised once, then in parallel over output rows n,
+ * block_rows for each MAX_M_KERNEL rows of x. Returns 0, or -1 when memory for the quantised
+ * x could not be allocated. */
+static int block_linear(const float *x, int64_t M, int64_t K, const BlockWeights *w, int64_t N,
+                        float *y) {
+    const int64_t nb = K / 32;
+    QuantizedX qx;
+    if (quantize_x(x, M, K, &qx) != 0) {
+        free_x(&qx);
+        return -1;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t r0 = 0; r0 < M; r0 += MAX_M_KERNEL) {
+            const int64_t rows = M - r0 < MAX_M_KERNEL ? M - r0 : MAX_M_KERNEL;
+            const QuantizedX part = {qx.q + r0 * K, qx.scale + r0 * nb, qx.sum + r0 * nb};
+            float out[MAX_M_KERNEL];
+            block_rows(w, n, nb, &part, rows, out);
+            for (int64_t r = 0; r < rows; r++) y[(r0 + r) * N + n] = out[r];
+        }
+    }
+    free_x(&qx);
     return 0;
+}
 
 int q4_1_linear(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
                 const float *m, int64_t N, float *y) {
-#define Q4_CALL(R) \
-    q4_1_row(qs + n * (K / 2), d + n * nb, m + n * nb, nb, xq, xs, xsum, R, out)
-    BLOCK_LINEAR(Q4_CALL)
-#undef Q4_CALL
+    const BlockWeights w = {qs, d, m};
+    return block_linear(x, M, K, &w, N, y);
 }
 
 int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
                 int64_t N, float *y) {
-#define Q8_CALL(R) q8_0_row(qs + n * K, d + n * nb, nb, xq, xs, R, out)
-    BLOCK_LINEAR(Q8_CALL)
-#undef Q8_CALL
+    const BlockWeights w = {qs, d, NULL};
+    return block_linear(x, M, K, &w, N, y);
 }
 
 /* One row of H: x += delta (when delta is not NULL), then out = x / rms(x) * w. */
@@ -331,13 +362,6 @@ static inline __m256 silu_times(__m256 g, __m256 u) {
  * sgemm; a row of x gets the same arithmetic whichever rows are beside it. */
 
 #define NR 12 /* output rows of W per panel */
-
-/* Q4_1 (m set) or Q8_0 (m NULL) blocks of a weight [N, K], as q4_1_linear / q8_0_linear take
- * them. */
-typedef struct {
-    const void *qs;
-    const float *d, *m;
-} BlockWeights;
 
 /* x [M, K] -> chunks of 16 rows (the last 8 when M's rest is 8 or fewer), each [K][width],
  * zero-padded to M rounded up to 8: rows [m0, m0 + 8) of it. */
@@ -529,41 +553,10 @@ typedef struct {
     BlockWeights w13, w2; /* Q4_1; w13: rows gate (I), then up (I) */
 } LayerWeights;
 
-/* The most tokens of one decode_layers call, and of one that runs the kernels above (their
- * stack buffers): groups of ROWS rows of x each read the weights once more, so from some
- * batch size on the GEMMs win (the caller's gemm_from, measured: RESULTS.md). */
+/* The most tokens of one decode_layers call (beyond MAX_M_KERNEL, by the GEMMs only):
+ * groups of ROWS rows of x each read the weights once more, so from some batch size on the
+ * GEMMs win (the caller's gemm_from, measured: RESULTS.md). */
 #define MAX_M 64
-#define MAX_M_KERNEL 16
-
-/* Output row n of W (Q4_1 or Q8_0) against the M (1..MAX_M_KERNEL) rows of quantised x,
- * ROWS rows at a time. */
-static inline void block_rows(const BlockWeights *w, int64_t n, int64_t nb,
-                              const QuantizedX *qx, int64_t M, float out[MAX_M_KERNEL]) {
-    const float *dn = w->d + n * nb;
-    for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
-        const int16_t *q = qx->q + r0 * nb * 32;
-        const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
-        float *o = out + r0;
-        if (w->m) {
-            const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
-            const float *mn = w->m + n * nb;
-            switch (M - r0) {
-            case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
-            case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
-            case 3: q4_1_row(qn, dn, mn, nb, q, scale, sum, 3, o); break;
-            default: q4_1_row(qn, dn, mn, nb, q, scale, sum, 4, o); break;
-            }
-        } else {
-            const int8_t *qn = (const int8_t *)w->qs + n * nb * 32;
-            switch (M - r0) {
-            case 1: q8_0_row(qn, dn, nb, q, scale, 1, o); break;
-            case 2: q8_0_row(qn, dn, nb, q, scale, 2, o); break;
-            case 3: q8_0_row(qn, dn, nb, q, scale, 3, o); break;
-            default: q8_0_row(qn, dn, nb, q, scale, 4, o); break;
-            }
-        }
-    }
-}
 
 /* y[M, N] = x @ W^T by the kernels, this thread's share of the rows; ends with the team's
  * barrier (an orphaned omp for: called inside the parallel region). */
@@ -874,13 +867,13 @@ int sample_rows(const float *logits, int64_t V, const int64_t *rows, int64_t R,
         int64_t b = 0;
         while (b <= blocks && run + bs[b] <= target) run += bs[b++];
         /* b <= blocks: run ends at total, and target = u * total is below it */
-        float mass[SAMPLE_BLOCK];
+        float mass[SAMPLE_BLOCK]; /* the block's masses, as its sum had them */
         const int64_t first = b * SAMPLE_BLOCK, n = b < blocks ? SAMPLE_BLOCK : V - tail;
-        for (int64_t j = 0; j < n; j++) /* as the block's sum had them */
-            mass[j] = b < blocks ? 0.0f : mass1(x[first + j], top, inv_t);
         if (b < blocks)
             for (int j = 0; j < SAMPLE_BLOCK; j += 8)
                 _mm256_storeu_ps(mass + j, mass8(x + first + j, top_v, inv_v));
+        else
+            for (int64_t j = 0; j < n; j++) mass[j] = mass1(x[first + j], top, inv_t);
         int64_t pick = -1;
         for (int64_t j = 0; j < n; j++) {
             if (mass[j] <= 0.0f) continue;
