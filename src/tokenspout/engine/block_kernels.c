@@ -115,12 +115,14 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     return s;
 }
 
-/* Q4_1 block b's 32 weights q as int16: weights 0-15 (low nibbles), then 16-31. */
+/* Q4_1 block b's 32 weights q as int16: weights 0-15 (low nibbles), then 16-31. Each byte
+ * zero-extended to 16 bits first, so one load-and-extend serves both halves (a byte's high
+ * nibble is then just its value >> 4): 3 instructions where unpacking the nibbles in 8 bits
+ * took 6. */
 static inline void q4_1_block(const uint8_t *qn, int64_t b, __m256i w[2]) {
-    const __m128i low = _mm_set1_epi8(0x0F);
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(qn + b * 16));
-    w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low));
-    w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low));
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qn + b * 16)));
+    w[0] = _mm256_and_si256(bytes, _mm256_set1_epi16(0x0F));
+    w[1] = _mm256_srli_epi16(bytes, 4);
 }
 
 /* Q8_0 block b's 32 weights as int16. */
@@ -385,16 +387,18 @@ static inline void dequant_row(const BlockWeights *w, int64_t n, int64_t K, floa
     if (w->m) {
         const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
         const float *mn = w->m + n * nb;
-        const __m128i low = _mm_set1_epi8(0x0F);
+        const __m256i low = _mm256_set1_epi32(0x0F);
         for (int64_t b = 0; b < nb; b++) {
-            const __m128i raw = _mm_loadu_si128((const __m128i *)(qn + b * 16));
-            const __m128i lo = _mm_and_si128(raw, low);
-            const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
             const __m256 d = _mm256_set1_ps(dn[b]), m = _mm256_set1_ps(mn[b]);
-            for (int j = 0; j < 4; j++) {
-                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[j]));
-                _mm256_storeu_ps(out + b * 32 + 8 * j, _mm256_fmadd_ps(q, d, m));
+            /* bytes 8h..8h+7, each zero-extended to 32 bits: their low nibbles are weights
+             * 8h.., their high ones weights 16 + 8h.. (as in q4_1_block) */
+            for (int h = 0; h < 2; h++) {
+                const __m256i bytes =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qn + b * 16 + 8 * h)));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                _mm256_storeu_ps(out + b * 32 + 8 * h, _mm256_fmadd_ps(lo, d, m));
+                _mm256_storeu_ps(out + b * 32 + 16 + 8 * h, _mm256_fmadd_ps(hi, d, m));
             }
         }
     } else {

@@ -1,0 +1,87 @@
+"""A decode step with this checkout's C kernels against another commit's, in one process.
+
+    .venv/bin/python benchmarks/decode_step_ab.py [--base HEAD] [--batches 1,4,8,16] \\
+        [--steps 100] [--threads 2]
+
+Both builds of ``engine/block_kernels.c`` run ``decode_layers`` on the same loaded model,
+alternating step by step (which goes first alternates too), so that the host's noise, which
+moves separate runs by ±15 % here, falls on both alike. The base's source must take the same
+``decode_layers`` arguments. Reports the median and best step time of each, per batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from decode_step_profile import decode_chunks
+from tokenspout.engine import block_kernels
+from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+
+CONTEXT = 128
+
+
+def build_base(rev: str, out: Path) -> ctypes.CDLL:
+    """Compile ``rev``'s block_kernels.c with this checkout's flags and load it."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:src/tokenspout/engine/block_kernels.c"],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    (out / "base.c").write_text(source)
+    subprocess.run(
+        ["cc", *block_kernels._FLAGS, str(out / "base.c"), "-o", str(out / "base.so")],
+        check=True,
+    )
+    return ctypes.CDLL(str(out / "base.so"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="HEAD")
+    parser.add_argument("--batches", default="1,4,8,16")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    lib = block_kernels._library()
+    if lib is None:
+        raise SystemExit("the C kernels do not run on this machine")
+    runner = ModelRunner(
+        None, weights="q4_1", num_slots=max(batches), max_model_len=CONTEXT + 128,
+        num_threads=args.threads,
+    )  # fmt: skip
+    layers = runner.model.decode_layers
+    if layers is None:
+        raise SystemExit("this model has no one-call decode step")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_base(args.base, Path(tmp)).decode_layers
+    ours = lib.decode_layers
+    base.argtypes, base.restype = ours.argtypes, ours.restype
+    for slot in range(max(batches)):
+        runner.forward([SeqChunk(slot, list(range(1000, 1000 + CONTEXT)), 0)])
+    print(f"decode step, {CONTEXT}-token contexts, {args.steps} steps each, alternating\n")
+    print(f"| batch | {args.base} median | this median | ratio | {args.base} best | this best |")
+    print("|---|---|---|---|---|---|")
+    for batch in batches:
+        times: dict[str, list[float]] = {"base": [], "this": []}
+        for step in range(args.steps):
+            order = [("base", base), ("this", ours)]
+            for name, call in order if step % 2 else order[::-1]:
+                layers._call = call
+                start = time.perf_counter()
+                runner.forward(decode_chunks(batch, CONTEXT, step))
+                times[name].append(time.perf_counter() - start)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        best = {k: min(v) * 1e3 for k, v in times.items()}
+        print(f"| {batch} | {med['base']:.2f} ms | {med['this']:.2f} ms | "
+              f"{med['this'] / med['base']:.3f} | {best['base']:.2f} ms | {best['this']:.2f} ms |",
+              flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
