@@ -334,6 +334,22 @@ class LlamaModel:
             return rows.to(self.dtype) * self.embed_scale[token_ids, None]
         return rows.to(self.dtype)
 
+    @property
+    def decode_rows(self) -> int:
+        """The most tokens ``decode`` takes in one step (0: it does not run here)."""
+        return self.decode_layers.ROWS if self.decode_layers is not None else 0
+
+    def decode(
+        self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
+        """A step of ``decode_rows`` or fewer one-token sequences in one C call: each token
+        ``token_ids`` [N] at ``positions`` [N] of its slot ``slots`` [N] (int64 each) attends
+        to its slot's cache and writes its KV there. Returns float32 logits [N, V]."""
+        assert self.decode_layers is not None, "decode needs decode_rows > 0"
+        return self.decode_layers(
+            token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
+        )
+
     def forward(
         self,
         token_ids: torch.Tensor,
@@ -344,20 +360,6 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Run the packed tokens [N]; write their KV; return float32 logits [C, V] of
         ``logit_rows`` [C]."""
-        if (
-            self.decode_layers is not None
-            and not batch.prefills
-            and token_ids.shape[0] <= self.decode_layers.ROWS
-        ):
-            slots = batch.decode_slots
-            if isinstance(slots, slice):
-                slots = torch.arange(slots.start, slots.stop)
-            logits = self.decode_layers(
-                token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
-            )  # [N, V]
-            if logit_rows.shape[0] == logits.shape[0] == 1:
-                return logits
-            return logits.index_select(0, logit_rows)
         x = self.embed(token_ids)  # [N, H], the step's own tensor: added to in place
         cos, sin = self.rope.tables(positions)  # [N, 1, D]
         h = self.layers[0][0](x)

@@ -107,8 +107,18 @@ class ModelRunner:
         Every chunk's tokens go through the matmuls together; attention batches the
         one-token chunks and runs each longer chunk on its own.
         """
+        self._check(chunks)
         self._set_threads()
         with torch.inference_mode():
+            if len(chunks) <= self.model.decode_rows and all(len(c.token_ids) == 1 for c in chunks):
+                # One token per sequence: the one-call step needs only their ids, slots and
+                # positions, in the chunks' order (its rows do not depend on each other).
+                # Packing a step for the per-op path costs ~0.7 ms at batch 1 in the server.
+                rows = torch.tensor(
+                    [[c.token_ids[0] for c in chunks], [c.slot for c in chunks],
+                     [c.start_pos for c in chunks]]
+                )  # fmt: skip
+                return self.model.decode(rows[0], rows[1], rows[2], self.cache)
             token_ids, positions, batch, logit_rows = self._plan(chunks)
             return self.model.forward(token_ids, positions, batch, self.cache, logit_rows)
 
@@ -117,6 +127,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``forward``, and for the chunks at the indexes ``full`` the logits of every
         position, [len(chunk.token_ids), vocab] each (what a prompt's logprobs need)."""
+        self._check(chunks)
         self._set_threads()
         with torch.inference_mode():
             token_ids, positions, batch, last_rows = self._plan(chunks)
@@ -142,25 +153,8 @@ class ModelRunner:
     def _plan(
         self, chunks: Sequence[SeqChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionBatch, torch.Tensor]:
-        """Pack the chunks: decode tokens first (sorted by slot), then each prefill chunk."""
-        if not chunks:
-            raise ValueError("forward needs at least one chunk")
-        for c in chunks:
-            self._check_slot(c.slot)
-            if (
-                not c.token_ids
-                or c.start_pos < 0
-                or c.start_pos + len(c.token_ids) > self.max_model_len
-            ):
-                raise ValueError(
-                    f"chunk of {len(c.token_ids)} tokens at {c.start_pos} does not fit in "
-                    f"[0, {self.max_model_len})"
-                )
-            # The embedding is read by index, in C on the one-call decode path: never past it.
-            if not all(0 <= t < self.vocab_size for t in c.token_ids):
-                raise ValueError(f"a token id of a chunk is outside [0, {self.vocab_size})")
-        if len({c.slot for c in chunks}) != len(chunks):
-            raise ValueError("two chunks in one step share a slot")
+        """Pack the chunks (``_check``-ed): decode tokens first (sorted by slot), then each
+        prefill chunk."""
         # A one-token chunk, prompt or not, attends to exactly what a decode token does.
         decode = sorted(
             (i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].slot
@@ -205,6 +199,28 @@ class ModelRunner:
             )
             row += t
         return torch.tensor(ids), positions, batch, torch.tensor(last_row)
+
+    def _check(self, chunks: Sequence[SeqChunk]) -> None:
+        """Refuse (``ValueError``) a step whose chunks do not fit the slots, the cache or the
+        vocabulary, or share a slot."""
+        if not chunks:
+            raise ValueError("forward needs at least one chunk")
+        for c in chunks:
+            self._check_slot(c.slot)
+            if (
+                not c.token_ids
+                or c.start_pos < 0
+                or c.start_pos + len(c.token_ids) > self.max_model_len
+            ):
+                raise ValueError(
+                    f"chunk of {len(c.token_ids)} tokens at {c.start_pos} does not fit in "
+                    f"[0, {self.max_model_len})"
+                )
+            # The embedding is read by index, in C on the one-call decode path: never past it.
+            if not all(0 <= t < self.vocab_size for t in c.token_ids):
+                raise ValueError(f"a token id of a chunk is outside [0, {self.vocab_size})")
+        if len({c.slot for c in chunks}) != len(chunks):
+            raise ValueError("two chunks in one step share a slot")
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:
