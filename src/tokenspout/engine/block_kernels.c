@@ -161,9 +161,7 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
         }                                                                                  \
     }
 
-/* One output row of W against ``rows`` rows of quantised x (a literal at each call site, so
- * the accumulators stay in registers). Blocks go in pairs with one accumulator each, so
- * that consecutive blocks' FMAs do not wait on each other's latency. */
+/* ROW_BODY for Q4_1, plus the m term of each block: m * (the x block's exact sum). */
 static inline __attribute__((always_inline)) void q4_1_row(
     const uint8_t *qn, const float *dn, const float *mn, int64_t nb, const int16_t *xq,
     const float *xs, const float *xsum, const int rows, float out[ROWS]) {
