@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import httpx
 
@@ -12,17 +13,33 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 
 def open_raw_stream(
-    server: RunningServer, body: dict, path: str = "/v1/chat/completions"
+    server: RunningServer,
+    body: dict,
+    path: str = "/v1/chat/completions",
+    rcvbuf: int | None = None,
 ) -> socket.socket:
-    """Send a streaming request over a plain socket and return it unread."""
+    """Send a streaming request over a plain socket and return it unread. ``rcvbuf`` sets
+    the receive buffer before connecting, so the window it offers is small from the start."""
     payload = json.dumps(body).encode()
-    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", server.port))
     sock.sendall(
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(payload)}\r\n\r\n".encode()
         + payload
     )
     return sock
+
+
+def most_tokens_unread(stream_buffer: int, token_bytes: int, rcvbuf: int) -> int:
+    """How many tokens at most leave the engine for a client that reads nothing, once
+    backpressure holds: the stream's buffer, the server's send buffer (the kernel autotunes
+    it up to tcp_wmem's max), the client's receive buffer (the kernel doubles what was set)
+    and 1 MiB for asyncio's write buffer and the event in flight."""
+    send_max = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
+    return (stream_buffer + send_max + 2 * rcvbuf + (1 << 20)) // token_bytes
 
 
 def read_until(sock: socket.socket, marker: bytes, timeout: float = 5.0) -> bytes:

@@ -152,8 +152,7 @@ def test_send_timeout_closes_the_upstream_response(
     # 8 KB words (the upstream echoes them): the unread answer fills every buffer quickly.
     body = {"model": "synthetic", "prompt": "x" * 8192, "max_tokens": 4000, "stream": True,
             "user": "send-timeout"}  # fmt: skip
-    sock = open_raw_stream(server, body, path="/v1/completions")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock = open_raw_stream(server, body, path="/v1/completions", rcvbuf=4096)
     try:
         server.wait_metric(
             "tokenspout_requests_aborted_total", 1, timeout=20, labels='reason="send_timeout"'
