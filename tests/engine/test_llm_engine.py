@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import replace
@@ -14,7 +15,13 @@ import torch
 from tokenspout.engine import llm_engine, sequence
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.llm_engine import LLMEngine
-from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
+from tokenspout.engine.request import (
+    ChatMessage,
+    EngineOutput,
+    Grammar,
+    Prompt,
+    SamplingParams,
+)
 from tokenspout.errors import (
     EngineError,
     InvalidRequestError,
@@ -392,6 +399,33 @@ async def test_real_same_seed_same_text(
     assert text(first) == text(second)
     other = await collect(real_engine, "s3", prompt, replace(params, seed=12))
     assert text(other) != text(first)
+
+
+@pytest.mark.parametrize("first_need", ["grammar", "logprobs"])
+async def test_real_grammar_tables_wait_for_the_first_request_that_needs_them(
+    first_need: str,
+) -> None:
+    # llguidance's tables cost ~40 MB: a server never asked for a grammar or logprobs does
+    # without them, and the first request that needs them builds them.
+    engine = LLMEngine(max_num_seqs=2, max_model_len=256, num_threads=2)
+    await engine.start()
+    try:
+        prompt = chat(engine, "Is the sky blue? Answer yes or no.")
+        greedy = SamplingParams(temperature=0, max_tokens=4)
+        await collect(engine, "plain", prompt, greedy)
+        assert engine.sampler.masks is None
+        if first_need == "grammar":
+            choice = Grammar("choice", json.dumps(["yes", "no"]))
+            outs = await collect(engine, "g", prompt, replace(greedy, grammar=choice))
+            assert text(outs) in ("yes", "no")
+        else:
+            outs = await collect(engine, "lp", prompt, replace(greedy, logprobs=2))
+            chosen = [o.extras.logprob for o in outs if o.extras and o.extras.logprob]
+            assert chosen and all(len(lp.top) == 2 for lp in chosen)
+            assert b"".join(lp.bytes for lp in chosen).decode() == text(outs)
+        assert engine.sampler.masks is not None
+    finally:
+        await engine.shutdown()
 
 
 async def test_real_abort_while_running_frees_the_slot(real_engine: LLMEngine) -> None:
