@@ -621,8 +621,9 @@ class LLMEngine(Engine):
 
     def _token_masks(self) -> TokenMasks | None:
         """llguidance's tables for this tokenizer (None where it has none), built on first
-        use: ~0.3 s once, and ~40 MB that a server never asked for a grammar or logprobs
-        does without (server RSS after start 449 -> ~405 MB, issue 14)."""
+        use: ~40 MB that a server never asked for a grammar or logprobs does without (server
+        RSS after start 437 -> 399 MB, issue 14). The build holds the GIL for ~0.4 s, so the
+        whole process pauses that long, once."""
         if self.sampler.masks is None and self._can_mask:
             tokenizer = self._runner().tokenizer
             assert isinstance(tokenizer, Tokenizer)
