@@ -90,7 +90,7 @@ def in_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     A Q4_1 decode step streams all ~100 MB of weights through the caches: in 4 KB pages that
     is ~26,000 pages a step, far more than a core's TLBs hold (2,048 entries on Zen 3). With
-    2 MB pages a batch-1 step took 0.95-0.97x the time in 6 of 7 alternating runs (1.07x in
+    2 MB pages a batch-1 step took 0.95-0.97x the time in 8 of 9 alternating runs (1.07x in
     one), batch 16 0.99-1.03x (benchmarks/weights_huge_pages.py, RESULTS.md). Every byte of
     the mapping is written here, so it costs no more memory than the copies would elsewhere;
     the start pays up to ~0.1 s more (0.04-0.17 s to fault in and copy ~106 MB, against
