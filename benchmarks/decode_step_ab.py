@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from decode_step_profile import decode_chunks
@@ -64,23 +65,48 @@ def main() -> None:
     base.argtypes, base.restype = ours.argtypes, ours.restype
     for slot in range(max(batches)):
         runner.forward([SeqChunk(slot, list(range(1000, 1000 + CONTEXT)), 0)])
+
+    def step_with(call: ctypes._CFuncPtr) -> Callable[[int, int], None]:
+        def step(batch: int, n: int) -> None:
+            layers._call = call
+            runner.forward(decode_chunks(batch, CONTEXT, n))
+
+        return step
+
     print(f"decode step, {CONTEXT}-token contexts, {args.steps} steps each, alternating\n")
-    print(f"| batch | {args.base} median | this median | ratio | {args.base} best | this best |")
-    print("|---|---|---|---|---|---|")
+    print_header(args.base, "this")
     for batch in batches:
-        times: dict[str, list[float]] = {"base": [], "this": []}
-        for step in range(args.steps):
-            order = [("base", base), ("this", ours)]
-            for name, call in order if step % 2 else order[::-1]:
-                layers._call = call
-                start = time.perf_counter()
-                runner.forward(decode_chunks(batch, CONTEXT, step))
-                times[name].append(time.perf_counter() - start)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        best = {k: min(v) * 1e3 for k, v in times.items()}
-        print(f"| {batch} | {med['base']:.2f} ms | {med['this']:.2f} ms | "
-              f"{med['this'] / med['base']:.3f} | {best['base']:.2f} ms | {best['this']:.2f} ms |",
-              flush=True)  # fmt: skip
+        times = alternate({args.base: step_with(base), "this": step_with(ours)}, batch, args.steps)
+        print_row(batch, times)
+
+
+def alternate(
+    steps: dict[str, Callable[[int, int], object]], batch: int, count: int
+) -> dict[str, list[float]]:
+    """Time ``count`` calls of each ``steps[name](batch, n)``, the variants alternating call
+    by call and which goes first alternating too; seconds per call, by name."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for n in range(count):
+        order = list(steps.items())
+        for name, step in order if n % 2 else order[::-1]:
+            start = time.perf_counter()
+            step(batch, n)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def print_header(base: str, this: str) -> None:
+    print(f"| batch | {base} median | {this} median | ratio | {base} best | {this} best |")
+    print("|---|---|---|---|---|---|")
+
+
+def print_row(batch: int, times: dict[str, list[float]]) -> None:
+    """One table row: the median and best of the two variants, the ratio second / first."""
+    a, b = times.values()
+    med = [statistics.median(a) * 1e3, statistics.median(b) * 1e3]
+    best = [min(a) * 1e3, min(b) * 1e3]
+    print(f"| {batch} | {med[0]:.2f} ms | {med[1]:.2f} ms | {med[1] / med[0]:.3f} | "
+          f"{best[0]:.2f} ms | {best[1]:.2f} ms |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

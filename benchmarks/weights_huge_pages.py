@@ -14,11 +14,11 @@ size, and how much of each process is in huge pages.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from collections.abc import Callable
 
 import torch
 
+from decode_step_ab import alternate, print_header, print_row
 from decode_step_profile import decode_chunks
 from tokenspout.engine import weights
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
@@ -60,22 +60,15 @@ def main() -> None:
     for runner in runners.values():
         for slot in range(max(batches)):
             runner.forward([SeqChunk(slot, list(range(1000, 1000 + CONTEXT)), 0)])
+
+    def step_on(runner: ModelRunner) -> Callable[[int, int], object]:
+        return lambda batch, n: runner.forward(decode_chunks(batch, CONTEXT, n))
+
     print(f"\ndecode step, {CONTEXT}-token contexts, {args.steps} steps each, alternating\n")
-    print("| batch | 4 KB median | 2 MB median | ratio | 4 KB best | 2 MB best |")
-    print("|---|---|---|---|---|---|")
+    print_header("4 KB", "2 MB")
     for batch in batches:
-        times: dict[str, list[float]] = {name: [] for name in runners}
-        for step in range(args.steps):
-            order = list(runners.items())
-            for name, runner in order if step % 2 else order[::-1]:
-                start = time.perf_counter()
-                runner.forward(decode_chunks(batch, CONTEXT, step))
-                times[name].append(time.perf_counter() - start)
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        best = {k: min(v) * 1e3 for k, v in times.items()}
-        print(f"| {batch} | {med['4 KB']:.2f} ms | {med['2 MB']:.2f} ms | "
-              f"{med['2 MB'] / med['4 KB']:.3f} | {best['4 KB']:.2f} ms | {best['2 MB']:.2f} ms |",
-              flush=True)  # fmt: skip
+        steps = {"4 KB": step_on(runners["4 KB"]), "2 MB": step_on(runners["2 MB"])}
+        print_row(batch, alternate(steps, batch, args.steps))
 
 
 if __name__ == "__main__":
