@@ -26,7 +26,7 @@ import torch
 
 from tokenspout.engine.llm_engine import LLMEngine
 from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams
-from tokenspout.engine.sampler import RowContext, make_generator
+from tokenspout.engine.sampler import RowContext, Uniforms
 
 PROMPT = "List people with their name and age, as JSON."
 STREAMS = 16
@@ -82,7 +82,7 @@ def sampler_cost(engine: LLMEngine, steps: int = 50) -> None:
     for constrained in (0, 8, 16):
         matchers = [masks.matcher(grammar) if i < constrained else None for i in range(STREAMS)]
         contexts = [RowContext((), [], m) for m in matchers] if constrained else None
-        gens = [make_generator(i) for i in range(STREAMS)]
+        gens = [Uniforms(i) for i in range(STREAMS)]
         start = time.thread_time()
         for _ in range(steps):
             tokens = engine.sampler(logits, params, gens, contexts).tokens

@@ -320,7 +320,7 @@ def test_sample_rows_matches_the_torch_inverse_cdf(vocab: int) -> None:
     rows = [r for r in range(40) if r != 7]
     temps = [0.3 + 0.05 * r for r in rows]
     u = torch.rand(len(rows), generator=gen)
-    got = block_kernels.sample_rows(logits, rows, temps, u)
+    got = block_kernels.sample_rows(logits, rows, temps, u.tolist())
     scaled = logits[rows] / torch.tensor(temps).unsqueeze(1)
     cdf = torch.softmax(scaled.double(), dim=-1).cumsum(dim=-1)
     expected = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import torch
 
 from tokenspout.engine.request import SamplingParams
-from tokenspout.engine.sampler import Sampler, make_generator
+from tokenspout.engine.sampler import Sampler, Uniforms
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], seed: int = 0) -> list[int]:
-    return Sampler()(logits, params, [make_generator(seed + i) for i in range(len(params))]).tokens
+    return Sampler()(logits, params, [Uniforms(seed + i) for i in range(len(params))]).tokens
 
 
 def test_greedy_takes_the_argmax_of_each_row() -> None:
@@ -56,9 +56,9 @@ def test_temperature_sampling_follows_the_distribution() -> None:
 def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
     logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2))
     hot = SamplingParams(temperature=1.5, seed=42)
-    alone = Sampler()(logits[1:2], [hot], [make_generator(42)]).tokens
+    alone = Sampler()(logits[1:2], [hot], [Uniforms(42)]).tokens
     params = [GREEDY, hot, SamplingParams(temperature=1.0)]
-    gens = [make_generator(None), make_generator(42), make_generator(None)]
+    gens = [Uniforms(None), Uniforms(42), Uniforms(None)]
     in_batch = Sampler()(logits, params, gens).tokens
     assert in_batch[1] == alone[0]
     assert in_batch[0] == int(logits[0].argmax())
@@ -67,10 +67,21 @@ def test_same_seed_same_tokens_whatever_shares_the_batch() -> None:
 def test_a_seeded_generator_repeats_its_sequence() -> None:
     logits = torch.zeros(1, 1000)
     params = [SamplingParams(temperature=1.0, seed=7)]
-    g1, g2 = make_generator(7), make_generator(7)
+    g1, g2 = Uniforms(7), Uniforms(7)
     first = [Sampler()(logits, params, [g1]).tokens[0] for _ in range(10)]
     second = [Sampler()(logits, params, [g2]).tokens[0] for _ in range(10)]
     assert first == second and len(set(first)) > 1
+
+
+def test_uniforms_drawn_ahead_are_the_seeds_one_at_a_time_draws() -> None:
+    # Drawn 64 at a time for speed, the stream must stay what a seed gave before: one
+    # torch.rand(1) per sampled token, across the batches' edges too.
+    uniforms = Uniforms(123)
+    generator = torch.Generator().manual_seed(123)
+    one_at_a_time = [
+        torch.rand(1, generator=generator).item() for _ in range(3 * Uniforms.BATCH + 5)
+    ]
+    assert [uniforms.next() for _ in one_at_a_time] == one_at_a_time
 
 
 def test_sampling_does_not_modify_the_callers_logits() -> None:

@@ -8,7 +8,7 @@ import math
 import torch
 
 from tokenspout.engine.request import SamplingParams
-from tokenspout.engine.sampler import RowContext, Sampler, make_generator
+from tokenspout.engine.sampler import RowContext, Sampler, Uniforms
 
 VOCAB = 50
 LOGITS = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(5))
@@ -20,7 +20,7 @@ NO_CONTEXT = RowContext()
 
 def draws(params: SamplingParams, context: RowContext = NO_CONTEXT, n: int = 200) -> list[int]:
     """``n`` tokens drawn with one seeded generator from the same logits."""
-    gen = make_generator(SEED)
+    gen = Uniforms(SEED)
     sampler = Sampler()
     return [sampler(LOGITS, [params], [gen], [context]).tokens[0] for _ in range(n)]
 
@@ -75,14 +75,14 @@ def test_controls_apply_only_to_the_rows_that_ask() -> None:
         SamplingParams(temperature=0.0, logit_bias=((3, 100.0),)),
         SamplingParams(temperature=0.0),
     ]
-    gens = [make_generator(1), make_generator(2)]
+    gens = [Uniforms(1), Uniforms(2)]
     out = Sampler()(logits, params, gens, [RowContext(), RowContext()])
     assert out.tokens == [3, int(LOGITS.argmax())]
 
 
 def test_logprobs_are_sorted_log_probabilities_at_the_temperature() -> None:
     params = SamplingParams(temperature=0.5, seed=SEED, logprobs=5)
-    out = Sampler()(LOGITS, [params], [make_generator(SEED)])
+    out = Sampler()(LOGITS, [params], [Uniforms(SEED)])
     (row,) = out.logprobs
     assert row is not None
     expected = torch.log_softmax(LOGITS[0] / 0.5, -1)
@@ -90,4 +90,4 @@ def test_logprobs_are_sorted_log_probabilities_at_the_temperature() -> None:
     values = [v for _, v in row.top]
     assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
     assert [t for t, _ in row.top] == expected.topk(5).indices.tolist()
-    assert Sampler()(LOGITS, [SamplingParams()], [make_generator(1)]).logprobs == [None]
+    assert Sampler()(LOGITS, [SamplingParams()], [Uniforms(1)]).logprobs == [None]

@@ -307,29 +307,30 @@ def rope_and_store(
 
 
 def sample_rows(
-    logits: torch.Tensor, rows: list[int], temperatures: list[float], uniforms: torch.Tensor
+    logits: torch.Tensor, rows: list[int], temperatures: list[float], uniforms: list[float]
 ) -> list[int]:
     """Inverse-CDF sampling of ``logits[rows]`` (fp32 [*, V]) at ``temperatures`` (> 0), one
-    uniform in [0, 1) per row (``uniforms`` fp32 [len(rows)]): per row the first token whose
-    running probability exceeds its uniform; -inf logits have none. What
-    ``softmax(x / T).cumsum()`` and ``searchsorted`` do, without their [rows, V] tensors."""
+    uniform in [0, 1) per row: per row the first token whose running probability exceeds
+    its uniform; -inf logits have none. What ``softmax(x / T).cumsum()`` and
+    ``searchsorted`` do, without their [rows, V] tensors."""
     lib = _loaded("sample_rows")
     if logits.dtype != torch.float32 or logits.dim() != 2 or not logits.is_contiguous():
         raise ValueError("sample_rows wants contiguous fp32 [rows, vocab] logits")
     if not all(0 <= r < logits.shape[0] for r in rows):
         raise ValueError("sample_rows: a row outside the logits")
     n = len(rows)
-    index = torch.tensor(rows, dtype=torch.int64)
-    temps = torch.tensor(temperatures, dtype=torch.float32)
-    u = uniforms.to(torch.float32).contiguous()
-    out = torch.empty(n, dtype=torch.int64)
+    if len(temperatures) != n or len(uniforms) != n:
+        raise ValueError("sample_rows: one temperature and one uniform per row")
+    # ctypes arrays, not torch tensors: right after a decode step torch's code is cold, and
+    # four small tensors took ~130 µs there, these ~30.
+    out = (ctypes.c_int64 * n)()
     status = lib.sample_rows(
-        logits.data_ptr(), logits.shape[1], index.data_ptr(), n, temps.data_ptr(),
-        u.data_ptr(), out.data_ptr(),
+        logits.data_ptr(), logits.shape[1], (ctypes.c_int64 * n)(*rows), n,
+        (ctypes.c_float * n)(*temperatures), (ctypes.c_float * n)(*uniforms), out,
     )  # fmt: skip
     if status != 0:
         raise MemoryError("sample_rows: no memory for its block sums")
-    return out.tolist()
+    return list(out)
 
 
 def _check(x: torch.Tensor, k: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ from tokenspout.engine.sampler import (
     RowLogprobs,
     Sampled,
     Sampler,
-    make_generator,
+    Uniforms,
 )
 from tokenspout.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from tokenspout.engine.sequence import Sequence
@@ -87,13 +87,13 @@ CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 class _Request:
     """One request in flight.
 
-    ``seq``, ``detokenizer`` and ``generator`` belong to the engine thread; ``sink``,
+    ``seq``, ``detokenizer`` and ``uniforms`` belong to the engine thread; ``sink``,
     ``done`` and ``completion_tokens`` to the event loop ``loop``.
     """
 
     seq: Sequence
     detokenizer: Detokenizer
-    generator: torch.Generator
+    uniforms: Uniforms
     loop: asyncio.AbstractEventLoop
     sink: OutputSink
     #: The sink has had its last item; later outputs are dropped.
@@ -362,7 +362,7 @@ class LLMEngine(Engine):
         if len(rows) < logits.shape[0]:  # an index copy costs ~50 µs: only when rows drop out
             logits = logits[rows]
         return self.sampler(
-            logits, [r.seq.params for r in reqs], [r.generator for r in reqs], contexts
+            logits, [r.seq.params for r in reqs], [r.uniforms for r in reqs], contexts
         )
 
     def _score_prompt(self, chunk: ScheduledChunk, logits: torch.Tensor) -> None:
@@ -613,7 +613,7 @@ class LLMEngine(Engine):
         return _Request(
             seq,
             Detokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True), params.stop),
-            make_generator(params.seed),
+            Uniforms(params.seed),
             asyncio.get_running_loop(),
             sink,
             echo=prompt.text if params.echo else None,
