@@ -248,7 +248,7 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
         layers, final, embed, head, heads=heads, kv_heads=kv_heads, head_dim=64, eps=eps
     )
     rope = Rotary(64, 10000.0, 40, torch.float32)
-    got = decoder(ids, slot, pos, rope.cos, rope.sin_signed, *caches)
+    got = decoder(ids.tolist(), slot.tolist(), pos.tolist(), rope.cos, rope.sin_signed, *caches)
     # The kernels round the matmuls' inputs to int16 per block of 32 (~1e-5 of the block's
     # largest); the GEMMs are fp32 throughout.
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=2e-3)
@@ -277,7 +277,8 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     cos, sin = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
 
     def run(rows: torch.Tensor | slice) -> torch.Tensor:
-        return decoder(ids[rows], slot[rows], pos[rows], cos, sin, *(c.clone() for c in caches))
+        picked = (t[rows].tolist() for t in (ids, slot, pos))
+        return decoder(*picked, cos, sin, *(c.clone() for c in caches))
 
     few = decoder.GEMM_ROWS - 1  # by the kernels
     assert torch.equal(run(slice(0, few)), torch.cat([run(slice(i, i + 1)) for i in range(few)]))
@@ -285,7 +286,7 @@ def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     assert torch.equal(torch.cat([run(slice(0, 8)), run(slice(8, None))]), together)
     order = torch.randperm(17, generator=gen)
     assert torch.equal(run(order), together[order])
-    many = torch.zeros(decoder.ROWS + 1, dtype=torch.int64)
+    many = [0] * (decoder.ROWS + 1)
     with pytest.raises(ValueError, match="tokens"):
         decoder(many, many, many, cos, sin, *caches)
 
@@ -305,7 +306,8 @@ def test_decode_layers_do_not_depend_on_the_thread_count(tokens: int) -> None:
         logits = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            logits.append(decoder(ids, slot, pos, cos, sin, *(c.clone() for c in caches)))
+            picked = (t.tolist() for t in (ids, slot, pos))
+            logits.append(decoder(*picked, cos, sin, *(c.clone() for c in caches)))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(logits[0], logits[1])

@@ -10,7 +10,7 @@ batch 1 the ~3 µs of ``Module.__call__`` per call, ×8 per layer ×30 layers, i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -340,11 +340,16 @@ class LlamaModel:
         return self.decode_layers.ROWS if self.decode_layers is not None else 0
 
     def decode(
-        self, token_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cache: KVCache
+        self,
+        token_ids: Sequence[int],
+        slots: Sequence[int],
+        positions: Sequence[int],
+        cache: KVCache,
     ) -> torch.Tensor:
         """A step of ``decode_rows`` or fewer one-token sequences in one C call: each token
-        ``token_ids`` [N] at ``positions`` [N] of its slot ``slots`` [N] (int64 each) attends
-        to its slot's cache and writes its KV there. Returns float32 logits [N, V]."""
+        of ``token_ids`` at its position of ``positions`` in its slot of ``slots`` (N ints
+        each) attends to its slot's cache and writes its KV there. Returns float32 logits
+        [N, V]."""
         assert self.decode_layers is not None, "decode needs decode_rows > 0"
         return self.decode_layers(
             token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
