@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tokenspout.engine import model_files
 from tokenspout.engine.model_files import DEFAULT_FILE, ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.tokenizer import CHATML_TEMPLATE
@@ -42,6 +43,22 @@ def test_cache_key_follows_content(tmp_path: Path) -> None:
     before = ModelFiles.resolve(str(path)).cache_dir()
     path.write_bytes(b"GGUF" + bytes(99) + b"x")
     assert ModelFiles.resolve(str(path)).cache_dir() != before
+
+
+def test_a_files_digest_is_kept_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(100))
+    first = ModelFiles.resolve(str(path)).cache_dir()
+    # A new process: nothing in memory; the unchanged file is not read again.
+    model_files._hash_once.cache_clear()
+    monkeypatch.setattr(model_files, "_hash_file", lambda *_: pytest.fail("hashed again"))
+    assert ModelFiles.resolve(str(path)).cache_dir() == first
+    monkeypatch.undo()
+    monkeypatch.setenv("TOKENSPOUT_CACHE", str(tmp_path / "cache"))
+    path.write_bytes(b"GGUF" + bytes(99) + b"x")  # rewritten: a new mtime, hashed again
+    assert ModelFiles.resolve(str(path)).cache_dir() != first
 
 
 def test_metadata_is_cached() -> None:

@@ -126,10 +126,32 @@ def _content_hash(path: Path) -> str:
     return _hash_once(path, stat.st_size, stat.st_mtime_ns, stat.st_ino)
 
 
-# Once per process while the file stays the same: a start asks for the cache folder more
-# than once, and hashing the default 94 MB model took 0.19 s of a ~1 s warm start each time.
+# Once per process while the file stays the same (a start asks for the cache folder more
+# than once), and across starts: the digest is kept under the cache root, keyed by the file's
+# path, size, mtime and inode, as the in-process cache is. Hashing the default 94 MB model
+# took 0.18 s of a ~0.8 s warm start.
 @functools.lru_cache(maxsize=16)
 def _hash_once(path: Path, size: int, mtime_ns: int, inode: int) -> str:
+    key = hashlib.sha256(f"{path.resolve()}|{size}|{mtime_ns}|{inode}".encode()).hexdigest()
+    known = cache_root() / "file-hashes" / key[:32]
+    try:
+        digest = known.read_text()
+        if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return digest
+    except OSError:
+        pass
+    digest = _hash_file(path, size)
+    try:
+        known.parent.mkdir(parents=True, exist_ok=True)
+        tmp = known.with_name(f"{known.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        tmp.replace(known)  # atomic: a concurrent start never reads half a digest
+    except OSError:  # a read-only cache: hash again at the next start
+        pass
+    return digest
+
+
+def _hash_file(path: Path, size: int) -> str:
     digest = hashlib.sha256(str(size).encode())
     with path.open("rb") as f:
         if size <= _FULL_HASH_LIMIT:
