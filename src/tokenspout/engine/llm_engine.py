@@ -41,14 +41,13 @@ from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tokenspout.engine import tool_calls
 from tokenspout.engine.continuation import Continuation, remaining_params
 from tokenspout.engine.detokenizer import Detokenizer
-from tokenspout.engine.grammar import TokenMasks, check_grammar
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
@@ -77,6 +76,11 @@ from tokenspout.errors import (
     InvalidRequestError,
     PromptTooLongError,
 )
+
+if TYPE_CHECKING:
+    # Imported where used: it imports llguidance, which only a grammar or logprobs request
+    # needs (see _token_masks).
+    from tokenspout.engine.grammar import TokenMasks
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +147,6 @@ class LLMEngine(Engine):
         )
         self.sampler = Sampler()
         self.runner: ModelRunner | None = None
-        #: Whether llguidance can read the tokenizer (set once the model is loaded).
-        self._can_mask = False
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
         self._inbox: deque[_InboxItem] = deque()
@@ -268,7 +270,7 @@ class LLMEngine(Engine):
         if params.grammar is None:
             return
         param = "tools" if params.tool_calls else params.grammar.param or "response_format"
-        if not self._can_mask:
+        if not self._can_mask():
             raise InvalidRequestError(
                 "this model's tokenizer does not support constrained decoding", param=param
             )
@@ -276,6 +278,8 @@ class LLMEngine(Engine):
             raise InvalidRequestError(
                 "ignore_eos cannot be combined with a constrained output", param="ignore_eos"
             )
+        from tokenspout.engine.grammar import check_grammar  # imported here: see TYPE_CHECKING
+
         check_grammar(params.grammar, param)
 
     def submit(
@@ -483,7 +487,6 @@ class LLMEngine(Engine):
         except BaseException as exc:
             loop.call_soon_threadsafe(_settle, ready, exc)
             return
-        self._can_mask = isinstance(self.runner.tokenizer, Tokenizer)
         loop.call_soon_threadsafe(_settle, ready, None)
         self._loop()
 
@@ -619,16 +622,24 @@ class LLMEngine(Engine):
             echo=prompt.text if params.echo else None,
         )
 
+    def _can_mask(self) -> bool:
+        """Whether llguidance can read this model's tokenizer."""
+        return isinstance(self._runner().tokenizer, Tokenizer)
+
     def _token_masks(self) -> TokenMasks | None:
         """llguidance's tables for this tokenizer (None where it has none), built on first
         use: ~40 MB that a server never asked for a grammar or logprobs does without (server
-        RSS after start 437 -> 399 MB, issue 14). The build holds the GIL for ~0.4 s, so the
-        whole process pauses that long, once."""
-        if self.sampler.masks is None and self._can_mask:
-            tokenizer = self._runner().tokenizer
+        RSS after start 437 -> 399 MB, issue 14), and llguidance itself is imported only
+        then (-> 392-394 MB). The build holds the GIL for ~0.4 s, so the whole process
+        pauses that long, once."""
+        if self.sampler.masks is None and self._can_mask():
+            from tokenspout.engine.grammar import TokenMasks
+
+            runner = self._runner()
+            tokenizer = runner.tokenizer
             assert isinstance(tokenizer, Tokenizer)
             self.sampler.masks = TokenMasks(
-                tokenizer.backend_json(), self._runner().vocab_size, tokenizer.eos_token_ids
+                tokenizer.backend_json(), runner.vocab_size, tokenizer.eos_token_ids
             )
         return self.sampler.masks
 
