@@ -237,8 +237,8 @@ class DecodeLayers:
         caches of all layers, fp32 [L, slots, Hkv, max_len, D], get each token's k and v.
 
         The ids, slots and positions go in as ctypes arrays, not tensors: right after a step
-        torch's code is cold, and packing them as tensors cost ~0.4 ms of a ~10 ms batch-1
-        step (timed alternately in one process)."""
+        torch's code is cold, and packing them as tensors cost ~0.2 ms of a ~10 ms batch-1
+        step (timed alternately in one process; benchmarks/step_overhead.py)."""
         m = len(ids)
         if not 1 <= m <= self.ROWS or len(slots) != m or len(positions) != m:
             raise ValueError(

@@ -97,7 +97,8 @@ def in_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     0.07 s for torch's clones).
     """
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes.values())
+    padded = {name: -(-n // _ALIGN) * _ALIGN for name, n in sizes.items()}
+    total = sum(padded.values())
     # Mapped one huge page larger, so that the arena can start on a 2 MB boundary; the
     # untouched pages before it and after the end cost nothing. Private: a shared anonymous
     # mapping is shmem, which THP's ``madvise`` mode leaves in 4 KB pages.
@@ -114,7 +115,7 @@ def in_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         flat = arena[offset : offset + sizes[name]]
         out[name] = flat.view(t.dtype).view(t.shape)
         out[name].copy_(t)
-        offset += -(-sizes[name] // _ALIGN) * _ALIGN
+        offset += padded[name]
     return out
 
 
