@@ -143,23 +143,27 @@ def test_rope_and_store_matches_the_torch_path(tokens: int) -> None:
     slots = torch.tensor([1, 0, 2, 2, 1][:tokens])
     cos, sin = rope.tables(positions)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d)
-    expected_cache, cache = (KVCache(1, 3, 64, kv_heads, d, torch.float32) for _ in range(2))
+    expected_cache, cache = (KVCache(1, 3, 64, kv_heads, d, torch.float16) for _ in range(2))
     rows = cache.rows(slots, positions)
     qk = rope(qkv[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d), cos, sin)
-    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
-    expected_cache.write(0, rows, qk[:, heads:], v)
     got = qkv.clone()
     k_slots, v_slots = cache.slot_view(0)
     block_kernels.rope_and_store(
         got, heads, kv_heads, cos.squeeze(1), sin.squeeze(1), rows, k_slots, v_slots
     )
-    torch.testing.assert_close(got[:, : heads * d].view(tokens, heads, d), qk[:, :heads])
-    torch.testing.assert_close(k_slots, expected_cache.slot_view(0)[0])
-    torch.testing.assert_close(v_slots, expected_cache.slot_view(0)[1])
+    got_qk = got[:, : (heads + kv_heads) * d].view(tokens, heads + kv_heads, d)
+    torch.testing.assert_close(got_qk, qk)  # q and k roped in place
+    # The cache holds the roped k and the v rounded to fp16 as torch rounds (to nearest even):
+    # the same bits as KVCache.write of them.
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    expected_cache.write(0, rows, got_qk[:, heads:], v)
+    assert torch.equal(k_slots, expected_cache.slot_view(0)[0])
+    assert torch.equal(v_slots, expected_cache.slot_view(0)[1])
 
 
 def reference_decode(ids, embed, layers, final_norm, head, positions, slots, caches, heads, eps):
-    """decode_layers' arithmetic in plain torch, on the dequantised weights (fp32)."""
+    """decode_layers' arithmetic in plain torch, on the dequantised weights (fp32) and caches
+    that hold fp16 values in fp32, as the token's own k and v are rounded to fp16 too."""
     from tokenspout.engine.llama_model import Rotary
 
     k_cache, v_cache = caches
@@ -174,8 +178,8 @@ def reference_decode(ids, embed, layers, final_norm, head, positions, slots, cac
         v = qkv[:, (heads + kv_heads) * d :].view(-1, kv_heads, d)
         outs = []
         for r, (slot, pos) in enumerate(zip(slots.tolist(), positions.tolist(), strict=True)):
-            k_cache[n, slot, :, pos] = qk[r, heads:]
-            v_cache[n, slot, :, pos] = v[r]
+            k_cache[n, slot, :, pos] = qk[r, heads:].half()
+            v_cache[n, slot, :, pos] = v[r].half()
             keys, values = k_cache[n, slot, :, : pos + 1], v_cache[n, slot, :, : pos + 1]
             o = torch.nn.functional.scaled_dot_product_attention(
                 qk[r, :heads, None], keys, values, enable_gqa=True
@@ -237,8 +241,8 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     gen = torch.Generator().manual_seed(len(positions) + positions[0])
     heads, kv_heads, eps = 4, 2, 1e-5
     layers, final, embed, head = small_model(gen, 128, heads, kv_heads, 256)
-    caches = [torch.randn(2, 19, kv_heads, 40, 64, generator=gen) for _ in range(2)]
-    expected_caches = [c.clone() for c in caches]
+    caches = [torch.randn(2, 19, kv_heads, 40, 64, generator=gen).half() for _ in range(2)]
+    expected_caches = [c.float() for c in caches]
     ids = torch.tensor([7, 49, 0, 13, 21, 33] * 4)[: len(positions)]
     pos, slot = torch.tensor(positions), torch.tensor(slots)
     expected = reference_decode(
@@ -253,7 +257,7 @@ def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[
     # largest); the GEMMs are fp32 throughout.
     torch.testing.assert_close(got, expected, atol=5e-3, rtol=2e-3)
     for cache, expected_cache in zip(caches, expected_caches, strict=True):
-        torch.testing.assert_close(cache, expected_cache, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(cache.float(), expected_cache, atol=2e-3, rtol=2e-3)
 
 
 def small_decoder(
@@ -270,7 +274,7 @@ def small_decoder(
 
 def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     decoder, gen = small_decoder(9, 2, 2)
-    caches = [torch.randn(2, 17, 2, 16, 64, generator=gen) for _ in range(2)]
+    caches = [torch.randn(2, 17, 2, 16, 64, generator=gen).half() for _ in range(2)]
     ids = torch.tensor([3, 11, 0, 49, 7, 20, 8, 8, 1, 2, 30, 31, 12, 40, 41, 5, 6])
     pos = torch.tensor([3, 9, 0, 15, 4, 9, 1, 2, 14, 10, 3, 3, 7, 0, 11, 6, 5])
     slot = torch.randperm(17, generator=gen)
@@ -296,7 +300,7 @@ def test_decode_layers_do_not_depend_on_the_thread_count(tokens: int) -> None:
     # Every output row, head and norm is computed whole by one thread with the same
     # arithmetic, whichever thread: 1 and 2 threads give the same bits.
     decoder, gen = small_decoder(10, 4, 2)
-    caches = [torch.randn(2, tokens, 2, 40, 64, generator=gen) for _ in range(2)]
+    caches = [torch.randn(2, tokens, 2, 40, 64, generator=gen).half() for _ in range(2)]
     ids = torch.randint(0, 50, (tokens,), generator=gen)
     pos = torch.randint(0, 40, (tokens,), generator=gen)
     slot = torch.randperm(tokens, generator=gen)

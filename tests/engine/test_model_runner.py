@@ -170,15 +170,23 @@ def test_chunked_prefill_equals_one_shot(fp32: ModelRunner) -> None:
     torch.testing.assert_close(step[0], step[1], atol=1e-4, rtol=0)
 
 
-def test_mixed_prefill_and_decode_step(fp32: ModelRunner) -> None:
+@pytest.mark.parametrize("fmt", ["fp32", "q4_1"])
+def test_mixed_prefill_and_decode_step(fmt: str, request: pytest.FixtureRequest) -> None:
+    runner: ModelRunner = request.getfixturevalue(fmt)
     a, b = CASES[0]["prompt_ids"], CASES[3]["prompt_ids"]
-    first = int(fp32.forward([SeqChunk(0, a, 0)])[0].argmax())
-    decode_alone = fp32.forward([SeqChunk(0, [first], len(a))])
-    prefill_alone = fp32.forward([SeqChunk(2, b, 0)])
+    first = int(runner.forward([SeqChunk(0, a, 0)])[0].argmax())
+    decode_alone = runner.forward([SeqChunk(0, [first], len(a))])
+    prefill_alone = runner.forward([SeqChunk(2, b, 0)])
     # Prefill listed first: the runner reorders rows internally, logits come back in order.
-    mixed = fp32.forward([SeqChunk(3, b, 0), SeqChunk(0, [first], len(a))])
+    mixed = runner.forward([SeqChunk(3, b, 0), SeqChunk(0, [first], len(a))])
+    # q4_1: alone, the decode token goes through the one-call step (C attention on the fp16
+    # cache, the token's own k and v rounded to fp16 as the cache keeps them, int16 kernels);
+    # mixed, through the per-op path (torch's attention on the cache read back as fp32, the
+    # GEMMs): other rounding, the same values and the same top token.
+    tolerance = {"fp32": 1e-4, "q4_1": 0.02}[fmt]  # q4_1: 3.4e-3 measured
     torch.testing.assert_close(mixed[0], prefill_alone[0], atol=1e-4, rtol=0)
-    torch.testing.assert_close(mixed[1], decode_alone[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed[1], decode_alone[0], atol=tolerance, rtol=0)
+    assert int(mixed[1].argmax()) == int(decode_alone[0].argmax())
 
 
 def test_copy_slot_prefix_then_continue_equals_recompute(fp32: ModelRunner) -> None:

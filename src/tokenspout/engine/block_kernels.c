@@ -57,6 +57,21 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* The KV cache is fp16 (IEEE half, as llama.cpp keeps it): half the bytes of fp32, and a
+ * decode step at batch 16 reads every running sequence's keys and values from memory. */
+
+/* 8 cache values at p as fp32. */
+static inline __m256 load_half8(const uint16_t *p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+/* x[0..n) (n a multiple of 8) rounded to fp16, to nearest even as torch's .half(), into h. */
+static inline void to_half(const float *x, int64_t n, uint16_t *h) {
+    for (int64_t i = 0; i < n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+}
+
 /* One block of 32 floats -> int16 q with the scale max|x| / 32767, and the block's sum. */
 static inline void quantize_block(const float *xb, int16_t *q, float *scale, float *sum) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -291,12 +306,12 @@ void add_rms_norm(float *x, const float *delta, int64_t M, int64_t H, const floa
 
 /* RoPE on the q and k heads of qkv [N, (Hq + 2 * Hkv) * D] in place (rotate-half layout:
  * x * cos + roll(x, D/2) * sin_signed, cos and sin_signed [N, D]: each token's rows of the
- * tables), then k and v into one layer of
- * the cache at rows[n * Hkv + h] (rows of D floats). What a layer's attention did before its
- * matmul-free part as ~15 small ops (views, roll, mul, add, two index_copy_). */
+ * tables), then k and v into one layer of the fp16 cache at rows[n * Hkv + h] (rows of D
+ * values; D a multiple of 8). What a layer's attention did before its matmul-free part as
+ * ~15 small ops (views, roll, mul, add, two index_copy_). */
 void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
                     const float *cos, const float *sin_signed, const int64_t *rows,
-                    float *k_cache, float *v_cache) {
+                    uint16_t *k_cache, uint16_t *v_cache) {
     const int64_t width = (Hq + 2 * Hkv) * D, half = D / 2;
     float rotated[D];
     for (int64_t n = 0; n < N; n++) {
@@ -309,12 +324,8 @@ void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
         }
         for (int64_t h = 0; h < Hkv; h++) {
             const int64_t row = rows[n * Hkv + h];
-            const float *k = qkv + n * width + (Hq + h) * D;
-            const float *v = qkv + n * width + (Hq + Hkv + h) * D;
-            for (int64_t i = 0; i < D; i++) {
-                k_cache[row * D + i] = k[i];
-                v_cache[row * D + i] = v[i];
-            }
+            to_half(qkv + n * width + (Hq + h) * D, D, k_cache + row * D);
+            to_half(qkv + n * width + (Hq + Hkv + h) * D, D, v_cache + row * D);
         }
     }
 }
@@ -643,13 +654,15 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
 }
 
 /* One query head of one token attending to its sequence's keys [0, pos] of one KV head: the
- * cache holds [0, pos) ([max_len, D] rows); the token's own key and value are k (roped) and v.
+ * cache holds [0, pos) ([max_len, D] rows, fp16); the token's own key and value are k (roped)
+ * and v, as fp32 values that fp16 holds exactly (what the cache gets).
  * D a multiple of 64. scores: pos + 8 floats of scratch. Scores 8 keys at a time (8
  * independent dot products, one reduction), softmax with a vector exp, and the weighted sum
  * of values 64 dimensions at a time in registers: the scalar version of this took ~40 µs of
  * each layer at 128 keys. */
-static void attend_head(const float *q, const float *k, const float *v, const float *k_cache,
-                        const float *v_cache, int64_t pos, int64_t D, float *scores,
+static void attend_head(const float *q, const float *k, const float *v,
+                        const uint16_t *k_cache, const uint16_t *v_cache, int64_t pos,
+                        int64_t D, float *scores,
                         float *out) {
     const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
     const int64_t keys = pos + 1;
@@ -660,15 +673,16 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
         for (int64_t i = 0; i < D; i += 8) {
             const __m256 qi = _mm256_loadu_ps(q + i);
             for (int t = 0; t < 8; t++)
-                acc[t] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k_cache + (j + t) * D + i), acc[t]);
+                acc[t] = _mm256_fmadd_ps(qi, load_half8(k_cache + (j + t) * D + i), acc[t]);
         }
         _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8(acc), scale));
     }
     for (; j < keys; j++) {
-        const float *kj = j < pos ? k_cache + j * D : k;
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < D; i += 8)
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(kj + i), acc);
+        for (int64_t i = 0; i < D; i += 8) {
+            const __m256 kji = j < pos ? load_half8(k_cache + j * D + i) : _mm256_loadu_ps(k + i);
+            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kji, acc);
+        }
         scores[j] = hsum(acc) * (1.0f / sqrtf((float)D));
     }
     for (j = keys; j % 8; j++) scores[j] = -INFINITY; /* pad to whole vectors */
@@ -689,12 +703,15 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
     for (int64_t i0 = 0; i0 < D; i0 += 64) {
         __m256 acc[8];
         for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-        for (j = 0; j < keys; j++) {
-            const float *vj = (j < pos ? v_cache + j * D : v) + i0;
+        for (j = 0; j < pos; j++) {
+            const uint16_t *vj = v_cache + j * D + i0;
             const __m256 w = _mm256_broadcast_ss(scores + j);
             for (int t = 0; t < 8; t++)
-                acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + 8 * t), acc[t]);
+                acc[t] = _mm256_fmadd_ps(w, load_half8(vj + 8 * t), acc[t]);
         }
+        const __m256 w = _mm256_broadcast_ss(scores + pos); /* the token's own value */
+        for (int t = 0; t < 8; t++)
+            acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i0 + 8 * t), acc[t]);
         for (int t = 0; t < 8; t++)
             _mm256_storeu_ps(out + i0 + 8 * t, _mm256_mul_ps(acc[t], inv));
     }
@@ -705,7 +722,7 @@ static void attend_head(const float *q, const float *k, const float *v, const fl
  *   ids [M]: the tokens; embed_qs, embed_d: the embedding's Q8_0 blocks [vocab, H];
  *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
  *   tables [max_len, D], read at the positions.
- *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp32;
+ *   layers [L]: see LayerWeights; k_cache, v_cache: [L, num_slots, Hkv, max_len, D] fp16;
  *   each token's k and v are stored at its position, every layer.
  *   head_qs, head_d: the LM head's Q8_0 blocks [V, H]; logits [M, V] out.
  * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, -1 when
@@ -716,7 +733,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                   const float *cos, const float *sin_signed, const LayerWeights *layers,
                   int64_t L, const float *final_norm, const int8_t *head_qs,
                   const float *head_d, int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
-                  int64_t I, float eps, float *k_cache, float *v_cache, int64_t num_slots,
+                  int64_t I, float eps, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots,
                   int64_t max_len, float *logits) {
     const int gemm = M >= gemm_from;
     if (M < 1 || M > MAX_M || (!gemm && M > MAX_M_KERNEL)) return -2;
@@ -767,16 +784,24 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                                 *s = sin_signed + positions[r] * D;
                     const int64_t base =
                         (((l * num_slots + slots[r]) * Hkv + g) * max_len) * D;
-                    float q[256], k[256];
+                    float q[256], k[256], v[256];
+                    uint16_t k16[256], v16[256];
                     rope_head(row + h * D, c, s, D, q);
                     rope_head(row + (Hq + g) * D, c, s, D, k);
-                    const float *v = row + (Hq + Hkv + g) * D;
+                    /* the token's own k and v as the cache keeps them, so that a later step
+                     * and the per-op path (which reads them back) see the same values */
+                    to_half(k, D, k16);
+                    to_half(row + (Hq + Hkv + g) * D, D, v16);
+                    for (int64_t i = 0; i < D; i += 8) {
+                        _mm256_storeu_ps(k + i, load_half8(k16 + i));
+                        _mm256_storeu_ps(v + i, load_half8(v16 + i));
+                    }
                     attend_head(q, k, v, k_cache + base, v_cache + base, positions[r], D,
                                 scores, att + r * Hq * D + h * D);
                     if (h % group == 0) { /* one writer per KV head; no one reads this row */
                         for (int64_t i = 0; i < D; i++) {
-                            k_cache[base + positions[r] * D + i] = k[i];
-                            v_cache[base + positions[r] * D + i] = v[i];
+                            k_cache[base + positions[r] * D + i] = k16[i];
+                            v_cache[base + positions[r] * D + i] = v16[i];
                         }
                     }
                 }

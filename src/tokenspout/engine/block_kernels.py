@@ -27,7 +27,7 @@ from tokenspout.engine.model_files import cache_root
 
 BLOCK = 32  # weights per block, both formats
 _SOURCE = Path(__file__).with_name("block_kernels.c")
-_FLAGS = ["-O3", "-mavx2", "-mfma", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 
 def library_path() -> Path:
@@ -59,7 +59,8 @@ def build() -> Path:
 
 
 def cpu_supported() -> bool:
-    """Whether this CPU has what the kernels need (AVX2 and FMA)."""
+    """Whether this CPU has what the kernels need: AVX2 and FMA (and F16C for the fp16 KV
+    cache, which every CPU with AVX2 has)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
@@ -169,7 +170,7 @@ class Q8Linear(_BlockLinear):
 class DecodeLayers:
     """A decode step of up to ``ROWS`` tokens in one C call (``decode_layers``): embedding
     rows, decoder layers, final norm and LM head, on Q4_1 layers, a Q8_0 embedding and head
-    and an fp32 KV cache.
+    and an fp16 KV cache.
 
     Per layer the per-op path is ~20 small torch ops and ctypes calls of a few µs each, ~5 ms
     of a ~15 ms batch-1 step; here the layers run in one OpenMP region, a barrier after each
@@ -234,7 +235,7 @@ class DecodeLayers:
     ) -> torch.Tensor:
         """Logits fp32 [M, V] of M <= ROWS tokens ``ids`` at ``slots``, ``positions`` (M ints
         each); ``cos``, ``sin_signed``: RoPE's whole tables [max_len, D] (``Rotary``); the
-        caches of all layers, fp32 [L, slots, Hkv, max_len, D], get each token's k and v.
+        caches of all layers, fp16 [L, slots, Hkv, max_len, D], get each token's k and v.
 
         The ids, slots and positions go in as ctypes arrays, not tensors: right after a step
         torch's code is cold, and packing them as tensors cost ~0.2 ms of a ~10 ms batch-1
@@ -246,8 +247,8 @@ class DecodeLayers:
             )
         if cos.shape[0] < k_cache.shape[3] or sin_signed.shape != cos.shape:
             raise ValueError("decode_layers wants RoPE tables for every cache position")
-        if k_cache.dtype != torch.float32 or v_cache.dtype != torch.float32:
-            raise ValueError("decode_layers wants an fp32 KV cache")
+        if k_cache.dtype != torch.float16 or v_cache.dtype != torch.float16:
+            raise ValueError("decode_layers wants an fp16 KV cache")
         rows = ctypes.c_int64 * m
         logits = torch.empty(m, self.vocab)
         status = self._call(
@@ -292,14 +293,17 @@ def rope_and_store(
     v_cache: torch.Tensor,
 ) -> None:
     """RoPE on the q and k heads of ``qkv`` [N, (heads + 2 * kv_heads) * D] in place, then k
-    and v into ``k_cache``/``v_cache`` (one layer, contiguous) at ``rows`` [N * kv_heads]
+    and v into ``k_cache``/``v_cache`` (one layer, contiguous, fp16) at ``rows`` [N * kv_heads]
     (``KVCache.rows``). ``cos``/``sin_signed``: each token's table rows [N, D] (``Rotary``)."""
     lib = _loaded("rope_and_store")
     n, width = qkv.shape
     d = width // (heads + 2 * kv_heads)
-    tensors = (qkv, cos, sin_signed, k_cache, v_cache)
-    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in tensors):
-        raise ValueError("rope_and_store wants contiguous fp32 tensors")
+    if any(t.dtype != torch.float32 or not t.is_contiguous() for t in (qkv, cos, sin_signed)):
+        raise ValueError("rope_and_store wants contiguous fp32 qkv and tables")
+    if any(t.dtype != torch.float16 or not t.is_contiguous() for t in (k_cache, v_cache)):
+        raise ValueError("rope_and_store wants a contiguous fp16 KV cache")
+    if d % 8:
+        raise ValueError(f"rope_and_store runs head_dim a multiple of 8, not {d}")
     if cos.shape != (n, d) or sin_signed.shape != (n, d) or rows.shape != (n * kv_heads,):
         raise ValueError("rope_and_store: tables must be [N, D] and rows [N * kv_heads]")
     rows = rows.contiguous()

@@ -41,10 +41,10 @@ class KVCache:
         return ((slots[:, None] * heads + self._heads) * self.max_len + positions[:, None]).view(-1)
 
     def write(self, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v: [N, Hkv, D] at ``rows`` (from ``rows()``)."""
-        d = k.shape[-1]
-        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d))
-        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d))
+        """Store k, v: [N, Hkv, D] at ``rows`` (from ``rows()``), in the cache's dtype."""
+        d, dtype = k.shape[-1], self.k.dtype
+        self.k[layer].view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(dtype))
+        self.v[layer].view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(dtype))
 
     def slot_view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of one layer: [num_slots, Hkv, max_len, D]."""

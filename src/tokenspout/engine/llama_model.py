@@ -224,8 +224,8 @@ class Attention:
     ) -> torch.Tensor:
         b, s, d = q.shape[0], batch.decode_len, self.head_dim
         # [B, Hkv, S, D]; a view when the slots are consecutive.
-        k = _select(k_slots, batch.decode_slots, s)
-        v = _select(v_slots, batch.decode_slots, s)
+        k = _select(k_slots, batch.decode_slots, s).to(q.dtype)
+        v = _select(v_slots, batch.decode_slots, s).to(q.dtype)
         # One query per sequence: fold the G query heads that share a KV head into the query
         # axis, q: [B, Hkv, G, D], so no K/V repeat is needed for GQA.
         qg = q.reshape(b, self.kv_heads, self.heads // self.kv_heads, d)
@@ -242,8 +242,8 @@ class Attention:
     ) -> torch.Tensor:
         t, s = q.shape[0], start + q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
-        k = k_slot[:, :s].unsqueeze(0)  # [1, Hkv, S, D]
-        v = v_slot[:, :s].unsqueeze(0)
+        k = k_slot[:, :s].unsqueeze(0).to(q.dtype)  # [1, Hkv, S, D], fp32 from an fp16 cache
+        v = v_slot[:, :s].unsqueeze(0).to(q.dtype)
         o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
         return o[0].transpose(0, 1).reshape(t, self.q_size)  # [T, Hq * D]
 
@@ -265,9 +265,15 @@ class LlamaModel:
     def __init__(self, config: LlamaConfig, weights: Weights, max_len: int):
         self.config = config
         w = weights.tensors
-        #: Activations and KV cache dtype: bf16 for bf16 and int8 weights (the int8 kernel is
-        #: ~10x slower with fp32 activations), fp32 for fp32 and fp16 ones.
+        #: Activations dtype: bf16 for bf16 and int8 weights (the int8 kernel is ~10x slower
+        #: with fp32 activations), fp32 for fp32, fp16 and q4_1 ones.
         self.dtype = torch.float32 if weights.format in ("fp32", "fp16", "q4_1") else torch.bfloat16
+        fused = weights.format == "q4_1"  # the block kernels are there, activations fp32
+        #: KV cache dtype: the activations', but fp16 where the block kernels read it (q4_1):
+        #: a decode step at batch 16 reads every running sequence's keys and values from
+        #: memory, and fp32 took half as long again as fp16 beside the weights
+        #: (benchmarks/RESULTS.md, issue 14). Attention computes in fp32 on fp16's values.
+        self.kv_dtype = torch.float16 if fused else self.dtype
         eps = config.rms_norm_eps
         head = "lm_head" if "lm_head" in w or "lm_head.qs" in w else "embed"
         names = [head] + [  # the head first: the largest, so the workers finish together
@@ -278,7 +284,6 @@ class LlamaModel:
         with ThreadPoolExecutor(torch.get_num_threads()) as pool:
             linears = dict(zip(names, pool.map(lambda n: _linear(w, n), names), strict=True))
         self.layers = []
-        fused = weights.format == "q4_1"  # the block kernels are there, activations fp32
         for n in range(config.num_hidden_layers):
             p = f"layers.{n}."
             self.layers.append(

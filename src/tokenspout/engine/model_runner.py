@@ -84,7 +84,7 @@ class ModelRunner:
             max_model_len,
             self.config.num_key_value_heads,
             self.config.head_dim,
-            self.model.dtype,
+            self.model.kv_dtype,
         )
         self.model_id = files.model_id
         self.weights = weights

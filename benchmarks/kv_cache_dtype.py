@@ -1,0 +1,87 @@
+"""A decode step on the fp16 KV cache against another commit's step on an fp32 one, in one process.
+
+    .venv/bin/python benchmarks/kv_cache_dtype.py --base REV [--batches 1,16] \\
+        [--contexts 32,128,512] [--steps 60] [--threads 2]
+
+``REV``'s ``engine/block_kernels.c`` must be one whose ``decode_layers`` reads an fp32 cache
+(7c7ffb5 and before). Both builds run ``decode_layers`` by bare C calls on the same loaded
+model, alternating step by step (which goes first alternates too), so that the host's noise
+falls on both alike: this checkout's on the runner's fp16 cache, the base's on an fp32 copy
+of it. Every slot first gets a prompt as long as the context; the steps then decode at that
+context. Reports the median and best step time of each, per context and batch size, and the
+top-1 token of each row, which the two caches should agree on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import tempfile
+from pathlib import Path
+
+import torch
+
+from decode_step_ab import alternate, build_base, print_header, print_row
+from tokenspout.engine import block_kernels
+from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--contexts", default="32,128,512")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    lib = block_kernels._library()
+    if lib is None:
+        raise SystemExit("the C kernels do not run on this machine")
+    slots = max(batches)
+    runner = ModelRunner(
+        None, weights="q4_1", num_slots=slots, max_model_len=max(contexts) + args.steps + 1,
+        num_threads=args.threads,
+    )  # fmt: skip
+    layers, model, cache = runner.model.decode_layers, runner.model, runner.cache
+    if layers is None:
+        raise SystemExit("this model has no one-call decode step")
+    with tempfile.TemporaryDirectory() as tmp:
+        base = build_base(args.base, Path(tmp)).decode_layers
+    base.argtypes, base.restype = lib.decode_layers.argtypes, lib.decode_layers.restype
+
+    def call(fn: ctypes._CFuncPtr, k: torch.Tensor, v: torch.Tensor) -> object:
+        def step(batch: int, n: int) -> torch.Tensor:
+            rows = ctypes.c_int64 * batch
+            logits = torch.empty(batch, layers.vocab)
+            status = fn(
+                rows(*(100 + s for s in range(batch))), batch, layers.GEMM_ROWS,
+                *layers._embed_blocks, rows(*range(batch)), rows(*[context + n] * batch),
+                model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(), layers._layers,
+                *layers._rest, k.data_ptr(), v.data_ptr(), slots, k.shape[3],
+                logits.data_ptr(),
+            )  # fmt: skip
+            assert status == 0
+            return logits
+
+        return step
+
+    print(f"decode step, {args.steps} steps each, alternating; the base on an fp32 cache\n")
+    for context in contexts:
+        for slot in range(slots):
+            prompt = list(range(1000 + slot, 1000 + slot + context))
+            runner.forward([SeqChunk(slot, prompt, 0)])
+        k32, v32 = cache.k.float(), cache.v.float()
+        ours, theirs = call(lib.decode_layers, cache.k, cache.v), call(base, k32, v32)
+        print(f"context {context}\n")
+        print_header(f"{args.base} fp32", "fp16")
+        for batch in batches:
+            times = alternate({"fp32": theirs, "fp16": ours}, batch, args.steps)
+            print_row(batch, times)
+            same = torch.equal(ours(batch, 0).argmax(-1), theirs(batch, 0).argmax(-1))
+            print(f"top-1 of every row agrees at batch {batch}: {same}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
