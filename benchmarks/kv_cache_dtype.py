@@ -8,8 +8,9 @@
 model, alternating step by step (which goes first alternates too), so that the host's noise
 falls on both alike: this checkout's on the runner's fp16 cache, the base's on an fp32 copy
 of it. Every slot first gets a prompt as long as the context; the steps then decode at that
-context. Reports the median and best step time of each, per context and batch size, and the
-top-1 token of each row, which the two caches should agree on.
+context. Reports the median and best step time of each, per context and batch size, and how
+many rows' top-1 tokens agree (the prompts are runs of consecutive token ids, nonsense whose
+next token can be a near tie; the quality check on real prompts is in the tests).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def main() -> None:
         for batch in batches:
             times = alternate({"fp32": theirs, "fp16": ours}, batch, args.steps)
             print_row(batch, times)
-            same = torch.equal(ours(batch, 0).argmax(-1), theirs(batch, 0).argmax(-1))
-            print(f"top-1 of every row agrees at batch {batch}: {same}\n", flush=True)
+            same = int((ours(batch, 0).argmax(-1) == theirs(batch, 0).argmax(-1)).sum())
+            print(f"\nrows whose top-1 token agrees: {same} of {batch}\n", flush=True)
 
 
 if __name__ == "__main__":

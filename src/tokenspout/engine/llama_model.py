@@ -270,9 +270,9 @@ class LlamaModel:
         self.dtype = torch.float32 if weights.format in ("fp32", "fp16", "q4_1") else torch.bfloat16
         fused = weights.format == "q4_1"  # the block kernels are there, activations fp32
         #: KV cache dtype: the activations', but fp16 where the block kernels read it (q4_1):
-        #: a decode step at batch 16 reads every running sequence's keys and values from
-        #: memory, and fp32 took half as long again as fp16 beside the weights
-        #: (benchmarks/RESULTS.md, issue 14). Attention computes in fp32 on fp16's values.
+        #: a decode step reads every running sequence's keys and values from memory, and on
+        #: fp16 a batch-16 step at 512-token contexts took 0.85x the time it took on fp32
+        #: (benchmarks/kv_cache_dtype.py). Attention computes in fp32 on fp16's values.
         self.kv_dtype = torch.float16 if fused else self.dtype
         eps = config.rms_norm_eps
         head = "lm_head" if "lm_head" in w or "lm_head.qs" in w else "embed"
