@@ -1,7 +1,7 @@
 """A decode step with this checkout's C kernels against another commit's, in one process.
 
     .venv/bin/python benchmarks/decode_step_ab.py [--base HEAD] [--batches 1,4,8,16] \\
-        [--steps 100] [--threads 2]
+        [--steps 100] [--threads 2] [--context 128]
 
 Both builds of ``engine/block_kernels.c`` run ``decode_layers`` on the same loaded model,
 alternating step by step (which goes first alternates too), so that the host's noise, which
@@ -24,8 +24,6 @@ from decode_step_profile import decode_chunks
 from tokenspout.engine import block_kernels
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 
-CONTEXT = 128
-
 
 def build_base(rev: str, out: Path) -> ctypes.CDLL:
     """Compile ``rev``'s block_kernels.c with this checkout's flags and load it."""
@@ -47,13 +45,14 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--context", type=int, default=128, help="tokens before each step")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     lib = block_kernels._library()
     if lib is None:
         raise SystemExit("the C kernels do not run on this machine")
     runner = ModelRunner(
-        None, weights="q4_1", num_slots=max(batches), max_model_len=CONTEXT + 128,
+        None, weights="q4_1", num_slots=max(batches), max_model_len=args.context + 128,
         num_threads=args.threads,
     )  # fmt: skip
     layers = runner.model.decode_layers
@@ -64,16 +63,16 @@ def main() -> None:
     ours = lib.decode_layers
     base.argtypes, base.restype = ours.argtypes, ours.restype
     for slot in range(max(batches)):
-        runner.forward([SeqChunk(slot, list(range(1000, 1000 + CONTEXT)), 0)])
+        runner.forward([SeqChunk(slot, list(range(1000, 1000 + args.context)), 0)])
 
     def step_with(call: ctypes._CFuncPtr) -> Callable[[int, int], None]:
         def step(batch: int, n: int) -> None:
             layers._call = call
-            runner.forward(decode_chunks(batch, CONTEXT, n))
+            runner.forward(decode_chunks(batch, args.context, n))
 
         return step
 
-    print(f"decode step, {CONTEXT}-token contexts, {args.steps} steps each, alternating\n")
+    print(f"decode step, {args.context}-token contexts, {args.steps} steps each, alternating\n")
     print_header(args.base, "this")
     for batch in batches:
         times = alternate({args.base: step_with(base), "this": step_with(ours)}, batch, args.steps)

@@ -233,13 +233,21 @@ def small_model(gen: torch.Generator, hidden: int, heads: int, kv_heads: int, in
     # six: a group of 4 rows of x, then one of 2; nineteen: GEMMs, a chunk of 16 and one of 8
     ids=["first", "one", "two", "six", "nineteen"],
 )
-def test_decode_layers_match_the_torch_layers(positions: list[int], slots: list[int]) -> None:
-    # Small random layers of the model's shape family (hidden 128, 4 query heads on 2 KV heads
-    # of 64, intermediate 256), caches with random earlier keys and values.
+@pytest.mark.parametrize(
+    ("heads", "kv_heads"),
+    [(4, 2), (6, 2), (7, 1)],
+    # query heads per KV head: 2, as SmolLM2's 3 (9 on 3), and 7 on one
+    ids=["groups-of-2", "groups-of-3", "a-group-of-7"],
+)
+def test_decode_layers_match_the_torch_layers(
+    positions: list[int], slots: list[int], heads: int, kv_heads: int
+) -> None:
+    # Small random layers of the model's shape family (hidden 128, query heads of 64 sharing
+    # KV heads, intermediate 256), caches with random earlier keys and values.
     from tokenspout.engine.llama_model import Rotary
 
     gen = torch.Generator().manual_seed(len(positions) + positions[0])
-    heads, kv_heads, eps = 4, 2, 1e-5
+    eps = 1e-5
     layers, final, embed, head = small_model(gen, 128, heads, kv_heads, 256)
     caches = [torch.randn(2, 19, kv_heads, 40, 64, generator=gen).half() for _ in range(2)]
     expected_caches = [c.float() for c in caches]

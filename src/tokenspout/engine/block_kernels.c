@@ -682,8 +682,7 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
  * each layer at 128 keys. */
 static void attend_head(const float *q, const float *k, const float *v,
                         const uint16_t *k_cache, const uint16_t *v_cache, int64_t pos,
-                        int64_t D, float *scores,
-                        float *out) {
+                        int64_t D, float *scores, float *out) {
     const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
     const int64_t keys = pos + 1;
     int64_t j = 0;
