@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -52,7 +53,11 @@ def main() -> None:
         base = build_base(args.base, Path(tmp)).decode_layers
     base.argtypes, base.restype = lib.decode_layers.argtypes, lib.decode_layers.restype
 
-    def call(fn: ctypes._CFuncPtr, k: torch.Tensor, v: torch.Tensor) -> object:
+    def call(
+        fn: ctypes._CFuncPtr, k: torch.Tensor, v: torch.Tensor, context: int
+    ) -> Callable[[int, int], torch.Tensor]:
+        """A step of ``batch`` slots decoding at position ``context + n``, by ``fn``."""
+
         def step(batch: int, n: int) -> torch.Tensor:
             rows = ctypes.c_int64 * batch
             logits = torch.empty(batch, layers.vocab)
@@ -74,7 +79,8 @@ def main() -> None:
             prompt = list(range(1000 + slot, 1000 + slot + context))
             runner.forward([SeqChunk(slot, prompt, 0)])
         k32, v32 = cache.k.float(), cache.v.float()
-        ours, theirs = call(lib.decode_layers, cache.k, cache.v), call(base, k32, v32)
+        ours = call(lib.decode_layers, cache.k, cache.v, context)
+        theirs = call(base, k32, v32, context)
         print(f"context {context}\n")
         print_header(f"{args.base} fp32", "fp16")
         for batch in batches:
