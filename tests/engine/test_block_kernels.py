@@ -40,6 +40,27 @@ def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None
         assert ((got.double() - expected).abs().max() / scale).item() < bound
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 9, 33])
+@pytest.mark.parametrize("inner", [6, 1536, 37])  # whole panels of 6; SmolLM2's; a tail
+def test_q4_1_swiglu_matches_silu_of_gate_times_up(rows: int, inner: int) -> None:
+    k = 64 if inner == 37 else 576
+    w = torch.randn(2 * inner, k, generator=torch.Generator().manual_seed(inner))
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    x = activations(rows, k, seed=rows)
+    weights = linear.dequantize().double()
+    gate, up = (x.double() @ weights.T).chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    # an error of e * |x| @ |w| in gate and up each moves the product by ~ e * that squared
+    sizes = (x.abs().double() @ weights.abs().T).chunk(2, dim=-1)
+    scale = sizes[0].max() * sizes[1].max()
+    got = linear.swiglu(x)
+    assert got.shape == (rows, inner) and got.dtype == torch.float32
+    # as test_q4_1_matches_its_dequantised_weights; SiLU's exp is within 2 ulp
+    bound = 1e-4 if rows <= linear.KERNEL_ROWS else 1e-5
+    assert ((got.double() - expected).abs().max() / scale).item() < bound
+
+
 @pytest.mark.parametrize("rows", [1, 4, 6, 21])
 def test_q8_0_matches_its_dequantised_weights(rows: int) -> None:
     w = torch.randn(300, 576, generator=torch.Generator().manual_seed(1))

@@ -158,15 +158,19 @@ def test_batched_decode_equals_each_alone(
     assert batched.argmax(-1).tolist() == alone.argmax(-1).tolist()
 
 
-def test_chunked_prefill_equals_one_shot(fp32: ModelRunner) -> None:
+@pytest.mark.parametrize("fmt", ["fp32", "q4_1"])
+def test_chunked_prefill_equals_one_shot(fmt: str, request: pytest.FixtureRequest) -> None:
+    # The first chunk runs attention's causal mode, the later ones an additive mask: the
+    # same visible keys either way.
+    runner: ModelRunner = request.getfixturevalue(fmt)
     prompt = CASES[1]["prompt_ids"]
-    one_shot = fp32.forward([SeqChunk(0, prompt, 0)])
+    one_shot = runner.forward([SeqChunk(0, prompt, 0)])
     cuts = [0, 7, 20, len(prompt)]
     for a, b in itertools.pairwise(cuts):
-        chunked = fp32.forward([SeqChunk(1, prompt[a:b], a)])
+        chunked = runner.forward([SeqChunk(1, prompt[a:b], a)])
     torch.testing.assert_close(chunked, one_shot, atol=1e-4, rtol=0)
     nxt = int(one_shot[0].argmax())
-    step = fp32.forward([SeqChunk(0, [nxt], len(prompt)), SeqChunk(1, [nxt], len(prompt))])
+    step = runner.forward([SeqChunk(0, [nxt], len(prompt)), SeqChunk(1, [nxt], len(prompt))])
     torch.testing.assert_close(step[0], step[1], atol=1e-4, rtol=0)
 
 

@@ -534,10 +534,11 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
     }
 }
 
-/* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own). Returns 0, or -1
+/* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
+ * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu). Returns 0, or -1
  * without memory for the packed x and the panels. */
 static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *w, int64_t N,
-                      float *y) {
+                      float *y, const int swiglu) {
     const int64_t Mp = (M + 7) / 8 * 8;
     const int threads = omp_get_max_threads();
     float *xt = malloc(Mp * K * sizeof(float)), *panels = malloc(threads * NR * K * sizeof(float));
@@ -546,7 +547,11 @@ static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *
         {
 #pragma omp for schedule(static)
             for (int64_t m0 = 0; m0 < Mp; m0 += 8) pack_rows8(x, M, K, m0, xt);
-            team_gemm(w, xt, M, K, N, panels + omp_get_thread_num() * NR * K, y);
+            float *panel = panels + omp_get_thread_num() * NR * K;
+            if (swiglu)
+                team_gemm_swiglu(w, xt, M, K, N, panel, y);
+            else
+                team_gemm(w, xt, M, K, N, panel, y);
         }
     }
     const int failed = !xt || !panels;
@@ -558,13 +563,22 @@ static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *
 int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
               const float *m, int64_t N, float *y) {
     const BlockWeights w = {qs, d, m};
-    return block_gemm(x, M, K, &w, N, y);
+    return block_gemm(x, M, K, &w, N, y, 0);
+}
+
+/* act[M, I] = silu(gate) * up, [gate | up] = x @ W^T for Q4_1 W [2 * I, K] (I gate rows,
+ * then I up rows): a prompt's MLP without the [M, 2 * I] product and the torch ops after it
+ * (chunk, silu, mul). */
+int q4_1_gemm_swiglu(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
+                     const float *m, int64_t I, float *act) {
+    const BlockWeights w = {qs, d, m};
+    return block_gemm(x, M, K, &w, I, act, 1);
 }
 
 int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
               int64_t N, float *y) {
     const BlockWeights w = {qs, d, NULL};
-    return block_gemm(x, M, K, &w, N, y);
+    return block_gemm(x, M, K, &w, N, y, 0);
 }
 
 /* ---- A decode step's decoder layers in one call (1..MAX_M tokens, Q4_1 weights) ---------

@@ -77,7 +77,8 @@ def _library() -> ctypes.CDLL | None:
     lib.q8_0_linear.argtypes = [ptr, i64, i64, ptr, ptr, i64, ptr]
     lib.q4_1_gemm.argtypes = lib.q4_1_linear.argtypes
     lib.q8_0_gemm.argtypes = lib.q8_0_linear.argtypes
-    for name in ("q4_1_linear", "q8_0_linear", "q4_1_gemm", "q8_0_gemm"):
+    lib.q4_1_gemm_swiglu.argtypes = lib.q4_1_linear.argtypes
+    for name in ("q4_1_linear", "q8_0_linear", "q4_1_gemm", "q8_0_gemm", "q4_1_gemm_swiglu"):
         getattr(lib, name).restype = ctypes.c_int
     lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.add_rms_norm.restype = None
@@ -148,10 +149,26 @@ class Q4Linear(_BlockLinear):
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__("q4_1", qs, d, m)
+        self._swiglu = _loaded(type(self).__name__).q4_1_gemm_swiglu
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights [N, K]."""
         return dequantize_q4_1(*self.blocks)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> silu(gate) * up [M, N / 2], for W's first N / 2 rows the gate's
+        and the rest the up projection's (a fused MLP input matmul). From ``KERNEL_ROWS`` + 1
+        rows in one GEMM call, whose panels apply SiLU and the product before they write;
+        below, by the kernel and two torch ops."""
+        if x.shape[0] <= self.KERNEL_ROWS:
+            gate, up = self.kernel(x).chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        x = _check(x, self.k)
+        act = torch.empty(x.shape[0], self.n // 2)
+        qs, d, m = (t.data_ptr() for t in self.blocks)
+        if self._swiglu(x.data_ptr(), x.shape[0], self.k, qs, d, m, self.n // 2, act.data_ptr()):
+            raise MemoryError("block kernel: no memory for the packed activations")
+        return act
 
 
 class Q8Linear(_BlockLinear):

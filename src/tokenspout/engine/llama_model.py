@@ -75,7 +75,10 @@ class AttentionBatch:
     decode_len: int  # S: keys to read, max(pos) + 1 over the decode tokens
     decode_mask: torch.Tensor | None  # [B, 1, 1, S] True where a key is visible
     prefills: list[tuple[int, int, int, int]]  # (first row, T, slot, start_pos)
-    prefill_masks: list[torch.Tensor]  # [T, start_pos + T] causal, per chunk
+    #: Per chunk: None from position 0 (plain causal attention), else [T, start_pos + T],
+    #: 0 where query i sees key j (j <= start_pos + i) and -inf elsewhere, in the activations'
+    #: dtype (a bool mask is converted to that by every layer's attention).
+    prefill_masks: list[torch.Tensor | None]
 
 
 class Int8Linear:
@@ -238,13 +241,17 @@ class Attention:
         k_slot: torch.Tensor,
         v_slot: torch.Tensor,
         start: int,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
         t, s = q.shape[0], start + q.shape[0]
         qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
         k = k_slot[:, :s].unsqueeze(0).to(q.dtype)  # [1, Hkv, S, D], fp32 from an fp16 cache
         v = v_slot[:, :s].unsqueeze(0).to(q.dtype)
-        o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, enable_gqa=True)
+        # Without a mask (a chunk from position 0) the flash kernel skips the key blocks
+        # above the diagonal, which a mask only hides.
+        o = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )
         return o[0].transpose(0, 1).reshape(t, self.q_size)  # [T, Hq * D]
 
 
@@ -255,6 +262,8 @@ class MLP:
         self.w13, self.w2 = w13, w2
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.w13, block_kernels.Q4Linear):
+            return self.w2(self.w13.swiglu(x))
         gate, up = self.w13(x).chunk(2, dim=-1)  # [N, I] each
         return self.w2(F.silu(gate) * up)
 

@@ -191,11 +191,7 @@ class ModelRunner:
             c = chunks[i]
             t = len(c.token_ids)
             batch.prefills.append((row, t, c.slot, c.start_pos))
-            # [T, start + T]: query i sees keys j <= start + i.
-            keys = torch.arange(c.start_pos + t)
-            batch.prefill_masks.append(
-                keys[None, :] <= torch.arange(c.start_pos, c.start_pos + t)[:, None]
-            )
+            batch.prefill_masks.append(_causal_mask(c.start_pos, t, self.model.dtype))
             row += t
         return torch.tensor(ids), positions, batch, torch.tensor(last_row)
 
@@ -244,6 +240,17 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def _causal_mask(start: int, t: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive mask of a chunk of ``t`` tokens from position ``start``: [t, start + t],
+    query i seeing keys j <= start + i; None from position 0, where attention's own causal
+    mode is the same mask."""
+    if start == 0:
+        return None
+    keys = torch.arange(start + t)
+    hidden = keys[None, :] > torch.arange(start, start + t)[:, None]
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, float("-inf"))
 
 
 def _slots_index(slots: list[int]) -> torch.Tensor | slice:
