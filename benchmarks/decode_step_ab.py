@@ -6,7 +6,9 @@
 Both builds of ``engine/block_kernels.c`` run ``decode_layers`` on the same loaded model,
 alternating step by step (which goes first alternates too), so that the host's noise, which
 moves separate runs by ±15 % here, falls on both alike. The base's source must take the same
-``decode_layers`` arguments. Reports the median and best step time of each, per batch size.
+``decode_layers`` arguments, and read the weights' block scales as fp16 (builds from the
+commit that made them fp16 on; ``kv_cache_dtype.py`` shows how to give older ones fp32
+copies). Reports the median and best step time of each, per batch size.
 """
 
 from __future__ import annotations

@@ -4,13 +4,15 @@
         [--contexts 32,128,512] [--steps 60] [--threads 2]
 
 ``REV``'s ``engine/block_kernels.c`` must be one whose ``decode_layers`` reads an fp32 cache
-(7c7ffb5 and before). Both builds run ``decode_layers`` by bare C calls on the same loaded
-model, alternating step by step (which goes first alternates too), so that the host's noise
-falls on both alike: this checkout's on the runner's fp16 cache, the base's on an fp32 copy
-of it. Every slot first gets a prompt as long as the context; the steps then decode at that
-context. Reports the median and best step time of each, per context and batch size, and how
-many rows' top-1 tokens agree (the prompts are runs of consecutive token ids, nonsense whose
-next token can be a near tie; the quality check on real prompts is in the tests).
+(7c7ffb5 and before); such builds also read the weights' block scales as fp32, so the base
+gets fp32 copies of them (the same values). Both builds run ``decode_layers`` by bare C calls
+on the same loaded model, alternating step by step (which goes first alternates too), so
+that the host's noise falls on both alike: this checkout's on the runner's fp16 cache, the
+base's on an fp32 copy of it. Every slot first gets a prompt as long as the context; the
+steps then decode at that context. Reports the median and best step time of each, per
+context and batch size, and how many rows' top-1 tokens agree (the prompts are runs of
+consecutive token ids, nonsense whose next token can be a near tie; the quality check on real
+prompts is in the tests).
 """
 
 from __future__ import annotations
@@ -26,6 +28,31 @@ import torch
 from decode_step_ab import alternate, build_base, print_header, print_row
 from tokenspout.engine import block_kernels
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
+
+
+class Fp32Scales:
+    """``decode_layers``' weight arguments with fp32 copies of every block scale and minimum,
+    as builds before the fp16 scales read them (the copies kept alive here)."""
+
+    def __init__(self, layers: block_kernels.DecodeLayers):
+        self._copies: list[torch.Tensor] = []
+        pointers: list[int] = []
+        count = len(layers._linears)
+        for n, (wqkv, wo, _, w13, w2) in enumerate(layers._linears):  # _: ffn_norm
+            for i, linear in enumerate((wqkv, wo, w13, w2)):
+                if i % 2 == 0:  # attn_norm before wqkv, ffn_norm before w13
+                    pointers.append(layers._norms[n + count * (i // 2)].data_ptr())
+                qs, *scales = linear.blocks
+                pointers += [qs.data_ptr(), *(self._fp32(t) for t in scales)]
+        self.layers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.embed = (layers._embed.qs.data_ptr(), self._fp32(layers._embed.d))
+        final, _, _, *shape = layers._rest[1:]
+        head = (layers._head.qs.data_ptr(), self._fp32(layers._head.d))
+        self.rest = (layers._rest[0], final, *head, *shape)
+
+    def _fp32(self, t: torch.Tensor) -> int:
+        self._copies.append(t.float().contiguous())
+        return self._copies[-1].data_ptr()
 
 
 def main() -> None:
@@ -53,19 +80,27 @@ def main() -> None:
         base = build_base(args.base, Path(tmp)).decode_layers
     base.argtypes, base.restype = lib.decode_layers.argtypes, lib.decode_layers.restype
 
+    fp32 = Fp32Scales(layers)
+
     def call(
         fn: ctypes._CFuncPtr, k: torch.Tensor, v: torch.Tensor, context: int
     ) -> Callable[[int, int], torch.Tensor]:
-        """A step of ``batch`` slots decoding at position ``context + n``, by ``fn``."""
+        """A step of ``batch`` slots decoding at position ``context + n``, by ``fn`` (the
+        base with the fp32 scales)."""
+        weights = (
+            (fp32.embed, fp32.layers, fp32.rest)
+            if fn is base
+            else (layers._embed_blocks, layers._layers, layers._rest)
+        )
 
         def step(batch: int, n: int) -> torch.Tensor:
             rows = ctypes.c_int64 * batch
             logits = torch.empty(batch, layers.vocab)
             status = fn(
                 rows(*(100 + s for s in range(batch))), batch, layers.GEMM_ROWS,
-                *layers._embed_blocks, rows(*range(batch)), rows(*[context + n] * batch),
-                model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(), layers._layers,
-                *layers._rest, k.data_ptr(), v.data_ptr(), slots, k.shape[3],
+                *weights[0], rows(*range(batch)), rows(*[context + n] * batch),
+                model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(), weights[1],
+                *weights[2], k.data_ptr(), v.data_ptr(), slots, k.shape[3],
                 logits.data_ptr(),
             )  # fmt: skip
             assert status == 0

@@ -94,15 +94,18 @@ def test_rows_of_a_batch_do_not_depend_on_each_other() -> None:
 
 
 def test_quantisers_round_trip_within_one_step() -> None:
+    # Half a step, and what storing d and m as fp16 moves (relative 2^-11, as llama.cpp: q is
+    # computed with the fp32 values) times the most steps from m (15, or 127 for Q8_0).
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     q4 = block_kernels.quantize_q4_1(w)
-    step = q4["d"].repeat_interleave(32, dim=1)
-    assert (
-        (block_kernels.dequantize_q4_1(q4["qs"], q4["d"], q4["m"]) - w).abs() <= step / 2 + 1e-6
-    ).all()
+    assert q4["d"].dtype == q4["m"].dtype == torch.float16
+    d, m = (q4[p].float().repeat_interleave(32, dim=1) for p in "dm")
+    bound = d / 2 + (15 * d + m.abs()) * 2**-11 + 1e-6
+    assert ((block_kernels.dequantize_q4_1(q4["qs"], q4["d"], q4["m"]) - w).abs() <= bound).all()
     q8 = block_kernels.quantize_q8_0(w)
-    step = q8["d"].repeat_interleave(32, dim=1)
-    assert ((block_kernels.dequantize_q8_0(q8["qs"], q8["d"]) - w).abs() <= step / 2 + 1e-6).all()
+    d = q8["d"].float().repeat_interleave(32, dim=1)
+    bound = d / 2 + 127 * d * 2**-11 + 1e-6
+    assert ((block_kernels.dequantize_q8_0(q8["qs"], q8["d"]) - w).abs() <= bound).all()
 
 
 def test_bad_activations_are_refused_not_read_as_garbage() -> None:
@@ -112,6 +115,15 @@ def test_bad_activations_are_refused_not_read_as_garbage() -> None:
         linear(torch.randn(2, 64, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="64"):
         linear(torch.randn(2, 32))
+
+
+def test_scales_other_than_fp16_are_refused_not_read_as_garbage() -> None:
+    q8 = block_kernels.quantize_q8_0(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="fp16"):
+        block_kernels.Q8Linear(q8["qs"], q8["d"].float())
+    q4 = block_kernels.quantize_q4_1(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="fp16"):
+        block_kernels.Q4Linear(q4["qs"], q4["d"], q4["m"].float())
 
 
 def test_gguf_blocks_dequantise_as_gguf_does() -> None:

@@ -10,8 +10,8 @@
  * y[M, N] = x[M, K] @ W[N, K]^T, x and y fp32 row-major, K a multiple of 32. W is stored
  * per output row as K/32 blocks of 32 weights:
  *   Q4_1: w = q * d + m, q in 0..15; qs[N, K/2] (byte j of a block holds weight j in its
- *         low nibble and weight j + 16 in its high one, as in GGUF), d, m fp32 [N, K/32].
- *   Q8_0: w = q * d, q int8; qs[N, K], d fp32 [N, K/32].
+ *         low nibble and weight j + 16 in its high one, as in GGUF), d, m fp16 [N, K/32].
+ *   Q8_0: w = q * d, q int8; qs[N, K], d fp16 [N, K/32].
  * x is quantised on the way in, per row and block of 32, to int16 with the scale
  * max|x| / 32767 (round to nearest), and the block's exact fp32 sum is kept for Q4_1's ``m``
  * term. The products are exact integers; the error is that of x's rounding, under 2e-5 of
@@ -64,6 +64,9 @@ static inline float hsum(__m256 v) {
 static inline __m256 load_half8(const uint16_t *p) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
 }
+
+/* One fp16 value as fp32 (a block's scale or minimum). */
+static inline float half1(uint16_t h) { return _cvtsh_ss(h); }
 
 /* x[0..n) (n a multiple of 8) rounded to fp16, to nearest even as torch's .half(), into h. */
 static inline void to_half(const float *x, int64_t n, uint16_t *h) {
@@ -120,13 +123,13 @@ static inline __m256 dot_block(const __m256i w[2], const int16_t *x) {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)); /* |15 or 127 * 32767 * 4| fits */
 }
 
-/* sum(a[i] * b[i]) for i < n */
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
+/* sum(a[i] * b[i]) for i < n, a fp16 */
+static inline float dot_half(const uint16_t *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load_half8(a + i), _mm256_loadu_ps(b + i), acc);
     float s = hsum(acc);
-    for (; i < n; i++) s += a[i] * b[i];
+    for (; i < n; i++) s += half1(a[i]) * b[i];
     return s;
 }
 
@@ -161,9 +164,9 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
         for (int r = 0; r < rows; r++) {                                                   \
             const int64_t xb = r * nb + b;                                                 \
             acc0[r] = _mm256_fmadd_ps(dot_block(w0, xq + xb * 32),                         \
-                                      _mm256_set1_ps(dn[b] * xs[xb]), acc0[r]);            \
+                                      _mm256_set1_ps(half1(dn[b]) * xs[xb]), acc0[r]);     \
             acc1[r] = _mm256_fmadd_ps(dot_block(w1, xq + (xb + 1) * 32),                   \
-                                      _mm256_set1_ps(dn[b + 1] * xs[xb + 1]), acc1[r]);    \
+                                      _mm256_set1_ps(half1(dn[b + 1]) * xs[xb + 1]), acc1[r]); \
         }                                                                                  \
     }                                                                                      \
     if (b < nb) {                                                                          \
@@ -172,21 +175,21 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
         for (int r = 0; r < rows; r++) {                                                   \
             const int64_t xb = r * nb + b;                                                 \
             acc0[r] = _mm256_fmadd_ps(dot_block(w0, xq + xb * 32),                         \
-                                      _mm256_set1_ps(dn[b] * xs[xb]), acc0[r]);            \
+                                      _mm256_set1_ps(half1(dn[b]) * xs[xb]), acc0[r]);     \
         }                                                                                  \
     }
 
 /* ROW_BODY for Q4_1, plus the m term of each block: m * (the x block's exact sum). */
 static inline __attribute__((always_inline)) void q4_1_row(
-    const uint8_t *qn, const float *dn, const float *mn, int64_t nb, const int16_t *xq,
+    const uint8_t *qn, const uint16_t *dn, const uint16_t *mn, int64_t nb, const int16_t *xq,
     const float *xs, const float *xsum, const int rows, float out[ROWS]) {
     ROW_BODY(q4_1_block, 16)
     for (int r = 0; r < rows; r++)
-        out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + dot_f32(mn, xsum + r * nb, nb);
+        out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + dot_half(mn, xsum + r * nb, nb);
 }
 
 static inline __attribute__((always_inline)) void q8_0_row(
-    const int8_t *qn, const float *dn, int64_t nb, const int16_t *xq, const float *xs,
+    const int8_t *qn, const uint16_t *dn, int64_t nb, const int16_t *xq, const float *xs,
     const int rows, float out[ROWS]) {
     ROW_BODY(q8_0_block, 32)
     for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
@@ -196,7 +199,8 @@ static inline __attribute__((always_inline)) void q8_0_row(
  * them. */
 typedef struct {
     const void *qs;
-    const float *d, *m;
+    const uint16_t *d, *m; /* fp16, as GGUF keeps them: 4 of a Q4_1 block's 20 bytes, where
+                            * fp32 made it 24 (a batch-1 step is bound by reading them) */
 } BlockWeights;
 
 /* Rows of x that block_rows takes at once (its callers' stack buffers). */
@@ -206,14 +210,14 @@ typedef struct {
  * ROWS rows at a time. */
 static inline void block_rows(const BlockWeights *w, int64_t n, int64_t nb,
                               const QuantizedX *qx, int64_t M, float out[MAX_M_KERNEL]) {
-    const float *dn = w->d + n * nb;
+    const uint16_t *dn = w->d + n * nb;
     for (int64_t r0 = 0; r0 < M; r0 += ROWS) {
         const int16_t *q = qx->q + r0 * nb * 32;
         const float *scale = qx->scale + r0 * nb, *sum = qx->sum + r0 * nb;
         float *o = out + r0;
         if (w->m) {
             const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
-            const float *mn = w->m + n * nb;
+            const uint16_t *mn = w->m + n * nb;
             switch (M - r0) {
             case 1: q4_1_row(qn, dn, mn, nb, q, scale, sum, 1, o); break;
             case 2: q4_1_row(qn, dn, mn, nb, q, scale, sum, 2, o); break;
@@ -257,13 +261,13 @@ static int block_linear(const float *x, int64_t M, int64_t K, const BlockWeights
     return 0;
 }
 
-int q4_1_linear(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
-                const float *m, int64_t N, float *y) {
+int q4_1_linear(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
+                const uint16_t *m, int64_t N, float *y) {
     const BlockWeights w = {qs, d, m};
     return block_linear(x, M, K, &w, N, y);
 }
 
-int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
+int q8_0_linear(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d,
                 int64_t N, float *y) {
     const BlockWeights w = {qs, d, NULL};
     return block_linear(x, M, K, &w, N, y);
@@ -409,35 +413,51 @@ static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, 
     }
 }
 
-/* W's row n into K fp32 weights, as dequantize_q4_1 / dequantize_q8_0. */
+/* n fp16 values (n <= 64) into fp32 out, 8 at a time. */
+static inline void halves(const uint16_t *h, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load_half8(h + i));
+    for (; i < n; i++) out[i] = half1(h[i]);
+}
+
+/* W's row n into K fp32 weights, as dequantize_q4_1 / dequantize_q8_0. The blocks' scales
+ * and minimums are converted 64 blocks at a time, so that each block's then costs a
+ * broadcast from memory, as when they were stored as fp32 (converting each block's on its
+ * own made a batch-16 step ~4 % slower). */
 static inline void dequant_row(const BlockWeights *w, int64_t n, int64_t K, float *out) {
     const int64_t nb = K / 32;
-    const float *dn = w->d + n * nb;
-    if (w->m) {
-        const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
-        const float *mn = w->m + n * nb;
-        const __m256i low = _mm256_set1_epi32(0x0F);
-        for (int64_t b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(dn[b]), m = _mm256_set1_ps(mn[b]);
-            /* bytes 8h..8h+7, each zero-extended to 32 bits: their low nibbles are weights
-             * 8h.., their high ones weights 16 + 8h.. (as in q4_1_block) */
-            for (int h = 0; h < 2; h++) {
-                const __m256i bytes =
-                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(qn + b * 16 + 8 * h)));
-                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low));
-                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
-                _mm256_storeu_ps(out + b * 32 + 8 * h, _mm256_fmadd_ps(lo, d, m));
-                _mm256_storeu_ps(out + b * 32 + 16 + 8 * h, _mm256_fmadd_ps(hi, d, m));
+    const __m256i low = _mm256_set1_epi32(0x0F);
+    for (int64_t b0 = 0; b0 < nb; b0 += 64) {
+        const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
+        float dn[64], mn[64];
+        halves(w->d + n * nb + b0, bn, dn);
+        if (w->m) {
+            const uint8_t *qn = (const uint8_t *)w->qs + (n * nb + b0) * 16;
+            float *o = out + b0 * 32;
+            halves(w->m + n * nb + b0, bn, mn);
+            for (int64_t b = 0; b < bn; b++) {
+                const __m256 d = _mm256_set1_ps(dn[b]), m = _mm256_set1_ps(mn[b]);
+                /* bytes 8h..8h+7, each zero-extended to 32 bits: their low nibbles are
+                 * weights 8h.., their high ones weights 16 + 8h.. (as in q4_1_block) */
+                for (int h = 0; h < 2; h++) {
+                    const __m256i bytes = _mm256_cvtepu8_epi32(
+                        _mm_loadl_epi64((const __m128i *)(qn + b * 16 + 8 * h)));
+                    const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low));
+                    const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                    _mm256_storeu_ps(o + b * 32 + 8 * h, _mm256_fmadd_ps(lo, d, m));
+                    _mm256_storeu_ps(o + b * 32 + 16 + 8 * h, _mm256_fmadd_ps(hi, d, m));
+                }
             }
-        }
-    } else {
-        const int8_t *qn = (const int8_t *)w->qs + n * K;
-        for (int64_t b = 0; b < nb; b++) {
-            const __m256 d = _mm256_set1_ps(dn[b]);
-            for (int j = 0; j < 4; j++) {
-                const __m128i raw = _mm_loadl_epi64((const __m128i *)(qn + b * 32 + 8 * j));
-                const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
-                _mm256_storeu_ps(out + b * 32 + 8 * j, _mm256_mul_ps(q, d));
+        } else {
+            const int8_t *qn = (const int8_t *)w->qs + n * K + b0 * 32;
+            float *o = out + b0 * 32;
+            for (int64_t b = 0; b < bn; b++) {
+                const __m256 d = _mm256_set1_ps(dn[b]);
+                for (int j = 0; j < 4; j++) {
+                    const __m128i raw = _mm_loadl_epi64((const __m128i *)(qn + b * 32 + 8 * j));
+                    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+                    _mm256_storeu_ps(o + b * 32 + 8 * j, _mm256_mul_ps(q, d));
+                }
             }
         }
     }
@@ -560,8 +580,8 @@ static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *
     return failed ? -1 : 0;
 }
 
-int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
-              const float *m, int64_t N, float *y) {
+int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
+              const uint16_t *m, int64_t N, float *y) {
     const BlockWeights w = {qs, d, m};
     return block_gemm(x, M, K, &w, N, y, 0);
 }
@@ -569,13 +589,13 @@ int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const flo
 /* act[M, I] = silu(gate) * up, [gate | up] = x @ W^T for Q4_1 W [2 * I, K] (I gate rows,
  * then I up rows): a prompt's MLP without the [M, 2 * I] product and the torch ops after it
  * (chunk, silu, mul). */
-int q4_1_gemm_swiglu(const float *x, int64_t M, int64_t K, const uint8_t *qs, const float *d,
-                     const float *m, int64_t I, float *act) {
+int q4_1_gemm_swiglu(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
+                     const uint16_t *m, int64_t I, float *act) {
     const BlockWeights w = {qs, d, m};
     return block_gemm(x, M, K, &w, I, act, 1);
 }
 
-int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const float *d,
+int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d,
               int64_t N, float *y) {
     const BlockWeights w = {qs, d, NULL};
     return block_gemm(x, M, K, &w, N, y, 0);
@@ -762,10 +782,10 @@ static void attend_head(const float *q, const float *k, const float *v,
  * scratch memory could not be allocated, -2 for M outside 1..MAX_M or over MAX_M_KERNEL
  * below gemm_from. */
 int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t *embed_qs,
-                  const float *embed_d, const int64_t *slots, const int64_t *positions,
+                  const uint16_t *embed_d, const int64_t *slots, const int64_t *positions,
                   const float *cos, const float *sin_signed, const LayerWeights *layers,
                   int64_t L, const float *final_norm, const int8_t *head_qs,
-                  const float *head_d, int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
+                  const uint16_t *head_d, int64_t V, int64_t H, int64_t Hq, int64_t Hkv, int64_t D,
                   int64_t I, float eps, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots,
                   int64_t max_len, float *logits) {
     const int gemm = M >= gemm_from;
@@ -801,8 +821,8 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
             scores += operand;
             for (int64_t r = 0; r < M; r++) { /* the embedding row, as dequantize_q8_0 */
                 const int8_t *eq = embed_qs + ids[r] * H;
-                const float *ed = embed_d + ids[r] * (H / 32);
-                for (int64_t i = 0; i < H; i++) xr[r * H + i] = (float)eq[i] * ed[i / 32];
+                const uint16_t *ed = embed_d + ids[r] * (H / 32);
+                for (int64_t i = 0; i < H; i++) xr[r * H + i] = (float)eq[i] * half1(ed[i / 32]);
             }
             for (int64_t l = 0; l < L; l++) {
                 const LayerWeights *lw = layers + l;

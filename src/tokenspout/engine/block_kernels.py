@@ -116,6 +116,9 @@ class _BlockLinear:
     KERNEL_ROWS = 2
 
     def __init__(self, kernel: str, qs: torch.Tensor, *scales: torch.Tensor):
+        if any(t.dtype != torch.float16 for t in scales):
+            # The C code reads them as raw fp16: anything else would be read as garbage.
+            raise ValueError("block weights' scales and minimums must be fp16")
         self.blocks = (qs.contiguous(), *(t.contiguous() for t in scales))
         self.n, self.k = scales[0].shape[0], scales[0].shape[1] * BLOCK
         lib = _loaded(type(self).__name__)
@@ -145,7 +148,7 @@ class _BlockLinear:
 
 class Q4Linear(_BlockLinear):
     """Q4_1 weights (w = q * d + m per block of 32): ``qs`` uint8 [N, K/2] (GGUF's nibble
-    order), ``d`` and ``m`` fp32 [N, K/32]."""
+    order), ``d`` and ``m`` fp16 [N, K/32]."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__("q4_1", qs, d, m)
@@ -172,7 +175,7 @@ class Q4Linear(_BlockLinear):
 
 
 class Q8Linear(_BlockLinear):
-    """Q8_0 weights (w = q * d per block of 32): ``qs`` int8 [N, K], ``d`` fp32 [N, K/32].
+    """Q8_0 weights (w = q * d per block of 32): ``qs`` int8 [N, K], ``d`` fp16 [N, K/32].
     Also gives rows back, for an embedding tied to the LM head."""
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor):
@@ -374,7 +377,7 @@ def dequantize(blocks: dict[str, torch.Tensor]) -> torch.Tensor:
 def dequantize_q8_0(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """fp32 [N, K] from Q8_0 blocks."""
     n, nb = d.shape
-    return (qs.view(n, nb, BLOCK).float() * d[..., None]).view(n, nb * BLOCK)
+    return (qs.view(n, nb, BLOCK).float() * d.float()[..., None]).view(n, nb * BLOCK)
 
 
 def dequantize_q4_1(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -382,14 +385,14 @@ def dequantize_q4_1(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> torch
     n, nb = d.shape
     blocks = qs.view(n, nb, BLOCK // 2)
     q = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).float()  # [N, nb, 32]
-    return (q * d[..., None] + m[..., None]).view(n, nb * BLOCK)
+    return (q * d.float()[..., None] + m.float()[..., None]).view(n, nb * BLOCK)
 
 
 def split_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> dict[str, np.ndarray]:
     """GGUF Q4_1 bytes of a [rows, cols] tensor -> ``qs``, ``d``, ``m`` (see Q4Linear)."""
     blocks = raw.reshape(rows, cols // BLOCK, 20)  # fp16 d, fp16 m, 16 bytes of nibbles
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-    m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
     qs = np.ascontiguousarray(blocks[..., 4:]).reshape(rows, cols // 2)
     return {"qs": qs, "d": d, "m": m}
 
@@ -397,14 +400,15 @@ def split_gguf_q4_1(raw: np.ndarray, rows: int, cols: int) -> dict[str, np.ndarr
 def split_gguf_q8_0(raw: np.ndarray, rows: int, cols: int) -> dict[str, np.ndarray]:
     """GGUF Q8_0 bytes of a [rows, cols] tensor -> ``qs``, ``d`` (see Q8Linear)."""
     blocks = raw.reshape(rows, cols // BLOCK, 34)  # fp16 d, 32 int8
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
     qs = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
     return {"qs": qs, "d": d}
 
 
 def quantize_q4_1(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """Q4_1 blocks of fp32 weights [N, K] (as llama.cpp quantises: the block's min and range
-    over 15 steps), for weights that do not come as Q4_1 in the model file."""
+    over 15 steps, computed in fp32 and stored as fp16), for weights that do not come as Q4_1
+    in the model file."""
     n, k = w.shape
     blocks = w.float().reshape(n, k // BLOCK, BLOCK)
     lo, hi = blocks.amin(-1), blocks.amax(-1)
@@ -412,14 +416,14 @@ def quantize_q4_1(w: torch.Tensor) -> dict[str, torch.Tensor]:
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     q = ((blocks - lo[..., None]) * inv[..., None]).round().clamp(0, 15).to(torch.uint8)
     qs = q[..., : BLOCK // 2] | (q[..., BLOCK // 2 :] << 4)
-    return {"qs": qs.reshape(n, k // 2).contiguous(), "d": d.contiguous(), "m": lo.contiguous()}
+    return {"qs": qs.reshape(n, k // 2).contiguous(), "d": d.half(), "m": lo.half()}
 
 
 def quantize_q8_0(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Q8_0 blocks of fp32 weights [N, K]: scale max|w| / 127 per block."""
+    """Q8_0 blocks of fp32 weights [N, K]: scale max|w| / 127 per block (stored as fp16)."""
     n, k = w.shape
     blocks = w.float().reshape(n, k // BLOCK, BLOCK)
     d = blocks.abs().amax(-1) / 127
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
     q = (blocks * inv[..., None]).round().clamp(-127, 127).to(torch.int8)
-    return {"qs": q.reshape(n, k).contiguous(), "d": d.contiguous()}
+    return {"qs": q.reshape(n, k).contiguous(), "d": d.half()}

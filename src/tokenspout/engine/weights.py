@@ -39,7 +39,7 @@ WeightFormat = Literal["q4_1", "int8", "fp16", "bf16", "fp32"]
 FORMATS: tuple[WeightFormat, ...] = ("q4_1", "int8", "fp16", "bf16", "fp32")
 #: The per-layer matmul weights, by canonical name.
 LAYER_MATMULS = ("wqkv", "wo", "w13", "w2")
-_CACHE_VERSION = 1  # bump when the canonical layout changes
+_CACHE_VERSION = 2  # bump when the canonical layout changes (2: block scales fp16)
 _BLOCK_PARTS = ("qs", "d", "m")  # a block tensor's parts: ``name.qs``, ``name.d``[, ``name.m``]
 
 
