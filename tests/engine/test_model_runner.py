@@ -161,17 +161,21 @@ def test_batched_decode_equals_each_alone(
 @pytest.mark.parametrize("fmt", ["fp32", "q4_1"])
 def test_chunked_prefill_equals_one_shot(fmt: str, request: pytest.FixtureRequest) -> None:
     # The first chunk runs attention's causal mode, the later ones an additive mask: the
-    # same visible keys either way.
+    # same visible keys either way. PyTorch's attention rounds differently for other query
+    # counts (~1e-7); q4_1's LM head rounds its input to int16 per block, which can carry
+    # that to ~1e-2 in the logits (7.5e-3 measured), as in test_mixed_prefill_and_decode_step.
     runner: ModelRunner = request.getfixturevalue(fmt)
+    tolerance = {"fp32": 1e-4, "q4_1": 0.02}[fmt]
     prompt = CASES[1]["prompt_ids"]
     one_shot = runner.forward([SeqChunk(0, prompt, 0)])
     cuts = [0, 7, 20, len(prompt)]
     for a, b in itertools.pairwise(cuts):
         chunked = runner.forward([SeqChunk(1, prompt[a:b], a)])
-    torch.testing.assert_close(chunked, one_shot, atol=1e-4, rtol=0)
+    torch.testing.assert_close(chunked, one_shot, atol=tolerance, rtol=0)
     nxt = int(one_shot[0].argmax())
+    assert int(chunked[0].argmax()) == nxt
     step = runner.forward([SeqChunk(0, [nxt], len(prompt)), SeqChunk(1, [nxt], len(prompt))])
-    torch.testing.assert_close(step[0], step[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(step[0], step[1], atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "q4_1"])
