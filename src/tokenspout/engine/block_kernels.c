@@ -127,7 +127,8 @@ static inline __m256 dot_block(const __m256i w[2], const int16_t *x) {
 static inline float dot_half(const uint16_t *a, const float *b, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(load_half8(a + i), _mm256_loadu_ps(b + i), acc);
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(load_half8(a + i), _mm256_loadu_ps(b + i), acc);
     float s = hsum(acc);
     for (; i < n; i++) s += half1(a[i]) * b[i];
     return s;
@@ -166,7 +167,8 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
             acc0[r] = _mm256_fmadd_ps(dot_block(w0, xq + xb * 32),                         \
                                       _mm256_set1_ps(half1(dn[b]) * xs[xb]), acc0[r]);     \
             acc1[r] = _mm256_fmadd_ps(dot_block(w1, xq + (xb + 1) * 32),                   \
-                                      _mm256_set1_ps(half1(dn[b + 1]) * xs[xb + 1]), acc1[r]); \
+                                      _mm256_set1_ps(half1(dn[b + 1]) * xs[xb + 1]),       \
+                                      acc1[r]);                                            \
         }                                                                                  \
     }                                                                                      \
     if (b < nb) {                                                                          \
@@ -200,7 +202,8 @@ static inline __attribute__((always_inline)) void q8_0_row(
 typedef struct {
     const void *qs;
     const uint16_t *d, *m; /* fp16, as GGUF keeps them: 4 of a Q4_1 block's 20 bytes, where
-                            * fp32 made it 24 (a batch-1 step is bound by reading them) */
+                            * fp32 made it 24 (a batch-1 step, which reads them all, took
+                            * 0.93-0.95x the time with 20; benchmarks/step_ab.py) */
 } BlockWeights;
 
 /* Rows of x that block_rows takes at once (its callers' stack buffers). */
