@@ -137,11 +137,15 @@ class _BlockLinear:
         """x fp32 [M, K] -> [M, N] by the GEMM (fp32 on the dequantised weights)."""
         return self._run(self._gemm, x)
 
-    def _run(self, call: ctypes._CFuncPtr, x: torch.Tensor) -> torch.Tensor:
+    def _run(
+        self, call: ctypes._CFuncPtr, x: torch.Tensor, width: int | None = None
+    ) -> torch.Tensor:
+        """``call`` on x and the blocks -> [M, width] (default N: the weight's rows)."""
         x = _check(x, self.k)
-        y = torch.empty(x.shape[0], self.n)
+        width = self.n if width is None else width
+        y = torch.empty(x.shape[0], width)
         blocks = [t.data_ptr() for t in self.blocks]
-        if call(x.data_ptr(), x.shape[0], self.k, *blocks, self.n, y.data_ptr()) != 0:
+        if call(x.data_ptr(), x.shape[0], self.k, *blocks, width, y.data_ptr()) != 0:
             raise MemoryError("block kernel: no memory for the quantised or packed activations")
         return y
 
@@ -166,12 +170,7 @@ class Q4Linear(_BlockLinear):
         if x.shape[0] <= self.KERNEL_ROWS:
             gate, up = self.kernel(x).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate) * up
-        x = _check(x, self.k)
-        act = torch.empty(x.shape[0], self.n // 2)
-        qs, d, m = (t.data_ptr() for t in self.blocks)
-        if self._swiglu(x.data_ptr(), x.shape[0], self.k, qs, d, m, self.n // 2, act.data_ptr()):
-            raise MemoryError("block kernel: no memory for the packed activations")
-        return act
+        return self._run(self._swiglu, x, self.n // 2)
 
 
 class Q8Linear(_BlockLinear):
