@@ -38,17 +38,21 @@ class Fp32Scales:
         self._copies: list[torch.Tensor] = []
         pointers: list[int] = []
         count = len(layers._linears)
+        # per layer as DecodeLayers packs them: attn_norm, wqkv, wo, ffn_norm, w13, w2
         for n, (wqkv, wo, _, w13, w2) in enumerate(layers._linears):  # _: ffn_norm
-            for i, linear in enumerate((wqkv, wo, w13, w2)):
-                if i % 2 == 0:  # attn_norm before wqkv, ffn_norm before w13
-                    pointers.append(layers._norms[n + count * (i // 2)].data_ptr())
-                qs, *scales = linear.blocks
-                pointers += [qs.data_ptr(), *(self._fp32(t) for t in scales)]
+            pointers.append(layers._norms[n].data_ptr())
+            pointers += self._blocks(wqkv) + self._blocks(wo)
+            pointers.append(layers._norms[count + n].data_ptr())
+            pointers += self._blocks(w13) + self._blocks(w2)
         self.layers = (ctypes.c_void_p * len(pointers))(*pointers)
         self.embed = (layers._embed.qs.data_ptr(), self._fp32(layers._embed.d))
         final, _, _, *shape = layers._rest[1:]
         head = (layers._head.qs.data_ptr(), self._fp32(layers._head.d))
         self.rest = (layers._rest[0], final, *head, *shape)
+
+    def _blocks(self, linear: block_kernels.Q4Linear) -> list[int]:
+        qs, *scales = linear.blocks
+        return [qs.data_ptr(), *(self._fp32(t) for t in scales)]
 
     def _fp32(self, t: torch.Tensor) -> int:
         self._copies.append(t.float().contiguous())
