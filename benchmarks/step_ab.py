@@ -1,18 +1,21 @@
 """Engine steps with this checkout against another commit's, whole code paths, alternating.
 
     .venv/bin/python benchmarks/step_ab.py [--base HEAD] [--tokens 1000] [--chunk 256] \\
-        [--decode 0] [--steps 50] [--rounds 12] [--threads 2]
+        [--decode 0] [--steps 50] [--rounds 12] [--threads 2] [--weights FORMAT] \\
+        [--base-kernels avx2]
 
 Each side runs in a worker process of its own (the base from ``git archive`` of its ``src``),
-with the default model in this CPU's default format. A round is a ``--tokens`` prompt's
-prefill into an empty slot, ``--chunk`` tokens per ``ModelRunner.forward`` step as the
+with the default model in this CPU's default format (or ``--weights``). ``--base-kernels`` sets
+``TOKENSPOUT_KERNELS`` for the base, e.g. ``--base HEAD --base-kernels avx2`` against this
+checkout's best build: the two builds of the same code side by side. A round is a ``--tokens``
+prompt's prefill into an empty slot, ``--chunk`` tokens per ``ModelRunner.forward`` step as the
 scheduler's ``max_prefill_tokens`` cuts it; or, with ``--decode B``, ``--steps`` decode steps
-of B sequences whose ``--tokens`` prompts were prefilled at the start (timed per step). The
-two take turns, round by round (which goes first alternates too), so that the host's noise,
-which moves separate runs by ±15 % here, falls on both alike. Unlike ``decode_step_ab.py``
-(the C kernels only, in one process, on one set of weights), this times Python, C and weight
-layout changes together. Reports each side's median and best time, their ratio, and whether
-the two agree on the next tokens.
+of B sequences whose ``--tokens`` prompts were prefilled at the start (timed per step). The two
+take turns, round by round (which goes first alternates too), so that the host's noise, which
+moves separate runs by ±15 % here, falls on both alike. Unlike ``decode_step_ab.py`` (the C
+kernels only, in one process, on one set of weights), this times Python, C and weight layout
+changes together. Reports each side's median and best time, their ratio, and whether the two
+agree on the next tokens.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ WORKER = """
 import json, statistics, sys, time
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 tokens, chunk, batch, steps, threads = (int(a) for a in sys.argv[1:6])
+weights = sys.argv[6] or None
 slots = max(batch, 1)
-runner = ModelRunner(None, num_slots=slots, max_model_len=tokens + steps + 8, num_threads=threads)
+runner = ModelRunner(
+    None, num_slots=slots, max_model_len=tokens + steps + 8, weights=weights, num_threads=threads
+)
 prompt = [1000 + (7 * i) % 20000 for i in range(tokens)]
 
 def prefill(slot):
@@ -74,10 +80,12 @@ def base_source(rev: str, out: Path) -> Path:
     return out / "src"
 
 
-def start_worker(src: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
+def start_worker(src: Path, args: argparse.Namespace, kernels: str = "") -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(src)}
+    if kernels:
+        env["TOKENSPOUT_KERNELS"] = kernels
     numbers = (args.tokens, args.chunk, args.decode, args.steps, args.threads)
-    argv = [sys.executable, "-c", WORKER, *map(str, numbers)]
+    argv = [sys.executable, "-c", WORKER, *map(str, numbers), args.weights]
     return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -98,10 +106,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="decode steps a round")
     parser.add_argument("--rounds", type=int, default=12, help="rounds each")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", default="", help="weight format (default: the CPU's)")
+    parser.add_argument("--base-kernels", default="", help="TOKENSPOUT_KERNELS for the base")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workers = {
-            args.base: start_worker(base_source(args.base, Path(tmp)), args),
+            args.base: start_worker(base_source(args.base, Path(tmp)), args, args.base_kernels),
             "this": start_worker(ROOT / "src", args),
         }
         try:

@@ -14,6 +14,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, params=block_kernels.supported_isas() or ["avx2"])
+def kernels_build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on each build this CPU runs (the AVX-512 VNNI one has its own GEMM)."""
+    monkeypatch.setenv(block_kernels.ISA_VARIABLE, request.param)
+    return request.param
+
+
+def gemm_bound(build: str) -> float:
+    """The GEMM's error bound, relative to |x| @ |w|: the VNNI build's GEMM rounds x to int16
+    per block of 32 as the kernel does (~1e-5 of the block's largest value); the fp32 one
+    ~1e-7."""
+    return 1e-4 if build == "avx512-vnni" else 1e-5
+
+
 def activations(rows: int, k: int, seed: int) -> torch.Tensor:
     """Hidden-state-like rows: mostly small values and a few large outlier columns."""
     gen = torch.Generator().manual_seed(seed)
@@ -25,7 +39,9 @@ def activations(rows: int, k: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17, 33])
 @pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536)])
-def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None:
+def test_q4_1_matches_its_dequantised_weights(
+    rows: int, n: int, k: int, kernels_build: str
+) -> None:
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(n + k))
     blocks = block_kernels.quantize_q4_1(w)
     linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
@@ -33,8 +49,12 @@ def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None
     expected = x.double() @ linear.dequantize().double().T
     scale = (x.abs().double() @ linear.dequantize().abs().double().T).max()
     # The kernel rounds x to int16 per block of 32: relative error ~1e-5 of the block's
-    # largest value. The GEMM is fp32 throughout: ~1e-7.
-    for path, bound in ((linear, 1e-4), (linear.kernel, 1e-4), (linear.gemm, 1e-5)):
+    # largest value.
+    for path, bound in (
+        (linear, 1e-4),
+        (linear.kernel, 1e-4),
+        (linear.gemm, gemm_bound(kernels_build)),
+    ):
         got = path(x)
         assert got.shape == (rows, n)
         assert ((got.double() - expected).abs().max() / scale).item() < bound
@@ -42,7 +62,9 @@ def test_q4_1_matches_its_dequantised_weights(rows: int, n: int, k: int) -> None
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 9, 33])
 @pytest.mark.parametrize("inner", [6, 1536, 37])  # whole panels of 6; SmolLM2's; a tail
-def test_q4_1_swiglu_matches_silu_of_gate_times_up(rows: int, inner: int) -> None:
+def test_q4_1_swiglu_matches_silu_of_gate_times_up(
+    rows: int, inner: int, kernels_build: str
+) -> None:
     k = 64 if inner == 37 else 576
     w = torch.randn(2 * inner, k, generator=torch.Generator().manual_seed(inner))
     blocks = block_kernels.quantize_q4_1(w)
@@ -57,7 +79,7 @@ def test_q4_1_swiglu_matches_silu_of_gate_times_up(rows: int, inner: int) -> Non
     got = linear.swiglu(x)
     assert got.shape == (rows, inner) and got.dtype == torch.float32
     # as test_q4_1_matches_its_dequantised_weights; SiLU's exp is within 2 ulp
-    bound = 1e-4 if rows <= linear.KERNEL_ROWS else 1e-5
+    bound = 1e-4 if rows <= linear.KERNEL_ROWS else gemm_bound(kernels_build)
     assert ((got.double() - expected).abs().max() / scale).item() < bound
 
 

@@ -29,6 +29,12 @@
 #include <omp.h>
 #include <stdlib.h>
 
+/* Built with AVX-512 VNNI (block_kernels.py picks the flags from the CPU): the GEMM below is
+ * block_kernels_vnni.h's int16 one instead of the fp32 one. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VNNI_GEMM
+#endif
+
 /* Rows of x processed together, so that each unpacked weight block serves several rows. */
 #define ROWS 4
 
@@ -381,6 +387,15 @@ static inline __m256 silu_times(__m256 g, __m256 u) {
 
 #define NR 12 /* output rows of W per panel */
 
+/* n fp16 values (n <= 64) into fp32 out, 8 at a time. */
+static inline void halves(const uint16_t *h, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load_half8(h + i));
+    for (; i < n; i++) out[i] = half1(h[i]);
+}
+
+#ifndef VNNI_GEMM
+
 /* r[i][j] -> r[j][i] for an 8x8 block of floats in 8 registers. */
 static inline void transpose8(__m256 r[8]) {
     __m256 t[8], u[8];
@@ -416,11 +431,12 @@ static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, 
     }
 }
 
-/* n fp16 values (n <= 64) into fp32 out, 8 at a time. */
-static inline void halves(const uint16_t *h, int64_t n, float *out) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load_half8(h + i));
-    for (; i < n; i++) out[i] = half1(h[i]);
+/* The packed x's rows per pack_rows call, and the scratch floats of packed x and a panel. */
+#define PACK_ROWS 8
+static inline int64_t packed_floats(int64_t M, int64_t K) { return (M + 7) / 8 * 8 * K; }
+static inline int64_t panel_floats(int64_t K) { return NR * K; }
+static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
+    pack_rows8(x, M, K, m0, xt);
 }
 
 /* W's row n into K fp32 weights, as dequantize_q4_1 / dequantize_q8_0. The blocks' scales
@@ -557,20 +573,24 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
     }
 }
 
+#else
+#include "block_kernels_vnni.h"
+#endif
+
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
  * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu). Returns 0, or -1
  * without memory for the packed x and the panels. */
 static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *w, int64_t N,
                       float *y, const int swiglu) {
-    const int64_t Mp = (M + 7) / 8 * 8;
     const int threads = omp_get_max_threads();
-    float *xt = malloc(Mp * K * sizeof(float)), *panels = malloc(threads * NR * K * sizeof(float));
+    float *xt = malloc(packed_floats(M, K) * sizeof(float));
+    float *panels = malloc(threads * panel_floats(K) * sizeof(float));
     if (xt && panels) {
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
-            for (int64_t m0 = 0; m0 < Mp; m0 += 8) pack_rows8(x, M, K, m0, xt);
-            float *panel = panels + omp_get_thread_num() * NR * K;
+            for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, xt);
+            float *panel = panels + omp_get_thread_num() * panel_floats(K);
             if (swiglu)
                 team_gemm_swiglu(w, xt, M, K, N, panel, y);
             else
@@ -669,7 +689,7 @@ typedef struct {
 
 static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
     if (op->gemm) {
-        for (int64_t m0 = 0; m0 < M; m0 += 8) pack_rows8(x, M, K, m0, op->xt);
+        for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, op->xt);
     } else {
         for (int64_t i = 0; i < M * (K / 32); i++)
             quantize_block(x + i * 32, op->qx.q + i * 32, op->qx.scale + i, op->qx.sum + i);
@@ -793,7 +813,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                   int64_t max_len, float *logits) {
     const int gemm = M >= gemm_from;
     if (M < 1 || M > MAX_M || (!gemm && M > MAX_M_KERNEL)) return -2;
-    const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv, Mp = (M + 7) / 8 * 8;
+    const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
     int64_t widest = H > I ? H : I;
     widest = widest > Hq * D ? widest : Hq * D;
     /* shared: each matmul's output */
@@ -802,7 +822,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
     /* per thread: the residual, a normed row, its quantised or packed form (and a panel),
      * attention scores */
     const int threads = omp_get_max_threads();
-    const int64_t operand = gemm ? Mp * widest + NR * widest : M * widest / 32 * 2;
+    const int64_t operand = gemm ? packed_floats(M, widest) + panel_floats(widest) : M * widest / 32 * 2;
     const int64_t own = M * H + M * widest + operand + max_len + 8;
     float *scratch = malloc(threads * own * sizeof(float));
     int16_t *qscratch = gemm ? NULL : malloc(threads * M * widest * sizeof(int16_t));
@@ -815,7 +835,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
             Operand op = {gemm, {NULL, NULL, NULL}, NULL, NULL};
             if (gemm) {
                 op.xt = scores;
-                op.panel = op.xt + Mp * widest;
+                op.panel = op.xt + packed_floats(M, widest);
             } else {
                 op.qx.q = qscratch + t * M * widest;
                 op.qx.scale = scores;

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -27,21 +28,61 @@ from tokenspout.engine.model_files import cache_root
 
 BLOCK = 32  # weights per block, both formats
 _SOURCE = Path(__file__).with_name("block_kernels.c")
+_HEADERS = (Path(__file__).with_name("block_kernels_vnni.h"),)
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
+#: The builds: ``avx2`` (fp32 GEMM), and ``avx512-vnni`` whose GEMM multiplies int16 x by the
+#: weights' integers, 32 products per instruction (block_kernels_vnni.h).
+ISAS = ("avx2", "avx512-vnni")
+_ISA_FLAGS = {"avx2": [], "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+ISA_VARIABLE = "TOKENSPOUT_KERNELS"
 
-def library_path() -> Path:
-    """Where the compiled kernels live: keyed by the source and flags, so an edit rebuilds."""
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()
+
+def supported_isas() -> tuple[str, ...]:
+    """The builds this CPU can run (none without AVX2 and FMA)."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return ()
+    if torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported():
+        return ISAS
+    return ("avx2",)
+
+
+def isa() -> str | None:
+    """The build in use: ``$TOKENSPOUT_KERNELS`` when set (to compare the builds on one
+    machine), else the best this CPU runs; None where it runs none.
+
+    Raises ``ValueError`` for a build that is unknown or that this CPU cannot run.
+    """
+    supported = supported_isas()
+    wanted = os.environ.get(ISA_VARIABLE)
+    if not wanted:
+        return supported[-1] if supported else None
+    if wanted not in supported:
+        raise ValueError(f"{ISA_VARIABLE}={wanted}: this CPU runs {', '.join(supported) or 'none'}")
+    return wanted
+
+
+def flags(target: str) -> list[str]:
+    """The compiler's flags for the build ``target`` (one of ``ISAS``)."""
+    return _FLAGS + _ISA_FLAGS[target]
+
+
+def library_path(target: str) -> Path:
+    """Where the build ``target``'s compiled kernels live: keyed by the sources and flags, so
+    an edit rebuilds."""
+    sources = b"".join(f.read_bytes() for f in (_SOURCE, *_HEADERS))
+    digest = hashlib.sha256(sources + " ".join(flags(target)).encode()).hexdigest()
     return cache_root() / "kernels" / f"block_kernels-{digest[:16]}.so"
 
 
-def build() -> Path:
-    """Compile the kernels if they are not already; return the library's path.
+def build(target: str | None = None) -> Path:
+    """Compile the kernels for the build ``target`` (default: ``isa()``) if they are not
+    already; return the library's path.
 
     Raises ``RuntimeError`` when no compiler is found or the compile fails.
     """
-    path = library_path()
+    target = target or isa() or "avx2"
+    path = library_path(target)
     if path.is_file():
         return path
     compiler = shutil.which("cc") or shutil.which("gcc")
@@ -50,7 +91,7 @@ def build() -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{id(path)}.tmp")
     result = subprocess.run(
-        [compiler, *_FLAGS, str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True
+        [compiler, *flags(target), str(_SOURCE), "-o", str(tmp)], capture_output=True, text=True
     )
     if result.returncode != 0:
         raise RuntimeError(f"building the block kernels failed:\n{result.stderr}")
@@ -61,15 +102,19 @@ def build() -> Path:
 def cpu_supported() -> bool:
     """Whether this CPU has what the kernels need: AVX2 and FMA (and F16C for the fp16 KV
     cache, which every CPU with AVX2 has)."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return bool(supported_isas())
+
+
+def _library() -> ctypes.CDLL | None:
+    """The kernels of the build ``isa()`` names, loaded; None where they cannot run here."""
+    target = isa()
+    return None if target is None else _load(target)
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    if not cpu_supported():
-        return None
+def _load(target: str) -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(target)))
     except (OSError, RuntimeError):
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
