@@ -19,7 +19,8 @@ from tokenspout.engine.kv_cache import KVCache
 from tokenspout.engine.llama_model import AttentionBatch, LlamaConfig, LlamaModel
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.tokenizer import Tokenizer
-from tokenspout.engine.weights import FORMATS, WeightFormat, Weights, default_format
+from tokenspout.engine.weight_formats import FORMATS, WeightFormat
+from tokenspout.engine.weights import Weights, default_format
 from tokenspout.errors import ModelLoadError
 
 

@@ -25,7 +25,7 @@ import mmap
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,10 +33,9 @@ from safetensors.torch import load_file, save_file
 
 from tokenspout.engine import block_kernels
 from tokenspout.engine.model_files import ModelFiles
+from tokenspout.engine.weight_formats import FORMATS, WeightFormat
 from tokenspout.errors import ModelLoadError
 
-WeightFormat = Literal["q4_1", "int8", "fp16", "bf16", "fp32"]
-FORMATS: tuple[WeightFormat, ...] = ("q4_1", "int8", "fp16", "bf16", "fp32")
 #: The per-layer matmul weights, by canonical name.
 LAYER_MATMULS = ("wqkv", "wo", "w13", "w2")
 _CACHE_VERSION = 2  # bump when the canonical layout changes (2: block scales fp16)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from tokenspout.engine.weight_formats import FORMATS
 from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
 from tokenspout.server.api_keys import load_keys_file
 from tokenspout.server.config import ServerConfig
@@ -31,10 +32,8 @@ class EngineName(StrEnum):
     upstream = "upstream"
 
 
-class WeightFormat(StrEnum):
-    int8 = "int8"
-    bf16 = "bf16"
-    fp32 = "fp32"
+# Every format the engine loads (a hand-kept list here had lost q4_1 and fp16).
+WeightFormat = StrEnum("WeightFormat", {fmt: fmt for fmt in FORMATS})
 
 
 def serve(
