@@ -75,10 +75,10 @@ def test_fp32_greedy_matches_transformers(fp32: ModelRunner, case: dict) -> None
 
 
 def test_default_format_follows_the_cpu() -> None:
-    if torch.cpu._is_avx512_bf16_supported():
-        expected = "int8"
+    if block_kernels.available():
+        expected = "q4_1"
     else:
-        expected = "q4_1" if block_kernels.available() else "fp16"
+        expected = "int8" if torch.cpu._is_avx512_bf16_supported() else "fp16"
     assert default_format() == expected
 
 

@@ -119,18 +119,19 @@ def in_huge_pages(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def default_format() -> WeightFormat:
-    """``int8`` where the CPU has AVX-512 BF16; else ``q4_1`` where the block kernels run
-    (AVX2 and a C compiler); else ``fp16``.
+    """``q4_1`` where the block kernels run (AVX2 and a C compiler); else ``int8`` where the
+    CPU has AVX-512 BF16; else ``fp16``.
 
-    The int8 path runs bf16 activations: with AVX-512 BF16 it is the fastest (8.7 ms for a
-    batch-1 decode step on 2 cores), but without it every bf16 op is emulated (a bf16 GEMM
-    ran at 0.9 GFLOP/s on an AVX2-only EPYC, against 108 for fp32). There the 4-bit block
-    kernels make decode steps of 1-2 sequences faster than fbgemm's fp16 GEMM, which they
-    leave larger batches to (benchmarks/decode_step_profile.py, RESULTS.md).
+    The block kernels read the GGUF's own 4-bit blocks and run a decode step's layers in one
+    C call; with AVX-512 VNNI their GEMM does int16 products. On a 2-core AVX-512 EPYC,
+    over HTTP, they gave 148 tok/s to one stream and 562 to 16, where the int8 path (torch's
+    ``_weight_int8pack_mm`` on bf16 activations) gave 47 and 188 (RESULTS.md, issue 14).
+    int8 needs AVX-512 BF16: without it every bf16 op is emulated (a bf16 GEMM ran at 0.9
+    GFLOP/s on an AVX2-only EPYC, against 108 for fp32).
     """
-    if torch.cpu._is_avx512_bf16_supported():
-        return "int8"
-    return "q4_1" if block_kernels.available() else "fp16"
+    if block_kernels.available():
+        return "q4_1"
+    return "int8" if torch.cpu._is_avx512_bf16_supported() else "fp16"
 
 
 def _progress(message: str) -> None:
