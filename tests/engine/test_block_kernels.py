@@ -38,7 +38,8 @@ def activations(rows: int, k: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 17, 33])
-@pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536)])
+# k = 96: an odd number of blocks (the AVX-512 kernels take blocks in pairs, then the last)
+@pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536), (37, 96)])
 def test_q4_1_matches_its_dequantised_weights(
     rows: int, n: int, k: int, kernels_build: str
 ) -> None:
@@ -84,13 +85,14 @@ def test_q4_1_swiglu_matches_silu_of_gate_times_up(
 
 
 @pytest.mark.parametrize("rows", [1, 4, 6, 21])
-def test_q8_0_matches_its_dequantised_weights(rows: int) -> None:
-    w = torch.randn(300, 576, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("k", [576, 96])
+def test_q8_0_matches_its_dequantised_weights(rows: int, k: int) -> None:
+    w = torch.randn(300, k, generator=torch.Generator().manual_seed(1))
     w[0, :32] = 0.0
     blocks = block_kernels.quantize_q8_0(w)
     linear = block_kernels.Q8Linear(blocks["qs"], blocks["d"])
     weights = block_kernels.dequantize_q8_0(blocks["qs"], blocks["d"])
-    x = activations(rows, 576, seed=rows)
+    x = activations(rows, k, seed=rows)
     expected = x.double() @ weights.double().T
     scale = (x.abs().double() @ weights.abs().double().T).max()
     assert ((linear(x).double() - expected).abs().max() / scale).item() < 1e-4

@@ -29,10 +29,11 @@
 #include <omp.h>
 #include <stdlib.h>
 
-/* Built with AVX-512 VNNI (block_kernels.py picks the flags from the CPU): the GEMM below is
- * block_kernels_vnni.h's int16 one instead of the fp32 one. */
+/* Built with AVX-512 VNNI (block_kernels.py picks the flags from the CPU): the kernels' rows
+ * and the GEMM are block_rows_avx512.h's and block_gemm_avx512.h's instead of the AVX2 ones
+ * below. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define VNNI_GEMM
+#define AVX512_VNNI
 #endif
 
 /* Rows of x processed together, so that each unpacked weight block serves several rows. */
@@ -156,6 +157,10 @@ static inline void q8_0_block(const int8_t *qn, int64_t b, __m256i w[2]) {
     w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qn + b * 32 + 16)));
 }
 
+#ifdef AVX512_VNNI
+#include "block_rows_avx512.h"
+#else
+
 /* One output row of W against ``rows`` rows of quantised x (a literal at each call site, so
  * the accumulators stay in registers). Blocks go in pairs with one accumulator each, so
  * that consecutive blocks' FMAs do not wait on each other's latency. */
@@ -202,6 +207,8 @@ static inline __attribute__((always_inline)) void q8_0_row(
     ROW_BODY(q8_0_block, 32)
     for (int r = 0; r < rows; r++) out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
 }
+
+#endif
 
 /* Q4_1 (m set) or Q8_0 (m NULL) blocks of a weight [N, K], as q4_1_linear / q8_0_linear take
  * them. */
@@ -256,6 +263,9 @@ static int block_linear(const float *x, int64_t M, int64_t K, const BlockWeights
         free_x(&qx);
         return -1;
     }
+#ifdef AVX512_VNNI
+    for (int64_t r = 0; r < M; r++) pair_blocks(qx.q + r * K, nb);
+#endif
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t r0 = 0; r0 < M; r0 += MAX_M_KERNEL) {
@@ -394,7 +404,7 @@ static inline void halves(const uint16_t *h, int64_t n, float *out) {
     for (; i < n; i++) out[i] = half1(h[i]);
 }
 
-#ifndef VNNI_GEMM
+#ifndef AVX512_VNNI
 
 /* r[i][j] -> r[j][i] for an 8x8 block of floats in 8 registers. */
 static inline void transpose8(__m256 r[8]) {
@@ -574,7 +584,7 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
 }
 
 #else
-#include "block_kernels_vnni.h"
+#include "block_gemm_avx512.h"
 #endif
 
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
@@ -693,6 +703,9 @@ static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
     } else {
         for (int64_t i = 0; i < M * (K / 32); i++)
             quantize_block(x + i * 32, op->qx.q + i * 32, op->qx.scale + i, op->qx.sum + i);
+#ifdef AVX512_VNNI
+        for (int64_t r = 0; r < M; r++) pair_blocks(op->qx.q + r * K, K / 32);
+#endif
     }
 }
 

@@ -28,11 +28,12 @@ from tokenspout.engine.model_files import cache_root
 
 BLOCK = 32  # weights per block, both formats
 _SOURCE = Path(__file__).with_name("block_kernels.c")
-_HEADERS = (Path(__file__).with_name("block_kernels_vnni.h"),)
+_HEADERS = tuple(Path(__file__).with_name(f"block_{part}_avx512.h") for part in ("rows", "gemm"))
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
 #: The builds: ``avx2`` (fp32 GEMM), and ``avx512-vnni`` whose GEMM multiplies int16 x by the
-#: weights' integers, 32 products per instruction (block_kernels_vnni.h).
+#: weights' integers, 32 products per instruction, and whose kernels take two blocks per
+#: instruction (block_gemm_avx512.h, block_rows_avx512.h).
 ISAS = ("avx2", "avx512-vnni")
 _ISA_FLAGS = {"avx2": [], "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ISA_VARIABLE = "TOKENSPOUT_KERNELS"
