@@ -339,21 +339,23 @@ def small_decoder(
 
 def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
     decoder, gen = small_decoder(9, 2, 2)
-    caches = [torch.randn(2, 17, 2, 16, 64, generator=gen).half() for _ in range(2)]
-    ids = torch.tensor([3, 11, 0, 49, 7, 20, 8, 8, 1, 2, 30, 31, 12, 40, 41, 5, 6])
-    pos = torch.tensor([3, 9, 0, 15, 4, 9, 1, 2, 14, 10, 3, 3, 7, 0, 11, 6, 5])
-    slot = torch.randperm(17, generator=gen)
+    gemm = decoder.GEMM_ROWS
+    total = 2 * gemm + 1  # two GEMM steps' worth, and a chunk of 16 plus a part of one
+    caches = [torch.randn(2, total, 2, 16, 64, generator=gen).half() for _ in range(2)]
+    ids = torch.randint(0, 50, (total,), generator=gen)
+    pos = torch.randint(0, 16, (total,), generator=gen)
+    slot = torch.randperm(total, generator=gen)
     cos, sin = torch.randn(16, 64, generator=gen), torch.randn(16, 64, generator=gen)
 
     def run(rows: torch.Tensor | slice) -> torch.Tensor:
         picked = (t[rows].tolist() for t in (ids, slot, pos))
         return decoder(*picked, cos, sin, *(c.clone() for c in caches))
 
-    few = decoder.GEMM_ROWS - 1  # by the kernels
+    few = gemm - 1  # by the kernels
     assert torch.equal(run(slice(0, few)), torch.cat([run(slice(i, i + 1)) for i in range(few)]))
     together = run(slice(None))  # by the GEMMs
-    assert torch.equal(torch.cat([run(slice(0, 8)), run(slice(8, None))]), together)
-    order = torch.randperm(17, generator=gen)
+    assert torch.equal(torch.cat([run(slice(0, gemm)), run(slice(gemm, None))]), together)
+    order = torch.randperm(total, generator=gen)
     assert torch.equal(run(order), together[order])
     many = [0] * (decoder.ROWS + 1)
     with pytest.raises(ValueError, match="tokens"):

@@ -44,7 +44,9 @@ def fp16() -> ModelRunner:
 def q4_1() -> ModelRunner:
     if not block_kernels.available():
         pytest.skip("the block kernels need AVX2 and a C compiler")
-    return ModelRunner(None, weights="q4_1", num_slots=8, max_model_len=256)
+    # a slot for each of a GEMM step's rows (test_q4_1_batched_decode_agrees_with_reference_top1)
+    slots = block_kernels.DecodeLayers.GEMM_ROWS
+    return ModelRunner(None, weights="q4_1", num_slots=slots, max_model_len=256)
 
 
 def greedy(runner: ModelRunner, prompt: Sequence[int], steps: int, slot: int = 0) -> list[int]:
@@ -114,9 +116,9 @@ def test_quantised_weights_agree_with_reference_top1(
 
 
 def test_q4_1_batched_decode_agrees_with_reference_top1(q4_1: ModelRunner) -> None:
-    # Decode steps of GEMM_ROWS or more tokens run as fp32 GEMMs on the dequantised blocks,
-    # not the int16 kernels: the same teacher-forced check, every case in one batch (the
-    # first ones twice, to fill it). Measured: 160 of 160.
+    # Decode steps of GEMM_ROWS or more tokens run as GEMMs (fp32 on the dequantised blocks,
+    # or int16 with AVX-512), not the kernels: the same teacher-forced check, every case in
+    # one batch (the first ones twice, to fill it). Measured: 160 of 160.
     rows = max(len(CASES), block_kernels.DecodeLayers.GEMM_ROWS)
     cases = [CASES[i % len(CASES)] for i in range(rows)]
     logits = torch.cat(

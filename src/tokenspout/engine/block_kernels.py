@@ -245,9 +245,11 @@ class DecodeLayers:
     """
 
     ROWS = 64  # the C function's MAX_M
-    #: From this many tokens on, the matmuls run as GEMMs on weights dequantised a panel at a
+    #: From this many tokens on, the matmuls run as GEMMs on weights unpacked a panel at a
     #: time rather than by the block kernels (at most the C side's MAX_M_KERNEL + 1 = 17).
-    GEMM_ROWS = 8
+    #: Measured per build (RESULTS.md): 8 for AVX2; 9 for AVX-512, whose kernels took 8
+    #: tokens in 0.76-0.87x the GEMM's time and 9 in 1.02-1.06x.
+    GEMM_ROWS = 9 if supported_isas()[-1:] == ("avx512-vnni",) else 8
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
