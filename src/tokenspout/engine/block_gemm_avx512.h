@@ -65,14 +65,20 @@ static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int
             for (int64_t b = 0; b < nb; b++) d[i * nb + b] = m[i * nb + b] = 0.0f;
             continue;
         }
-        for (int64_t b = 0; b < nb; b++) {
-            __m256i wb[2];
-            if (w->m)
-                q4_1_block((const uint8_t *)w->qs + n * nb * 16, b, wb);
-            else
-                q8_0_block((const int8_t *)w->qs + n * K, b, wb);
-            _mm256_storeu_si256((__m256i *)(qi + b * 32), wb[0]);
-            _mm256_storeu_si256((__m256i *)(qi + b * 32 + 16), wb[1]);
+        if (w->m) { /* a pair of blocks unpacks as the rows take it; back to k's order */
+            const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
+            int64_t b = 0;
+            for (; b + 2 <= nb; b += 2) {
+                __m512i pair[2]; /* [b 0-15 | b+1 0-15], [b 16-31 | b+1 16-31] */
+                q4_1_pair(qn, b, pair);
+                _mm512_storeu_si512(qi + b * 32, _mm512_shuffle_i64x2(pair[0], pair[1], 0x44));
+                _mm512_storeu_si512(qi + b * 32 + 32,
+                                    _mm512_shuffle_i64x2(pair[0], pair[1], 0xEE));
+            }
+            if (b < nb) _mm512_storeu_si512(qi + b * 32, q4_1_single(qn, b));
+        } else {
+            const int8_t *qn = (const int8_t *)w->qs + n * K;
+            for (int64_t b = 0; b < nb; b++) _mm512_storeu_si512(qi + b * 32, q8_0_single(qn, b));
         }
         for (int64_t b0 = 0; b0 < nb; b0 += 64) {
             const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
@@ -85,11 +91,52 @@ static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int
     }
 }
 
-/* The panel's NR rows against one chunk of packed x -> out[NR][16]. has_m: Q4_1 (a literal
- * at each call site; Q8_0's m term is skipped, not multiplied by zero). */
+/* What the next panel's fill will read (its rows' q, d and m: up to two runs of rows), to be
+ * fetched into the cache while this panel computes. The weights stream from memory, 94 MB a
+ * step; read in a burst between two tiles, the hardware prefetcher could not keep ahead and
+ * fill_panel waited on those loads: ~17 % of a batch-16 step (perf). */
+typedef struct {
+    const char *start[6];
+    int64_t bytes[6];
+    int ranges;
+} Ahead;
+
+/* Rows [first, first + count) of W into ahead (nothing when count <= 0). */
+static inline void ahead_rows(Ahead *ahead, const BlockWeights *w, int64_t first, int64_t count,
+                              int64_t K) {
+    if (count <= 0) return;
+    const int64_t nb = K / 32, row = w->m ? K / 2 : K;
+    const char *parts[3] = {(const char *)w->qs + first * row, (const char *)(w->d + first * nb),
+                            w->m ? (const char *)(w->m + first * nb) : NULL};
+    const int64_t sizes[3] = {count * row, count * nb * 2, count * nb * 2};
+    for (int i = 0; i < 3; i++) {
+        if (!parts[i]) continue;
+        ahead->start[ahead->ranges] = parts[i];
+        ahead->bytes[ahead->ranges++] = sizes[i];
+    }
+}
+
+/* One cache line into L2 (the tile's x and panel fill L1). In assembly: GCC's
+ * inter-procedural passes took _mm_prefetch here for a call without effect and removed the
+ * whole fetch, arguments and all (seen in objdump). */
+static inline void fetch_line(const char *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*p)); }
+
+/* Part ``part`` of ``parts`` of every range: the cache lines a tile's block ``part`` fetches. */
+static inline void fetch_part(const Ahead *ahead, int64_t part, int64_t parts) {
+    for (int r = 0; r < ahead->ranges; r++) {
+        const int64_t lines = (ahead->bytes[r] + 63) / 64;
+        for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
+            fetch_line(ahead->start[r] + l * 64);
+    }
+}
+
+/* The panel's NR rows against one chunk of packed x -> out[NR][16], fetching ``ahead`` (when
+ * not NULL) as it goes. has_m: Q4_1 (a literal at each call site; Q8_0's m term is skipped,
+ * not multiplied by zero). */
 static inline __attribute__((always_inline)) void vnni_tile(const float *panel, int64_t K,
                                                             const int32_t *xq, const float *xs,
                                                             const float *xsum, const int has_m,
+                                                            const Ahead *ahead,
                                                             float out[NR][16]) {
     const int64_t nb = K / 32, half = K / 2;
     const int32_t *wq = (const int32_t *)panel;
@@ -99,6 +146,7 @@ static inline __attribute__((always_inline)) void vnni_tile(const float *panel, 
     for (int64_t b = 0; b < nb; b++) {
         __m512i a[NR];
         for (int i = 0; i < NR; i++) a[i] = _mm512_setzero_si512();
+        if (ahead) fetch_part(ahead, b, nb);
         for (int64_t p = b * 16; p < b * 16 + 16; p++) {
             const __m512i xv = _mm512_loadu_si512(xq + p * 16);
             for (int i = 0; i < NR; i++)
@@ -119,19 +167,20 @@ static inline __attribute__((always_inline)) void vnni_tile(const float *panel, 
 
 /* The panel against every chunk of the packed x, written as gemm_panel of the fp32 GEMM:
  * plain, y[m, n0 + i] for i < rows; swiglu, rows 0..NR/2 are gate rows and the rest the
- * matching up rows, y[m, n0 + i] = silu(gate) * up. */
+ * matching up rows, y[m, n0 + i] = silu(gate) * up. The first chunk fetches ``ahead``. */
 static inline void vnni_panel(const float *panel, const float *xt, int64_t M, int64_t K,
                               int64_t n0, int64_t rows, int64_t N, float *y, const int has_m,
-                              const int swiglu) {
+                              const int swiglu, const Ahead *ahead) {
     const int64_t nb = K / 32, chunks = packed_rows(M);
     const float *scales = xt + chunks * (K / 2), *sums = scales + chunks * nb;
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
         float out[NR][16];
         const int32_t *xq = (const int32_t *)xt + m0 * (K / 2);
+        const Ahead *fetch = m0 == 0 ? ahead : NULL;
         if (has_m)
-            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 1, out);
+            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 1, fetch, out);
         else
-            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 0, out);
+            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 0, fetch, out);
         if (swiglu) {
             for (int64_t i = 0; i < rows; i++)
                 for (int h = 0; h < 2; h++)
@@ -154,7 +203,10 @@ static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t
         int64_t rows[NR];
         for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
         fill_panel(w, rows, K, panel);
-        vnni_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w->m != NULL, 0);
+        Ahead ahead = {{NULL}, {0}, 0};
+        ahead_rows(&ahead, w, n0 + NR, N - n0 - NR < NR ? N - n0 - NR : NR, K);
+        vnni_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w->m != NULL, 0,
+                   &ahead);
     }
 }
 
@@ -169,7 +221,11 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
             rows[NR / 2 + i] = i0 + i < I ? I + i0 + i : -1;
         }
         fill_panel(w13, rows, K, panel);
+        const int64_t next = i0 + NR / 2, count = I - next < NR / 2 ? I - next : NR / 2;
+        Ahead ahead = {{NULL}, {0}, 0};
+        ahead_rows(&ahead, w13, next, count, K);
+        ahead_rows(&ahead, w13, I + next, count, K);
         vnni_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act,
-                   w13->m != NULL, 1);
+                   w13->m != NULL, 1, &ahead);
     }
 }

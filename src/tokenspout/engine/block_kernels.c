@@ -743,6 +743,83 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
     for (int64_t i = half; i < D; i++) out[i] = x[i] * c[i] + x[i - half] * s[i];
 }
 
+/* scores[0..8) = scale * (q . the cache's next 8 rows of D keys, fp16 [8][D]). */
+static inline void score8(const float *q, const uint16_t *kc, int64_t D, float scale,
+                          float *scores) {
+#ifdef AVX512_VNNI
+    __m512 acc[8];
+    __m256 half[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+        const __m512 qi = _mm512_loadu_ps(q + i);
+        for (int t = 0; t < 8; t++)
+            acc[t] = _mm512_fmadd_ps(
+                qi, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + t * D + i))),
+                acc[t]);
+    }
+    for (int t = 0; t < 8; t++) { /* the two halves' sum: the 8 lanes that hsum8 takes */
+        const __m512d pair = _mm512_castps_pd(acc[t]);
+        half[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
+                                _mm256_castpd_ps(_mm512_extractf64x4_pd(pair, 1)));
+    }
+    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8(half), _mm256_set1_ps(scale)));
+#else
+    __m256 acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 qi = _mm256_loadu_ps(q + i);
+        for (int t = 0; t < 8; t++)
+            acc[t] = _mm256_fmadd_ps(qi, load_half8(kc + t * D + i), acc[t]);
+    }
+    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+#endif
+}
+
+/* out[0..64) = inv * (the weights scores[0..pos) times the cache's rows of values (fp16, D
+ * apart; 64 of each row from vc), plus scores[pos] times the token's own v[0..64)). */
+static inline void values64(const float *scores, const uint16_t *vc, const float *v,
+                            int64_t pos, int64_t D, float inv, float *out) {
+#ifdef AVX512_VNNI
+    __m512 a[4], b[4]; /* even and odd rows: two FMAs in flight per register */
+    for (int t = 0; t < 4; t++) a[t] = b[t] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 2 <= pos; j += 2) {
+        const __m512 w0 = _mm512_set1_ps(scores[j]), w1 = _mm512_set1_ps(scores[j + 1]);
+        for (int t = 0; t < 4; t++) {
+            const __m256i *r0 = (const __m256i *)(vc + j * D + 16 * t);
+            const __m256i *r1 = (const __m256i *)(vc + (j + 1) * D + 16 * t);
+            a[t] = _mm512_fmadd_ps(w0, _mm512_cvtph_ps(_mm256_loadu_si256(r0)), a[t]);
+            b[t] = _mm512_fmadd_ps(w1, _mm512_cvtph_ps(_mm256_loadu_si256(r1)), b[t]);
+        }
+    }
+    for (; j < pos; j++) {
+        const __m512 w = _mm512_set1_ps(scores[j]);
+        for (int t = 0; t < 4; t++)
+            a[t] = _mm512_fmadd_ps(
+                w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vc + j * D + 16 * t))),
+                a[t]);
+    }
+    const __m512 w = _mm512_set1_ps(scores[pos]); /* the token's own value */
+    for (int t = 0; t < 4; t++) {
+        a[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * t), _mm512_add_ps(a[t], b[t]));
+        _mm512_storeu_ps(out + 16 * t, _mm512_mul_ps(a[t], _mm512_set1_ps(inv)));
+    }
+#else
+    __m256 acc[8];
+    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < pos; j++) {
+        const __m256 w = _mm256_broadcast_ss(scores + j);
+        for (int t = 0; t < 8; t++)
+            acc[t] = _mm256_fmadd_ps(w, load_half8(vc + j * D + 8 * t), acc[t]);
+    }
+    const __m256 w = _mm256_broadcast_ss(scores + pos); /* the token's own value */
+    for (int t = 0; t < 8; t++) {
+        acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * t), acc[t]);
+        _mm256_storeu_ps(out + 8 * t, _mm256_mul_ps(acc[t], _mm256_set1_ps(inv)));
+    }
+#endif
+}
+
 /* One query head of one token attending to its sequence's keys [0, pos] of one KV head: the
  * cache holds [0, pos) ([max_len, D] rows, fp16); the token's own key and value are k (roped)
  * and v, as fp32 values that fp16 holds exactly (what the cache gets).
@@ -753,26 +830,17 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
 static void attend_head(const float *q, const float *k, const float *v,
                         const uint16_t *k_cache, const uint16_t *v_cache, int64_t pos,
                         int64_t D, float *scores, float *out) {
-    const __m256 scale = _mm256_set1_ps(1.0f / sqrtf((float)D));
+    const float scale = 1.0f / sqrtf((float)D);
     const int64_t keys = pos + 1;
     int64_t j = 0;
-    for (; j + 8 <= pos; j += 8) {
-        __m256 acc[8];
-        for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-        for (int64_t i = 0; i < D; i += 8) {
-            const __m256 qi = _mm256_loadu_ps(q + i);
-            for (int t = 0; t < 8; t++)
-                acc[t] = _mm256_fmadd_ps(qi, load_half8(k_cache + (j + t) * D + i), acc[t]);
-        }
-        _mm256_storeu_ps(scores + j, _mm256_mul_ps(hsum8(acc), scale));
-    }
+    for (; j + 8 <= pos; j += 8) score8(q, k_cache + j * D, D, scale, scores + j);
     for (; j < keys; j++) {
         __m256 acc = _mm256_setzero_ps();
         for (int64_t i = 0; i < D; i += 8) {
             const __m256 kji = j < pos ? load_half8(k_cache + j * D + i) : _mm256_loadu_ps(k + i);
             acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kji, acc);
         }
-        scores[j] = hsum(acc) * (1.0f / sqrtf((float)D));
+        scores[j] = hsum(acc) * scale;
     }
     for (j = keys; j % 8; j++) scores[j] = -INFINITY; /* pad to whole vectors */
     __m256 top = _mm256_set1_ps(-INFINITY);
@@ -788,22 +856,9 @@ static void attend_head(const float *q, const float *k, const float *v,
         _mm256_storeu_ps(scores + j, w);
         total = _mm256_add_ps(total, w);
     }
-    const __m256 inv = _mm256_set1_ps(1.0f / hsum(total));
-    for (int64_t i0 = 0; i0 < D; i0 += 64) {
-        __m256 acc[8];
-        for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-        for (j = 0; j < pos; j++) {
-            const uint16_t *vj = v_cache + j * D + i0;
-            const __m256 w = _mm256_broadcast_ss(scores + j);
-            for (int t = 0; t < 8; t++)
-                acc[t] = _mm256_fmadd_ps(w, load_half8(vj + 8 * t), acc[t]);
-        }
-        const __m256 w = _mm256_broadcast_ss(scores + pos); /* the token's own value */
-        for (int t = 0; t < 8; t++)
-            acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i0 + 8 * t), acc[t]);
-        for (int t = 0; t < 8; t++)
-            _mm256_storeu_ps(out + i0 + 8 * t, _mm256_mul_ps(acc[t], inv));
-    }
+    const float inv = 1.0f / hsum(total);
+    for (int64_t i0 = 0; i0 < D; i0 += 64)
+        values64(scores, v_cache + i0, v + i0, pos, D, inv, out + i0);
 }
 
 /* Run M (1..MAX_M) decode tokens from their embedding rows through all L layers, the final
@@ -835,7 +890,8 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
     /* per thread: the residual, a normed row, its quantised or packed form (and a panel),
      * attention scores */
     const int threads = omp_get_max_threads();
-    const int64_t operand = gemm ? packed_floats(M, widest) + panel_floats(widest) : M * widest / 32 * 2;
+    const int64_t operand =
+        gemm ? packed_floats(M, widest) + panel_floats(widest) : M * widest / 32 * 2;
     const int64_t own = M * H + M * widest + operand + max_len + 8;
     float *scratch = malloc(threads * own * sizeof(float));
     int16_t *qscratch = gemm ? NULL : malloc(threads * M * widest * sizeof(int16_t));
