@@ -1,5 +1,6 @@
 /* Matmuls on llama.cpp's block-quantised weights (Q4_1, Q8_0), AVX2, for the embedded engine
- * on CPUs where PyTorch has no fast low-bit kernel.
+ * on CPUs where PyTorch has no fast low-bit kernel. Built with AVX-512 VNNI, the kernels'
+ * rows and the GEMM come from block_rows_avx512.h and block_gemm_avx512.h instead.
  *
  * Why hand-written (benchmarks/block_kernels.py, RESULTS.md): on an AVX2-only CPU, torch's
  * int8 and int4 weight-only kernels run 10-100x slower than fbgemm's fp16 GEMM, and a

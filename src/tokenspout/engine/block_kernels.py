@@ -4,10 +4,12 @@
 install`` does it; otherwise the first use does, in well under a second) into the cache
 folder, and called through ``ctypes``, which releases the GIL for the call. It needs AVX2
 and FMA; ``available()`` says whether this machine can run it, so that the engine falls back
-to another weight format where it cannot.
+to another weight format where it cannot. With AVX-512 VNNI it is built with the rows and
+GEMM of ``block_rows_avx512.h`` and ``block_gemm_avx512.h`` (``ISAS``, ``isa()``).
 
 Why C and not PyTorch: see the header of ``block_kernels.c`` (on an AVX2-only CPU torch's
-low-bit kernels are 10-100x slower than the fp16 GEMM, which is bound by memory at batch 1).
+low-bit kernels are 10-100x slower than the fp16 GEMM, which is bound by memory at batch 1;
+on an AVX-512 one its int8 path served 1 stream at 47 tok/s, these kernels at 148).
 """
 
 from __future__ import annotations
