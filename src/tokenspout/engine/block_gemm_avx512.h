@@ -91,45 +91,6 @@ static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int
     }
 }
 
-/* What the next panel's fill will read (its rows' q, d and m: up to two runs of rows), to be
- * fetched into the cache while this panel computes. The weights stream from memory, 94 MB a
- * step; read in a burst between two tiles, the hardware prefetcher could not keep ahead and
- * fill_panel waited on those loads: ~17 % of a batch-16 step (perf). */
-typedef struct {
-    const char *start[6];
-    int64_t bytes[6];
-    int ranges;
-} Ahead;
-
-/* Rows [first, first + count) of W into ahead (nothing when count <= 0). */
-static inline void ahead_rows(Ahead *ahead, const BlockWeights *w, int64_t first, int64_t count,
-                              int64_t K) {
-    if (count <= 0) return;
-    const int64_t nb = K / 32, row = w->m ? K / 2 : K;
-    const char *parts[3] = {(const char *)w->qs + first * row, (const char *)(w->d + first * nb),
-                            w->m ? (const char *)(w->m + first * nb) : NULL};
-    const int64_t sizes[3] = {count * row, count * nb * 2, count * nb * 2};
-    for (int i = 0; i < 3; i++) {
-        if (!parts[i]) continue;
-        ahead->start[ahead->ranges] = parts[i];
-        ahead->bytes[ahead->ranges++] = sizes[i];
-    }
-}
-
-/* One cache line into L2 (the tile's x and panel fill L1). In assembly: GCC's
- * inter-procedural passes took _mm_prefetch here for a call without effect and removed the
- * whole fetch, arguments and all (seen in objdump). */
-static inline void fetch_line(const char *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*p)); }
-
-/* Part ``part`` of ``parts`` of every range: the cache lines a tile's block ``part`` fetches. */
-static inline void fetch_part(const Ahead *ahead, int64_t part, int64_t parts) {
-    for (int r = 0; r < ahead->ranges; r++) {
-        const int64_t lines = (ahead->bytes[r] + 63) / 64;
-        for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
-            fetch_line(ahead->start[r] + l * 64);
-    }
-}
-
 /* The panel's NR rows against one chunk of packed x -> out[NR][16], fetching ``ahead`` (when
  * not NULL) as it goes. has_m: Q4_1 (a literal at each call site; Q8_0's m term is skipped,
  * not multiplied by zero). */
@@ -203,8 +164,7 @@ static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t
         int64_t rows[NR];
         for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
         fill_panel(w, rows, K, panel);
-        Ahead ahead = {{NULL}, {0}, 0};
-        ahead_rows(&ahead, w, n0 + NR, N - n0 - NR < NR ? N - n0 - NR : NR, K);
+        const Ahead ahead = after_panel(w, n0, N, K);
         vnni_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w->m != NULL, 0,
                    &ahead);
     }
@@ -221,10 +181,7 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
             rows[NR / 2 + i] = i0 + i < I ? I + i0 + i : -1;
         }
         fill_panel(w13, rows, K, panel);
-        const int64_t next = i0 + NR / 2, count = I - next < NR / 2 ? I - next : NR / 2;
-        Ahead ahead = {{NULL}, {0}, 0};
-        ahead_rows(&ahead, w13, next, count, K);
-        ahead_rows(&ahead, w13, I + next, count, K);
+        const Ahead ahead = after_swiglu_panel(w13, i0, I, K);
         vnni_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act,
                    w13->m != NULL, 1, &ahead);
     }
