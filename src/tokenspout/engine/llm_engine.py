@@ -124,7 +124,10 @@ class LLMEngine(Engine):
         self,
         model: str | None = None,
         *,
-        max_num_seqs: int = 16,
+        # 32 from the measured curve (RESULTS.md, issue 14): on an AVX-512 CPU goodput with TTFT
+        # <= 500 ms went 4.1 / 4.9 / 5.3 req/s at 16 / 32 / 64 streams, each stream at 34 / 20 /
+        # 11 tok/s; on an AVX2-only one it was about flat from 16 to 32.
+        max_num_seqs: int = 32,
         max_model_len: int = 2048,
         max_prefill_tokens: int = 256,
         weights: str | None = None,

@@ -54,7 +54,7 @@ def serve(
         list[str] | None, typer.Option(help="Extra names requests may use for the model.")
     ] = None,
     max_num_seqs: Annotated[
-        int | None, typer.Option(help="Running batch size (embedded: 16).")
+        int | None, typer.Option(help="Running batch size (embedded: 32).")
     ] = None,
     max_model_len: Annotated[
         int | None, typer.Option(help="Context length, prompt + output (embedded: 2048).")
