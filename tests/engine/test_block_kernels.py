@@ -401,3 +401,24 @@ def test_sample_rows_matches_the_torch_inverse_cdf(vocab: int) -> None:
     assert got == expected.squeeze(1).tolist()
     assert got[rows.index(5)] == 0
     assert logits[3, got[rows.index(3)]] != float("-inf")
+
+
+def test_a_build_that_does_not_compile_falls_back_to_avx2(
+    monkeypatch: pytest.MonkeyPatch, kernels_build: str
+) -> None:
+    # e.g. a compiler too old for -mavx512vnni: the engine keeps its 4-bit kernels.
+    if kernels_build == "avx2":
+        pytest.skip("only the AVX-512 build falls back")
+    real = block_kernels.flags
+    monkeypatch.setattr(
+        block_kernels,
+        "flags",
+        lambda target: real(target) + ["-mno-such-flag"] * (target != "avx2"),
+    )
+    block_kernels._load.cache_clear()
+    try:
+        assert block_kernels._library() is not None
+        assert block_kernels._library() is block_kernels._load("avx2")
+        assert block_kernels._load(kernels_build) is None
+    finally:
+        block_kernels._load.cache_clear()

@@ -109,9 +109,12 @@ def cpu_supported() -> bool:
 
 
 def _library() -> ctypes.CDLL | None:
-    """The kernels of the build ``isa()`` names, loaded; None where they cannot run here."""
+    """The kernels of the build ``isa()`` names, loaded (the AVX2 build where that one does
+    not compile, e.g. with a compiler too old for AVX-512 VNNI); None where none runs here."""
     target = isa()
-    return None if target is None else _load(target)
+    if target is None:
+        return None
+    return _load(target) or (_load("avx2") if target != "avx2" else None)
 
 
 @functools.cache
