@@ -810,122 +810,148 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
     for (int64_t i = half; i < D; i++) out[i] = x[i] * c[i] + x[i - half] * s[i];
 }
 
-/* scores[0..8) = scale * (q . the cache's next 8 rows of D keys, fp16 [8][D]). */
-static inline void score8(const float *q, const uint16_t *kc, int64_t D, float scale,
-                          float *scores) {
+/* Query heads attended together: they share their KV head's keys and values, and each key
+ * and value is converted from fp16 once for all of them. As many as the registers hold: 3
+ * with AVX-512 (8 keys x 3 heads of accumulators), 1 with AVX2's 16 registers. */
 #ifdef AVX512_VNNI
-    __m512 acc[8];
-    __m256 half[8];
-    for (int t = 0; t < 8; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t i = 0; i < D; i += 16) {
-        const __m512 qi = _mm512_loadu_ps(q + i);
-        for (int t = 0; t < 8; t++)
-            acc[t] = _mm512_fmadd_ps(
-                qi, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + t * D + i))),
-                acc[t]);
-    }
-    for (int t = 0; t < 8; t++) { /* the two halves' sum: the 8 lanes that hsum8 takes */
-        const __m512d pair = _mm512_castps_pd(acc[t]);
-        half[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[t]),
-                                _mm256_castpd_ps(_mm512_extractf64x4_pd(pair, 1)));
-    }
-    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8(half), _mm256_set1_ps(scale)));
+#define HEADS_AT_ONCE 3
 #else
+#define HEADS_AT_ONCE 1
+#endif
+
+/* scores[h][j..j + 8) = scale * (q[h] . the cache's next 8 rows of D keys, fp16 [8][D]), for
+ * heads h < G (a literal at each call site). */
+static inline __attribute__((always_inline)) void score8(const float *const *q, const int G,
+                                                         const uint16_t *kc, int64_t D,
+                                                         float scale, float *const *scores,
+                                                         int64_t j) {
+#ifdef AVX512_VNNI
+    __m512 acc[HEADS_AT_ONCE][8];
+    for (int h = 0; h < G; h++)
+        for (int t = 0; t < 8; t++) acc[h][t] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < D; i += 16) {
+        __m512 qi[HEADS_AT_ONCE];
+        for (int h = 0; h < G; h++) qi[h] = _mm512_loadu_ps(q[h] + i);
+        for (int t = 0; t < 8; t++) {
+            const __m512 key =
+                _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(kc + t * D + i)));
+            for (int h = 0; h < G; h++) acc[h][t] = _mm512_fmadd_ps(qi[h], key, acc[h][t]);
+        }
+    }
+    for (int h = 0; h < G; h++) {
+        __m256 half[8];
+        for (int t = 0; t < 8; t++) { /* the two halves' sum: the 8 lanes that hsum8 takes */
+            const __m512d pair = _mm512_castps_pd(acc[h][t]);
+            half[t] = _mm256_add_ps(_mm512_castps512_ps256(acc[h][t]),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(pair, 1)));
+        }
+        _mm256_storeu_ps(scores[h] + j, _mm256_mul_ps(hsum8(half), _mm256_set1_ps(scale)));
+    }
+#else
+    (void)G; /* HEADS_AT_ONCE is 1 */
     __m256 acc[8];
     for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
-        const __m256 qi = _mm256_loadu_ps(q + i);
+        const __m256 qi = _mm256_loadu_ps(q[0] + i);
         for (int t = 0; t < 8; t++)
             acc[t] = _mm256_fmadd_ps(qi, load_half8(kc + t * D + i), acc[t]);
     }
-    _mm256_storeu_ps(scores, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+    _mm256_storeu_ps(scores[0] + j, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
 #endif
 }
 
-/* out[0..64) = inv * (the weights scores[0..pos) times the cache's rows of values (fp16, D
- * apart; 64 of each row from vc), plus scores[pos] times the token's own v[0..64)). */
-static inline void values64(const float *scores, const uint16_t *vc, const float *v,
-                            int64_t pos, int64_t D, float inv, float *out) {
+/* out[h][0..64) = inv[h] * (the weights w[h][0..pos) times the cache's rows of values (fp16,
+ * D apart; 64 of each row from vc), plus w[h][pos] times the token's own v[0..64)), for heads
+ * h < G (a literal at each call site). */
+static inline __attribute__((always_inline)) void values64(const float *const *w, const int G,
+                                                           const uint16_t *vc, const float *v,
+                                                           int64_t pos, int64_t D,
+                                                           const float *inv, float *const *out) {
 #ifdef AVX512_VNNI
-    __m512 a[4], b[4]; /* even and odd rows: two FMAs in flight per register */
-    for (int t = 0; t < 4; t++) a[t] = b[t] = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 2 <= pos; j += 2) {
-        const __m512 w0 = _mm512_set1_ps(scores[j]), w1 = _mm512_set1_ps(scores[j + 1]);
-        for (int t = 0; t < 4; t++) {
-            const __m256i *r0 = (const __m256i *)(vc + j * D + 16 * t);
-            const __m256i *r1 = (const __m256i *)(vc + (j + 1) * D + 16 * t);
-            a[t] = _mm512_fmadd_ps(w0, _mm512_cvtph_ps(_mm256_loadu_si256(r0)), a[t]);
-            b[t] = _mm512_fmadd_ps(w1, _mm512_cvtph_ps(_mm256_loadu_si256(r1)), b[t]);
+    __m512 a[HEADS_AT_ONCE][4];
+    for (int h = 0; h < G; h++)
+        for (int t = 0; t < 4; t++) a[h][t] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < pos; j++) {
+        __m512 row[4];
+        for (int t = 0; t < 4; t++)
+            row[t] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vc + j * D + 16 * t)));
+        for (int h = 0; h < G; h++) {
+            const __m512 wj = _mm512_set1_ps(w[h][j]);
+            for (int t = 0; t < 4; t++) a[h][t] = _mm512_fmadd_ps(wj, row[t], a[h][t]);
         }
     }
-    for (; j < pos; j++) {
-        const __m512 w = _mm512_set1_ps(scores[j]);
-        for (int t = 0; t < 4; t++)
-            a[t] = _mm512_fmadd_ps(
-                w, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(vc + j * D + 16 * t))),
-                a[t]);
-    }
-    const __m512 w = _mm512_set1_ps(scores[pos]); /* the token's own value */
-    for (int t = 0; t < 4; t++) {
-        a[t] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * t), _mm512_add_ps(a[t], b[t]));
-        _mm512_storeu_ps(out + 16 * t, _mm512_mul_ps(a[t], _mm512_set1_ps(inv)));
+    for (int h = 0; h < G; h++) {
+        const __m512 own = _mm512_set1_ps(w[h][pos]); /* the token's own value */
+        for (int t = 0; t < 4; t++) {
+            a[h][t] = _mm512_fmadd_ps(own, _mm512_loadu_ps(v + 16 * t), a[h][t]);
+            _mm512_storeu_ps(out[h] + 16 * t, _mm512_mul_ps(a[h][t], _mm512_set1_ps(inv[h])));
+        }
     }
 #else
+    (void)G; /* HEADS_AT_ONCE is 1 */
     __m256 acc[8];
     for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
     for (int64_t j = 0; j < pos; j++) {
-        const __m256 w = _mm256_broadcast_ss(scores + j);
+        const __m256 wj = _mm256_broadcast_ss(w[0] + j);
         for (int t = 0; t < 8; t++)
-            acc[t] = _mm256_fmadd_ps(w, load_half8(vc + j * D + 8 * t), acc[t]);
+            acc[t] = _mm256_fmadd_ps(wj, load_half8(vc + j * D + 8 * t), acc[t]);
     }
-    const __m256 w = _mm256_broadcast_ss(scores + pos); /* the token's own value */
+    const __m256 own = _mm256_broadcast_ss(w[0] + pos); /* the token's own value */
     for (int t = 0; t < 8; t++) {
-        acc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * t), acc[t]);
-        _mm256_storeu_ps(out + 8 * t, _mm256_mul_ps(acc[t], _mm256_set1_ps(inv)));
+        acc[t] = _mm256_fmadd_ps(own, _mm256_loadu_ps(v + 8 * t), acc[t]);
+        _mm256_storeu_ps(out[0] + 8 * t, _mm256_mul_ps(acc[t], _mm256_set1_ps(inv[0])));
     }
 #endif
 }
 
-/* One query head of one token attending to its sequence's keys [0, pos] of one KV head: the
- * cache holds [0, pos) ([max_len, D] rows, fp16); the token's own key and value are k (roped)
- * and v, as fp32 values that fp16 holds exactly (what the cache gets).
- * D a multiple of 64. scores: pos + 8 floats of scratch. Scores 8 keys at a time (8
- * independent dot products, one reduction), softmax with a vector exp, and the weighted sum
- * of values 64 dimensions at a time in registers: the scalar version of this took ~40 µs of
- * each layer at 128 keys. */
-static void attend_head(const float *q, const float *k, const float *v,
-                        const uint16_t *k_cache, const uint16_t *v_cache, int64_t pos,
-                        int64_t D, float *scores, float *out) {
+/* G (1..HEADS_AT_ONCE, a literal at each call site) query heads q[h] of one token attending
+ * to their sequence's keys [0, pos] of their KV head: the cache holds [0, pos) ([max_len, D]
+ * rows, fp16); the token's own key and value are k (roped) and v, as fp32 values that fp16
+ * holds exactly (what the cache gets). D a multiple of 64. scores[h]: pos + 8 floats of
+ * scratch each; out[h]: D floats. Scores 8 keys at a time (8 independent dot products, one
+ * reduction), softmax with a vector exp, and the weighted sum of values 64 dimensions at a
+ * time in registers: the scalar version of this took ~40 µs of each layer at 128 keys. */
+static inline __attribute__((always_inline)) void attend_heads(
+    const float *const *q, const int G, const float *k, const float *v, const uint16_t *k_cache,
+    const uint16_t *v_cache, int64_t pos, int64_t D, float *const *scores, float *const *out) {
     const float scale = 1.0f / sqrtf((float)D);
     const int64_t keys = pos + 1;
-    int64_t j = 0;
-    for (; j + 8 <= pos; j += 8) score8(q, k_cache + j * D, D, scale, scores + j);
-    for (; j < keys; j++) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < D; i += 8) {
-            const __m256 kji = j < pos ? load_half8(k_cache + j * D + i) : _mm256_loadu_ps(k + i);
-            acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kji, acc);
+    int64_t whole = 0;
+    for (; whole + 8 <= pos; whole += 8) score8(q, G, k_cache + whole * D, D, scale, scores, whole);
+    float inv[HEADS_AT_ONCE];
+    for (int h = 0; h < G; h++) {
+        float *sh = scores[h];
+        int64_t j = whole;
+        for (; j < keys; j++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8) {
+                const __m256 kji =
+                    j < pos ? load_half8(k_cache + j * D + i) : _mm256_loadu_ps(k + i);
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(q[h] + i), kji, acc);
+            }
+            sh[j] = hsum(acc) * scale;
         }
-        scores[j] = hsum(acc) * scale;
+        for (j = keys; j % 8; j++) sh[j] = -INFINITY; /* pad to whole vectors */
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        for (j = 0; j < keys; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(sh + j));
+        top = _mm256_set1_ps(hmax(top));
+        __m256 total = _mm256_setzero_ps();
+        for (j = 0; j < keys; j += 8) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(sh + j), top));
+            /* the padding's -inf - top clamps to e^-87, not 0: zero it */
+            const __m256 live =
+                _mm256_cmp_ps(_mm256_loadu_ps(sh + j), _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            const __m256 wj = _mm256_and_ps(e, live);
+            _mm256_storeu_ps(sh + j, wj);
+            total = _mm256_add_ps(total, wj);
+        }
+        inv[h] = 1.0f / hsum(total);
     }
-    for (j = keys; j % 8; j++) scores[j] = -INFINITY; /* pad to whole vectors */
-    __m256 top = _mm256_set1_ps(-INFINITY);
-    for (j = 0; j < keys; j += 8) top = _mm256_max_ps(top, _mm256_loadu_ps(scores + j));
-    top = _mm256_set1_ps(hmax(top));
-    __m256 total = _mm256_setzero_ps();
-    for (j = 0; j < keys; j += 8) {
-        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(scores + j), top));
-        /* the padding's -inf - top clamps to e^-87, not 0: zero it */
-        const __m256 live = _mm256_cmp_ps(_mm256_loadu_ps(scores + j),
-                                          _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-        const __m256 w = _mm256_and_ps(e, live);
-        _mm256_storeu_ps(scores + j, w);
-        total = _mm256_add_ps(total, w);
+    for (int64_t i0 = 0; i0 < D; i0 += 64) {
+        float *o[HEADS_AT_ONCE];
+        for (int h = 0; h < G; h++) o[h] = out[h] + i0;
+        values64((const float *const *)scores, G, v_cache + i0, v + i0, pos, D, inv, o);
     }
-    const float inv = 1.0f / hsum(total);
-    for (int64_t i0 = 0; i0 < D; i0 += 64)
-        values64(scores, v_cache + i0, v + i0, pos, D, inv, out + i0);
 }
 
 /* Run M (1..MAX_M) decode tokens from their embedding rows through all L layers, the final
@@ -959,7 +985,9 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
     const int threads = omp_get_max_threads();
     const int64_t operand =
         gemm ? packed_floats(M, widest) + panel_floats(widest) : M * widest / 32 * 2;
-    const int64_t own = M * H + M * widest + operand + max_len + 8;
+    const int64_t own = M * H + M * widest + operand + HEADS_AT_ONCE * (max_len + 8);
+    /* the query heads of a KV head, in parts of up to HEADS_AT_ONCE (attention's items) */
+    const int64_t parts = (group + HEADS_AT_ONCE - 1) / HEADS_AT_ONCE;
     float *scratch = malloc(threads * own * sizeof(float));
     int16_t *qscratch = gemm ? NULL : malloc(threads * M * widest * sizeof(int16_t));
     int failed = !qkv || !att || !delta || !act || !scratch || (!gemm && !qscratch);
@@ -990,15 +1018,26 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                 prepare(normed, M, H, &op);
                 team_matmul(&lw->wqkv, &op, M, H, width, qkv);
 #pragma omp for schedule(static)
-                for (int64_t item = 0; item < M * Hq; item++) {
-                    const int64_t r = item / Hq, h = item % Hq, g = h / group;
+                for (int64_t item = 0; item < M * Hkv * parts; item++) {
+                    /* token r, KV head g, its query heads h0 .. h0 + G */
+                    const int64_t r = item / (Hkv * parts), g = item / parts % Hkv;
+                    const int64_t h0 = g * group + item % parts * HEADS_AT_ONCE;
+                    const int G = (g + 1) * group - h0 < HEADS_AT_ONCE
+                                      ? (int)((g + 1) * group - h0) : HEADS_AT_ONCE;
                     const float *row = qkv + r * width, *c = cos + positions[r] * D,
                                 *s = sin_signed + positions[r] * D;
                     const int64_t base =
                         (((l * num_slots + slots[r]) * Hkv + g) * max_len) * D;
-                    float q[256], k[256], v[256];
+                    float q[HEADS_AT_ONCE][256], k[256], v[256];
                     uint16_t k16[256], v16[256];
-                    rope_head(row + h * D, c, s, D, q);
+                    const float *qh[HEADS_AT_ONCE] = {NULL};
+                    float *sh[HEADS_AT_ONCE] = {NULL}, *oh[HEADS_AT_ONCE] = {NULL};
+                    for (int i = 0; i < G; i++) {
+                        rope_head(row + (h0 + i) * D, c, s, D, q[i]);
+                        qh[i] = q[i];
+                        sh[i] = scores + i * (max_len + 8);
+                        oh[i] = att + r * Hq * D + (h0 + i) * D;
+                    }
                     rope_head(row + (Hq + g) * D, c, s, D, k);
                     /* the token's own k and v as the cache keeps them, so that a later step
                      * and the per-op path (which reads them back) see the same values */
@@ -1008,9 +1047,16 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                         _mm256_storeu_ps(k + i, load_half8(k16 + i));
                         _mm256_storeu_ps(v + i, load_half8(v16 + i));
                     }
-                    attend_head(q, k, v, k_cache + base, v_cache + base, positions[r], D,
-                                scores, att + r * Hq * D + h * D);
-                    if (h % group == 0) { /* one writer per KV head; no one reads this row */
+                    const uint16_t *kc = k_cache + base, *vc = v_cache + base;
+                    if (G == 1)
+                        attend_heads(qh, 1, k, v, kc, vc, positions[r], D, sh, oh);
+#if HEADS_AT_ONCE == 3
+                    else if (G == 2)
+                        attend_heads(qh, 2, k, v, kc, vc, positions[r], D, sh, oh);
+                    else
+                        attend_heads(qh, 3, k, v, kc, vc, positions[r], D, sh, oh);
+#endif
+                    if (h0 == g * group) { /* one writer per KV head; no one reads this row */
                         for (int64_t i = 0; i < D; i++) {
                             k_cache[base + positions[r] * D + i] = k16[i];
                             v_cache[base + positions[r] * D + i] = v16[i];
