@@ -2,7 +2,7 @@
  *
  * Included by block_kernels.c in place of its fp32 GEMM when built with AVX-512 VNNI (the
  * build picks the flags from the CPU); same entry points: PACK_ROWS, packed_floats,
- * panel_floats, pack_rows, team_gemm, team_gemm_swiglu.
+ * panel_floats, pack_rows, fill_panel, multiply_panel.
  *
  * Why: the fp32 GEMM does 8 products per FMA (AVX2), 16 per zmm FMA; VPDPWSSD does 32 int16
  * products and their sums per zmm instruction. x is rounded to int16 per row and block of 32
@@ -126,12 +126,13 @@ static inline __attribute__((always_inline)) void vnni_tile(const float *panel, 
     for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
 }
 
-/* The panel against every chunk of the packed x, written as gemm_panel of the fp32 GEMM:
+/* The panel against every chunk of the packed x, written as the fp32 GEMM writes them:
  * plain, y[m, n0 + i] for i < rows; swiglu, rows 0..NR/2 are gate rows and the rest the
  * matching up rows, y[m, n0 + i] = silu(gate) * up. The first chunk fetches ``ahead``. */
-static inline void vnni_panel(const float *panel, const float *xt, int64_t M, int64_t K,
-                              int64_t n0, int64_t rows, int64_t N, float *y, const int has_m,
-                              const int swiglu, const Ahead *ahead) {
+static inline void multiply_panel(const float *panel, const float *xt, int64_t M, int64_t K,
+                                  int64_t n0, int64_t rows, int64_t N, float *y,
+                                  const BlockWeights *w, const int swiglu, const Ahead *ahead) {
+    const int has_m = w->m != NULL;
     const int64_t nb = K / 32, chunks = packed_rows(M);
     const float *scales = xt + chunks * (K / 2), *sums = scales + chunks * nb;
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
@@ -152,37 +153,5 @@ static inline void vnni_panel(const float *panel, const float *xt, int64_t M, in
         const int64_t width = M - m0 < 16 ? M - m0 : 16;
         for (int64_t j = 0; j < width; j++)
             for (int64_t i = 0; i < rows; i++) y[(m0 + j) * N + n0 + i] = out[i][j];
-    }
-}
-
-/* y[M, N] = x @ W^T from x packed (xt), this thread's share of W's rows, one panel at a time;
- * ends with the team's barrier (an orphaned omp for). */
-static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t K, int64_t N,
-                      float *panel, float *y) {
-#pragma omp for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += NR) {
-        int64_t rows[NR];
-        for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
-        fill_panel(w, rows, K, panel);
-        const Ahead ahead = after_panel(w, n0, N, K);
-        vnni_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w->m != NULL, 0,
-                   &ahead);
-    }
-}
-
-/* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T (I gate rows, then I up rows). */
-static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M, int64_t K,
-                             int64_t I, float *panel, float *act) {
-#pragma omp for schedule(static)
-    for (int64_t i0 = 0; i0 < I; i0 += NR / 2) {
-        int64_t rows[NR];
-        for (int64_t i = 0; i < NR / 2; i++) {
-            rows[i] = i0 + i < I ? i0 + i : -1;
-            rows[NR / 2 + i] = i0 + i < I ? I + i0 + i : -1;
-        }
-        fill_panel(w13, rows, K, panel);
-        const Ahead ahead = after_swiglu_panel(w13, i0, I, K);
-        vnni_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act,
-                   w13->m != NULL, 1, &ahead);
     }
 }

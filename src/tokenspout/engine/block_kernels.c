@@ -592,9 +592,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *panel, 
 /* The panel against every chunk of the packed x. Plain: y[m, n0 + i] = panel row i . x[m] for
  * i < rows (y [M, N]). swiglu: rows 0..NR/2 of the panel are gate rows n0 + i, the rest the
  * matching up rows, and y[m, n0 + i] = silu(gate) * up for i < rows (y [M, N], N = I). */
-static inline void gemm_panel(const float *panel, const float *xt, int64_t M, int64_t K,
-                              int64_t n0, int64_t rows, int64_t N, float *y, const int swiglu,
-                              const Ahead *ahead) {
+static inline void multiply_panel(const float *panel, const float *xt, int64_t M, int64_t K,
+                                  int64_t n0, int64_t rows, int64_t N, float *y,
+                                  const BlockWeights *w, const int swiglu, const Ahead *ahead) {
+    (void)w; /* the panel holds fp32 weights, whichever the format */
     const int64_t Mp = (M + 7) / 8 * 8;
     for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
         float out[NR][16];
@@ -619,8 +620,13 @@ static inline void gemm_panel(const float *panel, const float *xt, int64_t M, in
     }
 }
 
+#else
+#include "block_gemm_avx512.h"
+#endif
+
 /* y[M, N] = x @ W^T from x packed (xt), this thread's share of W's rows, one panel (scratch
- * [NR][K]) at a time; ends with the team's barrier (an orphaned omp for). */
+ * of panel_floats(K)) at a time, either build's fill_panel and multiply_panel; ends with the
+ * team's barrier (an orphaned omp for). */
 static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t K, int64_t N,
                       float *panel, float *y) {
 #pragma omp for schedule(static)
@@ -629,7 +635,8 @@ static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t
         for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
         fill_panel(w, rows, K, panel);
         const Ahead ahead = after_panel(w, n0, N, K);
-        gemm_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, 0, &ahead);
+        multiply_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w, 0,
+                       &ahead);
     }
 }
 
@@ -646,13 +653,11 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
         }
         fill_panel(w13, rows, K, panel);
         const Ahead ahead = after_swiglu_panel(w13, i0, I, K);
-        gemm_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act, 1, &ahead);
+        multiply_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act, w13,
+                       1, &ahead);
     }
 }
 
-#else
-#include "block_gemm_avx512.h"
-#endif
 
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
  * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu). Returns 0, or -1
