@@ -105,6 +105,28 @@ static inline void quantize_block(const float *xb, int16_t *q, float *scale, flo
     *sum = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
 }
 
+#ifdef AVX512_VNNI
+/* A row of x's quantised blocks (nb of them) into the AVX-512 kernels' order: each whole pair
+ * as [first 0-15 | second 0-15 | first 16-31 | second 16-31] (block_rows_avx512.h). */
+static inline void pair_blocks(int16_t *q, int64_t nb) {
+    for (int64_t b = 0; b + 2 <= nb; b += 2) {
+        __m256i *v = (__m256i *)(q + b * 32);
+        const __m256i first_high = _mm256_loadu_si256(v + 1);
+        _mm256_storeu_si256(v + 1, _mm256_loadu_si256(v + 2));
+        _mm256_storeu_si256(v + 2, first_high);
+    }
+}
+#endif
+
+/* M rows of x [M, K] quantised into qx, block by block, in the kernels' layout. */
+static inline void quantize_rows(const float *x, int64_t M, int64_t K, const QuantizedX *qx) {
+    for (int64_t i = 0; i < M * (K / 32); i++)
+        quantize_block(x + i * 32, qx->q + i * 32, qx->scale + i, qx->sum + i);
+#ifdef AVX512_VNNI
+    for (int64_t r = 0; r < M; r++) pair_blocks(qx->q + r * K, K / 32);
+#endif
+}
+
 static int quantize_x(const float *x, int64_t M, int64_t K, QuantizedX *out) {
     const int64_t nb = K / 32;
     out->q = malloc(M * K * sizeof(int16_t));
@@ -112,8 +134,10 @@ static int quantize_x(const float *x, int64_t M, int64_t K, QuantizedX *out) {
     out->sum = malloc(M * nb * sizeof(float));
     if (!out->q || !out->scale || !out->sum) return -1;
 #pragma omp parallel for schedule(static) if (M * K >= 65536)
-    for (int64_t i = 0; i < M * nb; i++)
-        quantize_block(x + i * 32, out->q + i * 32, out->scale + i, out->sum + i);
+    for (int64_t r = 0; r < M; r++) {
+        const QuantizedX row = {out->q + r * K, out->scale + r * nb, out->sum + r * nb};
+        quantize_rows(x + r * K, 1, K, &row);
+    }
     return 0;
 }
 
@@ -264,9 +288,6 @@ static int block_linear(const float *x, int64_t M, int64_t K, const BlockWeights
         free_x(&qx);
         return -1;
     }
-#ifdef AVX512_VNNI
-    for (int64_t r = 0; r < M; r++) pair_blocks(qx.q + r * K, nb);
-#endif
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         for (int64_t r0 = 0; r0 < M; r0 += MAX_M_KERNEL) {
@@ -658,7 +679,6 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
     }
 }
 
-
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
  * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu). Returns 0, or -1
  * without memory for the packed x and the panels. */
@@ -773,11 +793,7 @@ static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
     if (op->gemm) {
         for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, op->xt);
     } else {
-        for (int64_t i = 0; i < M * (K / 32); i++)
-            quantize_block(x + i * 32, op->qx.q + i * 32, op->qx.scale + i, op->qx.sum + i);
-#ifdef AVX512_VNNI
-        for (int64_t r = 0; r < M; r++) pair_blocks(op->qx.q + r * K, K / 32);
-#endif
+        quantize_rows(x, M, K, &op->qx);
     }
 }
 

@@ -14,16 +14,6 @@
  * high: 16-31). A last, odd block stays as it was. The int32 lanes 0-7 of a pair's products
  * then belong to its first block and 8-15 to its second, each scaled by its own d * scale. */
 
-/* A row of x's quantised blocks (nb of them) into the kernels' order. */
-static inline void pair_blocks(int16_t *q, int64_t nb) {
-    for (int64_t b = 0; b + 2 <= nb; b += 2) {
-        __m256i *v = (__m256i *)(q + b * 32);
-        const __m256i first_high = _mm256_loadu_si256(v + 1);
-        _mm256_storeu_si256(v + 1, _mm256_loadu_si256(v + 2));
-        _mm256_storeu_si256(v + 2, first_high);
-    }
-}
-
 /* [d[0] * s[0] x 8 | d[1] * s[1] x 8]: a pair of blocks' scales (d fp16, s fp32). */
 static inline __m512 pair_scale(const uint16_t *d, const float *s) {
     const __m128 both = _mm_mul_ps(_mm_cvtph_ps(_mm_loadu_si32(d)),
