@@ -10,10 +10,15 @@
   time from the kill to the next token at the client (the lease lapse dominates it).
 * ``resume``: a stream cut on one replica and resumed with ``Last-Event-ID`` on the same
   replica or on another: the time from the request to the first replayed event.
+* ``open``: what writing a stream's record before its response starts costs, and what it
+  buys: the time from the request to a resumable stream's first event on a replica with
+  Redis and on one without (alternating), and, right after that first event, a cancel sent
+  to the other replica: how many of them found the stream.
 
     .venv/bin/python benchmarks/replicas_on_redis.py cpu --streams 400 --tokens 300 --reps 3
     .venv/bin/python benchmarks/replicas_on_redis.py takeover --kills 20
     .venv/bin/python benchmarks/replicas_on_redis.py resume --samples 50
+    .venv/bin/python benchmarks/replicas_on_redis.py open --samples 200
 
 Needs ``redis-server`` (``make dev`` installs it); Redis runs on a free port in a temporary
 directory.
@@ -294,9 +299,53 @@ def resume(args: argparse.Namespace) -> None:
         print(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
 
 
+def open_cost(args: argparse.Namespace) -> None:
+    print(machine())
+    first: dict[str, list[float]] = {"memory": [], "redis": []}
+    cancels: dict[int, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        redis = Redis(tmp)
+        replicas = [start_replica(redis, args.itl_ms) for _ in range(2)]
+        alone = free_port()
+        cmd = tokenspout_serve(
+            alone, "--engine", "synthetic", "--synthetic-itl-ms", str(args.itl_ms),
+            "--resumable", "--flush-tokens", "1",
+        )  # fmt: skip
+        try:
+            with ServerProcess(cmd, alone), httpx.Client(timeout=30) as client:
+                (_, owner), (_, other) = replicas
+                body = {"prompt": "a b c d e f g h", "max_tokens": 50}
+                for i in range(args.samples):
+                    for name, port in (("memory", alone), ("redis", owner)):
+                        url = f"http://127.0.0.1:{port}/v1/completions/stream"
+                        started = time.perf_counter()
+                        with client.stream("POST", url, json=body) as r:
+                            next(sse(r))
+                            first[name].append(time.perf_counter() - started)
+                            if name == "redis":
+                                stream_id = r.headers["x-stream-id"]
+                                cancel = f"http://127.0.0.1:{other}/v1/streams/{stream_id}/cancel"
+                                status = client.post(cancel, json={}).status_code
+                                cancels[status] = cancels.get(status, 0) + 1
+                    if i % 50 == 49:
+                        print(f"{i + 1} samples", flush=True)
+        finally:
+            for proc, _ in replicas:
+                proc.terminate()
+            redis.stop()
+    print(f"\nrequest → first event of a resumable stream, {args.samples} samples each:")
+    for name, values in first.items():
+        p50, p99 = percentile(values, 50) * 1e3, percentile(values, 99) * 1e3
+        print(f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    ratio = statistics.median(first["redis"]) / statistics.median(first["memory"])
+    print(f"redis / memory p50: {ratio:.2f}")
+    answers = ", ".join(f"{n} x {status}" for status, n in sorted(cancels.items()))
+    print(f"cancel on the other replica right after the first event: {answers}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["cpu", "takeover", "resume"])
+    parser.add_argument("what", choices=["cpu", "takeover", "resume", "open"])
     parser.add_argument("--streams", type=int, default=400)
     parser.add_argument("--tokens", type=int, default=300)
     parser.add_argument("--itl-ms", type=float, default=10.0)
@@ -304,7 +353,8 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
-    {"cpu": cpu, "takeover": takeover, "resume": resume}[args.what](args)
+    modes = {"cpu": cpu, "takeover": takeover, "resume": resume, "open": open_cost}
+    modes[args.what](args)
 
 
 if __name__ == "__main__":

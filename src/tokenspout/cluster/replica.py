@@ -155,8 +155,9 @@ class Replica:
 
     # -- this replica's streams ----------------------------------------------------------
 
-    def opened(self, stream: Stream, generation: GenerationRequest) -> None:
-        """A stream opened here: a resumable one is written to Redis from now on."""
+    async def opened(self, stream: Stream, generation: GenerationRequest) -> None:
+        """A stream opened here: a resumable one is in Redis before its response starts,
+        and written there from now on."""
         if not stream.resumable or generation.body is None:
             return
         record = StreamRecord(
@@ -168,7 +169,7 @@ class Replica:
             prompt_tokens=stream.prompt_tokens,
             body=generation.body.model_dump_json(exclude_unset=True),
         )
-        self.writer.track(stream, record)
+        await self.writer.open(stream, record)
 
     def ended(self, stream: Stream) -> None:
         if stream.resumable:

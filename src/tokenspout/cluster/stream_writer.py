@@ -1,12 +1,14 @@
 """Write-behind of this replica's resumable streams to Redis.
 
-The per-token path never waits on Redis: an append to a persisted buffer only notes the
-stream as dirty (``touched``: a set insertion) and wakes the writer task. The writer takes
-every dirty stream's chunks after what it has persisted, one entry per stream, and writes
-them all in one round trip (one pipeline: new streams' records, then one script that checks
-ownership and appends), at most every ``FLUSH_EVERY_S`` (20 ms); while a round trip is in
-flight, new tokens accumulate for the next one: batches grow with the load, as a group
-commit does.
+A stream's record (``open``) is written before its response starts, one round trip on
+the request's path, so that every replica knows the id its client was just given. After
+that, the per-token path never waits on Redis: an append to a persisted buffer only notes
+the stream as dirty (``touched``: a set insertion) and wakes the writer task. The writer
+takes every dirty stream's chunks after what it has persisted, one entry per stream, and
+writes them all in one round trip (one pipeline: the records that could not be written at
+open, then one script that checks ownership and appends), at most every ``FLUSH_EVERY_S``
+(20 ms); while a round trip is in flight, new tokens accumulate for the next one: batches
+grow with the load, as a group commit does.
 
 What can be lost: if this process dies, the text produced since the last completed flush
 (the ``tokenspout_redis_write_lag_seconds`` histogram: how old the oldest unwritten token
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.asyncio.client import Pipeline
 
 from tokenspout.cluster import redis_keys as rk
 from tokenspout.cluster.chunk_codec import chunk_items
@@ -182,6 +185,31 @@ class StreamWriter:
 
     # -- what the streams tell it --------------------------------------------------------
 
+    async def open(self, stream: Stream, record: StreamRecord) -> None:
+        """A stream opened here: its record goes to Redis now, before its response starts,
+        so that any replica knows its id as soon as its client does (a resume or cancel
+        sent elsewhere right after the first event is not a 404). Its chunks follow behind.
+        With Redis lost, the record is written with the chunks when it is back."""
+        opened = False
+        if self._link.up:
+            pipe = self._link.client.pipeline(transaction=False)
+            self._open_record(pipe, record)
+            try:
+                await execute(pipe)
+                opened = True
+            except LOST as exc:
+                self._link.lost(exc)
+            except Exception:
+                logger.exception("stream %s: writing its record failed; the writer retries",
+                                 stream.id)  # fmt: skip
+        self.track(stream, record, opened=opened)
+
+    def _open_record(self, pipe: Pipeline, record: StreamRecord) -> None:
+        meta = rk.meta(record.stream_id)
+        pipe.hset(meta, mapping=record.fields())
+        pipe.pexpire(meta, int(RUNNING_TTL_S * 1000))
+        pipe.sadd(rk.owned(self._replica), record.stream_id)
+
     def track(
         self, stream: Stream, record: StreamRecord, *, persisted: int = 0, opened: bool = False
     ) -> None:
@@ -253,10 +281,7 @@ class StreamWriter:
             if tracked is None:
                 continue
             if not tracked.opened:
-                meta = rk.meta(stream_id)
-                pipe.hset(meta, mapping=tracked.record.fields())
-                pipe.pexpire(meta, int(RUNNING_TTL_S * 1000))
-                pipe.sadd(rk.owned(self._replica), stream_id)
+                self._open_record(pipe, tracked.record)
                 opening.append(tracked)
             stream = tracked.stream
             try:

@@ -3,6 +3,7 @@ response that follows an existing stream (resume)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import replace
 
@@ -93,7 +94,11 @@ async def _open_shared(
                 release_key(state, key.name)
         raise
     if isinstance(stream, Stream):
-        state.cluster.opened(stream, generation)
+        try:
+            await state.cluster.opened(stream, generation)
+        except asyncio.CancelledError:
+            stream.abort("client_disconnect")
+            raise
     return stream
 
 
