@@ -1,5 +1,5 @@
-"""Where ``DecodeLayers.GEMM_ROWS`` should be: decode steps of B sequences by the block
-kernels or by the GEMMs, alternating in one process.
+"""Where a build's ``DecodeLayers.GEMM_ROWS`` should be: decode steps of B sequences by
+the block kernels or by the GEMMs, alternating in one process.
 
     .venv/bin/python benchmarks/gemm_rows.py [--batches 7,8,9,10] [--thresholds 8,11] \\
         [--rounds 8] [--steps 30]
@@ -31,18 +31,21 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     thresholds = [int(t) for t in args.thresholds.split(",")]
     runner = ModelRunner(None, num_slots=max(batches), max_model_len=128 + args.steps + 8)
+    decoder = runner.model.decode_layers
+    assert decoder is not None, "the q4_1 weights' one-call decode step"
     prompt = [1000 + (7 * i) % 20000 for i in range(128)]
     first = 0
     for slot in range(max(batches)):
         first = int(runner.forward([SeqChunk(slot, prompt, 0)])[0].argmax())
-    print(f"build {block_kernels.isa()}; median step time, ratio to GEMM_ROWS={thresholds[0]}\n")
+    build = block_kernels.loaded_isa()
+    print(f"build {build}; median step time, ratio to GEMM_ROWS={thresholds[0]}\n")
     print("| batch | " + " | ".join(f"GEMM_ROWS={t}" for t in thresholds) + " |")
     print("|---|" + "---|" * len(thresholds))
     for batch in batches:
         medians: dict[int, list[float]] = {t: [] for t in thresholds}
         for r in range(args.rounds):
             for t in thresholds if r % 2 else thresholds[::-1]:
-                block_kernels.DecodeLayers.GEMM_ROWS = t
+                decoder.gemm_rows = t
                 ids, times = [first] * batch, []
                 for n in range(args.steps):  # the same positions every round
                     start = time.perf_counter()

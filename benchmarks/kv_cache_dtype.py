@@ -101,7 +101,7 @@ def main() -> None:
             rows = ctypes.c_int64 * batch
             logits = torch.empty(batch, layers.vocab)
             status = fn(
-                rows(*(100 + s for s in range(batch))), batch, layers.GEMM_ROWS,
+                rows(*(100 + s for s in range(batch))), batch, layers.gemm_rows,
                 *weights[0], rows(*range(batch)), rows(*[context + n] * batch),
                 model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(), weights[1],
                 *weights[2], k.data_ptr(), v.data_ptr(), slots, k.shape[3],

@@ -337,9 +337,10 @@ def small_decoder(
     return decoder, gen
 
 
-def test_decode_layers_rows_do_not_depend_on_each_other() -> None:
+def test_decode_layers_rows_do_not_depend_on_each_other(kernels_build: str) -> None:
     decoder, gen = small_decoder(9, 2, 2)
-    gemm = decoder.GEMM_ROWS
+    gemm = decoder.gemm_rows
+    assert gemm == block_kernels.DecodeLayers.GEMM_ROWS[kernels_build]
     total = 2 * gemm + 1  # two GEMM steps' worth, and a chunk of 16 plus a part of one
     caches = [torch.randn(2, total, 2, 16, 64, generator=gen).half() for _ in range(2)]
     ids = torch.randint(0, 50, (total,), generator=gen)
@@ -420,5 +421,8 @@ def test_a_build_that_does_not_compile_falls_back_to_avx2(
         assert block_kernels._library() is not None
         assert block_kernels._library() is block_kernels._load("avx2")
         assert block_kernels._load(kernels_build) is None
+        # ... with the AVX2 build's threshold for its GEMMs, not the failed build's.
+        assert block_kernels.loaded_isa() == "avx2"
+        assert small_decoder(1, 2, 2)[0].gemm_rows == block_kernels.DecodeLayers.GEMM_ROWS["avx2"]
     finally:
         block_kernels._load.cache_clear()

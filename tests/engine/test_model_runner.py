@@ -45,7 +45,7 @@ def q4_1() -> ModelRunner:
     if not block_kernels.available():
         pytest.skip("the block kernels need AVX2 and a C compiler")
     # a slot for each of a GEMM step's rows (test_q4_1_batched_decode_agrees_with_reference_top1)
-    slots = block_kernels.DecodeLayers.GEMM_ROWS
+    slots = block_kernels.DecodeLayers.GEMM_ROWS[str(block_kernels.loaded_isa())]
     return ModelRunner(None, weights="q4_1", num_slots=slots, max_model_len=256)
 
 
@@ -119,7 +119,7 @@ def test_q4_1_batched_decode_agrees_with_reference_top1(q4_1: ModelRunner) -> No
     # Decode steps of GEMM_ROWS or more tokens run as GEMMs (fp32 on the dequantised blocks,
     # or int16 with AVX-512), not the kernels: the same teacher-forced check, every case in
     # one batch (the first ones twice, to fill it). Measured: 160 of 160.
-    rows = max(len(CASES), block_kernels.DecodeLayers.GEMM_ROWS)
+    rows = max(len(CASES), block_kernels.DecodeLayers.GEMM_ROWS[str(block_kernels.loaded_isa())])
     cases = [CASES[i % len(CASES)] for i in range(rows)]
     logits = torch.cat(
         [q4_1.forward([SeqChunk(s, c["prompt_ids"], 0)]) for s, c in enumerate(cases)]

@@ -22,6 +22,7 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -108,13 +109,21 @@ def cpu_supported() -> bool:
     return bool(supported_isas())
 
 
-def _library() -> ctypes.CDLL | None:
-    """The kernels of the build ``isa()`` names, loaded (the AVX2 build where that one does
-    not compile, e.g. with a compiler too old for AVX-512 VNNI); None where none runs here."""
+def loaded_isa() -> str | None:
+    """The build whose kernels run: the one ``isa()`` names, or the AVX2 build where that
+    one does not compile (e.g. with a compiler too old for AVX-512 VNNI); None where none
+    runs here."""
     target = isa()
     if target is None:
         return None
-    return _load(target) or (_load("avx2") if target != "avx2" else None)
+    if _load(target) is not None:
+        return target
+    return "avx2" if target != "avx2" and _load("avx2") is not None else None
+
+
+def _library() -> ctypes.CDLL | None:
+    target = loaded_isa()
+    return None if target is None else _load(target)
 
 
 @functools.cache
@@ -250,11 +259,12 @@ class DecodeLayers:
     """
 
     ROWS = 64  # the C function's MAX_M
-    #: From this many tokens on, the matmuls run as GEMMs on weights unpacked a panel at a
-    #: time rather than by the block kernels (at most the C side's MAX_M_KERNEL + 1 = 17).
-    #: Measured per build (RESULTS.md): 8 for AVX2; 9 for AVX-512, whose kernels took 8
-    #: tokens in 0.76-0.87x the GEMM's time and 9 in 1.02-1.06x.
-    GEMM_ROWS = 9 if supported_isas()[-1:] == ("avx512-vnni",) else 8
+    #: Per build, from how many tokens on the matmuls run as GEMMs on weights unpacked a
+    #: panel at a time rather than by the block kernels (at most the C side's MAX_M_KERNEL
+    #: + 1 = 17). Measured (RESULTS.md): 8 for AVX2; 9 for AVX-512, whose kernels took 8
+    #: tokens in 0.76-0.87x the GEMM's time and 9 in 1.02-1.06x. An instance's
+    #: ``gemm_rows`` is its loaded build's (benchmarks/gemm_rows.py sets it).
+    GEMM_ROWS: ClassVar[dict[str, int]] = {"avx2": 8, "avx512-vnni": 9}
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
@@ -274,6 +284,7 @@ class DecodeLayers:
         if head_dim % 64 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
             raise ValueError(f"decode_layers cannot run head_dim {head_dim}, {heads}/{kv_heads}")
         self._call = _loaded(type(self).__name__).decode_layers
+        self.gemm_rows = self.GEMM_ROWS[str(loaded_isa())]
         # Kept alive here: the C side gets their addresses only.
         self._norms = [t.float().contiguous() for t, *_ in layers] + [
             t.float().contiguous() for _, _, _, t, *_ in layers
@@ -324,7 +335,7 @@ class DecodeLayers:
         rows = ctypes.c_int64 * m
         logits = torch.empty(m, self.vocab)
         status = self._call(
-            rows(*ids), m, self.GEMM_ROWS, *self._embed_blocks, rows(*slots), rows(*positions),
+            rows(*ids), m, self.gemm_rows, *self._embed_blocks, rows(*slots), rows(*positions),
             cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
             logits.data_ptr(),
