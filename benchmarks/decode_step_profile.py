@@ -9,7 +9,7 @@ Every slot first gets a ``--context``-token prompt; then a decode step for ``bat
 side in one run (the machine is shared: compare ratios, not absolute numbers), then a
 256-token prefill in one chunk (best of 3). A ``torch.profiler`` table of the top ops
 follows for this CPU's default format at batch 1 and 16, those of them in ``--batches``.
-``--gemm-rows`` times q4_1 once per value of ``DecodeLayers.GEMM_ROWS`` (the batch size from
+``--gemm-rows`` times q4_1 once per value of its decoder's ``gemm_rows`` (the batch size from
 which its one-call step runs GEMMs rather than the int16 kernels; 17: kernels up to 16).
 """
 
@@ -22,6 +22,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tokenspout.engine import block_kernels
 from tokenspout.engine.block_kernels import DecodeLayers
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.weights import default_format
@@ -84,10 +85,11 @@ def main() -> None:
         "processes compete for the cores)",
     )
     parser.add_argument("--no-profile", action="store_true")
-    parser.add_argument("--gemm-rows", default=str(DecodeLayers.GEMM_ROWS))
+    parser.add_argument("--gemm-rows", default=None, help="default: the loaded build's")
     args = parser.parse_args()
     formats = args.formats.split(",")
-    gemm_rows = [int(r) for r in args.gemm_rows.split(",")]
+    own = DecodeLayers.GEMM_ROWS[str(block_kernels.loaded_isa())]
+    gemm_rows = [int(r) for r in (args.gemm_rows or str(own)).split(",")]
     # (label, format, GEMM_ROWS): q4_1 once per --gemm-rows value
     variants = [
         (f"{fmt} (GEMMs from {r})" if fmt == "q4_1" and len(gemm_rows) > 1 else fmt, fmt, r)
@@ -114,11 +116,15 @@ def main() -> None:
     # Interleave formats per batch size so that noise from other jobs hits all of them alike.
     for batch in batches:
         for label, fmt, rows in variants:
-            DecodeLayers.GEMM_ROWS = rows
+            decoder = runners[fmt].model.decode_layers
+            if decoder is not None:
+                decoder.gemm_rows = rows
             results.setdefault(label, {})[batch] = time_steps(
                 runners[fmt], batch, args.context, args.steps
             )
-    DecodeLayers.GEMM_ROWS = gemm_rows[0]
+    for runner in runners.values():
+        if runner.model.decode_layers is not None:
+            runner.model.decode_layers.gemm_rows = gemm_rows[0]
     print(
         f"\nDecode step, context {args.context} tokens, median of {args.steps} steps, "
         f"{torch.get_num_threads()} threads\n"
