@@ -64,7 +64,10 @@ def serve(
     ] = None,
     weights: Annotated[
         WeightFormat | None,
-        typer.Option(help="Weight format (by CPU: q4_1 with AVX2, int8 with AVX-512 BF16, fp16)."),
+        typer.Option(
+            help="Weight format (by CPU: q4_1 where the block kernels build, else int8 with "
+            "AVX-512 BF16, else fp16)."
+        ),
     ] = None,
     prefix_cache: Annotated[
         bool | None, typer.Option(help="Reuse KV of shared prompt prefixes (on).")
