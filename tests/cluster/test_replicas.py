@@ -68,7 +68,7 @@ def test_resume_across_replicas_through_nginx_after_three_cuts(
         headers = {"Last-Event-ID": last_id}
         with httpx.stream("GET", f"{url}/v1/streams/{stream_id}", headers=headers) as r:
             assert r.status_code == 200
-            last_id = read_some(r, rng.randint(2, 20), parts)
+            last_id = read_some(r, rng.randint(2, 20), parts, last_id)
     resume_to_end(url, stream_id, last_id, parts)
     assert "".join(parts) == expected
     served = [r.metric("tokenspout_stream_resumes_total") for r in replicas]

@@ -39,9 +39,12 @@ def chat_text(data: str) -> str:
     return "".join(c["delta"].get("content") or "" for c in chunk["choices"])
 
 
-def read_some(response: httpx.Response, max_events: int, out: list[str]) -> str | None:
-    """Read up to ``max_events`` events, appending their text; returns the last event id."""
-    last_id = None
+def read_some(
+    response: httpx.Response, max_events: int, out: list[str], last_id: str | None = None
+) -> str | None:
+    """Read up to ``max_events`` events, appending their text; returns the last event id
+    (``last_id`` when none of them has one: a resume after the end's events sends only
+    ``[DONE]``)."""
     for count, (event_id, data) in enumerate(sse_events(response.iter_lines()), start=1):
         out.append(chat_text(data))
         last_id = event_id or last_id
@@ -67,7 +70,7 @@ def test_chat_stream_cut_three_times_resumes_exactly(start_server, seed: int) ->
         headers = {"Last-Event-ID": last_id}
         with httpx.stream("GET", f"{server.url}/v1/streams/{stream_id}", headers=headers) as r:
             assert r.status_code == 200
-            last_id = read_some(r, rng.randint(2, 20), parts)
+            last_id = read_some(r, rng.randint(2, 20), parts, last_id)
     with httpx.stream(
         "GET", f"{server.url}/v1/streams/{stream_id}", params={"last_event_id": last_id}
     ) as r:

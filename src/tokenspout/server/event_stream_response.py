@@ -52,6 +52,7 @@ class EventStreamResponse(Response, StreamTransport):
         *,
         started_at: float,
         start: int = 0,
+        after: int = 0,
         resumed: bool = False,
         opening: bool | None = None,
         prompt: str | None = None,
@@ -81,6 +82,8 @@ class EventStreamResponse(Response, StreamTransport):
         self._delta_usage_json = delta_usage_encoder(self.chunks) if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
         self._opening = (not resumed) if opening is None else opening
+        #: The reader has this many of the end's events, if the stream ends at ``start``.
+        self._from, self._after = start, after
         self._send_asgi: Send | None = None
         self._guard: SendGuard | None = None
         self._started = False
@@ -150,8 +153,8 @@ class EventStreamResponse(Response, StreamTransport):
 
     async def send_failure(self, err: TokenspoutError) -> None:
         await self._start()
-        body = self._event(self.chunks.error(err), self.cursor.position) + self.framing.done()
-        await self._write(body)
+        body = self._event(self.chunks.error(err), self.cursor.position, 1)
+        await self._write(body + self.framing.done())
 
     async def _start(self) -> None:
         if self._started:
@@ -176,13 +179,14 @@ class EventStreamResponse(Response, StreamTransport):
         usage = Usage(self.stream.prompt_tokens, completion_tokens)
         return self.chunks.usage_so_far(chunk, usage)  # type: ignore[attr-defined]
 
-    def _event(self, payload: dict[str, Any], position: int) -> bytes:
-        return self.framing.event(dumps(payload), id=format_event_id(self.stream.id, position))
+    def _event(self, payload: dict[str, Any], position: int, after: int = 0) -> bytes:
+        event_id = format_event_id(self.stream.id, position, after)
+        return self.framing.event(dumps(payload), id=event_id)
 
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length
         if end.error is not None:
-            body = self._event(self.chunks.error(end.error), position)
+            payloads = [self.chunks.error(end.error)]
         else:
             usage = Usage(end.prompt_tokens, end.completion_tokens)
             assert end.finish_reason is not None
@@ -193,5 +197,10 @@ class EventStreamResponse(Response, StreamTransport):
                 payloads = self.chunks.closing(end.finish_reason, usage)
                 if self._usage_sent is not None:
                     payloads[0] = self._with_usage(payloads[0], end.completion_tokens)
-            body = b"".join(self._event(p, position) for p in payloads)
+        # Each after the last token has an id of its own; a resumed reader has the first
+        # ``after`` of them.
+        sent = self._after if position == self._from else 0
+        body = b"".join(
+            self._event(p, position, k) for k, p in enumerate(payloads, start=1) if k > sent
+        )
         return body + self.framing.done()

@@ -144,9 +144,17 @@ async def respond(
 
 
 def follow(
-    state: ServerState, request: Request, stream: Stream | StreamGroup, *, start: int
+    state: ServerState,
+    request: Request,
+    stream: Stream | StreamGroup,
+    *,
+    start: int,
+    after: int = 0,
+    opening: bool,
 ) -> Response:
-    """A new reader of an existing stream from ``start``, in the stream's own format."""
+    """A new reader of an existing stream from ``start`` (and ``after`` of the end's events,
+    when the stream ends there), in the stream's own format; ``opening``: with the opening
+    chunks."""
     return EventStreamResponse(
         state,
         stream,
@@ -154,6 +162,7 @@ def follow(
         ReadSettings.resolve(state.config),
         started_at=time.monotonic(),
         start=start,
+        after=after,
         resumed=True,
-        opening=start == 0,
+        opening=opening,
     )

@@ -23,10 +23,10 @@ async def resume(
 ) -> Response:
     """Replay everything after ``event_id`` (from the beginning without one) in the
     stream's own format, then follow it live."""
-    position = 0
+    position = after = 0
     if event_id:
         try:
-            sid, position = parse_event_id(event_id)
+            sid, position, after = parse_event_id(event_id)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="Last-Event-ID") from None
         if stream_id is not None and sid != stream_id:
@@ -37,6 +37,7 @@ async def resume(
     assert stream_id is not None
     stream = await follow_owned(state, owner_of(request), stream_id)
     # A stream that is not resumable refuses the new reader itself (409).
-    response = follow(state, request, stream, start=position)
+    # A client with an event id has the opening chunks (they come first).
+    response = follow(state, request, stream, start=position, after=after, opening=not event_id)
     state.metrics.resumes.inc()
     return response
