@@ -192,3 +192,29 @@ def replay_error(server: RunningServer, stream_id: str) -> str:
     r = httpx.get(f"{server.url}/v1/streams/{stream_id}")
     assert r.status_code == 410
     return str(r.json()["error"]["message"])
+
+
+def test_every_event_has_its_own_id_and_a_resume_from_it_sends_what_followed(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=0))
+    body = {
+        "messages": [{"role": "user", "content": "a b"}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"resumable": True, "flush_tokens": 1, "include_usage": True},
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = list(sse_events(r.iter_lines()))
+    ids = [event_id for event_id, _ in events if event_id is not None]
+    assert len(ids) == len(set(ids)) == len(events) - 1  # all but [DONE]
+    for i, event_id in enumerate(ids):
+        headers = {"Last-Event-ID": event_id}
+        with httpx.stream("GET", f"{server.url}/v1/streams/{stream_id}", headers=headers) as r:
+            replayed = list(sse_events(r.iter_lines()))
+        # What followed, in the server's default coalescing (a resumed reader's): the same
+        # text, then each end event once, with the same ids, then [DONE].
+        later = events[i + 1 :]
+        assert "".join(chat_text(d) for _, d in replayed) == "".join(chat_text(d) for _, d in later)
+        end_events = [e for e in later if e[0] is not None and "." in e[0]]
+        assert replayed[len(replayed) - len(end_events) - 1 :] == [*end_events, (None, "[DONE]")]
+        assert all('"role"' not in d for _, d in replayed), "the opening chunk came again"
