@@ -10,7 +10,8 @@ from typing import Any
 
 
 class StreamError(Exception):
-    """The server ended a stream with an error event (or refused the request)."""
+    """The server refused the request or ended its stream with an error event, or the
+    connection failed or ended before the stream's end."""
 
     def __init__(self, message: str, *, status_code: int | None = None, body: Any = None):
         super().__init__(message)

@@ -33,6 +33,17 @@ def _error_from(response: httpx.Response, body: bytes) -> StreamError:
     return StreamError(message, status_code=response.status_code, body=body)
 
 
+def _cut(exc: httpx.TransportError) -> StreamError:
+    return StreamError(f"the connection failed: {exc or type(exc).__name__}")
+
+
+def _check_done(result: StreamResult) -> None:
+    """A stream that ended without ``[DONE]`` was cut (a proxy's clean close, say): its text
+    is not the whole answer, which a caller must not take for one."""
+    if result.total_s is None:
+        raise StreamError(f"the stream ended before [DONE] after {len(result.text)} characters")
+
+
 class SyncStream:
     """Iterate for text deltas; ``result`` fills in as the stream goes."""
 
@@ -42,15 +53,19 @@ class SyncStream:
 
     def __iter__(self) -> Iterator[str]:
         self.result = StreamResult()
-        with connect_sse(self._client, "POST", self._path, json=self._body) as source:
-            response = source.response
-            if response.status_code >= 400:
-                raise _error_from(response, response.read())
-            self.result.stream_id = response.headers.get("x-stream-id")
-            for event in source.iter_sse():
-                delta = read_event(self.result, event.data)
-                if delta:
-                    yield delta
+        try:
+            with connect_sse(self._client, "POST", self._path, json=self._body) as source:
+                response = source.response
+                if response.status_code >= 400:
+                    raise _error_from(response, response.read())
+                self.result.stream_id = response.headers.get("x-stream-id")
+                for event in source.iter_sse():
+                    delta = read_event(self.result, event.data)
+                    if delta:
+                        yield delta
+        except httpx.TransportError as exc:
+            raise _cut(exc) from exc
+        _check_done(self.result)
 
 
 class AsyncStream:
@@ -62,15 +77,19 @@ class AsyncStream:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         self.result = StreamResult()
-        async with aconnect_sse(self._client, "POST", self._path, json=self._body) as source:
-            response = source.response
-            if response.status_code >= 400:
-                raise _error_from(response, await response.aread())
-            self.result.stream_id = response.headers.get("x-stream-id")
-            async for event in source.aiter_sse():
-                delta = read_event(self.result, event.data)
-                if delta:
-                    yield delta
+        try:
+            async with aconnect_sse(self._client, "POST", self._path, json=self._body) as source:
+                response = source.response
+                if response.status_code >= 400:
+                    raise _error_from(response, await response.aread())
+                self.result.stream_id = response.headers.get("x-stream-id")
+                async for event in source.aiter_sse():
+                    delta = read_event(self.result, event.data)
+                    if delta:
+                        yield delta
+        except httpx.TransportError as exc:
+            raise _cut(exc) from exc
+        _check_done(self.result)
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
