@@ -69,6 +69,15 @@ def test_completions_stream_and_whole(client: OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
 
 
+def test_stop_strings_cut_streamed_and_whole_alike(client: OpenAI) -> None:
+    asked = {"model": "synthetic", "prompt": "alpha beta gamma", "max_tokens": 8}
+    whole = client.completions.create(**asked, stop=["a g"])
+    assert whole.choices[0].text == "alpha bet" and whole.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(**asked, stop=["a g"], stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "alpha bet"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_model_may_be_omitted_or_aliased(start_server) -> None:  # type: ignore[no-untyped-def]
     server = start_server(SyntheticEngine(), model_aliases=("smol",))
     raw = OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)

@@ -35,6 +35,34 @@ async def test_echoes_words_for_exactly_max_tokens() -> None:
     assert engine.stats().running == 0 and engine.stats().generation_tokens_total == 7
 
 
+@pytest.mark.parametrize(
+    ("stop", "text", "reason", "tokens"),
+    [
+        (("two",), "one ", "stop", 2),  # cut before it; the stop string's token counts
+        (("o t",), "one tw", "stop", 3),  # across two tokens: "two " holds back "o "
+        (("zz", "e o"), "one two thre", "stop", 4),  # the first of several to appear
+        (("one two three one x",), "one two three one two ", "length", 5),  # held, released
+    ],
+)
+@on_fake_clock
+async def test_stop_strings_cut_the_text_before_them(
+    stop: tuple[str, ...], text: str, reason: str, tokens: int
+) -> None:
+    engine = SyntheticEngine()
+    prompt = engine.encode_completion("one two three")
+    params = SamplingParams(5, stop=stop)
+    outs = [out async for out in engine.generate("s", prompt, params)]
+    assert "".join(o.text for o in outs) == text
+    assert outs[-1].finish_reason == reason and outs[-1].completion_tokens == tokens
+    assert engine.stats().running == 0
+
+
+def test_stop_token_ids_are_refused_by_name() -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        SyntheticEngine().check_params(SamplingParams(5, stop_token_ids=(3,)))
+    assert info.value.param == "stop_token_ids"
+
+
 @on_fake_clock
 async def test_first_token_after_ttft_then_a_step_apart() -> None:
     engine = SyntheticEngine(ttft_ms=40, itl_ms=20)

@@ -138,6 +138,7 @@ class Engine(ABC):
             "repetition_penalty": params.repetition_penalty != 1.0,
             "logit_bias": bool(params.logit_bias),
             "echo": params.echo,
+            "stop_token_ids": bool(params.stop_token_ids),
         }
         for name, used in unsupported.items():
             if used:

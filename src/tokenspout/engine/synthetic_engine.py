@@ -2,7 +2,8 @@
 
 Its output continues the last user message's (or the prompt's) whitespace-separated words
 with their smallest period, one word per token, each followed by one space, until exactly
-``max_tokens`` tokens: it never stops early. Words that do not repeat are cycled whole
+``max_tokens`` tokens, or until a ``stop`` string (cut before it, as the embedded engine's
+``Detokenizer`` cuts, which does it here too). Words that do not repeat are cycled whole
 ("a b c" → "a b c a b c ..."); words that already repeat go on from where they are
 ("a b a" → "b a b a ..."). So its continuation is exact: the prompt followed by part of
 its answer has the same smallest period, and the rest follows from it (a chat continues
@@ -36,6 +37,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from tokenspout.engine.continuation import Continuation, remaining_params
+from tokenspout.engine.detokenizer import Detokenizer
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import (
     ChatMessage,
@@ -85,6 +87,10 @@ class _Request:
     paused: bool = False
     #: Loop time from which it takes part in the decode steps (its first token + itl).
     join_at: float = 0.0
+    #: With stop strings: the words so far, as the token ids' text, and the detokenizer that
+    #: holds back a possible stop string and cuts at one.
+    texts: list[str] | None = None
+    detokenizer: Detokenizer | None = None
 
 
 class SyntheticEngine(Engine):
@@ -195,6 +201,9 @@ class SyntheticEngine(Engine):
             prompt.num_tokens,
             sink,
         )
+        if params.stop:
+            texts = req.texts = []
+            req.detokenizer = Detokenizer(lambda ids: "".join(texts[i] for i in ids), params.stop)
         self._requests[request_id] = req
         if self._running < self._max_num_seqs:
             self._start(req)
@@ -303,13 +312,16 @@ class SyntheticEngine(Engine):
         req.produced += 1
         self._generation_tokens += 1
         more = req.produced < req.max_tokens
+        text = next(req.words)
+        if req.detokenizer is not None:
+            text, more = self._cut(req, text, more)
         if not more:
             self._stop(req)
         reason = None if more else "length"
+        if req.detokenizer is not None and req.detokenizer.finish_reason is not None:
+            reason = req.detokenizer.finish_reason
         try:
-            req.sink(
-                _output((next(req.words), 1, req.prompt_tokens, req.produced, reason, None, None))
-            )
+            req.sink(_output((text, 1, req.prompt_tokens, req.produced, reason, None, None)))
         except Exception:
             # A sink must not raise (the contract); if one does, only its request ends.
             logger.exception("synthetic engine: the sink of %s raised; dropping it", req.id)
@@ -317,6 +329,17 @@ class SyntheticEngine(Engine):
                 self._stop(req)
             return False
         return more
+
+    @staticmethod
+    def _cut(req: _Request, word: str, more: bool) -> tuple[str, bool]:
+        """The text a request with stop strings may show for its next ``word`` (what its
+        detokenizer releases), and whether it goes on after it."""
+        assert req.texts is not None and req.detokenizer is not None
+        req.texts.append(word)
+        text = req.detokenizer.add(len(req.texts) - 1)
+        if req.detokenizer.finish_reason is not None:
+            return text, False
+        return (text, True) if more else (text + req.detokenizer.flush(), False)
 
     def _die(self, exc: Exception) -> None:
         """The step machinery itself failed: nothing can be trusted to advance any more.
