@@ -143,6 +143,17 @@ def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     assert synthetic_server.metric("tokenspout_requests_running") == 0
 
 
+@pytest.mark.parametrize("extra", ["stop=%20", "n=3", "logprobs=5", "echo=true", "bogus=1"])
+def test_stream_url_refuses_a_parameter_it_does_not_take(
+    synthetic_server: RunningServer, extra: str
+) -> None:
+    url = f"{synthetic_server.url}/v1/completions/stream?prompt=hi&max_tokens=2&{extra}"
+    r = httpx.get(url)
+    name = extra.split("=")[0]
+    assert r.status_code == 400 and r.json()["error"]["param"] == name, r.text
+    assert httpx.get(url.replace(f"&{extra}", "&api_key=&flush_ms=0")).status_code == 200
+
+
 JUNK: list[object] = [
     None,
     True,

@@ -20,13 +20,18 @@ from tokenspout.server.server_state import state_of
 _QUERY_TYPES = {"max_tokens": int, "seed": int, "temperature": float}
 _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+#: Read elsewhere: the key (an EventSource cannot send headers) and the resume position.
+_NOT_THE_BODY = ("api_key", "last_event_id")
+_KNOWN = ("prompt", "model", *_QUERY_TYPES, *_OPTION_TYPES, "resumable", *_NOT_THE_BODY)
 
 
 def _typed(name: str, raw: str, kind: type) -> int | float:
     try:
         return kind(raw)
     except ValueError:
-        raise InvalidRequestError(f"{name}: {raw!r} is not a valid {kind.__name__}") from None
+        raise InvalidRequestError(
+            f"{name}: {raw!r} is not a valid {kind.__name__}", param=name
+        ) from None
 
 
 def query_body(request: Request) -> SeedStreamRequest:
@@ -40,10 +45,17 @@ def query_body(request: Request) -> SeedStreamRequest:
             options[name] = _typed(name, raw, _OPTION_TYPES[name])
         elif name == "resumable":
             if raw.lower() not in _BOOLEANS:
-                raise InvalidRequestError(f"resumable: {raw!r} is not true or false")
+                raise InvalidRequestError(
+                    f"resumable: {raw!r} is not true or false", param="resumable"
+                )
             options[name] = _BOOLEANS[raw.lower()]
         elif name in ("prompt", "model"):
             data[name] = raw
+        elif name not in _NOT_THE_BODY:
+            raise InvalidRequestError(
+                f"{name}: unknown query parameter (this URL takes {', '.join(_KNOWN)})",
+                param=name,
+            )
     if "prompt" not in data:
         raise InvalidRequestError("prompt: query parameter is required", param="prompt")
     if options:
