@@ -123,6 +123,20 @@ def test_slow_and_idle_connections_time_out(start_server) -> None:  # type: igno
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
+def test_a_body_that_never_ends_gets_408(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(body_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        slow.sendall(head.encode() + b"content-length: 100\r\n\r\n" + b'{"messages": [')
+        answer = b""
+        while b"came)" not in answer and (chunk := slow.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert b"request body not received within 0.5 s (14 bytes came)" in answer
+    assert server.metric("tokenspout_requests_running") == 0
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
 # 5. Deep nesting and binary frames: clear errors, the socket kept.
 def test_deeply_nested_json_is_400(synthetic_server: RunningServer) -> None:
     json_type = {"content-type": "application/json"}

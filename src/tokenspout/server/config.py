@@ -66,6 +66,8 @@ class ServerConfig:
     #: A request head (request line and headers) must arrive within this many seconds of
     #: the connection opening or of the previous response.
     header_timeout_s: float = 10.0
+    #: A request body must arrive within this many seconds of its head (408 after).
+    body_timeout_s: float = 30.0
     #: Largest request head in bytes (431 beyond it).
     max_head_bytes: int = 64 << 10
     #: Open connections (HTTP and WebSocket) beyond which requests get a fast 503.
@@ -107,6 +109,7 @@ class ServerConfig:
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              "--ssl-certfile and --ssl-keyfile go together"),
             (self.header_timeout_s > 0, "--header-timeout-s must be > 0"),
+            (self.body_timeout_s > 0, "--body-timeout-s must be > 0"),
             (self.max_head_bytes >= 1, "--max-head-bytes must be >= 1"),
             (self.max_connections >= 1, "--max-connections must be >= 1"),
             (self.ws_max_message_bytes >= 1, "--ws-max-message-bytes must be >= 1"),

@@ -4,10 +4,14 @@ Only ``application/json`` is taken (415 otherwise): a cross-site page can send a
 ``text/plain`` POST without a CORS preflight, and such a request must not spend the
 server's compute. The body is read as it arrives and reading stops at the limit (413): a
 chunked body has no length to check first, and reading it whole took a 300 MB body into
-memory before it was refused.
+memory before it was refused. A body that has not arrived within the time allowed is a 408:
+one that never ends held its connection forever (uvicorn has no such limit, and the head's
+limit, ``connection_limits``, ends at the head).
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.requests import Request
 
@@ -17,6 +21,11 @@ from tokenspout.errors import InvalidRequestError, UnsupportedMediaTypeError
 class PayloadTooLargeError(InvalidRequestError):
     status_code = 413
     code = "payload_too_large"
+
+
+class RequestTimeoutError(InvalidRequestError):
+    status_code = 408
+    code = "request_timeout"
 
 
 def is_json(content_type: str) -> bool:
@@ -45,15 +54,21 @@ def refuse_non_json_body(request: Request) -> None:
         raise _unsupported(content_type)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        parts.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+                parts.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"request body not received within {timeout_s:g} s ({size} bytes came)"
+        ) from None
     return b"".join(parts)

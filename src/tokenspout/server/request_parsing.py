@@ -29,8 +29,9 @@ async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
     """A JSON body (415 otherwise) of at most ``limit`` bytes (413), nested no deeper than
     ``--max-json-depth``, valid Unicode, validated as ``model``."""
     require_json(request)
-    raw = await read_body(request, limit)
-    max_depth = state_of(request).config.max_json_depth
+    config = state_of(request).config
+    raw = await read_body(request, limit, config.body_timeout_s)
+    max_depth = config.max_json_depth
     return validate(model, json_limits.loads(raw, "request body", max_depth))
 
 

@@ -170,6 +170,9 @@ def serve(
     header_timeout_s: Annotated[
         float, typer.Option(help="A request head must arrive within this (slowloris).")
     ] = _D.header_timeout_s,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="A request body must arrive within this of its head (408).")
+    ] = _D.body_timeout_s,
     max_head_bytes: Annotated[
         int, typer.Option(help="Largest request head (431).")
     ] = _D.max_head_bytes,
