@@ -25,13 +25,28 @@ from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_group import StreamGroup
 
+_NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+
 
 def negotiate_framing(request: Request) -> Framing:
-    """``Accept: application/x-ndjson`` selects NDJSON; anything else gets SSE."""
-    accept = request.headers.get("accept", "")
-    if "application/x-ndjson" in accept and "text/event-stream" not in accept:
-        return NDJSONFraming()
-    return SSEFraming()
+    """NDJSON when ``Accept`` prefers it to SSE by its q-values (RFC 9110 12.5.1); SSE on a
+    tie, and when it names neither."""
+    sse = ndjson = 0.0
+    for part in request.headers.get("accept", "").lower().split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media == "text/event-stream":
+            sse = max(sse, q)
+        elif media in _NDJSON_TYPES:
+            ndjson = max(ndjson, q)
+    return NDJSONFraming() if ndjson > sse else SSEFraming()
 
 
 async def open_stream(

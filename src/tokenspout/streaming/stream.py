@@ -203,7 +203,8 @@ class Stream:
             )
         if start > self.length and not self.positions_ahead:
             raise InvalidRequestError(
-                f"stream {self.id} has {self.length} events so far; cannot resume after {start}"
+                f"stream {self.id} is at position {self.length} (tokens so far); cannot resume "
+                f"after position {start}"
             )
         self._buffer.read(min(start, self.length))  # raises StreamGoneError with the reason
         cursor = Subscription(self, policy, heartbeat_s=heartbeat_s, start=start, observer=observer)
