@@ -223,6 +223,35 @@ def test_named_tool_choice_and_the_tool_result_continues(client: OpenAI) -> None
     assert not follow.choices[0].message.tool_calls
 
 
+@pytest.mark.slow
+def test_a_call_cut_by_max_tokens_shows_no_markup(server: RunningServer) -> None:
+    body = {
+        "messages": user("What is the weather in Paris?"),
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "temperature": 0,
+    }
+    url = f"{server.url}/v1/chat/completions"
+    # 3 and 10 tokens cut the call before its name ends, 20 inside its arguments.
+    for max_tokens in (3, 10, 20):
+        r = httpx.post(url, json={**body, "max_tokens": max_tokens}, timeout=120)
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length"
+        assert not choice["message"]["content"], max_tokens
+        for call in choice["message"].get("tool_calls", []):
+            assert call["function"]["name"] == "get_weather"
+            assert "<" not in call["function"]["arguments"]
+    streamed = {**body, "max_tokens": 10, "stream": True}
+    with httpx.stream("POST", url, json=streamed, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert not any(e["choices"][0]["delta"].get("content") for e in events)
+    assert events[-1]["choices"][0]["finish_reason"] == "length"
+    # With "auto" the model answers in text here, which still comes through.
+    auto = {**body, "tool_choice": "auto", "max_tokens": 5}
+    answer = httpx.post(url, json=auto, timeout=120).json()["choices"][0]["message"]
+    assert answer["content"] and "tool_calls" not in answer
+
+
 def assert_tokens_make_the_answer(tokens: list[ChatCompletionTokenLogprob], answer: str) -> None:
     """A token may hold part of a character (its text then shows U+FFFD): the tokens' bytes
     make the answer, but for a last character that max_tokens cut in two (left out of it)."""

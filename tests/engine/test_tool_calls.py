@@ -51,14 +51,43 @@ def test_a_call_parses_whole_at_any_split_with_the_name_first(size: int) -> None
     assert json.loads(call.arguments) == {"city": 'Pa"ris'}
 
 
-@pytest.mark.parametrize("text", ["Hello <b>there</b>", "<to be or not>", "<"])
+@pytest.mark.parametrize("text", ["Hello <b>there</b>", "<to be or not>", "Sunny."])
 def test_text_that_is_not_a_call_is_content(text: str) -> None:
     for size in (1, 3, 100):
         assert feed_in_pieces(text, size) == (text, [])
 
 
-def test_a_call_cut_before_its_name_is_content() -> None:
-    assert feed_in_pieces('<tool_call>\n{"na', 4) == ('<tool_call>\n{"na', [])
+@pytest.mark.parametrize(
+    "cut", ["<", "<tool_", "<tool_call>", "<tool_call>\n", '<tool_call>\n{"name": "get_wea']
+)
+def test_a_call_cut_before_its_name_ends_leaves_nothing(cut: str) -> None:
+    # max_tokens cut it: the server's markup is not an answer, whatever the tool_choice.
+    for size in (1, 3, 100):
+        assert feed_in_pieces(cut, size) == ("", [])
+
+
+@pytest.mark.parametrize(
+    ("cut", "arguments"),
+    [
+        ('<tool_call>\n{"name": "get_weather"', ""),
+        ('<tool_call>\n{"name": "get_weather", "argu', ""),
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city":', '{"city":'),
+    ],
+)
+def test_a_call_cut_after_its_name_is_a_call_with_the_arguments_so_far(
+    cut: str, arguments: str
+) -> None:
+    for size in (1, 3, 100):
+        content, deltas = feed_in_pieces(cut, size)
+        assert content == ""
+        assert merge_calls(deltas) == [ToolCall(deltas[0].id or "", "get_weather", arguments)]
+
+
+def test_the_name_is_sent_as_soon_as_it_is_complete() -> None:
+    parser = ToolCallParser()
+    assert parser.feed('<tool_call>\n{"name": "get_weather') == ("", ())
+    _, (first,) = parser.feed('"')
+    assert first.name == "get_weather" and first.arguments == "" and parser.has_call
 
 
 @pytest.fixture(scope="module")

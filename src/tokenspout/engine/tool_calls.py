@@ -28,7 +28,9 @@ from tokenspout.engine.request import ChatMessage, Grammar, ToolCall, ToolCallDe
 
 OPEN = "<tool_call>\n"
 CLOSE = "}\n</tool_call>"
-_HEAD = re.compile(r'<tool_call>\n\{"name": "((?:[^"\\]|\\.)*)", "arguments": ')
+_NAME = re.compile(r'<tool_call>\n\{"name": "((?:[^"\\]|\\.)*)"')
+#: What the grammar puts between the name and the arguments.
+_ARGS_SEP = ', "arguments": '
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,10 @@ def grammar(tools: Sequence[Tool], choice: str) -> Grammar:
 class ToolCallParser:
     """Splits a streamed output into content and ``ToolCallDelta`` pieces (engine thread).
 
-    Output that starts with ``<tool_call>`` is a call: its name is sent once the head is
-    complete, then the arguments as they come, holding back what may be the closing
-    ``}\\n</tool_call>``. Anything else is content, sent as is.
+    Output that starts with ``<tool_call>`` is a call: its name is sent once it is complete,
+    then the arguments as they come, holding back what may be the closing
+    ``}\\n</tool_call>``. Anything else is content, sent as is. The markup itself is never
+    content: the client asked for calls, not for this server's format of them.
     """
 
     def __init__(self) -> None:
@@ -131,21 +134,28 @@ class ToolCallParser:
         return "", self._pieces(final=False)
 
     def finish(self) -> tuple[str, tuple[ToolCallDelta, ...]]:
-        """What is left at the end. A call cut before its name is returned as content."""
-        if self._is_call is False:
+        """What is left at the end. A call cut short (by ``max_tokens``) ends with what it
+        has: its name and part of its arguments, or nothing when it was cut before its name.
+
+        Output held back as a prefix of ``<tool_call>`` (``"<tool_"``) is dropped, not
+        returned as content, even with ``tool_choice: "auto"``: the grammar lets no text
+        start with ``<`` (auto's text is ``[^<]...``), so such output can only be the start
+        of a call that was cut. Output that went on to differ from ``<tool_call>`` was sent
+        as content by ``feed`` already.
+        """
+        if not self._is_call:
             return "", ()
-        if self._args_start is None:
-            content, self._buffer = self._buffer, ""
-            return content, ()
         return "", self._pieces(final=True)
 
     def _pieces(self, *, final: bool) -> tuple[ToolCallDelta, ...]:
         deltas = []
         if self._args_start is None:
-            head = _HEAD.match(self._buffer)
+            head = _NAME.match(self._buffer)
             if head is None:
                 return ()
-            self._args_start = head.end()
+            # The grammar writes the separator after every name: the arguments start there
+            # even before it has come.
+            self._args_start = head.end() + len(_ARGS_SEP)
             self.has_call = True
             name = json.loads(f'"{head.group(1)}"')
             deltas.append(ToolCallDelta(0, f"call_{uuid.uuid4().hex[:24]}", name, ""))
