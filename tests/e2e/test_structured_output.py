@@ -317,6 +317,31 @@ def test_completions_logprobs_legacy_shape(client: OpenAI) -> None:
         assert value == pytest.approx(max(top.values()))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("logprobs", [0, 1])
+def test_completions_top_logprobs_hold_each_token_itself(
+    server: RunningServer, logprobs: int
+) -> None:
+    # OpenAI's legacy API "will always return the logprob of the sampled token, so there
+    # may be up to logprobs+1 elements": for sampled tokens and echoed prompt tokens alike.
+    body = {
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "logprobs": logprobs,
+        "echo": True,
+        "temperature": 1,
+        "seed": 3,
+    }
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    lp = r.json()["choices"][0]["logprobs"]
+    entries = list(zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True))
+    assert entries[0][2] is None
+    for token, value, top in entries[1:]:
+        assert top[token] == pytest.approx(value) and len(top) <= logprobs + 1
+    # " capital" after "The" is not the model's first guess: both come back.
+    assert len(entries[1][2]) == logprobs + 1
+
+
 LOOKAHEAD = {"name": "x", "schema": {"type": "string", "pattern": "(?=a)b"}}
 WEIRD_FORMAT = {"type": "object", "properties": {"a": {"type": "string", "format": "weird"}}}
 NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}

@@ -217,6 +217,20 @@ def test_echoed_prompt_logprobs_come_first_the_first_one_null() -> None:
     assert payload["choices"][0]["logprobs"] == {
         "tokens": ["The", " sky", " is"],
         "token_logprobs": [None, -2.0, -0.5],
-        "top_logprobs": [None, {}, {" is": -0.5}],
+        "top_logprobs": [None, {" sky": -2.0}, {" is": -0.5}],
         "text_offset": [0, 3, 7],
     }
+
+
+def test_legacy_top_logprobs_always_list_the_token_itself() -> None:
+    # The sampled ")" is not the most likely token; "\ufffd" stands for two different
+    # tokens that each hold part of a character.
+    sampled = TokenLogprob(")", b")", -0.8, (("0", b"0", -0.7),))
+    partial = TokenLogprob("\ufffd", b"\xe6", -1.5, (("\ufffd", b"\xe3", -0.2),))
+    alone = TokenLogprob(" is", b" is", -0.5, ())
+    extras = [OutputExtras(logprob=t) for t in (sampled, partial, alone)]
+    top = completion().delta_with(")\ufffd is", extras)["choices"][0]["logprobs"]["top_logprobs"]
+    assert top == [{"0": -0.7, ")": -0.8}, {"\ufffd": -1.5}, {" is": -0.5}]
+    # Chat lists the alternatives alone, as OpenAI's chat API does.
+    chat_top = chat().delta_with(")", extras[:1])["choices"][0]["logprobs"]["content"][0]
+    assert [t["token"] for t in chat_top["top_logprobs"]] == ["0"]

@@ -225,11 +225,21 @@ class CompletionChunks(_OpenAIChunks):
         return {
             "tokens": [t.token for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [
-                None if t.logprob is None else {tok: lp for tok, _, lp in t.top} for t in tokens
-            ],
+            "top_logprobs": [_legacy_top(t) for t in tokens],
             "text_offset": offsets,
         }
+
+
+def _legacy_top(t: TokenLogprob) -> dict[str, float] | None:
+    """A token's entry in the legacy ``top_logprobs``: its alternatives and the token itself,
+    which that API always lists ("up to logprobs+1 elements"; chat's ``top_logprobs`` does
+    not). The token goes last so that an alternative with the same text (another part of a
+    character) cannot hide its logprob; when it is not among the alternatives it is less
+    likely than all of them, so the entry stays most likely first. None for an echoed
+    prompt's first token, which has no logprob."""
+    if t.logprob is None:
+        return None
+    return {**{tok: lp for tok, _, lp in t.top}, t.token: t.logprob}
 
 
 def _chat_logprobs(extras: Sequence[OutputExtras]) -> dict[str, Any] | None:
