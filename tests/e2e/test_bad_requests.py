@@ -134,6 +134,7 @@ def test_bad_request(
 def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()
+    assert r.headers["allow"] == "POST"
     r = httpx.post(
         f"{synthetic_server.url}/v1/chat/completions",
         content=b"x" * (2 << 20),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -46,11 +46,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tokenspout")
 
 
-def _error_response(err: TokenspoutError) -> JSONResponse:
-    headers = {}
+def _error_response(err: TokenspoutError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    headers = dict(headers or {})
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(err.retry_after_s)
-    if err.status_code == 413:
+    if err.status_code in (408, 413):
         # The rest of the body is not read: the connection cannot carry another request.
         headers["Connection"] = "close"
     return JSONResponse(error_body(err), status_code=err.status_code, headers=headers)
@@ -65,7 +65,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     err = InvalidRequestError(str(exc.detail), code=f"http_{exc.status_code}")
     err.status_code = exc.status_code
-    return _error_response(err)
+    return _error_response(err, exc.headers)  # a 405's Allow (RFC 9110 15.5.6)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
