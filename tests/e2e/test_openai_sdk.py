@@ -101,6 +101,15 @@ def test_unknown_model_is_404_listing_served(client: OpenAI) -> None:
     assert "synthetic" in info.value.message
 
 
+def test_models_list_and_retrieve(client: OpenAI) -> None:
+    listed = client.models.list().data
+    assert [m.id for m in listed] == ["synthetic"] and listed[0].created > 0
+    assert client.models.retrieve("synthetic") == listed[0]
+    with pytest.raises(NotFoundError) as info:
+        client.models.retrieve("org/gpt-9")
+    assert "synthetic" in info.value.message
+
+
 def test_tokens_arrive_before_the_end(start_server) -> None:  # type: ignore[no-untyped-def]
     # 2,000 tokens at 20 ms take 40 s: the first text must reach the SDK while the
     # engine is still generating, not after the whole answer.

@@ -123,6 +123,12 @@ _OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel] | None, list, dict, str
     ),
     ("post", "/v1/telemetry"): (ClientTelemetry, [], {}, "400 401 413 415"),
     ("get", "/v1/models"): (None, [], {"application/json": {"schema": {"type": "object"}}}, "401"),
+    ("get", "/v1/models/{model_id}"): (
+        None,
+        [],
+        {"application/json": {"schema": {"type": "object"}}},
+        "401 404",
+    ),
     ("get", "/health"): (None, [], {"application/json": {"schema": {"type": "object"}}}, "503"),
     ("get", "/metrics"): (None, [], {"text/plain": {"schema": {"type": "string"}}}, "401"),
 }

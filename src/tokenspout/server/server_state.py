@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,8 @@ class ServerState:
     key_metrics: KeyMetrics = field(init=False)
     ready: bool = False
     draining: bool = False
+    #: Unix time the server started: the ``created`` of the models it lists.
+    created: int = field(init=False, default_factory=lambda: int(time.time()))
     #: This process as one of several replicas sharing streams (``--redis-url``).
     cluster: Replica | None = field(init=False, default=None)
 

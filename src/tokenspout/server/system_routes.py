@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tokenspout.errors import ModelNotFoundError
 from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
-from tokenspout.server.server_state import state_of
+from tokenspout.server.server_state import ServerState, state_of
 from tokenspout.server.stream_ownership import cancel_owned, owner_of
 
 router = APIRouter()
@@ -46,21 +49,38 @@ async def metrics(request: Request) -> Response:
     return Response(state_of(request).metrics.render(), media_type="text/plain; version=0.0.4")
 
 
-@api.get("/v1/models")
-async def models(request: Request) -> Response:
-    state = state_of(request)
+def _model_entries(state: ServerState) -> dict[str, dict[str, Any]]:
     engine = state.engine
     owner = "tokenspout-synthetic" if engine.synthetic else "tokenspout"
     models = engine.served_models()
-    data = []
+    entries = {}
     for name in state.served_names():
         root = name if name in models else engine.model_id
-        entry = {"id": name, "object": "model", "created": 0, "owned_by": owner, "root": root}
+        entry = {"id": name, "object": "model", "created": state.created, "owned_by": owner}
+        entry["root"] = root
         length = engine.context_length(root)
         if length is not None:  # an upstream that does not say: left out, not guessed
             entry["max_model_len"] = length
-        data.append(entry)
-    return JSONResponse({"object": "list", "data": data})
+        entries[name] = entry
+    return entries
+
+
+@api.get("/v1/models")
+async def models(request: Request) -> Response:
+    entries = _model_entries(state_of(request))
+    return JSONResponse({"object": "list", "data": list(entries.values())})
+
+
+@api.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> Response:
+    """One served model (the SDK's ``models.retrieve``); 404 naming those served."""
+    entries = _model_entries(state_of(request))
+    if model_id not in entries:
+        served = ", ".join(entries)
+        raise ModelNotFoundError(
+            f"model {model_id!r} is not served here; served: {served}", param="model"
+        )
+    return JSONResponse(entries[model_id])
 
 
 @api.get("/v1/streams/{stream_id}")
