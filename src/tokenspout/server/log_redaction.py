@@ -2,31 +2,49 @@
 
 Browsers cannot set headers on a WebSocket or an ``EventSource``, so those send their key as
 ``?api_key=``, and the URL is what uvicorn's access and connection logs print. A filter on
-those loggers blanks the value before any handler formats the line.
+those loggers blanks the value before any handler formats the line. It blanks the record's
+arguments in place, keeping their number: uvicorn's access formatter unpacks them (a record
+whose message was formatted into ``msg`` with no arguments left failed to print at all).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import unquote_plus
 
-#: ``api_key=`` as a query parameter, also percent-encoded (Starlette decodes the name).
-_KEY_PARAM = re.compile(r"(api(?:_|%5f)key=)[^&\s\"']*", re.IGNORECASE)
-_REDACTED = r"\1[redacted]"
+#: A query parameter of a URL in a log line.
+_PARAM = re.compile(r"([?&])([^=&#\s\"']*)=([^&#\s\"']*)")
 
 #: uvicorn logs request lines on ``uvicorn.access`` and WebSocket handshakes on
 #: ``uvicorn.error``.
 _URL_LOGGERS = ("uvicorn.access", "uvicorn.error")
 
 
+def _blank(match: re.Match[str]) -> str:
+    # The name as the server reads it (Starlette decodes it: ``%61pi_key`` is ``api_key``).
+    if unquote_plus(match[2]).lower() != "api_key":
+        return match[0]
+    return f"{match[1]}{match[2]}=[redacted]"
+
+
+def redact(text: str) -> str:
+    """``text`` with the value of every ``api_key`` query parameter blanked."""
+    return _PARAM.sub(_blank, text) if "=" in text else text
+
+
 class RedactKeyParams(logging.Filter):
-    """Replaces the value of every ``api_key`` query parameter in a record's message."""
+    """Blanks every ``api_key`` query parameter's value in a record's message and arguments."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _KEY_PARAM.sub(_REDACTED, message)
-        if redacted != message:
-            record.msg, record.args = redacted, ()
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {
+                k: redact(v) if isinstance(v, str) else v for k, v in record.args.items()
+            }
         return True
 
 
