@@ -115,6 +115,18 @@ def test_concurrent_streams_limit() -> None:
     limiter.admit(key, 1)
 
 
+def test_a_request_of_n_streams_is_one_request_counted_whole_or_not_at_all() -> None:
+    limiter = InMemoryKeyLimiter(Clock())
+    key = ApiKey("a", b"", max_concurrent_streams=3, requests_per_minute=2)
+    limiter.admit(key, 1, 2)  # 2 streams, 1 request
+    with pytest.raises(RateLimitError):  # 2 more would be 4 streams: nothing counted
+        limiter.admit(key, 1, 2)
+    limiter.admit(key, 1)  # the 3rd stream, and the 2nd request: the refusal took none
+    with pytest.raises(RateLimitError) as info:
+        limiter.admit(key, 1)
+    assert info.value.limit == "streams"
+
+
 def test_requests_per_minute_refill_and_retry_after() -> None:
     clock = Clock()
     limiter = InMemoryKeyLimiter(clock)

@@ -13,12 +13,13 @@ if TYPE_CHECKING:
     from tokenspout.streaming.stream import Stream
 
 
-def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int) -> None:
+def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int, n: int = 1) -> None:
     """Raise 403 for a model the key may not use, 429 over one of its limits; otherwise
-    the key's new stream is counted (``stream_ended`` gives it back)."""
+    the key's new request and its ``n`` streams are counted (``stream_ended`` gives each
+    stream back)."""
     check_model(state, key, model)
     try:
-        state.key_limiter.admit(key, prompt_tokens)
+        state.key_limiter.admit(key, prompt_tokens, n)
     except RateLimitError as err:
         state.key_metrics.refused(key.name, err.limit)
         raise

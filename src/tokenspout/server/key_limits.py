@@ -22,8 +22,9 @@ from tokenspout.server.api_keys import ApiKey
 
 
 class KeyLimiter(Protocol):
-    def admit(self, key: ApiKey, prompt_tokens: int) -> None:
-        """Count a new stream of ``key``, or raise ``RateLimitError`` (nothing counted)."""
+    def admit(self, key: ApiKey, prompt_tokens: int, n: int = 1) -> None:
+        """Count a new request of ``key`` with ``n`` streams (its choices: one request, its
+        prompt once), or raise ``RateLimitError`` (nothing counted)."""
 
     def finished(self, key_name: str, completion_tokens: int) -> None:
         """A stream admitted for ``key_name`` ended after ``completion_tokens`` tokens."""
@@ -59,11 +60,11 @@ class InMemoryKeyLimiter:
         self._clock = clock
         self._usage: dict[str, _Usage] = {}
 
-    def admit(self, key: ApiKey, prompt_tokens: int) -> None:
+    def admit(self, key: ApiKey, prompt_tokens: int, n: int = 1) -> None:
         now = self._clock()
         usage = self._usage.setdefault(key.name, _Usage())
         limit = key.max_concurrent_streams
-        if limit is not None and usage.streams >= limit:
+        if limit is not None and usage.streams + n > limit:
             raise RateLimitError(
                 f"key {key.name!r} has {usage.streams} streams open, its limit is {limit}; "
                 "retry when one ends",
@@ -93,7 +94,7 @@ class InMemoryKeyLimiter:
             usage.tokens.level -= prompt_tokens
         if usage.requests is not None:
             usage.requests.level -= 1.0
-        usage.streams += 1
+        usage.streams += n
 
     def finished(self, key_name: str, completion_tokens: int) -> None:
         usage = self._usage.get(key_name)

@@ -80,16 +80,11 @@ async def _open_admitted(
         return await _open_shared(state, generation, key)
     if key is None:
         return _open(state, generation, None)
-    admitted = 0
+    admit_key(state, key, generation.wire.model, generation.prompt.num_tokens, generation.n)
     try:
-        for _ in range(generation.n):
-            admit_key(
-                state, key, generation.wire.model, 0 if admitted else generation.prompt.num_tokens
-            )
-            admitted += 1
         return _open(state, generation, key.name)
     except BaseException:
-        for _ in range(admitted):
+        for _ in range(generation.n):
             release_key(state, key.name)
         raise
 
