@@ -131,6 +131,33 @@ def test_bad_request(
     assert ok.json()["choices"][0]["text"] == "alive "
 
 
+@pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
+def test_a_seed_beyond_64_bits_is_a_400_naming_it(
+    synthetic_server: RunningServer, seed: int
+) -> None:
+    # The real engine's generator took it and failed: a 500.
+    url = synthetic_server.url
+    requests = [
+        httpx.post(f"{url}/v1/chat/completions", json={"messages": MSG, "seed": seed}),
+        httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "seed": seed}),
+        httpx.post(f"{url}/v1/completions/stream", json={"prompt": "hi", "seed": seed}),
+        httpx.get(f"{url}/v1/completions/stream", params={"prompt": "hi", "seed": str(seed)}),
+    ]
+    for r in requests:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "seed", r.text
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63)])
+def test_the_extreme_seeds_are_served_with_several_choices(
+    synthetic_server: RunningServer, seed: int
+) -> None:
+    body = {"prompt": "hi", "max_tokens": 1, "seed": seed, "n": 3}
+    r = httpx.post(f"{synthetic_server.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 3
+
+
 def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/v1/chat/completions")
     assert r.status_code == 405 and "error" in r.json()

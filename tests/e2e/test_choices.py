@@ -135,8 +135,18 @@ def test_websocket_refuses_n(synthetic_server: RunningServer) -> None:
     assert reply["type"] == "error" and "n > 1" in reply["error"]["message"], reply
 
 
-@pytest.mark.parametrize("seed", [None, 7])
-def test_choices_of_a_seeded_request_draw_from_derived_seeds(seed: int | None) -> None:
+@pytest.mark.parametrize(
+    ("seed", "expected"),
+    [
+        (None, [None] * 3),
+        (7, [7, 8, 9]),
+        # Wrapped as a signed 64-bit sum: past the largest seed comes the smallest.
+        (2**63 - 2, [2**63 - 2, 2**63 - 1, -(2**63)]),
+    ],
+)
+def test_choices_of_a_seeded_request_draw_from_derived_seeds(
+    seed: int | None, expected: list[int | None]
+) -> None:
     generation = GenerationRequest(
         Prompt((1,), "x"),
         SamplingParams(seed=seed),
@@ -146,4 +156,4 @@ def test_choices_of_a_seeded_request_draw_from_derived_seeds(seed: int | None) -
         n=3,
     )
     seeds = [p.seed for p in generation.choice_params()]
-    assert seeds == ([None] * 3 if seed is None else [7, 8, 9])
+    assert seeds == expected

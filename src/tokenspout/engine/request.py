@@ -17,6 +17,10 @@ FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 MAX_LOGIT_BIAS = 300
 #: Most alternatives per token that ``top_logprobs`` may ask for (OpenAI's limit).
 MAX_TOP_LOGPROBS = 20
+#: A seed is a signed 64-bit integer (OpenAI's type, vLLM's range): a larger one overflows
+#: the generator's seed, and an upstream refuses it.
+MIN_SEED = -(2**63)
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class SamplingParams:
         if self.max_tokens < (0 if self.echo else 1):
             raise InvalidRequestError(
                 "max_tokens must be at least 1 (0 only with echo)", param="max_tokens"
+            )
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise InvalidRequestError(
+                f"seed must be between {MIN_SEED} and {MAX_SEED}", param="seed"
             )
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequestError("temperature must be between 0 and 2", param="temperature")

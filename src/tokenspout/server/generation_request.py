@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tokenspout.engine.request import Prompt, SamplingParams
+from tokenspout.engine.request import MIN_SEED, Prompt, SamplingParams
 from tokenspout.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -87,11 +87,15 @@ class GenerationRequest:
 
     def choice_params(self) -> list[SamplingParams]:
         """The sampling parameters of each choice: with a seed, choice ``i`` draws with
-        ``seed + i``, so that the choices differ and each is reproducible."""
+        ``seed + i``, so that the choices differ and each is reproducible. The sum wraps as
+        a signed 64-bit one does, so that the choices of the largest seeds are seeds too."""
         seed = self.params.seed
         if seed is None:
             return [self.params] * self.n
-        return [replace(self.params, seed=seed + i) for i in range(self.n)]
+        return [
+            replace(self.params, seed=(seed + i - MIN_SEED) % 2**64 + MIN_SEED)
+            for i in range(self.n)
+        ]
 
 
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:

@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
 )
 
-from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOP_LOGPROBS, MIN_SEED
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -26,6 +26,7 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 MAX_CHOICES = 8
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=False)]
+Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
 class _Body(BaseModel):
@@ -170,12 +171,13 @@ class _GenerationBody(_Body):
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     top_k: StrictInt = 0
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None
     n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
     """Choices to generate for the prompt (at most 8; the prompt is computed once). With
-    a seed, choice i draws with seed + i. Not resumable, and not over /v1/ws."""
+    a seed, choice i draws with seed + i (wrapping around the 64-bit range). Not resumable,
+    and not over /v1/ws."""
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
@@ -299,5 +301,5 @@ class SeedStreamRequest(_Body):
     max_tokens: PositiveInt | None = None
     model: str | None = None
     temperature: Temperature = 1.0
-    seed: StrictInt | None = None
+    seed: Seed | None = None
     stream_options: StreamOptions | None = None
