@@ -55,3 +55,12 @@ def test_text_only_transports_refuse_logprobs_and_tools() -> None:
             advanced_params.check_text_only(p)
         assert err.value.param == name
     advanced_params.check_text_only(params(response_format={"type": "json_object"}))
+
+
+def test_a_developer_message_is_a_system_message() -> None:
+    # OpenAI's newer name for system: the engines and chat templates know only system.
+    body = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "developer", "content": "be brief"}, *MSG]}
+    )
+    roles = [m.role for m in advanced_params.chat_messages(body)]
+    assert roles == ["system", "user"]

@@ -35,7 +35,9 @@ def _message(m: ChatMessageIn) -> ChatMessage:
         raise InvalidRequestError("only assistant messages carry tool_calls", param="messages")
     if m.content is None and not calls:
         raise InvalidRequestError(f"a {m.role} message needs content", param="messages")
-    return ChatMessage(m.role, m.text(), calls, m.tool_call_id)
+    # OpenAI's newer name for system instructions; engines and templates know only system.
+    role = "system" if m.role == "developer" else m.role
+    return ChatMessage(role, m.text(), calls, m.tool_call_id)
 
 
 def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
