@@ -131,6 +131,40 @@ def test_bad_request(
     assert ok.json()["choices"][0]["text"] == "alive "
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "0.5"),
+        ("temperature", True),
+        ("top_p", "0.5"),
+        ("presence_penalty", "1"),
+        ("frequency_penalty", True),
+        ("min_p", "0.1"),
+        ("repetition_penalty", "1.1"),
+        ("logit_bias", {"5": "1"}),
+        ("stream_options", {"flush_ms": "5"}),
+    ],
+)
+def test_a_number_field_takes_no_string_or_boolean(
+    synthetic_server: RunningServer, field: str, value: object
+) -> None:
+    body = {"messages": MSG, "max_tokens": 1, "stream": True, field: value}
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == field and "valid number" in error["message"], error
+
+
+def test_an_integer_is_a_number(synthetic_server: RunningServer) -> None:
+    # As in OpenAI: 1 is as good as 1.0 for a float field.
+    body = {"messages": MSG, "max_tokens": 1, "temperature": 1, "top_p": 1, "stream": True}
+    r = httpx.post(
+        f"{synthetic_server.url}/v1/chat/completions",
+        json={**body, "stream_options": {"flush_ms": 5}},
+    )
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
 def test_a_seed_beyond_64_bits_is_a_400_naming_it(
     synthetic_server: RunningServer, seed: int

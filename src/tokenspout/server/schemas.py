@@ -20,12 +20,14 @@ from pydantic import (
 
 from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOP_LOGPROBS, MIN_SEED
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, strict=False)]
+# A float field, strict like the rest, takes an integer (as OpenAI does) but never a string
+# or a boolean.
+Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 #: Most choices one request may ask for (``n``): each is a stream of its own.
 MAX_CHOICES = 8
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
-Penalty = Annotated[float, Field(ge=-2.0, le=2.0, strict=False)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
@@ -41,7 +43,7 @@ class StreamOptions(_Body):
     continuous_usage_stats: StrictBool = False
     """vLLM's: with ``include_usage``, every chunk carries the usage so far."""
     flush_tokens: PositiveInt | None = None
-    flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0, strict=False)] | None = None
+    flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
     resumable: StrictBool | None = None
 
 
@@ -181,16 +183,16 @@ class _GenerationBody(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     ignore_eos: StrictBool = False
-    min_p: Annotated[float, Field(ge=0.0, le=1.0, strict=False)] = 0.0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     """Drop tokens less likely than min_p times the most likely one (0: off)."""
     presence_penalty: Penalty = 0.0
     """Subtracted once from the logit of every token already in the output."""
     frequency_penalty: Penalty = 0.0
     """Subtracted from a token's logit once per occurrence in the output."""
-    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, strict=False)] = 1.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0)] = 1.0
     """vLLM's extension: > 1 discourages tokens already in the prompt or output."""
     logit_bias: (
-        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, strict=False)]],
+        Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]],
                   Field(max_length=MAX_LOGIT_BIAS)] | None
     ) = None  # fmt: skip
     """Token id (as a string, as OpenAI spells it) -> bias in [-100, 100]."""
