@@ -84,7 +84,7 @@ CASES: list[tuple[str, str, object, int, str]] = [
     (
         "n resumable",
         "/v1/chat/completions",
-        {"messages": MSG, "n": 2, "stream_options": {"resumable": True}},
+        {"messages": MSG, "n": 2, "stream": True, "stream_options": {"resumable": True}},
         400,
         "n > 1 is not resumable",
     ),

@@ -198,3 +198,29 @@ def test_continuous_usage_is_for_one_choice(client: OpenAI) -> None:
             stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
         )  # fmt: skip
     assert err.value.body["param"] == "stream_options.continuous_usage_stats"  # type: ignore[index]
+
+
+def test_continuous_usage_needs_include_usage(client: OpenAI) -> None:
+    # Without include_usage there is no usage to repeat: it was accepted and ignored.
+    with pytest.raises(BadRequestError) as err:
+        client.completions.create(
+            model="synthetic", prompt="a", max_tokens=2, stream=True,
+            stream_options={"continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        )  # fmt: skip
+    assert err.value.body["param"] == "stream_options.continuous_usage_stats"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stream", [False, None])
+def test_stream_options_need_a_stream(synthetic_server: RunningServer, stream: bool | None) -> None:
+    # As vLLM: on a whole answer they were accepted and ignored.
+    streaming = {} if stream is None else {"stream": stream}
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1}),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 1}),
+    ):
+        r = httpx.post(
+            synthetic_server.url + path,
+            json={**body, **streaming, "stream_options": {"include_usage": True}},
+        )
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "stream_options", r.text

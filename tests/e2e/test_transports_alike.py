@@ -42,7 +42,9 @@ def parts(chunks: list[dict]) -> tuple[str, str, dict]:
 
 
 def via_json(server: RunningServer) -> tuple[str, str, dict]:
-    body = httpx.post(f"{server.url}/v1/completions", json=BODY, timeout=30).json()
+    # A whole answer always has its usage; stream_options are a stream's.
+    whole = {k: v for k, v in BODY.items() if k != "stream_options"}
+    body = httpx.post(f"{server.url}/v1/completions", json=whole, timeout=30).json()
     choice = body["choices"][0]
     return choice["text"], choice["finish_reason"], body["usage"]
 

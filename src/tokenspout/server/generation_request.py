@@ -278,8 +278,13 @@ def _generation(
     if options is not None:
         if options.resumable is not None:
             resumable = options.resumable
+        if options.continuous_usage_stats and not options.include_usage:
+            # vLLM ignores it then; here a field that would not be honoured is a 400.
+            raise InvalidRequestError(
+                "stream_options.continuous_usage_stats needs include_usage: true",
+                param="stream_options.continuous_usage_stats",
+            )
         if options.include_usage:
-            # As vLLM: continuous usage needs include_usage, and is ignored without it.
             wire = StreamWire(wire.kind, wire.model, True, options.continuous_usage_stats)
     params = replace(params, model=wire.model)
     reading = ReadSettings.resolve(cfg, options)

@@ -10,11 +10,17 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
+from tokenspout.errors import InvalidRequestError
 from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import prepare_chat, prepare_completion
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
-from tokenspout.server.schemas import chat_schema, completion_schema
+from tokenspout.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_schema,
+    completion_schema,
+)
 from tokenspout.server.server_state import state_of
 
 
@@ -23,6 +29,7 @@ async def chat_completions(request: Request) -> Response:
     state = state_of(request)
     schema = chat_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
+    _check_stream_options(body)
     return await respond(state, request, prepare_chat(state, body), body.stream, started)
 
 
@@ -31,7 +38,17 @@ async def completions(request: Request) -> Response:
     state = state_of(request)
     schema = completion_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
+    _check_stream_options(body)
     return await respond(state, request, prepare_completion(state, body), body.stream, started)
+
+
+def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """``stream_options`` shape a stream: on a whole answer they would be accepted and
+    ignored, so they are a 400 there (as vLLM). The WebSocket always streams: not checked."""
+    if body.stream_options is not None and not body.stream:
+        raise InvalidRequestError(
+            "stream_options can only be given with stream: true", param="stream_options"
+        )
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).
