@@ -371,6 +371,8 @@ NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+        ({"stop_token_ids": [99999999]}, "stop_token_ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",

@@ -194,6 +194,23 @@ async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
         await collect(fake_engine, "r", Prompt("", (1, 9999)), GREEDY)
 
 
+@pytest.mark.parametrize(
+    ("field", "params"),
+    [
+        ("logit_bias", SamplingParams(logit_bias=((FakeTokenizer.vocab_size, 1.0),))),
+        ("stop_token_ids", SamplingParams(stop_token_ids=(FakeTokenizer.vocab_size,))),
+        ("stop_token_ids", SamplingParams(stop_token_ids=(-1,))),
+    ],
+)
+async def test_token_ids_outside_the_vocabulary_are_refused(
+    fake_engine: LLMEngine, field: str, params: SamplingParams
+) -> None:
+    with pytest.raises(InvalidRequestError, match="vocabulary") as err:
+        fake_engine.check_params(params)
+    assert err.value.param == field
+    fake_engine.check_params(SamplingParams(stop_token_ids=(0, FakeTokenizer.vocab_size - 1)))
+
+
 async def test_encode_chat_renders_the_template(fake_engine: LLMEngine) -> None:
     prompt = fake_engine.encode_chat([ChatMessage("user", "hi")])
     assert prompt.text == "<user>hi\n<assistant>" and len(prompt.token_ids) == 20

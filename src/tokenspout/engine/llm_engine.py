@@ -266,10 +266,13 @@ class LLMEngine(Engine):
         """Everything ``SamplingParams`` can ask for is served here; a grammar must be one
         llguidance supports, and the model's tokenizer must be one it can mask."""
         vocab = self._runner().vocab_size
-        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
-            raise InvalidRequestError(
-                "logit_bias token ids must be in the vocabulary", param="logit_bias"
-            )
+        token_ids = {
+            "logit_bias": [t for t, _ in params.logit_bias],
+            "stop_token_ids": params.stop_token_ids,
+        }
+        for name, ids in token_ids.items():
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"{name} token ids must be in the vocabulary", param=name)
         if params.grammar is None:
             return
         param = "tools" if params.tool_calls else params.grammar.param or "response_format"
