@@ -165,6 +165,37 @@ def test_an_integer_is_a_number(synthetic_server: RunningServer) -> None:
     assert r.status_code == 200, r.text
 
 
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+CALLED = [*MSG, {"role": "assistant", "tool_calls": [CALL]}]
+
+
+@pytest.mark.parametrize(
+    ("messages", "param"),
+    [
+        ([*CALLED, {"role": "tool", "content": "r"}], "messages[2].tool_call_id"),
+        (
+            [*CALLED, {"role": "tool", "content": "r", "tool_call_id": "c2"}],
+            "messages[2].tool_call_id",
+        ),
+        (
+            [*MSG, {"role": "tool", "content": "r", "tool_call_id": "c1"}],
+            "messages[1].tool_call_id",
+        ),
+        ([{"role": "user", "content": "hi", "tool_call_id": "c1"}], "messages"),
+    ],
+    ids=["no tool_call_id", "unknown call", "no call before", "not a tool message"],
+)
+def test_a_tool_message_answers_an_earlier_call(
+    synthetic_server: RunningServer, messages: list[dict], param: str
+) -> None:
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json={"messages": messages})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.text
+    answered = [*CALLED, {"role": "tool", "content": "r", "tool_call_id": "c1"}]
+    ok = {"messages": answered, "max_tokens": 1}
+    assert httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=ok).status_code == 200
+
+
 @pytest.mark.parametrize("seed", [2**63, 2**64, -(2**63) - 1])
 def test_a_seed_beyond_64_bits_is_a_400_naming_it(
     synthetic_server: RunningServer, seed: int

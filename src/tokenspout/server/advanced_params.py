@@ -26,18 +26,42 @@ from tokenspout.server.schemas import (
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
-    return [_message(m) for m in body.messages]
+    messages = [_message(m) for m in body.messages]
+    _check_tool_results(messages)
+    return messages
 
 
 def _message(m: ChatMessageIn) -> ChatMessage:
     calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
     if calls and m.role != "assistant":
         raise InvalidRequestError("only assistant messages carry tool_calls", param="messages")
+    if m.tool_call_id is not None and m.role != "tool":
+        raise InvalidRequestError("only tool messages carry tool_call_id", param="messages")
     if m.content is None and not calls:
         raise InvalidRequestError(f"a {m.role} message needs content", param="messages")
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
     return ChatMessage(role, m.text(), calls, m.tool_call_id)
+
+
+def _check_tool_results(messages: list[ChatMessage]) -> None:
+    """A tool message is the result of a call that an earlier assistant message made, named
+    by its ``tool_call_id`` (OpenAI's rule): without one, or naming no call, the prompt would
+    hold a result of nothing."""
+    call_ids: set[str] = set()
+    for i, m in enumerate(messages):
+        call_ids.update(c.id for c in m.tool_calls)
+        if m.role != "tool":
+            continue
+        param = f"messages[{i}].tool_call_id"
+        if m.tool_call_id is None:
+            raise InvalidRequestError(f"missing required parameter: '{param}'", param=param)
+        if m.tool_call_id not in call_ids:
+            raise InvalidRequestError(
+                f"{param}: a tool message must be a response to a preceding assistant message "
+                f"with tool_calls; none has a call with id {m.tool_call_id!r}",
+                param=param,
+            )
 
 
 def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
