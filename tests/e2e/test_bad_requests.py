@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from tests.conftest import RunningServer
+from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 MSG = [{"role": "user", "content": "hi"}]
 
@@ -163,6 +165,27 @@ def test_an_integer_is_a_number(synthetic_server: RunningServer) -> None:
         json={**body, "stream_options": {"flush_ms": 5}},
     )
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [("x" * 41, "characters"), ("a b c d e f g h", "context")],
+    ids=["over the characters", "over the context"],
+)
+def test_a_prompt_too_long_names_the_field_it_came_in(
+    start_server: Callable[..., RunningServer], text: str, why: str
+) -> None:
+    # Chat has no prompt field: its prompt is the messages.
+    server = start_server(SyntheticEngine(max_model_len=8), max_prompt_chars=40)
+    for path, body, param in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]}, "messages"),
+        ("/v1/completions", {"prompt": text}, "prompt"),
+        ("/v1/completions/stream", {"prompt": text}, "prompt"),
+    ):
+        r = httpx.post(server.url + path, json={**body, "max_tokens": 1})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param and why in error["message"], (path, error)
 
 
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

@@ -194,6 +194,15 @@ async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
         await collect(fake_engine, "r", Prompt("", (1, 9999)), GREEDY)
 
 
+async def test_a_prompt_too_long_names_the_field_it_came_in(fake_engine: LLMEngine) -> None:
+    with pytest.raises(PromptTooLongError) as err:
+        fake_engine.encode_chat([ChatMessage("user", "x" * 64)])
+    assert err.value.param == "messages"  # chat has no prompt field
+    with pytest.raises(PromptTooLongError) as err:
+        fake_engine.encode_completion("x" * 64)
+    assert err.value.param == "prompt"
+
+
 @pytest.mark.parametrize(
     ("field", "params"),
     [

@@ -199,7 +199,7 @@ class LLMEngine(Engine):
     def encode_completion(self, prompt: str) -> Prompt:
         if not prompt:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        return self._prompt(self._runner().tokenizer.encode(prompt), prompt)
+        return self._prompt(self._runner().tokenizer.encode(prompt), prompt, "prompt")
 
     def encode_chat(
         self,
@@ -225,7 +225,7 @@ class LLMEngine(Engine):
         else:
             text = tokenizer.render_chat(tool_calls.with_generic_tools(messages, tools), **ending)
         return replace(
-            self._prompt(tokenizer.encode(text, add_special_tokens=False), text),
+            self._prompt(tokenizer.encode(text, add_special_tokens=False), text, "messages"),
             messages=tuple(messages),
             tools=tuple(tools),
             **ending,
@@ -259,7 +259,7 @@ class LLMEngine(Engine):
             ids = prompt.token_ids + sofar.token_ids
         else:
             ids = tuple(tokenizer.encode(text, add_special_tokens=False))
-        self._check_prompt(ids)
+        self._check_prompt(ids, prompt.field)
         return replace(prompt, text=text, token_ids=ids), rest
 
     def check_params(self, params: SamplingParams) -> None:
@@ -293,7 +293,7 @@ class LLMEngine(Engine):
     ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_prompt(prompt.token_ids or ())
+        self._check_prompt(prompt.token_ids or (), prompt.field)
         self.check_params(params)
         if self.failure is not None:
             raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
@@ -658,22 +658,23 @@ class LLMEngine(Engine):
             raw = self._runner().tokenizer.decode([token]).encode()
         return raw.decode("utf-8", errors="replace"), raw
 
-    def _prompt(self, token_ids: Seq[int], text: str) -> Prompt:
-        self._check_prompt(token_ids)
+    def _prompt(self, token_ids: Seq[int], text: str, param: str) -> Prompt:
+        self._check_prompt(token_ids, param)
         return Prompt(text, tuple(token_ids))
 
-    def _check_prompt(self, token_ids: Seq[int]) -> None:
+    def _check_prompt(self, token_ids: Seq[int], param: str) -> None:
+        """``param``: the request field the prompt came from (``Prompt.field``)."""
         if not token_ids:
-            raise InvalidRequestError("the prompt has no tokens", param="prompt")
+            raise InvalidRequestError("the prompt has no tokens", param=param)
         if len(token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(token_ids)} tokens; this model serves at most "
                 f"{self.max_model_len - 1} prompt tokens",
-                param="prompt",
+                param=param,
             )
         vocab = self._runner().vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
-            raise InvalidRequestError("prompt token ids must be in the vocabulary", param="prompt")
+            raise InvalidRequestError("prompt token ids must be in the vocabulary", param=param)
 
     def _runner(self) -> ModelRunner:
         if self.runner is None:

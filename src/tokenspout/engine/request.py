@@ -177,6 +177,11 @@ class Prompt:
         return bool(self.messages)
 
     @property
+    def field(self) -> str:
+        """The request field it came from, which errors about it name."""
+        return "messages" if self.is_chat else "prompt"
+
+    @property
     def num_tokens(self) -> int:
         """Prompt tokens as far as tokenspout knows them (0 when the upstream tokenizes)."""
         return 0 if self.token_ids is None else len(self.token_ids)

@@ -135,7 +135,7 @@ class SyntheticEngine(Engine):
         self._step_at = 0.0
 
     def encode_completion(self, prompt: str) -> Prompt:
-        return self._prompt(prompt, prompt)
+        return self._prompt(prompt, prompt, "prompt")
 
     def encode_chat(
         self,
@@ -157,7 +157,7 @@ class SyntheticEngine(Engine):
         # Every message counts towards the prompt size; only the last user message is echoed.
         counted = " ".join(m.content for m in messages)
         return replace(
-            self._prompt(source, counted),
+            self._prompt(source, counted, "messages"),
             messages=tuple(messages),
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
@@ -171,11 +171,11 @@ class SyntheticEngine(Engine):
         return replace(prompt, text=f"{prompt.text} {sofar.text}", token_ids=ids), rest
 
     @staticmethod
-    def _prompt(source: str, counted: str) -> Prompt:
+    def _prompt(source: str, counted: str, param: str) -> Prompt:
         if not source.split():
             raise InvalidRequestError(
                 "the synthetic engine echoes words: the prompt needs at least one word",
-                param="prompt",
+                param=param,
             )
         return Prompt(text=source, token_ids=tuple(range(len(counted.split()))))
 

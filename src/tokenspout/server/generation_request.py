@@ -101,7 +101,7 @@ class GenerationRequest:
 def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
     model = check_model(state, body.model)
     messages = advanced_params.chat_messages(body)
-    check_prompt_chars(state, "".join(m.content for m in messages))
+    check_prompt_chars(state, "".join(m.content for m in messages), "messages")
     prompt = state.engine.encode_chat(
         messages,
         advanced_params.chat_tools(body),
@@ -115,21 +115,21 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationR
 def prepare_completion(state: ServerState, body: CompletionRequest) -> GenerationRequest:
     model = check_model(state, body.model)
     text = body.prompt_text()
-    check_prompt_chars(state, text)
+    check_prompt_chars(state, text, "prompt")
     prompt = state.engine.encode_completion(text)
     return _request(state, StreamWire("completion", model), prompt, body, body.max_tokens)
 
 
 def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationRequest:
     model = check_model(state, body.model)
-    check_prompt_chars(state, body.prompt)
+    check_prompt_chars(state, body.prompt, "prompt")
     prompt = state.engine.encode_completion(body.prompt)
     params = sampling_params(
         state,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         seed=body.seed,
-        prompt_tokens=prompt.num_tokens,
+        prompt=prompt,
     )
     return _generation(state, StreamWire("seed", model), prompt, params, body)
 
@@ -150,11 +150,12 @@ def check_model(state: ServerState, name: str | None) -> str:
     raise ModelNotFoundError(f"model {name!r} is not served here; served: {served}", param="model")
 
 
-def check_prompt_chars(state: ServerState, text: str) -> None:
+def check_prompt_chars(state: ServerState, text: str, param: str) -> None:
+    """``param``: the field the prompt came from (chat's is ``messages``)."""
     limit = state.config.max_prompt_chars
     if len(text) > limit:
         raise PromptTooLongError(
-            f"prompt is {len(text)} characters; the limit is {limit}", param="prompt"
+            f"prompt is {len(text)} characters; the limit is {limit}", param=param
         )
 
 
@@ -170,7 +171,7 @@ def sampling_params(
     stop_token_ids: tuple[int, ...] = (),
     ignore_eos: bool = False,
     echo: bool = False,
-    prompt_tokens: int,
+    prompt: Prompt,
 ) -> SamplingParams:
     cfg = state.config
     if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
@@ -178,12 +179,13 @@ def sampling_params(
             f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens_limit}",
             param="max_tokens",
         )
+    prompt_tokens = prompt.num_tokens
     room = state.engine.max_model_len - prompt_tokens
     if room < 1:
         raise PromptTooLongError(
             f"prompt is {prompt_tokens} tokens; the model's context is "
             f"{state.engine.max_model_len} tokens",
-            param="messages",
+            param=prompt.field,
         )
     if max_tokens is None:
         max_tokens = min(cfg.default_max_tokens, room)
@@ -225,7 +227,7 @@ def _request(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         echo=isinstance(body, CompletionRequest) and body.echo,
-        prompt_tokens=prompt.num_tokens,
+        prompt=prompt,
     )
     params = advanced_params.apply(params, body)
     if state.engine.forwards_fields:
