@@ -204,14 +204,23 @@ def _serve(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_malformed_keys_file_exits_2_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('[[keys]]\nname = "a"\n', "exactly one of key or key_sha256"),
+        ('[[keys]]\nname = "a"\nkey = "s1"\n[[keys]]\nname = "b"\nkey = "s1"\n', "same secret"),
+        ('[[keys]]\nname = "a"\nkey = "s1"\n[[keys]]\nname = "a"\nkey = "s2"\n', "used twice"),
+        ('[[keys]]\nname = "default"\nkey = "s1"\n', "used twice"),  # --api-key's name
+    ],
+)
+def test_malformed_keys_file_exits_2_with_one_line(tmp_path: Path, text: str, says: str) -> None:
     path = tmp_path / "keys.toml"
-    path.write_text('[[keys]]\nname = "a"\n')
-    proc = _serve("--api-keys-file", str(path), "--port", str(free_port()))
+    path.write_text(text)
+    proc = _serve("--api-keys-file", str(path), "--api-key", "sk-x", "--port", str(free_port()))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "exactly one of key or key_sha256" in lines[0]
+    assert len(lines) == 1 and says in lines[0], err
 
 
 def test_sighup_reloads_keys_without_dropping_streams(tmp_path: Path) -> None:
@@ -248,6 +257,25 @@ def test_sighup_reloads_keys_without_dropping_streams(tmp_path: Path) -> None:
             assert httpx.post(f"{url}/v1/completions", json=body, headers=new).status_code == 200
             # The stream opened with the old key is still flowing.
             assert sum(1 for line in lines if line.startswith("data: {")) > 10
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_sighup_without_a_keys_file_is_ignored() -> None:
+    port = free_port()
+    proc = _serve("--api-key", "sk-x", "--port", str(port), "--log-level", "info")
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Uvicorn running" in line:
+                break
+        os.kill(proc.pid, signal.SIGHUP)
+        for line in proc.stderr:
+            if "nothing to reload" in line:
+                break
+        health = httpx.get(f"http://127.0.0.1:{port}/health")
+        assert health.status_code == 200 and proc.poll() is None
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -158,6 +158,7 @@ class KeyStore:
     def reload(self) -> bool:
         """Read the keys file again; on any error keep the keys in use and log why."""
         if self._file is None:
+            logger.info("nothing to reload (no --api-keys-file); ignored")
             return False
         try:
             self._install(load_keys_file(self._file))

@@ -41,12 +41,12 @@ class DrainingServer(uvicorn.Server):
         self._state = state
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # Re-read the keys file on SIGHUP; open streams are not touched. Without a keys
+        # file it is ignored (logged), not the default action: a reload-minded supervisor
+        # must not kill the server. Installed before "Uvicorn running" is printed.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._state.keys.reload)
         await super().startup(sockets)
         tune_gc()
-        if self._state.config.api_keys_file is not None:
-            # Re-read the keys file on SIGHUP; open streams are not touched.
-            loop = asyncio.get_running_loop()
-            loop.add_signal_handler(signal.SIGHUP, self._state.keys.reload)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self._state

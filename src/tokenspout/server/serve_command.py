@@ -16,7 +16,7 @@ from rich.console import Console
 
 from tokenspout.engine.weight_formats import FORMATS
 from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
-from tokenspout.server.api_keys import load_keys_file
+from tokenspout.server.api_keys import KeyStore
 from tokenspout.server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -230,8 +230,9 @@ def serve(
             allowed_origins=tuple(allowed_origin or ()),
         )
         if config.api_keys_file is not None:
-            # Checked before the model loads: a broken keys file is one line and exit 2.
-            load_keys_file(config.api_keys_file)
+            # Checked before the model loads, whole (names and secrets used twice, with
+            # --api-key's too): a broken keys file is one line and exit 2.
+            KeyStore(config.api_key, config.api_keys_file)
         if config.redis_url is not None:
             # Also before the model loads: an unreachable Redis is one line and exit 2.
             from tokenspout.cluster.redis_link import check_reachable
