@@ -60,6 +60,20 @@ def tenants(start_server, tmp_path: Path) -> RunningServer:  # type: ignore[no-u
     return server
 
 
+def test_more_choices_than_a_key_or_the_server_may_stream_is_400_not_429(
+    tenants: RunningServer, start_server
+) -> None:  # type: ignore[no-untyped-def]
+    body = {"prompt": "a", "max_tokens": 2, "n": 3}
+    r = httpx.post(f"{tenants.url}/v1/completions", json=body, headers=ALICE)  # 2 at once
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
+    assert httpx.post(f"{tenants.url}/v1/completions", json=body, headers=BOB).status_code == 200
+    small: RunningServer = start_server(max_streams=2)
+    r = httpx.post(f"{small.url}/v1/completions", json=body)
+    assert r.status_code == 400 and "--max-streams" in r.json()["error"]["message"]
+    # Within the limit, n=2 is served: the 400 is for what could never run.
+    assert httpx.post(f"{small.url}/v1/completions", json={**body, "n": 2}).status_code == 200
+
+
 def test_one_key_cannot_touch_another_keys_stream(tenants: RunningServer) -> None:
     url = tenants.url
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=LONG, headers=ALICE) as r:

@@ -3,7 +3,12 @@ queue without bound; 503 while draining or when the engine can no longer generat
 
 from __future__ import annotations
 
-from tokenspout.errors import EngineUnavailableError, OverloadedError, ShuttingDownError
+from tokenspout.errors import (
+    EngineUnavailableError,
+    InvalidRequestError,
+    OverloadedError,
+    ShuttingDownError,
+)
 from tokenspout.server.server_state import ServerState
 
 
@@ -18,6 +23,13 @@ def admit(state: ServerState, n: int = 1) -> None:
             raise EngineUnavailableError(f"{failure}; retry shortly", code="upstream_unavailable")
         raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
     cfg = state.config
+    if n > cfg.max_streams:
+        # Never admitted, however long the client waits: not a 429 to retry.
+        raise InvalidRequestError(
+            f"n is {n}, but this server runs at most {cfg.max_streams} streams at once "
+            "(--max-streams)",
+            param="n",
+        )
     if state.cluster is not None:
         return  # counted across replicas: key_admission.admit_shared
     if len(state.streams) + n > cfg.max_streams:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tokenspout.errors import PermissionDeniedError, RateLimitError
+from tokenspout.errors import InvalidRequestError, PermissionDeniedError, RateLimitError
 from tokenspout.server.api_keys import ApiKey
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int, n
     the key's new request and its ``n`` streams are counted (``stream_ended`` gives each
     stream back)."""
     check_model(state, key, model)
+    check_choices(key, n)
     try:
         state.key_limiter.admit(key, prompt_tokens, n)
     except RateLimitError as err:
@@ -34,6 +35,7 @@ async def admit_shared(
     unreachable)."""
     if key is not None:
         check_model(state, key, model)
+        check_choices(key, n)
     assert state.cluster is not None and state.cluster.admission is not None
     try:
         await state.cluster.admission.admit(key, prompt_tokens, n)
@@ -43,6 +45,16 @@ async def admit_shared(
         raise
     if key is not None:
         state.key_metrics.admitted(key.name)
+
+
+def check_choices(key: ApiKey, n: int) -> None:
+    """400 for more choices than the key may ever stream at once (a 429 would have the
+    client retry forever)."""
+    limit = key.max_concurrent_streams
+    if limit is not None and n > limit:
+        raise InvalidRequestError(
+            f"n is {n}, but key {key.name!r} may stream at most {limit} at once", param="n"
+        )
 
 
 def check_model(state: ServerState, key: ApiKey, model: str) -> None:
