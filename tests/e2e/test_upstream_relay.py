@@ -190,3 +190,27 @@ def test_n_choices_are_requests_of_their_own_upstream(
     sent = fault.stats()
     assert sent["received"] >= 2 and "n" not in sent["body"]
     assert sent["body"]["seed"] in (5, 6)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_n_choices_report_the_upstreams_prompt_tokens_once(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess, streamed: bool
+) -> None:
+    """The front never tokenizes: the prompt's tokens are the upstream's usage, counted
+    once for all choices, as the upstream itself reports them."""
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 5, "n": 2}  # fmt: skip
+    direct = httpx.post(f"{synthetic.base}/chat/completions", json=body).json()["usage"]
+    assert (direct["prompt_tokens"], direct["completion_tokens"]) == (2, 10)
+    url = f"{front(start_server, synthetic).url}/v1/chat/completions"
+    if streamed:
+        body.update(stream=True, stream_options={"include_usage": True})
+        with httpx.stream("POST", url, json=body) as r:
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        usage = json.loads(lines[-2])["usage"]
+    else:
+        r = httpx.post(url, json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+    assert usage == direct

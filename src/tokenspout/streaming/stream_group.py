@@ -146,7 +146,7 @@ class StreamGroup:
         """A choice failed: the group ends with its error, the other choices are aborted."""
         ends = [s.end for s in self.streams if s.end is not None]
         completion = sum(e.completion_tokens for e in ends)
-        self._failure = StreamEnd(None, self.prompt_tokens, completion, end.error)
+        self._failure = StreamEnd(None, self._prompt_of(ends), completion, end.error)
         self.abort("error")
         return self._failure
 
@@ -158,7 +158,14 @@ class StreamGroup:
         reasons = {e.finish_reason for e in ends}
         reason = "cancelled" if "cancelled" in reasons else ends[0].finish_reason
         completion = sum(e.completion_tokens for e in ends)
-        return StreamEnd(reason, self.prompt_tokens, completion)
+        return StreamEnd(reason, self._prompt_of(ends), completion)
+
+    def _prompt_of(self, ends: Sequence[StreamEnd]) -> int:
+        """The prompt's tokens, once: as the choices' engine reported them at their end.
+        An engine that never tokenizes (upstream) knows them only from its upstream's
+        usage, so the count the group opened with is 0 there, as is that of a choice
+        cancelled or failed before its upstream said."""
+        return max([self.prompt_tokens, *(e.prompt_tokens for e in ends)])
 
 
 class GroupCursor:
