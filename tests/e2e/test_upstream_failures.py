@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import RunningServer, free_port
 from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
+from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 FAST = {"backoff_s": 0.001, "stall_timeout_s": 0.5, "first_token_timeout_s": 5.0}
 
@@ -197,6 +198,40 @@ def test_first_token_timeout_is_a_504(
     r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic"}, timeout=30)
     assert r.status_code == 504
     assert "no first chunk within 0.3 s" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("request_kind", [CHAT, COMPLETION], ids=["chat", "completion"])
+def test_first_token_timeout_runs_past_a_chats_opening_role_chunk(
+    start_server: Callable[..., RunningServer], request_kind: tuple[str, dict]
+) -> None:
+    """vLLM and tokenspout open a chat stream at once with a chunk that carries only the
+    role, long before the first token: the first-token timeout still runs after it (the
+    shorter stall timeout does not), and no time to first token is measured to it."""
+    slow = f"{start_server(SyntheticEngine(ttft_ms=60_000)).url}/v1"
+    server = front(
+        start_server, slow, first_token_timeout_s=0.3, stall_timeout_s=0.1, retries=1,
+        backoff_s=0.001,
+    )  # fmt: skip
+    path, body = request_kind
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic"}, timeout=30)
+    assert r.status_code == 504, r.text
+    assert "no first chunk within 0.3 s" in r.json()["error"]["message"]
+    with pytest.raises(KeyError):
+        server.metric("tokenspout_upstream_time_to_first_token_seconds_count", f'upstream="{slow}"')
+
+
+def test_time_to_first_token_is_measured_to_the_first_token_not_the_role_chunk(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # The upstream's first token comes 0.5 s after the request, its role chunk at once.
+    upstream = f"{start_server(SyntheticEngine(ttft_ms=500)).url}/v1"
+    server = front(start_server, upstream)
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    name = "tokenspout_upstream_time_to_first_token_seconds"
+    assert server.metric(f"{name}_count", f'upstream="{upstream}"') == 1
+    assert server.metric(f"{name}_bucket", f'le="0.3",upstream="{upstream}"') == 0
 
 
 def test_all_upstreams_down_is_a_clear_503(start_server: Callable[..., RunningServer]) -> None:

@@ -18,7 +18,10 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
 @pytest.mark.parametrize(
     ("data", "chunk"),
     [
-        (chat({"role": "assistant", "content": ""}), UpstreamChunk("", (), None, None)),
+        (
+            chat({"role": "assistant", "content": ""}),
+            UpstreamChunk("", (), None, None, output=False),
+        ),
         (chat({"content": "Hi"}), UpstreamChunk("Hi", (), None, None)),
         (chat({}, "length"), UpstreamChunk("", (), "length", None)),
         (
@@ -27,7 +30,7 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
         ),
         (
             json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}),
-            UpstreamChunk("", (), None, (3, 9)),
+            UpstreamChunk("", (), None, (3, 9), output=False),
         ),
         (
             chat(
@@ -84,6 +87,55 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
 def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
     assert parse_chunk(data) == chunk
     assert parse_chunk(data.encode()) == chunk  # as the relay reads it: SSE data as bytes
+
+
+@pytest.mark.parametrize(
+    ("data", "output"),
+    [
+        # A chat stream's opening role, as vLLM and tokenspout, llama.cpp, OpenAI send it.
+        (chat({"role": "assistant", "content": ""}), False),
+        (chat({"role": "assistant", "content": None}), False),
+        (chat({"role": "assistant", "content": "", "refusal": None, "tool_calls": []}), False),
+        (  # vLLM's with continuous usage: no token generated yet
+            json.dumps(
+                {
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 0},
+                }
+            ),
+            False,
+        ),
+        (json.dumps({"choices": [{"index": 0, "text": ""}]}), False),
+        (json.dumps({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 9}}), False),
+        # The answer itself, even without text.
+        (chat({"role": "assistant", "content": "Hi"}), True),  # TGI's, Ollama's: role each time
+        (chat({}, "stop"), True),  # an answer that ends before any text
+        (chat({"role": "assistant", "content": ""}, "length"), True),
+        (json.dumps({"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}), True),
+        (chat({"tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}), True),
+        (chat({"content": None, "reasoning_content": "Let me think"}), True),
+        (
+            chat(
+                {"content": ""},
+                logprobs={"content": [{"token": "", "logprob": -0.1, "bytes": []}]},
+            ),
+            True,
+        ),
+        (
+            json.dumps(
+                {
+                    "choices": [{"index": 0, "delta": {"content": ""}}],
+                    "timings": {"prompt_n": 3, "predicted_n": 1},
+                }
+            ),
+            True,
+        ),
+    ],
+)
+def test_what_is_output_and_what_only_opens_a_chat(data: str, output: bool) -> None:
+    """The relay's first-token timeout and time to first token wait for output: a chat's
+    opening role chunk comes before any token is generated."""
+    assert parse_chunk(data).output is output
 
 
 @pytest.mark.parametrize(

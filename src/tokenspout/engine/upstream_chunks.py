@@ -2,8 +2,10 @@
 
 Chat chunks carry ``choices[0].delta`` (``content``, ``tool_calls``), completion chunks
 ``choices[0].text``; with ``stream_options.include_usage`` the last chunk has no choices and
-the ``usage``. Anything that is not such a chunk is a ``MalformedChunkError``: the relay then
-treats the upstream as failed, as it would a cut connection.
+the ``usage``. A chat stream usually opens with a chunk that has only the role
+(``{"role": "assistant", "content": ""}``), sent before any token is generated: no output
+yet. Anything that is not such a chunk is a ``MalformedChunkError``: the relay then treats
+the upstream as failed, as it would a cut connection.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class UpstreamChunk(NamedTuple):
     #: Tokens generated so far, this chunk's included, when the upstream says (the usage of
     #: a chunk with choices, or llama.cpp's ``timings.predicted_n``).
     generated: int | None = None
+    #: It carries some of the answer: not a chat's opening role alone, nor usage alone.
+    output: bool = True
 
 
 def parse_chunk(data: str | bytes) -> UpstreamChunk:
@@ -51,17 +55,22 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
         usage = _usage(chunk.get("usage"))
         choices = chunk["choices"]
         if not choices:
-            return UpstreamChunk("", (), None, usage)
+            return UpstreamChunk("", (), None, usage, output=False)
         choice = choices[0]
         delta = choice.get("delta")
         logprobs = choice.get("logprobs")
         if delta is None:  # a completion chunk
             text, calls = choice.get("text") or "", ()
             tokens = _completion_logprobs(logprobs) if logprobs else ()
+            said = bool(text)
         else:
             text = delta.get("content") or ""
             calls = tuple(_tool_call(c) for c in delta.get("tool_calls") or ())
             tokens = tuple(_chat_logprob(t) for t in (logprobs or {}).get("content") or ())
+            # Any field but the role counts, the ones not relayed too (a reasoning model's
+            # ``reasoning_content``, a ``refusal``): the upstream is generating. The usual
+            # chunk, with text, is not looked through (one per token).
+            said = bool(text) or any(value for key, value in delta.items() if key != "role")
         finish = choice.get("finish_reason")
         if not isinstance(text, str) or not (finish is None or isinstance(finish, str)):
             raise TypeError("text or finish_reason of the wrong type")
@@ -71,7 +80,8 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
             generated = int(timings["predicted_n"])
         else:
             generated = None
-        return UpstreamChunk(text, calls, finish, usage, tokens, generated)
+        output = said or bool(tokens) or finish is not None or bool(generated)
+        return UpstreamChunk(text, calls, finish, usage, tokens, generated, output)
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise MalformedChunkError(f"a chunk of an unexpected shape ({exc!r})") from None
 

@@ -38,7 +38,8 @@ class UpstreamMetrics:
         )
         self.ttft = Histogram(
             "tokenspout_upstream_time_to_first_token_seconds",
-            "Request sent to an upstream to its first chunk.",
+            "Request sent to an upstream to its first chunk with output (a chat's opening "
+            "chunk, with only the role, is none).",
             ["upstream"],
             buckets=_TTFT_BUCKETS,
             registry=None,

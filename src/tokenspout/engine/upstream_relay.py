@@ -1,11 +1,12 @@
 """One request's life against the upstreams: pick one, send, relay its chunks, and on a
 failure try again elsewhere.
 
-* Before the first chunk (connect error, 5xx, 429, no first chunk within
-  ``first_token_timeout_s``) the request is sent again to another healthy upstream, up to
-  ``retries`` times, after a backoff with jitter (at least a 429's ``Retry-After``). The
-  client's stream has only heartbeats meanwhile. Another 4xx is the client's own fault and
-  ends the request with that status and the upstream's message.
+* Before the first chunk with output (connect error, 5xx, 429, none within
+  ``first_token_timeout_s``; a chat's opening chunk, which has only the role and which vLLM
+  and tokenspout send before any token, is none) the request is sent again to another
+  healthy upstream, up to ``retries`` times, after a backoff with jitter (at least a 429's
+  ``Retry-After``). The client's stream has only heartbeats meanwhile. Another 4xx is the
+  client's own fault and ends the request with that status and the upstream's message.
 * After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
@@ -86,6 +87,8 @@ class _Part:
     tokens_before: int
     finish: str | None = None
     usage: tuple[int, int] | None = None
+    #: It has sent some of the answer (``UpstreamChunk.output``).
+    output: bool = False
 
 
 @dataclass
@@ -109,7 +112,7 @@ class UpstreamRelay:
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     _tool_calls_sent: bool = False
-    #: The current upstream has sent its first chunk (a timeout is then a stall).
+    #: The current upstream has sent its first chunk with output (a timeout is then a stall).
     _first_seen: bool = False
     #: What the current upstream's answer has said so far.
     _part: _Part | None = None
@@ -274,13 +277,18 @@ class UpstreamRelay:
                 payloads = decoder.feed(data)
                 if not payloads:
                     continue
-                if not self._first_seen:
+                done = self._take(payloads, part)
+                if part.output and not self._first_seen:
                     self._first_seen = True
                     self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
                     stall.start()
-                if done := self._take(payloads, part):
+                if done:
                     break  # [DONE]
                 server.streaming = True
+                if not self._first_seen:
+                    # Only a chat's opening role so far: the first-token timeout runs on,
+                    # and nothing was delivered that backpressure would hold.
+                    continue
                 stall.beat()
                 if not self.flowing.is_set():
                     # Held by backpressure: the stall clock stops meanwhile, and TCP's own
@@ -305,6 +313,7 @@ class UpstreamRelay:
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
             part.usage = chunk.usage or part.usage
+            part.output = part.output or chunk.output
         return False
 
     def _finish_part(self, server: UpstreamServer) -> None:

@@ -110,7 +110,11 @@ def serve(
         typer.Option(help="Tries on other upstreams after a failure, before or mid-answer (2)."),
     ] = None,
     upstream_first_token_timeout_s: Annotated[
-        float | None, typer.Option(help="No first chunk within this: try another upstream (60).")
+        float | None,
+        typer.Option(
+            help="No first chunk with output (a chat's role alone is none) within this: try "
+            "another upstream (60)."
+        ),
     ] = None,
     upstream_stall_timeout_s: Annotated[
         float | None,
