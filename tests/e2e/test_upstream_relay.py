@@ -7,6 +7,7 @@ upstream (``tests/upstream_faults.py``), here answering normally."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -190,6 +191,26 @@ def test_n_choices_are_requests_of_their_own_upstream(
     sent = fault.stats()
     assert sent["received"] >= 2 and "n" not in sent["body"]
     assert sent["body"]["seed"] in (5, 6)
+
+
+def test_usage_along_the_stream_and_the_request_log_have_the_upstreams_prompt_tokens(
+    start_server: Callable[..., RunningServer],
+    synthetic: UpstreamProcess,
+    caplog,  # type: ignore[no-untyped-def]
+) -> None:
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    server = front(start_server, synthetic)
+    with (
+        caplog.at_level(logging.INFO, logger="tokenspout.requests"),
+        httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r,
+    ):
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    texts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert texts and all(c["usage"]["prompt_tokens"] == 2 for c in texts), texts
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tokenspout.requests"]
+    assert [line["prompt_tokens"] for line in logged] == [2]
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])

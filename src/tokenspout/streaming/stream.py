@@ -308,6 +308,10 @@ class Stream:
         text, num_tokens, prompt_tokens, completion_tokens, finish_reason, extras, token_id = item
         if self.first_output_at is None:
             self.first_output_at = time.monotonic()
+        if prompt_tokens > self.prompt_tokens:
+            # An engine that does not tokenize (upstream) learns the count from its server's
+            # usage: the request log, the key's metrics and usage sent along use it from now.
+            self.prompt_tokens = prompt_tokens
         self._completion_tokens = completion_tokens
         if text or num_tokens:
             buffer = self._buffer
