@@ -89,3 +89,16 @@ def test_sampling_does_not_modify_the_callers_logits() -> None:
     before = logits.clone()
     sample(logits, [SamplingParams(top_k=3, top_p=0.5, temperature=0.7)] * 2)
     assert torch.equal(logits, before)
+
+
+def test_seeds_that_differ_only_in_their_high_bits_draw_differently() -> None:
+    # Mersenne Twister keeps a seed's low 32 bits; the whole signed 64-bit seed must count.
+    def draws(seed: int) -> list[float]:
+        uniforms = Uniforms(seed)
+        return [uniforms.next() for _ in range(4)]
+
+    seeds = [7, 7 + 2**32, 7 + 2**40, 7 - 2**63, -1, 2**63 - 1, 0, -(2**63)]
+    assert len({tuple(draws(s)) for s in seeds}) == len(seeds)
+    # A seed within 32 bits draws as it always did (a seeded answer does not change).
+    generator = torch.Generator().manual_seed(7)
+    assert draws(7) == torch.rand(4, generator=generator).tolist()

@@ -56,6 +56,22 @@ class Sampled(NamedTuple):
     logprobs: list[RowLogprobs | None]
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _seed32(seed: int) -> int:
+    """The 32 bits torch's CPU generator takes (Mersenne Twister keeps a seed's low 32
+    bits: 7 and 7 + 2**32 drew the same answer). A seed that fits in them is used as it is,
+    so its draws are what they were; any other signed 64-bit seed is mixed down
+    (splitmix64's finaliser), so that seeds which differ only in their high bits differ."""
+    if 0 <= seed < 1 << 32:
+        return seed
+    z = (seed & _MASK64) + 0x9E3779B97F4A7C15 & _MASK64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
+    return (z ^ (z >> 31)) & 0xFFFFFFFF
+
+
 class Uniforms:
     """A request's uniforms in [0, 1), one per sampled token, from a generator seeded by the
     request's seed (random without one).
@@ -73,7 +89,7 @@ class Uniforms:
         if seed is None:
             self._generator.seed()
         else:
-            self._generator.manual_seed(seed)
+            self._generator.manual_seed(_seed32(seed))
         self._ahead: list[float] = []  # the next draws, last first
 
     def next(self) -> float:
