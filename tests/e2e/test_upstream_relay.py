@@ -208,7 +208,8 @@ def test_usage_along_the_stream_and_the_request_log_have_the_upstreams_prompt_to
     ):
         chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
     texts = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
-    assert texts and all(c["usage"]["prompt_tokens"] == 2 for c in texts), texts
+    usages = [c["usage"] for c in texts]
+    assert usages and all(u["prompt_tokens"] == 2 for u in usages), usages
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "tokenspout.requests"]
     assert [line["prompt_tokens"] for line in logged] == [2]
 

@@ -310,9 +310,9 @@ class UpstreamRelay:
             if payload == b"[DONE]":
                 return True
             chunk = parse_chunk(payload)
+            part.usage = chunk.usage or part.usage
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
-            part.usage = chunk.usage or part.usage
             part.output = part.output or chunk.output
         return False
 
@@ -323,12 +323,15 @@ class UpstreamRelay:
         self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
 
     def _deliver(self, chunk: UpstreamChunk, part: _Part) -> None:
+        # The prompt's tokens once the upstream has said (usage in every chunk): the stream
+        # counts them from there (the request log, usage sent along); 0 until then.
+        prompt = 0 if part.usage is None else max(0, part.usage[0] - part.tokens_before)
         if not (chunk.tool_calls or chunk.logprobs):
             if chunk.text:  # the usual chunk: text, nothing else
                 n = self._count(chunk, part)
                 self.tokens += n
                 self.parts.append(chunk.text)
-                self._emit(EngineOutput(chunk.text, n, 0, self.tokens))
+                self._emit(EngineOutput(chunk.text, n, prompt, self.tokens))
             return
         if chunk.tool_calls:
             self._tool_calls_sent = True
@@ -344,7 +347,7 @@ class UpstreamRelay:
             self.tokens += n
             if text:
                 self.parts.append(text)
-            self._emit(EngineOutput(text, n, 0, self.tokens, None, extras))
+            self._emit(EngineOutput(text, n, prompt, self.tokens, None, extras))
 
     def _count(self, chunk: UpstreamChunk, part: _Part) -> int:
         """The tokens a chunk of ``part`` with output accounts for: the upstream's own count
