@@ -96,6 +96,7 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
             (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
             (generate("q", "hi", 0), "q", "max_tokens"),
             (json.dumps({"type": "cancel", "id": "ghost"}), "ghost", "no running stream"),
+            ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
         ]
         for text, msg_id, words in bad:
             await ws.send(text)

@@ -58,6 +58,8 @@ def test_ids_of_up_to_the_limit_are_taken() -> None:
         ('{"type": "generate", "id": 7, "prompt": "x"}', "id must be a string"),
         ('{"type": "generate", "id": "", "prompt": "x"}', "id must be a string"),
         (json.dumps({"type": "cancel", "id": "x" * (MAX_ID_LENGTH + 1)}), "1 to 128"),
+        ('{"type": "cancel", "id": "a\\ud800"}', "lone surrogate"),  # echoed, it cannot be sent
+        ('{"type": "generate", "id": "\\udfff", "prompt": "x"}', "lone surrogate"),
     ],
 )
 def test_unreadable_messages_are_refused_without_an_id(text: str, says: str) -> None:

@@ -44,6 +44,13 @@ def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Clien
     msg_id = data.get("id")
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
         raise InvalidRequestError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
+    if not msg_id.isascii():
+        try:
+            msg_id.encode()
+        except UnicodeEncodeError:
+            # Checked before anything names it: every answer about it echoes the id, and a
+            # frame with a lone surrogate cannot be sent (the socket dropped).
+            raise InvalidRequestError("id contains a lone surrogate (such as \\ud800)") from None
     try:
         check_value(data, max_depth)
     except InvalidRequestError as err:
