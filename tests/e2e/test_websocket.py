@@ -70,8 +70,12 @@ async def test_two_streams_one_cancelled(start_server) -> None:  # type: ignore[
     assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
 
 
-async def test_closing_the_socket_stops_everything(start_server) -> None:  # type: ignore[no-untyped-def]
-    server: RunningServer = start_server(SyntheticEngine(itl_ms=10, max_num_seqs=2))
+@pytest.mark.parametrize("resumable", [False, True])
+async def test_closing_the_socket_stops_everything(start_server, resumable: bool) -> None:  # type: ignore[no-untyped-def]
+    # With --resumable too: no WebSocket client could resume a stream, and one left
+    # generating for --resume-grace-s would hold its slot for nobody.
+    engine = SyntheticEngine(itl_ms=10, max_num_seqs=2)
+    server: RunningServer = start_server(engine, resumable=resumable)
     async with connect(ws_url(server)) as ws:
         for i in range(3):  # two run, one waits
             await ws.send(generate(str(i), "x", 4000))
@@ -96,6 +100,7 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
             (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
             (generate("q", "hi", 0), "q", "max_tokens"),
             (json.dumps({"type": "cancel", "id": "ghost"}), "ghost", "no running stream"),
+            (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable"),
             ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
         ]
         for text, msg_id, words in bad:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -158,7 +159,16 @@ class WebSocketSession:
             raise InvalidRequestError(
                 "n > 1 is not available over /v1/ws: open one stream per choice", param="n"
             )
-        return generation
+        options = getattr(body, "stream_options", None)
+        if options is not None and options.resumable:
+            raise InvalidRequestError(
+                "a stream over /v1/ws is not resumable (no message carries a position to "
+                "resume from): leave stream_options.resumable out, or use SSE",
+                param="stream_options.resumable",
+            )
+        # Not with --resumable either: nothing could resume it, and a resumable stream whose
+        # socket closed would generate for nobody through --resume-grace-s, holding its slot.
+        return replace(generation, resumable=False)
 
     async def _follow(self, follower: WebSocketStream) -> None:
         try:
