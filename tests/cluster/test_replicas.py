@@ -77,6 +77,34 @@ def test_resume_across_replicas_through_nginx_after_three_cuts(
     assert sum(1 for n in served if n) >= 2
 
 
+def test_a_resume_past_a_finished_streams_end_is_400_on_every_replica(
+    replica_set: ReplicaSet,
+) -> None:
+    import redis
+
+    from tokenspout.cluster import redis_keys
+
+    owner, other = replica_set.start_many(2, "--synthetic-itl-ms", "1")
+    with httpx.stream("POST", f"{owner.url}/v1/chat/completions", json=chat_body(5)) as r:
+        stream_id = r.headers["x-stream-id"]
+        ids = [event_id for event_id, _ in sse_events(r.iter_lines()) if event_id]
+    last = ids[-1]  # the end's last event: "<id>:5.1"
+    # The owner writes the end to Redis behind the stream (within its 20 ms group commit):
+    # until then the other replica follows a running stream. Polled: there is no signal.
+    shared = redis.Redis.from_url(replica_set.redis.url)
+    deadline = time.monotonic() + 30
+    while shared.hget(redis_keys.meta(stream_id), "state") != b"ended":
+        assert time.monotonic() < deadline, "the owner never wrote the stream's end"
+        time.sleep(0.01)
+    for replica in (owner, other):
+        url = f"{replica.url}/v1/streams/{stream_id}"
+        with httpx.stream("GET", url, headers={"Last-Event-ID": last}) as r:
+            assert r.status_code == 200
+            assert [d for _, d in sse_events(r.iter_lines())] == ["[DONE]"]
+        r = httpx.get(url, headers={"Last-Event-ID": f"{stream_id}:999"})
+        assert r.status_code == 400 and "position 999" in r.json()["error"]["message"], r.text
+
+
 def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet) -> None:
     """Over HTTP, then as a WebSocket cancel naming the stream id."""
     from websockets.sync.client import connect

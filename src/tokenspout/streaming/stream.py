@@ -201,7 +201,9 @@ class Stream:
                 'with "stream_options": {"resumable": true} (or start the server with '
                 "--resumable)"
             )
-        if start > self.length and not self.positions_ahead:
+        # A copy of another replica's stream may lag behind what its client was sent, but
+        # once it has ended its length is the stream's own.
+        if start > self.length and (self.finished or not self.positions_ahead):
             raise InvalidRequestError(
                 f"stream {self.id} is at position {self.length} (tokens so far); cannot resume "
                 f"after position {start}"
