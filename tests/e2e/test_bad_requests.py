@@ -18,6 +18,13 @@ MSG = [{"role": "user", "content": "hi"}]
 CASES: list[tuple[str, str, object, int, str]] = [
     # name, path, body (bytes = raw), status, text the message must contain
     ("malformed json", "/v1/chat/completions", b'{"messages": [', 400, "not valid JSON"),
+    (
+        "NaN",
+        "/v1/completions",
+        b'{"prompt": "x", "temperature": NaN}',
+        400,
+        "NaN is not a JSON value",
+    ),
     ("body not an object", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
     ("not utf-8", "/v1/chat/completions", b"\xff\xfe{}", 400, "not valid JSON"),
     ("messages missing", "/v1/chat/completions", {}, 400, "messages"),

@@ -64,11 +64,21 @@ def check_value(data: Any, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
             stack.extend((item, [*path, i]) for i, item in enumerate(value))
 
 
+class _NotJson(ValueError):
+    pass
+
+
+def _not_json(name: str) -> Any:
+    # Python's json takes NaN and Infinity, which JSON (RFC 8259) does not have: a NaN
+    # temperature was refused as "should be less than or equal to 2".
+    raise _NotJson(f"{name} is not a JSON value")
+
+
 def parse(raw: str | bytes, what: str) -> Any:
     """``json.loads``, its failures as ``InvalidRequestError`` (``what``: body or message)."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_not_json)
+    except (json.JSONDecodeError, UnicodeDecodeError, _NotJson) as exc:
         raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequestError(f"{what}: JSON is nested too deeply") from None
