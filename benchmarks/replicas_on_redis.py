@@ -265,6 +265,14 @@ def takeover(args: argparse.Namespace) -> None:
     print(f"p50 {statistics.median(times):.3f} s, max {max(times):.3f} s, min {min(times):.3f} s")
 
 
+def print_latencies(title: str, results: dict[str, list[float]]) -> None:
+    samples = min(len(values) for values in results.values())
+    print(f"\n{title}, {samples} samples each:")
+    for name, values in results.items():
+        p50, p99 = percentile(values, 50) * 1e3, percentile(values, 99) * 1e3
+        print(f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+
+
 def resume(args: argparse.Namespace) -> None:
     print(machine())
     results: dict[str, list[float]] = {"same replica": [], "other replica": []}
@@ -293,10 +301,7 @@ def resume(args: argparse.Namespace) -> None:
             for proc, _ in replicas:
                 proc.terminate()
             redis.stop()
-    print(f"\nresume (request → first replayed event), {args.samples} samples each:")
-    for name, values in results.items():
-        p50, p99 = percentile(values, 50) * 1e3, percentile(values, 99) * 1e3
-        print(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    print_latencies("resume (request → first replayed event)", results)
 
 
 def open_cost(args: argparse.Namespace) -> None:
@@ -333,10 +338,7 @@ def open_cost(args: argparse.Namespace) -> None:
             for proc, _ in replicas:
                 proc.terminate()
             redis.stop()
-    print(f"\nrequest → first event of a resumable stream, {args.samples} samples each:")
-    for name, values in first.items():
-        p50, p99 = percentile(values, 50) * 1e3, percentile(values, 99) * 1e3
-        print(f"{name}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print_latencies("request → first event of a resumable stream", first)
     ratio = statistics.median(first["redis"]) / statistics.median(first["memory"])
     print(f"redis / memory p50: {ratio:.2f}")
     answers = ", ".join(f"{n} x {status}" for status, n in sorted(cancels.items()))
