@@ -42,6 +42,7 @@ from tokenspout.engine.interface import Engine, EngineStats, OutputSink
 from tokenspout.engine.request import (
     ChatMessage,
     EngineOutput,
+    FinishReason,
     Prompt,
     SamplingParams,
     check_chat_ending,
@@ -311,15 +312,12 @@ class SyntheticEngine(Engine):
         """Give ``req`` its next token; whether it goes on after this one."""
         req.produced += 1
         self._generation_tokens += 1
-        more = req.produced < req.max_tokens
+        reason: FinishReason | None = None if req.produced < req.max_tokens else "length"
         text = next(req.words)
         if req.detokenizer is not None:
-            text, more = self._cut(req, text, more)
-        if not more:
+            text, reason = self._cut(req, text, reason)
+        if reason is not None:
             self._stop(req)
-        reason = None if more else "length"
-        if req.detokenizer is not None and req.detokenizer.finish_reason is not None:
-            reason = req.detokenizer.finish_reason
         try:
             req.sink(_output((text, 1, req.prompt_tokens, req.produced, reason, None, None)))
         except Exception:
@@ -328,18 +326,21 @@ class SyntheticEngine(Engine):
             if req.running:
                 self._stop(req)
             return False
-        return more
+        return reason is None
 
     @staticmethod
-    def _cut(req: _Request, word: str, more: bool) -> tuple[str, bool]:
+    def _cut(
+        req: _Request, word: str, reason: FinishReason | None
+    ) -> tuple[str, FinishReason | None]:
         """The text a request with stop strings may show for its next ``word`` (what its
-        detokenizer releases), and whether it goes on after it."""
+        detokenizer releases), and its finish reason: ``"stop"`` at a stop string, else
+        ``reason`` (``"length"`` releases what was held back)."""
         assert req.texts is not None and req.detokenizer is not None
         req.texts.append(word)
         text = req.detokenizer.add(len(req.texts) - 1)
         if req.detokenizer.finish_reason is not None:
-            return text, False
-        return (text, True) if more else (text + req.detokenizer.flush(), False)
+            return text, "stop"
+        return (text + req.detokenizer.flush(), reason) if reason else (text, None)
 
     def _die(self, exc: Exception) -> None:
         """The step machinery itself failed: nothing can be trusted to advance any more.
