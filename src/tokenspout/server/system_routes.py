@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from tokenspout.errors import ModelNotFoundError
+from tokenspout.server.generation_request import check_model
 from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.server_state import ServerState, state_of
@@ -56,8 +56,10 @@ def _model_entries(state: ServerState) -> dict[str, dict[str, Any]]:
     entries = {}
     for name in state.served_names():
         root = name if name in models else engine.model_id
-        entry = {"id": name, "object": "model", "created": state.created, "owned_by": owner}
-        entry["root"] = root
+        entry = {
+            "id": name, "object": "model", "created": state.created, "owned_by": owner,
+            "root": root,
+        }  # fmt: skip
         length = engine.context_length(root)
         if length is not None:  # an upstream that does not say: left out, not guessed
             entry["max_model_len"] = length
@@ -73,14 +75,11 @@ async def models(request: Request) -> Response:
 
 @api.get("/v1/models/{model_id:path}")
 async def model(request: Request, model_id: str) -> Response:
-    """One served model (the SDK's ``models.retrieve``); 404 naming those served."""
-    entries = _model_entries(state_of(request))
-    if model_id not in entries:
-        served = ", ".join(entries)
-        raise ModelNotFoundError(
-            f"model {model_id!r} is not served here; served: {served}", param="model"
-        )
-    return JSONResponse(entries[model_id])
+    """One served model (the SDK's ``models.retrieve``); the answer a request naming it
+    would get otherwise (404 naming those served)."""
+    state = state_of(request)
+    check_model(state, model_id)
+    return JSONResponse(_model_entries(state)[model_id])
 
 
 @api.get("/v1/streams/{stream_id}")
