@@ -90,6 +90,12 @@ class _Part:
     #: It has sent some of the answer (``UpstreamChunk.output``).
     output: bool = False
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The request's prompt tokens, once the upstream's usage has said (0 before): a
+        continuation's prompt holds the answer's tokens before it, which come off."""
+        return 0 if self.usage is None else max(0, self.usage[0] - self.tokens_before)
+
 
 @dataclass
 class UpstreamRelay:
@@ -201,7 +207,7 @@ class UpstreamRelay:
         prompt, params = self.prompt, self.params
         if self.tokens:
             if self.tokens >= params.max_tokens:
-                self._finish("length", None, 0)
+                self._finish("length", None)
                 return
             sofar = Continuation("".join(self.parts), None, self.tokens)
             prompt, params = self.continuation(prompt, params, sofar)
@@ -320,12 +326,12 @@ class UpstreamRelay:
         part = self._part
         assert part is not None and part.finish is not None
         self.metrics.requests.labels(server.address, "200").inc()
-        self._finish(part.finish, part.usage, self.tokens - part.tokens_before)
+        self._finish(part.finish, part)
 
     def _deliver(self, chunk: UpstreamChunk, part: _Part) -> None:
-        # The prompt's tokens once the upstream has said (usage in every chunk): the stream
-        # counts them from there (the request log, usage sent along); 0 until then.
-        prompt = 0 if part.usage is None else max(0, part.usage[0] - part.tokens_before)
+        # The stream counts the prompt's tokens from the first output that has them (the
+        # request log, usage sent along), not only from the last.
+        prompt = part.prompt_tokens
         if not (chunk.tool_calls or chunk.logprobs):
             if chunk.text:  # the usual chunk: text, nothing else
                 n = self._count(chunk, part)
@@ -356,14 +362,13 @@ class UpstreamRelay:
             return 1
         return max(part.tokens_before + chunk.generated - self.tokens, 1)
 
-    def _finish(self, finish: str, usage: tuple[int, int] | None, part_tokens: int) -> None:
+    def _finish(self, finish: str, part: _Part | None) -> None:
         """The last output: the finish reason and the usage of all parts. The last part's
         upstream reports its usage; a cut part's tokens are its outputs counted here, and
         a continuation's prompt holds them, so they come off its prompt tokens."""
-        before = self.tokens - part_tokens
         prompt, completion = 0, self.tokens
-        if usage is not None:
-            prompt, completion = max(0, usage[0] - before), before + usage[1]
+        if part is not None and part.usage is not None:
+            prompt, completion = part.prompt_tokens, part.tokens_before + part.usage[1]
         reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
         self._emit(EngineOutput("", 0, prompt, completion, reason), last=True)
 
