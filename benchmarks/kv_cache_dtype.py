@@ -82,7 +82,9 @@ def main() -> None:
         raise SystemExit("this model has no one-call decode step")
     with tempfile.TemporaryDirectory() as tmp:
         base = build_base(args.base, Path(tmp)).decode_layers
-    base.argtypes, base.restype = lib.decode_layers.argtypes, lib.decode_layers.restype
+    # the base's decode_layers predates the int8 flag (the 4th argument)
+    own_types = lib.decode_layers.argtypes
+    base.argtypes, base.restype = own_types[:3] + own_types[4:], lib.decode_layers.restype
 
     fp32 = Fp32Scales(layers)
 
@@ -102,7 +104,8 @@ def main() -> None:
             logits = torch.empty(batch, layers.vocab)
             status = fn(
                 rows(*(100 + s for s in range(batch))), batch, layers.gemm_rows,
-                *weights[0], rows(*range(batch)), rows(*[context + n] * batch),
+                *(() if fn is base else (layers.int8,)), *weights[0], rows(*range(batch)),
+                rows(*[context + n] * batch),
                 model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(), weights[1],
                 *weights[2], k.data_ptr(), v.data_ptr(), slots, k.shape[3],
                 logits.data_ptr(),

@@ -47,8 +47,9 @@ def main() -> None:
         row = ctypes.c_int64 * 1
         logits = torch.empty(1, layers.vocab)
         layers._call(
-            row(chunk.token_ids[0]), 1, layers.gemm_rows, *layers._embed_blocks, row(chunk.slot),
-            row(chunk.start_pos), model.rope.cos.data_ptr(), model.rope.sin_signed.data_ptr(),
+            row(chunk.token_ids[0]), 1, layers.gemm_rows, layers.int8, *layers._embed_blocks,
+            row(chunk.slot), row(chunk.start_pos), model.rope.cos.data_ptr(),
+            model.rope.sin_signed.data_ptr(),
             layers._layers, *layers._rest, cache.k.data_ptr(), cache.v.data_ptr(),
             cache.k.shape[1], cache.k.shape[3], logits.data_ptr(),
         )  # fmt: skip

@@ -100,6 +100,52 @@ def test_q8_0_matches_its_dequantised_weights(rows: int, k: int) -> None:
     assert torch.equal(linear.rows(ids), weights[ids])
 
 
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] rounded per row and block of 32 as the int8 GEMMs round it (x * (127 /
+    max|x|) in fp32, to nearest even), back to values: float64 [M, K]."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    assert q.abs().max() <= 127
+    return (q.double() * (amax / 127).double()).reshape(x.shape)
+
+
+@pytest.mark.parametrize("rows", [1, 9, 16, 17, 33])
+@pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (64, 1536)])
+def test_int8_gemms_match_their_arithmetic(rows: int, n: int, k: int, kernels_build: str) -> None:
+    # Decode steps' GEMMs on the int8 builds: the dequantised weights (q * d + m) times x
+    # rounded to int8, by exact integer sums scaled per block. Against that arithmetic in
+    # float64 the error is fp32 rounding; against unrounded x, ~4e-3.
+    gen = torch.Generator().manual_seed(rows + n)
+    x = activations(rows, k, seed=rows)
+    q4 = block_kernels.quantize_q4_1(torch.randn(n, k, generator=gen))
+    linear = block_kernels.Q4Linear(q4["qs"], q4["d"], q4["m"])
+    q8 = block_kernels.quantize_q8_0(torch.randn(n, k, generator=gen))
+    head = block_kernels.Q8Linear(q8["qs"], q8["d"])
+    if kernels_build not in block_kernels.INT8_BUILDS:
+        with pytest.raises(ValueError, match="int8"):
+            linear.gemm(x, int8=True)
+        return
+    rounded = int8_rounded(x)
+    weights = linear.dequantize().double()
+    expected = rounded @ weights.T
+    scale = (x.abs().double() @ weights.abs().T).max()
+    got = linear.gemm(x, int8=True)
+    assert ((got.double() - expected).abs().max() / scale).item() < 1e-6
+    assert ((got.double() - x.double() @ weights.T).abs().max() / scale).item() > 1e-4
+    gate, up = expected.chunk(2, dim=-1) if n % 2 == 0 else (None, None)
+    if gate is not None:
+        got = linear.swiglu(x, int8=True)
+        sizes = (x.abs().double() @ weights.abs().T).chunk(2, dim=-1)
+        bound = 1e-6 * sizes[0].max() * sizes[1].max()
+        assert (got.double() - torch.nn.functional.silu(gate) * up).abs().max() < bound
+    weights = block_kernels.dequantize_q8_0(q8["qs"], q8["d"]).double()
+    scale = (x.abs().double() @ weights.abs().T).max()
+    got = head.gemm(x, int8=True)
+    assert ((got.double() - rounded @ weights.T).abs().max() / scale).item() < 1e-6
+
+
 def test_rows_of_a_batch_do_not_depend_on_each_other() -> None:
     # Each row is quantised and summed on its own by the kernel, and has a lane of its own in
     # the GEMM's tiles: a sequence's logits must not change with what else is in the step
@@ -313,9 +359,12 @@ def test_decode_layers_match_the_torch_layers(
     expected = reference_decode(
         ids, embed, layers, final, head, pos, slot, expected_caches, heads, eps
     )  # fmt: skip
+    # int16 GEMMs: int8 ones (test_int8_gemms_match_their_arithmetic) round x 256x coarser,
+    # and a rounding that flips at a step of x's grid moves everything after it.
     decoder = block_kernels.DecodeLayers(
-        layers, final, embed, head, heads=heads, kv_heads=kv_heads, head_dim=64, eps=eps
-    )
+        layers, final, embed, head, heads=heads, kv_heads=kv_heads, head_dim=64, eps=eps,
+        int8=False,
+    )  # fmt: skip
     rope = Rotary(64, 10000.0, 40, torch.float32)
     got = decoder(ids.tolist(), slot.tolist(), pos.tolist(), rope.cos, rope.sin_signed, *caches)
     # The kernels round the matmuls' inputs to int16 per block of 32 (~1e-5 of the block's

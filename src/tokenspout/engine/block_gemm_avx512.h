@@ -32,7 +32,7 @@ static inline int64_t packed_floats(int64_t M, int64_t K) {
 static inline int64_t panel_floats(int64_t K) { return NR * K / 2 + 2 * NR * (K / 32); }
 
 /* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) quantised into their chunk of xt. */
-static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
+static inline void pack_rows16(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
     const int64_t nb = K / 32, rows = packed_rows(M);
     int32_t *pairs = (int32_t *)xt + m0 * (K / 2);
     float *scale = xt + rows * (K / 2) + m0 * nb, *sum = scale + rows * nb;
@@ -52,8 +52,8 @@ static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, f
 
 /* The panel: row i holds W's row rows[i] (q as int16, d, m as fp32), or zeros where
  * rows[i] < 0. */
-static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int64_t K,
-                              float *panel) {
+static inline void fill_panel16(const BlockWeights *w, const int64_t rows[NR], int64_t K,
+                                float *panel) {
     const int64_t nb = K / 32;
     int16_t *q = (int16_t *)panel;
     float *d = panel + NR * K / 2, *m = d + NR * nb;
@@ -126,23 +126,184 @@ static inline __attribute__((always_inline)) void vnni_tile(const float *panel, 
     for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
 }
 
-/* The panel against every chunk of the packed x, written as the fp32 GEMM writes them:
- * plain, y[m, n0 + i] for i < rows; swiglu, rows 0..NR/2 are gate rows and the rest the
- * matching up rows, y[m, n0 + i] = silu(gate) * up. The first chunk fetches ``ahead``. */
+/* ---- int8 x: the GEMMs of decode steps (decode_layers) --------------------------------------
+ *
+ * Why: VPDPBUSD does 64 products (unsigned bytes by signed bytes) per instruction, twice
+ * VPDPWSSD's 32, and Q4_1's q (0..15) are bytes already. x is rounded per row and block of 32
+ * to int8 with the scale max|x| / 127, as llama.cpp rounds it: 256x coarser than int16. Only
+ * decode steps take it. A prompt's last row gives the answer's first token, and int8 there
+ * moved this model's greedy answer to "What is the capital of France?" off Paris; in decode
+ * steps alone it kept Paris, and teacher-forced top-1 agreement with the fp32 reference is in
+ * RESULTS.md. Q8_0's q are signed (the LM head): x goes in as x + 128, unsigned, and the
+ * block's 128 * sum(q) comes off its sum, exactly (both < 2^24, so exact in fp32 too).
+ *
+ * Layout: x per chunk of 16 rows as int32 quads [K/4][16] (lane j: row j's x[4p .. 4p + 3]),
+ * then scales and sums (of the rounded values) [nb][16] as above. A panel: NR rows of q as bytes [NR][K] (read as
+ * quads), then d and c as fp32 [NR][nb], c being m for Q4_1 and 128 * sum(q) for Q8_0. Both
+ * take less room than the int16 layouts, whose sizes the scratch is allocated for. */
+
+/* One block of 32 floats -> int8 q with the scale max|x| / 127 (to nearest), and the sum of
+ * the rounded values (scale * sum(q), exact in integers): Q4_1's m term taken on the rounded
+ * x, as its q * d term is, so that the block's weights q * d + m meet one x. With the exact
+ * sum instead (as the int16 rounding has it), the errors of the two terms did not cancel, and
+ * the teacher-forced check's agreement fell from 156 to 149 of 160. */
+static inline void quantize_block8(const float *xb, int8_t *q, float *scale, float *sum) {
+    const __m512 lo = _mm512_loadu_ps(xb), hi = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+    const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+    const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
+    const __m512i qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtsepi32_epi8(qlo));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtsepi32_epi8(qhi));
+    *scale = amax / 127.0f;
+    *sum = *scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+}
+
+/* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) rounded to int8 into their chunk of
+ * xt. */
+static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
+    const int64_t nb = K / 32, rows = packed_rows(M);
+    int32_t *quads = (int32_t *)xt + m0 * (K / 4);
+    float *scale = xt + rows * (K / 4) + m0 * nb, *sum = scale + rows * nb;
+    for (int64_t j = 0; j < 16; j++) {
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t q[8] = {0};
+            float s = 0.0f, total = 0.0f;
+            if (m0 + j < M) quantize_block8(x + (m0 + j) * K + b * 32, (int8_t *)q, &s, &total);
+            for (int64_t p = 0; p < 8; p++) quads[(b * 8 + p) * 16 + j] = q[p];
+            scale[b * 16 + j] = s;
+            sum[b * 16 + j] = total;
+        }
+    }
+}
+
+/* The panel of int8 tiles: row i holds W's row rows[i] (q as bytes in k's order, d and c as
+ * fp32), or zeros where rows[i] < 0. */
+static inline void fill_panel8(const BlockWeights *w, const int64_t rows[NR], int64_t K,
+                               float *panel) {
+    const int64_t nb = K / 32;
+    int8_t *q = (int8_t *)panel;
+    float *d = panel + NR * K / 4, *c = d + NR * nb;
+    const __m128i low = _mm_set1_epi8(0x0F);
+    for (int i = 0; i < NR; i++) {
+        int8_t *qi = q + i * K;
+        const int64_t n = rows[i];
+        if (n < 0) {
+            for (int64_t k = 0; k < K; k++) qi[k] = 0;
+            for (int64_t b = 0; b < nb; b++) d[i * nb + b] = c[i * nb + b] = 0.0f;
+            continue;
+        }
+        if (w->m) { /* byte j of a block: weight j in its low nibble, j + 16 in its high one */
+            const uint8_t *qn = (const uint8_t *)w->qs + n * nb * 16;
+            for (int64_t b = 0; b < nb; b++) {
+                const __m128i v = _mm_loadu_si128((const __m128i *)(qn + b * 16));
+                _mm_storeu_si128((__m128i *)(qi + b * 32), _mm_and_si128(v, low));
+                _mm_storeu_si128((__m128i *)(qi + b * 32 + 16),
+                                 _mm_and_si128(_mm_srli_epi16(v, 4), low));
+            }
+        } else {
+            const int8_t *qn = (const int8_t *)w->qs + n * K;
+            for (int64_t b = 0; b < nb; b++) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(qn + b * 32));
+                _mm256_storeu_si256((__m256i *)(qi + b * 32), v);
+                const __m512i wide = _mm512_cvtepi8_epi16(v);
+                c[i * nb + b] = 128.0f * (float)_mm512_reduce_add_epi32(_mm512_madd_epi16(
+                                             wide, _mm512_set1_epi16(1)));
+            }
+        }
+        for (int64_t b0 = 0; b0 < nb; b0 += 64) {
+            const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
+            halves(w->d + n * nb + b0, bn, d + i * nb + b0);
+            if (w->m) halves(w->m + n * nb + b0, bn, c + i * nb + b0);
+        }
+    }
+}
+
+/* vnni_tile with int8 x: the panel's NR rows against one chunk -> out[NR][16]. has_m: Q4_1
+ * (q unsigned, x signed), else Q8_0 (x + 128 unsigned, q signed, c taken off). */
+static inline __attribute__((always_inline)) void vnni_tile8(const float *panel, int64_t K,
+                                                             const int32_t *xq, const float *xs,
+                                                             const float *xsum, const int has_m,
+                                                             const Ahead *ahead,
+                                                             float out[NR][16]) {
+    const int64_t nb = K / 32, quarter = K / 4;
+    const int32_t *wq = (const int32_t *)panel;
+    const float *d = panel + NR * quarter, *c = d + NR * nb;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 f[NR];
+    for (int i = 0; i < NR; i++) f[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m512i a[NR];
+        for (int i = 0; i < NR; i++) a[i] = _mm512_setzero_si512();
+        if (ahead) fetch_part(ahead, b, nb);
+        for (int64_t p = b * 8; p < b * 8 + 8; p++) {
+            const __m512i xv = _mm512_loadu_si512(xq + p * 16);
+            if (has_m) {
+                for (int i = 0; i < NR; i++)
+                    a[i] = _mm512_dpbusd_epi32(a[i], _mm512_set1_epi32(wq[i * quarter + p]), xv);
+            } else {
+                const __m512i xu = _mm512_xor_si512(xv, flip);
+                for (int i = 0; i < NR; i++)
+                    a[i] = _mm512_dpbusd_epi32(a[i], xu, _mm512_set1_epi32(wq[i * quarter + p]));
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(xs + b * 16);
+        for (int i = 0; i < NR; i++) {
+            __m512 total = _mm512_cvtepi32_ps(a[i]);
+            if (!has_m) total = _mm512_sub_ps(total, _mm512_set1_ps(c[i * nb + b]));
+            f[i] = _mm512_fmadd_ps(total, _mm512_mul_ps(s, _mm512_set1_ps(d[i * nb + b])), f[i]);
+        }
+        if (has_m) {
+            const __m512 sm = _mm512_loadu_ps(xsum + b * 16);
+            for (int i = 0; i < NR; i++)
+                f[i] = _mm512_fmadd_ps(sm, _mm512_set1_ps(c[i * nb + b]), f[i]);
+        }
+    }
+    for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
+}
+
+/* Rows [m0, m0 + 16) of x packed for int8 tiles or int16 ones. */
+static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt,
+                             const int int8) {
+    if (int8)
+        pack_rows8(x, M, K, m0, xt);
+    else
+        pack_rows16(x, M, K, m0, xt);
+}
+
+/* The panel for int8 tiles or int16 ones. */
+static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int64_t K,
+                              float *panel, const int int8) {
+    if (int8)
+        fill_panel8(w, rows, K, panel);
+    else
+        fill_panel16(w, rows, K, panel);
+}
+
+/* The panel against every chunk of the packed x (int8 or int16, as packed and filled),
+ * written as the fp32 GEMM writes them: plain, y[m, n0 + i] for i < rows; swiglu, rows
+ * 0..NR/2 are gate rows and the rest the matching up rows, y[m, n0 + i] = silu(gate) * up.
+ * The first chunk fetches ``ahead``. */
 static inline void multiply_panel(const float *panel, const float *xt, int64_t M, int64_t K,
                                   int64_t n0, int64_t rows, int64_t N, float *y,
-                                  const BlockWeights *w, const int swiglu, const Ahead *ahead) {
+                                  const BlockWeights *w, const int swiglu, const Ahead *ahead,
+                                  const int int8) {
     const int has_m = w->m != NULL;
-    const int64_t nb = K / 32, chunks = packed_rows(M);
-    const float *scales = xt + chunks * (K / 2), *sums = scales + chunks * nb;
+    const int64_t nb = K / 32, chunks = packed_rows(M), per_row = int8 ? K / 4 : K / 2;
+    const float *scales = xt + chunks * per_row, *sums = scales + chunks * nb;
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
         float out[NR][16];
-        const int32_t *xq = (const int32_t *)xt + m0 * (K / 2);
+        const int32_t *xq = (const int32_t *)xt + m0 * per_row;
+        const float *xs = scales + m0 * nb, *xsum = sums + m0 * nb;
         const Ahead *fetch = m0 == 0 ? ahead : NULL;
-        if (has_m)
-            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 1, fetch, out);
+        if (int8 && has_m)
+            vnni_tile8(panel, K, xq, xs, xsum, 1, fetch, out);
+        else if (int8)
+            vnni_tile8(panel, K, xq, xs, xsum, 0, fetch, out);
+        else if (has_m)
+            vnni_tile(panel, K, xq, xs, xsum, 1, fetch, out);
         else
-            vnni_tile(panel, K, xq, scales + m0 * nb, sums + m0 * nb, 0, fetch, out);
+            vnni_tile(panel, K, xq, xs, xsum, 0, fetch, out);
         if (swiglu) {
             for (int64_t i = 0; i < rows; i++)
                 for (int h = 0; h < 2; h++)

@@ -35,6 +35,9 @@
  * below. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define AVX512_VNNI
+#define INT8_X 1 /* decode steps' GEMMs may round x to int8 (block_gemm_avx512.h) */
+#else
+#define INT8_X 0
 #endif
 
 /* Rows of x processed together, so that each unpacked weight block serves several rows. */
@@ -524,7 +527,11 @@ static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, 
 #define PACK_ROWS 8
 static inline int64_t packed_floats(int64_t M, int64_t K) { return (M + 7) / 8 * 8 * K; }
 static inline int64_t panel_floats(int64_t K) { return NR * K; }
-static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
+/* int8: the AVX-512 build's int8 x for decode steps; this build has no VPDPBUSD, and
+ * decode_layers never asks it for int8. */
+static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt,
+                             const int int8) {
+    (void)int8;
     pack_rows8(x, M, K, m0, xt);
 }
 
@@ -573,7 +580,8 @@ static inline void dequant_row(const BlockWeights *w, int64_t n, int64_t K, floa
 
 /* The panel [NR][K]: row i is W's row rows[i], or zeros where rows[i] < 0. */
 static inline void fill_panel(const BlockWeights *w, const int64_t rows[NR], int64_t K,
-                              float *panel) {
+                              float *panel, const int int8) {
+    (void)int8; /* as in pack_rows */
     for (int i = 0; i < NR; i++) {
         if (rows[i] >= 0)
             dequant_row(w, rows[i], K, panel + i * K);
@@ -615,8 +623,10 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *panel, 
  * matching up rows, and y[m, n0 + i] = silu(gate) * up for i < rows (y [M, N], N = I). */
 static inline void multiply_panel(const float *panel, const float *xt, int64_t M, int64_t K,
                                   int64_t n0, int64_t rows, int64_t N, float *y,
-                                  const BlockWeights *w, const int swiglu, const Ahead *ahead) {
+                                  const BlockWeights *w, const int swiglu, const Ahead *ahead,
+                                  const int int8) {
     (void)w; /* the panel holds fp32 weights, whichever the format */
+    (void)int8; /* as in pack_rows */
     const int64_t Mp = (M + 7) / 8 * 8;
     for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
         float out[NR][16];
@@ -645,26 +655,26 @@ static inline void multiply_panel(const float *panel, const float *xt, int64_t M
 #include "block_gemm_avx512.h"
 #endif
 
-/* y[M, N] = x @ W^T from x packed (xt), this thread's share of W's rows, one panel (scratch
- * of panel_floats(K)) at a time, either build's fill_panel and multiply_panel; ends with the
- * team's barrier (an orphaned omp for). */
+/* y[M, N] = x @ W^T from x packed (xt, int8 or not as int8 says), this thread's share of W's
+ * rows, one panel (scratch of panel_floats(K)) at a time, either build's fill_panel and
+ * multiply_panel; ends with the team's barrier (an orphaned omp for). */
 static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t K, int64_t N,
-                      float *panel, float *y) {
+                      float *panel, float *y, const int int8) {
 #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += NR) {
         int64_t rows[NR];
         for (int64_t i = 0; i < NR; i++) rows[i] = n0 + i < N ? n0 + i : -1;
-        fill_panel(w, rows, K, panel);
+        fill_panel(w, rows, K, panel, int8);
         const Ahead ahead = after_panel(w, n0, N, K);
-        multiply_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w, 0,
-                       &ahead);
+        multiply_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w, 0, &ahead,
+                       int8);
     }
 }
 
 /* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T (W13: I gate rows, then I up
  * rows), as team_gemm. */
 static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M, int64_t K,
-                             int64_t I, float *panel, float *act) {
+                             int64_t I, float *panel, float *act, const int int8) {
 #pragma omp for schedule(static)
     for (int64_t i0 = 0; i0 < I; i0 += NR / 2) {
         int64_t rows[NR];
@@ -672,18 +682,20 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
             rows[i] = i0 + i < I ? i0 + i : -1;
             rows[NR / 2 + i] = i0 + i < I ? I + i0 + i : -1;
         }
-        fill_panel(w13, rows, K, panel);
+        fill_panel(w13, rows, K, panel, int8);
         const Ahead ahead = after_swiglu_panel(w13, i0, I, K);
         multiply_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act, w13,
-                       1, &ahead);
+                       1, &ahead, int8);
     }
 }
 
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]
- * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu). Returns 0, or -1
- * without memory for the packed x and the panels. */
+ * = silu(gate) * up of W's N gate rows, then N up rows (team_gemm_swiglu); x rounded to int8
+ * where int8 is set (and the build has INT8_X). Returns 0, or -1 without memory for the
+ * packed x and the panels. */
 static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *w, int64_t N,
-                      float *y, const int swiglu) {
+                      float *y, const int swiglu, int int8) {
+    int8 = int8 && INT8_X;
     const int threads = omp_get_max_threads();
     float *xt = malloc(packed_floats(M, K) * sizeof(float));
     float *panels = malloc(threads * panel_floats(K) * sizeof(float));
@@ -691,12 +703,12 @@ static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *
 #pragma omp parallel
         {
 #pragma omp for schedule(static)
-            for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, xt);
+            for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, xt, int8);
             float *panel = panels + omp_get_thread_num() * panel_floats(K);
             if (swiglu)
-                team_gemm_swiglu(w, xt, M, K, N, panel, y);
+                team_gemm_swiglu(w, xt, M, K, N, panel, y, int8);
             else
-                team_gemm(w, xt, M, K, N, panel, y);
+                team_gemm(w, xt, M, K, N, panel, y, int8);
         }
     }
     const int failed = !xt || !panels;
@@ -708,7 +720,7 @@ static int block_gemm(const float *x, int64_t M, int64_t K, const BlockWeights *
 int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
               const uint16_t *m, int64_t N, float *y) {
     const BlockWeights w = {qs, d, m};
-    return block_gemm(x, M, K, &w, N, y, 0);
+    return block_gemm(x, M, K, &w, N, y, 0, 0);
 }
 
 /* act[M, I] = silu(gate) * up, [gate | up] = x @ W^T for Q4_1 W [2 * I, K] (I gate rows,
@@ -717,13 +729,33 @@ int q4_1_gemm(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uin
 int q4_1_gemm_swiglu(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
                      const uint16_t *m, int64_t I, float *act) {
     const BlockWeights w = {qs, d, m};
-    return block_gemm(x, M, K, &w, I, act, 1);
+    return block_gemm(x, M, K, &w, I, act, 1, 0);
 }
 
 int q8_0_gemm(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d,
               int64_t N, float *y) {
     const BlockWeights w = {qs, d, NULL};
-    return block_gemm(x, M, K, &w, N, y, 0);
+    return block_gemm(x, M, K, &w, N, y, 0, 0);
+}
+
+/* The three GEMMs above with x rounded to int8, the arithmetic of decode steps' GEMMs in
+ * decode_layers (the builds with INT8_X only): for their tests and benchmarks. */
+int q4_1_gemm_int8(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d,
+                   const uint16_t *m, int64_t N, float *y) {
+    const BlockWeights w = {qs, d, m};
+    return block_gemm(x, M, K, &w, N, y, 0, 1);
+}
+
+int q4_1_gemm_swiglu_int8(const float *x, int64_t M, int64_t K, const uint8_t *qs,
+                          const uint16_t *d, const uint16_t *m, int64_t I, float *act) {
+    const BlockWeights w = {qs, d, m};
+    return block_gemm(x, M, K, &w, I, act, 1, 1);
+}
+
+int q8_0_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *qs, const uint16_t *d,
+                   int64_t N, float *y) {
+    const BlockWeights w = {qs, d, NULL};
+    return block_gemm(x, M, K, &w, N, y, 0, 1);
 }
 
 /* ---- A decode step's decoder layers in one call (1..MAX_M tokens, Q4_1 weights) ---------
@@ -782,16 +814,16 @@ static void team_swiglu(const BlockWeights *w, const QuantizedX *qx, int64_t M, 
 }
 
 /* A matmul's input as each thread holds its own copy: quantised rows for the kernels, or x
- * packed for the GEMMs (with the thread's panel). */
+ * packed for the GEMMs (with the thread's panel), as int8 where int8 is set. */
 typedef struct {
-    int gemm;
+    int gemm, int8;
     QuantizedX qx;
     float *xt, *panel;
 } Operand;
 
 static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
     if (op->gemm) {
-        for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, op->xt);
+        for (int64_t m0 = 0; m0 < M; m0 += PACK_ROWS) pack_rows(x, M, K, m0, op->xt, op->int8);
     } else {
         quantize_rows(x, M, K, &op->qx);
     }
@@ -800,7 +832,7 @@ static inline void prepare(const float *x, int64_t M, int64_t K, Operand *op) {
 static inline void team_matmul(const BlockWeights *w, const Operand *op, int64_t M, int64_t K,
                                int64_t N, float *y) {
     if (op->gemm)
-        team_gemm(w, op->xt, M, K, N, op->panel, y);
+        team_gemm(w, op->xt, M, K, N, op->panel, y, op->int8);
     else
         team_linear(w, &op->qx, M, K, N, y);
 }
@@ -808,7 +840,7 @@ static inline void team_matmul(const BlockWeights *w, const Operand *op, int64_t
 static inline void team_matmul_swiglu(const BlockWeights *w13, const Operand *op, int64_t M,
                                       int64_t K, int64_t I, float *act) {
     if (op->gemm)
-        team_gemm_swiglu(w13, op->xt, M, K, I, op->panel, act);
+        team_gemm_swiglu(w13, op->xt, M, K, I, op->panel, act, op->int8);
     else
         team_swiglu(w13, &op->qx, M, K, I, act);
 }
@@ -976,7 +1008,8 @@ static inline __attribute__((always_inline)) void attend_heads(
 }
 
 /* Run M (1..MAX_M) decode tokens from their embedding rows through all L layers, the final
- * norm and the LM head; the matmuls by the kernels for M < gemm_from, else by the GEMMs.
+ * norm and the LM head; the matmuls by the kernels for M < gemm_from, else by the GEMMs, with
+ * x rounded to int8 where int8 is set and the build has int8 tiles (INT8_X), else int16.
  *   ids [M]: the tokens; embed_qs, embed_d: the embedding's Q8_0 blocks [vocab, H];
  *   slots, positions [M]: each token's KV-cache slot and position; cos, sin_signed: RoPE
  *   tables [max_len, D], read at the positions.
@@ -986,7 +1019,8 @@ static inline __attribute__((always_inline)) void attend_heads(
  * D a multiple of 64, at most 256; H, I and Hq * D multiples of 32. Returns 0, -1 when
  * scratch memory could not be allocated, -2 for M outside 1..MAX_M or over MAX_M_KERNEL
  * below gemm_from. */
-int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t *embed_qs,
+int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, int int8,
+                  const int8_t *embed_qs,
                   const uint16_t *embed_d, const int64_t *slots, const int64_t *positions,
                   const float *cos, const float *sin_signed, const LayerWeights *layers,
                   int64_t L, const float *final_norm, const int8_t *head_qs,
@@ -994,6 +1028,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
                   int64_t I, float eps, uint16_t *k_cache, uint16_t *v_cache, int64_t num_slots,
                   int64_t max_len, float *logits) {
     const int gemm = M >= gemm_from;
+    int8 = int8 && gemm && INT8_X;
     if (M < 1 || M > MAX_M || (!gemm && M > MAX_M_KERNEL)) return -2;
     const int64_t width = (Hq + 2 * Hkv) * D, group = Hq / Hkv;
     int64_t widest = H > I ? H : I;
@@ -1017,7 +1052,7 @@ int decode_layers(const int64_t *ids, int64_t M, int64_t gemm_from, const int8_t
         {
             const int t = omp_get_thread_num();
             float *xr = scratch + t * own, *normed = xr + M * H, *scores = normed + M * widest;
-            Operand op = {gemm, {NULL, NULL, NULL}, NULL, NULL};
+            Operand op = {gemm, int8, {NULL, NULL, NULL}, NULL, NULL};
             if (gemm) {
                 op.xt = scores;
                 op.panel = op.xt + packed_floats(M, widest);

@@ -40,6 +40,10 @@ _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp", "-s
 ISAS = ("avx2", "avx512-vnni")
 _ISA_FLAGS = {"avx2": [], "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
 ISA_VARIABLE = "TOKENSPOUT_KERNELS"
+#: The builds whose GEMMs can also take x rounded to int8 (VPDPBUSD: 64 products per
+#: instruction, twice int16's), which decode steps use: block_gemm_avx512.h says why and
+#: where, RESULTS.md what it costs in agreement with the fp32 reference and gains in speed.
+INT8_BUILDS = ("avx512-vnni",)
 
 
 def supported_isas() -> tuple[str, ...]:
@@ -138,13 +142,19 @@ def _load(target: str) -> ctypes.CDLL | None:
     lib.q4_1_gemm.argtypes = lib.q4_1_linear.argtypes
     lib.q8_0_gemm.argtypes = lib.q8_0_linear.argtypes
     lib.q4_1_gemm_swiglu.argtypes = lib.q4_1_linear.argtypes
+    lib.q4_1_gemm_int8.argtypes = lib.q4_1_linear.argtypes
+    lib.q4_1_gemm_swiglu_int8.argtypes = lib.q4_1_linear.argtypes
+    lib.q8_0_gemm_int8.argtypes = lib.q8_0_linear.argtypes
     for name in ("q4_1_linear", "q8_0_linear", "q4_1_gemm", "q8_0_gemm", "q4_1_gemm_swiglu"):
         getattr(lib, name).restype = ctypes.c_int
+        if name.endswith(("gemm", "swiglu")):
+            getattr(lib, name + "_int8").restype = ctypes.c_int
     lib.add_rms_norm.argtypes = [ptr, ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.add_rms_norm.restype = None
     lib.rope_and_store.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.rope_and_store.restype = None
-    lib.decode_layers.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr]
+    lib.decode_layers.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.decode_layers.argtypes += [ptr, i64, ptr, ptr]
     lib.decode_layers.argtypes += [ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, ptr, ptr]
     lib.decode_layers.argtypes += [i64, i64, ptr]
     lib.decode_layers.restype = ctypes.c_int
@@ -162,6 +172,13 @@ def _loaded(user: str) -> ctypes.CDLL:
 def available() -> bool:
     """Whether the kernels run here: a CPU with AVX2 and FMA, and a compiler or a prior build."""
     return _library() is not None
+
+
+def _int8(wanted: bool) -> bool:
+    """Whether to run a GEMM with int8 x: ``wanted``, which the loaded build must offer."""
+    if wanted and loaded_isa() not in INT8_BUILDS:
+        raise ValueError(f"int8 GEMMs need one of the builds {', '.join(INT8_BUILDS)}")
+    return wanted
 
 
 class _BlockLinear:
@@ -184,6 +201,7 @@ class _BlockLinear:
         lib = _loaded(type(self).__name__)
         self._kernel = getattr(lib, kernel + "_linear")
         self._gemm = getattr(lib, kernel + "_gemm")
+        self._gemm_int8 = getattr(lib, kernel + "_gemm_int8")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x fp32 [M, K] -> [M, N], by the kernel or the GEMM as M asks."""
@@ -193,9 +211,11 @@ class _BlockLinear:
         """x fp32 [M, K] -> [M, N] by the block kernel (x rounded to int16 per block)."""
         return self._run(self._kernel, x)
 
-    def gemm(self, x: torch.Tensor) -> torch.Tensor:
-        """x fp32 [M, K] -> [M, N] by the GEMM (fp32 on the dequantised weights)."""
-        return self._run(self._gemm, x)
+    def gemm(self, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N] by the GEMM: as the build computes prefills (fp32 on the
+        dequantised weights, or x rounded to int16 per block), or with ``int8`` as decode
+        steps' GEMMs do (x rounded to int8 per block; ``INT8_BUILDS`` only)."""
+        return self._run(self._gemm_int8 if _int8(int8) else self._gemm, x)
 
     def _run(
         self, call: ctypes._CFuncPtr, x: torch.Tensor, width: int | None = None
@@ -217,16 +237,20 @@ class Q4Linear(_BlockLinear):
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__("q4_1", qs, d, m)
         self._swiglu = _loaded(type(self).__name__).q4_1_gemm_swiglu
+        self._swiglu_int8 = _loaded(type(self).__name__).q4_1_gemm_swiglu_int8
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights [N, K]."""
         return dequantize_q4_1(*self.blocks)
 
-    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+    def swiglu(self, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """x fp32 [M, K] -> silu(gate) * up [M, N / 2], for W's first N / 2 rows the gate's
         and the rest the up projection's (a fused MLP input matmul). From ``KERNEL_ROWS`` + 1
         rows in one GEMM call, whose panels apply SiLU and the product before they write;
-        below, by the kernel and two torch ops."""
+        below, by the kernel and two torch ops. ``int8``: by the GEMM with int8 x, whatever
+        the rows (as ``gemm``)."""
+        if _int8(int8):
+            return self._run(self._swiglu_int8, x, self.n // 2)
         if x.shape[0] <= self.KERNEL_ROWS:
             gate, up = self.kernel(x).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate) * up
@@ -261,10 +285,11 @@ class DecodeLayers:
     ROWS = 64  # the C function's MAX_M
     #: Per build, from how many tokens on the matmuls run as GEMMs on weights unpacked a
     #: panel at a time rather than by the block kernels (at most the C side's MAX_M_KERNEL
-    #: + 1 = 17). Measured (RESULTS.md): 8 for AVX2; 9 for AVX-512, whose kernels took 8
-    #: tokens in 0.76-0.87x the GEMM's time and 9 in 1.02-1.06x. An instance's
-    #: ``gemm_rows`` is its loaded build's (benchmarks/gemm_rows.py sets it).
-    GEMM_ROWS: ClassVar[dict[str, int]] = {"avx2": 8, "avx512-vnni": 9}
+    #: + 1 = 17). Measured (RESULTS.md): 8 for AVX2; 7 for AVX-512 with its int8 GEMMs,
+    #: which took 7 tokens in 0.86-0.94x the kernels' time and 6 in 0.96-1.05x (9 when its
+    #: GEMMs were int16). An instance's ``gemm_rows`` is its loaded build's
+    #: (benchmarks/gemm_rows.py sets it).
+    GEMM_ROWS: ClassVar[dict[str, int]] = {"avx2": 8, "avx512-vnni": 7}
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
@@ -278,13 +303,18 @@ class DecodeLayers:
         kv_heads: int,
         head_dim: int,
         eps: float,
+        int8: bool = True,
     ):
         """``layers``: per layer (attn_norm, wqkv, wo, ffn_norm, w13, w2); norms fp32 [H];
-        ``embed`` [vocab, H] and ``head`` [V, H]."""
+        ``embed`` [vocab, H] and ``head`` [V, H]. ``int8``: steps of ``gemm_rows`` tokens or
+        more round the matmuls' inputs to int8 where the build can (``INT8_BUILDS``), else
+        as prefills do."""
         if head_dim % 64 or head_dim > self.MAX_HEAD_DIM or heads % kv_heads:
             raise ValueError(f"decode_layers cannot run head_dim {head_dim}, {heads}/{kv_heads}")
         self._call = _loaded(type(self).__name__).decode_layers
         self.gemm_rows = self.GEMM_ROWS[str(loaded_isa())]
+        #: Whether steps of ``gemm_rows`` tokens or more round x to int8.
+        self.int8 = int8 and loaded_isa() in INT8_BUILDS
         # Kept alive here: the C side gets their addresses only.
         self._norms = [t.float().contiguous() for t, *_ in layers] + [
             t.float().contiguous() for _, _, _, t, *_ in layers
@@ -335,7 +365,8 @@ class DecodeLayers:
         rows = ctypes.c_int64 * m
         logits = torch.empty(m, self.vocab)
         status = self._call(
-            rows(*ids), m, self.gemm_rows, *self._embed_blocks, rows(*slots), rows(*positions),
+            rows(*ids), m, self.gemm_rows, self.int8, *self._embed_blocks, rows(*slots),
+            rows(*positions),
             cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],
             logits.data_ptr(),
