@@ -18,7 +18,8 @@
  * term. The products are exact integers; the error is that of x's rounding, under 2e-5 of
  * the block's largest value. (llama.cpp rounds x to int8, 256x coarser: on this 135M model
  * that moved the greedy answer to "What is the capital of France?" off Paris, and top-1
- * agreement with the fp32 reference fell to 150 of 160 steps.)
+ * agreement with the fp32 reference fell to 150 of 160 steps. The AVX-512 VNNI build's GEMMs
+ * take int8 x in decode steps only, where it is twice as fast: block_gemm_avx512.h.)
  *
  * Threads: OpenMP over output rows. The library is linked against the libgomp PyTorch has
  * already loaded (same soname), so it shares torch's thread pool and its thread count.
