@@ -137,6 +137,27 @@ def test_q4_1_batched_decode_agrees_with_reference_top1(q4_1: ModelRunner) -> No
     assert agree / total >= 0.95, f"q4_1 batched top-1 agreement {agree}/{total}"
 
 
+def test_a_prompt_token_in_a_batched_decode_step_picks_the_first_token_as_alone(
+    q4_1: ModelRunner,
+) -> None:
+    # A prompt whose rest came from the prefix cache runs its last token as a one-token
+    # chunk, batched with decode steps. Its row picks the answer's first token, and int8 x
+    # (the AVX-512 build's decode GEMMs) moved this one from "The" to "L'": such a step keeps
+    # int16 x. Every row here is that prompt, at a batch the GEMMs run.
+    from tokenspout.engine.request import ChatMessage
+
+    tok = q4_1.tokenizer
+    prompt = tok.encode(tok.render_chat([ChatMessage("user", "What is the capital of France?")]))
+    alone = int(q4_1.forward([SeqChunk(0, prompt, 0)])[0].argmax())
+    rows = q4_1.num_slots  # GEMM_ROWS: the fixture's
+    for slot in range(rows):
+        q4_1.forward([SeqChunk(slot, prompt[:-1], 0, prompt=True)])
+    chunks = [SeqChunk(slot, prompt[-1:], len(prompt) - 1, prompt=True) for slot in range(rows)]
+    firsts = q4_1.forward(chunks).argmax(-1).tolist()
+    assert tok.decode([alone]) == "The"
+    assert firsts == [alone] * rows
+
+
 @pytest.mark.parametrize("slots", [[0, 1, 2], [5, 1, 3]], ids=["consecutive", "scattered"])
 @pytest.mark.parametrize("fmt", ["fp32", "int8", "fp16", "q4_1"])
 def test_batched_decode_equals_each_alone(

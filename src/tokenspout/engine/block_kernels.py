@@ -345,10 +345,13 @@ class DecodeLayers:
         sin_signed: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
+        int8: bool = True,
     ) -> torch.Tensor:
         """Logits fp32 [M, V] of M <= ROWS tokens ``ids`` at ``slots``, ``positions`` (M ints
         each); ``cos``, ``sin_signed``: RoPE's whole tables [max_len, D] (``Rotary``); the
         caches of all layers, fp16 [L, slots, Hkv, max_len, D], get each token's k and v.
+        ``int8`` false: this step's GEMMs keep int16 x whatever ``self.int8`` says (a step
+        with a prompt's last token, which picks an answer's first token).
 
         The ids, slots and positions go in as ctypes arrays, not tensors: right after a step
         torch's code is cold, and packing them as tensors cost ~0.2 ms of a ~10 ms batch-1
@@ -365,7 +368,7 @@ class DecodeLayers:
         rows = ctypes.c_int64 * m
         logits = torch.empty(m, self.vocab)
         status = self._call(
-            rows(*ids), m, self.gemm_rows, self.int8, *self._embed_blocks, rows(*slots),
+            rows(*ids), m, self.gemm_rows, self.int8 and int8, *self._embed_blocks, rows(*slots),
             rows(*positions),
             cos.data_ptr(), sin_signed.data_ptr(), self._layers, *self._rest,
             k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[1], k_cache.shape[3],

@@ -359,15 +359,17 @@ class LlamaModel:
         slots: Sequence[int],
         positions: Sequence[int],
         cache: KVCache,
+        int8: bool = True,
     ) -> torch.Tensor:
         """A step of ``decode_rows`` or fewer one-token sequences in one C call: each token
         of ``token_ids`` at its position of ``positions`` in its slot of ``slots`` (N ints
         each) attends to its slot's cache and writes its KV there. Returns float32 logits
-        [N, V]."""
+        [N, V]. ``int8``: a step whose GEMMs may round x to int8 (``DecodeLayers``)."""
         assert self.decode_layers is not None, "decode needs decode_rows > 0"
         return self.decode_layers(
-            token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v
-        )
+            token_ids, slots, positions, self.rope.cos, self.rope.sin_signed, cache.k, cache.v,
+            int8=int8,
+        )  # fmt: skip
 
     def forward(
         self,

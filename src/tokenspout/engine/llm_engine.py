@@ -350,7 +350,7 @@ class LLMEngine(Engine):
         runner = self._runner()
         for copy in plan.copies:
             runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens)
-        chunks = [SeqChunk(c.seq.slot, c.token_ids, c.start_pos) for c in plan.chunks]
+        chunks = [SeqChunk(c.seq.slot, c.token_ids, c.start_pos, c.is_prefill) for c in plan.chunks]
         # Prompts whose logprobs are asked for: every position's logits.
         full = [
             i for i, c in enumerate(plan.chunks) if c.is_prefill and c.seq.params.prompt_logprobs

@@ -31,6 +31,9 @@ class SeqChunk:
     slot: int  # KV-cache slot owned by the sequence (0 <= slot < num_slots)
     token_ids: Sequence[int]  # a prompt chunk, or the one last sampled token
     start_pos: int  # position of token_ids[0]; KV for [0, start_pos) is already in the slot
+    #: token_ids are prompt tokens. A one-token prompt chunk (a prompt whose rest came from
+    #: the prefix cache) then picks an answer's first token, and its step keeps int16 x.
+    prompt: bool = False
 
 
 class ModelRunner:
@@ -117,7 +120,9 @@ class ModelRunner:
             # runs here, so no inference mode either (entering it cold cost up to ~0.1 ms).
             ids = [c.token_ids[0] for c in chunks]
             slots = [c.slot for c in chunks]
-            return self.model.decode(ids, slots, [c.start_pos for c in chunks], self.cache)
+            positions = [c.start_pos for c in chunks]
+            int8 = not any(c.prompt for c in chunks)
+            return self.model.decode(ids, slots, positions, self.cache, int8=int8)
         with torch.inference_mode():
             token_ids, positions, batch, logit_rows = self._plan(chunks)
             return self.model.forward(token_ids, positions, batch, self.cache, logit_rows)
