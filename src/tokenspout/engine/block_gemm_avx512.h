@@ -31,25 +31,6 @@ static inline int64_t packed_floats(int64_t M, int64_t K) {
 /* A panel: q pairs [NR][K / 2], then d and m [NR][nb]. */
 static inline int64_t panel_floats(int64_t K) { return NR * K / 2 + 2 * NR * (K / 32); }
 
-/* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) quantised into their chunk of xt. */
-static inline void pack_rows16(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
-    const int64_t nb = K / 32, rows = packed_rows(M);
-    int32_t *pairs = (int32_t *)xt + m0 * (K / 2);
-    float *scale = xt + rows * (K / 2) + m0 * nb, *sum = scale + rows * nb;
-    for (int64_t j = 0; j < 16; j++) {
-        for (int64_t b = 0; b < nb; b++) {
-            int16_t q[32] = {0};
-            float s = 0.0f, total = 0.0f;
-            if (m0 + j < M) quantize_block(x + (m0 + j) * K + b * 32, q, &s, &total);
-            for (int64_t p = 0; p < 16; p++)
-                pairs[(b * 16 + p) * 16 + j] = (int32_t)((uint16_t)q[2 * p] |
-                                                         ((uint32_t)(uint16_t)q[2 * p + 1] << 16));
-            scale[b * 16 + j] = s;
-            sum[b * 16 + j] = total;
-        }
-    }
-}
-
 /* The panel: row i holds W's row rows[i] (q as int16, d, m as fp32), or zeros where
  * rows[i] < 0. */
 static inline void fill_panel16(const BlockWeights *w, const int64_t rows[NR], int64_t K,
@@ -159,24 +140,6 @@ static inline void quantize_block8(const float *xb, int8_t *q, float *scale, flo
     *sum = *scale * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
 }
 
-/* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) rounded to int8 into their chunk of
- * xt. */
-static inline void pack_rows8(const float *x, int64_t M, int64_t K, int64_t m0, float *xt) {
-    const int64_t nb = K / 32, rows = packed_rows(M);
-    int32_t *quads = (int32_t *)xt + m0 * (K / 4);
-    float *scale = xt + rows * (K / 4) + m0 * nb, *sum = scale + rows * nb;
-    for (int64_t j = 0; j < 16; j++) {
-        for (int64_t b = 0; b < nb; b++) {
-            int32_t q[8] = {0};
-            float s = 0.0f, total = 0.0f;
-            if (m0 + j < M) quantize_block8(x + (m0 + j) * K + b * 32, (int8_t *)q, &s, &total);
-            for (int64_t p = 0; p < 8; p++) quads[(b * 8 + p) * 16 + j] = q[p];
-            scale[b * 16 + j] = s;
-            sum[b * 16 + j] = total;
-        }
-    }
-}
-
 /* The panel of int8 tiles: row i holds W's row rows[i] (q as bytes in k's order, d and c as
  * fp32), or zeros where rows[i] < 0. */
 static inline void fill_panel8(const BlockWeights *w, const int64_t rows[NR], int64_t K,
@@ -262,13 +225,28 @@ static inline __attribute__((always_inline)) void vnni_tile8(const float *panel,
     for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
 }
 
-/* Rows [m0, m0 + 16) of x packed for int8 tiles or int16 ones. */
+/* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) rounded to int8 or int16 into their
+ * chunk of xt: a block's 32 values are 8 or 16 int32 words (quads or pairs), word p of row j
+ * at [b][p][j]. */
 static inline void pack_rows(const float *x, int64_t M, int64_t K, int64_t m0, float *xt,
                              const int int8) {
-    if (int8)
-        pack_rows8(x, M, K, m0, xt);
-    else
-        pack_rows16(x, M, K, m0, xt);
+    const int64_t nb = K / 32, rows = packed_rows(M), words = int8 ? 8 : 16;
+    int32_t *packed = (int32_t *)xt + m0 * nb * words;
+    float *scale = xt + rows * nb * words + m0 * nb, *sum = scale + rows * nb;
+    for (int64_t j = 0; j < 16; j++) {
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t q[16] = {0}; /* the block as 32 int8 or int16 values */
+            float s = 0.0f, total = 0.0f;
+            const float *xb = x + (m0 + j) * K + b * 32;
+            if (m0 + j < M && int8)
+                quantize_block8(xb, (int8_t *)q, &s, &total);
+            else if (m0 + j < M)
+                quantize_block(xb, (int16_t *)q, &s, &total);
+            for (int64_t p = 0; p < words; p++) packed[(b * words + p) * 16 + j] = q[p];
+            scale[b * 16 + j] = s;
+            sum[b * 16 + j] = total;
+        }
+    }
 }
 
 /* The panel for int8 tiles or int16 ones. */
