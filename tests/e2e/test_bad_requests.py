@@ -195,6 +195,34 @@ def test_a_prompt_too_long_names_the_field_it_came_in(
         assert error["param"] == param and why in error["message"], (path, error)
 
 
+@pytest.mark.parametrize("key", ["\u00b2", "\u0661", "-1", "1.0", " 1"])
+def test_a_logit_bias_key_is_ascii_digits(synthetic_server: RunningServer, key: str) -> None:
+    # "²" and "١" are str.isdigit() but not token ids: the first was a 500 (int() refused
+    # it), the second read as token 1.
+    body = {"messages": MSG, "max_tokens": 1, "logit_bias": {key: 1}}
+    for path, prompt in (("/v1/chat/completions", {}), ("/v1/completions", {"prompt": "a"})):
+        fields = {k: v for k, v in body.items() if not prompt or k != "messages"}
+        r = httpx.post(synthetic_server.url + path, json={**fields, **prompt})
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["error"]["param"] == "logit_bias", (path, r.text)
+
+
+def test_max_completion_tokens_errors_name_it(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    server = start_server(
+        SyntheticEngine(max_model_len=64), max_tokens_limit=64, default_max_tokens=16
+    )
+    for value, why in ((70, "allows at most"), (64, "context")):
+        for field in ("max_completion_tokens", "max_tokens"):
+            body = {"messages": MSG, field: value}
+            r = httpx.post(server.url + "/v1/chat/completions", json=body)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == field and field in error["message"], error
+            assert why in error["message"], error
+
+
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 CALLED = [*MSG, {"role": "assistant", "tool_calls": [CALL]}]
 

@@ -108,8 +108,11 @@ def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationR
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
     )
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    return _request(state, StreamWire("chat", model), prompt, body, max_tokens)
+    if body.max_completion_tokens is not None:  # it takes precedence, as in OpenAI's API
+        max_tokens = (body.max_completion_tokens, "max_completion_tokens")
+    else:
+        max_tokens = (body.max_tokens, "max_tokens")
+    return _request(state, StreamWire("chat", model), prompt, body, *max_tokens)
 
 
 def prepare_completion(state: ServerState, body: CompletionRequest) -> GenerationRequest:
@@ -117,7 +120,9 @@ def prepare_completion(state: ServerState, body: CompletionRequest) -> Generatio
     text = body.prompt_text()
     check_prompt_chars(state, text, "prompt")
     prompt = state.engine.encode_completion(text)
-    return _request(state, StreamWire("completion", model), prompt, body, body.max_tokens)
+    return _request(
+        state, StreamWire("completion", model), prompt, body, body.max_tokens, "max_tokens"
+    )
 
 
 def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationRequest:
@@ -172,12 +177,16 @@ def sampling_params(
     ignore_eos: bool = False,
     echo: bool = False,
     prompt: Prompt,
+    max_tokens_field: str = "max_tokens",
 ) -> SamplingParams:
+    """The engine's parameters of a request; ``max_tokens_field``: the body's name for
+    ``max_tokens`` (chat's ``max_completion_tokens``), which its errors name."""
     cfg = state.config
     if max_tokens is not None and max_tokens > cfg.max_tokens_limit:
         raise InvalidRequestError(
-            f"max_tokens is {max_tokens}; this server allows at most {cfg.max_tokens_limit}",
-            param="max_tokens",
+            f"{max_tokens_field} is {max_tokens}; this server allows at most "
+            f"{cfg.max_tokens_limit}",
+            param=max_tokens_field,
         )
     prompt_tokens = prompt.num_tokens
     room = state.engine.max_model_len - prompt_tokens
@@ -191,9 +200,9 @@ def sampling_params(
         max_tokens = min(cfg.default_max_tokens, room)
     elif max_tokens > room:
         raise PromptTooLongError(
-            f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the model's "
-            f"context of {state.engine.max_model_len} tokens",
-            param="max_tokens",
+            f"prompt ({prompt_tokens} tokens) + {max_tokens_field} ({max_tokens}) exceeds the "
+            f"model's context of {state.engine.max_model_len} tokens",
+            param=max_tokens_field,
         )
     return SamplingParams(
         max_tokens=max_tokens,
@@ -214,11 +223,13 @@ def _request(
     prompt: Prompt,
     body: ChatCompletionRequest | CompletionRequest,
     max_tokens: int | None,
+    max_tokens_field: str,
 ) -> GenerationRequest:
     check_stop(state.config, body.stop_list())
     params = sampling_params(
         state,
         max_tokens=max_tokens,
+        max_tokens_field=max_tokens_field,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=body.top_k,

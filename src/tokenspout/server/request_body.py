@@ -56,7 +56,7 @@ def refuse_non_json_body(request: Request) -> None:
 
 async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
     parts: list[bytes] = []
     size = 0

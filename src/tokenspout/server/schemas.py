@@ -221,7 +221,7 @@ class _GenerationBody(_Body):
     @classmethod
     def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key in bias or {}:
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit()):  # "²".isdigit(), but int() refuses it
                 raise ValueError(f"keys must be token ids, not {key!r}")
         return bias
 
