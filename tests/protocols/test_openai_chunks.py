@@ -223,14 +223,48 @@ def test_echoed_prompt_logprobs_come_first_the_first_one_null() -> None:
 
 
 def test_legacy_top_logprobs_always_list_the_token_itself() -> None:
-    # The sampled ")" is not the most likely token; "\ufffd" stands for two different
-    # tokens that each hold part of a character.
+    # The sampled ")" is not the most likely token; two different tokens that each hold
+    # part of a character are written by their bytes, as OpenAI does: as "\ufffd" both,
+    # one hid the other.
     sampled = TokenLogprob(")", b")", -0.8, (("0", b"0", -0.7),))
     partial = TokenLogprob("\ufffd", b"\xe6", -1.5, (("\ufffd", b"\xe3", -0.2),))
     alone = TokenLogprob(" is", b" is", -0.5, ())
     extras = [OutputExtras(logprob=t) for t in (sampled, partial, alone)]
     top = completion().delta_with(")\ufffd is", extras)["choices"][0]["logprobs"]["top_logprobs"]
-    assert top == [{"0": -0.7, ")": -0.8}, {"\ufffd": -1.5}, {" is": -0.5}]
+    assert top == [
+        {"0": -0.7, ")": -0.8},
+        {"bytes:\\xe3": -0.2, "bytes:\\xe6": -1.5},
+        {" is": -0.5},
+    ]
     # Chat lists the alternatives alone, as OpenAI's chat API does.
     chat_top = chat().delta_with(")", extras[:1])["choices"][0]["logprobs"]["content"][0]
     assert [t["token"] for t in chat_top["top_logprobs"]] == ["0"]
+
+
+def test_legacy_text_offsets_count_characters_of_the_text() -> None:
+    # "日" is three bytes in two tokens: the first ends inside it and adds nothing to the
+    # offset, the second completes it. Across chunks too (one encoder per response).
+    first, rest = (
+        TokenLogprob("\ufffd", b"\xe6\x97", -0.1, ()),
+        TokenLogprob("\ufffd", b"\xa5", -0.2, ()),
+    )
+    chunks = completion()
+    one = chunks.delta_with("", [OutputExtras(logprob=first)])["choices"][0]["logprobs"]
+    two = chunks.delta_with(
+        "日 is",
+        [OutputExtras(logprob=rest), OutputExtras(logprob=TokenLogprob(" is", b" is", -0.3, ()))],
+    )["choices"][0]["logprobs"]
+    assert one["tokens"] == ["bytes:\\xe6\\x97"] and one["text_offset"] == [0]
+    assert two["tokens"] == ["bytes:\\xa5", " is"] and two["text_offset"] == [0, 1]
+    emoji = TokenLogprob("\ufffd", "🎉".encode()[:2], -0.1, ())
+    whole = completion().response(
+        "🎉!",
+        "stop",
+        USAGE,
+        [
+            OutputExtras(logprob=emoji),
+            OutputExtras(logprob=TokenLogprob("\ufffd", "🎉".encode()[2:], -0.1, ())),
+            OutputExtras(logprob=TokenLogprob("!", b"!", -0.1, ())),
+        ],
+    )["choices"][0]["logprobs"]
+    assert whole["text_offset"] == [0, 0, 1]

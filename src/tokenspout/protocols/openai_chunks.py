@@ -9,6 +9,7 @@ completions ``logprobs`` object.
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -151,13 +152,16 @@ class ChatChunks(_OpenAIChunks):
 class CompletionChunks(_OpenAIChunks):
     """``text_completion`` payloads (streamed chunks share the object name with the response).
 
-    ``text_offset`` in logprobs counts from where this reader started (0 for a new stream),
-    per choice.
+    ``text_offset`` in logprobs counts characters of the text from where this reader started
+    (0 for a new stream), per choice: a token that ends inside a character adds nothing, the
+    one that completes it adds the character.
     """
 
     OBJECT = "text_completion"
     #: Characters sent so far per choice, for ``text_offset`` (one encoder per response).
     _offset: dict[int, int] = field(default_factory=dict)
+    #: Per choice, the tokens' bytes decoded so far (a character's first bytes wait in it).
+    _text: dict[int, codecs.IncrementalDecoder] = field(default_factory=dict)
 
     def _choice(self, text: str, finish_reason: str | None, index: int = 0) -> dict[str, Any]:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
@@ -217,29 +221,42 @@ class CompletionChunks(_OpenAIChunks):
         if not tokens:
             return None
         offset = self._offset.get(index, 0)
+        text = self._text.setdefault(index, codecs.getincrementaldecoder("utf-8")("replace"))
         offsets = []
         for t in tokens:
             offsets.append(offset)
-            offset += len(t.token)
+            offset += len(text.decode(t.bytes))
         self._offset[index] = offset
         return {
-            "tokens": [t.token for t in tokens],
+            "tokens": [_legacy_token(t.token, t.bytes) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [_legacy_top(t) for t in tokens],
             "text_offset": offsets,
         }
 
 
+def _legacy_token(token: str, raw: bytes) -> str:
+    """A token as the legacy API writes it: its text, or, when its bytes are not whole UTF-8
+    characters (a part of one), ``bytes:`` and their escapes, as OpenAI does (``"\ufffd"``
+    for every such part made different tokens one key of ``top_logprobs``)."""
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return token
+
+
 def _legacy_top(t: TokenLogprob) -> dict[str, float] | None:
     """A token's entry in the legacy ``top_logprobs``: its alternatives and the token itself,
     which that API always lists ("up to logprobs+1 elements"; chat's ``top_logprobs`` does
-    not). The token goes last so that an alternative with the same text (another part of a
-    character) cannot hide its logprob; when it is not among the alternatives it is less
-    likely than all of them, so the entry stays most likely first. None for an echoed
-    prompt's first token, which has no logprob."""
+    not). The token goes last so that an alternative with the same text cannot hide its
+    logprob; when it is not among the alternatives it is less likely than all of them, so the
+    entry stays most likely first. None for an echoed prompt's first token, which has no
+    logprob."""
     if t.logprob is None:
         return None
-    return {**{tok: lp for tok, _, lp in t.top}, t.token: t.logprob}
+    top = {_legacy_token(tok, raw): lp for tok, raw, lp in t.top}
+    return {**top, _legacy_token(t.token, t.bytes): t.logprob}
 
 
 def _chat_logprobs(extras: Sequence[OutputExtras]) -> dict[str, Any] | None:
