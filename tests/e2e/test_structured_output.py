@@ -252,6 +252,57 @@ def test_a_call_cut_by_max_tokens_shows_no_markup(server: RunningServer) -> None
     assert answer["content"] and "tool_calls" not in answer
 
 
+@pytest.mark.slow
+def test_a_call_cut_in_its_closing_markup_or_by_a_stop_string(server: RunningServer) -> None:
+    body = {
+        "messages": user("What is the weather in Paris?"),
+        "tools": [WEATHER],
+        "tool_choice": "required",
+        "temperature": 0,
+    }
+    url = f"{server.url}/v1/chat/completions"
+    whole = httpx.post(url, json={**body, "max_tokens": 100}, timeout=120).json()
+    assert whole["choices"][0]["finish_reason"] == "tool_calls"
+    arguments = whole["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    n = whole["usage"]["completion_tokens"]
+    # The last tokens are the markup after the arguments ("}\n</tool_call>"): a cut there
+    # leaves the arguments whole, and none of the markup in them.
+    for max_tokens in range(n - 4, n):
+        choice = httpx.post(url, json={**body, "max_tokens": max_tokens}, timeout=120).json()
+        choice = choice["choices"][0]
+        assert choice["finish_reason"] == "length", max_tokens
+        cut = choice["message"]["tool_calls"][0]["function"]["arguments"]
+        assert arguments.startswith(cut), (max_tokens, cut)
+    # A stop string that cuts the call: "stop", not "tool_calls", streamed or not.
+    stopped = {**body, "max_tokens": 100, "stop": ["}"]}
+    choice = httpx.post(url, json=stopped, timeout=120).json()["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    with httpx.stream("POST", url, json={**stopped, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.slow
+def test_a_grammar_that_fails_while_generating_ends_in_an_error(server: RunningServer) -> None:
+    # llguidance builds this pattern's lexer lazily and gives up on it after the first
+    # token: the answer so far does not match, so it is an error, not a "stop".
+    schema = {"type": "string", "pattern": "^a{1000000}$"}
+    body = {
+        "messages": user("Say a"),
+        "max_tokens": 30,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }
+    url = f"{server.url}/v1/chat/completions"
+    r = httpx.post(url, json=body, timeout=120)
+    assert r.status_code == 500, r.text
+    message = r.json()["error"]["message"]
+    assert "the grammar failed" in message and "\n" not in message, message
+    with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "the grammar failed" in json.loads(lines[-2][6:])["error"]["message"]
+    assert lines[-1] == "data: [DONE]"
+
+
 def assert_tokens_make_the_answer(tokens: list[ChatCompletionTokenLogprob], answer: str) -> None:
     """A token may hold part of a character (its text then shows U+FFFD): the tokens' bytes
     make the answer, but for a last character that max_tokens cut in two (left out of it)."""

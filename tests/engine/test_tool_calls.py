@@ -72,6 +72,13 @@ def test_a_call_cut_before_its_name_ends_leaves_nothing(cut: str) -> None:
         ('<tool_call>\n{"name": "get_weather"', ""),
         ('<tool_call>\n{"name": "get_weather", "argu', ""),
         ('<tool_call>\n{"name": "get_weather", "arguments": {"city":', '{"city":'),
+        # cut after whole arguments, inside the closing markup: that markup is not theirs
+        (CALL[:-12], '{"city": "Pa\\"ris"}'),
+        (CALL[:-6], '{"city": "Pa\\"ris"}'),
+        (CALL[:-13], '{"city": "Pa\\"ris"}'),
+        # cut right after them: whole, but no call's end
+        (CALL[:-14], '{"city": "Pa\\"ris"}'),
+        (CALL[:-15], '{"city": "Pa\\"ris"'),
     ],
 )
 def test_a_call_cut_after_its_name_is_a_call_with_the_arguments_so_far(
@@ -81,6 +88,16 @@ def test_a_call_cut_after_its_name_is_a_call_with_the_arguments_so_far(
         content, deltas = feed_in_pieces(cut, size)
         assert content == ""
         assert merge_calls(deltas) == [ToolCall(deltas[0].id or "", "get_weather", arguments)]
+
+
+def test_only_a_call_up_to_its_closing_markup_is_complete() -> None:
+    # A stop string or max_tokens that cuts a call leaves it incomplete, and the answer's
+    # finish_reason is then not "tool_calls".
+    for text, complete in ((CALL, True), (CALL[:-1], False), (CALL[:-14], False), ("Hi", False)):
+        parser = ToolCallParser()
+        parser.feed(text)
+        parser.finish()
+        assert parser.complete is complete, text
 
 
 def test_the_name_is_sent_as_soon_as_it_is_complete() -> None:

@@ -434,6 +434,12 @@ class LLMEngine(Engine):
             reason = req.detokenizer.finish_reason
             if reason is None and req.matcher is not None:
                 req.matcher.consume_token(token)
+                if req.matcher.is_error():
+                    # An answer that stopped here would not match its grammar; the request
+                    # ends with an error (_postprocess), not with a "stop".
+                    # (its first line: the rest dumps the matcher's state and grammar)
+                    error = req.matcher.get_error().splitlines()[0]
+                    raise RuntimeError(f"the grammar failed: {error}")
                 if req.matcher.is_stopped():
                     # The grammar is complete: only its end could follow.
                     reason, text = "stop", text + req.detokenizer.flush()
@@ -443,7 +449,7 @@ class LLMEngine(Engine):
                 extras = OutputExtras(logprob=self._token_logprob(token, logprobs))
         if req.tool_parser is not None:
             text, extras = self._parse_tools(req.tool_parser, text, extras, reason)
-            if reason == "stop" and req.tool_parser.has_call:
+            if reason == "stop" and req.tool_parser.complete:
                 reason = "tool_calls"
         n = len(seq.output_token_ids)
         if req.echo is not None and n == 1:

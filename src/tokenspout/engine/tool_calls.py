@@ -119,6 +119,12 @@ class ToolCallParser:
         self._args_sent = 0
         self.has_call = False
 
+    @property
+    def complete(self) -> bool:
+        """Whether the call came whole, up to its closing ``</tool_call>`` (a call cut by a
+        stop string or ``max_tokens`` is not)."""
+        return self.has_call and self._buffer.endswith(CLOSE)
+
     def feed(self, text: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
         """Content and call pieces that ``text`` completes."""
         if self._is_call is False:
@@ -134,8 +140,9 @@ class ToolCallParser:
         return "", self._pieces(final=False)
 
     def finish(self) -> tuple[str, tuple[ToolCallDelta, ...]]:
-        """What is left at the end. A call cut short (by ``max_tokens``) ends with what it
-        has: its name and part of its arguments, or nothing when it was cut before its name.
+        """What is left at the end. A call cut short (by ``max_tokens`` or a stop string)
+        ends with what it has: its name and its arguments' text so far (without the start of
+        the closing markup that followed them), or nothing when it was cut before its name.
 
         Output held back as a prefix of ``<tool_call>`` (``"<tool_"``) is dropped, not
         returned as content, even with ``tool_choice: "auto"``: the grammar lets no text
@@ -162,6 +169,15 @@ class ToolCallParser:
         end = len(self._buffer)
         if not final or self._buffer.endswith(CLOSE):
             end -= len(CLOSE)
+        elif self._args_start < end:
+            # Cut after whole arguments, inside the markup that closes them ("}\n</tool"):
+            # the arguments are the JSON value, not what came after it.
+            try:
+                _, length = json.JSONDecoder().raw_decode(self._buffer[self._args_start :])
+            except ValueError:  # cut inside the arguments: all of it is theirs
+                pass
+            else:
+                end = self._args_start + length
         start = self._args_start + self._args_sent
         if end > start:
             deltas.append(ToolCallDelta(0, None, None, self._buffer[start:end]))
