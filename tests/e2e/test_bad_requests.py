@@ -223,6 +223,17 @@ def test_max_completion_tokens_errors_name_it(
             assert why in error["message"], error
 
 
+def test_a_tool_takes_an_object_of_arguments(synthetic_server: RunningServer) -> None:
+    # A call's arguments are a JSON object: an assistant message with others is refused, so
+    # a tool whose arguments were a string could be called but never answered.
+    tool = {"type": "function", "function": {"name": "say", "parameters": {"type": "string"}}}
+    body = {"messages": MSG, "max_tokens": 1, "tools": [tool]}
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"].startswith("tools") and "object" in error["message"], error
+
+
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 CALLED = [*MSG, {"role": "assistant", "tool_calls": [CALL]}]
 

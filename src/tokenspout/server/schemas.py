@@ -96,9 +96,20 @@ class ChatMessageIn(_Body):
 class FunctionIn(_Body):
     name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    parameters: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False}
+    )
     """A JSON schema for the arguments (an object); omitted means no arguments."""
     strict: StrictBool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _an_object(cls, parameters: dict[str, Any]) -> dict[str, Any]:
+        # As OpenAI's API: a call's arguments are a JSON object, and an assistant message
+        # that carries them is refused otherwise, so such a tool could never be answered.
+        if parameters.get("type", "object") != "object":
+            raise ValueError('must be the JSON schema of an object ("type": "object")')
+        return parameters
 
 
 class ToolIn(_Body):
