@@ -166,3 +166,33 @@ def test_token_masks_forbid_only_the_constrained_rows_tokens(lltokenizer) -> Non
     assert allowed and all(tok.decode([t]) in ("y", "ye", "yes", "n", "no") for t in allowed)
     assert torch.equal(logits[0], torch.zeros(tok.vocab_size))
     assert torch.equal(logits[2], torch.zeros(tok.vocab_size))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"const": 2**53 + 1},
+        {"enum": [1, 2**64 + 1]},
+        {"type": "object", "properties": {"a": {"type": "integer", "minimum": 10**19}}},
+        {"$defs": {"x": {"maximum": -(2**60)}}, "$ref": "#/$defs/x"},
+        {"items": {"enum": [{"a": [3 * 10**20]}]}, "type": "array"},
+    ],
+)
+def test_integers_a_schema_grammar_would_not_hold_exactly_are_refused(schema: dict) -> None:
+    # llguidance reads a schema's numbers as 64-bit floats and clamps integers to 64 bits:
+    # a minimum of 10^19 let 2^63 - 1 through, a const of 2^53 + 1 came out as 2^53.
+    with pytest.raises(InvalidRequestError, match="integer") as error:
+        check_grammar(Grammar("json_schema", json.dumps(schema)), "response_format")
+    assert error.value.param == "response_format"
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "integer", "maximum": 2**63 - 1},  # int64's own limit
+        {"enum": [2**53, -(2**53), 1.5e300]},
+        {"type": "object", "properties": {"const": {"type": "integer"}}},  # a property's name
+    ],
+)
+def test_integers_within_what_a_grammar_holds_are_taken(schema: dict) -> None:
+    check_grammar(Grammar("json_schema", json.dumps(schema)), "response_format")

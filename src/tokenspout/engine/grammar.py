@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import llguidance
 import numpy as np
@@ -45,13 +45,62 @@ def grammar_text(grammar: Grammar) -> str:
     return llguidance.LLMatcher.grammar_from_lark(grammar.source)
 
 
+#: Integers a JSON schema may hold: llguidance takes a schema's numbers as 64-bit floats
+#: (exact to 2^53) and its integers within 64 bits, so beyond that a ``const`` or a bound
+#: moves (a bound of 10^19 became 2^63 - 1, under the minimum). The int64 limits themselves
+#: are common bounds and come through exactly.
+_EXACT_INTEGERS = 2**53
+_INT64_LIMITS = (2**63 - 1, -(2**63))
+_VALUE_KEYWORDS = ("const", "enum", "default", "examples")
+_BOUND_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
+
+
+def _inexact_integer(value: Any) -> int | None:
+    """An integer in ``value`` (a JSON value, searched through) that a schema's grammar
+    would not hold exactly, or None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if abs(value) > _EXACT_INTEGERS and value not in _INT64_LIMITS else None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((v for v in map(_inexact_integer, items) if v is not None), None)
+
+
+def _check_integers(schema: Any, param: str) -> None:
+    """Raise ``InvalidRequestError`` for an integer in ``schema``'s values or bounds that
+    the grammar would round or clamp (it would then generate what the schema forbids)."""
+    if isinstance(schema, list):
+        for item in schema:
+            _check_integers(item, param)
+        return
+    if not isinstance(schema, dict):
+        return
+    for key, value in schema.items():
+        if key in (*_VALUE_KEYWORDS, *_BOUND_KEYWORDS):
+            number = _inexact_integer(value)
+            if number is not None:
+                raise InvalidRequestError(
+                    f"{param}: {key} holds the integer {number}, beyond the +/-2^53 that "
+                    "constrained decoding holds exactly",
+                    param=param,
+                )
+        elif key not in ("properties", "patternProperties", "$defs", "definitions"):
+            _check_integers(value, param)
+        else:  # names of properties or definitions, each a schema
+            for sub in value.values() if isinstance(value, dict) else ():
+                _check_integers(sub, param)
+
+
 def check_grammar(grammar: Grammar, param: str) -> None:
     """Raise ``InvalidRequestError`` naming ``param`` unless llguidance supports
-    ``grammar`` (a schema keyword it does not implement, a look-around in a regex...)."""
+    ``grammar`` (a schema keyword it does not implement, a look-around in a regex, an integer
+    it would not hold exactly...)."""
     try:
         text = grammar_text(grammar)
     except ValueError as exc:
         raise InvalidRequestError(f"{param}: {exc}", param=param) from None
+    if grammar.kind == "json_schema":
+        _check_integers(json.loads(grammar.source), param)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
     if is_error:
         raise InvalidRequestError(
