@@ -303,6 +303,19 @@ def test_a_grammar_that_fails_while_generating_ends_in_an_error(server: RunningS
     assert lines[-1] == "data: [DONE]"
 
 
+@pytest.mark.slow
+def test_an_empty_answer_has_empty_logprobs(server: RunningServer) -> None:
+    # The end-of-turn token first (logit_bias): no token, and logprobs [] rather than null.
+    eos = {"2": 100}
+    chat = {"messages": user("Hi"), "max_tokens": 5, "logprobs": True, "logit_bias": eos}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=120).json()
+    assert r["choices"][0]["message"]["content"] == ""
+    assert r["choices"][0]["logprobs"] == {"content": []}
+    legacy = {"prompt": "Hi", "max_tokens": 5, "logprobs": 2, "logit_bias": eos}
+    r = httpx.post(f"{server.url}/v1/completions", json=legacy, timeout=120).json()
+    assert r["choices"][0]["text"] == "" and r["choices"][0]["logprobs"]["tokens"] == []
+
+
 def assert_tokens_make_the_answer(tokens: list[ChatCompletionTokenLogprob], answer: str) -> None:
     """A token may hold part of a character (its text then shows U+FFFD): the tokens' bytes
     make the answer, but for a last character that max_tokens cut in two (left out of it)."""

@@ -207,6 +207,22 @@ def test_choices_of_a_group_carry_their_index_and_the_usage_comes_once() -> None
     ]
 
 
+def test_an_answer_without_tokens_has_empty_logprobs_when_they_were_asked_for() -> None:
+    # An answer that ended at once (end of turn first): clients read logprobs.content or
+    # logprobs.tokens and failed on null.
+    asked = ChatChunks("chatcmpl-1", 1700000000, "m", logprobs=True)
+    assert asked.response("", "stop", USAGE)["choices"][0]["logprobs"] == {"content": []}
+    assert chat().response("", "stop", USAGE)["choices"][0]["logprobs"] is None
+    legacy = CompletionChunks("cmpl-1", 1700000000, "m", logprobs=True)
+    assert legacy.response("", "stop", USAGE)["choices"][0]["logprobs"] == {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
+    assert completion().response("", "stop", USAGE)["choices"][0]["logprobs"] is None
+
+
 def test_echoed_prompt_logprobs_come_first_the_first_one_null() -> None:
     prompt = (TokenLogprob("The", b"The", None, ()), TokenLogprob(" sky", b" sky", -2.0, ()))
     first = OutputExtras(

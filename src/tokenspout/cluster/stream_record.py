@@ -39,6 +39,7 @@ class StreamRecord:
             "kind": self.wire.kind,
             "model": self.wire.model,
             "usage": "1" if self.wire.include_usage else "",
+            "logprobs": "1" if self.wire.logprobs else "",
             "key": self.key,
             "replica": self.replica,
             "created": repr(self.created),
@@ -54,7 +55,9 @@ class StreamRecord:
         f = {k.decode(): v.decode() for k, v in raw.items()}
         return cls(
             stream_id,
-            StreamWire(f["kind"], f["model"], bool(f.get("usage"))),
+            StreamWire(
+                f["kind"], f["model"], bool(f.get("usage")), logprobs=bool(f.get("logprobs"))
+            ),
             key=f.get("key", ""),
             replica=f.get("replica", ""),
             created=float(f.get("created", time.time())),

@@ -39,6 +39,9 @@ class _OpenAIChunks:
     include_usage: bool = False
     #: Each chunk's ``usage`` is the usage so far (``usage_so_far``), not null.
     continuous_usage: bool = False
+    #: Logprobs were asked for: a whole answer without tokens has empty ones, not null (a
+    #: client that reads them would fail on null), as OpenAI's and vLLM's servers answer.
+    logprobs: bool = False
     ends_with_done = True
 
     def _chunk(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -121,12 +124,12 @@ class ChatChunks(_OpenAIChunks):
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [self._message_choice(c, i) for i, c in enumerate(choices)],
+            "choices": [self._message_choice(c, i, self.logprobs) for i, c in enumerate(choices)],
             "usage": usage.as_dict(),
         }
 
     @staticmethod
-    def _message_choice(output: ChoiceOutput, index: int) -> dict[str, Any]:
+    def _message_choice(output: ChoiceOutput, index: int, logprobs: bool) -> dict[str, Any]:
         text, finish_reason, extras = output
         calls = merge_calls([d for x in extras for d in x.tool_calls])
         message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -143,7 +146,7 @@ class ChatChunks(_OpenAIChunks):
         return {
             "index": index,
             "message": message,
-            "logprobs": _chat_logprobs(extras),
+            "logprobs": _chat_logprobs(extras) or ({"content": []} if logprobs else None),
             "finish_reason": finish_reason,
         }
 
@@ -199,7 +202,11 @@ class CompletionChunks(_OpenAIChunks):
         out = []
         for i, (text, finish_reason, extras) in enumerate(choices):
             choice = self._choice(text, finish_reason, i)
-            choice["logprobs"] = self._logprobs(extras, i)
+            choice["logprobs"] = self._logprobs(extras, i) or (
+                {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+                if self.logprobs
+                else None
+            )
             out.append(choice)
         return {
             "id": self.id,

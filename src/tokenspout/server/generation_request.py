@@ -43,9 +43,11 @@ class StreamWire:
     include_usage: bool = False
     #: Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``).
     continuous_usage: bool = False
+    #: Logprobs were asked for: a whole answer without tokens has empty ones, not null.
+    logprobs: bool = False
 
     def chunks(self, stream_id: str, created: float) -> ChunkFormat:
-        usage = self.include_usage, self.continuous_usage
+        usage = self.include_usage, self.continuous_usage, self.logprobs
         if self.kind == "chat":
             return ChatChunks(f"chatcmpl-{stream_id}", int(created), self.model, *usage)
         if self.kind == "completion":
@@ -298,7 +300,9 @@ def _generation(
                 param="stream_options.continuous_usage_stats",
             )
         if options.include_usage:
-            wire = StreamWire(wire.kind, wire.model, True, options.continuous_usage_stats)
+            continuous = options.continuous_usage_stats
+            wire = replace(wire, include_usage=True, continuous_usage=continuous)
     params = replace(params, model=wire.model)
+    wire = replace(wire, logprobs=params.logprobs is not None)
     reading = ReadSettings.resolve(cfg, options)
     return GenerationRequest(prompt, params, wire, reading, resumable, body)
