@@ -105,6 +105,36 @@ def test_huge_header_is_431(synthetic_server: RunningServer, size: int) -> None:
     assert sent < 8 << 20
 
 
+def answer(port: int, data: bytes) -> bytes:
+    """The server's answer to ``data`` sent in one write (one read at the server)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+            if b"\r\n\r\n" in got and (b"}" in got or b"ok" in got):
+                break
+        return got
+
+
+def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Counted only when the head was still unfinished after a read, a head that came whole
+    # in one read was never counted: 120 KB passed a 64 KB limit.
+    server: RunningServer = start_server(max_head_bytes=1000)
+    big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
+    response = answer(server.port, big)
+    assert response.startswith(b"HTTP/1.1 431"), response[:100]
+    error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "request_head_too_large" and "1000" in error["message"], error
+    # A small head with a body in the same read: only the head counts.
+    body = json.dumps({"prompt": "x" * 3000, "max_tokens": 1}).encode()
+    post = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode()
+    assert answer(server.port, post + body).startswith(b"HTTP/1.1 200")
+
+
 def test_large_but_allowed_header_is_served(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/health", headers={"x-big": "a" * 32_000})
     assert r.status_code == 200

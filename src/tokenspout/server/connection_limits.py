@@ -7,13 +7,16 @@ never-ending header held a connection and its buffered bytes forever (four 50 MB
 RSS from 128 to 291 MiB); a thousand idle sockets were held indefinitely. Here the head
 must arrive within ``header_timeout_s`` of the connection opening (or of the previous
 response), and a head larger than ``max_head_bytes`` gets 431 and a close. The bytes are
-counted as they arrive, before the parser buffers them: httptools keeps a header's value
-until its end, so counting in the parser's callbacks would count too late.
+counted as they arrive, before the parser sees them, up to the blank line that ends the head:
+httptools keeps a header's value until its end, so counting in the parser's callbacks would
+count too late, and counting only what is left of a head after the parser took a read missed
+every head that arrived whole in one read (a 120 KB head passed a 64 KB limit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -21,10 +24,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tokenspout.server.config import ServerConfig
 
 
-def _status(code: int, reason: str, message: str) -> bytes:
-    body = message.encode()
+def _status(code: int, reason: str, message: str, error_code: str) -> bytes:
+    """A whole response with an OpenAI-style error body, as the app's errors have."""
+    error = {"message": message, "type": "invalid_request_error", "param": None}
+    body = json.dumps({"error": {**error, "code": error_code}}).encode()
     head = (
-        f"HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -39,6 +44,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes: int = 0
+    #: The last bytes of the head so far: its blank line may come split across two reads.
+    _head_tail: bytes = b""
     _awaiting_head: bool = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -50,17 +57,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        # Still inside a head after the parser took these bytes: they were all head bytes.
         if self._awaiting_head and not self.transport.is_closing():
-            self._head_bytes += len(data)
+            # This read's head bytes: up to the blank line that ends the head, if it is here.
+            seen = self._head_tail + data
+            end = seen.find(b"\r\n\r\n")
+            self._head_bytes += len(data) if end < 0 else max(0, end + 4 - len(self._head_tail))
+            self._head_tail = seen[-3:]
             if self._head_bytes > self.max_head_bytes:
-                self._refuse(431, "Request Header Fields Too Large", "request head too large")
-
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._awaiting_head = True
-        self._head_bytes = 0
+                self._refuse(
+                    431,
+                    "Request Header Fields Too Large",
+                    f"request head larger than {self.max_head_bytes} bytes",
+                    "request_head_too_large",
+                )
+                return
+        super().data_received(data)
 
     def on_headers_complete(self) -> None:
         self._awaiting_head = False
@@ -68,7 +79,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade() and self._over_connection_limit():
             # uvicorn checks its limit only for plain HTTP requests: a WebSocket handshake
             # would get past it.
-            self._refuse(503, "Service Unavailable", "too many open connections")
+            self._refuse(
+                503, "Service Unavailable", "too many open connections", "too_many_connections"
+            )
             return
         super().on_headers_complete()
 
@@ -85,6 +98,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self._awaiting_head = True
             self._head_bytes = 0
+            self._head_tail = b""
             self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
@@ -100,14 +114,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self._awaiting_head and not self.transport.is_closing():
             if self._head_bytes:
-                self._refuse(408, "Request Timeout", "request head not received in time")
+                self._refuse(
+                    408,
+                    "Request Timeout",
+                    f"request head not received within {self.header_timeout_s:g} s",
+                    "request_timeout",
+                )
             else:
                 # Nothing was sent: closed quietly, as an expired keep-alive is.
                 self.transport.close()
 
-    def _refuse(self, code: int, reason: str, message: str) -> None:
+    def _refuse(self, code: int, reason: str, message: str, error_code: str) -> None:
         self._disarm_head_timer()
-        self.transport.write(_status(code, reason, message))
+        self.transport.write(_status(code, reason, message, error_code))
         self.transport.close()
 
 
