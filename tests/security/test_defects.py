@@ -39,6 +39,19 @@ async def test_websocket_origin_is_checked(start_server) -> None:  # type: ignor
                 assert json.loads(await ws.recv())["type"] == "delta"
 
 
+def test_a_refused_preflight_is_a_json_error(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(allowed_origins=("https://app.example",))
+    ask = {"Access-Control-Request-Method": "POST"}
+    refused = httpx.options(server.url + CHAT, headers={"Origin": "https://evil.example", **ask})
+    assert refused.status_code == 400
+    assert refused.headers["content-type"] == "application/json"
+    error = refused.json()["error"]
+    assert error["code"] == "cors_refused" and "origin" in error["message"], error
+    allowed = httpx.options(server.url + CHAT, headers={"Origin": "https://app.example", **ask})
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+
+
 # 2. A cross-site text/plain or form POST needs no preflight: refused with 415.
 def test_generation_and_cancel_take_only_json(synthetic_server: RunningServer) -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.middleware.cors import CORSMiddleware
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -36,6 +35,7 @@ from tokenspout.server import (
 )
 from tokenspout.server.auth import ApiKeyMiddleware
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.cors import JsonCorsMiddleware
 from tokenspout.server.direct_routes import DirectRoutes, direct_table
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
@@ -134,8 +134,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
             "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Accept"],
             "expose_headers": ["X-Stream-Id", "Retry-After"],
         }
-        app.add_middleware(CORSMiddleware, **cors)
-        direct = CORSMiddleware(direct, **cors)
+        app.add_middleware(JsonCorsMiddleware, **cors)
+        direct = JsonCorsMiddleware(direct, **cors)
     if tracing is not None:
         from tokenspout.server.request_tracing import TraceContextMiddleware
 
