@@ -180,6 +180,15 @@ def test_wrong_key_and_disallowed_model(tenants: RunningServer) -> None:
     # /metrics: only with its own key.
     assert httpx.get(f"{tenants.url}/metrics").status_code == 401
     assert httpx.get(f"{tenants.url}/metrics", headers=ALICE).status_code == 401
+    # The dashboard's data holds the same numbers: the same key, also as ?api_key= (the page
+    # passes on its own query's).
+    data = f"{tenants.url}/dashboard/data"
+    assert httpx.get(data).status_code == 401
+    assert httpx.get(data, headers=ALICE).status_code == 401
+    assert httpx.get(data + "?api_key=sk-alice").status_code == 401
+    assert httpx.get(data, headers={"Authorization": "Bearer metrics-secret"}).status_code == 200
+    assert httpx.get(data + "?api_key=metrics-secret").status_code == 200
+    assert httpx.get(f"{tenants.url}/dashboard").status_code == 200  # the page itself
     assert httpx.get(f"{tenants.url}/health").status_code == 200
 
 

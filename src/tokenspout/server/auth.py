@@ -1,5 +1,5 @@
 """Bearer-key check on the API routes (``--api-key``, ``--api-keys-file``) and on
-``/metrics`` (``--metrics-api-key``).
+``/metrics`` and the dashboard's data (``--metrics-api-key``).
 
 A pure ASGI middleware in front of the HTTP ``/v1`` routes, installed only when keys are
 configured: a server without keys pays nothing per request. (As a FastAPI dependency the
@@ -57,9 +57,13 @@ async def _send_401(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+#: What the metrics key guards: ``/metrics`` and the dashboard's data, the same numbers.
+METRICS_PATHS = ("/metrics", "/dashboard/data")
+
+
 class ApiKeyMiddleware:
     """Answers 401 (OpenAI-shaped, ``WWW-Authenticate: Bearer``) to an HTTP request under
-    ``/v1`` without a valid key, and to ``/metrics`` without the metrics key."""
+    ``/v1`` without a valid key, and to ``METRICS_PATHS`` without the metrics key."""
 
     def __init__(self, app: ASGIApp, keys: KeyStore, metrics_key: str | None = None):
         self.app = app
@@ -78,8 +82,10 @@ class ApiKeyMiddleware:
                     await _send_401(send)
                     return
                 scope[SCOPE_KEY] = key
-            elif path == "/metrics" and self.metrics_digest is not None:
+            elif path in METRICS_PATHS and self.metrics_digest is not None:
                 token = bearer_token(Headers(scope=scope).get("authorization", ""))
+                if token is None and path == "/dashboard/data":  # the page's fetch: a query
+                    token = QueryParams(scope["query_string"]).get("api_key")
                 if token is None or not hmac.compare_digest(digest(token), self.metrics_digest):
                     await _send_401(send)
                     return

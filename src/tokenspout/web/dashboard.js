@@ -195,9 +195,18 @@ function status(text, state) {
   element.dataset.state = state;
 }
 
+// With --metrics-api-key the data needs that key, as /metrics does: open the page as
+// /dashboard?api_key=KEY, and the key goes with each request (the server's logs blank it).
+const key = new URLSearchParams(location.search).get("api_key");
+const DATA_URL = key === null ? "/dashboard/data" : `/dashboard/data?api_key=${encodeURIComponent(key)}`;
+
 async function tick() {
   try {
-    const response = await fetch("/dashboard/data", { cache: "no-store" });
+    const response = await fetch(DATA_URL, { cache: "no-store" });
+    if (response.status === 401) {
+      status("this server's metrics need its metrics key: open /dashboard?api_key=KEY", "down");
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     record(await response.json());
     samples += 1;
