@@ -85,6 +85,36 @@ def test_other_transports(
     assert all(len(r.itl) == 6 for r in level.results)
 
 
+def test_seed_tokens_are_counted_whatever_the_server_coalesces(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # The seed's events carry no usage: the bench asks one event per token, as the seed
+    # article's endpoint sends them. Against coalescing it counted events (16 tokens as 4).
+    server = start_server(SyntheticEngine(itl_ms=2), flush_tokens=4, flush_ms=1000)
+    config = BenchConfig(url=server.url, endpoint="seed", num_prompts=4, max_tokens=16)  # type: ignore[arg-type]
+    level = asyncio.run(run_level(config, 2))
+    assert level.summary["completed"] == 4, level.summary.get("errors")
+    assert level.summary["total_output_tokens"] == 64
+
+
+def test_plot_without_matplotlib_is_refused_before_the_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # matplotlib is an extra (tokenspout[bench]): without it, --plot ran the whole benchmark,
+    # then printed a traceback and exited 0.
+    from typer.testing import CliRunner
+
+    from tokenspout.cli import app
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    png = tmp_path / "x.png"
+    url = "http://127.0.0.1:9"  # nothing listens: the run must not start
+    result = CliRunner().invoke(app, ["bench", "--url", url, "--plot", str(png)])
+    assert result.exit_code == 2, result.output
+    assert "matplotlib" in result.output and "Traceback" not in result.output
+    assert not png.exists()
+
+
 def test_poisson_arrivals_spread_the_requests(start_server: Callable[..., RunningServer]) -> None:
     server = start_server(SyntheticEngine())
     config = BenchConfig(url=server.url, num_prompts=10, max_tokens=2, request_rate=50.0, seed=1)

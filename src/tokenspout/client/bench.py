@@ -92,7 +92,11 @@ def request_body(config: BenchConfig) -> dict[str, Any]:
         body["messages"] = [{"role": "user", "content": config.prompt}]
     else:
         body["prompt"] = config.prompt
-    if config.endpoint is not BenchEndpoint.seed:
+    if config.endpoint is BenchEndpoint.seed:
+        # Its events carry no usage, so each must be one token, as in the seed article's
+        # endpoint: coalesced, 16 tokens came as 4 events and counted as 4.
+        body["stream_options"] = {"flush_tokens": 1, "flush_ms": 0}
+    else:
         body["stream"] = True
         # The server's own token count; servers that ignore it leave us counting chunks.
         body["stream_options"] = {"include_usage": True}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -105,6 +106,11 @@ def bench(
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
+        # Before the run, not after it with a traceback: matplotlib is an extra.
+        raise typer.BadParameter(
+            "needs matplotlib: pip install 'tokenspout[bench]'", param_hint="--plot"
+        )
     if config.model is None and config.endpoint is not BenchEndpoint.seed:
         config = replace(config, model=asyncio.run(discover_model(config)))
     levels_done = _run_with_progress(config, levels, slos)
