@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from collections.abc import Iterator
@@ -47,6 +48,22 @@ def test_greedy_answer_is_right(real_server: RunningServer) -> None:
     client = OpenAI(base_url=f"{real_server.url}/v1", api_key="x", max_retries=0)
     assert "Paris" in chat(client, "What is the capital of France?", temperature=0, max_tokens=30)
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct"]
+
+
+def test_the_seed_endpoint_with_chat_answers_as_a_chat_completion(
+    real_server: RunningServer,
+) -> None:
+    # The page's EventSource transport sends the last message by GET: as text to continue it
+    # got no answer at all ("[DONE]" at once); with chat=true it goes through the template.
+    question = "What is the capital of France?"
+    client = OpenAI(base_url=f"{real_server.url}/v1", api_key="x", max_retries=0)
+    expected = chat(client, question, temperature=0, max_tokens=12)
+    query = {"prompt": question, "chat": "true", "temperature": "0", "max_tokens": "12"}
+    r = httpx.get(f"{real_server.url}/v1/completions/stream", params=query, timeout=120)
+    data = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert "".join(json.loads(d)["token"] for d in data[:-1]) == expected
+    assert "Paris" in expected
 
 
 @pytest.mark.parametrize(

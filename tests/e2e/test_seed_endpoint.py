@@ -44,6 +44,7 @@ def test_get_validates_query(synthetic_server: RunningServer) -> None:
         {"max_tokens": "5"},
         {"prompt": "a", "max_tokens": "many"},
         {"prompt": "a", "max_tokens": "0"},
+        {"prompt": "a", "chat": "maybe"},
     ):
         r = httpx.get(url, params=params)
         assert r.status_code == 400, params

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from tokenspout.engine.request import MIN_SEED, Prompt, SamplingParams
+from tokenspout.engine.request import MIN_SEED, ChatMessage, Prompt, SamplingParams
 from tokenspout.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -130,7 +130,11 @@ def prepare_completion(state: ServerState, body: CompletionRequest) -> Generatio
 def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationRequest:
     model = check_model(state, body.model)
     check_prompt_chars(state, body.prompt, "prompt")
-    prompt = state.engine.encode_completion(body.prompt)
+    if body.chat:
+        message = [ChatMessage("user", body.prompt)]
+        prompt = state.engine.encode_chat(message)
+    else:
+        prompt = state.engine.encode_completion(body.prompt)
     params = sampling_params(
         state,
         max_tokens=body.max_tokens,

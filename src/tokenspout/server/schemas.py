@@ -316,3 +316,6 @@ class SeedStreamRequest(_Body):
     temperature: Temperature = 1.0
     seed: Seed | None = None
     stream_options: StreamOptions | None = None
+    chat: StrictBool = False
+    """The prompt is one user message, through the model's chat template (as a chat
+    completion renders it), not text to continue: what a chat page's ``EventSource`` sends."""

@@ -22,7 +22,7 @@ _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
 #: Read elsewhere: the key (an EventSource cannot send headers) and the resume position.
 _NOT_THE_BODY = ("api_key", "last_event_id")
-_KNOWN = ("prompt", "model", *_QUERY_TYPES, *_OPTION_TYPES, "resumable", *_NOT_THE_BODY)
+_KNOWN = ("prompt", "model", *_QUERY_TYPES, *_OPTION_TYPES, "resumable", "chat", *_NOT_THE_BODY)
 
 
 def _typed(name: str, raw: str, kind: type) -> int | float:
@@ -43,12 +43,10 @@ def query_body(request: Request) -> SeedStreamRequest:
             data[name] = _typed(name, raw, _QUERY_TYPES[name])
         elif name in _OPTION_TYPES:
             options[name] = _typed(name, raw, _OPTION_TYPES[name])
-        elif name == "resumable":
+        elif name in ("resumable", "chat"):
             if raw.lower() not in _BOOLEANS:
-                raise InvalidRequestError(
-                    f"resumable: {raw!r} is not true or false", param="resumable"
-                )
-            options[name] = _BOOLEANS[raw.lower()]
+                raise InvalidRequestError(f"{name}: {raw!r} is not true or false", param=name)
+            (options if name == "resumable" else data)[name] = _BOOLEANS[raw.lower()]
         elif name in ("prompt", "model"):
             data[name] = raw
         elif name not in _NOT_THE_BODY:

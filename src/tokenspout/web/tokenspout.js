@@ -322,6 +322,7 @@ class EventSourceGeneration extends Generation {
     const o = this.options;
     const url = this.url("/v1/completions/stream");
     url.searchParams.set("prompt", lastUserText(o.messages));
+    url.searchParams.set("chat", "true"); // through the chat template, as a chat request
     for (const [name, value] of Object.entries({ ...generationFields(o), ...streamOptions(o) })) {
       url.searchParams.set(name, String(value));
     }
