@@ -174,6 +174,16 @@ def test_an_integer_is_a_number(synthetic_server: RunningServer) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_top_k_takes_minus_one_or_more(synthetic_server: RunningServer) -> None:
+    # As vLLM: -1 (or 0) samples from every token; below that is a mistake, not "all".
+    url = f"{synthetic_server.url}/v1/chat/completions"
+    r = httpx.post(url, json={"messages": MSG, "max_tokens": 1, "top_k": -5})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
+    for k in (-1, 0, 3):
+        ok = httpx.post(url, json={"messages": MSG, "max_tokens": 1, "top_k": k})
+        assert ok.status_code == 200, (k, ok.text)
+
+
 @pytest.mark.parametrize(
     ("text", "why"),
     [("x" * 41, "characters"), ("a b c d e f g h", "context")],

@@ -74,6 +74,12 @@ def test_options_refuse_what_cannot_work() -> None:
         UpstreamOptions(())
     with pytest.raises(ConfigError, match="http"):
         UpstreamOptions(("ftp://x/v1",))
+    # The value as given ('://notaurl' before), but never a password in it.
+    with pytest.raises(ConfigError, match="not 'notaurl'"):
+        UpstreamOptions(("notaurl",))
+    with pytest.raises(ConfigError) as error:
+        UpstreamOptions(("ftp://u:pw@x/v1",))
+    assert "pw" not in str(error.value)
     secret = UpstreamOptions(("http://u:pw@h:1/v1",), api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
 

@@ -39,9 +39,10 @@ class UpstreamOptions:
         for url in self.urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
+                shown = address(url) if "@" in url else url  # user info stays out of logs
                 raise ConfigError(
                     f"--upstream must be an http(s) OpenAI base URL such as "
-                    f"http://host:8000/v1, not {address(url)!r}"
+                    f"http://host:8000/v1, not {shown!r}"
                 )
         if self.max_concurrency < 1 or self.eject_after < 1 or self.retries < 0:
             raise ConfigError("--upstream-max-concurrency must be >= 1 and --upstream-retries >= 0")

@@ -183,7 +183,8 @@ class _GenerationBody(_Body):
     max_tokens: PositiveInt | None = None
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
-    top_k: StrictInt = 0
+    top_k: Annotated[StrictInt, Field(ge=-1)] = 0
+    """Sample from the k most likely tokens; 0 or -1 (vLLM's) for all of them."""
     seed: Seed | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[StrictInt] | None = None

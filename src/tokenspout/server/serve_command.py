@@ -54,10 +54,10 @@ def serve(
         list[str] | None, typer.Option(help="Extra names requests may use for the model.")
     ] = None,
     max_num_seqs: Annotated[
-        int | None, typer.Option(help="Running batch size (embedded: 32).")
+        int | None, typer.Option(min=1, help="Running batch size (embedded: 32).")
     ] = None,
     max_model_len: Annotated[
-        int | None, typer.Option(help="Context length, prompt + output (embedded: 2048).")
+        int | None, typer.Option(min=1, help="Context length, prompt + output (embedded: 2048).")
     ] = None,
     max_prefill_tokens: Annotated[
         int | None, typer.Option(help="Prompt tokens per step (256).")
