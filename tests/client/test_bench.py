@@ -137,3 +137,21 @@ def test_failures_are_reported(start_server: Callable[..., RunningServer], tmp_p
         url=server.url, num_prompts=1, max_tokens=2, api_key="secret", protocol=BenchProtocol.ws
     )
     assert asyncio.run(run_level(ws, 1)).summary["completed"] == 1
+
+
+def test_an_output_into_no_folder_is_refused_before_the_run(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9"  # nothing listens: the run must not start
+    for option in ("--json", "--plot"):
+        run = bench("--url", url, option, str(tmp_path / "missing" / "x.out"))
+        assert run.returncode == 2 and "no folder" in run.stderr, run.stderr
+
+
+def test_a_stream_closed_before_done_is_a_failure() -> None:
+    # A proxy that closed the stream cleanly after one chunk: not a completed request.
+    from tests.client.test_client import answering
+
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n'
+    with answering(chunk) as url:
+        config = BenchConfig(url=url, num_prompts=1, max_tokens=4, model="m")
+        level = asyncio.run(run_level(config, 1))
+    assert level.summary["completed"] == 0 and level.summary["failed"] == 1

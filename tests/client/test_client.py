@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -49,13 +53,10 @@ def test_complete_command_prints_the_answer(synthetic_server: RunningServer) -> 
     assert "TTFT" in out.stderr
 
 
-def test_a_stream_cut_before_done_raises() -> None:
-    # A fault injector: a server whose answer ends cleanly after one chunk, as a proxy that
-    # closed the stream would leave it. The text so far is not an answer.
-    import socket
-    import threading
-
-    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n'
+@contextmanager
+def answering(body: bytes) -> Iterator[str]:
+    """A fault injector: a server (its URL) that answers one request with ``body`` as an SSE
+    stream, then closes cleanly, as a proxy that ended the stream would leave it."""
     head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -63,17 +64,84 @@ def test_a_stream_cut_before_done_raises() -> None:
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(head + b"content-length: %d\r\n\r\n" % len(chunk) + chunk)
+            conn.sendall(head + b"content-length: %d\r\n\r\n" % len(body) + body)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    with Client(url) as client, pytest.raises(StreamError, match="before \\[DONE\\]"):
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        thread.join(10)
+        listener.close()
+
+
+def test_a_stream_cut_before_done_raises() -> None:
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"half"}}]}\n\n'
+    with answering(chunk) as url, Client(url) as client:
         stream = client.stream_chat("x")
-        list(stream)
+        with pytest.raises(StreamError, match="before \\[DONE\\]"):
+            list(stream)
     assert stream.result.text == "half"
-    thread.join(10)
-    listener.close()
+
+
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        (b"{not json", "not JSON"),
+        (b"42", "not an object"),
+        (b'{"error": "boom"}', "boom"),  # TGI's errors are strings
+        (b'{"error": {"message": "bad [/x] thing [model]"}}', "bad [/x] thing [model]"),
+    ],
+)
+def test_a_bad_event_is_a_stream_error_and_one_line_in_the_cli(event: bytes, message: str) -> None:
+    with answering(b"data: " + event + b"\n\n") as url, Client(url) as client:
+        with pytest.raises(StreamError) as info:
+            client.chat("x")
+    assert message in str(info.value)
+    with answering(b"data: " + event + b"\n\n") as url:
+        out = subprocess.run(
+            [sys.executable, "-m", "tokenspout.cli", "complete", "x", "--url", url],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert message in out.stderr  # the server's words as sent, not read as Rich markup
+
+
+def test_a_base_url_may_end_in_v1_and_must_be_a_url(synthetic_server: RunningServer) -> None:
+    # The OpenAI SDK's base URL (".../v1") went to /v1/v1/chat/completions: a 404.
+    for url in (synthetic_server.url + "/v1", synthetic_server.url + "/v1/"):
+        with Client(url) as client:
+            assert client.chat("a b", max_tokens=2).text == "a b "
+    for bad in ("http://127.0.0.1:8000x", "127.0.0.1:8000", "ftp://h"):
+        with pytest.raises(ValueError):
+            Client(bad)
+    out = subprocess.run(
+        [sys.executable, "-m", "tokenspout.cli", "complete", "x", "--url", "http://h:80x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+
+
+def test_the_client_streams_one_choice(synthetic_server: RunningServer) -> None:
+    # With n = 2 the choices' deltas went into one interleaved text.
+    with Client(synthetic_server.url) as client:
+        for params in ({"n": 2}, {"stream": False}):
+            with pytest.raises(ValueError, match="one choice"):
+                client.chat("x", **params)
+
+
+async def test_cancel_errors_are_stream_errors(synthetic_server: RunningServer) -> None:
+    with Client(synthetic_server.url) as client, pytest.raises(StreamError) as info:
+        client.cancel("no-such-stream")
+    assert info.value.status_code == 404 and "no-such-stream" in str(info.value)
+    async with AsyncClient(synthetic_server.url) as aclient:
+        with pytest.raises(StreamError) as info:
+            await aclient.cancel("no-such-stream")
+    assert info.value.status_code == 404
+    from tests.conftest import free_port
+
+    with Client(f"http://127.0.0.1:{free_port()}") as down, pytest.raises(StreamError):
+        down.cancel("x")
 
 
 def test_complete_command_reports_a_refused_connection_in_one_line() -> None:

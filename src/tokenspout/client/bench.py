@@ -22,6 +22,7 @@ import httpx
 
 from tokenspout.client.bench_metrics import RequestResult, summarize
 from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
+from tokenspout.client.client import server_root
 
 
 class BenchEndpoint(StrEnum):
@@ -75,12 +76,12 @@ class BenchConfig:
             raise ValueError("request_rate must be > 0 (inf: all at once)")
         if self.protocol is BenchProtocol.ws and self.endpoint is BenchEndpoint.seed:
             raise ValueError("the seed endpoint is HTTP only: use --protocol sse or ndjson")
+        server_root(self.url)  # ValueError for a URL that cannot be used
 
     @property
     def base_url(self) -> str:
         """The server root: a trailing ``/v1`` (Ollama's documented base URL) is dropped."""
-        url = self.url.rstrip("/")
-        return url[: -len("/v1")] if url.endswith("/v1") else url
+        return server_root(self.url)
 
 
 def request_body(config: BenchConfig) -> dict[str, Any]:
@@ -160,6 +161,8 @@ async def _http_request(
         async for data in _payloads(response, sse):
             if read_event(state, data):
                 rec.output()
+    if sse and state.total_s is None:  # a clean close before [DONE] (a proxy's): cut short
+        raise StreamError("the stream ended before [DONE]")
     if state.usage and "completion_tokens" in state.usage:
         rec.usage_tokens = int(state.usage["completion_tokens"])
     return rec.finish()

@@ -39,10 +39,16 @@ def read_event(result: StreamResult, data: str) -> str:
     if data == "[DONE]":
         result.total_s = time.perf_counter() - result._started
         return ""
-    obj = json.loads(data)
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise StreamError(f"the stream sent an event that is not JSON: {data[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise StreamError(f"the stream sent an event that is not an object: {data[:200]!r}")
     if "error" in obj:
-        err = obj["error"]
-        raise StreamError(err.get("message", "stream error"), body=obj)
+        err = obj["error"]  # OpenAI's {"message": ...}, or a string (TGI's)
+        message = err.get("message", "stream error") if isinstance(err, dict) else str(err)
+        raise StreamError(message, body=obj)
     if obj.get("usage"):
         result.usage = obj["usage"]
     text = ""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tokenspout.client.chunk_reader import StreamError
 
@@ -32,7 +33,11 @@ def complete(
     from tokenspout.client.client import Client
 
     params = {"max_tokens": max_tokens, "temperature": temperature}
-    with Client(url, api_key=api_key) as client:
+    try:
+        client = Client(url, api_key=api_key)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--url") from None
+    with client:
         stream = (
             client.stream_completion(prompt, **params)
             if raw
@@ -43,7 +48,8 @@ def complete(
                 sys.stdout.write(delta)
                 sys.stdout.flush()
         except StreamError as exc:
-            err_console.print(f"\n[red]error:[/] {exc}")
+            # The server's words, not Rich markup: "[model]" in them was dropped, "[/x]" raised.
+            err_console.print(f"\n[red]error:[/] {escape(str(exc))}")
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("\n[yellow]stopped[/]")
@@ -106,6 +112,10 @@ def bench(
         )  # fmt: skip
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is not None and not path.resolve().parent.is_dir():
+            # Before the run, not a traceback after it with the figures lost.
+            raise typer.BadParameter(f"no folder {path.resolve().parent}", param_hint=option)
     if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
         # Before the run, not after it with a traceback: matplotlib is an extra.
         raise typer.BadParameter(
@@ -124,7 +134,7 @@ def bench(
     if any(level.summary["failed"] for level in levels_done):
         for level in levels_done:
             for error in level.summary.get("errors", ()):
-                err_console.print(f"[red]failed:[/] {error}")
+                err_console.print(f"[red]failed:[/] {escape(str(error))}")
         raise typer.Exit(1)
 
 

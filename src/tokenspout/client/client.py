@@ -20,9 +20,37 @@ from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
 __all__ = ["AsyncClient", "Client", "StreamError", "StreamResult"]
 
 
+def server_root(url: str) -> str:
+    """The server's root URL: a trailing ``/v1`` (the OpenAI SDK's and Ollama's base URL) is
+    dropped. Raises ``ValueError`` for a URL that httpx cannot use."""
+    url = url.rstrip("/")
+    url = url[: -len("/v1")] if url.endswith("/v1") else url
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"{url!r} is not a URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+    return url
+
+
+def _body(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A streamed request of ``fields`` and the caller's OpenAI ``params``: one choice (a
+    stream's text is one answer; choices would interleave)."""
+    if params.get("n", 1) != 1 or params.get("stream", True) is not True:
+        raise ValueError("the client streams one choice: leave out n and stream")
+    return {**fields, "stream": True, **params}
+
+
 def _chat_body(prompt: str | list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return {"messages": messages, "stream": True, **params}
+    return _body(params, messages=messages)
+
+
+def _cancelled(response: httpx.Response) -> None:
+    """A cancel's answer: nothing, or ``StreamError`` as a refused stream gets it."""
+    if response.status_code >= 400:
+        raise _error_from(response, response.content)
 
 
 def _error_from(response: httpx.Response, body: bytes) -> StreamError:
@@ -97,13 +125,16 @@ def _headers(api_key: str | None) -> dict[str, str]:
 
 
 class Client:
-    """Synchronous client. ``params`` are OpenAI request fields (max_tokens, temperature...)."""
+    """Synchronous client. ``params`` are OpenAI request fields (max_tokens, temperature...)
+    of a streamed request of one choice. ``base_url``: the server's root, or its ``/v1``
+    (``ValueError`` if it is not an http(s) URL)."""
 
     def __init__(
         self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
         timeout: float = 600.0,
     ):  # fmt: skip
-        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+        root = server_root(base_url)
+        self._http = httpx.Client(base_url=root, headers=_headers(api_key), timeout=timeout)
 
     def __enter__(self) -> Client:
         return self
@@ -118,9 +149,7 @@ class Client:
         return SyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
 
     def stream_completion(self, prompt: str, **params: Any) -> SyncStream:
-        return SyncStream(
-            self._http, "/v1/completions", {"prompt": prompt, "stream": True, **params}
-        )
+        return SyncStream(self._http, "/v1/completions", _body(params, prompt=prompt))
 
     def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
         """Stream a chat answer to the end and return it with its timing."""
@@ -130,7 +159,11 @@ class Client:
         return stream.result
 
     def cancel(self, stream_id: str) -> None:
-        self._http.post(f"/v1/streams/{stream_id}/cancel").raise_for_status()
+        """Cancel a stream by id; ``StreamError`` if the server refuses or cannot be reached."""
+        try:
+            _cancelled(self._http.post(f"/v1/streams/{stream_id}/cancel"))
+        except httpx.TransportError as exc:
+            raise _cut(exc) from exc
 
 
 class AsyncClient:
@@ -141,7 +174,7 @@ class AsyncClient:
         timeout: float = 600.0,
     ):  # fmt: skip
         self._http = httpx.AsyncClient(
-            base_url=base_url, headers=_headers(api_key), timeout=timeout
+            base_url=server_root(base_url), headers=_headers(api_key), timeout=timeout
         )
 
     async def __aenter__(self) -> AsyncClient:
@@ -157,8 +190,7 @@ class AsyncClient:
         return AsyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
 
     def stream_completion(self, prompt: str, **params: Any) -> AsyncStream:
-        body = {"prompt": prompt, "stream": True, **params}
-        return AsyncStream(self._http, "/v1/completions", body)
+        return AsyncStream(self._http, "/v1/completions", _body(params, prompt=prompt))
 
     async def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
         stream = self.stream_chat(prompt, **params)
@@ -167,4 +199,8 @@ class AsyncClient:
         return stream.result
 
     async def cancel(self, stream_id: str) -> None:
-        (await self._http.post(f"/v1/streams/{stream_id}/cancel")).raise_for_status()
+        """Cancel a stream by id; ``StreamError`` if the server refuses or cannot be reached."""
+        try:
+            _cancelled(await self._http.post(f"/v1/streams/{stream_id}/cancel"))
+        except httpx.TransportError as exc:
+            raise _cut(exc) from exc
