@@ -148,6 +148,90 @@ def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type
     assert answer(server.port, post + body).startswith(b"HTTP/1.1 200")
 
 
+def streamed(tokens: int) -> bytes:
+    """A streamed completion request of ``tokens`` tokens, whole."""
+    body = json.dumps({"prompt": "a b c d", "max_tokens": tokens, "stream": True}).encode()
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    return head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def read_until_closed(s: socket.socket, done: int = 0) -> bytes:
+    """What the server sends until it closes (or ``done`` [DONE] markers have come)."""
+    got = b""
+    while not done or got.count(b"[DONE]") < done:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_a_pipelined_request_is_not_cut_by_the_head_timer(start_server) -> None:  # type: ignore[no-untyped-def]
+    # The first response's end re-armed the head timer while the second request, pipelined
+    # behind it, streamed: at --header-timeout-s the second stream was cut.
+    from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=20), header_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(streamed(2) + streamed(60))  # the second takes >= 1.2 s
+        got = read_until_closed(s, done=2)
+    assert got.count(b"HTTP/1.1 200") == 2 and got.count(b"[DONE]") == 2, got[-300:]
+
+
+def test_a_head_too_large_while_a_stream_runs_closes_without_an_answer_inside_it(
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    # Not counted while an earlier response was in flight, a 30 MB head went through; and a
+    # refusal then would have written its status line into the middle of the stream.
+    from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=20), max_head_bytes=4000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(streamed(200))
+        big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
+        try:
+            s.sendall(big + b"\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while it was still sending: refused
+        got = read_until_closed(s)
+    # At most the stream's own status (the reset may drop what was on its way), no other.
+    assert got.count(b"HTTP/1.1 ") <= 1 and b"431" not in got and b'"ok"' not in got, got[-300:]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_an_upgrade_request_with_a_body_is_refused(synthetic_server: RunningServer) -> None:
+    # Neither upgraded nor answered, it held its connection (and a --max-connections place).
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        s.sendall(head + b"content-length: %d\r\n\r\n" % len(body) + body)
+        got = read_until_closed(s)
+    assert got.startswith(b"HTTP/1.1 400"), got[:200]
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_request"
+
+
+def test_over_the_connection_limit_is_a_json_503(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(max_connections=2)
+    held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(3)]
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            got = read_until_closed(s)
+    finally:
+        for h in held:
+            h.close()
+    assert got.startswith(b"HTTP/1.1 503"), got[:200]
+    assert b"retry-after: 1" in got.lower()
+    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
+
+
 def test_large_but_allowed_header_is_served(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/health", headers={"x-big": "a" * 32_000})
     assert r.status_code == 200

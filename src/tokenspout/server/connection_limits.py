@@ -24,12 +24,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tokenspout.server.config import ServerConfig
 
 
-def _status(code: int, reason: str, message: str, error_code: str) -> bytes:
+def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
     """A whole response with an OpenAI-style error body, as the app's errors have."""
     error = {"message": message, "type": "invalid_request_error", "param": None}
     body = json.dumps({"error": {**error, "code": error_code}}).encode()
     head = (
-        f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n"
+        f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -37,7 +37,15 @@ def _status(code: int, reason: str, message: str, error_code: str) -> bytes:
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a head timeout and a head size limit (set by
-    ``guarded_protocol``)."""
+    ``guarded_protocol``).
+
+    A connection is in a head from its start, and again from the end of each request's body
+    (the next request's head may follow at once: pipelining) until that head's end. Head
+    bytes count against ``max_head_bytes`` whenever they come, even while an earlier
+    response still streams. The head timer runs only while nothing is being answered: from
+    the connection's start, and from each response's end when the next head has not come
+    whole, so it never cuts a pipelined request in flight.
+    """
 
     header_timeout_s: float = 10.0
     max_head_bytes: int = 64 << 10
@@ -46,7 +54,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     _head_bytes: int = 0
     #: The last bytes of the head so far: its blank line may come split across two reads.
     _head_tail: bytes = b""
-    _awaiting_head: bool = True
+    _in_head: bool = True
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -57,7 +65,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._awaiting_head and not self.transport.is_closing():
+        if self._in_head and not self.transport.is_closing():
             # This read's head bytes: up to the blank line that ends the head, if it is here.
             seen = self._head_tail + data
             end = seen.find(b"\r\n\r\n")
@@ -74,31 +82,48 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
-        self._awaiting_head = False
+        self._in_head = False
         self._disarm_head_timer()
-        if self.parser.should_upgrade() and self._over_connection_limit():
-            # uvicorn checks its limit only for plain HTTP requests: a WebSocket handshake
-            # would get past it.
+        if self._over_connection_limit():
+            # Before uvicorn's own check, which answers in plain text and misses a
+            # WebSocket handshake.
             self._refuse(
-                503, "Service Unavailable", "too many open connections", "too_many_connections"
-            )
+                503, "Service Unavailable", "too many open connections", "too_many_connections",
+                "retry-after: 1\r\n",
+            )  # fmt: skip
+            return
+        if self.parser.should_upgrade() and self._has_body():
+            # Neither upgraded nor answered, such a request held its connection forever.
+            self._refuse(400, "Bad Request", "an Upgrade request has no body", "invalid_request")
             return
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head = True  # the next request's head, whenever it comes
+        self._head_bytes = 0
+        self._head_tail = b""
 
     def handle_websocket_upgrade(self) -> None:
         if not self.transport.is_closing():
             super().handle_websocket_upgrade()
 
+    def _has_body(self) -> bool:
+        for name, value in self.headers:
+            if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
+                return True
+        return False
+
     def _over_connection_limit(self) -> bool:
         limit = self.limit_concurrency
         return limit is not None and len(self.connections) >= limit
 
+    def _answering(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._awaiting_head = True
-            self._head_bytes = 0
-            self._head_tail = b""
+        if self._in_head and not self._answering() and not self.transport.is_closing():
             self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
@@ -112,7 +137,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._awaiting_head and not self.transport.is_closing():
+        if self._in_head and not self._answering() and not self.transport.is_closing():
             if self._head_bytes:
                 self._refuse(
                     408,
@@ -124,9 +149,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 # Nothing was sent: closed quietly, as an expired keep-alive is.
                 self.transport.close()
 
-    def _refuse(self, code: int, reason: str, message: str, error_code: str) -> None:
+    def _refuse(
+        self, code: int, reason: str, message: str, error_code: str, extra: str = ""
+    ) -> None:
         self._disarm_head_timer()
-        self.transport.write(_status(code, reason, message, error_code))
+        if not self._answering():
+            self.transport.write(_status(code, reason, message, error_code, extra))
+        # else an earlier response is on the wire: a status line now would land inside it.
         self.transport.close()
 
 
