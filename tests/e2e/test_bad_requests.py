@@ -26,6 +26,13 @@ CASES: list[tuple[str, str, object, int, str]] = [
         "NaN is not a JSON value",
     ),
     ("body not an object", "/v1/chat/completions", b"[1, 2]", 400, "JSON object"),
+    (
+        "an integer too long to read (Python's 4300 digits): was a 500",
+        "/v1/completions",
+        b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+        "number too long",
+    ),
     ("not utf-8", "/v1/chat/completions", b"\xff\xfe{}", 400, "not valid JSON"),
     ("messages missing", "/v1/chat/completions", {}, 400, "messages"),
     ("messages empty", "/v1/chat/completions", {"messages": []}, 400, "messages"),

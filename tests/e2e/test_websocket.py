@@ -102,6 +102,7 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
             (json.dumps({"type": "cancel", "id": "ghost"}), "ghost", "no running stream"),
             (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable"),
             ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
+            ('{"type": "generate", "id": "n", "max_tokens": ' + "9" * 5000 + "}", None, "long"),
         ]
         for text, msg_id, words in bad:
             await ws.send(text)

@@ -80,6 +80,8 @@ def parse(raw: str | bytes, what: str) -> Any:
         return json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError, _NotJson) as exc:
         raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (4300)
+        raise InvalidRequestError(f"{what} holds a number too long to read: {exc}") from None
     except RecursionError:
         raise InvalidRequestError(f"{what}: JSON is nested too deeply") from None
 
