@@ -322,6 +322,24 @@ def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:
     assert synthetic_server.metric("tokenspout_requests_running") == 0
 
 
+def test_a_405_names_every_method_of_the_path_and_head_is_a_get(
+    synthetic_server: RunningServer,
+) -> None:
+    url = synthetic_server.url
+    # The seed's URL takes GET and POST: Starlette's 405 named the first route's alone.
+    r = httpx.put(f"{url}/v1/completions/stream")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert httpx.delete(f"{url}/health").headers["allow"] == "GET, HEAD"
+    # HEAD answers as GET without a body (uptime checks: curl -I), but never generates.
+    for path in ("/health", "/v1/models", "/", "/static/tokenspout.js"):
+        head, get = httpx.head(url + path), httpx.get(url + path)
+        assert head.status_code == get.status_code == 200, path
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+    r = httpx.head(f"{url}/v1/completions/stream", params={"prompt": "a"})
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"
+    assert synthetic_server.metric("tokenspout_prompt_tokens_total") == 0  # nothing ran
+
+
 @pytest.mark.parametrize("extra", ["stop=%20", "n=3", "logprobs=5", "echo=true", "bogus=1"])
 def test_stream_url_refuses_a_parameter_it_does_not_take(
     synthetic_server: RunningServer, extra: str

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout import __version__
@@ -37,6 +38,7 @@ from tokenspout.server.auth import ApiKeyMiddleware
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.cors import JsonCorsMiddleware
 from tokenspout.server.direct_routes import DirectRoutes, direct_table
+from tokenspout.server.head_requests import HeadAsGet
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState
 
@@ -65,7 +67,23 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     err = InvalidRequestError(str(exc.detail), code=f"http_{exc.status_code}")
     err.status_code = exc.status_code
-    return _error_response(err, exc.headers)  # a 405's Allow (RFC 9110 15.5.6)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Every method the path takes (RFC 9110 15.5.6): Starlette names only the first
+        # route's, and a path with a GET and a POST route said "POST".
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+    return _error_response(err, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.state.http_routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    if "GET" in methods and request.url.path not in _GENERATING_GETS:
+        methods.add("HEAD")  # HeadAsGet answers it
+    return sorted(methods)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -113,15 +131,17 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     app = TokenspoutApp(title="tokenspout", version=__version__, lifespan=lifespan)
     app.state.tokenspout = state
-    app.include_router(system_routes.router)
-    app.include_router(system_routes.api)
-    app.include_router(openai_routes.router)
-    app.include_router(seed_routes.router)
-    app.include_router(websocket_routes.router)
-    app.include_router(telemetry_routes.router)
-    app.include_router(web_routes.router)
+    routers = (
+        system_routes.router, system_routes.api, openai_routes.router, seed_routes.router,
+        websocket_routes.router, telemetry_routes.router, web_routes.router,
+    )  # fmt: skip
+    for router in routers:
+        app.include_router(router)
     openapi_schema.describe(app)
     app.include_router(dashboard_data.router)
+    #: Every HTTP route, for a 405's Allow (``_allowed_methods``).
+    app.state.http_routes = [r for x in (*routers, dashboard_data.router) for r in x.routes]
+    app.add_middleware(HeadAsGet, generating=_GENERATING_GETS)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.keys.enabled or state.config.metrics_api_key is not None:
         auth = {"keys": state.keys, "metrics_key": state.config.metrics_api_key}
@@ -175,3 +195,5 @@ class TokenspoutApp(FastAPI):
 
 
 _DIRECT = direct_table(openai_routes.router, seed_routes.router)
+#: GET routes that start a generation: HEAD must not (``HeadAsGet``).
+_GENERATING_GETS = frozenset(path for method, path in _DIRECT if method == "GET")
