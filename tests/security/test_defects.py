@@ -232,6 +232,25 @@ def test_over_the_connection_limit_is_a_json_503(start_server) -> None:  # type:
     assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
 
 
+def test_a_client_leaving_during_its_body_is_not_an_error(
+    synthetic_server: RunningServer,
+    caplog,  # type: ignore[no-untyped-def]
+) -> None:
+    # Routine client behaviour was logged as "unhandled error" with a traceback.
+    import logging
+
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    with caplog.at_level(logging.INFO, logger="tokenspout"):
+        with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+            s.sendall(head.encode() + b"content-length: 100\r\n\r\n" + b'{"messages')
+        for _ in range(1000):  # until the server has seen it go (or fails below)
+            if any("client left" in r.getMessage() for r in caplog.records):
+                break
+            httpx.get(f"{synthetic_server.url}/health")
+    assert any("client left" in r.getMessage() for r in caplog.records)
+    assert not any(r.levelno >= logging.ERROR for r in caplog.records)
+
+
 def test_large_but_allowed_header_is_served(synthetic_server: RunningServer) -> None:
     r = httpx.get(f"{synthetic_server.url}/health", headers={"x-big": "a" * 32_000})
     assert r.status_code == 200

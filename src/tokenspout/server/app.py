@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -98,6 +98,10 @@ async def _direct_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, ClientDisconnect):
+        # Routine: the client left while its body was arriving. Nobody reads this answer.
+        logger.info("client left during its request body: %s %s", request.method, request.url.path)
+        return _error_response(InvalidRequestError("the client left", code="client_disconnect"))
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     err = TokenspoutError("internal server error; the request was not processed")
     return _error_response(err)
