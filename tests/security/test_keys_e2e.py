@@ -67,6 +67,10 @@ def test_more_choices_than_a_key_or_the_server_may_stream_is_400_not_429(
     r = httpx.post(f"{tenants.url}/v1/completions", json=body, headers=ALICE)  # 2 at once
     assert r.status_code == 400 and r.json()["error"]["param"] == "n", r.text
     assert httpx.post(f"{tenants.url}/v1/completions", json=body, headers=BOB).status_code == 200
+    # Its three streams are counted open and closed alike: the gauge went to -2.
+    metrics = {"Authorization": "Bearer metrics-secret"}
+    text = httpx.get(f"{tenants.url}/metrics", headers=metrics).text
+    assert 'tokenspout_key_streams_open{key="bob"} 0.0' in text, text
     small: RunningServer = start_server(max_streams=2)
     r = httpx.post(f"{small.url}/v1/completions", json=body)
     assert r.status_code == 400 and "--max-streams" in r.json()["error"]["message"]

@@ -47,3 +47,27 @@ def test_uvicorn_access_formatter_prints_a_redacted_line() -> None:
     RedactKeyParams().filter(record)
     line = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(record)
     assert line == '1.2.3.4:5 - "GET /v1/models?api_key=[redacted] HTTP/1.1" 200 OK'
+
+
+def test_a_key_name_with_odd_bytes_is_blanked_too() -> None:
+    # Refused as a key, "api_key%00" still printed the key it carried.
+    args = ("1.2.3.4:5", "GET", "/v1/models?api_key%00=sk-secret", "1.1", 401)
+    msg = "%s %s %s %s %s"
+    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, msg, args, None)
+    RedactKeyParams().filter(record)
+    assert "sk-secret" not in record.getMessage()
+
+
+def test_prompts_in_urls_are_blanked_unless_asked_for() -> None:
+    # The page's EventSource sends its prompt by GET: it was in every access line.
+    from tokenspout.server.log_redaction import KEYS, PROMPTS
+
+    url = "/v1/completions/stream?prompt=my+secret+plan&max_tokens=7&api_key=sk-1"
+    for names, shown in ((KEYS + PROMPTS, False), (KEYS, True)):
+        args = ("1.2.3.4:5", "GET", url, "1.1", 200)
+        record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, "%s", args, None)
+        record.msg = '%s - "%s %s HTTP/%s" %d'
+        RedactKeyParams(names).filter(record)
+        line = record.getMessage()
+        assert ("my+secret+plan" in line) is shown and "sk-1" not in line
+        assert "max_tokens=7" in line

@@ -24,7 +24,7 @@ def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int, n
     except RateLimitError as err:
         state.key_metrics.refused(key.name, err.limit)
         raise
-    state.key_metrics.admitted(key.name)
+    state.key_metrics.admitted(key.name, n)
 
 
 async def admit_shared(
@@ -44,7 +44,7 @@ async def admit_shared(
             state.key_metrics.refused(key.name, err.limit)
         raise
     if key is not None:
-        state.key_metrics.admitted(key.name)
+        state.key_metrics.admitted(key.name, n)
 
 
 def check_choices(key: ApiKey, n: int) -> None:

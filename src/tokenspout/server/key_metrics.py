@@ -49,10 +49,11 @@ class KeyMetrics:
             return name
         return OTHER
 
-    def admitted(self, name: str) -> None:
+    def admitted(self, name: str, streams: int = 1) -> None:
+        """A request of ``streams`` streams (its ``n``); ``finished`` ends each one."""
         label = self.label(name)
         self.requests.labels(label).inc()
-        self.streams_open.labels(label).inc()
+        self.streams_open.labels(label).inc(streams)
 
     def refused(self, name: str, limit: str) -> None:
         self.rate_limited.labels(self.label(name), limit).inc()

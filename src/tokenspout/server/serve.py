@@ -120,5 +120,5 @@ def serve(
         timeout_graceful_shutdown=int(state.config.drain_timeout_s + _FAREWELL_S) + 5,
         **uvicorn_options(state.config),
     )
-    redact_key_params()
+    redact_key_params(state.config.log_prompts)
     DrainingServer(config, state).run()

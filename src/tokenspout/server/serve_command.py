@@ -208,7 +208,8 @@ def serve(
     ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_prompts: Annotated[
-        bool, typer.Option(help="Include prompts in the per-request JSON log lines.")
+        bool,
+        typer.Option(help="Include prompts in the per-request JSON log lines (and GET URLs)."),
     ] = _D.log_prompts,
     redis_url: Annotated[
         str | None,
