@@ -124,6 +124,20 @@ def test_log_prompts_puts_the_prompt_in_the_line(start_server, caplog) -> None: 
     assert "visible words" in line["prompt"]
 
 
+def test_a_stream_cancelled_by_id_is_counted_cancelled_not_ok(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
+    body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(lines)
+        httpx.post(f"{server.url}/v1/streams/{r.headers['x-stream-id']}/cancel")
+        for _ in lines:  # to the stream's end: [DONE]
+            pass
+    labels = 'endpoint="chat",status="cancelled",transport="sse"'
+    server.wait_metric("tokenspout_requests_total", 1, labels=labels)
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
+
+
 def test_a_client_that_leaves_is_logged_as_such(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
     body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}

@@ -185,6 +185,24 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
     assert len(aborts) == 1 and attributes(aborts[0]) == {"tokenspout.abort_reason": "cancelled"}
 
 
+def test_span_names_carry_route_templates_not_stream_ids(
+    start_server, collector: Collector
+) -> None:  # type: ignore[no-untyped-def]
+    # A resume's span was named by its raw path, one name per stream id.
+    server: RunningServer = start_server(
+        SyntheticEngine(itl_ms=1), otlp_traces_endpoint=collector.url, resumable=True
+    )
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        stream_id = r.headers["x-stream-id"]
+        list(r.iter_lines())
+    resumed = httpx.get(f"{server.url}/v1/streams/{stream_id}")
+    assert resumed.status_code == 200, resumed.text
+    traces = collector.wait_traces(2)
+    names = {s.name for spans in traces.values() for s in spans if s.kind == Span.SPAN_KIND_SERVER}
+    assert names == {"POST /v1/chat/completions", "GET /v1/streams/{stream_id}"}, names
+
+
 def test_the_endpoint_must_be_an_http_url() -> None:
     with pytest.raises(ConfigError, match="http"):
         ServerConfig(otlp_traces_endpoint="grpc://collector:4317")

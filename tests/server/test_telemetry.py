@@ -39,6 +39,7 @@ def test_report_is_recorded_per_transport(synthetic_server: RunningServer) -> No
         ({"long_frames": 1.5}, "long_frames"),
         ({"long_frames": True}, "long_frames"),
         ({"prompt": "my secret question"}, "prompt"),
+        ({"complete_ms": 100.0}, "complete_ms"),  # before its own first token
     ],
 )
 def test_bad_reports_are_400_naming_the_field(

@@ -163,8 +163,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     if tracing is not None:
         from tokenspout.server.request_tracing import TraceContextMiddleware
 
-        app.add_middleware(TraceContextMiddleware, tracing=tracing)
-        direct = TraceContextMiddleware(direct, tracing)
+        routes = app.state.http_routes
+        app.add_middleware(TraceContextMiddleware, tracing=tracing, routes=routes)
+        direct = TraceContextMiddleware(direct, tracing, routes)
     app.state.tracing = tracing
     app.direct_entry = direct
     app.add_exception_handler(TokenspoutError, _tokenspout_error)

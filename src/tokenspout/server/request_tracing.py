@@ -27,6 +27,7 @@ unreachable collector costs dropped spans and a log line, not an error to the cl
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from opentelemetry import trace
@@ -37,6 +38,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout import __version__
@@ -100,11 +102,21 @@ class RequestTracing:
 
 class TraceContextMiddleware:
     """Makes the incoming ``traceparent`` the parent of the request's trace (ASGI, for
-    HTTP and WebSocket scopes)."""
+    HTTP and WebSocket scopes). ``routes``: the app's routes, whose templates name the
+    spans."""
 
-    def __init__(self, app: ASGIApp, tracing: RequestTracing):
+    def __init__(self, app: ASGIApp, tracing: RequestTracing, routes: Sequence[BaseRoute]):
         self.app = app
         self.tracing = tracing
+        self.routes = routes
+
+    def _route(self, path: str) -> str | None:
+        """The template of the route ``path`` matches (``/v1/streams/{stream_id}``), or None."""
+        for route in self.routes:
+            pattern = getattr(route, "path_regex", None)
+            if pattern is not None and pattern.match(path):
+                return str(getattr(route, "path", path))
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -116,7 +128,11 @@ class TraceContextMiddleware:
                 carrier[name.decode("latin-1")] = value.decode("latin-1")
         parent = _PROPAGATOR.extract(carrier) if carrier else Context()
         method = scope.get("method", "WEBSOCKET")
-        route = f"{method} {scope['path']}"
+        # OpenTelemetry's HTTP span name: "{method} {route template}", or the method alone
+        # for a path no route takes. A raw path named one span kind per stream id (resume,
+        # cancel) and per 404.
+        template = self._route(scope["path"])
+        route = method if template is None else f"{method} {template}"
         token = request_trace.current.set(request_trace.TraceScope(self.tracing, parent, route))
         try:
             await self.app(scope, receive, send)

@@ -141,7 +141,10 @@ class StreamTransport(ABC):
         end = self.stream.end
         if end is None:
             return "incomplete"
-        return "error" if end.error is not None else "ok"
+        if end.error is not None:
+            return "error"
+        # Cancelled by id: not "ok", as requests_aborted{reason="cancelled"} counts it too.
+        return "cancelled" if end.finish_reason == "cancelled" else "ok"
 
     async def race_disconnect(self, receive: Receive, body: Coroutine[Any, Any, None]) -> None:
         """For an HTTP transport: run ``body`` (which calls ``run``) raced against the

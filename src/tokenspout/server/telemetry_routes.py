@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -33,6 +33,13 @@ class ClientTelemetry(BaseModel):
     first_paint_ms: Millis
     complete_ms: Millis
     long_frames: Annotated[StrictInt, Field(ge=0, le=1_000_000)]
+
+    @model_validator(mode="after")
+    def _in_order(self) -> ClientTelemetry:
+        # The answer is complete after its first token: a report saying otherwise is bogus.
+        if self.complete_ms < self.ttft_ms:
+            raise ValueError("complete_ms must not be less than ttft_ms")
+        return self
 
     @field_validator("transport")
     @classmethod
