@@ -355,6 +355,9 @@ def test_a_key_sent_as_a_parameter_works_and_never_reaches_the_log() -> None:
     logs = out + err  # uvicorn's access lines go to stdout, the rest to stderr
     assert secret not in logs
     assert "Logging error" not in logs, logs
-    # Printed, blanked: the four requests' access lines and the handshake line.
-    assert logs.count("[redacted]") == 5, logs
-    assert '"GET /v1/completions/stream?prompt=a+b&max_tokens=2&api_key=[redacted] HTTP' in logs
+    # Printed, blanked: the four requests' access lines and the handshake line; and the two
+    # GETs' prompts (no --log-prompts).
+    assert logs.count("[redacted]") == 7, logs
+    assert (
+        '"GET /v1/completions/stream?prompt=[redacted]&max_tokens=2&api_key=[redacted] HTTP' in logs
+    )

@@ -138,6 +138,38 @@ def test_a_stream_cancelled_by_id_is_counted_cancelled_not_ok(start_server) -> N
     assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
 
 
+def test_refused_requests_are_counted_by_status_and_code(start_server) -> None:  # type: ignore[no-untyped-def]
+    # 4xx answers never reached a metric: an error rate was invisible in /metrics.
+    server: RunningServer = start_server(SyntheticEngine(), api_key="sk-1")
+    auth = {"Authorization": "Bearer sk-1"}
+    chat_url = f"{server.url}/v1/chat/completions"
+    assert httpx.post(chat_url, json={"messages": []}, headers=auth).status_code == 400
+    assert httpx.post(chat_url, json={"messages": []}).status_code == 401
+    assert httpx.get(f"{server.url}/v1/models/nope", headers=auth).status_code == 404
+    assert httpx.put(chat_url, headers=auth).status_code == 405
+    counts = {
+        (labels["status"], labels["code"]): value
+        for labels, value in samples(server, "tokenspout_requests_refused_total")
+    }
+    assert counts[("400", "invalid_request")] == 1
+    assert counts[("401", "invalid_api_key")] == 1
+    assert counts[("405", "http_405")] == 1
+    assert sum(v for (status, _), v in counts.items() if status == "404") == 1
+
+
+def samples(server: RunningServer, name: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of the metric ``name`` in /metrics, with its labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics").text
+    return [
+        (s.labels, s.value)
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
 def test_a_client_that_leaves_is_logged_as_such(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
     body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}

@@ -34,13 +34,13 @@ from tokenspout.server import (
     web_routes,
     websocket_routes,
 )
-from tokenspout.server.auth import ApiKeyMiddleware
+from tokenspout.server.auth import ApiKeyMiddleware, AuthenticationError
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.cors import JsonCorsMiddleware
 from tokenspout.server.direct_routes import DirectRoutes, direct_table
 from tokenspout.server.head_requests import HeadAsGet
 from tokenspout.server.loop_lag import watch_loop_lag
-from tokenspout.server.server_state import ServerState
+from tokenspout.server.server_state import ServerState, state_of
 
 if TYPE_CHECKING:
     from tokenspout.server.request_tracing import RequestTracing
@@ -48,7 +48,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tokenspout")
 
 
-def _error_response(err: TokenspoutError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def _error_response(
+    request: Request, err: TokenspoutError, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    # Refusals are requests too: without this count, an error rate was invisible in /metrics.
+    state_of(request).metrics.requests_refused.labels(str(err.status_code), str(err.code)).inc()
     headers = dict(headers or {})
     if isinstance(err, OverloadedError):
         headers["Retry-After"] = str(err.retry_after_s)
@@ -60,7 +64,7 @@ def _error_response(err: TokenspoutError, headers: Mapping[str, str] | None = No
 
 async def _tokenspout_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TokenspoutError)
-    return _error_response(exc)
+    return _error_response(request, exc)
 
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -72,7 +76,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         # Every method the path takes (RFC 9110 15.5.6): Starlette names only the first
         # route's, and a path with a GET and a POST route said "POST".
         headers["Allow"] = ", ".join(_allowed_methods(request))
-    return _error_response(err, headers)
+    return _error_response(request, err, headers)
 
 
 def _allowed_methods(request: Request) -> list[str]:
@@ -88,12 +92,12 @@ def _allowed_methods(request: Request) -> list[str]:
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    return _error_response(InvalidRequestError(str(exc.errors())))
+    return _error_response(request, InvalidRequestError(str(exc.errors())))
 
 
 async def _direct_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, TokenspoutError):
-        return _error_response(exc)
+        return _error_response(request, exc)
     return await _unexpected_error(request, exc)
 
 
@@ -101,10 +105,11 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ClientDisconnect):
         # Routine: the client left while its body was arriving. Nobody reads this answer.
         logger.info("client left during its request body: %s %s", request.method, request.url.path)
-        return _error_response(InvalidRequestError("the client left", code="client_disconnect"))
+        left = InvalidRequestError("the client left", code="client_disconnect")
+        return _error_response(request, left)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     err = TokenspoutError("internal server error; the request was not processed")
-    return _error_response(err)
+    return _error_response(request, err)
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
@@ -148,7 +153,12 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.add_middleware(HeadAsGet, generating=_GENERATING_GETS)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.keys.enabled or state.config.metrics_api_key is not None:
-        auth = {"keys": state.keys, "metrics_key": state.config.metrics_api_key}
+        refused = state.metrics.requests_refused.labels("401", AuthenticationError.code)
+        auth = {
+            "keys": state.keys,
+            "metrics_key": state.config.metrics_api_key,
+            "on_refused": refused.inc,
+        }
         app.add_middleware(ApiKeyMiddleware, **auth)
         direct = ApiKeyMiddleware(direct, **auth)
     if state.config.allowed_origins:

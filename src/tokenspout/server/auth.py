@@ -13,6 +13,7 @@ WebSocket or an ``EventSource``, so the handshake and GET requests accept ``?api
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import HTTPConnection
@@ -65,10 +66,18 @@ class ApiKeyMiddleware:
     """Answers 401 (OpenAI-shaped, ``WWW-Authenticate: Bearer``) to an HTTP request under
     ``/v1`` without a valid key, and to ``METRICS_PATHS`` without the metrics key."""
 
-    def __init__(self, app: ASGIApp, keys: KeyStore, metrics_key: str | None = None):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyStore,
+        metrics_key: str | None = None,
+        on_refused: Callable[[], None] = lambda: None,
+    ):
+        """``on_refused``: called for each 401 (the server counts it)."""
         self.app = app
         self.keys = keys
         self.metrics_digest = None if metrics_key is None else digest(metrics_key)
+        self.on_refused = on_refused
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -79,6 +88,7 @@ class ApiKeyMiddleware:
                     token = QueryParams(scope["query_string"]).get("api_key")
                 key = self.keys.authenticate(token)
                 if key is None:
+                    self.on_refused()
                     await _send_401(send)
                     return
                 scope[SCOPE_KEY] = key
@@ -87,6 +97,7 @@ class ApiKeyMiddleware:
                 if token is None and path == "/dashboard/data":  # the page's fetch: a query
                     token = QueryParams(scope["query_string"]).get("api_key")
                 if token is None or not hmac.compare_digest(digest(token), self.metrics_digest):
+                    self.on_refused()
                     await _send_401(send)
                     return
         await self.app(scope, receive, send)

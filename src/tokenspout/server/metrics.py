@@ -109,6 +109,13 @@ class Metrics:
             ["endpoint", "transport", "status"],
             registry=r,
         )
+        self.requests_refused = Counter(
+            "tokenspout_requests_refused",
+            "HTTP requests answered with an error status before any stream, by status and "
+            "error code (a client's mistakes, keys refused, overload).",
+            ["status", "code"],
+            registry=r,
+        )
         self.ttft = Histogram(
             "tokenspout_time_to_first_token_seconds",
             "Request start to the first text sent to the client.",
