@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import jsonschema
@@ -223,14 +224,19 @@ def test_named_tool_choice_and_the_tool_result_continues(client: OpenAI) -> None
     assert not follow.choices[0].message.tool_calls
 
 
-@pytest.mark.slow
-def test_a_call_cut_by_max_tokens_shows_no_markup(server: RunningServer) -> None:
-    body = {
+def weather_call() -> dict[str, Any]:
+    """A greedy chat that must call ``get_weather``."""
+    return {
         "messages": user("What is the weather in Paris?"),
         "tools": [WEATHER],
         "tool_choice": "required",
         "temperature": 0,
     }
+
+
+@pytest.mark.slow
+def test_a_call_cut_by_max_tokens_shows_no_markup(server: RunningServer) -> None:
+    body = weather_call()
     url = f"{server.url}/v1/chat/completions"
     # 3 and 10 tokens cut the call before its name ends, 20 inside its arguments.
     for max_tokens in (3, 10, 20):
@@ -254,12 +260,7 @@ def test_a_call_cut_by_max_tokens_shows_no_markup(server: RunningServer) -> None
 
 @pytest.mark.slow
 def test_a_call_cut_in_its_closing_markup_or_by_a_stop_string(server: RunningServer) -> None:
-    body = {
-        "messages": user("What is the weather in Paris?"),
-        "tools": [WEATHER],
-        "tool_choice": "required",
-        "temperature": 0,
-    }
+    body = weather_call()
     url = f"{server.url}/v1/chat/completions"
     whole = httpx.post(url, json={**body, "max_tokens": 100}, timeout=120).json()
     assert whole["choices"][0]["finish_reason"] == "tool_calls"

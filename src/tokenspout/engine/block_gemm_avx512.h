@@ -31,6 +31,17 @@ static inline int64_t packed_floats(int64_t M, int64_t K) {
 /* A panel: q pairs [NR][K / 2], then d and m [NR][nb]. */
 static inline int64_t panel_floats(int64_t K) { return NR * K / 2 + 2 * NR * (K / 32); }
 
+/* W's row n's block scales as fp32: d into d_row, and Q4_1's m into m_row (Q8_0 has none:
+ * the tiles skip its m term). */
+static inline void row_scales(const BlockWeights *w, int64_t n, int64_t nb, float *d_row,
+                              float *m_row) {
+    for (int64_t b0 = 0; b0 < nb; b0 += 64) {
+        const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
+        halves(w->d + n * nb + b0, bn, d_row + b0);
+        if (w->m) halves(w->m + n * nb + b0, bn, m_row + b0);
+    }
+}
+
 /* The panel: row i holds W's row rows[i] (q as int16, d, m as fp32), or zeros where
  * rows[i] < 0. */
 static inline void fill_panel16(const BlockWeights *w, const int64_t rows[NR], int64_t K,
@@ -61,14 +72,7 @@ static inline void fill_panel16(const BlockWeights *w, const int64_t rows[NR], i
             const int8_t *qn = (const int8_t *)w->qs + n * K;
             for (int64_t b = 0; b < nb; b++) _mm512_storeu_si512(qi + b * 32, q8_0_single(qn, b));
         }
-        for (int64_t b0 = 0; b0 < nb; b0 += 64) {
-            const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
-            halves(w->d + n * nb + b0, bn, d + i * nb + b0);
-            if (w->m)
-                halves(w->m + n * nb + b0, bn, m + i * nb + b0);
-            else
-                for (int64_t b = 0; b < bn; b++) m[i * nb + b0 + b] = 0.0f;
-        }
+        row_scales(w, n, nb, d + i * nb, m + i * nb);
     }
 }
 
@@ -174,11 +178,7 @@ static inline void fill_panel8(const BlockWeights *w, const int64_t rows[NR], in
                                              wide, _mm512_set1_epi16(1)));
             }
         }
-        for (int64_t b0 = 0; b0 < nb; b0 += 64) {
-            const int64_t bn = nb - b0 < 64 ? nb - b0 : 64;
-            halves(w->d + n * nb + b0, bn, d + i * nb + b0);
-            if (w->m) halves(w->m + n * nb + b0, bn, c + i * nb + b0);
-        }
+        row_scales(w, n, nb, d + i * nb, c + i * nb);
     }
 }
 
