@@ -21,13 +21,14 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from tokenspout.errors import InvalidRequestError
+from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.config import ServerConfig
 
 
 def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
-    """A whole response with an OpenAI-style error body, as the app's errors have."""
-    error = {"message": message, "type": "invalid_request_error", "param": None}
-    body = json.dumps({"error": {**error, "code": error_code}}).encode()
+    """A whole response with the error body the app's errors have (``error_body``)."""
+    body = json.dumps(error_body(InvalidRequestError(message, code=error_code))).encode()
     head = (
         f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
