@@ -155,3 +155,95 @@ def test_complete_command_reports_a_refused_connection_in_one_line() -> None:
     assert out.returncode == 1
     assert "connection failed" in out.stderr and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+@contextmanager
+def cutting_proxy(port: int, events: int) -> Iterator[str]:
+    """A fault injector in front of the server at ``port`` (its URL): the first connection is
+    closed in the middle of its response, right after ``events`` SSE events; later ones
+    pass whole."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    threads: list[threading.Thread] = []
+
+    def pipe(src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
+        seen = 0
+        with src, dst:
+            while data := src.recv(65536):
+                if cut_after is not None:
+                    # Each event ends in one blank line ("\n\n"; chunked framing and the
+                    # head's "\r\n\r\n" hold none): forward up to the last allowed one.
+                    at = -1
+                    while seen < cut_after and (at := data.find(b"\n\n", at + 1)) >= 0:
+                        seen += 1
+                    if seen >= cut_after:
+                        dst.sendall(data[: at + 2])
+                        # shutdown, not just close: the other direction's thread is in recv()
+                        # on these sockets, and a close would wait for it.
+                        for sock in (src, dst):
+                            sock.shutdown(socket.SHUT_RDWR)
+                        return
+                dst.sendall(data)
+
+    def serve() -> None:
+        first = True
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", port))
+            for src, dst, cut in (
+                (conn, upstream, None),
+                (upstream, conn, events if first else None),
+            ):
+                t = threading.Thread(target=pipe, args=(src, dst, cut), daemon=True)
+                t.start()
+                threads.append(t)
+            first = False
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a close alone would not)
+        listener.close()
+        acceptor.join(10)
+
+
+def _port(server: RunningServer) -> int:
+    return int(server.url.rsplit(":", 1)[1])
+
+
+async def test_a_cut_resumable_stream_is_resumed_where_it_was(
+    synthetic_server: RunningServer,
+) -> None:
+    params = {"max_tokens": 40, "stream_options": {"resumable": True, "flush_tokens": 1}}
+    with Client(synthetic_server.url) as client:
+        whole = client.chat("one two three", **params).text
+    with cutting_proxy(_port(synthetic_server), events=7) as url, Client(url) as client:
+        stream = client.stream_chat("one two three", **params)
+        deltas = list(stream)
+    assert stream.result.resumes == 1
+    assert "".join(deltas) == stream.result.text == whole  # nothing lost, nothing twice
+    assert stream.result.finish_reason == "length"
+    with cutting_proxy(_port(synthetic_server), events=3) as url:
+        async with AsyncClient(url) as aclient:
+            astream = aclient.stream_chat("one two three", **params)
+            adeltas = [d async for d in astream]
+    assert astream.result.resumes == 1 and "".join(adeltas) == whole
+
+
+def test_a_cut_stream_is_a_stream_error_when_it_cannot_be_resumed(
+    synthetic_server: RunningServer,
+) -> None:
+    # Not resumable: the server refuses the resume, and the cut is reported with why.
+    with cutting_proxy(_port(synthetic_server), events=4) as url, Client(url) as client:
+        stream = client.stream_chat("one two", max_tokens=40, stream_options={"flush_tokens": 1})
+        with pytest.raises(StreamError, match=r"connection failed.*resuming it was refused"):
+            list(stream)
+    assert stream.result.text and stream.result.finish_reason is None
+    resumable = {"max_tokens": 40, "stream_options": {"resumable": True, "flush_tokens": 1}}
+    with cutting_proxy(_port(synthetic_server), events=4) as url:
+        with Client(url, resumes=0) as client, pytest.raises(StreamError, match="after 0 resumes"):
+            client.chat("one two", **resumable)

@@ -19,6 +19,7 @@ import pytest
 from tests.cluster.conftest import ReplicaSet, kill, needs_nginx
 from tests.conftest import free_port
 from tests.e2e.test_resume import chat_text, read_some, sse_events
+from tokenspout.client import Client
 
 PROMPT = "Ünïcödé 日本語 😀 alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
 
@@ -182,6 +183,27 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
     assert "".join(parts) == expected
     survivor = next(r for r in replicas if r is not owner)
     assert survivor.metric("tokenspout_stream_takeovers_total") == 1
+
+
+@needs_nginx
+def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+) -> None:
+    """``tokenspout.client.Client`` through nginx: the owner's SIGKILL cuts its connection,
+    and the client resumes from its last event on the other replica by itself."""
+    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    url = start_nginx([r.port for r in replicas])
+    expected = whole_text(url, 300)
+    options = {"resumable": True, "flush_tokens": 1}
+    with Client(url) as client:
+        stream = client.stream_chat(PROMPT, max_tokens=300, temperature=0, stream_options=options)
+        deltas = []
+        for delta in stream:
+            deltas.append(delta)
+            if len(deltas) == 20:
+                kill(replica_set.owner(stream.result.stream_id or ""))
+    assert "".join(deltas) == stream.result.text == expected
+    assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
 
 
 def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:

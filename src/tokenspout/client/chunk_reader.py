@@ -31,6 +31,8 @@ class StreamResult:
     ttft_s: float | None = None
     total_s: float | None = None
     events: int = 0
+    #: Times the stream was resumed after a cut connection.
+    resumes: int = 0
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
 

@@ -9,6 +9,8 @@ with Client("http://127.0.0.1:8000") as client:
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -62,62 +64,127 @@ def _error_from(response: httpx.Response, body: bytes) -> StreamError:
 
 
 def _cut(exc: httpx.TransportError) -> StreamError:
-    return StreamError(f"the connection failed: {exc or type(exc).__name__}")
+    err = StreamError(f"the connection failed: {exc or type(exc).__name__}")
+    err.__cause__ = exc
+    return err
 
 
-def _check_done(result: StreamResult) -> None:
+def _cut_short(result: StreamResult) -> StreamError | None:
     """A stream that ended without ``[DONE]`` was cut (a proxy's clean close, say): its text
     is not the whole answer, which a caller must not take for one."""
-    if result.total_s is None:
-        raise StreamError(f"the stream ended before [DONE] after {len(result.text)} characters")
+    if result.total_s is not None:
+        return None
+    return StreamError(f"the stream ended before [DONE] after {len(result.text)} characters")
+
+
+class _Attempts:
+    """The requests of one stream: the first, then, after a cut, a resume from the last
+    event id it saw (``GET /v1/streams/{id}`` with ``Last-Event-ID``, through any replica),
+    while resumes are left. Only a resumable stream sends ids, so only it is resumed."""
+
+    def __init__(self, path: str, body: dict[str, Any], resumes: int):
+        self._path, self._body, self._resumes = path, body, resumes
+        self.result = StreamResult()
+        self.last_id: str | None = None
+        self._cut: StreamError | None = None
+
+    def request(self) -> tuple[str, str, dict[str, Any]]:
+        """Method, path and httpx arguments of the next request."""
+        if self.last_id is None:
+            return "POST", self._path, {"json": self._body}
+        stream_id = self.result.stream_id
+        return "GET", f"/v1/streams/{stream_id}", {"headers": {"Last-Event-ID": self.last_id}}
+
+    def refused(self, err: StreamError) -> StreamError:
+        """The error of a refused request; for a resume (a stream that was not resumable,
+        or has expired), it says what was cut first."""
+        if self._cut is None:
+            return err
+        message = f"{self._cut}; resuming it was refused: {err}"
+        return StreamError(message, status_code=err.status_code, body=err.body)
+
+    def opened(self, response: httpx.Response) -> None:
+        self.result.stream_id = self.result.stream_id or response.headers.get("x-stream-id")
+
+    def read(self, event_id: str, data: str) -> str:
+        """One event's text delta; its id (httpx-sse keeps the last one) is where a resume
+        starts."""
+        delta = read_event(self.result, data)
+        if event_id:
+            self.last_id = event_id
+        return delta
+
+    def cut(self, err: StreamError) -> float:
+        """Raise ``err`` unless the stream can go on; else the seconds to wait first: none
+        for the first resume (a dropped connection), then a short backoff."""
+        if self.last_id is None or self.result.stream_id is None:
+            raise err
+        if self.result.resumes >= self._resumes:
+            raise StreamError(f"{err} (after {self.result.resumes} resumes)") from err
+        self.result.resumes += 1
+        self._cut = err
+        return 0.0 if self.result.resumes == 1 else min(0.25 * 2 ** (self.result.resumes - 2), 4.0)
 
 
 class SyncStream:
-    """Iterate for text deltas; ``result`` fills in as the stream goes."""
+    """Iterate for text deltas; ``result`` fills in as the stream goes. A resumable stream
+    that is cut goes on from where it was (``resumes`` times at most)."""
 
-    def __init__(self, client: httpx.Client, path: str, body: dict[str, Any]):
-        self._client, self._path, self._body = client, path, body
+    def __init__(self, client: httpx.Client, path: str, body: dict[str, Any], resumes: int):
+        self._client, self._path, self._body, self._resumes = client, path, body, resumes
         self.result = StreamResult()
 
     def __iter__(self) -> Iterator[str]:
-        self.result = StreamResult()
-        try:
-            with connect_sse(self._client, "POST", self._path, json=self._body) as source:
-                response = source.response
-                if response.status_code >= 400:
-                    raise _error_from(response, response.read())
-                self.result.stream_id = response.headers.get("x-stream-id")
-                for event in source.iter_sse():
-                    delta = read_event(self.result, event.data)
-                    if delta:
-                        yield delta
-        except httpx.TransportError as exc:
-            raise _cut(exc) from exc
-        _check_done(self.result)
+        attempts = _Attempts(self._path, self._body, self._resumes)
+        self.result = attempts.result
+        while True:
+            method, path, kwargs = attempts.request()
+            try:
+                with connect_sse(self._client, method, path, **kwargs) as source:
+                    response = source.response
+                    if response.status_code >= 400:
+                        raise attempts.refused(_error_from(response, response.read()))
+                    attempts.opened(response)
+                    for event in source.iter_sse():
+                        delta = attempts.read(event.id, event.data)
+                        if delta:
+                            yield delta
+                cut = _cut_short(self.result)
+                if cut is None:
+                    return
+            except httpx.TransportError as exc:
+                cut = _cut(exc)
+            time.sleep(attempts.cut(cut))
 
 
 class AsyncStream:
     """Async twin of ``SyncStream``."""
 
-    def __init__(self, client: httpx.AsyncClient, path: str, body: dict[str, Any]):
-        self._client, self._path, self._body = client, path, body
+    def __init__(self, client: httpx.AsyncClient, path: str, body: dict[str, Any], resumes: int):
+        self._client, self._path, self._body, self._resumes = client, path, body, resumes
         self.result = StreamResult()
 
     async def __aiter__(self) -> AsyncIterator[str]:
-        self.result = StreamResult()
-        try:
-            async with aconnect_sse(self._client, "POST", self._path, json=self._body) as source:
-                response = source.response
-                if response.status_code >= 400:
-                    raise _error_from(response, await response.aread())
-                self.result.stream_id = response.headers.get("x-stream-id")
-                async for event in source.aiter_sse():
-                    delta = read_event(self.result, event.data)
-                    if delta:
-                        yield delta
-        except httpx.TransportError as exc:
-            raise _cut(exc) from exc
-        _check_done(self.result)
+        attempts = _Attempts(self._path, self._body, self._resumes)
+        self.result = attempts.result
+        while True:
+            method, path, kwargs = attempts.request()
+            try:
+                async with aconnect_sse(self._client, method, path, **kwargs) as source:
+                    response = source.response
+                    if response.status_code >= 400:
+                        raise attempts.refused(_error_from(response, await response.aread()))
+                    attempts.opened(response)
+                    async for event in source.aiter_sse():
+                        delta = attempts.read(event.id, event.data)
+                        if delta:
+                            yield delta
+                cut = _cut_short(self.result)
+                if cut is None:
+                    return
+            except httpx.TransportError as exc:
+                cut = _cut(exc)
+            await asyncio.sleep(attempts.cut(cut))
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
@@ -127,14 +194,18 @@ def _headers(api_key: str | None) -> dict[str, str]:
 class Client:
     """Synchronous client. ``params`` are OpenAI request fields (max_tokens, temperature...)
     of a streamed request of one choice. ``base_url``: the server's root, or its ``/v1``
-    (``ValueError`` if it is not an http(s) URL)."""
+    (``ValueError`` if it is not an http(s) URL). A resumable stream (``stream_options=
+    {"resumable": True}``, or a server run with ``--resumable``) whose connection is cut is
+    resumed from its last event, ``resumes`` times at most: through a balancer in front of
+    replicas sharing Redis, an answer survives the death of the replica that served it."""
 
     def __init__(
         self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-        timeout: float = 600.0,
+        timeout: float = 600.0, resumes: int = 3,
     ):  # fmt: skip
         root = server_root(base_url)
         self._http = httpx.Client(base_url=root, headers=_headers(api_key), timeout=timeout)
+        self._resumes = resumes
 
     def __enter__(self) -> Client:
         return self
@@ -146,10 +217,14 @@ class Client:
         self._http.close()
 
     def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> SyncStream:
-        return SyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
+        return SyncStream(
+            self._http, "/v1/chat/completions", _chat_body(prompt, params), self._resumes
+        )
 
     def stream_completion(self, prompt: str, **params: Any) -> SyncStream:
-        return SyncStream(self._http, "/v1/completions", _body(params, prompt=prompt))
+        return SyncStream(
+            self._http, "/v1/completions", _body(params, prompt=prompt), self._resumes
+        )
 
     def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
         """Stream a chat answer to the end and return it with its timing."""
@@ -171,11 +246,12 @@ class AsyncClient:
 
     def __init__(
         self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-        timeout: float = 600.0,
+        timeout: float = 600.0, resumes: int = 3,
     ):  # fmt: skip
         self._http = httpx.AsyncClient(
             base_url=server_root(base_url), headers=_headers(api_key), timeout=timeout
         )
+        self._resumes = resumes
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -187,10 +263,14 @@ class AsyncClient:
         await self._http.aclose()
 
     def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncStream:
-        return AsyncStream(self._http, "/v1/chat/completions", _chat_body(prompt, params))
+        return AsyncStream(
+            self._http, "/v1/chat/completions", _chat_body(prompt, params), self._resumes
+        )
 
     def stream_completion(self, prompt: str, **params: Any) -> AsyncStream:
-        return AsyncStream(self._http, "/v1/completions", _body(params, prompt=prompt))
+        return AsyncStream(
+            self._http, "/v1/completions", _body(params, prompt=prompt), self._resumes
+        )
 
     async def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
         stream = self.stream_chat(prompt, **params)
