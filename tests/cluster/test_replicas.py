@@ -303,6 +303,27 @@ def test_admission_limits_hold_across_two_replicas(replica_set: ReplicaSet, tmp_
                 assert "across the replicas" in full.json()["error"]["message"]
 
 
+def test_a_token_limit_added_to_a_key_that_has_been_used_admits_it(
+    replica_set: ReplicaSet, tmp_path: Path
+) -> None:
+    # Completion tokens are charged to every key's bucket level, limited or not, with no
+    # refill time: a limit added later made every request of the key a 500 (Lua: nil).
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "carol"\nkey = "sk-carol"\n')
+    carol = {"Authorization": "Bearer sk-carol"}
+    first = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
+    body = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 20}
+    assert httpx.post(f"{first.url}/v1/chat/completions", json=body, headers=carol).is_success
+    deadline = time.monotonic() + 30
+    while not replica_set.redis.cli("HGET", "tokenspout:k:carol", "tl"):
+        assert time.monotonic() < deadline, "the completion was never charged"
+        time.sleep(0.05)
+    keys.write_text(keys.read_text() + "tokens_per_minute = 1000\n")
+    second = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
+    answer = httpx.post(f"{second.url}/v1/chat/completions", json=body, headers=carol)
+    assert answer.status_code == 200, answer.text
+
+
 def test_unreachable_redis_at_start_is_one_line_and_exit_2() -> None:
     port = free_port()
     result = subprocess.run(

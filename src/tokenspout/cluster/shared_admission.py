@@ -45,7 +45,8 @@ local function others(hash, prefix)
   return total
 end
 local function refill(level, at, per_minute)
-  if not level then return per_minute end
+  -- No refill time: the key had no such limit, only charges; its bucket starts full.
+  if not level or not at then return per_minute end
   return math.min(per_minute, tonumber(level) + (now - tonumber(at)) * per_minute / 60)
 end
 local streams, queued = tonumber(ARGV[2]), tonumber(ARGV[4])
