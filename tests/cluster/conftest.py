@@ -3,6 +3,7 @@ dev`) on free ports in a temporary directory, and `tokenspout serve` processes."
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -110,13 +111,14 @@ class Replica:
                 return float(line.split()[-1])
         raise KeyError(key)
 
-    def wait_metric(self, name: str, value: float, timeout: float = 30) -> None:
+    def wait_metric(self, name: str, value: float, timeout: float = 30, labels: str = "") -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.metric(name) == value:
-                return
+            with contextlib.suppress(KeyError):  # a labelled sample appears at its first count
+                if self.metric(name, labels) == value:
+                    return
             time.sleep(0.02)
-        raise AssertionError(f"{name} did not reach {value} on {self.url}")
+        raise AssertionError(f"{name}{{{labels}}} did not reach {value} on {self.url}")
 
 
 @dataclass

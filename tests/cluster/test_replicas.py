@@ -206,6 +206,46 @@ def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
     assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
 
 
+def test_a_reader_on_another_replica_keeps_the_stream_past_the_owners_grace(
+    replica_set: ReplicaSet,
+) -> None:
+    """The owner's own reader leaves; one on the other replica follows: the owner must not
+    end the stream at its grace period as if nobody read it (it did: "cancelled")."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10", "--resume-grace-s", "0.5")
+    expected = whole_text(a.url, 300)
+    parts: list[str] = []
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(300)) as first:
+        stream_id = first.headers["x-stream-id"]
+        last_id = read_some(first, 5, parts)
+        headers = {"Last-Event-ID": last_id or ""}
+        with httpx.stream(
+            "GET", f"{b.url}/v1/streams/{stream_id}", headers=headers, timeout=60
+        ) as follower:
+            assert follower.status_code == 200
+            first.close()  # the owner's reader leaves; B's reads on
+            read_some(follower, 100_000, parts, last_id)
+    assert "".join(parts) == expected
+    assert a.metric("tokenspout_requests_aborted_total", 'reason="client_disconnect"') == 0
+
+
+def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
+    replica_set: ReplicaSet,
+) -> None:
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10", "--resume-grace-s", "0.5")
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(4000)) as r:
+        stream_id = r.headers["x-stream-id"]
+        read_some(r, 3, [])
+        owner = replica_set.owner(stream_id)
+        kill(owner)
+    survivor = b if owner is a else a
+    survivor.wait_metric("tokenspout_stream_takeovers_total", 1)
+    # Not generated on for nobody to the end (40 s here), holding a slot meanwhile.
+    survivor.wait_metric(
+        "tokenspout_requests_aborted_total", 1, labels='reason="client_disconnect"'
+    )
+    survivor.wait_metric("tokenspout_requests_running", 0)
+
+
 def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:
     replicas = replica_set.start_many(2, "--synthetic-itl-ms", "10")
     expected = whole_text(replicas[0].url, 200)

@@ -12,6 +12,8 @@
   requests queued there;
 * ``key(name)``: a hash per API key: ``s:<replica>`` → its streams there, and the
   request and token buckets (``rl``/``rt``, ``tl``/``tt``: level and time);
+* ``readers(id)``: set (with a lease's expiry) while readers on a replica that does not
+  generate the stream follow it there: its owner does not end it for want of a reader;
 * ``CANCEL``: the pub/sub channel cancels travel on.
 """
 
@@ -33,6 +35,10 @@ def meta(stream_id: str) -> str:
 
 def owned(replica: str) -> str:
     return f"{PREFIX}o:{replica}"
+
+
+def readers(stream_id: str) -> str:
+    return f"{PREFIX}r:{stream_id}"
 
 
 def key(name: str) -> str:

@@ -184,6 +184,7 @@ class Replica:
         if mirror is not None:
             if mirror.stream.owner != owner:
                 raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+            await self._mark_read([stream_id])
             return mirror.stream
         record, entries = await self._read(stream_id, owner)
         if record.state == GONE:
@@ -192,7 +193,21 @@ class Replica:
         mirror.start(entries)
         if not mirror.stream.finished:
             self._mirrors[stream_id] = mirror
+            await self._mark_read([stream_id])
         return mirror.stream
+
+    async def read_elsewhere(self, stream_id: str) -> bool:
+        """Whether readers on another replica follow ``stream_id`` (generated here)."""
+        return bool(await self.link.client.exists(rk.readers(stream_id)))
+
+    async def _mark_read(self, stream_ids: list[str]) -> None:
+        """Tell the streams' owners that readers follow them here, for a lease's time."""
+        if not stream_ids:
+            return
+        pipe = self.link.client.pipeline(transaction=False)
+        for stream_id in stream_ids:
+            pipe.set(rk.readers(stream_id), self.id, px=int(LEASE_TTL_S * 1000))
+        await self.link.call(lambda: execute(pipe))
 
     async def record(self, stream_id: str, owner: str | None) -> StreamRecord:
         """The stream's record, if ``owner``'s key opened it (404 otherwise)."""
@@ -253,6 +268,7 @@ class Replica:
                 lapsed = await self._refresh_lease()
                 assert self.admission is not None
                 await self.admission.publish()
+                await self._mark_read([k for k, m in self._mirrors.items() if m.stream.readers])
                 if time.monotonic() < self._takeovers_after:
                     continue
                 for replica in lapsed:
@@ -310,3 +326,6 @@ class Replica:
         self.writer.track(stream, mine, persisted=takeover.persisted, opened=True)
         if record.cancelled:
             stream.cancel()
+        else:
+            # Its reader was on the dead replica: it has the grace period to come back.
+            stream.wait_for_reader("client_disconnect")

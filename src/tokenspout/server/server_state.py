@@ -64,6 +64,7 @@ class ServerState:
             store=store,
             resume=ResumePolicy(grace_s=cfg.resume_grace_s, ttl_s=cfg.resume_ttl_s),
             on_end=self._stream_ended,
+            read_elsewhere=None if self.cluster is None else self.cluster.read_elsewhere,
         )
 
     def _stream_ended(self, stream: Stream) -> None:

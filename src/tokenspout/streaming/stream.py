@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,10 +65,12 @@ class Stream:
         "_done",
         "_failure",
         "_grace",
+        "_grace_check",
         "_notify_at",
         "_on_end",
         "_on_reader_left",
         "_pause",
+        "_read_elsewhere",
         "_resume",
         "_subscribed",
         "_tokens",
@@ -106,6 +108,7 @@ class Stream:
         timers: WakeTimers | None = None,
         owner: str | None = None,
         meta: Any = None,
+        read_elsewhere: Callable[[str], Awaitable[bool]] | None = None,
     ):
         self.id = stream_id
         #: The API key name that opened it: only that key may resume, follow or cancel it.
@@ -135,6 +138,10 @@ class Stream:
         self._cursors: list[Subscription] = []
         self._subscribed = False
         self._grace: asyncio.TimerHandle | None = None
+        #: Whether readers on other replicas follow this stream (``cluster``): asked when
+        #: the grace period ends, which then starts again rather than cut them off.
+        self._read_elsewhere = read_elsewhere
+        self._grace_check: asyncio.Task[None] | None = None
         #: Tokens produced so far, and the cursors waiting for a token count (or a change).
         self._tokens = 0
         self._completion_tokens = 0
@@ -232,7 +239,37 @@ class Stream:
         if self._cursors or reason is None or self.finished:
             return
         if self.resumable:
-            self._grace = self.loop.call_later(self.resume_grace_s, self.abort, reason)
+            self.wait_for_reader(reason)
+        else:
+            self.abort(reason)
+
+    def wait_for_reader(self, reason: str) -> None:
+        """A resumable stream without a reader: abort it with ``reason`` after the grace
+        period, unless a reader comes (here, or on another replica) meanwhile."""
+        if self._cursors or self.finished:
+            return
+        if self._grace is not None:
+            self._grace.cancel()
+        self._grace = self.loop.call_later(self.resume_grace_s, self._grace_over, reason)
+
+    def _grace_over(self, reason: str) -> None:
+        self._grace = None
+        if self._read_elsewhere is None:
+            self.abort(reason)
+        else:
+            self._grace_check = self.loop.create_task(self._check_elsewhere(reason))
+
+    async def _check_elsewhere(self, reason: str) -> None:
+        assert self._read_elsewhere is not None
+        try:
+            elsewhere = await self._read_elsewhere(self.id)
+        except Exception:
+            logger.warning("stream %s: could not ask for readers elsewhere", self.id, exc_info=True)
+            elsewhere = False
+        if self._cursors or self.finished or self._grace is not None:
+            return  # a reader came here meanwhile, or the stream ended
+        if elsewhere:
+            self.wait_for_reader(reason)
         else:
             self.abort(reason)
 

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import secrets
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +82,10 @@ class StreamRegistry:
         store: StreamStore | None = None,
         resume: ResumePolicy | None = None,
         on_end: Callable[[Stream], None] | None = None,
+        read_elsewhere: Callable[[str], Awaitable[bool]] | None = None,
     ):
         self._engine = engine
+        self._read_elsewhere = read_elsewhere
         self._store = store or InMemoryStreamStore()
         self._resume = resume or ResumePolicy()
         self._streams: dict[str, Stream] = {}
@@ -138,6 +140,7 @@ class StreamRegistry:
             timers=self._timers,
             owner=owner,
             meta=meta,
+            read_elsewhere=self._read_elsewhere,
         )
         sink = stream.receive if continued is None else continued.prepare(stream)
         try:
