@@ -229,10 +229,16 @@ def test_a_reader_on_another_replica_keeps_the_stream_past_the_owners_grace(
 
 
 def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
-    replica_set: ReplicaSet,
+    replica_set: ReplicaSet, tmp_path: Path
 ) -> None:
-    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10", "--resume-grace-s", "0.5")
-    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(4000)) as r:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "alice"\nkey = "sk-alice"\n')
+    args = ("--synthetic-itl-ms", "10", "--resume-grace-s", "0.5", "--api-keys-file", str(keys))
+    a, b = replica_set.start_many(2, *args)
+    alice = {"Authorization": "Bearer sk-alice"}
+    with httpx.stream(
+        "POST", f"{a.url}/v1/chat/completions", json=chat_body(4000), headers=alice
+    ) as r:
         stream_id = r.headers["x-stream-id"]
         read_some(r, 3, [])
         owner = replica_set.owner(stream_id)
@@ -244,6 +250,8 @@ def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
         "tokenspout_requests_aborted_total", 1, labels='reason="client_disconnect"'
     )
     survivor.wait_metric("tokenspout_requests_running", 0)
+    # Counted open where it was taken over, so its end does not take the gauge below 0.
+    assert survivor.metric("tokenspout_key_streams_open", 'key="alice"') == 0
 
 
 def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:

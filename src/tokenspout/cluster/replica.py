@@ -322,6 +322,7 @@ class Replica:
         self.takeovers.inc()
         if record.key:
             self.admission.adopt(record.key)
+            self._state.key_metrics.adopted(record.key)
         mine = record.owned_by(self.id)
         self.writer.track(stream, mine, persisted=takeover.persisted, opened=True)
         if record.cancelled:

@@ -55,6 +55,11 @@ class KeyMetrics:
         self.requests.labels(label).inc()
         self.streams_open.labels(label).inc(streams)
 
+    def adopted(self, name: str) -> None:
+        """A stream of ``name`` taken over from a dead replica: open here until it finishes
+        (its request was counted where it began)."""
+        self.streams_open.labels(self.label(name)).inc()
+
     def refused(self, name: str, limit: str) -> None:
         self.rate_limited.labels(self.label(name), limit).inc()
 
