@@ -29,6 +29,7 @@ import torch
 from tokenspout.engine.interface import Engine
 from tokenspout.engine.llm_engine import LLMEngine
 from tokenspout.engine.request import ChatMessage, SamplingParams
+from tokenspout.engine.weights import default_format
 
 PROMPT = "Write a long story about a dragon and a knight."
 OUTPUT_TOKENS = 128
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--weights", default="int8")
+    # The server's own default (q4_1 where the C kernels build), not an older format.
+    parser.add_argument("--weights", default=default_format())
     parser.add_argument("--prefix-cache", choices=["off", "on", "both"], default="both")
     parser.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
