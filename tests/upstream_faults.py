@@ -13,7 +13,9 @@ synthetic tokenspout, and fails the way ``fault`` says:
   for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its first byte;
   ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut after
   ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after the
-  finish reason (no usage, no ``[DONE]``).
+  finish reason (no usage, no ``[DONE]``). A completion with ``echo`` has its prompt at the
+  start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
+  echoed prompt's first null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
 answers ``abandoned`` (by their request's ``user`` field): their client went away before
@@ -28,6 +30,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -106,8 +109,11 @@ class FaultyUpstream:
         else:
             prompt = self.engine.encode_completion(body["prompt"])
         params = SamplingParams(max_tokens=body["max_tokens"])
+        # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
+        echo = body["prompt"] if body.get("echo") else ""
+        logprobs = body.get("logprobs") is not None
         return StreamingResponse(
-            self._watched(request, body, self._chunks(prompt, params, chat)),
+            self._watched(request, body, self._chunks(prompt, params, chat, echo, logprobs)),
             media_type="text/event-stream",
         )
 
@@ -129,7 +135,9 @@ class FaultyUpstream:
             self.abandoned.append(user)
             raise
 
-    async def _chunks(self, prompt: Any, params: SamplingParams, chat: bool) -> AsyncIterator[str]:
+    async def _chunks(
+        self, prompt: Any, params: SamplingParams, chat: bool, echo: str, logprobs: bool
+    ) -> AsyncIterator[str]:
         args = self.args
         sent = 0
         rid = f"faulty-{self.received}"
@@ -143,7 +151,13 @@ class FaultyUpstream:
                     yield "data: {not json\n\n"
                 await asyncio.sleep(3600)
             if out.text:
-                yield _event(_chunk(chat, out.text, None))
+                # Each word is one token (-1.0); an echoed prompt's first has none (null).
+                echoed = bool(echo) and not sent
+                words = [*re.findall(r"\S+\s*|\s+", echo), out.text] if echoed else [out.text]
+                chunk = _chunk(chat, "".join(words), None)
+                if logprobs:
+                    chunk["choices"][0]["logprobs"] = _completion_logprobs(words, echoed)
+                yield _event(chunk)
                 sent += 1
             if out.finish_reason is not None:
                 yield _event(_chunk(chat, "", out.finish_reason))
@@ -168,6 +182,15 @@ async def _tool_call(cut_after: int | None) -> AsyncIterator[str]:
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
+
+
+def _completion_logprobs(words: list[str], echoed: bool) -> dict[str, Any]:
+    """The legacy ``logprobs`` of ``words``, the first null when it is an echoed prompt's."""
+    values: list[float | None] = [-1.0] * len(words)
+    tops: list[dict[str, float] | None] = [{w: -1.0} for w in words]
+    if echoed:
+        values[0] = tops[0] = None
+    return {"tokens": words, "token_logprobs": values, "top_logprobs": tops}
 
 
 def _delta(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -236,3 +236,21 @@ def test_n_choices_report_the_upstreams_prompt_tokens_once(
         assert r.status_code == 200, r.text
         usage = r.json()["usage"]
     assert usage == direct
+
+
+def test_echo_with_logprobs_passes_the_prompts_null_logprob_through(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """An echoed prompt's first token has no logprob: the upstream says null, and so does
+    the client's answer (as from that upstream directly)."""
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "prompt": "one two three ", "max_tokens": 2, "echo": True,
+            "logprobs": 1}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "one two three one two "
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["one ", "two ", "three ", "one ", "two "]
+    assert logprobs["token_logprobs"] == [None, -1.0, -1.0, -1.0, -1.0]
+    assert logprobs["top_logprobs"][0] is None

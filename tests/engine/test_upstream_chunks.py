@@ -64,6 +64,42 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
                 "é", (), None, None, (TokenLogprob("é", b"\xc3\xa9", -0.5, (("e", b"e", -1.0),)),)
             ),
         ),
+        (  # echo with logprobs: the prompt's first token has a null logprob and top entry
+            json.dumps(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": "Hi there",
+                            "finish_reason": None,
+                            "logprobs": {
+                                "tokens": ["Hi", " there"],
+                                "token_logprobs": [None, -0.5],
+                                "top_logprobs": [None, {" there": -0.5}],
+                                "text_offset": [0, 2],
+                            },
+                        }
+                    ]
+                }
+            ),
+            UpstreamChunk(
+                "Hi there",
+                (),
+                None,
+                None,
+                (
+                    TokenLogprob("Hi", b"Hi", None, ()),
+                    TokenLogprob(" there", b" there", -0.5, ((" there", b" there", -0.5),)),
+                ),
+            ),
+        ),
+        (  # the same token in a chat's shape
+            chat(
+                {"content": "Hi"},
+                logprobs={"content": [{"token": "Hi", "logprob": None, "top_logprobs": None}]},
+            ),
+            UpstreamChunk("Hi", (), None, None, (TokenLogprob("Hi", b"Hi", None, ()),)),
+        ),
         (  # vLLM's and tokenspout's continuous usage: the tokens so far, in every chunk
             json.dumps(
                 {

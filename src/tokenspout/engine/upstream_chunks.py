@@ -109,7 +109,7 @@ def _chat_logprob(entry: dict[str, Any]) -> TokenLogprob:
     top = tuple(
         (t["token"], _bytes(t), float(t["logprob"])) for t in entry.get("top_logprobs") or ()
     )
-    return TokenLogprob(entry["token"], _bytes(entry), float(entry["logprob"]), top)
+    return TokenLogprob(entry["token"], _bytes(entry), _logprob(entry["logprob"]), top)
 
 
 def _completion_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
@@ -119,13 +119,19 @@ def _completion_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
         TokenLogprob(
             token,
             token.encode(),
-            float(logprob),
+            _logprob(logprob),
             tuple((t, t.encode(), float(lp)) for t, lp in (top or {}).items()),
         )
         for token, logprob, top in zip(
             logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True
         )
     )
+
+
+def _logprob(value: Any) -> float | None:
+    """A token's logprob; null for an echoed prompt's first token, which has none (nothing
+    comes before it: vLLM and tokenspout send null, and its ``top_logprobs`` entry null)."""
+    return None if value is None else float(value)
 
 
 def _bytes(entry: dict[str, Any]) -> bytes:
