@@ -85,6 +85,37 @@ def test_mid_stream_failure_continues_exactly_on_another_upstream(
     assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
 
 
+@pytest.mark.parametrize("logprobs", [{}, {"logprobs": 1}], ids=["echo", "echo+logprobs"])
+def test_an_echoed_answer_cut_mid_stream_is_continued_without_a_second_echo(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    synthetic: UpstreamProcess,
+    logprobs: dict,
+) -> None:
+    """The echo was delivered with the first chunk: the continuation asks for the rest
+    only (no echo), and the echo is not one of the answer's tokens."""
+    path, body = COMPLETION
+    body = {**body, "model": "synthetic", "max_tokens": 6}
+    uncut = httpx.post(f"{synthetic.url}{path}", json=body).json()["choices"][0]["text"]
+    fault.fault("cut", after=3)
+    # Another fault-injecting upstream, answering normally, continues: it gives logprobs.
+    with processes(faulty) as (other,):
+        server = front(start_server, fault, other, **FAST)
+        text, usage, lines = stream(server, path, {**body, "echo": True, **logprobs})
+        continued = other.stats()["body"]
+    assert text == body["prompt"] + uncut
+    assert usage["completion_tokens"] == 6
+    assert "echo" not in continued and continued["max_tokens"] == 3
+    if logprobs:
+        values = [
+            v
+            for line in lines[:-1]
+            for c in json.loads(line)["choices"]
+            for v in (c.get("logprobs") or {}).get("token_logprobs", [])
+        ]
+        assert values == [None] + [-1.0] * (2 + 6)  # the prompt's 3 tokens, the answer's 6
+
+
 def test_upstream_killed_mid_stream_is_continued(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

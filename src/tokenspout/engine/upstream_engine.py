@@ -115,6 +115,10 @@ class UpstreamEngine(Engine):
         ``continue_final_message``); one that already continued its final message
         continues it further."""
         rest = remaining_params(params, sofar)
+        if rest.echo:
+            # The client has had the echo already: the rest of the answer is only the rest.
+            fields = {k: v for k, v in rest.extra_body.items() if k != "echo"}
+            rest = replace(rest, echo=False, extra_body=fields)
         if not prompt.is_chat:
             return replace(prompt, text=prompt.text + sofar.text), rest
         if prompt.continue_final_message:

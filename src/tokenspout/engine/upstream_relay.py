@@ -24,7 +24,9 @@ Each upstream chunk with content is one output of one token (tokenspout's flush 
 coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
 after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
 tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage,
-at the last output only.
+at the last output only. An echoed completion's first chunk begins with the prompt (and its
+tokens' logprobs): that is no part of the answer, neither counted nor continued, and a
+continuation does not ask for the echo again.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from tokenspout.engine.request import (
     OutputExtras,
     Prompt,
     SamplingParams,
+    TokenLogprob,
 )
 from tokenspout.engine.stall_clock import StallClock
 from tokenspout.engine.upstream_body import encode, request_body
@@ -109,9 +112,12 @@ class UpstreamRelay:
     options: UpstreamOptions
     metrics: UpstreamMetrics
     continuation: ContinueWith
-    #: Text delivered so far, and outputs (tokens) delivered so far.
+    #: Text generated and delivered so far (not an echoed prompt), and tokens delivered so far.
     parts: list[str] = field(default_factory=list)
     tokens: int = 0
+    #: The client has had the prompt's echo (a completion's ``echo``): a continuation does
+    #: not echo it again.
+    echoed: bool = False
     #: The sink has had its last item.
     finished: bool = False
     #: Set unless the stream asked to hold this request (backpressure).
@@ -122,6 +128,12 @@ class UpstreamRelay:
     _first_seen: bool = False
     #: What the current upstream's answer has said so far.
     _part: _Part | None = None
+
+    @property
+    def answering(self) -> bool:
+        """The client has had some of the answer (an echo too): what is left of it is
+        continued elsewhere, never asked for again from its start."""
+        return self.tokens > 0 or self.echoed
 
     def start(self) -> None:
         self.flowing.set()
@@ -163,7 +175,7 @@ class UpstreamRelay:
                 if len(failed) >= self.options.retries:
                     raise self._gave_up(server, f) from None
                 failed.append(server)
-                if self.tokens:
+                if self.answering:
                     reason = f.status if f.status in FAILOVER_REASONS else "upstream_error"
                     self.metrics.failovers.labels(reason, server.address).inc()
                 else:
@@ -181,7 +193,7 @@ class UpstreamRelay:
             await asyncio.sleep(self._backoff(len(failed), retry_after_s))
 
     def _backoff(self, tries: int, retry_after_s: float) -> float:
-        if self.tokens and tries == 1 and not retry_after_s:
+        if self.answering and tries == 1 and not retry_after_s:
             # The client is mid-answer: the first failover goes to another upstream at once
             # (backing off is for not hammering the same one).
             return 0.0
@@ -189,7 +201,7 @@ class UpstreamRelay:
         return max(base * (1 + random.random()), min(retry_after_s, self.options.max_retry_after_s))
 
     def _gave_up(self, server: UpstreamServer, f: _Failed) -> UpstreamError:
-        if self.tokens:
+        if self.answering:
             return UpstreamError(
                 f"the answer was cut ({f.why} at {server.address}) and no upstream could "
                 f"continue it",
@@ -205,7 +217,7 @@ class UpstreamRelay:
 
     async def _attempt(self, server: UpstreamServer) -> None:
         prompt, params = self.prompt, self.params
-        if self.tokens:
+        if self.answering:
             if self.tokens >= params.max_tokens:
                 self._finish("length", None)
                 return
@@ -332,6 +344,9 @@ class UpstreamRelay:
         # The stream counts the prompt's tokens from the first output that has them (the
         # request log, usage sent along), not only from the last.
         prompt = part.prompt_tokens
+        if self.params.echo and not self.echoed and chunk.text:
+            self._deliver_echo(chunk, part)
+            return
         if not (chunk.tool_calls or chunk.logprobs):
             if chunk.text:  # the usual chunk: text, nothing else
                 n = self._count(chunk, part)
@@ -354,6 +369,41 @@ class UpstreamRelay:
             if text:
                 self.parts.append(text)
             self._emit(EngineOutput(text, n, prompt, self.tokens, None, extras))
+
+    def _deliver_echo(self, chunk: UpstreamChunk, part: _Part) -> None:
+        """The first chunk of an echoed completion: the prompt's text (and, with logprobs,
+        its tokens' logprobs) and then the first generated token(s), as vLLM and tokenspout
+        send it. It goes to the client as the embedded engine's first output does (the
+        prompt's logprobs as ``prompt_logprobs``); only what was generated counts as
+        tokens and is the text a continuation continues."""
+        self.echoed = True
+        echo = self.prompt.text
+        # An upstream whose echo is not the prompt as sent: the chunk is taken as echo alone.
+        generated = chunk.text[len(echo) :] if chunk.text.startswith(echo) else ""
+        logprobs = chunk.logprobs
+        if logprobs:
+            # The usage along the stream says how many tokens the prompt has; else they are
+            # the first ones whose bytes make up its text.
+            k = chunk.usage[0] if chunk.usage is not None else _covering(logprobs, echo)
+            said, logprobs = logprobs[:k], logprobs[k:]
+            n = 1 if logprobs else 0
+            extras = OutputExtras(logprobs[0] if logprobs else None, prompt_logprobs=said)
+            logprobs = logprobs[1:]
+        elif chunk.generated is not None:
+            n = max(part.tokens_before + chunk.generated - self.tokens, 0)
+            extras = None
+        else:
+            n = 1 if generated else 0
+            extras = None
+        self.tokens += n
+        if generated:
+            self.parts.append(generated)
+        self._emit(EngineOutput(chunk.text, n, part.prompt_tokens, self.tokens, None, extras))
+        for logprob in logprobs:
+            self.tokens += 1
+            self._emit(
+                EngineOutput("", 1, part.prompt_tokens, self.tokens, None, OutputExtras(logprob))
+            )
 
     def _count(self, chunk: UpstreamChunk, part: _Part) -> int:
         """The tokens a chunk of ``part`` with output accounts for: the upstream's own count
@@ -383,6 +433,16 @@ class UpstreamRelay:
             logger.exception("upstream relay: the sink of %s raised; dropping it", self.request_id)
             if not last:
                 self.cancel()
+
+
+def _covering(logprobs: tuple[TokenLogprob, ...], text: str) -> int:
+    """How many of ``logprobs``' first tokens make up ``text`` (by their bytes)."""
+    need, have = len(text.encode()), 0
+    for i, logprob in enumerate(logprobs):
+        if have >= need:
+            return i
+        have += len(logprob.bytes)
+    return len(logprobs)
 
 
 def _body(response: httpx.Response) -> AsyncIterator[bytes]:
