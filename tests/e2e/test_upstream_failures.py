@@ -116,6 +116,41 @@ def test_an_echoed_answer_cut_mid_stream_is_continued_without_a_second_echo(
         assert values == [None] + [-1.0] * (2 + 6)  # the prompt's 3 tokens, the answer's 6
 
 
+# logprobs, which the synthetic tokenspout refuses (400) and the fault-injecting one gives.
+WITH_LOGPROBS = {"prompt": "one two three ", "model": "synthetic", "max_tokens": 6, "logprobs": 1}
+
+
+def test_a_refused_continuation_is_an_upstream_failure_and_goes_on_elsewhere(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """The client's request was accepted: a continuation refused with a 4xx is the
+    upstream's failure, not the client's, and the next upstream continues."""
+    uncut = httpx.post(f"{synthetic.url}/v1/completions", json={**WITH_LOGPROBS, "logprobs": None})
+    fault.fault("cut", after=2)
+    with processes(faulty) as (other,):
+        # In turn: the fault-injecting one, then the synthetic one refuses, then `other`.
+        server = front(start_server, fault, synthetic, other, **FAST)
+        text, usage, _ = stream(server, "/v1/completions", WITH_LOGPROBS)
+    assert text == uncut.json()["choices"][0]["text"]
+    assert usage["completion_tokens"] == 6
+    labels = f'reason="upstream_error",upstream="{synthetic.base}"'
+    assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
+
+
+def test_a_refused_continuation_nothing_else_takes_ends_with_an_error_naming_it(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    fault.fault("cut", after=2)
+    server = front(start_server, fault, synthetic, **{**FAST, "retries": 1})
+    text, _, lines = stream(server, "/v1/completions", WITH_LOGPROBS)
+    assert text == "one two "
+    error = json.loads(lines[-2])["error"]
+    assert error["code"] == "upstream_failed"
+    assert "the continuation" in error["message"] and synthetic.base in error["message"]
+    assert "logprobs" in error["message"]
+    assert lines[-1] == "[DONE]"
+
+
 def test_upstream_killed_mid_stream_is_continued(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

@@ -6,7 +6,8 @@ failure try again elsewhere.
   and tokenspout send before any token, is none) the request is sent again to another
   healthy upstream, up to ``retries`` times, after a backoff with jitter (at least a 429's
   ``Retry-After``). The client's stream has only heartbeats meanwhile. Another 4xx is the
-  client's own fault and ends the request with that status and the upstream's message.
+  client's own fault and ends the request with that status and the upstream's message
+  (a continuation's 4xx is not: it is an upstream's failure as below).
 * After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
@@ -269,8 +270,13 @@ class UpstreamRelay:
         if status >= 500:
             raise _Failed(str(status), f"status {status}", eject=True)
         server.succeeded()
+        refused = _refused(server, response)
+        if self.answering:
+            # The client's request was accepted: what was refused is the continuation,
+            # tokenspout's own request, which another upstream may take.
+            raise _Failed(str(status), f"status {status} for the continuation ({refused.message})")
         self.metrics.requests.labels(server.address, str(status)).inc()
-        raise _refused(server, response)
+        raise refused
 
     async def _read(
         self,
