@@ -128,6 +128,24 @@ def test_fields_pass_through_and_the_upstream_always_streams(
     assert f'tokenspout_upstream_requests_total{{status="200",upstream="{fault.base}"}}' in metrics
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+def test_the_seed_endpoints_fields_reach_the_upstream(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, method: str
+) -> None:
+    """Every field of ``/v1/completions/stream`` that is the upstream's goes to it (the
+    others, ``chat`` and ``stream_options``, are tokenspout's own)."""
+    server = front(start_server, fault)
+    given = {"prompt": "x y", "model": "synthetic", "max_tokens": 3, "temperature": 0, "seed": 7}
+    url = f"{server.url}/v1/completions/stream"
+    if method == "GET":
+        r = httpx.get(url, params={**given, "flush_tokens": 1})
+    else:
+        r = httpx.post(url, json={**given, "stream_options": {"flush_tokens": 1}})
+    assert r.status_code == 200, r.text
+    expected = {**given, "stream": True, "stream_options": {"include_usage": True}}
+    assert fault.stats()["body"] == expected
+
+
 def test_the_embedded_mode_still_refuses_unknown_fields(synthetic_server: RunningServer) -> None:
     body = {"messages": [{"role": "user", "content": "x"}], "min_tokens": 2}
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)

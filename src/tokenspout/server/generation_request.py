@@ -142,6 +142,12 @@ def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationReque
         seed=body.seed,
         prompt=prompt,
     )
+    if state.engine.forwards_fields:
+        # The seed body's one field that is the upstream's to honour as the client sent it:
+        # the engine sets the model, prompt (or messages), max_tokens and seed itself, and
+        # chat and stream_options shape tokenspout's own request and stream.
+        sent = body.model_dump(mode="json", include={"temperature"}, exclude_unset=True)
+        params = replace(params, extra_body=sent)
     return _generation(state, StreamWire("seed", model), prompt, params, body)
 
 
