@@ -215,7 +215,7 @@ def test_a_whole_answer_cut_before_its_usage_is_not_continued(
         server.metric("tokenspout_upstream_failovers_total", labels)
 
 
-@pytest.mark.parametrize("status", [500, 503, 429])
+@pytest.mark.parametrize("status", [500, 503, 429, 204, 307])
 def test_failure_before_the_first_token_is_retried_elsewhere(
     start_server: Callable[..., RunningServer],
     fault: UpstreamProcess,

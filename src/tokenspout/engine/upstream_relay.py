@@ -1,13 +1,13 @@
 """One request's life against the upstreams: pick one, send, relay its chunks, and on a
 failure try again elsewhere.
 
-* Before the first chunk with output (connect error, 5xx, 429, none within
-  ``first_token_timeout_s``; a chat's opening chunk, which has only the role and which vLLM
-  and tokenspout send before any token, is none) the request is sent again to another
-  healthy upstream, up to ``retries`` times, after a backoff with jitter (at least a 429's
-  ``Retry-After``). The client's stream has only heartbeats meanwhile. Another 4xx is the
-  client's own fault and ends the request with that status and the upstream's message
-  (a continuation's 4xx is not: it is an upstream's failure as below).
+* Before the first chunk with output (connect error, 5xx, 429, a status neither 200 nor
+  4xx, none within ``first_token_timeout_s``; a chat's opening chunk, which has only the
+  role and which vLLM and tokenspout send before any token, is none) the request is sent
+  again to another healthy upstream, up to ``retries`` times, after a backoff with jitter
+  (at least a 429's ``Retry-After``). The client's stream has only heartbeats meanwhile.
+  Another 4xx is the client's own fault and ends the request with that status and the
+  upstream's message (a continuation's 4xx is not: it is an upstream's failure as below).
 * After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
@@ -269,6 +269,10 @@ class UpstreamRelay:
             raise _Failed("429", "429 Too Many Requests", retry_after_s=_retry_after(response))
         if status >= 500:
             raise _Failed(str(status), f"status {status}", eject=True)
+        if status < 400:
+            # Not an answer (a 204, a redirect): no status of the client's request either,
+            # and a 204 passed on with a body would break the client's connection.
+            raise _Failed(str(status), f"status {status}, not a stream")
         server.succeeded()
         refused = _refused(server, response)
         if self.answering:
