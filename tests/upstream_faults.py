@@ -7,14 +7,14 @@ with the synthetic engine's words, so that an answer it cuts can be finished exa
 synthetic tokenspout, and fails the way ``fault`` says:
 
 * ``none``: answers normally; ``cut``: closes the connection after ``--after`` chunks;
-  ``stall``: sends nothing more after ``--after`` chunks; ``malformed``: sends a chunk
-  that is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after``
-  chunks (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: 1``
-  for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its first byte;
-  ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut after
-  ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after the
-  finish reason (no usage, no ``[DONE]``). A completion with ``echo`` has its prompt at the
-  start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
+  ``stall``: sends nothing more after ``--after`` chunks; ``malformed``: sends a chunk that
+  is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after`` chunks
+  (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: retry_after``, 1
+  s unless set, for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its
+  first byte; ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut
+  after ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after
+  the finish reason (no usage, no ``[DONE]``). A completion with ``echo`` has its prompt at
+  the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
@@ -52,7 +52,9 @@ FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools"
 
 class FaultyUpstream:
     def __init__(self, models: list[dict[str, Any]]) -> None:
-        self.args = argparse.Namespace(fault="none", after=3, status=500, delay_s=5.0)
+        self.args = argparse.Namespace(
+            fault="none", after=3, status=500, delay_s=5.0, retry_after=1
+        )
         self.engine = SyntheticEngine()
         self.served = models
         self.received = 0
@@ -89,7 +91,7 @@ class FaultyUpstream:
         if args.fault == "status":
             error = {"message": f"fault injected: {args.status}", "type": "invalid_request_error",
                      "param": "temperature", "code": "injected"}  # fmt: skip
-            headers = {"Retry-After": "1"} if args.status == 429 else {}
+            headers = {"Retry-After": str(args.retry_after)} if args.status == 429 else {}
             return JSONResponse({"error": error}, status_code=args.status, headers=headers)
         if args.fault == "slow":
             await asyncio.sleep(args.delay_s)

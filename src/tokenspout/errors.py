@@ -13,6 +13,8 @@ class TokenspoutError(Exception):
     status_code: int = 500
     type: str = "server_error"
     code: str | None = None
+    #: Seconds to wait before trying again (the response's ``Retry-After``), when known.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -166,10 +168,12 @@ class UpstreamError(EngineError):
         type: str = "server_error",
         code: str | None = None,
         param: str | None = None,
+        retry_after_s: int | None = None,
     ):
         super().__init__(message, param=param, code=code)
         self.status_code = status_code
         self.type = type
+        self.retry_after_s = retry_after_s
 
 
 class RedisUnavailableError(TokenspoutError):

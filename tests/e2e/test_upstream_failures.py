@@ -255,6 +255,19 @@ def test_a_4xx_is_the_clients_and_passes_through(
     assert fault.stats()["received"] == received + 1, "a 4xx is not retried"
 
 
+def test_an_upstream_429_nothing_else_takes_keeps_its_retry_after(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("status", status=429, retry_after=2)
+    server = front(start_server, fault, **{**FAST, "retries": 0})
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == 429
+    assert r.headers["retry-after"] == "2"
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
+
+
 def test_first_token_timeout_is_a_504(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -209,7 +210,16 @@ class UpstreamRelay:
                 status_code=502,
                 code="upstream_failed",
             )
-        status = {"timeout": 504, "429": 429, "connect_error": 503}.get(f.status, 502)
+        if f.status == "429":
+            # Every upstream is busy: the client may come back when the last one said.
+            return UpstreamError(
+                f"no upstream could answer: {f.why} at {server.address}",
+                status_code=429,
+                type="rate_limit_error",
+                code="upstream_rate_limited",
+                retry_after_s=max(1, math.ceil(f.retry_after_s)),
+            )
+        status = {"timeout": 504, "connect_error": 503}.get(f.status, 502)
         return UpstreamError(
             f"no upstream could answer: {f.why} at {server.address}",
             status_code=status,

@@ -20,7 +20,6 @@ from tokenspout import __version__
 from tokenspout.engine.interface import Engine
 from tokenspout.errors import (
     InvalidRequestError,
-    OverloadedError,
     TokenspoutError,
 )
 from tokenspout.protocols.openai_errors import error_body
@@ -54,7 +53,7 @@ def _error_response(
     # Refusals are requests too: without this count, an error rate was invisible in /metrics.
     state_of(request).metrics.requests_refused.labels(str(err.status_code), str(err.code)).inc()
     headers = dict(headers or {})
-    if isinstance(err, OverloadedError):
+    if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
     if err.status_code in (408, 413):
         # The rest of the body is not read: the connection cannot carry another request.

@@ -72,7 +72,7 @@ class CompletionResponse(Response, StreamTransport):
         elif isinstance(event, Finished):
             end = event.end
             if end.error is not None:
-                await self._respond(end.error.status_code, error_body(end.error))
+                await self._respond_error(end.error)
                 return
             assert end.finish_reason is not None
             if len(self._finish) == 1:
@@ -87,9 +87,16 @@ class CompletionResponse(Response, StreamTransport):
             await self._respond(200, self.chunks.response_choices(choices, usage))
 
     async def send_failure(self, err: TokenspoutError) -> None:
-        await self._respond(err.status_code, error_body(err))
+        await self._respond_error(err)
 
-    async def _respond(self, status: int, body: dict[str, Any]) -> None:
+    async def _respond_error(self, err: TokenspoutError) -> None:
+        # An upstream's 429 says when to come back, as tokenspout's own 429s do.
+        retry_after = None if err.retry_after_s is None else str(err.retry_after_s)
+        await self._respond(err.status_code, error_body(err), retry_after)
+
+    async def _respond(
+        self, status: int, body: dict[str, Any], retry_after: str | None = None
+    ) -> None:
         assert self._send_asgi is not None
         payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
         headers = [
@@ -97,5 +104,7 @@ class CompletionResponse(Response, StreamTransport):
             (b"content-length", str(len(payload)).encode()),
             (b"x-stream-id", self.stream.id.encode()),
         ]
+        if retry_after is not None:
+            headers.append((b"retry-after", retry_after.encode()))
         await self._send_asgi({"type": "http.response.start", "status": status, "headers": headers})
         await self._send_asgi({"type": "http.response.body", "body": payload})
