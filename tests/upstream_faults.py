@@ -13,7 +13,8 @@ synthetic tokenspout, and fails the way ``fault`` says:
   s unless set, for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its
   first byte; ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut
   after ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after
-  the finish reason (no usage, no ``[DONE]``). A completion with ``echo`` has its prompt at
+  the finish reason (no usage, no ``[DONE]``); ``filtered``: ends with ``finish_reason:
+  "content_filter"``. A completion with ``echo`` has its prompt at
   the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -47,7 +48,7 @@ MODEL = "synthetic"
 
 
 FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "toolcut",
-          "nousage")  # fmt: skip
+          "nousage", "filtered")  # fmt: skip
 
 
 class FaultyUpstream:
@@ -162,7 +163,8 @@ class FaultyUpstream:
                 yield _event(chunk)
                 sent += 1
             if out.finish_reason is not None:
-                yield _event(_chunk(chat, "", out.finish_reason))
+                finish = "content_filter" if args.fault == "filtered" else out.finish_reason
+                yield _event(_chunk(chat, "", finish))
                 if args.fault == "nousage":
                     raise ConnectionAbortedError("fault injected: cut after the finish")
                 usage = {"prompt_tokens": out.prompt_tokens,

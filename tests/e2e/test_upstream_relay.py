@@ -146,6 +146,25 @@ def test_the_seed_endpoints_fields_reach_the_upstream(
     assert fault.stats()["body"] == expected
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_content_filter_finish_passes_through(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, stream: bool
+) -> None:
+    """A filtered answer must not look like one that ended normally."""
+    fault.fault("filtered")
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "x y"}],
+            "max_tokens": 4, "stream": stream}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line[6:7] == "{"]
+        reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert reasons[-1] == "content_filter"
+    else:
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
 def test_the_embedded_mode_still_refuses_unknown_fields(synthetic_server: RunningServer) -> None:
     body = {"messages": [{"role": "user", "content": "x"}], "min_tokens": 2}
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)

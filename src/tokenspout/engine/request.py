@@ -11,7 +11,8 @@ from tokenspout.errors import InvalidRequestError
 if TYPE_CHECKING:
     from tokenspout.engine.tool_calls import Tool
 
-FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+#: ``content_filter`` (OpenAI's): an upstream withheld the rest of the answer.
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "content_filter"]
 
 #: Most entries a request's ``logit_bias`` may have (OpenAI's limit).
 MAX_LOGIT_BIAS = 300

@@ -69,7 +69,8 @@ ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, Sa
 #: How long the end of a body may take after ``[DONE]`` before its connection is closed.
 _READ_TO_END_S = 1.0
 
-_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls"})
+#: The upstream's finish reasons passed on as they are; any other (a vendor's own) is a stop.
+_FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter"})
 
 
 @dataclass
