@@ -80,6 +80,8 @@ def test_options_refuse_what_cannot_work() -> None:
     with pytest.raises(ConfigError) as error:
         UpstreamOptions(("ftp://u:pw@x/v1",))
     assert "pw" not in str(error.value)
+    with pytest.raises(ConfigError, match="http://h:1/v1 is given twice"):
+        UpstreamOptions(("http://h:1/v1", "http://h:2/v1", "http://H:1/v1/"))
     secret = UpstreamOptions(("http://u:pw@h:1/v1",), api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
 

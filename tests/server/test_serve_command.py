@@ -14,3 +14,10 @@ def test_weights_offers_every_format_the_engine_loads() -> None:
     assert "'int4' is not one of" in result.output
     for fmt in FORMATS:
         assert f"'{fmt}'" in result.output
+
+
+def test_the_same_upstream_twice_is_refused() -> None:
+    given = ["--upstream", "http://127.0.0.1:1/v1", "--upstream", "http://127.0.0.1:1/v1/"]
+    result = CliRunner().invoke(app, ["serve", "--engine", "upstream", *given])
+    assert result.exit_code == 2
+    assert "--upstream http://127.0.0.1:1/v1 is given twice" in result.output

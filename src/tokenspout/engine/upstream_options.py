@@ -36,6 +36,7 @@ class UpstreamOptions:
     def __post_init__(self) -> None:
         if not self.urls:
             raise ConfigError("--engine upstream needs at least one --upstream URL")
+        seen: set[str] = set()
         for url in self.urls:
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -44,6 +45,11 @@ class UpstreamOptions:
                     f"--upstream must be an http(s) OpenAI base URL such as "
                     f"http://host:8000/v1, not {shown!r}"
                 )
+            # One server given twice would be balanced as two, and its metrics' samples
+            # would repeat (an exposition scrapers refuse).
+            if address(url) in seen:
+                raise ConfigError(f"--upstream {address(url)} is given twice")
+            seen.add(address(url))
         if self.max_concurrency < 1 or self.eject_after < 1 or self.retries < 0:
             raise ConfigError("--upstream-max-concurrency must be >= 1 and --upstream-retries >= 0")
         timeouts = (self.health_interval_s, self.first_token_timeout_s, self.stall_timeout_s)
