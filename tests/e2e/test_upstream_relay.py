@@ -102,7 +102,7 @@ def test_fields_pass_through_and_the_upstream_always_streams(
     server = front(start_server, fault, api_key="upstream-secret")
     body = {
         "model": "synthetic",
-        "messages": [{"role": "user", "content": "x y"}],
+        "messages": [{"role": "user", "content": "x y", "name": "ada"}],
         "max_tokens": 4,
         "temperature": 0.3,
         "seed": 7,

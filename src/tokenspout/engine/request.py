@@ -36,12 +36,15 @@ class ToolCall:
 @dataclass(frozen=True)
 class ChatMessage:
     """One message of a chat; ``role`` is system, user, assistant or tool. An assistant
-    message may carry the ``tool_calls`` it made; a tool message answers ``tool_call_id``."""
+    message may carry the ``tool_calls`` it made; a tool message answers ``tool_call_id``.
+    ``name`` is the participant's, as the client gave it: chat templates do not render it,
+    but an upstream is sent it."""
 
     role: str
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
+    name: str | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ def _message(m: ChatMessageIn) -> ChatMessage:
         raise InvalidRequestError(f"a {m.role} message needs content", param="messages")
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
-    return ChatMessage(role, m.text(), calls, m.tool_call_id)
+    return ChatMessage(role, m.text(), calls, m.tool_call_id, m.name)
 
 
 def _check_tool_results(messages: list[ChatMessage]) -> None:

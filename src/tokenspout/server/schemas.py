@@ -81,7 +81,8 @@ class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: StrictStr | None = None
-    """Accepted for OpenAI compatibility; chat templates do not render it."""
+    """Accepted for OpenAI compatibility; chat templates do not render it (an upstream is
+    sent it)."""
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: StrictStr | None = None
 
