@@ -99,6 +99,23 @@ def test_cancel_by_id_frees_the_upstream_slot(
     wait_upstream_idle(synthetic)
 
 
+def test_a_cancelled_answer_keeps_the_prompt_tokens_the_upstream_said(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    """The upstream (a tokenspout: usage in every chunk) said the prompt's tokens before
+    the cancel; its final usage never comes, the count stays."""
+    server = front(start_server, synthetic)
+    body = {**LONG, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if '"content":"go ' in line)
+        httpx.post(f"{server.url}/v1/streams/{r.headers['x-stream-id']}/cancel")
+        data = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    usage = data[-1]["usage"]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    wait_upstream_idle(synthetic)
+
+
 def test_websocket_cancel_frees_the_upstream_slot(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

@@ -24,8 +24,11 @@ failure try again elsewhere.
 Each upstream chunk with content is one output of one token (tokenspout's flush policy
 coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
 after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
-tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage,
-at the last output only. An echoed completion's first chunk begins with the prompt (and its
+tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage:
+along the stream from one that sends it in every chunk, else at the last output only; an
+answer whose last usage never came (cut after its end, cancelled) keeps what was said
+before (0 when nothing was: tokenspout does not tokenize for an upstream). An echoed
+completion's first chunk begins with the prompt (and its
 tokens' logprobs): that is no part of the answer, neither counted nor continued, and a
 continuation does not ask for the echo again.
 """
@@ -121,6 +124,9 @@ class UpstreamRelay:
     #: The client has had the prompt's echo (a completion's ``echo``): a continuation does
     #: not echo it again.
     echoed: bool = False
+    #: The request's prompt tokens, as the latest usage from an upstream said (0 before):
+    #: an answer whose last usage never came (cut after its end, cancelled) keeps them.
+    prompt_tokens: int = 0
     #: The sink has had its last item.
     finished: bool = False
     #: Set unless the stream asked to hold this request (backpressure).
@@ -148,7 +154,7 @@ class UpstreamRelay:
             return False
         assert self.task is not None
         self.task.cancel()
-        self._emit(EngineOutput("", 0, 0, self.tokens, "cancelled"), last=True)
+        self._emit(EngineOutput("", 0, self.prompt_tokens, self.tokens, "cancelled"), last=True)
         return True
 
     async def run(self) -> None:
@@ -349,7 +355,9 @@ class UpstreamRelay:
             if payload == b"[DONE]":
                 return True
             chunk = parse_chunk(payload)
-            part.usage = chunk.usage or part.usage
+            if chunk.usage is not None:
+                part.usage = chunk.usage
+                self.prompt_tokens = part.prompt_tokens
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
             part.output = part.output or chunk.output
@@ -437,9 +445,9 @@ class UpstreamRelay:
         """The last output: the finish reason and the usage of all parts. The last part's
         upstream reports its usage; a cut part's tokens are its outputs counted here, and
         a continuation's prompt holds them, so they come off its prompt tokens."""
-        prompt, completion = 0, self.tokens
+        prompt, completion = self.prompt_tokens, self.tokens
         if part is not None and part.usage is not None:
-            prompt, completion = part.prompt_tokens, part.tokens_before + part.usage[1]
+            completion = part.tokens_before + part.usage[1]
         reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
         self._emit(EngineOutput("", 0, prompt, completion, reason), last=True)
 
