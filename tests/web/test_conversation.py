@@ -72,3 +72,52 @@ def test_history_regenerate_and_new_conversation(start_server, browser) -> None:
         assert other.locator(".turn").count() == 0
     finally:
         context.close()
+
+
+def test_a_turn_without_an_answer_is_not_kept_or_resent(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    """A refused request (401 without the key, 413 for an oversize message) leaves no turn
+    in the conversation: later requests carry only answered turns, also after a reload."""
+    server = start_server(SyntheticEngine(itl_ms=2), api_key="sk-page", max_body_bytes=4096)
+    page = browser.new_page()
+    sent: list[list[dict]] = []
+    page.on(
+        "request",
+        lambda r: (
+            sent.append(json.loads(r.post_data)["messages"])
+            if r.url.endswith("/v1/chat/completions")
+            else None
+        ),
+    )
+
+    def say(prompt: str) -> str:
+        page.fill("#prompt", prompt)
+        page.press("#prompt", "Enter")
+        page.wait_for_selector("#send:not([disabled])")
+        return page.locator('[data-kind="streamed"] .status').last.text_content() or ""
+
+    try:
+        page.goto(server.url)
+        page.fill("#max-tokens", "3")
+        assert "error" in say("first question")  # no key yet: 401
+        page.fill("#api-key", "sk-page")
+        page.dispatch_event("#api-key", "change")
+        assert "error" not in say("second question")
+        assert sent[-1] == [{"role": "user", "content": "second question"}]
+        assert "larger than 4096 bytes" in say("x" * 5000)
+        # Regenerate asks the last answered question again; the unanswered turn goes too.
+        page.click("#regenerate")
+        page.wait_for_selector("#send:not([disabled])")
+        assert sent[-1] == [{"role": "user", "content": "second question"}]
+        assert page.locator(".turn .user").all_text_contents() == [
+            "first question",
+            "second question",
+        ]
+        page.reload()
+        page.fill("#max-tokens", "3")
+        assert "error" not in say("third")
+        assert [m["content"] for m in sent[-1] if m["role"] == "user"] == [
+            "second question",
+            "third",
+        ]
+    finally:
+        page.close()

@@ -267,7 +267,16 @@ async function ask(prompt) {
   jobs.push(streamed);
   turn.scrollIntoView({ block: "end" });
   await Promise.allSettled(jobs);
-  history.push({ role: "assistant", content: await streamed });
+  const answer = await streamed;
+  if (answer === "") {
+    // No answer came (refused, failed, or stopped before any text): the turn leaves the
+    // conversation, or every later request would resend it, and an oversize message would
+    // make them all fail. It stays on the page, marked.
+    history.pop();
+    turn.classList.add("unanswered");
+  } else {
+    history.push({ role: "assistant", content: answer });
+  }
   saveHistory();
 }
 
@@ -276,6 +285,8 @@ async function regenerate() {
   if (history.at(-1)?.role !== "assistant") return;
   history.pop();
   const prompt = history.pop().content;
+  // The unanswered turns after it are not in the conversation either (a reload drops them).
+  while ($("log").lastElementChild?.classList.contains("unanswered")) $("log").lastElementChild.remove();
   $("log").lastElementChild?.remove();
   await ask(prompt);
 }
