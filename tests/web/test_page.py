@@ -254,3 +254,26 @@ def test_api_key_is_asked_and_kept_for_the_tab_only(start_server, open_page) -> 
     page.reload()
     assert page.input_value("#api-key") == "sk-page"  # the same tab keeps it
     assert all("sk-page" not in body and "hello" not in body for body in reports)
+
+
+def test_compare_with_event_source_buffers_the_same_chat_request(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    """EventSource streams the last user message through the chat template (``chat=true``):
+    the buffered twin sends that one message as a non-streamed chat completion."""
+    server = start_server(SyntheticEngine(itl_ms=2))
+    page = open_page(server, "eventsource", max_tokens=4, compare=True)
+    posts: list[tuple[str, dict]] = []
+    page.on(
+        "request",
+        lambda r: posts.append((r.url, json.loads(r.post_data))) if r.method == "POST" else None,
+    )
+    for prompt in ("first words", "second words"):
+        send(page, prompt)
+        wait_idle(page)
+    buffered = [(url, body) for url, body in posts if not url.endswith("/v1/telemetry")]
+    assert [url.removeprefix(server.url) for url, _ in buffered] == ["/v1/chat/completions"] * 2
+    last = buffered[-1][1]
+    assert last["messages"] == [{"role": "user", "content": "second words"}]
+    assert last["stream"] is False
+    texts = [page.locator(f'[data-kind="{kind}"] .text').last.text_content() for kind in
+             ("buffered", "streamed")]  # fmt: skip
+    assert texts[0] == texts[1], texts

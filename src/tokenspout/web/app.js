@@ -191,9 +191,9 @@ async function bufferedAnswer(view, request) {
   view.status("waiting for the whole answer…");
   let text = "";
   try {
-    // EventSource streams a bare prompt: the buffered twin asks the same way.
-    const asPrompt = request.transport === "eventsource";
-    const answer = await complete({ ...request, asPrompt, signal: abort.signal });
+    // EventSource streams the last user message alone: the buffered twin asks the same way.
+    const lastMessageOnly = request.transport === "eventsource";
+    const answer = await complete({ ...request, lastMessageOnly, signal: abort.signal });
     text = answer.text;
     const arrived = performance.now();
     view.renderer.push(text);

@@ -467,19 +467,18 @@ export function stream(options) {
 }
 
 /**
- * The same request without streaming (`stream: false`): resolves to
- * `{text, usage, finishReason, marks: {start, end}}`. With `asPrompt`, the last user message
- * goes to /v1/completions (what the EventSource transport streams); else to chat.
- * `signal` aborts it (the server then stops generating: the client left).
+ * The same request without streaming (`stream: false`, POST /v1/chat/completions): resolves
+ * to `{text, usage, finishReason, marks: {start, end}}`. With `lastMessageOnly`, the last
+ * user message alone is sent, as the EventSource transport streams it (one user message
+ * through the chat template). `signal` aborts it (the server then stops generating: the
+ * client left).
  */
 export async function complete(options) {
   const o = { baseUrl: "", ...options };
   const start = now();
-  const fields = { ...generationFields(o), stream: false };
-  const [path, body] = o.asPrompt
-    ? ["/v1/completions", { prompt: lastUserText(o.messages), ...fields }]
-    : ["/v1/chat/completions", { messages: o.messages, ...fields }];
-  const response = await fetch(new URL(o.baseUrl + path, globalThis.location?.href), {
+  const messages = o.lastMessageOnly ? [{ role: "user", content: lastUserText(o.messages) }] : o.messages;
+  const body = { messages, ...generationFields(o), stream: false };
+  const response = await fetch(new URL(o.baseUrl + "/v1/chat/completions", globalThis.location?.href), {
     method: "POST",
     headers: { "Content-Type": "application/json", ...authHeaders(o.apiKey) },
     body: JSON.stringify(body),
@@ -489,7 +488,7 @@ export async function complete(options) {
   const result = await response.json();
   const choice = result.choices[0];
   return {
-    text: o.asPrompt ? choice.text : choice.message.content,
+    text: choice.message.content,
     usage: result.usage,
     finishReason: choice.finish_reason,
     marks: { start, end: now() },
