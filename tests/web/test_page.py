@@ -277,3 +277,39 @@ def test_compare_with_event_source_buffers_the_same_chat_request(start_server, o
     texts = [page.locator(f'[data-kind="{kind}"] .text').last.text_content() for kind in
              ("buffered", "streamed")]  # fmt: skip
     assert texts[0] == texts[1], texts
+
+
+def test_an_empty_buffered_answer_has_no_first_paint_and_no_report(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=2))
+    page = open_page(server, max_tokens=4, compare=True)
+    empty = {
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": ""},
+                     "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2},
+    }  # fmt: skip
+
+    def answer_empty(route) -> None:  # type: ignore[no-untyped-def]
+        if json.loads(route.request.post_data).get("stream") is False:
+            route.fulfill(json=empty)
+        else:
+            route.continue_()
+
+    page.route("**/v1/chat/completions", answer_empty)
+    reports: list[dict] = []
+    page.on(
+        "request",
+        lambda r: (
+            reports.append(json.loads(r.post_data)) if r.url.endswith("/v1/telemetry") else None
+        ),
+    )
+    send(page, "say nothing")
+    wait_idle(page)
+    buffered = '[data-kind="buffered"]'
+    assert page.locator(f'{buffered} [data-stat="paint"]').text_content() == "–"
+    assert page.locator(f"{buffered} .status").text_content() == "done"
+    # Both reports (if any) were made before the page went idle, and requests are seen in
+    # the order the page makes them: once a later request is seen, they have been too.
+    with page.expect_request("**/health"):
+        page.evaluate("fetch('/health')")
+    assert [r["transport"] for r in reports] == ["sse"]

@@ -200,7 +200,8 @@ async function bufferedAnswer(view, request) {
     await view.renderer.drain();
     const times = {
       ttft: arrived - start,
-      paint: view.renderer.firstPaint - start,
+      // An empty answer paints nothing: no first paint, and so no telemetry report.
+      paint: view.renderer.firstPaint === null ? null : view.renderer.firstPaint - start,
       total: arrived - start,
       rate: null,
       unit: "tokens/s",
