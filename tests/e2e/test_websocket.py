@@ -99,7 +99,6 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
             (json.dumps({"type": "dance", "id": "q"}), "q", "type"),
             (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
             (generate("q", "hi", 0), "q", "max_tokens"),
-            (json.dumps({"type": "cancel", "id": "ghost"}), "ghost", "no running stream"),
             (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable"),
             ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
             ('{"type": "generate", "id": "n", "max_tokens": ' + "9" * 5000 + "}", None, "long"),
@@ -112,6 +111,49 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
         await ws.send(generate("ok", "fine", 2))
         received = [json.loads(await ws.recv()) for _ in range(3)]
         assert received[-1]["type"] == "done"
+
+
+async def test_a_cancel_after_the_end_is_ignored(synthetic_server: RunningServer) -> None:
+    """The stream's ``done`` is its last message: a cancel that crossed it (or names no
+    stream at all) gets no answer, least of all an ``error`` naming the stream."""
+    async with connect(ws_url(synthetic_server)) as ws:
+        await ws.send(generate("x", "hi", 1))
+        received = [json.loads(await ws.recv())]
+        while received[-1]["type"] != "done":
+            received.append(json.loads(await ws.recv()))
+        await ws.send(json.dumps({"type": "cancel", "id": "x"}))
+        await ws.send(json.dumps({"type": "cancel", "id": "ghost"}))
+        # Messages are handled in order: whatever the cancels caused comes before y's end.
+        await ws.send(generate("y", "hi", 1))
+        after = [json.loads(await ws.recv())]
+        while after[-1]["type"] != "done":
+            after.append(json.loads(await ws.recv()))
+    assert {m["id"] for m in after} == {"y"}, after
+
+
+async def test_a_second_generate_with_a_running_id_leaves_that_stream_alone(
+    start_server,  # type: ignore[no-untyped-def]
+) -> None:
+    """The refusal is not sent as the running stream's ``error``: ``a`` still ends once."""
+    server = start_server(SyntheticEngine(itl_ms=5))
+    async with connect(ws_url(server)) as ws:
+        await ws.send(generate("a", "go on", 4000))
+        first = json.loads(await ws.recv())
+        assert first["type"] == "delta"
+        await ws.send(generate("a", "again", 4))
+        refusal = None
+        while refusal is None:
+            msg = json.loads(await ws.recv())
+            if msg["type"] == "error":
+                refusal = msg
+        await ws.send(json.dumps({"type": "cancel", "id": "a"}))
+        ends = []
+        while not ends:
+            msg = json.loads(await ws.recv())
+            if msg["type"] != "delta":
+                ends.append(msg)
+    assert refusal["id"] is None and "'a' is already running" in refusal["error"]["message"]
+    assert ends[0]["id"] == "a" and ends[0]["finish_reason"] == "cancelled", ends
 
 
 def masked_text_frame(text: str) -> bytes:

@@ -214,8 +214,11 @@ async def test_websocket_handshake_needs_a_key_and_streams_are_per_key(
         await alice.send(json.dumps({"type": "generate", "id": "s1", **body}))
         assert json.loads(await alice.recv())["type"] == "delta"
         await bob.send(json.dumps({"type": "cancel", "id": "s1"}))
+        # Answered as a cancel of no stream: ignored (messages are handled in order, so the
+        # next reply is the one to this bad generate).
+        await bob.send(json.dumps({"type": "generate", "id": "b", "prompt": "x", "max_tokens": 0}))
         reply = json.loads(await bob.recv())
-        assert reply["type"] == "error" and reply["id"] == "s1"
+        assert reply["type"] == "error" and reply["id"] == "b"
         assert json.loads(await alice.recv())["type"] == "delta"  # still running
         # The WebSocket's stream counts against alice's limit of two like any other.
         await alice.send(json.dumps({"type": "generate", "id": "s2", **body}))

@@ -1,7 +1,9 @@
 """The JSON messages of ``/v1/ws``. Pure: parse what a client sends, build what we send.
 
 Client → server: ``{"type": "generate", "id": "<client id>", ...chat or completion fields}``
-and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta``, ``done``, ``error``.
+and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta``, ``done``, ``error``;
+a stream's one ``done`` or ``error`` is its last message, and an ``error`` with ``id`` null
+concerns no stream (a message that named none, or one refused without touching its stream).
 """
 
 from __future__ import annotations

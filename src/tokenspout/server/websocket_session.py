@@ -120,8 +120,13 @@ class WebSocketSession:
             await self._cancel(message.id)
             return
         if message.id in self._streams:
-            err = InvalidRequestError(f"a stream with id {message.id!r} is already running")
-            await self.send(wsm.error(message.id, err))
+            # Not an error with that id: the client would read it as the running stream's
+            # end while its deltas and done keep coming.
+            err = InvalidRequestError(
+                f"a stream with id {message.id!r} is already running: this generate was "
+                "ignored (use a new id)"
+            )
+            await self.send(wsm.error(None, err))
             return
         if len(self._streams) >= self.state.config.ws_max_streams:
             err = InvalidRequestError(
@@ -192,10 +197,14 @@ class WebSocketSession:
         try:
             await cancel_owned(self.state, owner, stream_id)
         except StreamNotFoundError:
-            err = InvalidRequestError(f"no running stream with id {stream_id!r}")
-            await self.send(wsm.error(stream_id, err))
+            # Ignored: the stream most likely ended as the cancel crossed its done, and its
+            # done or error must stay its one last message.
+            pass
         except TokenspoutError as err:
-            await self.send(wsm.error(stream_id, err))
+            # Not as an error with the stream's id, which would read as the stream's end.
+            failed = wsm.error(None, err)
+            failed["error"]["message"] = f"cancel {stream_id!r}: {err.message}"
+            await self.send(failed)
 
     async def send(self, message: dict[str, Any]) -> None:
         """Send one frame; ``PeerGone`` once the socket is closed or the session ending."""
