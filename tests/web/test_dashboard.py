@@ -103,3 +103,52 @@ def test_dashboard_draws_updates_and_survives_a_restart(browser) -> None:  # typ
         page.close()
         load.close()
         stop()
+
+
+# Records the "server TTFT p50" legend value at every sample the page draws.
+SEEN_TTFT = """
+window.__seen = [];
+new MutationObserver(() => {
+  const item = document.querySelector('[data-chart="latency"] [data-series="server TTFT p50"]');
+  window.__seen.push(item ? item.dataset.value : null);
+}).observe(document, { attributes: true, subtree: true, attributeFilter: ["data-samples"] });
+"""
+
+
+def test_percentiles_cover_only_the_window(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    """Snapshots 5 s apart (served to the page in place of the server's): the first has no
+    baseline, so no percentile; one with TTFT observations in the last 10 s has one; once
+    they are older, the legend says "–" again instead of keeping the last value."""
+    server = start_server(SyntheticEngine(itl_ms=1))
+    body = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2, "stream": True}
+    httpx.post(f"{server.url}/v1/chat/completions", json=body)  # all-time data, long ago
+    base = httpx.get(f"{server.url}/dashboard/data").json()
+    ttft = base["histograms"]["ttft"]
+    grown = {**ttft, "cumulative": [2 * c for c in ttft["cumulative"]], "count": 2 * ttft["count"]}
+    # TTFT observations arrive between the third and fourth snapshots only.
+    snapshots = [
+        {**base, "time": base["time"] + 5 * i,
+         "histograms": {**base["histograms"], "ttft": ttft if i < 3 else grown}}
+        for i in range(6)
+    ]  # fmt: skip
+    served = iter(snapshots)
+
+    def answer(route) -> None:  # type: ignore[no-untyped-def]
+        snapshot = next(served, None)
+        if snapshot is None:
+            route.abort()  # the page shows a gap: no more samples are counted
+        else:
+            route.fulfill(json=snapshot)
+
+    page = browser.new_page(bypass_csp=True)
+    try:
+        page.add_init_script(SEEN_TTFT)
+        page.route("**/dashboard/data*", answer)
+        page.goto(f"{server.url}/dashboard")
+        page.wait_for_function("Number(document.body.dataset.samples) === 6", timeout=20_000)
+        seen = page.evaluate("window.__seen.slice(0, 6)")
+    finally:
+        page.close()
+    assert seen[:3] == ["", "", ""], seen
+    assert all(seen[3:5]), seen
+    assert seen[5] == "", seen

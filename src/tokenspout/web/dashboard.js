@@ -76,15 +76,20 @@ function record(data) {
 
   const h = data.histograms;
   const old = windowStart?.data.histograms ?? {};
-  const ms = (v) => (v == null ? null : v * 1000);
-  add("latency", "server TTFT p50", time, ms(quantile(0.5, h.ttft, old.ttft)));
-  add("latency", "server TTFT p95", time, ms(quantile(0.95, h.ttft, old.ttft)));
-  add("latency", "browser TTFT p50", time, ms(quantile(0.5, h.client_ttft, old.client_ttft)));
-  add("latency", "browser TTFT p95", time, ms(quantile(0.95, h.client_ttft, old.client_ttft)));
-  add("latency", "first paint p50", time,
-      ms(quantile(0.5, h.client_first_paint, old.client_first_paint)));
+  // Without an earlier snapshot (the first sample, or the first after a restart) the
+  // growth in the window is unknown: the all-time histogram is no stand-in for it.
+  const inMs = (q, name) => {
+    if (windowStart === undefined) return null;
+    const v = quantile(q, h[name], old[name]);
+    return v == null ? null : v * 1000;
+  };
+  add("latency", "server TTFT p50", time, inMs(0.5, "ttft"));
+  add("latency", "server TTFT p95", time, inMs(0.95, "ttft"));
+  add("latency", "browser TTFT p50", time, inMs(0.5, "client_ttft"));
+  add("latency", "browser TTFT p95", time, inMs(0.95, "client_ttft"));
+  add("latency", "first paint p50", time, inMs(0.5, "client_first_paint"));
   for (const q of [0.5, 0.95, 0.99]) {
-    add("itl", `p${Math.round(q * 100)}`, time, ms(quantile(q, h.itl, old.itl)));
+    add("itl", `p${Math.round(q * 100)}`, time, inMs(q, "itl"));
   }
   const seconds = previous ? serverTime - previous.data.time : 0;
   const rate = (now, before) => (seconds > 0 ? Math.max(0, now - before) / seconds : null);
@@ -174,7 +179,8 @@ function draw(name, now) {
       drawing = true;
     }
     g.stroke();
-    const latest = points.findLast(([, v]) => v != null)?.[1];
+    // The latest sample's value, "–" when it has none: an older value would read as now.
+    const latest = points.at(-1)?.[1];
     legend.push([label, color, latest]);
   }
   const items = legend.map(([label, color, latest]) => {
