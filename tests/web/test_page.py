@@ -103,6 +103,17 @@ def test_stop_stops_generation_on_the_server(start_server, open_page, transport:
     assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
 
 
+def test_stop_in_compare_mode_says_stopped_in_both_columns(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, max_tokens=4000, compare=True)
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    page.click("#stop")
+    wait_idle(page)
+    assert page.locator('[data-kind="buffered"] .status').text_content() == "stopped"
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+
+
 def test_markup_from_the_model_is_shown_as_text(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
     server = start_server(SyntheticEngine(itl_ms=2))
     page = open_page(server, max_tokens=8, compare=True)

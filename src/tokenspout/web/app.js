@@ -212,7 +212,8 @@ async function bufferedAnswer(view, request) {
     sendTelemetry("buffered", times);
   } catch (err) {
     monitor.stop();
-    view.status(`error: ${err.message}`);
+    // Stop abandons the request (the server then stops generating): not an error.
+    view.status(abort.signal.aborted ? "stopped" : `error: ${err.message}`);
   } finally {
     running.delete(abort);
   }
