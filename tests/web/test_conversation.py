@@ -13,10 +13,8 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 pytestmark = pytest.mark.browser
 
 
-def test_history_regenerate_and_new_conversation(start_server, browser) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(SyntheticEngine(itl_ms=2))
-    context = browser.new_context()
-    page = context.new_page()
+def chat_requests(page) -> list[list[dict]]:  # type: ignore[no-untyped-def]
+    """The messages of every chat request the page sends from now on."""
     sent: list[list[dict]] = []
     page.on(
         "request",
@@ -26,6 +24,14 @@ def test_history_regenerate_and_new_conversation(start_server, browser) -> None:
             else None
         ),
     )
+    return sent
+
+
+def test_history_regenerate_and_new_conversation(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=2))
+    context = browser.new_context()
+    page = context.new_page()
+    sent = chat_requests(page)
 
     def say(prompt: str) -> None:
         page.fill("#prompt", prompt)
@@ -79,15 +85,7 @@ def test_a_turn_without_an_answer_is_not_kept_or_resent(start_server, browser) -
     in the conversation: later requests carry only answered turns, also after a reload."""
     server = start_server(SyntheticEngine(itl_ms=2), api_key="sk-page", max_body_bytes=4096)
     page = browser.new_page()
-    sent: list[list[dict]] = []
-    page.on(
-        "request",
-        lambda r: (
-            sent.append(json.loads(r.post_data)["messages"])
-            if r.url.endswith("/v1/chat/completions")
-            else None
-        ),
-    )
+    sent = chat_requests(page)
 
     def say(prompt: str) -> str:
         page.fill("#prompt", prompt)
