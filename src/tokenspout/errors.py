@@ -116,6 +116,15 @@ class ShuttingDownError(TokenspoutError):
     code = "shutting_down"
 
 
+class StreamMovedError(TokenspoutError):
+    """Another replica generates this stream now: this one lost its lease (cut off from
+    Redis, or stopped, for longer than it lasts) and the stream was taken over."""
+
+    status_code = 503
+    type = "server_error"
+    code = "stream_moved"
+
+
 class EngineError(TokenspoutError):
     """The engine failed while producing tokens for a request."""
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -252,6 +254,33 @@ def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
     survivor.wait_metric("tokenspout_requests_running", 0)
     # Counted open where it was taken over, so its end does not take the gauge below 0.
     assert survivor.metric("tokenspout_key_streams_open", 'key="alice"') == 0
+
+
+def test_a_replica_stopped_past_its_lease_stops_generating_what_was_taken_over(
+    replica_set: ReplicaSet,
+) -> None:
+    """SIGSTOP the owner until another replica takes its stream over, then SIGCONT: the
+    owner must not go on generating a second text of the stream for its own client. Its
+    client's connection is cut; the client resumes (through the owner, which now reads the
+    stream from Redis) and gets the one text there is."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    expected = whole_text(a.url, 400)
+    options = {"resumable": True, "flush_tokens": 1}
+    with Client(a.url) as client:
+        stream = client.stream_chat(PROMPT, max_tokens=400, temperature=0, stream_options=options)
+        deltas = []
+        for delta in stream:
+            deltas.append(delta)
+            if len(deltas) == 20:
+                os.kill(a.proc.pid, signal.SIGSTOP)
+                try:
+                    b.wait_metric("tokenspout_stream_takeovers_total", 1)
+                finally:
+                    os.kill(a.proc.pid, signal.SIGCONT)
+    assert "".join(deltas) == stream.result.text == expected
+    assert stream.result.resumes == 1 and stream.result.finish_reason == "length"
+    assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
+    assert a.metric("tokenspout_requests_running") == 0
 
 
 def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:

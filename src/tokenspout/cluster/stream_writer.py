@@ -321,10 +321,14 @@ class StreamWriter:
                 if op == "g":
                     self.metrics.gone.inc()
                     logger.warning("stream %s: not resumable any more (text lost)", stream_id)
+            elif result == "0":
+                # Another replica took it over (this one was cut off from Redis, or stopped,
+                # longer than its lease): it goes on there, and only there.
+                logger.warning("stream %s: taken over by another replica; stopped here", stream_id)
+                self.untrack(stream_id)
+                tracked.stream.moved_away()
             else:
-                # Another replica took it over (this one was cut off from Redis too long):
-                # this replica's clients still get their stream from memory.
-                logger.warning("stream %s: no longer owned here; not written to Redis", stream_id)
+                logger.warning("stream %s: not written to Redis (position taken)", stream_id)
                 self.untrack(stream_id)
 
     async def resync(self) -> None:

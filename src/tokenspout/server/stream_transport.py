@@ -151,6 +151,7 @@ class StreamTransport(ABC):
         client leaving (``DisconnectWatch``); a reader whose ``run`` never started is
         detached all the same."""
         watch = self._watch = DisconnectWatch(receive)
+        self.cursor.interrupt = watch.interrupt
         try:
             await watch.run(body)
         finally:

@@ -18,7 +18,12 @@ from typing import Any
 
 from tokenspout.engine.interface import Engine, OutputSink
 from tokenspout.engine.request import EngineOutput, Prompt, SamplingParams
-from tokenspout.errors import EngineError, StreamGoneError, StreamNotFoundError
+from tokenspout.errors import (
+    EngineError,
+    StreamGoneError,
+    StreamMovedError,
+    StreamNotFoundError,
+)
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_group import StreamGroup
 from tokenspout.streaming.stream_store import InMemoryStreamStore, StreamStore
@@ -226,8 +231,13 @@ class StreamRegistry:
         self._generating -= 1
         if self._on_end is not None:
             self._on_end(stream)
-        if stream.resumable:
-            asyncio.get_running_loop().call_later(self._resume.ttl_s, self._expire, stream)
+        loop = asyncio.get_running_loop()
+        if stream.end is not None and isinstance(stream.end.error, StreamMovedError):
+            # Generated on another replica now: a resume here reads that one's copy (Redis).
+            self._streams.pop(stream.id, None)
+            loop.call_later(self._resume.ttl_s, self._store.discard, stream.id)
+        elif stream.resumable:
+            loop.call_later(self._resume.ttl_s, self._expire, stream)
         elif not stream.readers:
             self._forget(stream.id)
         # Otherwise forgotten when its last reader has read the end (_reader_left_stream):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -77,6 +77,7 @@ class Subscription:
         "flush_after_s",
         "future",
         "heartbeat_s",
+        "interrupt",
         "observer",
         "policy",
         "position",
@@ -113,6 +114,9 @@ class Subscription:
         #: Loop time of that token, if the stream armed the deadline.
         self._first_at: float | None = None
         self._alarm = Alarm()
+        #: Cuts the reader's connection without an end (an HTTP transport sets it), so that
+        #: its client resumes from its last event wherever the stream goes on.
+        self.interrupt: Callable[[str], None] | None = None
 
     def __aiter__(self) -> AsyncIterator[StreamEvent]:
         return self._events()
