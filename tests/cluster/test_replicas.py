@@ -244,6 +244,7 @@ def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
         stream_id = r.headers["x-stream-id"]
         read_some(r, 3, [])
         owner = replica_set.owner(stream_id)
+        owner_id = owner.health()["replica"]
         kill(owner)
     survivor = b if owner is a else a
     survivor.wait_metric("tokenspout_stream_takeovers_total", 1)
@@ -254,6 +255,13 @@ def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
     survivor.wait_metric("tokenspout_requests_running", 0)
     # Counted open where it was taken over, so its end does not take the gauge below 0.
     assert survivor.metric("tokenspout_key_streams_open", 'key="alice"') == 0
+    # The dead replica's count in the key's hash goes at the key's next admission (fields
+    # of dead replicas piled up there with every restart).
+    dead = f"s:{owner_id}"
+    assert dead in replica_set.redis.cli("HKEYS", "tokenspout:k:alice").split()
+    body = {"messages": [{"role": "user", "content": "a"}], "max_tokens": 1}
+    assert httpx.post(f"{survivor.url}/v1/chat/completions", json=body, headers=alice).is_success
+    assert dead not in replica_set.redis.cli("HKEYS", "tokenspout:k:alice").split()
 
 
 def test_a_replica_stopped_past_its_lease_stops_generating_what_was_taken_over(

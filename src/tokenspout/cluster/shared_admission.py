@@ -39,6 +39,10 @@ local function others(hash, prefix)
       local lease = redis.call('ZSCORE', KEYS[1], replica)
       if replica ~= me and lease and tonumber(lease) > now_ms then
         total = total + tonumber(all[i + 1])
+      elseif not lease then
+        -- A replica forgotten (dead, its streams taken over): its count goes. A live one
+        -- writes its counts again within a second (after a Redis restart, say).
+        redis.call('HDEL', hash, field)
       end
     end
   end
