@@ -103,6 +103,19 @@ def test_stop_stops_generation_on_the_server(start_server, open_page, transport:
     assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
 
 
+def test_event_source_stop_before_the_first_token_shows_none(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    # An EventSource learns the stream's id only with its first event: the cancel goes then,
+    # and that event's text (and any after Stop) is not shown as if nothing had been asked.
+    server = start_server(SyntheticEngine(ttft_ms=3000, itl_ms=30))
+    page = open_page(server, "eventsource", max_tokens=4000)
+    send(page, "keep going")
+    page.click("#stop")
+    wait_idle(page)
+    assert page.locator(STREAMED).text_content() == ""
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+    server.wait_metric("tokenspout_requests_aborted_total", 1, labels='reason="cancelled"')
+
+
 def test_stop_in_compare_mode_says_stopped_in_both_columns(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
     server = start_server(SyntheticEngine(itl_ms=30))
     page = open_page(server, max_tokens=4000, compare=True)

@@ -341,7 +341,9 @@ class EventSourceGeneration extends Generation {
       }
       const payload = JSON.parse(event.data);
       if (payload.error) channel.close(new StreamError(payload.error.message));
-      else channel.push(payload.token);
+      // Stopped before the stream's id was known (it comes with the first event): the
+      // cancel goes now, and text that comes meanwhile is not shown as if still wanted.
+      else if (!this.stopRequested) channel.push(payload.token);
     };
     source.onerror = () => {
       if (source.readyState === EventSource.CLOSED) {
