@@ -14,7 +14,11 @@ synthetic tokenspout, and fails the way ``fault`` says:
   first byte; ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut
   after ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after
   the finish reason (no usage, no ``[DONE]``); ``filtered``: ends with ``finish_reason:
-  "content_filter"``. A completion with ``echo`` has its prompt at
+  "content_filter"``; ``reasoning``: a chat answer begins with ``REASONING``'s pieces as
+  ``reasoning_content`` deltas (one token each, counted in ``max_tokens`` and the usage, as
+  vLLM's reasoning parsers send them), cut after ``--after`` chunks with ``reasoningcut``;
+  ``refusal``: a chat answer is ``REFUSAL``'s pieces as ``refusal`` deltas (OpenAI's).
+  A completion with ``echo`` has its prompt at
   the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -48,7 +52,10 @@ MODEL = "synthetic"
 
 
 FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "toolcut",
-          "nousage", "filtered")  # fmt: skip
+          "nousage", "filtered", "reasoning", "reasoningcut", "refusal")  # fmt: skip
+#: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
+REASONING = ("Let ", "me ", "think.")
+REFUSAL = ("I can't ", "help with ", "that.")
 
 
 class FaultyUpstream:
@@ -101,7 +108,12 @@ class FaultyUpstream:
             return StreamingResponse(
                 self._watched(request, body, _tool_call(cut_after)), media_type="text/event-stream"
             )
+        if args.fault == "refusal":
+            return StreamingResponse(
+                self._watched(request, body, _refusal()), media_type="text/event-stream"
+            )
         chat = "messages" in body
+        reasoning = REASONING if chat and args.fault in ("reasoning", "reasoningcut") else ()
         if chat:
             messages = [ChatMessage(m["role"], m["content"]) for m in body["messages"]]
             prompt = self.engine.encode_chat(
@@ -111,12 +123,14 @@ class FaultyUpstream:
             )
         else:
             prompt = self.engine.encode_completion(body["prompt"])
-        params = SamplingParams(max_tokens=body["max_tokens"])
+        params = SamplingParams(max_tokens=body["max_tokens"] - len(reasoning))
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""
         logprobs = body.get("logprobs") is not None
         return StreamingResponse(
-            self._watched(request, body, self._chunks(prompt, params, chat, echo, logprobs)),
+            self._watched(
+                request, body, self._chunks(prompt, params, chat, echo, logprobs, reasoning)
+            ),
             media_type="text/event-stream",
         )
 
@@ -139,13 +153,25 @@ class FaultyUpstream:
             raise
 
     async def _chunks(
-        self, prompt: Any, params: SamplingParams, chat: bool, echo: str, logprobs: bool
+        self,
+        prompt: Any,
+        params: SamplingParams,
+        chat: bool,
+        echo: str,
+        logprobs: bool,
+        reasoning: tuple[str, ...],
     ) -> AsyncIterator[str]:
         args = self.args
         sent = 0
         rid = f"faulty-{self.received}"
+        for piece in reasoning:
+            if sent == args.after and args.fault == "reasoningcut":
+                raise ConnectionAbortedError("fault injected: cut in the middle of reasoning")
+            yield _event(_delta({"content": None, "reasoning_content": piece}, None))
+            sent += 1
         async for out in self.engine.generate(rid, prompt, params):
-            if sent == args.after and args.fault in ("cut", "stall", "malformed", "exit"):
+            if sent == args.after and args.fault in ("cut", "stall", "malformed", "exit",
+                                                     "reasoningcut"):  # fmt: skip
                 if args.fault == "cut":
                     raise ConnectionAbortedError("fault injected: cut")
                 if args.fault == "exit":
@@ -167,9 +193,9 @@ class FaultyUpstream:
                 yield _event(_chunk(chat, "", finish))
                 if args.fault == "nousage":
                     raise ConnectionAbortedError("fault injected: cut after the finish")
-                usage = {"prompt_tokens": out.prompt_tokens,
-                         "completion_tokens": out.completion_tokens,
-                         "total_tokens": out.prompt_tokens + out.completion_tokens}  # fmt: skip
+                completion = out.completion_tokens + len(reasoning)
+                usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": out.prompt_tokens + completion}  # fmt: skip
                 yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 
@@ -184,6 +210,18 @@ async def _tool_call(cut_after: int | None) -> AsyncIterator[str]:
             raise ConnectionAbortedError("fault injected: cut in the middle of a tool call")
     yield _event(_delta({}, "tool_calls"))
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+async def _refusal() -> AsyncIterator[str]:
+    """A refusal as OpenAI streams one: the role with ``refusal: null``, then its pieces."""
+    yield _event(_delta({"role": "assistant", "content": None, "refusal": None}, None))
+    for piece in REFUSAL:
+        yield _event(_delta({"refusal": piece}, None))
+    yield _event(_delta({}, "stop"))
+    n = len(REFUSAL)
+    usage = {"prompt_tokens": 9, "completion_tokens": n, "total_tokens": 9 + n}
     yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 

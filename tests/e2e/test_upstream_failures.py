@@ -387,3 +387,35 @@ def test_a_tool_call_cut_mid_stream_ends_with_a_clear_error_and_is_not_retried(
     assert whole.status_code == 502
     assert whole.json()["error"]["code"] == "tool_call_interrupted"
     assert fault.stats()["received"] == received + 2, "the request was sent again"
+
+
+def test_an_answer_cut_during_its_reasoning_ends_with_a_clear_error_and_is_not_continued(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """A continuation's prompt cannot carry the reasoning so far: going on elsewhere would
+    stream a second reasoning, or an answer that never saw the first. The client gets the
+    reasoning it already had, an error that says why, and [DONE]; no other upstream is
+    asked."""
+    fault.fault("reasoningcut", after=2)
+    server = front(start_server, fault, synthetic, **FAST)
+    received = fault.stats()["received"]
+    path, body = CHAT
+    _, _, lines = stream(server, path, {**body, "model": "synthetic", "max_tokens": 9})
+    chunks = [json.loads(line) for line in lines[:-2]]
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == "Let me "
+    assert not any(d.get("content") for d in deltas)
+    error = json.loads(lines[-2])["error"]
+    assert error["code"] == "reasoning_interrupted"
+    assert "reasoning" in error["message"] and fault.base in error["message"]
+    assert lines[-1] == "[DONE]"
+    assert fault.stats()["received"] == received + 1
+    with pytest.raises(KeyError):
+        server.metric(
+            "tokenspout_upstream_requests_total", f'status="200",upstream="{synthetic.base}"'
+        )
+    # Not streamed: the same error, with its status.
+    alone = front(start_server, fault, **FAST)
+    whole = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "max_tokens": 9})
+    assert whole.status_code == 502
+    assert whole.json()["error"]["code"] == "reasoning_interrupted"

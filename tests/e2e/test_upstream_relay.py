@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 from openai import NotFoundError, OpenAI
+from websockets.sync.client import connect
 
 from tests.conftest import RunningServer
 from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
@@ -291,3 +292,87 @@ def test_echo_with_logprobs_passes_the_prompts_null_logprob_through(
     assert logprobs["tokens"] == ["one ", "two ", "three ", "one ", "two "]
     assert logprobs["token_logprobs"] == [None, -1.0, -1.0, -1.0, -1.0]
     assert logprobs["top_logprobs"][0] is None
+
+
+def _chat_deltas(lines: list[str]) -> tuple[dict[str, str], list[dict]]:
+    """A streamed chat's ``delta`` fields joined (content, reasoning_content, refusal), and
+    its chunks."""
+    chunks = [json.loads(line) for line in lines if line.startswith("{")]
+    joined: dict[str, str] = {}
+    for c in chunks:
+        for key, value in (c["choices"][0]["delta"] if c["choices"] else {}).items():
+            if key != "role" and value:
+                joined[key] = joined.get(key, "") + value
+    return joined, chunks
+
+
+def test_a_reasoning_models_reasoning_is_relayed_and_counted(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """vLLM's reasoning parsers send ``reasoning_content`` before the answer: it reaches
+    the client streamed (SSE and NDJSON: ``delta.reasoning_content``), over WebSocket, and
+    whole (``message.reasoning_content``), and its tokens count as generated ones."""
+    fault.fault("reasoning")
+    server = front(start_server, fault)
+    asked = {"model": "synthetic", "messages": [{"role": "user", "content": "x y"}],
+             "max_tokens": 8}  # fmt: skip
+    answer = httpx.post(
+        f"{synthetic.url}/v1/chat/completions", json={**asked, "max_tokens": 5}
+    ).json()["choices"][0]["message"]["content"]
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    body = {**asked, "stream": True, "stream_options": options}
+    for accept in ("text/event-stream", "application/x-ndjson"):
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Accept": accept})
+        assert r.status_code == 200, r.text
+        lines = [line.removeprefix("data: ") for line in r.text.splitlines()]
+        joined, chunks = _chat_deltas(lines)
+        assert joined == {"reasoning_content": "Let me think.", "content": answer}
+        # Each reasoning piece is a token (as each word of the answer): the usage along the
+        # stream counts them however the chunks were coalesced.
+        said = ""
+        for c in chunks[1:-1]:
+            delta = c["choices"][0]["delta"]
+            said += " " + delta.get("reasoning_content", "") + " " + delta.get("content", "")
+            assert c["usage"]["completion_tokens"] == len(said.split())
+        assert chunks[-1]["usage"]["completion_tokens"] == 8
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=asked).json()
+    assert whole["choices"][0]["message"] == {
+        "role": "assistant",
+        "content": answer,
+        "reasoning_content": "Let me think.",
+    }
+    assert whole["usage"]["completion_tokens"] == 8
+    with connect(f"{server.url.replace('http', 'ws')}/v1/ws") as ws:
+        ws.send(json.dumps({"type": "generate", "id": "a", **asked}))
+        messages = []
+        while not messages or messages[-1]["type"] == "delta":
+            messages.append(json.loads(ws.recv()))
+    assert "".join(m.get("reasoning_content", "") for m in messages) == "Let me think."
+    assert "".join(m.get("text", "") for m in messages) == answer
+    assert messages[-1]["usage"]["completion_tokens"] == 8
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+def test_a_refusal_is_relayed_not_an_empty_answer(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, stream: bool
+) -> None:
+    """OpenAI's ``refusal`` reaches the client (``delta.refusal``; ``message.refusal``
+    with content null, as OpenAI answers), its tokens counted."""
+    fault.fault("refusal")
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 9, "stream": stream}  # fmt: skip
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        joined, chunks = _chat_deltas([line[6:] for line in r.text.splitlines()])
+        assert joined == {"refusal": "I can't help with that."}
+        usage = chunks[-1]["usage"]
+    else:
+        message = r.json()["choices"][0]["message"]
+        refused = "I can't help with that."
+        assert message == {"role": "assistant", "content": None, "refusal": refused}
+        usage = r.json()["usage"]
+    assert usage["completion_tokens"] == 3

@@ -126,6 +126,30 @@ def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
 
 
 @pytest.mark.parametrize(
+    ("delta", "reasoning", "refusal"),
+    [
+        # vLLM's reasoning parsers, DeepSeek's API: content null while it reasons.
+        ({"content": None, "reasoning_content": "Let me"}, "Let me", ""),
+        ({"reasoning": " think"}, " think", ""),  # newer vLLM's name
+        # vLLM versions in between send both, the same piece: it is taken once.
+        ({"reasoning_content": "so", "reasoning": "so"}, "so", ""),
+        ({"content": None, "refusal": "I can't help with that."}, "", "I can't help with that."),
+        ({"content": "", "refusal": None, "reasoning_content": None}, "", ""),
+    ],
+)
+def test_reasoning_and_refusal_pieces_are_read(delta: dict, reasoning: str, refusal: str) -> None:
+    chunk = parse_chunk(chat(delta))
+    assert (chunk.text, chunk.reasoning, chunk.refusal) == ("", reasoning, refusal)
+    assert chunk.output == bool(reasoning or refusal)
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "refusal"])
+def test_a_reasoning_or_refusal_that_is_not_text_is_malformed(field: str) -> None:
+    with pytest.raises(MalformedChunkError):
+        parse_chunk(chat({field: ["a"]}))
+
+
+@pytest.mark.parametrize(
     ("data", "output"),
     [
         # A chat stream's opening role, as vLLM and tokenspout, llama.cpp, OpenAI send it.

@@ -284,3 +284,24 @@ def test_legacy_text_offsets_count_characters_of_the_text() -> None:
         ],
     )["choices"][0]["logprobs"]
     assert whole["text_offset"] == [0, 0, 1]
+
+
+def test_reasoning_and_refusal_pieces_of_one_event_are_joined_in_order() -> None:
+    """Coalesced outputs' pieces go out as one delta: reasoning as ``reasoning_content``
+    (vLLM's name), a refusal as ``refusal`` (OpenAI's), each only when there is some."""
+    reasoning = [OutputExtras(reasoning="Let"), OutputExtras(reasoning=" me"), OutputExtras()]
+    assert chat().delta_with("", reasoning) == chat_chunk({"reasoning_content": "Let me"}, None)
+    mixed = [OutputExtras(reasoning=" so."), OutputExtras(refusal="No")]
+    assert chat().delta_with("Hi", mixed) == chat_chunk(
+        {"content": "Hi", "reasoning_content": " so.", "refusal": "No"}, None
+    )
+
+
+def test_a_whole_chat_completion_carries_the_reasoning_and_the_refusal() -> None:
+    extras = [OutputExtras(reasoning="Think"), OutputExtras(reasoning="ing.")]
+    message = chat().response("Paris", "stop", USAGE, extras)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Paris", "reasoning_content": "Thinking."}
+    extras = [OutputExtras(refusal="I can't"), OutputExtras(refusal=" help.")]
+    message = chat().response("", "stop", USAGE, extras)["choices"][0]["message"]
+    # As OpenAI answers a refusal: content null.
+    assert message == {"role": "assistant", "content": None, "refusal": "I can't help."}

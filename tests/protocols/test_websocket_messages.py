@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tokenspout.engine.request import OutputExtras, TokenLogprob
 from tokenspout.errors import EngineError, InvalidRequestError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.websocket_messages import (
@@ -114,3 +115,17 @@ def test_what_the_server_sends() -> None:
     }
     for message in (delta("r", "é\n"), done("r", "length", Usage(0, 1)), error(None, refused)):
         assert json.loads(json.dumps(message)) == message
+
+
+def test_a_delta_carries_an_upstreams_reasoning_and_refusal_joined() -> None:
+    extras = [OutputExtras(reasoning="Let"), OutputExtras(reasoning=" me"), OutputExtras()]
+    assert delta("r1", "", extras) == {
+        "type": "delta",
+        "id": "r1",
+        "text": "",
+        "reasoning_content": "Let me",
+    }
+    assert delta("r1", "", [OutputExtras(refusal="No.")])["refusal"] == "No."
+    assert delta("r1", "Hi", [OutputExtras(TokenLogprob("Hi", b"Hi", -0.1, ()))]) == delta(
+        "r1", "Hi"
+    )

@@ -236,13 +236,18 @@ class ToolCallDelta(NamedTuple):
 
 
 class OutputExtras(NamedTuple):
-    """Per-token extras of an ``EngineOutput``: the token's logprob (when asked for) and the
-    tool-call pieces its text completed (the text then goes there instead of ``text``)."""
+    """Per-token extras of an ``EngineOutput``: the token's logprob (when asked for), the
+    tool-call pieces its text completed (the text then goes there instead of ``text``), and
+    an upstream's chat text that is not the answer's content (reasoning, a refusal)."""
 
     logprob: TokenLogprob | None = None
     tool_calls: tuple[ToolCallDelta, ...] = ()
     #: With echo and logprobs, on the first output: every prompt token's logprob.
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    #: A piece of a reasoning model's reasoning (an upstream's ``reasoning_content``).
+    reasoning: str = ""
+    #: A piece of the model's refusal to answer (OpenAI's ``refusal``).
+    refusal: str = ""
 
 
 def check_chat_ending(

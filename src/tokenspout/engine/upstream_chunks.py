@@ -1,6 +1,7 @@
 """One OpenAI streaming chunk from an upstream, as what the relay needs of it.
 
-Chat chunks carry ``choices[0].delta`` (``content``, ``tool_calls``), completion chunks
+Chat chunks carry ``choices[0].delta`` (``content``, ``tool_calls``, and from reasoning
+models ``reasoning_content`` or ``reasoning``, from OpenAI a ``refusal``), completion chunks
 ``choices[0].text``; with ``stream_options.include_usage`` the last chunk has no choices and
 the ``usage``. A chat stream usually opens with a chunk that has only the role
 (``{"role": "assistant", "content": ""}``), sent before any token is generated: no output
@@ -35,6 +36,11 @@ class UpstreamChunk(NamedTuple):
     generated: int | None = None
     #: It carries some of the answer: not a chat's opening role alone, nor usage alone.
     output: bool = True
+    #: A piece of the reasoning: ``reasoning_content`` (vLLM's reasoning parsers,
+    #: DeepSeek's API) or ``reasoning`` (newer vLLM's name for it).
+    reasoning: str = ""
+    #: A piece of a refusal (OpenAI's ``refusal``).
+    refusal: str = ""
 
 
 def parse_chunk(data: str | bytes) -> UpstreamChunk:
@@ -59,6 +65,7 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
         choice = choices[0]
         delta = choice.get("delta")
         logprobs = choice.get("logprobs")
+        reasoning = refusal = ""
         if delta is None:  # a completion chunk
             text, calls = choice.get("text") or "", ()
             tokens = _completion_logprobs(logprobs) if logprobs else ()
@@ -67,13 +74,17 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
             text = delta.get("content") or ""
             calls = tuple(_tool_call(c) for c in delta.get("tool_calls") or ())
             tokens = tuple(_chat_logprob(t) for t in (logprobs or {}).get("content") or ())
-            # Any field but the role counts, the ones not relayed too (a reasoning model's
-            # ``reasoning_content``, a ``refusal``): the upstream is generating. The usual
-            # chunk, with text, is not looked through (one per token).
+            # vLLM versions in between send the same piece under both names: one is taken.
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+            refusal = delta.get("refusal") or ""
+            # Any field but the role counts, the ones not relayed too: the upstream is
+            # generating. The usual chunk, with text, is not looked through (one per token).
             said = bool(text) or any(value for key, value in delta.items() if key != "role")
         finish = choice.get("finish_reason")
-        if not isinstance(text, str) or not (finish is None or isinstance(finish, str)):
-            raise TypeError("text or finish_reason of the wrong type")
+        if not all(isinstance(s, str) for s in (text, reasoning, refusal)) or not (
+            finish is None or isinstance(finish, str)
+        ):
+            raise TypeError("a text or the finish_reason of the wrong type")
         if usage is not None:
             generated: int | None = usage[1]
         elif (timings := chunk.get("timings")) is not None:
@@ -81,7 +92,9 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
         else:
             generated = None
         output = said or bool(tokens) or finish is not None or bool(generated)
-        return UpstreamChunk(text, calls, finish, usage, tokens, generated, output)
+        return UpstreamChunk(
+            text, calls, finish, usage, tokens, generated, output, reasoning, refusal
+        )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise MalformedChunkError(f"a chunk of an unexpected shape ({exc!r})") from None
 

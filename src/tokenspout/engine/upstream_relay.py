@@ -17,11 +17,20 @@ failure try again elsewhere.
   resume half a call's arguments reliably) nor sent again (the client would get the call
   twice): it ends at once with a ``tool_call_interrupted`` error, after the pieces the
   client already had, never with silently shortened arguments.
+* So does a stream that has carried reasoning (``reasoning_interrupted``) or a refusal
+  (``refusal_interrupted``): a continuation's prompt holds the answer's content only, as
+  an assistant message to go on with; there is no field for the reasoning so far, and an
+  upstream's reasoning parser may take the continued text for reasoning anyway (vLLM's
+  DeepSeek-R1 parser reads everything before ``</think>`` as reasoning, the ``<think>``
+  being in the prompt). Going on without it would stream a second, unrelated reasoning
+  or an answer that never saw the first; sending the request again would repeat what the
+  client already has. An error that says so is what the client can act on.
 * ``cancel`` (the client left, cancel by id, send timeout, drain) cancels the task, which
   closes the upstream response at once: the upstream aborts the generation on disconnect.
   A request cancelled while it waits for an upstream is never sent.
 
-Each upstream chunk with content is one output of one token (tokenspout's flush policy
+Each upstream chunk with content (reasoning and refusals too: the upstream counts them
+as generated tokens) is one output of one token (tokenspout's flush policy
 coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
 after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
 tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage:
@@ -132,7 +141,9 @@ class UpstreamRelay:
     #: Set unless the stream asked to hold this request (backpressure).
     flowing: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    _tool_calls_sent: bool = False
+    #: What the client has had that a continuation cannot go on with (a tool call's piece,
+    #: reasoning, a refusal): a cut then ends the request (``_cut_error``).
+    _cannot_continue: str | None = None
     #: The current upstream has sent its first chunk with output (a timeout is then a stall).
     _first_seen: bool = False
     #: What the current upstream's answer has said so far.
@@ -179,8 +190,8 @@ class UpstreamRelay:
                 if f.eject:
                     self.pool.failed(server, f.why)
                 self.metrics.requests.labels(server.address, f.status).inc()
-                if self._tool_calls_sent:
-                    raise _tool_call_cut(server, f) from None
+                if self._cannot_continue is not None:
+                    raise _cut_error(self._cannot_continue, server, f) from None
                 if len(failed) >= self.options.retries:
                     raise self._gave_up(server, f) from None
                 failed.append(server)
@@ -376,23 +387,29 @@ class UpstreamRelay:
         if self.params.echo and not self.echoed and chunk.text:
             self._deliver_echo(chunk, part)
             return
-        if not (chunk.tool_calls or chunk.logprobs):
+        if not (chunk.tool_calls or chunk.logprobs or chunk.reasoning or chunk.refusal):
             if chunk.text:  # the usual chunk: text, nothing else
                 n = self._count(chunk, part)
                 self.tokens += n
                 self.parts.append(chunk.text)
                 self._emit(EngineOutput(chunk.text, n, prompt, self.tokens))
             return
-        if chunk.tool_calls:
-            self._tool_calls_sent = True
+        if self._cannot_continue is None:
+            if chunk.tool_calls:
+                self._cannot_continue = "tool_call"
+            elif chunk.refusal:
+                self._cannot_continue = "refusal"
+            elif chunk.reasoning:
+                self._cannot_continue = "reasoning"
         logprobs = chunk.logprobs or (None,)
         for i, logprob in enumerate(logprobs):
-            first = i == 0
-            extras = None
-            calls = chunk.tool_calls if first else ()
-            if logprob is not None or calls:
-                extras = OutputExtras(logprob, calls)
-            text = chunk.text if first else ""
+            if i == 0:  # the chunk's text and pieces go with its first token
+                text = chunk.text
+                extras = OutputExtras(
+                    logprob, chunk.tool_calls, reasoning=chunk.reasoning, refusal=chunk.refusal
+                )
+            else:
+                text, extras = "", OutputExtras(logprob)
             n = 1 if logprob is not None else self._count(chunk, part)  # a logprob is a token
             self.tokens += n
             if text:
@@ -503,13 +520,22 @@ def _headers(prompt: Prompt) -> dict[str, str]:
     return {"Content-Type": "application/json", "traceparent": prompt.traceparent}
 
 
-def _tool_call_cut(server: UpstreamServer, f: _Failed) -> UpstreamError:
+def _cut_error(kind: str, server: UpstreamServer, f: _Failed) -> UpstreamError:
+    """The error of an answer cut after something no continuation can go on with
+    (``kind``: tool_call, reasoning or refusal; see the module docstring)."""
+    where = f"{f.why} at {server.address}"
+    if kind == "tool_call":
+        message = (
+            f"the answer was cut in the middle of a tool call ({where}); a tool call cannot "
+            "be continued on another upstream, so its arguments are incomplete"
+        )
+    else:
+        message = (
+            f"the answer was cut after the model's {kind} had begun ({where}); a continuation "
+            f"on another upstream cannot carry the {kind} so far, so the answer is incomplete"
+        )
     return UpstreamError(
-        f"the answer was cut in the middle of a tool call ({f.why} at {server.address}); "
-        "a tool call cannot be continued on another upstream, so its arguments are "
-        "incomplete: send the request again",
-        status_code=502,
-        code="tool_call_interrupted",
+        f"{message}: send the request again", status_code=502, code=f"{kind}_interrupted"
     )
 
 

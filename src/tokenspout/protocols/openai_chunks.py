@@ -4,7 +4,10 @@ Shapes follow the OpenAI API reference for ``chat.completion.chunk`` and ``text_
 with ``stream_options.include_usage`` every chunk carries ``"usage": null`` and a last chunk
 with empty ``choices`` carries the usage. Tokens with extras (``OutputExtras``) add chat's
 ``logprobs.content`` / ``delta.tool_calls`` (name first, arguments in pieces) or the legacy
-completions ``logprobs`` object.
+completions ``logprobs`` object. An upstream's reasoning and refusal go out as chat's
+``delta.reasoning_content`` (vLLM's long-standing name, which DeepSeek's API uses too) and
+``delta.refusal`` (OpenAI's), and in a whole response as the message's fields of those
+names; each only when there is some, their pieces joined in order.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class ChatChunks(_OpenAIChunks):
         calls = _tool_call_deltas([d for x in extras for d in x.tool_calls])
         if calls:
             delta["tool_calls"] = calls
+        delta.update(side_texts(extras))
         choice = self._choice(delta, None, index)
         choice["logprobs"] = _chat_logprobs(extras)
         return self._chunk(self.OBJECT, [choice])
@@ -143,6 +147,11 @@ class ChatChunks(_OpenAIChunks):
                 }
                 for c in calls
             ]
+        side = side_texts(extras)
+        if "refusal" in side:
+            # As OpenAI answers a refusal: no content.
+            message["content"] = text or None
+        message.update(side)
         return {
             "index": index,
             "message": message,
@@ -279,6 +288,17 @@ def _chat_token(t: TokenLogprob) -> dict[str, Any]:
         "top_logprobs": [
             {"token": tok, "logprob": lp, "bytes": list(raw)} for tok, raw, lp in t.top
         ],
+    }
+
+
+def side_texts(extras: Sequence[OutputExtras]) -> dict[str, str]:
+    """``reasoning_content`` and ``refusal``: the extras' pieces of each joined, each only
+    when there are some."""
+    reasoning = "".join(x.reasoning for x in extras)
+    refusal = "".join(x.refusal for x in extras)
+    return {
+        **({"reasoning_content": reasoning} if reasoning else {}),
+        **({"refusal": refusal} if refusal else {}),
     }
 
 

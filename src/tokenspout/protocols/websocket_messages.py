@@ -1,19 +1,23 @@
 """The JSON messages of ``/v1/ws``. Pure: parse what a client sends, build what we send.
 
 Client → server: ``{"type": "generate", "id": "<client id>", ...chat or completion fields}``
-and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta``, ``done``, ``error``;
+and ``{"type": "cancel", "id": "..."}``. Server → client: ``delta`` (``text``, and an
+upstream's ``reasoning_content`` / ``refusal`` when it has some), ``done``, ``error``;
 a stream's one ``done`` or ``error`` is its last message, and an ``error`` with ``id`` null
 concerns no stream (a message that named none, or one refused without touching its stream).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tokenspout.engine.request import OutputExtras
 from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.json_limits import DEFAULT_MAX_DEPTH, check_value, parse
+from tokenspout.protocols.openai_chunks import side_texts
 
 MAX_ID_LENGTH = 128
 
@@ -70,8 +74,10 @@ def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Clien
     raise InvalidRequestError(f"type must be 'generate' or 'cancel', not {kind!r}", param=msg_id)
 
 
-def delta(stream_id: str, text: str) -> dict[str, Any]:
-    return {"type": "delta", "id": stream_id, "text": text}
+def delta(stream_id: str, text: str, extras: Sequence[OutputExtras] = ()) -> dict[str, Any]:
+    """A piece of the answer; with an upstream's reasoning or refusal among ``extras``, their
+    pieces joined as ``reasoning_content`` / ``refusal`` (the chat delta's names)."""
+    return {"type": "delta", "id": stream_id, "text": text, **side_texts(extras)}
 
 
 def done(stream_id: str, finish_reason: str, usage: Usage) -> dict[str, Any]:

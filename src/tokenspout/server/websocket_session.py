@@ -256,7 +256,7 @@ class WebSocketStream(StreamTransport):
     async def send(self, event: StreamEvent) -> None:
         if isinstance(event, Delta):
             if not self.cancelled:
-                await self.session.send(wsm.delta(self.client_id, event.text))
+                await self.session.send(wsm.delta(self.client_id, event.text, event.extras))
         elif isinstance(event, Finished):
             end = event.end
             if end.error is not None:
