@@ -20,6 +20,10 @@ def test_chunks_with_and_without_extras_round_trip() -> None:
         Chunk("", 1, 0),
         Chunk(" Paris", 1, 6, None, 7042),  # the embedded engine's token id
         Chunk("é", 1, 2, extras, 0),
+        # An upstream's reasoning and refusal pieces: a resume replays them.
+        Chunk("", 1, 0, OutputExtras(reasoning="Let me think\n")),
+        Chunk("", 1, 0, OutputExtras(refusal="I can't help with that.")),
+        Chunk("Hi", 1, 2, extras._replace(reasoning="ok", refusal="no")),
     ]
     decoded = decode_chunks(encode_chunks(chunks))
     assert decoded == [(c.text, c.num_tokens, c.extras, c.token_id) for c in chunks]

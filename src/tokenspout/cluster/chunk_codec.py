@@ -1,7 +1,8 @@
 """A batch of a stream's chunks as the bytes of one Redis Stream entry, and back.
 
 JSON: ``[[text, num_tokens], ...]``, with a third item for a chunk that has extras (a
-token's logprob, tool-call pieces): their own JSON as a string (bytes as hex), so that the
+token's logprob ``l``, tool-call pieces ``t``, an upstream's reasoning ``r`` and refusal
+``f``; each only when there is one): their own JSON as a string (bytes as hex), so that the
 writer's script can pass batches through Redis's Lua JSON codec unchanged; and a fourth,
 the token id, when the engine gave one (the third is then ``""`` if there are no extras).
 """
@@ -52,6 +53,10 @@ def _extras(extras: OutputExtras) -> dict[str, Any]:
         out["l"] = [lp.token, lp.bytes.hex(), lp.logprob, [[t, b.hex(), p] for t, b, p in lp.top]]
     if extras.tool_calls:
         out["t"] = [list(call) for call in extras.tool_calls]
+    if extras.reasoning:
+        out["r"] = extras.reasoning
+    if extras.refusal:
+        out["f"] = extras.refusal
     return out
 
 
@@ -62,4 +67,4 @@ def _from_extras(data: dict[str, Any]) -> OutputExtras:
         alternatives = tuple((t, bytes.fromhex(b), p) for t, b, p in top)
         logprob = TokenLogprob(token, bytes.fromhex(raw), value, alternatives)
     calls = tuple(ToolCallDelta(*call) for call in data.get("t", ()))
-    return OutputExtras(logprob, calls)
+    return OutputExtras(logprob, calls, reasoning=data.get("r", ""), refusal=data.get("f", ""))
