@@ -41,6 +41,30 @@ def test_tools_give_a_grammar_unless_none() -> None:
     assert err.value.param == "tools"
 
 
+def test_tools_are_not_shown_to_the_model_under_tool_choice_none() -> None:
+    # Shown them, the model wrote calls, which "none" could only send as text (markup).
+    body = {"messages": MSG, "tools": [TOOL]}
+    assert advanced_params.chat_tools(ChatCompletionRequest.model_validate(body))
+    none = ChatCompletionRequest.model_validate({**body, "tool_choice": "none"})
+    assert advanced_params.chat_tools(none) == []
+
+
+def test_null_is_the_default_as_openai_sends_it() -> None:
+    # The openai SDK sends null for a parameter given as None: 400 before for these.
+    nulls = ("temperature", "top_p", "n", "logprobs", "presence_penalty", "frequency_penalty")
+    body = ChatCompletionRequest.model_validate({"messages": MSG, **dict.fromkeys(nulls)})
+    assert body == ChatCompletionRequest.model_validate({"messages": MSG})
+    assert not body.model_fields_set - {"messages"}
+    legacy = CompletionRequest.model_validate({"prompt": "p", "echo": None, "stream": None})
+    assert legacy.echo is False and legacy.stream is False
+    # A reply sent back as the SDK dumps it: its null fields are no fields.
+    reply = {"role": "assistant", "content": "Hello", "refusal": None, "annotations": None,
+             "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
+    ChatCompletionRequest.model_validate({"messages": [*MSG, reply, *MSG]})
+    with pytest.raises(ValueError, match="refusal"):  # one with a value is not ignored
+        ChatCompletionRequest.model_validate({"messages": [{**reply, "refusal": "no"}]})
+
+
 def test_logprobs_fields() -> None:
     assert params(logprobs=True).logprobs == 0
     assert params(logprobs=True, top_logprobs=4).logprobs == 4

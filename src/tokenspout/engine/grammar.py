@@ -48,7 +48,8 @@ def grammar_text(grammar: Grammar) -> str:
 #: Integers a JSON schema may hold: llguidance takes a schema's numbers as 64-bit floats
 #: (exact to 2^53) and its integers within 64 bits, so beyond that a ``const`` or a bound
 #: moves (a bound of 10^19 became 2^63 - 1, under the minimum). The int64 limits themselves
-#: are common bounds and come through exactly.
+#: are common values and come through exactly; as a bound, llguidance refuses int64's minimum
+#: itself (it cannot build that range), with its own message.
 _EXACT_INTEGERS = 2**53
 _INT64_LIMITS = (2**63 - 1, -(2**63))
 _VALUE_KEYWORDS = ("const", "enum", "default", "examples")

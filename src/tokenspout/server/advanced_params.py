@@ -65,7 +65,11 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
 
 
 def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
-    """The tools to render in the prompt (all of them, also with ``tool_choice: "none"``)."""
+    """The tools to render in the prompt: none with ``tool_choice: "none"`` (as vLLM's
+    ``--exclude-tools-when-tool-choice-none``), where a model shown them writes calls that
+    could only go out as text."""
+    if body.tool_choice == "none":
+        return []
     return [
         Tool(t.function.name, t.function.description, t.function.parameters)
         for t in body.tools or ()

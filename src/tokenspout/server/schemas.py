@@ -16,6 +16,7 @@ from pydantic import (
     StrictInt,
     StrictStr,
     field_validator,
+    model_validator,
 )
 
 from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOP_LOGPROBS, MIN_SEED
@@ -34,6 +35,17 @@ Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
 class _Body(BaseModel):
     # Attribute docstrings become the fields' descriptions in the OpenAPI schema.
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_unset(cls, data: Any) -> Any:
+        """A field given as null is a field not given, as in OpenAI's API: the openai SDK
+        sends null for a parameter passed as None, and a message it returns carries null
+        ``refusal``, ``audio``... when sent back. A field with a value is checked as ever
+        (an unknown one is a 400 that names it)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class StreamOptions(_Body):
