@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -188,6 +189,73 @@ def replica_set(redis_server: RedisServer, tmp_path: Path) -> Iterator[ReplicaSe
     replicas = ReplicaSet(redis_server, tmp_path)
     yield replicas
     replicas.stop()
+
+
+class RedisCutter:
+    """A fault injector between a replica and Redis (point the replica's ``--redis-url`` at
+    ``url``): ``cut()`` drops every connection and closes new ones at once, as a network
+    partition would, until ``restore()``."""
+
+    def __init__(self, redis: RedisServer):
+        self._redis_port = redis.port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self._listener.getsockname()[1]}/0"
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut.is_set():
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self._redis_port))
+            with self._lock:
+                self._open.update((conn, upstream))
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(src, dst)
+
+    def cut(self) -> None:
+        self._cut.set()
+        with self._lock:
+            _shut(*self._open)
+            self._open.clear()
+
+    def restore(self) -> None:
+        self._cut.clear()
+
+    def close(self) -> None:
+        _shut(self._listener)
+        self._listener.close()
+        self.cut()
+
+
+def _shut(*socks: socket.socket) -> None:
+    # shutdown, not close alone: another thread's recv() on the socket must return.
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def redis_cutter(redis_server: RedisServer) -> Iterator[RedisCutter]:
+    cutter = RedisCutter(redis_server)
+    yield cutter
+    cutter.close()
 
 
 def nginx_conf(listen: int, upstreams: list[int]) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.conftest import ReplicaSet, kill, needs_nginx
+from tests.cluster.conftest import RedisCutter, ReplicaSet, kill, needs_nginx
 from tests.conftest import free_port
 from tests.e2e.test_resume import chat_text, read_some, sse_events
 from tokenspout.client import Client
@@ -289,6 +289,93 @@ def test_a_replica_stopped_past_its_lease_stops_generating_what_was_taken_over(
     assert stream.result.resumes == 1 and stream.result.finish_reason == "length"
     assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
     assert a.metric("tokenspout_requests_running") == 0
+
+
+def test_a_replica_cut_off_from_redis_past_its_lease_stops_what_was_taken_over(
+    replica_set: ReplicaSet, redis_cutter: RedisCutter
+) -> None:
+    """As with SIGSTOP, but the owner runs on while cut off: when Redis answers again it
+    learns (resync) that its stream was taken over, stops it, and cuts its client."""
+    a = replica_set.start("--synthetic-itl-ms", "10", "--redis-url", redis_cutter.url)
+    b = replica_set.start("--synthetic-itl-ms", "10")
+    expected = whole_text(b.url, 1500)
+    options = {"resumable": True, "flush_tokens": 1}
+    with Client(a.url) as client:
+        stream = client.stream_chat(PROMPT, max_tokens=1500, temperature=0, stream_options=options)
+        deltas = []
+        for delta in stream:
+            deltas.append(delta)
+            if len(deltas) == 20:
+                redis_cutter.cut()
+                try:
+                    b.wait_metric("tokenspout_stream_takeovers_total", 1)
+                finally:
+                    redis_cutter.restore()
+    assert "".join(deltas) == stream.result.text == expected
+    assert stream.result.resumes == 1 and stream.result.finish_reason == "length"
+    assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
+
+
+def test_a_cancel_waiting_on_a_stopped_owner_ends_the_stream_where_it_was_taken_over(
+    replica_set: ReplicaSet,
+) -> None:
+    """A cancel sent to B while the owner A is stopped: B takes the stream over and ends it.
+    When A runs again, the cancel it then hears must not end its own copy one token on (its
+    client's last id would then be past the stream's end: a 400 on resume)."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    parts: list[str] = []
+    last_id = None
+    done = False
+    with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(1500)) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        for event_id, data in itertools.islice(events, 10):
+            parts.append(chat_text(data))
+            last_id = event_id or last_id
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            assert httpx.post(f"{b.url}/v1/streams/{stream_id}/cancel").status_code == 200
+            b.wait_metric("tokenspout_stream_takeovers_total", 1)
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        try:
+            for event_id, data in events:
+                done = data == "[DONE]"
+                parts.append(chat_text(data))
+                last_id = event_id or last_id
+        except httpx.HTTPError:
+            pass  # cut: the stream's end is elsewhere
+    assert not done  # A did not end its own copy
+    # The rest, from the one end: B ended the stream where Redis had it (A may have sent
+    # its client a few tokens more, which that client keeps).
+    ending: list[str] = []
+    with httpx.stream(
+        "GET", f"{b.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": last_id or ""}
+    ) as r:
+        assert r.status_code == 200, r.read()
+        ending = [data for _, data in sse_events(r.iter_lines())]
+    assert ending[-1] == "[DONE]"
+    assert any('"finish_reason":"cancelled"' in data for data in ending)
+    whole: list[str] = []
+    resume_to_end(b.url, stream_id, None, whole)
+    assert "".join(parts).startswith("".join(whole))
+    assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
+
+
+def test_a_request_with_n_choices_is_one_request_of_a_keys_minute_limit(
+    replica_set: ReplicaSet, tmp_path: Path
+) -> None:
+    # As on one process (README): n streams, one request. With Redis it took n requests.
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "carol"\nkey = "sk-carol"\nrequests_per_minute = 2\n')
+    replica = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
+    carol = {"Authorization": "Bearer sk-carol"}
+    body = {"prompt": "x", "max_tokens": 2, "n": 3}
+    codes = [
+        httpx.post(f"{replica.url}/v1/completions", json=body, headers=carol).status_code
+        for _ in range(3)
+    ]
+    assert codes == [200, 200, 429]
 
 
 def test_redis_restart_mid_stream_cuts_no_live_stream(replica_set: ReplicaSet) -> None:

@@ -96,6 +96,8 @@ class Replica:
         self._mirrors: dict[str, StreamMirror] = {}
         self._feed = MirrorFeed(self.link)
         self._tasks: list[asyncio.Task[None]] = []
+        #: Cancels heard for this replica's streams, while it checks it still owns them.
+        self._cancelling: set[asyncio.Task[None]] = set()
         client = self.link.client
         self._lease = client.register_script(_LEASE)
         self._claim = client.register_script(_CLAIM)
@@ -174,6 +176,9 @@ class Replica:
     def ended(self, stream: Stream) -> None:
         if stream.resumable:
             self.writer.touched(stream.id)
+        if self.admission is not None:
+            # The other replicas count this one's streams from Redis: not a second late.
+            self.admission.publish_soon()
 
     # -- streams of any replica ----------------------------------------------------------
 
@@ -255,7 +260,25 @@ class Replica:
     def _cancel_here(self, stream_id: str) -> None:
         assert self._state is not None
         with contextlib.suppress(StreamNotFoundError, StreamGoneError):
-            self._state.streams.get(stream_id).cancel()
+            stream = self._state.streams.get(stream_id)
+            if isinstance(stream, Stream) and not stream.finished:
+                task = asyncio.create_task(self._cancel_if_mine(stream))
+                self._cancelling.add(task)
+                task.add_done_callback(self._cancelling.discard)
+            else:
+                stream.cancel()
+
+    async def _cancel_if_mine(self, stream: Stream) -> None:
+        """A cancel heard for a stream generated here: unless another replica took it over
+        meanwhile (this one was stopped, with the cancel waiting), whose end it then is."""
+        try:
+            owner = await self.link.client.hget(rk.meta(stream.id), "replica")
+        except LOST:
+            owner = None  # Redis is gone: the cancel is for this replica's stream, then
+        if owner is not None and owner.decode() != self.id:
+            stream.moved_away()
+        else:
+            stream.cancel()
 
     # -- the lease and takeovers ---------------------------------------------------------
 

@@ -61,20 +61,20 @@ if waiting >= tonumber(ARGV[5]) then return {2, waiting, 2} end
 if #KEYS == 3 then
   local mine, most = tonumber(ARGV[6]), tonumber(ARGV[7])
   local rpm, tpm, prompt = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-  local n = tonumber(ARGV[11])
   local open = others(KEYS[3], 's:') + mine
   if most >= 0 and open > most then return {3, open - 1, 1} end
   local b = redis.call('HMGET', KEYS[3], 'rl', 'rt', 'tl', 'tt')
   local rl, tl
   if rpm >= 0 then
+    -- One request, whatever its n (n streams count against the streams limit instead).
     rl = refill(b[1], b[2], rpm)
-    if rl < n then return {4, 0, math.max(1, math.ceil((n - rl) * 60 / rpm))} end
+    if rl < 1 then return {4, 0, math.max(1, math.ceil((1 - rl) * 60 / rpm))} end
   end
   if tpm >= 0 then
     tl = refill(b[3], b[4], tpm)
     if tl <= 0 then return {5, 0, math.max(1, math.ceil((1 - tl) * 60 / tpm))} end
   end
-  if rl then redis.call('HSET', KEYS[3], 'rl', tostring(rl - n), 'rt', tostring(now)) end
+  if rl then redis.call('HSET', KEYS[3], 'rl', tostring(rl - 1), 'rt', tostring(now)) end
   if tl then redis.call('HSET', KEYS[3], 'tl', tostring(tl - prompt), 'tt', tostring(now)) end
   redis.call('HSET', KEYS[3], 's:' .. me, mine)
 end
@@ -115,10 +115,12 @@ class SharedAdmission:
         self._charges: Tally[str] = Tally()
         self._script = link.client.register_script(_ADMIT)
         self._publishing: asyncio.Task[None] | None = None
+        #: The counts changed since the last publish began.
+        self._dirty = False
 
     async def admit(self, key: ApiKey | None, prompt_tokens: int, n: int = 1) -> None:
-        """Count ``n`` new streams (and ``key``'s: ``n`` requests, the prompt's tokens
-        once), or raise 429 (``OverloadedError``, or ``RateLimitError`` for the key's own
+        """Count ``n`` new streams (and ``key``'s: ``n`` streams, one request, the prompt's
+        tokens once), or raise 429 (``OverloadedError``, or ``RateLimitError`` for the key's own
         limits) with nothing counted; 503 without Redis."""
         self._reserved += n
         keys = [rk.REPLICAS, rk.ADMISSION]
@@ -129,7 +131,7 @@ class SharedAdmission:
             keys.append(rk.key(key.name))
             args += [str(self._keys[key.name]), _limit(key.max_concurrent_streams)]
             args += [_limit(key.requests_per_minute), _limit(key.tokens_per_minute)]
-            args += [str(prompt_tokens), str(n)]
+            args.append(str(prompt_tokens))
         try:
             code, count, retry = await self._link.call(lambda: self._script(keys=keys, args=args))
         except BaseException:
@@ -156,8 +158,16 @@ class SharedAdmission:
         self.publish_soon()
 
     def publish_soon(self) -> None:
+        """Publish the counts now, and again after a publish already under way (which may
+        have read them before this change)."""
+        self._dirty = True
         if self._publishing is None or self._publishing.done():
-            self._publishing = asyncio.create_task(self.publish())
+            self._publishing = asyncio.create_task(self._publish_while_dirty())
+
+    async def _publish_while_dirty(self) -> None:
+        while self._dirty:
+            self._dirty = False
+            await self.publish()
 
     async def publish(self) -> None:
         """Send this replica's counts (also after Redis came back empty)."""

@@ -351,7 +351,12 @@ class StreamWriter:
                 # Redis lost it (restarted empty): write it again from the start.
                 t.opened, t.persisted = False, 0
             elif owner.decode() != self._replica:
+                # Taken over while this replica was cut off: it goes on there only.
+                logger.warning(
+                    "stream %s: taken over by another replica; stopped here", t.stream.id
+                )
                 self.untrack(t.stream.id)
+                t.stream.moved_away()
                 continue
             else:
                 t.persisted = rk.entry_end(last[0][0])[0] if last else 0

@@ -210,7 +210,11 @@ class Stream:
                 "--resumable)"
             )
         # A copy of another replica's stream may lag behind what its client was sent, but
-        # once it has ended its length is the stream's own.
+        # once it has ended its length is the stream's own; unless it was cut short
+        # (cancelled, failed) after the owner that sent that client more had died: the
+        # client then gets the end.
+        if start > self.length and self.positions_ahead and self._ended_short():
+            start = self.length
         if start > self.length and (self.finished or not self.positions_ahead):
             raise InvalidRequestError(
                 f"stream {self.id} is at position {self.length} (tokens so far); cannot resume "
@@ -225,6 +229,10 @@ class Stream:
             self._grace = None
         self._advanced()
         return cursor
+
+    def _ended_short(self) -> bool:
+        end = self.end
+        return end is not None and (end.finish_reason == "cancelled" or end.error is not None)
 
     @property
     def readers(self) -> int:
