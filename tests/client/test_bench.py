@@ -147,6 +147,15 @@ def test_an_output_into_no_folder_is_refused_before_the_run(tmp_path: Path) -> N
         assert run.returncode == 2 and "no folder" in run.stderr, run.stderr
 
 
+def test_settings_that_cannot_hold_are_refused_before_the_run() -> None:
+    # The seed endpoint has no ignore_eos: it was left out of the requests, and the --json
+    # said it was on. NaN requests per second passed the "> 0" check.
+    url = "http://127.0.0.1:9"
+    for args in (("--endpoint", "seed", "--ignore-eos"), ("--request-rate", "nan")):
+        run = bench("--url", url, *args)
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+
+
 def test_a_stream_closed_before_done_is_a_failure() -> None:
     # A proxy that closed the stream cleanly after one chunk: not a completed request.
     from tests.client.test_client import answering

@@ -6,13 +6,16 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import httpx
 import pytest
 
 from tests.conftest import RunningServer
 from tokenspout.client import AsyncClient, Client, StreamError
+from tokenspout.client import client as client_module
+from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 
 def test_sync_client_streams_and_times(synthetic_server: RunningServer) -> None:
@@ -160,8 +163,8 @@ def test_complete_command_reports_a_refused_connection_in_one_line() -> None:
 @contextmanager
 def cutting_proxy(port: int, events: int) -> Iterator[str]:
     """A fault injector in front of the server at ``port`` (its URL): the first connection is
-    closed in the middle of its response, right after ``events`` SSE events; later ones
-    pass whole."""
+    closed in the middle of its response, right after ``events`` SSE events (0: right after
+    the response's head); later ones pass whole."""
     listener = socket.create_server(("127.0.0.1", 0))
     threads: list[threading.Thread] = []
 
@@ -169,7 +172,12 @@ def cutting_proxy(port: int, events: int) -> Iterator[str]:
         seen = 0
         with src, dst:
             while data := src.recv(65536):
-                if cut_after is not None:
+                if cut_after == 0 and (head := data.find(b"\r\n\r\n")) >= 0:
+                    dst.sendall(data[: head + 4])  # the response's head alone
+                    for sock in (src, dst):
+                        sock.shutdown(socket.SHUT_RDWR)
+                    return
+                if cut_after:
                     # Each event ends in one blank line ("\n\n"; chunked framing and the
                     # head's "\r\n\r\n" hold none): forward up to the last allowed one.
                     at = -1
@@ -237,13 +245,88 @@ async def test_a_cut_resumable_stream_is_resumed_where_it_was(
 def test_a_cut_stream_is_a_stream_error_when_it_cannot_be_resumed(
     synthetic_server: RunningServer,
 ) -> None:
-    # Not resumable: the server refuses the resume, and the cut is reported with why.
+    # Not resumable: the server refuses the resume, and the cut is reported with why (not
+    # as a 404 of the request, and not counted as a resume).
     with cutting_proxy(_port(synthetic_server), events=4) as url, Client(url) as client:
         stream = client.stream_chat("one two", max_tokens=40, stream_options={"flush_tokens": 1})
-        with pytest.raises(StreamError, match=r"connection failed.*resuming it was refused"):
+        with pytest.raises(StreamError, match=r"connection failed.*could not be resumed") as info:
             list(stream)
+    assert info.value.status_code is None
     assert stream.result.text and stream.result.finish_reason is None
+    assert stream.result.resumes == 0
     resumable = {"max_tokens": 40, "stream_options": {"resumable": True, "flush_tokens": 1}}
     with cutting_proxy(_port(synthetic_server), events=4) as url:
-        with Client(url, resumes=0) as client, pytest.raises(StreamError, match="after 0 resumes"):
+        with Client(url, resumes=0) as client, pytest.raises(StreamError, match="after 0 tries"):
             client.chat("one two", **resumable)
+
+
+def test_a_stream_cut_before_its_first_event_is_resumed_from_the_start(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # Cut while the request waits for its first token: no event id yet, but the stream's
+    # id came with the headers and nothing was read, so it is read again from the start.
+    server = start_server(SyntheticEngine(ttft_ms=200, itl_ms=2))
+    params = {"max_tokens": 6, "stream_options": {"resumable": True, "flush_tokens": 1}}
+    with cutting_proxy(_port(server), events=0) as url, Client(url) as client:
+        stream = client.stream_completion("x y", **params)
+        text = "".join(stream)
+    assert text == "x y x y x y " and stream.result.resumes == 1
+
+
+def test_errors_name_their_cause_and_a_stream_is_iterated_once(
+    synthetic_server: RunningServer,
+) -> None:
+    assert str(client_module._cut(httpx.ReadTimeout(""))) == "the connection failed: ReadTimeout"
+    with Client(synthetic_server.url) as client:
+        stream = client.stream_chat("a", max_tokens=2)
+        assert "".join(stream) == "a a "
+        with pytest.raises(RuntimeError, match="iterated once"):
+            list(stream)
+
+
+def test_a_resume_a_balancer_turns_away_for_now_is_tried_again() -> None:
+    # 503 while a replica dies behind the balancer: tried again, like a dropped connection.
+    first = b'id: s:1\ndata: {"choices":[{"index":0,"delta":{"content":"half "}}]}\n\n'
+    rest = (
+        b'id: s:2\ndata: {"choices":[{"index":0,"delta":{"content":"whole"},'
+        b'"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+    )
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-stream-id: s\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(first) + first,
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b'connection: close\r\ncontent-length: 26\r\n\r\n{"error":{"message":"no"}}',
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n" % len(rest) + rest,
+    ]
+    with answering_each(answers) as (url, requests), Client(url) as client:
+        stream = client.stream_chat("x")
+        assert "".join(stream) == "half whole"
+    assert stream.result.resumes == 1
+    assert [r.split(b" ", 2)[:2] for r in requests] == [
+        [b"POST", b"/v1/chat/completions"], [b"GET", b"/v1/streams/s"], [b"GET", b"/v1/streams/s"]
+    ]  # fmt: skip
+    assert b"last-event-id: s:1" in requests[2].lower()
+
+
+@contextmanager
+def answering_each(answers: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
+    """A fault injector: a server (its URL) that answers its n-th connection with
+    ``answers[n]`` as given (head and body), then closes; the requests' heads it read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heads: list[bytes] = []
+
+    def serve() -> None:
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                heads.append(conn.recv(65536))
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", heads
+    finally:
+        thread.join(10)
+        listener.close()

@@ -73,8 +73,11 @@ class BenchConfig:
         object.__setattr__(self, "protocol", BenchProtocol(self.protocol))
         if self.num_prompts < 1 or self.max_tokens < 1:
             raise ValueError("num_prompts and max_tokens must be >= 1")
-        if self.request_rate <= 0:
+        if not self.request_rate > 0:  # NaN too
             raise ValueError("request_rate must be > 0 (inf: all at once)")
+        if self.ignore_eos and self.endpoint is BenchEndpoint.seed:
+            # Not sent quietly without it: "exactly max_tokens" would not hold.
+            raise ValueError("ignore_eos: the seed endpoint has no such field")
         if self.protocol is BenchProtocol.ws and self.endpoint is BenchEndpoint.seed:
             raise ValueError("the seed endpoint is HTTP only: use --protocol sse or ndjson")
         server_root(self.url)  # ValueError for a URL that cannot be used

@@ -64,7 +64,7 @@ def _error_from(response: httpx.Response, body: bytes) -> StreamError:
 
 
 def _cut(exc: httpx.TransportError) -> StreamError:
-    err = StreamError(f"the connection failed: {exc or type(exc).__name__}")
+    err = StreamError(f"the connection failed: {str(exc) or type(exc).__name__}")
     err.__cause__ = exc
     return err
 
@@ -77,34 +77,46 @@ def _cut_short(result: StreamResult) -> StreamError | None:
     return StreamError(f"the stream ended before [DONE] after {len(result.text)} characters")
 
 
-class _Attempts:
-    """The requests of one stream: the first, then, after a cut, a resume from the last
-    event id it saw (``GET /v1/streams/{id}`` with ``Last-Event-ID``, through any replica),
-    while resumes are left. Only a resumable stream sends ids, so only it is resumed."""
+#: Answers to a resume that a balancer gives while a replica dies or is busy: tried again.
+_PASSING = frozenset({429, 502, 503, 504})
 
-    def __init__(self, path: str, body: dict[str, Any], resumes: int):
-        self._path, self._body, self._resumes = path, body, resumes
+
+class _Attempts:
+    """The requests of one stream: the first, then, after a cut, resumes (``GET
+    /v1/streams/{id}``, through any replica) from the last event id it saw, or from the
+    start when the cut came before any event, while tries are left. A stream that is not
+    resumable (or no longer held) refuses the resume, and the cut is reported with why."""
+
+    def __init__(self, path: str, body: dict[str, Any], tries: int):
+        self._path, self._body, self._tries = path, body, tries
         self.result = StreamResult()
         self.last_id: str | None = None
+        #: What cut the stream last; None until then (the first request is not a resume).
         self._cut: StreamError | None = None
+        self._tried = 0
 
     def request(self) -> tuple[str, str, dict[str, Any]]:
         """Method, path and httpx arguments of the next request."""
-        if self.last_id is None:
+        if self._cut is None:
             return "POST", self._path, {"json": self._body}
-        stream_id = self.result.stream_id
-        return "GET", f"/v1/streams/{stream_id}", {"headers": {"Last-Event-ID": self.last_id}}
+        headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+        return "GET", f"/v1/streams/{self.result.stream_id}", {"headers": headers}
 
-    def refused(self, err: StreamError) -> StreamError:
-        """The error of a refused request; for a resume (a stream that was not resumable,
-        or has expired), it says what was cut first."""
+    def refused(self, err: StreamError) -> StreamError | None:
+        """For an answer of 400 or more: the error to raise, or None for a resume that a
+        balancer turned away for now (tried again, as a cut)."""
         if self._cut is None:
             return err
-        message = f"{self._cut}; resuming it was refused: {err}"
-        return StreamError(message, status_code=err.status_code, body=err.body)
+        if err.status_code in _PASSING:
+            return None
+        # Not the request's own refusal: the cut is what happened, the refusal says why
+        # there is no more (not resumable, expired).
+        return StreamError(f"{self._cut}; it could not be resumed: {err}", body=err.body)
 
     def opened(self, response: httpx.Response) -> None:
         self.result.stream_id = self.result.stream_id or response.headers.get("x-stream-id")
+        if self._cut is not None:
+            self.result.resumes += 1
 
     def read(self, event_id: str, data: str) -> str:
         """One event's text delta; its id (httpx-sse keeps the last one) is where a resume
@@ -116,25 +128,28 @@ class _Attempts:
 
     def cut(self, err: StreamError) -> float:
         """Raise ``err`` unless the stream can go on; else the seconds to wait first: none
-        for the first resume (a dropped connection), then a short backoff."""
-        if self.last_id is None or self.result.stream_id is None:
+        for the first try (a dropped connection), then a short backoff."""
+        resumable_from = self.last_id is not None or self.result.events == 0
+        if self.result.stream_id is None or not resumable_from:
             raise err
-        if self.result.resumes >= self._resumes:
-            raise StreamError(f"{err} (after {self.result.resumes} resumes)") from err
-        self.result.resumes += 1
+        if self._tried >= self._tries:
+            raise StreamError(f"{err} (after {self._tried} tries to resume it)") from err
+        self._tried += 1
         self._cut = err
-        return 0.0 if self.result.resumes == 1 else min(0.25 * 2 ** (self.result.resumes - 2), 4.0)
+        return 0.0 if self._tried == 1 else min(0.25 * 2 ** (self._tried - 2), 4.0)
 
 
 class SyncStream:
-    """Iterate for text deltas; ``result`` fills in as the stream goes. A resumable stream
-    that is cut goes on from where it was (``resumes`` times at most)."""
+    """Iterate once for text deltas; ``result`` fills in as the stream goes. A resumable
+    stream that is cut goes on from where it was (``resumes`` tries at most)."""
 
     def __init__(self, client: httpx.Client, path: str, body: dict[str, Any], resumes: int):
         self._client, self._path, self._body, self._resumes = client, path, body, resumes
         self.result = StreamResult()
+        self._iterated = False
 
     def __iter__(self) -> Iterator[str]:
+        _once(self)
         attempts = _Attempts(self._path, self._body, self._resumes)
         self.result = attempts.result
         while True:
@@ -143,15 +158,21 @@ class SyncStream:
                 with connect_sse(self._client, method, path, **kwargs) as source:
                     response = source.response
                     if response.status_code >= 400:
-                        raise attempts.refused(_error_from(response, response.read()))
-                    attempts.opened(response)
-                    for event in source.iter_sse():
-                        delta = attempts.read(event.id, event.data)
-                        if delta:
-                            yield delta
-                cut = _cut_short(self.result)
-                if cut is None:
-                    return
+                        err = _error_from(response, response.read())
+                        refusal = attempts.refused(err)
+                        if refusal is not None:
+                            raise refusal
+                        cut = err
+                    else:
+                        attempts.opened(response)
+                        for event in source.iter_sse():
+                            delta = attempts.read(event.id, event.data)
+                            if delta:
+                                yield delta
+                        short = _cut_short(self.result)
+                        if short is None:
+                            return
+                        cut = short
             except httpx.TransportError as exc:
                 cut = _cut(exc)
             time.sleep(attempts.cut(cut))
@@ -163,8 +184,10 @@ class AsyncStream:
     def __init__(self, client: httpx.AsyncClient, path: str, body: dict[str, Any], resumes: int):
         self._client, self._path, self._body, self._resumes = client, path, body, resumes
         self.result = StreamResult()
+        self._iterated = False
 
     async def __aiter__(self) -> AsyncIterator[str]:
+        _once(self)
         attempts = _Attempts(self._path, self._body, self._resumes)
         self.result = attempts.result
         while True:
@@ -173,18 +196,31 @@ class AsyncStream:
                 async with aconnect_sse(self._client, method, path, **kwargs) as source:
                     response = source.response
                     if response.status_code >= 400:
-                        raise attempts.refused(_error_from(response, await response.aread()))
-                    attempts.opened(response)
-                    async for event in source.aiter_sse():
-                        delta = attempts.read(event.id, event.data)
-                        if delta:
-                            yield delta
-                cut = _cut_short(self.result)
-                if cut is None:
-                    return
+                        err = _error_from(response, await response.aread())
+                        refusal = attempts.refused(err)
+                        if refusal is not None:
+                            raise refusal
+                        cut = err
+                    else:
+                        attempts.opened(response)
+                        async for event in source.aiter_sse():
+                            delta = attempts.read(event.id, event.data)
+                            if delta:
+                                yield delta
+                        short = _cut_short(self.result)
+                        if short is None:
+                            return
+                        cut = short
             except httpx.TransportError as exc:
                 cut = _cut(exc)
             await asyncio.sleep(attempts.cut(cut))
+
+
+def _once(stream: SyncStream | AsyncStream) -> None:
+    """A stream is one request: iterating it again would generate another answer."""
+    if stream._iterated:
+        raise RuntimeError("a stream is iterated once; call stream_chat again for a new answer")
+    stream._iterated = True
 
 
 def _headers(api_key: str | None) -> dict[str, str]:
