@@ -36,6 +36,14 @@ def chat_body(max_tokens: int, **options: object) -> dict:  # type: ignore[type-
     }
 
 
+def one_key(tmp_path: Path, name: str, **limits: int) -> tuple[Path, dict[str, str]]:
+    """A keys file with the key ``sk-<name>`` (and ``limits``), and its request header."""
+    keys = tmp_path / "keys.toml"
+    lines = [f'name = "{name}"', f'key = "sk-{name}"', *(f"{k} = {v}" for k, v in limits.items())]
+    keys.write_text("[[keys]]\n" + "\n".join(lines) + "\n")
+    return keys, {"Authorization": f"Bearer sk-{name}"}
+
+
 def whole_text(url: str, max_tokens: int) -> str:
     body = {
         "messages": [{"role": "user", "content": PROMPT}],
@@ -233,11 +241,9 @@ def test_a_reader_on_another_replica_keeps_the_stream_past_the_owners_grace(
 def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
     replica_set: ReplicaSet, tmp_path: Path
 ) -> None:
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[[keys]]\nname = "alice"\nkey = "sk-alice"\n')
+    keys, alice = one_key(tmp_path, "alice")
     args = ("--synthetic-itl-ms", "10", "--resume-grace-s", "0.5", "--api-keys-file", str(keys))
     a, b = replica_set.start_many(2, *args)
-    alice = {"Authorization": "Bearer sk-alice"}
     with httpx.stream(
         "POST", f"{a.url}/v1/chat/completions", json=chat_body(4000), headers=alice
     ) as r:
@@ -366,10 +372,8 @@ def test_a_request_with_n_choices_is_one_request_of_a_keys_minute_limit(
     replica_set: ReplicaSet, tmp_path: Path
 ) -> None:
     # As on one process (README): n streams, one request. With Redis it took n requests.
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[[keys]]\nname = "carol"\nkey = "sk-carol"\nrequests_per_minute = 2\n')
+    keys, carol = one_key(tmp_path, "carol", requests_per_minute=2)
     replica = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
-    carol = {"Authorization": "Bearer sk-carol"}
     body = {"prompt": "x", "max_tokens": 2, "n": 3}
     codes = [
         httpx.post(f"{replica.url}/v1/completions", json=body, headers=carol).status_code
@@ -480,9 +484,7 @@ def test_a_token_limit_added_to_a_key_that_has_been_used_admits_it(
 ) -> None:
     # Completion tokens are charged to every key's bucket level, limited or not, with no
     # refill time: a limit added later made every request of the key a 500 (Lua: nil).
-    keys = tmp_path / "keys.toml"
-    keys.write_text('[[keys]]\nname = "carol"\nkey = "sk-carol"\n')
-    carol = {"Authorization": "Bearer sk-carol"}
+    keys, carol = one_key(tmp_path, "carol")
     first = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
     body = {"messages": [{"role": "user", "content": "a b"}], "max_tokens": 20}
     assert httpx.post(f"{first.url}/v1/chat/completions", json=body, headers=carol).is_success
@@ -490,7 +492,7 @@ def test_a_token_limit_added_to_a_key_that_has_been_used_admits_it(
     while not replica_set.redis.cli("HGET", "tokenspout:k:carol", "tl"):
         assert time.monotonic() < deadline, "the completion was never charged"
         time.sleep(0.05)
-    keys.write_text(keys.read_text() + "tokens_per_minute = 1000\n")
+    one_key(tmp_path, "carol", tokens_per_minute=1000)
     second = replica_set.start("--synthetic-itl-ms", "1", "--api-keys-file", str(keys))
     answer = httpx.post(f"{second.url}/v1/chat/completions", json=body, headers=carol)
     assert answer.status_code == 200, answer.text

@@ -27,23 +27,26 @@ def chat_requests(page) -> list[list[dict]]:  # type: ignore[no-untyped-def]
     return sent
 
 
+def say(page, prompt: str) -> str:  # type: ignore[no-untyped-def]
+    """Send ``prompt`` as the user and wait for the answer; the answer's status line."""
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    page.wait_for_selector("#send:not([disabled])")
+    return page.locator('[data-kind="streamed"] .status').last.text_content() or ""
+
+
 def test_history_regenerate_and_new_conversation(start_server, browser) -> None:  # type: ignore[no-untyped-def]
     server = start_server(SyntheticEngine(itl_ms=2))
     context = browser.new_context()
     page = context.new_page()
     sent = chat_requests(page)
 
-    def say(prompt: str) -> None:
-        page.fill("#prompt", prompt)
-        page.press("#prompt", "Enter")
-        page.wait_for_selector("#send:not([disabled])")
-
     try:
         page.goto(server.url)
         page.fill("#max-tokens", "3")
         assert page.locator("#regenerate").is_disabled()
-        say("alpha")
-        say("beta gamma")
+        say(page, "alpha")
+        say(page, "beta gamma")
         first_answer = "alpha alpha alpha "
         assert sent[0] == [{"role": "user", "content": "alpha"}]
         assert sent[1] == [
@@ -70,7 +73,7 @@ def test_history_regenerate_and_new_conversation(start_server, browser) -> None:
         page.click("#new-conversation")
         assert page.locator(".turn").count() == 0
         assert page.evaluate("sessionStorage.getItem('tokenspout.conversation')") is None
-        say("delta")
+        say(page, "delta")
         assert sent[3] == [{"role": "user", "content": "delta"}]
         # Another tab has its own conversation.
         other = context.new_page()
@@ -87,21 +90,15 @@ def test_a_turn_without_an_answer_is_not_kept_or_resent(start_server, browser) -
     page = browser.new_page()
     sent = chat_requests(page)
 
-    def say(prompt: str) -> str:
-        page.fill("#prompt", prompt)
-        page.press("#prompt", "Enter")
-        page.wait_for_selector("#send:not([disabled])")
-        return page.locator('[data-kind="streamed"] .status').last.text_content() or ""
-
     try:
         page.goto(server.url)
         page.fill("#max-tokens", "3")
-        assert "error" in say("first question")  # no key yet: 401
+        assert "error" in say(page, "first question")  # no key yet: 401
         page.fill("#api-key", "sk-page")
         page.dispatch_event("#api-key", "change")
-        assert "error" not in say("second question")
+        assert "error" not in say(page, "second question")
         assert sent[-1] == [{"role": "user", "content": "second question"}]
-        assert "larger than 4096 bytes" in say("x" * 5000)
+        assert "larger than 4096 bytes" in say(page, "x" * 5000)
         # Regenerate asks the last answered question again; the unanswered turn goes too.
         page.click("#regenerate")
         page.wait_for_selector("#send:not([disabled])")
@@ -112,7 +109,7 @@ def test_a_turn_without_an_answer_is_not_kept_or_resent(start_server, browser) -
         ]
         page.reload()
         page.fill("#max-tokens", "3")
-        assert "error" not in say("third")
+        assert "error" not in say(page, "third")
         assert [m["content"] for m in sent[-1] if m["role"] == "user"] == [
             "second question",
             "third",
