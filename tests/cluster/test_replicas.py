@@ -270,56 +270,46 @@ def test_a_taken_over_stream_nobody_reads_ends_after_the_grace_period(
     assert dead not in replica_set.redis.cli("HKEYS", "tokenspout:k:alice").split()
 
 
-def test_a_replica_stopped_past_its_lease_stops_generating_what_was_taken_over(
-    replica_set: ReplicaSet,
+@pytest.mark.parametrize("fault", ["sigstop", "cut_off"])
+def test_a_replica_back_after_its_lease_stops_what_was_taken_over(
+    replica_set: ReplicaSet, redis_cutter: RedisCutter, fault: str
 ) -> None:
-    """SIGSTOP the owner until another replica takes its stream over, then SIGCONT: the
-    owner must not go on generating a second text of the stream for its own client. Its
-    client's connection is cut; the client resumes (through the owner, which now reads the
-    stream from Redis) and gets the one text there is."""
-    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10")
-    expected = whole_text(a.url, 400)
+    """The owner stopped (SIGSTOP), or cut off from Redis while it runs on, until another
+    replica takes its stream over; then back. It must not go on with a second text for its
+    own client: it stops generating (learning it at its next write, or when it asks Redis
+    where its streams stand) and cuts its client's connection; the client resumes (through
+    the owner, which now reads the stream from Redis) and gets the one text there is."""
+    cut_off = fault == "cut_off"
+    a = replica_set.start(
+        "--synthetic-itl-ms", "10", *(("--redis-url", redis_cutter.url) * cut_off)
+    )
+    b = replica_set.start("--synthetic-itl-ms", "10")
+    if cut_off:
+        away, back = redis_cutter.cut, redis_cutter.restore
+    else:
+        away = lambda: os.kill(a.proc.pid, signal.SIGSTOP)  # noqa: E731
+        back = lambda: os.kill(a.proc.pid, signal.SIGCONT)  # noqa: E731
+    # Cut off, the owner generates on meanwhile: it must not be done by then.
+    max_tokens = 1500 if cut_off else 400
+    expected = whole_text(b.url, max_tokens)
     options = {"resumable": True, "flush_tokens": 1}
     with Client(a.url) as client:
-        stream = client.stream_chat(PROMPT, max_tokens=400, temperature=0, stream_options=options)
+        stream = client.stream_chat(
+            PROMPT, max_tokens=max_tokens, temperature=0, stream_options=options
+        )
         deltas = []
         for delta in stream:
             deltas.append(delta)
             if len(deltas) == 20:
-                os.kill(a.proc.pid, signal.SIGSTOP)
+                away()
                 try:
                     b.wait_metric("tokenspout_stream_takeovers_total", 1)
                 finally:
-                    os.kill(a.proc.pid, signal.SIGCONT)
+                    back()
     assert "".join(deltas) == stream.result.text == expected
     assert stream.result.resumes == 1 and stream.result.finish_reason == "length"
     assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
     assert a.metric("tokenspout_requests_running") == 0
-
-
-def test_a_replica_cut_off_from_redis_past_its_lease_stops_what_was_taken_over(
-    replica_set: ReplicaSet, redis_cutter: RedisCutter
-) -> None:
-    """As with SIGSTOP, but the owner runs on while cut off: when Redis answers again it
-    learns (resync) that its stream was taken over, stops it, and cuts its client."""
-    a = replica_set.start("--synthetic-itl-ms", "10", "--redis-url", redis_cutter.url)
-    b = replica_set.start("--synthetic-itl-ms", "10")
-    expected = whole_text(b.url, 1500)
-    options = {"resumable": True, "flush_tokens": 1}
-    with Client(a.url) as client:
-        stream = client.stream_chat(PROMPT, max_tokens=1500, temperature=0, stream_options=options)
-        deltas = []
-        for delta in stream:
-            deltas.append(delta)
-            if len(deltas) == 20:
-                redis_cutter.cut()
-                try:
-                    b.wait_metric("tokenspout_stream_takeovers_total", 1)
-                finally:
-                    redis_cutter.restore()
-    assert "".join(deltas) == stream.result.text == expected
-    assert stream.result.resumes == 1 and stream.result.finish_reason == "length"
-    assert a.metric("tokenspout_requests_aborted_total", 'reason="moved"') == 1
 
 
 def test_a_cancel_waiting_on_a_stopped_owner_ends_the_stream_where_it_was_taken_over(
