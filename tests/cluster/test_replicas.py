@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -34,6 +34,22 @@ def chat_body(max_tokens: int, **options: object) -> dict:  # type: ignore[type-
         "stream": True,
         "stream_options": {"resumable": True, "flush_tokens": 1, **options},
     }
+
+
+def read_until_cut(
+    events: Iterator[tuple[str | None, str]], parts: list[str], last_id: str | None
+) -> tuple[str | None, bool]:
+    """Read the rest of a response's events into ``parts`` until its connection ends; the
+    last event id, and whether ``[DONE]`` came."""
+    done = False
+    try:
+        for event_id, data in events:
+            done = data == "[DONE]"
+            parts.append(chat_text(data))
+            last_id = event_id or last_id
+    except httpx.HTTPError:
+        pass  # cut
+    return last_id, done
 
 
 def one_key(tmp_path: Path, name: str, **limits: int) -> tuple[Path, dict[str, str]]:
@@ -180,14 +196,7 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
         owner = replica_set.owner(stream_id)
         kill(owner)
         # What the dead replica had already sent is read too: the client keeps it.
-        done = False
-        try:
-            for event_id, data in events:
-                done = data == "[DONE]"
-                parts.append(chat_text(data))
-                last_id = event_id or last_id
-        except httpx.HTTPError:
-            pass
+        last_id, done = read_until_cut(events, parts, last_id)
     assert not done  # the connection was cut before the end
     resume_to_end(url, stream_id, last_id, parts)
     assert "".join(parts) == expected
@@ -321,7 +330,6 @@ def test_a_cancel_waiting_on_a_stopped_owner_ends_the_stream_where_it_was_taken_
     a, b = replica_set.start_many(2, "--synthetic-itl-ms", "10")
     parts: list[str] = []
     last_id = None
-    done = False
     with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(1500)) as r:
         stream_id = r.headers["x-stream-id"]
         events = sse_events(r.iter_lines())
@@ -334,14 +342,8 @@ def test_a_cancel_waiting_on_a_stopped_owner_ends_the_stream_where_it_was_taken_
             b.wait_metric("tokenspout_stream_takeovers_total", 1)
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
-        try:
-            for event_id, data in events:
-                done = data == "[DONE]"
-                parts.append(chat_text(data))
-                last_id = event_id or last_id
-        except httpx.HTTPError:
-            pass  # cut: the stream's end is elsewhere
-    assert not done  # A did not end its own copy
+        last_id, done = read_until_cut(events, parts, last_id)
+    assert not done  # A did not end its own copy: the stream's end is elsewhere
     # The rest, from the one end: B ended the stream where Redis had it (A may have sent
     # its client a few tokens more, which that client keeps).
     ending: list[str] = []
