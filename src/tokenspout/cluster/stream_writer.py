@@ -322,14 +322,17 @@ class StreamWriter:
                     self.metrics.gone.inc()
                     logger.warning("stream %s: not resumable any more (text lost)", stream_id)
             elif result == "0":
-                # Another replica took it over (this one was cut off from Redis, or stopped,
-                # longer than its lease): it goes on there, and only there.
-                logger.warning("stream %s: taken over by another replica; stopped here", stream_id)
-                self.untrack(stream_id)
-                tracked.stream.moved_away()
+                self._taken_over(tracked.stream)
             else:
                 logger.warning("stream %s: not written to Redis (position taken)", stream_id)
                 self.untrack(stream_id)
+
+    def _taken_over(self, stream: Stream) -> None:
+        """Another replica took the stream over (this one was cut off from Redis, or
+        stopped, longer than its lease): it goes on there, and only there."""
+        logger.warning("stream %s: taken over by another replica; stopped here", stream.id)
+        self.untrack(stream.id)
+        stream.moved_away()
 
     async def resync(self) -> None:
         """Redis answers again: find where each stream stands there, and write the rest."""
@@ -351,12 +354,7 @@ class StreamWriter:
                 # Redis lost it (restarted empty): write it again from the start.
                 t.opened, t.persisted = False, 0
             elif owner.decode() != self._replica:
-                # Taken over while this replica was cut off: it goes on there only.
-                logger.warning(
-                    "stream %s: taken over by another replica; stopped here", t.stream.id
-                )
-                self.untrack(t.stream.id)
-                t.stream.moved_away()
+                self._taken_over(t.stream)
                 continue
             else:
                 t.persisted = rk.entry_end(last[0][0])[0] if last else 0

@@ -142,6 +142,7 @@ class Stream:
         #: Whether readers on other replicas follow this stream (``cluster``): asked when
         #: the grace period ends, which then starts again rather than cut them off.
         self._read_elsewhere = read_elsewhere
+        #: That question while it is asked (held: the loop keeps only weak references).
         self._grace_check: asyncio.Task[None] | None = None
         #: Tokens produced so far, and the cursors waiting for a token count (or a change).
         self._tokens = 0
