@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -169,28 +170,33 @@ def cutting_proxy(port: int, events: int) -> Iterator[str]:
     threads: list[threading.Thread] = []
 
     def pipe(src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
+        # The other direction's thread closes these sockets when its side ends: this one's
+        # recv() or send() then fails, and the connection is over for it too.
+        with src, dst, contextlib.suppress(OSError):
+            relay(src, dst, cut_after)
+
+    def relay(src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
         seen = 0
-        with src, dst:
-            while data := src.recv(65536):
-                if cut_after == 0 and (head := data.find(b"\r\n\r\n")) >= 0:
-                    dst.sendall(data[: head + 4])  # the response's head alone
+        while data := src.recv(65536):
+            if cut_after == 0 and (head := data.find(b"\r\n\r\n")) >= 0:
+                dst.sendall(data[: head + 4])  # the response's head alone
+                for sock in (src, dst):
+                    sock.shutdown(socket.SHUT_RDWR)
+                return
+            if cut_after:
+                # Each event ends in one blank line ("\n\n"; chunked framing and the head's
+                # "\r\n\r\n" hold none): forward up to the last allowed one.
+                at = -1
+                while seen < cut_after and (at := data.find(b"\n\n", at + 1)) >= 0:
+                    seen += 1
+                if seen >= cut_after:
+                    dst.sendall(data[: at + 2])
+                    # shutdown, not just close: the other direction's thread is in recv()
+                    # on these sockets, and a close would wait for it.
                     for sock in (src, dst):
                         sock.shutdown(socket.SHUT_RDWR)
                     return
-                if cut_after:
-                    # Each event ends in one blank line ("\n\n"; chunked framing and the
-                    # head's "\r\n\r\n" hold none): forward up to the last allowed one.
-                    at = -1
-                    while seen < cut_after and (at := data.find(b"\n\n", at + 1)) >= 0:
-                        seen += 1
-                    if seen >= cut_after:
-                        dst.sendall(data[: at + 2])
-                        # shutdown, not just close: the other direction's thread is in recv()
-                        # on these sockets, and a close would wait for it.
-                        for sock in (src, dst):
-                            sock.shutdown(socket.SHUT_RDWR)
-                        return
-                dst.sendall(data)
+            dst.sendall(data)
 
     def serve() -> None:
         first = True
