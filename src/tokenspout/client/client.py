@@ -102,16 +102,16 @@ class _Attempts:
         headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
         return "GET", f"/v1/streams/{self.result.stream_id}", {"headers": headers}
 
-    def refused(self, err: StreamError) -> StreamError | None:
-        """For an answer of 400 or more: the error to raise, or None for a resume that a
-        balancer turned away for now (tried again, as a cut)."""
+    def refused(self, err: StreamError) -> StreamError:
+        """An answer of 400 or more: raise its error, unless it is a resume that a balancer
+        turned away for now, returned as the cut to try again after."""
         if self._cut is None:
-            return err
+            raise err
         if err.status_code in _PASSING:
-            return None
+            return err
         # Not the request's own refusal: the cut is what happened, the refusal says why
         # there is no more (not resumable, expired).
-        return StreamError(f"{self._cut}; it could not be resumed: {err}", body=err.body)
+        raise StreamError(f"{self._cut}; it could not be resumed: {err}", body=err.body)
 
     def opened(self, response: httpx.Response) -> None:
         self.result.stream_id = self.result.stream_id or response.headers.get("x-stream-id")
@@ -158,11 +158,7 @@ class SyncStream:
                 with connect_sse(self._client, method, path, **kwargs) as source:
                     response = source.response
                     if response.status_code >= 400:
-                        err = _error_from(response, response.read())
-                        refusal = attempts.refused(err)
-                        if refusal is not None:
-                            raise refusal
-                        cut = err
+                        cut = attempts.refused(_error_from(response, response.read()))
                     else:
                         attempts.opened(response)
                         for event in source.iter_sse():
@@ -196,11 +192,7 @@ class AsyncStream:
                 async with aconnect_sse(self._client, method, path, **kwargs) as source:
                     response = source.response
                     if response.status_code >= 400:
-                        err = _error_from(response, await response.aread())
-                        refusal = attempts.refused(err)
-                        if refusal is not None:
-                            raise refusal
-                        cut = err
+                        cut = attempts.refused(_error_from(response, await response.aread()))
                     else:
                         attempts.opened(response)
                         async for event in source.aiter_sse():
