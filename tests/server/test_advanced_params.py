@@ -88,3 +88,11 @@ def test_a_developer_message_is_a_system_message() -> None:
     )
     roles = [m.role for m in advanced_params.chat_messages(body)]
     assert roles == ["system", "user"]
+
+
+def test_text_parts_are_joined_a_line_apart() -> None:
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    request = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": parts}]}
+    )
+    assert [m.content for m in advanced_params.chat_messages(request)] == ["first\nsecond"]

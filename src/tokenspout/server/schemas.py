@@ -103,7 +103,8 @@ class ChatMessageIn(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        # One text per part, a line apart, as vLLM's server joins them.
+        return "\n".join(part.text for part in self.content)
 
 
 class FunctionIn(_Body):
