@@ -250,18 +250,44 @@ def test_a_4xx_is_the_clients_and_passes_through(
         "injected",
     )
     received = fault.stats()["received"]
-    _, _, lines = stream(server, path, {**body, "model": "synthetic", "max_tokens": 3})
-    assert "fault injected: 422" in lines[-2] and lines[-1] == "[DONE]"
+    # Streamed, the refusal keeps its status too: the 200 waits for the upstream's.
+    streamed = {**body, "model": "synthetic", "max_tokens": 3, "stream": True}
+    r = httpx.post(f"{server.url}{path}", json=streamed)
+    assert r.status_code == 422 and r.json()["error"] == error
     assert fault.stats()["received"] == received + 1, "a 4xx is not retried"
 
 
-def test_an_upstream_429_nothing_else_takes_keeps_its_retry_after(
+def test_a_stream_begins_when_the_upstream_accepts_it_not_at_its_first_token(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """The 200 waits for the upstream's own (its refusal would keep its status), not for
+    a first token: a stream whose upstream has answered but not yet generated can be
+    cancelled by its id (no heartbeat would open it first: they are 10 minutes apart)."""
+    fault.fault("stall", after=0)
+    server = front(
+        start_server, fault, config={"heartbeat_interval_s": 600}, first_token_timeout_s=600
+    )
+    path, body = CHAT
+    streamed = {**body, "model": "synthetic", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server.url}{path}", json=streamed, timeout=60) as r:
+        assert r.status_code == 200
+        cancel = f"{server.url}/v1/streams/{r.headers['x-stream-id']}/cancel"
+        assert httpx.post(cancel).status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "cancelled"
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_upstream_429_nothing_else_takes_keeps_its_retry_after(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, streamed: bool
 ) -> None:
     fault.fault("status", status=429, retry_after=2)
     server = front(start_server, fault, **{**FAST, "retries": 0})
     path, body = CHAT
-    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    r = httpx.post(
+        f"{server.url}{path}",
+        json={**body, "model": "synthetic", "max_tokens": 3, "stream": streamed},
+    )
     assert r.status_code == 429
     assert r.headers["retry-after"] == "2"
     error = r.json()["error"]

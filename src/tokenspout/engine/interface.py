@@ -71,6 +71,11 @@ class Engine(ABC):
     #: (``SamplingParams.extra_body``): fields tokenspout does not know are theirs to
     #: honour, kept rather than refused; and its ``failure`` passes when they are back.
     forwards_fields: bool = False
+    #: The engine learns whether a request is refused only after ``submit`` (an upstream
+    #: server's status): it sends an output with no tokens once the request is accepted,
+    #: and a streamed response waits for that (or the first token) before answering 200,
+    #: so that a refusal gets its own status rather than a 200 and an error event.
+    refuses_late: bool = False
     #: Why the engine can no longer generate (its loop died), or None while it can. The
     #: server then fails ``/health`` and answers new requests with 503.
     failure: str | None = None

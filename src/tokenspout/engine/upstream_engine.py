@@ -44,6 +44,7 @@ class UpstreamEngine(Engine):
 
     kind = "upstream"
     forwards_fields = True
+    refuses_late = True
     max_model_len = UNBOUNDED_CONTEXT
 
     def __init__(self, options: UpstreamOptions):

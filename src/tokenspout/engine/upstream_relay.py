@@ -136,6 +136,8 @@ class UpstreamRelay:
     #: The request's prompt tokens, as the latest usage from an upstream said (0 before):
     #: an answer whose last usage never came (cut after its end, cancelled) keeps them.
     prompt_tokens: int = 0
+    #: An upstream has accepted the request (answered 200): the sink was told.
+    accepted: bool = False
     #: The sink has had its last item.
     finished: bool = False
     #: Set unless the stream asked to hold this request (backpressure).
@@ -291,6 +293,10 @@ class UpstreamRelay:
         status = response.status_code
         if status == 200:
             server.succeeded()
+            if not self.accepted:
+                # The request is not refused: the client's response may begin (refuses_late).
+                self.accepted = True
+                self._emit(EngineOutput("", 0, self.prompt_tokens, 0))
             return
         await response.aread()
         if status == 429:

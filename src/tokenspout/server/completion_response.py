@@ -4,9 +4,7 @@ as streaming; its "send" only gathers the text, so the log releases it as it com
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
 
 from starlette.background import BackgroundTask
 from starlette.responses import Response
@@ -15,8 +13,8 @@ from starlette.types import Receive, Scope, Send
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
-from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.generation_request import ReadSettings
+from tokenspout.server.json_reply import send_error, send_json
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
 from tokenspout.streaming.stream import Stream
@@ -84,27 +82,13 @@ class CompletionResponse(Response, StreamTransport):
                 )
             ]
             usage = Usage(end.prompt_tokens, end.completion_tokens)
-            await self._respond(200, self.chunks.response_choices(choices, usage))
+            assert self._send_asgi is not None
+            body = self.chunks.response_choices(choices, usage)
+            await send_json(self._send_asgi, 200, body, self.stream.id)
 
     async def send_failure(self, err: TokenspoutError) -> None:
         await self._respond_error(err)
 
     async def _respond_error(self, err: TokenspoutError) -> None:
-        # An upstream's 429 says when to come back, as tokenspout's own 429s do.
-        retry_after = None if err.retry_after_s is None else str(err.retry_after_s)
-        await self._respond(err.status_code, error_body(err), retry_after)
-
-    async def _respond(
-        self, status: int, body: dict[str, Any], retry_after: str | None = None
-    ) -> None:
         assert self._send_asgi is not None
-        payload = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-stream-id", self.stream.id.encode()),
-        ]
-        if retry_after is not None:
-            headers.append((b"retry-after", retry_after.encode()))
-        await self._send_asgi({"type": "http.response.start", "status": status, "headers": headers})
-        await self._send_asgi({"type": "http.response.body", "body": payload})
+        await send_error(self._send_asgi, err, self.stream.id)

@@ -19,6 +19,7 @@ from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server.generation_request import ReadSettings
+from tokenspout.server.json_reply import send_error
 from tokenspout.server.send_watchdog import SendGuard
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
@@ -87,6 +88,12 @@ class EventStreamResponse(Response, StreamTransport):
         self._send_asgi: Send | None = None
         self._guard: SendGuard | None = None
         self._started = False
+        #: A new stream of an engine that may refuse it after submit (``refuses_late``)
+        #: waits this long at most for the engine's first word before the 200 goes out.
+        late = state.engine.refuses_late and isinstance(stream, Stream) and not resumed
+        self._wait_begun_s = reading.heartbeat_s if late else 0.0
+        #: It was refused before it began: the whole response was the error.
+        self._refused = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send_asgi = send
@@ -107,6 +114,16 @@ class EventStreamResponse(Response, StreamTransport):
             await self._write_raw(b"", more_body=False)
 
     async def opened(self) -> None:
+        if self._wait_begun_s and isinstance(self.stream, Stream):
+            await self.stream.wait_begun(self._wait_begun_s)
+            end = self.stream.end
+            if end is not None and end.error is not None and not self.stream.length:
+                # Refused before any of it: the error's own status (an upstream's 400,
+                # 429 with Retry-After, 503), not a 200 with an error event.
+                assert self._send_asgi is not None
+                self._refused = True
+                await send_error(self._send_asgi, end.error, self.stream.id)
+                return
         await self._start()
         if self._opening:
             for payload in self._opening_chunks():
@@ -122,6 +139,8 @@ class EventStreamResponse(Response, StreamTransport):
         return [p for i in range(self.stream.n) for p in chunks.opening(i)]
 
     async def send(self, event: StreamEvent | ChoiceFinished) -> None:
+        if self._refused:
+            return
         if isinstance(event, Delta):
             event_id = format_event_id(self.stream.id, event.position)
             if event.index:  # a choice of a group (OpenAI formats only)
@@ -152,6 +171,8 @@ class EventStreamResponse(Response, StreamTransport):
             await self._write(self.framing.heartbeat())
 
     async def send_failure(self, err: TokenspoutError) -> None:
+        if self._refused:
+            return
         await self._start()
         body = self._event(self.chunks.error(err), self.cursor.position, 1)
         await self._write(body + self.framing.done())

@@ -60,6 +60,7 @@ class Stream:
     # Slots: one Stream per open request, and thousands may be open.
     __slots__ = (
         "_abort",
+        "_begun",
         "_buffer",
         "_completion_tokens",
         "_cursors",
@@ -77,6 +78,7 @@ class Stream:
         "_tokens",
         "_waiting",
         "abort_reason",
+        "begun",
         "created",
         "end",
         "first_output_at",
@@ -123,6 +125,10 @@ class Stream:
         self.created = time.time()
         self.opened_at = time.monotonic()
         self.first_output_at: float | None = None
+        #: The engine has sent an output (one with no tokens too: an upstream's acceptance).
+        self.begun = False
+        #: What ``wait_begun`` waits on; made only when it is called.
+        self._begun: asyncio.Future[None] | None = None
         self.end: StreamEnd | None = None
         #: Why the stream was aborted from our side (client_disconnect, send_timeout, ...).
         self.abort_reason: str | None = None
@@ -184,6 +190,14 @@ class Stream:
     def read(self, pos: int) -> list[Chunk]:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)
+
+    async def wait_begun(self, timeout_s: float) -> None:
+        """Wait, at most ``timeout_s``, for the engine's first output or the stream's end."""
+        if self.begun:
+            return
+        if self._begun is None:
+            self._begun = self.loop.create_future()
+        await asyncio.wait((self._begun,), timeout=timeout_s)
 
     async def wait_end(self) -> StreamEnd:
         """Wait until the stream has ended."""
@@ -368,12 +382,14 @@ class Stream:
             self._break(InternalError(f"the server could not deliver this answer: {exc}"))
 
     def _take(self, item: EngineOutput | EngineError) -> None:
+        if not self.begun:
+            self._begin()
         if isinstance(item, EngineError):
             self._failure = item
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, item))
             return
         text, num_tokens, prompt_tokens, completion_tokens, finish_reason, extras, token_id = item
-        if self.first_output_at is None:
+        if self.first_output_at is None and (text or num_tokens or finish_reason is not None):
             self.first_output_at = time.monotonic()
         if prompt_tokens > self.prompt_tokens:
             # An engine that does not tokenize (upstream) learns the count from its server's
@@ -407,8 +423,15 @@ class Stream:
             # The failing output was the request's last, so no "cancelled" one will come.
             self._finish(StreamEnd(None, self.prompt_tokens, self._completion_tokens, err))
 
+    def _begin(self) -> None:
+        self.begun = True
+        if self._begun is not None and not self._begun.done():
+            self._begun.set_result(None)
+
     def _finish(self, end: StreamEnd) -> None:
         self.end = end
+        if not self.begun:
+            self._begin()
         if self._grace is not None:
             self._grace.cancel()
         self._notify()
