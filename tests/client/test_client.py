@@ -151,13 +151,15 @@ async def test_cancel_errors_are_stream_errors(synthetic_server: RunningServer) 
 def test_complete_command_reports_a_refused_connection_in_one_line() -> None:
     from tests.conftest import free_port
 
+    url = f"http://127.0.0.1:{free_port()}"
     out = subprocess.run(
         [sys.executable, "-m", "tokenspout.cli", "complete", "x",
-         "--url", f"http://127.0.0.1:{free_port()}", "--max-tokens", "4"],
+         "--url", url, "--max-tokens", "4"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 1
-    assert "connection failed" in out.stderr and "Traceback" not in out.stderr
+    assert f"the connection to {url}/v1/chat/completions failed" in out.stderr
+    assert "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
@@ -255,7 +257,9 @@ def test_a_cut_stream_is_a_stream_error_when_it_cannot_be_resumed(
     # as a 404 of the request, and not counted as a resume).
     with cutting_proxy(_port(synthetic_server), events=4) as url, Client(url) as client:
         stream = client.stream_chat("one two", max_tokens=40, stream_options={"flush_tokens": 1})
-        with pytest.raises(StreamError, match=r"connection failed.*could not be resumed") as info:
+        with pytest.raises(
+            StreamError, match=r"connection to .* failed.*could not be resumed"
+        ) as info:
             list(stream)
     assert info.value.status_code is None
     assert stream.result.text and stream.result.finish_reason is None

@@ -262,7 +262,8 @@ def nginx_conf(listen: int, upstreams: list[int]) -> str:
     """The shipped deploy/nginx.conf, listening on ``listen`` and in front of
     ``upstreams``: only the ports change."""
     text = (ROOT / "deploy" / "nginx.conf").read_text()
-    text = re.sub(r"listen \d+;", f"listen 127.0.0.1:{listen};", text)
+    text, listens = re.subn(r"listen 127\.0\.0\.1:\d+;", f"listen 127.0.0.1:{listen};", text)
+    assert listens == 1, "deploy/nginx.conf listens on 127.0.0.1:PORT"
     servers = re.findall(r"^\s*server 127\.0\.0\.1:\d+ (.*);$", text, flags=re.M)
     assert servers, "deploy/nginx.conf lists its replicas as server 127.0.0.1:PORT ..."
     lines = "\n".join(f"        server 127.0.0.1:{p} {servers[0]};" for p in upstreams)

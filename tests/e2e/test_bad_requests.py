@@ -267,7 +267,7 @@ CALLED = [*MSG, {"role": "assistant", "tool_calls": [CALL]}]
             [*MSG, {"role": "tool", "content": "r", "tool_call_id": "c1"}],
             "messages[1].tool_call_id",
         ),
-        ([{"role": "user", "content": "hi", "tool_call_id": "c1"}], "messages"),
+        ([{"role": "user", "content": "hi", "tool_call_id": "c1"}], "messages[0].tool_call_id"),
     ],
     ids=["no tool_call_id", "unknown call", "no call before", "not a tool message"],
 )
@@ -405,3 +405,12 @@ def test_random_mutations_never_crash_or_leak(synthetic_server: RunningServer) -
                 assert "message" in r.json()["error"]
     synthetic_server.wait_metric("tokenspout_requests_running", 0)
     assert synthetic_server.metric("tokenspout_streams_active") == 0
+
+
+def test_a_message_error_names_the_message_by_its_index(synthetic_server: RunningServer) -> None:
+    body = {"messages": [*MSG, {"role": "assistant", "content": None}], "max_tokens": 1}
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "messages[1].content"
+    assert error["message"] == "messages[1] (an assistant message) needs content"

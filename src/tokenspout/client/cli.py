@@ -49,7 +49,7 @@ def complete(
                 sys.stdout.flush()
         except StreamError as exc:
             # The server's words, not Rich markup: "[model]" in them was dropped, "[/x]" raised.
-            err_console.print(f"\n[red]error:[/] {escape(str(exc))}")
+            err_console.print(f"\n[red]error:[/] {escape(str(exc))}", soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("\n[yellow]stopped[/]")
@@ -134,7 +134,7 @@ def bench(
     if any(level.summary["failed"] for level in levels_done):
         for level in levels_done:
             for error in level.summary.get("errors", ()):
-                err_console.print(f"[red]failed:[/] {escape(str(error))}")
+                err_console.print(f"[red]failed:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(1)
 
 

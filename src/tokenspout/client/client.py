@@ -64,7 +64,12 @@ def _error_from(response: httpx.Response, body: bytes) -> StreamError:
 
 
 def _cut(exc: httpx.TransportError) -> StreamError:
-    err = StreamError(f"the connection failed: {str(exc) or type(exc).__name__}")
+    try:
+        # Where it went: a server on another port is the usual reason for a refusal.
+        to = f" to {exc.request.url.copy_with(query=None)}"
+    except RuntimeError:  # an exception raised without its request
+        to = ""
+    err = StreamError(f"the connection{to} failed: {str(exc) or type(exc).__name__}")
     err.__cause__ = exc
     return err
 

@@ -26,22 +26,35 @@ from tokenspout.server.schemas import (
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
-    messages = [_message(m) for m in body.messages]
+    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(body.messages)]
     _check_tool_results(messages)
     return messages
 
 
-def _message(m: ChatMessageIn) -> ChatMessage:
+def _message(m: ChatMessageIn, param: str) -> ChatMessage:
     calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
     if calls and m.role != "assistant":
-        raise InvalidRequestError("only assistant messages carry tool_calls", param="messages")
+        raise InvalidRequestError(
+            f"only assistant messages carry tool_calls ({param} is {_a(m.role)} message)",
+            param=f"{param}.tool_calls",
+        )
     if m.tool_call_id is not None and m.role != "tool":
-        raise InvalidRequestError("only tool messages carry tool_call_id", param="messages")
+        raise InvalidRequestError(
+            f"only tool messages carry tool_call_id ({param} is {_a(m.role)} message)",
+            param=f"{param}.tool_call_id",
+        )
     if m.content is None and not calls:
-        raise InvalidRequestError(f"a {m.role} message needs content", param="messages")
+        raise InvalidRequestError(
+            f"{param} ({_a(m.role)} message) needs content", param=f"{param}.content"
+        )
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
     return ChatMessage(role, m.text(), calls, m.tool_call_id, m.name)
+
+
+def _a(word: str) -> str:
+    """``word`` with its indefinite article."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _check_tool_results(messages: list[ChatMessage]) -> None:

@@ -125,7 +125,10 @@ def serve(
     ] = _D.flush_tokens,
     flush_ms: Annotated[float, typer.Option(help="...or send after this many ms.")] = _D.flush_ms,
     heartbeat_interval_s: Annotated[
-        float, typer.Option(help="SSE ': ping' when idle.")
+        float,
+        typer.Option(
+            help="Seconds between heartbeats while idle (SSE ': ping', empty NDJSON line)."
+        ),
     ] = _D.heartbeat_interval_s,
     default_max_tokens: Annotated[
         int, typer.Option(help="max_tokens when omitted.")
@@ -169,7 +172,10 @@ def serve(
     ] = None,
     metrics_api_key: Annotated[
         str | None,
-        typer.Option(envvar="TOKENSPOUT_METRICS_API_KEY", help="Require this token on /metrics."),
+        typer.Option(
+            envvar="TOKENSPOUT_METRICS_API_KEY",
+            help="Require this token on /metrics and /dashboard/data.",
+        ),
     ] = None,
     header_timeout_s: Annotated[
         float, typer.Option(help="A request head must arrive within this (slowloris).")
