@@ -445,3 +445,18 @@ def test_an_answer_cut_during_its_reasoning_ends_with_a_clear_error_and_is_not_c
     whole = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "max_tokens": 9})
     assert whole.status_code == 502
     assert whole.json()["error"]["code"] == "reasoning_interrupted"
+
+
+def test_an_answer_cut_with_no_retry_left_counts_the_tokens_it_sent(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("cut", after=3)
+    server = front(start_server, fault, **{**FAST, "retries": 0})
+    path, body = CHAT
+    streamed = {**body, "model": "synthetic", "max_tokens": 11, "stream": True}
+    with httpx.stream("POST", f"{server.url}{path}", json=streamed, timeout=30) as r:
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(line) for line in lines[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+    assert len(text.split()) == 3 and "error" in chunks[-1]  # a word a token
+    assert server.metric("tokenspout_generation_tokens_total") == 3

@@ -144,10 +144,14 @@ class UpstreamEngine(Engine):
         def finished_sink(item: EngineOutput | EngineError) -> None:
             # The relay is forgotten, and its tokens counted, at its last output.
             if isinstance(item, EngineError) or item.finish_reason is not None:
-                self._relays.pop(request_id, None)
+                relay = self._relays.pop(request_id, None)
                 if isinstance(item, EngineOutput):
                     self._prompt_tokens += item.prompt_tokens
                     self._generation_tokens += item.completion_tokens
+                elif relay is not None:
+                    # A failed answer's tokens were generated (and sent) all the same.
+                    self._prompt_tokens += relay.prompt_tokens
+                    self._generation_tokens += relay.tokens
             sink(item)
 
         relay = UpstreamRelay(
