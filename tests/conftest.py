@@ -65,7 +65,7 @@ def _start(
     """A server on ``port`` (a free one by default); returns it and its stop function."""
     port = port or free_port()
     app = create_app(engine, config)
-    options = uvicorn_options(config)
+    options = uvicorn_options(app.state.tokenspout)
     server = _ThreadServer(
         uvicorn.Config(
             app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", **options

@@ -50,6 +50,8 @@ def test_max_connections_gives_a_fast_503(start_server) -> None:  # type: ignore
     deadline = time.monotonic() + 10
     while httpx.get(f"{server.url}/health").status_code != 200:
         assert time.monotonic() < deadline
+    refused = 'code="too_many_connections",status="503"'
+    assert server.metric("tokenspout_requests_refused_total", refused) == 1
 
 
 async def test_max_connections_counts_websockets(start_server) -> None:  # type: ignore[no-untyped-def]

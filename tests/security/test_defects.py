@@ -139,6 +139,8 @@ def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type
     assert response.startswith(b"HTTP/1.1 431"), response[:100]
     error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
     assert error["code"] == "request_head_too_large" and "1000" in error["message"], error
+    refused = 'code="request_head_too_large",status="431"'
+    assert server.metric("tokenspout_requests_refused_total", refused) == 1
     # A small head with a body in the same read: only the head counts.
     body = json.dumps({"prompt": "x" * 3000, "max_tokens": 1}).encode()
     post = (
@@ -265,6 +267,11 @@ def test_slow_and_idle_connections_time_out(start_server) -> None:  # type: igno
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
         assert slow.recv(1024).startswith(b"HTTP/1.1 408")
         assert idle.recv(1024) == b""  # closed by the server
+    # Counted as refused; the idle one is closed quietly, as an expired keep-alive is.
+    assert (
+        server.metric("tokenspout_requests_refused_total", 'code="request_timeout",status="408"')
+        == 1
+    )
     # A request whose head arrives in time is served as usual.
     assert httpx.get(f"{server.url}/health").status_code == 200
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenspout.errors import InvalidRequestError
 from tokenspout.protocols.openai_errors import error_body
-from tokenspout.server.config import ServerConfig
+from tokenspout.server.server_state import ServerState
 
 
 def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
@@ -50,6 +51,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     header_timeout_s: float = 10.0
     max_head_bytes: int = 64 << 10
+    #: Told of each refusal (status, error code): they are counted as the app's are.
+    refused: Callable[[int, str], None] = staticmethod(lambda status, code: None)
 
     _head_timer: asyncio.TimerHandle | None = None
     _head_bytes: int = 0
@@ -154,26 +157,37 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self, code: int, reason: str, message: str, error_code: str, extra: str = ""
     ) -> None:
         self._disarm_head_timer()
+        self.refused(code, error_code)
         if not self._answering():
             self.transport.write(_status(code, reason, message, error_code, extra))
         # else an earlier response is on the wire: a status line now would land inside it.
         self.transport.close()
 
 
-def guarded_protocol(config: ServerConfig) -> type[GuardedHttpProtocol]:
+def guarded_protocol(state: ServerState) -> type[GuardedHttpProtocol]:
     """The protocol class for uvicorn's ``http=`` with this server's limits."""
+    config, refusals = state.config, state.metrics.requests_refused
+
+    def refused(status: int, code: str) -> None:
+        refusals.labels(str(status), code).inc()
+
     return type(
         "GuardedHttpProtocol",
         (GuardedHttpProtocol,),
-        {"header_timeout_s": config.header_timeout_s, "max_head_bytes": config.max_head_bytes},
+        {
+            "header_timeout_s": config.header_timeout_s,
+            "max_head_bytes": config.max_head_bytes,
+            "refused": staticmethod(refused),
+        },
     )
 
 
-def uvicorn_options(config: ServerConfig) -> dict[str, Any]:
+def uvicorn_options(state: ServerState) -> dict[str, Any]:
     """The ``uvicorn.Config`` arguments that carry this server's connection limits and
     TLS; the CLI and the test servers both use them."""
+    config = state.config
     return {
-        "http": guarded_protocol(config),
+        "http": guarded_protocol(state),
         # Beyond this many open connections (HTTP and WebSocket), a fast 503. uvicorn
         # counts the connection asking too, and answers 503 when the count reaches its limit.
         "limit_concurrency": config.max_connections + 1,

@@ -118,7 +118,7 @@ def serve(
         ws=WebSocketProtocol,
         # Our own drain ends streams first; this is only the last resort after it.
         timeout_graceful_shutdown=int(state.config.drain_timeout_s + _FAREWELL_S) + 5,
-        **uvicorn_options(state.config),
+        **uvicorn_options(state),
     )
     redact_key_params(state.config.log_prompts)
     DrainingServer(config, state).run()
