@@ -87,6 +87,16 @@ class GenerationRequest:
     #: How many choices to generate for the prompt (``n``).
     n: int = 1
 
+    def prompt_to_log(self, log_prompts: bool) -> str | None:
+        """The prompt for the request log (``--log-prompts``): its text, or a chat's
+        messages as ``role: content`` lines when another server renders them (upstream)."""
+        if not log_prompts:
+            return None
+        prompt = self.prompt
+        if prompt.text or not prompt.messages:
+            return prompt.text
+        return "\n".join(f"{m.role}: {m.content}" for m in prompt.messages)
+
     def choice_params(self) -> list[SamplingParams]:
         """The sampling parameters of each choice: with a seed, choice ``i`` draws with
         ``seed + i``, so that the choices differ and each is reproducible. The sum wraps as

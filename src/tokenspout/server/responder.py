@@ -134,7 +134,7 @@ async def respond(
 ) -> Response:
     """Admit, start generating, and return the streaming or whole response."""
     stream = await open_stream(state, generation, key_of(request), started_at=started_at)
-    prompt = generation.prompt.text if state.config.log_prompts else None
+    prompt = generation.prompt_to_log(state.config.log_prompts)
     try:
         if streaming:
             return EventStreamResponse(

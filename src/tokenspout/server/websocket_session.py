@@ -142,7 +142,7 @@ class WebSocketSession:
         except TokenspoutError as err:
             await self.send(wsm.error(message.id, err))
             return
-        prompt = generation.prompt.text if self.state.config.log_prompts else None
+        prompt = generation.prompt_to_log(self.state.config.log_prompts)
         follower = WebSocketStream(
             self, message.id, stream, generation.reading, started_at=started, prompt=prompt
         )
