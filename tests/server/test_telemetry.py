@@ -40,6 +40,7 @@ def test_report_is_recorded_per_transport(synthetic_server: RunningServer) -> No
         ({"long_frames": True}, "long_frames"),
         ({"prompt": "my secret question"}, "prompt"),
         ({"complete_ms": 100.0}, "complete_ms"),  # before its own first token
+        ({"first_paint_ms": 1.0}, "first_paint_ms"),  # painted before it came
     ],
 )
 def test_bad_reports_are_400_naming_the_field(

@@ -39,6 +39,9 @@ class ClientTelemetry(BaseModel):
         # The answer is complete after its first token: a report saying otherwise is bogus.
         if self.complete_ms < self.ttft_ms:
             raise ValueError("complete_ms must not be less than ttft_ms")
+        # Nor is text painted before it came (painting may end after the last event does).
+        if self.first_paint_ms < self.ttft_ms:
+            raise ValueError("first_paint_ms must not be less than ttft_ms")
         return self
 
     @field_validator("transport")
