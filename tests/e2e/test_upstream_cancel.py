@@ -198,7 +198,7 @@ def test_drain_ends_the_stream_and_closes_the_upstream_response(fault: UpstreamP
     upload = socket.create_connection(("127.0.0.1", int(spout.url.rsplit(":", 1)[1])))
     try:
         upload.sendall(
-            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{"
         )
         body = {**LONG, "user": "drain"}

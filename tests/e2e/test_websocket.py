@@ -183,8 +183,9 @@ def test_stuck_websocket_reader_hits_send_timeout(start_server) -> None:  # type
     try:
         key = base64.b64encode(os.urandom(16)).decode()
         sock.sendall(
-            f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
         )
         assert sock.recv(1024).startswith(b"HTTP/1.1 101")
         sock.sendall(masked_text_frame(generate("big", "y" * 8192, 4000)))
@@ -223,8 +224,9 @@ def test_peer_gone_mid_send_ends_every_stream_of_the_socket(start_server) -> Non
     sock = socket.create_connection(("127.0.0.1", server.port))
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall(
-        f"GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        f"GET /v1/ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\n\r\n".encode()
     )
     assert sock.recv(1024).startswith(b"HTTP/1.1 101")
     for sid in ("a", "b", "c"):

@@ -33,7 +33,7 @@ def test_safe_defaults() -> None:
 
 
 def _health_on(sock: socket.socket) -> bytes:
-    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     return sock.recv(65536)
 
 

@@ -99,7 +99,7 @@ def send_until_answered(port: int, head: bytes, filler: bytes, most: int) -> tup
 # 3. A chunked body is refused at the limit, not read whole.
 def test_chunked_body_stops_at_the_limit(synthetic_server: RunningServer) -> None:
     head = (
-        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         "Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
     chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
@@ -112,7 +112,7 @@ def test_chunked_body_stops_at_the_limit(synthetic_server: RunningServer) -> Non
 # 4. The request head: size and time limits; idle sockets are closed.
 @pytest.mark.parametrize("size", [1 << 20, 10 << 20])
 def test_huge_header_is_431(synthetic_server: RunningServer, size: int) -> None:
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
     response, sent = send_until_answered(synthetic_server.port, head, b"a" * 65536, size)
     assert response.startswith(b"HTTP/1.1 431"), response[:100]
     assert sent < 8 << 20
@@ -134,7 +134,7 @@ def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type
     # Counted only when the head was still unfinished after a read, a head that came whole
     # in one read was never counted: 120 KB passed a 64 KB limit.
     server: RunningServer = start_server(max_head_bytes=1000)
-    big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
+    big = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"
     response = answer(server.port, big)
     assert response.startswith(b"HTTP/1.1 431"), response[:100]
     error = json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]
@@ -144,7 +144,7 @@ def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type
     # A small head with a body in the same read: only the head counts.
     body = json.dumps({"prompt": "x" * 3000, "max_tokens": 1}).encode()
     post = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     ).encode()
     assert answer(server.port, post + body).startswith(b"HTTP/1.1 200")
@@ -153,7 +153,7 @@ def test_a_head_over_the_limit_in_one_read_is_431(start_server) -> None:  # type
 def streamed(tokens: int) -> bytes:
     """A streamed completion request of ``tokens`` tokens, whole."""
     body = json.dumps({"prompt": "a b c d", "max_tokens": tokens, "stream": True}).encode()
-    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
     return head.encode() + b"content-length: %d\r\n\r\n" % len(body) + body
 
 
@@ -193,7 +193,7 @@ def test_a_head_too_large_while_a_stream_runs_closes_without_an_answer_inside_it
     server: RunningServer = start_server(SyntheticEngine(itl_ms=20), max_head_bytes=4000)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(streamed(200))
-        big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20)
+        big = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * (1 << 20)
         try:
             s.sendall(big + b"\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError):
@@ -208,7 +208,7 @@ def test_an_upgrade_request_with_a_body_is_refused(synthetic_server: RunningServ
     # Neither upgraded nor answered, it held its connection (and a --max-connections place).
     body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
     head = (
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     )
@@ -224,7 +224,7 @@ def test_over_the_connection_limit_is_a_json_503(start_server) -> None:  # type:
     held = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(3)]
     try:
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             got = read_until_closed(s)
     finally:
         for h in held:
@@ -241,7 +241,7 @@ def test_a_client_leaving_during_its_body_is_not_an_error(
     # Routine client behaviour was logged as "unhandled error" with a traceback.
     import logging
 
-    head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
     with caplog.at_level(logging.INFO, logger="tokenspout"):
         with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
             s.sendall(head.encode() + b"content-length: 100\r\n\r\n" + b'{"messages')
@@ -264,7 +264,9 @@ def test_slow_and_idle_connections_time_out(start_server) -> None:  # type: igno
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as idle,
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow,
     ):
-        slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+        slow.sendall(
+            b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        )  # and never the end of the head
         assert slow.recv(1024).startswith(b"HTTP/1.1 408")
         assert idle.recv(1024) == b""  # closed by the server
     # Counted as refused; the idle one is closed quietly, as an expired keep-alive is.
@@ -279,7 +281,7 @@ def test_slow_and_idle_connections_time_out(start_server) -> None:  # type: igno
 def test_a_body_that_never_ends_gets_408(start_server) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(body_timeout_s=0.5)
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
-        head = f"POST {CHAT} HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
         slow.sendall(head.encode() + b"content-length: 100\r\n\r\n" + b'{"messages": [')
         answer = b""
         while b"came)" not in answer and (chunk := slow.recv(65536)):

@@ -40,6 +40,7 @@ from tokenspout.server.direct_routes import DirectRoutes, direct_table
 from tokenspout.server.head_requests import HeadAsGet
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState, state_of
+from tokenspout.server.trusted_hosts import TrustedHostMiddleware, is_loopback, trusted_names
 
 if TYPE_CHECKING:
     from tokenspout.server.request_tracing import RequestTracing
@@ -175,6 +176,13 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         routes = app.state.http_routes
         app.add_middleware(TraceContextMiddleware, tracing=tracing, routes=routes)
         direct = TraceContextMiddleware(direct, tracing, routes)
+    if is_loopback(state.config.host):
+        hosts = {
+            "names": trusted_names(state.config.allowed_hosts, state.config.allowed_origins),
+            "on_refused": state.metrics.requests_refused.labels("403", "host_not_allowed").inc,
+        }
+        app.add_middleware(TrustedHostMiddleware, **hosts)
+        direct = TrustedHostMiddleware(direct, **hosts)
     app.state.tracing = tracing
     app.direct_entry = direct
     app.add_exception_handler(TokenspoutError, _tokenspout_error)

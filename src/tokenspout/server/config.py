@@ -50,6 +50,9 @@ class ServerConfig:
     metrics_api_key: str | None = None
     #: Origins whose pages may call the API from a browser (CORS); empty means same origin.
     allowed_origins: tuple[str, ...] = ()
+    #: Names a server bound to loopback answers to besides IP addresses, localhost and the
+    #: machine's name (``trusted_hosts``); "*" for any.
+    allowed_hosts: tuple[str, ...] = ()
     #: Extra names a request's ``model`` field may use for the served model.
     model_aliases: tuple[str, ...] = ()
     #: Put each request's prompt in its ``tokenspout.requests`` log line (off: prompts are

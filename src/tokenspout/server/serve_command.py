@@ -212,6 +212,13 @@ def serve(
         list[str] | None,
         typer.Option(help="Allow browser pages from this origin (CORS); repeatable, * for any."),
     ] = None,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Bound to loopback, also answer to this Host name (a proxy's; beside IP "
+            "addresses, localhost, this machine's name); repeatable, * for any."
+        ),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
     log_prompts: Annotated[
         bool,
@@ -239,6 +246,7 @@ def serve(
             **given,
             model_aliases=tuple(served_model_name or ()),
             allowed_origins=tuple(allowed_origin or ()),
+            allowed_hosts=tuple(allowed_host or ()),
         )
         if config.api_keys_file is not None:
             # Checked before the model loads, whole (names and secrets used twice, with

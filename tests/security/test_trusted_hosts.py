@@ -1,0 +1,69 @@
+"""DNS rebinding: a server bound to loopback answers only to names that mean this machine."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from tests.conftest import RunningServer
+from tokenspout.server.trusted_hosts import host_allowed, trusted_names
+
+NAMES = trusted_names(("proxy.example",), ("https://page.example:8443",))
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [
+        ("127.0.0.1:8000", True),
+        ("[::1]:8000", True),
+        ("10.1.2.3", True),  # any address: rebinding cannot forge one
+        ("localhost:8000", True),
+        ("LocalHost", True),
+        ("app.localhost:8000", True),
+        ("proxy.example", True),  # --allowed-host
+        ("page.example:8443", True),  # an --allowed-origin's host
+        (None, True),  # no Host: not a browser
+        ("attacker.example:8000", False),
+        ("localhost.attacker.example", False),
+        ("", False),
+    ],
+)
+def test_names_that_mean_this_machine(host: str | None, allowed: bool) -> None:
+    assert host_allowed(host, NAMES) is allowed
+
+
+def test_a_star_allows_any_name() -> None:
+    assert host_allowed("attacker.example", trusted_names(("*",), ()))
+
+
+def test_a_rebound_name_is_refused_on_http_and_websocket(start_server) -> None:  # type: ignore[no-untyped-def]
+    server: RunningServer = start_server()
+    rebound = {"Host": f"attacker.example:{server.port}"}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=rebound)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(f"{server.url}/", headers=rebound).status_code == 403
+
+    # A raw handshake: WebSocket clients write Host from the URL.
+    host = rebound["Host"].encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"GET /v1/ws HTTP/1.1\r\nHost: " + host + b"\r\nOrigin: http://" + host + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 403")
+    refused = 'code="host_not_allowed",status="403"'
+    assert server.metric("tokenspout_requests_refused_total", refused) == 3
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body).status_code == 200
+
+
+def test_allowed_hosts_and_a_public_bind_take_other_names(start_server) -> None:  # type: ignore[no-untyped-def]
+    proxied: RunningServer = start_server(allowed_hosts=("tokenspout.internal.example",))
+    named = {"Host": "tokenspout.internal.example"}
+    assert httpx.get(f"{proxied.url}/health", headers=named).status_code == 200
+    # Bound to every address, it is reachable under any name that points at it anyway.
+    public: RunningServer = start_server(host="0.0.0.0")
+    assert httpx.get(f"{public.url}/health", headers={"Host": "any.example"}).status_code == 200
