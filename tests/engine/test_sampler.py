@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenspout.engine.request import SamplingParams
-from tokenspout.engine.sampler import Sampler, Uniforms
+from tokenspout.engine.sampler import RowContext, Sampler, Uniforms
 
 GREEDY = SamplingParams(temperature=0.0)
 
@@ -102,3 +102,21 @@ def test_seeds_that_differ_only_in_their_high_bits_draw_differently() -> None:
     # A seed within 32 bits draws as it always did (a seeded answer does not change).
     generator = torch.Generator().manual_seed(7)
     assert draws(7) == torch.rand(4, generator=generator).tolist()
+
+
+def test_values_too_small_for_float32_sample_as_their_limits_do() -> None:
+    # 1e-300 is 0 in float32: a temperature that small divided by 0 (NaN logprobs, random
+    # tokens), a top_p that small dropped every token, a repetition penalty that small made
+    # inf of the logits it divided.
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(3))
+    best = int(logits.argmax())
+    for params in (
+        SamplingParams(temperature=1e-300, logprobs=2),
+        SamplingParams(top_p=1e-300, logprobs=2),
+        SamplingParams(temperature=0.0, repetition_penalty=1e-300, logprobs=2),
+    ):
+        context = RowContext(prompt_ids=(best,))
+        out = Sampler()(logits, [params], [Uniforms(0)], [context])
+        assert torch.isfinite(torch.tensor(out.logprobs[0].logprob)), params  # type: ignore[union-attr]
+        if params.repetition_penalty == 1.0:
+            assert out.tokens == [best], params

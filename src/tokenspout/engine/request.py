@@ -22,6 +22,8 @@ MAX_TOP_LOGPROBS = 20
 #: the generator's seed, and an upstream refuses it.
 MIN_SEED = -(2**63)
 MAX_SEED = 2**63 - 1
+#: A temperature below this is greedy (vLLM's ``_SAMPLING_EPS``).
+SAMPLING_EPS = 1e-5
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,8 @@ class Grammar:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` means greedy; ``top_k <= 0`` disables top-k."""
+    """How to pick tokens. ``temperature`` 0 (below ``SAMPLING_EPS``) means greedy;
+    ``top_k <= 0`` disables top-k."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -147,7 +150,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below vLLM's epsilon, as in vLLM: dividing by a temperature that small overflows
+        # float32 (1e-300 is 0 there), and its distribution is the argmax's anyway.
+        return self.temperature < SAMPLING_EPS
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ def _mask_top_p(logits: torch.Tensor, top_p: list[float]) -> None:
     # most likely token always survives.
     before = probs.cumsum(dim=-1) - probs
     drop_sorted = before >= torch.tensor(top_p, dtype=probs.dtype).unsqueeze(1)
+    # ...also when top_p is too small for float32 (1e-300 is 0 there, and 0 >= 0).
+    drop_sorted[:, 0] = False
     drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
     logits.masked_fill_(drop, float("-inf"))
 
@@ -227,7 +229,8 @@ def _bias_and_penalize(row: torch.Tensor, params: SamplingParams, context: RowCo
         seen = torch.tensor([*context.prompt_ids, *context.output_ids], dtype=torch.long)
         seen = seen.unique()
         values = row[seen]
-        penalty = params.repetition_penalty
+        # Its effect is whole long before 1e-6; below, float32 would divide by 0 (inf, NaN).
+        penalty = max(params.repetition_penalty, 1e-6)
         row[seen] = torch.where(values > 0, values / penalty, values * penalty)
     if (params.frequency_penalty or params.presence_penalty) and context.output_ids:
         counts = torch.bincount(torch.tensor(list(context.output_ids)), minlength=vocab)
@@ -243,7 +246,9 @@ def _logprobs(
     out: list[RowLogprobs | None] = [None] * len(params)
     if not rows:
         return out
-    temps = torch.tensor([params[i].temperature or 1.0 for i in rows], dtype=logits.dtype)
+    temps = torch.tensor(
+        [1.0 if params[i].greedy else params[i].temperature for i in rows], dtype=logits.dtype
+    )
     logprobs = torch.log_softmax(logits[rows] / temps.unsqueeze(1), dim=-1)  # [R, V]
     k = max(params[i].logprobs or 0 for i in rows)
     top_values, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
