@@ -131,8 +131,19 @@ async def test_a_cancel_after_the_end_is_ignored(synthetic_server: RunningServer
     assert {m["id"] for m in after} == {"y"}, after
 
 
-async def test_a_second_generate_with_a_running_id_leaves_that_stream_alone(
+@pytest.mark.parametrize(
+    ("second", "said"),
+    [
+        (generate("a", "again", 4), "'a' is already running"),
+        (json.dumps({"type": "bogus", "id": "a"}), "type must be"),
+        (json.dumps({"type": "generate", "id": "a"}), "exactly one of messages or prompt"),
+    ],
+    ids=["generate", "unknown type", "no prompt"],
+)
+async def test_a_message_with_a_running_id_leaves_that_stream_alone(
     start_server,  # type: ignore[no-untyped-def]
+    second: str,
+    said: str,
 ) -> None:
     """The refusal is not sent as the running stream's ``error``: ``a`` still ends once."""
     server = start_server(SyntheticEngine(itl_ms=5))
@@ -140,7 +151,7 @@ async def test_a_second_generate_with_a_running_id_leaves_that_stream_alone(
         await ws.send(generate("a", "go on", 4000))
         first = json.loads(await ws.recv())
         assert first["type"] == "delta"
-        await ws.send(generate("a", "again", 4))
+        await ws.send(second)
         refusal = None
         while refusal is None:
             msg = json.loads(await ws.recv())
@@ -152,7 +163,7 @@ async def test_a_second_generate_with_a_running_id_leaves_that_stream_alone(
             msg = json.loads(await ws.recv())
             if msg["type"] != "delta":
                 ends.append(msg)
-    assert refusal["id"] is None and "'a' is already running" in refusal["error"]["message"]
+    assert refusal["id"] is None and said in refusal["error"]["message"]
     assert ends[0]["id"] == "a" and ends[0]["finish_reason"] == "cancelled", ends
 
 

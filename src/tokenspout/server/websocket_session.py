@@ -114,7 +114,10 @@ class WebSocketSession:
         try:
             message = wsm.parse_client_message(text, self.state.config.max_json_depth)
         except InvalidRequestError as err:
-            await self.send(wsm.error(err.param, err))
+            # Named by its id, unless that is a running stream's: the client would read the
+            # error as that stream's end while its deltas and done keep coming.
+            msg_id = None if err.param in self._streams else err.param
+            await self.send(wsm.error(msg_id, err))
             return
         if isinstance(message, wsm.Cancel):
             await self._cancel(message.id)
