@@ -295,8 +295,11 @@ def test_a_grammar_that_fails_while_generating_ends_in_an_error(server: RunningS
     }
     url = f"{server.url}/v1/chat/completions"
     r = httpx.post(url, json=body, timeout=120)
-    assert r.status_code == 500, r.text
-    message = r.json()["error"]["message"]
+    # The request's grammar, not the server, is at fault: a 400 that says so.
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["code"] == "grammar_failed", error
+    message = error["message"]
     assert "the grammar failed" in message and "\n" not in message, message
     with httpx.stream("POST", url, json={**body, "stream": True}, timeout=120) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]

@@ -73,6 +73,7 @@ from tokenspout.engine.tokenizer import Tokenizer
 from tokenspout.errors import (
     EngineError,
     EngineUnavailableError,
+    GrammarFailedError,
     InvalidRequestError,
     PromptTooLongError,
 )
@@ -404,6 +405,11 @@ class LLMEngine(Engine):
         req = self._active[seq.seq_id]
         try:
             output = self._detokenize(req, seq, logprobs)
+        except GrammarFailedError as err:
+            logger.warning("request %s: %s", seq.seq_id, err.message)
+            self.scheduler.fail(seq)
+            del self._active[seq.seq_id]
+            return req, err
         except Exception as exc:
             logger.exception("request %s: detokenizing failed", seq.seq_id)
             self.scheduler.fail(seq)
@@ -439,7 +445,7 @@ class LLMEngine(Engine):
                     # ends with an error (_postprocess), not with a "stop".
                     # (its first line: the rest dumps the matcher's state and grammar)
                     error = req.matcher.get_error().splitlines()[0]
-                    raise RuntimeError(f"the grammar failed: {error}")
+                    raise GrammarFailedError(f"the grammar failed: {error}")
                 if req.matcher.is_stopped():
                     # The grammar is complete: only its end could follow.
                     reason, text = "stop", text + req.detokenizer.flush()
