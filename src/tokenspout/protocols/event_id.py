@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-_POSITION = re.compile(r"(\d+)(?:\.(\d+))?", re.ASCII)
+# At most 18 digits: a position beyond 10^18 tokens names no event (and a 5,000-digit one
+# is past what int() takes from a string).
+_POSITION = re.compile(r"(\d{1,18})(?:\.(\d{1,18}))?", re.ASCII)
 
 
 class EventPosition(NamedTuple):
@@ -33,6 +35,6 @@ def parse_event_id(value: str) -> EventPosition:
     match = _POSITION.fullmatch(pos)
     if not sep or not stream_id or match is None:
         raise ValueError(
-            f"Last-Event-ID {value!r} is not of the form <stream id>:<position>[.<event>]"
+            f"Last-Event-ID {value[:100]!r} is not of the form <stream id>:<position>[.<event>]"
         )
     return EventPosition(stream_id, int(match[1]), int(match[2] or 0))
