@@ -49,6 +49,13 @@ def test_get_validates_query(synthetic_server: RunningServer) -> None:
         r = httpx.get(url, params=params)
         assert r.status_code == 400, params
         assert r.json()["error"]["type"] == "invalid_request_error"
+    # Bytes that are not UTF-8 (a lone surrogate's, a stray 0xFF) are refused as a body's
+    # are, not turned into U+FFFD and generated from.
+    for raw in ("prompt=%ED%A0%80&max_tokens=2", "prompt=%FF%FE&max_tokens=2"):
+        r = httpx.get(f"{url}?{raw}")
+        assert r.status_code == 400, raw
+        assert r.json()["error"]["param"] == "prompt", r.text
+    assert httpx.get(f"{url}?prompt=caf%C3%A9+au+lait&max_tokens=2").status_code == 200
 
 
 def test_ndjson_by_accept(synthetic_server: RunningServer) -> None:

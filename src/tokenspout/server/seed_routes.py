@@ -4,6 +4,7 @@ latter is what a browser ``EventSource`` can call). Served by ``direct_routes``.
 from __future__ import annotations
 
 import time
+from urllib.parse import unquote_plus
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -34,11 +35,31 @@ def _typed(name: str, raw: str, kind: type) -> int | float:
         ) from None
 
 
+def _query(request: Request) -> list[tuple[str, str]]:
+    """The query's parameters, decoded strictly: Starlette's ``query_params`` turn bytes that
+    are not UTF-8 (a lone surrogate's too) into U+FFFD, which a POST body's are refused for."""
+    pairs = []
+    for part in request.scope["query_string"].decode("latin-1").split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        try:
+            pairs.append(
+                (unquote_plus(name, errors="strict"), unquote_plus(value, errors="strict"))
+            )
+        except UnicodeDecodeError:
+            where = unquote_plus(name, errors="replace")
+            raise InvalidRequestError(
+                f"{where}: the query parameter is not valid UTF-8", param=where
+            ) from None
+    return pairs
+
+
 def query_body(request: Request) -> SeedStreamRequest:
     """Query parameters as the same body the POST takes (flush knobs as top-level params)."""
     data: dict[str, object] = {}
     options: dict[str, object] = {}
-    for name, raw in request.query_params.items():
+    for name, raw in _query(request):
         if name in _QUERY_TYPES:
             data[name] = _typed(name, raw, _QUERY_TYPES[name])
         elif name in _OPTION_TYPES:
