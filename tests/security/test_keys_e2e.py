@@ -230,6 +230,27 @@ async def test_websocket_handshake_needs_a_key_and_streams_are_per_key(
         assert message["id"] == "s3" and message["error"]["code"] == "rate_limit_exceeded"
 
 
+async def test_a_websocket_whose_key_was_revoked_starts_no_more_streams(
+    tenants: RunningServer, tmp_path: Path
+) -> None:
+    ws = tenants.url.replace("http://", "ws://") + "/v1/ws"
+    short = {"prompt": "x y", "max_tokens": 2}
+    async with connect(ws, additional_headers=BOB) as bob:
+        await bob.send(json.dumps({"type": "generate", "id": "before", **short}))
+        while (message := json.loads(await bob.recv()))["type"] == "delta":
+            pass
+        assert message["type"] == "done"
+        (tmp_path / "keys.toml").write_text(KEYS.replace("sk-bob-secret", "sk-bob-rotated"))
+        assert tenants.state.keys.reload()
+        await bob.send(json.dumps({"type": "generate", "id": "after", **short}))
+        refusal = json.loads(await bob.recv())
+    assert refusal["type"] == "error" and refusal["id"] == "after", refusal
+    assert refusal["error"]["code"] == "invalid_api_key"
+    async with connect(ws, additional_headers=ALICE) as alice:  # a key kept works on
+        await alice.send(json.dumps({"type": "generate", "id": "a", **short}))
+        assert json.loads(await alice.recv())["type"] == "delta"
+
+
 def _serve(*args: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

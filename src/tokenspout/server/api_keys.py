@@ -155,6 +155,12 @@ class KeyStore:
             return None
         return found
 
+    def current(self, key: ApiKey) -> ApiKey | None:
+        """``key`` as the keys now in use have it (its limits may have changed on a
+        reload), or None once it was revoked."""
+        found = self._by_hash.get(key.sha256)
+        return found if found is not None and found.name == key.name else None
+
     def reload(self) -> bool:
         """Read the keys file again; on any error keep the keys in use and log why."""
         if self._file is None:

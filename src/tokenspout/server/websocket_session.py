@@ -27,6 +27,7 @@ from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.server import advanced_params
 from tokenspout.server.api_keys import ApiKey
+from tokenspout.server.auth import AuthenticationError
 from tokenspout.server.generation_request import (
     GenerationRequest,
     ReadSettings,
@@ -131,6 +132,17 @@ class WebSocketSession:
             )
             await self.send(wsm.error(None, err))
             return
+        if self.key is not None:
+            # A socket outlives reloads of the keys file: each generate asks for its key
+            # anew, as an HTTP request does (its running streams go on, as theirs do).
+            key = self.state.keys.current(self.key)
+            if key is None:
+                err = AuthenticationError(
+                    "this WebSocket's API key was revoked: open a new one with a valid key"
+                )
+                await self.send(wsm.error(message.id, err))
+                return
+            self.key = key
         if len(self._streams) >= self.state.config.ws_max_streams:
             err = InvalidRequestError(
                 f"{len(self._streams)} streams are running on this WebSocket, the most it "
