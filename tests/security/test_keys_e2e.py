@@ -251,6 +251,33 @@ async def test_a_websocket_whose_key_was_revoked_starts_no_more_streams(
         assert json.loads(await alice.recv())["type"] == "delta"
 
 
+def test_tokens_per_minute_charges_max_tokens_ahead_and_gives_back_the_rest(
+    start_server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "erin"\nkey = "sk-erin"\ntokens_per_minute = 200\n')
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=5), api_keys_file=str(path))
+    url = f"{server.url}/v1/completions"
+    erin = {"Authorization": "Bearer sk-erin"}
+    # Answers that stop after a word give back the rest of their 90 (charged 92 each and
+    # given nothing back, they would leave the bucket empty for the requests below).
+    for _ in range(3):
+        r = httpx.post(url, json={"prompt": "x y", "max_tokens": 90, "stop": ["y"]}, headers=erin)
+        assert r.status_code == 200, r.text
+    # At once, the requests could all pass against a full bucket when only their prompts
+    # were charged as they opened: now the third finds the first two's 118s charged
+    # (what the bucket holds by then is between 185 and 200).
+    long = {"prompt": "x y", "max_tokens": 118, "stream": True}
+    with (
+        httpx.stream("POST", url, json=long, headers=erin) as first,
+        httpx.stream("POST", url, json=long, headers=erin) as second,
+    ):
+        assert (first.status_code, second.status_code) == (200, 200)
+        third = httpx.post(url, json=long, headers=erin)
+        assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+
+
 def _serve(*args: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -24,6 +24,7 @@ from tokenspout.server.generation_request import (
     prepare_completion,
     prepare_seed,
 )
+from tokenspout.server.key_admission import charged_ahead, reserved
 from tokenspout.server.request_parsing import validate
 from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, SeedStreamRequest
 from tokenspout.streaming.stream import Stream
@@ -73,6 +74,10 @@ class Takeover:
             prompt, params, resumable=True, owner=record.key or None, meta=record.wire,
             continued=continued,
         )  # fmt: skip
+        key = state.keys.named(record.key) if record.key else None
+        if key is not None:
+            # The dead replica charged the key ahead: given back at the end, as it would have.
+            reserved(state, [stream], charged_ahead(key, generation.params.max_tokens))
         if prompt is None:
             stream.receive(EngineOutput("", 0, record.prompt_tokens, tokens, "length"))
         return stream

@@ -155,6 +155,10 @@ class KeyStore:
             return None
         return found
 
+    def named(self, name: str) -> ApiKey | None:
+        """The key of this name in use now, if any."""
+        return next((k for k in self._by_hash.values() if k.name == name), None)
+
     def current(self, key: ApiKey) -> ApiKey | None:
         """``key`` as the keys now in use have it (its limits may have changed on a
         reload), or None once it was revoked."""

@@ -13,14 +13,14 @@ if TYPE_CHECKING:
     from tokenspout.streaming.stream import Stream
 
 
-def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int, n: int = 1) -> None:
+def admit_key(state: ServerState, key: ApiKey, model: str, tokens: int, n: int = 1) -> None:
     """Raise 403 for a model the key may not use, 429 over one of its limits; otherwise
     the key's new request and its ``n`` streams are counted (``stream_ended`` gives each
-    stream back)."""
+    stream back). ``tokens``: what the request is charged now (``charged_ahead``)."""
     check_model(state, key, model)
     check_choices(key, n)
     try:
-        state.key_limiter.admit(key, prompt_tokens, n)
+        state.key_limiter.admit(key, tokens, n)
     except RateLimitError as err:
         state.key_metrics.refused(key.name, err.limit)
         raise
@@ -28,7 +28,7 @@ def admit_key(state: ServerState, key: ApiKey, model: str, prompt_tokens: int, n
 
 
 async def admit_shared(
-    state: ServerState, key: ApiKey | None, model: str, prompt_tokens: int, n: int = 1
+    state: ServerState, key: ApiKey | None, model: str, tokens: int, n: int = 1
 ) -> None:
     """With ``--redis-url``: the server's and the key's limits for ``n`` new streams,
     counted across replicas in one atomic check (429 over one of them; 503 while Redis is
@@ -38,13 +38,29 @@ async def admit_shared(
         check_choices(key, n)
     assert state.cluster is not None and state.cluster.admission is not None
     try:
-        await state.cluster.admission.admit(key, prompt_tokens, n)
+        await state.cluster.admission.admit(key, tokens, n)
     except RateLimitError as err:
         if key is not None:
             state.key_metrics.refused(key.name, err.limit)
         raise
     if key is not None:
         state.key_metrics.admitted(key.name, n)
+
+
+def charged_ahead(key: ApiKey, max_tokens: int) -> int:
+    """What a key with a tokens-per-minute limit is charged ahead for each stream as a
+    request is admitted (besides its prompt): the stream's ``max_tokens``, which
+    ``stream_ended`` gives back less what the stream generated. Charged only at the end,
+    concurrent requests were all admitted while the bucket was still full: 20 of 1,000
+    tokens each on a key of 60 a minute. Nothing for a key without the limit."""
+    return 0 if key.tokens_per_minute is None else max_tokens
+
+
+def reserved(state: ServerState, streams: list[Stream], ahead: int) -> None:
+    """Record what each of a key's new streams was charged ahead (``charged_ahead``)."""
+    if ahead:
+        for stream in streams:
+            state.key_reserved[stream.id] = ahead
 
 
 def check_choices(key: ApiKey, n: int) -> None:
@@ -76,17 +92,22 @@ def stream_ended(state: ServerState, stream: Stream) -> None:
     if stream.owner is None:
         return
     completion = stream.end.completion_tokens if stream.end is not None else 0
-    if state.cluster is not None and state.cluster.admission is not None:
-        state.cluster.admission.finished(stream.owner, completion)
-    else:
-        state.key_limiter.finished(stream.owner, completion)
+    # A stream taken over from a dead replica was charged there: nothing to give back.
+    _finished(state, stream.owner, completion - state.key_reserved.pop(stream.id, 0))
     state.key_metrics.finished(stream.owner, stream.prompt_tokens, completion)
 
 
-def release_key(state: ServerState, key_name: str) -> None:
-    """An admitted stream that could not be opened after all: its slot is given back."""
-    if state.cluster is not None and state.cluster.admission is not None:
-        state.cluster.admission.finished(key_name, 0)
-    else:
-        state.key_limiter.finished(key_name, 0)
+def release_key(state: ServerState, key_name: str, max_tokens: int) -> None:
+    """An admitted stream that could not be opened after all: its slot is given back, and
+    what it was charged ahead."""
+    _finished(state, key_name, -max_tokens)
     state.key_metrics.finished(key_name, 0, 0)
+
+
+def _finished(state: ServerState, key_name: str, tokens: int) -> None:
+    """A stream of ``key_name`` ended: its slot back, ``tokens`` more charged (fewer than 0:
+    given back)."""
+    if state.cluster is not None and state.cluster.admission is not None:
+        state.cluster.admission.finished(key_name, tokens)
+    else:
+        state.key_limiter.finished(key_name, tokens)

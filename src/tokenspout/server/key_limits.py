@@ -4,9 +4,11 @@ Behind the small ``KeyLimiter`` interface so that a limiter shared by replicas (
 take the in-memory one's place. Both minute limits are token buckets (capacity: the limit;
 refill: the limit per 60 s), as LiteLLM's proxy limits behave: a key may burst up to its
 minute's worth and then gets its share back continuously. Tokens are prompt + completion:
-the prompt is charged when a request is admitted and the completion when its stream ends,
-so a request is admitted while the key's token balance is positive and a long answer can
-take the balance below zero (the next requests wait until it refills).
+a request is charged its prompt and each stream's ``max_tokens`` when admitted, and each
+stream gives back what it did not generate when it ends (``key_admission``). A request is
+admitted while the key's token balance is positive, so one request may take the balance
+below zero (the next ones wait until it refills), but requests at once cannot all be
+admitted against the same full bucket.
 """
 
 from __future__ import annotations

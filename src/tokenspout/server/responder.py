@@ -19,7 +19,13 @@ from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.server.generation_request import GenerationRequest, ReadSettings
-from tokenspout.server.key_admission import admit_key, admit_shared, release_key
+from tokenspout.server.key_admission import (
+    admit_key,
+    admit_shared,
+    charged_ahead,
+    release_key,
+    reserved,
+)
 from tokenspout.server.request_trace import start_root
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
@@ -80,29 +86,38 @@ async def _open_admitted(
         return await _open_shared(state, generation, key)
     if key is None:
         return _open(state, generation, None)
-    admit_key(state, key, generation.wire.model, generation.prompt.num_tokens, generation.n)
+    ahead = charged_ahead(key, generation.params.max_tokens)
+    tokens = generation.prompt.num_tokens + generation.n * ahead
+    admit_key(state, key, generation.wire.model, tokens, generation.n)
+    return _open_keyed(state, generation, key.name, ahead)
+
+
+def _open_keyed(
+    state: ServerState, generation: GenerationRequest, key: str, ahead: int
+) -> Stream | StreamGroup:
+    """``_open`` for an admitted key: what each of its streams was charged ahead is
+    recorded, and given back with their slots if they cannot open."""
     try:
-        return _open(state, generation, key.name)
+        stream = _open(state, generation, key)
     except BaseException:
         for _ in range(generation.n):
-            release_key(state, key.name)
+            release_key(state, key, ahead)
         raise
+    reserved(state, stream.streams if isinstance(stream, StreamGroup) else [stream], ahead)
+    return stream
 
 
 async def _open_shared(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None
 ) -> Stream | StreamGroup:
     assert state.cluster is not None
-    await admit_shared(
-        state, key, generation.wire.model, generation.prompt.num_tokens, generation.n
-    )
-    try:
-        stream = _open(state, generation, None if key is None else key.name)
-    except BaseException:
-        if key is not None:
-            for _ in range(generation.n):
-                release_key(state, key.name)
-        raise
+    ahead = 0 if key is None else charged_ahead(key, generation.params.max_tokens)
+    tokens = generation.prompt.num_tokens + generation.n * ahead
+    await admit_shared(state, key, generation.wire.model, tokens, generation.n)
+    if key is None:
+        stream = _open(state, generation, None)
+    else:
+        stream = _open_keyed(state, generation, key.name, ahead)
     if isinstance(stream, Stream):
         try:
             await state.cluster.opened(stream, generation)

@@ -34,6 +34,9 @@ class ServerState:
     keys: KeyStore = field(init=False)
     key_limiter: KeyLimiter = field(init=False)
     key_metrics: KeyMetrics = field(init=False)
+    #: Tokens each open stream of a key was charged ahead (its ``max_tokens``), by stream
+    #: id: given back, less what it generated, when it ends (``key_admission``).
+    key_reserved: dict[str, int] = field(init=False, default_factory=dict)
     ready: bool = False
     draining: bool = False
     #: Unix time the server started: the ``created`` of the models it lists.
