@@ -68,7 +68,9 @@ async def probe_health(port: int, result: AttackResult, stop: asyncio.Event) -> 
         try:
             async with asyncio.timeout(10):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-                writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                writer.write(
+                    b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+                )
                 status, _ = await _read_response(reader)
                 writer.close()
             result.health.append(time.perf_counter() - started)
@@ -99,7 +101,7 @@ async def key_flood(
     result = AttackResult("key flood", f"{total} requests from one key at <= {rate_per_s:g}/s")
     body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
     request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
     started = time.perf_counter()
@@ -144,7 +146,7 @@ async def slowloris(
             return
         held = asyncio.ensure_future(hold.wait())
         try:
-            writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            writer.write(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             deadline = time.monotonic() + max_s
             while not hold.is_set() and time.monotonic() < deadline:
                 read = asyncio.ensure_future(reader.read(1024))
@@ -178,7 +180,7 @@ async def idle_websockets(
     result = AttackResult("idle WebSockets", f"{sockets} WebSockets that send nothing")
     query = "" if key is None else f"?api_key={key}"
     handshake = (
-        f"GET /v1/ws{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        f"GET /v1/ws{query} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
@@ -233,7 +235,7 @@ async def body_flood(
     result = AttackResult("oversized chunked bodies", f"{requests} x {body_mb} MB chunked")
     auth = "" if key is None else f"Authorization: Bearer {key}\r\n"
     head = (
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"{auth}Transfer-Encoding: chunked\r\n\r\n"
     ).encode()
     statuses = await asyncio.gather(
@@ -246,7 +248,7 @@ async def body_flood(
 async def header_flood(port: int, *, requests: int, header_mb: int) -> AttackResult:
     """Requests whose one header never ends (``header_mb`` MB at most), all at once."""
     result = AttackResult("never-ending headers", f"{requests} x {header_mb} MB header")
-    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+    head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: "
     statuses = await asyncio.gather(
         *(_send_until_answered(port, head, b"a" * 65536, header_mb * 16) for _ in range(requests))
     )

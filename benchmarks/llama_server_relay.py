@@ -66,7 +66,8 @@ def ttft(port: int) -> float:
     with socket.create_connection(("127.0.0.1", port)) as sock:
         start = time.perf_counter()
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
             + body
         )
@@ -93,7 +94,8 @@ def cancel_once(front: int, llama: httpx.Client) -> float:
     ).encode()  # fmt: skip
     sock = socket.create_connection(("127.0.0.1", front))
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

@@ -56,7 +56,7 @@ class Streams:
         self.errors: collections.Counter[str] = collections.Counter()
         body = json.dumps({"prompt": PROMPT, "max_tokens": tokens}).encode()
         self.request = (
-            b"POST /v1/completions/stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"POST /v1/completions/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
             b"Content-Type: application/json\r\nContent-Length: "
             + str(len(body)).encode() + b"\r\n\r\n" + body
         )  # fmt: skip
