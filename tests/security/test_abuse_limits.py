@@ -7,6 +7,7 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -125,3 +126,13 @@ def test_tls(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
         httpx.get(f"{server.url}/health")
     with pytest.raises(httpx.RemoteProtocolError):  # and no plain HTTP on the port
         httpx.get(f"http://127.0.0.1:{server.port}/health")
+    # A file missing, or a key that is not the certificate's: one line naming them, exit 2.
+    for certfile, keyfile in ((tmp_path / "none.pem", key), (key, cert)):
+        out = subprocess.run(
+            [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
+             "--ssl-certfile", str(certfile), "--ssl-keyfile", str(keyfile)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        lines = [line for line in out.stderr.splitlines() if "SYNTHETIC" not in line]
+        assert out.returncode == 2 and len(lines) == 1, out.stderr
+        assert str(certfile) in lines[0] and "cannot be loaded" in lines[0]

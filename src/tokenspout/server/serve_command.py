@@ -7,6 +7,7 @@ combination of them, that cannot work is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import fields
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
@@ -252,6 +253,8 @@ def serve(
             # Checked before the model loads, whole (names and secrets used twice, with
             # --api-key's too): a broken keys file is one line and exit 2.
             KeyStore(config.api_key, config.api_keys_file)
+        if config.ssl_certfile is not None and config.ssl_keyfile is not None:
+            _check_tls(config.ssl_certfile, config.ssl_keyfile)
         if config.redis_url is not None:
             # Also before the model loads: an unreachable Redis is one line and exit 2.
             from tokenspout.cluster.redis_link import check_reachable
@@ -285,6 +288,18 @@ def serve(
 
     application = create_app(built, config)
     run(application, application.state.tokenspout, host=host, port=port, log_level=log_level)
+
+
+def _check_tls(certfile: str, keyfile: str) -> None:
+    """Load the certificate and key as uvicorn will, before the model loads: a missing file
+    or a key that is not the certificate's is one line naming the files, not a traceback."""
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"--ssl-certfile {certfile} and --ssl-keyfile {keyfile} cannot be loaded: {reason}"
+        ) from None
 
 
 def _engine(name: EngineName, **opts: Any) -> Engine:
