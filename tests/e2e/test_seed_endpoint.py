@@ -67,3 +67,19 @@ def test_ndjson_by_accept(synthetic_server: RunningServer) -> None:
     assert r.headers["content-type"] == "application/x-ndjson"
     lines = [json.loads(line) for line in r.text.splitlines() if line]
     assert "".join(obj["token"] for obj in lines) == "x y x y "
+
+
+def test_another_sites_pages_cannot_start_a_generation_by_get(start_server) -> None:  # type: ignore[no-untyped-def]
+    # A GET needs no preflight: any page could make a browser start generations here.
+    server: RunningServer = start_server()
+    url = f"{server.url}/v1/completions/stream?prompt=a&max_tokens=2"
+    for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site"}):
+        r = httpx.get(url, headers=headers)
+        assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied", headers
+    same = {"Origin": server.url, "Sec-Fetch-Site": "same-origin"}
+    assert httpx.get(url, headers=same).status_code == 200
+    assert httpx.get(url).status_code == 200  # no browser: neither header
+    allowed: RunningServer = start_server(allowed_origins=("https://app.example",))
+    page = {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}
+    url = f"{allowed.url}/v1/completions/stream?prompt=a&max_tokens=2"
+    assert httpx.get(url, headers=page).status_code == 200

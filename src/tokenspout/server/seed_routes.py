@@ -9,7 +9,7 @@ from urllib.parse import unquote_plus
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, PermissionDeniedError
 from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import prepare_seed
 from tokenspout.server.request_parsing import parse_body, validate
@@ -17,6 +17,7 @@ from tokenspout.server.responder import respond
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.schemas import SeedStreamRequest
 from tokenspout.server.server_state import state_of
+from tokenspout.server.websocket_handshake import origin_allowed
 
 _QUERY_TYPES = {"max_tokens": int, "seed": int, "temperature": float}
 _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
@@ -89,11 +90,30 @@ async def seed_stream_post(request: Request) -> Response:
     return await respond(state, request, prepare_seed(state, body), True, started)
 
 
+def _check_page(request: Request, allowed: tuple[str, ...]) -> None:
+    """A GET is the one generation a page of another site can start without a preflight
+    (an ``EventSource``, an ``<img>``): refused (403) unless that site's origin is allowed,
+    as a WebSocket from it is. Browsers say where a request comes from: ``Origin`` on an
+    ``EventSource``'s, ``Sec-Fetch-Site`` on every one; other clients send neither."""
+    headers = request.headers
+    origin = headers.get("origin")
+    if origin is not None:
+        ok = origin_allowed(origin, headers.get("host"), allowed)
+    else:
+        ok = headers.get("sec-fetch-site") not in ("cross-site", "same-site") or "*" in allowed
+    if not ok:
+        raise PermissionDeniedError(
+            f"generation from the pages of {origin or 'another site'} is not allowed "
+            "(--allowed-origin)"
+        )
+
+
 async def seed_stream_get(request: Request) -> Response:
     """A reconnecting ``EventSource`` repeats this URL with ``Last-Event-ID``: that resumes
     the same stream instead of starting a new generation."""
     started = time.monotonic()
     state = state_of(request)
+    _check_page(request, state.config.allowed_origins)
     event_id = last_event_id(request)
     if event_id:
         return await resume(state, request, event_id)
