@@ -39,7 +39,10 @@ def test_bench_measures_the_synthetic_ttft(slow_server: RunningServer, tmp_path:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     assert "median TTFT (ms)" in run.stdout
+    # Never to be taken for a model's figures: the table and the JSON say so.
+    assert "SYNTHETIC engine" in run.stdout
     data = json.loads(out.read_text())
+    assert data["synthetic"] is True
     assert data["completed"] == 16 and data["failed"] == 0 and data["concurrency"] == 8
     # Lower bounds only: the synthetic engine cannot be faster than its 100 ms first token
     # and 10 ms steps, while a loaded machine can make anything slower.
@@ -66,6 +69,21 @@ def test_sweep_writes_one_entry_per_concurrency(slow_server: RunningServer, tmp_
     assert [d["concurrency"] for d in data] == [1, 4]
     assert all(d["completed"] == 4 and d["total_output_tokens"] == 20 for d in data)
     assert all(d["protocol"] == "ndjson" and d["model"] == "synthetic" for d in data)
+
+
+def test_a_model_named_otherwise_is_still_labelled_synthetic(
+    start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    server = start_server(SyntheticEngine(), model_aliases=("gpt-4o",))
+    out = tmp_path / "named.json"
+    run = bench(
+        "--url", server.url, "--model", "gpt-4o", "--concurrency", "1", "--num-prompts", "1",
+        "--max-tokens", "2", "--json", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "SYNTHETIC engine" in run.stdout
+    data = json.loads(out.read_text())
+    assert data["model"] == "gpt-4o" and data["synthetic"] is True
 
 
 @pytest.mark.parametrize(

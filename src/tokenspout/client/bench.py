@@ -14,7 +14,7 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -63,6 +63,8 @@ class BenchConfig:
     temperature: float = 0.8
     ignore_eos: bool = False
     model: str | None = None
+    #: The server said it serves the model with tokenspout's synthetic engine (labelled).
+    synthetic: bool = False
     api_key: str | None = None
     #: Limit for one request, start to end.
     timeout_s: float = 600.0
@@ -275,16 +277,22 @@ async def run_level(
     return LevelResult(concurrency, summary, results)
 
 
-async def discover_model(config: BenchConfig) -> str | None:
-    """The first model ``GET /v1/models`` lists (vLLM and Ollama need one in the body);
-    None when the server does not say."""
+async def discover_model(config: BenchConfig) -> BenchConfig:
+    """``config`` with its model (the first ``GET /v1/models`` lists, when not given: vLLM
+    and Ollama need one in the body) and whether the server serves it with tokenspout's
+    synthetic engine, which every result must say. Unchanged when the server does not say."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     try:
         async with httpx.AsyncClient(base_url=config.base_url, headers=headers) as client:
             response = await client.get("/v1/models", timeout=10.0)
-            return str(response.json()["data"][0]["id"])
-    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
-        return None
+            entries = [e for e in response.json()["data"] if isinstance(e, dict)]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return config
+    if config.model is None and not entries:
+        return config
+    model = config.model if config.model is not None else str(entries[0].get("id"))
+    entry = next((e for e in entries if e.get("id") == model), {})
+    return replace(config, model=model, synthetic=entry.get("owned_by") == "tokenspout-synthetic")
 
 
 async def run_sweep(

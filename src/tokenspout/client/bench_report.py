@@ -15,9 +15,11 @@ from tokenspout.client.bench_metrics import LATENCIES, PERCENTILES
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 
 
-def table(levels: Sequence[LevelResult]) -> Table:
-    """One column per concurrency level, one row per figure."""
-    out = Table(title="tokenspout bench")
+def table(levels: Sequence[LevelResult], *, synthetic: bool = False) -> Table:
+    """One column per concurrency level, one row per figure; the title says when the server
+    was tokenspout's synthetic engine (never to be taken for a model's figures)."""
+    title = "tokenspout bench: SYNTHETIC engine (not a language model)" if synthetic else None
+    out = Table(title=title or "tokenspout bench")
     out.add_column("")
     for level in levels:
         out.add_column(f"concurrency {level.concurrency}", justify="right")
@@ -48,6 +50,7 @@ def to_json(config: BenchConfig, levels: Sequence[LevelResult]) -> Any:
         "endpoint": config.endpoint.value,
         "protocol": config.protocol.value,
         "model": config.model,
+        "synthetic": config.synthetic,
         "max_tokens": config.max_tokens,
         "request_rate": None if config.request_rate == float("inf") else config.request_rate,
         "ignore_eos": config.ignore_eos,

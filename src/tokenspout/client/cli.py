@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -121,10 +120,10 @@ def bench(
         raise typer.BadParameter(
             "needs matplotlib: pip install 'tokenspout[bench]'", param_hint="--plot"
         )
-    if config.model is None and config.endpoint is not BenchEndpoint.seed:
-        config = replace(config, model=asyncio.run(discover_model(config)))
+    if config.endpoint is not BenchEndpoint.seed or config.model is not None:
+        config = asyncio.run(discover_model(config))
     levels_done = _run_with_progress(config, levels, slos)
-    Console().print(bench_report.table(levels_done))
+    Console().print(bench_report.table(levels_done, synthetic=config.synthetic))
     if json_path is not None:
         bench_report.write_json(json_path, config, levels_done)
     if plot_path is not None:
