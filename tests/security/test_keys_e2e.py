@@ -181,6 +181,11 @@ def test_wrong_key_and_disallowed_model(tenants: RunningServer) -> None:
     carol = {"Authorization": "Bearer sk-carol-secret"}
     r = httpx.post(url, json=body, headers=carol)
     assert r.status_code == 403 and r.json()["error"]["param"] == "model"
+    # Nor is carol shown the model she may not use; the others are.
+    models = f"{tenants.url}/v1/models"
+    assert httpx.get(models, headers=carol).json()["data"] == []
+    assert httpx.get(f"{models}/synthetic", headers=carol).status_code == 404
+    assert [m["id"] for m in httpx.get(models, headers=BOB).json()["data"]] == ["synthetic"]
     # /metrics: only with its own key.
     assert httpx.get(f"{tenants.url}/metrics").status_code == 401
     assert httpx.get(f"{tenants.url}/metrics", headers=ALICE).status_code == 401

@@ -8,6 +8,10 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tokenspout.errors import ModelNotFoundError, PermissionDeniedError
+from tokenspout.server import key_admission
+from tokenspout.server.api_keys import ApiKey
+from tokenspout.server.auth import key_of
 from tokenspout.server.generation_request import check_model
 from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
@@ -67,19 +71,43 @@ def _model_entries(state: ServerState) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def _visible(request: Request, state: ServerState) -> dict[str, dict[str, Any]]:
+    """The models the request's key may use (all without keys): a key is not shown the
+    others, which it gets 403 for."""
+    key = key_of(request)
+    if key is None:
+        return _model_entries(state)
+    return {
+        name: entry
+        for name, entry in _model_entries(state).items()
+        if _may_use(state, key, entry["root"])
+    }
+
+
+def _may_use(state: ServerState, key: ApiKey, model: str) -> bool:
+    try:
+        key_admission.check_model(state, key, model)
+    except PermissionDeniedError:
+        return False
+    return True
+
+
 @api.get("/v1/models")
 async def models(request: Request) -> Response:
-    entries = _model_entries(state_of(request))
+    entries = _visible(request, state_of(request))
     return JSONResponse({"object": "list", "data": list(entries.values())})
 
 
 @api.get("/v1/models/{model_id:path}")
 async def model(request: Request, model_id: str) -> Response:
     """One served model (the SDK's ``models.retrieve``); the answer a request naming it
-    would get otherwise (404 naming those served)."""
+    would get otherwise (404 naming those served; 404 too for one the key may not use)."""
     state = state_of(request)
     check_model(state, model_id)
-    return JSONResponse(_model_entries(state)[model_id])
+    entry = _visible(request, state).get(model_id)
+    if entry is None:
+        raise ModelNotFoundError(f"the model {model_id!r} does not exist", param="model")
+    return JSONResponse(entry)
 
 
 @api.get("/v1/streams/{stream_id}")
