@@ -93,7 +93,10 @@ def attributes(span: Span) -> dict[str, object]:
     out: dict[str, object] = {}
     for kv in span.attributes:
         kind = kv.value.WhichOneof("value")
-        out[kv.key] = getattr(kv.value, kind)
+        value = getattr(kv.value, kind)
+        if kind == "array_value":  # OTLP's string[]: a tuple of its strings
+            value = tuple(v.string_value for v in value.values)
+        out[kv.key] = value
     return out
 
 
@@ -129,7 +132,7 @@ def test_a_streamed_request_is_one_trace_under_the_incoming_traceparent(
     a = attributes(root)
     assert a["tokenspout.stream_id"] == stream_id
     assert a["tokenspout.transport"] == "sse" and a["tokenspout.endpoint"] == "chat"
-    assert a["gen_ai.response.finish_reasons"] == "length"
+    assert a["gen_ai.response.finish_reasons"] == ("length",)
     assert a["gen_ai.usage.output_tokens"] == 12
     assert a["gen_ai.usage.input_tokens"] == 2
     assert a["tokenspout.status"] == "ok"
@@ -180,7 +183,7 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
     assert attributes(json_root)["tokenspout.transport"] == "json"
     assert attributes(json_root)["gen_ai.usage.output_tokens"] == 4
     cancelled = roots["POST /v1/chat/completions"]
-    assert attributes(cancelled)["gen_ai.response.finish_reasons"] == "cancelled"
+    assert attributes(cancelled)["gen_ai.response.finish_reasons"] == ("cancelled",)
     aborts = [e for e in cancelled.events if e.name == "abort"]
     assert len(aborts) == 1 and attributes(aborts[0]) == {"tokenspout.abort_reason": "cancelled"}
 

@@ -161,7 +161,8 @@ def _export(tracer: trace.Tracer, traced: RequestTrace, status: str, now: float)
     if end is not None:
         attributes["gen_ai.usage.output_tokens"] = end.completion_tokens
         if end.finish_reason is not None:
-            attributes["gen_ai.response.finish_reasons"] = end.finish_reason
+            # A string array in the GenAI semantic conventions (one per choice).
+            attributes["gen_ai.response.finish_reasons"] = [end.finish_reason]
     if record.resumed:
         attributes["tokenspout.resumed"] = True
     if early is None:
