@@ -283,6 +283,22 @@ def test_a_call_cut_in_its_closing_markup_or_by_a_stop_string(server: RunningSer
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize(
+    "constraint",
+    [{"guided_regex": r"[^\s\S]"}, {"structured_outputs": {"regex": r"a[^\s\S]"}}],
+    ids=["nothing", "nothing after a"],
+)
+def test_a_grammar_that_matches_no_text_is_an_error_not_an_empty_stop(
+    server: RunningServer, constraint: dict
+) -> None:
+    # llguidance leaves only the end token for it: that was "" with finish_reason "stop",
+    # an answer that does not match the grammar.
+    body = {"prompt": "Answer:", "max_tokens": 5, **constraint}
+    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "grammar_failed"
+
+
 @pytest.mark.slow
 def test_a_grammar_that_fails_while_generating_ends_in_an_error(server: RunningServer) -> None:
     # llguidance builds this pattern's lexer lazily and gives up on it after the first

@@ -433,6 +433,11 @@ class LLMEngine(Engine):
         if token in stop_ids or (
             not seq.params.ignore_eos and token in self._runner().tokenizer.eos_token_ids
         ):
+            if token not in stop_ids and req.matcher is not None and req.matcher.is_error():
+                # The grammar allowed nothing more (it matches no text at all): llguidance
+                # leaves only the end token then, and that answer would not match it.
+                error = req.matcher.get_error().splitlines()[0]
+                raise GrammarFailedError(f"the grammar failed: {error}")
             # A stop token's own text (and logprob) is not part of the output.
             reason, text = "stop", req.detokenizer.flush()
         else:
