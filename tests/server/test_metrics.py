@@ -124,6 +124,28 @@ def test_log_prompts_puts_the_prompt_in_the_line(start_server, caplog) -> None: 
     assert "visible words" in line["prompt"]
 
 
+def test_a_stream_ended_by_the_shutdown_is_logged_as_such(start_server, caplog) -> None:  # type: ignore[no-untyped-def]
+    # As the drain ends it: an error event, but the server's doing, not a failure ("error").
+    from tokenspout.errors import ShuttingDownError
+
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
+    body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}
+    with (
+        caplog.at_level(logging.INFO, logger="tokenspout.requests"),
+        httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        next(lines)
+        stream = server.state.streams.get(r.headers["x-stream-id"])
+        stream.loop.call_soon_threadsafe(stream.fail, ShuttingDownError("bye"), "shutdown")  # type: ignore[union-attr]
+        for _ in lines:  # to the stream's end: [DONE]
+            pass
+        labels = 'endpoint="chat",status="shutdown",transport="sse"'
+        server.wait_metric("tokenspout_requests_total", 1, labels=labels)
+    (line,) = request_lines(caplog)
+    assert line["status"] == "shutdown"
+
+
 def test_a_stream_cancelled_by_id_is_counted_cancelled_not_ok(start_server) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
     body = {"messages": [{"role": "user", "content": "w"}], "max_tokens": 1000, "stream": True}

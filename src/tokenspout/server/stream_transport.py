@@ -12,7 +12,8 @@ event of the cursor: encode, send", and nothing else. Here, for all of them:
   ====================================  ==================  ===========================
   what happened                         status              detach reason
   ====================================  ==================  ===========================
-  the stream's end was sent             ok / error          none (it is over)
+  the stream's end was sent             ok / error /        none (it is over)
+                                        shutdown
   the connection was stopped (race)     its reason          the same
   the peer went away while sending      client_disconnect   client_disconnect
   anything else (a bug)                 error               error, after an error event
@@ -142,7 +143,9 @@ class StreamTransport(ABC):
         if end is None:
             return "incomplete"
         if end.error is not None:
-            return "error"
+            # Ended by the server (shutdown) rather than by a failure: said as the trace's
+            # abort_reason says it.
+            return "shutdown" if self.stream.abort_reason == "shutdown" else "error"
         # Cancelled by id: not "ok", as requests_aborted{reason="cancelled"} counts it too.
         return "cancelled" if end.finish_reason == "cancelled" else "ok"
 
