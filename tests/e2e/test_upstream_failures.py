@@ -255,6 +255,9 @@ def test_a_4xx_is_the_clients_and_passes_through(
     r = httpx.post(f"{server.url}{path}", json=streamed)
     assert r.status_code == 422 and r.json()["error"] == error
     assert fault.stats()["received"] == received + 1, "a 4xx is not retried"
+    # So with n choices, each its own upstream request.
+    r = httpx.post(f"{server.url}{path}", json={**streamed, "n": 2})
+    assert r.status_code == 422 and r.json()["error"] == error
 
 
 def test_a_stream_begins_when_the_upstream_accepts_it_not_at_its_first_token(

@@ -90,7 +90,7 @@ class EventStreamResponse(Response, StreamTransport):
         self._started = False
         #: A new stream of an engine that may refuse it after submit (``refuses_late``)
         #: waits this long at most for the engine's first word before the 200 goes out.
-        late = state.engine.refuses_late and isinstance(stream, Stream) and not resumed
+        late = state.engine.refuses_late and not resumed
         self._wait_begun_s = reading.heartbeat_s if late else 0.0
         #: It was refused before it began: the whole response was the error.
         self._refused = False
@@ -114,15 +114,17 @@ class EventStreamResponse(Response, StreamTransport):
             await self._write_raw(b"", more_body=False)
 
     async def opened(self) -> None:
-        if self._wait_begun_s and isinstance(self.stream, Stream):
+        if self._wait_begun_s:
             await self.stream.wait_begun(self._wait_begun_s)
-            end = self.stream.end
-            if end is not None and end.error is not None and not self.stream.length:
+            refusal = self.stream.refused()
+            if refusal is not None:
                 # Refused before any of it: the error's own status (an upstream's 400,
-                # 429 with Retry-After, 503), not a 200 with an error event.
+                # 429 with Retry-After, 503), not a 200 with an error event. The other
+                # choices of a group stop too: nobody reads them.
                 assert self._send_asgi is not None
                 self._refused = True
-                await send_error(self._send_asgi, end.error, self.stream.id)
+                self.stream.abort("error")
+                await send_error(self._send_asgi, refusal, self.stream.id)
                 return
         await self._start()
         if self._opening:

@@ -191,6 +191,11 @@ class Stream:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)
 
+    def refused(self) -> TokenspoutError | None:
+        """The error the stream ended with before producing anything, if it did."""
+        end = self.end
+        return end.error if end is not None and not self.length else None
+
     async def wait_begun(self, timeout_s: float) -> None:
         """Wait, at most ``timeout_s``, for the engine's first output or the stream's end."""
         if self.begun:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tokenspout.errors import StreamNotResumableError
+from tokenspout.errors import StreamNotResumableError, TokenspoutError
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream, StreamEnd
 from tokenspout.streaming.subscription import (
@@ -100,6 +100,19 @@ class StreamGroup:
     @property
     def finished(self) -> bool:
         return self.end is not None
+
+    async def wait_begun(self, timeout_s: float) -> None:
+        """``Stream.wait_begun`` for every choice, within one ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        for s in self.streams:
+            await s.wait_begun(max(0.0, deadline - loop.time()))
+
+    def refused(self) -> TokenspoutError | None:
+        """The error of a choice that failed before any choice produced anything."""
+        if self.length:
+            return None
+        return next((s.end.error for s in self.streams if s.end and s.end.error), None)
 
     @property
     def readers(self) -> int:
