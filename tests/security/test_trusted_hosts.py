@@ -8,9 +8,13 @@ import httpx
 import pytest
 
 from tests.conftest import RunningServer
-from tokenspout.server.trusted_hosts import host_allowed, trusted_names
+from tokenspout.errors import ConfigError
+from tokenspout.server.trusted_hosts import host_allowed, is_loopback, trusted_names
 
-NAMES = trusted_names(("proxy.example",), ("https://page.example:8443",))
+NAMES = trusted_names(
+    ("proxy.example", "Other.Example:8080", "http://web.example", "*.wild.example"),
+    ("https://page.example:8443",),
+)
 
 
 @pytest.mark.parametrize(
@@ -25,9 +29,18 @@ NAMES = trusted_names(("proxy.example",), ("https://page.example:8443",))
         ("proxy.example", True),  # --allowed-host
         ("page.example:8443", True),  # an --allowed-origin's host
         (None, True),  # no Host: not a browser
+        ("other.example", True),  # given with a port
+        ("web.example:80", True),  # given as a URL
+        ("a.wild.example", True),  # *.wild.example
+        ("localhost.:8000", True),  # a final dot: the same name
+        ("proxy.example.", True),
         ("attacker.example:8000", False),
         ("localhost.attacker.example", False),
+        ("wild.example", False),  # *.wild.example is its subdomains
         ("", False),
+        ("[::1", False),  # malformed: refused, not a 500
+        ("]", False),
+        ("[evil.example]", False),
     ],
 )
 def test_names_that_mean_this_machine(host: str | None, allowed: bool) -> None:
@@ -36,6 +49,17 @@ def test_names_that_mean_this_machine(host: str | None, allowed: bool) -> None:
 
 def test_a_star_allows_any_name() -> None:
     assert host_allowed("attacker.example", trusted_names(("*",), ()))
+
+
+@pytest.mark.parametrize("bad", ["[::1", "http://", ":8080"])
+def test_an_allowed_host_that_is_no_name_is_a_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError, match="is not a host name"):
+        trusted_names((bad,), ())
+
+
+def test_a_name_that_resolves_to_loopback_only_is_loopback() -> None:
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("")
 
 
 def test_a_rebound_name_is_refused_on_http_and_websocket(start_server) -> None:  # type: ignore[no-untyped-def]

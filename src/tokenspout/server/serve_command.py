@@ -19,6 +19,7 @@ from tokenspout.engine.weight_formats import FORMATS
 from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
 from tokenspout.server.api_keys import KeyStore
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.trusted_hosts import trusted_names
 
 if TYPE_CHECKING:
     from tokenspout.engine.interface import Engine
@@ -253,6 +254,7 @@ def serve(
             # Checked before the model loads, whole (names and secrets used twice, with
             # --api-key's too): a broken keys file is one line and exit 2.
             KeyStore(config.api_key, config.api_keys_file)
+        trusted_names(config.allowed_hosts, config.allowed_origins)  # each a host name
         if config.ssl_certfile is not None and config.ssl_keyfile is not None:
             _check_tls(config.ssl_certfile, config.ssl_keyfile)
         if config.redis_url is not None:
@@ -294,7 +296,9 @@ def _check_tls(certfile: str, keyfile: str) -> None:
     """Load the certificate and key as uvicorn will, before the model loads: a missing file
     or a key that is not the certificate's is one line naming the files, not a traceback."""
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        # No passphrase: an encrypted key is refused here rather than prompted for.
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(

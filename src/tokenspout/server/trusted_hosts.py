@@ -27,21 +27,45 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from tokenspout.errors import PermissionDeniedError
+from tokenspout.errors import ConfigError, PermissionDeniedError
 from tokenspout.protocols.openai_errors import error_body
 
 
-def is_loopback(address: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` listens on loopback addresses only (a name is resolved:
+    ``/etc/hosts`` may point any name at 127.0.0.1)."""
     try:
-        return ipaddress.ip_address(address).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
-        return address == "localhost"
+        pass
+    try:
+        found = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a[4][0]).is_loopback for a in found)
+
+
+def _name(host: str) -> str | None:
+    """The name of a ``Host`` value or an ``--allowed-host`` (a port, a scheme and a final
+    dot left out, lowercased); None if it is not one."""
+    try:
+        name = urlsplit(host if "://" in host else f"//{host}").hostname
+    except ValueError:  # an unclosed "[" and such
+        return None
+    return name.rstrip(".") or None if name else None
 
 
 def trusted_names(allowed_hosts: tuple[str, ...], allowed_origins: tuple[str, ...]) -> set[str]:
-    """The names besides IP addresses and ``*.localhost``, lowercased."""
-    names = {"localhost", socket.gethostname().lower(), *(h.lower() for h in allowed_hosts)}
-    names.update((urlsplit(o).hostname or "") for o in allowed_origins if o != "*")
+    """The names besides IP addresses and ``*.localhost`` (a ``*.`` one stands for its
+    subdomains); ``ConfigError`` for an ``--allowed-host`` that is no name."""
+    names = {"localhost", socket.gethostname().lower().rstrip(".")}
+    for host in allowed_hosts:
+        wildcard = host.startswith("*.")
+        name = "*" if host == "*" else _name(host[2:] if wildcard else host)
+        if name is None:
+            raise ConfigError(f"--allowed-host {host!r} is not a host name")
+        names.add(f"*.{name}" if wildcard else name)
+    names.update(_name(o) or "" for o in allowed_origins if o != "*")
     names.discard("")
     return names
 
@@ -51,14 +75,17 @@ def host_allowed(host: str | None, names: set[str]) -> bool:
     not a browser's (browsers always send it)."""
     if host is None or "*" in names:
         return True
-    name = urlsplit(f"//{host}").hostname
+    name = _name(host)
     if name is None:
         return False
     try:
         ipaddress.ip_address(name)
         return True
     except ValueError:
-        return name in names or name.endswith(".localhost")
+        pass
+    if name in names or name.endswith(".localhost"):
+        return True
+    return any(n.startswith("*.") and name.endswith(n[1:]) for n in names)
 
 
 class TrustedHostMiddleware:
