@@ -91,3 +91,43 @@ def test_allowed_hosts_and_a_public_bind_take_other_names(start_server) -> None:
     # Bound to every address, it is reachable under any name that points at it anyway.
     public: RunningServer = start_server(host="0.0.0.0")
     assert httpx.get(f"{public.url}/health", headers={"Host": "any.example"}).status_code == 200
+
+
+def test_a_refused_handshake_is_no_error_in_the_servers_log() -> None:
+    # uvicorn logged "ASGI callable returned without completing handshake" at ERROR after
+    # sending every refusal: an attacker's handshakes filled the log with errors.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
+         "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+        for host, origin in ((f"127.0.0.1:{port}", "http://evil.example"), ("evil.example",) * 2):
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(
+                    f"GET /v1/ws HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n"
+                    "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+                )
+                assert sock.recv(1024).startswith(b"HTTP/1.1 403")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert err.count("connection rejected (403 Forbidden)") == 2, err
+    assert "ERROR" not in err, err

@@ -16,6 +16,7 @@ import gc
 import logging
 import signal
 import socket
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -87,13 +88,22 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's WebSocket protocol, with a shutdown that tolerates a connection whose
     client has begun the closing handshake: uvicorn's own sends another close frame, which
     the websockets library refuses (``InvalidState``), and the exception aborted the whole
-    server shutdown (exit status 1). Such a connection only needs its transport closed."""
+    server shutdown (exit status 1). Such a connection only needs its transport closed.
+
+    And a handshake refused with an HTTP answer (403 for a foreign ``Origin`` or ``Host``,
+    401) counts as completed: uvicorn logged "ASGI callable returned without completing
+    handshake" at ERROR for every one, after sending it."""
 
     def shutdown(self) -> None:
         try:
             super().shutdown()
         except InvalidState:
             self.transport.close()
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body"):
+            self.handshake_complete = True
 
 
 def tune_gc() -> None:
