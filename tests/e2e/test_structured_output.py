@@ -204,7 +204,8 @@ def test_named_tool_choice_and_the_tool_result_continues(client: OpenAI) -> None
         temperature=0,
     )
     choice = out.choices[0]
-    assert choice.finish_reason == "tool_calls"
+    # A call it was told to make: "stop", as in OpenAI's and vLLM's answers.
+    assert choice.finish_reason == "stop"
     assert choice.message.content is None
     (call,) = choice.message.tool_calls or []
     assert call.function.name == "get_time"  # type: ignore[union-attr]

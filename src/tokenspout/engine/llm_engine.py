@@ -460,7 +460,7 @@ class LLMEngine(Engine):
                 extras = OutputExtras(logprob=self._token_logprob(token, logprobs))
         if req.tool_parser is not None:
             text, extras = self._parse_tools(req.tool_parser, text, extras, reason)
-            if reason == "stop" and req.tool_parser.complete:
+            if reason == "stop" and req.tool_parser.complete and not seq.params.named_tool:
                 reason = "tool_calls"
         n = len(seq.output_token_ids)
         if req.echo is not None and n == 1:

@@ -89,6 +89,9 @@ class SamplingParams:
     grammar: Grammar | None = None
     #: Output in the generic tool-call format is parsed into ``ToolCallDelta`` extras.
     tool_calls: bool = False
+    #: ``tool_choice`` named the function: the answer that calls it finishes with "stop",
+    #: as OpenAI's and vLLM's do ("tool_calls" is for a call the model chose to make).
+    named_tool: bool = False
     #: The output begins with the prompt's text (completions' ``echo``); with ``logprobs``,
     #: the prompt's tokens come with theirs (``OutputExtras.prompt_logprobs``). With echo,
     #: ``max_tokens`` may be 0: the prompt alone, scored.

@@ -113,6 +113,7 @@ def apply(
                 )
             changes["grammar"] = tools_grammar
             changes["tool_calls"] = True
+            changes["named_tool"] = isinstance(body.tool_choice, NamedToolChoice)
     return replace(params, **changes)
 
 
