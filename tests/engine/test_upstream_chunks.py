@@ -93,6 +93,47 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
                 ),
             ),
         ),
+        (  # a completion's logprobs in the chat's shape, as llama.cpp's server sends them
+            json.dumps(
+                {
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": " blue",
+                            "finish_reason": None,
+                            "logprobs": {
+                                "content": [
+                                    {
+                                        "id": 3,
+                                        "token": " blue",
+                                        "logprob": -0.25,
+                                        "bytes": [32, 98, 108, 117, 101],
+                                        "top_logprobs": [
+                                            {"id": 3, "token": " blue", "logprob": -0.25},
+                                            {"id": 4, "token": " clear", "logprob": -2.0},
+                                        ],
+                                    }
+                                ]
+                            },
+                        }
+                    ]
+                }
+            ),
+            UpstreamChunk(
+                " blue",
+                (),
+                None,
+                None,
+                (
+                    TokenLogprob(
+                        " blue",
+                        b" blue",
+                        -0.25,
+                        ((" blue", b" blue", -0.25), (" clear", b" clear", -2.0)),
+                    ),
+                ),
+            ),
+        ),
         (  # the same token in a chat's shape
             chat(
                 {"content": "Hi"},

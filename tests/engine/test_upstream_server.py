@@ -15,6 +15,9 @@ from tokenspout.engine.upstream_server import context_length, token_counts
     [
         ({"id": "m", "max_model_len": 4096}, 4096),  # vLLM, SGLang, tokenspout
         ({"id": "m", "meta": {"n_vocab": 49152, "n_ctx_train": 8192}}, 8192),  # llama.cpp
+        # ...whose slots hold --ctx-size / --parallel: a longer prompt is refused there.
+        ({"id": "m", "meta": {"n_ctx": 1024, "n_ctx_train": 8192}}, 1024),
+        ({"id": "m", "meta": {"n_ctx": 16384, "n_ctx_train": 8192}}, 8192),
         ({"id": "m", "context_length": 131072}, 131072),  # OpenRouter-style hosted APIs
         ({"id": "m", "max_model_len": 2048, "meta": {"n_ctx_train": 8192}}, 2048),
         ({"id": "m"}, None),  # Ollama, TGI, OpenAI: nothing to report

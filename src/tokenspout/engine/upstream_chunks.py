@@ -126,7 +126,11 @@ def _chat_logprob(entry: dict[str, Any]) -> TokenLogprob:
 
 
 def _completion_logprobs(logprobs: dict[str, Any]) -> tuple[TokenLogprob, ...]:
-    """The legacy completions shape: parallel lists, alternatives as token -> logprob."""
+    """The legacy completions shape: parallel lists, alternatives as token -> logprob; or
+    the chat shape (``content``: one entry per token), which llama.cpp's server sends for
+    completions too."""
+    if "content" in logprobs and "tokens" not in logprobs:
+        return tuple(_chat_logprob(t) for t in logprobs["content"] or ())
     tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
     return tuple(
         TokenLogprob(

@@ -170,18 +170,21 @@ def token_counts(entries: list[dict[str, Any]]) -> TokenCounts | None:
 def context_length(entry: dict[str, Any]) -> int | None:
     """The context length (prompt + output tokens) an upstream's ``/models`` entry gives,
     or None: vLLM, SGLang and tokenspout say ``max_model_len``; llama.cpp's
-    ``llama-server`` says ``meta.n_ctx_train`` (the model's own context, which its
-    ``--ctx-size`` may lower); hosted APIs such as OpenRouter say ``context_length``."""
+    ``llama-server`` says ``meta.n_ctx`` (what one of its slots holds: ``--ctx-size``
+    over ``--parallel``) and ``meta.n_ctx_train`` (the model's own); hosted APIs such as
+    OpenRouter say ``context_length``."""
     meta = entry.get("meta")
-    candidates = (
-        entry.get("max_model_len"),
-        entry.get("context_length"),
-        meta.get("n_ctx_train") if isinstance(meta, dict) else None,
-    )
-    for value in candidates:
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    meta = meta if isinstance(meta, dict) else {}
+    served = [v for v in (meta.get("n_ctx"), meta.get("n_ctx_train")) if _length(v)]
+    for value in (entry.get("max_model_len"), entry.get("context_length")):
+        if _length(value):
             return value
-    return None
+    # The smaller: a prompt longer than a slot is refused whatever the model could take.
+    return min(served) if served else None
+
+
+def _length(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _why(exc: Exception) -> str:
