@@ -150,14 +150,14 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
             ),
             UpstreamChunk("ab", (), None, (3, 4), (), 4),
         ),
-        (  # llama.cpp's timings_per_token
+        (  # llama.cpp's timings_per_token: the prompt computed and from its cache
             json.dumps(
                 {
                     "choices": [{"index": 0, "delta": {"content": "😀"}, "finish_reason": None}],
-                    "timings": {"prompt_n": 3, "predicted_n": 7},
+                    "timings": {"cache_n": 28, "prompt_n": 3, "predicted_n": 7},
                 }
             ),
-            UpstreamChunk("😀", (), None, None, (), 7),
+            UpstreamChunk("😀", (), None, None, (), 7, prompt_tokens=31),
         ),
     ],
 )
@@ -261,3 +261,18 @@ def test_a_chunk_that_is_not_utf8_is_malformed() -> None:
     # "é" in Latin-1: an upstream that does not send UTF-8.
     with pytest.raises(MalformedChunkError, match="not UTF-8"):
         parse_chunk(b'{"choices": [{"delta": {"content": "\xe9"}}]}')
+
+
+def test_a_parts_prompt_tokens_come_from_its_usage_or_else_its_timings() -> None:
+    # Before llama.cpp's last chunk (usage), its timings say the prompt: usage sent along
+    # and a cancelled answer's usage had 0 prompt tokens.
+    from tokenspout.engine.upstream_relay import _Part
+
+    part = _Part(tokens_before=0)
+    assert part.prompt_tokens == 0
+    part.prompt_said = 31
+    assert part.prompt_tokens == 31
+    part.usage = (33, 4)
+    assert part.prompt_tokens == 33
+    # A continuation's prompt holds the answer's tokens before it, which come off.
+    assert _Part(tokens_before=5, prompt_said=36).prompt_tokens == 31

@@ -41,6 +41,9 @@ class UpstreamChunk(NamedTuple):
     reasoning: str = ""
     #: A piece of a refusal (OpenAI's ``refusal``).
     refusal: str = ""
+    #: The prompt's tokens, when a chunk without usage says (llama.cpp's ``timings``:
+    #: ``prompt_n`` computed, ``cache_n`` from its cache).
+    prompt_tokens: int | None = None
 
 
 def parse_chunk(data: str | bytes) -> UpstreamChunk:
@@ -85,15 +88,18 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
             finish is None or isinstance(finish, str)
         ):
             raise TypeError("a text or the finish_reason of the wrong type")
+        prompt: int | None = None
         if usage is not None:
             generated: int | None = usage[1]
         elif (timings := chunk.get("timings")) is not None:
             generated = int(timings["predicted_n"])
+            if "prompt_n" in timings:
+                prompt = int(timings["prompt_n"]) + int(timings.get("cache_n") or 0)
         else:
             generated = None
         output = said or bool(tokens) or finish is not None or bool(generated)
         return UpstreamChunk(
-            text, calls, finish, usage, tokens, generated, output, reasoning, refusal
+            text, calls, finish, usage, tokens, generated, output, reasoning, refusal, prompt
         )
     except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
         raise MalformedChunkError(f"a chunk of an unexpected shape ({exc!r})") from None

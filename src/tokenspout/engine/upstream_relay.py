@@ -107,12 +107,16 @@ class _Part:
     usage: tuple[int, int] | None = None
     #: It has sent some of the answer (``UpstreamChunk.output``).
     output: bool = False
+    #: The prompt's tokens as a chunk without usage said (llama.cpp's timings).
+    prompt_said: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
-        """The request's prompt tokens, once the upstream's usage has said (0 before): a
-        continuation's prompt holds the answer's tokens before it, which come off."""
-        return 0 if self.usage is None else max(0, self.usage[0] - self.tokens_before)
+        """The request's prompt tokens, once the upstream has said (its usage, or its
+        timings before that; 0 before either): a continuation's prompt holds the answer's
+        tokens before it, which come off."""
+        said = self.usage[0] if self.usage is not None else self.prompt_said
+        return 0 if said is None else max(0, said - self.tokens_before)
 
 
 @dataclass
@@ -374,6 +378,9 @@ class UpstreamRelay:
             chunk = parse_chunk(payload)
             if chunk.usage is not None:
                 part.usage = chunk.usage
+                self.prompt_tokens = part.prompt_tokens
+            elif chunk.prompt_tokens is not None and part.prompt_said is None:
+                part.prompt_said = chunk.prompt_tokens
                 self.prompt_tokens = part.prompt_tokens
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
