@@ -97,10 +97,10 @@ def stream_ended(state: ServerState, stream: Stream) -> None:
     state.key_metrics.finished(stream.owner, stream.prompt_tokens, completion)
 
 
-def release_key(state: ServerState, key_name: str, max_tokens: int) -> None:
+def release_key(state: ServerState, key_name: str, ahead: int) -> None:
     """An admitted stream that could not be opened after all: its slot is given back, and
     what it was charged ahead."""
-    _finished(state, key_name, -max_tokens)
+    _finished(state, key_name, -ahead)
     state.key_metrics.finished(key_name, 0, 0)
 
 

@@ -86,10 +86,16 @@ async def _open_admitted(
         return await _open_shared(state, generation, key)
     if key is None:
         return _open(state, generation, None)
-    ahead = charged_ahead(key, generation.params.max_tokens)
-    tokens = generation.prompt.num_tokens + generation.n * ahead
+    tokens, ahead = _charges(generation, key)
     admit_key(state, key, generation.wire.model, tokens, generation.n)
     return _open_keyed(state, generation, key.name, ahead)
+
+
+def _charges(generation: GenerationRequest, key: ApiKey | None) -> tuple[int, int]:
+    """What the request's key is charged as it is admitted, and each stream's share of
+    that beyond the prompt (``charged_ahead``)."""
+    ahead = 0 if key is None else charged_ahead(key, generation.params.max_tokens)
+    return generation.prompt.num_tokens + generation.n * ahead, ahead
 
 
 def _open_keyed(
@@ -111,8 +117,7 @@ async def _open_shared(
     state: ServerState, generation: GenerationRequest, key: ApiKey | None
 ) -> Stream | StreamGroup:
     assert state.cluster is not None
-    ahead = 0 if key is None else charged_ahead(key, generation.params.max_tokens)
-    tokens = generation.prompt.num_tokens + generation.n * ahead
+    tokens, ahead = _charges(generation, key)
     await admit_shared(state, key, generation.wire.model, tokens, generation.n)
     if key is None:
         stream = _open(state, generation, None)
