@@ -34,15 +34,20 @@ from tokenspout.protocols.openai_errors import error_body
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` listens on loopback addresses only (a name is resolved:
     ``/etc/hosts`` may point any name at 127.0.0.1)."""
+    if _loopback_address(host) or host == "localhost":
+        return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        pass
-    try:
-        found = socket.getaddrinfo(host, None)
-    except OSError:
+        found = [a[4][0] for a in socket.getaddrinfo(host, None)]
+    except (OSError, UnicodeError):
         return False
-    return bool(found) and all(ipaddress.ip_address(a[4][0]).is_loopback for a in found)
+    return bool(found) and all(_loopback_address(a) for a in found)
+
+
+def _loopback_address(address: str) -> bool:
+    try:  # without an IPv6 zone ("%eth0")
+        return ipaddress.ip_address(str(address).split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _name(host: str) -> str | None:
