@@ -221,6 +221,10 @@ def test_an_answer_without_tokens_has_empty_logprobs_when_they_were_asked_for() 
         "text_offset": [],
     }
     assert completion().response("", "stop", USAGE)["choices"][0]["logprobs"] is None
+    # An answer with text whose logprobs an upstream did not give (llama.cpp for
+    # logprobs 0): null, not empty lists that would say it had no tokens.
+    assert asked.response("Paris", "stop", USAGE)["choices"][0]["logprobs"] is None
+    assert legacy.response("Paris", "stop", USAGE)["choices"][0]["logprobs"] is None
 
 
 def test_echoed_prompt_logprobs_come_first_the_first_one_null() -> None:

@@ -44,6 +44,8 @@ class _OpenAIChunks:
     continuous_usage: bool = False
     #: Logprobs were asked for: a whole answer without tokens has empty ones, not null (a
     #: client that reads them would fail on null), as OpenAI's and vLLM's servers answer.
+    #: An answer with text but none (an upstream that did not give them: llama.cpp for
+    #: ``logprobs: 0``) has null, never empty lists that would say it had no tokens.
     logprobs: bool = False
     ends_with_done = True
 
@@ -155,7 +157,8 @@ class ChatChunks(_OpenAIChunks):
         return {
             "index": index,
             "message": message,
-            "logprobs": _chat_logprobs(extras) or ({"content": []} if logprobs else None),
+            "logprobs": _chat_logprobs(extras)
+            or ({"content": []} if logprobs and not text else None),
             "finish_reason": finish_reason,
         }
 
@@ -213,7 +216,7 @@ class CompletionChunks(_OpenAIChunks):
             choice = self._choice(text, finish_reason, i)
             choice["logprobs"] = self._logprobs(extras, i) or (
                 {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-                if self.logprobs
+                if self.logprobs and not text
                 else None
             )
             out.append(choice)
