@@ -50,6 +50,10 @@ def test_a_refused_preflight_is_a_json_error(start_server) -> None:  # type: ign
     allowed = httpx.options(server.url + CHAT, headers={"Origin": "https://app.example", **ask})
     assert allowed.status_code == 200
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    # The headers the openai JS SDK sends from a page pass too.
+    sdk = "authorization,content-type,x-stainless-lang,x-stainless-retry-count"
+    sdk_headers = {"Origin": "https://app.example", "Access-Control-Request-Headers": sdk}
+    assert httpx.options(server.url + CHAT, headers={**sdk_headers, **ask}).status_code == 200
 
 
 # 2. A cross-site text/plain or form POST needs no preflight: refused with 415.

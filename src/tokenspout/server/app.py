@@ -165,7 +165,9 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         cors = {
             "allow_origins": list(state.config.allowed_origins),
             "allow_methods": ["GET", "POST"],
-            "allow_headers": ["Authorization", "Content-Type", "Last-Event-ID", "Accept"],
+            # Any header a page's client adds (the openai JS SDK sends x-stainless-*), as
+            # vLLM's server allows: the origin is what is checked.
+            "allow_headers": ["*"],
             "expose_headers": ["X-Stream-Id", "Retry-After"],
         }
         app.add_middleware(JsonCorsMiddleware, **cors)
