@@ -435,8 +435,6 @@ class Stream:
 
     def _finish(self, end: StreamEnd) -> None:
         self.end = end
-        if not self.begun:
-            self._begin()
         if self._grace is not None:
             self._grace.cancel()
         self._notify()
