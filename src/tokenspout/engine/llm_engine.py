@@ -405,16 +405,16 @@ class LLMEngine(Engine):
         req = self._active[seq.seq_id]
         try:
             output = self._detokenize(req, seq, logprobs)
-        except GrammarFailedError as err:
-            logger.warning("request %s: %s", seq.seq_id, err.message)
-            self.scheduler.fail(seq)
-            del self._active[seq.seq_id]
-            return req, err
         except Exception as exc:
-            logger.exception("request %s: detokenizing failed", seq.seq_id)
+            if isinstance(exc, GrammarFailedError):  # the request's grammar, not a bug
+                logger.warning("request %s: %s", seq.seq_id, exc.message)
+                failure: EngineError = exc
+            else:
+                logger.exception("request %s: detokenizing failed", seq.seq_id)
+                failure = EngineError(f"the engine failed on this request: {exc}")
             self.scheduler.fail(seq)
             del self._active[seq.seq_id]
-            return req, EngineError(f"the engine failed on this request: {exc}")
+            return req, failure
         if output.finish_reason is not None:
             self.scheduler.finish(seq)
             del self._active[seq.seq_id]
@@ -436,8 +436,7 @@ class LLMEngine(Engine):
             if token not in stop_ids and req.matcher is not None and req.matcher.is_error():
                 # The grammar allowed nothing more (it matches no text at all): llguidance
                 # leaves only the end token then, and that answer would not match it.
-                error = req.matcher.get_error().splitlines()[0]
-                raise GrammarFailedError(f"the grammar failed: {error}")
+                raise _grammar_failed(req.matcher)
             # A stop token's own text (and logprob) is not part of the output.
             reason, text = "stop", req.detokenizer.flush()
         else:
@@ -448,9 +447,7 @@ class LLMEngine(Engine):
                 if req.matcher.is_error():
                     # An answer that stopped here would not match its grammar; the request
                     # ends with an error (_postprocess), not with a "stop".
-                    # (its first line: the rest dumps the matcher's state and grammar)
-                    error = req.matcher.get_error().splitlines()[0]
-                    raise GrammarFailedError(f"the grammar failed: {error}")
+                    raise _grammar_failed(req.matcher)
                 if req.matcher.is_stopped():
                     # The grammar is complete: only its end could follow.
                     reason, text = "stop", text + req.detokenizer.flush()
@@ -697,6 +694,13 @@ class LLMEngine(Engine):
         if self.runner is None:
             raise EngineError("the engine is not started")
         return self.runner
+
+
+def _grammar_failed(matcher: Any) -> GrammarFailedError:
+    """The error of a request whose ``llguidance.LLMatcher`` is in its error state."""
+    # Its first line: the rest dumps the matcher's state and grammar.
+    error = matcher.get_error().splitlines()[0]
+    return GrammarFailedError(f"the grammar failed: {error}")
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
