@@ -115,22 +115,17 @@ class WebSocketSession:
         try:
             message = wsm.parse_client_message(text, self.state.config.max_json_depth)
         except InvalidRequestError as err:
-            # Named by its id, unless that is a running stream's: the client would read the
-            # error as that stream's end while its deltas and done keep coming.
-            msg_id = None if err.param in self._streams else err.param
-            await self.send(wsm.error(msg_id, err))
+            await self._refuse(err.param, err)
             return
         if isinstance(message, wsm.Cancel):
             await self._cancel(message.id)
             return
         if message.id in self._streams:
-            # Not an error with that id: the client would read it as the running stream's
-            # end while its deltas and done keep coming.
             err = InvalidRequestError(
                 f"a stream with id {message.id!r} is already running: this generate was "
                 "ignored (use a new id)"
             )
-            await self.send(wsm.error(None, err))
+            await self._refuse(message.id, err)
             return
         if self.key is not None:
             # A socket outlives reloads of the keys file: each generate asks for its key
@@ -140,7 +135,7 @@ class WebSocketSession:
                 err = AuthenticationError(
                     "this WebSocket's API key was revoked: open a new one with a valid key"
                 )
-                await self.send(wsm.error(message.id, err))
+                await self._refuse(message.id, err)
                 return
             self.key = key
         if len(self._streams) >= self.state.config.ws_max_streams:
@@ -148,14 +143,14 @@ class WebSocketSession:
                 f"{len(self._streams)} streams are running on this WebSocket, the most it "
                 "may carry; open another socket or wait for one to end"
             )
-            await self.send(wsm.error(message.id, err))
+            await self._refuse(message.id, err)
             return
         started = time.monotonic()
         try:
             generation = self._prepare(message)
             stream = await open_stream(self.state, generation, self.key, started_at=started)
         except TokenspoutError as err:
-            await self.send(wsm.error(message.id, err))
+            await self._refuse(message.id, err)
             return
         prompt = generation.prompt_to_log(self.state.config.log_prompts)
         follower = WebSocketStream(
@@ -165,6 +160,11 @@ class WebSocketSession:
         task = asyncio.create_task(self._follow(follower))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _refuse(self, msg_id: str | None, err: TokenspoutError) -> None:
+        """A message's error, named by its id unless that is a running stream's: the
+        client would read it as that stream's end while its deltas and done keep coming."""
+        await self.send(wsm.error(None if msg_id in self._streams else msg_id, err))
 
     def _prepare(self, message: wsm.Generate) -> GenerationRequest:
         body: BaseModel
