@@ -38,7 +38,8 @@ def _typed(name: str, raw: str, kind: type) -> int | float:
 
 def _query(request: Request) -> list[tuple[str, str]]:
     """The query's parameters, decoded strictly: Starlette's ``query_params`` turn bytes that
-    are not UTF-8 (a lone surrogate's too) into U+FFFD, which a POST body's are refused for."""
+    are not UTF-8 (a lone surrogate's too) into U+FFFD, which a POST body's are refused for.
+    By hand rather than ``parse_qsl(errors="strict")``, whose error names no parameter."""
     pairs = []
     for part in request.scope["query_string"].decode("latin-1").split("&"):
         if not part:
