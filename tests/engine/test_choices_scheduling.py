@@ -1,5 +1,5 @@
 """How the scheduler computes the choices of one request (``n`` sequences of one prompt):
-the prompt once, each choice then its last prompt token; and a prompt whose logprobs are
+the prompt once, the others sampling from its last token's logits; and a prompt whose logprobs are
 asked for (echo) is computed whole, never taken from the prefix cache."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def prefill_tokens(s: Scheduler, steps: int) -> list[int]:
     for _ in range(steps):
         out = s.schedule()
         counts.append(out.num_prefill_tokens)
-        s.postprocess(out, [7] * sum(c.samples for c in out.chunks))
+        s.postprocess(out, [7] * len(out.sampling))
     return counts
 
 
@@ -30,8 +30,8 @@ def test_three_choices_compute_their_shared_prompt_once() -> None:
     for i in range(3):
         s.add(Sequence(f"c{i}", PROMPT))
     # Step 1: the first choice computes all but the last prompt token; the others wait.
-    # Step 2: each choice copies that prefix and computes its own last token.
-    assert prefill_tokens(s, 3) == [39, 3, 0]
+    # Step 2: the first computes the last token; the others take its KV and logits.
+    assert prefill_tokens(s, 3) == [39, 1, 0]
     assert s.prefix_cache.hits == 2
     assert all(len(seq.output_token_ids) == 2 for seq in s.running.values())
 

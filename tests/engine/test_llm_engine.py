@@ -22,6 +22,7 @@ from tokenspout.engine.request import (
     Prompt,
     SamplingParams,
 )
+from tokenspout.engine.scheduler import SchedulerOutput
 from tokenspout.errors import (
     EngineError,
     InvalidRequestError,
@@ -94,8 +95,9 @@ class FakeRunner:
         time.sleep(0.001)  # a step takes time, so that tests can act between steps
         return logits
 
-    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int) -> None:
-        self.kv[dst] = self.kv[src][:num_tokens]
+    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int, *, start: int = 0) -> None:
+        assert len(self.kv[dst]) >= start and len(self.kv[src]) >= num_tokens, "KV hole"
+        self.kv[dst] = [*self.kv[dst][:start], *self.kv[src][start:num_tokens]]
 
 
 @pytest.fixture
@@ -122,6 +124,19 @@ async def wait_for(cond: Callable[[], bool]) -> None:
 
 def text(outs: list[EngineOutput]) -> str:
     return "".join(o.text for o in outs)
+
+
+async def at_once(
+    engine: LLMEngine, prompt: Prompt, params: list[SamplingParams]
+) -> list[list[EngineOutput]]:
+    """Requests submitted while the engine thread is held, so that they start in one step."""
+    with engine._cond:  # the engine thread takes its inbox under this (reentrant) lock
+        tasks = [
+            asyncio.create_task(collect(engine, f"burst{i}", prompt, p))
+            for i, p in enumerate(params)
+        ]
+        await wait_for(lambda: len(engine._inbox) == len(params))
+    return list(await asyncio.gather(*tasks))
 
 
 async def test_generates_until_max_tokens(fake_engine: LLMEngine) -> None:
@@ -324,6 +339,19 @@ async def test_prefix_cache_reuses_a_shared_prompt_prefix(fake_engine: LLMEngine
     assert text(await collect(fake_engine, "c", b, GREEDY)) == out_b
 
 
+async def test_identical_prompts_at_once_compute_the_prompt_once(fake_engine: LLMEngine) -> None:
+    prompt = fake_engine.encode_completion("the same question")
+    alone = text(await collect(fake_engine, "alone", prompt, GREEDY))
+    other = fake_engine.encode_completion("another question, asked twice")
+    before = fake_engine.stats()
+    burst = await at_once(fake_engine, other, [GREEDY, GREEDY])
+    # The prompt was computed once; the twin's KV, which its next steps read, is a copy.
+    computed = fake_engine.stats().prompt_tokens_total - before.prompt_tokens_total
+    assert computed == len(other.token_ids)
+    assert text(burst[0]) == text(burst[1]) == text(await collect(fake_engine, "o", other, GREEDY))
+    assert text(await collect(fake_engine, "again", prompt, GREEDY)) == alone
+
+
 async def test_a_load_failure_is_raised_by_start(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: object, **kwargs: object) -> None:
         raise ModelLoadError("not a model")
@@ -463,6 +491,37 @@ async def test_real_abort_while_running_frees_the_slot(real_engine: LLMEngine) -
     assert [o async for o in it][-1].finish_reason == "cancelled"
     await wait_for(lambda: real_engine.stats().running == 0)
     assert real_engine.scheduler.prefix_cache.num_free == 4
+
+
+async def test_real_identical_prompts_at_once_answer_as_one_alone(
+    real_engine: LLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One computes the prompt's last token; the others copy its KV and sample from its
+    # logits with their own parameters. A wrong copy would change their greedy answers.
+    first_tokens = {"computed": 0, "twins": 0}
+    postprocess = real_engine.scheduler.postprocess
+
+    def counting(out: SchedulerOutput, sampled: list[int]) -> None:
+        first_tokens["computed"] += sum(c.samples and c.is_prefill for c in out.chunks)
+        first_tokens["twins"] += len(out.twins)
+        postprocess(out, sampled)
+
+    monkeypatch.setattr(real_engine.scheduler, "postprocess", counting)
+    prompt = chat(real_engine, "Name three colours of the rainbow, then a fruit of each.")
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    seeded = SamplingParams(temperature=1.0, max_tokens=12, seed=5)
+    burst = await at_once(real_engine, prompt, [greedy, greedy, seeded, seeded])
+    assert first_tokens == {"computed": 1, "twins": 3}
+    # Alone and later: its first token from the kept logits, its next from the slot's KV.
+    alone = await collect(real_engine, "alone", prompt, greedy)
+    assert first_tokens == {"computed": 1, "twins": 4}
+    assert text(burst[0]) == text(burst[1]) == text(alone)
+    monkeypatch.setattr(real_engine.scheduler.prefix_cache, "enabled", False)
+    cold = await collect(real_engine, "cold", prompt, greedy)  # nothing reused
+    assert text(cold) == text(alone)
+    assert text(burst[2]) == text(burst[3])
+    other = await collect(real_engine, "other", prompt, replace(seeded, seed=6))
+    assert text(other) != text(burst[2])
 
 
 async def test_real_repeated_system_prompt_hits_the_prefix_cache(real_engine: LLMEngine) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenspout.engine.scheduler import Scheduler, SchedulerOutput
+from tokenspout.engine.request import SamplingParams
+from tokenspout.engine.scheduler import Scheduler, SchedulerOutput, SlotCopy
 from tokenspout.engine.sequence import Sequence, SequenceStatus
 
 
@@ -16,7 +17,7 @@ def seq(seq_id: str, n_prompt: int, first: int = 0) -> Sequence:
 def run_step(s: Scheduler) -> SchedulerOutput:
     """Plan a step and pretend every sampling chunk produced token 7."""
     out = s.schedule()
-    s.postprocess(out, [7] * sum(c.samples for c in out.chunks))
+    s.postprocess(out, [7] * len(out.sampling))
     return out
 
 
@@ -269,3 +270,138 @@ def test_waiting_for_a_prefix_stops_when_the_older_prompt_is_aborted() -> None:
     assert plan(run_step(s)) == [("a", 0, 10)]
     s.abort("a")
     assert plan(run_step(s)) == [("b", 0, 10)]
+
+
+def twin_scheduler(**kwargs: object) -> Scheduler:
+    return Scheduler(
+        max_num_seqs=4, max_prefill_tokens=100, num_slots=4, min_prefix_match=4, **kwargs
+    )
+
+
+def test_identical_prompts_compute_the_last_token_once_and_the_others_copy_it() -> None:
+    s = twin_scheduler()
+    prompt = tuple(range(40))
+    for name in "abc":
+        s.add(Sequence(name, prompt))
+    assert plan(run_step(s)) == [("a", 0, 39)]  # b and c wait for a's prefix
+    second = s.schedule()
+    a, b, c = (s.running[n] for n in "abc")
+    assert plan(second) == [("a", 39, 1)] and not second.copies
+    # After the forward pass b and c take the whole prompt's KV from a's slot and sample
+    # from a's logits row (row 0).
+    assert [(t.seq, t.row, t.copy) for t in second.twins] == [
+        (b, 0, SlotCopy(a.slot, b.slot, 40, 0)),
+        (c, 0, SlotCopy(a.slot, c.slot, 40, 0)),
+    ]
+    assert second.sampling == [(0, a), (0, b), (0, c)]
+    s.postprocess(second, [5, 6, 7])
+    assert [x.output_token_ids for x in (a, b, c)] == [[5], [6], [7]]
+    assert all(x.num_computed_tokens == 40 and not x.is_prefilling for x in (a, b, c))
+    assert plan(run_step(s)) == [("a", 40, 1), ("b", 40, 1), ("c", 40, 1)]
+    assert (s.prefix_cache.queries, s.prefix_cache.hits) == (3, 2)
+
+
+def test_a_twin_copies_only_what_its_slot_lacks() -> None:
+    s = twin_scheduler()
+    prompt = tuple(range(40))
+    s.add(Sequence("a", prompt))
+    for _ in range(3):
+        run_step(s)
+    s.finish(s.running["a"])  # its free slot keeps the prompt
+    s.add(Sequence("b", prompt))
+    s.add(Sequence("c", prompt))
+    out = s.schedule()
+    b, c = s.running["b"], s.running["c"]
+    assert b.num_cached_tokens == 39  # from a's old slot, in place
+    assert [(x.src, x.dst, x.num_tokens) for x in out.copies] == [(b.slot, c.slot, 39)]
+    assert plan(out) == [("b", 39, 1)]
+    assert [t.copy for t in out.twins] == [SlotCopy(b.slot, c.slot, 40, 39)]
+
+
+def test_no_twins_for_other_prompts_scored_prompts_or_without_the_prefix_cache() -> None:
+    prompt = tuple(range(40))
+    scored = SamplingParams(echo=True, logprobs=0)
+    s = twin_scheduler(isolate_last_prompt_token=False)
+    s.add(Sequence("a", prompt))
+    s.add(Sequence("other", (5, *prompt[1:])))
+    s.add(Sequence("scored", prompt, scored))
+    out = s.schedule()
+    assert [c.seq.seq_id for c in out.chunks] == ["a", "other", "scored"] and not out.twins
+    s = twin_scheduler(isolate_last_prompt_token=False)
+    s.add(Sequence("scored", prompt, scored))
+    s.add(Sequence("b", prompt))
+    out = s.schedule()  # b waits for the scored prompt's prefix: it does not take its logits
+    assert [c.seq.seq_id for c in out.chunks] == ["scored"] and not out.twins
+    s = twin_scheduler(prefix_cache=False)
+    s.add(Sequence("a", prompt))
+    s.add(Sequence("b", prompt))
+    run_step(s)
+    out = s.schedule()
+    assert plan(out) == [("a", 39, 1), ("b", 39, 1)] and not out.twins
+
+
+def test_a_twin_needs_no_prefill_budget() -> None:
+    s = Scheduler(max_num_seqs=4, max_prefill_tokens=8, num_slots=4, min_prefix_match=4)
+    prompt = tuple(range(8))
+    s.add(Sequence("a", prompt))
+    s.add(Sequence("b", prompt))
+    run_step(s)  # a: 7 tokens; b, sharing them, waits
+    out = s.schedule()
+    assert plan(out) == [("a", 7, 1)]
+    assert [t.seq.seq_id for t in out.twins] == ["b"]
+
+
+def test_a_repeated_prompt_samples_from_its_kept_logits_without_computing() -> None:
+    s = twin_scheduler()
+    prompt = tuple(range(40))
+    s.add(Sequence("a", prompt))
+    run_step(s)
+    ending = s.schedule()
+    assert plan(ending) == [("a", 39, 1)]
+    s.remember_first_logits(prompt, "logits of a")  # what the engine does after the forward
+    s.postprocess(ending, [7])
+    # While a decodes, b copies the whole prompt from a's slot and samples a's logits.
+    s.add(Sequence("b", prompt))
+    out = s.schedule()
+    a, b = s.running["a"], s.running["b"]
+    assert [(c.src, c.dst, c.num_tokens) for c in out.copies] == [(a.slot, b.slot, 40)]
+    assert plan(out) == [("a", 40, 1)]
+    assert [(t.seq, t.row, t.copy) for t in out.twins] == [(b, 1, None)]
+    assert out.first_logits == ["logits of a"] and out.sampling == [(0, a), (1, b)]
+    s.postprocess(out, [7, 8])
+    assert b.output_token_ids == [8] and b.first_logits is None
+    # Once a is done, its free slot holds the prompt: c takes it in place, nothing to run.
+    s.finish(a)
+    s.add(Sequence("c", prompt))
+    s.finish(b)
+    out = s.schedule()
+    c = s.running["c"]
+    assert not out.copies and not out.chunks and c.num_computed_tokens == 40
+    assert [(t.seq, t.row) for t in out.twins] == [(c, 0)] and out.first_logits == ["logits of a"]
+
+
+def test_kept_logits_help_only_while_a_slot_holds_the_whole_prompt() -> None:
+    s = Scheduler(max_num_seqs=1, max_prefill_tokens=100, num_slots=1, min_prefix_match=4)
+    prompt = tuple(range(40))
+    s.add(Sequence("a", prompt))
+    run_step(s)
+    run_step(s)
+    s.remember_first_logits(prompt, "logits of a")
+    s.finish(s.running["a"])
+    s.add(Sequence("other", tuple(range(100, 140))))  # takes the only slot
+    run_step(s)
+    s.finish(s.running["other"])
+    s.add(Sequence("b", prompt))
+    out = s.schedule()
+    assert plan(out) == [("b", 0, 39)] and not out.twins
+
+
+def test_only_a_few_prompts_logits_are_kept_and_none_without_the_prefix_cache() -> None:
+    s = twin_scheduler()
+    for i in range(Scheduler.FIRST_LOGITS_KEPT + 1):
+        s.remember_first_logits((i,), i)
+    assert s._kept_logits(Sequence("x", (0,))) is None
+    assert s._kept_logits(Sequence("x", (1,))) == 1
+    s = twin_scheduler(prefix_cache=False)
+    s.remember_first_logits((1,), 1)
+    assert s._kept_logits(Sequence("x", (1,))) is None

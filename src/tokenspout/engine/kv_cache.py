@@ -50,10 +50,10 @@ class KVCache:
         """k, v of one layer: [num_slots, Hkv, max_len, D]."""
         return self.k[layer], self.v[layer]
 
-    def copy_prefix(self, src: int, dst: int, num_tokens: int) -> None:
-        """Copy positions [0, num_tokens) of slot ``src`` into slot ``dst``, every layer."""
-        self.k[:, dst, :, :num_tokens] = self.k[:, src, :, :num_tokens]
-        self.v[:, dst, :, :num_tokens] = self.v[:, src, :, :num_tokens]
+    def copy_prefix(self, src: int, dst: int, num_tokens: int, *, start: int = 0) -> None:
+        """Copy positions [start, num_tokens) of slot ``src`` into slot ``dst``, every layer."""
+        self.k[:, dst, :, start:num_tokens] = self.k[:, src, :, start:num_tokens]
+        self.v[:, dst, :, start:num_tokens] = self.v[:, src, :, start:num_tokens]
 
 
 def _lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -339,7 +339,7 @@ class LLMEngine(Engine):
         self._generation_tokens_total += len(sampled.tokens)
         outputs: list[tuple[_Request, EngineOutput | EngineError]] = []
         try:
-            rows = (c.seq for c in plan.chunks if c.samples)
+            rows = (seq for _, seq in plan.sampling)
             for seq, logprobs in zip(rows, sampled.logprobs, strict=True):
                 outputs.append(self._postprocess(seq, logprobs))
         finally:
@@ -350,7 +350,7 @@ class LLMEngine(Engine):
     def _run(self, plan: SchedulerOutput) -> Sampled:
         runner = self._runner()
         for copy in plan.copies:
-            runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens)
+            runner.copy_slot_prefix(copy.src, copy.dst, copy.num_tokens, start=copy.start)
         chunks = [SeqChunk(c.seq.slot, c.token_ids, c.start_pos, c.is_prefill) for c in plan.chunks]
         # Prompts whose logprobs are asked for: every position's logits.
         full = [
@@ -360,17 +360,27 @@ class LLMEngine(Engine):
             logits, every = runner.forward_all(chunks, full)
             for i, chunk_logits in zip(full, every, strict=True):
                 self._score_prompt(plan.chunks[i], chunk_logits)
-        else:
+        elif chunks:
             logits = runner.forward(chunks)  # [len(chunks), vocab]
-        rows = [i for i, c in enumerate(plan.chunks) if c.samples]
-        reqs = [self._active[plan.chunks[i].seq.seq_id] for i in rows]
+        else:  # only twins of kept logits
+            logits = torch.empty(0, runner.vocab_size)
+        for i, c in enumerate(plan.chunks):
+            if c.samples and c.is_prefill and not c.seq.params.prompt_logprobs:
+                self.scheduler.remember_first_logits(c.seq.prompt_token_ids, logits[i].clone())
+        if plan.first_logits:
+            logits = torch.cat([logits, torch.stack(plan.first_logits)])  # type: ignore[arg-type]
+        for twin in plan.twins:
+            if (c := twin.copy) is not None:
+                runner.copy_slot_prefix(c.src, c.dst, c.num_tokens, start=c.start)
+        rows = [i for i, _ in plan.sampling]
+        reqs = [self._active[seq.seq_id] for _, seq in plan.sampling]
         contexts = None
         if any(r.matcher is not None or r.seq.params.penalized or r.seq.params.logit_bias
                for r in reqs):  # fmt: skip
             contexts = [
                 RowContext(r.seq.prompt_token_ids, r.seq.output_token_ids, r.matcher) for r in reqs
             ]
-        if len(rows) < logits.shape[0]:  # an index copy costs ~50 µs: only when rows drop out
+        if rows != list(range(logits.shape[0])):  # an index copy costs ~50 µs: only if needed
             logits = logits[rows]
         return self.sampler(
             logits, [r.seq.params for r in reqs], [r.uniforms for r in reqs], contexts

@@ -145,15 +145,18 @@ class ModelRunner:
         # logits: [len(chunks) + sum(sizes), V]
         return logits[: len(chunks)], list(logits[len(chunks) :].split(sizes))
 
-    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int) -> None:
-        """Copy KV positions [0, num_tokens) of slot src into slot dst (for the prefix cache)."""
+    def copy_slot_prefix(self, src: int, dst: int, num_tokens: int, *, start: int = 0) -> None:
+        """Copy KV positions [start, num_tokens) of slot src into slot dst, whose [0, start)
+        already holds the same prefix (for the prefix cache)."""
         for slot in (src, dst):
             self._check_slot(slot)
-        if not 0 <= num_tokens <= self.max_model_len:
-            raise ValueError(f"num_tokens {num_tokens} is outside [0, {self.max_model_len}]")
+        if not 0 <= start <= num_tokens <= self.max_model_len:
+            raise ValueError(
+                f"positions [{start}, {num_tokens}) are outside [0, {self.max_model_len}]"
+            )
         if src != dst:
             with torch.inference_mode():
-                self.cache.copy_prefix(src, dst, num_tokens)
+                self.cache.copy_prefix(src, dst, num_tokens, start=start)
 
     def _plan(
         self, chunks: Sequence[SeqChunk]

@@ -16,7 +16,8 @@ busy slot has computed since its admission (see ``Scheduler``).
 A match shorter than ``min_match_tokens`` is ignored: such a short prefix is not worth a
 copy, and counting it would call every chat request a hit (chat templates share their first
 few tokens). A **hit** is an allocation that reuses at least ``min_match_tokens`` tokens; the
-last prompt token is always left to compute, because its logits pick the first output token.
+last prompt token is left to compute, because its logits pick the first output token, unless
+the caller already has those logits (``whole``: the scheduler keeps them for recent prompts).
 """
 
 from __future__ import annotations
@@ -72,11 +73,18 @@ class PrefixCache:
         return len(self._free)
 
     def allocate(
-        self, prompt: Tokens[int], busy: Mapping[int, Tokens[int]], *, reuse: bool = True
+        self,
+        prompt: Tokens[int],
+        busy: Mapping[int, Tokens[int]],
+        *,
+        reuse: bool = True,
+        whole: bool = False,
     ) -> SlotAssignment:
         """Take a free slot for ``prompt``; ``busy`` maps busy slots to their computed tokens.
         ``reuse=False``: the prompt is to be computed whole (its every position's logits are
         wanted), so the least recently used slot is taken and nothing is reused.
+        ``whole=True``: the logits of the prompt's last token are known, so that token too
+        may come from the cache.
 
         Raises ``RuntimeError`` when no slot is free (the scheduler checks ``num_free``).
         """
@@ -87,7 +95,7 @@ class PrefixCache:
             return SlotAssignment(slot)
         self.queries += 1
         # Leave the last prompt token to compute: its logits sample the first output token.
-        limit = len(prompt) - 1
+        limit = len(prompt) - (0 if whole else 1)
         best_free, free_len = self._best(prompt, self._free, limit)
         best_busy, busy_len = self._best(prompt, busy, limit)
         if free_len >= self.min_match_tokens and free_len >= busy_len:
@@ -102,17 +110,24 @@ class PrefixCache:
         return SlotAssignment(slot)
 
     def improve(
-        self, prompt: Tokens[int], slot: int, num_cached: int, busy: Mapping[int, Tokens[int]]
+        self,
+        prompt: Tokens[int],
+        slot: int,
+        num_cached: int,
+        busy: Mapping[int, Tokens[int]],
+        *,
+        whole: bool = False,
     ) -> SlotAssignment | None:
         """A longer prefix of ``prompt`` than ``num_cached`` is now computed in a busy slot.
 
         Called before a sequence computes anything itself, e.g. when requests sharing a
         system prompt arrive together: the first computes it, the others copy it. Returns the
         copy to make into ``slot``, or None. Turns the allocation's miss into a hit.
+        ``whole`` as for ``allocate``.
         """
         if not self.enabled:
             return None
-        src, n = self._best(prompt, busy, len(prompt) - 1)
+        src, n = self._best(prompt, busy, len(prompt) - (0 if whole else 1))
         if src is None or n < self.min_match_tokens or n <= num_cached:
             return None
         if num_cached < self.min_match_tokens:

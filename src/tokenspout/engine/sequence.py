@@ -41,6 +41,10 @@ class Sequence:
     num_computed_tokens: int = 0
     #: Prompt tokens whose KV came from the prefix cache instead of being computed.
     num_cached_tokens: int = 0
+    #: The logits of the prompt's last token, kept from an identical prompt (an engine
+    #: tensor; opaque here): set when the whole prompt came from the cache, so the first
+    #: token is sampled from them without a forward pass.
+    first_logits: object | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
