@@ -494,10 +494,11 @@ def test_unreachable_redis_at_start_is_one_line_and_exit_2() -> None:
     port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
-         "--redis-url", f"redis://127.0.0.1:{port}/0"],
+         "--redis-url", f"redis://:s3cretPW@127.0.0.1:{port}/0"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if "SYNTHETIC" not in line]
     assert len(lines) == 1, result.stderr
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in lines[0]
+    assert "s3cretPW" not in result.stderr

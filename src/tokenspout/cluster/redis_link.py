@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenspout.errors import ConfigError, RedisUnavailableError
+from tokenspout.url_address import address
 
 logger = logging.getLogger("tokenspout.cluster")
 
@@ -44,11 +45,11 @@ def check_reachable(url: str) -> None:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
     except ValueError as exc:
-        raise ConfigError(f"--redis-url {url!r} is not a Redis URL: {exc}") from None
+        raise ConfigError(f"--redis-url {address(url)!r} is not a Redis URL: {exc}") from None
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        raise ConfigError(f"cannot reach Redis at {url}: {exc}") from None
+        raise ConfigError(f"cannot reach Redis at {address(url)}: {exc}") from None
     finally:
         client.close()
 
@@ -57,7 +58,8 @@ class RedisLink:
     """One client (a connection pool) and the link's state."""
 
     def __init__(self, url: str, on_up: Callable[[], Awaitable[None]] | None = None):
-        self.url = url
+        #: Where Redis is, for logs: the URL without its password.
+        self.address = address(url)
         # Bursts of admissions wait for one of a bounded set of connections rather than
         # open hundreds at once.
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -91,7 +93,7 @@ class RedisLink:
         """A command found Redis gone: mark the link down and start probing."""
         if self.up:
             logger.warning(
-                "Redis at %s is unreachable (%s); streams go on from memory", self.url, exc
+                "Redis at %s is unreachable (%s); streams go on from memory", self.address, exc
             )
         self.up = False
         if self._probe is None or self._probe.done():
@@ -105,14 +107,16 @@ class RedisLink:
                 await self.client.ping()
             except LOST:
                 continue
-            logger.warning("Redis at %s is reachable again", self.url)
+            logger.warning("Redis at %s is reachable again", self.address)
             self.up = True
             if self._on_up is not None:
                 await self._on_up()
 
-    def _message(self) -> str:
+    @staticmethod
+    def _message() -> str:
+        # Said to clients: where Redis is (and its password, in the URL) is not theirs.
         return (
-            f"this replica cannot reach Redis at {self.url} right now; live streams go on, "
+            "this replica cannot reach its Redis right now; live streams go on, "
             "but this needs Redis: retry shortly"
         )
 

@@ -132,7 +132,7 @@ class Replica:
             asyncio.create_task(self._keep_lease()),
             asyncio.create_task(self._listen_cancels()),
         ]
-        logger.info("replica %s: sharing streams through Redis at %s", self.id, self.link.url)
+        logger.info("replica %s: sharing streams through Redis at %s", self.id, self.link.address)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tokenspout.errors import ConfigError
+from tokenspout.url_address import address
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,3 @@ class UpstreamOptions:
         timeouts = (self.health_interval_s, self.first_token_timeout_s, self.stall_timeout_s)
         if min(timeouts) <= 0:
             raise ConfigError("upstream intervals and timeouts must be > 0")
-
-
-def address(url: str) -> str:
-    """``url`` without user info, query or fragment: safe to log and to use as a label."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:  # an IPv6 literal
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path.rstrip('/')}"

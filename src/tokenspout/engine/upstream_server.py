@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 
 from tokenspout.engine.upstream_body import TokenCounts
-from tokenspout.engine.upstream_options import UpstreamOptions, address
+from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_transport import relay_transport
+from tokenspout.url_address import address
 
 logger = logging.getLogger(__name__)
 
