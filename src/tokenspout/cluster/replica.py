@@ -142,6 +142,9 @@ class Replica:
                 await task
         await self._feed.close()
         await self.writer.stop()
+        if self.admission is not None:
+            # Its counts (zero after the drain) count until it is forgotten.
+            await self.admission.publish()
         # The lease is left to lapse: a stream whose end could not be written is then
         # taken over, and a replica with nothing left is forgotten (_FORGET).
         await self.link.close()
@@ -309,11 +312,18 @@ class Replica:
     async def _take_over_from(self, dead: str) -> None:
         client = self.link.client
         orphans = await client.smembers(rk.owned(dead))
+        continued = False
         for raw in orphans:
             stream_id = raw.decode()
             keys = [rk.REPLICAS, rk.owned(dead), rk.owned(self.id), rk.meta(stream_id)]
             if await self._claim(keys=keys, args=[dead, self.id, stream_id]):
                 await self._continue(stream_id, dead)
+                continued = True
+        if continued:
+            # Counted here before the dead replica's counts go: admission never sees the
+            # streams counted by nobody (and lets in more than the limit).
+            assert self.admission is not None
+            await self.admission.publish()
         await self._forget(keys=[rk.REPLICAS, rk.ADMISSION, rk.owned(dead)], args=[dead])
 
     async def _give_up(self, stream_id: str, why: str) -> None:

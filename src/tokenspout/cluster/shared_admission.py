@@ -4,10 +4,11 @@ Redis script, so two replicas can never both take the last slot.
 
 Each replica owns its own fields (``s:<replica>``: streams it generates, ``q:<replica>``:
 requests queued in its engine; per key: the key's streams there) and sends its current
-values with every check; the script adds the other replicas' fields, counting only the
-replicas whose lease is alive (a dead replica's streams are counted again by whoever takes
-them over). The per-key minute limits are token buckets kept in the key's hash, refilled
-on Redis's clock, as ``InMemoryKeyLimiter``'s are in memory.
+values with every check; the script adds the other replicas' fields, a dead replica's
+too until it is forgotten: whoever takes its streams over counts them before it forgets it,
+so a stream taken over never leaves room for another in between. The per-key minute limits
+are token buckets kept in the key's hash, refilled on Redis's clock, as
+``InMemoryKeyLimiter``'s are in memory.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ local function others(hash, prefix)
     if string.sub(field, 1, #prefix) == prefix then
       local replica = string.sub(field, #prefix + 1)
       local lease = redis.call('ZSCORE', KEYS[1], replica)
-      if replica ~= me and lease and tonumber(lease) > now_ms then
+      if replica ~= me and lease then
+        -- Lapsed or not: a dead replica's streams count until it is forgotten.
         total = total + tonumber(all[i + 1])
       elseif not lease then
         -- A replica forgotten (dead, its streams taken over): its count goes. A live one
