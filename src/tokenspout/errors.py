@@ -61,6 +61,14 @@ class StreamGoneError(TokenspoutError):
     type = "invalid_request_error"
     code = "stream_gone"
 
+    @classmethod
+    def expired(cls, stream_id: str, ttl_s: float) -> StreamGoneError:
+        """The stream ended more than ``ttl_s`` (``--resume-ttl-s``) ago."""
+        return cls(
+            f"stream {stream_id!r} has expired (streams stay replayable for {ttl_s:g} s "
+            "after they end); start a new request"
+        )
+
 
 class StreamNotResumableError(TokenspoutError):
     """A second reader asked for a stream that was not opened resumable."""

@@ -132,6 +132,33 @@ def test_a_resume_past_a_finished_streams_end_is_400_on_every_replica(
         assert r.status_code == 400 and "position 999" in r.json()["error"]["message"], r.text
 
 
+def test_an_expired_stream_is_410_on_every_replica(replica_set: ReplicaSet) -> None:
+    import redis
+
+    from tokenspout.cluster import redis_keys
+
+    owner, other = replica_set.start_many(2, "--synthetic-itl-ms", "1", "--resume-ttl-s", "1")
+    with httpx.stream("POST", f"{owner.url}/v1/chat/completions", json=chat_body(5)) as r:
+        stream_id = r.headers["x-stream-id"]
+        assert [d for _, d in sse_events(r.iter_lines())][-1] == "[DONE]"
+    # Polled until the stream's keys expired in Redis (Redis's clock) and its owner
+    # forgot it (its own): there is no signal.
+    shared = redis.Redis.from_url(replica_set.redis.url)
+    deadline = time.monotonic() + 30
+    url = f"/v1/streams/{stream_id}"
+    while shared.get(redis_keys.expired(stream_id)) is None or shared.exists(
+        redis_keys.meta(stream_id)
+    ) or httpx.get(owner.url + url).status_code != 410:  # fmt: skip
+        assert time.monotonic() < deadline, "the stream never expired"
+        time.sleep(0.05)
+    for replica in (owner, other):
+        gone = httpx.get(replica.url + url)
+        assert gone.status_code == 410, (replica.url, gone.text)
+        assert "has expired" in gone.json()["error"]["message"]
+        assert httpx.post(f"{replica.url}{url}/cancel").status_code == 410
+    assert httpx.get(f"{other.url}/v1/streams/never-issued").status_code == 404
+
+
 def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet) -> None:
     """Over HTTP, then as a WebSocket cancel naming the stream id."""
     from websockets.sync.client import connect

@@ -14,6 +14,8 @@
   request and token buckets (``rl``/``rt``, ``tl``/``tt``: level and time);
 * ``readers(id)``: set (with a lease's expiry) while readers on a replica that does not
   generate the stream follow it there: its owner does not end it for want of a reader;
+* ``expired(id)``: the key name that opened an ended stream, kept ``EXPIRED_KEPT_S`` after
+  its keys expired, so that every replica, not only its owner, says it expired (410);
 * ``CANCEL``: the pub/sub channel cancels travel on.
 """
 
@@ -23,6 +25,8 @@ PREFIX = "tokenspout:"
 CANCEL = PREFIX + "cancel"
 REPLICAS = PREFIX + "replicas"
 ADMISSION = PREFIX + "admission"
+#: How long an ended stream's id is remembered after its keys expired (~100 bytes each).
+EXPIRED_KEPT_S = 3600
 
 
 def stream(stream_id: str) -> str:
@@ -31,6 +35,10 @@ def stream(stream_id: str) -> str:
 
 def meta(stream_id: str) -> str:
     return f"{PREFIX}m:{stream_id}"
+
+
+def expired(stream_id: str) -> str:
+    return f"{PREFIX}x:{stream_id}"
 
 
 def owned(replica: str) -> str:

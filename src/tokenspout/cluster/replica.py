@@ -218,8 +218,14 @@ class Replica:
         await self.link.call(lambda: execute(pipe))
 
     async def record(self, stream_id: str, owner: str | None) -> StreamRecord:
-        """The stream's record, if ``owner``'s key opened it (404 otherwise)."""
-        raw = await self.link.call(lambda: self.link.client.hgetall(rk.meta(stream_id)))
+        """The stream's record, if ``owner``'s key opened it (404 otherwise; 410 if it
+        has expired)."""
+        client = self.link.client
+        raw = await self.link.call(lambda: client.hgetall(rk.meta(stream_id)))
+        if not raw:
+            opener = await self.link.call(lambda: client.get(rk.expired(stream_id)))
+            if opener is not None and opener.decode() == (owner or ""):
+                raise StreamGoneError.expired(stream_id, self._config.resume_ttl_s)
         record = None if not raw else StreamRecord.from_fields(stream_id, raw)
         if record is None or record.key != (owner or ""):
             raise StreamNotFoundError(f"no stream with id {stream_id!r}")

@@ -57,7 +57,8 @@ _STOP_FLUSH_S = 2.0
 # ARGV[5] is a JSON list of [stream id, op, end position, data]: for each stream, check
 # that this replica owns it and append its entry ("a": data is the chunks, encoded again
 # for the entry), or at its end ("e", or "g" when its text is lost: data is the payload)
-# add the end entry, mark the record and set the keys' lifetime. One argument for the
+# add the end entry, mark the record, set the keys' lifetime and leave the id's tombstone
+# (ARGV[6]: how long it outlives them). One argument for the
 # whole batch: packing thousands of arguments was most of the writer's CPU. Returns, per
 # stream, 1 written, 0 not ours (taken over), x refused (an entry at that position
 # exists), as one string of "1", "0" and "x" (parsed at once, not as a reply per stream).
@@ -66,6 +67,7 @@ _APPEND = """
 local me, maxlen = ARGV[1], ARGV[2]
 local running_ms, ended_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
 local ops = cjson.decode(ARGV[5])
+local expired_ms = tonumber(ARGV[6])
 local owned = KEYS[1]
 local out = {}
 for i, o in ipairs(ops) do
@@ -94,6 +96,8 @@ for i, o in ipairs(ops) do
         redis.call('SREM', owned, id)
         redis.call('PEXPIRE', skey, ended_ms)
         redis.call('PEXPIRE', mkey, ended_ms)
+        local key = redis.call('HGET', mkey, 'key') or ''
+        redis.call('SET', PREFIX .. 'x:' .. id, key, 'PX', ended_ms + expired_ms)
       end
     end
   end
@@ -302,6 +306,7 @@ class StreamWriter:
         if ops:
             args = [self._replica, str(self._max_entries), str(int(RUNNING_TTL_S * 1000))]
             args += [str(self._ended_ms), json.dumps(batch, ensure_ascii=False)]
+            args.append(str(rk.EXPIRED_KEPT_S * 1000))
             # EVAL, not EVALSHA: redis-py's pipeline asks SCRIPT EXISTS before each
             # EVALSHA (a round trip per flush); Redis caches the compiled script anyway.
             pipe.eval(_APPEND, 1, rk.owned(self._replica), *args)

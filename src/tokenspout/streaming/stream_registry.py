@@ -189,10 +189,7 @@ class StreamRegistry:
         if group is not None:
             return group
         if stream_id in self._expired:
-            raise StreamGoneError(
-                f"stream {stream_id!r} has expired (streams stay replayable for "
-                f"{self._resume.ttl_s:g} s after they end); start a new request"
-            )
+            raise StreamGoneError.expired(stream_id, self._resume.ttl_s)
         raise StreamNotFoundError(f"no stream with id {stream_id!r}")
 
     def find(self, stream_id: str, owner: str | None) -> Stream | StreamGroup:
