@@ -218,3 +218,39 @@ def test_every_event_has_its_own_id_and_a_resume_from_it_sends_what_followed(sta
         end_events = [e for e in later if e[0] is not None and "." in e[0]]
         assert replayed[len(replayed) - len(end_events) - 1 :] == [*end_events, (None, "[DONE]")]
         assert all('"role"' not in d for _, d in replayed), "the opening chunk came again"
+
+
+@pytest.mark.parametrize("stream_event", [False, True])
+def test_seed_get_is_named_before_its_first_token_and_resumes_from_there(
+    start_server,  # type: ignore[no-untyped-def]
+    stream_event: bool,
+) -> None:
+    # An EventSource dropped before the first token used to reconnect without Last-Event-ID,
+    # which started a second generation; and a page could not cancel a stream it could not
+    # name (a queued one, say) until its first token came.
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=2))
+    url = f"{server.url}/v1/completions/stream"
+    params = {"prompt": "a b c", "max_tokens": 30, "resumable": "true"}
+    if stream_event:
+        params["stream_event"] = "true"
+    with httpx.stream("GET", url, params=params) as r:
+        stream_id = r.headers["x-stream-id"]
+        opening = next(r.iter_raw())
+    if stream_event:
+        assert opening == f"event: stream\nid: {stream_id}:0\ndata: {stream_id}\n\n".encode()
+    else:  # an id alone: no data line, no event for clients that read only the tokens
+        assert opening == f"id: {stream_id}:0\n\n".encode()
+    # What an EventSource does on its own: same URL, plus the last id it saw.
+    headers = {"Last-Event-ID": f"{stream_id}:0"}
+    with httpx.stream("GET", url, params=params, headers=headers) as r:
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == (None, "[DONE]")
+    assert "".join(json.loads(data)["token"] for _, data in events[:-1]) == "a b c " * 10
+    assert server.metric("tokenspout_stream_resumes_total") == 1
+    assert server.metric("tokenspout_generation_tokens_total") == 30, "no second generation"
+
+
+def test_seed_get_refuses_a_stream_event_that_is_not_a_boolean(synthetic_server) -> None:  # type: ignore[no-untyped-def]
+    url = f"{synthetic_server.url}/v1/completions/stream"
+    r = httpx.get(url, params={"prompt": "a", "stream_event": "maybe"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream_event"

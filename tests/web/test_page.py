@@ -104,9 +104,9 @@ def test_stop_stops_generation_on_the_server(start_server, open_page, transport:
 
 
 def test_event_source_stop_before_the_first_token_shows_none(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
-    # An EventSource learns the stream's id only with its first event: the cancel goes then,
-    # and that event's text (and any after Stop) is not shown as if nothing had been asked.
-    server = start_server(SyntheticEngine(ttft_ms=3000, itl_ms=30))
+    # The server names the stream before its first token (`event: stream`): Stop cancels it
+    # at once, not when a first token (a minute away here) would have told the page its id.
+    server = start_server(SyntheticEngine(ttft_ms=60_000, itl_ms=30))
     page = open_page(server, "eventsource", max_tokens=4000)
     send(page, "keep going")
     page.click("#stop")
@@ -114,6 +114,22 @@ def test_event_source_stop_before_the_first_token_shows_none(start_server, open_
     assert page.locator(STREAMED).text_content() == ""
     assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
     server.wait_metric("tokenspout_requests_aborted_total", 1, labels='reason="cancelled"')
+
+
+def test_event_source_stop_while_queued_cancels_on_the_server(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=30, max_num_seqs=1))
+    holder = open_page(server, "fetch", max_tokens=4000)
+    send(holder, "holding the only slot")
+    holder.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    page = open_page(server, "eventsource", max_tokens=50)
+    send(page, "queued behind it")
+    server.wait_metric("tokenspout_requests_waiting", 1)
+    page.click("#stop")
+    wait_idle(page)
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+    server.wait_metric("tokenspout_requests_waiting", 0)
+    assert server.metric("tokenspout_requests_aborted_total", 'reason="cancelled"') == 1
+    assert server.metric("tokenspout_requests_running") == 1, "the holder runs on"
 
 
 def test_stop_in_compare_mode_says_stopped_in_both_columns(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
@@ -156,11 +172,13 @@ def test_telemetry_reaches_metrics(start_server, open_page) -> None:  # type: ig
 
 class CuttingProxy:
     """A TCP relay in front of the server that drops the first EventSource stream after
-    ``cut_after`` response bytes (mid-event), as a flaky network would."""
+    ``cut_after`` response bytes (mid-event), or just before the first ``cut_before`` in
+    its response, as a flaky network would."""
 
-    def __init__(self, target_port: int, cut_after: int):
+    def __init__(self, target_port: int, cut_after: int = 0, cut_before: bytes = b""):
         self.target_port = target_port
         self.cut_after = cut_after
+        self.cut_before = cut_before
         self.cuts = 0
         self._armed = False
         self._lock = threading.Lock()
@@ -190,16 +208,26 @@ class CuttingProxy:
         _close(upstream)
 
     def _down(self, client: socket.socket, upstream: socket.socket, cut: threading.Event) -> None:
-        sent = 0
+        seen = b""  # the first stream's response so far
         while data := _recv(upstream):
-            if cut.is_set() and sent + len(data) > self.cut_after:
-                client.sendall(data[: self.cut_after - sent])
-                self.cuts += 1
-                break
-            sent += len(data) if cut.is_set() else 0
+            if cut.is_set():
+                sent = len(seen)
+                seen += data
+                at = self._cut_at(seen)
+                if at is not None:
+                    client.sendall(data[: at - sent])
+                    self.cuts += 1
+                    break
             client.sendall(data)
         _close(client)
         _close(upstream)
+
+    def _cut_at(self, seen: bytes) -> int | None:
+        """Where the first stream's response is cut, once ``seen`` of it says."""
+        if self.cut_before:
+            at = seen.find(self.cut_before)
+            return None if at == -1 else at
+        return self.cut_after if len(seen) > self.cut_after else None
 
     def close(self) -> None:
         self.listener.close()
@@ -253,6 +281,31 @@ def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> N
         proxy.close()
     assert proxy.cuts == 1, "the stream was cut"
     assert "error" not in status, status
+    assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
+    assert server.metric("tokenspout_generation_tokens_total") == max_tokens
+    assert shown == seed_text(server, prompt, max_tokens)
+
+
+def test_event_source_dropped_before_its_first_token_resumes_it(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    # The stream's id comes before its first token: the browser's reconnect sends it as
+    # Last-Event-ID and resumes the stream, where it used to start a second generation.
+    server = start_server(SyntheticEngine(itl_ms=10))
+    prompt, max_tokens = "before the first token", 40
+    proxy = CuttingProxy(server.port, cut_before=b'data: {"token"')
+    page = browser.new_page(bypass_csp=True)
+    try:
+        page.goto(proxy.url)
+        page.select_option("#transport", "eventsource")
+        page.fill("#max-tokens", str(max_tokens))
+        send(page, prompt)
+        wait_idle(page, timeout_ms=20_000)
+        shown = page.evaluate(
+            "JSON.parse(sessionStorage.getItem('tokenspout.conversation')).at(-1).content"
+        )
+    finally:
+        page.close()
+        proxy.close()
+    assert proxy.cuts == 1, "the stream was cut"
     assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
     assert server.metric("tokenspout_generation_tokens_total") == max_tokens
     assert shown == seed_text(server, prompt, max_tokens)

@@ -40,6 +40,14 @@ def encode_event(
     return ("\n".join(lines) + "\n\n").encode("utf-8")
 
 
+def encode_id(id: str) -> bytes:
+    """An id alone: it dispatches no event (WHATWG HTML 9.2.6: an event without data is not
+    dispatched), but an ``EventSource`` keeps it and reconnects with it as
+    ``Last-Event-ID``. Clients that read only ``data:`` lines see nothing."""
+    _check_field("id", id)
+    return f"id: {id}\n\n".encode()
+
+
 def encode_comment(text: str = "ping") -> bytes:
     """A comment line: clients ignore it; it keeps proxies and idle timers from closing.
 

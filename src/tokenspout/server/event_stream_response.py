@@ -18,6 +18,7 @@ from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.sse import SSEFraming, encode_event, encode_id
 from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.json_reply import send_error
 from tokenspout.server.send_watchdog import SendGuard
@@ -42,7 +43,13 @@ class EventStreamResponse(Response, StreamTransport):
     """Streams ``stream`` from ``start`` in ``framing``; opening chunks unless resumed
     (``opening`` overrides: a reader that replays from the start gets them too). A
     ``StreamGroup`` (``n > 1``) is streamed with each choice's ``index``: its opening
-    chunks, deltas and end, then the usage of all of them."""
+    chunks, deltas and end, then the usage of all of them.
+
+    ``announce`` (SSE only): the stream's id at position 0 goes first, before any token, as
+    an event of that type with the stream id as its data, or as an id alone for ``""``.
+    An ``EventSource`` then knows the id before the first token: a reconnect resumes the
+    stream (``Last-Event-ID``) instead of starting another generation, and a named event
+    tells a page which stream to cancel."""
 
     def __init__(
         self,
@@ -57,6 +64,7 @@ class EventStreamResponse(Response, StreamTransport):
         resumed: bool = False,
         opening: bool | None = None,
         prompt: str | None = None,
+        announce: str | None = None,
     ):
         # A Response subclass only so that FastAPI hands it over unchanged: the body is
         # produced in __call__, so Response.__init__ (which renders content) is not called.
@@ -83,6 +91,8 @@ class EventStreamResponse(Response, StreamTransport):
         self._delta_usage_json = delta_usage_encoder(self.chunks) if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
         self._opening = (not resumed) if opening is None else opening
+        #: NDJSON has no ids: nothing to announce.
+        self._announce = announce if isinstance(framing, SSEFraming) else None
         #: The reader has this many of the end's events, if the stream ends at ``start``.
         self._from, self._after = start, after
         self._send_asgi: Send | None = None
@@ -127,11 +137,19 @@ class EventStreamResponse(Response, StreamTransport):
                 await send_error(self._send_asgi, refusal, self.stream.id)
                 return
         await self._start()
+        if self._announce is not None:
+            await self._write(self._announcement(self._announce))
         if self._opening:
             for payload in self._opening_chunks():
                 if self._usage_sent is not None:
                     payload = self._with_usage(payload, 0)
                 await self._write(self._event(payload, self.cursor.position))
+
+    def _announcement(self, event: str) -> bytes:
+        event_id = format_event_id(self.stream.id, self._from)
+        if not event:
+            return encode_id(event_id)
+        return encode_event(self.stream.id, event=event, id=event_id)
 
     def _opening_chunks(self) -> list[dict[str, Any]]:
         if not isinstance(self.stream, StreamGroup):

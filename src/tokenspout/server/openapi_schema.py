@@ -83,6 +83,7 @@ _SEED_QUERY = [
     _param("resumable", {"type": "string", "enum": ["true", "false", "1", "0"]}),
     _param("model", {"type": "string"}),
     _param("last_event_id", {"type": "string"}),
+    _param("stream_event", {"type": "string", "enum": ["true", "false", "1", "0"]}),
 ]
 _RESUME = [
     _param("last_event_id", {"type": "string"}),

@@ -151,8 +151,11 @@ async def respond(
     generation: GenerationRequest,
     streaming: bool,
     started_at: float,
+    *,
+    announce: str | None = None,
 ) -> Response:
-    """Admit, start generating, and return the streaming or whole response."""
+    """Admit, start generating, and return the streaming or whole response (``announce``:
+    as ``EventStreamResponse`` takes it)."""
     stream = await open_stream(state, generation, key_of(request), started_at=started_at)
     prompt = generation.prompt_to_log(state.config.log_prompts)
     try:
@@ -164,6 +167,7 @@ async def respond(
                 generation.reading,
                 started_at=started_at,
                 prompt=prompt,
+                announce=announce,
             )
         return CompletionResponse(
             state, stream, generation.reading, started_at=started_at, prompt=prompt

@@ -22,9 +22,16 @@ from tokenspout.server.websocket_handshake import origin_allowed
 _QUERY_TYPES = {"max_tokens": int, "seed": int, "temperature": float}
 _OPTION_TYPES = {"flush_tokens": int, "flush_ms": float}
 _BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
-#: Read elsewhere: the key (an EventSource cannot send headers) and the resume position.
-_NOT_THE_BODY = ("api_key", "last_event_id")
+#: Read elsewhere: the key (an EventSource cannot send headers), the resume position, and
+#: whether the stream opens with its name (``_announcement``).
+_NOT_THE_BODY = ("api_key", "last_event_id", "stream_event")
 _KNOWN = ("prompt", "model", *_QUERY_TYPES, *_OPTION_TYPES, "resumable", "chat", *_NOT_THE_BODY)
+
+
+def _boolean(name: str, raw: str) -> bool:
+    if raw.lower() not in _BOOLEANS:
+        raise InvalidRequestError(f"{name}: {raw!r} is not true or false", param=name)
+    return _BOOLEANS[raw.lower()]
 
 
 def _typed(name: str, raw: str, kind: type) -> int | float:
@@ -67,9 +74,7 @@ def query_body(request: Request) -> SeedStreamRequest:
         elif name in _OPTION_TYPES:
             options[name] = _typed(name, raw, _OPTION_TYPES[name])
         elif name in ("resumable", "chat"):
-            if raw.lower() not in _BOOLEANS:
-                raise InvalidRequestError(f"{name}: {raw!r} is not true or false", param=name)
-            (options if name == "resumable" else data)[name] = _BOOLEANS[raw.lower()]
+            (options if name == "resumable" else data)[name] = _boolean(name, raw)
         elif name in ("prompt", "model"):
             data[name] = raw
         elif name not in _NOT_THE_BODY:
@@ -109,6 +114,19 @@ def _check_page(request: Request, allowed: tuple[str, ...]) -> None:
         )
 
 
+def _announcement(request: Request) -> str:
+    """How a new stream opens, before any token: with its id at position 0, so that an
+    ``EventSource`` that reconnects even before the first token resumes it. As an id alone
+    (no ``data:``, so no event for clients that read only the tokens), or with
+    ``stream_event=true`` as an ``event: stream`` whose data is the stream id: a page's
+    ``EventSource`` cannot read ``X-Stream-Id``, and needs the id to cancel the stream."""
+    named = False
+    for name, raw in _query(request):
+        if name == "stream_event":
+            named = _boolean(name, raw)
+    return "stream" if named else ""
+
+
 async def seed_stream_get(request: Request) -> Response:
     """A reconnecting ``EventSource`` repeats this URL with ``Last-Event-ID``: that resumes
     the same stream instead of starting a new generation."""
@@ -118,7 +136,9 @@ async def seed_stream_get(request: Request) -> Response:
     event_id = last_event_id(request)
     if event_id:
         return await resume(state, request, event_id)
-    return await respond(state, request, prepare_seed(state, query_body(request)), True, started)
+    generation = prepare_seed(state, query_body(request))
+    announce = _announcement(request)
+    return await respond(state, request, generation, True, started, announce=announce)
 
 
 #: Served by ``DirectRoutes``; registered with FastAPI as well (schema, 405s).

@@ -327,13 +327,16 @@ class EventSourceGeneration extends Generation {
       url.searchParams.set(name, String(value));
     }
     url.searchParams.set("resumable", "true");
+    // Before any token the server sends `event: stream` with the stream's id (and its id at
+    // position 0): Stop can cancel it while it is queued, and a reconnect resumes it.
+    url.searchParams.set("stream_event", "true");
     // EventSource cannot set headers either: the server accepts the key as a GET parameter.
     if (o.apiKey) url.searchParams.set("api_key", o.apiKey);
     const channel = new Channel();
     const source = new EventSource(url);
     source.onopen = () => (this.marks.open ??= now());
+    source.addEventListener("stream", (event) => this.knowStreamId(event.data));
     source.onmessage = (event) => {
-      this.knowStreamId(streamIdOf(event.lastEventId));
       if (event.data === "[DONE]") {
         source.close(); // or the browser would reconnect once the server closes
         channel.close();
@@ -341,8 +344,7 @@ class EventSourceGeneration extends Generation {
       }
       const payload = JSON.parse(event.data);
       if (payload.error) channel.close(new StreamError(payload.error.message));
-      // Stopped before the stream's id was known (it comes with the first event): the
-      // cancel goes now, and text that comes meanwhile is not shown as if still wanted.
+      // Stopped: text that comes before the server's [DONE] is not shown as if still wanted.
       else if (!this.stopRequested) channel.push(payload.token);
     };
     source.onerror = () => {
