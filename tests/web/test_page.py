@@ -132,6 +132,34 @@ def test_event_source_stop_while_queued_cancels_on_the_server(start_server, open
     assert server.metric("tokenspout_requests_running") == 1, "the holder runs on"
 
 
+def test_event_source_stop_retries_the_cancel_through_an_outage(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    # The stream is resumable: it outlives the closed EventSource, so a cancel that does not
+    # get through (the network or the server down) is tried again until the server answers.
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, "eventsource", max_tokens=4000)
+    attempts: list[str] = []
+
+    def outage(route) -> None:  # type: ignore[no-untyped-def]
+        attempts.append(route.request.url)
+        if len(attempts) <= 2:
+            route.abort("connectionrefused")
+        else:
+            route.continue_()
+
+    page.route("**/v1/streams/*/cancel", outage)
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    # Waiting in Playwright: the sync API runs the route handler only while it is called.
+    with page.expect_response("**/v1/streams/*/cancel", timeout=15_000) as cancelled:
+        page.click("#stop")
+        wait_idle(page)  # at once: the page does not wait for the server
+        assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+    assert cancelled.value.ok
+    server.wait_metric("tokenspout_requests_aborted_total", 1, labels='reason="cancelled"')
+    assert len(attempts) == 3
+    assert server.metric("tokenspout_requests_running") == 0
+
+
 def test_stop_in_compare_mode_says_stopped_in_both_columns(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
     server = start_server(SyntheticEngine(itl_ms=30))
     page = open_page(server, max_tokens=4000, compare=True)
@@ -309,6 +337,42 @@ def test_event_source_dropped_before_its_first_token_resumes_it(start_server, br
     assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
     assert server.metric("tokenspout_generation_tokens_total") == max_tokens
     assert shown == seed_text(server, prompt, max_tokens)
+
+
+def test_event_source_shows_reconnecting_then_the_stream_lost(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=10))
+    proxy = CuttingProxy(server.port, cut_after=700)
+    page = browser.new_page(bypass_csp=True)
+    lost = {"error": {"message": "no such stream", "code": "stream_not_found"}}
+
+    opened: list[str] = []
+
+    def restarted(route) -> None:  # type: ignore[no-untyped-def]
+        # What a restarted server answers the reconnect (the second request; its
+        # Last-Event-ID is not among the headers Playwright shows): it never heard of it.
+        opened.append(route.request.url)
+        if len(opened) > 1:
+            route.fulfill(status=404, json=lost)
+        else:
+            route.continue_()
+
+    page.route(lambda url: "/v1/completions/stream?" in url, restarted)
+    status = '[data-kind="streamed"] .status'
+    try:
+        page.goto(proxy.url)
+        page.select_option("#transport", "eventsource")
+        page.fill("#max-tokens", "150")
+        send(page, "alpha beta gamma")
+        page.wait_for_function(
+            f"document.querySelector('{status}')?.textContent.includes('reconnecting')"
+        )
+        wait_idle(page, timeout_ms=20_000)
+        said = page.locator(status).text_content()
+    finally:
+        page.close()
+        proxy.close()
+    assert proxy.cuts == 1 and len(opened) == 2
+    assert "the stream was lost" in said, said
 
 
 def test_api_key_is_asked_and_kept_for_the_tab_only(start_server, open_page) -> None:  # type: ignore[no-untyped-def]

@@ -151,6 +151,11 @@ function sendTelemetry(transport, t) {
 async function streamAnswer(view, request) {
   const monitor = new FrameMonitor();
   const gen = stream(request);
+  // EventSource: the browser reconnects by itself after a drop, and resumes the stream.
+  gen.onconnection = (connected) => {
+    if (!connected) view.status("connection lost: reconnecting…");
+    else view.status(gen.events > 0 ? "streaming…" : "waiting for the first token…");
+  };
   running.add(gen);
   let error = null;
   try {

@@ -207,6 +207,8 @@ class Channel {
  * `marks.start` (request sent), `marks.open` (response or socket open), `marks.firstText`
  * (first text received: network TTFT), `marks.end`; `events` and `chars` received;
  * `finishReason` and `usage` when the server sends them; `reconnects` (EventSource).
+ * `onconnection(connected)`, if set, is called when the connection is lost and the browser
+ * reconnects by itself (false), and when it is back (true) (EventSource).
  */
 class Generation {
   constructor(options) {
@@ -219,6 +221,7 @@ class Generation {
     this.chars = 0;
     this.reconnects = 0;
     this.stopRequested = false;
+    this.onconnection = null;
     this.marks = { start: now(), open: null, firstText: null, end: null };
   }
 
@@ -248,6 +251,10 @@ class Generation {
     if (this.streamId || !id) return;
     this.streamId = id;
     if (this.stopRequested) this.cancel();
+  }
+
+  connectionChanged(connected) {
+    this.onconnection?.(connected);
   }
 
   url(path) {
@@ -315,6 +322,11 @@ class FetchGeneration extends Generation {
   }
 }
 
+/** Cancel attempts of an EventSource's stream, and the longest wait between two. */
+const CANCEL_ATTEMPTS = 10;
+const CANCEL_MAX_DELAY_MS = 4000;
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
 /** GET /v1/completions/stream as an EventSource: resumable, so a dropped connection is
  * resumed by the browser's own reconnect (it sends Last-Event-ID; the server replays). */
 class EventSourceGeneration extends Generation {
@@ -332,9 +344,12 @@ class EventSourceGeneration extends Generation {
     url.searchParams.set("stream_event", "true");
     // EventSource cannot set headers either: the server accepts the key as a GET parameter.
     if (o.apiKey) url.searchParams.set("api_key", o.apiKey);
-    const channel = new Channel();
-    const source = new EventSource(url);
-    source.onopen = () => (this.marks.open ??= now());
+    const channel = (this.channel = new Channel());
+    const source = (this.source = new EventSource(url));
+    source.onopen = () => {
+      this.marks.open ??= now();
+      this.connectionChanged(true);
+    };
     source.addEventListener("stream", (event) => this.knowStreamId(event.data));
     source.onmessage = (event) => {
       if (event.data === "[DONE]") {
@@ -344,30 +359,56 @@ class EventSourceGeneration extends Generation {
       }
       const payload = JSON.parse(event.data);
       if (payload.error) channel.close(new StreamError(payload.error.message));
-      // Stopped: text that comes before the server's [DONE] is not shown as if still wanted.
-      else if (!this.stopRequested) channel.push(payload.token);
+      else channel.push(payload.token);
     };
     source.onerror = () => {
-      if (source.readyState === EventSource.CLOSED) {
-        // EventSource does not expose the HTTP status or body of a refused request.
-        channel.close(new StreamError("the server refused the stream (switch to fetch to see why)"));
+      if (this.stopRequested) {
+        // Stopped before the stream was named: a reconnect would start another generation.
+        source.close();
+      } else if (source.readyState === EventSource.CLOSED) {
+        // EventSource does not expose the HTTP status or body of a refused request. Once the
+        // stream was named, the refusal is of a reconnect: the server no longer has it.
+        const message = this.streamId
+          ? "the stream was lost (the server no longer has it, e.g. after a restart)"
+          : "the server refused the stream (switch to fetch to see why)";
+        channel.close(new StreamError(message));
       } else {
         this.reconnects += 1; // CONNECTING: the browser retries with Last-Event-ID
+        this.connectionChanged(false);
       }
     };
     try {
       yield* channel.drain();
     } finally {
-      source.close();
+      // Stopped before the server named the stream: it stays open until the name comes (the
+      // cancel then closes it), or nothing could cancel a stream that outlives it.
+      if (!this.stopRequested || this.streamId) source.close();
     }
-    if (this.stopRequested) this.finishReason = "cancelled";
+  }
+
+  /** The iteration ends at once, cancelled; the server is told as soon as the id is known. */
+  stop() {
+    if (this.stopRequested) return;
+    this.finishReason = "cancelled";
+    super.stop();
+    this.channel?.close();
   }
 
   async cancel() {
+    this.source.close();
     const url = this.url(`/v1/streams/${encodeURIComponent(this.streamId)}/cancel`);
-    // The server answers with [DONE] on the open stream; if the request fails, the stream
-    // (resumable) would outlive a closed EventSource, so there is nothing better to do.
-    await fetch(url, { method: "POST", headers: authHeaders(this.options.apiKey) }).catch(() => {});
+    // The stream is resumable: it outlives the closed EventSource (for the server's resume
+    // grace period), so the cancel is retried through an outage or a restart, with backoff.
+    // Any answer but a 5xx settles it (404: it ended already, or was lost).
+    for (let attempt = 1, delay = 250; attempt <= CANCEL_ATTEMPTS; attempt++, delay *= 2) {
+      try {
+        const r = await fetch(url, { method: "POST", headers: authHeaders(this.options.apiKey) });
+        if (r.status < 500) return;
+      } catch {
+        // the network or the server is down: try again
+      }
+      if (attempt < CANCEL_ATTEMPTS) await sleep(Math.min(delay, CANCEL_MAX_DELAY_MS));
+    }
   }
 }
 
