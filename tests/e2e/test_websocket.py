@@ -131,6 +131,35 @@ async def test_a_cancel_after_the_end_is_ignored(synthetic_server: RunningServer
     assert {m["id"] for m in after} == {"y"}, after
 
 
+async def test_a_cancel_that_crosses_the_end_leaves_the_whole_text(
+    synthetic_server: RunningServer,
+) -> None:
+    """A cancel sent at the first delta of a short answer may come after the engine's end:
+    then the answer ends as it would have ("length"), with all its text. 54 of 300 such
+    answers ended "length" with text missing when every cancel hid the deltas after it."""
+
+    async def one(max_tokens: int) -> tuple[str, str]:
+        async with connect(ws_url(synthetic_server)) as ws:
+            await ws.send(generate("s", "pi mu", max_tokens))
+            text, cancelled = "", False
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] == "delta":
+                    text += message["text"]
+                    if not cancelled:
+                        await ws.send(json.dumps({"type": "cancel", "id": "s"}))
+                        cancelled = True
+                else:
+                    assert message["type"] == "done", message
+                    return message["finish_reason"], text
+
+    sizes = [1 + i % 6 for i in range(120)]
+    ends = await asyncio.gather(*(one(n) for n in sizes))
+    for n, (finish_reason, text) in zip(sizes, ends, strict=True):
+        if finish_reason != "cancelled":
+            assert (finish_reason, text) == ("length", "pi mu " * (n // 2) + "pi " * (n % 2))
+
+
 @pytest.mark.parametrize(
     ("second", "said"),
     [

@@ -283,7 +283,7 @@ def test_fail_aborts_and_readers_get_the_error() -> None:
         assert engine.calls_of("abort") == [("s1", 1.0)] and stream.abort_reason == "error"
         # Once over, neither fail nor cancel changes anything.
         stream.fail(InternalError("again"), "error")
-        stream.cancel()
+        assert not stream.cancel()
         assert stream.end == StreamEnd("cancelled", 3, 1, err)
         assert len(engine.calls) == 1 and stream.abort_reason == "error"
 
@@ -296,7 +296,7 @@ def test_cancel_ends_the_stream_as_cancelled_without_an_error() -> None:
         stream, _ = engine.stream()
         cursor = stream.subscribe(per_token())
         engine.push("s1", "a")
-        stream.cancel()
+        assert stream.cancel()
         assert [e for _, e in await collect(cursor)] == [
             Delta("a", 1, 1),
             Finished(StreamEnd("cancelled", 3, 1)),

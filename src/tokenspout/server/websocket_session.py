@@ -201,9 +201,10 @@ class WebSocketSession:
         if follower is None:
             await self._cancel_by_stream_id(client_id)
             return
-        # From now on nothing but its `done` is sent for this stream.
-        follower.cancelled = True
-        follower.stream.cancel()
+        # From now on nothing but its `done` is sent for this stream, if the cancel stops
+        # it: one too late (the stream ended, or its last output is on its way) leaves the
+        # whole text to send, which its `done` (with "length", say) counts.
+        follower.cancelled = follower.stream.cancel()
 
     async def _cancel_by_stream_id(self, stream_id: str) -> None:
         """A cancel naming no stream of this socket may name a server stream id (an

@@ -334,15 +334,18 @@ class Stream:
 
     # -- aborts ---------------------------------------------------------------------------
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> bool:
         """Stop generating now: the engine frees the request's slot and ends the stream with
-        ``finish_reason="cancelled"`` (what readers still attached see)."""
+        ``finish_reason="cancelled"`` (what readers still attached see). False when it was
+        too late: the stream ends (or ended) as it would have, with all its text."""
         if self.finished:
-            return
+            return False
         self.abort_reason = reason
         if not self._abort(self.id):
             # The engine's last output is already on its way to us.
             logger.debug("stream %s: abort found the request finished", self.id)
+            return False
+        return True
 
     def fail(self, err: TokenspoutError, reason: str) -> None:
         """Stop generating and end the stream with ``err`` (readers send an error event)."""
@@ -351,9 +354,10 @@ class Stream:
         self._failure = err
         self.abort(reason)
 
-    def cancel(self) -> None:
-        """Cancel by request (``/v1/streams/{id}/cancel``, WebSocket ``cancel``)."""
-        self.abort("cancelled")
+    def cancel(self) -> bool:
+        """Cancel by request (``/v1/streams/{id}/cancel``, WebSocket ``cancel``); as
+        ``abort``, False when it came too late to change how the stream ends."""
+        return self.abort("cancelled")
 
     def moved_away(self) -> None:
         """Another replica generates this stream now: stop generating it here. Readers that
