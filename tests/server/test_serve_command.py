@@ -21,3 +21,12 @@ def test_the_same_upstream_twice_is_refused() -> None:
     result = CliRunner().invoke(app, ["serve", "--engine", "upstream", *given])
     assert result.exit_code == 2
     assert "--upstream http://127.0.0.1:1/v1 is given twice" in result.output
+
+
+def test_threads_below_one_is_refused_before_the_model_loads() -> None:
+    # -2 reached torch.set_num_threads at startup (a traceback, exit 3); 0 meant "all
+    # cores, fixed", which no help text said.
+    for threads in ("-2", "0"):
+        result = CliRunner().invoke(app, ["serve", "--threads", threads])
+        assert result.exit_code == 2
+        assert "--threads" in result.output

@@ -77,7 +77,7 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option(
-            help="Model threads, fixed (default: usable cores, one while others compete)."
+            min=1, help="Model threads, fixed (default: usable cores, one while others compete)."
         ),
     ] = None,
     synthetic_ttft_ms: Annotated[
