@@ -234,3 +234,13 @@ def test_continue_final_message_needs_an_assistant_message_and_no_generation_pro
             [ChatMessage("user", "hi"), ChatMessage("assistant", "hi")],
             continue_final_message=True,
         )
+
+
+@pytest.mark.parametrize("timing", ["ttft_ms", "itl_ms"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0])
+def test_timings_that_cannot_pace_are_refused(timing: str, value: float) -> None:
+    # NaN passed a "< 0" check, and every request then failed or hung; `serve` turns
+    # this ValueError into one line and exit 2.
+    flag = f"--synthetic-{timing.replace('_', '-')}"
+    with pytest.raises(ValueError, match=flag):
+        SyntheticEngine(**{timing: value})

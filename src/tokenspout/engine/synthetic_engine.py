@@ -109,8 +109,12 @@ class SyntheticEngine(Engine):
         max_model_len: int = 1_000_000,
         model_id: str = SYNTHETIC_MODEL_ID,
     ):
-        if ttft_ms < 0 or itl_ms < 0:
-            raise ValueError("synthetic ttft_ms and itl_ms must be >= 0")
+        # Written as what is allowed: NaN fails every comparison, so "< 0" let it through
+        # (and every request then failed or waited forever); infinity would never step.
+        if not (0 <= ttft_ms < math.inf and 0 <= itl_ms < math.inf):
+            raise ValueError(
+                "--synthetic-ttft-ms and --synthetic-itl-ms must be finite numbers >= 0"
+            )
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         self.model_id = model_id
