@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from typer.testing import CliRunner
 
 from tokenspout.cli import app
@@ -30,3 +31,51 @@ def test_threads_below_one_is_refused_before_the_model_loads() -> None:
         result = CliRunner().invoke(app, ["serve", "--threads", threads])
         assert result.exit_code == 2
         assert "--threads" in result.output
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The engines ``serve`` would have served, instead of serving them."""
+    engines: list[object] = []
+    monkeypatch.setattr(
+        "tokenspout.server.serve.serve", lambda app, state, **_: engines.append(state.engine)
+    )
+    return engines
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "engine"),
+    [
+        (["--engine", "synthetic", "--model", "/x.gguf"], "--model", "synthetic"),
+        (["--engine", "synthetic", "--weights", "fp16"], "--weights", "synthetic"),
+        (["--engine", "synthetic", "--threads", "2"], "--threads", "synthetic"),
+        (["--engine", "synthetic", "--no-prefix-cache"], "--prefix-cache", "synthetic"),
+        (["--engine", "synthetic", "--max-prefill-tokens", "4"], "--max-prefill-tokens",
+         "synthetic"),
+        (["--engine", "upstream", "--upstream", "http://127.0.0.1:1/v1", "--max-num-seqs", "4"],
+         "--max-num-seqs", "upstream"),
+        (["--engine", "upstream", "--upstream", "http://127.0.0.1:1/v1", "--model", "/x"],
+         "--model", "upstream"),
+        (["--synthetic-itl-ms", "5"], "--synthetic-itl-ms", "embedded"),
+        (["--upstream-retries", "3"], "--upstream-retries", "embedded"),
+    ],
+)  # fmt: skip
+def test_an_engine_flag_the_engine_does_not_read_is_refused(
+    served: list[object], args: list[str], flag: str, engine: str
+) -> None:
+    # They were silently ignored, while --upstream-* without --engine upstream was refused.
+    result = CliRunner().invoke(app, ["serve", *args])
+    assert result.exit_code == 2 and not served
+    assert f"configuration error: {flag} does not apply to --engine {engine}" in result.output
+
+
+def test_an_upstream_key_in_the_environment_does_not_stop_another_engine(
+    served: list[object],
+) -> None:
+    # The variable is there for whichever engine runs; only the flag itself is refused.
+    env = {"TOKENSPOUT_UPSTREAM_API_KEY": "secret"}
+    result = CliRunner().invoke(app, ["serve", "--engine", "synthetic"], env=env)
+    assert result.exit_code == 0, result.output
+    assert [type(e).__name__ for e in served] == ["SyntheticEngine"]
+    given = ["serve", "--engine", "synthetic", "--upstream-api-key", "secret"]
+    assert CliRunner().invoke(app, given).exit_code == 2

@@ -37,8 +37,26 @@ class EngineName(StrEnum):
 # Every format the engine loads (a hand-kept list here had lost q4_1 and fp16).
 WeightFormat = StrEnum("WeightFormat", {fmt: fmt for fmt in FORMATS})
 
+#: The engine flags each engine reads, flag (parameter) → constructor argument. A flag given
+#: for an engine that does not read it is refused rather than silently ignored.
+_ENGINE_FLAGS: dict[EngineName, dict[str, str]] = {
+    EngineName.embedded: {"model": "model", "max_num_seqs": "max_num_seqs",
+                          "max_model_len": "max_model_len", "threads": "num_threads",
+                          "max_prefill_tokens": "max_prefill_tokens", "weights": "weights",
+                          "prefix_cache": "prefix_cache"},
+    EngineName.synthetic: {"synthetic_ttft_ms": "ttft_ms", "synthetic_itl_ms": "itl_ms",
+                           "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len"},
+    EngineName.upstream: {"upstream": "urls", "upstream_api_key": "api_key",
+                          "upstream_max_concurrency": "max_concurrency",
+                          "upstream_health_interval_s": "health_interval_s",
+                          "upstream_retries": "retries",
+                          "upstream_first_token_timeout_s": "first_token_timeout_s",
+                          "upstream_stall_timeout_s": "stall_timeout_s"},
+}  # fmt: skip
+
 
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to bind.")] = _D.host,
     port: Annotated[int, typer.Option(help="Port to bind.")] = _D.port,
     engine: Annotated[
@@ -262,8 +280,12 @@ def serve(
             from tokenspout.cluster.redis_link import check_reachable
 
             check_reachable(config.redis_url)
+        # A key in the environment is there for whichever engine runs; only a flag on the
+        # command line is refused when the engine does not read it.
+        from_env = {k for flags in _ENGINE_FLAGS.values() for k in flags if _from_env(ctx, k)}
         built = _engine(
             engine,
+            from_env,
             model=model,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
@@ -273,7 +295,7 @@ def serve(
             threads=threads,
             synthetic_ttft_ms=synthetic_ttft_ms,
             synthetic_itl_ms=synthetic_itl_ms,
-            upstream=tuple(upstream or ()),
+            upstream=tuple(upstream) if upstream else None,
             upstream_api_key=upstream_api_key,
             upstream_max_concurrency=upstream_max_concurrency,
             upstream_health_interval_s=upstream_health_interval_s,
@@ -306,38 +328,40 @@ def _check_tls(certfile: str, keyfile: str) -> None:
         ) from None
 
 
-def _engine(name: EngineName, **opts: Any) -> Engine:
+def _from_env(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was read from its environment variable. (By the source's
+    name: newer typers bring their own copy of click, whose ParameterSource is another class.)"""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "ENVIRONMENT"
+
+
+def _engine(name: EngineName, from_env: set[str], **opts: Any) -> Engine:
     """The engine, given only the options the user set: its own defaults stay in one
-    place, its constructor (the help texts quote them)."""
+    place, its constructor (the help texts quote them). An option set on the command line
+    that this engine does not read is a ``ConfigError``; one from the environment is dropped."""
     given = {k: v.value if isinstance(v, StrEnum) else v for k, v in opts.items() if v is not None}
-    upstream = {
-        k.removeprefix("upstream_"): given.pop(k) for k in list(given) if k.startswith("upstream")
-    }
+    reads = _ENGINE_FLAGS[name]
+    unread = next((k for k in given if k not in reads and k not in from_env), None)
+    if unread is not None:
+        readers = ", ".join(
+            f"--engine {e}" for e, flags in _ENGINE_FLAGS.items() if unread in flags
+        )
+        flag = unread.replace("_", "-")
+        raise ConfigError(f"--{flag} does not apply to --engine {name} (only to {readers})")
+    args = {reads[k]: v for k, v in given.items() if k in reads}
     if name is EngineName.upstream:
         from tokenspout.engine.upstream_engine import UpstreamEngine
         from tokenspout.engine.upstream_options import UpstreamOptions
 
-        upstream["urls"] = upstream.pop("upstream")
-        return UpstreamEngine(UpstreamOptions(**upstream))
-    if upstream.pop("upstream"):
-        raise ConfigError("--upstream needs --engine upstream")
-    if upstream:
-        raise ConfigError(
-            f"--upstream-{next(iter(upstream)).replace('_', '-')} needs --engine upstream"
-        )
+        return UpstreamEngine(UpstreamOptions(urls=args.pop("urls", ()), **args))
     if name is EngineName.synthetic:
         from tokenspout.engine.synthetic_engine import SyntheticEngine
 
         err_console.print("[bold yellow]SYNTHETIC engine: echoes prompt words, not a model[/]")
-        synthetic = {"synthetic_ttft_ms": "ttft_ms", "synthetic_itl_ms": "itl_ms",
-                     "max_num_seqs": "max_num_seqs", "max_model_len": "max_model_len"}  # fmt: skip
-        return SyntheticEngine(**{synthetic[k]: v for k, v in given.items() if k in synthetic})
+        return SyntheticEngine(**args)
     from tokenspout.engine.llm_engine import LLMEngine
 
-    embedded = {"model": "model", "max_num_seqs": "max_num_seqs", "threads": "num_threads",
-                "max_model_len": "max_model_len", "max_prefill_tokens": "max_prefill_tokens",
-                "weights": "weights", "prefix_cache": "prefix_cache"}  # fmt: skip
-    return LLMEngine(**{embedded[k]: v for k, v in given.items() if k in embedded})
+    return LLMEngine(**args)
 
 
 def _configure_logging(level: str) -> None:
