@@ -79,3 +79,19 @@ def test_an_upstream_key_in_the_environment_does_not_stop_another_engine(
     assert [type(e).__name__ for e in served] == ["SyntheticEngine"]
     given = ["serve", "--engine", "synthetic", "--upstream-api-key", "secret"]
     assert CliRunner().invoke(app, given).exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("flag", "variable"),
+    [("--api-key", "TOKENSPOUT_API_KEY"), ("--metrics-api-key", "TOKENSPOUT_METRICS_API_KEY")],
+)
+def test_an_empty_key_is_refused_but_an_empty_variable_means_none(
+    served: list[object], flag: str, variable: str
+) -> None:
+    # `--api-key "$KEY"` with KEY unset started a server that answered 401 to everything.
+    result = CliRunner().invoke(app, ["serve", "--engine", "synthetic", flag, ""])
+    assert result.exit_code == 2 and not served
+    assert f"configuration error: {flag} is empty (an unset shell variable?)" in result.output
+    result = CliRunner().invoke(app, ["serve", "--engine", "synthetic"], env={variable: ""})
+    assert result.exit_code == 0, result.output
+    assert len(served) == 1

@@ -109,6 +109,13 @@ class ServerConfig:
              f"--max-stream-buffer-bytes ({self.max_stream_buffer_bytes}) must not be larger "
              f"than --max-buffer-bytes ({self.max_buffer_bytes})"),
             (0 <= self.port < 65536, "--port must be between 0 and 65535"),
+            # An empty key would be required and never match: every request 401, for good.
+            # (An empty TOKENSPOUT_API_KEY arrives as no key at all.)
+            (self.api_key != "",
+             "--api-key is empty (an unset shell variable?); leave it out to serve without keys"),
+            (self.metrics_api_key != "",
+             "--metrics-api-key is empty (an unset shell variable?); leave it out for an open "
+             "/metrics"),
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              "--ssl-certfile and --ssl-keyfile go together"),
             (self.header_timeout_s > 0, "--header-timeout-s must be > 0"),
