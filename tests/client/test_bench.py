@@ -174,6 +174,18 @@ def test_settings_that_cannot_hold_are_refused_before_the_run() -> None:
         assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--temperature", "nan"), ("--timeout-s", "0"), ("--timeout-s", "-5"), ("--timeout-s", "nan")],
+)
+def test_a_setting_every_request_would_fail_on_is_refused_naming_its_flag(
+    flag: str, value: str
+) -> None:
+    # They were accepted, and every request then failed (exit 1 after the whole run).
+    run = bench("--url", "http://127.0.0.1:9", flag, value)
+    assert run.returncode == 2 and f"{flag} must be" in run.stderr, run.stderr
+
+
 def test_a_stream_closed_before_done_is_a_failure() -> None:
     # A proxy that closed the stream cleanly after one chunk: not a completed request.
     from tests.client.test_client import answering

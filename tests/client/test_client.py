@@ -163,6 +163,19 @@ def test_complete_command_reports_a_refused_connection_in_one_line() -> None:
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("temperature", ["nan", "inf", "1e400"])
+def test_complete_refuses_a_temperature_json_cannot_carry(temperature: str) -> None:
+    # It was a Rich traceback ("Out of range float values are not JSON compliant"), exit 1.
+    from typer.testing import CliRunner
+
+    from tokenspout.cli import app
+
+    url = "http://127.0.0.1:9"  # nothing listens: no request may be tried
+    result = CliRunner().invoke(app, ["complete", "x", "--url", url, "--temperature", temperature])
+    assert result.exit_code == 2, result.output
+    assert "--temperature" in result.output and "Traceback" not in result.output
+
+
 @contextmanager
 def cutting_proxy(port: int, events: int) -> Iterator[str]:
     """A fault injector in front of the server at ``port`` (its URL): the first connection is

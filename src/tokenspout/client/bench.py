@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -77,6 +78,12 @@ class BenchConfig:
             raise ValueError("num_prompts and max_tokens must be >= 1")
         if not self.request_rate > 0:  # NaN too
             raise ValueError("request_rate must be > 0 (inf: all at once)")
+        # Refused here, not by every request failing (NaN cannot be sent in JSON; a limit
+        # of 0 or NaN times every request out).
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"--temperature must be a finite number >= 0, not {self.temperature}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"--timeout-s must be > 0, not {self.timeout_s}")
         if self.ignore_eos and self.endpoint is BenchEndpoint.seed:
             # Not sent quietly without it: "exactly max_tokens" would not hold.
             raise ValueError("ignore_eos: the seed endpoint has no such field")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -31,6 +32,11 @@ def complete(
     """Stream an answer to the terminal as it is generated."""
     from tokenspout.client.client import Client
 
+    if not 0 <= temperature < math.inf:
+        # Checked here: NaN or infinity cannot be sent in JSON (a traceback, not a message).
+        raise typer.BadParameter(
+            f"must be a finite number >= 0, not {temperature}", param_hint="--temperature"
+        )
     params = {"max_tokens": max_tokens, "temperature": temperature}
     try:
         client = Client(url, api_key=api_key)
