@@ -165,6 +165,23 @@ def test_an_output_into_no_folder_is_refused_before_the_run(tmp_path: Path) -> N
         assert run.returncode == 2 and "no folder" in run.stderr, run.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "name", "message"),
+    [("--json", ".", "is a folder"), ("--plot", ".", "is a folder"),
+     ("--plot", "out.txt", "does not end in .png"), ("--plot", "out", "does not end in .png")],
+)  # fmt: skip
+def test_an_output_that_cannot_be_written_as_named_is_refused_before_the_run(
+    tmp_path: Path, option: str, name: str, message: str
+) -> None:
+    # A folder, or a suffix matplotlib does not know, was a traceback after the whole run
+    # with the figures lost; "out" was silently written as out.png.
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    run = bench("--url", "http://127.0.0.1:9", option, str(tmp_path / name))
+    assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_settings_that_cannot_hold_are_refused_before_the_run() -> None:
     # The seed endpoint has no ignore_eos: it was left out of the requests, and the --json
     # said it was on. NaN requests per second passed the "> 0" check.

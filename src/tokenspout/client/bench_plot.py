@@ -8,6 +8,20 @@ from pathlib import Path
 from tokenspout.client.bench import LevelResult
 
 
+def check_path(path: Path) -> None:
+    """Refuse, before a run, a file name ``plot`` could not write as given: matplotlib takes
+    the format from the suffix, raises for one it does not know, and adds ``.png`` to a
+    name without one (``--plot out`` wrote ``out.png``)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.removeprefix(".").lower() not in formats:
+        raise ValueError(
+            f"{path.name} does not end in .png or another image format matplotlib writes "
+            f"({', '.join(sorted(formats))})"
+        )
+
+
 def plot(levels: Sequence[LevelResult], path: Path) -> None:
     """Write a PNG: histograms of TTFT, ITL and E2EL (one colour per concurrency), and
     median TTFT and output tok/s against concurrency."""

@@ -94,7 +94,8 @@ def bench(
         Path | None, typer.Option("--json", help="Write every figure to this file.")
     ] = None,
     plot_path: Annotated[
-        Path | None, typer.Option("--plot", help="Write latency plots to this PNG.")
+        Path | None,
+        typer.Option("--plot", help="Write latency plots to this image (.png, .svg...)."),
     ] = None,
 ) -> None:
     """Load-test a streaming server: TTFT, TPOT, ITL, E2EL, throughput and goodput."""
@@ -118,14 +119,13 @@ def bench(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        # Before the run, not a traceback after it with the figures lost.
         if path is not None and not path.resolve().parent.is_dir():
-            # Before the run, not a traceback after it with the figures lost.
             raise typer.BadParameter(f"no folder {path.resolve().parent}", param_hint=option)
-    if plot_path is not None and importlib.util.find_spec("matplotlib") is None:
-        # Before the run, not after it with a traceback: matplotlib is an extra.
-        raise typer.BadParameter(
-            "needs matplotlib: pip install 'tokenspout[bench]'", param_hint="--plot"
-        )
+        if path is not None and path.is_dir():
+            raise typer.BadParameter(f"{path} is a folder: name a file", param_hint=option)
+    if plot_path is not None:
+        _check_plot_path(plot_path)
     if config.endpoint is not BenchEndpoint.seed or config.model is not None:
         config = asyncio.run(discover_model(config))
     levels_done = _run_with_progress(config, levels, slos)
@@ -141,6 +141,21 @@ def bench(
             for error in level.summary.get("errors", ()):
                 err_console.print(f"[red]failed:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _check_plot_path(path: Path) -> None:
+    """Before the run, not after it with a traceback: matplotlib is an extra, and it writes
+    only the formats it knows."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise typer.BadParameter(
+            "needs matplotlib: pip install 'tokenspout[bench]'", param_hint="--plot"
+        )
+    from tokenspout.client.bench_plot import check_path
+
+    try:
+        check_path(path)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--plot") from None
 
 
 def _run_with_progress(
