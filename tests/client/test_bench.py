@@ -182,6 +182,19 @@ def test_an_output_that_cannot_be_written_as_named_is_refused_before_the_run(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "choices"),
+    [("--endpoint", "foo", "chat, completions, seed"), ("--protocol", "grpc", "sse, ndjson, ws")],
+)
+def test_an_unknown_choice_names_its_flag_and_the_choices(
+    flag: str, value: str, choices: str
+) -> None:
+    # It was "'foo' is not a valid BenchEndpoint": neither the flag nor what it takes.
+    run = bench("--url", "http://127.0.0.1:9", flag, value)
+    assert run.returncode == 2, run.stderr
+    assert f"Invalid value for {flag}: {value!r} is not one of {choices}" in run.stderr
+
+
 def test_settings_that_cannot_hold_are_refused_before_the_run() -> None:
     # The seed endpoint has no ignore_eos: it was left out of the requests, and the --json
     # said it was on. NaN requests per second passed the "> 0" check.

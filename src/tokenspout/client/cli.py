@@ -6,8 +6,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from tokenspout.client.bench import BenchConfig, LevelResult
 
 err_console = Console(stderr=True)
+E = TypeVar("E", bound=StrEnum)
 
 
 def complete(
@@ -111,7 +113,8 @@ def bench(
             raise ValueError("--concurrency: give positive integers, e.g. 1,4,16")
         slos = parse_goodput(goodput)
         config = BenchConfig(
-            url=url, endpoint=BenchEndpoint(endpoint), protocol=BenchProtocol(protocol),
+            url=url, endpoint=_choice(BenchEndpoint, endpoint, "--endpoint"),
+            protocol=_choice(BenchProtocol, protocol, "--protocol"),
             num_prompts=num_prompts, max_tokens=max_tokens, request_rate=request_rate,
             seed=seed, prompt=prompt, temperature=temperature, ignore_eos=ignore_eos,
             model=model, api_key=api_key, timeout_s=timeout_s,
@@ -141,6 +144,16 @@ def bench(
             for error in level.summary.get("errors", ()):
                 err_console.print(f"[red]failed:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _choice(kind: type[E], value: str, flag: str) -> E:
+    """``value`` as one of ``kind``; else a usage error that names the flag and the choices
+    (the enum's own "'foo' is not a valid BenchEndpoint" named neither)."""
+    try:
+        return kind(value)
+    except ValueError:
+        choices = ", ".join(kind)
+        raise typer.BadParameter(f"{value!r} is not one of {choices}", param_hint=flag) from None
 
 
 def _check_plot_path(path: Path) -> None:
