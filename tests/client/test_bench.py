@@ -86,6 +86,23 @@ def test_a_model_named_otherwise_is_still_labelled_synthetic(
     assert data["model"] == "gpt-4o" and data["synthetic"] is True
 
 
+def test_a_seed_run_is_labelled_synthetic_too(
+    start_server: Callable[..., RunningServer], tmp_path: Path
+) -> None:
+    # The seed endpoint skipped GET /v1/models, so its figures were not said to be synthetic.
+    server = start_server(SyntheticEngine())
+    out = tmp_path / "seed.json"
+    run = bench(
+        "--url", server.url, "--endpoint", "seed", "--num-prompts", "1", "--max-tokens", "2",
+        "--json", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "SYNTHETIC engine" in run.stdout
+    data = json.loads(out.read_text())
+    # Its requests still name no model: the server serves its own.
+    assert data["synthetic"] is True and data["model"] is None
+
+
 @pytest.mark.parametrize(
     ("endpoint", "protocol"), [("chat", "ws"), ("completions", "ws"), ("seed", "sse")]
 )

@@ -287,7 +287,9 @@ async def run_level(
 async def discover_model(config: BenchConfig) -> BenchConfig:
     """``config`` with its model (the first ``GET /v1/models`` lists, when not given: vLLM
     and Ollama need one in the body) and whether the server serves it with tokenspout's
-    synthetic engine, which every result must say. Unchanged when the server does not say."""
+    synthetic engine, which every result must say. Unchanged when the server does not say.
+    The seed endpoint (ours) is asked too, for the label; its requests keep naming no model
+    unless given one (the server then serves its own, the first it lists)."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     try:
         async with httpx.AsyncClient(base_url=config.base_url, headers=headers) as client:
@@ -299,7 +301,10 @@ async def discover_model(config: BenchConfig) -> BenchConfig:
         return config
     model = config.model if config.model is not None else str(entries[0].get("id"))
     entry = next((e for e in entries if e.get("id") == model), {})
-    return replace(config, model=model, synthetic=entry.get("owned_by") == "tokenspout-synthetic")
+    synthetic = entry.get("owned_by") == "tokenspout-synthetic"
+    if config.endpoint is BenchEndpoint.seed and config.model is None:
+        return replace(config, synthetic=synthetic)
+    return replace(config, model=model, synthetic=synthetic)
 
 
 async def run_sweep(

@@ -129,8 +129,7 @@ def bench(
             raise typer.BadParameter(f"{path} is a folder: name a file", param_hint=option)
     if plot_path is not None:
         _check_plot_path(plot_path)
-    if config.endpoint is not BenchEndpoint.seed or config.model is not None:
-        config = asyncio.run(discover_model(config))
+    config = asyncio.run(discover_model(config))
     levels_done = _run_with_progress(config, levels, slos)
     Console().print(bench_report.table(levels_done, synthetic=config.synthetic))
     if json_path is not None:
