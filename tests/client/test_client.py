@@ -267,19 +267,22 @@ def test_a_cut_stream_is_a_stream_error_when_it_cannot_be_resumed(
     synthetic_server: RunningServer,
 ) -> None:
     # Not resumable: the server refuses the resume, and the cut is reported with why (not
-    # as a 404 of the request, and not counted as a resume).
+    # as a 404 of the request, and not counted as a resume), with the resume's status: a
+    # stream not resumable ends with its reader.
     with cutting_proxy(_port(synthetic_server), events=4) as url, Client(url) as client:
         stream = client.stream_chat("one two", max_tokens=40, stream_options={"flush_tokens": 1})
         with pytest.raises(
-            StreamError, match=r"connection to .* failed.*could not be resumed"
+            StreamError,
+            match=r"the stream was cut: the connection to .* failed.*could not be "
+            r"resumed: no stream with id",
         ) as info:
             list(stream)
-    assert info.value.status_code is None
+    assert info.value.status_code == 404
     assert stream.result.text and stream.result.finish_reason is None
     assert stream.result.resumes == 0
     resumable = {"max_tokens": 40, "stream_options": {"resumable": True, "flush_tokens": 1}}
     with cutting_proxy(_port(synthetic_server), events=4) as url:
-        with Client(url, resumes=0) as client, pytest.raises(StreamError, match="after 0 tries"):
+        with Client(url, resumes=0) as client, pytest.raises(StreamError, match="resumes=0"):
             client.chat("one two", **resumable)
 
 
@@ -330,6 +333,43 @@ def test_a_resume_a_balancer_turns_away_for_now_is_tried_again() -> None:
         [b"POST", b"/v1/chat/completions"], [b"GET", b"/v1/streams/s"], [b"GET", b"/v1/streams/s"]
     ]  # fmt: skip
     assert b"last-event-id: s:1" in requests[2].lower()
+
+
+def _half_then(*resumes: bytes) -> list[bytes]:
+    """A stream's first answer, cut after its first event, then the answers to resumes."""
+    first = b'id: s:1\ndata: {"choices":[{"index":0,"delta":{"content":"half "}}]}\n\n'
+    return [
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-stream-id: s\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(first) + first,
+        *resumes,
+    ]
+
+
+def test_failed_resumes_report_the_cut_first_and_the_last_answers_status() -> None:
+    # It said only "the connection to .../v1/streams/s failed ... (after 2 tries to resume
+    # it)", a URL the caller never asked for, and its status_code was None after 503s.
+    busy = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        b'connection: close\r\ncontent-length: 28\r\n\r\n{"error":{"message":"busy"}}'
+    )
+    with answering_each(_half_then(busy, busy)) as (url, requests):
+        with Client(url, resumes=2) as client, pytest.raises(StreamError) as info:
+            list(client.stream_chat("x"))
+    assert str(info.value) == (
+        "the stream was cut: the stream ended before [DONE] after 5 characters; resuming it "
+        "failed (2 tries), the last: HTTP 503: busy"
+    )
+    assert info.value.status_code == 503 and len(requests) == 3
+
+
+def test_a_stream_asked_not_resumable_is_not_resumed() -> None:
+    # The request itself said so: a resume could only be refused. (The timeout: a resume
+    # would wait for an answer that never comes; then fail, not hang.)
+    with answering_each(_half_then()) as (url, requests), Client(url, timeout=10) as client:
+        stream = client.stream_chat("x", stream_options={"resumable": False})
+        with pytest.raises(StreamError, match=r"^the stream ended before"):
+            list(stream)
+    assert len(requests) == 1
 
 
 @contextmanager

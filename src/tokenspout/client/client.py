@@ -90,7 +90,9 @@ class _Attempts:
     """The requests of one stream: the first, then, after a cut, resumes (``GET
     /v1/streams/{id}``, through any replica) from the last event id it saw, or from the
     start when the cut came before any event, while tries are left. A stream that is not
-    resumable (or no longer held) refuses the resume, and the cut is reported with why."""
+    resumable (or no longer held) refuses the resume, and the cut is reported with why; one
+    the request itself opened not resumable (``stream_options.resumable`` false) is not
+    tried."""
 
     def __init__(self, path: str, body: dict[str, Any], tries: int):
         self._path, self._body, self._tries = path, body, tries
@@ -98,7 +100,14 @@ class _Attempts:
         self.last_id: str | None = None
         #: What cut the stream last; None until then (the first request is not a resume).
         self._cut: StreamError | None = None
+        #: The last request's answer was open: a failure now is a new cut, not a failed resume.
+        self._open = False
         self._tried = 0
+        #: Since the last cut: resumes that failed, and the last one's HTTP status.
+        self._failed = 0
+        self._status: int | None = None
+        options = body.get("stream_options")
+        self._resumable = not (isinstance(options, dict) and options.get("resumable") is False)
 
     def request(self) -> tuple[str, str, dict[str, Any]]:
         """Method, path and httpx arguments of the next request."""
@@ -112,14 +121,19 @@ class _Attempts:
         turned away for now, returned as the cut to try again after."""
         if self._cut is None:
             raise err
+        self._status = err.status_code
         if err.status_code in _PASSING:
             return err
         # Not the request's own refusal: the cut is what happened, the refusal says why
         # there is no more (not resumable, expired).
-        raise StreamError(f"{self._cut}; it could not be resumed: {err}", body=err.body)
+        raise StreamError(
+            f"the stream was cut: {self._cut}; it could not be resumed: {err}",
+            status_code=err.status_code, body=err.body,
+        ) from err  # fmt: skip
 
     def opened(self, response: httpx.Response) -> None:
         self.result.stream_id = self.result.stream_id or response.headers.get("x-stream-id")
+        self._open = True
         if self._cut is not None:
             self.result.resumes += 1
 
@@ -133,15 +147,35 @@ class _Attempts:
 
     def cut(self, err: StreamError) -> float:
         """Raise ``err`` unless the stream can go on; else the seconds to wait first: none
-        for the first try (a dropped connection), then a short backoff."""
+        for the first try (a dropped connection), then a short backoff. ``err`` is a new
+        cut of an open stream, or the failure of a resume (then the cut stays what is
+        reported first)."""
+        if self._open or self._cut is None:
+            self._cut, self._failed, self._status = err, 0, None
+        else:
+            self._failed += 1
+        self._open = False
         resumable_from = self.last_id is not None or self.result.events == 0
-        if self.result.stream_id is None or not resumable_from:
+        if not self._resumable or self.result.stream_id is None or not resumable_from:
             raise err
         if self._tried >= self._tries:
-            raise StreamError(f"{err} (after {self._tried} tries to resume it)") from err
+            if self._tried == 0:
+                raise StreamError(f"{err} (not resumed: resumes=0)") from err
+            raise StreamError(
+                f"the stream was cut: {self._cut}; resuming it failed ({self._failed} tries), "
+                f"the last: {_resume_failure(err)}",
+                status_code=self._status, body=err.body,
+            ) from err  # fmt: skip
         self._tried += 1
-        self._cut = err
         return 0.0 if self._tried == 1 else min(0.25 * 2 ** (self._tried - 2), 4.0)
+
+
+def _resume_failure(err: StreamError) -> str:
+    """Why a resume failed, without the URL of the resume (one the caller never asked for:
+    the cut before names the request's)."""
+    if isinstance(err.__cause__, httpx.TransportError):
+        return str(err.__cause__) or type(err.__cause__).__name__
+    return f"HTTP {err.status_code}: {err}" if err.status_code is not None else str(err)
 
 
 class SyncStream:
