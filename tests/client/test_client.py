@@ -299,6 +299,20 @@ def test_a_stream_cut_before_its_first_event_is_resumed_from_the_start(
     assert text == "x y x y x y " and stream.result.resumes == 1
 
 
+async def test_a_result_taken_before_iterating_fills_in(synthetic_server: RunningServer) -> None:
+    # Iterating replaced stream.result with a new object: this one stayed empty.
+    with Client(synthetic_server.url) as client:
+        stream = client.stream_chat("a b", max_tokens=4)
+        result = stream.result
+        assert "".join(stream) == result.text == "a b a b "
+    assert result.finish_reason == "length" and result.total_s is not None
+    async with AsyncClient(synthetic_server.url) as aclient:
+        astream = aclient.stream_chat("a b", max_tokens=4)
+        aresult = astream.result
+        assert "".join([d async for d in astream]) == aresult.text == "a b a b "
+    assert aresult is astream.result
+
+
 def test_errors_name_their_cause_and_a_stream_is_iterated_once(
     synthetic_server: RunningServer,
 ) -> None:

@@ -94,9 +94,10 @@ class _Attempts:
     the request itself opened not resumable (``stream_options.resumable`` false) is not
     tried."""
 
-    def __init__(self, path: str, body: dict[str, Any], tries: int):
+    def __init__(self, path: str, body: dict[str, Any], tries: int, result: StreamResult):
         self._path, self._body, self._tries = path, body, tries
-        self.result = StreamResult()
+        self.result = result
+        result._started = time.perf_counter()  # the stream's clock starts with its request
         self.last_id: str | None = None
         #: What cut the stream last; None until then (the first request is not a resume).
         self._cut: StreamError | None = None
@@ -189,8 +190,8 @@ class SyncStream:
 
     def __iter__(self) -> Iterator[str]:
         _once(self)
-        attempts = _Attempts(self._path, self._body, self._resumes)
-        self.result = attempts.result
+        # The stream's own result, filled in place: one taken before iterating fills too.
+        attempts = _Attempts(self._path, self._body, self._resumes, self.result)
         while True:
             method, path, kwargs = attempts.request()
             try:
@@ -223,8 +224,8 @@ class AsyncStream:
 
     async def __aiter__(self) -> AsyncIterator[str]:
         _once(self)
-        attempts = _Attempts(self._path, self._body, self._resumes)
-        self.result = attempts.result
+        # The stream's own result, filled in place: one taken before iterating fills too.
+        attempts = _Attempts(self._path, self._body, self._resumes, self.result)
         while True:
             method, path, kwargs = attempts.request()
             try:
