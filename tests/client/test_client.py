@@ -313,6 +313,26 @@ async def test_a_result_taken_before_iterating_fills_in(synthetic_server: Runnin
     assert aresult is astream.result
 
 
+async def test_a_client_closed_mid_stream_ends_it_with_a_stream_error(
+    synthetic_server: RunningServer,
+) -> None:
+    # The closed client was used for a resume: httpx's RuntimeError ("Cannot send a
+    # request, as the client has been closed") instead of a StreamError.
+    client = Client(synthetic_server.url)
+    deltas = iter(client.stream_chat("a b", max_tokens=4096))
+    next(deltas)
+    client.close()
+    with pytest.raises(StreamError, match="the client was closed during the stream"):
+        for _ in deltas:
+            pass
+    async with AsyncClient(synthetic_server.url) as aclient:
+        adeltas = aiter(aclient.stream_chat("a b", max_tokens=4096))
+        await anext(adeltas)
+    with pytest.raises(StreamError, match="the client was closed during the stream"):
+        async for _ in adeltas:
+            pass
+
+
 def test_errors_name_their_cause_and_a_stream_is_iterated_once(
     synthetic_server: RunningServer,
 ) -> None:

@@ -211,6 +211,7 @@ class SyncStream:
                         cut = short
             except httpx.TransportError as exc:
                 cut = _cut(exc)
+            _check_open(self._client, cut)
             time.sleep(attempts.cut(cut))
 
 
@@ -245,7 +246,16 @@ class AsyncStream:
                         cut = short
             except httpx.TransportError as exc:
                 cut = _cut(exc)
+            _check_open(self._client, cut)
             await asyncio.sleep(attempts.cut(cut))
+
+
+def _check_open(client: httpx.Client | httpx.AsyncClient, cut: StreamError) -> None:
+    """A stream whose client was closed under it (``close()``, the end of its ``with``) is
+    over: its cut is the close, and a resume through the closed client could only fail
+    (httpx's RuntimeError)."""
+    if client.is_closed:
+        raise StreamError("the client was closed during the stream") from cut
 
 
 def _once(stream: SyncStream | AsyncStream) -> None:
