@@ -406,6 +406,28 @@ def test_a_stream_asked_not_resumable_is_not_resumed() -> None:
     assert len(requests) == 1
 
 
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (b"HTTP/1.1 200 OK\r\ncontent-type: text/html", "HTTP 200, content type text/html"),
+        (b"HTTP/1.1 200 OK\r\ncontent-type: application/json",
+         "HTTP 200, content type application/json"),
+        (b"HTTP/1.1 307 Temporary Redirect\r\nlocation: https://elsewhere/v1/chat/completions",
+         "HTTP 307, a redirect to https://elsewhere/v1/chat/completions (not followed)"),
+    ],
+)  # fmt: skip
+def test_an_answer_that_is_no_event_stream_is_reported_as_it_is(head: bytes, message: str) -> None:
+    # It was "the connection failed: Expected response header Content-Type to contain
+    # 'text/event-stream'..." (httpx-sse's SSEError is a TransportError), then resumed.
+    answer = head + b"\r\nconnection: close\r\ncontent-length: 2\r\n\r\n{}"
+    with answering_each([answer]) as (url, requests), Client(url, timeout=10) as client:
+        with pytest.raises(StreamError) as info:
+            list(client.stream_chat("x"))
+    assert str(info.value) == f"unexpected answer, not an event stream: {message}"
+    assert info.value.status_code == int(head.split()[1]) and info.value.body == b"{}"
+    assert len(requests) == 1
+
+
 @contextmanager
 def answering_each(answers: list[bytes]) -> Iterator[tuple[str, list[bytes]]]:
     """A fault injector: a server (its URL) that answers its n-th connection with

@@ -63,6 +63,28 @@ def _error_from(response: httpx.Response, body: bytes) -> StreamError:
     return StreamError(message, status_code=response.status_code, body=body)
 
 
+def _is_event_stream(response: httpx.Response) -> bool:
+    """A 2xx answer of events (httpx-sse's own test of the type): anything else is no stream
+    (httpx-sse raised its SSEError, a TransportError, reported as a failed connection)."""
+    content_type = response.headers.get("content-type", "")
+    return response.is_success and "text/event-stream" in content_type
+
+
+def _unexpected(response: httpx.Response, body: bytes) -> StreamError:
+    """An answer that is neither an error nor an event stream: a redirect (not followed), an
+    HTML page of a proxy... Reported as it is, and not resumed: a resume would get the same."""
+    location = response.headers.get("location")
+    what = (
+        f"a redirect to {location} (not followed)"
+        if response.is_redirect and location
+        else f"content type {response.headers.get('content-type') or 'none'}"
+    )
+    return StreamError(
+        f"unexpected answer, not an event stream: HTTP {response.status_code}, {what}",
+        status_code=response.status_code, body=body,
+    )  # fmt: skip
+
+
 def _cut(exc: httpx.TransportError) -> StreamError:
     try:
         # Where it went: a server on another port is the usual reason for a refusal.
@@ -199,6 +221,8 @@ class SyncStream:
                     response = source.response
                     if response.status_code >= 400:
                         cut = attempts.refused(_error_from(response, response.read()))
+                    elif not _is_event_stream(response):
+                        raise _unexpected(response, response.read())
                     else:
                         attempts.opened(response)
                         for event in source.iter_sse():
@@ -234,6 +258,8 @@ class AsyncStream:
                     response = source.response
                     if response.status_code >= 400:
                         cut = attempts.refused(_error_from(response, await response.aread()))
+                    elif not _is_event_stream(response):
+                        raise _unexpected(response, await response.aread())
                     else:
                         attempts.opened(response)
                         async for event in source.aiter_sse():
