@@ -333,6 +333,24 @@ async def test_a_client_closed_mid_stream_ends_it_with_a_stream_error(
             pass
 
 
+def test_text_utf8_cannot_carry_is_a_value_error_naming_its_field() -> None:
+    # A lone surrogate raised UnicodeEncodeError from inside httpx, naming no field.
+    with Client("http://127.0.0.1:9") as client:  # nothing listens: nothing may be sent
+        with pytest.raises(ValueError, match=r"^messages\[0\]\.content cannot be sent as UTF-8"):
+            client.stream_chat("a\udc80b")
+        with pytest.raises(ValueError, match=r"^prompt cannot be sent as UTF-8"):
+            client.stream_completion("\ud800")
+        with pytest.raises(ValueError, match=r"^stop\[1\] cannot be sent as UTF-8"):
+            client.stream_completion("x", stop=["ok", "\udfff"])
+    # A command line argument that is not UTF-8 arrives with such surrogates.
+    from typer.testing import CliRunner
+
+    from tokenspout.cli import app
+
+    result = CliRunner().invoke(app, ["complete", "a\udcffb", "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 2 and "cannot be sent as UTF-8" in result.output
+
+
 def test_errors_name_their_cause_and_a_stream_is_iterated_once(
     synthetic_server: RunningServer,
 ) -> None:

@@ -45,11 +45,14 @@ def complete(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--url") from None
     with client:
-        stream = (
-            client.stream_completion(prompt, **params)
-            if raw
-            else client.stream_chat(prompt, **params)
-        )
+        try:
+            stream = (
+                client.stream_completion(prompt, **params)
+                if raw
+                else client.stream_chat(prompt, **params)
+            )
+        except ValueError as exc:  # bytes that are not UTF-8 in the argument, say
+            raise typer.BadParameter(str(exc), param_hint="PROMPT") from None
         try:
             for delta in stream:
                 sys.stdout.write(delta)

@@ -41,7 +41,28 @@ def _body(params: dict[str, Any], **fields: Any) -> dict[str, Any]:
     stream's text is one answer; choices would interleave)."""
     if params.get("n", 1) != 1 or params.get("stream", True) is not True:
         raise ValueError("the client streams one choice: leave out n and stream")
-    return {**fields, "stream": True, **params}
+    body = {**fields, "stream": True, **params}
+    for name, value in body.items():
+        _check_text(value, name)
+    return body
+
+
+def _check_text(value: Any, name: str) -> None:
+    """Refuse text that UTF-8 cannot carry (a lone surrogate, left by a lenient decode),
+    naming where it is: httpx raised UnicodeEncodeError while sending, naming nothing."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{name} cannot be sent as UTF-8: {exc.reason} at character {exc.start}"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(item, f"{name}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_text(item, f"{name}[{i}]")
 
 
 def _chat_body(prompt: str | list[dict[str, str]], params: dict[str, Any]) -> dict[str, Any]:
