@@ -129,6 +129,39 @@ def test_fields_pass_through_and_the_upstream_always_streams(
     assert f'tokenspout_upstream_requests_total{{status="200",upstream="{fault.base}"}}' in metrics
 
 
+def test_a_max_tokens_left_out_is_left_out_upstream_and_ours_ends_the_answer(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    server = front(start_server, fault, config={"default_max_tokens": 3})
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "a b c d"}]}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    assert answer["usage"]["completion_tokens"] == 3
+    assert answer["choices"][0]["message"]["content"] == "a b c "
+    assert "max_tokens" not in fault.stats()["body"]
+
+
+def test_a_long_prompt_without_max_tokens_gets_the_contexts_room_as_directly(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # The front cannot count the prompt's tokens: it used to send its default max_tokens
+    # (512), and the upstream refused prompt + 512 as longer than its context.
+    with processes(lambda: tokenspout("--engine", "synthetic", "--max-model-len", "1024")) as (
+        upstream,
+    ):
+        words = " ".join(["alpha"] * 900)
+        body = {"model": "synthetic", "messages": [{"role": "user", "content": words}]}
+        direct = httpx.post(f"{upstream.base}/chat/completions", json=body, timeout=60)
+        assert direct.status_code == 200, direct.text
+        server = front(start_server, upstream)
+        relayed = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert relayed.status_code == 200, relayed.text
+        assert relayed.json()["usage"] == direct.json()["usage"]
+        assert relayed.json()["usage"]["completion_tokens"] < 512  # the room, not the default
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 def test_the_seed_endpoints_fields_reach_the_upstream(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess, method: str

@@ -84,6 +84,10 @@ def test_options_refuse_what_cannot_work() -> None:
         UpstreamOptions(("http://h:1/v1", "http://h:2/v1", "http://H:1/v1/"))
     secret = UpstreamOptions(("http://u:pw@h:1/v1",), api_key="sk-secret")
     assert "sk-secret" not in repr(secret)
+    for timeout in ("health_interval_s", "first_token_timeout_s", "stall_timeout_s"):
+        for bad in (0.0, float("nan")):
+            with pytest.raises(ConfigError, match="must be > 0"):
+                UpstreamOptions(("http://h:1/v1",), **{timeout: bad})  # type: ignore[arg-type]
 
 
 def test_passive_failures_never_eject_the_last_healthy_upstream() -> None:

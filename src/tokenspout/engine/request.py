@@ -67,6 +67,10 @@ class SamplingParams:
     ``top_k <= 0`` disables top-k."""
 
     max_tokens: int = 16
+    #: False when the client left ``max_tokens`` out and the server filled it in: an engine
+    #: that cannot count the prompt's tokens (upstream) then leaves it out too, so that the
+    #: server there fills in the context's room, and stops at ``max_tokens`` itself.
+    max_tokens_given: bool = True
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0

@@ -2,9 +2,11 @@
 
 The client's own fields go through as it sent them (``SamplingParams.extra_body``: sampling
 fields, vendor extensions, tools); tokenspout sets what it owns: the model, the messages or
-prompt (a continuation's), ``max_tokens`` (less what a first part generated) and always
-``stream: true`` with ``stream_options.include_usage``, whatever the client asked, since
-tokenspout makes the client's stream itself.
+prompt (a continuation's), ``max_tokens`` (less what a first part generated; left out when
+the client left it out: the upstream knows the context's room, tokenspout, which cannot
+count the prompt's tokens, does not) and always ``stream: true`` with
+``stream_options.include_usage``, whatever the client asked, since tokenspout makes the
+client's stream itself.
 """
 
 from __future__ import annotations
@@ -29,12 +31,9 @@ def request_body(
         options["continuous_usage_stats"] = True
     elif counts == "timings":
         body["timings_per_token"] = True
-    body.update(
-        model=params.model,
-        max_tokens=params.max_tokens,
-        stream=True,
-        stream_options=options,
-    )
+    body.update(model=params.model, stream=True, stream_options=options)
+    if params.max_tokens_given:
+        body["max_tokens"] = params.max_tokens
     if params.seed is not None:
         # Choice i of a request with n > 1 draws with seed + i (``choice_params``).
         body["seed"] = params.seed

@@ -54,5 +54,5 @@ class UpstreamOptions:
         if self.max_concurrency < 1 or self.eject_after < 1 or self.retries < 0:
             raise ConfigError("--upstream-max-concurrency must be >= 1 and --upstream-retries >= 0")
         timeouts = (self.health_interval_s, self.first_token_timeout_s, self.stall_timeout_s)
-        if min(timeouts) <= 0:
+        if not all(t > 0 for t in timeouts):  # NaN too
             raise ConfigError("upstream intervals and timeouts must be > 0")

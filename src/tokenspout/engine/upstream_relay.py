@@ -109,6 +109,8 @@ class _Part:
     output: bool = False
     #: The prompt's tokens as a chunk without usage said (llama.cpp's timings).
     prompt_said: int | None = None
+    #: This relay ended it at ``max_tokens``, which the upstream was not sent.
+    capped: bool = False
 
     @property
     def prompt_tokens(self) -> int:
@@ -367,11 +369,13 @@ class UpstreamRelay:
         if part.finish is None:
             raise _Failed("cut", "the stream ended before the answer did")
         self._finish_part(server)
-        if done:
+        if done and not part.capped:
+            # Not when this relay ended the answer: closing the response stops the upstream.
             await _read_to_end(body)
 
     def _take(self, payloads: list[bytes], part: _Part) -> bool:
-        """Relay the chunks of one read; True at ``[DONE]`` (what follows it is ignored)."""
+        """Relay the chunks of one read; True at ``[DONE]`` or at ``max_tokens`` (what
+        follows is ignored)."""
         for payload in payloads:
             if payload == b"[DONE]":
                 return True
@@ -385,7 +389,19 @@ class UpstreamRelay:
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
             part.output = part.output or chunk.output
+            if self._reached_max_tokens(part):
+                part.finish, part.capped = "length", True
+                return True
         return False
+
+    def _reached_max_tokens(self, part: _Part) -> bool:
+        """A max_tokens left out upstream (``request_body``) is reached here."""
+        params = self.params
+        return (
+            not params.max_tokens_given
+            and part.finish is None
+            and (self.tokens >= params.max_tokens)
+        )
 
     def _finish_part(self, server: UpstreamServer) -> None:
         part = self._part

@@ -218,6 +218,7 @@ def sampling_params(
             f"{state.engine.max_model_len} tokens",
             param=prompt.field,
         )
+    given = max_tokens is not None
     if max_tokens is None:
         max_tokens = min(cfg.default_max_tokens, room)
     elif max_tokens > room:
@@ -228,6 +229,7 @@ def sampling_params(
         )
     return SamplingParams(
         max_tokens=max_tokens,
+        max_tokens_given=given,
         temperature=temperature,
         top_p=top_p,
         top_k=top_k,
