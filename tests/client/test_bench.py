@@ -259,3 +259,23 @@ def test_a_level_runs_with_the_objects_from_before_it_frozen(
     assert level.summary["completed"] == 3
     assert min(frozen) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_distinct_prompts_are_numbered_and_said_in_the_json(
+    slow_server: RunningServer, tmp_path: Path
+) -> None:
+    from tokenspout.client.bench import request_body
+
+    same = BenchConfig(prompt="Tell a story.", model="m")
+    assert request_body(same, 0) == request_body(same, 5)
+    distinct = BenchConfig(prompt="Tell a story.", model="m", distinct_prompts=True)
+    contents = [request_body(distinct, i)["messages"][0]["content"] for i in range(2)]
+    assert contents == ["Request 1. Tell a story.", "Request 2. Tell a story."]
+    out = tmp_path / "distinct.json"
+    run = bench(
+        "--url", slow_server.url, "--num-prompts", "2", "--max-tokens", "3",
+        "--distinct-prompts", "--json", str(out),
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    data = json.loads(out.read_text())
+    assert data["distinct_prompts"] is True and data["completed"] == 2

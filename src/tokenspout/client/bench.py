@@ -61,6 +61,9 @@ class BenchConfig:
     request_rate: float = float("inf")
     seed: int = 0
     prompt: str = "Write a long story about a dragon and a knight."
+    #: Number each request's prompt ("Request 3. " + prompt) so that no two are the same:
+    #: identical prompts share their first token's computation on some servers (ours).
+    distinct_prompts: bool = False
     temperature: float = 0.8
     ignore_eos: bool = False
     model: str | None = None
@@ -97,15 +100,17 @@ class BenchConfig:
         return server_root(self.url)
 
 
-def request_body(config: BenchConfig) -> dict[str, Any]:
-    """The JSON of one request (the same for every request of a run)."""
+def request_body(config: BenchConfig, index: int = 0) -> dict[str, Any]:
+    """The JSON of request ``index`` (the same for every request of a run unless
+    ``distinct_prompts``)."""
     body: dict[str, Any] = {"max_tokens": config.max_tokens, "temperature": config.temperature}
     if config.model is not None:
         body["model"] = config.model
+    prompt = f"Request {index + 1}. {config.prompt}" if config.distinct_prompts else config.prompt
     if config.endpoint is BenchEndpoint.chat:
-        body["messages"] = [{"role": "user", "content": config.prompt}]
+        body["messages"] = [{"role": "user", "content": prompt}]
     else:
-        body["prompt"] = config.prompt
+        body["prompt"] = prompt
     if config.endpoint is BenchEndpoint.seed:
         # Its events carry no usage, so each must be one token, as in the seed article's
         # endpoint: coalesced, 16 tokens came as 4 events and counted as 4.
@@ -237,7 +242,8 @@ async def run_level(
     on_done: Callable[[RequestResult], None] | None = None,
 ) -> LevelResult:
     """Send every request of ``config`` with at most ``concurrency`` in flight."""
-    body = request_body(config)
+    # Built before the clock starts: a request's own JSON is not part of its latency.
+    bodies = [request_body(config, i) for i in range(config.num_prompts)]
     slots = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     # A fresh connection per request: a server that closes idle keep-alive connections
@@ -252,6 +258,7 @@ async def run_level(
         async def one(index: int) -> RequestResult:
             async with slots:
                 try:
+                    body = bodies[index]
                     if config.protocol is BenchProtocol.ws:
                         call = _ws_request(config, body, f"bench-{index}")
                     else:

@@ -56,6 +56,7 @@ def to_json(config: BenchConfig, levels: Sequence[LevelResult]) -> Any:
         "ignore_eos": config.ignore_eos,
         "temperature": config.temperature,
         "seed": config.seed,
+        "distinct_prompts": config.distinct_prompts,
     }
     rows = [{**settings, **level.summary} for level in levels]
     return rows[0] if len(rows) == 1 else rows

@@ -90,6 +90,13 @@ def bench(
     prompt: Annotated[str, typer.Option(help="The prompt of every request.")] = (
         "Write a long story about a dragon and a knight."
     ),
+    distinct_prompts: Annotated[
+        bool,
+        typer.Option(
+            help="Number each prompt ('Request 3. ...') so no two are the same: identical "
+            "prompts share their first token's computation on some servers (ours)."
+        ),
+    ] = False,
     temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.8,
     ignore_eos: Annotated[bool, typer.Option(help="Ask for exactly max_tokens.")] = False,
     model: Annotated[str | None, typer.Option(help="Model (default: first of /v1/models).")] = None,
@@ -119,7 +126,8 @@ def bench(
             url=url, endpoint=_choice(BenchEndpoint, endpoint, "--endpoint"),
             protocol=_choice(BenchProtocol, protocol, "--protocol"),
             num_prompts=num_prompts, max_tokens=max_tokens, request_rate=request_rate,
-            seed=seed, prompt=prompt, temperature=temperature, ignore_eos=ignore_eos,
+            seed=seed, prompt=prompt, distinct_prompts=distinct_prompts,
+            temperature=temperature, ignore_eos=ignore_eos,
             model=model, api_key=api_key, timeout_s=timeout_s,
         )  # fmt: skip
     except ValueError as exc:
