@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/engine_vs_llama_cpp.py --llama-server PATH \\
         [--concurrency 1,4,16] [--num-prompts 16] [--rounds 2] [--contention 0] \\
-        [-- extra tokenspout serve arguments]
+        [--distinct-prompts] [-- extra tokenspout serve arguments]
 
 Both servers load the same GGUF (the default model, SmolLM2-135M-Instruct Q4_1) with 2
 threads; ``llama-server`` gets one slot per stream of the largest level (at least 16). Each
@@ -11,7 +11,9 @@ level is ``tokenspout bench`` at the reference setup of ``shared/REFERENCE.md`` 
 other, the order alternating between rounds, so a change in the machine's load hits both.
 tokenspout sends an event per token here (``--flush-tokens 1``), as llama-server does, so
 ITL is the gap between tokens for both. ``--contention N`` runs N CPU-bound processes
-(``while True: pass``) during every measurement. Build llama-server with
+(``while True: pass``) during every measurement; ``--distinct-prompts`` numbers each
+request's prompt (``tokenspout bench --distinct-prompts``), so that no two share their
+first token's computation (tokenspout's twins). Build llama-server with
 ``../shared/tools/build_llama_server.sh`` (GGML_NATIVE).
 """
 
@@ -45,13 +47,14 @@ def busy_processes(count: int) -> Iterator[None]:
             p.wait()
 
 
-def bench(port: int, concurrency: int, num_prompts: int, out: Path) -> dict:
+def bench(port: int, concurrency: int, num_prompts: int, out: Path, distinct: bool) -> dict:
     subprocess.run(
         [sys.executable, "-m", "tokenspout.cli", "bench",
          "--url", f"http://127.0.0.1:{port}", "--endpoint", "chat",
          "--concurrency", str(concurrency), "--num-prompts", str(num_prompts),
          "--max-tokens", "128", "--ignore-eos", "--temperature", "0.8",
-         "--prompt", PROMPT, "--json", str(out)],
+         "--prompt", PROMPT, "--json", str(out),
+         *(["--distinct-prompts"] if distinct else [])],
         check=True, timeout=1800, stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return json.loads(out.read_text())
@@ -64,12 +67,14 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--contention", type=int, default=0, help="CPU-bound processes beside")
+    parser.add_argument("--distinct-prompts", action="store_true", help="no two prompts alike")
     parser.add_argument("serve_args", nargs="*", help="extra `tokenspout serve` arguments")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
     slots = max(16, *levels)
     gguf = ModelFiles.resolve(None).path
-    print(f"machine: {machine()}; contention: {args.contention} busy processes")
+    print(f"machine: {machine()}; contention: {args.contention} busy processes; "
+          f"{'distinct' if args.distinct_prompts else 'identical'} prompts")  # fmt: skip
     ours_port, theirs_port = free_port(), free_port()
     ours_cmd = tokenspout_serve(
         ours_port, "--flush-tokens", "1", "--max-num-seqs", str(slots), *args.serve_args
@@ -88,7 +93,9 @@ def main() -> None:
             for c in levels:
                 for name, port in servers if r % 2 == 0 else servers[::-1]:
                     with busy_processes(args.contention):
-                        data = bench(port, c, args.num_prompts, Path(tmp) / "b.json")
+                        data = bench(
+                            port, c, args.num_prompts, Path(tmp) / "b.json", args.distinct_prompts
+                        )
                     results.setdefault((name, c), []).append(data)
                     print(f"round {r + 1} c={c} {name}: {data['output_throughput']:.0f} tok/s",
                           file=sys.stderr, flush=True)  # fmt: skip
