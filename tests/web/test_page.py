@@ -8,12 +8,16 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
 
 pytestmark = pytest.mark.browser
 
@@ -287,10 +291,11 @@ def seed_text(server: RunningServer, prompt: str, max_tokens: int) -> str:
     return "".join(tokens)
 
 
-def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> None:  # type: ignore[no-untyped-def]
-    server = start_server(SyntheticEngine(itl_ms=10))
-    prompt, max_tokens = "alpha beta gamma delta épsilon 日本", 150
-    proxy = CuttingProxy(server.port, cut_after=700)
+def event_source_through(
+    browser: Browser, proxy: CuttingProxy, prompt: str, max_tokens: int
+) -> tuple[str, str]:
+    """The answer's source as the page received it over EventSource through ``proxy`` (what
+    it keeps as the conversation), and its status line."""
     page = browser.new_page(bypass_csp=True)
     try:
         page.goto(proxy.url)
@@ -299,14 +304,20 @@ def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> N
         send(page, prompt)
         # The browser waits its reconnection delay (about 3 s) before resuming.
         wait_idle(page, timeout_ms=20_000)
-        # The answer's source as the page received it (what it keeps as the conversation).
         shown = page.evaluate(
             "JSON.parse(sessionStorage.getItem('tokenspout.conversation')).at(-1).content"
         )
-        status = page.locator('[data-kind="streamed"] .status').text_content()
+        return shown, page.locator('[data-kind="streamed"] .status').text_content() or ""
     finally:
         page.close()
         proxy.close()
+
+
+def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(SyntheticEngine(itl_ms=10))
+    prompt, max_tokens = "alpha beta gamma delta épsilon 日本", 150
+    proxy = CuttingProxy(server.port, cut_after=700)
+    shown, status = event_source_through(browser, proxy, prompt, max_tokens)
     assert proxy.cuts == 1, "the stream was cut"
     assert "error" not in status, status
     assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
@@ -320,19 +331,7 @@ def test_event_source_dropped_before_its_first_token_resumes_it(start_server, br
     server = start_server(SyntheticEngine(itl_ms=10))
     prompt, max_tokens = "before the first token", 40
     proxy = CuttingProxy(server.port, cut_before=b'data: {"token"')
-    page = browser.new_page(bypass_csp=True)
-    try:
-        page.goto(proxy.url)
-        page.select_option("#transport", "eventsource")
-        page.fill("#max-tokens", str(max_tokens))
-        send(page, prompt)
-        wait_idle(page, timeout_ms=20_000)
-        shown = page.evaluate(
-            "JSON.parse(sessionStorage.getItem('tokenspout.conversation')).at(-1).content"
-        )
-    finally:
-        page.close()
-        proxy.close()
+    shown, _ = event_source_through(browser, proxy, prompt, max_tokens)
     assert proxy.cuts == 1, "the stream was cut"
     assert server.metric("tokenspout_stream_resumes_total") == 1, "resumed, not restarted"
     assert server.metric("tokenspout_generation_tokens_total") == max_tokens
