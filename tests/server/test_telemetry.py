@@ -29,6 +29,31 @@ def test_report_is_recorded_per_transport(synthetic_server: RunningServer) -> No
     assert synthetic_server.metric("tokenspout_client_long_frames_total", label) == 5
 
 
+def test_a_report_without_complete_ms_is_not_a_complete_answer(
+    synthetic_server: RunningServer,
+) -> None:
+    # A stopped or failed answer: its first token and first paint count, its end does not.
+    url = f"{synthetic_server.url}/v1/telemetry"
+    stopped = {k: v for k, v in REPORT.items() if k != "complete_ms"}
+    assert httpx.post(url, json=stopped).status_code == 204
+    assert httpx.post(url, json={**stopped, "complete_ms": None}).status_code == 204
+    label = 'transport="websocket"'
+    assert synthetic_server.metric("tokenspout_client_ttft_seconds_count", label) == 2
+    assert synthetic_server.metric("tokenspout_client_first_paint_seconds_count", label) == 2
+    assert synthetic_server.metric("tokenspout_client_long_frames_total", label) == 6
+    with pytest.raises(KeyError):  # never observed for this transport
+        synthetic_server.metric("tokenspout_client_complete_seconds_count", label)
+    assert httpx.post(url, json=REPORT).status_code == 204
+    assert synthetic_server.metric("tokenspout_client_complete_seconds_count", label) == 1
+
+
+def test_openapi_says_complete_ms_is_optional(synthetic_server: RunningServer) -> None:
+    schema = httpx.get(f"{synthetic_server.url}/openapi.json").json()
+    telemetry = schema["components"]["schemas"]["ClientTelemetry"]
+    assert "complete_ms" not in telemetry["required"]
+    assert "stopped" in telemetry["properties"]["complete_ms"]["description"]
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

@@ -202,6 +202,35 @@ def test_telemetry_reaches_metrics(start_server, open_page) -> None:  # type: ig
     assert "measure" not in metrics, "no prompt text in telemetry"
 
 
+def _observations(server: RunningServer, histogram: str, label: str) -> float:
+    """A client histogram's count for one transport (0 before its first observation)."""
+    try:
+        return server.metric(f"tokenspout_client_{histogram}_seconds_count", label)
+    except KeyError:
+        return 0
+
+
+@pytest.mark.parametrize("transport", ["fetch", "eventsource", "websocket"])
+def test_a_stopped_answer_reports_no_complete_time(start_server, open_page, transport: str) -> None:  # type: ignore[no-untyped-def]
+    # The complete histogram is the time people waited for a whole answer: one stopped
+    # halfway is not one (its first token and first paint were real, and are reported).
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, transport, max_tokens=4000)
+    label = f'transport="{"sse" if transport == "fetch" else transport}"'
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    page.click("#stop")
+    wait_idle(page)
+    server.wait_metric("tokenspout_client_ttft_seconds_count", 1, labels=label)
+    assert _observations(server, "first_paint", label) == 1
+    assert _observations(server, "complete", label) == 0
+    page.fill("#max-tokens", "3")
+    send(page, "finish this one")
+    wait_idle(page)
+    server.wait_metric("tokenspout_client_ttft_seconds_count", 2, labels=label)
+    assert _observations(server, "complete", label) == 1
+
+
 class CuttingProxy:
     """A TCP relay in front of the server that drops the first EventSource stream after
     ``cut_after`` response bytes (mid-event), or just before the first ``cut_before`` in

@@ -186,7 +186,7 @@ class Metrics:
         )
         self.client_complete = Histogram(
             "tokenspout_client_complete_seconds",
-            "Browser: request sent to the whole answer received.",
+            "Browser: request sent to the whole answer received (stopped or failed answers: none).",
             ["transport"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -26,18 +26,21 @@ class ClientTelemetry(BaseModel):
     """Times in milliseconds since the page sent the request."""
 
     # forbid: a report that carries anything else (a prompt, an answer) is refused.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # Attribute docstrings become the fields' descriptions in the OpenAPI schema.
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
     transport: str
     ttft_ms: Millis
     first_paint_ms: Millis
-    complete_ms: Millis
+    complete_ms: Millis | None = None
+    """The whole answer received. Left out (or null) for an answer that was stopped or
+    failed: it is then counted in TTFT and first paint only."""
     long_frames: Annotated[StrictInt, Field(ge=0, le=1_000_000)]
 
     @model_validator(mode="after")
     def _in_order(self) -> ClientTelemetry:
         # The answer is complete after its first token: a report saying otherwise is bogus.
-        if self.complete_ms < self.ttft_ms:
+        if self.complete_ms is not None and self.complete_ms < self.ttft_ms:
             raise ValueError("complete_ms must not be less than ttft_ms")
         # Nor is text painted before it came (painting may end after the last event does).
         if self.first_paint_ms < self.ttft_ms:
@@ -60,6 +63,7 @@ async def telemetry(request: Request) -> Response:
     metrics = state.metrics
     metrics.client_ttft.labels(report.transport).observe(report.ttft_ms / 1000)
     metrics.client_first_paint.labels(report.transport).observe(report.first_paint_ms / 1000)
-    metrics.client_complete.labels(report.transport).observe(report.complete_ms / 1000)
+    if report.complete_ms is not None:
+        metrics.client_complete.labels(report.transport).observe(report.complete_ms / 1000)
     metrics.client_long_frames.labels(report.transport).inc(report.long_frames)
     return Response(status_code=204)

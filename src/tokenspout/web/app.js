@@ -135,16 +135,13 @@ function settings() {
   };
 }
 
-/** Report what the person saw (never the text) to the server's client_* metrics. */
-function sendTelemetry(transport, t) {
+/** Report what the person saw (never the text) to the server's client_* metrics. An
+ * answer that was stopped or failed has no complete time: `complete` is false, and its
+ * first token and first paint (which were real) are reported alone. */
+function sendTelemetry(transport, t, complete) {
   if (t.ttft == null || t.paint == null) return;
-  const report = {
-    transport,
-    ttft_ms: t.ttft,
-    first_paint_ms: t.paint,
-    complete_ms: t.total,
-    long_frames: t.longFrames,
-  };
+  const report = { transport, ttft_ms: t.ttft, first_paint_ms: t.paint, long_frames: t.longFrames };
+  if (complete) report.complete_ms = t.total;
   reportTelemetry(report, { apiKey });
 }
 
@@ -184,7 +181,8 @@ async function streamAnswer(view, request) {
   };
   view.showTimes(times);
   view.status(error ? `error: ${error.message}` : `done (${gen.finishReason ?? "end of stream"})`);
-  sendTelemetry(TELEMETRY_LABEL[request.transport], times);
+  const complete = error === null && gen.finishReason !== "cancelled";
+  sendTelemetry(TELEMETRY_LABEL[request.transport], times, complete);
   return view.renderer.text;
 }
 
@@ -214,7 +212,7 @@ async function bufferedAnswer(view, request) {
     };
     view.showTimes(times);
     view.status("done");
-    sendTelemetry("buffered", times);
+    sendTelemetry("buffered", times, true);
   } catch (err) {
     monitor.stop();
     // Stop abandons the request (the server then stops generating): not an error.
