@@ -1,5 +1,6 @@
 """The dashboard at ``/dashboard`` in headless Chromium: it draws, it updates while load
-runs, and it carries on across a server restart on the same port."""
+runs, it carries on across a server restart on the same port, and behind a load balancer it
+adds up the replicas its polls reach in turn."""
 
 from __future__ import annotations
 
@@ -92,7 +93,9 @@ def test_dashboard_draws_updates_and_survives_a_restart(browser) -> None:  # typ
         # A new server on the same port: counters start over, the page picks it up.
         server, stop = _start(SyntheticEngine(itl_ms=5), ServerConfig(), port)
         page.wait_for_selector('#status[data-state="live"]', timeout=15_000)
-        assert page.evaluate("document.body.dataset.restarts") == "1"
+        # Marked as a server that started meanwhile; the one that went away no longer counts.
+        assert page.evaluate("document.body.dataset.newInstances") == "1"
+        assert page.evaluate("document.body.dataset.instances") == "1"
         samples = int(page.evaluate("document.body.dataset.samples"))
         page.wait_for_function(
             f"Number(document.body.dataset.samples) > {samples + 1} "
@@ -152,3 +155,84 @@ def test_percentiles_cover_only_the_window(start_server, browser) -> None:  # ty
     assert seen[:3] == ["", "", ""], seen
     assert all(seen[3:5]), seen
     assert seen[5] == "", seen
+
+
+def _snapshot(base: dict, instance: str, time: float, tokens: float, running: float,
+              cancelled: float) -> dict:  # fmt: skip
+    return {
+        **base,
+        "instance": instance,
+        "time": time,
+        "gauges": {"running": running, "waiting": 0, "streams": running},
+        "counters": {**base["counters"], "generation_tokens": tokens},
+        "aborts": {**base["aborts"], "cancelled": cancelled},
+    }
+
+
+def test_replicas_polled_in_turn_are_added_up(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    """Behind a load balancer the polls alternate between two replicas (served to the page in
+    place of the server's snapshots): A makes 100 tokens/s, runs 2 requests and cancels one
+    every 2 s; B makes 50 tokens/s and runs 3. Each rate comes from the same replica's
+    previous snapshot, the page adds the two up, says it sees 2 instances, and calls none of
+    the switches a restart."""
+    server = start_server(SyntheticEngine(itl_ms=1))
+    base = httpx.get(f"{server.url}/dashboard/data").json()
+    t0 = base["time"]
+    snapshots = []
+    for k in range(4):
+        snapshots.append(_snapshot(base, "a", t0 + 2 * k, 200 * k, running=2, cancelled=k))
+        snapshots.append(_snapshot(base, "b", t0 + 2 * k + 1, 100 * k, running=3, cancelled=0))
+    served = iter(snapshots)
+
+    def answer(route) -> None:  # type: ignore[no-untyped-def]
+        snapshot = next(served, None)
+        if snapshot is None:
+            route.abort()
+        else:
+            route.fulfill(json=snapshot)
+
+    page = browser.new_page(bypass_csp=True)
+    try:
+        page.route("**/dashboard/data*", answer)
+        page.goto(f"{server.url}/dashboard")
+        page.wait_for_function(f"Number(document.body.dataset.samples) === {len(snapshots)}",
+                               timeout=20_000)  # fmt: skip
+        assert legend_value(page, "throughput", "tokens/s") == 150
+        assert legend_value(page, "requests", "running") == 5
+        assert legend_value(page, "streams", "open streams") == 5
+        assert legend_value(page, "aborts", "cancelled") == 0.5
+        assert page.evaluate("document.body.dataset.instances") == "2"
+        assert page.evaluate("document.body.dataset.newInstances") == "0"
+        assert "2 instances" in page.text_content("#status")
+    finally:
+        page.close()
+
+
+def test_two_real_servers_polled_in_turn(start_server, browser) -> None:  # type: ignore[no-untyped-def]
+    """Two servers under load, the page's polls sent to each in turn (as round-robin
+    balancing does): tokens/s and abort rates are measured, and neither counts as a
+    restart."""
+    servers = [start_server(SyntheticEngine(itl_ms=5)) for _ in range(2)]
+    loads = [Load(s.port) for s in servers]
+    turn = iter(range(1_000_000))
+
+    def balance(route) -> None:  # type: ignore[no-untyped-def]
+        server = servers[next(turn) % 2]
+        route.fulfill(response=route.fetch(url=f"{server.url}/dashboard/data"))
+
+    page = browser.new_page(bypass_csp=True)
+    try:
+        page.route("**/dashboard/data*", balance)
+        page.goto(f"{servers[0].url}/dashboard")
+        tokens = LEGEND.format(chart="throughput", series="tokens/s")
+        cancelled = LEGEND.format(chart="aborts", series="cancelled")
+        page.wait_for_function(
+            f"Number({tokens}?.dataset.value) > 0 && {cancelled}?.dataset.value !== ''"
+            " && document.body.dataset.instances === '2'",
+            timeout=15_000,
+        )
+        assert page.evaluate("document.body.dataset.newInstances") == "0"
+    finally:
+        page.close()
+        for load in loads:
+            load.close()

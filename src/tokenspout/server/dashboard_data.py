@@ -2,8 +2,9 @@
 
 Values are cumulative, as in ``/metrics`` (the page turns two snapshots into rates and
 windowed percentiles, as Prometheus does with ``rate`` and ``histogram_quantile``); this only
-spares the page a parser for the text format. ``instance`` changes when the server restarts,
-so the page knows its counters went back to zero.
+spares the page a parser for the text format. ``instance`` names this server process (it
+changes when the server restarts, and replicas behind a balancer each have their own), so the
+page takes differences only between snapshots of one instance and adds up the instances.
 """
 
 from __future__ import annotations

@@ -4,44 +4,85 @@
 // The server sends cumulative counters and histograms, as /metrics has them; rates come
 // from consecutive snapshots, percentiles from the histogram's growth over the last
 // PERCENTILE_WINDOW_S, the way Prometheus' histogram_quantile(rate(...)) computes them.
-// A server restart (a new `instance`) starts the differences over.
+//
+// Each snapshot names its server `instance`. Behind a load balancer each poll reaches one
+// of several replicas, so snapshots are kept per instance, and differences are only taken
+// between snapshots of the same one (each has its own counters; a restarted server is a
+// new instance whose counters start at zero). What is plotted adds up the instances heard
+// from in the last INSTANCE_WINDOW_S, as Prometheus' sum(rate(...)) over replicas would:
+// their latest rates and gauges, and their histograms' growth for the percentiles.
 
 const WINDOW_S = 300;
 const PERCENTILE_WINDOW_S = 10;
+// Long enough that round-robin polls reach each of a few replicas within it.
+const INSTANCE_WINDOW_S = 10;
+// An instance not heard from for this long is forgotten (its snapshots are no baseline).
+const FORGET_S = 60;
 const REFRESH_MS = 1000;
 const COLORS = ["#2f6fde", "#d9480f", "#2b8a3e", "#862e9c", "#e67700", "#0b7285", "#c2255c"];
 
 /** name -> { series: Map(label -> [[t, value | null]]), unit } */
 const charts = new Map();
-const restartsAt = []; // times of restarts, drawn as markers
-let snapshots = []; // recent {time, data} of the current server instance
-let instance = null;
+/** instance id -> { snapshots: recent [{time, data}], seenAt, latest, rates, growth } */
+const instances = new Map();
+const newInstancesAt = []; // times an instance started while the page watched: markers
 let samples = 0;
-let restarts = 0;
 let firstSampleAt = null; // this browser's clock
+let lastFailureAt = -Infinity; // the last poll that got no answer (this browser's clock)
 
 for (const figure of document.querySelectorAll("[data-chart]")) {
   charts.set(figure.dataset.chart, { figure, series: new Map() });
 }
 
-/** The q-quantile of the observations a cumulative histogram gained since `before`. */
-function quantile(q, now, before) {
-  if (!now || now.le.length === 0) return null;
+/** What a cumulative histogram gained since `before` (all of it without a comparable one). */
+function growth(before, now) {
   const base = before && before.le.length === now.le.length ? before : null;
-  const count = now.count - (base ? base.count : 0);
-  if (count <= 0) return null;
-  const rank = q * count;
+  return {
+    le: now.le,
+    cumulative: now.cumulative.map((c, i) => c - (base ? base.cumulative[i] : 0)),
+    count: now.count - (base ? base.count : 0),
+  };
+}
+
+/** Several instances' growth as one histogram (the same server has the same buckets). */
+function merge(parts) {
+  const grown = parts.filter((h) => h && h.count > 0);
+  if (grown.length === 0) return null;
+  const { le } = grown[0];
+  const same = grown.filter((h) => h.le.length === le.length);
+  return {
+    le,
+    cumulative: le.map((_, i) => same.reduce((sum, h) => sum + h.cumulative[i], 0)),
+    count: same.reduce((sum, h) => sum + h.count, 0),
+  };
+}
+
+/** The q-quantile of the observations in a histogram's growth. */
+function quantile(q, h) {
+  if (!h || h.le.length === 0 || h.count <= 0) return null;
+  const rank = q * h.count;
   let previous = 0;
-  for (let i = 0; i < now.le.length; i++) {
-    const cumulative = now.cumulative[i] - (base ? base.cumulative[i] : 0);
+  for (let i = 0; i < h.le.length; i++) {
+    const cumulative = h.cumulative[i];
     if (cumulative >= rank) {
-      const lower = i === 0 ? 0 : now.le[i - 1];
+      const lower = i === 0 ? 0 : h.le[i - 1];
       const share = cumulative === previous ? 1 : (rank - previous) / (cumulative - previous);
-      return lower + (now.le[i] - lower) * share;
+      return lower + (h.le[i] - lower) * share;
     }
     previous = cumulative;
   }
-  return now.le.at(-1); // in the +Inf bucket: the largest finite bound, as Prometheus does
+  return h.le.at(-1); // in the +Inf bucket: the largest finite bound, as Prometheus does
+}
+
+/** Per-second rates between two snapshots of one instance. */
+function ratesBetween(before, now) {
+  const seconds = now.time - before.time;
+  const rate = (a, b) => (seconds > 0 ? Math.max(0, a - b) / seconds : null);
+  const aborts = {};
+  for (const [reason, count] of Object.entries(now.aborts)) {
+    aborts[reason] = rate(count, before.aborts[reason] ?? 0);
+  }
+  return { tokens: rate(now.counters.generation_tokens, before.counters.generation_tokens), aborts };
 }
 
 function add(chart, label, time, value) {
@@ -57,30 +98,59 @@ function addGap(time) {
   }
 }
 
-function record(data) {
-  // Plotted on this browser's clock; rates and windows use the server's.
-  const time = Date.now() / 1000;
-  const serverTime = data.time;
-  if (data.instance !== instance) {
-    if (instance !== null) {
-      restarts += 1;
-      restartsAt.push(time);
+/** Keep the snapshot in its instance's history; its rates and windowed growth from there. */
+function remember(data, time) {
+  let instance = instances.get(data.instance);
+  if (instance === undefined) {
+    // One not seen in the first rounds of polls, or after an outage, started meanwhile (a
+    // restart or a new replica); the others are the replicas there from the start.
+    const watching = firstSampleAt !== null;
+    if (watching && (time - firstSampleAt > INSTANCE_WINDOW_S || lastFailureAt > firstSampleAt)) {
+      newInstancesAt.push(time);
     }
-    instance = data.instance;
-    snapshots = [];
+    instance = { snapshots: [] };
+    instances.set(data.instance, instance);
   }
-  const previous = snapshots.at(-1);
-  const windowStart = snapshots.find((s) => s.time >= serverTime - PERCENTILE_WINDOW_S - 0.5);
-  snapshots.push({ time: serverTime, data });
-  snapshots = snapshots.filter((s) => s.time >= serverTime - PERCENTILE_WINDOW_S - 2);
+  const previous = instance.snapshots.at(-1);
+  const since = data.time - PERCENTILE_WINDOW_S;
+  const windowStart = instance.snapshots.find((s) => s.time >= since - 0.5);
+  instance.snapshots.push({ time: data.time, data });
+  instance.snapshots = instance.snapshots.filter((s) => s.time >= since - 2);
+  instance.seenAt = time;
+  instance.latest = data;
+  instance.rates = previous ? ratesBetween(previous.data, data) : null;
+  // Without an earlier snapshot (an instance's first) the growth in the window is unknown:
+  // the all-time histogram is no stand-in for it.
+  instance.growth = {};
+  if (windowStart !== undefined) {
+    const old = windowStart.data.histograms;
+    for (const [name, h] of Object.entries(data.histograms)) {
+      instance.growth[name] = growth(old[name], h);
+    }
+  }
+  for (const [id, { seenAt }] of instances) if (seenAt < time - FORGET_S) instances.delete(id);
+}
 
-  const h = data.histograms;
-  const old = windowStart?.data.histograms ?? {};
-  // Without an earlier snapshot (the first sample, or the first after a restart) the
-  // growth in the window is unknown: the all-time histogram is no stand-in for it.
+/** The instances that count now: heard from lately, and since the last outage (a server
+ * that was down and answers again with a new id was restarted: the old one is gone). */
+function liveInstances(time) {
+  return [...instances.values()].filter(
+    (i) => i.seenAt > lastFailureAt && i.seenAt >= time - INSTANCE_WINDOW_S,
+  );
+}
+
+/** The sum over every instance, or null unless each has a value (a partial sum is no total). */
+function total(values) {
+  return values.some((v) => v == null) ? null : values.reduce((a, b) => a + b, 0);
+}
+
+function record(data) {
+  // Plotted on this browser's clock; rates and windows use each server's.
+  const time = Date.now() / 1000;
+  remember(data, time);
+  const live = liveInstances(time);
   const inMs = (q, name) => {
-    if (windowStart === undefined) return null;
-    const v = quantile(q, h[name], old[name]);
+    const v = quantile(q, merge(live.map((i) => i.growth[name])));
     return v == null ? null : v * 1000;
   };
   add("latency", "server TTFT p50", time, inMs(0.5, "ttft"));
@@ -91,21 +161,21 @@ function record(data) {
   for (const q of [0.5, 0.95, 0.99]) {
     add("itl", `p${Math.round(q * 100)}`, time, inMs(q, "itl"));
   }
-  const seconds = previous ? serverTime - previous.data.time : 0;
-  const rate = (now, before) => (seconds > 0 ? Math.max(0, now - before) / seconds : null);
-  add("throughput", "tokens/s", time,
-      previous ? rate(data.counters.generation_tokens, previous.data.counters.generation_tokens) : null);
-  add("requests", "running", time, data.gauges.running);
-  add("requests", "waiting", time, data.gauges.waiting);
-  add("streams", "open streams", time, data.gauges.streams);
-  for (const [reason, count] of Object.entries(data.aborts)) {
-    add("aborts", reason, time, previous ? rate(count, previous.data.aborts[reason] ?? 0) : null);
+  add("throughput", "tokens/s", time, total(live.map((i) => i.rates?.tokens)));
+  add("requests", "running", time, total(live.map((i) => i.latest.gauges.running)));
+  add("requests", "waiting", time, total(live.map((i) => i.latest.gauges.waiting)));
+  add("streams", "open streams", time, total(live.map((i) => i.latest.gauges.streams)));
+  const reasons = new Set(live.flatMap((i) => Object.keys(i.latest.aborts)));
+  for (const reason of reasons) {
+    const rates = live.map((i) => (i.rates ? (i.rates.aborts[reason] ?? 0) : null));
+    add("aborts", reason, time, total(rates));
   }
   for (const { series } of charts.values()) {
     for (const points of series.values()) {
       while (points.length > 0 && points[0][0] < time - WINDOW_S) points.shift();
     }
   }
+  return live.length;
 }
 
 function format(value) {
@@ -152,7 +222,7 @@ function draw(name, now) {
   g.fillText("now", width - 28, height - 4);
   g.setLineDash([4, 3]);
   g.strokeStyle = "#c92a2a";
-  for (const t of restartsAt) {
+  for (const t of newInstancesAt) {
     if (t < now - span) continue;
     g.beginPath();
     g.moveTo(x(t), 6);
@@ -214,19 +284,21 @@ async function tick() {
       return;
     }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
-    record(await response.json());
+    const live = record(await response.json());
     samples += 1;
     firstSampleAt ??= Date.now() / 1000;
-    const restarted = restarts > 0 ? ` · restarted ${restarts}×` : "";
-    status(`live${restarted}`, "live");
+    const summed = live > 1 ? " (each chart adds them up)" : "";
+    status(`live · ${live} instance${live > 1 ? "s" : ""}${summed}`, "live");
+    document.body.dataset.instances = live;
   } catch {
-    addGap(Date.now() / 1000);
+    lastFailureAt = Date.now() / 1000;
+    addGap(lastFailureAt);
     status("server unreachable, retrying…", "down");
   }
   const now = Date.now() / 1000;
   for (const name of charts.keys()) draw(name, now);
   document.body.dataset.samples = samples;
-  document.body.dataset.restarts = restarts;
+  document.body.dataset.newInstances = newInstancesAt.length;
   setTimeout(tick, REFRESH_MS);
 }
 
