@@ -482,3 +482,52 @@ def test_an_empty_buffered_answer_has_no_first_paint_and_no_report(start_server,
     with page.expect_request("**/health"):
         page.evaluate("fetch('/health')")
     assert [r["transport"] for r in reports] == ["sse"]
+
+
+def test_the_prompt_has_a_label(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    # A placeholder is no label: screen readers may not read it, and it goes once typed in.
+    page = open_page(start_server(SyntheticEngine(itl_ms=2)))
+    labelled = page.get_by_label("Message", exact=True).evaluate_all("es => es.map(e => e.id)")
+    assert labelled == ["prompt"]
+
+
+def test_stop_from_the_keyboard_leaves_the_focus_on_the_prompt(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    # Stop is disabled once the answer ended: the focus would fall to <body>, and a keyboard
+    # user would start again from the top of the page.
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, max_tokens=4000)
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    page.focus("#stop")
+    page.keyboard.press("Enter")
+    wait_idle(page)
+    assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_the_log_is_busy_while_an_answer_streams(start_server, open_page) -> None:  # type: ignore[no-untyped-def]
+    # #log is a polite live region changed every frame: busy while the answer streams, so a
+    # screen reader announces the answer once, whole, instead of every frame's fragment.
+    server = start_server(SyntheticEngine(itl_ms=30))
+    page = open_page(server, max_tokens=4000)
+    assert page.get_attribute("#log", "aria-busy") in (None, "false")
+    send(page, "keep going")
+    page.wait_for_function(f"document.querySelector('{STREAMED}')?.textContent.length > 0")
+    assert page.get_attribute("#log", "aria-busy") == "true"
+    page.click("#stop")
+    wait_idle(page)
+    assert page.get_attribute("#log", "aria-busy") in (None, "false")
+
+
+@pytest.mark.parametrize(("key", "said"), [("sk-wrong", "refused the API key"),
+                                           ("", "needs an API key")])  # fmt: skip
+def test_a_refused_websocket_says_why(start_server, open_page, key: str, said: str) -> None:  # type: ignore[no-untyped-def]
+    # A browser's WebSocket tells the page nothing of a refused handshake (no status): the
+    # page asks an HTTP route with the same key, which the server checks the same way.
+    server = start_server(SyntheticEngine(itl_ms=2), api_key="sk-page")
+    page = open_page(server, "websocket", max_tokens=5)
+    page.fill("#api-key", key)
+    page.dispatch_event("#api-key", "change")
+    send(page, "hello")
+    wait_idle(page)
+    status = page.locator('[data-kind="streamed"] .status').text_content()
+    assert "could not open the WebSocket" in status and said in status, status

@@ -320,10 +320,14 @@ async function showEngine() {
 let busy = false;
 
 function updateButtons() {
+  const focused = document.activeElement;
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("regenerate").disabled = busy || history.at(-1)?.role !== "assistant";
   $("new-conversation").disabled = busy || history.length === 0;
+  // A focused button that is disabled drops the focus to <body> (Stop pressed from the
+  // keyboard, once the answer ended): it goes to the prompt, where the next message is typed.
+  if (focused instanceof HTMLButtonElement && focused.disabled) $("prompt").focus();
 }
 
 /** Run one exchange with the buttons showing that an answer is on its way. */
@@ -331,10 +335,14 @@ async function exchange(work) {
   if (busy) return;
   busy = true;
   updateButtons();
+  // #log is a live region that changes every frame while an answer streams: busy, screen
+  // readers wait and announce the answer once it is whole.
+  $("log").setAttribute("aria-busy", "true");
   try {
     await work();
   } finally {
     busy = false;
+    $("log").removeAttribute("aria-busy");
     updateButtons();
   }
 }

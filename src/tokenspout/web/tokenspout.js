@@ -435,7 +435,7 @@ class WebSocketLink {
     const socket = new WebSocket(this.url);
     this.opening = new Promise((resolve, reject) => {
       socket.onopen = () => resolve();
-      socket.onerror = () => reject(new StreamError("could not open the WebSocket"));
+      socket.onerror = () => this.whyRefused().then(reject);
     });
     socket.onmessage = (event) => {
       const message = JSON.parse(event.data);
@@ -453,6 +453,29 @@ class WebSocketLink {
 
   send(message) {
     this.socket.send(JSON.stringify(message));
+  }
+
+  /** Why the handshake failed, as far as a page can tell: a refused handshake reaches the
+   * page as a bare `error` and a close with code 1006 (the WHATWG WebSocket API hides the
+   * HTTP status), so the same key is tried on GET /v1/models, which the server checks as it
+   * checks the handshake's. */
+  async whyRefused() {
+    const failed = "could not open the WebSocket";
+    const key = this.url.searchParams.get("api_key");
+    const models = new URL(this.url.pathname.replace(/\/v1\/ws$/, "/v1/models"), this.url);
+    models.protocol = this.url.protocol === "wss:" ? "https:" : "http:";
+    try {
+      const r = await fetch(models, { headers: authHeaders(key) });
+      if (r.status === 401) {
+        return new StreamError(
+          key ? `${failed}: the server refused the API key` : `${failed}: the server needs an API key`,
+          401,
+        );
+      }
+      return new StreamError(`${failed}: the server refused it, or a proxy did`);
+    } catch {
+      return new StreamError(`${failed}: the server is unreachable`);
+    }
   }
 }
 
