@@ -360,16 +360,18 @@ def test_a_repeated_prompt_samples_from_its_kept_logits_without_computing() -> N
     assert plan(ending) == [("a", 39, 1)]
     s.remember_first_logits(prompt, "logits of a")  # what the engine does after the forward
     s.postprocess(ending, [7])
-    # While a decodes, b copies the whole prompt from a's slot and samples a's logits.
+    # While a decodes, b copies the whole prompt from a's slot and samples a's logits, in a
+    # step of its own: its first token waits for no forward pass.
     s.add(Sequence("b", prompt))
     out = s.schedule()
     a, b = s.running["a"], s.running["b"]
     assert [(c.src, c.dst, c.num_tokens) for c in out.copies] == [(a.slot, b.slot, 40)]
-    assert plan(out) == [("a", 40, 1)]
-    assert [(t.seq, t.row, t.copy) for t in out.twins] == [(b, 1, None)]
-    assert out.first_logits == ["logits of a"] and out.sampling == [(0, a), (1, b)]
-    s.postprocess(out, [7, 8])
+    assert plan(out) == []
+    assert [(t.seq, t.row, t.copy) for t in out.twins] == [(b, 0, None)]
+    assert out.first_logits == ["logits of a"] and out.sampling == [(0, b)]
+    s.postprocess(out, [8])
     assert b.output_token_ids == [8] and b.first_logits is None
+    assert plan(run_step(s)) == [("a", 40, 1), ("b", 40, 1)]
     # Once a is done, its free slot holds the prompt: c takes it in place, nothing to run.
     s.finish(a)
     s.add(Sequence("c", prompt))
