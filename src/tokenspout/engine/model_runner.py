@@ -95,8 +95,13 @@ class ModelRunner:
         self.num_slots = num_slots
         self.max_model_len = max_model_len
         self.vocab_size = self.config.vocab_size
-        # One throwaway step, so the first request does not pay for kernel set-up.
+        # Throwaway steps, so that the first request does not pay for kernel set-up: a
+        # decode token, and a prompt's two kinds of step (a chunk through the GEMMs, then
+        # its last token alone); without the prompt's, the first one after start took
+        # ~100 ms where the next took ~40.
         self.forward([SeqChunk(0, [0], 0)])
+        self.forward([SeqChunk(0, [0] * 16, 0, prompt=True)])
+        self.forward([SeqChunk(0, [0], 16, prompt=True)])
         _return_freed_memory()
         print(
             f"tokenspout: {self.model_id} ({weights}) ready in {time.perf_counter() - start:.1f} s",
