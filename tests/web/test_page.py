@@ -357,7 +357,10 @@ def test_event_source_cut_mid_stream_resumes_exactly(start_server, browser) -> N
 def test_event_source_dropped_before_its_first_token_resumes_it(start_server, browser) -> None:  # type: ignore[no-untyped-def]
     # The stream's id comes before its first token: the browser's reconnect sends it as
     # Last-Event-ID and resumes the stream, where it used to start a second generation.
-    server = start_server(SyntheticEngine(itl_ms=10))
+    # The first token comes 300 ms after the stream is named, as when a browser is dropped
+    # while it waits for it. With no wait the cut could come in the read that brought the
+    # response's head, and one CI run saw no resume at all (the cause not found).
+    server = start_server(SyntheticEngine(ttft_ms=300, itl_ms=10))
     prompt, max_tokens = "before the first token", 40
     proxy = CuttingProxy(server.port, cut_before=b'data: {"token"')
     shown, _ = event_source_through(browser, proxy, prompt, max_tokens)
