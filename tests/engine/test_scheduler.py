@@ -294,6 +294,7 @@ def test_identical_prompts_compute_the_last_token_once_and_the_others_copy_it() 
         (c, 0, SlotCopy(a.slot, c.slot, 40, 0)),
     ]
     assert second.sampling == [(0, a), (0, b), (0, c)]
+    assert second.ending == [0]  # the engine keeps the logits of a's last token
     s.postprocess(second, [5, 6, 7])
     assert [x.output_token_ids for x in (a, b, c)] == [[5], [6], [7]]
     assert all(x.num_computed_tokens == 40 and not x.is_prefilling for x in (a, b, c))

@@ -362,13 +362,11 @@ class LLMEngine(Engine):
                 self._score_prompt(plan.chunks[i], chunk_logits)
         elif chunks:
             logits = runner.forward(chunks)  # [len(chunks), vocab]
-        else:  # only twins of kept logits
-            logits = torch.empty(0, runner.vocab_size)
-        for i, c in enumerate(plan.chunks):
-            if c.samples and c.is_prefill and not c.seq.params.prompt_logprobs:
-                self.scheduler.remember_first_logits(c.seq.prompt_token_ids, logits[i].clone())
-        if plan.first_logits:
-            logits = torch.cat([logits, torch.stack(plan.first_logits)])  # type: ignore[arg-type]
+        else:  # a step of twins of kept logits: nothing to run
+            logits = torch.stack(plan.first_logits)  # type: ignore[arg-type]
+        for i in plan.ending:
+            prompt = plan.chunks[i].seq.prompt_token_ids
+            self.scheduler.remember_first_logits(prompt, logits[i].clone())
         for twin in plan.twins:
             if (c := twin.copy) is not None:
                 runner.copy_slot_prefix(c.src, c.dst, c.num_tokens, start=c.start)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from tokenspout.engine.prefix_cache import PrefixCache, SlotAssignment, common_prefix_len
 from tokenspout.engine.sequence import Sequence, SequenceStatus
@@ -68,7 +69,7 @@ class Twin:
     """A sequence that samples its first token from logits row ``row`` of the step without
     computing its prompt's last token: the row of a chunk ending the same prompt, after
     which ``copy`` gives it the prompt's KV, or (``copy`` None: its slot holds the whole
-    prompt already) a row of ``plan.first_logits``, which follow the chunks' rows."""
+    prompt already) a row of ``plan.first_logits`` (a step of its own, with no chunks)."""
 
     seq: Sequence
     row: int
@@ -83,10 +84,13 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     copies: list[SlotCopy]
     twins: list[Twin] = field(default_factory=list)
-    #: Kept logits that twins sample from: rows ``len(chunks)`` onwards of the step.
+    #: The indexes of the chunks ending a prompt whose logits are to be kept
+    #: (``Scheduler.remember_first_logits``).
+    ending: list[int] = field(default_factory=list)
+    #: Kept logits that twins sample from, in a step that runs no chunk: its logits rows.
     first_logits: list[object] = field(default_factory=list)
 
-    @property
+    @cached_property
     def sampling(self) -> list[tuple[int, Sequence]]:
         """(logits row, sequence) of each token this step samples, in ``postprocess``'s
         order: the sampling chunks, then the twins."""
@@ -185,7 +189,8 @@ class Scheduler:
             # rather than after the others' forward pass (5-20 ms), for each request of a
             # burst arriving while a step runs.
             twins = [Twin(seq, k, None) for k, seq in enumerate(kept)]
-            return SchedulerOutput([], copies, twins, [seq.first_logits for seq in kept])
+            first_logits = [seq.first_logits for seq in kept]
+            return SchedulerOutput([], copies, twins, first_logits=first_logits)
         chunks = [
             ScheduledChunk(seq, (seq.last_token_id,), seq.num_tokens - 1, samples=True)
             for seq in self.running.values()
@@ -193,7 +198,6 @@ class Scheduler:
         ]
         budget = self.max_prefill_tokens
         twins: list[Twin] = []
-        kept: list[Sequence] = []  # twins of kept logits found by a late copy
         # Prompts whose last token this step computes -> their chunk's index.
         ending: dict[tuple[int, ...], int] = {}
         for seq in self.running.values():
@@ -211,8 +215,7 @@ class Scheduler:
                     continue  # an older prompt is computing our prefix: copy it later
                 copies.extend(self._late_copy(seq))
                 if seq.first_logits is not None:
-                    kept.append(seq)
-                    continue
+                    continue  # its whole prompt copied: it samples in the next step
             start = seq.num_computed_tokens
             n = min(self._chunk_len(seq.num_prompt_tokens - start), budget)
             ids = seq.prompt_token_ids[start : start + n]
@@ -220,8 +223,7 @@ class Scheduler:
             budget -= n
             if copyable and chunks[-1].samples:
                 ending.setdefault(seq.prompt_token_ids, len(chunks) - 1)
-        twins += [Twin(seq, len(chunks) + k, None) for k, seq in enumerate(kept)]
-        return SchedulerOutput(chunks, copies, twins, [seq.first_logits for seq in kept])
+        return SchedulerOutput(chunks, copies, twins, list(ending.values()))
 
     def _twin(self, seq: Sequence, chunks: list[ScheduledChunk], row: int) -> Twin:
         """Make ``seq`` a twin of ``chunks[row]``, whose prompt is the same."""
