@@ -64,11 +64,12 @@ def _query(request: Request) -> list[tuple[str, str]]:
     return pairs
 
 
-def query_body(request: Request) -> SeedStreamRequest:
-    """Query parameters as the same body the POST takes (flush knobs as top-level params)."""
+def query_body(query: list[tuple[str, str]]) -> SeedStreamRequest:
+    """Query parameters (``_query``) as the same body the POST takes (flush knobs as
+    top-level params)."""
     data: dict[str, object] = {}
     options: dict[str, object] = {}
-    for name, raw in _query(request):
+    for name, raw in query:
         if name in _QUERY_TYPES:
             data[name] = _typed(name, raw, _QUERY_TYPES[name])
         elif name in _OPTION_TYPES:
@@ -114,14 +115,14 @@ def _check_page(request: Request, allowed: tuple[str, ...]) -> None:
         )
 
 
-def _announcement(request: Request) -> str:
+def _announcement(query: list[tuple[str, str]]) -> str:
     """How a new stream opens, before any token: with its id at position 0, so that an
     ``EventSource`` that reconnects even before the first token resumes it. As an id alone
     (no ``data:``, so no event for clients that read only the tokens), or with
     ``stream_event=true`` as an ``event: stream`` whose data is the stream id: a page's
     ``EventSource`` cannot read ``X-Stream-Id``, and needs the id to cancel the stream."""
     named = False
-    for name, raw in _query(request):
+    for name, raw in query:
         if name == "stream_event":
             named = _boolean(name, raw)
     return "stream" if named else ""
@@ -136,8 +137,9 @@ async def seed_stream_get(request: Request) -> Response:
     event_id = last_event_id(request)
     if event_id:
         return await resume(state, request, event_id)
-    generation = prepare_seed(state, query_body(request))
-    announce = _announcement(request)
+    query = _query(request)
+    generation = prepare_seed(state, query_body(query))
+    announce = _announcement(query)
     return await respond(state, request, generation, True, started, announce=announce)
 
 
