@@ -32,9 +32,26 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
+def _null_allowed(schema: dict[str, Any]) -> None:
+    """The JSON schema says what ``_Body._null_is_unset`` accepts: every optional field may
+    be null. Without it a schema-driven client or fuzzer takes a null for invalid input
+    that the server accepts."""
+    required = set(schema.get("required", ()))
+    for name, field in schema.get("properties", {}).items():
+        if name in required:
+            continue
+        alternatives = field.get("anyOf", [field])
+        if any(alternative.get("type") == "null" for alternative in alternatives):
+            continue
+        notes = {key: field.pop(key) for key in ("title", "description", "default") if key in field}
+        schema["properties"][name] = {"anyOf": [field, {"type": "null"}], **notes}
+
+
 class _Body(BaseModel):
     # Attribute docstrings become the fields' descriptions in the OpenAPI schema.
-    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", strict=True, use_attribute_docstrings=True, json_schema_extra=_null_allowed
+    )
 
     @model_validator(mode="before")
     @classmethod
