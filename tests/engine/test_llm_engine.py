@@ -664,3 +664,19 @@ async def test_chat_continue_final_message_leaves_the_answer_open(fake_engine: L
     )
     rest = await collect(fake_engine, "c", continued, SamplingParams(temperature=0.0, max_tokens=6))
     assert whole[:4] + text(rest) == whole
+
+
+async def test_requests_not_yet_taken_by_the_engine_thread_count_as_waiting(
+    fake_engine: LLMEngine,
+) -> None:
+    # Admission (--max-queued) reads stats().waiting on the event loop while a burst is
+    # still in the inbox: it must count there, or the whole burst is admitted.
+    prompt = fake_engine.encode_completion("hello")
+    with fake_engine._cond:  # the engine thread cannot take its inbox meanwhile
+        tasks = [
+            asyncio.create_task(collect(fake_engine, f"q{i}", prompt, GREEDY)) for i in range(5)
+        ]
+        await wait_for(lambda: len(fake_engine._inbox) == 5)
+        assert fake_engine.stats().waiting == 3  # two slots (max_num_seqs=2)
+    await asyncio.gather(*tasks)
+    assert (fake_engine.stats().running, fake_engine.stats().waiting) == (0, 0)

@@ -319,9 +319,12 @@ class LLMEngine(Engine):
 
     def stats(self) -> EngineStats:
         cache = self.scheduler.prefix_cache
+        # Waiting: the live requests beyond the slots, counted here on the event loop. The
+        # scheduler's queue would miss those still in the inbox, and a burst is admitted
+        # (against --max-queued) before the engine thread takes any of it.
         return EngineStats(
             running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
+            waiting=max(0, len(self._requests) - self.scheduler.max_num_seqs),
             prompt_tokens_total=self._prompt_tokens_total,
             generation_tokens_total=self._generation_tokens_total,
             prefix_cache_queries_total=cache.queries,
