@@ -11,7 +11,7 @@ import torch
 
 from tokenspout.engine.grammar import TokenMasks, check_grammar, grammar_text
 from tokenspout.engine.model_files import ModelFiles
-from tokenspout.engine.request import ChatMessage, Grammar, ToolCall
+from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams, ToolCall
 from tokenspout.engine.tokenizer import Tokenizer
 from tokenspout.engine.tool_calls import (
     Tool,
@@ -22,6 +22,8 @@ from tokenspout.engine.tool_calls import (
     with_generic_tools,
 )
 from tokenspout.errors import InvalidRequestError
+from tokenspout.server import advanced_params
+from tokenspout.server.schemas import ChatCompletionRequest
 
 WEATHER = Tool(
     "get_weather",
@@ -129,11 +131,31 @@ def test_grammars_accept_calls_and_only_calls_when_required(lltokenizer) -> None
     assert accepts(lltokenizer, required, call_text("get_time", "{}"))
     assert not accepts(lltokenizer, required, "Sunny.")
     assert not accepts(lltokenizer, required, call_text("get_weather", '{"town": 1}'))
-    named = grammar([WEATHER, other], "get_time")
-    assert not accepts(lltokenizer, named, call_text("get_weather", '{"city": "Paris"}'))
     auto = grammar([WEATHER], "auto")
     assert accepts(lltokenizer, auto, "Sunny.")
     assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
+
+
+@pytest.mark.parametrize("name", ["auto", "required", "get_time"])
+def test_a_named_tool_choice_calls_that_tool_whatever_its_name(lltokenizer, name: str) -> None:  # type: ignore[no-untyped-def]
+    # A function named "auto" let free text through, one named "required" any tool's call:
+    # the name was read as the mode.
+    tools = [
+        {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+        for n in (name, "get_weather")
+    ]
+    body = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": name}},
+        }
+    )
+    named = advanced_params.apply(SamplingParams(), body).grammar
+    assert named is not None
+    assert accepts(lltokenizer, named, call_text(name, "{}"))
+    assert not accepts(lltokenizer, named, call_text("get_weather", "{}"))
+    assert not accepts(lltokenizer, named, "Sunny.")
 
 
 def test_unsupported_schema_features_are_refused_naming_the_field() -> None:

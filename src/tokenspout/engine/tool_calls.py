@@ -21,7 +21,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from tokenspout.engine.json_layout import json_schema_lark
 from tokenspout.engine.request import ChatMessage, Grammar, ToolCall, ToolCallDelta
@@ -86,17 +86,18 @@ def with_generic_tools(messages: Sequence[ChatMessage], tools: Sequence[Tool]) -
     return [ChatMessage("system", prompt), *out]
 
 
-def grammar(tools: Sequence[Tool], choice: str) -> Grammar:
-    """The output grammar for ``choice``: ``"auto"`` (free text that does not start with
-    ``<``, or one call), ``"required"`` (one call of any tool) or a tool's name."""
-    chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+def grammar(tools: Sequence[Tool], mode: Literal["auto", "required"]) -> Grammar:
+    """The output grammar for calls of ``tools``: ``"auto"`` (free text that does not start
+    with ``<``, or one call) or ``"required"`` (one call). A named ``tool_choice`` is
+    ``"required"`` over that one tool: the mode is never read from a tool's name, which may
+    well be ``"auto"``."""
     rules = []
-    for i, tool in enumerate(chosen):
+    for i, tool in enumerate(tools):
         head = json.dumps(f'{OPEN}{{"name": {json.dumps(tool.name)}, "arguments": ')
         rules.append(f"call{i}: {head} args{i} {json.dumps(CLOSE)}")
         rules.append(f"args{i}: %json {json_schema_lark(tool.parameters)}")
-    calls = " | ".join(f"call{i}" for i in range(len(chosen)))
-    if choice == "auto":
+    calls = " | ".join(f"call{i}" for i in range(len(tools)))
+    if mode == "auto":
         start = f"start: TEXT | {calls}\nTEXT: /[^<][\\s\\S]*/"
     else:
         start = f"start: {calls}"

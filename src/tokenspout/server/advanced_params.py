@@ -216,10 +216,11 @@ def _tool_grammar(body: ChatCompletionRequest) -> Grammar | None:
         return None
     tools = chat_tools(body)
     if isinstance(choice, NamedToolChoice):
-        if choice.function.name not in {t.name for t in tools}:
+        named = [t for t in tools if t.name == choice.function.name]
+        if not named:
             raise InvalidRequestError(
                 f"tool_choice names {choice.function.name!r}, which is not in tools",
                 param="tool_choice",
             )
-        return tool_calls.grammar(tools, choice.function.name)
+        return tool_calls.grammar(named, "required")
     return tool_calls.grammar(tools, choice or "auto")
