@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from tokenspout.engine.grammar import TokenMasks, check_grammar, grammar_text
-from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams, ToolCall
 from tokenspout.engine.tokenizer import Tokenizer
 from tokenspout.engine.tool_calls import (
@@ -107,15 +106,6 @@ def test_the_name_is_sent_as_soon_as_it_is_complete() -> None:
     assert parser.feed('<tool_call>\n{"name": "get_weather') == ("", ())
     _, (first,) = parser.feed('"')
     assert first.name == "get_weather" and first.arguments == "" and parser.has_call
-
-
-@pytest.fixture(scope="module")
-def lltokenizer() -> tuple[Tokenizer, llguidance.LLTokenizer]:
-    tok = Tokenizer.from_metadata(ModelFiles.resolve(None).metadata()["tokenizer"])
-    ll = llguidance.LLTokenizer(
-        tok.backend_json(), n_vocab=tok.vocab_size, eos_token=sorted(tok.eos_token_ids)
-    )
-    return tok, ll
 
 
 def accepts(tokens: tuple[Tokenizer, llguidance.LLTokenizer], g: Grammar, text: str) -> bool:

@@ -39,10 +39,19 @@ def grammar_text(grammar: Grammar) -> str:
     if grammar.kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(grammar.source)
     if grammar.kind == "choice":
-        # Lark string literals are JSON strings.
-        options = " | ".join(json.dumps(c) for c in json.loads(grammar.source))
-        return llguidance.LLMatcher.grammar_from_lark(f"start: {options}")
+        # One lexeme, not a Lark alternation of literals: llguidance's Earley parser holds
+        # at most 2,000 items in a row, which a list of 2,000 options overflowed at the first
+        # token, past admission. A lexeme's alternatives cost the lexer, not the parser.
+        options = "|".join(map(_regex_literal, json.loads(grammar.source)))
+        return llguidance.LLMatcher.grammar_from_regex(options)
     return llguidance.LLMatcher.grammar_from_lark(grammar.source)
+
+
+def _regex_literal(text: str) -> str:
+    """A regex (Rust ``regex`` syntax, llguidance's) that matches ``text`` exactly: every
+    character but a letter or digit as a ``\\x{...}`` escape, which has no meaning to
+    escape in turn and no ``/`` to end the Lark literal llguidance writes the regex into."""
+    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):x}}}" for c in text)
 
 
 #: Integers a JSON schema may hold: llguidance takes a schema's numbers as 64-bit floats
