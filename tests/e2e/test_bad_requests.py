@@ -414,3 +414,37 @@ def test_a_message_error_names_the_message_by_its_index(synthetic_server: Runnin
     error = r.json()["error"]
     assert error["param"] == "messages[1].content"
     assert error["message"] == "messages[1] (an assistant message) needs content"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # The tagged union's tag was repeated: response_format.json_schema.json_schema.
+        (
+            {"response_format": {"type": "json_schema"}},
+            "response_format.json_schema: Field required",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "x": 1}}},
+            "response_format.json_schema.x: Extra inputs are not permitted",
+        ),
+        # A union's member types were in the path too: messages.0.content.str.
+        (
+            {"messages": [{"role": "user", "content": 1}]},
+            "messages.0.content: Input should be a valid string; "
+            "messages.0.content: Input should be a valid list",
+        ),
+        (
+            {"tool_choice": {"type": "function", "function": {}}},
+            "tool_choice: Input should be 'none', 'auto' or 'required'; "
+            "tool_choice.function.name: Field required",
+        ),
+    ],
+)
+def test_a_validation_error_names_the_fields_of_the_body(
+    synthetic_server: RunningServer, fields: dict[str, object], message: str
+) -> None:
+    body = {"messages": MSG, **fields}
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == message

@@ -16,13 +16,33 @@ from tokenspout.server.server_state import state_of
 Body = TypeVar("Body", bound=BaseModel)
 
 
-def describe(err: ValidationError) -> str:
-    """pydantic's errors as one line a user can act on: ``field: problem; ...``."""
+def describe(err: ValidationError, data: object) -> str:
+    """pydantic's errors for the input ``data`` as one line a user can act on:
+    ``field: problem; ...``."""
     parts = []
     for e in err.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "body"
+        where = ".".join(_path(e["loc"], data, missing=e["type"] == "missing")) or "body"
         parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)
+
+
+def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[str]:
+    """The fields of ``loc`` that are in ``data``, and the missing one at its end.
+
+    pydantic puts the member of a union it tried into the location: a tagged union's tag
+    (``response_format.json_schema.json_schema`` for ``response_format.json_schema``) or a
+    member's type (``messages.0.content.str``). Those are no field of the input: following
+    the location through ``data`` leaves them out."""
+    path = []
+    for i, key in enumerate(loc):
+        if isinstance(data, dict) and key in data:
+            data = data[key]
+        elif isinstance(data, list) and isinstance(key, int) and 0 <= key < len(data):
+            data = data[key]
+        elif not (missing and i == len(loc) - 1 and isinstance(data, dict)):
+            continue  # a union member's name
+        path.append(str(key))
+    return path
 
 
 async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
@@ -43,4 +63,4 @@ def validate(model: type[Body], data: object) -> Body:
     except ValidationError as err:
         first = err.errors(include_url=False)[0]["loc"]
         param = str(first[0]) if first else None
-        raise InvalidRequestError(describe(err), param=param) from None
+        raise InvalidRequestError(describe(err, data), param=param) from None
