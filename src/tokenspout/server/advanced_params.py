@@ -13,6 +13,7 @@ from tokenspout.engine import tool_calls
 from tokenspout.engine.request import ChatMessage, Grammar, SamplingParams, ToolCall
 from tokenspout.engine.tool_calls import Tool
 from tokenspout.errors import InvalidRequestError
+from tokenspout.server import strict_schema
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     ChatMessageIn,
@@ -80,11 +81,18 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
 def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
     """The tools to render in the prompt: none with ``tool_choice: "none"`` (as vLLM's
     ``--exclude-tools-when-tool-choice-none``), where a model shown them writes calls that
-    could only go out as text."""
+    could only go out as text. A ``strict`` function's parameters are closed (no keys
+    beyond those listed)."""
     if body.tool_choice == "none":
         return []
     return [
-        Tool(t.function.name, t.function.description, t.function.parameters)
+        Tool(
+            t.function.name,
+            t.function.description,
+            strict_schema.closed(t.function.parameters)
+            if t.function.strict
+            else t.function.parameters,
+        )
         for t in body.tools or ()
     ]
 
@@ -156,7 +164,9 @@ def _structured_output(body: ChatCompletionRequest | CompletionRequest) -> Gramm
         return Grammar("json_object")
     if isinstance(value, ResponseFormatJsonSchema):
         schema = value.json_schema.schema_
-        return Grammar("json_object") if schema is None else _schema(schema, name)
+        if schema is None:
+            return Grammar("json_object")
+        return _schema(strict_schema.closed(schema) if value.json_schema.strict else schema, name)
     if name == "guided_json" and isinstance(value, str):
         try:
             value = json.loads(value)

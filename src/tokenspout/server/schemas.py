@@ -132,6 +132,8 @@ class FunctionIn(_Body):
     )
     """A JSON schema for the arguments (an object); omitted means no arguments."""
     strict: StrictBool | None = None
+    """Calls always conform to ``parameters``, strict or not; strict also closes its
+    objects: one that does not set ``additionalProperties`` gets ``false``."""
 
     @field_validator("parameters")
     @classmethod
@@ -163,7 +165,9 @@ class JsonSchemaFormat(_Body):
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     """Omitted means any JSON object."""
     strict: StrictBool | None = None
-    """Output always conforms to the schema (constrained decoding), strict or not."""
+    """Output always conforms to the schema (constrained decoding), strict or not; strict
+    also closes its objects: one that does not set ``additionalProperties`` gets ``false``
+    (OpenAI refuses a strict schema without it; vLLM closes it too)."""
 
     model_config = ConfigDict(
         extra="forbid", strict=True, populate_by_name=True, use_attribute_docstrings=True
