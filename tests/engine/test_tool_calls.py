@@ -126,6 +126,38 @@ def test_grammars_accept_calls_and_only_calls_when_required(lltokenizer) -> None
     assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
 
 
+def test_an_answer_format_beside_tools_shapes_the_text_and_leaves_the_calls(lltokenizer) -> None:  # type: ignore[no-untyped-def]
+    # OpenAI takes response_format and tools together: the answer is a call, or text in the
+    # format. It was a 400.
+    schema = {"type": "object", "properties": {"temp": {"type": "integer"}}, "required": ["temp"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}
+    tool = {
+        "type": "function",
+        "function": {"name": "get_weather", "parameters": WEATHER.parameters},
+    }
+
+    def grammar_of(**fields: object) -> Grammar:
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": [tool], **fields}
+        params = advanced_params.apply(SamplingParams(), ChatCompletionRequest.model_validate(body))
+        assert params.grammar is not None and params.tool_calls
+        return params.grammar
+
+    auto = grammar_of(response_format=fmt)
+    assert accepts(lltokenizer, auto, '{"temp": 21}')
+    assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
+    assert not accepts(lltokenizer, auto, "Sunny.")
+    assert not accepts(lltokenizer, auto, '{"temp": "warm"}')
+    assert accepts(lltokenizer, grammar_of(guided_json=schema), '{"temp": 21}')
+    assert accepts(lltokenizer, grammar_of(response_format={"type": "json_object"}), '{"a": 1}')
+    required = grammar_of(response_format=fmt, tool_choice="required")
+    assert accepts(lltokenizer, required, call_text("get_weather", '{"city": "Paris"}'))
+    assert not accepts(lltokenizer, required, '{"temp": 21}')
+    for other in ({"guided_regex": "<.*"}, {"guided_choice": ["<tool_call>"]}):
+        with pytest.raises(InvalidRequestError) as err:
+            grammar_of(**other)
+        assert err.value.param == next(iter(other))
+
+
 @pytest.mark.parametrize("name", ["auto", "required", "get_time"])
 def test_a_named_tool_choice_calls_that_tool_whatever_its_name(lltokenizer, name: str) -> None:  # type: ignore[no-untyped-def]
     # A function named "auto" let free text through, one named "required" any tool's call:

@@ -86,18 +86,26 @@ def with_generic_tools(messages: Sequence[ChatMessage], tools: Sequence[Tool]) -
     return [ChatMessage("system", prompt), *out]
 
 
-def grammar(tools: Sequence[Tool], mode: Literal["auto", "required"]) -> Grammar:
+def grammar(
+    tools: Sequence[Tool],
+    mode: Literal["auto", "required"],
+    answer: dict[str, Any] | None = None,
+) -> Grammar:
     """The output grammar for calls of ``tools``: ``"auto"`` (free text that does not start
     with ``<``, or one call) or ``"required"`` (one call). A named ``tool_choice`` is
     ``"required"`` over that one tool: the mode is never read from a tool's name, which may
-    well be ``"auto"``."""
+    well be ``"auto"``. ``answer``: under ``"auto"``, a JSON schema the text answer follows
+    instead of free text (a ``response_format`` beside the tools, as OpenAI takes them)."""
     rules = []
     for i, tool in enumerate(tools):
         head = json.dumps(f'{OPEN}{{"name": {json.dumps(tool.name)}, "arguments": ')
         rules.append(f"call{i}: {head} args{i} {json.dumps(CLOSE)}")
         rules.append(f"args{i}: %json {json_schema_lark(tool.parameters)}")
     calls = " | ".join(f"call{i}" for i in range(len(tools)))
-    if mode == "auto":
+    if mode == "auto" and answer is not None:
+        # A JSON answer starts with a value, never with the call's "<".
+        start = f"start: answer | {calls}\nanswer: %json {json_schema_lark(answer)}"
+    elif mode == "auto":
         start = f"start: TEXT | {calls}\nTEXT: /[^<][\\s\\S]*/"
     else:
         start = f"start: {calls}"

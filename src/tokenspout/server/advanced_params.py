@@ -111,14 +111,8 @@ def apply(
         "grammar": _structured_output(body),
     }
     if isinstance(body, ChatCompletionRequest):
-        tools_grammar = _tool_grammar(body)
+        tools_grammar = _tool_grammar(body, changes["grammar"])
         if tools_grammar is not None:
-            if changes["grammar"] is not None:
-                raise InvalidRequestError(
-                    "tools cannot be combined with response_format or guided_* (unless "
-                    'tool_choice is "none")',
-                    param="tools",
-                )
             changes["grammar"] = tools_grammar
             changes["tool_calls"] = True
             changes["named_tool"] = isinstance(body.tool_choice, NamedToolChoice)
@@ -215,8 +209,11 @@ def _schema(schema: Any, param: str) -> Grammar:
     return Grammar("json_schema", json.dumps(schema), param=param)
 
 
-def _tool_grammar(body: ChatCompletionRequest) -> Grammar | None:
-    """The grammar of the tool-call output, or None when no call may be made."""
+def _tool_grammar(body: ChatCompletionRequest, answer: Grammar | None) -> Grammar | None:
+    """The grammar of the tool-call output, or None when no call may be made. ``answer``:
+    the format a text answer takes (``response_format``...), which ``tool_choice: "auto"``
+    allows beside a call; ``"required"`` and a named function allow only the call, to
+    which a text format does not apply (as in OpenAI's API)."""
     choice = body.tool_choice
     if not body.tools:
         if choice is not None and choice != "none":
@@ -233,4 +230,23 @@ def _tool_grammar(body: ChatCompletionRequest) -> Grammar | None:
                 param="tool_choice",
             )
         return tool_calls.grammar(named, "required")
-    return tool_calls.grammar(tools, choice or "auto")
+    if choice == "required":
+        return tool_calls.grammar(tools, "required")
+    return tool_calls.grammar(tools, "auto", _json_answer(answer))
+
+
+def _json_answer(answer: Grammar | None) -> dict[str, Any] | None:
+    """The JSON schema of a text answer given beside tools; only JSON formats combine with
+    calls: a regex, a choice or a grammar could write the call's markup as text."""
+    if answer is None:
+        return None
+    if answer.kind == "json_object":
+        return {"type": "object"}
+    if answer.kind == "json_schema":
+        return dict(json.loads(answer.source))
+    raise InvalidRequestError(
+        'with tools (unless tool_choice is "none"), the answer\'s format can only be JSON: '
+        "response_format json_object or json_schema, guided_json, or structured_outputs "
+        "json or json_object",
+        param=answer.param or "response_format",
+    )
