@@ -279,3 +279,46 @@ def test_distinct_prompts_are_numbered_and_said_in_the_json(
     assert run.returncode == 0, run.stderr
     data = json.loads(out.read_text())
     assert data["distinct_prompts"] is True and data["completed"] == 2
+
+
+def test_seed_tokens_are_counted_from_the_event_ids() -> None:
+    # One event may hold several tokens (those of one UTF-8 character): counted as one
+    # token each, a Japanese answer read as half its tokens and twice its TPOT.
+    from tests.client.test_client import answering
+
+    body = (
+        b"id: s1:0\n\n"
+        + 'id: s1:2\ndata: {"token":"日"}\n\n'.encode()
+        + b'id: s1:3\ndata: {"token":"a"}\n\n'
+        + b"data: [DONE]\n\n"
+    )
+    with answering(body) as url:
+        config = BenchConfig(url=url, endpoint="seed", num_prompts=1, max_tokens=4)  # type: ignore[arg-type]
+        level = asyncio.run(run_level(config, 1))
+    assert level.summary["completed"] == 1, level.summary.get("errors")
+    assert level.summary["total_output_tokens"] == 3
+
+
+def test_an_ndjson_stream_closed_before_its_finish_is_a_failure() -> None:
+    # NDJSON's end is the body's end: a clean close after one chunk counted as completed.
+    from tests.client.test_client import answering
+
+    chunk = b'{"choices":[{"index":0,"delta":{"content":"half"}}]}\n'
+    with answering(chunk) as url:
+        config = BenchConfig(url=url, num_prompts=1, max_tokens=4, model="m", protocol="ndjson")  # type: ignore[arg-type]
+        level = asyncio.run(run_level(config, 1))
+    assert level.summary["completed"] == 0 and level.summary["failed"] == 1
+    assert "finish_reason" in (level.results[0].error or "")
+
+
+def test_a_request_over_the_time_limit_says_so(start_server: Callable[..., RunningServer]) -> None:
+    server = start_server(SyntheticEngine(itl_ms=50))
+    config = BenchConfig(url=server.url, num_prompts=1, max_tokens=100, timeout_s=0.2)
+    level = asyncio.run(run_level(config, 1))
+    assert level.results[0].error == "timed out after --timeout-s 0.2"  # it was "TimeoutError: "
+
+
+def test_the_seed_endpoint_is_measured_over_sse_only() -> None:
+    # Its NDJSON carries neither token counts nor an end to check.
+    with pytest.raises(ValueError, match="SSE only"):
+        BenchConfig(url="http://127.0.0.1:9", endpoint="seed", protocol="ndjson")  # type: ignore[arg-type]

@@ -90,8 +90,10 @@ class BenchConfig:
         if self.ignore_eos and self.endpoint is BenchEndpoint.seed:
             # Not sent quietly without it: "exactly max_tokens" would not hold.
             raise ValueError("ignore_eos: the seed endpoint has no such field")
-        if self.protocol is BenchProtocol.ws and self.endpoint is BenchEndpoint.seed:
-            raise ValueError("the seed endpoint is HTTP only: use --protocol sse or ndjson")
+        if self.endpoint is BenchEndpoint.seed and self.protocol is not BenchProtocol.sse:
+            # Its events carry no token counts but the SSE ids' stream positions (an event
+            # may hold several tokens: those of one UTF-8 character), and its NDJSON no end.
+            raise ValueError("the seed endpoint is measured over SSE only: use --protocol sse")
         server_root(self.url)  # ValueError for a URL that cannot be used
 
     @property
@@ -112,8 +114,8 @@ def request_body(config: BenchConfig, index: int = 0) -> dict[str, Any]:
     else:
         body["prompt"] = prompt
     if config.endpoint is BenchEndpoint.seed:
-        # Its events carry no usage, so each must be one token, as in the seed article's
-        # endpoint: coalesced, 16 tokens came as 4 events and counted as 4.
+        # One event per token where the text allows, as in the seed article's endpoint
+        # (the tokens are counted from the events' ids: see _http_request).
         body["stream_options"] = {"flush_tokens": 1, "flush_ms": 0}
     else:
         body["stream"] = True
@@ -152,15 +154,24 @@ class _Recorder:
         return self.result
 
 
-async def _payloads(response: httpx.Response, sse: bool) -> AsyncIterator[str]:
-    """The data of each event: SSE ``data:`` fields, or NDJSON lines."""
+async def _payloads(response: httpx.Response, sse: bool) -> AsyncIterator[tuple[str, str]]:
+    """The field name and value of each SSE ``data:`` or ``id:`` line, or ``("data",
+    line)`` for each NDJSON line."""
     async for line in response.aiter_lines():
         if sse:
-            if line.startswith("data:"):
+            name, colon, value = line.partition(":")
+            if colon and name in ("data", "id"):
                 # WHATWG SSE: one optional space after the colon belongs to the framing.
-                yield line[6:] if line.startswith("data: ") else line[5:]
+                yield name, value.removeprefix(" ")
         elif line.strip():
-            yield line
+            yield "data", line
+
+
+def _stream_position(event_id: str) -> int | None:
+    """The tokens streamed so far, from a tokenspout event id ``<stream>:<position>`` (an
+    end event's ``<position>.<n>``); None for another server's id."""
+    position = event_id.rpartition(":")[2].partition(".")[0]
+    return int(position) if position.isdigit() else None
 
 
 async def _http_request(
@@ -176,13 +187,20 @@ async def _http_request(
         if response.status_code >= 400:
             text = (await response.aread()).decode("utf-8", "replace")
             raise StreamError(f"HTTP {response.status_code}: {text[:200]}")
-        async for data in _payloads(response, sse):
-            if read_event(state, data):
+        position = None
+        async for name, value in _payloads(response, sse):
+            if name == "id":
+                position = _stream_position(value)
+            elif read_event(state, value):
                 rec.output()
     if sse and state.total_s is None:  # a clean close before [DONE] (a proxy's): cut short
         raise StreamError("the stream ended before [DONE]")
+    if not sse and state.finish_reason is None:  # NDJSON's end is the body's: cut short
+        raise StreamError("the stream ended without a finish_reason")
     if state.usage and "completion_tokens" in state.usage:
         rec.usage_tokens = int(state.usage["completion_tokens"])
+    elif config.endpoint is BenchEndpoint.seed and position is not None:
+        rec.usage_tokens = position
     return rec.finish()
 
 
@@ -257,15 +275,19 @@ async def run_level(
 
         async def one(index: int) -> RequestResult:
             async with slots:
+                limit = asyncio.timeout(config.timeout_s)
                 try:
                     body = bodies[index]
-                    if config.protocol is BenchProtocol.ws:
-                        call = _ws_request(config, body, f"bench-{index}")
-                    else:
-                        call = _http_request(client, config, body)
-                    result = await asyncio.wait_for(call, config.timeout_s)
+                    async with limit:
+                        if config.protocol is BenchProtocol.ws:
+                            result = await _ws_request(config, body, f"bench-{index}")
+                        else:
+                            result = await _http_request(client, config, body)
                 except Exception as exc:  # a failed request is a figure, not a crash
-                    result = RequestResult(error=f"{type(exc).__name__}: {exc}"[:300])
+                    error = f"{type(exc).__name__}: {exc}"
+                    if limit.expired():  # asyncio's TimeoutError says nothing
+                        error = f"timed out after --timeout-s {config.timeout_s:g}"
+                    result = RequestResult(error=error[:300])
             if on_done is not None:
                 on_done(result)
             return result

@@ -76,7 +76,7 @@ def bench(
         "http://127.0.0.1:8000"
     ),
     endpoint: Annotated[str, typer.Option(help="chat, completions or seed.")] = "chat",
-    protocol: Annotated[str, typer.Option(help="sse, ndjson or ws (our /v1/ws).")] = "sse",
+    protocol: Annotated[str, typer.Option(help="sse, ndjson or ws (/v1/ws); seed: sse.")] = "sse",
     concurrency: Annotated[str, typer.Option(help="Requests in flight; 1,4,16 sweeps.")] = "1",
     num_prompts: Annotated[int, typer.Option(help="Requests per concurrency level.")] = 16,
     max_tokens: Annotated[int, typer.Option(help="Output tokens per request.")] = 128,
