@@ -322,3 +322,27 @@ def test_the_seed_endpoint_is_measured_over_sse_only() -> None:
     # Its NDJSON carries neither token counts nor an end to check.
     with pytest.raises(ValueError, match="SSE only"):
         BenchConfig(url="http://127.0.0.1:9", endpoint="seed", protocol="ndjson")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("synthetic", [True, False])
+def test_the_plot_of_a_synthetic_run_says_so(
+    synthetic: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The table and the JSON said it; the image, quoted on its own, did not.
+    from matplotlib.figure import Figure
+
+    from tokenspout.client.bench import SYNTHETIC_TITLE, LevelResult, RequestResult
+    from tokenspout.client.bench_plot import plot
+
+    titles: list[str] = []
+    save = Figure.savefig
+
+    def savefig(fig: Figure, *args: object, **kwargs: object) -> None:
+        titles.append(fig.get_suptitle())
+        save(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    result = RequestResult(success=True, ttft=0.1, e2el=0.5, itl=[0.01, 0.02], output_tokens=3)
+    summary = {"output_throughput": 6.0, "median_ttft_ms": 100.0}
+    plot([LevelResult(1, summary, [result])], tmp_path / "p.png", synthetic=synthetic)
+    assert titles == [SYNTHETIC_TITLE if synthetic else ""]

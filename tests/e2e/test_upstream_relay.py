@@ -6,6 +6,7 @@ upstream (``tests/upstream_faults.py``), here answering normally."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from websockets.sync.client import connect
 
 from tests.conftest import RunningServer
 from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
+from tokenspout.client.bench import BenchConfig, discover_model
+from tokenspout.engine.interface import SYNTHETIC_OWNER
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,21 @@ def test_models_come_from_the_upstreams_and_route_requests(
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     health = httpx.get(f"{server.url}/health")
     assert health.status_code == 200 and health.json()["engine"] == "upstream"
+
+
+def test_a_synthetic_upstream_is_labelled_synthetic_here_too(
+    start_server: Callable[..., RunningServer], upstreams: list[UpstreamProcess]
+) -> None:
+    # Through the relay, /v1/models said "tokenspout": bench took the synthetic engine's
+    # figures for a model's, and the page showed no label.
+    synthetic, other = upstreams
+    for behind, expected in (((synthetic,), True), ((other,), False), ((synthetic, other), True)):
+        server = front(start_server, *behind)
+        owners = {m["owned_by"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+        assert owners == {SYNTHETIC_OWNER if expected else "tokenspout"}, behind
+        assert httpx.get(f"{server.url}/health").json()["synthetic"] is expected
+        config = asyncio.run(discover_model(BenchConfig(url=server.url)))
+        assert config.synthetic is expected
 
 
 def test_models_report_the_upstreams_context_length_or_none(

@@ -25,6 +25,7 @@ import httpx
 from tokenspout.client.bench_metrics import RequestResult, summarize
 from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
 from tokenspout.client.client import server_root
+from tokenspout.engine.interface import SYNTHETIC_OWNER
 
 
 class BenchEndpoint(StrEnum):
@@ -46,6 +47,10 @@ _PATHS = {
     BenchEndpoint.completions: "/v1/completions",
     BenchEndpoint.seed: "/v1/completions/stream",
 }
+
+
+#: How every output of a run against the synthetic engine names it.
+SYNTHETIC_TITLE = "SYNTHETIC engine (not a language model)"
 
 
 @dataclass(frozen=True)
@@ -330,7 +335,7 @@ async def discover_model(config: BenchConfig) -> BenchConfig:
         return config
     model = config.model if config.model is not None else str(entries[0].get("id"))
     entry = next((e for e in entries if e.get("id") == model), {})
-    synthetic = entry.get("owned_by") == "tokenspout-synthetic"
+    synthetic = entry.get("owned_by") == SYNTHETIC_OWNER
     if config.endpoint is BenchEndpoint.seed and config.model is None:
         return replace(config, synthetic=synthetic)
     return replace(config, model=model, synthetic=synthetic)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from tokenspout.client.bench import LevelResult
+from tokenspout.client.bench import SYNTHETIC_TITLE, LevelResult
 
 
 def check_path(path: Path) -> None:
@@ -22,9 +22,10 @@ def check_path(path: Path) -> None:
         )
 
 
-def plot(levels: Sequence[LevelResult], path: Path) -> None:
+def plot(levels: Sequence[LevelResult], path: Path, *, synthetic: bool = False) -> None:
     """Write a PNG: histograms of TTFT, ITL and E2EL (one colour per concurrency), and
-    median TTFT and output tok/s against concurrency."""
+    median TTFT and output tok/s against concurrency; a run against the synthetic engine
+    says so across the top, as the table does (an image is quoted on its own)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server
@@ -55,6 +56,8 @@ def plot(levels: Sequence[LevelResult], path: Path) -> None:
     ttft.plot(xs, [lv.summary["median_ttft_ms"] for lv in levels], "s--", color="tab:red")
     ttft.set_ylabel("median TTFT (ms)", color="tab:red")
     sweep.set_title("concurrency sweep")
+    if synthetic:
+        fig.suptitle(SYNTHETIC_TITLE, color="tab:red", fontweight="bold")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.table import Table
 
-from tokenspout.client.bench import BenchConfig, LevelResult
+from tokenspout.client.bench import SYNTHETIC_TITLE, BenchConfig, LevelResult
 from tokenspout.client.bench_metrics import LATENCIES, PERCENTILES
 
 _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
@@ -18,7 +18,7 @@ _NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
 def table(levels: Sequence[LevelResult], *, synthetic: bool = False) -> Table:
     """One column per concurrency level, one row per figure; the title says when the server
     was tokenspout's synthetic engine (never to be taken for a model's figures)."""
-    title = "tokenspout bench: SYNTHETIC engine (not a language model)" if synthetic else None
+    title = f"tokenspout bench: {SYNTHETIC_TITLE}" if synthetic else None
     out = Table(title=title or "tokenspout bench")
     out.add_column("")
     for level in levels:

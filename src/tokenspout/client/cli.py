@@ -148,7 +148,7 @@ def bench(
     if plot_path is not None:
         from tokenspout.client.bench_plot import plot
 
-        plot(levels_done, plot_path)
+        plot(levels_done, plot_path, synthetic=config.synthetic)
     if any(level.summary["failed"] for level in levels_done):
         for level in levels_done:
             for error in level.summary.get("errors", ()):

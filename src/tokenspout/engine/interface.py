@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from tokenspout.engine.tool_calls import Tool
 
 
+#: ``owned_by`` of a model a synthetic engine serves (``GET /v1/models``): how clients and
+#: a tokenspout in front of it tell its figures from a model's.
+SYNTHETIC_OWNER = "tokenspout-synthetic"
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot read by the metrics layer at scrape time."""

@@ -65,6 +65,11 @@ class UpstreamEngine(Engine):
     def failure(self) -> str | None:  # type: ignore[override]
         return self.pool.failure
 
+    @property
+    def synthetic(self) -> bool:  # type: ignore[override]
+        """In front of a tokenspout serving its synthetic engine: labelled as that is."""
+        return self.pool.synthetic
+
     def served_models(self) -> tuple[str, ...]:
         return self.pool.models()
 

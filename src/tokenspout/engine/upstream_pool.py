@@ -60,6 +60,11 @@ class UpstreamPool:
         return min(lengths, default=None)
 
     @property
+    def synthetic(self) -> bool:
+        """Whether an answer may come from a synthetic engine (an upstream that is one)."""
+        return any(s.synthetic for s in self.servers)
+
+    @property
     def failure(self) -> str | None:
         """Why nothing can be served now (no upstream healthy), or None."""
         if any(s.healthy for s in self.servers):

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 
+from tokenspout.engine.interface import SYNTHETIC_OWNER
 from tokenspout.engine.upstream_body import TokenCounts
 from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_transport import relay_transport
@@ -67,6 +68,9 @@ class UpstreamServer:
         #: How its chunks say how many tokens they hold (``token_counts``), as of the last
         #: successful check; None: they do not, and a chunk counts as one token.
         self.token_counts: TokenCounts | None = None
+        #: It is a tokenspout serving its synthetic engine (its ``/models`` says so): what
+        #: it streams is to be labelled synthetic here too.
+        self.synthetic = False
         self.healthy = False
         #: Requests it is answering now (the balancer's least-outstanding count).
         self.outstanding = 0
@@ -114,6 +118,7 @@ class UpstreamServer:
             models = frozenset(m["id"] for m in entries)
             lengths = {m["id"]: n for m in entries if (n := context_length(m)) is not None}
             counts = token_counts(entries)
+            synthetic = bool(entries) and all(m.get("owned_by") == SYNTHETIC_OWNER for m in entries)
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             if self.streaming:
                 # It answered requests since the last check: busy, not down.
@@ -127,6 +132,7 @@ class UpstreamServer:
         self.models = models
         self.context_lengths = lengths
         self.token_counts = counts
+        self.synthetic = synthetic
         self.healthy = True
         self._failures = 0
 

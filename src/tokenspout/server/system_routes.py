@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tokenspout.engine.interface import SYNTHETIC_OWNER
 from tokenspout.errors import ModelNotFoundError, PermissionDeniedError
 from tokenspout.server import key_admission
 from tokenspout.server.api_keys import ApiKey
@@ -38,6 +39,8 @@ async def health(request: Request) -> Response:
         "status": status,
         "model": state.engine.model_id,
         "engine": state.engine.kind,
+        # An upstream engine in front of a synthetic one is labelled as that is (the page).
+        "synthetic": state.engine.synthetic,
     }
     if failure is not None:
         body["error"] = failure
@@ -55,7 +58,7 @@ async def metrics(request: Request) -> Response:
 
 def _model_entries(state: ServerState) -> dict[str, dict[str, Any]]:
     engine = state.engine
-    owner = "tokenspout-synthetic" if engine.synthetic else "tokenspout"
+    owner = SYNTHETIC_OWNER if engine.synthetic else "tokenspout"
     models = engine.served_models()
     entries = {}
     for name in state.served_names():

@@ -314,7 +314,7 @@ function stopAll() {
 async function showEngine() {
   const health = await (await fetch("/health")).json();
   $("model").textContent = health.model;
-  $("synthetic").hidden = health.engine !== "synthetic";
+  $("synthetic").hidden = !health.synthetic;
 }
 
 let busy = false;
