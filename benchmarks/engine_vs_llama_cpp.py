@@ -1,7 +1,7 @@
 """tokenspout's embedded engine against llama.cpp's ``llama-server``, side by side in one run.
 
     .venv/bin/python benchmarks/engine_vs_llama_cpp.py --llama-server PATH \\
-        [--concurrency 1,4,16] [--num-prompts 16] [--rounds 2] [--contention 0] \\
+        [--concurrency 1,4,16] [--num-prompts 16] [--rounds 1] [--contention 0] \\
         [--distinct-prompts] [-- extra tokenspout serve arguments]
 
 Both servers load the same GGUF (the default model, SmolLM2-135M-Instruct Q4_1) with 2
