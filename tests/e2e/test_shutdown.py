@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import IO
 
 import httpx
 from websockets.asyncio.client import connect
@@ -19,12 +21,16 @@ from websockets.asyncio.client import connect
 from tests.conftest import free_port
 
 
-def start_cli_server(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_cli_server(
+    *args: str, log: IO[bytes] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A synthetic ``tokenspout serve``; with ``log``, its output at INFO goes there."""
     port = free_port()
+    level = "warning" if log is None else "info"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tokenspout.cli", "serve", "--engine", "synthetic",
-         "--port", str(port), "--log-level", "warning", *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         "--port", str(port), "--log-level", level, *args],
+        stdout=log or subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -103,6 +109,45 @@ def test_sigterm_drains_every_transport_then_exits_0() -> None:
         m["text"] for m in ws_messages if m["type"] == "delta" and m["id"] == "short"
     )
     assert short_text == "drain " * 20
+
+
+def test_a_second_sigint_ends_the_drain_at_once_and_still_shuts_the_app_down(
+    tmp_path: Path,
+) -> None:
+    """Regression: a second Ctrl-C during a drain waited out the whole drain, then skipped
+    the app's shutdown (engine, Redis writer, tracing) and logged a CancelledError traceback.
+    Now it ends the drain as its timeout would, and the app's shutdown runs."""
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc, url = start_cli_server(
+            "--synthetic-itl-ms", "50", "--drain-timeout-s", "600", log=log
+        )
+    events: list[str] = []
+    started = threading.Event()
+    reader = threading.Thread(target=collect, args=(url, 4000, events, started))
+    try:
+        reader.start()
+        assert started.wait(15)
+        with httpx.Client(base_url=url) as kept_alive:
+            assert kept_alive.get("/health").status_code == 200
+            proc.send_signal(signal.SIGINT)
+            # Signals sent back to back may be handled as one: the second waits until the
+            # first has begun the drain (the kept-alive connection is told "draining").
+            while kept_alive.get("/health").json()["status"] != "draining":
+                pass
+        proc.send_signal(signal.SIGINT)
+        # The drain would last 600 s: ending well before shows the second signal ended it.
+        assert proc.wait(timeout=60) == 0
+        reader.join(timeout=20)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+    output = log_path.read_text()
+    assert "forced quit: ending 1 stream(s)" in output
+    assert "Application shutdown complete" in output
+    assert "Traceback" not in output
 
 
 def test_a_bad_flag_combination_is_one_line_and_exit_2() -> None:

@@ -7,6 +7,9 @@ finish for up to ``drain_timeout_s``, then end the rest with an error — an err
 ``[DONE]`` over HTTP, an ``error`` message over a WebSocket — and only then let uvicorn
 close the connections (a WebSocket gets close code 1012 after its error message). A drain
 is the designed way to stop, so the process then exits with 0.
+
+A second SIGINT (Ctrl-C) during the drain is uvicorn's "force quit": the drain ends at once,
+as at its timeout, and the app's shutdown (engine, Redis writer, tracing) still runs.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import gc
 import logging
 import signal
 import socket
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -40,12 +44,16 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState):
         super().__init__(config)
         self._state = state
+        #: Set on a second SIGINT (uvicorn's ``force_exit``): the drain stops waiting.
+        self._forced = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         # Re-read the keys file on SIGHUP; open streams are not touched. Without a keys
         # file it is ignored (logged), not the default action: a reload-minded supervisor
         # must not kill the server. Installed before "Uvicorn running" is printed.
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._state.keys.reload)
+        self._loop.add_signal_handler(signal.SIGHUP, self._state.keys.reload)
         await super().startup(sockets)
         tune_gc()
 
@@ -54,33 +62,50 @@ class DrainingServer(uvicorn.Server):
         state.draining = True
         for server in self.servers:
             server.close()
-        await drain(state)
+        if self.force_exit:  # both signals came before the loop was running
+            self._forced.set()
+        await drain(state, self._forced)
         await super().shutdown(sockets)
+        if self.force_exit:
+            # uvicorn skips the app's shutdown on a forced exit; ours ends what the drain
+            # left (the engine thread, the Redis writer's flush, the trace exporter), and
+            # its lifespan task, never told to end, was cancelled with a traceback.
+            await self.lifespan.shutdown()
         # A drain is the designed way to stop: no re-raised signal, exit status 0.
         self._captured_signals.clear()
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self.force_exit and self._loop is not None:
+            # A signal handler runs between two bytecodes of the loop's thread: hand the
+            # wake-up to the loop rather than touch the event's waiters from here.
+            self._loop.call_soon_threadsafe(self._forced.set)
 
-async def drain(state: ServerState) -> None:
-    """Let running streams finish for up to the drain timeout, then end the rest with an
-    error and give their readers a moment to send it."""
+
+async def drain(state: ServerState, forced: asyncio.Event) -> None:
+    """Let running streams finish for up to the drain timeout, or until ``forced`` is set,
+    then end the rest with an error and give their readers a moment to send it."""
     registry = state.streams
     timeout = state.config.drain_timeout_s
     running = registry.running()
-    if running:
+    if running and not forced.is_set():
         logger.info("draining %d stream(s) for up to %.0f s", len(running), timeout)
-        await _wait_for_ends(running, timeout_s=timeout)
+        await _wait_for_ends(running, forced, timeout_s=timeout)
     cut = registry.running()
     if cut:
-        logger.info("drain timeout: ending %d stream(s)", len(cut))
+        why = "forced quit" if forced.is_set() else "drain timeout"
+        logger.info("%s: ending %d stream(s)", why, len(cut))
     for stream in cut:
         stream.fail(ShuttingDownError("the server is shutting down"), "shutdown")
     await registry.wait_readers_gone(_FAREWELL_S)
 
 
-async def _wait_for_ends(streams: list[Stream], *, timeout_s: float) -> None:
+async def _wait_for_ends(streams: list[Stream], forced: asyncio.Event, *, timeout_s: float) -> None:
+    """Until every stream has ended, ``forced`` is set, or ``timeout_s``."""
     ends = [asyncio.ensure_future(s.wait_end()) for s in streams]
-    _, pending = await asyncio.wait(ends, timeout=timeout_s)
-    for future in pending:
+    waits = (asyncio.ensure_future(asyncio.wait(ends)), asyncio.ensure_future(forced.wait()))
+    await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    for future in (*ends, *waits):
         future.cancel()
 
 
