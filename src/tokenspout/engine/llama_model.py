@@ -60,6 +60,14 @@ class LlamaConfig:
             max_position_embeddings=config.get("max_position_embeddings", 2048),
         )
 
+    def check_context(self, max_model_len: int) -> None:
+        """Refuse (``ModelLoadError``) a context longer than the model's."""
+        if max_model_len > self.max_position_embeddings:
+            raise ModelLoadError(
+                f"max_model_len {max_model_len} exceeds the model's context length "
+                f"{self.max_position_embeddings}"
+            )
+
 
 @dataclass
 class AttentionBatch:

@@ -49,6 +49,7 @@ from tokenspout.engine import tool_calls
 from tokenspout.engine.continuation import Continuation, remaining_params
 from tokenspout.engine.detokenizer import Detokenizer
 from tokenspout.engine.interface import Engine, EngineStats, OutputSink
+from tokenspout.engine.llama_model import LlamaConfig
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.model_runner import ModelRunner, SeqChunk
 from tokenspout.engine.request import (
@@ -140,8 +141,12 @@ class LLMEngine(Engine):
         self._model = model
         self._weights = weights
         self._num_threads = num_threads
-        # Resolving is cheap (no weights read) and gives the id before start(), or fails fast.
-        self.model_id = ModelFiles.resolve(model).model_id
+        # Resolving is cheap (no weights read) and gives the id before start(), or fails fast;
+        # so does the metadata (cached after the first read), for a context the model cannot
+        # hold or a file whose header is damaged: refused before a server starts.
+        files = ModelFiles.resolve(model)
+        self.model_id = files.model_id
+        LlamaConfig.from_dict(files.metadata()["config"]).check_context(max_model_len)
         self.max_model_len = max_model_len
         self.scheduler = Scheduler(
             max_num_seqs=max_num_seqs,

@@ -178,7 +178,9 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
 
     try:
         fields = GGUFReader(path).fields
-    except (ValueError, OSError) as exc:
+    # Any failure: a damaged or cut file fails in the reader's numpy parsing in many ways
+    # (a header cut short was an IndexError, "index 0 is out of bounds", naming no file).
+    except Exception as exc:
         raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
 
     def get(key: str, default: Any = None) -> Any:

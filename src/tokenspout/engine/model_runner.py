@@ -6,6 +6,8 @@ One engine thread calls ``forward`` and ``copy_slot_prefix``; nothing here is th
 from __future__ import annotations
 
 import ctypes
+import errno
+import math
 import sys
 import threading
 import time
@@ -73,23 +75,12 @@ class ModelRunner:
         else:
             self.tokenizer = Tokenizer.from_directory(files.path)
         self.config = LlamaConfig.from_dict(meta["config"])
-        if max_model_len > self.config.max_position_embeddings:
-            raise ModelLoadError(
-                f"max_model_len {max_model_len} exceeds the model's context length "
-                f"{self.config.max_position_embeddings}"
-            )
+        self.config.check_context(max_model_len)
         fmt: WeightFormat = weights  # type: ignore[assignment]  # checked against FORMATS
         self.model = LlamaModel(
             self.config, Weights.load(files, meta["config"], fmt), max_model_len
         )
-        self.cache = KVCache(
-            self.config.num_hidden_layers,
-            num_slots,
-            max_model_len,
-            self.config.num_key_value_heads,
-            self.config.head_dim,
-            self.model.kv_dtype,
-        )
+        self.cache = _kv_cache(self.config, num_slots, max_model_len, self.model.kv_dtype)
         self.model_id = files.model_id
         self.weights = weights
         self.num_slots = num_slots
@@ -241,6 +232,25 @@ class ModelRunner:
         if self._threads_set != wanted:
             torch.set_num_threads(wanted[1])
             self._threads_set = wanted
+
+
+def _kv_cache(
+    config: LlamaConfig, num_slots: int, max_model_len: int, dtype: torch.dtype
+) -> KVCache:
+    """The KV cache, or a ``ModelLoadError`` saying which settings to lower when the OS
+    refuses to map it: its pages are touched only when written, but the mapping of all of
+    them must still fit what the kernel allows (100000 sequences: ENOMEM, a traceback)."""
+    shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    try:
+        return KVCache(shape[0], num_slots, max_model_len, shape[1], shape[2], dtype)
+    except (MemoryError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno != errno.ENOMEM:
+            raise
+        size = 2 * math.prod(shape) * num_slots * max_model_len * dtype.itemsize
+        raise ModelLoadError(
+            f"not enough memory for the KV cache of {num_slots} sequences × {max_model_len} "
+            f"tokens ({size / 2**30:.1f} GiB); lower --max-num-seqs or --max-model-len"
+        ) from exc
 
 
 def _return_freed_memory() -> None:

@@ -119,7 +119,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        await state.start_engine()
         if state.cluster is not None:
             await state.cluster.start(state)
         state.ready = True

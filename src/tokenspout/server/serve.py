@@ -54,6 +54,11 @@ class DrainingServer(uvicorn.Server):
         # file it is ignored (logged), not the default action: a reload-minded supervisor
         # must not kill the server. Installed before "Uvicorn running" is printed.
         self._loop.add_signal_handler(signal.SIGHUP, self._state.keys.reload)
+        # The engine loads before the lifespan: a model that cannot load (a damaged file,
+        # a KV cache past the memory) leaves ``serve`` as its exception, which the command
+        # reports in one line; raised in the lifespan, uvicorn logged it as a traceback and
+        # exited with 3.
+        await self._state.start_engine()
         await super().startup(sockets)
         tune_gc()
 

@@ -10,7 +10,7 @@ import logging
 import ssl
 from dataclasses import fields
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -304,14 +304,22 @@ def serve(
             upstream_stall_timeout_s=upstream_stall_timeout_s,
         )
     except (ConfigError, ModelLoadError, ValueError) as exc:
-        message = exc.message if isinstance(exc, TokenspoutError) else str(exc)
-        typer.echo(f"tokenspout serve: configuration error: {message}", err=True)
-        raise typer.Exit(2) from None
+        _refuse(exc)
     from tokenspout.server.app import create_app
     from tokenspout.server.serve import serve as run
 
     application = create_app(built, config)
-    run(application, application.state.tokenspout, host=host, port=port, log_level=log_level)
+    try:
+        run(application, application.state.tokenspout, host=host, port=port, log_level=log_level)
+    except ModelLoadError as exc:  # the engine's start: the weights, the KV cache
+        _refuse(exc)
+
+
+def _refuse(exc: Exception) -> NoReturn:
+    """A setting that cannot work: one line on stderr, exit code 2."""
+    message = exc.message if isinstance(exc, TokenspoutError) else str(exc)
+    typer.echo(f"tokenspout serve: configuration error: {message}", err=True)
+    raise typer.Exit(2) from None
 
 
 def _check_tls(certfile: str, keyfile: str) -> None:

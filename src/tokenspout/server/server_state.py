@@ -39,6 +39,7 @@ class ServerState:
     key_reserved: dict[str, int] = field(init=False, default_factory=dict)
     ready: bool = False
     draining: bool = False
+    engine_started: bool = False
     #: Unix time the server started: the ``created`` of the models it lists.
     created: int = field(init=False, default_factory=lambda: int(time.time()))
     #: This process as one of several replicas sharing streams (``--redis-url``).
@@ -69,6 +70,13 @@ class ServerState:
             on_end=self._stream_ended,
             read_elsewhere=None if self.cluster is None else self.cluster.read_elsewhere,
         )
+
+    async def start_engine(self) -> None:
+        """Start the engine unless it was: ``serve`` starts it before uvicorn's lifespan,
+        which starts it otherwise."""
+        if not self.engine_started:
+            await self.engine.start()
+            self.engine_started = True
 
     def _stream_ended(self, stream: Stream) -> None:
         stream_ended(self, stream)
