@@ -3,6 +3,7 @@ fix, and the server keeps serving."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Callable
@@ -307,6 +308,22 @@ def test_the_extreme_seeds_are_served_with_several_choices(
     r = httpx.post(f"{synthetic_server.url}/v1/completions", json=body)
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 3
+
+
+def test_a_body_with_a_content_encoding_is_a_415_naming_it(synthetic_server: RunningServer) -> None:
+    """Regression: a gzipped body was read as if plain (a 400 "not valid JSON: 'utf-8' codec
+    can't decode byte 0x8b"), and a plain body marked gzip was served."""
+    url = f"{synthetic_server.url}/v1/completions"
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    for content, encoding in ((gzip.compress(body), "gzip"), (body, "gzip"), (body, "br")):
+        headers = {"content-type": "application/json", "content-encoding": encoding}
+        r = httpx.post(url, content=content, headers=headers)
+        assert r.status_code == 415, r.text
+        error = r.json()["error"]
+        assert error["param"] == "Content-Encoding"
+        assert f"Content-Encoding {encoding} is not supported" in error["message"]
+    headers = {"content-type": "application/json", "content-encoding": "identity"}
+    assert httpx.post(url, content=body, headers=headers).status_code == 200
 
 
 def test_wrong_method_and_huge_body(synthetic_server: RunningServer) -> None:

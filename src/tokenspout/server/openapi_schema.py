@@ -43,7 +43,7 @@ _ERRORS = {
     "409": "The stream was not opened resumable: it takes no second reader.",
     "410": "The stream expired.",
     "413": "Body larger than the limit.",
-    "415": "Body is not application/json.",
+    "415": "Body is not application/json, or has a Content-Encoding.",
     "429": "Over a limit (the server's or the key's); see Retry-After.",
     "503": "Loading, shutting down, or too many connections.",
 }

@@ -2,8 +2,11 @@
 
 Only ``application/json`` is taken (415 otherwise): a cross-site page can send a form or a
 ``text/plain`` POST without a CORS preflight, and such a request must not spend the
-server's compute. The body is read as it arrives and reading stops at the limit (413): a
-chunked body has no length to check first, and reading it whole took a 300 MB body into
+server's compute. Nor a body with a ``Content-Encoding`` (415, as RFC 9110 §15.5.16 has it
+for an unsupported content coding): a gzipped body was read as if plain (a 400 that blamed
+its JSON) and a plain one marked gzip was served; OpenAI's API and vLLM do not decode
+request bodies either. The body is read as it arrives and reading stops at the limit (413):
+a chunked body has no length to check first, and reading it whole took a 300 MB body into
 memory before it was refused. A body that has not arrived within the time allowed is a 408:
 one that never ends held its connection forever (uvicorn has no such limit, and the head's
 limit, ``connection_limits``, ends at the head).
@@ -45,6 +48,12 @@ def require_json(request: Request) -> None:
     content_type = request.headers.get("content-type")
     if content_type is None or not is_json(content_type):
         raise _unsupported(content_type)
+    encoding = ", ".join(request.headers.getlist("content-encoding"))
+    if any(c.strip().lower() not in ("", "identity") for c in encoding.split(",")):
+        raise UnsupportedMediaTypeError(
+            f"Content-Encoding {encoding} is not supported: send the request body uncompressed",
+            param="Content-Encoding",
+        )
 
 
 def refuse_non_json_body(request: Request) -> None:
