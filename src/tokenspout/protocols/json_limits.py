@@ -9,6 +9,7 @@ once per nesting level, so ``[[[[...`` a hundred thousand deep was a ``Recursion
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from tokenspout.errors import InvalidRequestError
@@ -80,8 +81,12 @@ def parse(raw: str | bytes, what: str) -> Any:
         return json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError, _NotJson) as exc:
         raise InvalidRequestError(f"{what} is not valid JSON: {exc}") from None
-    except ValueError as exc:  # an integer of more digits than Python converts (4300)
-        raise InvalidRequestError(f"{what} holds a number too long to read: {exc}") from None
+    except ValueError:  # an integer of more digits than Python converts
+        # Python's own message advises sys.set_int_max_str_digits(), meaningless to a client.
+        raise InvalidRequestError(
+            f"{what} holds an integer literal too long to read "
+            f"(over {sys.get_int_max_str_digits()} digits)"
+        ) from None
     except RecursionError:
         raise InvalidRequestError(f"{what}: JSON is nested too deeply") from None
 
