@@ -235,7 +235,10 @@ def test_over_the_connection_limit_is_a_json_503(start_server) -> None:  # type:
             h.close()
     assert got.startswith(b"HTTP/1.1 503"), got[:200]
     assert b"retry-after: 1" in got.lower()
-    assert json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_many_connections"
+    error = json.loads(got.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "too_many_connections"
+    # As the drain's 503 (and OpenAI's 5xx): it was typed invalid_request_error.
+    assert error["type"] == "server_error"
 
 
 def test_a_client_leaving_during_its_body_is_not_an_error(

@@ -22,14 +22,17 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.server_state import ServerState
 
 
 def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
-    """A whole response with the error body the app's errors have (``error_body``)."""
-    body = json.dumps(error_body(InvalidRequestError(message, code=error_code))).encode()
+    """A whole response with the error body the app's errors have (``error_body``): a 503 (too
+    many connections) is a ``server_error`` as the app's 503s are (draining, engine down),
+    not the client's ``invalid_request_error``."""
+    kind = TokenspoutError if code >= 500 else InvalidRequestError
+    body = json.dumps(error_body(kind(message, code=error_code))).encode()
     head = (
         f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
