@@ -81,6 +81,20 @@ def test_malformed_keys_file_is_one_clear_error(tmp_path: Path, text: str, says:
     assert says in message and str(path) in message and "\n" not in message
 
 
+@pytest.mark.parametrize("secret", [" s3cr3t", "s3cr3t ", "s3cr3t\\t"])
+def test_a_key_with_surrounding_whitespace_is_refused_naming_its_entry(
+    tmp_path: Path, secret: str
+) -> None:
+    # It was accepted, and could never authenticate: a bearer token is read stripped.
+    path = tmp_path / "keys.toml"
+    path.write_text(f'[[keys]]\nname = "alice"\nkey = "{secret}"\n')
+    with pytest.raises(KeysFileError) as info:
+        KeyStore(None, path)
+    message = str(info.value)
+    assert "key 'alice': key begins or ends with whitespace" in message
+    assert "s3cr3t" not in message
+
+
 def test_reload_swaps_keys_and_keeps_old_ones_on_error(tmp_path: Path) -> None:
     path = write_keys(tmp_path / "keys.toml")
     store = KeyStore(None, path)

@@ -84,6 +84,10 @@ def _entry(i: int, raw: Any) -> ApiKey:
         secret = raw["key"]
         if not isinstance(secret, str) or not secret:
             raise KeysFileError(f"{where}: key must be a non-empty string")
+        if secret != secret.strip():
+            # A bearer token is read without its surrounding spaces: such a key could
+            # never authenticate.
+            raise KeysFileError(f"{where}: key begins or ends with whitespace")
         sha = digest(secret)
     else:
         hexed = raw["key_sha256"]
