@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tokenspout.cli import app
+from tokenspout.engine.cpu_budget import usable_cpus
 from tokenspout.engine.weight_formats import FORMATS
 
 
@@ -41,6 +42,17 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         "tokenspout.server.serve.serve", lambda app, state, **_: engines.append(state.engine)
     )
     return engines
+
+
+def test_threads_above_the_usable_cpus_are_refused(served: list[object]) -> None:
+    # --threads 1000 on two cores was taken: the first request waited a second.
+    usable = usable_cpus()
+    result = CliRunner().invoke(app, ["serve", "--threads", str(usable + 1)])
+    assert result.exit_code == 2 and not served
+    assert result.output == (
+        f"tokenspout serve: configuration error: --threads {usable + 1} is more than the "
+        f"{usable} CPU(s) this process may use\n"
+    )
 
 
 @pytest.mark.parametrize(

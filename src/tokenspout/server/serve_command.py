@@ -95,7 +95,9 @@ def serve(
     threads: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Model threads, fixed (default: usable cores, one while others compete)."
+            min=1,
+            help="Model threads, fixed, at most the usable cores (default: usable cores, one "
+            "while others compete).",
         ),
     ] = None,
     synthetic_ttft_ms: Annotated[
@@ -356,6 +358,8 @@ def _engine(name: EngineName, from_env: set[str], **opts: Any) -> Engine:
         )
         flag = unread.replace("_", "-")
         raise ConfigError(f"--{flag} does not apply to --engine {name} (only to {readers})")
+    if "threads" in given:
+        _check_threads(given["threads"])
     args = {reads[k]: v for k, v in given.items() if k in reads}
     if name is EngineName.upstream:
         from tokenspout.engine.upstream_engine import UpstreamEngine
@@ -370,6 +374,18 @@ def _engine(name: EngineName, from_env: set[str], **opts: Any) -> Engine:
     from tokenspout.engine.llm_engine import LLMEngine
 
     return LLMEngine(**args)
+
+
+def _check_threads(threads: int) -> None:
+    """Refuse more model threads than the CPUs this process may use: they only contend
+    (``--threads 1000`` on two cores held the first request for a second)."""
+    from tokenspout.engine.cpu_budget import usable_cpus
+
+    usable = usable_cpus()
+    if threads > usable:
+        raise ConfigError(
+            f"--threads {threads} is more than the {usable} CPU(s) this process may use"
+        )
 
 
 def _configure_logging(level: str) -> None:
