@@ -107,3 +107,16 @@ def test_an_empty_key_is_refused_but_an_empty_variable_means_none(
     result = CliRunner().invoke(app, ["serve", "--engine", "synthetic"], env={variable: ""})
     assert result.exit_code == 0, result.output
     assert len(served) == 1
+
+
+@pytest.mark.parametrize("flag", ["--api-key", "--metrics-api-key"])
+@pytest.mark.parametrize("key", [" sk-a", "sk-a\n", "\tsk-a"])
+def test_a_key_with_surrounding_whitespace_is_refused(
+    served: list[object], flag: str, key: str
+) -> None:
+    # A bearer token is read without its surrounding spaces: such a key was taken and then
+    # matched no request.
+    result = CliRunner().invoke(app, ["serve", "--engine", "synthetic", flag, key])
+    assert result.exit_code == 2 and not served
+    assert f"configuration error: {flag} begins or ends with whitespace" in result.output
+    assert "sk-a" not in result.output

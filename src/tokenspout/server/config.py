@@ -116,6 +116,11 @@ class ServerConfig:
             (self.metrics_api_key != "",
              "--metrics-api-key is empty (an unset shell variable?); leave it out for an open "
              "/metrics"),
+            # A bearer token is read without its surrounding spaces: such a key never matched.
+            (self.api_key is None or self.api_key == self.api_key.strip(),
+             "--api-key begins or ends with whitespace"),
+            (self.metrics_api_key is None or self.metrics_api_key == self.metrics_api_key.strip(),
+             "--metrics-api-key begins or ends with whitespace"),
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None),
              "--ssl-certfile and --ssl-keyfile go together"),
             (self.header_timeout_s > 0, "--header-timeout-s must be > 0"),
