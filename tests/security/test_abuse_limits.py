@@ -108,7 +108,9 @@ def test_json_depth_flag(start_server) -> None:  # type: ignore[no-untyped-def]
     assert r.status_code == 400 and "deeper than 4" in r.json()["error"]["message"]
 
 
-def test_tls(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -116,6 +118,11 @@ def test_tls(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
          "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
+    return cert, key
+
+
+def test_tls(start_server, tls_files: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = tls_files
     server: RunningServer = start_server(ssl_certfile=str(cert), ssl_keyfile=str(key))
     assert server.url.startswith("https://")
     context = ssl.create_default_context(cafile=str(cert))
@@ -136,3 +143,54 @@ def test_tls(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-d
         lines = [line for line in out.stderr.splitlines() if "SYNTHETIC" not in line]
         assert out.returncode == 2 and len(lines) == 1, out.stderr
         assert str(certfile) in lines[0] and "cannot be loaded" in lines[0]
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` within 30 s (a TLS handshake could wait 60 s)."""
+    sock.settimeout(30)
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_tls_handshake_has_the_head_timeout(start_server, tls_files) -> None:  # type: ignore[no-untyped-def]
+    # The handshake ran under asyncio's 60 s, whatever --header-timeout-s said.
+    cert, key = tls_files
+    server: RunningServer = start_server(
+        ssl_certfile=str(cert), ssl_keyfile=str(key), header_timeout_s=1
+    )
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    partial = socket.create_connection(("127.0.0.1", server.port))
+    partial.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+    with silent, partial:
+        assert _closed_by_server(silent) and _closed_by_server(partial)
+
+
+def test_tls_handshakes_count_against_max_connections(start_server, tls_files) -> None:  # type: ignore[no-untyped-def]
+    # Connections in their handshake were not counted: 3,000 were held with a limit of 5.
+    cert, key = tls_files
+    server: RunningServer = start_server(
+        ssl_certfile=str(cert), ssl_keyfile=str(key), max_connections=2, header_timeout_s=120
+    )
+    context = ssl.create_default_context(cafile=str(cert))
+    address = ("127.0.0.1", server.port)
+    first, second = socket.create_connection(address), socket.create_connection(address)
+    with second:
+        with first, socket.create_connection(address) as beyond:
+            # Accepted in order: the two in their handshake fill the limit, the third is closed.
+            assert _closed_by_server(beyond)
+        # Once the server has seen the first close, a client gets in; it and the handshake
+        # left fill the limit again.
+        with httpx.Client(verify=context) as client:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert client.get(f"{server.url}/health").status_code == 200
+                    break
+                except httpx.ConnectError:
+                    assert time.monotonic() < deadline
+            with socket.create_connection(address) as beyond:
+                assert _closed_by_server(beyond)

@@ -25,6 +25,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.server_state import ServerState
+from tokenspout.server.tls_handshake import tls_context, tls_protocol
 
 
 def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
@@ -62,8 +63,12 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     #: The last bytes of the head so far: its blank line may come split across two reads.
     _head_tail: bytes = b""
     _in_head: bool = True
+    #: What stood for this connection among the open ones until it was made (its TLS
+    #: handshake); it gives its place up here, before the first request can be counted.
+    stand_in: object | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.connections.discard(self.stand_in)
         super().connection_made(transport)
         self._arm_head_timer()
 
@@ -189,12 +194,15 @@ def uvicorn_options(state: ServerState) -> dict[str, Any]:
     """The ``uvicorn.Config`` arguments that carry this server's connection limits and
     TLS; the CLI and the test servers both use them."""
     config = state.config
+    http: Any = guarded_protocol(state)
+    if config.ssl_certfile is not None and config.ssl_keyfile is not None:
+        # Our TLS, not uvicorn's: its handshake has a timeout and counts as a connection.
+        context = tls_context(config.ssl_certfile, config.ssl_keyfile)
+        http = tls_protocol(http, context, config.max_connections)
     return {
-        "http": guarded_protocol(state),
+        "http": http,
         # Beyond this many open connections (HTTP and WebSocket), a fast 503. uvicorn
         # counts the connection asking too, and answers 503 when the count reaches its limit.
         "limit_concurrency": config.max_connections + 1,
         "ws_max_size": config.ws_max_message_bytes,
-        "ssl_certfile": config.ssl_certfile,
-        "ssl_keyfile": config.ssl_keyfile,
     }

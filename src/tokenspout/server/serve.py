@@ -19,6 +19,7 @@ import gc
 import logging
 import signal
 import socket
+from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
@@ -61,6 +62,18 @@ class DrainingServer(uvicorn.Server):
         await self._state.start_engine()
         await super().startup(sockets)
         tune_gc()
+
+    def _log_started_message(self, listeners: Sequence[socket.SocketType]) -> None:
+        if self._state.config.ssl_certfile is None:
+            super()._log_started_message(listeners)
+            return
+        # uvicorn names the scheme after its own TLS; ours is TlsHandshake (uvicorn_options).
+        host, port = listeners[0].getsockname()[:2]
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on https://%s:%d (Press CTRL+C to quit)",
+            f"[{host}]" if ":" in host else host,
+            port,
+        )
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         state = self._state

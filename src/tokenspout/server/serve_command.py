@@ -19,6 +19,7 @@ from tokenspout.engine.weight_formats import FORMATS
 from tokenspout.errors import ConfigError, ModelLoadError, TokenspoutError
 from tokenspout.server.api_keys import KeyStore
 from tokenspout.server.config import ServerConfig
+from tokenspout.server.tls_handshake import tls_context
 from tokenspout.server.trusted_hosts import trusted_names
 
 if TYPE_CHECKING:
@@ -200,7 +201,10 @@ def serve(
         ),
     ] = None,
     header_timeout_s: Annotated[
-        float, typer.Option(help="A request head must arrive within this (slowloris).")
+        float,
+        typer.Option(
+            help="A request head must arrive within this (slowloris); so must a TLS handshake."
+        ),
     ] = _D.header_timeout_s,
     body_timeout_s: Annotated[
         float, typer.Option(help="A request body must arrive within this of its head (408).")
@@ -209,7 +213,11 @@ def serve(
         int, typer.Option(help="Largest request head (431).")
     ] = _D.max_head_bytes,
     max_connections: Annotated[
-        int, typer.Option(help="Open connections before a fast 503.")
+        int,
+        typer.Option(
+            help="Open connections before a fast 503 (over HTTPS: a close as the connection "
+            "opens; those in their TLS handshake count)."
+        ),
     ] = _D.max_connections,
     ws_max_message_bytes: Annotated[
         int, typer.Option(help="Largest WebSocket message.")
@@ -325,12 +333,11 @@ def _refuse(exc: Exception) -> NoReturn:
 
 
 def _check_tls(certfile: str, keyfile: str) -> None:
-    """Load the certificate and key as uvicorn will, before the model loads: a missing file
-    or a key that is not the certificate's is one line naming the files, not a traceback."""
+    """Load the certificate and key as the server will, before the model loads: a missing
+    file or a key that is not the certificate's is one line naming the files, not a
+    traceback."""
     try:
-        # No passphrase: an encrypted key is refused here rather than prompted for.
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(certfile, keyfile, password=lambda: b"")
+        tls_context(certfile, keyfile)
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(
