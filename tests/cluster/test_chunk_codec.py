@@ -32,7 +32,7 @@ def test_chunks_with_and_without_extras_round_trip() -> None:
 def test_stream_record_round_trips_through_hash_fields() -> None:
     record = StreamRecord(
         "abc",
-        StreamWire("chat", "synthetic", include_usage=True),
+        StreamWire("chat", "synthetic", include_usage=True, flush_tokens=1, flush_ms=0.0),
         key="alice",
         replica="r1",
         created=1234.5,
@@ -42,3 +42,7 @@ def test_stream_record_round_trips_through_hash_fields() -> None:
     )
     raw = {k.encode(): v.encode() for k, v in record.fields().items()}
     assert StreamRecord.from_fields("abc", raw) == record
+    # A record written before the stream kept its coalescing: the server's.
+    del raw[b"flush_tokens"], raw[b"flush_ms"]
+    wire = StreamRecord.from_fields("abc", raw).wire
+    assert wire.flush_tokens is None and wire.flush_ms is None

@@ -6,6 +6,7 @@ import json
 import random
 import time
 from collections.abc import Iterator
+from itertools import islice, pairwise
 
 import httpx
 import pytest
@@ -211,13 +212,39 @@ def test_every_event_has_its_own_id_and_a_resume_from_it_sends_what_followed(sta
         headers = {"Last-Event-ID": event_id}
         with httpx.stream("GET", f"{server.url}/v1/streams/{stream_id}", headers=headers) as r:
             replayed = list(sse_events(r.iter_lines()))
-        # What followed, in the server's default coalescing (a resumed reader's): the same
-        # text, then each end event once, with the same ids, then [DONE].
+        # What followed, the backlog coalesced: the same text, then each end event once,
+        # with the same ids, then [DONE].
         later = events[i + 1 :]
         assert "".join(chat_text(d) for _, d in replayed) == "".join(chat_text(d) for _, d in later)
         end_events = [e for e in later if e[0] is not None and "." in e[0]]
         assert replayed[len(replayed) - len(end_events) - 1 :] == [*end_events, (None, "[DONE]")]
         assert all('"role"' not in d for _, d in replayed), "the opening chunk came again"
+
+
+def test_a_resumed_reader_coalesces_as_the_request_asked(start_server) -> None:  # type: ignore[no-untyped-def]
+    # It was given the server's coalescing: events 5 tokens apart, not 1.
+    server: RunningServer = start_server(
+        SyntheticEngine(itl_ms=50), flush_tokens=5, flush_ms=10_000
+    )
+    body = {
+        "messages": [{"role": "user", "content": "a b"}],
+        "max_tokens": 1000,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"resumable": True, "flush_tokens": 1, "flush_ms": 0},
+    }
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read_some(r, 3, [])
+    url = f"{server.url}/v1/streams/{stream_id}"
+    with httpx.stream("GET", url, headers={"Last-Event-ID": last_id}) as r:
+        events = sse_events(r.iter_lines())
+        # The first brings what was generated meanwhile; the next ones come live.
+        positions = [int(event_id.split(":")[1]) for event_id, _ in islice(events, 8) if event_id]
+    httpx.post(f"{url}/cancel")
+    steps = [b - a for a, b in pairwise(positions[1:])]
+    # One token an event, but for a reader woken late (the server's would be 5 every time).
+    assert min(steps) == 1, positions
 
 
 @pytest.mark.parametrize("stream_event", [False, True])

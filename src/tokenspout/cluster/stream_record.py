@@ -40,6 +40,9 @@ class StreamRecord:
             "model": self.wire.model,
             "usage": "1" if self.wire.include_usage else "",
             "logprobs": "1" if self.wire.logprobs else "",
+            # "": the server's own (and what a record written before these fields reads as).
+            "flush_tokens": _text(self.wire.flush_tokens),
+            "flush_ms": _text(self.wire.flush_ms),
             "key": self.key,
             "replica": self.replica,
             "created": repr(self.created),
@@ -56,7 +59,12 @@ class StreamRecord:
         return cls(
             stream_id,
             StreamWire(
-                f["kind"], f["model"], bool(f.get("usage")), logprobs=bool(f.get("logprobs"))
+                f["kind"],
+                f["model"],
+                bool(f.get("usage")),
+                logprobs=bool(f.get("logprobs")),
+                flush_tokens=int(f["flush_tokens"]) if f.get("flush_tokens") else None,
+                flush_ms=float(f["flush_ms"]) if f.get("flush_ms") else None,
             ),
             key=f.get("key", ""),
             replica=f.get("replica", ""),
@@ -74,3 +82,7 @@ class StreamRecord:
 
     def owned_by(self, replica: str) -> StreamRecord:
         return replace(self, replica=replica)
+
+
+def _text(value: float | None) -> str:
+    return "" if value is None else repr(value)

@@ -27,7 +27,6 @@ from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     SeedStreamRequest,
-    StreamOptions,
 )
 from tokenspout.server.server_state import ServerState
 
@@ -35,8 +34,9 @@ from tokenspout.server.server_state import ServerState
 @dataclass(frozen=True, slots=True)
 class StreamWire:
     """How a stream's events look on the wire: which endpoint opened it (chat, completion,
-    seed), for which model name, with a usage chunk or not. Kept with the stream
-    (``Stream.meta``) so that a resumed reader encodes it the same way."""
+    seed), for which model name, with a usage chunk or not, coalesced as the request asked.
+    Kept with the stream (``Stream.meta``) so that a resumed reader encodes it the same
+    way."""
 
     kind: str
     model: str
@@ -45,6 +45,10 @@ class StreamWire:
     continuous_usage: bool = False
     #: Logprobs were asked for: a whole answer without tokens has empty ones, not null.
     logprobs: bool = False
+    #: The request's own ``stream_options.flush_tokens`` and ``flush_ms``; None: the
+    #: server's, on whichever replica reads.
+    flush_tokens: int | None = None
+    flush_ms: float | None = None
 
     def chunks(self, stream_id: str, created: float) -> ChunkFormat:
         usage = self.include_usage, self.continuous_usage, self.logprobs
@@ -64,12 +68,11 @@ class ReadSettings:
     heartbeat_s: float
 
     @classmethod
-    def resolve(cls, config: ServerConfig, options: StreamOptions | None = None) -> ReadSettings:
-        """The request's own flush settings where it gives them, the server's otherwise."""
-        tokens, ms = config.flush_tokens, config.flush_ms
-        if options is not None:
-            tokens = options.flush_tokens if options.flush_tokens is not None else tokens
-            ms = options.flush_ms if options.flush_ms is not None else ms
+    def resolve(cls, config: ServerConfig, wire: StreamWire) -> ReadSettings:
+        """The stream's request's own flush settings where it gave them, the server's
+        otherwise."""
+        tokens = wire.flush_tokens if wire.flush_tokens is not None else config.flush_tokens
+        ms = wire.flush_ms if wire.flush_ms is not None else config.flush_ms
         return cls(tokens, ms, config.heartbeat_interval_s)
 
 
@@ -324,7 +327,8 @@ def _generation(
         if options.include_usage:
             continuous = options.continuous_usage_stats
             wire = replace(wire, include_usage=True, continuous_usage=continuous)
+        wire = replace(wire, flush_tokens=options.flush_tokens, flush_ms=options.flush_ms)
     params = replace(params, model=wire.model)
     wire = replace(wire, logprobs=params.logprobs is not None)
-    reading = ReadSettings.resolve(cfg, options)
+    reading = ReadSettings.resolve(cfg, wire)
     return GenerationRequest(prompt, params, wire, reading, resumable, body)

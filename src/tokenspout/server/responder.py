@@ -189,11 +189,13 @@ def follow(
     """A new reader of an existing stream from ``start`` (and ``after`` of the end's events,
     when the stream ends there), in the stream's own format; ``opening``: with the opening
     chunks."""
+    # Coalesced as the request that opened it asked (not with the server's defaults).
+    reading = ReadSettings.resolve(state.config, stream.meta)
     return EventStreamResponse(
         state,
         stream,
         negotiate_framing(request),
-        ReadSettings.resolve(state.config),
+        reading,
         started_at=time.monotonic(),
         start=start,
         after=after,
