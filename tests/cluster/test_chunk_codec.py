@@ -32,7 +32,15 @@ def test_chunks_with_and_without_extras_round_trip() -> None:
 def test_stream_record_round_trips_through_hash_fields() -> None:
     record = StreamRecord(
         "abc",
-        StreamWire("chat", "synthetic", include_usage=True, flush_tokens=1, flush_ms=0.0),
+        StreamWire(
+            "chat",
+            "synthetic",
+            include_usage=True,
+            continuous_usage=True,
+            logprobs=True,
+            flush_tokens=1,
+            flush_ms=0.0,
+        ),
         key="alice",
         replica="r1",
         created=1234.5,

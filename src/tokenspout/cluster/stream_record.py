@@ -39,6 +39,7 @@ class StreamRecord:
             "kind": self.wire.kind,
             "model": self.wire.model,
             "usage": "1" if self.wire.include_usage else "",
+            "continuous_usage": "1" if self.wire.continuous_usage else "",
             "logprobs": "1" if self.wire.logprobs else "",
             # "": the server's own (and what a record written before these fields reads as).
             "flush_tokens": _text(self.wire.flush_tokens),
@@ -62,6 +63,7 @@ class StreamRecord:
                 f["kind"],
                 f["model"],
                 bool(f.get("usage")),
+                continuous_usage=bool(f.get("continuous_usage")),
                 logprobs=bool(f.get("logprobs")),
                 flush_tokens=int(f["flush_tokens"]) if f.get("flush_tokens") else None,
                 flush_ms=float(f["flush_ms"]) if f.get("flush_ms") else None,
