@@ -631,6 +631,28 @@ def test_echo_with_logprobs_scores_the_prompt(client: OpenAI) -> None:
     assert lp.token_logprobs[n_prompt - 1] > min(lp.token_logprobs[1 : n_prompt - 1])
 
 
+def test_a_whole_context_is_scored_but_not_answered() -> None:
+    # Evaluation harnesses score prompts truncated to the model's length (echo, max_tokens
+    # 0): a prompt of exactly the context's 32 tokens was a 400 though nothing is generated.
+    running, stop = _start(LLMEngine(None, max_num_seqs=1, max_model_len=32), ServerConfig())
+    url = f"{running.url}/v1/completions"
+    prompt = "The" + " cat" * 31  # 32 tokens
+    try:
+        body = {"prompt": prompt, "max_tokens": 0, "logprobs": 1, "echo": True}
+        scored = httpx.post(url, json=body, timeout=120)
+        assert scored.status_code == 200, scored.text
+        answer = scored.json()
+        assert answer["usage"] == {"prompt_tokens": 32, "completion_tokens": 0, "total_tokens": 32}
+        values = answer["choices"][0]["logprobs"]["token_logprobs"]
+        assert len(values) == 32 and values[0] is None and all(v <= 0 for v in values[1:])
+        for refused in ({**body, "max_tokens": 1}, {"prompt": prompt}, {"prompt": prompt + " cat"}):
+            answer = httpx.post(url, json=refused, timeout=120)
+            assert answer.status_code == 400, refused
+            assert answer.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        stop()
+
+
 def test_echo_with_max_tokens_0_is_the_prompt_alone_scored(server: RunningServer) -> None:
     prompt = "The capital of France is Paris"
     body = {"prompt": prompt, "max_tokens": 0, "logprobs": 1, "echo": True}

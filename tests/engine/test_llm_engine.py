@@ -198,7 +198,10 @@ async def test_max_tokens_is_clamped_to_the_context(fake_engine: LLMEngine) -> N
 
 async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
     with pytest.raises(PromptTooLongError):
-        fake_engine.encode_completion("x" * 64)
+        fake_engine.encode_completion("x" * 65)
+    whole = fake_engine.encode_completion("x" * 64)  # a whole context: only ever scored
+    with pytest.raises(PromptTooLongError):
+        await collect(fake_engine, "r", whole, GREEDY)
     with pytest.raises(InvalidRequestError):
         fake_engine.encode_completion("")
     with pytest.raises(InvalidRequestError):
@@ -214,7 +217,7 @@ async def test_a_prompt_too_long_names_the_field_it_came_in(fake_engine: LLMEngi
         fake_engine.encode_chat([ChatMessage("user", "x" * 64)])
     assert err.value.param == "messages"  # chat has no prompt field
     with pytest.raises(PromptTooLongError) as err:
-        fake_engine.encode_completion("x" * 64)
+        fake_engine.encode_completion("x" * 65)
     assert err.value.param == "prompt"
 
 

@@ -299,7 +299,15 @@ class LLMEngine(Engine):
     ) -> None:
         if request_id in self._requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        self._check_prompt(prompt.token_ids or (), prompt.field)
+        ids = prompt.token_ids or ()
+        self._check_prompt(ids, prompt.field)
+        if len(ids) >= self.max_model_len and params.max_tokens > 0:
+            # A whole context is only ever scored (echo, max_tokens 0): nothing fits after it.
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens: the model's context of "
+                f"{self.max_model_len} tokens has no room for an answer",
+                param=prompt.field,
+            )
         self.check_params(params)
         if self.failure is not None:
             raise EngineUnavailableError(f"the engine has stopped: {self.failure}")
@@ -696,10 +704,10 @@ class LLMEngine(Engine):
         """``param``: the request field the prompt came from (``Prompt.field``)."""
         if not token_ids:
             raise InvalidRequestError("the prompt has no tokens", param=param)
-        if len(token_ids) >= self.max_model_len:
+        if len(token_ids) > self.max_model_len:
             raise PromptTooLongError(
-                f"the prompt has {len(token_ids)} tokens; this model serves at most "
-                f"{self.max_model_len - 1} prompt tokens",
+                f"the prompt has {len(token_ids)} tokens; the model's context is "
+                f"{self.max_model_len} tokens",
                 param=param,
             )
         vocab = self._runner().vocab_size

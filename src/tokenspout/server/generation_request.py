@@ -215,7 +215,10 @@ def sampling_params(
         )
     prompt_tokens = prompt.num_tokens
     room = state.engine.max_model_len - prompt_tokens
-    if room < 1:
+    # Scoring a prompt (echo, max_tokens 0) generates nothing: a whole context can be scored,
+    # as evaluation harnesses send one truncated to the model's length.
+    scoring = echo and max_tokens == 0
+    if room < (0 if scoring else 1):
         raise PromptTooLongError(
             f"prompt is {prompt_tokens} tokens; the model's context is "
             f"{state.engine.max_model_len} tokens",
