@@ -271,7 +271,8 @@ def test_seed_get_is_named_before_its_first_token_and_resumes_from_there(
     headers = {"Last-Event-ID": f"{stream_id}:0"}
     with httpx.stream("GET", url, params=params, headers=headers) as r:
         events = list(sse_events(r.iter_lines()))
-    assert events[-1] == (None, "[DONE]")
+    # [DONE] says where the stream ended: the seed format's only token count.
+    assert events[-1] == (f"{stream_id}:30.1", "[DONE]")
     assert "".join(json.loads(data)["token"] for _, data in events[:-1]) == "a b c " * 10
     assert server.metric("tokenspout_stream_resumes_total") == 1
     assert server.metric("tokenspout_generation_tokens_total") == 30, "no second generation"

@@ -32,5 +32,5 @@ class NDJSONFraming:
         return b"\n"
 
     @staticmethod
-    def done() -> bytes:
+    def done(id: str | None = None) -> bytes:
         return b""

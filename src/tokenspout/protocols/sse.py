@@ -73,5 +73,5 @@ class SSEFraming:
         return encode_comment("ping")
 
     @staticmethod
-    def done() -> bytes:
-        return DONE
+    def done(id: str | None = None) -> bytes:
+        return DONE if id is None else encode_event("[DONE]", id=id)

@@ -244,4 +244,9 @@ class EventStreamResponse(Response, StreamTransport):
         body = b"".join(
             self._event(p, position, k) for k, p in enumerate(payloads, start=1) if k > sent
         )
-        return body + self.framing.done()
+        if payloads:
+            return body + self.framing.done()
+        # The seed format has no closing event: its [DONE] carries the end's position, the
+        # only count of the tokens a reader gets (a last token held back as part of a
+        # character has no event of its own).
+        return self.framing.done(format_event_id(self.stream.id, position, 1))
