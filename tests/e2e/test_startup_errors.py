@@ -37,7 +37,8 @@ def cut_model(tmp_path: Path) -> str:
         # Checked before the server starts.
         (["--max-model-len", "9000"],
          "max_model_len 9000 exceeds the model's context length 8192"),
-        (["--model", cut_model], "cannot read GGUF file {tmp_path}/cut.gguf: "),
+        (["--model", cut_model],
+         "cannot read GGUF file {tmp_path}/cut.gguf: it is truncated or damaged"),
         # When the engine loads: 430 TiB are past any address space.
         (["--max-num-seqs", "10000000"],
          "not enough memory for the KV cache of 10000000 sequences × 2048 tokens"),

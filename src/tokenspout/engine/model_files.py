@@ -181,7 +181,12 @@ def _gguf_metadata(path: Path) -> dict[str, Any]:
     # Any failure: a damaged or cut file fails in the reader's numpy parsing in many ways
     # (a header cut short was an IndexError, "index 0 is out of bounds", naming no file).
     except Exception as exc:
-        raise ModelLoadError(f"cannot read GGUF file {path}: {exc}") from exc
+        # The reader's own words ("cannot reshape array ...") say little to a user: what
+        # they mean comes first, and they follow for whoever debugs the file.
+        raise ModelLoadError(
+            f"cannot read GGUF file {path}: it is truncated or damaged "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
     def get(key: str, default: Any = None) -> Any:
         field = fields.get(key)
