@@ -26,6 +26,7 @@ from tokenspout.client.bench_metrics import RequestResult, summarize
 from tokenspout.client.chunk_reader import StreamError, StreamResult, read_event
 from tokenspout.client.client import server_root
 from tokenspout.engine.interface import SYNTHETIC_OWNER
+from tokenspout.protocols.event_id import parse_event_id
 
 
 class BenchEndpoint(StrEnum):
@@ -175,8 +176,10 @@ async def _payloads(response: httpx.Response, sse: bool) -> AsyncIterator[tuple[
 def _stream_position(event_id: str) -> int | None:
     """The tokens streamed so far, from a tokenspout event id ``<stream>:<position>`` (an
     end event's ``<position>.<n>``); None for another server's id."""
-    position = event_id.rpartition(":")[2].partition(".")[0]
-    return int(position) if position.isdigit() else None
+    try:
+        return parse_event_id(event_id).position
+    except ValueError:
+        return None
 
 
 async def _http_request(
