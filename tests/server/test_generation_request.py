@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
-from tokenspout.server.generation_request import GenerationRequest, ReadSettings, StreamWire
+from tokenspout.server.generation_request import GenerationRequest, StreamWire
 
 
 def request(prompt: Prompt) -> GenerationRequest:
-    return GenerationRequest(
-        prompt, SamplingParams(), StreamWire("chat", "m"), ReadSettings(1, 0.0, 15.0), False
-    )
+    return GenerationRequest(prompt, SamplingParams(), StreamWire("chat", "m"), False)
 
 
 def test_the_logged_prompt_is_the_text_or_else_the_messages() -> None:

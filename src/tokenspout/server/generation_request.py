@@ -83,7 +83,6 @@ class GenerationRequest:
     prompt: Prompt
     params: SamplingParams
     wire: StreamWire
-    reading: ReadSettings
     resumable: bool
     #: The validated request it was prepared from (a takeover prepares it again).
     body: BaseModel | None = None
@@ -333,5 +332,4 @@ def _generation(
         wire = replace(wire, flush_tokens=options.flush_tokens, flush_ms=options.flush_ms)
     params = replace(params, model=wire.model)
     wire = replace(wire, logprobs=params.logprobs is not None)
-    reading = ReadSettings.resolve(cfg, wire)
-    return GenerationRequest(prompt, params, wire, reading, resumable, body)
+    return GenerationRequest(prompt, params, wire, resumable, body)

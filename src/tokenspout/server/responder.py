@@ -158,20 +158,19 @@ async def respond(
     as ``EventStreamResponse`` takes it)."""
     stream = await open_stream(state, generation, key_of(request), started_at=started_at)
     prompt = generation.prompt_to_log(state.config.log_prompts)
+    reading = ReadSettings.resolve(state.config, generation.wire)
     try:
         if streaming:
             return EventStreamResponse(
                 state,
                 stream,
                 negotiate_framing(request),
-                generation.reading,
+                reading,
                 started_at=started_at,
                 prompt=prompt,
                 announce=announce,
             )
-        return CompletionResponse(
-            state, stream, generation.reading, started_at=started_at, prompt=prompt
-        )
+        return CompletionResponse(state, stream, reading, started_at=started_at, prompt=prompt)
     except BaseException:
         stream.abort("error")
         raise

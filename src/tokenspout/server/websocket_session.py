@@ -153,8 +153,9 @@ class WebSocketSession:
             await self._refuse(message.id, err)
             return
         prompt = generation.prompt_to_log(self.state.config.log_prompts)
+        reading = ReadSettings.resolve(self.state.config, generation.wire)
         follower = WebSocketStream(
-            self, message.id, stream, generation.reading, started_at=started, prompt=prompt
+            self, message.id, stream, reading, started_at=started, prompt=prompt
         )
         self._streams[message.id] = follower
         task = asyncio.create_task(self._follow(follower))
