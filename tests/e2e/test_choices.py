@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 from tests.conftest import RunningServer
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.server.generation_request import GenerationRequest, ReadSettings, StreamWire
+from tokenspout.server.generation_request import GenerationRequest, StreamWire
 
 CHAT = [{"role": "user", "content": "one two three four"}]
 
@@ -151,7 +151,6 @@ def test_choices_of_a_seeded_request_draw_from_derived_seeds(
         Prompt((1,), "x"),
         SamplingParams(seed=seed),
         StreamWire("chat", "m"),
-        ReadSettings(1, 0.0, 15.0),
         resumable=False,
         n=3,
     )
