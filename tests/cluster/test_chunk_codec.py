@@ -5,7 +5,7 @@ from __future__ import annotations
 from tokenspout.cluster.chunk_codec import decode_chunks, encode_chunks
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.engine.request import OutputExtras, TokenLogprob, ToolCallDelta
-from tokenspout.server.generation_request import StreamWire
+from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.streaming.stream_store import Chunk
 
 

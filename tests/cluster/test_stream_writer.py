@@ -17,7 +17,7 @@ from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.cluster.stream_writer import StreamWriter
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.server.generation_request import StreamWire
+from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_registry import StreamRegistry
 

@@ -17,7 +17,8 @@ from websockets.sync.client import connect
 from tests.conftest import RunningServer
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.server.generation_request import GenerationRequest, StreamWire
+from tokenspout.protocols.stream_wire import StreamWire
+from tokenspout.server.generation_request import GenerationRequest
 
 CHAT = [{"role": "user", "content": "one two three four"}]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
-from tokenspout.server.generation_request import GenerationRequest, StreamWire
+from tokenspout.protocols.stream_wire import StreamWire
+from tokenspout.server.generation_request import GenerationRequest
 
 
 def request(prompt: Prompt) -> GenerationRequest:

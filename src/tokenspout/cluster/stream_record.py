@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from tokenspout.server.generation_request import StreamWire
+from tokenspout.protocols.stream_wire import StreamWire
 
 RUNNING = "running"
 ENDED = "ended"

@@ -13,7 +13,6 @@ from starlette.types import Receive, Scope, Send
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
-from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.json_reply import send_error, send_json
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
@@ -34,7 +33,6 @@ class CompletionResponse(Response, StreamTransport):
         self,
         state: ServerState,
         stream: Stream | StreamGroup,
-        reading: ReadSettings,
         *,
         started_at: float,
         prompt: str | None = None,
@@ -43,7 +41,7 @@ class CompletionResponse(Response, StreamTransport):
         # produced in __call__, so Response.__init__ (which renders content) is not called.
         self.status_code = 200
         self.background: BackgroundTask | None = None
-        StreamTransport.__init__(self, state, stream, reading, started_at=started_at, prompt=prompt)
+        StreamTransport.__init__(self, state, stream, started_at=started_at, prompt=prompt)
         chunks = self.wire.chunks(stream.id, stream.created)
         assert isinstance(chunks, ChatChunks | CompletionChunks)
         self.chunks = chunks
@@ -54,7 +52,7 @@ class CompletionResponse(Response, StreamTransport):
         self._finish: list[str | None] = [None] * choices
         self._send_asgi: Send | None = None
 
-    def heartbeat_s(self, reading: ReadSettings) -> float:
+    def heartbeat_s(self) -> float:
         return math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

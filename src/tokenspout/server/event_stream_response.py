@@ -19,7 +19,6 @@ from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.ndjson import dumps
 from tokenspout.protocols.sse import SSEFraming, encode_event, encode_id
-from tokenspout.server.generation_request import ReadSettings
 from tokenspout.server.json_reply import send_error
 from tokenspout.server.send_watchdog import SendGuard
 from tokenspout.server.server_state import ServerState
@@ -56,7 +55,6 @@ class EventStreamResponse(Response, StreamTransport):
         state: ServerState,
         stream: Stream | StreamGroup,
         framing: Framing,
-        reading: ReadSettings,
         *,
         started_at: float,
         start: int = 0,
@@ -76,7 +74,6 @@ class EventStreamResponse(Response, StreamTransport):
             self,
             state,
             stream,
-            reading,
             started_at=started_at,
             start=start,
             resumed=resumed,
@@ -101,7 +98,7 @@ class EventStreamResponse(Response, StreamTransport):
         #: A new stream of an engine that may refuse it after submit (``refuses_late``)
         #: waits this long at most for the engine's first word before the 200 goes out.
         late = state.engine.refuses_late and not resumed
-        self._wait_begun_s = reading.heartbeat_s if late else 0.0
+        self._wait_begun_s = state.config.heartbeat_interval_s if late else 0.0
         #: It was refused before it began: the whole response was the error.
         self._refused = False
 

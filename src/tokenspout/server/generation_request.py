@@ -17,11 +17,8 @@ from tokenspout.errors import (
     ModelNotFoundError,
     PromptTooLongError,
 )
-from tokenspout.protocols.chunk_format import ChunkFormat
-from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
-from tokenspout.protocols.seed_events import SeedEvents
+from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.server import advanced_params
-from tokenspout.server.config import ServerConfig
 from tokenspout.server.request_limits import check_stop
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
@@ -29,51 +26,6 @@ from tokenspout.server.schemas import (
     SeedStreamRequest,
 )
 from tokenspout.server.server_state import ServerState
-
-
-@dataclass(frozen=True, slots=True)
-class StreamWire:
-    """How a stream's events look on the wire: which endpoint opened it (chat, completion,
-    seed), for which model name, with a usage chunk or not, coalesced as the request asked.
-    Kept with the stream (``Stream.meta``) so that a resumed reader encodes it the same
-    way."""
-
-    kind: str
-    model: str
-    include_usage: bool = False
-    #: Every chunk carries the usage so far (vLLM's ``continuous_usage_stats``).
-    continuous_usage: bool = False
-    #: Logprobs were asked for: a whole answer without tokens has empty ones, not null.
-    logprobs: bool = False
-    #: The request's own ``stream_options.flush_tokens`` and ``flush_ms``; None: the
-    #: server's, on whichever replica reads.
-    flush_tokens: int | None = None
-    flush_ms: float | None = None
-
-    def chunks(self, stream_id: str, created: float) -> ChunkFormat:
-        usage = self.include_usage, self.continuous_usage, self.logprobs
-        if self.kind == "chat":
-            return ChatChunks(f"chatcmpl-{stream_id}", int(created), self.model, *usage)
-        if self.kind == "completion":
-            return CompletionChunks(f"cmpl-{stream_id}", int(created), self.model, *usage)
-        return SeedEvents()
-
-
-@dataclass(frozen=True, slots=True)
-class ReadSettings:
-    """How one reader coalesces and keeps its connection alive."""
-
-    flush_tokens: int
-    flush_ms: float
-    heartbeat_s: float
-
-    @classmethod
-    def resolve(cls, config: ServerConfig, wire: StreamWire) -> ReadSettings:
-        """The stream's request's own flush settings where it gave them, the server's
-        otherwise."""
-        tokens = wire.flush_tokens if wire.flush_tokens is not None else config.flush_tokens
-        ms = wire.flush_ms if wire.flush_ms is not None else config.flush_ms
-        return cls(tokens, ms, config.heartbeat_interval_s)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tokenspout.server.api_keys import ApiKey
 from tokenspout.server.auth import key_of
 from tokenspout.server.completion_response import CompletionResponse
 from tokenspout.server.event_stream_response import EventStreamResponse
-from tokenspout.server.generation_request import GenerationRequest, ReadSettings
+from tokenspout.server.generation_request import GenerationRequest
 from tokenspout.server.key_admission import (
     admit_key,
     admit_shared,
@@ -158,19 +158,17 @@ async def respond(
     as ``EventStreamResponse`` takes it)."""
     stream = await open_stream(state, generation, key_of(request), started_at=started_at)
     prompt = generation.prompt_to_log(state.config.log_prompts)
-    reading = ReadSettings.resolve(state.config, generation.wire)
     try:
         if streaming:
             return EventStreamResponse(
                 state,
                 stream,
                 negotiate_framing(request),
-                reading,
                 started_at=started_at,
                 prompt=prompt,
                 announce=announce,
             )
-        return CompletionResponse(state, stream, reading, started_at=started_at, prompt=prompt)
+        return CompletionResponse(state, stream, started_at=started_at, prompt=prompt)
     except BaseException:
         stream.abort("error")
         raise
@@ -188,13 +186,10 @@ def follow(
     """A new reader of an existing stream from ``start`` (and ``after`` of the end's events,
     when the stream ends there), in the stream's own format; ``opening``: with the opening
     chunks."""
-    # Coalesced as the request that opened it asked (not with the server's defaults).
-    reading = ReadSettings.resolve(state.config, stream.meta)
     return EventStreamResponse(
         state,
         stream,
         negotiate_framing(request),
-        reading,
         started_at=time.monotonic(),
         start=start,
         after=after,

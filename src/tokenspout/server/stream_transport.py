@@ -35,8 +35,8 @@ from starlette.types import Receive
 from starlette.websockets import WebSocketDisconnect
 
 from tokenspout.errors import InternalError, TokenspoutError
+from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.server.disconnect import DisconnectWatch
-from tokenspout.server.generation_request import ReadSettings, StreamWire
 from tokenspout.server.request_record import RequestRecord
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.flush_policy import FlushPolicy
@@ -69,7 +69,6 @@ class StreamTransport(ABC):
         self,
         state: ServerState,
         stream: Stream | StreamGroup,
-        reading: ReadSettings,
         *,
         started_at: float,
         start: int = 0,
@@ -90,17 +89,25 @@ class StreamTransport(ABC):
             prompt=prompt,
             resumed=resumed,
         )
+        # Coalesced as the request that opened the stream asked, the server's way otherwise
+        # (a resumed reader too: the wire is the stream's, on whichever replica reads).
+        config = state.config
+        flush = FlushPolicy(
+            config.flush_tokens if wire.flush_tokens is None else wire.flush_tokens,
+            config.flush_ms if wire.flush_ms is None else wire.flush_ms,
+        )
         # Subscribed now, so that a stream that cannot be read from ``start`` is refused
         # before any response starts.
         self.cursor = stream.subscribe(
-            FlushPolicy(reading.flush_tokens, reading.flush_ms),
-            heartbeat_s=self.heartbeat_s(reading),
+            flush,
+            heartbeat_s=self.heartbeat_s(),
             start=start,
             observer=self.record if self.streams_events else None,
         )
 
-    def heartbeat_s(self, reading: ReadSettings) -> float:
-        return reading.heartbeat_s
+    def heartbeat_s(self) -> float:
+        """Seconds of silence after which the reader gets a heartbeat."""
+        return self.state.config.heartbeat_interval_s
 
     async def run(self) -> None:
         """Read the stream to its end, or until the connection ends."""

@@ -30,7 +30,6 @@ from tokenspout.server.api_keys import ApiKey
 from tokenspout.server.auth import AuthenticationError
 from tokenspout.server.generation_request import (
     GenerationRequest,
-    ReadSettings,
     prepare_chat,
     prepare_completion,
 )
@@ -153,10 +152,7 @@ class WebSocketSession:
             await self._refuse(message.id, err)
             return
         prompt = generation.prompt_to_log(self.state.config.log_prompts)
-        reading = ReadSettings.resolve(self.state.config, generation.wire)
-        follower = WebSocketStream(
-            self, message.id, stream, reading, started_at=started, prompt=prompt
-        )
+        follower = WebSocketStream(self, message.id, stream, started_at=started, prompt=prompt)
         self._streams[message.id] = follower
         task = asyncio.create_task(self._follow(follower))
         self._tasks.add(task)
@@ -252,7 +248,6 @@ class WebSocketStream(StreamTransport):
         session: WebSocketSession,
         client_id: str,
         stream: Stream,
-        reading: ReadSettings,
         *,
         started_at: float,
         prompt: str | None,
@@ -260,9 +255,9 @@ class WebSocketStream(StreamTransport):
         self.session = session
         self.client_id = client_id
         self.cancelled = False
-        super().__init__(session.state, stream, reading, started_at=started_at, prompt=prompt)
+        super().__init__(session.state, stream, started_at=started_at, prompt=prompt)
 
-    def heartbeat_s(self, reading: ReadSettings) -> float:
+    def heartbeat_s(self) -> float:
         # WebSocket keep-alive is the server's protocol-level ping (uvicorn's
         # ws_ping_interval), so streams send no heartbeat messages of their own.
         return math.inf
