@@ -11,7 +11,7 @@ import struct
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import RunningServer
 from tests.e2e.test_disconnect import most_tokens_unread
@@ -286,3 +286,20 @@ def test_peer_gone_mid_send_ends_every_stream_of_the_socket(start_server) -> Non
         timeout=10,
         labels='endpoint="chat",status="client_disconnect",transport="ws"',
     )
+
+
+async def test_a_stream_whose_reader_cannot_be_made_stops_generating(
+    start_server, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # A fault injector: the session's reader fails as it is built, after the stream opened.
+    # The stream was left generating with nobody to read it, holding its slot to the end.
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("tokenspout.server.websocket_session.WebSocketStream.__init__", broken)
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
+    async with connect(ws_url(server)) as ws:
+        await ws.send(generate("a", "alpha", 3000))
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+    assert len(server.state.streams) == 0

@@ -152,7 +152,12 @@ class WebSocketSession:
             await self._refuse(message.id, err)
             return
         prompt = generation.prompt_to_log(self.state.config.log_prompts)
-        follower = WebSocketStream(self, message.id, stream, started_at=started, prompt=prompt)
+        try:
+            follower = WebSocketStream(self, message.id, stream, started_at=started, prompt=prompt)
+        except BaseException:
+            # Nobody would read it: it would hold its engine slot to the end.
+            stream.abort("error")
+            raise
         self._streams[message.id] = follower
         task = asyncio.create_task(self._follow(follower))
         self._tasks.add(task)
