@@ -188,6 +188,31 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
     assert len(aborts) == 1 and attributes(aborts[0]) == {"tokenspout.abort_reason": "cancelled"}
 
 
+def test_a_refused_request_is_a_root_span_with_its_error(
+    start_server, collector: Collector
+) -> None:  # type: ignore[no-untyped-def]
+    # Its span was started before admission and never ended: a 429 left no trace at all.
+    server: RunningServer = start_server(
+        SyntheticEngine(itl_ms=10), otlp_traces_endpoint=collector.url, max_streams=1
+    )
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 429, refused.text
+        traces = collector.wait_traces(1)
+        (spans,) = traces.values()
+        (root,) = spans
+        assert root.name == "POST /v1/completions"
+        assert attributes(root) == {
+            "tokenspout.status": "refused",
+            "http.response.status_code": 429,
+        }
+        assert root.status.code == root.status.STATUS_CODE_ERROR
+        assert "streams are open" in root.status.message
+        httpx.post(f"{server.url}/v1/streams/{r.headers['x-stream-id']}/cancel")
+
+
 def test_span_names_carry_route_templates_not_stream_ids(
     start_server, collector: Collector
 ) -> None:  # type: ignore[no-untyped-def]

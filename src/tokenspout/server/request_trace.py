@@ -59,6 +59,10 @@ class RootSpan:
         self.traceparent = traceparent
         self.offset_ns = offset_ns
 
+    def refused(self, error: BaseException) -> None:
+        """No stream was opened (a 429, 403, 503...): the span ends now, with the error."""
+        self.scope.tracing.refused(self, error)
+
     def opened(self, stream_id: str) -> None:
         """The stream (or group) ``stream_id`` was opened under this span: its reader's
         ``RequestRecord`` takes the span over and ends it."""

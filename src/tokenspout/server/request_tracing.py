@@ -20,6 +20,10 @@ Imported only when the server traces (off by default: see ``request_trace``). Th
                            flushed event as "<ms after the first token>:<tokens>" (up to
                            ``MAX_EVENTS``; the rest counted)
 
+A request refused as its stream was to open (429, 403, 503: admission, the key's limits,
+the engine) is its root span alone, ended at the refusal: ``tokenspout.status`` "refused",
+the HTTP status, and the error as the span's status.
+
 Spans go through the SDK's ``BatchSpanProcessor``: exporting never blocks a request, and an
 unreachable collector costs dropped spans and a log line, not an error to the client.
 """
@@ -42,6 +46,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout import __version__
+from tokenspout.errors import TokenspoutError
 from tokenspout.server import request_trace
 from tokenspout.server.request_trace import RequestTrace, RootSpan, TraceScope
 
@@ -87,6 +92,18 @@ class RequestTracing:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
         return RootSpan(scope, span, carrier["traceparent"], ns)
+
+    def refused(self, root: RootSpan, error: BaseException) -> None:
+        """End the root span of a request refused before its stream opened."""
+        span = root.span
+        if isinstance(error, TokenspoutError):
+            span.set_attributes(
+                {"tokenspout.status": "refused", "http.response.status_code": error.status_code}
+            )
+        else:  # the client left while a shared admission waited on Redis, or a bug
+            span.set_attribute("tokenspout.status", "error")
+        span.set_status(Status(StatusCode.ERROR, str(error) or type(error).__name__))
+        span.end()
 
     def export(self, traced: RequestTrace, status: str, now: float) -> None:
         """Build one request's spans and hand them to the exporter (it batches them)."""

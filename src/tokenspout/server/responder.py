@@ -67,13 +67,18 @@ async def open_stream(
     prompt's tokens once). With ``--redis-url`` the limits count across replicas, and a
     resumable stream is written to Redis. ``started_at``: when the request was received
     (monotonic; now when not given), where its trace starts."""
-    admit(state, generation.n)
     root = start_root(time.monotonic() if started_at is None else started_at)
     if root is not None:
         generation = replace(
             generation, prompt=replace(generation.prompt, traceparent=root.traceparent)
         )
-    stream = await _open_admitted(state, generation, key)
+    try:
+        admit(state, generation.n)
+        stream = await _open_admitted(state, generation, key)
+    except BaseException as exc:
+        if root is not None:
+            root.refused(exc)
+        raise
     if root is not None:
         root.opened(stream.id)
     return stream
