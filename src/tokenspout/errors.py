@@ -157,6 +157,12 @@ class EngineUnavailableError(TokenspoutError):
     type = "server_error"
     code = "engine_unavailable"
 
+    @classmethod
+    def upstreams_down(cls, failure: str) -> EngineUnavailableError:
+        """None of the servers an upstream engine is in front of answers: a retry may find
+        one back."""
+        return cls(f"{failure}; retry shortly", code="upstream_unavailable")
+
 
 class InternalError(TokenspoutError):
     """A bug on our side; the message says what failed, without a traceback."""
