@@ -427,3 +427,25 @@ def test_a_refusal_is_relayed_not_an_empty_answer(
         assert message == {"role": "assistant", "content": None, "refusal": refused}
         usage = r.json()["usage"]
     assert usage["completion_tokens"] == 3
+
+
+def test_event_ids_count_tokens_behind_an_upstream_that_coalesces(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    # The synthetic tokenspout upstream sends 5 tokens a chunk (its --flush-tokens): each
+    # chunk was one position here, so 50 tokens ended at id ":11.1" and bench, which counts
+    # a seed stream's tokens from its ids, reported 22 tokens and 5x their real TPOT.
+    server = front(start_server, synthetic)
+    url = f"{server.url}/v1/completions/stream"
+    seed = httpx.get(url, params={"prompt": "one two", "max_tokens": 50}).text
+    ids = [line[4:] for line in seed.splitlines() if line.startswith("id: ")]
+    assert ids[-1].endswith(":50.1"), ids[-3:]
+    body = {"model": "synthetic", "prompt": "one two", "max_tokens": 12, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        lines = list(r.iter_lines())
+    positions = [line.rsplit(":", 1)[1] for line in lines if line.startswith("id: ")]
+    texts = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in texts if c["choices"])
+    assert text == "one two " * 6 and texts[-1]["usage"]["completion_tokens"] == 12
+    assert positions[-1].split(".")[0] == "12", positions

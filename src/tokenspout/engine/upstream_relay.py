@@ -418,10 +418,10 @@ class UpstreamRelay:
             return
         if not (chunk.tool_calls or chunk.logprobs or chunk.reasoning or chunk.refusal):
             if chunk.text:  # the usual chunk: text, nothing else
-                n = self._count(chunk, part)
-                self.tokens += n
+                self._skip_tokens(self._count(chunk, part) - 1, prompt)
+                self.tokens += 1
                 self.parts.append(chunk.text)
-                self._emit(EngineOutput(chunk.text, n, prompt, self.tokens))
+                self._emit(EngineOutput(chunk.text, 1, prompt, self.tokens))
             return
         if self._cannot_continue is None:
             if chunk.tool_calls:
@@ -439,11 +439,21 @@ class UpstreamRelay:
                 )
             else:
                 text, extras = "", OutputExtras(logprob)
-            n = 1 if logprob is not None else self._count(chunk, part)  # a logprob is a token
-            self.tokens += n
+            if logprob is None:  # else a logprob is a token
+                self._skip_tokens(self._count(chunk, part) - 1, prompt)
+            self.tokens += 1
             if text:
                 self.parts.append(text)
-            self._emit(EngineOutput(text, n, prompt, self.tokens, None, extras))
+            self._emit(EngineOutput(text, 1, prompt, self.tokens, None, extras))
+
+    def _skip_tokens(self, n: int, prompt_tokens: int) -> None:
+        """``n`` tokens without text of their own: the first of a chunk into which the
+        upstream coalesced several (another tokenspout does), whose text goes with the last.
+        One output per token, so that the stream's positions (its event ids, the count in
+        the ``[DONE]`` event's id) count tokens here as they do from the embedded engine."""
+        for _ in range(n):
+            self.tokens += 1
+            self._emit(EngineOutput("", 1, prompt_tokens, self.tokens))
 
     def _deliver_echo(self, chunk: UpstreamChunk, part: _Part) -> None:
         """The first chunk of an echoed completion: the prompt's text (and, with logprobs,
@@ -466,6 +476,9 @@ class UpstreamRelay:
             logprobs = logprobs[1:]
         elif chunk.generated is not None:
             n = max(part.tokens_before + chunk.generated - self.tokens, 0)
+            if n > 1:
+                self._skip_tokens(n - 1, part.prompt_tokens)
+                n = 1
             extras = None
         else:
             n = 1 if generated else 0
