@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tokenspout.protocols.ndjson import encode_line
+from tokenspout.protocols.ndjson import NDJSONFraming, dumps
 from tokenspout.protocols.sse import DONE, encode_comment, encode_event
 
 
@@ -46,4 +46,4 @@ def test_comment_and_done() -> None:
     ],
 )
 def test_ndjson_line(obj: dict, expected: bytes) -> None:
-    assert encode_line(obj) == expected
+    assert NDJSONFraming.event(dumps(obj)) == expected

@@ -6,11 +6,6 @@ import json
 from typing import Any
 
 
-def encode_line(obj: Any) -> bytes:
-    """One object, one line. ``json.dumps`` escapes newlines inside strings, so lines stay whole."""
-    return dumps(obj).encode("utf-8") + b"\n"
-
-
 def dumps(obj: Any) -> str:
     """Compact JSON with UTF-8 text kept as is (smaller than ``\\uXXXX`` escapes)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -25,6 +20,7 @@ class NDJSONFraming:
 
     @staticmethod
     def event(payload_json: str, id: str | None = None) -> bytes:
+        # JSON escapes newlines inside strings, so one JSON text stays one line.
         return payload_json.encode("utf-8") + b"\n"
 
     @staticmethod

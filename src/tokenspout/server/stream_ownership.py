@@ -21,10 +21,6 @@ def owner_of(conn: HTTPConnection) -> str | None:
     return None if key is None else key.name
 
 
-def owned_stream(state: ServerState, conn: HTTPConnection, stream_id: str) -> Stream | StreamGroup:
-    return state.streams.find(stream_id, owner=owner_of(conn))
-
-
 async def follow_owned(
     state: ServerState, owner: str | None, stream_id: str
 ) -> Stream | StreamGroup:
