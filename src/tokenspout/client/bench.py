@@ -30,6 +30,8 @@ from tokenspout.protocols.event_id import parse_event_id
 
 
 class BenchEndpoint(StrEnum):
+    """The API a benchmark sends its requests to (``--endpoint``)."""
+
     chat = "chat"
     completions = "completions"
     #: The seed article's ``/v1/completions/stream`` (``{"token": ...}`` events, no usage).
@@ -37,6 +39,8 @@ class BenchEndpoint(StrEnum):
 
 
 class BenchProtocol(StrEnum):
+    """How a benchmark's streams reach it (``--protocol``)."""
+
     sse = "sse"
     ndjson = "ndjson"
     #: tokenspout's ``/v1/ws``.

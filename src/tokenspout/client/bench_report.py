@@ -63,4 +63,5 @@ def to_json(config: BenchConfig, levels: Sequence[LevelResult]) -> Any:
 
 
 def write_json(path: Path, config: BenchConfig, levels: Sequence[LevelResult]) -> None:
+    """Write ``to_json``'s figures to ``path`` (replacing the file)."""
     path.write_text(json.dumps(to_json(config, levels), indent=2) + "\n")

@@ -339,14 +339,21 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        """Close the connections; a stream still being read ends with ``StreamError``."""
         self._http.close()
 
     def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> SyncStream:
+        """A chat answer to ``prompt`` (a user message, or a list of messages) to iterate
+        for its text deltas; the request is sent when iteration starts. ``ValueError`` now
+        for ``n``, ``stream`` or text UTF-8 cannot carry; ``StreamError`` while iterating if
+        the server refuses or the stream is cut for good."""
         return SyncStream(
             self._http, "/v1/chat/completions", _chat_body(prompt, params), self._resumes
         )
 
     def stream_completion(self, prompt: str, **params: Any) -> SyncStream:
+        """A completion of ``prompt`` (``/v1/completions``) to iterate for its text deltas;
+        otherwise as ``stream_chat``."""
         return SyncStream(
             self._http, "/v1/completions", _body(params, prompt=prompt), self._resumes
         )
@@ -385,19 +392,25 @@ class AsyncClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        """Close the connections; a stream still being read ends with ``StreamError``."""
         await self._http.aclose()
 
     def stream_chat(self, prompt: str | list[dict[str, str]], **params: Any) -> AsyncStream:
+        """A chat answer to ``prompt`` to iterate with ``async for``; as
+        ``Client.stream_chat``."""
         return AsyncStream(
             self._http, "/v1/chat/completions", _chat_body(prompt, params), self._resumes
         )
 
     def stream_completion(self, prompt: str, **params: Any) -> AsyncStream:
+        """A completion of ``prompt`` to iterate with ``async for``; as
+        ``Client.stream_completion``."""
         return AsyncStream(
             self._http, "/v1/completions", _body(params, prompt=prompt), self._resumes
         )
 
     async def chat(self, prompt: str | list[dict[str, str]], **params: Any) -> StreamResult:
+        """Stream a chat answer to the end and return it with its timing."""
         stream = self.stream_chat(prompt, **params)
         async for _ in stream:
             pass

@@ -69,7 +69,9 @@ _COMPLETION_OBJECT = {
 }
 
 
-def _param(name: str, schema: dict[str, Any], *, where: str = "query", required: bool = False):
+def _param(
+    name: str, schema: dict[str, Any], *, where: str = "query", required: bool = False
+) -> dict[str, Any]:
     return {"name": name, "in": where, "required": required, "schema": schema}
 
 

@@ -56,6 +56,8 @@ async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
 
 
 def validate(model: type[Body], data: object) -> Body:
+    """Decoded JSON ``data`` as ``model``; ``InvalidRequestError`` naming the first field at
+    fault (its ``param``) and every problem otherwise."""
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
     try:
