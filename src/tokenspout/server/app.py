@@ -25,9 +25,11 @@ from tokenspout.errors import (
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server import (
     dashboard_data,
+    model_routes,
     openai_routes,
     openapi_schema,
     seed_routes,
+    stream_routes,
     system_routes,
     telemetry_routes,
     web_routes,
@@ -141,8 +143,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app = TokenspoutApp(title="tokenspout", version=__version__, lifespan=lifespan)
     app.state.tokenspout = state
     routers = (
-        system_routes.router, system_routes.api, openai_routes.router, seed_routes.router,
-        websocket_routes.router, telemetry_routes.router, web_routes.router,
+        system_routes.router, model_routes.router, stream_routes.router, openai_routes.router,
+        seed_routes.router, websocket_routes.router, telemetry_routes.router, web_routes.router,
     )  # fmt: skip
     for router in routers:
         app.include_router(router)

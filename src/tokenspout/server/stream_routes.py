@@ -1,0 +1,30 @@
+"""A stream by id: ``GET /v1/streams/{id}`` resumes it, ``POST /v1/streams/{id}/cancel``
+stops it. Only the key that opened a stream reaches it (``stream_ownership``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tokenspout.server.request_body import refuse_non_json_body
+from tokenspout.server.resume import last_event_id, resume
+from tokenspout.server.server_state import state_of
+from tokenspout.server.stream_ownership import cancel_owned, owner_of
+
+router = APIRouter()
+
+
+@router.get("/v1/streams/{stream_id}")
+async def get_stream(stream_id: str, request: Request) -> Response:
+    """Replay a stream after ``Last-Event-ID`` (header or ``?last_event_id=``) in its own
+    format, then follow it live to ``[DONE]``; without one, from the beginning."""
+    return await resume(state_of(request), request, last_event_id(request), stream_id)
+
+
+@router.post("/v1/streams/{stream_id}/cancel")
+async def cancel_stream(stream_id: str, request: Request) -> Response:
+    """Stop a stream by id; its readers see ``finish_reason: "cancelled"``."""
+    refuse_non_json_body(request)
+    await cancel_owned(state_of(request), owner_of(request), stream_id)
+    return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
