@@ -45,7 +45,7 @@ from tokenspout.server.server_state import ServerState, state_of
 from tokenspout.server.trusted_hosts import TrustedHostMiddleware, is_loopback, trusted_names
 
 if TYPE_CHECKING:
-    from tokenspout.server.request_tracing import RequestTracing
+    from tokenspout.server.otel_tracing import OtelTracing
 
 logger = logging.getLogger("tokenspout")
 
@@ -175,7 +175,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         app.add_middleware(JsonCorsMiddleware, **cors)
         direct = JsonCorsMiddleware(direct, **cors)
     if tracing is not None:
-        from tokenspout.server.request_tracing import TraceContextMiddleware
+        from tokenspout.server.otel_tracing import TraceContextMiddleware
 
         routes = app.state.http_routes
         app.add_middleware(TraceContextMiddleware, tracing=tracing, routes=routes)
@@ -196,14 +196,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     return app
 
 
-def _tracing(config: ServerConfig) -> RequestTracing | None:
+def _tracing(config: ServerConfig) -> OtelTracing | None:
     """The server's trace exporter with ``otlp_traces_endpoint``; OpenTelemetry is not even
     imported without it."""
     if config.otlp_traces_endpoint is None:
         return None
-    from tokenspout.server.request_tracing import RequestTracing
+    from tokenspout.server.otel_tracing import OtelTracing
 
-    return RequestTracing(config.otlp_traces_endpoint)
+    return OtelTracing(config.otlp_traces_endpoint)
 
 
 class TokenspoutApp(FastAPI):

@@ -1,8 +1,8 @@
-"""The trace of one request, gathered while it runs (see ``request_tracing`` for the
+"""The trace of one request, gathered while it runs (see ``otel_tracing`` for the
 spans it becomes and how they are exported).
 
 Off by default, and then free: ``RequestRecord`` asks ``start_trace`` and the responder
-asks ``start_root``; both read one context variable that only ``request_tracing``'s
+asks ``start_root``; both read one context variable that only ``otel_tracing``'s
 middleware sets, and get ``None``; nothing is done per token. This module imports nothing
 from OpenTelemetry.
 
@@ -10,7 +10,7 @@ The root span of a request that opens a stream is started when the stream opens,
 engine gets the prompt, so that its ids exist while the engine works: ``RootSpan.traceparent``
 rides on ``Prompt.traceparent`` and an engine calling another server passes it on, which
 makes the other server's work a child of this request's span. Its other spans, attributes
-and events are built at the end, when the root span ends (``RequestTracing.export``).
+and events are built at the end, when the root span ends (``OtelTracing.export``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tokenspout.server.otel_tracing import OtelTracing
     from tokenspout.server.request_record import RequestRecord
-    from tokenspout.server.request_tracing import RequestTracing
 
 #: Flushed events recorded per request; later ones are only counted.
 MAX_EVENTS = 128
@@ -34,7 +34,7 @@ class TraceScope:
 
     __slots__ = ("parent", "roots", "route", "tracing")
 
-    def __init__(self, tracing: RequestTracing, parent: Any, route: str):
+    def __init__(self, tracing: OtelTracing, parent: Any, route: str):
         self.tracing = tracing
         self.parent = parent
         self.route = route

@@ -7,7 +7,7 @@ Imported only when the server traces (off by default: see ``request_trace``). Th
 * a request that opens a stream starts its root span then (``start_root``), so that the
   engine can pass its context on (the upstream engine sends it as ``traceparent``);
 * ``RequestRecord`` keeps a ``RequestTrace``, which notes times while the request runs (a
-  tuple per flushed event); at the end ``RequestTracing.export`` builds the other spans at
+  tuple per flushed event); at the end ``OtelTracing.export`` builds the other spans at
   once, with their real times, and ends the root span:
 
   ``POST /v1/chat/completions`` (the request's method and path; a SERVER span over the
@@ -67,8 +67,8 @@ def traces_url(endpoint: str) -> str:
     return endpoint
 
 
-class RequestTracing:
-    """The tracer of one server: its own provider (not the global one, so that several
+class OtelTracing:
+    """The OpenTelemetry tracer of one server: its own provider (not the global one, so that several
     servers in one process keep their exports apart) with a batching OTLP/HTTP exporter."""
 
     def __init__(self, endpoint: str, *, service_name: str = "tokenspout"):
@@ -122,7 +122,7 @@ class TraceContextMiddleware:
     HTTP and WebSocket scopes). ``routes``: the app's routes, whose templates name the
     spans."""
 
-    def __init__(self, app: ASGIApp, tracing: RequestTracing, routes: Sequence[BaseRoute]):
+    def __init__(self, app: ASGIApp, tracing: OtelTracing, routes: Sequence[BaseRoute]):
         self.app = app
         self.tracing = tracing
         self.routes = routes
