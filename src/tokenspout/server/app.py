@@ -187,7 +187,6 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         }
         app.add_middleware(TrustedHostMiddleware, **hosts)
         direct = TrustedHostMiddleware(direct, **hosts)
-    app.state.tracing = tracing
     app.direct_entry = direct
     app.add_exception_handler(TokenspoutError, _tokenspout_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -109,9 +109,6 @@ class OtelTracing:
         """Build one request's spans and hand them to the exporter (it batches them)."""
         _export(self.tracer, traced, status, now)
 
-    def force_flush(self, timeout_ms: int = 10_000) -> bool:
-        return self.provider.force_flush(timeout_ms)
-
     def shutdown(self) -> None:
         """Export what is pending and stop the exporter's thread."""
         self.provider.shutdown()
