@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from tokenspout.client.chunk_reader import StreamResult, read_event
 from tokenspout.errors import InvalidRequestError
 from tokenspout.protocols.json_limits import loads
-from tokenspout.protocols.ndjson import NDJSONFraming, dumps
+from tokenspout.protocols.json_text import dumps
+from tokenspout.protocols.ndjson import NDJSONFraming
 from tokenspout.protocols.sse import SSEFraming, encode_event
 
 # Valid Unicode text (no lone surrogates: category Cs), biased towards framing characters.

@@ -11,7 +11,7 @@ import pytest
 from tokenspout.engine.request import OutputExtras, TokenLogprob
 from tokenspout.errors import InternalError, StreamGoneError
 from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_encoder
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
 from tokenspout.protocols.seed_events import SeedEvents
 

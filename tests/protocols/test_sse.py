@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tokenspout.protocols.ndjson import NDJSONFraming, dumps
+from tokenspout.protocols.json_text import dumps
+from tokenspout.protocols.ndjson import NDJSONFraming
 from tokenspout.protocols.sse import DONE, encode_comment, encode_event
 
 

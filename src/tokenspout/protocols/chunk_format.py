@@ -13,7 +13,7 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Protocol
 
 from tokenspout.errors import TokenspoutError
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 
 
 @dataclass(frozen=True)

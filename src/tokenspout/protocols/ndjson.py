@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-
-def dumps(obj: Any) -> str:
-    """Compact JSON with UTF-8 text kept as is (smaller than ``\\uXXXX`` escapes)."""
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
 
 class NDJSONFraming:
     """Frames JSON payloads as NDJSON lines. The end is the end of the body (no sentinel);

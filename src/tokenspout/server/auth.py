@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tokenspout.errors import TokenspoutError
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 from tokenspout.protocols.openai_errors import error_body
 from tokenspout.server.api_keys import ApiKey, KeyStore, bearer_token, digest
 

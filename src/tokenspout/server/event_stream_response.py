@@ -17,7 +17,7 @@ from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_encoder
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 from tokenspout.protocols.sse import SSEFraming, encode_event, encode_id
 from tokenspout.server.json_reply import send_error
 from tokenspout.server.send_watchdog import SendGuard

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 from tokenspout.server.metrics import Metrics
 from tokenspout.server.request_trace import start_trace
 from tokenspout.streaming.stream import Stream

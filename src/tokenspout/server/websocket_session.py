@@ -24,7 +24,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from tokenspout.errors import InvalidRequestError, StreamNotFoundError, TokenspoutError
 from tokenspout.protocols import websocket_messages as wsm
 from tokenspout.protocols.chunk_format import Usage
-from tokenspout.protocols.ndjson import dumps
+from tokenspout.protocols.json_text import dumps
 from tokenspout.server import advanced_params
 from tokenspout.server.api_keys import ApiKey
 from tokenspout.server.auth import AuthenticationError
