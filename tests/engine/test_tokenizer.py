@@ -13,7 +13,7 @@ import pytest
 
 from tokenspout.engine.model_files import ModelFiles
 from tokenspout.engine.request import ChatMessage
-from tokenspout.engine.tokenizer import CHATML_TEMPLATE, Tokenizer
+from tokenspout.engine.tokenizer import CHATML_TEMPLATE, GIL_FREE_CHARS, Tokenizer
 from tokenspout.errors import InvalidRequestError, ModelLoadError
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_tokenizer.json").read_text())
@@ -32,6 +32,15 @@ def tokenizer(meta: dict) -> Tokenizer:
 @pytest.mark.parametrize("case", REFERENCE["texts"], ids=lambda c: repr(c["text"][:24]))
 def test_encode_matches_reference(tokenizer: Tokenizer, case: dict) -> None:
     assert tokenizer.encode(case["text"]) == case["ids"]
+
+
+def test_a_long_text_encodes_as_the_library_encodes_it(tokenizer: Tokenizer) -> None:
+    # From GIL_FREE_CHARS on, encode makes another call of the library (one that lets other
+    # threads run while it works): the ids are the same.
+    text = "\n".join(case["text"] for case in REFERENCE["texts"])
+    long = (text + "\n") * (GIL_FREE_CHARS // len(text) + 1)
+    assert len(long) >= GIL_FREE_CHARS
+    assert tokenizer.encode(long) == tokenizer._backend.encode(long).ids
 
 
 @pytest.mark.parametrize("case", REFERENCE["texts"], ids=lambda c: repr(c["text"][:24]))

@@ -191,7 +191,7 @@ def test_a_stream_that_fails_to_open_gives_its_key_slot_back() -> None:
     state = ServerState(SyntheticEngine(), ServerConfig())
     state.ready = True
     key = ApiKey("a", b"", max_concurrent_streams=1)
-    generation = prepare_completion(state, CompletionRequest(prompt="x"))
+    generation = asyncio.run(prepare_completion(state, CompletionRequest(prompt="x")))
 
     def fail(*args: object, **kwargs: object) -> None:
         raise RuntimeError("engine refused")

@@ -353,7 +353,7 @@ class Replica:
         )  # fmt: skip
         takeover = Takeover(self._state, record, entries)
         try:
-            stream = takeover.start()
+            stream = await takeover.start()
         except Exception as exc:
             logger.exception("stream %s: the takeover failed", stream_id)
             await self._give_up(stream_id, f"the takeover after its replica died failed: {exc}")

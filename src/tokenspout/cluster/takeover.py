@@ -41,7 +41,7 @@ class Takeover:
         self._entries = entries
         self.persisted = 0
 
-    def start(self) -> Stream:
+    async def start(self) -> Stream:
         """Open the continued stream in this replica's registry and start generating."""
         state, record = self._state, self._record
         history, start = self._history()
@@ -60,7 +60,7 @@ class Takeover:
         # The generated ids when every token has one (the embedded engine's): the engine
         # continues from them, exactly where the owner was.
         ids = tuple(token_id for _, n, _, token_id in history if n and token_id is not None)
-        generation = self._prepare()
+        generation = await self._prepare()
         sofar = Continuation(text, ids if len(ids) == tokens else None, tokens)
         try:
             prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)
@@ -95,12 +95,12 @@ class Takeover:
             history += chunks
         return history, start
 
-    def _prepare(self) -> GenerationRequest:
+    async def _prepare(self) -> GenerationRequest:
         state, record = self._state, self._record
         body = record.request_body()
         kind = record.wire.kind
         if kind == "chat":
-            return prepare_chat(state, validate(ChatCompletionRequest, body))
+            return await prepare_chat(state, validate(ChatCompletionRequest, body))
         if kind == "completion":
-            return prepare_completion(state, validate(CompletionRequest, body))
-        return prepare_seed(state, validate(SeedStreamRequest, body))
+            return await prepare_completion(state, validate(CompletionRequest, body))
+        return await prepare_seed(state, validate(SeedStreamRequest, body))

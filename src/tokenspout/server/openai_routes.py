@@ -30,7 +30,8 @@ async def chat_completions(request: Request) -> Response:
     schema = chat_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
     _check_stream_options(body)
-    return await respond(state, request, prepare_chat(state, body), body.stream, started)
+    generation = await prepare_chat(state, body)
+    return await respond(state, request, generation, body.stream, started)
 
 
 async def completions(request: Request) -> Response:
@@ -39,7 +40,8 @@ async def completions(request: Request) -> Response:
     schema = completion_schema(state.engine.forwards_fields)
     body = await parse_body(request, schema, state.config.max_body_bytes)
     _check_stream_options(body)
-    return await respond(state, request, prepare_completion(state, body), body.stream, started)
+    generation = await prepare_completion(state, body)
+    return await respond(state, request, generation, body.stream, started)
 
 
 def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:

@@ -94,7 +94,7 @@ async def seed_stream_post(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
     body = await parse_body(request, SeedStreamRequest, state.config.max_body_bytes)
-    return await respond(state, request, prepare_seed(state, body), True, started)
+    return await respond(state, request, await prepare_seed(state, body), True, started)
 
 
 def _check_page(request: Request, allowed: tuple[str, ...]) -> None:
@@ -138,7 +138,7 @@ async def seed_stream_get(request: Request) -> Response:
     if event_id:
         return await resume(state, request, event_id)
     query = _query(request)
-    generation = prepare_seed(state, query_body(query))
+    generation = await prepare_seed(state, query_body(query))
     announce = _announcement(query)
     return await respond(state, request, generation, True, started, announce=announce)
 

@@ -146,7 +146,7 @@ class WebSocketSession:
             return
         started = time.monotonic()
         try:
-            generation = self._prepare(message)
+            generation = await self._prepare(message)
             stream = await open_stream(self.state, generation, self.key, started_at=started)
         except TokenspoutError as err:
             await self._refuse(message.id, err)
@@ -168,14 +168,14 @@ class WebSocketSession:
         client would read it as that stream's end while its deltas and done keep coming."""
         await self.send(wsm.error(None if msg_id in self._streams else msg_id, err))
 
-    def _prepare(self, message: wsm.Generate) -> GenerationRequest:
+    async def _prepare(self, message: wsm.Generate) -> GenerationRequest:
         body: BaseModel
         if message.is_chat:
             body = validate(chat_schema(self.state.engine.forwards_fields), message.body)
-            generation = prepare_chat(self.state, body)
+            generation = await prepare_chat(self.state, body)
         else:
             body = validate(completion_schema(self.state.engine.forwards_fields), message.body)
-            generation = prepare_completion(self.state, body)
+            generation = await prepare_completion(self.state, body)
         advanced_params.check_text_only(generation.params)
         if generation.n > 1:
             raise InvalidRequestError(
