@@ -38,6 +38,12 @@ class PromptTooLongError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class NothingLeftError(InvalidRequestError):
+    """A continuation was asked for an answer that is already whole: its tokens reached
+    ``max_tokens`` (or the context), so the uncut answer ended there with ``"length"``.
+    Any other refusal of a continuation means the answer cannot be continued."""
+
+
 class ModelNotFoundError(TokenspoutError):
     """The request names a model this server does not serve."""
 

@@ -3,6 +3,7 @@ shipped nginx config: resume, cancel, takeover after SIGKILL, a Redis restart, a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -229,6 +230,57 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
     assert "".join(parts) == expected
     survivor = next(r for r in replicas if r is not owner)
     assert survivor.metric("tokenspout_stream_takeovers_total") == 1
+
+
+def test_an_answer_the_engine_cannot_continue_is_gone_after_its_replica_died(
+    replica_set: ReplicaSet,
+) -> None:
+    """The embedded engine cannot continue a constrained answer (its grammar would have to
+    replay the first part) nor an echoed one. Taken over, such a stream ended as if whole:
+    "length", its JSON cut short, no error. Its readers get the reason instead (410)."""
+    import redis
+
+    from tokenspout.cluster import redis_keys
+
+    owner, survivor = replica_set.start_many(2, engine="embedded")
+    options = {"resumable": True, "flush_tokens": 1}
+    # Far longer than the few tokens read before the kill: the owner is still generating.
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
+        "required": ["n"],
+    }
+    constrained = {
+        "messages": [{"role": "user", "content": "Count."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    }
+    echoed = {"prompt": "One two three", "echo": True}
+    requests = [
+        ("chat/completions", constrained, "a constrained answer (response_format, tools)"),
+        ("completions", echoed, "an echoed answer"),
+    ]
+    why: dict[str, str] = {}
+    with contextlib.ExitStack() as connections:
+        for path, body, refusal in requests:
+            body = {**body, "max_tokens": 700, "temperature": 0, "stream": True,
+                    "stream_options": options}  # fmt: skip
+            r = connections.enter_context(
+                httpx.stream("POST", f"{owner.url}/v1/{path}", json=body, timeout=60)
+            )
+            assert len(list(itertools.islice(sse_events(r.iter_lines()), 3))) == 3
+            why[r.headers["x-stream-id"]] = refusal
+        kill(owner)
+    # Until the survivor has claimed each stream and ended it in Redis, a resume would follow
+    # it live. Polled: there is no signal.
+    shared = redis.Redis.from_url(replica_set.redis.url)
+    deadline = time.monotonic() + 60
+    for stream_id, refusal in why.items():
+        while shared.hget(redis_keys.meta(stream_id), "state") == b"running":
+            assert time.monotonic() < deadline, "the survivor never took the stream over"
+            time.sleep(0.05)
+        gone = httpx.get(f"{survivor.url}/v1/streams/{stream_id}")
+        assert gone.status_code == 410, gone.text
+        assert f"{refusal} cannot be continued" in gone.json()["error"]["message"]
 
 
 @needs_nginx

@@ -27,6 +27,7 @@ from tokenspout.errors import (
     EngineError,
     InvalidRequestError,
     ModelLoadError,
+    NothingLeftError,
     PromptTooLongError,
 )
 
@@ -627,6 +628,43 @@ async def test_continuation_reproduces_the_uncut_greedy_answer(
         rest = await collect(fake_engine, "rest", rest_prompt, rest_params)
         assert first + text(rest) == text(whole)
         assert rest[-1].finish_reason == whole[-1].finish_reason == "length"
+
+
+async def test_continuation_of_an_answer_that_filled_the_context_has_nothing_left(
+    fake_engine: LLMEngine,
+) -> None:
+    # max_tokens is clamped to the context: the uncut answer ended there with "length", so a
+    # takeover ends it so too (it failed: the continuation's prompt left no room).
+    prompt = fake_engine.encode_completion("hello")
+    params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+    whole = await collect(fake_engine, "whole", prompt, params)
+    assert whole[-1].finish_reason == "length"
+    done = whole[-1].completion_tokens
+    assert len(prompt.token_ids or ()) + done == fake_engine.max_model_len
+    ids = tuple(o.token_id for o in whole if o.token_id is not None)
+    with pytest.raises(NothingLeftError):
+        fake_engine.continuation(prompt, params, Continuation(text(whole), ids, done))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=12, grammar=Grammar("json_object")),
+        SamplingParams(max_tokens=12, echo=True),
+    ],
+    ids=["constrained", "echoed"],
+)
+def test_an_answer_that_cannot_be_continued_is_refused_unless_it_is_whole(
+    fake_engine: LLMEngine, params: SamplingParams
+) -> None:
+    # A takeover tells the two apart: a whole answer ends with "length", as it would have;
+    # one cut short must not (it did: its readers got a shortened answer and no error).
+    prompt = fake_engine.encode_completion("hello")
+    with pytest.raises(NothingLeftError):
+        fake_engine.continuation(prompt, params, Continuation("x" * 12, None, 12))
+    with pytest.raises(InvalidRequestError, match="cannot be continued") as refused:
+        fake_engine.continuation(prompt, params, Continuation("x" * 5, None, 5))
+    assert not isinstance(refused.value, NothingLeftError)
 
 
 async def test_outputs_carry_the_ids_of_their_tokens(fake_engine: LLMEngine) -> None:

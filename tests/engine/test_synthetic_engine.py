@@ -13,7 +13,7 @@ from tests.fake_clock import on_fake_clock
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import ChatMessage, EngineOutput, Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, NothingLeftError
 
 
 async def collect(engine: SyntheticEngine, rid: str, prompt: str, n: int) -> list[EngineOutput]:
@@ -218,7 +218,7 @@ async def test_chat_continues_its_final_assistant_message() -> None:
 def test_continuation_refuses_when_nothing_is_left() -> None:
     engine = SyntheticEngine()
     prompt = engine.encode_completion("a b")
-    with pytest.raises(InvalidRequestError, match="nothing is left"):
+    with pytest.raises(NothingLeftError, match="nothing is left"):
         engine.continuation(prompt, SamplingParams(2), Continuation("a b ", None, 2))
 
 

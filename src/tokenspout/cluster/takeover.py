@@ -17,7 +17,7 @@ from tokenspout.cluster.chunk_codec import decode_chunks
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import EngineOutput
-from tokenspout.errors import InvalidRequestError, StreamGoneError
+from tokenspout.errors import NothingLeftError, StreamGoneError
 from tokenspout.server.generation_request import (
     GenerationRequest,
     prepare_chat,
@@ -64,8 +64,10 @@ class Takeover:
         sofar = Continuation(text, ids if len(ids) == tokens else None, tokens)
         try:
             prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)
-        except InvalidRequestError:
-            # Nothing is left to generate: the owner died before it wrote the end.
+        except NothingLeftError:
+            # The answer was whole: the owner died before it wrote the end. Any other refusal
+            # (an answer this engine cannot continue) goes up: the stream is given up, and
+            # its readers get the reason rather than a shortened answer.
             prompt, params = None, generation.params
         continued = Continued(
             record.stream_id, history, start, record.prompt_tokens, tokens, record.created

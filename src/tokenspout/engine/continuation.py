@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from tokenspout.engine.request import SamplingParams
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import NothingLeftError
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,10 @@ class Continuation:
 
 def remaining_params(params: SamplingParams, sofar: Continuation) -> SamplingParams:
     """``params`` for the rest of the answer: ``max_tokens`` less what was generated.
-    ``InvalidRequestError`` when nothing is left (the answer was complete: ``length``)."""
+    ``NothingLeftError`` when nothing is left (the answer was complete: ``length``)."""
     left = params.max_tokens - sofar.completion_tokens
     if left < 1:
-        raise InvalidRequestError(
+        raise NothingLeftError(
             f"nothing is left to generate: {sofar.completion_tokens} of "
             f"{params.max_tokens} tokens are already there",
             param="max_tokens",

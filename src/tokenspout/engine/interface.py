@@ -129,8 +129,9 @@ class Engine(ABC):
     ) -> tuple[Prompt, SamplingParams]:
         """The prompt and params that generate the rest of the answer to ``prompt`` whose
         first part is ``sofar`` (``max_tokens`` less ``sofar.completion_tokens``;
-        ``InvalidRequestError`` when nothing is left). Under greedy decoding the first
-        part followed by the rest is the answer an uncut request would have given."""
+        ``NothingLeftError`` when nothing is left, any other ``InvalidRequestError`` when
+        this engine cannot continue such an answer). Under greedy decoding the first part
+        followed by the rest is the answer an uncut request would have given."""
 
     def check_params(self, params: SamplingParams) -> None:
         """Raise ``InvalidRequestError`` naming the first field of ``params`` this engine

@@ -244,7 +244,12 @@ class LLMEngine(Engine):
         when they are not known, or when they say more than the text: the detokenizer was
         holding some back), so greedy decoding resumes exactly where it was cut.
         Penalties on the output alone (presence, frequency) then see the first part as
-        prompt: such a continuation is close, not exact."""
+        prompt: such a continuation is close, not exact. Nothing is left
+        (``NothingLeftError``) at ``max_tokens`` or where the context is full: the uncut
+        answer ended there with ``"length"``."""
+        # The clamp the uncut request had (see ``_new_request``): its answer stopped there.
+        room = self.max_model_len - len(prompt.token_ids or ())
+        rest = remaining_params(replace(params, max_tokens=min(params.max_tokens, room)), sofar)
         if params.grammar is not None:
             # The grammar's matcher would have to replay the first part; not done.
             raise InvalidRequestError(
@@ -254,7 +259,6 @@ class LLMEngine(Engine):
         if params.echo:
             # The text so far begins with the prompt itself; echoing it again is not done.
             raise InvalidRequestError("an echoed answer cannot be continued", param="echo")
-        rest = remaining_params(params, sofar)
         text = prompt.text + sofar.text
         tokenizer = self._runner().tokenizer
         if (
