@@ -22,6 +22,7 @@ import pytest
 from tests.cluster.conftest import RedisCutter, ReplicaSet, kill, needs_nginx
 from tests.conftest import free_port
 from tests.e2e.test_resume import chat_text, read_some, sse_events
+from tests.upstream_processes import faulty, processes
 from tokenspout.client import Client
 
 PROMPT = "Ünïcödé 日本語 😀 alpha beta gamma delta epsilon zeta eta theta iota kappa lambda"
@@ -281,6 +282,32 @@ def test_an_answer_the_engine_cannot_continue_is_gone_after_its_replica_died(
         gone = httpx.get(f"{survivor.url}/v1/streams/{stream_id}")
         assert gone.status_code == 410, gone.text
         assert f"{refusal} cannot be continued" in gone.json()["error"]["message"]
+
+
+def test_a_request_with_a_field_only_the_upstream_knows_is_taken_over(
+    replica_set: ReplicaSet,
+) -> None:
+    """In front of upstreams, fields tokenspout does not know go on to them (the route
+    validates with the schema that keeps them). The takeover validated the stored body with
+    the strict schema: "Extra inputs are not permitted", and the stream was given up."""
+    with processes(faulty) as (upstream,):
+        owner, survivor = replica_set.start_many(2, "--upstream", upstream.base, engine="upstream")
+        expected = whole_text(owner.url, 40)
+        # The owner's answer stalls after a few chunks: it is mid-answer when it dies.
+        upstream.fault("stall", after=3)
+        body = {**chat_body(40), "chat_template_kwargs": {"enable_thinking": False}}
+        parts: list[str] = []
+        with httpx.stream("POST", f"{owner.url}/v1/chat/completions", json=body) as r:
+            stream_id = r.headers["x-stream-id"]
+            last_id = read_some(r, 2, parts)
+            upstream.fault("none")  # for the continuation
+            kill(owner)
+        resume_to_end(survivor.url, stream_id, last_id, parts)
+        continued = upstream.stats()["body"]
+    assert "".join(parts) == expected
+    assert continued["chat_template_kwargs"] == {"enable_thinking": False}
+    assert continued["messages"][-1]["role"] == "assistant"
+    assert survivor.metric("tokenspout_stream_takeovers_total") == 1
 
 
 @needs_nginx

@@ -26,7 +26,7 @@ from tokenspout.server.generation_request import (
 )
 from tokenspout.server.key_admission import charged_ahead, reserved
 from tokenspout.server.request_parsing import validate
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, SeedStreamRequest
+from tokenspout.server.schemas import SeedStreamRequest, chat_schema, completion_schema
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_registry import Continued
 
@@ -101,8 +101,11 @@ class Takeover:
         state, record = self._state, self._record
         body = record.request_body()
         kind = record.wire.kind
+        # The schema the route validated it with: an engine that forwards fields keeps the
+        # ones tokenspout does not know (the strict schema refused them).
+        forwards = state.engine.forwards_fields
         if kind == "chat":
-            return await prepare_chat(state, validate(ChatCompletionRequest, body))
+            return await prepare_chat(state, validate(chat_schema(forwards), body))
         if kind == "completion":
-            return await prepare_completion(state, validate(CompletionRequest, body))
+            return await prepare_completion(state, validate(completion_schema(forwards), body))
         return await prepare_seed(state, validate(SeedStreamRequest, body))
