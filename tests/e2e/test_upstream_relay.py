@@ -88,7 +88,12 @@ def test_a_synthetic_upstream_is_labelled_synthetic_here_too(
         server = front(start_server, *behind)
         owners = {m["owned_by"] for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
         assert owners == {SYNTHETIC_OWNER if expected else "tokenspout"}, behind
-        assert httpx.get(f"{server.url}/health").json()["synthetic"] is expected
+        health = httpx.get(f"{server.url}/health").json()
+        assert health["synthetic"] is expected
+        # /metrics said engine="upstream",model="upstream" for good: set before the
+        # upstreams' models were read.
+        labels = f'engine="upstream",model="{health["model"]}",synthetic="{str(expected).lower()}"'
+        assert server.metric("tokenspout_engine_info", labels) == 1
         config = asyncio.run(discover_model(BenchConfig(url=server.url)))
         assert config.synthetic is expected
 

@@ -43,13 +43,24 @@ _GAP_BUCKETS = (
 
 
 class _EngineCollector(Collector):
-    """Reads the engine's own counters when Prometheus scrapes."""
+    """Reads the engine's identity and its own counters when Prometheus scrapes."""
 
     def __init__(self, engine: Engine):
         self._engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        s = self._engine.stats()
+        engine = self._engine
+        # Read at each scrape, as /health does: an upstream engine learns its model and
+        # whether it fronts a synthetic engine only once it has read its upstreams' models.
+        info = GaugeMetricFamily(
+            "tokenspout_engine_info",
+            'The served engine (as /health gives it); synthetic="true" marks the synthetic '
+            "load-test engine, served here or by the upstreams.",
+            labels=["engine", "model", "synthetic"],
+        )
+        info.add_metric([engine.kind, engine.model_id, str(engine.synthetic).lower()], 1)
+        yield info
+        s = engine.stats()
         yield GaugeMetricFamily(
             "tokenspout_requests_running", "Requests the engine is generating for.", s.running
         )
@@ -85,13 +96,6 @@ class Metrics:
         # process_* (CPU, RSS, open fds) and python_info, as every Prometheus exporter has.
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
-        info = Gauge(
-            "tokenspout_engine_info",
-            'The served engine; engine="synthetic" marks the synthetic load-test engine.',
-            ["engine", "model"],
-            registry=r,
-        )
-        info.labels(engine.kind, engine.model_id).set(1)
         for collector in engine.collectors():
             r.register(collector)
         self.streams_active = Gauge("tokenspout_streams_active", "Open client streams.", registry=r)
