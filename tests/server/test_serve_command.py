@@ -6,6 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tokenspout.cli import app
+from tokenspout.engine import block_kernels
 from tokenspout.engine.cpu_budget import usable_cpus
 from tokenspout.engine.weight_formats import FORMATS
 
@@ -120,3 +121,20 @@ def test_a_key_with_surrounding_whitespace_is_refused(
     assert result.exit_code == 2 and not served
     assert f"configuration error: {flag} begins or ends with whitespace" in result.output
     assert "sk-a" not in result.output
+
+
+def test_a_kernel_build_this_cpu_cannot_run_is_refused_before_the_model_loads(
+    served: list[object],
+) -> None:
+    # TOKENSPOUT_KERNELS=bogus was read first as the model loaded: a 170-line traceback
+    # from the engine's thread, exit 1.
+    env = {block_kernels.ISA_VARIABLE: "bogus"}
+    result = CliRunner().invoke(app, ["serve", "--threads", "1"], env=env)
+    assert result.exit_code == 2 and not served
+    runs = ", ".join(block_kernels.supported_isas()) or "none"
+    assert result.output == (
+        f"tokenspout serve: configuration error: TOKENSPOUT_KERNELS=bogus: this CPU runs {runs}\n"
+    )
+    # Only the embedded engine runs the kernels: the others do not read the variable.
+    result = CliRunner().invoke(app, ["serve", "--engine", "synthetic"], env=env)
+    assert result.exit_code == 0, result.output

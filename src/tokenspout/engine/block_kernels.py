@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tokenspout.engine.model_files import cache_root
+from tokenspout.errors import ConfigError
 
 BLOCK = 32  # weights per block, both formats
 _SOURCE = Path(__file__).with_name("block_kernels.c")
@@ -59,14 +60,15 @@ def isa() -> str | None:
     """The build in use: ``$TOKENSPOUT_KERNELS`` when set (to compare the builds on one
     machine), else the best this CPU runs; None where it runs none.
 
-    Raises ``ValueError`` for a build that is unknown or that this CPU cannot run.
+    Raises ``ConfigError`` for a build that is unknown or that this CPU cannot run.
     """
     supported = supported_isas()
     wanted = os.environ.get(ISA_VARIABLE)
     if not wanted:
         return supported[-1] if supported else None
     if wanted not in supported:
-        raise ValueError(f"{ISA_VARIABLE}={wanted}: this CPU runs {', '.join(supported) or 'none'}")
+        runs = ", ".join(supported) or "none"
+        raise ConfigError(f"{ISA_VARIABLE}={wanted}: this CPU runs {runs}")
     return wanted
 
 

@@ -378,6 +378,11 @@ def _engine(name: EngineName, from_env: set[str], **opts: Any) -> Engine:
 
         err_console.print("[bold yellow]SYNTHETIC engine: echoes prompt words, not a model[/]")
         return SyntheticEngine(**args)
+    from tokenspout.engine import block_kernels
+
+    # Checked here, before the model loads: the engine's thread reads $TOKENSPOUT_KERNELS
+    # as it loads the model, and a build this CPU cannot run was a traceback from there.
+    block_kernels.isa()
     from tokenspout.engine.llm_engine import LLMEngine
 
     return LLMEngine(**args)
