@@ -30,7 +30,7 @@ from tokenspout.cluster.stream_mirror import StreamMirror
 from tokenspout.cluster.stream_record import GONE, StreamRecord
 from tokenspout.cluster.stream_writer import StreamWriter
 from tokenspout.cluster.takeover import Takeover
-from tokenspout.errors import StreamGoneError, StreamNotFoundError
+from tokenspout.errors import StreamGoneError, StreamNotFoundError, TokenspoutError
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_store import InMemoryStreamStore
 
@@ -355,7 +355,10 @@ class Replica:
         try:
             stream = await takeover.start()
         except Exception as exc:
-            logger.exception("stream %s: the takeover failed", stream_id)
+            if isinstance(exc, TokenspoutError):  # a refusal (cannot be continued): no bug
+                logger.warning("stream %s: cannot be taken over: %s", stream_id, exc)
+            else:
+                logger.exception("stream %s: the takeover failed", stream_id)
             await self._give_up(stream_id, f"the takeover after its replica died failed: {exc}")
             return
         self.takeovers.inc()
