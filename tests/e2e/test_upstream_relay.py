@@ -454,3 +454,14 @@ def test_event_ids_count_tokens_behind_an_upstream_that_coalesces(
     text = "".join(c["choices"][0]["text"] for c in texts if c["choices"])
     assert text == "one two " * 6 and texts[-1]["usage"]["completion_tokens"] == 12
     assert positions[-1].split(".")[0] == "12", positions
+
+
+def test_tokenize_says_the_upstreams_tokenize(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    server = front(start_server, synthetic)
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "a"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "does not tokenize" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 2]})
+    assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]

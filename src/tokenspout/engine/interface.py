@@ -123,6 +123,14 @@ class Engine(ABC):
         model renders its chat template and tokenizes here; ``InvalidRequestError`` for
         tools the engine cannot offer."""
 
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` (special tokens included), for an engine with a
+        tokenizer; ``InvalidRequestError`` for an id outside its vocabulary, and from an
+        engine without one (the default)."""
+        raise InvalidRequestError(
+            "this engine has no tokenizer to read token ids with", param="tokens"
+        )
+
     @abstractmethod
     def continuation(
         self, prompt: Prompt, params: SamplingParams, sofar: Continuation

@@ -272,6 +272,16 @@ class LLMEngine(Engine):
         self._check_prompt(ids, prompt.field)
         return replace(prompt, text=text, token_ids=ids), rest
 
+    def detokenize(self, token_ids: Seq[int]) -> str:
+        runner = self._runner()
+        for i, token in enumerate(token_ids):
+            if not 0 <= token < runner.vocab_size:
+                raise InvalidRequestError(
+                    f"tokens[{i}] is {token}, not in the vocabulary (0 to {runner.vocab_size - 1})",
+                    param="tokens",
+                )
+        return runner.tokenizer.decode(token_ids, skip_special_tokens=False)
+
     def check_params(self, params: SamplingParams) -> None:
         """Everything ``SamplingParams`` can ask for is served here; a grammar must be one
         llguidance supports, and the model's tokenizer must be one it can mask."""

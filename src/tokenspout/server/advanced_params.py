@@ -23,11 +23,12 @@ from tokenspout.server.schemas import (
     ResponseFormatJsonSchema,
     ResponseFormatText,
     StructuredOutputs,
+    TokenizeRequest,
 )
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[ChatMessage]:
-    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(body.messages)]
+def chat_messages(body: ChatCompletionRequest | TokenizeRequest) -> list[ChatMessage]:
+    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(body.messages or ())]
     _check_tool_results(messages)
     return messages
 
@@ -78,7 +79,7 @@ def _check_tool_results(messages: list[ChatMessage]) -> None:
             )
 
 
-def chat_tools(body: ChatCompletionRequest) -> list[Tool]:
+def chat_tools(body: ChatCompletionRequest | TokenizeRequest) -> list[Tool]:
     """The tools to render in the prompt: none with ``tool_choice: "none"`` (as vLLM's
     ``--exclude-tools-when-tool-choice-none``), where a model shown them writes calls that
     could only go out as text. A ``strict`` function's parameters are closed (no keys

@@ -32,6 +32,7 @@ from tokenspout.server import (
     stream_routes,
     system_routes,
     telemetry_routes,
+    tokenize_routes,
     web_routes,
     websocket_routes,
 )
@@ -144,7 +145,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.state.tokenspout = state
     routers = (
         system_routes.router, model_routes.router, stream_routes.router, openai_routes.router,
-        seed_routes.router, websocket_routes.router, telemetry_routes.router, web_routes.router,
+        seed_routes.router, tokenize_routes.router, websocket_routes.router,
+        telemetry_routes.router, web_routes.router,
     )  # fmt: skip
     for router in routers:
         app.include_router(router)

@@ -58,13 +58,18 @@ async def _send_401(send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+#: Paths outside ``/v1`` that the API keys guard as they guard ``/v1`` (vLLM serves these
+#: at the root).
+KEYED_PATHS = ("/tokenize", "/detokenize")
+
 #: What the metrics key guards: ``/metrics`` and the dashboard's data, the same numbers.
 METRICS_PATHS = ("/metrics", "/dashboard/data")
 
 
 class ApiKeyMiddleware:
     """Answers 401 (OpenAI-shaped, ``WWW-Authenticate: Bearer``) to an HTTP request under
-    ``/v1`` without a valid key, and to ``METRICS_PATHS`` without the metrics key."""
+    ``/v1`` (or to ``KEYED_PATHS``) without a valid key, and to ``METRICS_PATHS`` without
+    the metrics key."""
 
     def __init__(
         self,
@@ -82,7 +87,7 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             path = scope["path"]
-            if path.startswith("/v1/") and self.keys.enabled:
+            if (path.startswith("/v1/") or path in KEYED_PATHS) and self.keys.enabled:
                 token = bearer_token(Headers(scope=scope).get("authorization", ""))
                 if token is None and scope["method"] == "GET":
                     token = QueryParams(scope["query_string"]).get("api_key")

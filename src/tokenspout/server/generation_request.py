@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -26,8 +26,11 @@ from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     SeedStreamRequest,
+    TokenizeRequest,
 )
 from tokenspout.server.server_state import ServerState
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,21 +75,21 @@ class GenerationRequest:
 OFF_LOOP_CHARS = 4096
 
 
-async def _encoded(chars: int, encode: Callable[[], Prompt]) -> Prompt:
-    """``encode()``, on a worker thread for a prompt of ``chars`` >= ``OFF_LOOP_CHARS``."""
-    if chars < OFF_LOOP_CHARS:
-        return encode()
-    return await asyncio.to_thread(encode)
+async def off_loop(size: int, work: Callable[[], T]) -> T:
+    """``work()``, on a worker thread when its input's ``size`` (characters, tokens) is
+    ``OFF_LOOP_CHARS`` or more."""
+    if size < OFF_LOOP_CHARS:
+        return work()
+    return await asyncio.to_thread(work)
 
 
-async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
-    """A chat completion request ready to become a stream."""
-    model = check_model(state, body.model)
+async def chat_prompt(state: ServerState, body: ChatCompletionRequest | TokenizeRequest) -> Prompt:
+    """A chat's prompt: its messages (and tools) through the engine's chat template."""
     messages = advanced_params.chat_messages(body)
     text = "".join(m.content for m in messages)
     check_prompt_chars(state, text, "messages")
     tools = advanced_params.chat_tools(body)
-    prompt = await _encoded(
+    return await off_loop(
         len(text),
         lambda: state.engine.encode_chat(
             messages,
@@ -95,6 +98,18 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Gener
             continue_final_message=body.continue_final_message,
         ),
     )
+
+
+async def completion_prompt(state: ServerState, text: str, param: str = "prompt") -> Prompt:
+    """A completion's prompt (``param``: the field it came from)."""
+    check_prompt_chars(state, text, param)
+    return await off_loop(len(text), lambda: state.engine.encode_completion(text))
+
+
+async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> GenerationRequest:
+    """A chat completion request ready to become a stream."""
+    model = check_model(state, body.model)
+    prompt = await chat_prompt(state, body)
     if body.max_completion_tokens is not None:  # it takes precedence, as in OpenAI's API
         max_tokens = (body.max_completion_tokens, "max_completion_tokens")
     else:
@@ -105,9 +120,7 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Gener
 async def prepare_completion(state: ServerState, body: CompletionRequest) -> GenerationRequest:
     """A completion request ready to become a stream."""
     model = check_model(state, body.model)
-    text = body.prompt_text()
-    check_prompt_chars(state, text, "prompt")
-    prompt = await _encoded(len(text), lambda: state.engine.encode_completion(text))
+    prompt = await completion_prompt(state, body.prompt_text())
     return _request(
         state, StreamWire("completion", model), prompt, body, body.max_tokens, "max_tokens"
     )
@@ -116,14 +129,12 @@ async def prepare_completion(state: ServerState, body: CompletionRequest) -> Gen
 async def prepare_seed(state: ServerState, body: SeedStreamRequest) -> GenerationRequest:
     """A seed stream request (POST body or GET query) ready to become a stream."""
     model = check_model(state, body.model)
-    check_prompt_chars(state, body.prompt, "prompt")
     if body.chat:
+        check_prompt_chars(state, body.prompt, "prompt")
         message = [ChatMessage("user", body.prompt)]
-        prompt = await _encoded(len(body.prompt), lambda: state.engine.encode_chat(message))
+        prompt = await off_loop(len(body.prompt), lambda: state.engine.encode_chat(message))
     else:
-        prompt = await _encoded(
-            len(body.prompt), lambda: state.engine.encode_completion(body.prompt)
-        )
+        prompt = await completion_prompt(state, body.prompt)
     params = sampling_params(
         state,
         max_tokens=body.max_tokens,

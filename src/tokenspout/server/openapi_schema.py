@@ -13,7 +13,13 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from tokenspout.server.schemas import ChatCompletionRequest, CompletionRequest, SeedStreamRequest
+from tokenspout.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SeedStreamRequest,
+    TokenizeRequest,
+)
 from tokenspout.server.telemetry_routes import ClientTelemetry
 
 _REF = "#/components/schemas/{model}"
@@ -132,6 +138,18 @@ _OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel] | None, list, dict, str
         [],
         {"application/json": {"schema": {"type": "object"}}},
         "401 404",
+    ),
+    ("post", "/tokenize"): (
+        TokenizeRequest,
+        [],
+        {"application/json": {"schema": {"type": "object"}}},
+        "400 401 403 404 413 415",
+    ),
+    ("post", "/detokenize"): (
+        DetokenizeRequest,
+        [],
+        {"application/json": {"schema": {"type": "object"}}},
+        "400 401 403 404 413 415",
     ),
     ("get", "/health"): (None, [], {"application/json": {"schema": {"type": "object"}}}, "503"),
     ("get", "/metrics"): (None, [], {"text/plain": {"schema": {"type": "string"}}}, "401"),

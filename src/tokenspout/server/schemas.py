@@ -355,3 +355,24 @@ class SeedStreamRequest(_Body):
     chat: StrictBool = False
     """The prompt is one user message, through the model's chat template (as a chat
     completion renders it), not text to continue: what a chat page's ``EventSource`` sends."""
+
+
+class TokenizeRequest(_Body):
+    """``POST /tokenize`` (vLLM's shape): a completion's ``prompt`` or a chat's
+    ``messages`` (with ``tools``), as a generation request with them would send them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageIn] | None = Field(default=None, min_length=1)
+    tools: Annotated[list[ToolIn], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    """none leaves the tools out of the prompt, as a chat completion does."""
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+
+
+class DetokenizeRequest(_Body):
+    """``POST /detokenize`` (vLLM's shape): the text of ``tokens``."""
+
+    model: str | None = None
+    tokens: Annotated[list[StrictInt], Field(max_length=1 << 20)]
