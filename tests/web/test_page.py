@@ -17,7 +17,7 @@ from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Route
 
 pytestmark = pytest.mark.browser
 
@@ -118,6 +118,33 @@ def test_event_source_stop_before_the_first_token_shows_none(start_server, open_
     assert page.locator(STREAMED).text_content() == ""
     assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
     server.wait_metric("tokenspout_requests_aborted_total", 1, labels='reason="cancelled"')
+
+
+def test_event_source_stopped_before_its_connection_opened_stays_cancelled(
+    start_server, open_page
+) -> None:  # type: ignore[no-untyped-def]
+    # A stopped EventSource stays open until the server names its stream, to cancel it. Its
+    # connection opening after the answer ended set the status back to "waiting for the
+    # first token…" (CI hit it under load): the request is held here until after the Stop.
+    server = start_server(SyntheticEngine(ttft_ms=60_000, itl_ms=30))
+    page = open_page(server, "eventsource", max_tokens=4000)
+    held: list[Route] = []
+
+    def hold(route: Route) -> None:
+        held.append(route)
+
+    stream_url = "**/v1/completions/stream?*"
+    page.route(stream_url, hold)
+    with page.expect_request(stream_url):
+        send(page, "keep going")
+    page.click("#stop")
+    wait_idle(page)
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
+    assert len(held) == 1
+    held[0].continue_()
+    # The cancel goes once the server named the stream, after the connection opened.
+    server.wait_metric("tokenspout_requests_aborted_total", 1, labels='reason="cancelled"')
+    assert "cancelled" in page.locator('[data-kind="streamed"] .status').text_content()
 
 
 def test_event_source_stop_while_queued_cancels_on_the_server(start_server, open_page) -> None:  # type: ignore[no-untyped-def]

@@ -164,6 +164,9 @@ async function streamAnswer(view, request) {
     error = err;
   } finally {
     running.delete(gen);
+    // A stopped EventSource stays open until the server names its stream (to cancel it):
+    // its connection opening now must not overwrite the final status.
+    gen.onconnection = null;
   }
   await view.renderer.drain();
   const start = gen.marks.start;
