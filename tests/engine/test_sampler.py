@@ -120,3 +120,36 @@ def test_values_too_small_for_float32_sample_as_their_limits_do() -> None:
         assert torch.isfinite(torch.tensor(out.logprobs[0].logprob)), params  # type: ignore[union-attr]
         if params.repetition_penalty == 1.0:
             assert out.tokens == [best], params
+
+
+class FixedUniform(Uniforms):
+    """The same uniform at every draw (what a seed gives, chosen here)."""
+
+    def __init__(self, u: float):
+        self.u = u
+
+    def next(self) -> float:
+        return self.u
+
+
+def test_a_row_is_sampled_alike_whatever_its_neighbours_truncate() -> None:
+    # A neighbour's top_p sent every row through the top-p mask, whose float32 cumulative
+    # sum reaches 1 before the end of the vocabulary and cut the far tail of rows that never
+    # asked; the others' temperature was applied another way there. A seeded row's pick
+    # changed with its neighbours' settings (about 1 row in 100 here).
+    g = torch.Generator().manual_seed(0)
+    vocab, n = 49152, 200
+    logits = torch.randn(n, vocab, generator=g) * 2.5  # a long tail...
+    logits[:, :20] += torch.rand(n, 20, generator=g) * 12  # ...under a few likely tokens
+    logits = logits[:, torch.randperm(vocab, generator=g)]
+    rows = [SamplingParams(temperature=t) for t in (1.0, 0.9)] * (n // 2)
+    draws = [FixedUniform(u) for u in torch.rand(n, generator=g, dtype=torch.float64).tolist()]
+    alone = Sampler()(logits, rows, draws).tokens
+    for neighbour in (
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=0.8, top_k=40),
+        SamplingParams(temperature=0.8, min_p=0.05),
+    ):
+        both = torch.cat([logits, logits[:1].roll(7)])
+        paired = Sampler()(both, [*rows, neighbour], [*draws, FixedUniform(0.5)]).tokens
+        assert paired[:-1] == alone, neighbour

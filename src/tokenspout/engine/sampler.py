@@ -19,8 +19,8 @@ sum and search are one C call (``block_kernels.sample_rows``: 0.7 ms for 16 rows
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import torch
 
@@ -57,6 +57,7 @@ class Sampled(NamedTuple):
 
 
 _MASK64 = (1 << 64) - 1
+T = TypeVar("T")
 
 
 def _seed32(seed: int) -> int:
@@ -163,28 +164,70 @@ class Sampler:
         params: Sequence[SamplingParams],
         u: list[float],
     ) -> list[int]:
-        """The picks of ``logits[rows]`` (not modified), one row per param and uniform."""
-        temperatures = [p.temperature for p in params]
-        masked = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params)
-        if masked:  # a copy, scaled, so masking in place does not touch the caller's tensor
-            temps = torch.tensor(temperatures, dtype=logits.dtype)
-            logits = logits[rows] / temps.unsqueeze(1)
-            rows, temperatures = list(range(len(rows))), [1.0] * len(rows)
-            if any(p.top_k > 0 for p in params):
-                _mask_top_k(logits, [p.top_k for p in params])
-            if any(p.top_p < 1.0 for p in params):
-                _mask_top_p(logits, [p.top_p for p in params])
-            if any(p.min_p > 0.0 for p in params):
-                _mask_min_p(logits, [p.min_p for p in params])
-        if logits.dtype == torch.float32 and block_kernels.available():
-            return block_kernels.sample_rows(logits.contiguous(), rows, temperatures, u)
-        scaled = logits[rows] / torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(1)
-        cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [R, V], non-decreasing
-        # side="right": the first token whose cumulative mass exceeds u * total. A masked
-        # token adds no mass, so it is never picked.
-        targets = torch.tensor(u, dtype=cdf.dtype) * cdf[:, -1]
-        picked = torch.searchsorted(cdf, targets.unsqueeze(1), right=True)  # [R, 1]
-        return picked.squeeze(1).clamp_(max=cdf.shape[-1] - 1).tolist()
+        """The picks of ``logits[rows]`` (not modified), one row per param and uniform.
+
+        A row goes through the top-k/top-p/min-p masks only when it asked for one of them,
+        and each mask touches only the rows that asked for it, so that a row is sampled with
+        the same arithmetic whatever else shares the step. (A neighbour's top_p sent every
+        row through ``_mask_top_p``, whose float32 cumulative sum reaches 1 before the end
+        of the vocabulary and cut the far tail of rows that never asked: a seeded row's pick
+        changed with its neighbours' settings.)"""
+        cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0]
+        if not cut:
+            return _pick(logits, rows, [p.temperature for p in params], u)
+        picks = [0] * len(rows)
+        whole = [i for i in range(len(rows)) if i not in set(cut)]
+        if whole:
+            picked = _pick(
+                logits, [rows[i] for i in whole], [params[i].temperature for i in whole],
+                [u[i] for i in whole],
+            )  # fmt: skip
+            for i, t in zip(whole, picked, strict=True):
+                picks[i] = t
+        asked = [params[i] for i in cut]
+        # A copy, scaled, so masking in place does not touch the caller's tensor.
+        temps = torch.tensor([p.temperature for p in asked], dtype=logits.dtype)
+        scaled = logits[[rows[i] for i in cut]] / temps.unsqueeze(1)
+        _on_rows(scaled, [p.top_k for p in asked], lambda k: k > 0, _mask_top_k)
+        _on_rows(scaled, [p.top_p for p in asked], lambda p: p < 1.0, _mask_top_p)
+        _on_rows(scaled, [p.min_p for p in asked], lambda p: p > 0.0, _mask_min_p)
+        picked = _pick(scaled, list(range(len(cut))), [1.0] * len(cut), [u[i] for i in cut])
+        for i, t in zip(cut, picked, strict=True):
+            picks[i] = t
+        return picks
+
+
+def _pick(
+    logits: torch.Tensor, rows: list[int], temperatures: list[float], u: list[float]
+) -> list[int]:
+    """Inverse-CDF picks of ``logits[rows]`` at their ``temperatures``, one uniform each."""
+    if logits.dtype == torch.float32 and block_kernels.available():
+        return block_kernels.sample_rows(logits.contiguous(), rows, temperatures, u)
+    scaled = logits[rows] / torch.tensor(temperatures, dtype=logits.dtype).unsqueeze(1)
+    cdf = torch.softmax(scaled, dim=-1).cumsum_(dim=-1)  # [R, V], non-decreasing
+    # side="right": the first token whose cumulative mass exceeds u * total. A masked
+    # token adds no mass, so it is never picked.
+    targets = torch.tensor(u, dtype=cdf.dtype) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, targets.unsqueeze(1), right=True)  # [R, 1]
+    return picked.squeeze(1).clamp_(max=cdf.shape[-1] - 1).tolist()
+
+
+def _on_rows(
+    logits: torch.Tensor,
+    values: list[T],
+    wanted: Callable[[T], bool],
+    mask: Callable[[torch.Tensor, list[T]], None],
+) -> None:
+    """``mask`` (in place) on the rows of ``logits`` whose value is ``wanted``, alone."""
+    rows = [i for i, v in enumerate(values) if wanted(v)]
+    if not rows:
+        return
+    if len(rows) == len(values):
+        mask(logits, values)
+        return
+    part = logits[rows]
+    mask(part, [values[i] for i in rows])
+    logits[rows] = part
 
 
 def _mask_top_k(logits: torch.Tensor, top_k: list[int]) -> None:
