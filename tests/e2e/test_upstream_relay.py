@@ -465,3 +465,26 @@ def test_tokenize_says_the_upstreams_tokenize(
     assert "does not tokenize" in r.json()["error"]["message"]
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 2]})
     assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
+
+
+def test_a_coalescing_tokenspout_upstream_is_asked_for_a_chunk_per_token(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    # It sent 5 tokens a chunk (its default), each chunk's text at the chunk's last position
+    # here: the continuation of a stream taken over by another replica is chunked anew, and
+    # a reader resuming mid-chunk got text it already had.
+    coalescing = lambda: tokenspout(  # noqa: E731
+        "--engine", "synthetic", "--synthetic-itl-ms", "5", "--flush-tokens", "5",
+        "--flush-ms", "2000",
+    )  # fmt: skip
+    with processes(coalescing) as (upstream,):
+        server = front(start_server, upstream)
+        body = {"model": "synthetic", "prompt": "one two three", "max_tokens": 12,
+                "stream": True, "stream_options": {"flush_tokens": 1}}  # fmt: skip
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = list(r.iter_lines())
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    texts = [e["choices"][0]["text"] for e in events if e["choices"] and e["choices"][0]["text"]]
+    ids = [line.rsplit(":", 1)[1] for line in lines if line.startswith("id: ")]
+    assert texts == ["one ", "two ", "three "] * 4, texts
+    assert ids[: len(texts)] == [str(i) for i in range(1, 13)], ids

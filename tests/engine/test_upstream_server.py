@@ -37,8 +37,9 @@ def test_context_length_of_a_models_entry(entry: dict, length: int | None) -> No
     ("owners", "counts"),
     [
         (["vllm"], "usage"),
-        (["tokenspout"], "usage"),
-        (["tokenspout-synthetic", "tokenspout"], "usage"),
+        (["tokenspout"], "tokenspout"),
+        (["tokenspout-synthetic", "tokenspout"], "tokenspout"),
+        (["vllm", "tokenspout"], "usage"),
         (["llamacpp"], "timings"),
         (["openai"], None),  # a hosted API may refuse a field it does not know: not asked
         (["vllm", "someone"], None),
@@ -61,3 +62,8 @@ def test_the_request_asks_for_the_counts_the_upstream_gives() -> None:
     assert usage["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert timings["timings_per_token"] is True
     assert timings["stream_options"] == {"include_usage": True}
+    # A tokenspout is asked for an event per token: its own coalescing off.
+    _, ours = request_body(prompt, params, "tokenspout")
+    assert ours["stream_options"] == {
+        "include_usage": True, "continuous_usage_stats": True, "flush_tokens": 1, "flush_ms": 0,
+    }  # fmt: skip

@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
 
-#: How an upstream's chunks say the tokens generated so far (``upstream_server.token_counts``).
-TokenCounts = Literal["usage", "timings"]
+#: How an upstream's chunks say the tokens generated so far (``upstream_server.token_counts``):
+#: "tokenspout" is "usage" from a server that also takes its own coalescing settings.
+TokenCounts = Literal["usage", "timings", "tokenspout"]
 
 
 def request_body(
@@ -27,8 +28,14 @@ def request_body(
     the body to post there; ``counts`` asks for each chunk's count of tokens so far."""
     body = dict(params.extra_body)
     options: dict[str, Any] = {"include_usage": True}
-    if counts == "usage":
+    if counts in ("usage", "tokenspout"):
         options["continuous_usage_stats"] = True
+    if counts == "tokenspout":
+        # An event per token, as vLLM and llama.cpp send (a tokenspout coalesces 5 by
+        # default): this side coalesces for its own clients, and a token's text stays at
+        # its own position, so that the continuation of a stream taken over from a dead
+        # replica carries the same text at the positions its readers already have.
+        options["flush_tokens"], options["flush_ms"] = 1, 0
     elif counts == "timings":
         body["timings_per_token"] = True
     body.update(model=params.model, stream=True, stream_options=options)

@@ -167,6 +167,8 @@ def token_counts(entries: list[dict[str, Any]]) -> TokenCounts | None:
     (``timings_per_token``). Others are not asked: a field a hosted API does not know can
     be refused."""
     owners = {str(m.get("owned_by", "")) for m in entries}
+    if owners and all(o.startswith("tokenspout") for o in owners):
+        return "tokenspout"
     if owners and all(o == "vllm" or o.startswith("tokenspout") for o in owners):
         return "usage"
     if owners == {"llamacpp"}:
