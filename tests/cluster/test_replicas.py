@@ -310,6 +310,63 @@ def test_a_request_with_a_field_only_the_upstream_knows_is_taken_over(
     assert survivor.metric("tokenspout_stream_takeovers_total") == 1
 
 
+def wait_persisted(replica_set: ReplicaSet, stream_id: str, tokens: int) -> None:
+    """Until Redis holds ``tokens`` of the stream's tokens (polled: the owner's writer gives
+    no signal)."""
+    deadline = time.monotonic() + 30
+    while True:
+        entries = replica_set.redis.cli("--raw", "XRANGE", f"tokenspout:s:{stream_id}", "-", "+")
+        chunks = [json.loads(line) for line in entries.splitlines() if line.startswith("[")]
+        if sum(n for batch in chunks for _, n, *_ in batch) >= tokens:
+            return
+        assert time.monotonic() < deadline, f"Redis never held {tokens} tokens of {stream_id}"
+        time.sleep(0.02)
+
+
+def test_an_echoed_completion_taken_over_in_front_of_upstreams_asks_for_the_rest_once(
+    replica_set: ReplicaSet,
+) -> None:
+    """The first chunk of an echoed completion holds the prompt. The takeover took it for
+    the answer so far: the continuation's prompt was the prompt twice, then the answer."""
+    prompt = "One two three four "  # the words of the answer (the synthetic engine's) follow
+    with processes(faulty) as (upstream,):
+        owner, survivor = replica_set.start_many(2, "--upstream", upstream.base, engine="upstream")
+        body = {"prompt": prompt, "echo": True, "max_tokens": 12, "temperature": 0}
+        expected = httpx.post(f"{owner.url}/v1/completions", json=body).json()
+        # The owner's answer stalls after three chunks (the echo and two words, then one).
+        upstream.fault("stall", after=3)
+        options = {"resumable": True, "flush_tokens": 1, "include_usage": True}
+        parts: list[str] = []
+        with httpx.stream(
+            "POST", f"{owner.url}/v1/completions", json={**body, "stream": True,
+            "stream_options": options},
+        ) as r:  # fmt: skip
+            stream_id = r.headers["x-stream-id"]
+            last_id = ""
+            for event_id, data in sse_events(r.iter_lines()):
+                parts.append(json.loads(data)["choices"][0]["text"])
+                last_id = event_id or last_id
+                if last_id.endswith(":3"):  # its position: the three tokens sent before it stalls
+                    break
+            wait_persisted(replica_set, stream_id, 3)
+            upstream.fault("none")  # for the continuation
+            kill(owner)
+        so_far = "".join(parts)
+        assert so_far.startswith(prompt)
+        rest = httpx.get(
+            f"{survivor.url}/v1/streams/{stream_id}", headers={"Last-Event-ID": last_id}, timeout=60
+        )
+        assert rest.status_code == 200, rest.text
+        chunks = [json.loads(d) for _, d in sse_events(rest.iter_lines()) if d != "[DONE]"]
+        continued = upstream.stats()["body"]
+    parts += [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(parts) == expected["choices"][0]["text"]
+    # The prompt, then the answer so far (without its echo), and no echo asked again.
+    assert continued["prompt"] == so_far
+    assert not continued.get("echo")
+    assert chunks[-1]["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
+
+
 @needs_nginx
 def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
     replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]

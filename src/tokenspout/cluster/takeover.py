@@ -17,7 +17,7 @@ from tokenspout.cluster.chunk_codec import decode_chunks
 from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.engine.continuation import Continuation
 from tokenspout.engine.request import EngineOutput
-from tokenspout.errors import NothingLeftError, StreamGoneError
+from tokenspout.errors import InvalidRequestError, NothingLeftError, StreamGoneError
 from tokenspout.server.generation_request import (
     GenerationRequest,
     prepare_chat,
@@ -61,6 +61,8 @@ class Takeover:
         # continues from them, exactly where the owner was.
         ids = tuple(token_id for _, n, _, token_id in history if n and token_id is not None)
         generation = await self._prepare()
+        if generation.params.echo and history:
+            text = _after_echo(text, generation.prompt.text)
         sofar = Continuation(text, ids if len(ids) == tokens else None, tokens)
         try:
             prompt, params = state.engine.continuation(generation.prompt, generation.params, sofar)
@@ -109,3 +111,16 @@ class Takeover:
         if kind == "completion":
             return await prepare_completion(state, validate(completion_schema(forwards), body))
         return await prepare_seed(state, validate(SeedStreamRequest, body))
+
+
+def _after_echo(text: str, echo: str) -> str:
+    """The answer so far of an echoed completion, whose first chunk begins with its prompt
+    (``echo``): the echo is no part of the answer, which a continuation goes on from. One
+    whose text does not begin with the prompt as sent (an upstream that echoed it otherwise:
+    its relay took that first chunk as echo alone) cannot be split here."""
+    if not text.startswith(echo):
+        raise InvalidRequestError(
+            "an echoed answer whose echo is not its prompt as sent cannot be continued",
+            param="echo",
+        )
+    return text[len(echo) :]

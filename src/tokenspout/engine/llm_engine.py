@@ -257,7 +257,8 @@ class LLMEngine(Engine):
                 param="response_format",
             )
         if params.echo:
-            # The text so far begins with the prompt itself; echoing it again is not done.
+            # Not done here (the upstream engine continues one, asking for the rest without
+            # the echo the client already has).
             raise InvalidRequestError("an echoed answer cannot be continued", param="echo")
         text = prompt.text + sofar.text
         tokenizer = self._runner().tokenizer
