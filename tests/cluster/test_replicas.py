@@ -367,6 +367,39 @@ def test_an_echoed_completion_taken_over_in_front_of_upstreams_asks_for_the_rest
     assert chunks[-1]["usage"]["completion_tokens"] == expected["usage"]["completion_tokens"]
 
 
+def test_an_answer_taken_over_in_front_of_upstreams_reports_its_prompt_tokens(
+    replica_set: ReplicaSet,
+) -> None:
+    """In front of upstreams the prompt's tokens are learned from the upstream's usage, after
+    the stream's record is in Redis (it says 0): the takeover reported 0. The continuation's
+    usage counts the answer so far as prompt too, which must come off."""
+    with processes(faulty) as (upstream,):
+        owner, survivor = replica_set.start_many(2, "--upstream", upstream.base, engine="upstream")
+        body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 40}
+        expected = httpx.post(f"{owner.url}/v1/chat/completions", json=body).json()["usage"]
+        # The owner's answer stalls after a few chunks: it is mid-answer when it dies.
+        upstream.fault("stall", after=3)
+        parts: list[str] = []
+        with httpx.stream(
+            "POST", f"{owner.url}/v1/chat/completions",
+            json={**body, **chat_body(40, include_usage=True)},
+        ) as r:  # fmt: skip
+            stream_id = r.headers["x-stream-id"]
+            last_id = read_some(r, 2, parts)
+            upstream.fault("none")  # for the continuation
+            kill(owner)
+        rest = httpx.get(
+            f"{survivor.url}/v1/streams/{stream_id}",
+            headers={"Last-Event-ID": last_id or ""},
+            timeout=60,
+        )
+        assert rest.status_code == 200, rest.text
+    usage = [json.loads(d)["usage"] for _, d in sse_events(rest.iter_lines()) if '"usage":{' in d]
+    assert expected["prompt_tokens"] > 0
+    assert usage[-1] == expected
+    assert survivor.metric("tokenspout_stream_takeovers_total") == 1
+
+
 @needs_nginx
 def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
     replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]

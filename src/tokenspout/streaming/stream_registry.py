@@ -45,6 +45,9 @@ class Continued:
     stream_id: str
     history: list[tuple[str, int, Any, int | None]]
     start: int
+    #: The request's prompt tokens; 0 when they were not known where it began (an engine
+    #: that does not tokenize learns them from its server's usage, after the stream's record
+    #: was written): then learned from the continuation's outputs.
     prompt_tokens: int
     completion_tokens: int
     created: float
@@ -61,7 +64,9 @@ class Continued:
         def sink(item: EngineOutput | EngineError) -> None:
             if isinstance(item, EngineOutput):
                 item = item._replace(
-                    prompt_tokens=prompt_tokens,
+                    # The continuation's prompt holds the answer's tokens so far, which come
+                    # off (as the upstream relay's own failover counts them).
+                    prompt_tokens=prompt_tokens or max(0, item.prompt_tokens - before),
                     completion_tokens=before + item.completion_tokens,
                 )
             receive(item)
