@@ -166,6 +166,33 @@ def test_a_max_tokens_left_out_is_left_out_upstream_and_ours_ends_the_answer(
     assert "max_tokens" not in fault.stats()["body"]
 
 
+def test_our_max_tokens_is_not_overshot_by_an_upstream_that_coalesces(
+    start_server: Callable[..., RunningServer],
+) -> None:
+    """An upstream that sends 4 tokens a chunk (after its first token, sent alone): the
+    default max_tokens 11 was checked only after a whole chunk, and the answer had 13 tokens.
+    It ends before the chunk that would go past 11 (its text cannot be cut between its
+    tokens): 9 tokens, text and usage agreeing."""
+    flags = ("--engine", "synthetic", "--synthetic-itl-ms", "10", "--flush-tokens", "4",
+             "--flush-ms", "10000")  # fmt: skip
+    with processes(lambda: tokenspout(*flags)) as (upstream,):
+        server = front(start_server, upstream, config={"default_max_tokens": 11})
+        body = {"model": "synthetic", "prompt": "one two three ", "stream": True,
+                "stream_options": {"include_usage": True, "flush_tokens": 1}}  # fmt: skip
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+            lines = list(r.iter_lines())
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    usage = chunks[-1]["usage"]
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    positions = [line.rsplit(":", 1)[1] for line in lines if line.startswith("id: ")]
+    # The synthetic engine's tokens are words: the text is the tokens counted.
+    assert finish == "length"
+    assert usage["completion_tokens"] == len(text.split()) <= 11
+    assert text.split() == ("one two three " * 4).split()[: usage["completion_tokens"]]
+    assert positions[-1].split(".")[0] == str(usage["completion_tokens"]), positions
+
+
 def test_a_long_prompt_without_max_tokens_gets_the_contexts_room_as_directly(
     start_server: Callable[..., RunningServer],
 ) -> None:

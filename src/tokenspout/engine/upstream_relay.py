@@ -33,12 +33,16 @@ Each upstream chunk with content (reasoning and refusals too: the upstream count
 as generated tokens) is one output of one token (tokenspout's flush policy
 coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
 after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
-tokenspout with ``--flush-tokens 1``). Prompt tokens are known from the upstream's usage:
-along the stream from one that sends it in every chunk, else at the last output only; an
-answer whose last usage never came (cut after its end, cancelled) keeps what was said
-before (0 when nothing was: tokenspout does not tokenize for an upstream). An echoed
-completion's first chunk begins with the prompt (and its
-tokens' logprobs): that is no part of the answer, neither counted nor continued, and a
+tokenspout with ``--flush-tokens 1``). A max_tokens left out upstream (``request_body``) is
+this relay's to enforce: the answer ends with ``length`` at the last chunk within it; a
+chunk of several tokens that would go past it is left out whole (its text cannot be cut
+between its tokens), so such an answer may be a few tokens short of max_tokens, never
+longer, and its usage counts the tokens whose text the client has. Prompt tokens are known
+from the upstream's usage: along the stream from one that sends it in every chunk, else at
+the last output only; an answer whose last usage never came (cut after its end, cancelled)
+keeps what was said before (0 when nothing was: tokenspout does not tokenize for an
+upstream). An echoed completion's first chunk begins with the prompt (and its tokens'
+logprobs): that is no part of the answer, neither counted nor continued, and a
 continuation does not ask for the echo again.
 """
 
@@ -386,6 +390,9 @@ class UpstreamRelay:
             elif chunk.prompt_tokens is not None and part.prompt_said is None:
                 part.prompt_said = chunk.prompt_tokens
                 self.prompt_tokens = part.prompt_tokens
+            if self._past_max_tokens(chunk, part):
+                part.finish, part.capped = "length", True
+                return True
             self._deliver(chunk, part)
             part.finish = chunk.finish_reason or part.finish
             part.output = part.output or chunk.output
@@ -402,6 +409,21 @@ class UpstreamRelay:
             and part.finish is None
             and (self.tokens >= params.max_tokens)
         )
+
+    def _past_max_tokens(self, chunk: UpstreamChunk, part: _Part) -> bool:
+        """``chunk`` would take the answer past a max_tokens left out upstream: it holds
+        several tokens (an upstream that coalesces), and its text, which goes with its last
+        token, cannot be cut between them. The answer ends before it, so that its usage
+        never says more than max_tokens and counts exactly the tokens whose text the client
+        has. An echo's first chunk (the prompt and the first token) is delivered whole."""
+        params = self.params
+        if params.max_tokens_given or (params.echo and not self.echoed):
+            return False
+        if not any((chunk.text, chunk.logprobs, chunk.tool_calls, chunk.reasoning, chunk.refusal)):
+            return False  # no token of its own to deliver (a finish, the usage)
+        # What ``_deliver`` counts: a token per logprob, else the upstream's count.
+        tokens = len(chunk.logprobs) or self._count(chunk, part)
+        return self.tokens + tokens > params.max_tokens
 
     def _finish_part(self, server: UpstreamServer) -> None:
         part = self._part
@@ -505,7 +527,9 @@ class UpstreamRelay:
         upstream reports its usage; a cut part's tokens are its outputs counted here, and
         a continuation's prompt holds them, so they come off its prompt tokens."""
         prompt, completion = self.prompt_tokens, self.tokens
-        if part is not None and part.usage is not None:
+        if part is not None and part.usage is not None and not part.capped:
+            # Not for a part this relay ended: its usage may count a chunk left out at
+            # max_tokens.
             completion = part.tokens_before + part.usage[1]
         reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
         self._emit(EngineOutput("", 0, prompt, completion, reason), last=True)
