@@ -30,10 +30,11 @@ failure try again elsewhere.
   A request cancelled while it waits for an upstream is never sent.
 
 Each upstream chunk with content (reasoning and refusals too: the upstream counts them
-as generated tokens) is one output of one token (tokenspout's flush policy
-coalesces them), or one per token when it carries logprobs; what is left of ``max_tokens``
-after a cut counts these, exact for upstreams that send a chunk per token (vLLM, llama.cpp,
-tokenspout with ``--flush-tokens 1``). A max_tokens left out upstream (``request_body``) is
+as generated tokens) is one output per token it holds (a token per logprob, else the
+upstream's running count; one without either), its text with the first token that has a
+logprob, else with its last (tokenspout's flush policy coalesces them); what is left of ``max_tokens`` after a cut counts these, exact for upstreams
+that give a count or send a chunk per token (vLLM, llama.cpp, tokenspout, which is asked
+to). A max_tokens left out upstream (``request_body``) is
 this relay's to enforce: the answer ends with ``length`` at the last chunk within it; a
 chunk of several tokens that would go past it is left out whole (its text cannot be cut
 between its tokens), so such an answer may be a few tokens short of max_tokens, never
