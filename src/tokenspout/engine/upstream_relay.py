@@ -29,22 +29,22 @@ failure try again elsewhere.
   closes the upstream response at once: the upstream aborts the generation on disconnect.
   A request cancelled while it waits for an upstream is never sent.
 
-Each upstream chunk with content (reasoning and refusals too: the upstream counts them
-as generated tokens) is one output per token it holds (a token per logprob, else the
-upstream's running count; one without either), its text with the first token that has a
-logprob, else with its last (tokenspout's flush policy coalesces them); what is left of ``max_tokens`` after a cut counts these, exact for upstreams
-that give a count or send a chunk per token (vLLM, llama.cpp, tokenspout, which is asked
-to). A max_tokens left out upstream (``request_body``) is
-this relay's to enforce: the answer ends with ``length`` at the last chunk within it; a
-chunk of several tokens that would go past it is left out whole (its text cannot be cut
-between its tokens), so such an answer may be a few tokens short of max_tokens, never
-longer, and its usage counts the tokens whose text the client has. Prompt tokens are known
-from the upstream's usage: along the stream from one that sends it in every chunk, else at
-the last output only; an answer whose last usage never came (cut after its end, cancelled)
-keeps what was said before (0 when nothing was: tokenspout does not tokenize for an
-upstream). An echoed completion's first chunk begins with the prompt (and its tokens'
-logprobs): that is no part of the answer, neither counted nor continued, and a
-continuation does not ask for the echo again.
+Each upstream chunk with content (reasoning and refusals too: the upstream counts them as
+generated tokens) is one output per token it holds (a token per logprob, else the upstream's
+running count; one without either), its text with the first token that has a logprob, else
+with its last (tokenspout's flush policy coalesces them); what is left of ``max_tokens``
+after a cut counts these, exact for upstreams that give a count or send a chunk per token
+(vLLM, llama.cpp, tokenspout, which is asked to). A max_tokens left out upstream
+(``request_body``) is this relay's to enforce: the answer ends with ``length`` at the last
+chunk within it; a chunk of several tokens that would go past it is left out whole (its text
+cannot be cut between its tokens), so such an answer may be a few tokens short of
+max_tokens, never longer, and its usage counts the tokens whose text the client has. Prompt
+tokens are known from the upstream's usage: along the stream from one that sends it in every
+chunk, else at the last output only; an answer whose last usage never came (cut after its
+end, cancelled) keeps what was said before (0 when nothing was: tokenspout does not tokenize
+for an upstream). An echoed completion's first chunk begins with the prompt (and its tokens'
+logprobs): that is no part of the answer, neither counted nor continued, and a continuation
+does not ask for the echo again.
 """
 
 from __future__ import annotations
