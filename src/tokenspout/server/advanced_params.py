@@ -83,10 +83,16 @@ def chat_tools(body: ChatCompletionRequest | TokenizeRequest) -> list[Tool]:
     """The tools to render in the prompt: none with ``tool_choice: "none"`` (as vLLM's
     ``--exclude-tools-when-tool-choice-none``), where a model shown them writes calls that
     could only go out as text. A ``strict`` function's parameters are closed (no keys
-    beyond those listed)."""
-    if body.tool_choice == "none":
+    beyond those listed). ``InvalidRequestError`` for a ``tool_choice`` without tools, or
+    naming none of them."""
+    choice = body.tool_choice
+    if not body.tools:
+        if choice is not None and choice != "none":
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
         return []
-    return [
+    if choice == "none":
+        return []
+    tools = [
         Tool(
             t.function.name,
             t.function.description,
@@ -94,8 +100,14 @@ def chat_tools(body: ChatCompletionRequest | TokenizeRequest) -> list[Tool]:
             if t.function.strict
             else t.function.parameters,
         )
-        for t in body.tools or ()
+        for t in body.tools
     ]
+    if isinstance(choice, NamedToolChoice) and all(t.name != choice.function.name for t in tools):
+        raise InvalidRequestError(
+            f"tool_choice names {choice.function.name!r}, which is not in tools",
+            param="tool_choice",
+        )
+    return tools
 
 
 def apply(
@@ -216,20 +228,11 @@ def _tool_grammar(body: ChatCompletionRequest, answer: Grammar | None) -> Gramma
     allows beside a call; ``"required"`` and a named function allow only the call, to
     which a text format does not apply (as in OpenAI's API)."""
     choice = body.tool_choice
-    if not body.tools:
-        if choice is not None and choice != "none":
-            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+    tools = chat_tools(body)  # refuses a tool_choice without tools, or naming none of them
+    if not tools:
         return None
-    if choice == "none":
-        return None
-    tools = chat_tools(body)
     if isinstance(choice, NamedToolChoice):
         named = [t for t in tools if t.name == choice.function.name]
-        if not named:
-            raise InvalidRequestError(
-                f"tool_choice names {choice.function.name!r}, which is not in tools",
-                param="tool_choice",
-            )
         return tool_calls.grammar(named, "required")
     if choice == "required":
         return tool_calls.grammar(tools, "required")
