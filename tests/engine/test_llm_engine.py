@@ -198,8 +198,11 @@ async def test_max_tokens_is_clamped_to_the_context(fake_engine: LLMEngine) -> N
 
 
 async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
+    # Encoded (counted, for /tokenize), but never generated from.
+    too_long = fake_engine.encode_completion("x" * 65)
+    assert too_long.num_tokens == 65
     with pytest.raises(PromptTooLongError):
-        fake_engine.encode_completion("x" * 65)
+        await collect(fake_engine, "r", too_long, SamplingParams(max_tokens=1, echo=True))
     whole = fake_engine.encode_completion("x" * 64)  # a whole context: only ever scored
     with pytest.raises(PromptTooLongError):
         await collect(fake_engine, "r", whole, GREEDY)
@@ -214,11 +217,12 @@ async def test_bad_prompts_are_refused(fake_engine: LLMEngine) -> None:
 
 
 async def test_a_prompt_too_long_names_the_field_it_came_in(fake_engine: LLMEngine) -> None:
+    chat = fake_engine.encode_chat([ChatMessage("user", "x" * 64)])
     with pytest.raises(PromptTooLongError) as err:
-        fake_engine.encode_chat([ChatMessage("user", "x" * 64)])
+        await collect(fake_engine, "r", chat, GREEDY)
     assert err.value.param == "messages"  # chat has no prompt field
     with pytest.raises(PromptTooLongError) as err:
-        fake_engine.encode_completion("x" * 65)
+        await collect(fake_engine, "r", fake_engine.encode_completion("x" * 65), GREEDY)
     assert err.value.param == "prompt"
 
 

@@ -62,8 +62,9 @@ def test_detokenize_gives_the_text_back(server: RunningServer) -> None:
         ("/tokenize", {}, "prompt", "give a prompt or messages"),
         ("/tokenize", {"prompt": "a", "messages": CHAT}, "messages", "not both"),
         ("/tokenize", {"prompt": "a", "tools": []}, "tools", "tools go with messages"),
-        ("/tokenize", {"prompt": "a", "add_special_tokens": True}, "add_special_tokens", "Extra"),
-        ("/tokenize", {"prompt": "hello " * 3000}, "prompt", "the model's context is 2048"),
+        ("/tokenize", {"prompt": "a", "add_special_tokens": True}, "add_special_tokens", "false"),
+        ("/tokenize", {"prompt": "a", "best_of": 2}, "best_of", "Extra inputs"),
+        ("/tokenize", {"messages": CHAT, "tool_choice": "required"}, "tool_choice", "needs tools"),
         ("/detokenize", {"tokens": [1, 49152]}, "tokens", "tokens[1] is 49152"),
         ("/detokenize", {"tokens": ["1"]}, "tokens", "tokens.0: Input should be a valid integer"),
     ],
@@ -75,6 +76,30 @@ def test_what_cannot_be_answered_is_a_400_naming_the_field(
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"] == param and says in error["message"], error
+
+
+def test_a_prompt_longer_than_the_context_is_counted(server: RunningServer) -> None:
+    # As vLLM's: the client compares the count with max_model_len and cuts the prompt. It
+    # was a 400 that gave the count but no ids to cut.
+    text = "hello " * 3000
+    counted = post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert counted["count"] == 3001 and counted["count"] > counted["max_model_len"]
+    asked = post(server, "/v1/completions", {"prompt": text, "max_tokens": 1})
+    assert asked.status_code == 400
+    assert asked.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_token_strs_are_the_vocabulary_entries(server: RunningServer) -> None:
+    r = post(server, "/tokenize", {"prompt": "Hello world", "return_token_strs": True}).json()
+    assert r["tokens"] == [19556, 905] and r["token_strs"] == ["Hello", "Ġworld"]
+
+
+def test_a_tool_choice_is_checked_as_a_chat_completion_checks_it(server: RunningServer) -> None:
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    named = {"type": "function", "function": {"name": "g"}}
+    for path in ("/tokenize", "/v1/chat/completions"):
+        r = post(server, path, {"messages": CHAT, "tools": tools, "tool_choice": named})
+        assert r.status_code == 400 and "'g', which is not in tools" in r.text, (path, r.text)
 
 
 def test_a_model_not_served_is_a_404(server: RunningServer) -> None:

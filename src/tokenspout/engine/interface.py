@@ -131,6 +131,13 @@ class Engine(ABC):
             "this engine has no tokenizer to read token ids with", param="tokens"
         )
 
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's entry in the vocabulary, as its tokenizer spells it (``Ġworld``);
+        raises as ``detokenize`` does."""
+        raise InvalidRequestError(
+            "this engine has no tokenizer to read token ids with", param="return_token_strs"
+        )
+
     @abstractmethod
     def continuation(
         self, prompt: Prompt, params: SamplingParams, sofar: Continuation

@@ -274,14 +274,21 @@ class LLMEngine(Engine):
         return replace(prompt, text=text, token_ids=ids), rest
 
     def detokenize(self, token_ids: Seq[int]) -> str:
-        runner = self._runner()
+        self._check_ids(token_ids)
+        return self._runner().tokenizer.decode(token_ids, skip_special_tokens=False)
+
+    def token_strs(self, token_ids: Seq[int]) -> list[str]:
+        self._check_ids(token_ids)
+        return self._runner().tokenizer.pieces(token_ids)
+
+    def _check_ids(self, token_ids: Seq[int]) -> None:
+        vocab = self._runner().vocab_size
         for i, token in enumerate(token_ids):
-            if not 0 <= token < runner.vocab_size:
+            if not 0 <= token < vocab:
                 raise InvalidRequestError(
-                    f"tokens[{i}] is {token}, not in the vocabulary (0 to {runner.vocab_size - 1})",
+                    f"tokens[{i}] is {token}, not in the vocabulary (0 to {vocab - 1})",
                     param="tokens",
                 )
-        return runner.tokenizer.decode(token_ids, skip_special_tokens=False)
 
     def check_params(self, params: SamplingParams) -> None:
         """Everything ``SamplingParams`` can ask for is served here; a grammar must be one
@@ -712,7 +719,11 @@ class LLMEngine(Engine):
         return raw.decode("utf-8", errors="replace"), raw
 
     def _prompt(self, token_ids: Seq[int], text: str, param: str) -> Prompt:
-        self._check_prompt(token_ids, param)
+        # One longer than the context is encoded all the same (``/tokenize`` answers its
+        # count, as vLLM's does); a generation is refused for it by the server's limits and
+        # again at ``submit``.
+        if not token_ids:
+            raise InvalidRequestError("the prompt has no tokens", param=param)
         return Prompt(text, tuple(token_ids))
 
     def _check_prompt(self, token_ids: Seq[int], param: str) -> None:

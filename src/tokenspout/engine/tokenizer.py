@@ -157,6 +157,10 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)
         return ids
 
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """Each id's entry in the vocabulary, as the tokenizer spells it (``Ġworld``)."""
+        return [self._backend.id_to_token(i) or "" for i in ids]
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; a cut multi-byte character decodes to U+FFFD."""
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -369,6 +369,11 @@ class TokenizeRequest(_Body):
     """none leaves the tools out of the prompt, as a chat completion does."""
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    """vLLM's: add the tokenizer's special tokens (a BOS) to the prompt. The ids are those
+    a generation reads, which get none added: only false is served."""
+    return_token_strs: StrictBool = False
+    """Also each id's entry in the vocabulary, as the tokenizer spells it (``token_strs``)."""
 
 
 class DetokenizeRequest(_Body):

@@ -4,6 +4,8 @@ count them before it asks, and the text of ids. Behind the API keys as ``/v1`` i
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -35,10 +37,17 @@ def _model(request: Request, state: ServerState, name: str | None) -> None:
 @router.post("/tokenize")
 async def tokenize(request: Request) -> Response:
     """``count``, ``max_model_len`` and ``tokens``: the ids a completion or chat request
-    with this prompt would have the model read (through the chat template for messages)."""
+    with this prompt would have the model read (through the chat template for messages),
+    also for a prompt longer than the context, so that a client can cut it to fit."""
     state = state_of(request)
     body = await parse_body(request, TokenizeRequest, state.config.max_body_bytes)
     _model(request, state, body.model)
+    if body.add_special_tokens:
+        raise InvalidRequestError(
+            "the ids are those a generation reads, which has no special tokens added: "
+            "add_special_tokens can only be false",
+            param="add_special_tokens",
+        )
     if body.prompt is None and body.messages is None:
         raise InvalidRequestError("give a prompt or messages", param="prompt")
     if body.prompt is not None:
@@ -55,9 +64,12 @@ async def tokenize(request: Request) -> Response:
             param="prompt" if body.prompt is not None else "messages",
         )
     ids = list(prompt.token_ids)
-    return JSONResponse(
-        {"count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids}
-    )
+    answer: dict[str, Any] = {
+        "count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids,
+    }  # fmt: skip
+    if body.return_token_strs:
+        answer["token_strs"] = await off_loop(len(ids), lambda: state.engine.token_strs(ids))
+    return JSONResponse(answer)
 
 
 @router.post("/detokenize")
