@@ -172,11 +172,13 @@ class Sampler:
         row through ``_mask_top_p``, whose float32 cumulative sum reaches 1 before the end
         of the vocabulary and cut the far tail of rows that never asked: a seeded row's pick
         changed with its neighbours' settings.)"""
-        cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0]
+        cut: list[int] = []
+        whole: list[int] = []
+        for i, p in enumerate(params):
+            (cut if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 else whole).append(i)
         if not cut:
             return _pick(logits, rows, [p.temperature for p in params], u)
         picks = [0] * len(rows)
-        whole = [i for i in range(len(rows)) if i not in set(cut)]
         if whole:
             picked = _pick(
                 logits, [rows[i] for i in whole], [params[i].temperature for i in whole],
