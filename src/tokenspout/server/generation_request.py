@@ -100,9 +100,9 @@ async def chat_prompt(state: ServerState, body: ChatCompletionRequest | Tokenize
     )
 
 
-async def completion_prompt(state: ServerState, text: str, param: str = "prompt") -> Prompt:
-    """A completion's prompt (``param``: the field it came from)."""
-    check_prompt_chars(state, text, param)
+async def completion_prompt(state: ServerState, text: str) -> Prompt:
+    """A completion's prompt (its ``prompt`` field)."""
+    check_prompt_chars(state, text, "prompt")
     return await off_loop(len(text), lambda: state.engine.encode_completion(text))
 
 
