@@ -98,7 +98,7 @@ class EventStreamResponse(Response, StreamTransport):
         #: A new stream of an engine that may refuse it after submit (``refuses_late``)
         #: waits this long at most for the engine's first word before the 200 goes out.
         late = state.engine.refuses_late and not resumed
-        self._wait_begun_s = state.config.heartbeat_interval_s if late else 0.0
+        self._wait_begun_s = self.heartbeat_s() if late else 0.0
         #: It was refused before it began: the whole response was the error.
         self._refused = False
 
