@@ -105,7 +105,7 @@ def by_name(spans: list[Span]) -> dict[str, Span]:
 
 
 def test_a_streamed_request_is_one_trace_under_the_incoming_traceparent(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(
         SyntheticEngine(ttft_ms=20, itl_ms=2), otlp_traces_endpoint=collector.url
@@ -156,7 +156,7 @@ def test_a_streamed_request_is_one_trace_under_the_incoming_traceparent(
 
 
 def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(
         SyntheticEngine(itl_ms=10), otlp_traces_endpoint=collector.url
@@ -189,7 +189,7 @@ def test_each_request_gets_its_own_trace_and_aborts_carry_their_reason(
 
 
 def test_a_refused_request_is_a_root_span_with_its_error(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     # Its span was started before admission and never ended: a 429 left no trace at all.
     server: RunningServer = start_server(
@@ -214,7 +214,7 @@ def test_a_refused_request_is_a_root_span_with_its_error(
 
 
 def test_span_names_carry_route_templates_not_stream_ids(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     # A resume's span was named by its raw path, one name per stream id.
     server: RunningServer = start_server(
@@ -237,7 +237,7 @@ def test_the_endpoint_must_be_an_http_url() -> None:
 
 
 async def test_websocket_streams_are_traced_under_the_handshake_traceparent(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     from websockets.asyncio.client import connect
 
@@ -260,7 +260,7 @@ async def test_websocket_streams_are_traced_under_the_handshake_traceparent(
 
 
 def test_the_upstream_request_is_a_child_of_the_request_span(
-    start_server, collector: Collector
+    collector: Collector, start_server
 ) -> None:  # type: ignore[no-untyped-def]
     body = {"messages": [{"role": "user", "content": "one two"}], "max_tokens": 3, "stream": True}
     incoming = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
