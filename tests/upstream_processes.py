@@ -8,6 +8,7 @@ import contextlib
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -62,14 +63,18 @@ class UpstreamProcess:
 def spawn(args: list[str], *, ready: str = "/v1/models", timeout: float = 120.0) -> UpstreamProcess:
     """Start ``args`` + ``--port N`` and wait until ``ready`` answers 200."""
     port = free_port()
+    # A file, not a pipe: nobody reads a pipe once the server is up, and a process whose
+    # logs (the fault injector's tracebacks) filled its 64 KB blocked in the write, for good.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [*args, "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*args, "--port", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{args} exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            log.seek(0)
+            raise RuntimeError(f"{args} exited: {log.read().decode()[-2000:]}")
         with contextlib.suppress(httpx.TransportError):
             if httpx.get(url + ready).status_code == 200:
                 return UpstreamProcess(proc, url)
