@@ -225,6 +225,54 @@ def test_named_tool_choice_and_the_tool_result_continues(client: OpenAI) -> None
     assert not follow.choices[0].message.tool_calls
 
 
+def said_then_called(city: str, i: int) -> list[dict]:
+    """A turn that says something, then calls ``get_weather`` for ``city``, and its result."""
+    call = {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": "celsius"})}
+    return [
+        *user(f"What is the weather in {city}?"),
+        {
+            "role": "assistant",
+            "content": f"Let me check the weather in {city}.",
+            "tool_calls": [{"id": f"call_{i}", "type": "function", "function": call}],
+        },
+        {"role": "tool", "tool_call_id": f"call_{i}", "content": "sunny"},
+        {"role": "assistant", "content": f"It is sunny in {city}."},
+    ]
+
+
+def test_text_then_a_call_is_content_and_the_call_streamed_or_not(client: OpenAI) -> None:
+    # Greedy, after two turns that did so, the model writes a sentence and then a call. Its
+    # markup came back as content then (only an answer that started with the call was read
+    # as one), and the call was lost.
+    messages = [*said_then_called("Oslo", 0), *said_then_called("Rome", 1)]
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [*messages, *user("What is the weather in Paris?")],
+        "tools": [WEATHER],
+        "max_tokens": 80,
+        "temperature": 0,
+    }
+    choice = client.chat.completions.create(**body).choices[0]
+    content, calls = choice.message.content, choice.message.tool_calls or []
+    assert content and "<" not in content and content == content.rstrip(), content
+    assert choice.finish_reason == "tool_calls"
+    (call,) = calls
+    assert call.function.name == "get_weather"  # type: ignore[union-attr]
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])  # type: ignore[union-attr,index]
+    stream = client.chat.completions.create(
+        **body, stream=True, stream_options={"flush_tokens": 1, "flush_ms": 0}
+    )
+    deltas = [c.choices[0] for c in stream if c.choices]
+    texts = [d.delta.content for d in deltas if d.delta.content]
+    pieces = [call for d in deltas for call in d.delta.tool_calls or []]
+    assert "".join(texts) == content and len(texts) > 1, "the content streams first"
+    first_call = next(i for i, d in enumerate(deltas) if d.delta.tool_calls)
+    assert not any(d.delta.content for d in deltas[first_call:])
+    assert pieces[0].function.name == "get_weather" and pieces[0].id  # type: ignore[union-attr]
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments  # type: ignore[union-attr]
+    assert deltas[-1].finish_reason == "tool_calls"
+
+
 def weather_call() -> dict[str, Any]:
     """A greedy chat that must call ``get_weather``."""
     return {

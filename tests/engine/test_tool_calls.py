@@ -108,6 +108,54 @@ def test_the_name_is_sent_as_soon_as_it_is_complete() -> None:
     assert first.name == "get_weather" and first.arguments == "" and parser.has_call
 
 
+@pytest.mark.parametrize("gap", ["", "\n", "\n\n", " \n"])
+@pytest.mark.parametrize("size", [1, 2, 5, 13, 1000])
+def test_text_then_a_call_is_content_and_the_call(size: int, gap: str) -> None:
+    # The text before a call came back with the call's markup as its content: only output
+    # that started with "<tool_call>" was read as a call.
+    content, deltas = feed_in_pieces(f"Let me check <b>that</b>.{gap}{CALL}", size)
+    assert content == "Let me check <b>that</b>."  # the gap before the call is its markup's
+    assert deltas[0].name == "get_weather" and deltas[0].id
+    (call,) = merge_calls(deltas)
+    assert json.loads(call.arguments) == {"city": 'Pa"ris'}
+
+
+def test_content_before_a_call_is_sent_as_it_comes_but_what_may_open_the_call() -> None:
+    parser = ToolCallParser()
+    assert parser.feed("Let me") == ("Let me", ())
+    assert parser.feed(" check <") == (" check", ())
+    assert parser.feed("b> first.\n") == (" <b> first.", ())
+    assert parser.feed("\n<tool_") == ("", ())
+    assert parser.feed("call>\n") == ("", ())
+    _, (first,) = parser.feed('{"name": "get_weather"')
+    assert first.name == "get_weather" and parser.has_call
+    parser.feed(CALL.removeprefix('<tool_call>\n{"name": "get_weather"'))
+    assert parser.finish() == ("", ()) and parser.complete
+
+
+@pytest.mark.parametrize(
+    "text", ["a <tool y", "see <tool_calls> here", "x <tool_call\ny", "<<tool_call", "1 <\n 2"]
+)
+def test_the_start_of_the_tag_in_prose_is_content(text: str) -> None:
+    for size in (1, 3, 100):
+        assert feed_in_pieces(f"{text}.", size) == (f"{text}.", [])
+
+
+@pytest.mark.parametrize("cut", ["<", "<tool_cal", "<tool_call>", '<tool_call>\n{"name": "ge'])
+def test_text_then_a_call_cut_before_its_name_is_the_text(cut: str) -> None:
+    # max_tokens cut it: the text is content, the start of the markup is not.
+    for size in (1, 3, 100):
+        assert feed_in_pieces(f"Let me check.\n{cut}", size) == ("Let me check.", [])
+
+
+def test_whitespace_held_back_ends_an_answer_without_a_call() -> None:
+    for size in (1, 3, 100):
+        assert feed_in_pieces("Sunny.\n\n", size) == ("Sunny.\n\n", [])
+    parser = ToolCallParser()
+    assert parser.feed("Sunny.\n") == ("Sunny.", ())
+    assert parser.finish() == ("\n", ()) and not parser.complete
+
+
 def accepts(tokens: tuple[Tokenizer, llguidance.LLTokenizer], g: Grammar, text: str) -> bool:
     tok, ll = tokens
     matcher = llguidance.LLMatcher(ll, grammar_text(g))
@@ -124,6 +172,33 @@ def test_grammars_accept_calls_and_only_calls_when_required(lltokenizer) -> None
     auto = grammar([WEATHER], "auto")
     assert accepts(lltokenizer, auto, "Sunny.")
     assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
+
+
+@pytest.mark.parametrize("gap", ["", " ", "\n", "\n\n"])
+def test_auto_takes_text_then_a_call(lltokenizer, gap: str) -> None:  # type: ignore[no-untyped-def]
+    # Auto's text was any output not starting with "<": text and then a call's markup,
+    # valid or not, was all text.
+    auto = grammar([WEATHER], "auto")
+    paris = call_text("get_weather", '{"city": "Paris"}')
+    assert accepts(lltokenizer, auto, f"Let me check.{gap}{paris}")
+    assert accepts(lltokenizer, auto, f"<b>Hi</b> a <tool x <tool_calls{gap}{paris}")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hi <tool_call>",
+        "Hi <tool_call> and more.",
+        'Hi <tool_call>\n{"name": "sunny", "arguments": {}}\n</tool_call>',
+        'Hi\n<tool_call>\n{"name": "get_weather", "arguments": {"town": "Paris"}}\n</tool_call>',
+        call_text("get_weather", '{"city": "Paris"}') + " Done.",
+        # a text answer may not end as a call starts: that is read as a call cut short
+        "Hi <",
+        "Hi <tool_cal",
+    ],
+)
+def test_auto_refuses_the_tag_but_in_a_valid_call(lltokenizer, text: str) -> None:  # type: ignore[no-untyped-def]
+    assert not accepts(lltokenizer, grammar([WEATHER], "auto"), text)
 
 
 def test_an_answer_format_beside_tools_shapes_the_text_and_leaves_the_calls(lltokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -147,6 +222,10 @@ def test_an_answer_format_beside_tools_shapes_the_text_and_leaves_the_calls(llto
     assert accepts(lltokenizer, auto, call_text("get_weather", '{"city": "Paris"}'))
     assert not accepts(lltokenizer, auto, "Sunny.")
     assert not accepts(lltokenizer, auto, '{"temp": "warm"}')
+    # the format's answer or a call, not both
+    paris = call_text("get_weather", '{"city": "Paris"}')
+    assert not accepts(lltokenizer, auto, '{"temp": 21}' + paris)
+    assert not accepts(lltokenizer, auto, "Sunny." + paris)
     assert accepts(lltokenizer, grammar_of(guided_json=schema), '{"temp": 21}')
     assert accepts(lltokenizer, grammar_of(response_format={"type": "json_object"}), '{"a": 1}')
     required = grammar_of(response_format=fmt, tool_choice="required")

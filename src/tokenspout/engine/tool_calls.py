@@ -10,8 +10,10 @@ Hermes and Qwen2.5 templates use. Either way a call is generated as::
     </tool_call>
 
 and the grammar fixes everything but the arguments' values, so the parser can stream the
-name first and the arguments in pieces without guessing. One call per answer: the grammar
-ends the output after ``</tool_call>``.
+name first and the arguments in pieces without guessing. With ``tool_choice: "auto"`` some
+text may come first ("Let me check.\n" and a call), as Hermes and Qwen models write it: the
+answer then has both content and the call, as OpenAI's and vLLM's do. One call per answer:
+the grammar ends the output after ``</tool_call>``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from tokenspout.engine.request import ChatMessage, Grammar, ToolCall, ToolCallDe
 
 OPEN = "<tool_call>\n"
 CLOSE = "}\n</tool_call>"
+#: Text (Lark lexeme) that holds no call's opening tag: what auto's content may be.
+_NO_TAG = r"/[\s\S]*/ & ~/[\s\S]*<tool_call>[\s\S]*/"
+#: Text that ends with the start of the opening tag ("<", "<tool_", ...): a text answer may
+#: not end so, which tells a call cut there (by max_tokens or a stop string) from content.
+_TAG_START = "/[\\s\\S]*(" + "|".join(OPEN[:n] for n in range(1, len(OPEN) - 1)) + ")/"
 _NAME = re.compile(r'<tool_call>\n\{"name": "((?:[^"\\]|\\.)*)"')
 #: What the grammar puts between the name and the arguments.
 _ARGS_SEP = ', "arguments": '
@@ -91,39 +98,58 @@ def grammar(
     mode: Literal["auto", "required"],
     answer: dict[str, Any] | None = None,
 ) -> Grammar:
-    """The output grammar for calls of ``tools``: ``"auto"`` (free text that does not start
-    with ``<``, or one call) or ``"required"`` (one call). A named ``tool_choice`` is
-    ``"required"`` over that one tool: the mode is never read from a tool's name, which may
-    well be ``"auto"``. ``answer``: under ``"auto"``, a JSON schema the text answer follows
-    instead of free text (a ``response_format`` beside the tools, as OpenAI takes them)."""
+    """The output grammar for calls of ``tools``: ``"auto"`` (text, one call, or text and
+    then one call; the text holds no ``<tool_call>`` of its own) or ``"required"`` (one
+    call). A named ``tool_choice`` is ``"required"`` over that one tool: the mode is never
+    read from a tool's name, which may well be ``"auto"``. ``answer``: under ``"auto"``, a
+    JSON schema the text answer follows instead of free text (a ``response_format`` beside
+    the tools, as OpenAI takes them): that answer or one call, never both."""
     rules = []
     for i, tool in enumerate(tools):
-        head = json.dumps(f'{OPEN}{{"name": {json.dumps(tool.name)}, "arguments": ')
+        head = json.dumps(f'{{"name": {json.dumps(tool.name)}, "arguments": ')
         rules.append(f"call{i}: {head} args{i} {json.dumps(CLOSE)}")
         rules.append(f"args{i}: %json {json_schema_lark(tool.parameters)}")
     calls = " | ".join(f"call{i}" for i in range(len(tools)))
     if mode == "auto" and answer is not None:
-        # A JSON answer starts with a value, never with the call's "<".
-        start = f"start: answer | {calls}\nanswer: %json {json_schema_lark(answer)}"
+        # A JSON answer is whole by itself: it or a call. It holds no raw newline, so the
+        # parser never reads a string in it as the call's opening "<tool_call>\n".
+        start = "\n".join(
+            [
+                f"start: answer | {json.dumps(OPEN)} ({calls})",
+                f"answer: %json {json_schema_lark(answer)}",
+            ]
+        )
     elif mode == "auto":
-        start = f"start: TEXT | {calls}\nTEXT: /[^<][\\s\\S]*/"
+        # One lexeme for the text and the opening tag after it: the lexer, greedy, would
+        # otherwise read on into "<tool_call" as text and fail at its ">".
+        start = "\n".join(
+            [
+                f"start: TEXT | TEXT_THEN_OPEN ({calls})",
+                f"TEXT: /[\\s\\S]+/ & {_NO_TAG} & ~{_TAG_START}",
+                f"TEXT_THEN_OPEN: ({_NO_TAG}) {json.dumps(OPEN)}",
+            ]
+        )
     else:
-        start = f"start: {calls}"
+        start = f"start: {json.dumps(OPEN)} ({calls})"
     return Grammar("lark", "\n".join([start, *rules]))
 
 
 class ToolCallParser:
     """Splits a streamed output into content and ``ToolCallDelta`` pieces (engine thread).
 
-    Output that starts with ``<tool_call>`` is a call: its name is sent once it is complete,
-    then the arguments as they come, holding back what may be the closing
-    ``}\\n</tool_call>``. Anything else is content, sent as is. The markup itself is never
-    content: the client asked for calls, not for this server's format of them.
+    Content is sent as it comes, but for a tail that may be the start of ``<tool_call>``
+    (``"... <tool_"``), and the whitespace before it, which wait for what follows. From
+    ``<tool_call>`` on the output is a call: its name is sent once it is complete, then the
+    arguments as they come, holding back what may be the closing ``}\n</tool_call>``. The
+    whitespace between text and a call (the ``"\n"`` templates write there) is the
+    markup's, not the content's. The markup itself is never content: the client asked for
+    calls, not for this server's format of them.
     """
 
     def __init__(self) -> None:
+        #: Before a call: what is held back; from its opening tag on: the call's text.
         self._buffer = ""
-        self._is_call: bool | None = None
+        self._in_call = False
         self._args_start: int | None = None
         self._args_sent = 0
         self.has_call = False
@@ -136,32 +162,32 @@ class ToolCallParser:
 
     def feed(self, text: str) -> tuple[str, tuple[ToolCallDelta, ...]]:
         """Content and call pieces that ``text`` completes."""
-        if self._is_call is False:
-            return text, ()
         self._buffer += text
-        if self._is_call is None:
-            if OPEN.startswith(self._buffer):
-                return "", ()
-            self._is_call = self._buffer.startswith(OPEN)
-            if not self._is_call:
-                content, self._buffer = self._buffer, ""
-                return content, ()
-        return "", self._pieces(final=False)
+        if self._in_call:
+            return "", self._pieces(final=False)
+        start = self._buffer.find(OPEN)
+        if start < 0:
+            held = _held_back(self._buffer)
+            content, self._buffer = self._buffer[:held], self._buffer[held:]
+            return content, ()
+        content, self._buffer = self._buffer[:start].rstrip(), self._buffer[start:]
+        self._in_call = True
+        return content, self._pieces(final=False)
 
     def finish(self) -> tuple[str, tuple[ToolCallDelta, ...]]:
         """What is left at the end. A call cut short (by ``max_tokens`` or a stop string)
         ends with what it has: its name and its arguments' text so far (without the start of
         the closing markup that followed them), or nothing when it was cut before its name.
 
-        Output held back as a prefix of ``<tool_call>`` (``"<tool_"``) is dropped, not
-        returned as content, even with ``tool_choice: "auto"``: the grammar lets no text
-        start with ``<`` (auto's text is ``[^<]...``), so such output can only be the start
-        of a call that was cut. Output that went on to differ from ``<tool_call>`` was sent
-        as content by ``feed`` already.
+        Output held back as the start of ``<tool_call>`` (``"<tool_"``) is dropped, with the
+        whitespace before it, not returned as content: the grammar lets no text end that way
+        (see ``grammar``), so such output can only be the start of a call that was cut.
+        Whitespace held back alone ends the content.
         """
-        if not self._is_call:
-            return "", ()
-        return "", self._pieces(final=True)
+        if self._in_call:
+            return "", self._pieces(final=True)
+        rest, self._buffer = self._buffer, ""
+        return ("", ()) if rest.strip() else (rest, ())
 
     def _pieces(self, *, final: bool) -> tuple[ToolCallDelta, ...]:
         deltas = []
@@ -203,3 +229,16 @@ def merge_calls(deltas: Sequence[ToolCallDelta]) -> list[ToolCall]:
         call[1] = d.name or call[1]
         call[2] += d.arguments
     return [ToolCall(*calls[i]) for i in sorted(calls)]
+
+
+def _held_back(text: str) -> int:
+    """Where the tail of ``text`` that must wait begins: the start of ``<tool_call>`` it may
+    end with, and the whitespace before that. ``"<"`` is the tag's first character and not
+    in the rest of it, so only the last ``"<"`` can begin it."""
+    held = len(text)
+    tag = text.rfind("<")
+    if tag >= 0 and OPEN.startswith(text[tag:]):
+        held = tag
+    while held and text[held - 1].isspace():
+        held -= 1
+    return held
