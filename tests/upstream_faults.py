@@ -115,7 +115,7 @@ class FaultyUpstream:
         chat = "messages" in body
         reasoning = REASONING if chat and args.fault in ("reasoning", "reasoningcut") else ()
         if chat:
-            messages = [ChatMessage(m["role"], m["content"]) for m in body["messages"]]
+            messages = [ChatMessage(m["role"], _text(m["content"])) for m in body["messages"]]
             prompt = self.engine.encode_chat(
                 messages,
                 add_generation_prompt=body.get("add_generation_prompt", True),
@@ -235,6 +235,13 @@ def _completion_logprobs(words: list[str], echoed: bool) -> dict[str, Any]:
     if echoed:
         values[0] = tops[0] = None
     return {"tokens": words, "token_logprobs": values, "top_logprobs": tops}
+
+
+def _text(content: str | list[dict[str, Any]]) -> str:
+    """A message's text: its text parts a line apart (as vLLM joins them), others unread."""
+    if isinstance(content, str):
+        return content
+    return "\n".join(part["text"] for part in content if part["type"] == "text")
 
 
 def _delta(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:

@@ -287,13 +287,17 @@ def test_a_request_with_a_field_only_the_upstream_knows_is_taken_over(
 ) -> None:
     """In front of upstreams, fields tokenspout does not know go on to them (the route
     validates with the schema that keeps them). The takeover validated the stored body with
-    the strict schema: "Extra inputs are not permitted", and the stream was given up."""
+    the strict schema: "Extra inputs are not permitted", and the stream was given up. The
+    continuation's messages are the client's as sent: an image part, a vendor field."""
     with processes(faulty) as (upstream,):
         owner, survivor = replica_set.start_many(2, "--upstream", upstream.base, engine="upstream")
         expected = whole_text(40)
         # The owner's answer stalls after a few chunks: it is mid-answer when it dies.
         upstream.fault("stall", after=3)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        user = {"role": "user", "content": [{"type": "text", "text": PROMPT}, image], "x": 1}
         body = {**chat_body(40), "chat_template_kwargs": {"enable_thinking": False}}
+        body["messages"] = [user]
         parts: list[str] = []
         with httpx.stream("POST", f"{owner.url}/v1/chat/completions", json=body) as r:
             stream_id = r.headers["x-stream-id"]
@@ -304,6 +308,7 @@ def test_a_request_with_a_field_only_the_upstream_knows_is_taken_over(
         continued = upstream.stats()["body"]
     assert "".join(parts) == expected
     assert continued["chat_template_kwargs"] == {"enable_thinking": False}
+    assert continued["messages"][0] == user
     assert continued["messages"][-1]["role"] == "assistant"
     assert survivor.metric("tokenspout_stream_takeovers_total") == 1
 

@@ -151,6 +151,33 @@ def test_a_refused_continuation_nothing_else_takes_ends_with_an_error_naming_it(
     assert lines[-1] == "[DONE]"
 
 
+def test_a_vision_chat_cut_mid_stream_is_continued_with_its_messages_as_sent(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """The continuation's messages are the client's as sent (an image part, a field
+    tokenspout does not know) and the text so far as an assistant message, continued."""
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    user = {"role": "user", "content": [{"type": "text", "text": "one two three"}, image],
+            "x_vendor": 1}  # fmt: skip
+    body = {"model": "synthetic", "messages": [user], "max_tokens": 11}
+    with processes(faulty) as (other,):
+        uncut = httpx.post(f"{other.url}/v1/chat/completions", json={**body, "stream": True})
+        fault.fault("cut", after=4)
+        server = front(start_server, fault, other, **FAST)
+        text, usage, _ = stream(server, "/v1/chat/completions", body)
+        first, rest = fault.stats()["body"], other.stats()["body"]
+    expected = "".join(
+        json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in uncut.text.splitlines()
+        if line.startswith("data: {") and json.loads(line[6:])["choices"]
+    )
+    assert text == expected and usage["completion_tokens"] == 11
+    assert first["messages"] == [user]
+    so_far = {"role": "assistant", "content": "one two three one "}
+    assert rest["messages"] == [user, so_far]
+    assert rest["continue_final_message"] is True
+
+
 def test_upstream_killed_mid_stream_is_continued(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

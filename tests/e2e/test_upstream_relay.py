@@ -249,10 +249,39 @@ def test_a_content_filter_finish_passes_through(
         assert r.json()["choices"][0]["finish_reason"] == "content_filter"
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+FILE = {"type": "file", "file": {"file_data": "data:,", "filename": "a"}}
+#: A vision model's conversation: parts of every type, fields tokenspout does not read.
+SEEN = [
+    {"role": "system", "content": [{"type": "text", "text": "Be brief.", "x_hint": 1}]},
+    {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "text", "text": "y"},
+                                 IMAGE], "x_vendor": {"k": [1, 2]}},
+    {"role": "user", "content": [{"type": "text", "text": "z"}, AUDIO, FILE]},
+]  # fmt: skip
+
+
+def test_messages_reach_the_upstream_as_sent(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """tokenspout can front a vision model: content parts of any type and message fields
+    it does not know go upstream as the client sent them (text parts were joined into one
+    string, other parts and fields refused)."""
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "messages": SEEN, "max_tokens": 4}
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert fault.stats()["body"]["messages"] == SEEN
+
+
 def test_the_embedded_mode_still_refuses_unknown_fields(synthetic_server: RunningServer) -> None:
     body = {"messages": [{"role": "user", "content": "x"}], "min_tokens": 2}
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens"
+    for message in SEEN:
+        body = {"messages": [message]}
+        r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages"), r.text
 
 
 def test_streamed_tool_call_reaches_the_sdk_intact(

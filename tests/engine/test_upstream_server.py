@@ -1,12 +1,16 @@
 """The context length an upstream's ``/models`` entry gives, in each server's own words,
-and none where the entry does not say; how its chunks can be asked to count tokens."""
+and none where the entry does not say; how its chunks can be asked to count tokens; the
+messages of a continuation as they were sent."""
 
 from __future__ import annotations
 
 import pytest
 
-from tokenspout.engine.request import Prompt, SamplingParams
+from tokenspout.engine.continuation import Continuation
+from tokenspout.engine.request import ChatMessage, Prompt, SamplingParams
 from tokenspout.engine.upstream_body import request_body
+from tokenspout.engine.upstream_engine import UpstreamEngine
+from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_server import context_length, token_counts
 
 
@@ -67,3 +71,38 @@ def test_the_request_asks_for_the_counts_the_upstream_gives() -> None:
     assert ours["stream_options"] == {
         "include_usage": True, "continuous_usage_stats": True, "flush_tokens": 1, "flush_ms": 0,
     }  # fmt: skip
+
+
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+
+
+@pytest.mark.parametrize(
+    ("content", "continued"),
+    [
+        ("a b ", "a b c d"),
+        ([{"type": "text", "text": "a"}, {"type": "text", "text": "b "}],
+         [{"type": "text", "text": "a"}, {"type": "text", "text": "b c d"}]),
+        ([{"type": "text", "text": "a "}, IMAGE], [{"type": "text", "text": "a "}, IMAGE,
+                                                  {"type": "text", "text": "c d"}]),
+    ],
+    ids=["string", "text parts", "ends with an image"],
+)  # fmt: skip
+def test_a_continued_final_message_goes_on_in_the_form_it_was_sent(
+    content: object, continued: object
+) -> None:
+    """A failover (or a takeover) continues a final assistant message: its text goes on
+    where the client's left it, its other parts and fields as they were sent."""
+    sent = {"role": "assistant", "content": content, "x_vendor": {"k": 1}}
+    messages = (
+        ChatMessage("user", "hi", sent={"role": "user", "content": [IMAGE], "x_vendor": 1}),
+        ChatMessage("assistant", "a b ", sent=sent),
+    )
+    prompt = Prompt("", messages=messages, add_generation_prompt=False, continue_final_message=True)
+    engine = UpstreamEngine(UpstreamOptions(["http://127.0.0.1:9/v1"]))
+    rest, _ = engine.continuation(prompt, SamplingParams(9), Continuation("c d", None, 2))
+    _, body = request_body(rest, SamplingParams(7))
+    assert body["messages"] == [
+        {"role": "user", "content": [IMAGE], "x_vendor": 1},
+        {"role": "assistant", "content": continued, "x_vendor": {"k": 1}},
+    ]
+    assert rest.messages[-1].content == "a b c d"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from tokenspout.errors import InvalidRequestError
@@ -40,13 +40,37 @@ class ChatMessage:
     """One message of a chat; ``role`` is system, user, assistant or tool. An assistant
     message may carry the ``tool_calls`` it made; a tool message answers ``tool_call_id``.
     ``name`` is the participant's, as the client gave it: chat templates do not render it,
-    but an upstream is sent it."""
+    but an upstream is sent it. ``content`` is the message's text (its text parts, a line
+    apart). ``sent`` is the message as the client sent it (content parts of any type, fields
+    tokenspout does not read), for an engine that passes messages on to another server
+    (upstream) rather than rendering them; None for one built here."""
 
     role: str
     content: str
     tool_calls: tuple[ToolCall, ...] = ()
     tool_call_id: str | None = None
     name: str | None = None
+    sent: Mapping[str, Any] | None = None
+
+    def continued(self, text: str) -> ChatMessage:
+        """This message with ``text`` appended to its content, in its sent form too (a cut
+        answer's continuation): the last text part goes on, as vLLM joins text parts into
+        one string; a content that ends with another part gets a text part of its own."""
+        sent = self.sent
+        if sent is not None:
+            sent = {**sent, "content": _appended(sent.get("content"), text)}
+        return replace(self, content=self.content + text, sent=sent)
+
+
+def _appended(content: Any, text: str) -> Any:
+    if isinstance(content, str):
+        return content + text
+    if not content:
+        return text
+    *before, last = content
+    if last.get("type") == "text":
+        return [*before, {**last, "text": last["text"] + text}]
+    return [*content, {"type": "text", "text": text}]
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """The JSON an upstream is sent for a prompt and its params.
 
 The client's own fields go through as it sent them (``SamplingParams.extra_body``: sampling
-fields, vendor extensions, tools); tokenspout sets what it owns: the model, the messages or
-prompt (a continuation's), ``max_tokens`` (less what a first part generated; left out when
-the client left it out: the upstream knows the context's room, tokenspout, which cannot
-count the prompt's tokens, does not) and always ``stream: true`` with
-``stream_options.include_usage``, whatever the client asked, since tokenspout makes the
-client's stream itself.
+fields, vendor extensions, tools), and so do its messages (``ChatMessage.sent``: content
+parts of any type, fields tokenspout does not read); tokenspout sets what it owns: the
+model, the messages or prompt (a continuation's), ``max_tokens`` (less what a first part
+generated; left out when the client left it out: the upstream knows the context's room,
+tokenspout, which cannot count the prompt's tokens, does not) and always ``stream: true``
+with ``stream_options.include_usage``, whatever the client asked, since tokenspout makes
+the client's stream itself.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def request_body(
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:
+    if m.sent is not None:
+        return dict(m.sent)  # content parts of any type, fields tokenspout does not read
     out: dict[str, Any] = {"role": m.role, "content": m.content}
     if m.tool_calls:
         out["tool_calls"] = [

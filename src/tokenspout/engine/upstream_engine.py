@@ -129,7 +129,7 @@ class UpstreamEngine(Engine):
             return replace(prompt, text=prompt.text + sofar.text), rest
         if prompt.continue_final_message:
             *before, final = prompt.messages
-            messages = (*before, replace(final, content=final.content + sofar.text))
+            messages = (*before, final.continued(sofar.text))
         else:
             messages = (*prompt.messages, ChatMessage("assistant", sofar.text))
         continued = replace(

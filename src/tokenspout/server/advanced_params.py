@@ -27,13 +27,17 @@ from tokenspout.server.schemas import (
 )
 
 
-def chat_messages(body: ChatCompletionRequest | TokenizeRequest) -> list[ChatMessage]:
-    messages = [_message(m, f"messages[{i}]") for i, m in enumerate(body.messages or ())]
+def chat_messages(
+    body: ChatCompletionRequest | TokenizeRequest, forwarded: bool = False
+) -> list[ChatMessage]:
+    """The body's messages for an engine; ``forwarded``: each keeps its form as sent
+    (``ChatMessage.sent``), for an engine that passes messages on to another server."""
+    messages = [_message(m, f"messages[{i}]", forwarded) for i, m in enumerate(body.messages or ())]
     _check_tool_results(messages)
     return messages
 
 
-def _message(m: ChatMessageIn, param: str) -> ChatMessage:
+def _message(m: ChatMessageIn, param: str, forwarded: bool) -> ChatMessage:
     calls = tuple(ToolCall(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or ())
     if calls and m.role != "assistant":
         raise InvalidRequestError(
@@ -51,7 +55,10 @@ def _message(m: ChatMessageIn, param: str) -> ChatMessage:
         )
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
-    return ChatMessage(role, m.text(), calls, m.tool_call_id, m.name)
+    sent = None
+    if forwarded:
+        sent = {**m.model_dump(mode="json", by_alias=True, exclude_none=True), "role": role}
+    return ChatMessage(role, m.text(), calls, m.tool_call_id, m.name, sent)
 
 
 def _a(word: str) -> str:

@@ -85,7 +85,7 @@ async def off_loop(size: int, work: Callable[[], T]) -> T:
 
 async def chat_prompt(state: ServerState, body: ChatCompletionRequest | TokenizeRequest) -> Prompt:
     """A chat's prompt: its messages (and tools) through the engine's chat template."""
-    messages = advanced_params.chat_messages(body)
+    messages = advanced_params.chat_messages(body, state.engine.forwards_fields)
     text = "".join(m.content for m in messages)
     check_prompt_chars(state, text, "messages")
     tools = advanced_params.chat_tools(body)

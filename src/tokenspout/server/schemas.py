@@ -116,12 +116,37 @@ class ChatMessageIn(_Body):
     tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
+        """The content's text: its text parts, a line apart, as vLLM's server joins them."""
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        # One text per part, a line apart, as vLLM's server joins them.
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(part.text for part in self.content if part.text is not None)
+
+
+class UpstreamContentPart(_Body):
+    """A content part of any type (``text``, ``image_url``, ``input_audio``, ``file``...),
+    kept as sent for an upstream, which reads what tokenspout does not (a vision model)."""
+
+    model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
+
+    type: StrictStr
+    text: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _text_has_text(self) -> UpstreamContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs text")
+        return self
+
+
+class UpstreamChatMessageIn(ChatMessageIn):
+    """In front of other servers: a message goes upstream as sent, content parts of any
+    type and fields tokenspout does not know included."""
+
+    model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
+
+    content: str | list[UpstreamContentPart] | None = None  # type: ignore[assignment]
 
 
 class FunctionIn(_Body):
@@ -322,9 +347,12 @@ class CompletionRequest(_GenerationBody):
 
 
 class UpstreamChatCompletionRequest(ChatCompletionRequest):
-    """In front of other servers: fields tokenspout does not know are kept, for them."""
+    """In front of other servers: fields tokenspout does not know are kept, for them, and
+    messages go as sent."""
 
     model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
+
+    messages: list[UpstreamChatMessageIn] = Field(min_length=1)  # type: ignore[assignment]
 
 
 class UpstreamCompletionRequest(CompletionRequest):
