@@ -115,7 +115,7 @@ class FaultyUpstream:
         chat = "messages" in body
         reasoning = REASONING if chat and args.fault in ("reasoning", "reasoningcut") else ()
         if chat:
-            messages = [ChatMessage(m["role"], _text(m["content"])) for m in body["messages"]]
+            messages = [ChatMessage(m["role"], _text(m.get("content"))) for m in body["messages"]]
             prompt = self.engine.encode_chat(
                 messages,
                 add_generation_prompt=body.get("add_generation_prompt", True),
@@ -237,8 +237,10 @@ def _completion_logprobs(words: list[str], echoed: bool) -> dict[str, Any]:
     return {"tokens": words, "token_logprobs": values, "top_logprobs": tops}
 
 
-def _text(content: str | list[dict[str, Any]]) -> str:
+def _text(content: str | list[dict[str, Any]] | None) -> str:
     """A message's text: its text parts a line apart (as vLLM joins them), others unread."""
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     return "\n".join(part["text"] for part in content if part["type"] == "text")

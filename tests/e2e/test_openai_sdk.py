@@ -224,3 +224,28 @@ def test_stream_options_need_a_stream(synthetic_server: RunningServer, stream: b
         )
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "stream_options", r.text
+
+
+def test_an_assistant_message_goes_back_as_the_sdk_returned_it(client: OpenAI) -> None:
+    """A conversation goes on with the message the SDK returned, dumped as it is (OpenAI's
+    ``annotations: []`` and ``refusal``, vLLM's ``reasoning_content``): accepted, and its
+    reasoning and annotations are no words of the prompt (they were 400s)."""
+    asked = {"role": "user", "content": "red green blue"}
+    first = client.chat.completions.create(model="synthetic", messages=[asked], max_tokens=3)
+    returned = first.choices[0].message.model_dump()
+    assert returned["content"] == "red green blue "
+    returned.update(annotations=[], reasoning_content="think think", reasoning="think")
+    plain = {"role": "assistant", "content": returned["content"]}
+    prompt_tokens = []
+    for message in (returned, plain):
+        again = client.chat.completions.create(
+            model="synthetic", messages=[asked, message, asked], max_tokens=1
+        )
+        assert again.usage is not None
+        prompt_tokens.append(again.usage.prompt_tokens)
+    assert prompt_tokens[0] == prompt_tokens[1]
+    with pytest.raises(BadRequestError) as err:
+        client.chat.completions.create(
+            model="synthetic", messages=[{**asked, "refusal": "no"}], max_tokens=1
+        )
+    assert err.value.body["param"] == "messages[0].refusal"  # type: ignore[index]

@@ -272,6 +272,14 @@ def test_messages_reach_the_upstream_as_sent(
     r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text
     assert fault.stats()["body"]["messages"] == SEEN
+    # An assistant message sent back as returned: its reasoning, refusal and annotations.
+    returned = {"role": "assistant", "content": None, "refusal": "I can't.", "annotations": [],
+                "reasoning_content": "Hm.", "reasoning": "Hm."}  # fmt: skip
+    conversation = [*SEEN, returned, {"role": "user", "content": "w"}]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "messages": conversation})
+    assert r.status_code == 200, r.text
+    del returned["content"]  # a null is a field not given
+    assert fault.stats()["body"]["messages"] == conversation
 
 
 def test_the_embedded_mode_still_refuses_unknown_fields(synthetic_server: RunningServer) -> None:

@@ -61,8 +61,8 @@ def test_null_is_the_default_as_openai_sends_it() -> None:
     reply = {"role": "assistant", "content": "Hello", "refusal": None, "annotations": None,
              "audio": None, "function_call": None, "tool_calls": None}  # fmt: skip
     ChatCompletionRequest.model_validate({"messages": [*MSG, reply, *MSG]})
-    with pytest.raises(ValueError, match="refusal"):  # one with a value is not ignored
-        ChatCompletionRequest.model_validate({"messages": [{**reply, "refusal": "no"}]})
+    with pytest.raises(ValueError, match="audio"):  # one with a value is not ignored
+        ChatCompletionRequest.model_validate({"messages": [{**reply, "audio": {"id": "a"}}]})
 
 
 def test_logprobs_fields() -> None:
@@ -96,3 +96,37 @@ def test_text_parts_are_joined_a_line_apart() -> None:
         {"messages": [{"role": "user", "content": parts}]}
     )
     assert [m.content for m in advanced_params.chat_messages(request)] == ["first\nsecond"]
+
+
+#: An assistant message as the openai SDK returns it, sent back (vLLM's reasoning fields).
+RETURNED = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": [],
+            "reasoning_content": "They ask for a capital.", "reasoning": "A capital."}  # fmt: skip
+
+
+def chat(*messages: dict[str, object]) -> list[tuple[str, str]]:
+    body = ChatCompletionRequest.model_validate({"messages": list(messages)})
+    return [(m.role, m.content) for m in advanced_params.chat_messages(body)]
+
+
+def test_an_assistant_message_sent_back_as_returned_renders_only_its_words() -> None:
+    """Reasoning and annotations are no words of the conversation (vLLM's templates drop
+    reasoning from the history); a refusal without content is what the assistant said."""
+    plain = chat(*MSG, {"role": "assistant", "content": "Paris."}, *MSG)
+    assert chat(*MSG, RETURNED, *MSG) == plain
+    cited = {"type": "url_citation", "url_citation": {"url": "https://x", "title": "x"}}
+    assert chat(*MSG, {**RETURNED, "annotations": [cited]}, *MSG) == plain
+    refused = {"role": "assistant", "content": None, "refusal": "I can't."}
+    assert chat(*MSG, refused, *MSG)[1] == ("assistant", "I can't.")
+    assert chat(*MSG, {**refused, "content": "No."}, *MSG)[1] == ("assistant", "No.")
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning", "refusal", "annotations"])
+@pytest.mark.parametrize("role", ["user", "system", "developer"])
+def test_only_an_assistant_message_carries_reasoning_refusal_annotations(
+    field: str, role: str
+) -> None:
+    value: object = [] if field == "annotations" else "x"
+    with pytest.raises(InvalidRequestError) as err:
+        chat({"role": role, "content": "hi", field: value})
+    assert err.value.param == f"messages[0].{field}"
+    assert f"only assistant messages carry {field}" in err.value.message

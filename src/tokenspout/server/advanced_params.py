@@ -49,16 +49,26 @@ def _message(m: ChatMessageIn, param: str, forwarded: bool) -> ChatMessage:
             f"only tool messages carry tool_call_id ({param} is {_a(m.role)} message)",
             param=f"{param}.tool_call_id",
         )
-    if m.content is None and not calls:
+    if m.role != "assistant":
+        for name in m.ASSISTANT_ONLY:
+            if getattr(m, name) is not None:
+                raise InvalidRequestError(
+                    f"only assistant messages carry {name} ({param} is {_a(m.role)} message)",
+                    param=f"{param}.{name}",
+                )
+    if m.content is None and not calls and m.refusal is None:
         raise InvalidRequestError(
             f"{param} ({_a(m.role)} message) needs content", param=f"{param}.content"
         )
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
+    # A refusal without content is what the assistant said; reasoning and annotations are
+    # not words of the conversation (vLLM's templates drop reasoning from the history).
+    text = m.refusal if m.content is None and m.refusal is not None else m.text()
     sent = None
     if forwarded:
         sent = {**m.model_dump(mode="json", by_alias=True, exclude_none=True), "role": role}
-    return ChatMessage(role, m.text(), calls, m.tool_call_id, m.name, sent)
+    return ChatMessage(role, text, calls, m.tool_call_id, m.name, sent)
 
 
 def _a(word: str) -> str:

@@ -6,7 +6,7 @@ fields; the OpenAPI schema documents each."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -114,6 +114,23 @@ class ChatMessageIn(_Body):
     sent it)."""
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: StrictStr | None = None
+    reasoning_content: StrictStr | None = None
+    """An assistant's reasoning (vLLM's field, as tokenspout returns it in front of a
+    reasoning model), so that a message can be sent back as returned: not rendered in the
+    prompt, as vLLM's templates drop reasoning from the history (an upstream is sent it)."""
+    reasoning: StrictStr | None = None
+    """vLLM's newer name for ``reasoning_content``: likewise not rendered."""
+    refusal: StrictStr | None = None
+    """An assistant's refusal (OpenAI's): without content, it is what the assistant said
+    and is rendered as its content."""
+    annotations: list[dict[str, Any]] | None = None
+    """OpenAI's citations of an assistant's answer (it returns ``[]`` on every message):
+    metadata, not words, so not rendered (an upstream is sent them)."""
+
+    #: The fields only an assistant's message carries (``tool_calls`` aside).
+    ASSISTANT_ONLY: ClassVar[tuple[str, ...]] = (
+        "reasoning_content", "reasoning", "refusal", "annotations",
+    )  # fmt: skip
 
     def text(self) -> str:
         """The content's text: its text parts, a line apart, as vLLM's server joins them."""
