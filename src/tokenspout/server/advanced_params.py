@@ -149,6 +149,49 @@ def apply(
     return replace(params, **changes)
 
 
+def check_served(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """Refuse, saying why, the values of OpenAI's fields that ask for what this server does
+    not do. Not for an engine that forwards fields: an upstream (a hosted API) may store
+    completions, serve a tier or predicted outputs, and honours or refuses them itself."""
+    if not isinstance(body, ChatCompletionRequest):
+        return
+    if body.store:
+        raise InvalidRequestError(
+            "tokenspout stores no completions: store can only be false", param="store"
+        )
+    if body.metadata is not None:
+        raise InvalidRequestError(
+            "tokenspout stores no completions to attach metadata to: leave metadata out",
+            param="metadata",
+        )
+    if body.service_tier not in (None, "auto", "default"):
+        raise InvalidRequestError(
+            f"service_tier {body.service_tier!r} is not served: every request is served "
+            'alike ("auto" or "default")',
+            param="service_tier",
+        )
+    if body.modalities is not None and set(body.modalities) != {"text"}:
+        raise InvalidRequestError(
+            'the answer is text: modalities can only be ["text"]', param="modalities"
+        )
+    if body.prediction is not None:
+        raise InvalidRequestError(
+            "predicted outputs are not served: leave prediction out", param="prediction"
+        )
+
+
+def check_best_of(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """``best_of`` candidates of which the ``n`` best are returned: equal to ``n``, they are
+    all returned, as any request's choices; more would need ranking, which is not served
+    (here or upstream: each choice is a request of its own there)."""
+    if isinstance(body, CompletionRequest) and body.best_of not in (None, body.n):
+        raise InvalidRequestError(
+            f"best_of can only equal n ({body.n}): choosing the best of more candidates than "
+            "the choices returned is not served",
+            param="best_of",
+        )
+
+
 def check_text_only(params: SamplingParams) -> None:
     """For a transport that carries only text (the WebSocket API): refuse the fields whose
     answer is more than text."""

@@ -243,6 +243,9 @@ def _request(
     max_tokens_field: str,
 ) -> GenerationRequest:
     check_stop(state.config, body.stop_list())
+    advanced_params.check_best_of(body)
+    if not state.engine.forwards_fields:
+        advanced_params.check_served(body)
     params = sampling_params(
         state,
         max_tokens=max_tokens,
@@ -284,8 +287,8 @@ def _request(
 _NOT_FORWARDED = frozenset(
     {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
      "stream_options", "add_generation_prompt", "continue_final_message",
-     # Each of n choices is a stream, and a request upstream, of its own.
-     "n"}
+     # Each of n choices is a stream, and a request upstream, of its own (best_of is n).
+     "n", "best_of"}
 )  # fmt: skip
 
 
@@ -306,6 +309,12 @@ def _generation(
     options = body.stream_options
     resumable = cfg.resumable
     if options is not None:
+        if options.include_obfuscation:
+            raise InvalidRequestError(
+                "no obfuscation padding is added to the stream: "
+                "stream_options.include_obfuscation can only be false",
+                param="stream_options.include_obfuscation",
+            )
         if options.resumable is not None:
             resumable = options.resumable
         if options.continuous_usage_stats and not options.include_usage:

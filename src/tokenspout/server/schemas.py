@@ -74,11 +74,16 @@ class StreamOptions(_Body):
     flush_tokens: PositiveInt | None = None
     flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
     resumable: StrictBool | None = None
+    include_obfuscation: StrictBool = False
+    """OpenAI's: no obfuscation padding is added to the chunks, so only false is served."""
 
 
 class TextPart(_Body):
     type: Literal["text"]
     text: str
+    cache_control: dict[str, Any] | None = None
+    """A caching hint (Anthropic's, as litellm sends it): accepted; prompt prefixes are
+    cached automatically."""
 
 
 class FunctionCallIn(_Body):
@@ -340,6 +345,22 @@ class ChatCompletionRequest(_GenerationBody):
     continue_final_message: StrictBool = False
     """vLLM's extension: leave the final (assistant) message open and continue it; needs
     ``add_generation_prompt: false``."""
+    store: StrictBool | None = None
+    """Only false: tokenspout stores no completions (in front of an upstream, its call)."""
+    metadata: dict[str, StrictStr] | None = None
+    """Refused: nothing is stored to attach it to (in front of an upstream, its call)."""
+    service_tier: StrictStr | None = None
+    """auto or default: every request is served alike (in front of an upstream, its call)."""
+    modalities: list[StrictStr] | None = None
+    """Only ["text"]: the answer is text (in front of an upstream, its call)."""
+    prediction: dict[str, Any] | None = None
+    """Refused: predicted outputs are not served (in front of an upstream, its call)."""
+    safety_identifier: StrictStr | None = None
+    """Accepted for OpenAI compatibility (an end-user id, like ``user``); it does not change
+    the output."""
+    prompt_cache_key: StrictStr | None = None
+    """Accepted for OpenAI compatibility; it does not change the output: prompt prefixes
+    are cached automatically."""
 
 
 class CompletionRequest(_GenerationBody):
@@ -351,6 +372,9 @@ class CompletionRequest(_GenerationBody):
     echo: StrictBool = False
     """The text begins with the prompt; with logprobs, the prompt's tokens get theirs too
     (the first one null), as evaluation harnesses use for log-likelihoods."""
+    best_of: PositiveInt | None = None
+    """Only equal to ``n``: the n best of n candidates are all of them; more candidates
+    than choices would need ranking on the server, which is not served."""
 
     @field_validator("prompt")
     @classmethod
