@@ -465,3 +465,57 @@ def test_a_validation_error_names_the_fields_of_the_body(
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["message"] == message
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "message"),
+    [
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "What is it?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+            "messages[0].content[1]",
+            'messages[0].content[1]: content parts of type "image_url" are not supported: '
+            "the model reads text only",
+        ),
+        (
+            "/v1/chat/completions",
+            {"messages": [*MSG, {"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]},
+            "messages[1].content[0]",
+            'messages[1].content[0]: content parts of type "input_audio" are not supported: '
+            "the model reads text only",
+        ),
+        (
+            "/tokenize",
+            {"messages": [{"role": "user", "content": [{"type": "file", "file": {}}]}]},
+            "messages[0].content[0]",
+            'messages[0].content[0]: content parts of type "file" are not supported: '
+            "the model reads text only",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": [1, 2, 3]},
+            "prompt",
+            "token-id prompts are not supported: send the prompt as text",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": [[1, 2, 3]]},
+            "prompt",
+            "token-id prompts are not supported: send the prompt as text",
+        ),
+    ],
+    ids=["image_url", "input_audio", "file to /tokenize", "token ids", "a list of token ids"],
+)  # fmt: skip
+def test_content_the_model_cannot_read_is_refused_in_one_message_naming_it(
+    synthetic_server: RunningServer, path: str, body: dict, param: str, message: str
+) -> None:
+    """It was pydantic's mismatch with each member of the union ("Input should be a valid
+    string; ...type: Input should be 'text'; ...text: Field required; ...")."""
+    r = httpx.post(f"{synthetic_server.url}{path}", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert (error["message"], error["param"]) == (message, param)
+    assert error["type"] == "invalid_request_error"

@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from tokenspout.engine.request import MAX_LOGIT_BIAS, MAX_SEED, MAX_TOP_LOGPROBS, MIN_SEED
+from tokenspout.errors import InvalidRequestError
 
 # A float field, strict like the rest, takes an integer (as OpenAI does) but never a string
 # or a boolean.
@@ -144,6 +145,25 @@ class ChatMessageIn(_Body):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content if part.text is not None)
+
+
+def _text_parts_only(data: Any) -> Any:
+    """Refuse a content part of a type the model cannot read (an image, audio, a file) in
+    one message that names it, rather than pydantic's mismatch with each member of the
+    content's union; ``param`` is the part, spelt as other message errors spell it."""
+    messages = data.get("messages") if isinstance(data, dict) else None
+    for i, message in enumerate(messages if isinstance(messages, list) else ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and kind != "text":
+                param = f"messages[{i}].content[{j}]"
+                raise InvalidRequestError(
+                    f'{param}: content parts of type "{kind}" are not supported: the model '
+                    "reads text only",
+                    param=param,
+                )
+    return data
 
 
 class UpstreamContentPart(_Body):
@@ -362,6 +382,14 @@ class ChatCompletionRequest(_GenerationBody):
     """Accepted for OpenAI compatibility; it does not change the output: prompt prefixes
     are cached automatically."""
 
+    #: Content parts other than text are refused by name; an upstream reads them.
+    text_parts_only: ClassVar[bool] = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts_the_model_reads(cls, data: Any) -> Any:
+        return _text_parts_only(data) if cls.text_parts_only else data
+
 
 class CompletionRequest(_GenerationBody):
     prompt: str | list[str]
@@ -375,6 +403,17 @@ class CompletionRequest(_GenerationBody):
     best_of: PositiveInt | None = None
     """Only equal to ``n``: the n best of n candidates are all of them; more candidates
     than choices would need ranking on the server, which is not served."""
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, prompt: Any) -> Any:
+        # vLLM's and OpenAI's other prompt forms, token ids: one message rather than
+        # pydantic's mismatch with each member of the union.
+        if isinstance(prompt, list) and any(isinstance(p, int | list) for p in prompt):
+            raise InvalidRequestError(
+                "token-id prompts are not supported: send the prompt as text", param="prompt"
+            )
+        return prompt
 
     @field_validator("prompt")
     @classmethod
@@ -394,6 +433,7 @@ class UpstreamChatCompletionRequest(ChatCompletionRequest):
     model_config = ConfigDict(extra="allow", strict=True, use_attribute_docstrings=True)
 
     messages: list[UpstreamChatMessageIn] = Field(min_length=1)  # type: ignore[assignment]
+    text_parts_only: ClassVar[bool] = False
 
 
 class UpstreamCompletionRequest(CompletionRequest):
@@ -443,6 +483,11 @@ class TokenizeRequest(_Body):
     a generation reads, which get none added: only false is served."""
     return_token_strs: StrictBool = False
     """Also each id's entry in the vocabulary, as the tokenizer spells it (``token_strs``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts_the_model_reads(cls, data: Any) -> Any:
+        return _text_parts_only(data)
 
 
 class DetokenizeRequest(_Body):
