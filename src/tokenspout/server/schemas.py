@@ -34,8 +34,8 @@ Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
 
 
 def _null_allowed(schema: dict[str, Any]) -> None:
-    """The JSON schema says what ``_Body._null_is_unset`` accepts: every optional field may
-    be null. Without it a schema-driven client or fuzzer takes a null for invalid input
+    """The JSON schema says what ``StrictBody._null_is_unset`` accepts: every optional field
+    may be null. Without it a schema-driven client or fuzzer takes a null for invalid input
     that the server accepts."""
     required = set(schema.get("required", ()))
     for name, field in schema.get("properties", {}).items():
@@ -48,7 +48,10 @@ def _null_allowed(schema: dict[str, Any]) -> None:
         schema["properties"][name] = {"anyOf": [field, {"type": "null"}], **notes}
 
 
-class _Body(BaseModel):
+class StrictBody(BaseModel):
+    """A request body (or a part of one): strict types, unknown fields refused, null is
+    unset."""
+
     # Attribute docstrings become the fields' descriptions in the OpenAPI schema.
     model_config = ConfigDict(
         extra="forbid", strict=True, use_attribute_docstrings=True, json_schema_extra=_null_allowed
@@ -66,7 +69,7 @@ class _Body(BaseModel):
         return data
 
 
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     """OpenAI's ``stream_options`` plus our coalescing and resume knobs."""
 
     include_usage: StrictBool = False
@@ -79,7 +82,7 @@ class StreamOptions(_Body):
     """OpenAI's: no obfuscation padding is added to the chunks, so only false is served."""
 
 
-class TextPart(_Body):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
     cache_control: dict[str, Any] | None = None
@@ -87,7 +90,7 @@ class TextPart(_Body):
     cached automatically."""
 
 
-class FunctionCallIn(_Body):
+class FunctionCallIn(StrictBody):
     name: StrictStr
     arguments: StrictStr
     """A JSON object, as text (OpenAI's shape)."""
@@ -95,16 +98,22 @@ class FunctionCallIn(_Body):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, arguments: str) -> str:
-        try:
-            value = json.loads(arguments)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"arguments must be JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("arguments must be a JSON object")
-        return arguments
+        return json_object_text(arguments)
 
 
-class ToolCallIn(_Body):
+def json_object_text(arguments: str) -> str:
+    """``arguments`` if it is a JSON object's text; ValueError (a validation error of the
+    field) otherwise."""
+    try:
+        value = json.loads(arguments)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"arguments must be JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("arguments must be a JSON object")
+    return arguments
+
+
+class ToolCallIn(StrictBody):
     """A call an earlier assistant message made."""
 
     id: StrictStr
@@ -112,7 +121,7 @@ class ToolCallIn(_Body):
     function: FunctionCallIn
 
 
-class ChatMessageIn(_Body):
+class ChatMessageIn(StrictBody):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: StrictStr | None = None
@@ -166,7 +175,7 @@ def _text_parts_only(data: Any) -> Any:
     return data
 
 
-class UpstreamContentPart(_Body):
+class UpstreamContentPart(StrictBody):
     """A content part of any type (``text``, ``image_url``, ``input_audio``, ``file``...),
     kept as sent for an upstream, which reads what tokenspout does not (a vision model)."""
 
@@ -191,7 +200,7 @@ class UpstreamChatMessageIn(ChatMessageIn):
     content: str | list[UpstreamContentPart] | None = None  # type: ignore[assignment]
 
 
-class FunctionIn(_Body):
+class FunctionIn(StrictBody):
     name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr = ""
     parameters: dict[str, Any] = Field(
@@ -212,21 +221,21 @@ class FunctionIn(_Body):
         return parameters
 
 
-class ToolIn(_Body):
+class ToolIn(StrictBody):
     type: Literal["function"]
     function: FunctionIn
 
 
-class NamedFunction(_Body):
+class NamedFunction(StrictBody):
     name: StrictStr
 
 
-class NamedToolChoice(_Body):
+class NamedToolChoice(StrictBody):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JsonSchemaFormat(_Body):
+class JsonSchemaFormat(StrictBody):
     name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     description: StrictStr | None = None
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -241,15 +250,15 @@ class JsonSchemaFormat(_Body):
     )
 
 
-class ResponseFormatText(_Body):
+class ResponseFormatText(StrictBody):
     type: Literal["text"]
 
 
-class ResponseFormatJsonObject(_Body):
+class ResponseFormatJsonObject(StrictBody):
     type: Literal["json_object"]
 
 
-class ResponseFormatJsonSchema(_Body):
+class ResponseFormatJsonSchema(StrictBody):
     type: Literal["json_schema"]
     json_schema: JsonSchemaFormat
 
@@ -260,7 +269,7 @@ ResponseFormat = Annotated[
 ]
 
 
-class StructuredOutputs(_Body):
+class StructuredOutputs(StrictBody):
     """vLLM's ``structured_outputs``: exactly one constraint. Its other keys
     (``whitespace_pattern``, ``structural_tag``...) are not served: a 400 names them."""
 
@@ -278,7 +287,7 @@ class StructuredOutputs(_Body):
     )
 
 
-class _GenerationBody(_Body):
+class _GenerationBody(StrictBody):
     """Fields shared by chat and completions."""
 
     model: str | None = None
@@ -452,7 +461,7 @@ def completion_schema(forwards_fields: bool) -> type[CompletionRequest]:
     return UpstreamCompletionRequest if forwards_fields else CompletionRequest
 
 
-class SeedStreamRequest(_Body):
+class SeedStreamRequest(StrictBody):
     """The seed article's body: ``{"prompt": "...", "max_tokens": N}``."""
 
     prompt: str
@@ -466,7 +475,7 @@ class SeedStreamRequest(_Body):
     completion renders it), not text to continue: what a chat page's ``EventSource`` sends."""
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(StrictBody):
     """``POST /tokenize`` (vLLM's shape): a completion's ``prompt`` or a chat's
     ``messages`` (with ``tools``), as a generation request with them would send them."""
 
@@ -490,7 +499,7 @@ class TokenizeRequest(_Body):
         return _text_parts_only(data)
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(StrictBody):
     """``POST /detokenize`` (vLLM's shape): the text of ``tokens``."""
 
     model: str | None = None

@@ -1,0 +1,234 @@
+"""The body of ``POST /v1/responses`` (OpenAI's Responses API), strict as the chat body is:
+a wrong type or an unknown field is a 400 that names it, and so is a field of that API this
+server does not serve (``previous_response_id``, ``store: true``, ``reasoning``...): never
+accepted and ignored. The README's table lists what is served."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictStr,
+    Tag,
+    ValidationInfo,
+    field_validator,
+)
+
+from tokenspout.server.schemas import (
+    FunctionIn,
+    JsonSchemaFormat,
+    PositiveInt,
+    StrictBody,
+    Temperature,
+    TopP,
+    json_object_text,
+)
+
+#: Why each field of the API that is not served is refused.
+_NOT_SERVED = {
+    "previous_response_id": "this server stores no responses; send the whole conversation in input",
+    "conversation": "this server stores no conversations; send the whole conversation in input",
+    "reasoning": "the models served here do not reason on request",
+    "metadata": "this server stores no responses to attach it to",
+    "prompt": "this server stores no prompt templates",
+}
+
+
+class InputText(StrictBody):
+    type: Literal["input_text"]
+    text: StrictStr
+
+
+class OutputText(StrictBody):
+    """Text of an earlier answer, as the API returned it (sent back as input)."""
+
+    type: Literal["output_text"]
+    text: StrictStr
+    annotations: list[Any] | None = None
+    """Returned with the answer; not read."""
+    logprobs: list[Any] | None = None
+    """Returned with the answer; not read."""
+
+
+#: A message's text parts. An image, file or audio part is refused (the tag names it).
+ContentPart = Annotated[InputText | OutputText, Field(discriminator="type")]
+
+
+class MessageItem(StrictBody):
+    """A message, with or without ``type: "message"`` (the API's "easy" form)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: StrictStr | list[ContentPart]
+    id: StrictStr | None = None
+    """An earlier answer's item id, when it is sent back; not read."""
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+    """An earlier answer's item status, when it is sent back; not read."""
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        # One text per part, a line apart, as chat's parts are joined.
+        return "\n".join(part.text for part in self.content)
+
+
+class FunctionCallItem(StrictBody):
+    """A call an earlier answer made (its ``function_call`` output item)."""
+
+    type: Literal["function_call"]
+    call_id: StrictStr
+    name: StrictStr
+    arguments: StrictStr
+    """A JSON object, as text."""
+    id: StrictStr | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        return json_object_text(arguments)
+
+
+class FunctionCallOutputItem(StrictBody):
+    """The result of a call, for the answer that follows it."""
+
+    type: Literal["function_call_output"]
+    call_id: StrictStr
+    output: StrictStr
+    id: StrictStr | None = None
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+
+def _item_type(item: Any) -> str | None:
+    """An input item's tag: its ``type``; a message may leave it out."""
+    if isinstance(item, dict):
+        kind = item.get("type", "message")
+        return kind if isinstance(kind, str) else None
+    return getattr(item, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")]
+    | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    Discriminator(_item_type),
+]
+
+
+class FunctionTool(FunctionIn):
+    """Responses' flat function tool: ``{"type": "function", "name", "description",
+    "parameters", "strict"}``. ``strict`` defaults to true, as in OpenAI's Responses API."""
+
+    type: Literal["function"]
+    strict: StrictBool | None = None
+
+
+class TextFormatText(StrictBody):
+    type: Literal["text"]
+
+
+class TextFormatJsonObject(StrictBody):
+    type: Literal["json_object"]
+
+
+class TextFormatJsonSchema(JsonSchemaFormat):
+    """Responses' flat ``json_schema`` format (chat nests the same fields one level down)."""
+
+    type: Literal["json_schema"]
+
+
+TextFormat = Annotated[
+    TextFormatText | TextFormatJsonObject | TextFormatJsonSchema, Field(discriminator="type")
+]
+
+
+class TextConfig(StrictBody):
+    format: TextFormat | None = None
+
+
+class NamedFunctionChoice(StrictBody):
+    type: Literal["function"]
+    name: StrictStr
+
+
+class ResponsesRequest(StrictBody):
+    """``POST /v1/responses``."""
+
+    model: str | None = None
+    input: StrictStr | Annotated[list[InputItem], Field(min_length=1)]
+    """A user message, or a list of messages, ``function_call`` items and
+    ``function_call_output`` items: the whole conversation (nothing is stored here)."""
+    instructions: StrictStr | None = None
+    """A system message before the input."""
+    max_output_tokens: PositiveInt | None = None
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    stream: StrictBool = False
+    tools: Annotated[list[FunctionTool], Field(max_length=128)] | None = None
+    """Function tools only (one call per answer), as chat's tools."""
+    tool_choice: Literal["none", "auto", "required"] | NamedFunctionChoice | None = None
+    text: TextConfig | None = None
+    """``format``: text, json_object or json_schema (constrained decoding), as chat's
+    ``response_format``."""
+    parallel_tool_calls: StrictBool | None = None
+    """One call per answer is generated whatever this says."""
+    user: StrictStr | None = None
+    """An end-user id; it does not change the output."""
+    truncation: Literal["disabled"] | None = None
+    """Only ``disabled``: a prompt longer than the context is a 400."""
+    store: StrictBool | None = None
+    """Only false: nothing is stored (omitted: not stored)."""
+    background: StrictBool | None = None
+    """Only false: a response is generated while its request waits."""
+    include: list[Any] | None = None
+    """Only empty: nothing more can be included."""
+    previous_response_id: Any = None
+    """Not served (a 400): nothing is stored; send the conversation in ``input``."""
+    conversation: Any = None
+    """Not served (a 400): nothing is stored; send the conversation in ``input``."""
+    reasoning: Any = None
+    """Not served (a 400): the models served here do not reason on request."""
+    metadata: Any = None
+    """Not served (a 400): nothing is stored to attach it to."""
+    prompt: Any = None
+    """Not served (a 400): no prompt templates are stored here."""
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _functions_only(cls, tools: Any) -> Any:
+        for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+            kind = tool.get("type") if isinstance(tool, dict) else None
+            if kind != "function":
+                raise ValueError(f"tools[{i}] is {kind!r}: only function tools are served")
+        return tools
+
+    @field_validator("store")
+    @classmethod
+    def _not_stored(cls, store: bool) -> bool:
+        if store:
+            raise ValueError("only false is served: this server stores no responses")
+        return store
+
+    @field_validator("background")
+    @classmethod
+    def _not_background(cls, background: bool) -> bool:
+        if background:
+            raise ValueError("only false is served: responses are not generated in background")
+        return background
+
+    @field_validator("include")
+    @classmethod
+    def _nothing_included(cls, include: list[Any]) -> list[Any]:
+        if include:
+            raise ValueError("only an empty list is served: nothing more can be included")
+        return include
+
+    @field_validator(*_NOT_SERVED)
+    @classmethod
+    def _not_served(cls, value: Any, info: ValidationInfo) -> Any:
+        # Reached only for a value: null is a field not given.
+        assert info.field_name is not None
+        raise ValueError(f"not served: {_NOT_SERVED[info.field_name]}")
