@@ -6,7 +6,7 @@ import pytest
 
 from tokenspout.protocols.json_text import dumps
 from tokenspout.protocols.ndjson import NDJSONFraming
-from tokenspout.protocols.sse import DONE, encode_comment, encode_event
+from tokenspout.protocols.sse import DONE, SSEFraming, encode_comment, encode_event
 
 
 @pytest.mark.parametrize(
@@ -48,3 +48,10 @@ def test_comment_and_done() -> None:
 )
 def test_ndjson_line(obj: dict, expected: bytes) -> None:
     assert NDJSONFraming.event(dumps(obj)) == expected
+
+
+def test_a_named_payload_is_an_sse_event_of_that_type_and_a_plain_ndjson_line() -> None:
+    payload = '{"type":"response.completed"}'
+    named = SSEFraming.event(payload, name="response.completed")
+    assert named == b'event: response.completed\ndata: {"type":"response.completed"}\n\n'
+    assert NDJSONFraming.event(payload, name="response.completed") == payload.encode() + b"\n"

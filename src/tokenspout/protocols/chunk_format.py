@@ -2,7 +2,8 @@
 
 A ``ChunkFormat`` turns the stream's life (open, text deltas, finish, error) into JSON
 objects; ``protocols.sse`` / ``protocols.ndjson`` frame them. Implementations live in
-``openai_chunks`` (chat and completions) and ``seed_events`` (the seed's ``{"token": ...}``).
+``openai_chunks`` (chat and completions), ``responses_events`` (the Responses API) and
+``seed_events`` (the seed's ``{"token": ...}``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ class ChunkFormat(Protocol):
 
     #: Whether the SSE framing ends the stream with ``data: [DONE]``.
     ends_with_done: bool
+    #: Each payload is an event named by its ``type`` (SSE's ``event:`` line) and counted by
+    #: its ``sequence_number`` (the Responses API's ``responses_events``): a delta is then
+    #: ``delta_events(text, extras)``, a list, and has no template.
+    typed_events: bool
 
     def opening(self) -> list[dict[str, Any]]: ...
 

@@ -10,7 +10,9 @@ class Framing(Protocol):
     name: str
     media_type: str
 
-    def event(self, payload_json: str, id: str | None = None) -> bytes: ...
+    def event(self, payload_json: str, id: str | None = None, name: str | None = None) -> bytes:
+        """One payload; ``name``: its event type, where the framing names events (SSE)."""
+        ...
 
     def heartbeat(self) -> bytes: ...
 

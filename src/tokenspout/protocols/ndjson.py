@@ -11,8 +11,9 @@ class NDJSONFraming:
     media_type = "application/x-ndjson"
 
     @staticmethod
-    def event(payload_json: str, id: str | None = None) -> bytes:
-        # JSON escapes newlines inside strings, so one JSON text stays one line.
+    def event(payload_json: str, id: str | None = None, name: str | None = None) -> bytes:
+        # JSON escapes newlines inside strings, so one JSON text stays one line. A typed
+        # payload carries its name as its "type".
         return payload_json.encode("utf-8") + b"\n"
 
     @staticmethod

@@ -48,6 +48,7 @@ class _OpenAIChunks:
     #: ``logprobs: 0``) has null, never empty lists that would say it had no tokens.
     logprobs: bool = False
     ends_with_done = True
+    typed_events = False
 
     def _chunk(self, object_: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         chunk: dict[str, Any] = {

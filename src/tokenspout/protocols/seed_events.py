@@ -17,6 +17,7 @@ class SeedEvents:
     """``ChunkFormat`` for ``/v1/completions/stream``."""
 
     ends_with_done = True
+    typed_events = False
 
     def opening(self) -> list[dict[str, Any]]:
         return []

@@ -65,8 +65,8 @@ class SSEFraming:
     media_type = "text/event-stream"
 
     @staticmethod
-    def event(payload_json: str, id: str | None = None) -> bytes:
-        return encode_event(payload_json, id=id)
+    def event(payload_json: str, id: str | None = None, name: str | None = None) -> bytes:
+        return encode_event(payload_json, event=name, id=id)
 
     @staticmethod
     def heartbeat() -> bytes:
