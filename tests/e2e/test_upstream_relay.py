@@ -338,6 +338,49 @@ def test_streamed_tool_call_reaches_the_sdk_intact(
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
 
 
+def test_responses_api_through_tokenspout_is_a_chat_request_upstream(
+    start_server: Callable[..., RunningServer],
+    synthetic: UpstreamProcess,
+    fault: UpstreamProcess,
+) -> None:
+    """/v1/responses in front of an upstream: the upstream is sent the chat completion the
+    request asks for (chat's tools, no Responses fields), and its call comes back as a
+    function_call item."""
+    direct = OpenAI(base_url=synthetic.base, api_key="x").responses.create(
+        model="synthetic", input="red green blue", max_output_tokens=7
+    )
+    relayed = sdk(front(start_server, synthetic)).responses.create(
+        model="synthetic", input="red green blue", max_output_tokens=7
+    )
+    assert relayed.output_text == direct.output_text == "red green blue red green blue red "
+    fault.fault("tools")
+    weather = {"type": "object", "properties": {"city": {"type": "string"}}}
+    stream = sdk(front(start_server, fault)).responses.create(
+        model="synthetic",
+        input="weather in Paris?",
+        tools=[{"type": "function", "name": "get_weather", "parameters": weather, "strict": True}],
+        store=False,
+        stream=True,
+    )
+    events = list(stream)
+    added = next(e for e in events if e.type == "response.output_item.added")
+    assert (added.item.type, added.item.name) == ("function_call", "get_weather")  # type: ignore[union-attr]
+    pieces = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert "".join(pieces) == '{"city": "Paris"}'
+    final = events[-1]
+    assert final.type == "response.completed"
+    (call,) = final.response.output
+    assert call.type == "function_call" and call.call_id == "call_1"
+    sent = fault.stats()["body"]
+    assert sent["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "get_weather", "parameters": weather, "strict": True},
+        }
+    ]
+    assert "messages" in sent and not {"input", "store", "max_output_tokens"} & set(sent)
+
+
 def test_n_choices_are_requests_of_their_own_upstream(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:

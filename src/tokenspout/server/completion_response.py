@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_chunks import ChatChunks, ChoiceOutput, CompletionChunks
+from tokenspout.protocols.responses_events import ResponsesEvents
 from tokenspout.server.json_reply import send_error, send_json
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_transport import StreamTransport
@@ -22,7 +23,7 @@ from tokenspout.streaming.subscription import Delta, Finished, StreamEvent
 
 
 class CompletionResponse(Response, StreamTransport):
-    """The whole ``chat.completion`` / ``text_completion`` once ``stream`` ends (a
+    """The whole ``chat.completion`` / ``text_completion`` / ``response`` once ``stream`` ends (a
     ``StreamGroup``: once every choice has, with ``n`` choices)."""
 
     transport = "json"
@@ -43,7 +44,7 @@ class CompletionResponse(Response, StreamTransport):
         self.background: BackgroundTask | None = None
         StreamTransport.__init__(self, state, stream, started_at=started_at, prompt=prompt)
         chunks = self.wire.chunks(stream.id, stream.created)
-        assert isinstance(chunks, ChatChunks | CompletionChunks)
+        assert isinstance(chunks, ChatChunks | CompletionChunks | ResponsesEvents)
         self.chunks = chunks
         choices = stream.n if isinstance(stream, StreamGroup) else 1
         #: Per choice: its text pieces, its extras, and how it finished.

@@ -80,7 +80,9 @@ class EventStreamResponse(Response, StreamTransport):
             prompt=prompt,
         )
         self.chunks = self.wire.chunks(stream.id, stream.created)
-        self._delta_json = delta_encoder(self.chunks)
+        #: A typed format's delta may be several events (``ChunkFormat.typed_events``).
+        self._typed = self.chunks.typed_events
+        self._delta_json = None if self._typed else delta_encoder(self.chunks)
         #: Tokens sent so far, for continuous usage; None without it, and for a reader that
         #: starts later (a resumed one does not know the tokens before it: null usage).
         continuous = getattr(self.chunks, "continuous_usage", False) and start == 0
@@ -159,6 +161,13 @@ class EventStreamResponse(Response, StreamTransport):
         if self._refused:
             return
         if isinstance(event, Delta):
+            if self._typed:
+                typed: Any = self.chunks
+                payloads = typed.delta_events(event.text, event.extras)
+                body = b"".join(self._event(p, event.position) for p in payloads)
+                if body:
+                    await self._write(body)
+                return
             event_id = format_event_id(self.stream.id, event.position)
             if event.index:  # a choice of a group (OpenAI formats only)
                 chunks: Any = self.chunks
@@ -175,6 +184,7 @@ class EventStreamResponse(Response, StreamTransport):
             elif event.extras:
                 payload = dumps(self.chunks.delta_with(event.text, event.extras))
             else:
+                assert self._delta_json is not None  # built for every untyped format
                 payload = self._delta_json(event.text)
             await self._write(self.framing.event(payload, id=event_id))
         elif isinstance(event, ChoiceFinished):
@@ -192,7 +202,7 @@ class EventStreamResponse(Response, StreamTransport):
             return
         await self._start()
         body = self._event(self.chunks.error(err), self.cursor.position, 1)
-        await self._write(body + self.framing.done())
+        await self._write(body + self._done())
 
     async def _start(self) -> None:
         if self._started:
@@ -218,8 +228,16 @@ class EventStreamResponse(Response, StreamTransport):
         return self.chunks.usage_so_far(chunk, usage)  # type: ignore[attr-defined]
 
     def _event(self, payload: dict[str, Any], position: int, after: int = 0) -> bytes:
+        if self._typed:
+            # Named by its type, and without an id: its sequence number is this reader's
+            # count, so such a stream is never resumable (``prepare_response``).
+            return self.framing.event(dumps(payload), name=payload["type"])
         event_id = format_event_id(self.stream.id, position, after)
         return self.framing.event(dumps(payload), id=event_id)
+
+    def _done(self) -> bytes:
+        """The end marker, for a format that ends with one (not the Responses API's)."""
+        return self.framing.done() if self.chunks.ends_with_done else b""
 
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length
@@ -242,7 +260,7 @@ class EventStreamResponse(Response, StreamTransport):
             self._event(p, position, k) for k, p in enumerate(payloads, start=1) if k > sent
         )
         if payloads:
-            return body + self.framing.done()
+            return body + self._done()
         # The seed format has no closing event: its [DONE] carries the end's position, the
         # only count of the tokens a reader gets (a last token held back as part of a
         # character has no event of its own).

@@ -1,4 +1,4 @@
-"""OpenAI-compatible ``/v1/chat/completions`` and ``/v1/completions``.
+"""OpenAI-compatible ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/responses``.
 
 Served by ``direct_routes``: the handlers parse and validate their body themselves.
 """
@@ -12,9 +12,14 @@ from starlette.responses import Response
 
 from tokenspout.errors import InvalidRequestError
 from tokenspout.server.direct_routes import generation_router
-from tokenspout.server.generation_request import prepare_chat, prepare_completion
+from tokenspout.server.generation_request import (
+    prepare_chat,
+    prepare_completion,
+    prepare_response,
+)
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
+from tokenspout.server.responses_schema import ResponsesRequest
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,6 +49,15 @@ async def completions(request: Request) -> Response:
     return await respond(state, request, generation, body.stream, started)
 
 
+async def responses(request: Request) -> Response:
+    """OpenAI's Responses API, served as the chat completion it asks for."""
+    started = time.monotonic()
+    state = state_of(request)
+    body = await parse_body(request, ResponsesRequest, state.config.max_body_bytes)
+    generation = await prepare_response(state, body)
+    return await respond(state, request, generation, body.stream, started)
+
+
 def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
     """``stream_options`` shape a stream: on a whole answer they would be accepted and
     ignored, so they are a 400 there (as vLLM). The WebSocket always streams: not checked."""
@@ -58,5 +72,6 @@ router = generation_router(
     {
         ("POST", "/v1/chat/completions"): chat_completions,
         ("POST", "/v1/completions"): completions,
+        ("POST", "/v1/responses"): responses,
     }
 )

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from pydantic import BaseModel
 
+from tokenspout.server.responses_schema import ResponsesRequest
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -74,6 +75,18 @@ _COMPLETION_OBJECT = {
     },
 }
 
+_RESPONSE_OBJECT = {
+    "type": "object",
+    "required": ["id", "object", "status", "output"],
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["response"]},
+        "status": {"type": "string"},
+        "output": {"type": "array", "items": {"type": "object"}},
+        "usage": {"type": "object"},
+    },
+}
+
 
 def _param(
     name: str, schema: dict[str, Any], *, where: str = "query", required: bool = False
@@ -110,6 +123,12 @@ _OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel] | None, list, dict, str
         CompletionRequest,
         [],
         {"application/json": {"schema": _COMPLETION_OBJECT}, **_STREAMING},
+        "400 401 403 404 413 415 429 503",
+    ),
+    ("post", "/v1/responses"): (
+        ResponsesRequest,
+        [],
+        {"application/json": {"schema": _RESPONSE_OBJECT}, **_STREAMING},
         "400 401 403 404 413 415 429 503",
     ),
     ("post", "/v1/completions/stream"): (

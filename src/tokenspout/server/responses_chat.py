@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from tokenspout.errors import InvalidRequestError, TokenspoutError
+from tokenspout.server.request_parsing import validate
 from tokenspout.server.responses_schema import (
     FunctionCallItem,
     FunctionTool,
@@ -43,7 +44,7 @@ def as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
         chat["tool_choice"] = _tool_choice(body.tool_choice)
     if body.text is not None and body.text.format is not None:
         chat["response_format"] = _response_format(body.text.format)
-    return ChatCompletionRequest.model_validate(chat)
+    return validate(ChatCompletionRequest, chat)
 
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
