@@ -69,7 +69,8 @@ class ServerConfig:
     #: A request head (request line and headers) must arrive within this many seconds of
     #: the connection opening or of the previous response.
     header_timeout_s: float = 10.0
-    #: A request body must arrive within this many seconds of its head (408 after).
+    #: A request body must arrive within this many seconds of its head (408 after); a body
+    #: answered before it was read, within this many of the answer (a close after).
     body_timeout_s: float = 30.0
     #: Largest request head in bytes (431 beyond it).
     max_head_bytes: int = 64 << 10

@@ -11,6 +11,12 @@ counted as they arrive, before the parser sees them, up to the blank line that e
 httptools keeps a header's value until its end, so counting in the parser's callbacks would
 count too late, and counting only what is left of a head after the parser took a read missed
 every head that arrived whole in one read (a 120 KB head passed a 64 KB limit).
+
+A request answered before its body has all come (a 404, a 401, ``/health`` with a
+``Content-Length``) has ``body_timeout_s`` from its answer's end for the rest, which uvicorn
+reads and drops: its keep-alive timer stops at the first byte of that rest and nothing timed
+the connection after, so one body byte and silence held it forever (``--max-connections`` of
+them locked every client out).
 """
 
 from __future__ import annotations
@@ -50,15 +56,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     bytes count against ``max_head_bytes`` whenever they come, even while an earlier
     response still streams. The head timer runs only while nothing is being answered: from
     the connection's start, and from each response's end when the next head has not come
-    whole, so it never cuts a pipelined request in flight.
+    whole, so it never cuts a pipelined request in flight. A request answered before its body
+    has all come is given ``body_timeout_s`` from the answer's end for the rest (the app no
+    longer reads it: uvicorn drops it), then the connection is closed; once the rest has
+    come, the head timer runs for the next request.
     """
 
     header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_head_bytes: int = 64 << 10
     #: Told of each refusal (status, error code): they are counted as the app's are.
     refused: Callable[[int, str], None] = staticmethod(lambda status, code: None)
 
-    _head_timer: asyncio.TimerHandle | None = None
+    #: The head timer, or the unread body's (never both: a connection is in one or the other).
+    _timer: asyncio.TimerHandle | None = None
     _head_bytes: int = 0
     #: The last bytes of the head so far: its blank line may come split across two reads.
     _head_tail: bytes = b""
@@ -73,7 +84,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._arm_head_timer()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm_head_timer()
+        self._disarm_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -95,7 +106,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm_head_timer()
+        self._disarm_timer()
         if self._over_connection_limit():
             # Before uvicorn's own check, which answers in plain text and misses a
             # WebSocket handshake.
@@ -111,10 +122,13 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        was_unread = self._body_unread()
         super().on_message_complete()
         self._in_head = True  # the next request's head, whenever it comes
         self._head_bytes = 0
         self._head_tail = b""
+        if was_unread:  # its answer has gone: the next head's time starts now
+            self._arm_head_timer()
 
     def handle_websocket_upgrade(self) -> None:
         if not self.transport.is_closing():
@@ -133,22 +147,39 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _answering(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
+    def _body_unread(self) -> bool:
+        """The latest request was answered while its body was still coming."""
+        return not self._in_head and self.cycle is not None and self.cycle.response_complete
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._in_head and not self._answering() and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self._body_unread():
+            self._arm(self.body_timeout_s, self._unread_body_timed_out)
+        elif self._in_head and not self._answering():
             self._arm_head_timer()
 
     def _arm_head_timer(self) -> None:
-        self._disarm_head_timer()
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+        self._arm(self.header_timeout_s, self._head_timed_out)
 
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _arm(self, delay_s: float, callback: Callable[[], None]) -> None:
+        self._disarm_timer()
+        self._timer = self.loop.call_later(delay_s, callback)
+
+    def _disarm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _unread_body_timed_out(self) -> None:
+        self._timer = None
+        if self._body_unread() and not self.transport.is_closing():
+            # Its answer is out: a 408 now would be read as the next request's.
+            self.transport.close()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
+        self._timer = None
         if self._in_head and not self._answering() and not self.transport.is_closing():
             if self._head_bytes:
                 self._refuse(
@@ -164,7 +195,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _refuse(
         self, code: int, reason: str, message: str, error_code: str, extra: str = ""
     ) -> None:
-        self._disarm_head_timer()
+        self._disarm_timer()
         self.refused(code, error_code)
         if not self._answering():
             self.transport.write(_status(code, reason, message, error_code, extra))
@@ -184,6 +215,7 @@ def guarded_protocol(state: ServerState) -> type[GuardedHttpProtocol]:
         (GuardedHttpProtocol,),
         {
             "header_timeout_s": config.header_timeout_s,
+            "body_timeout_s": config.body_timeout_s,
             "max_head_bytes": config.max_head_bytes,
             "refused": staticmethod(refused),
         },

@@ -207,7 +207,11 @@ def serve(
         ),
     ] = _D.header_timeout_s,
     body_timeout_s: Annotated[
-        float, typer.Option(help="A request body must arrive within this of its head (408).")
+        float,
+        typer.Option(
+            help="A request body must arrive within this of its head (408); one answered "
+            "before it was read, within this of the answer (else a close)."
+        ),
     ] = _D.body_timeout_s,
     max_head_bytes: Annotated[
         int, typer.Option(help="Largest request head (431).")

@@ -1,0 +1,75 @@
+"""Regression tests for the defects an outside probe of the HTTP layer (uvicorn's httptools
+under ``GuardedHttpProtocol``) found, over raw sockets: each failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import httpx
+
+from tests.conftest import RunningServer
+
+
+def read_response(s: socket.socket) -> bytes:
+    """One whole response with a ``content-length`` (head and body) from ``s``."""
+    got = b""
+    while b"\r\n\r\n" not in got:
+        chunk = s.recv(65536)
+        assert chunk, got
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.lower().split(b"\r\n")
+        if line.startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, got
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    """True once the server closes ``s`` (its EOF); the socket's timeout bounds the wait."""
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+UNREAD = b"Host: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n"
+
+
+def test_an_unread_body_cannot_hold_its_connection(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Answered before its body was read, a request whose client then sent one more body byte
+    # and went silent was held forever: that byte stopped uvicorn's keep-alive timer and no
+    # other timer ran; --max-connections of them locked every client out with 503s.
+    server: RunningServer = start_server(body_timeout_s=0.5, api_key="k")
+    requests = (b"GET /health", b"POST /nope", b"POST /v1/completions")  # 200, 404, 401
+    for request in requests:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(request + b" HTTP/1.1\r\n" + UNREAD)
+            assert read_response(s).startswith(b"HTTP/1.1 "), request
+            s.sendall(b" ")
+            assert closed_by_server(s)  # before the fix: a timeout, 30 s on
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_after_an_unread_body_has_come_the_head_timer_runs(start_server) -> None:  # type: ignore[no-untyped-def]
+    # Its rest having come after the answer, the connection had no timer at all.
+    server: RunningServer = start_server(header_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 10\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        s.sendall(b"0123456789")
+        # Still a keep-alive connection: the next request is served...
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-length: 3\r\n\r\n")
+        second = read_response(s)
+        assert second.startswith(b"HTTP/1.1 200"), second
+        assert json.loads(second.partition(b"\r\n\r\n")[2])
+        s.sendall(b"abc")
+        assert closed_by_server(s)  # ...and the idle one after is closed
