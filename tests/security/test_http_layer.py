@@ -73,3 +73,27 @@ def test_after_an_unread_body_has_come_the_head_timer_runs(start_server) -> None
         assert json.loads(second.partition(b"\r\n\r\n")[2])
         s.sendall(b"abc")
         assert closed_by_server(s)  # ...and the idle one after is closed
+
+
+H2C = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABk"}
+
+
+def test_an_h2c_upgrade_offer_is_served_as_http_1_1(synthetic_server: RunningServer) -> None:
+    # `curl --http2` offers h2c on every request: a POST got 400 "an Upgrade request has no
+    # body", and plain uvicorn dropped its body (httptools ends an Upgrade request at its head).
+    completion = {"prompt": "a b", "max_tokens": 2}
+    r = httpx.post(f"{synthetic_server.url}/v1/completions", json=completion, headers=H2C)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    body = json.dumps(completion).encode()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABk\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        # A chunked body in two writes, then a second request on the same connection.
+        s.sendall(head + b"%x\r\n" % len(body) + body[:5])
+        s.sendall(body[5:] + b"\r\n0\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")

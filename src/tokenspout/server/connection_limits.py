@@ -26,10 +26,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from tokenspout.errors import InvalidRequestError, TokenspoutError
 from tokenspout.protocols.openai_errors import error_body
+from tokenspout.server.ignored_upgrade import head_without_upgrade
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.tls_handshake import tls_context, tls_protocol
 
@@ -74,6 +76,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     #: The last bytes of the head so far: its blank line may come split across two reads.
     _head_tail: bytes = b""
     _in_head: bool = True
+    #: The request's head asks for an Upgrade not taken: it is parsed again without it.
+    _ignoring_upgrade: bool = False
     #: What stood for this connection among the open ones until it was made (its TLS
     #: handshake); it gives its place up here, before the first request can be counted.
     stand_in: object | None = None
@@ -102,7 +106,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     "request_head_too_large",
                 )
                 return
-        super().data_received(data)
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received``, but an Upgrade it does not take is ignored
+        (``ignored_upgrade``)."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade as upgrade:
+            if self._ignoring_upgrade:
+                self._serve_without_upgrade(data[upgrade.args[0] :])
+            elif self._should_upgrade():
+                self.handle_websocket_upgrade()
+
+    def _serve_without_upgrade(self, rest: bytes) -> None:
+        """The request again, less its ``Upgrade``, then ``rest`` (its body, and what follows)
+        to a fresh parser, which stays for the requests after."""
+        self._ignoring_upgrade = False
+        method, version = self.parser.get_method(), self.parser.get_http_version()
+        head = head_without_upgrade(method, self.url, version, self.headers)
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+        self._feed(head + rest)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
@@ -115,13 +145,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "retry-after: 1\r\n",
             )  # fmt: skip
             return
+        if self.parser.should_upgrade() and not self._should_upgrade():
+            self._ignoring_upgrade = True  # served once the parser stops (``_feed``)
+            return
         if self.parser.should_upgrade() and self._has_body():
             # Neither upgraded nor answered, such a request held its connection forever.
-            self._refuse(400, "Bad Request", "an Upgrade request has no body", "invalid_request")
+            self._refuse(
+                400, "Bad Request", "a WebSocket upgrade request has no body", "invalid_request"
+            )
             return
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
+        if self._ignoring_upgrade:  # llhttp ends it at its head: the replay's end is its end
+            return
         was_unread = self._body_unread()
         super().on_message_complete()
         self._in_head = True  # the next request's head, whenever it comes
