@@ -97,3 +97,16 @@ def test_an_h2c_upgrade_offer_is_served_as_http_1_1(synthetic_server: RunningSer
         assert read_response(s).startswith(b"HTTP/1.1 200")
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+def test_head_on_a_resume_does_not_subscribe(synthetic_server: RunningServer) -> None:
+    # HEAD ran the resume and dropped its body: a reader subscribed, a resume counted, a
+    # request logged as left, an abandoned stream kept generating past its grace.
+    completion = {"prompt": "a b", "max_tokens": 500, "stream": True}
+    completion["stream_options"] = {"resumable": True}
+    with httpx.stream("POST", f"{synthetic_server.url}/v1/completions", json=completion) as r:
+        stream_id = r.headers["x-stream-id"]
+        head = httpx.head(f"{synthetic_server.url}/v1/streams/{stream_id}")
+        assert head.status_code == 405 and head.headers["allow"] == "GET", head.headers
+    assert httpx.head(f"{synthetic_server.url}/v1/streams/nope").status_code == 405
+    assert synthetic_server.metric("tokenspout_stream_resumes_total") == 0

@@ -40,7 +40,7 @@ from tokenspout.server.auth import ApiKeyMiddleware, AuthenticationError
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.cors import JsonCorsMiddleware
 from tokenspout.server.direct_routes import DirectRoutes, direct_table
-from tokenspout.server.head_requests import HeadAsGet
+from tokenspout.server.head_requests import HeadAsGet, path_matcher
 from tokenspout.server.loop_lag import watch_loop_lag
 from tokenspout.server.server_state import ServerState, state_of
 from tokenspout.server.trusted_hosts import TrustedHostMiddleware, is_loopback, trusted_names
@@ -88,7 +88,7 @@ def _allowed_methods(request: Request) -> list[str]:
         match, _ = route.matches(request.scope)
         if match is not Match.NONE and getattr(route, "methods", None):
             methods |= route.methods
-    if "GET" in methods and request.url.path not in _GENERATING_GETS:
+    if "GET" in methods and not _NO_HEAD(request.url.path):
         methods.add("HEAD")  # HeadAsGet answers it
     return sorted(methods)
 
@@ -154,7 +154,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
     app.include_router(dashboard_data.router)
     #: Every HTTP route, for a 405's Allow (``_allowed_methods``).
     app.state.http_routes = [r for x in (*routers, dashboard_data.router) for r in x.routes]
-    app.add_middleware(HeadAsGet, generating=_GENERATING_GETS)
+    app.add_middleware(HeadAsGet, refused=_NO_HEAD)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.keys.enabled or state.config.metrics_api_key is not None:
         refused = state.metrics.requests_refused.labels("401", AuthenticationError.code)
@@ -222,5 +222,8 @@ class TokenspoutApp(FastAPI):
 
 
 _DIRECT = direct_table(openai_routes.router, seed_routes.router)
-#: GET routes that start a generation: HEAD must not (``HeadAsGet``).
-_GENERATING_GETS = frozenset(path for method, path in _DIRECT if method == "GET")
+#: GET routes HEAD must not run (``HeadAsGet``): those that start a generation, and a resume,
+#: which subscribes to its stream. A HEAD there is a 405 (Allow: GET).
+_NO_HEAD = path_matcher(
+    [path for method, path in _DIRECT if method == "GET"] + [stream_routes.RESUME_PATH]
+)

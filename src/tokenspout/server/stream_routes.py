@@ -13,9 +13,11 @@ from tokenspout.server.server_state import state_of
 from tokenspout.server.stream_ownership import cancel_owned, owner_of
 
 router = APIRouter()
+#: The resume's path: a HEAD there is refused (``head_requests``), as it would subscribe.
+RESUME_PATH = "/v1/streams/{stream_id}"
 
 
-@router.get("/v1/streams/{stream_id}")
+@router.get(RESUME_PATH)
 async def get_stream(stream_id: str, request: Request) -> Response:
     """Replay a stream after ``Last-Event-ID`` (header or ``?last_event_id=``) in its own
     format, then follow it live to ``[DONE]``; without one, from the beginning."""
