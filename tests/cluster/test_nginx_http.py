@@ -3,6 +3,7 @@ server: what a client sends reaches the server as it would directly."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Callable
@@ -52,3 +53,25 @@ def test_nginx_passes_only_a_websocket_upgrade_on(
             server.join(30)
     assert b"upgrade" not in heads[0], heads[0]
     assert b"upgrade: websocket" in heads[1] and b"connection: upgrade" in heads[1], heads[1]
+
+
+@needs_nginx
+def test_nginx_takes_what_the_server_takes_and_refuses_in_json(
+    synthetic_server: RunningServer, start_nginx: Callable[[list[int]], str]
+) -> None:
+    # nginx's 8 KB head buffers refused a page's 12 KB EventSource GET (an HTML 414) and a
+    # 10 KB header (an HTML 400) that the server takes; its 413 was an HTML page too.
+    url = start_nginx([synthetic_server.port])
+    r = httpx.get(f"{url}/v1/completions/stream", params={"prompt": "w " * 6000, "max_tokens": 2})
+    assert r.status_code == 200 and "[DONE]" in r.text, r.text[:300]
+    assert httpx.get(f"{url}/health", headers={"x-big": "a" * 10_000}).status_code == 200
+    too_large = b"x" * (2 << 20)
+    r = httpx.post(f"{url}/v1/completions", content=too_large, headers={"content-type": "a/b"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s:
+        s.sendall(b"GET /health?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 414"), got[:200]
+    assert json.loads(got.partition(b"\r\n\r\n")[2])["error"]["code"] == "uri_too_long"
