@@ -110,3 +110,22 @@ def test_head_on_a_resume_does_not_subscribe(synthetic_server: RunningServer) ->
         assert head.status_code == 405 and head.headers["allow"] == "GET", head.headers
     assert httpx.head(f"{synthetic_server.url}/v1/streams/nope").status_code == 405
     assert synthetic_server.metric("tokenspout_stream_resumes_total") == 0
+
+
+def test_a_transfer_coding_other_than_chunked_is_501(synthetic_server: RunningServer) -> None:
+    # `Transfer-Encoding: gzip, chunked` was taken and its gzip ignored: the coded bytes
+    # were parsed as JSON (RFC 9112 6.1: 501 for a transfer coding not understood).
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json"
+            b"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.startswith(b"HTTP/1.1 501"), got
+    assert got.count(b"HTTP/1.1") == 1, got  # nothing after it
+    error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "unsupported_transfer_encoding", error
+    assert synthetic_server.metric("tokenspout_requests_running") == 0

@@ -40,7 +40,7 @@ def _status(code: int, reason: str, message: str, error_code: str, extra: str = 
     """A whole response with the error body the app's errors have (``error_body``): a 503 (too
     many connections) is a ``server_error`` as the app's 503s are (draining, engine down),
     not the client's ``invalid_request_error``."""
-    kind = TokenspoutError if code >= 500 else InvalidRequestError
+    kind = TokenspoutError if code == 503 else InvalidRequestError
     body = json.dumps(error_body(kind(message, code=error_code))).encode()
     head = (
         f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n{extra}"
@@ -145,6 +145,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "retry-after: 1\r\n",
             )  # fmt: skip
             return
+        if self._unknown_transfer_coding():
+            # llhttp reads the chunks and hands on the coded bytes (a gzipped body was
+            # parsed as JSON): RFC 9112 6.1's 501, as nginx answers.
+            self._refuse(
+                501, "Not Implemented", "only the chunked transfer coding is supported",
+                "unsupported_transfer_encoding",
+            )  # fmt: skip
+            return
         if self.parser.should_upgrade() and not self._should_upgrade():
             self._ignoring_upgrade = True  # served once the parser stops (``_feed``)
             return
@@ -156,8 +164,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        if not self.transport.is_closing():  # else refused at its head: no cycle reads it
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
         if self._ignoring_upgrade:  # llhttp ends it at its head: the replay's end is its end
+            return
+        if self.transport.is_closing():
             return
         was_unread = self._body_unread()
         super().on_message_complete()
@@ -176,6 +190,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if name == b"transfer-encoding" or (name == b"content-length" and value != b"0"):
                 return True
         return False
+
+    def _unknown_transfer_coding(self) -> bool:
+        codings = b",".join(v for name, v in self.headers if name == b"transfer-encoding")
+        return any(c.strip().lower() not in (b"chunked", b"") for c in codings.split(b","))
 
     def _over_connection_limit(self) -> bool:
         limit = self.limit_concurrency

@@ -5,7 +5,8 @@ Only ``application/json`` is taken (415 otherwise): a cross-site page can send a
 server's compute. Nor a body with a ``Content-Encoding`` (415, as RFC 9110 §15.5.16 has it
 for an unsupported content coding): a gzipped body was read as if plain (a 400 that blamed
 its JSON) and a plain one marked gzip was served; OpenAI's API and vLLM do not decode
-request bodies either. The body is read as it arrives and reading stops at the limit (413):
+request bodies either (a transfer coding other than chunked is refused before, with a 501:
+``connection_limits``). The body is read as it arrives and reading stops at the limit (413):
 a chunked body has no length to check first, and reading it whole took a 300 MB body into
 memory before it was refused. A body that has not arrived within the time allowed is a 408:
 one that never ends held its connection forever (uvicorn has no such limit, and the head's
