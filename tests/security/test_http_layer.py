@@ -129,3 +129,12 @@ def test_a_transfer_coding_other_than_chunked_is_501(synthetic_server: RunningSe
     error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
     assert error["code"] == "unsupported_transfer_encoding", error
     assert synthetic_server.metric("tokenspout_requests_running") == 0
+
+
+def test_a_405_on_fastapis_own_routes_names_their_methods(
+    synthetic_server: RunningServer,
+) -> None:
+    # Only our routers were looked at: FastAPI's /openapi.json, /docs and /redoc had `allow:`.
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        r = httpx.post(synthetic_server.url + path)
+        assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (path, r.headers)

@@ -152,8 +152,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None) -> FastAPI:
         app.include_router(router)
     openapi_schema.describe(app)
     app.include_router(dashboard_data.router)
-    #: Every HTTP route, for a 405's Allow (``_allowed_methods``).
-    app.state.http_routes = [r for x in (*routers, dashboard_data.router) for r in x.routes]
+    #: Every HTTP route, for a 405's Allow (``_allowed_methods``): ours, and FastAPI's own
+    #: (/openapi.json, /docs, /redoc), whose 405s had an empty Allow without them.
+    fastapis = [r for r in app.router.routes if getattr(r, "methods", None)]
+    ours = [r for x in (*routers, dashboard_data.router) for r in x.routes]
+    app.state.http_routes = fastapis + ours
     app.add_middleware(HeadAsGet, refused=_NO_HEAD)
     direct: ASGIApp = DirectRoutes(_DIRECT, on_error=_direct_error)
     if state.keys.enabled or state.config.metrics_api_key is not None:
