@@ -138,3 +138,16 @@ def test_a_405_on_fastapis_own_routes_names_their_methods(
     for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
         r = httpx.post(synthetic_server.url + path)
         assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", (path, r.headers)
+
+
+def test_the_protocols_refusals_have_a_date_and_compact_json(start_server) -> None:  # type: ignore[no-untyped-def]
+    # The 408/431/501/503 written by the protocol had no Date (RFC 9110 6.6.1) and spaced
+    # JSON, unlike uvicorn's and the app's answers.
+    server: RunningServer = start_server(max_head_bytes=1000)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")
+        got = read_response(s)
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and b"\r\ndate: " in head.lower(), head
+    assert b"\r\nserver: uvicorn" in head.lower(), head
+    assert body == json.dumps(json.loads(body), separators=(",", ":")).encode(), body

@@ -36,14 +36,23 @@ from tokenspout.server.server_state import ServerState
 from tokenspout.server.tls_handshake import tls_context, tls_protocol
 
 
-def _status(code: int, reason: str, message: str, error_code: str, extra: str = "") -> bytes:
-    """A whole response with the error body the app's errors have (``error_body``): a 503 (too
-    many connections) is a ``server_error`` as the app's 503s are (draining, engine down),
-    not the client's ``invalid_request_error``."""
+def _status(
+    code: int,
+    reason: str,
+    message: str,
+    error_code: str,
+    default_headers: list[tuple[bytes, bytes]],
+    extra: str = "",
+) -> bytes:
+    """A whole response with the error body the app's errors have (``error_body``, as compact
+    as Starlette's JSON), with uvicorn's ``default_headers`` (``date``, ``server``) as its
+    other answers: a 503 (too many connections) is a ``server_error`` as the app's 503s are
+    (draining, engine down), not the client's ``invalid_request_error``."""
     kind = TokenspoutError if code == 503 else InvalidRequestError
-    body = json.dumps(error_body(kind(message, code=error_code))).encode()
+    body = json.dumps(error_body(kind(message, code=error_code)), separators=(",", ":")).encode()
+    defaults = "".join(f"{name.decode()}: {value.decode()}\r\n" for name, value in default_headers)
     head = (
-        f"HTTP/1.1 {code} {reason}\r\ncontent-type: application/json\r\n{extra}"
+        f"HTTP/1.1 {code} {reason}\r\n{defaults}content-type: application/json\r\n{extra}"
         f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -253,7 +262,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm_timer()
         self.refused(code, error_code)
         if not self._answering():
-            self.transport.write(_status(code, reason, message, error_code, extra))
+            defaults = self.server_state.default_headers
+            self.transport.write(_status(code, reason, message, error_code, defaults, extra))
         # else an earlier response is on the wire: a status line now would land inside it.
         self.transport.close()
 
