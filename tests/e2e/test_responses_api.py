@@ -209,3 +209,22 @@ def test_the_api_schema_lists_the_route(synthetic_server: RunningServer) -> None
     fields = schema["components"]["schemas"]["ResponsesRequest"]["properties"]
     assert {"input", "instructions", "max_output_tokens", "tools", "text"} <= set(fields)
     assert "text/event-stream" in operation["responses"]["200"]["content"]
+
+
+def test_an_earlier_answers_reasoning_sent_back_is_not_rendered(client: OpenAI) -> None:
+    """A ``reasoning`` item (an earlier answer's, as its ``output`` is sent back) was a 400;
+    it is accepted and, as chat's reasoning, left out of the prompt."""
+    text = [{"type": "reasoning_text", "text": "many words of thought"}]
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [], "content": text}
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+             {"role": "user", "content": "red green"}]  # fmt: skip
+    plain = client.responses.create(model="synthetic", input=turns, max_output_tokens=3)
+    with_it = client.responses.create(
+        model="synthetic", input=[turns[0], thought, *turns[1:]], max_output_tokens=3
+    )
+    assert with_it.output_text == plain.output_text
+    assert with_it.usage is not None and plain.usage is not None
+    assert with_it.usage.input_tokens == plain.usage.input_tokens
+    with pytest.raises(BadRequestError, match="must be followed by") as caught:
+        client.responses.create(model="synthetic", input=[turns[0], thought])
+    assert caught.value.body["param"] == "input[1]"  # type: ignore[index]

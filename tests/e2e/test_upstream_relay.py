@@ -541,6 +541,87 @@ def test_a_refusal_is_relayed_not_an_empty_answer(
     assert usage["completion_tokens"] == 3
 
 
+def test_responses_api_relays_a_reasoning_models_reasoning_as_a_reasoning_item(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """/v1/responses dropped an upstream's reasoning. It is now a ``reasoning`` output item
+    before the message, streamed with ``response.reasoning_text.delta``, whole and
+    streamed alike; sent back as input, it reaches the upstream as the assistant message's
+    ``reasoning_content``."""
+    fault.fault("reasoning")
+    client = sdk(front(start_server, fault))
+    asked = {"model": "synthetic", "input": "x y", "max_output_tokens": 8}
+    answer = httpx.post(
+        f"{synthetic.url}/v1/chat/completions",
+        json={"model": "synthetic", "messages": [{"role": "user", "content": "x y"}],
+              "max_tokens": 5},
+    ).json()["choices"][0]["message"]["content"]  # fmt: skip
+    whole = client.responses.create(**asked)  # type: ignore[call-overload]
+    thought, message = whole.output
+    assert thought.type == "reasoning" and thought.content is not None
+    assert [c.text for c in thought.content] == ["Let me think."]
+    assert message.type == "message" and whole.output_text == answer
+    assert whole.usage is not None and whole.usage.output_tokens == 8
+    events = list(client.responses.create(**asked, stream=True))  # type: ignore[call-overload]
+    deltas = [e for e in events if e.type == "response.reasoning_text.delta"]
+    assert "".join(e.delta for e in deltas) == "Let me think."
+    assert {(e.output_index, e.content_index, e.item_id) for e in deltas} == {
+        (0, 0, deltas[0].item_id)
+    }
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert [(e.output_index, e.item.type) for e in added] == [(0, "reasoning"), (1, "message")]
+    texts = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(e.delta for e in texts) == answer and {e.output_index for e in texts} == {1}
+    final = events[-1]
+    assert final.type == "response.incomplete"  # max_output_tokens: reasoning + answer
+    assert [i.type for i in final.response.output] == ["reasoning", "message"]
+    assert final.response.output[0].id == deltas[0].item_id
+    # The round trip: the answer's output sent back, then the next question.
+    fault.fault("none")
+    again = [{"role": "user", "content": "x y"},
+             *[i.model_dump(exclude_none=True) for i in whole.output],
+             {"role": "user", "content": "and?"}]  # fmt: skip
+    client.responses.create(model="synthetic", input=again, max_output_tokens=2)
+    sent = fault.stats()["body"]["messages"]
+    assert sent[1] == {"role": "assistant", "content": answer, "reasoning_content": "Let me think."}
+
+
+def test_responses_api_relays_a_refusal_as_a_refusal_part(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """/v1/responses made an upstream's refusal an empty answer. It is now the message's
+    ``refusal`` part, streamed with ``response.refusal.delta``; the SDK's final response
+    (``responses.stream``) and a whole one carry it, and it can be sent back."""
+    fault.fault("refusal")
+    client = sdk(front(start_server, fault))
+    refused = "I can't help with that."
+    whole = client.responses.create(model="synthetic", input="x")
+    (message,) = whole.output
+    assert message.type == "message" and whole.status == "completed"
+    assert [(p.type, getattr(p, "refusal", None)) for p in message.content] == [
+        ("refusal", refused)
+    ]
+    assert whole.usage is not None and whole.usage.output_tokens == 3
+    streamed = list(client.responses.create(model="synthetic", input="x", stream=True))
+    kinds = [e.type for e in streamed]
+    assert "response.output_text.delta" not in kinds
+    part = next(e for e in streamed if e.type == "response.content_part.added")
+    assert part.part.type == "refusal"
+    assert "".join(e.delta for e in streamed if e.type == "response.refusal.delta") == refused
+    done = next(e for e in streamed if e.type == "response.refusal.done")
+    assert done.refusal == refused
+    with client.responses.stream(model="synthetic", input="x") as stream:
+        final = stream.get_final_response()
+    assert final.output[0].type == "message"
+    assert final.output[0].content[0].type == "refusal"
+    assert final.output[0].content[0].refusal == refused
+    fault.fault("none")
+    again = [{"role": "user", "content": "x"}, message.model_dump(exclude_none=True),
+             {"role": "user", "content": "why?"}]  # fmt: skip
+    client.responses.create(model="synthetic", input=again, max_output_tokens=2)
+    assert fault.stats()["body"]["messages"][1] == {"role": "assistant", "refusal": refused}
+
+
 def test_event_ids_count_tokens_behind_an_upstream_that_coalesces(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

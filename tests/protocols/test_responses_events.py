@@ -158,3 +158,138 @@ def test_the_whole_response_has_the_streams_shape() -> None:
     text = events().response_choices([ChoiceOutput("hi", "length")], USAGE)
     assert Response.model_validate(text).output_text == "hi"
     assert text["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+def reasoning(text: str) -> OutputExtras:
+    return OutputExtras(reasoning=text)
+
+
+def refusal(text: str) -> OutputExtras:
+    return OutputExtras(refusal=text)
+
+
+def test_an_upstreams_reasoning_is_a_reasoning_item_before_the_message() -> None:
+    enc = events()
+    stream = checked(
+        [
+            *enc.opening(),
+            *enc.delta_events("", [reasoning("Let "), reasoning("me ")]),
+            # A coalesced event: the end of the reasoning, then the answer's first text.
+            *enc.delta_events("Hi", [reasoning("think.")]),
+            *enc.delta_events(" there", []),
+            *enc.closing("stop", USAGE),
+        ]
+    )
+    assert [(e["type"], e.get("output_index")) for e in stream[2:]] == [
+        ("response.output_item.added", 0),
+        ("response.reasoning_text.delta", 0),
+        ("response.reasoning_text.delta", 0),
+        ("response.reasoning_text.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.content_part.added", 1),
+        ("response.output_text.delta", 1),
+        ("response.output_text.delta", 1),
+        ("response.output_text.done", 1),
+        ("response.content_part.done", 1),
+        ("response.output_item.done", 1),
+        ("response.completed", None),
+    ]
+    added = stream[2]["item"]
+    assert (added["type"], added["summary"], added["content"]) == ("reasoning", [], [])
+    assert [e["delta"] for e in stream[3:5]] == ["Let me ", "think."]
+    assert stream[5]["text"] == "Let me think." and stream[5]["content_index"] == 0
+    done = Response.model_validate(stream[-1]["response"])
+    thought, message = done.output
+    assert thought.type == "reasoning" and thought.id == added["id"] == stream[3]["item_id"]
+    assert thought.content is not None and thought.content[0].text == "Let me think."
+    assert thought.status == "completed"
+    assert message.type == "message" and done.output_text == "Hi there"
+    # Each item is done as the response has it.
+    assert [stream[6]["item"], stream[13]["item"]] == stream[-1]["response"]["output"]
+    # The whole response has the same items.
+    whole = events().response_choices(
+        [ChoiceOutput("Hi there", "stop", [reasoning("Let me "), reasoning("think.")])], USAGE
+    )
+    assert whole["output"] == stream[-1]["response"]["output"]
+
+
+def test_a_refusal_is_the_messages_refusal_part_not_an_empty_answer() -> None:
+    enc = events()
+    stream = checked(
+        [
+            *enc.opening(),
+            *enc.delta_events("", [refusal("I can't ")]),
+            *enc.delta_events("", [refusal("help.")]),
+            *enc.closing("stop", USAGE),
+        ]
+    )
+    assert [e["type"] for e in stream[2:]] == [
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert stream[3]["part"] == {"type": "refusal", "refusal": ""}
+    assert stream[6]["refusal"] == "I can't help."
+    assert stream[7]["part"] == {"type": "refusal", "refusal": "I can't help."}
+    (message,) = Response.model_validate(stream[-1]["response"]).output
+    assert message.type == "message"
+    assert [(p.type, getattr(p, "refusal", None)) for p in message.content] == [
+        ("refusal", "I can't help.")
+    ]
+    whole = events().response_choices([ChoiceOutput("", "stop", [refusal("I can't help.")])], USAGE)
+    assert whole["output"] == stream[-1]["response"]["output"]
+
+
+def test_text_then_a_refusal_are_two_parts_of_one_message() -> None:
+    enc = events()
+    enc.opening()
+    enc.delta_events("Well.", [])
+    then = checked(enc.delta_events("", [refusal("No.")]))
+    assert [(e["type"], e["content_index"]) for e in then] == [
+        ("response.output_text.done", 0),
+        ("response.content_part.done", 0),
+        ("response.content_part.added", 1),
+        ("response.refusal.delta", 1),
+    ]
+    *_, end = checked(enc.closing("stop", USAGE))
+    (message,) = end["response"]["output"]
+    assert [p["type"] for p in message["content"]] == ["output_text", "refusal"]
+    whole = events().response_choices([ChoiceOutput("Well.", "stop", [refusal("No.")])], USAGE)
+    assert whole["output"] == end["response"]["output"]
+
+
+def test_reasoning_then_a_call_puts_the_call_at_output_index_1() -> None:
+    enc = events()
+    enc.opening()
+    checked(enc.delta_events("", [reasoning("Weather tool.")]))
+    then = checked(enc.delta_events("", [call(0, True, "{}")]))
+    assert [(e["type"], e["output_index"]) for e in then] == [
+        ("response.reasoning_text.done", 0),
+        ("response.output_item.done", 0),
+        ("response.output_item.added", 1),
+        ("response.function_call_arguments.delta", 1),
+    ]
+    assert then[2]["item"]["id"].startswith("fc_") and then[2]["item"]["name"] == "f"
+    *_, end = checked(enc.closing("tool_calls", USAGE))
+    assert [i["type"] for i in end["response"]["output"]] == ["reasoning", "function_call"]
+    extras = [reasoning("Weather tool."), call(0, True, "{}")]
+    whole = events().response_choices([ChoiceOutput("", "tool_calls", extras)], USAGE)
+    assert whole["output"] == end["response"]["output"]
+
+
+def test_an_answer_cut_in_its_reasoning_has_an_incomplete_reasoning_item() -> None:
+    enc = events()
+    enc.opening()
+    enc.delta_events("", [reasoning("Let me")])
+    *_, item_done, end = checked(enc.closing("length", USAGE))
+    assert item_done["item"]["status"] == "incomplete"
+    (thought,) = Response.model_validate(end["response"]).output
+    assert thought.type == "reasoning" and thought.status == "incomplete"
+    whole = events().response_choices([ChoiceOutput("", "length", [reasoning("Let me")])], USAGE)
+    assert whole["output"] == end["response"]["output"]

@@ -90,6 +90,68 @@ def test_a_call_output_that_answers_no_call_names_its_item() -> None:
     assert caught.value.param == "input[1].call_id"
 
 
+#: An earlier answer's reasoning item, as the openai SDK returns it (sent back).
+THOUGHT = {"type": "reasoning", "id": "rs_1", "summary": [], "status": "completed",
+           "content": [{"type": "reasoning_text", "text": "They ask for a call."}],
+           "encrypted_content": None}  # fmt: skip
+
+
+def test_a_reasoning_item_is_its_answers_reasoning_content() -> None:
+    """Chat's field, which the embedded engine does not render and an upstream is sent:
+    on the message that follows it, or on the call it led to."""
+    call = {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"}
+    said = {"role": "assistant", "content": [{"type": "output_text", "text": "Looking."}]}
+    body = {
+        "input": [
+            {"role": "user", "content": "q"},
+            THOUGHT,
+            said,
+            call,
+            {"type": "function_call_output", "call_id": "c1", "output": "1"},
+            {**THOUGHT, "content": [{"type": "reasoning_text", "text": "Done."}]},
+            {**THOUGHT, "content": None},  # a summary alone: no text of its own
+            {"role": "assistant", "content": "It is 1."},
+        ]
+    }
+    (_, answer, _, last) = chat_of(body)["messages"]
+    assert answer["reasoning_content"] == "They ask for a call."
+    assert answer["content"] == "Looking." and answer["tool_calls"][0]["id"] == "c1"
+    assert last == {"role": "assistant", "content": "It is 1.", "reasoning_content": "Done."}
+    (_, call_only) = chat_of({"input": [{"role": "user", "content": "q"}, THOUGHT, call]})[
+        "messages"
+    ]
+    assert call_only["reasoning_content"] == "They ask for a call." and "content" not in call_only
+
+
+@pytest.mark.parametrize(
+    "after", [[], [{"role": "user", "content": "q"}]], ids=["at_the_end", "before_a_user"]
+)
+def test_a_reasoning_item_without_what_it_led_to_names_it(after: list[dict[str, Any]]) -> None:
+    body = {"input": [{"role": "user", "content": "q"}, THOUGHT, *after]}
+    with pytest.raises(InvalidRequestError, match="must be followed by") as caught:
+        chat_of(body)
+    assert caught.value.param == "input[1]"
+
+
+def test_an_encrypted_reasoning_item_is_a_400_naming_it() -> None:
+    body = {
+        "input": [THOUGHT | {"encrypted_content": "gAAA"}, {"role": "assistant", "content": "a"}]
+    }
+    with pytest.raises(
+        InvalidRequestError, match=r"input\.0\.encrypted_content: .*encrypts no"
+    ) as caught:
+        chat_of(body)
+    assert caught.value.param == "input"
+
+
+def test_a_refusal_part_sent_back_is_chats_refusal() -> None:
+    refused = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}
+    (_, message, _) = chat_of(
+        {"input": [{"role": "user", "content": "q"}, refused, {"role": "user", "content": "ok"}]}
+    )["messages"]
+    assert message == {"role": "assistant", "refusal": "I can't."}  # content null: unset
+
+
 def test_tools_choice_and_format_take_chat_shapes() -> None:
     body = {
         "input": "q",
@@ -136,7 +198,7 @@ def test_tools_choice_and_format_take_chat_shapes() -> None:
         ("tools", [{"type": "web_search"}]),
         ("top_logprobs", 2),
         ("input", [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]),
-        ("input", [{"type": "reasoning", "summary": []}]),
+        ("input", [{"type": "item_reference", "id": "rs_1"}]),
     ],
 )
 def test_what_is_not_served_is_a_400_naming_it(field: str, value: Any) -> None:

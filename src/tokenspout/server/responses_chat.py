@@ -2,7 +2,9 @@
 
 ``POST /v1/responses`` is served by the chat machinery: its ``input`` items become chat
 messages (``instructions`` a system message first, ``function_call`` items an assistant
-message's ``tool_calls``, ``function_call_output`` items tool messages), its flat tools and
+message's ``tool_calls``, ``reasoning`` items its ``reasoning_content``, a message's
+``refusal`` parts its ``refusal``,
+``function_call_output`` items tool messages), its flat tools and
 ``text.format`` chat's nested ``tools`` and ``response_format``. The chat body carries only
 the fields the client set, so that an upstream is sent what was asked, as for a chat request;
 its validation (limits, tools, grammar) is chat's, and an error it raises names the
@@ -23,6 +25,7 @@ from tokenspout.server.responses_schema import (
     FunctionTool,
     MessageItem,
     NamedFunctionChoice,
+    ReasoningItem,
     ResponsesRequest,
     TextFormatJsonSchema,
 )
@@ -49,16 +52,41 @@ def as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
 
 def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
     """Chat messages; a ``function_call_output`` must answer an earlier ``function_call``
-    (as a tool message must in chat), checked here to name the input item at fault."""
+    (as a tool message must in chat), and a ``reasoning`` item lead to an assistant message
+    or a ``function_call`` (as OpenAI requires), checked here to name the input item at
+    fault. A reasoning item opens the assistant message of what follows it, as its
+    ``reasoning_content``: chat's field, which is never rendered in the prompt and goes to
+    an upstream as given."""
     messages: list[dict[str, Any]] = []
     if body.instructions is not None:
         messages.append({"role": "system", "content": body.instructions})
     if isinstance(body.input, str):
         return [*messages, {"role": "user", "content": body.input}]
     calls: set[str] = set()
+    # The input index of a reasoning item not yet followed by what it led to.
+    reasoning: int | None = None
     for i, item in enumerate(body.input):
-        if isinstance(item, MessageItem):
-            messages.append({"role": item.role, "content": item.text()})
+        led_to = isinstance(item, FunctionCallItem) or (
+            isinstance(item, MessageItem) and item.role == "assistant"
+        )
+        if reasoning is not None and not (led_to or isinstance(item, ReasoningItem)):
+            _lone_reasoning(reasoning)
+        if isinstance(item, ReasoningItem):
+            if reasoning is None:
+                messages.append({"role": "assistant", "content": None})
+            if item.text():
+                thought = messages[-1].get("reasoning_content")
+                messages[-1]["reasoning_content"] = "\n".join(filter(None, (thought, item.text())))
+            reasoning = i
+        elif isinstance(item, MessageItem):
+            message = {"role": item.role, "content": item.text()}
+            if (refusal := item.refusal()) is not None:
+                # Chat's field: rendered as the assistant's words when there is no text.
+                message["refusal"] = refusal
+            if reasoning is not None:
+                messages[-1].update(message)
+            else:
+                messages.append(message)
         elif isinstance(item, FunctionCallItem):
             calls.add(item.call_id)
             call = {
@@ -68,7 +96,7 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             }
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
-                # The calls an answer made after its text, or beside each other.
+                # The calls an answer made after its text (or reasoning), or beside each other.
                 last.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
@@ -81,7 +109,22 @@ def _messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                     param=param,
                 )
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.output})
+        if led_to:
+            reasoning = None
+    if reasoning is not None:
+        _lone_reasoning(reasoning)
     return messages
+
+
+def _lone_reasoning(index: int) -> None:
+    """A reasoning item followed by nothing it led to: the assistant message it would go
+    with has neither content nor calls."""
+    param = f"input[{index}]"
+    raise InvalidRequestError(
+        f"{param}: a reasoning item must be followed by the assistant message or "
+        "function_call it led to",
+        param=param,
+    )
 
 
 def _function(tool: FunctionTool) -> dict[str, Any]:

@@ -53,8 +53,15 @@ class OutputText(StrictBody):
     """Returned with the answer; not read."""
 
 
+class OutputRefusal(StrictBody):
+    """A refusal of an earlier answer, as the API returned it (sent back as input)."""
+
+    type: Literal["refusal"]
+    refusal: StrictStr
+
+
 #: A message's text parts. An image, file or audio part is refused (the tag names it).
-ContentPart = Annotated[InputText | OutputText, Field(discriminator="type")]
+ContentPart = Annotated[InputText | OutputText | OutputRefusal, Field(discriminator="type")]
 
 
 class MessageItem(StrictBody):
@@ -68,11 +75,20 @@ class MessageItem(StrictBody):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
     """An earlier answer's item status, when it is sent back; not read."""
 
-    def text(self) -> str:
+    def text(self) -> str | None:
+        """The text parts' text; None for a refusal alone (the answer had no text)."""
         if isinstance(self.content, str):
             return self.content
+        texts = [part.text for part in self.content if not isinstance(part, OutputRefusal)]
         # One text per part, a line apart, as chat's parts are joined.
-        return "\n".join(part.text for part in self.content)
+        return "\n".join(texts) if texts or self.refusal() is None else None
+
+    def refusal(self) -> str | None:
+        """The refusal parts' text, if the message has any (an earlier answer's)."""
+        if isinstance(self.content, str):
+            return None
+        refusals = [part.refusal for part in self.content if isinstance(part, OutputRefusal)]
+        return "\n".join(refusals) if refusals else None
 
 
 class FunctionCallItem(StrictBody):
@@ -102,6 +118,41 @@ class FunctionCallOutputItem(StrictBody):
     status: Literal["in_progress", "completed", "incomplete"] | None = None
 
 
+class ReasoningText(StrictBody):
+    type: Literal["reasoning_text"]
+    text: StrictStr
+
+
+class SummaryText(StrictBody):
+    type: Literal["summary_text"]
+    text: StrictStr
+
+
+class ReasoningItem(StrictBody):
+    """An earlier answer's reasoning (its ``reasoning`` output item, sent back): never
+    rendered in the prompt, as chat's reasoning is not; in front of an upstream its
+    ``content`` goes there as the assistant message's ``reasoning_content``. It must be
+    followed by what it led to (an assistant message or a ``function_call``), as OpenAI
+    requires."""
+
+    type: Literal["reasoning"]
+    id: StrictStr | None = None
+    summary: list[SummaryText] | None = None
+    """A summary of what ``content`` holds: not read."""
+    content: list[ReasoningText] | None = None
+    encrypted_content: StrictStr | None = None
+    """Only null: this server encrypts no reasoning, and cannot read another's."""
+    status: Literal["in_progress", "completed", "incomplete"] | None = None
+
+    @field_validator("encrypted_content")
+    @classmethod
+    def _not_encrypted(cls, encrypted: str) -> str:
+        raise ValueError("not served: this server encrypts no reasoning and cannot read another's")
+
+    def text(self) -> str:
+        return "\n".join(part.text for part in self.content or ())
+
+
 def _item_type(item: Any) -> str | None:
     """An input item's tag: its ``type``; a message may leave it out."""
     if isinstance(item, dict):
@@ -113,7 +164,8 @@ def _item_type(item: Any) -> str | None:
 InputItem = Annotated[
     Annotated[MessageItem, Tag("message")]
     | Annotated[FunctionCallItem, Tag("function_call")]
-    | Annotated[FunctionCallOutputItem, Tag("function_call_output")],
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+    | Annotated[ReasoningItem, Tag("reasoning")],
     Discriminator(_item_type),
 ]
 
@@ -159,8 +211,9 @@ class ResponsesRequest(StrictBody):
 
     model: str | None = None
     input: StrictStr | Annotated[list[InputItem], Field(min_length=1)]
-    """A user message, or a list of messages, ``function_call`` items and
-    ``function_call_output`` items: the whole conversation (nothing is stored here)."""
+    """A user message, or a list of messages, ``function_call`` items,
+    ``function_call_output`` items and ``reasoning`` items: the whole conversation (nothing
+    is stored here)."""
     instructions: StrictStr | None = None
     """A system message before the input."""
     max_output_tokens: PositiveInt | None = None
