@@ -7,6 +7,7 @@ import json
 import socket
 
 import httpx
+import pytest
 
 from tests.conftest import RunningServer
 
@@ -151,3 +152,24 @@ def test_the_protocols_refusals_have_a_date_and_compact_json(start_server) -> No
     assert head.startswith(b"HTTP/1.1 431") and b"\r\ndate: " in head.lower(), head
     assert b"\r\nserver: uvicorn" in head.lower(), head
     assert body == json.dumps(json.loads(body), separators=(",", ":")).encode(), body
+
+
+@pytest.mark.parametrize(
+    "host_lines",
+    [b"", b"Host: 127.0.0.1\r\nHost: evil.example\r\n"],
+    ids=["no-host", "two-hosts"],
+)
+def test_an_http_1_1_request_needs_exactly_one_host(
+    synthetic_server: RunningServer, host_lines: bytes
+) -> None:
+    # Both were served; with two, the DNS-rebinding check read the first Host only (RFC 9112
+    # 3.2: 400, as nginx answers).
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\n" + host_lines + b"\r\n")
+        got = read_response(s)
+    assert got.startswith(b"HTTP/1.1 400"), got
+    error = json.loads(got.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "invalid_host_header", error
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.0\r\n\r\n")  # HTTP/1.0 has no Host to require
+        assert read_response(s).startswith(b"HTTP/1.1 200")

@@ -154,6 +154,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 "retry-after: 1\r\n",
             )  # fmt: skip
             return
+        hosts = sum(1 for name, _ in self.headers if name == b"host")
+        if hosts > 1 or (hosts == 0 and self.parser.get_http_version() != "1.0"):
+            # RFC 9112 3.2: exactly one Host in an HTTP/1.1 request. Two would let a request
+            # show the DNS-rebinding check (trusted_hosts) one name and the app another.
+            self._refuse(
+                400, "Bad Request", "an HTTP/1.1 request has exactly one Host header",
+                "invalid_host_header",
+            )  # fmt: skip
+            return
         if self._unknown_transfer_coding():
             # llhttp reads the chunks and hands on the coded bytes (a gzipped body was
             # parsed as JSON): RFC 9112 6.1's 501, as nginx answers.
