@@ -117,6 +117,9 @@ def test_an_assistant_message_sent_back_as_returned_renders_only_its_words() -> 
     assert chat(*MSG, {**RETURNED, "annotations": [cited]}, *MSG) == plain
     refused = {"role": "assistant", "content": None, "refusal": "I can't."}
     assert chat(*MSG, refused, *MSG)[1] == ("assistant", "I can't.")
+    # Empty content beside a refusal was rendered as the empty answer, the refusal dropped.
+    for empty in ("", [], [{"type": "text", "text": ""}]):
+        assert chat(*MSG, {**refused, "content": empty}, *MSG)[1] == ("assistant", "I can't.")
     assert chat(*MSG, {**refused, "content": "No."}, *MSG)[1] == ("assistant", "No.")
 
 

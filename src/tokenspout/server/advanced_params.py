@@ -62,9 +62,10 @@ def _message(m: ChatMessageIn, param: str, forwarded: bool) -> ChatMessage:
         )
     # OpenAI's newer name for system instructions; engines and templates know only system.
     role = "system" if m.role == "developer" else m.role
-    # A refusal without content is what the assistant said; reasoning and annotations are
-    # not words of the conversation (vLLM's templates drop reasoning from the history).
-    text = m.refusal if m.content is None and m.refusal is not None else m.text()
+    # A refusal without content (null, "" or no text parts: SDKs send each) is what the
+    # assistant said; reasoning and annotations are not words of the conversation (vLLM's
+    # templates drop reasoning from the history).
+    text = m.text() or m.refusal or ""
     sent = None
     if forwarded:
         sent = {**m.model_dump(mode="json", by_alias=True, exclude_none=True), "role": role}
