@@ -67,7 +67,8 @@ def test_a_field_honoured_trivially_is_accepted_and_changes_nothing(
         (CHAT, {"stream": True, "stream_options": {"include_obfuscation": True}},
          "stream_options.include_obfuscation", "no obfuscation padding"),
         (COMPLETION, {"best_of": 2}, "best_of", "best_of can only equal n (1)"),
-        (COMPLETION, {"best_of": 1, "n": 2}, "best_of", "best_of can only equal n (2)"),
+        # It was refused as choosing "the best of more candidates" than returned: fewer.
+        (COMPLETION, {"best_of": 1, "n": 2}, "best_of", "best_of (1) must be at least n (2)"),
     ],
     ids=["store true", "metadata {}", "metadata", "service_tier flex", "modalities audio",
          "prediction", "include_obfuscation true", "best_of 2", "best_of below n"],

@@ -184,13 +184,20 @@ def check_served(body: ChatCompletionRequest | CompletionRequest) -> None:
 def check_best_of(body: ChatCompletionRequest | CompletionRequest) -> None:
     """``best_of`` candidates of which the ``n`` best are returned: equal to ``n``, they are
     all returned, as any request's choices; more would need ranking, which is not served
-    (here or upstream: each choice is a request of its own there)."""
-    if isinstance(body, CompletionRequest) and body.best_of not in (None, body.n):
+    (here or upstream: each choice is a request of its own there); fewer is invalid."""
+    if not isinstance(body, CompletionRequest) or body.best_of in (None, body.n):
+        return
+    if body.best_of < body.n:  # invalid for OpenAI and vLLM too
         raise InvalidRequestError(
-            f"best_of can only equal n ({body.n}): choosing the best of more candidates than "
-            "the choices returned is not served",
+            f"best_of ({body.best_of}) must be at least n ({body.n}): each choice returned "
+            "is one of the candidates",
             param="best_of",
         )
+    raise InvalidRequestError(
+        f"best_of can only equal n ({body.n}): choosing the best of more candidates than "
+        "the choices returned is not served",
+        param="best_of",
+    )
 
 
 def check_text_only(params: SamplingParams) -> None:
