@@ -651,6 +651,14 @@ def test_tokenize_says_the_upstreams_tokenize(
     r = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "a"}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     assert "does not tokenize" in r.json()["error"]["message"]
+    # An image the upstream could read said the model reads text only, hiding the reason.
+    image = {"type": "image_url", "image_url": {"url": "https://x/a.png"}}
+    parts = [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]
+    r = httpx.post(f"{server.url}/tokenize", json={"messages": parts})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert "does not tokenize" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/tokenize", json={"prompt": "a"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": [1, 2]})
     assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
 

@@ -76,6 +76,9 @@ class Engine(ABC):
     #: (``SamplingParams.extra_body``): fields tokenspout does not know are theirs to
     #: honour, kept rather than refused; and its ``failure`` passes when they are back.
     forwards_fields: bool = False
+    #: The engine reads prompts as token ids (``Prompt.token_ids``); one in front of other
+    #: servers sends them text, and has no ids to count (``/tokenize``).
+    tokenizes: bool = True
     #: The engine learns whether a request is refused only after ``submit`` (an upstream
     #: server's status): it sends an output with no tokens once the request is accepted,
     #: and a streamed response waits for that (or the first token) before answering 200,

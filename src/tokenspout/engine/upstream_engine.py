@@ -44,6 +44,7 @@ class UpstreamEngine(Engine):
 
     kind = "upstream"
     forwards_fields = True
+    tokenizes = False
     refuses_late = True
     max_model_len = UNBOUNDED_CONTEXT
 

@@ -46,13 +46,17 @@ def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[st
 
 
 async def parse_body(request: Request, model: type[Body], limit: int) -> Body:
+    """A JSON body (as ``read_json`` reads it) validated as ``model``."""
+    return validate(model, await read_json(request, limit))
+
+
+async def read_json(request: Request, limit: int) -> object:
     """A JSON body (415 otherwise) of at most ``limit`` bytes (413), nested no deeper than
-    ``--max-json-depth``, valid Unicode, validated as ``model``."""
+    ``--max-json-depth``, valid Unicode, decoded but not validated."""
     require_json(request)
     config = state_of(request).config
     raw = await read_body(request, limit, config.body_timeout_s)
-    max_depth = config.max_json_depth
-    return validate(model, json_limits.loads(raw, "request body", max_depth))
+    return json_limits.loads(raw, "request body", config.max_json_depth)
 
 
 def validate(model: type[Body], data: object) -> Body:

@@ -19,7 +19,7 @@ from tokenspout.server.generation_request import (
     completion_prompt,
     off_loop,
 )
-from tokenspout.server.request_parsing import parse_body
+from tokenspout.server.request_parsing import parse_body, read_json, validate
 from tokenspout.server.schemas import DetokenizeRequest, TokenizeRequest
 from tokenspout.server.server_state import ServerState, state_of
 
@@ -40,7 +40,16 @@ async def tokenize(request: Request) -> Response:
     with this prompt would have the model read (through the chat template for messages),
     also for a prompt longer than the context, so that a client can cut it to fit."""
     state = state_of(request)
-    body = await parse_body(request, TokenizeRequest, state.config.max_body_bytes)
+    data = await read_json(request, state.config.max_body_bytes)
+    if not state.engine.tokenizes:
+        # Before the body's checks: none of them would make the answer another one (a
+        # content part the model could not read is the upstream's to read).
+        prompt_given = isinstance(data, dict) and data.get("prompt") is not None
+        raise InvalidRequestError(
+            "this engine does not tokenize: the servers it is in front of do (ask them)",
+            param="prompt" if prompt_given else "messages",
+        )
+    body = validate(TokenizeRequest, data)
     _model(request, state, body.model)
     if body.add_special_tokens:
         raise InvalidRequestError(
@@ -58,11 +67,7 @@ async def tokenize(request: Request) -> Response:
         prompt = await completion_prompt(state, body.prompt)
     else:
         prompt = await chat_prompt(state, body)
-    if prompt.token_ids is None:
-        raise InvalidRequestError(
-            "this engine does not tokenize: the servers it is in front of do (ask them)",
-            param="prompt" if body.prompt is not None else "messages",
-        )
+    assert prompt.token_ids is not None, "an engine that tokenizes gives token ids"
     ids = list(prompt.token_ids)
     answer: dict[str, Any] = {
         "count": len(ids), "max_model_len": state.engine.max_model_len, "tokens": ids,
