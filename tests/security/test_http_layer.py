@@ -173,3 +173,34 @@ def test_an_http_1_1_request_needs_exactly_one_host(
     with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
         s.sendall(b"GET /health HTTP/1.0\r\n\r\n")  # HTTP/1.0 has no Host to require
         assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    ],
+    ids=["bad-header-line", "content-length-and-chunked", "bad-chunk-size"],
+)
+def test_a_request_the_parser_refuses_is_a_json_400(
+    synthetic_server: RunningServer, raw: bytes
+) -> None:
+    # uvicorn's own answer, "Invalid HTTP request received." in text/plain, was the one
+    # refusal of the protocol without the JSON error shape.
+    with socket.create_connection(("127.0.0.1", synthetic_server.port), timeout=30) as s:
+        s.sendall(raw)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and got.count(b"HTTP/1.1") == 1, got
+    lower = head.lower()
+    assert b"\r\ncontent-type: application/json" in lower and b"\r\ndate: " in lower, head
+    assert b"\r\nserver: uvicorn" in lower, head
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_http_request" and error["type"] == "invalid_request_error"
+    assert error["message"].startswith("invalid HTTP request: "), error

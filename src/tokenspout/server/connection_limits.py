@@ -123,10 +123,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
+        except httptools.HttpParserError as err:
+            # llhttp's refusal (a bad header line, Content-Length beside chunked, a bad chunk
+            # size), which uvicorn answered in plain text: here the JSON error of the rest.
+            if self.transport.is_closing():  # refused already: what follows is not read
+                return
+            self.logger.warning("Invalid HTTP request received: %s", err)
+            # In a body, the refusal is the answer of the request being read (no earlier
+            # answer is on the wire), unless the app has begun that answer already.
+            own = not self._in_head and self.cycle is not None and not self.cycle.response_started
+            self._refuse(
+                400, "Bad Request", f"invalid HTTP request: {err}", "invalid_http_request",
+                own_answer=own,
+            )  # fmt: skip
         except httptools.HttpParserUpgrade as upgrade:
             if self._ignoring_upgrade:
                 self._serve_without_upgrade(data[upgrade.args[0] :])
@@ -266,11 +275,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.transport.close()
 
     def _refuse(
-        self, code: int, reason: str, message: str, error_code: str, extra: str = ""
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        error_code: str,
+        extra: str = "",
+        *,
+        own_answer: bool = False,
     ) -> None:
+        """Answer ``code`` with the JSON error and close. ``own_answer``: the refusal is the
+        answer of the request being read (in its body, not yet answered), which is written
+        although that request's cycle is still running."""
         self._disarm_timer()
         self.refused(code, error_code)
-        if not self._answering():
+        if own_answer or not self._answering():
             defaults = self.server_state.default_headers
             self.transport.write(_status(code, reason, message, error_code, defaults, extra))
         # else an earlier response is on the wire: a status line now would land inside it.
