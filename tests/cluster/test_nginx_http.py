@@ -75,3 +75,34 @@ def test_nginx_takes_what_the_server_takes_and_refuses_in_json(
             got += chunk
     assert got.startswith(b"HTTP/1.1 414"), got[:200]
     assert json.loads(got.partition(b"\r\n\r\n")[2])["error"]["code"] == "uri_too_long"
+
+
+@needs_nginx
+def test_nginx_refuses_a_method_coding_or_version_in_json(
+    synthetic_server: RunningServer, start_nginx: Callable[[list[int]], str]
+) -> None:
+    # TRACE (405), `Transfer-Encoding: gzip, chunked` (501) and an `HTTP/2.0` request line
+    # (505) got nginx's HTML pages, which an SDK cannot parse.
+    port = int(start_nginx([synthetic_server.port]).rsplit(":", 1)[1])
+    for raw, status, code in [
+        (b"TRACE /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 405, "http_405"),
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json"
+            b"\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "unsupported_transfer_encoding",
+        ),
+        (b"GET /health HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "http_version_not_supported"),
+    ]:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(raw)
+            got = b""
+            while chunk := s.recv(65536):
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d" % status), got
+        assert b"\r\ncontent-type: application/json" in head.lower(), head
+        assert json.loads(body)["error"]["code"] == code, body
+    # The server's own 405 (a method its route does not take) passes as it is.
+    r = httpx.post(f"http://127.0.0.1:{port}/health")
+    assert r.status_code == 405 and r.json()["error"]["code"] == "http_405", r.text
