@@ -332,6 +332,25 @@ def test_a_call_cut_in_its_closing_markup_or_by_a_stop_string(server: RunningSer
     assert events[-1]["choices"][0]["finish_reason"] == "stop"
 
 
+def test_text_a_stop_string_ends_is_the_same_with_tools(server: RunningServer) -> None:
+    # Greedy, this answer begins "3 < 5": the stop " 5" ends it at "3 <". With tools the "<"
+    # was dropped as the start of a call's tag ("3"), though what followed was the stop.
+    body = {
+        "messages": user("Is 3 < 5? Explain with a comparison like a < b."),
+        "temperature": 0,
+        "max_tokens": 50,
+        "stop": [" 5"],
+    }
+    url = f"{server.url}/v1/chat/completions"
+    for tools in ({}, {"tools": [WEATHER]}):
+        choice = httpx.post(url, json={**body, **tools}, timeout=120).json()["choices"][0]
+        assert (choice["message"]["content"], choice["finish_reason"]) == ("3 <", "stop"), tools
+        with httpx.stream("POST", url, json={**body, **tools, "stream": True}, timeout=120) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        assert (text, events[-1]["choices"][0]["finish_reason"]) == ("3 <", "stop"), tools
+
+
 @pytest.mark.parametrize(
     "constraint",
     [{"guided_regex": r"[^\s\S]"}, {"structured_outputs": {"regex": r"a[^\s\S]"}}],

@@ -32,13 +32,15 @@ WEATHER = Tool(
 CALL = call_text("get_weather", '{"city": "Pa\\"ris"}')
 
 
-def feed_in_pieces(text: str, size: int) -> tuple[str, list]:
+def feed_in_pieces(text: str, size: int, *, cut: bool = True) -> tuple[str, list]:
+    """Content and call pieces of ``text`` fed ``size`` characters at a time; ``cut``:
+    ``max_tokens`` ended it (else a stop string or the end of the text did)."""
     parser = ToolCallParser()
     content, deltas = "", []
     for i in range(0, len(text), size):
         c, d = parser.feed(text[i : i + size])
         content, deltas = content + c, deltas + list(d)
-    c, d = parser.finish()
+    c, d = parser.finish(cut=cut)
     return content + c, deltas + list(d)
 
 
@@ -97,7 +99,7 @@ def test_only_a_call_up_to_its_closing_markup_is_complete() -> None:
     for text, complete in ((CALL, True), (CALL[:-1], False), (CALL[:-14], False), ("Hi", False)):
         parser = ToolCallParser()
         parser.feed(text)
-        parser.finish()
+        parser.finish(cut=False)
         assert parser.complete is complete, text
 
 
@@ -130,7 +132,7 @@ def test_content_before_a_call_is_sent_as_it_comes_but_what_may_open_the_call() 
     _, (first,) = parser.feed('{"name": "get_weather"')
     assert first.name == "get_weather" and parser.has_call
     parser.feed(CALL.removeprefix('<tool_call>\n{"name": "get_weather"'))
-    assert parser.finish() == ("", ()) and parser.complete
+    assert parser.finish(cut=False) == ("", ()) and parser.complete
 
 
 @pytest.mark.parametrize(
@@ -148,12 +150,21 @@ def test_text_then_a_call_cut_before_its_name_is_the_text(cut: str) -> None:
         assert feed_in_pieces(f"Let me check.\n{cut}", size) == ("Let me check.", [])
 
 
-def test_whitespace_held_back_ends_an_answer_without_a_call() -> None:
+@pytest.mark.parametrize("text", ["3 <", "3 <tool_", "Let me check.\n<tool_call", "a \n"])
+def test_text_a_stop_string_ends_is_content_even_if_a_tag_could_follow(text: str) -> None:
+    # "Is 3 < 5?" with stop " 5" gave "3 <" without tools and "3" with them: the held "<"
+    # was dropped as a call's start, though what followed it (the stop string) is known.
     for size in (1, 3, 100):
-        assert feed_in_pieces("Sunny.\n\n", size) == ("Sunny.\n\n", [])
-    parser = ToolCallParser()
-    assert parser.feed("Sunny.\n") == ("Sunny.", ())
-    assert parser.finish() == ("\n", ()) and not parser.complete
+        assert feed_in_pieces(text, size, cut=False) == (text, [])
+
+
+def test_whitespace_held_back_ends_an_answer_without_a_call() -> None:
+    for cut in (True, False):
+        for size in (1, 3, 100):
+            assert feed_in_pieces("Sunny.\n\n", size, cut=cut) == ("Sunny.\n\n", [])
+        parser = ToolCallParser()
+        assert parser.feed("Sunny.\n") == ("Sunny.", ())
+        assert parser.finish(cut=cut) == ("\n", ()) and not parser.complete
 
 
 def accepts(tokens: tuple[Tokenizer, llguidance.LLTokenizer], g: Grammar, text: str) -> bool:

@@ -530,7 +530,7 @@ class LLMEngine(Engine):
         """Move the text that belongs to a tool call into the output's extras."""
         content, calls = parser.feed(text)
         if reason is not None:
-            rest, more = parser.finish()
+            rest, more = parser.finish(cut=reason == "length")
             content, calls = content + rest, calls + more
         if calls:
             extras = (extras or OutputExtras())._replace(tool_calls=calls)

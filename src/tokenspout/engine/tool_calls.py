@@ -33,7 +33,7 @@ CLOSE = "}\n</tool_call>"
 #: Text (Lark lexeme) that holds no call's opening tag: what auto's content may be.
 _NO_TAG = r"/[\s\S]*/ & ~/[\s\S]*<tool_call>[\s\S]*/"
 #: Text that ends with the start of the opening tag ("<", "<tool_", ...): a text answer may
-#: not end so, which tells a call cut there (by max_tokens or a stop string) from content.
+#: not end so, which tells a call cut there by max_tokens from content.
 _TAG_START = "/[\\s\\S]*(" + "|".join(OPEN[:n] for n in range(1, len(OPEN) - 1)) + ")/"
 _NAME = re.compile(r'<tool_call>\n\{"name": "((?:[^"\\]|\\.)*)"')
 #: What the grammar puts between the name and the arguments.
@@ -174,20 +174,24 @@ class ToolCallParser:
         self._in_call = True
         return content, self._pieces(final=False)
 
-    def finish(self) -> tuple[str, tuple[ToolCallDelta, ...]]:
-        """What is left at the end. A call cut short (by ``max_tokens`` or a stop string)
-        ends with what it has: its name and its arguments' text so far (without the start of
-        the closing markup that followed them), or nothing when it was cut before its name.
+    def finish(self, *, cut: bool) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        """What is left at the end; ``cut``: ``max_tokens`` ended the output. A call cut
+        short (by ``max_tokens`` or a stop string) ends with what it has: its name and its
+        arguments' text so far (without the start of the closing markup that followed them),
+        or nothing when it was cut before its name.
 
-        Output held back as the start of ``<tool_call>`` (``"<tool_"``) is dropped, with the
-        whitespace before it, not returned as content: the grammar lets no text end that way
-        (see ``grammar``), so such output can only be the start of a call that was cut.
-        Whitespace held back alone ends the content.
+        Output held back as the start of ``<tool_call>`` (``"<tool_"``) is dropped when
+        ``cut``, with the whitespace before it: what was to follow is unknown, and the
+        grammar lets no text end that way (see ``grammar``), so it can only be the start of
+        a call. Otherwise what followed is known and no call: a stop string (``"3 <"`` before
+        the stop ``" 5"``) or stop token, which end the answer as they end one without tools,
+        or the end of the text, which the grammar allows after no tag start. What is held
+        back is then content, as whitespace held back alone always is.
         """
         if self._in_call:
             return "", self._pieces(final=True)
         rest, self._buffer = self._buffer, ""
-        return ("", ()) if rest.strip() else (rest, ())
+        return ("", ()) if cut and rest.strip() else (rest, ())
 
     def _pieces(self, *, final: bool) -> tuple[ToolCallDelta, ...]:
         deltas = []
