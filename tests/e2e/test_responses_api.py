@@ -198,7 +198,11 @@ def test_a_responses_stream_takes_no_second_reader(start_server) -> None:  # typ
         stream_id = r.headers["x-stream-id"]
         resume = httpx.get(f"{server.url}/v1/streams/{stream_id}")
         assert resume.status_code == 409
-        assert resume.json()["error"]["code"] == "stream_not_resumable"
+        error = resume.json()["error"]
+        assert error["code"] == "stream_not_resumable"
+        # It advised stream_options.resumable or --resumable: neither can make it resumable.
+        assert "Responses API stream, which is never resumable" in error["message"]
+        assert '"resumable": true' not in error["message"]
 
 
 def test_the_api_schema_lists_the_route(synthetic_server: RunningServer) -> None:

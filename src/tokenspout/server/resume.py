@@ -6,8 +6,9 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, StreamNotResumableError
 from tokenspout.protocols.event_id import parse_event_id
+from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.server.responder import follow
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_ownership import follow_owned, owner_of
@@ -36,7 +37,15 @@ async def resume(
         stream_id = sid
     assert stream_id is not None
     stream = await follow_owned(state, owner_of(request), stream_id)
-    # A stream that is not resumable refuses the new reader itself (409).
+    if isinstance(stream.meta, StreamWire) and stream.meta.kind == "responses":
+        # The stream's own refusal would advise resumable options, which do not apply here.
+        raise StreamNotResumableError(
+            f"stream {stream_id} is a Responses API stream, which is never resumable (whatever "
+            "--resumable or stream_options say): its events' sequence numbers count one "
+            "reader's events, which another reader would not repeat. Only the request that "
+            "opened it reads it"
+        )
+    # Another stream that is not resumable refuses the new reader itself (409).
     # A client with an event id has the opening chunks (they come first).
     response = follow(state, request, stream, start=position, after=after, opening=not event_id)
     state.metrics.resumes.inc()
