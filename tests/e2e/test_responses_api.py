@@ -131,6 +131,42 @@ def test_what_is_not_served_is_a_400_naming_the_field(
     assert caught.value.body["param"] == param  # type: ignore[index]
 
 
+def test_fields_the_sdk_sends_that_chat_accepts_are_accepted(client: OpenAI) -> None:
+    """prompt_cache_key, safety_identifier, service_tier and stream_options were 400s."""
+    stream = client.responses.create(
+        model="synthetic",
+        input="red green",
+        max_output_tokens=3,
+        prompt_cache_key="k",
+        safety_identifier="u",
+        service_tier="auto",
+        stream=True,
+        stream_options={"include_obfuscation": False},
+    )
+    assert [e.type for e in stream][-1] == "response.incomplete"
+
+
+@pytest.mark.parametrize(
+    ("asked", "param", "why"),
+    [
+        ({"service_tier": "flex"}, "service_tier", "every request is served alike"),
+        (
+            {"stream": True, "stream_options": {"include_obfuscation": True}},
+            "stream_options.include_obfuscation",
+            "no obfuscation padding",
+        ),
+        ({"stream_options": {"flush_ms": 5}}, "stream_options", "with stream: true"),
+    ],
+)
+def test_values_of_those_fields_not_served_are_a_400_saying_why(
+    synthetic_server: RunningServer, asked: dict, param: str, why: str
+) -> None:
+    r = httpx.post(f"{synthetic_server.url}/v1/responses", json={"input": "q", **asked})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and why in error["message"]
+
+
 def test_a_function_call_output_must_answer_a_call(synthetic_server: RunningServer) -> None:
     body = {
         "input": [

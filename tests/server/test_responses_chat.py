@@ -183,9 +183,19 @@ def test_tools_choice_and_format_take_chat_shapes() -> None:
     assert (chat["temperature"], chat["parallel_tool_calls"], chat["user"]) == (0, False, "u")
 
 
+def test_fields_chat_accepts_as_no_ops_go_to_chat_as_given() -> None:
+    """They were a 400 (unknown fields), though chat accepts them and the SDK sends them."""
+    asked = {"prompt_cache_key": "k", "safety_identifier": "u", "service_tier": "auto"}
+    chat = chat_of({"input": "q", **asked, "stream": True, "stream_options": {"flush_ms": 5}})
+    assert {name: chat[name] for name in asked} == asked
+    assert chat["stream_options"] == {"flush_ms": 5}
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
+        ("stream_options", {"include_usage": True}),
+        ("stream_options", {"resumable": True}),
         ("previous_response_id", "resp_1"),
         ("conversation", "conv_1"),
         ("store", True),

@@ -54,11 +54,14 @@ async def responses(request: Request) -> Response:
     started = time.monotonic()
     state = state_of(request)
     body = await parse_body(request, ResponsesRequest, state.config.max_body_bytes)
+    _check_stream_options(body)
     generation = await prepare_response(state, body)
     return await respond(state, request, generation, body.stream, started)
 
 
-def _check_stream_options(body: ChatCompletionRequest | CompletionRequest) -> None:
+def _check_stream_options(
+    body: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
+) -> None:
     """``stream_options`` shape a stream: on a whole answer they would be accepted and
     ignored, so they are a 400 there (as vLLM). The WebSocket always streams: not checked."""
     if body.stream_options is not None and not body.stream:

@@ -31,14 +31,22 @@ from tokenspout.server.responses_schema import (
 )
 from tokenspout.server.schemas import ChatCompletionRequest
 
+#: Fields chat has under the same name and meaning.
+_SAME_IN_CHAT = (
+    "model", "temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
+    "prompt_cache_key", "service_tier",
+)  # fmt: skip
+
 
 def as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
     """The chat completion request ``body`` asks for, with only the fields it set."""
     given = body.model_fields_set
     chat: dict[str, Any] = {"messages": _messages(body), "stream": body.stream}
-    for name in ("model", "temperature", "top_p", "parallel_tool_calls", "user"):
+    for name in _SAME_IN_CHAT:
         if name in given:
             chat[name] = getattr(body, name)
+    if body.stream_options is not None:
+        chat["stream_options"] = body.stream_options.model_dump(exclude_unset=True)
     if body.max_output_tokens is not None:
         chat["max_completion_tokens"] = body.max_output_tokens
     if body.tools is not None:

@@ -206,6 +206,17 @@ class NamedFunctionChoice(StrictBody):
     name: StrictStr
 
 
+class ResponsesStreamOptions(StrictBody):
+    """OpenAI's Responses ``stream_options`` plus tokenspout's coalescing knobs, as chat's
+    ``stream_options`` has them. No ``include_usage`` (the last event always carries the
+    usage) and no ``resumable`` (a Responses stream never is)."""
+
+    include_obfuscation: StrictBool = False
+    """No obfuscation padding is added to the events, so only false is served."""
+    flush_tokens: PositiveInt | None = None
+    flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
+
+
 class ResponsesRequest(StrictBody):
     """``POST /v1/responses``."""
 
@@ -230,6 +241,14 @@ class ResponsesRequest(StrictBody):
     """One call per answer is generated whatever this says."""
     user: StrictStr | None = None
     """An end-user id; it does not change the output."""
+    safety_identifier: StrictStr | None = None
+    """An end-user id, like ``user``; it does not change the output."""
+    prompt_cache_key: StrictStr | None = None
+    """It does not change the output: prompt prefixes are cached automatically."""
+    service_tier: StrictStr | None = None
+    """auto or default: every request is served alike (in front of an upstream, its call)."""
+    stream_options: ResponsesStreamOptions | None = None
+    """With ``stream: true`` only, as chat's."""
     truncation: Literal["disabled"] | None = None
     """Only ``disabled``: a prompt longer than the context is a 400."""
     store: StrictBool | None = None
