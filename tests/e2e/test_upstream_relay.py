@@ -541,6 +541,19 @@ def test_a_refusal_is_relayed_not_an_empty_answer(
     assert usage["completion_tokens"] == 3
 
 
+def test_responses_api_image_input_upstream_is_a_400_saying_where_images_go(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    """It was pydantic's union dump with param "input", and said nothing of chat."""
+    image = {"type": "input_image", "image_url": "https://example.com/a.png"}
+    body = {"input": [{"role": "user", "content": [image]}]}
+    r = httpx.post(f"{front(start_server, synthetic).url}/v1/responses", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "input[0].content[0]"
+    assert "/v1/chat/completions sends it image_url" in error["message"]
+
+
 def test_responses_api_relays_a_reasoning_models_reasoning_as_a_reasoning_item(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
 ) -> None:

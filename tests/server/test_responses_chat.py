@@ -207,7 +207,6 @@ def test_fields_chat_accepts_as_no_ops_go_to_chat_as_given() -> None:
         ("truncation", "auto"),
         ("tools", [{"type": "web_search"}]),
         ("top_logprobs", 2),
-        ("input", [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]),
         ("input", [{"type": "item_reference", "id": "rs_1"}]),
     ],
 )
@@ -215,6 +214,41 @@ def test_what_is_not_served_is_a_400_naming_it(field: str, value: Any) -> None:
     with pytest.raises(InvalidRequestError) as caught:
         validate(ResponsesRequest, {"input": "q", field: value})
     assert caught.value.param == field
+
+
+IMAGE = {"type": "input_image", "image_url": "https://example.com/a.png"}
+CALL = {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"}
+
+
+@pytest.mark.parametrize(
+    ("value", "param", "what"),
+    [
+        (
+            [{"role": "user", "content": [{"type": "input_text", "text": "q"}, IMAGE]}],
+            "input[0].content[1]",
+            'content parts of type "input_image" are not supported',
+        ),
+        (
+            [{"type": "message", "role": "user", "content": [{"type": "input_file"}]}],
+            "input[0].content[0]",
+            'content parts of type "input_file" are not supported',
+        ),
+        (
+            [CALL, {"type": "function_call_output", "call_id": "c", "output": [IMAGE]}],
+            "input[1].output",
+            "a function_call_output's output can only be a string",
+        ),
+    ],
+)
+def test_input_it_cannot_carry_is_one_message_naming_the_place(
+    value: list[Any], param: str, what: str
+) -> None:
+    """These were pydantic's mismatch with each member of input's unions, param "input"."""
+    with pytest.raises(InvalidRequestError) as caught:
+        validate(ResponsesRequest, {"input": value})
+    assert caught.value.param == param
+    assert caught.value.message.startswith(f"{param}: {what}")
+    assert "valid string" not in caught.value.message
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from tokenspout.server.generation_request import (
 )
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
-from tokenspout.server.responses_schema import ResponsesRequest
+from tokenspout.server.responses_schema import ResponsesRequest, responses_schema
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,7 +53,8 @@ async def responses(request: Request) -> Response:
     """OpenAI's Responses API, served as the chat completion it asks for."""
     started = time.monotonic()
     state = state_of(request)
-    body = await parse_body(request, ResponsesRequest, state.config.max_body_bytes)
+    schema = responses_schema(state.engine.forwards_fields)
+    body = await parse_body(request, schema, state.config.max_body_bytes)
     _check_stream_options(body)
     generation = await prepare_response(state, body)
     return await respond(state, request, generation, body.stream, started)

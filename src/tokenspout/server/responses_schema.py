@@ -5,7 +5,7 @@ accepted and ignored. The README's table lists what is served."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     Discriminator,
@@ -15,8 +15,10 @@ from pydantic import (
     Tag,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
+from tokenspout.errors import InvalidRequestError
 from tokenspout.server.schemas import (
     FunctionIn,
     JsonSchemaFormat,
@@ -60,7 +62,8 @@ class OutputRefusal(StrictBody):
     refusal: StrictStr
 
 
-#: A message's text parts. An image, file or audio part is refused (the tag names it).
+#: A message's text parts. An image, file or audio part is refused by name
+#: (``_refuse_what_input_cannot_carry``).
 ContentPart = Annotated[InputText | OutputText | OutputRefusal, Field(discriminator="type")]
 
 
@@ -217,8 +220,51 @@ class ResponsesStreamOptions(StrictBody):
     flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
 
 
+#: The content parts a message's ``content`` list may hold (``ContentPart``).
+_TEXT_PARTS = frozenset({"input_text", "output_text", "refusal"})
+
+
+_WHY_TEXT_ONLY = {
+    False: "the model reads text only (input_text, output_text and refusal parts)",
+    # A Responses request becomes a chat request of text messages for the upstream.
+    True: "/v1/responses sends an upstream text only (input_text, output_text and refusal "
+    "parts); /v1/chat/completions sends it image_url, input_audio and file parts as given",
+}
+
+
+def _refuse_what_input_cannot_carry(data: Any, forwards_fields: bool) -> Any:
+    """Refuse an image, file or audio content part, or a ``function_call_output`` whose
+    ``output`` is a list of parts, in one message that names the place (``input[0].content[1]``),
+    rather than pydantic's mismatch with each member of ``input``'s unions."""
+    items = data.get("input") if isinstance(data, dict) else None
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        kind = _item_type(item)
+        if kind == "function_call_output" and isinstance(item.get("output"), list):
+            param = f"input[{i}].output"
+            raise InvalidRequestError(
+                f"{param}: a function_call_output's output can only be a string here: a list "
+                "of content parts is not supported (send the result's text)",
+                param=param,
+            )
+        content = item.get("content") if kind == "message" else None
+        for j, part in enumerate(content if isinstance(content, list) else ()):
+            part_type = part.get("type") if isinstance(part, dict) else None
+            if isinstance(part_type, str) and part_type not in _TEXT_PARTS:
+                param = f"input[{i}].content[{j}]"
+                raise InvalidRequestError(
+                    f'{param}: content parts of type "{part_type}" are not supported: '
+                    + _WHY_TEXT_ONLY[forwards_fields],
+                    param=param,
+                )
+    return data
+
+
 class ResponsesRequest(StrictBody):
     """``POST /v1/responses``."""
+
+    #: Whether the server is in front of an upstream (``UpstreamResponsesRequest``): its
+    #: refusals of image, file and audio input say where such input could go.
+    forwards_fields: ClassVar[bool] = False
 
     model: str | None = None
     input: StrictStr | Annotated[list[InputItem], Field(min_length=1)]
@@ -268,6 +314,11 @@ class ResponsesRequest(StrictBody):
     prompt: Any = None
     """Not served (a 400): no prompt templates are stored here."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _input_it_can_carry(cls, data: Any) -> Any:
+        return _refuse_what_input_cannot_carry(data, cls.forwards_fields)
+
     @field_validator("tools", mode="before")
     @classmethod
     def _functions_only(cls, tools: Any) -> Any:
@@ -304,3 +355,14 @@ class ResponsesRequest(StrictBody):
         # Reached only for a value: null is a field not given.
         assert info.field_name is not None
         raise ValueError(f"not served: {_NOT_SERVED[info.field_name]}")
+
+
+class UpstreamResponsesRequest(ResponsesRequest):
+    """In front of other servers: the same body (it becomes a chat request for them)."""
+
+    forwards_fields: ClassVar[bool] = True
+
+
+def responses_schema(forwards_fields: bool) -> type[ResponsesRequest]:
+    """The Responses body's schema: its refusals of non-text input differ upstream."""
+    return UpstreamResponsesRequest if forwards_fields else ResponsesRequest
