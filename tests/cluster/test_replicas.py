@@ -170,6 +170,31 @@ def test_an_expired_stream_is_410_on_every_replica(replica_set: ReplicaSet) -> N
     assert httpx.get(f"{other.url}/v1/streams/never-issued").status_code == 404
 
 
+def test_a_responses_stream_elsewhere_is_a_404_saying_where_it_lives(
+    replica_set: ReplicaSet,
+) -> None:
+    """A Responses stream is never resumable, so never shared, even under --resumable: a
+    cancel or resume sent to another replica was a bare 404 ("no stream with id"). It now
+    says that such a stream is reached on its own replica only, where the cancel works."""
+    owner, other = replica_set.start_many(2, "--synthetic-itl-ms", "10", "--resumable")
+    body = {"input": PROMPT, "max_output_tokens": 4000, "stream": True}
+    with httpx.stream("POST", f"{owner.url}/v1/responses", json=body, timeout=30) as r:
+        stream_id = r.headers["x-stream-id"]
+        lines = r.iter_lines()
+        next(line for line in lines if line == "event: response.output_text.delta")
+        for answer in (
+            httpx.post(f"{other.url}/v1/streams/{stream_id}/cancel"),
+            httpx.get(f"{other.url}/v1/streams/{stream_id}"),
+        ):
+            assert answer.status_code == 404
+            message = answer.json()["error"]["message"]
+            assert "a Responses API stream" in message
+            assert "lives on the replica that serves it only" in message
+        assert httpx.post(f"{owner.url}/v1/streams/{stream_id}/cancel").status_code == 200
+        end = [json.loads(line[6:]) for line in lines if line.startswith("data: ")][-1]
+    assert end["response"]["status"] == "cancelled"
+
+
 def test_cancel_sent_to_another_replica_stops_the_owner(replica_set: ReplicaSet) -> None:
     """Over HTTP, then as a WebSocket cancel naming the stream id."""
     from websockets.sync.client import connect

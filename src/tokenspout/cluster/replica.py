@@ -191,7 +191,7 @@ class Replica:
         mirror = self._mirrors.get(stream_id)
         if mirror is not None:
             if mirror.stream.owner != owner:
-                raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+                raise _unknown(stream_id)
             await self._mark_read([stream_id])
             return mirror.stream
         record, entries = await self._read(stream_id, owner)
@@ -228,7 +228,7 @@ class Replica:
                 raise StreamGoneError.expired(stream_id, self._config.resume_ttl_s)
         record = None if not raw else StreamRecord.from_fields(stream_id, raw)
         if record is None or record.key != (owner or ""):
-            raise StreamNotFoundError(f"no stream with id {stream_id!r}")
+            raise _unknown(stream_id)
         return record
 
     async def _read(self, stream_id: str, owner: str | None) -> tuple[StreamRecord, list[Any]]:
@@ -372,3 +372,15 @@ class Replica:
         else:
             # Its reader was on the dead replica: it has the grace period to come back.
             stream.wait_for_reader("client_disconnect")
+
+
+def _unknown(stream_id: str) -> StreamNotFoundError:
+    """The 404 of an id that neither this replica nor Redis knows (for this key). It may be
+    a live stream that is not resumable, which is never shared: the message says where
+    such a stream can be reached, without saying whether one exists."""
+    return StreamNotFoundError(
+        f"no stream with id {stream_id!r} here or in Redis: a stream that is not resumable "
+        "(a Responses API stream, a WebSocket's, one of n > 1 choices, or one opened without "
+        "resumable) lives on the replica that serves it only, and only that replica can "
+        "cancel it"
+    )
