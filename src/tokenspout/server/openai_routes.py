@@ -6,6 +6,8 @@ Served by ``direct_routes``: the handlers parse and validate their body themselv
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,6 +15,7 @@ from starlette.responses import Response
 from tokenspout.errors import InvalidRequestError
 from tokenspout.server.direct_routes import generation_router
 from tokenspout.server.generation_request import (
+    GenerationRequest,
     prepare_chat,
     prepare_completion,
     prepare_response,
@@ -26,38 +29,40 @@ from tokenspout.server.schemas import (
     chat_schema,
     completion_schema,
 )
-from tokenspout.server.server_state import state_of
+from tokenspout.server.server_state import ServerState, state_of
+
+#: A body of one of the three endpoints.
+Body = TypeVar("Body", ChatCompletionRequest, CompletionRequest, ResponsesRequest)
+
+
+async def _generate(
+    request: Request,
+    schema: Callable[[bool], type[Body]],
+    prepare: Callable[[ServerState, Body], Awaitable[GenerationRequest]],
+) -> Response:
+    """Parse the body in the schema for this engine (strict, or keeping the fields an
+    upstream reads), prepare the generation, respond: the path every endpoint takes."""
+    started = time.monotonic()
+    state = state_of(request)
+    body = await parse_body(
+        request, schema(state.engine.forwards_fields), state.config.max_body_bytes
+    )
+    _check_stream_options(body)
+    generation = await prepare(state, body)
+    return await respond(state, request, generation, body.stream, started)
 
 
 async def chat_completions(request: Request) -> Response:
-    started = time.monotonic()
-    state = state_of(request)
-    schema = chat_schema(state.engine.forwards_fields)
-    body = await parse_body(request, schema, state.config.max_body_bytes)
-    _check_stream_options(body)
-    generation = await prepare_chat(state, body)
-    return await respond(state, request, generation, body.stream, started)
+    return await _generate(request, chat_schema, prepare_chat)
 
 
 async def completions(request: Request) -> Response:
-    started = time.monotonic()
-    state = state_of(request)
-    schema = completion_schema(state.engine.forwards_fields)
-    body = await parse_body(request, schema, state.config.max_body_bytes)
-    _check_stream_options(body)
-    generation = await prepare_completion(state, body)
-    return await respond(state, request, generation, body.stream, started)
+    return await _generate(request, completion_schema, prepare_completion)
 
 
 async def responses(request: Request) -> Response:
     """OpenAI's Responses API, served as the chat completion it asks for."""
-    started = time.monotonic()
-    state = state_of(request)
-    schema = responses_schema(state.engine.forwards_fields)
-    body = await parse_body(request, schema, state.config.max_body_bytes)
-    _check_stream_options(body)
-    generation = await prepare_response(state, body)
-    return await respond(state, request, generation, body.stream, started)
+    return await _generate(request, responses_schema, prepare_response)
 
 
 def _check_stream_options(
