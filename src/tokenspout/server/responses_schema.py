@@ -27,6 +27,7 @@ from tokenspout.server.schemas import (
     Temperature,
     TopP,
     json_object_text,
+    refuse_unread_parts,
 )
 
 #: Why each field of the API that is not served is refused.
@@ -247,15 +248,7 @@ def _refuse_what_input_cannot_carry(data: Any, forwards_fields: bool) -> Any:
                 param=param,
             )
         content = item.get("content") if kind == "message" else None
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            part_type = part.get("type") if isinstance(part, dict) else None
-            if isinstance(part_type, str) and part_type not in _TEXT_PARTS:
-                param = f"input[{i}].content[{j}]"
-                raise InvalidRequestError(
-                    f'{param}: content parts of type "{part_type}" are not supported: '
-                    + _WHY_TEXT_ONLY[forwards_fields],
-                    param=param,
-                )
+        refuse_unread_parts(content, f"input[{i}]", _TEXT_PARTS, _WHY_TEXT_ONLY[forwards_fields])
     return data
 
 

@@ -6,6 +6,7 @@ fields; the OpenAPI schema documents each."""
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -156,22 +157,26 @@ class ChatMessageIn(StrictBody):
         return "\n".join(part.text for part in self.content if part.text is not None)
 
 
+def refuse_unread_parts(content: Any, message: str, readable: Collection[str], why: str) -> None:
+    """Refuse the first part of a message's ``content`` (as sent, before validation) whose
+    type is not ``readable`` (an image, audio, a file), in one error that names it
+    (``{message}.content[j]``, as other message errors spell a place) and says ``why``,
+    rather than pydantic's mismatch with each member of the content's union."""
+    for j, part in enumerate(content if isinstance(content, list) else ()):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind not in readable:
+            param = f"{message}.content[{j}]"
+            raise InvalidRequestError(
+                f'{param}: content parts of type "{kind}" are not supported: {why}', param=param
+            )
+
+
 def _text_parts_only(data: Any) -> Any:
-    """Refuse a content part of a type the model cannot read (an image, audio, a file) in
-    one message that names it, rather than pydantic's mismatch with each member of the
-    content's union; ``param`` is the part, spelt as other message errors spell it."""
+    """Refuse a chat message's content part the model cannot read (``refuse_unread_parts``)."""
     messages = data.get("messages") if isinstance(data, dict) else None
     for i, message in enumerate(messages if isinstance(messages, list) else ()):
         content = message.get("content") if isinstance(message, dict) else None
-        for j, part in enumerate(content if isinstance(content, list) else ()):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if isinstance(kind, str) and kind != "text":
-                param = f"messages[{i}].content[{j}]"
-                raise InvalidRequestError(
-                    f'{param}: content parts of type "{kind}" are not supported: the model '
-                    "reads text only",
-                    param=param,
-                )
+        refuse_unread_parts(content, f"messages[{i}]", ("text",), "the model reads text only")
     return data
 
 
