@@ -20,6 +20,7 @@ from pydantic import (
 
 from tokenspout.errors import InvalidRequestError
 from tokenspout.server.schemas import (
+    FlushMs,
     FunctionIn,
     JsonSchemaFormat,
     PositiveInt,
@@ -218,7 +219,7 @@ class ResponsesStreamOptions(StrictBody):
     include_obfuscation: StrictBool = False
     """No obfuscation padding is added to the events, so only false is served."""
     flush_tokens: PositiveInt | None = None
-    flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
+    flush_ms: FlushMs | None = None
 
 
 #: The content parts a message's ``content`` list may hold (``ContentPart``).

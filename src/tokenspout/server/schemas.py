@@ -32,6 +32,8 @@ MAX_CHOICES = 8
 PositiveInt = Annotated[StrictInt, Field(ge=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[StrictInt, Field(ge=MIN_SEED, le=MAX_SEED)]
+#: ``stream_options.flush_ms``: how long an event may wait to coalesce tokens.
+FlushMs = Annotated[float, Field(ge=0.0, le=10_000.0)]
 
 
 def _null_allowed(schema: dict[str, Any]) -> None:
@@ -77,7 +79,7 @@ class StreamOptions(StrictBody):
     continuous_usage_stats: StrictBool = False
     """vLLM's: with ``include_usage``, every chunk carries the usage so far."""
     flush_tokens: PositiveInt | None = None
-    flush_ms: Annotated[float, Field(ge=0.0, le=10_000.0)] | None = None
+    flush_ms: FlushMs | None = None
     resumable: StrictBool | None = None
     include_obfuscation: StrictBool = False
     """OpenAI's: no obfuscation padding is added to the chunks, so only false is served."""
