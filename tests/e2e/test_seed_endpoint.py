@@ -58,6 +58,29 @@ def test_get_validates_query(synthetic_server: RunningServer) -> None:
     assert httpx.get(f"{url}?prompt=caf%C3%A9+au+lait&max_tokens=2").status_code == 200
 
 
+@pytest.mark.parametrize("accept", ["text/event-stream", "application/x-ndjson"])
+def test_usage_is_refused_where_no_event_could_carry_it(
+    synthetic_server: RunningServer, accept: str
+) -> None:
+    """A ``{"token": ...}`` event has no place for a usage: ``include_usage`` is a 400 naming
+    it, as the GET's query refuses it, not a 200 whose events never carry one."""
+    url = f"{synthetic_server.url}/v1/completions/stream"
+    for options in (
+        {"include_usage": True},
+        {"include_usage": True, "continuous_usage_stats": True},
+    ):
+        body = {"prompt": "a b c", "max_tokens": 4, "stream_options": options}
+        r = httpx.post(url, json=body, headers={"Accept": accept})
+        assert r.status_code == 400, r.text
+        assert "stream_options.include_usage" in r.json()["error"]["message"]
+    assert httpx.get(url, params={"prompt": "a", "include_usage": "true"}).status_code == 400
+    # The knobs it honours are still taken: one event per token.
+    options = {"flush_tokens": 1, "flush_ms": 0, "resumable": True}
+    r = httpx.post(url, json={"prompt": "a b", "max_tokens": 3, "stream_options": options})
+    assert r.status_code == 200
+    assert events(r.text) == ['{"token":"a "}', '{"token":"b "}', '{"token":"a "}', "[DONE]"]
+
+
 def test_ndjson_by_accept(synthetic_server: RunningServer) -> None:
     r = httpx.post(
         f"{synthetic_server.url}/v1/completions/stream",

@@ -88,6 +88,9 @@ async def test_closing_the_socket_stops_everything(start_server, resumable: bool
     assert server.metric("tokenspout_streams_active") == 0
 
 
+USAGE_EVERY_CHUNK = {"include_usage": True, "continuous_usage_stats": True}
+
+
 async def test_malformed_messages_get_errors_and_the_socket_stays(
     synthetic_server: RunningServer,
 ) -> None:
@@ -100,6 +103,9 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
             (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
             (generate("q", "hi", 0), "q", "max_tokens"),
             (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable"),
+            # Fields no socket message could honour are refused by name, not ignored.
+            (generate("s", "hi", 2, stream=False), "s", "always streams"),
+            (generate("u", "hi", 2, stream_options=USAGE_EVERY_CHUNK), "u", "continuous_usage"),
             ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
             ('{"type": "generate", "id": "n", "max_tokens": ' + "9" * 5000 + "}", None, "long"),
         ]
@@ -111,6 +117,13 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
         await ws.send(generate("ok", "fine", 2))
         received = [json.loads(await ws.recv()) for _ in range(3)]
         assert received[-1]["type"] == "done"
+        # What a socket honours still is: stream true, include_usage (the done's usage),
+        # and the coalescing knobs (one delta per token).
+        options = {"include_usage": True, "flush_tokens": 1, "flush_ms": 0}
+        await ws.send(generate("fine", "a b", 3, stream=True, stream_options=options))
+        received = [json.loads(await ws.recv()) for _ in range(4)]
+        assert [m["type"] for m in received] == ["delta", "delta", "delta", "done"]
+        assert received[-1]["usage"]["completion_tokens"] == 3
 
 
 async def test_a_cancel_after_the_end_is_ignored(synthetic_server: RunningServer) -> None:

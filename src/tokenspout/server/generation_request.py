@@ -28,6 +28,7 @@ from tokenspout.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     SeedStreamRequest,
+    StreamOptions,
     TokenizeRequest,
 )
 from tokenspout.server.server_state import ServerState
@@ -315,6 +316,27 @@ def _forwarded(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any
     return body.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude=_NOT_FORWARDED)
 
 
+def _usage_options(wire: StreamWire, options: StreamOptions) -> StreamWire:
+    """``wire`` with the usage and padding a chat or completion's ``stream_options`` ask for
+    (the seed endpoint's take none: ``SeedStreamOptions``)."""
+    if options.include_obfuscation:
+        raise InvalidRequestError(
+            "no obfuscation padding is added to the stream: "
+            "stream_options.include_obfuscation can only be false",
+            param="stream_options.include_obfuscation",
+        )
+    if options.continuous_usage_stats and not options.include_usage:
+        # vLLM ignores it then; here a field that would not be honoured is a 400.
+        raise InvalidRequestError(
+            "stream_options.continuous_usage_stats needs include_usage: true",
+            param="stream_options.continuous_usage_stats",
+        )
+    if options.include_usage:
+        continuous = options.continuous_usage_stats
+        wire = replace(wire, include_usage=True, continuous_usage=continuous)
+    return wire
+
+
 def _generation(
     state: ServerState,
     wire: StreamWire,
@@ -325,24 +347,11 @@ def _generation(
     cfg = state.config
     options = body.stream_options
     resumable = cfg.resumable
+    if isinstance(options, StreamOptions):
+        wire = _usage_options(wire, options)
     if options is not None:
-        if options.include_obfuscation:
-            raise InvalidRequestError(
-                "no obfuscation padding is added to the stream: "
-                "stream_options.include_obfuscation can only be false",
-                param="stream_options.include_obfuscation",
-            )
         if options.resumable is not None:
             resumable = options.resumable
-        if options.continuous_usage_stats and not options.include_usage:
-            # vLLM ignores it then; here a field that would not be honoured is a 400.
-            raise InvalidRequestError(
-                "stream_options.continuous_usage_stats needs include_usage: true",
-                param="stream_options.continuous_usage_stats",
-            )
-        if options.include_usage:
-            continuous = options.continuous_usage_stats
-            wire = replace(wire, include_usage=True, continuous_usage=continuous)
         wire = replace(wire, flush_tokens=options.flush_tokens, flush_ms=options.flush_ms)
     params = replace(params, model=wire.model)
     wire = replace(wire, logprobs=params.logprobs is not None)

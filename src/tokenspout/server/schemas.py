@@ -85,6 +85,16 @@ class StreamOptions(StrictBody):
     """OpenAI's: no obfuscation padding is added to the chunks, so only false is served."""
 
 
+class SeedStreamOptions(StrictBody):
+    """The seed endpoint's ``stream_options``: the coalescing and resume knobs its query
+    takes. No ``include_usage`` (nor ``continuous_usage_stats``): a ``{"token": ...}`` event
+    has no place for a usage, so asking for one is a 400 rather than a usage never sent."""
+
+    flush_tokens: PositiveInt | None = None
+    flush_ms: FlushMs | None = None
+    resumable: StrictBool | None = None
+
+
 class TextPart(StrictBody):
     type: Literal["text"]
     text: str
@@ -476,7 +486,7 @@ class SeedStreamRequest(StrictBody):
     model: str | None = None
     temperature: Temperature = 1.0
     seed: Seed | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: SeedStreamOptions | None = None
     chat: StrictBool = False
     """The prompt is one user message, through the model's chat template (as a chat
     completion renders it), not text to continue: what a chat page's ``EventSource`` sends."""

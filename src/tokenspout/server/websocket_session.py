@@ -18,7 +18,6 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from pydantic import BaseModel
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tokenspout.errors import InvalidRequestError, StreamNotFoundError, TokenspoutError
@@ -35,7 +34,12 @@ from tokenspout.server.generation_request import (
 )
 from tokenspout.server.request_parsing import validate
 from tokenspout.server.responder import open_stream
-from tokenspout.server.schemas import chat_schema, completion_schema
+from tokenspout.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_schema,
+    completion_schema,
+)
 from tokenspout.server.server_state import ServerState
 from tokenspout.server.stream_ownership import cancel_owned
 from tokenspout.server.stream_transport import PEER_GONE, PeerGone, StreamTransport
@@ -169,7 +173,7 @@ class WebSocketSession:
         await self.send(wsm.error(None if msg_id in self._streams else msg_id, err))
 
     async def _prepare(self, message: wsm.Generate) -> GenerationRequest:
-        body: BaseModel
+        body: ChatCompletionRequest | CompletionRequest
         if message.is_chat:
             body = validate(chat_schema(self.state.engine.forwards_fields), message.body)
             generation = await prepare_chat(self.state, body)
@@ -181,13 +185,7 @@ class WebSocketSession:
             raise InvalidRequestError(
                 "n > 1 is not available over /v1/ws: open one stream per choice", param="n"
             )
-        options = getattr(body, "stream_options", None)
-        if options is not None and options.resumable:
-            raise InvalidRequestError(
-                "a stream over /v1/ws is not resumable (no message carries a position to "
-                "resume from): leave stream_options.resumable out, or use SSE",
-                param="stream_options.resumable",
-            )
+        _refuse_what_a_socket_cannot_honour(body)
         # Not with --resumable either: nothing could resume it, and a resumable stream whose
         # socket closed would generate for nobody through --resume-grace-s, holding its slot.
         return replace(generation, resumable=False)
@@ -241,6 +239,32 @@ class WebSocketSession:
             finally:
                 guard.sent()
         self.state.metrics.stream_bytes.inc(len(data))
+
+
+def _refuse_what_a_socket_cannot_honour(body: ChatCompletionRequest | CompletionRequest) -> None:
+    """A field a ``generate`` may carry but ``/v1/ws`` cannot honour is refused by name
+    rather than ignored. ``include_usage`` is honoured: the ``done`` always has the usage."""
+    if "stream" in body.model_fields_set and not body.stream:
+        raise InvalidRequestError(
+            "a stream over /v1/ws always streams (deltas, then done): leave stream out, or "
+            "use POST for a whole answer",
+            param="stream",
+        )
+    options = body.stream_options
+    if options is None:
+        return
+    if options.resumable:
+        raise InvalidRequestError(
+            "a stream over /v1/ws is not resumable (no message carries a position to "
+            "resume from): leave stream_options.resumable out, or use SSE",
+            param="stream_options.resumable",
+        )
+    if options.continuous_usage_stats:
+        raise InvalidRequestError(
+            "a delta over /v1/ws carries no usage (its done has the whole usage): leave "
+            "stream_options.continuous_usage_stats out, or use SSE",
+            param="stream_options.continuous_usage_stats",
+        )
 
 
 class WebSocketStream(StreamTransport):
