@@ -40,6 +40,10 @@ def chat_text(data: str) -> str:
     return "".join(c["delta"].get("content") or "" for c in chunk["choices"])
 
 
+def seed_text(events: list[tuple[str | None, str]]) -> str:
+    return "".join(json.loads(data)["token"] for _, data in events if data != "[DONE]")
+
+
 def read_some(
     response: httpx.Response, max_events: int, out: list[str], last_id: str | None = None
 ) -> str | None:
@@ -219,6 +223,29 @@ def test_every_event_has_its_own_id_and_a_resume_from_it_sends_what_followed(sta
         end_events = [e for e in later if e[0] is not None and "." in e[0]]
         assert replayed[len(replayed) - len(end_events) - 1 :] == [*end_events, (None, "[DONE]")]
         assert all('"role"' not in d for _, d in replayed), "the opening chunk came again"
+
+
+def test_a_seed_stream_resumed_from_any_id_sends_what_followed_and_nothing_after_done(
+    synthetic_server: RunningServer,
+) -> None:
+    """The seed's [DONE] carries the stream's last id: a resume from it, or from an end
+    event past it (as chat's are taken), used to send that [DONE] again."""
+    url = f"{synthetic_server.url}/v1/completions/stream"
+    params = {"prompt": "a b c", "max_tokens": 3, "resumable": "true", "flush_tokens": 1}
+    with httpx.stream("GET", url, params=params) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = list(sse_events(r.iter_lines()))
+    assert events[-1] == (f"{stream_id}:3.1", "[DONE]")
+    for i, (event_id, _) in enumerate(events):
+        headers = {"Last-Event-ID": event_id}
+        r = httpx.get(f"{synthetic_server.url}/v1/streams/{stream_id}", headers=headers)
+        replayed = list(sse_events(iter(r.text.splitlines())))
+        # What followed, the backlog coalesced: the same tokens, then [DONE] once, if at all.
+        assert seed_text(replayed) == seed_text(events[i + 1 :]), event_id
+        assert replayed[-1:] == events[i + 1 :][-1:], event_id
+    past = {"Last-Event-ID": f"{stream_id}:3.5"}
+    for resumed in (httpx.get(url, params=params, headers=past), httpx.get(url, headers=past)):
+        assert resumed.status_code == 200 and resumed.text == ""
 
 
 def test_a_resumed_reader_coalesces_as_the_request_asked(start_server) -> None:  # type: ignore[no-untyped-def]

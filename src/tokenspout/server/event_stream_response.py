@@ -263,5 +263,8 @@ class EventStreamResponse(Response, StreamTransport):
             return body + self._done()
         # The seed format has no closing event: its [DONE] carries the end's position, the
         # only count of the tokens a reader gets (a last token held back as part of a
-        # character has no event of its own).
+        # character has no event of its own). A reader resumed from its id (or one past it,
+        # as a chat reader's past its last end event) has it: nothing followed it.
+        if sent:
+            return b""
         return self.framing.done(format_event_id(self.stream.id, position, 1))
