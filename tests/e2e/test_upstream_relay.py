@@ -657,6 +657,27 @@ def test_event_ids_count_tokens_behind_an_upstream_that_coalesces(
     assert positions[-1].split(".")[0] == "12", positions
 
 
+def test_event_ids_count_the_last_token_when_a_stop_string_took_its_text(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+) -> None:
+    # The token that completed the stop has no text in any chunk, but the upstream's usage
+    # counts it: the ids ended a token short of completion_tokens (":2.2" for 3 tokens), as
+    # they did after an end of text (EOS). The embedded engine counts it, as here now.
+    server = front(start_server, synthetic)
+    body = {"model": "synthetic", "prompt": "one two three", "max_tokens": 10,
+            "stop": ["three"], "stream": True,
+            "stream_options": {"include_usage": True, "flush_tokens": 1}}  # fmt: skip
+    ends = []
+    for base in (synthetic.url, server.url):
+        with httpx.stream("POST", f"{base}/v1/completions", json=body) as r:
+            lines = list(r.iter_lines())
+        ids = [line.rsplit(":", 1)[1] for line in lines if line.startswith("id: ")]
+        usage = json.loads([line for line in lines if line.startswith("data: {")][-1][6:])
+        assert usage["usage"]["completion_tokens"] == 3
+        ends.append(ids[-2:])
+    assert ends[1] == ends[0] == ["3.1", "3.2"], ends
+
+
 def test_tokenize_says_the_upstreams_tokenize(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:

@@ -532,8 +532,14 @@ class UpstreamRelay:
             # Not for a part this relay ended: its usage may count a chunk left out at
             # max_tokens.
             completion = part.tokens_before + part.usage[1]
+        # The tokens the usage counts that no chunk carried: the last one, an end of text
+        # (EOS) or one whose text a stop string took. The last output accounts for them, as
+        # the embedded engine's does for its last token, so that the stream's position (the
+        # ids, the seed's [DONE]) is the count of tokens generated.
+        unsent = max(completion - self.tokens, 0)
+        self.tokens += unsent
         reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
-        self._emit(EngineOutput("", 0, prompt, completion, reason), last=True)
+        self._emit(EngineOutput("", unsent, prompt, completion, reason), last=True)
 
     def _emit(self, item: EngineOutput | EngineError, *, last: bool = False) -> None:
         if self.finished:
