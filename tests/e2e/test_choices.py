@@ -68,6 +68,21 @@ def test_chat_n3_streams_every_choice_with_its_index(synthetic_server: RunningSe
     assert usage is not None and usage.completion_tokens == 18
 
 
+def test_a_groups_events_carry_no_id(synthetic_server: RunningServer) -> None:
+    # Each event took its choice's position as its id, so the choices' events shared ids
+    # (":1" twice, each choice's finish at the group's total): an id named no one event,
+    # and a group is not resumable, so its events have none.
+    body = {"messages": CHAT, "max_tokens": 3, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True, "flush_tokens": 1}}  # fmt: skip
+    r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
+    lines = r.text.splitlines()
+    assert not [line for line in lines if line.startswith("id:")], lines
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes.count("length") == 2 and chunks[-1]["usage"]["completion_tokens"] == 6
+    assert lines[-2:] == ["data: [DONE]", ""]
+
+
 def test_completions_n2_streamed_and_whole(synthetic_server: RunningServer) -> None:
     client = sdk(synthetic_server)
     whole = client.completions.create(model="synthetic", prompt="a b c", max_tokens=4, n=2)

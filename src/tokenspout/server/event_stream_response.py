@@ -94,6 +94,10 @@ class EventStreamResponse(Response, StreamTransport):
         self._announce = announce if isinstance(framing, SSEFraming) else None
         #: The reader has this many of the end's events, if the stream ends at ``start``.
         self._from, self._after = start, after
+        #: A group's events carry no id: each choice has positions of its own, so no id could
+        #: name one event of the group (they were shared by the choices), and a group is
+        #: not resumable anyway (an id would only be a Last-Event-ID a 409 answers).
+        self._ids = not isinstance(stream, StreamGroup)
         self._send_asgi: Send | None = None
         self._guard: SendGuard | None = None
         self._started = False
@@ -168,7 +172,7 @@ class EventStreamResponse(Response, StreamTransport):
                 if body:
                     await self._write(body)
                 return
-            event_id = format_event_id(self.stream.id, event.position)
+            event_id = self._id(event.position)
             if event.index:  # a choice of a group (OpenAI formats only)
                 chunks: Any = self.chunks
                 payload = dumps(chunks.delta_with(event.text, event.extras, event.index))
@@ -232,8 +236,10 @@ class EventStreamResponse(Response, StreamTransport):
             # Named by its type, and without an id: its sequence number is this reader's
             # count, so such a stream is never resumable (``prepare_response``).
             return self.framing.event(dumps(payload), name=payload["type"])
-        event_id = format_event_id(self.stream.id, position, after)
-        return self.framing.event(dumps(payload), id=event_id)
+        return self.framing.event(dumps(payload), id=self._id(position, after))
+
+    def _id(self, position: int, after: int = 0) -> str | None:
+        return format_event_id(self.stream.id, position, after) if self._ids else None
 
     def _done(self) -> bytes:
         """The end marker, for a format that ends with one (not the Responses API's)."""
