@@ -38,6 +38,21 @@ def test_generate_with_messages_is_a_chat() -> None:
     assert isinstance(message, Generate) and message.is_chat
 
 
+def test_a_null_is_a_field_not_given() -> None:
+    # As over HTTP (what the openai SDK sends for a parameter passed as None): a null
+    # messages beside a prompt made the generate "need exactly one of messages or prompt".
+    messages = [{"role": "user", "content": "Hi"}]
+    sent = {"type": "generate", "id": "n", "prompt": "hello", "messages": None, "seed": None}
+    message = parse_client_message(json.dumps(sent))
+    assert message == Generate("n", {"prompt": "hello"})
+    assert isinstance(message, Generate) and not message.is_chat
+    sent = {"type": "generate", "id": "n", "prompt": None, "messages": messages}
+    message = parse_client_message(json.dumps(sent))
+    assert isinstance(message, Generate) and message.is_chat
+    with pytest.raises(InvalidRequestError, match="exactly one of messages or prompt"):
+        parse_client_message('{"type": "generate", "id": "n", "prompt": null, "messages": null}')
+
+
 def test_cancel() -> None:
     assert parse_client_message('{"type": "cancel", "id": "r1"}') == Cancel("r1")
 

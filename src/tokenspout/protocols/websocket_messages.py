@@ -65,7 +65,9 @@ def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Clien
     if kind == "cancel":
         return Cancel(msg_id)
     if kind == "generate":
-        body = {k: v for k, v in data.items() if k not in ("type", "id")}
+        # A null is a field not given, as in an HTTP body (``schemas.StrictBody``): before
+        # telling a chat from a completion by which of messages and prompt it has.
+        body = {k: v for k, v in data.items() if k not in ("type", "id") and v is not None}
         if ("messages" in body) == ("prompt" in body):
             raise InvalidRequestError(
                 "generate needs exactly one of messages or prompt", param=msg_id
