@@ -657,15 +657,16 @@ def test_event_ids_count_tokens_behind_an_upstream_that_coalesces(
     assert positions[-1].split(".")[0] == "12", positions
 
 
-def test_event_ids_count_the_last_token_when_a_stop_string_took_its_text(
-    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
+@pytest.mark.parametrize("stop", ["three", "two three"])
+def test_event_ids_count_the_last_tokens_when_a_stop_string_took_their_text(
+    start_server: Callable[..., RunningServer], synthetic: UpstreamProcess, stop: str
 ) -> None:
-    # The token that completed the stop has no text in any chunk, but the upstream's usage
-    # counts it: the ids ended a token short of completion_tokens (":2.2" for 3 tokens), as
-    # they did after an end of text (EOS). The embedded engine counts it, as here now.
+    # The tokens of the stop have no text in any chunk, but the upstream's usage counts
+    # them: the ids ended short of completion_tokens (":2.2" for 3 tokens), as they did
+    # after an end of text (EOS). The embedded engine counts them, as here now.
     server = front(start_server, synthetic)
     body = {"model": "synthetic", "prompt": "one two three", "max_tokens": 10,
-            "stop": ["three"], "stream": True,
+            "stop": [stop], "stream": True,
             "stream_options": {"include_usage": True, "flush_tokens": 1}}  # fmt: skip
     ends = []
     for base in (synthetic.url, server.url):

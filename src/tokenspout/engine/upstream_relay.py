@@ -532,14 +532,16 @@ class UpstreamRelay:
             # Not for a part this relay ended: its usage may count a chunk left out at
             # max_tokens.
             completion = part.tokens_before + part.usage[1]
-        # The tokens the usage counts that no chunk carried: the last one, an end of text
-        # (EOS) or one whose text a stop string took. The last output accounts for them, as
-        # the embedded engine's does for its last token, so that the stream's position (the
-        # ids, the seed's [DONE]) is the count of tokens generated.
-        unsent = max(completion - self.tokens, 0)
-        self.tokens += unsent
+        # The tokens the usage counts that no chunk carried (an end of text, EOS; those
+        # whose text a stop string took): one output each, the last output the last of them
+        # (as the embedded engine's last output is its last token), so that the stream's
+        # position (the ids, the seed's [DONE]) is the count of tokens generated: a position
+        # is an output, whatever its num_tokens.
+        last = 1 if completion > self.tokens else 0
+        self._skip_tokens(completion - self.tokens - last, prompt)
+        self.tokens += last
         reason: FinishReason = finish if finish in _FINISH_REASONS else "stop"  # type: ignore[assignment]
-        self._emit(EngineOutput("", unsent, prompt, completion, reason), last=True)
+        self._emit(EngineOutput("", last, prompt, completion, reason), last=True)
 
     def _emit(self, item: EngineOutput | EngineError, *, last: bool = False) -> None:
         if self.finished:
