@@ -125,7 +125,8 @@ class FaultyUpstream:
             prompt = self.engine.encode_completion(body["prompt"])
         # No max_tokens: the context's room, as vLLM and llama.cpp fill it in.
         room = self.engine.max_model_len - len(prompt.token_ids or ())
-        params = SamplingParams(max_tokens=body.get("max_tokens", room) - len(reasoning))
+        limit = body.get("max_completion_tokens", body.get("max_tokens", room))
+        params = SamplingParams(max_tokens=limit - len(reasoning))
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""
         logprobs = body.get("logprobs") is not None

@@ -116,6 +116,38 @@ def test_an_echoed_answer_cut_mid_stream_is_continued_without_a_second_echo(
         assert values == [None] + [-1.0] * (2 + 6)  # the prompt's 3 tokens, the answer's 6
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "limit"),
+    [
+        (CHAT[0], {**CHAT[1], "max_completion_tokens": 6}, "max_completion_tokens"),
+        (CHAT[0], {**CHAT[1], "max_tokens": 6}, "max_tokens"),
+        (COMPLETION[0], {**COMPLETION[1], "max_tokens": 6}, "max_tokens"),
+        ("/v1/responses", {"input": "one two three", "max_output_tokens": 6},
+         "max_completion_tokens"),
+    ],
+    ids=["max_completion_tokens", "chat max_tokens", "completion", "responses"],
+)  # fmt: skip
+def test_the_token_limit_goes_upstream_under_the_clients_name_and_a_failover_reduces_it(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    path: str,
+    body: dict,
+    limit: str,
+) -> None:
+    """OpenAI's reasoning models refuse ``max_tokens`` (400): a chat's
+    ``max_completion_tokens`` (a Responses request's ``max_output_tokens``) goes upstream
+    as ``max_completion_tokens``, and the continuation after a cut asks for what is left
+    of it under the same name."""
+    fault.fault("cut", after=2)
+    with processes(faulty) as (other,):
+        server = front(start_server, fault, other, **FAST)
+        r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic"})
+        assert r.status_code == 200, r.text
+        first, continued = fault.stats()["body"], other.stats()["body"]
+    limits = [{k: v for k, v in b.items() if k.startswith("max_")} for b in (first, continued)]
+    assert limits == [{limit: 6}, {limit: 4}]
+
+
 # logprobs, which the synthetic tokenspout refuses (400) and the fault-injecting one gives.
 WITH_LOGPROBS = {"prompt": "one two three ", "model": "synthetic", "max_tokens": 6, "logprobs": 1}
 

@@ -73,6 +73,30 @@ def test_the_request_asks_for_the_counts_the_upstream_gives() -> None:
     }  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("chat", "sent", "limit"),
+    [
+        (True, {"max_completion_tokens": 9}, "max_completion_tokens"),
+        (True, {"max_tokens": 9, "max_completion_tokens": 9}, "max_completion_tokens"),
+        (True, {"max_tokens": 9, "max_completion_tokens": None}, "max_tokens"),
+        (True, {"max_tokens": 9}, "max_tokens"),
+        (False, {"max_tokens": 9}, "max_tokens"),
+    ],
+)
+def test_the_token_limit_goes_upstream_under_the_clients_name(
+    chat: bool, sent: dict, limit: str
+) -> None:
+    """OpenAI's reasoning models refuse ``max_tokens``: a chat's ``max_completion_tokens``
+    stays that, with what is left of it after a first part (here 4 of 9)."""
+    prompt = Prompt("hi", messages=(ChatMessage("user", "hi"),)) if chat else Prompt("hi")
+    _, body = request_body(prompt, SamplingParams(max_tokens=4, extra_body=sent))
+    assert {k: v for k, v in body.items() if k.startswith("max_")} == {limit: 4}
+    # Left out when the client left it out (or sent null): the upstream knows the room.
+    params = SamplingParams(max_tokens=4, max_tokens_given=False, extra_body={"max_tokens": None})
+    _, body = request_body(prompt, params)
+    assert not [k for k in body if k.startswith("max_")]
+
+
 IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
 

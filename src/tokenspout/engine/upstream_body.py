@@ -3,11 +3,15 @@
 The client's own fields go through as it sent them (``SamplingParams.extra_body``: sampling
 fields, vendor extensions, tools), and so do its messages (``ChatMessage.sent``: content
 parts of any type, fields tokenspout does not read); tokenspout sets what it owns: the
-model, the messages or prompt (a continuation's), ``max_tokens`` (less what a first part
+model, the messages or prompt (a continuation's), the token limit (less what a first part
 generated; left out when the client left it out: the upstream knows the context's room,
 tokenspout, which cannot count the prompt's tokens, does not) and always ``stream: true``
 with ``stream_options.include_usage``, whatever the client asked, since tokenspout makes
 the client's stream itself.
+
+The token limit goes under the name the client gave it: a chat's ``max_completion_tokens``
+stays that (OpenAI's reasoning models refuse ``max_tokens`` with a 400), and so does the
+one a Responses request becomes (its ``max_output_tokens``); ``max_tokens`` otherwise.
 """
 
 from __future__ import annotations
@@ -40,8 +44,13 @@ def request_body(
     elif counts == "timings":
         body["timings_per_token"] = True
     body.update(model=params.model, stream=True, stream_options=options)
+    # The client's limit comes with its other fields (``extra_body``), under its own name;
+    # its value is tokenspout's (what is left of it after a first part).
+    named = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
+    body.pop("max_tokens", None)
+    body.pop("max_completion_tokens", None)
     if params.max_tokens_given:
-        body["max_tokens"] = params.max_tokens
+        body[named] = params.max_tokens
     if params.seed is not None:
         # Choice i of a request with n > 1 draws with seed + i (``choice_params``).
         body["seed"] = params.seed

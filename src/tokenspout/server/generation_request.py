@@ -301,9 +301,10 @@ def _request(
     return replace(generation, n=body.n, resumable=False)
 
 
-#: Fields the engine sets itself when it forwards a request (see ``upstream_body``).
+#: Fields the engine sets itself when it forwards a request (see ``upstream_body``); the
+#: token limit goes with the others, for its name: the engine sets its value.
 _NOT_FORWARDED = frozenset(
-    {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "stream",
+    {"model", "messages", "prompt", "stream",
      "stream_options", "add_generation_prompt", "continue_final_message",
      # Each of n choices is a stream, and a request upstream, of its own (best_of is n).
      "n", "best_of"}
