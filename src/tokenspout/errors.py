@@ -192,9 +192,10 @@ class ModelLoadError(TokenspoutError):
 
 class UpstreamError(EngineError):
     """An upstream server could not give (the rest of) an answer. ``status_code`` is the
-    one the client gets: the upstream's own for a request it refused (4xx), 503 when no
-    upstream could be reached, 504 when one timed out. Messages name upstreams by address
-    only, never with their key."""
+    one the client gets: the upstream's own for a request it refused (a 4xx; a 401 or 403
+    refuses tokenspout's key, not the client's: 502), 503 when no upstream could be
+    reached, 504 when one timed out. Messages name upstreams by address only, never with
+    their key."""
 
     code = "upstream_error"
 

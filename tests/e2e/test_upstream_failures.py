@@ -319,6 +319,34 @@ def test_a_4xx_is_the_clients_and_passes_through(
     assert r.status_code == 422 and r.json()["error"] == error
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_upstream_refusing_our_key_is_its_failure_not_the_clients(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    synthetic: UpstreamProcess,
+    status: int,
+) -> None:
+    """The client's Authorization is never forwarded: a 401 or 403 refuses tokenspout's
+    key for that upstream. Another upstream answers; the refusing one counts it against
+    its health (ejected at once here); with none left, a 502 that says so, without the
+    upstream's own text (which may quote the key, masked)."""
+    fault.fault("status", status=status)
+    server = front(start_server, fault, synthetic, eject_after=1, health_interval_s=600, **FAST)
+    path, body = CHAT
+    r = httpx.post(f"{server.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert server.metric("tokenspout_upstream_healthy", f'upstream="{fault.base}"') == 0
+    labels = f'status="{status}",upstream="{fault.base}"'
+    assert server.metric("tokenspout_upstream_requests_total", labels) == 1
+    alone = front(start_server, fault, **{**FAST, "retries": 0})
+    r = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == 502
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "upstream_unavailable")
+    assert "refused tokenspout's credentials" in error["message"]
+    assert fault.base in error["message"] and "fault injected" not in error["message"]
+
+
 def test_a_stream_begins_when_the_upstream_accepts_it_not_at_its_first_token(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:
@@ -470,7 +498,7 @@ def test_a_tool_call_cut_mid_stream_ends_with_a_clear_error_and_is_not_retried(
         == 1
     )
     # Not streamed: the same error, with its status.
-    alone = front(start_server, fault, **FAST)
+    alone = front(start_server, fault, **{**FAST, "retries": 0})
     whole = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "tools": tools})
     assert whole.status_code == 502
     assert whole.json()["error"]["code"] == "tool_call_interrupted"
@@ -503,7 +531,7 @@ def test_an_answer_cut_during_its_reasoning_ends_with_a_clear_error_and_is_not_c
             "tokenspout_upstream_requests_total", f'status="200",upstream="{synthetic.base}"'
         )
     # Not streamed: the same error, with its status.
-    alone = front(start_server, fault, **FAST)
+    alone = front(start_server, fault, **{**FAST, "retries": 0})
     whole = httpx.post(f"{alone.url}{path}", json={**body, "model": "synthetic", "max_tokens": 9})
     assert whole.status_code == 502
     assert whole.json()["error"]["code"] == "reasoning_interrupted"

@@ -21,7 +21,8 @@ class UpstreamOptions:
     max_concurrency: int = 64
     #: Seconds between active health checks (``GET /models``) of each upstream.
     health_interval_s: float = 5.0
-    #: Consecutive connect errors or 5xx that take an upstream out until it is healthy.
+    #: Consecutive connect errors, 5xx, 401 or 403 that take an upstream out until it is
+    #: healthy.
     eject_after: int = 3
     #: Tries on other upstreams after a failure before the first token.
     retries: int = 2

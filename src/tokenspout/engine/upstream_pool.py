@@ -98,10 +98,11 @@ class UpstreamPool:
                 self.waiting -= 1
 
     def failed(self, server: UpstreamServer, why: str) -> None:
-        """A request failed at ``server`` (connect error, 5xx): passive health. The last
-        healthy upstream is not ejected this way, as a load balancer's panic threshold
-        keeps it: a burst of failures under load would otherwise refuse every request until
-        the next health check; one that is really down fails its checks instead."""
+        """A request failed at ``server`` (connect error, 5xx, 401, 403): passive health.
+        The last healthy upstream is not ejected this way, as a load balancer's panic
+        threshold keeps it: a burst of failures under load would otherwise refuse every
+        request until the next health check; one that is really down fails its checks
+        instead."""
         others = any(s.healthy for s in self.servers if s is not server)
         server.failed(why, may_eject=others)
 

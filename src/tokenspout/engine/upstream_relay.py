@@ -1,13 +1,16 @@
 """One request's life against the upstreams: pick one, send, relay its chunks, and on a
 failure try again elsewhere.
 
-* Before the first chunk with output (connect error, 5xx, 429, a status neither 200 nor
-  4xx, none within ``first_token_timeout_s``; a chat's opening chunk, which has only the
-  role and which vLLM and tokenspout send before any token, is none) the request is sent
-  again to another healthy upstream, up to ``retries`` times, after a backoff with jitter
-  (at least a 429's ``Retry-After``). The client's stream has only heartbeats meanwhile.
-  Another 4xx is the client's own fault and ends the request with that status and the
-  upstream's message (a continuation's 4xx is not: it is an upstream's failure as below).
+* Before the first chunk with output (connect error, 5xx, 429, 401 or 403, a status
+  neither 200 nor 4xx, none within ``first_token_timeout_s``; a chat's opening chunk,
+  which has only the role and which vLLM and tokenspout send before any token, is none)
+  the request is sent again to another healthy upstream, up to ``retries`` times, after a
+  backoff with jitter (at least a 429's ``Retry-After``). The client's stream has only
+  heartbeats meanwhile. A 401 or 403 refuses tokenspout's own key for that upstream (the
+  client's is never forwarded): it counts against the upstream's health like a 5xx, and
+  its text is logged, not passed on. Another 4xx is the client's own fault and ends the
+  request with that status and the upstream's message (a continuation's 4xx is not: it is
+  an upstream's failure as below).
 * After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
@@ -94,12 +97,12 @@ _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "co
 class _Failed(Exception):
     """An upstream failed this request in a way another upstream may not."""
 
-    #: Metric label: connect_error, timeout, 429, 5xx status, cut, stall, malformed.
+    #: Metric label: connect_error, timeout, 429, 401, 403, 5xx status, cut, stall, malformed.
     status: str
     #: What happened, for the log and the client's error (addresses only, no key).
     why: str
     retry_after_s: float = 0.0
-    #: The upstream is at fault (passive health): connect errors and 5xx.
+    #: The upstream is at fault (passive health): connect errors, 5xx, 401 and 403.
     eject: bool = False
 
 
@@ -318,6 +321,18 @@ class UpstreamRelay:
             # Not an answer (a 204, a redirect): no status of the client's request either,
             # and a 204 passed on with a body would break the client's connection.
             raise _Failed(str(status), f"status {status}, not a stream")
+        if status in (401, 403):
+            # The client's Authorization is never forwarded: what was refused is this
+            # upstream's key (--upstream-api-key), not the client's. Its text may quote that
+            # key (masked): for the operator's log only.
+            logger.warning(
+                "upstream %s refused tokenspout's credentials (status %d): %r",
+                server.address,
+                status,
+                response.text[:500],
+            )
+            why = f"status {status}: it refused tokenspout's credentials (--upstream-api-key)"
+            raise _Failed(str(status), why, eject=True)
         server.succeeded()
         refused = _refused(server, response)
         if self.answering:

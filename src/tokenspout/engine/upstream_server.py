@@ -3,7 +3,8 @@ length where its ``/models`` says it), and its health.
 
 Health is active and passive: ``check`` asks ``GET /models`` (every
 ``--upstream-health-interval-s``, from the pool), and ``eject_after`` consecutive connect
-errors or 5xx answers take the upstream out until a check finds it healthy again.
+errors, 5xx answers or refusals of tokenspout's key (401, 403) take the upstream out until a
+check finds it healthy again.
 """
 
 from __future__ import annotations
@@ -137,12 +138,12 @@ class UpstreamServer:
         self._failures = 0
 
     def succeeded(self) -> None:
-        """It answered a request (any status below 500 but 429)."""
+        """It answered a request (any status below 500 but 401, 403 and 429)."""
         self._failures = 0
 
     def failed(self, why: str, *, may_eject: bool = True) -> None:
-        """A connect error, a 5xx or a failed health check; ``eject_after`` of them in a row
-        take it out (when ``may_eject``)."""
+        """A connect error, a 5xx, a 401 or 403, or a failed health check; ``eject_after``
+        of them in a row take it out (when ``may_eject``)."""
         self._failures += 1
         if may_eject and self.healthy and self._failures >= self._eject_after:
             logger.warning(
