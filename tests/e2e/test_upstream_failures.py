@@ -384,6 +384,23 @@ def test_an_upstream_429_nothing_else_takes_keeps_its_retry_after(
     assert (error["type"], error["code"]) == ("rate_limit_error", "upstream_rate_limited")
 
 
+@pytest.mark.parametrize("status", [500, 429])
+def test_behind_another_tokenspout_the_inner_error_message_is_kept(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, status: int
+) -> None:
+    """An upstream's error body in OpenAI's shape gives its message: in a chain, the inner
+    tokenspout's reason (which of its upstreams failed, how) reaches the client, not only
+    the outer's 'status 502 at <the inner>'."""
+    fault.fault("status", status=status, retry_after=0)
+    inner = front(start_server, fault, **{**FAST, "retries": 0})
+    outer = front(start_server, f"{inner.url}/v1", **{**FAST, "retries": 0})
+    path, body = CHAT
+    r = httpx.post(f"{outer.url}{path}", json={**body, "model": "synthetic", "max_tokens": 3})
+    assert r.status_code == (429 if status == 429 else 502)
+    message = r.json()["error"]["message"]
+    assert f"fault injected: {status}" in message and fault.base in message, message
+
+
 def test_first_token_timeout_is_a_504(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:

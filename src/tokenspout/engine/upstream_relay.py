@@ -58,6 +58,7 @@ import math
 import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -314,9 +315,10 @@ class UpstreamRelay:
             return
         await response.aread()
         if status == 429:
-            raise _Failed("429", "429 Too Many Requests", retry_after_s=_retry_after(response))
+            why = _with_message("429 Too Many Requests", response)
+            raise _Failed("429", why, retry_after_s=_retry_after(response))
         if status >= 500:
-            raise _Failed(str(status), f"status {status}", eject=True)
+            raise _Failed(str(status), _with_message(f"status {status}", response), eject=True)
         if status < 400:
             # Not an answer (a 204, a redirect): no status of the client's request either,
             # and a 204 passed on with a body would break the client's connection.
@@ -640,25 +642,36 @@ def _retry_after(response: httpx.Response) -> float:
         return 1.0
 
 
+def _error(response: httpx.Response) -> dict[str, Any] | None:
+    """The error object of an OpenAI-shaped error body (``{"error": {...}}``; a bare
+    ``{"error": "text"}`` as its message), None when the body is not one."""
+    try:
+        error = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return error if isinstance(error, dict) else {"message": str(error)}
+
+
+def _with_message(why: str, response: httpx.Response) -> str:
+    """``why`` and the message of the upstream's error body, when it has one: behind another
+    tokenspout, its own reason (which upstream failed it, how) is the one that matters."""
+    error = _error(response)
+    said = str(error.get("message") or "") if error is not None else ""
+    return f"{why} ({said[:500]})" if said else why
+
+
 def _refused(server: UpstreamServer, response: httpx.Response) -> UpstreamError:
     """The upstream's own 4xx, passed on with its status and OpenAI-shaped message."""
     status = response.status_code
-    message, kind, code, param = f"status {status}", "invalid_request_error", None, None
-    try:
-        error = response.json()["error"]
-        if isinstance(error, dict):
-            message = str(error.get("message") or message)
-            kind = str(error.get("type") or kind)
-            code = error.get("code")
-            param = error.get("param")
-        else:
-            message = str(error)
-    except (ValueError, KeyError, TypeError):
-        message = response.text[:500] or message
+    error = _error(response)
+    if error is None:
+        error = {"message": response.text[:500]}
+    message = str(error.get("message") or f"status {status}")
+    code, param = error.get("code"), error.get("param")
     return UpstreamError(
         f"upstream {server.address} refused the request: {message}",
         status_code=status,
-        type=kind,
+        type=str(error.get("type") or "invalid_request_error"),
         code=str(code) if code is not None else "upstream_refused",
         param=str(param) if param is not None else None,
     )
