@@ -10,7 +10,8 @@ synthetic tokenspout, and fails the way ``fault`` says:
   ``stall``: sends nothing more after ``--after`` chunks; ``malformed``: sends a chunk that
   is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after`` chunks
   (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: retry_after``, 1
-  s unless set, for 429) and an OpenAI error body; ``slow``: waits ``delay_s`` before its
+  s unless set, for 429) and an OpenAI error body (older vLLM's, ``{"object": "error",
+  ...}``, with ``"shape": "vllm"``); ``slow``: waits ``delay_s`` before its
   first byte; ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut
   after ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after
   the finish reason (no usage, no ``[DONE]``); ``filtered``: ends with ``finish_reason:
@@ -61,7 +62,7 @@ REFUSAL = ("I can't ", "help with ", "that.")
 class FaultyUpstream:
     def __init__(self, models: list[dict[str, Any]]) -> None:
         self.args = argparse.Namespace(
-            fault="none", after=3, status=500, delay_s=5.0, retry_after=1
+            fault="none", after=3, status=500, delay_s=5.0, retry_after=1, shape="openai"
         )
         self.engine = SyntheticEngine()
         self.served = models
@@ -100,6 +101,10 @@ class FaultyUpstream:
             error = {"message": f"fault injected: {args.status}", "type": "invalid_request_error",
                      "param": "temperature", "code": "injected"}  # fmt: skip
             headers = {"Retry-After": str(args.retry_after)} if args.status == 429 else {}
+            if args.shape == "vllm":
+                old = {"object": "error", "message": error["message"], "type": "BadRequestError",
+                       "param": None, "code": args.status}  # fmt: skip
+                return JSONResponse(old, status_code=args.status, headers=headers)
             return JSONResponse({"error": error}, status_code=args.status, headers=headers)
         if args.fault == "slow":
             await asyncio.sleep(args.delay_s)

@@ -347,6 +347,23 @@ def test_an_upstream_refusing_our_key_is_its_failure_not_the_clients(
     assert fault.base in error["message"] and "fault injected" not in error["message"]
 
 
+def test_older_vllms_error_body_gives_its_message_not_its_json(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """vLLM before its OpenAI-shaped errors answered ``{"object": "error", "message": ...,
+    "type": "BadRequestError", "code": 400}``: its message is read as an ``error``'s is,
+    and its class name and numeric code, which are none of OpenAI's, are not passed on."""
+    fault.fault("status", status=400, shape="vllm")
+    server = front(start_server, fault, **FAST)
+    path, body = CHAT
+    streamed = {**body, "model": "synthetic", "max_tokens": 3, "stream": True}
+    r = httpx.post(f"{server.url}{path}", json=streamed)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["message"] == f"upstream {fault.base} refused the request: fault injected: 400"
+    assert (error["type"], error["code"]) == ("invalid_request_error", "upstream_refused")
+
+
 def test_a_stream_begins_when_the_upstream_accepts_it_not_at_its_first_token(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:

@@ -644,10 +644,14 @@ def _retry_after(response: httpx.Response) -> float:
 
 def _error(response: httpx.Response) -> dict[str, Any] | None:
     """The error object of an OpenAI-shaped error body (``{"error": {...}}``; a bare
-    ``{"error": "text"}`` as its message), None when the body is not one."""
+    ``{"error": "text"}`` as its message; older vLLM's ``{"object": "error", "message":
+    ...}``, the object itself), None when the body is not one."""
     try:
-        error = response.json()["error"]
-    except (ValueError, KeyError, TypeError):
+        body = response.json()
+        if body.get("object") == "error" and "message" in body:
+            return dict(body)
+        error = body["error"]
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return error if isinstance(error, dict) else {"message": str(error)}
 
@@ -667,11 +671,15 @@ def _refused(server: UpstreamServer, response: httpx.Response) -> UpstreamError:
     if error is None:
         error = {"message": response.text[:500]}
     message = str(error.get("message") or f"status {status}")
-    code, param = error.get("code"), error.get("param")
+    kind, code, param = error.get("type"), error.get("code"), error.get("param")
+    # vLLM says its exception's class as the type and the status as the code
+    # ("BadRequestError", 400): neither is one of OpenAI's, which clients compare with.
+    if not isinstance(kind, str) or not kind.islower():
+        kind = "invalid_request_error"
     return UpstreamError(
         f"upstream {server.address} refused the request: {message}",
         status_code=status,
-        type=str(error.get("type") or "invalid_request_error"),
-        code=str(code) if code is not None else "upstream_refused",
+        type=kind,
+        code=code if isinstance(code, str) and code else "upstream_refused",
         param=str(param) if param is not None else None,
     )
