@@ -8,19 +8,20 @@ synthetic tokenspout, and fails the way ``fault`` says:
 
 * ``none``: answers normally; ``cut``: closes the connection after ``--after`` chunks;
   ``stall``: sends nothing more after ``--after`` chunks; ``malformed``: sends a chunk that
-  is not JSON after ``--after`` chunks; ``exit``: the process dies after ``--after`` chunks
-  (killed mid-stream); ``status``: answers ``status`` (with ``Retry-After: retry_after``, 1
-  s unless set, for 429) and an OpenAI error body (older vLLM's, ``{"object": "error",
-  ...}``, with ``"shape": "vllm"``); ``slow``: waits ``delay_s`` before its
-  first byte; ``tools``: streams a tool call (``get_weather``, arguments in pieces), cut
-  after ``--after`` chunks with ``toolcut``; ``nousage``: closes the connection right after
-  the finish reason (no usage, no ``[DONE]``); ``filtered``: ends with ``finish_reason:
-  "content_filter"``; ``reasoning``: a chat answer begins with ``REASONING``'s pieces as
-  ``reasoning_content`` deltas (one token each, counted in ``max_tokens`` and the usage, as
-  vLLM's reasoning parsers send them), cut after ``--after`` chunks with ``reasoningcut``;
-  ``refusal``: a chat answer is ``REFUSAL``'s pieces as ``refusal`` deltas (OpenAI's).
-  A completion with ``echo`` has its prompt at
-  the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
+  is not JSON after ``--after`` chunks; ``endless``: then begins a ``data:`` line that never
+  ends (64 KiB at a time, until its client leaves); ``exit``: the process dies after
+  ``--after`` chunks (killed mid-stream); ``status``: answers ``status`` (with
+  ``Retry-After: retry_after``, 1 s unless set, for 429) and an OpenAI error body (older
+  vLLM's, ``{"object": "error", ...}``, with ``"shape": "vllm"``); ``slow``: waits
+  ``delay_s`` before its first byte; ``tools``: streams a tool call (``get_weather``,
+  arguments in pieces), cut after ``--after`` chunks with ``toolcut``; ``nousage``: closes
+  the connection right after the finish reason (no usage, no ``[DONE]``); ``filtered``: ends
+  with ``finish_reason: "content_filter"``; ``reasoning``: a chat answer begins with
+  ``REASONING``'s pieces as ``reasoning_content`` deltas (one token each, counted in
+  ``max_tokens`` and the usage, as vLLM's reasoning parsers send them), cut after
+  ``--after`` chunks with ``reasoningcut``; ``refusal``: a chat answer is ``REFUSAL``'s
+  pieces as ``refusal`` deltas (OpenAI's). A completion with ``echo`` has its prompt at the
+  start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
@@ -52,8 +53,8 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 MODEL = "synthetic"
 
 
-FAULTS = ("none", "cut", "stall", "malformed", "exit", "status", "slow", "tools", "toolcut",
-          "nousage", "filtered", "reasoning", "reasoningcut", "refusal")  # fmt: skip
+FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow", "tools",
+          "toolcut", "nousage", "filtered", "reasoning", "reasoningcut", "refusal")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -178,8 +179,12 @@ class FaultyUpstream:
             yield _event(_delta({"content": None, "reasoning_content": piece}, None))
             sent += 1
         async for out in self.engine.generate(rid, prompt, params):
-            if sent == args.after and args.fault in ("cut", "stall", "malformed", "exit",
-                                                     "reasoningcut"):  # fmt: skip
+            if sent == args.after and args.fault in ("cut", "stall", "malformed", "endless",
+                                                     "exit", "reasoningcut"):  # fmt: skip
+                if args.fault == "endless":
+                    yield 'data: {"never": "'
+                    while True:
+                        yield "x" * 65536
                 if args.fault == "cut":
                     raise ConnectionAbortedError("fault injected: cut")
                 if args.fault == "exit":

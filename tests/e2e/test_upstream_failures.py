@@ -85,6 +85,25 @@ def test_mid_stream_failure_continues_exactly_on_another_upstream(
     assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
 
 
+def test_an_event_that_never_ends_is_a_malformed_upstream_and_the_answer_goes_on(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """A ``data:`` line that never ends was kept in memory without bound (until the stall
+    timeout, when its chunks kept coming): past ``MAX_EVENT_BYTES`` it is a malformed
+    upstream, and the answer continues elsewhere. The stall timeout is long here, so that
+    only the limit can end that upstream's part."""
+    path, body = CHAT
+    body = {**body, "model": "synthetic", "max_tokens": 9}
+    expected = httpx.post(f"{synthetic.url}{path}", json=body).json()
+    fault.fault("endless", after=3)
+    server = front(start_server, fault, synthetic, **{**FAST, "stall_timeout_s": 600})
+    text, usage, _ = stream(server, path, body)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert usage["completion_tokens"] == 9
+    labels = f'reason="malformed",upstream="{fault.base}"'
+    assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
+
+
 @pytest.mark.parametrize("logprobs", [{}, {"logprobs": 1}], ids=["echo", "echo+logprobs"])
 def test_an_echoed_answer_cut_mid_stream_is_continued_without_a_second_echo(
     start_server: Callable[..., RunningServer],

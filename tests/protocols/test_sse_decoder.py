@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tokenspout.protocols.sse import encode_comment, encode_event
-from tokenspout.protocols.sse_decoder import SSEDataDecoder
+from tokenspout.protocols.sse_decoder import EventTooLargeError, SSEDataDecoder
 
 
 def decode(*reads: bytes) -> list[bytes]:
@@ -107,3 +107,17 @@ def test_any_cut_of_an_encoded_stream_gives_its_events(
 def test_multi_line_data_is_joined_with_lf(lines: list[str]) -> None:
     text = "\n".join(lines)
     assert decode(encode_event(text)) == [text.encode()]
+
+
+def test_an_event_that_never_ends_is_refused_past_the_limit_not_kept() -> None:
+    """An upstream's ``data:`` line that never ends was kept without bound (50-63 MB per
+    try, each read joined to all of it); past the limit it is an error, the relay's
+    malformed upstream. An event of the limit's length is still taken, in any reads."""
+    decoder = SSEDataDecoder(max_event_bytes=64)
+    assert decoder.feed(b"data: " + b"x" * 50) == []
+    assert decoder.feed(b"x" * 6 + b"\n\n") == [b"x" * 56]
+    decoder.feed(b"data: " + b"y" * 50)
+    with pytest.raises(EventTooLargeError, match="longer than 64 bytes"):
+        decoder.feed(b"y" * 9)
+    # Several events in one read are no event too long: only what is not yet ended counts.
+    assert SSEDataDecoder(max_event_bytes=16).feed(b"data: 123456\n\n" * 5) == [b"123456"] * 5

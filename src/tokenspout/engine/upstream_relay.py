@@ -80,7 +80,7 @@ from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_pool import UpstreamPool
 from tokenspout.engine.upstream_server import UpstreamServer
 from tokenspout.errors import EngineError, UpstreamError
-from tokenspout.protocols.sse_decoder import SSEDataDecoder
+from tokenspout.protocols.sse_decoder import EventTooLargeError, SSEDataDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class UpstreamRelay:
                 self._finish_part(server)
                 return
             raise self._failure(exc) from None
-        except MalformedChunkError as exc:
+        except (MalformedChunkError, EventTooLargeError) as exc:
             raise _Failed("malformed", f"it sent {exc}") from None
         except asyncio.CancelledError:
             self.metrics.requests.labels(server.address, "cancelled").inc()
