@@ -164,10 +164,12 @@ class EngineUnavailableError(TokenspoutError):
     code = "engine_unavailable"
 
     @classmethod
-    def upstreams_down(cls, failure: str) -> EngineUnavailableError:
-        """None of the servers an upstream engine is in front of answers: a retry may find
-        one back."""
-        return cls(f"{failure}; retry shortly", code="upstream_unavailable")
+    def upstreams_down(cls, failure: str, retry_after_s: int) -> EngineUnavailableError:
+        """None of the servers an upstream engine is in front of answers: a retry after
+        ``retry_after_s`` (its next health check) may find one back."""
+        err = cls(f"{failure}; retry shortly", code="upstream_unavailable")
+        err.retry_after_s = retry_after_s
+        return err
 
 
 class InternalError(TokenspoutError):

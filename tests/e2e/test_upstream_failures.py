@@ -495,6 +495,8 @@ def test_all_upstreams_down_is_a_clear_503(start_server: Callable[..., RunningSe
             timeout=30,
         )
         assert r.status_code == 503, named
+        # Come back at the next health check (every 5 s by default), not "shortly".
+        assert 1 <= int(r.headers["retry-after"]) <= 5
         message = r.json()["error"]["message"]
         assert "no upstream is healthy" in message and nobody[0].removesuffix("/v1") in message
         assert "upstream-secret" not in r.text + health.text

@@ -63,7 +63,8 @@ async def test_no_healthy_upstream_for_the_model_is_a_503() -> None:
     p = pool(2)
     with pytest.raises(UpstreamError, match="no healthy upstream serves model 'x'") as err:
         await p.acquire("x")
-    assert err.value.status_code == 503
+    # Retry after the next health check (the interval, 5 s, before the loop runs).
+    assert (err.value.status_code, err.value.retry_after_s) == (503, 5)
     for s in p.servers:
         s.healthy = False
     assert p.failure is not None and "10.0.0.1" in p.failure

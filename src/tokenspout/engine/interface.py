@@ -87,6 +87,9 @@ class Engine(ABC):
     #: Why the engine can no longer generate (its loop died), or None while it can. The
     #: server then fails ``/health`` and answers new requests with 503.
     failure: str | None = None
+    #: While the servers it is in front of are all down (``failure``, ``forwards_fields``):
+    #: seconds until it looks for them again, the 503's ``Retry-After``.
+    retry_after_s: int = 1
 
     def served_models(self) -> tuple[str, ...]:
         """Model ids a request may name (an engine in front of other servers has several)."""

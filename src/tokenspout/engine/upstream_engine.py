@@ -67,6 +67,10 @@ class UpstreamEngine(Engine):
         return self.pool.failure
 
     @property
+    def retry_after_s(self) -> int:  # type: ignore[override]
+        return self.pool.retry_after_s
+
+    @property
     def synthetic(self) -> bool:  # type: ignore[override]
         """In front of a tokenspout serving its synthetic engine: labelled as that is."""
         return self.pool.synthetic

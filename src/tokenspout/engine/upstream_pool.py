@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
+import time
 from collections.abc import Collection
 
 from tokenspout.engine.upstream_options import UpstreamOptions
@@ -32,6 +34,8 @@ class UpstreamPool:
         self.waiting = 0
         self._rotation = itertools.count()
         self._health: asyncio.Task[None] | None = None
+        #: When the health loop checks next (``time.monotonic``), once it runs.
+        self._next_check_at: float | None = None
 
     async def start(self) -> None:
         """Check every upstream once, then keep checking in the background."""
@@ -70,6 +74,14 @@ class UpstreamPool:
         if any(s.healthy for s in self.servers):
             return None
         return "no upstream is healthy: " + ", ".join(s.address for s in self.servers)
+
+    @property
+    def retry_after_s(self) -> int:
+        """Seconds until the next health check, which may find an upstream back (at least
+        1): the ``Retry-After`` of a 503 for want of a healthy one."""
+        if self._next_check_at is None:
+            return max(1, math.ceil(self._interval_s))
+        return max(1, math.ceil(self._next_check_at - time.monotonic()))
 
     async def acquire(self, model: str, avoid: Collection[UpstreamServer] = ()) -> UpstreamServer:
         """An upstream for ``model`` with room, counted as outstanding until ``release``.
@@ -118,6 +130,7 @@ class UpstreamPool:
                 + ", ".join(s.address for s in self.servers),
                 status_code=503,
                 code="upstream_unavailable",
+                retry_after_s=self.retry_after_s,
             )
         fresh = [s for s in serving if s not in avoid] or serving
         free = [s for s in fresh if s.has_room]
@@ -141,6 +154,7 @@ class UpstreamPool:
 
     async def _health_loop(self) -> None:
         while True:
+            self._next_check_at = time.monotonic() + self._interval_s
             await asyncio.sleep(self._interval_s)
             try:
                 await self.check_all()

@@ -20,7 +20,7 @@ def admit(state: ServerState, n: int = 1) -> None:
     if failure is not None:
         if state.engine.forwards_fields:
             # In front of other servers, this passes when one of them is back.
-            raise EngineUnavailableError.upstreams_down(failure)
+            raise EngineUnavailableError.upstreams_down(failure, state.engine.retry_after_s)
         raise EngineUnavailableError(f"the engine has stopped: {failure}; restart the server")
     cfg = state.config
     if n > cfg.max_streams:

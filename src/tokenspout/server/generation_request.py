@@ -180,7 +180,7 @@ def check_model(state: ServerState, name: str | None) -> str:
     if failure is not None and state.engine.forwards_fields:
         # In front of servers none of which answers, the model list is what they last said
         # (nothing, if none ever answered): "not served" would be the wrong thing to act on.
-        raise EngineUnavailableError.upstreams_down(failure)
+        raise EngineUnavailableError.upstreams_down(failure, state.engine.retry_after_s)
     served = ", ".join(state.served_names())
     raise ModelNotFoundError(f"model {name!r} is not served here; served: {served}", param="model")
 
