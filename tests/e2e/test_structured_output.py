@@ -712,10 +712,17 @@ def test_a_whole_context_is_scored_but_not_answered() -> None:
         assert answer["usage"] == {"prompt_tokens": 32, "completion_tokens": 0, "total_tokens": 32}
         values = answer["choices"][0]["logprobs"]["token_logprobs"]
         assert len(values) == 32 and values[0] is None and all(v <= 0 for v in values[1:])
-        for refused in ({**body, "max_tokens": 1}, {"prompt": prompt}, {"prompt": prompt + " cat"}):
+        # The whole context fits but leaves no room for an answer ("prompt is 32 tokens;
+        # the model's context is 32 tokens" alone read as if it should fit).
+        for refused, why in (
+            ({**body, "max_tokens": 1}, "no room for an answer"),
+            ({"prompt": prompt}, "no room for an answer"),
+            ({"prompt": prompt + " cat"}, "which it exceeds"),
+        ):
             answer = httpx.post(url, json=refused, timeout=120)
             assert answer.status_code == 400, refused
-            assert answer.json()["error"]["code"] == "context_length_exceeded"
+            error = answer.json()["error"]
+            assert error["code"] == "context_length_exceeded" and why in error["message"], error
     finally:
         stop()
 

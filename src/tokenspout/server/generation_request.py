@@ -224,9 +224,11 @@ def sampling_params(
     # as evaluation harnesses send one truncated to the model's length.
     scoring = echo and max_tokens == 0
     if room < (0 if scoring else 1):
+        # At exactly the context's length the prompt fits but its answer does not: say so.
         raise PromptTooLongError(
             f"prompt is {prompt_tokens} tokens; the model's context is "
-            f"{state.engine.max_model_len} tokens",
+            f"{state.engine.max_model_len} tokens, "
+            + ("which it exceeds" if room < 0 else "which leaves no room for an answer"),
             param=prompt.field,
         )
     given = max_tokens is not None
