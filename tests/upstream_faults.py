@@ -20,8 +20,10 @@ synthetic tokenspout, and fails the way ``fault`` says:
   ``REASONING``'s pieces as ``reasoning_content`` deltas (one token each, counted in
   ``max_tokens`` and the usage, as vLLM's reasoning parsers send them), cut after
   ``--after`` chunks with ``reasoningcut``; ``refusal``: a chat answer is ``REFUSAL``'s
-  pieces as ``refusal`` deltas (OpenAI's). A completion with ``echo`` has its prompt at the
-  start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
+  pieces as ``refusal`` deltas (OpenAI's); ``finish``: ends the answer with
+  ``finish_reason: reason`` after ``--after`` chunks, its usage and ``[DONE]`` (vLLM's
+  ``abort`` when its engine aborts a request). A completion with ``echo`` has its prompt at
+  the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
@@ -54,7 +56,8 @@ MODEL = "synthetic"
 
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow", "tools",
-          "toolcut", "nousage", "filtered", "reasoning", "reasoningcut", "refusal")  # fmt: skip
+          "toolcut", "nousage", "filtered", "reasoning", "reasoningcut", "refusal",
+          "finish")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -63,7 +66,8 @@ REFUSAL = ("I can't ", "help with ", "that.")
 class FaultyUpstream:
     def __init__(self, models: list[dict[str, Any]]) -> None:
         self.args = argparse.Namespace(
-            fault="none", after=3, status=500, delay_s=5.0, retry_after=1, shape="openai"
+            fault="none", after=3, status=500, delay_s=5.0, retry_after=1, shape="openai",
+            reason="abort",
         )
         self.engine = SyntheticEngine()
         self.served = models
@@ -131,8 +135,10 @@ class FaultyUpstream:
             prompt = self.engine.encode_completion(body["prompt"])
         # No max_tokens: the context's room, as vLLM and llama.cpp fill it in.
         room = self.engine.max_model_len - len(prompt.token_ids or ())
-        limit = body.get("max_completion_tokens", body.get("max_tokens", room))
-        params = SamplingParams(max_tokens=limit - len(reasoning))
+        limit = body.get("max_completion_tokens", body.get("max_tokens", room)) - len(reasoning)
+        if args.fault == "finish":
+            limit = min(limit, args.after)  # then ends with its own reason
+        params = SamplingParams(max_tokens=limit)
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""
         logprobs = body.get("logprobs") is not None
@@ -202,7 +208,9 @@ class FaultyUpstream:
                 yield _event(chunk)
                 sent += 1
             if out.finish_reason is not None:
-                finish = "content_filter" if args.fault == "filtered" else out.finish_reason
+                finish = {"filtered": "content_filter", "finish": args.reason}.get(
+                    args.fault, out.finish_reason
+                )
                 yield _event(_chunk(chat, "", finish))
                 if args.fault == "nousage":
                     raise ConnectionAbortedError("fault injected: cut after the finish")

@@ -104,6 +104,53 @@ def test_an_event_that_never_ends_is_a_malformed_upstream_and_the_answer_goes_on
     assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
 
 
+@pytest.mark.parametrize("reason", ["abort", "error", "cancelled"])
+def test_an_answer_the_upstream_gave_up_on_is_continued_not_ended_as_whole(
+    start_server: Callable[..., RunningServer],
+    fault: UpstreamProcess,
+    synthetic: UpstreamProcess,
+    reason: str,
+) -> None:
+    """vLLM ends a request its engine aborted with ``finish_reason: "abort"`` (or
+    ``"error"``), a 200 and [DONE]; an inner tokenspout a cancelled one with
+    ``"cancelled"``: the answer was cut, not whole, and goes on elsewhere exactly."""
+    path, body = CHAT
+    body = {**body, "model": "synthetic", "max_tokens": 11}
+    expected = httpx.post(f"{synthetic.url}{path}", json=body).json()
+    fault.fault("finish", after=4, reason=reason)
+    server = front(start_server, fault, synthetic, **FAST)
+    text, usage, lines = stream(server, path, body)
+    assert text == expected["choices"][0]["message"]["content"]
+    assert usage["completion_tokens"] == 11
+    finishes = [c["finish_reason"] for line in lines[:-1] for c in json.loads(line)["choices"]]
+    assert [f for f in finishes if f] == ["length"]
+    labels = f'reason="cut",upstream="{fault.base}"'
+    assert server.metric("tokenspout_upstream_failovers_total", labels) == 1
+
+
+def test_an_answer_the_upstream_gave_up_on_that_nothing_continues_is_an_error(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    fault.fault("finish", after=3, reason="abort")
+    server = front(start_server, fault, **{**FAST, "retries": 0})
+    path, body = CHAT
+    body = {**body, "model": "synthetic", "max_tokens": 9}
+    text, _, lines = stream(server, path, body)
+    assert text == "one two three "
+    assert all(
+        c["finish_reason"] is None for line in lines[:-2] for c in json.loads(line)["choices"]
+    )
+    error = json.loads(lines[-2])["error"]
+    assert error["code"] == "upstream_failed" and "'abort'" in error["message"]
+    assert lines[-1] == "[DONE]"
+    whole = httpx.post(f"{server.url}{path}", json=body)
+    assert whole.status_code == 502 and "'abort'" in whole.json()["error"]["message"]
+    # A normal end under another server's name (TGI's) is a stop, as before.
+    fault.fault("finish", after=3, reason="eos_token")
+    whole = httpx.post(f"{server.url}{path}", json=body)
+    assert whole.status_code == 200 and whole.json()["choices"][0]["finish_reason"] == "stop"
+
+
 @pytest.mark.parametrize("logprobs", [{}, {"logprobs": 1}], ids=["echo", "echo+logprobs"])
 def test_an_echoed_answer_cut_mid_stream_is_continued_without_a_second_echo(
     start_server: Callable[..., RunningServer],

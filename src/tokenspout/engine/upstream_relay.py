@@ -11,7 +11,8 @@ failure try again elsewhere.
   its text is logged, not passed on. Another 4xx is the client's own fault and ends the
   request with that status and the upstream's message (a continuation's 4xx is not: it is
   an upstream's failure as below).
-* After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk) the
+* After it (the connection cut, no chunk for ``stall_timeout_s``, a malformed chunk, a
+  finish reason that says the upstream gave up: vLLM's ``abort``, ``_CUT_REASONS``) the
   answer goes on elsewhere from where it stands: ``Engine.continuation`` gives the prompt
   followed by the text so far and what is left of ``max_tokens``, so the client's stream
   has no duplicated and no lost text, and the usage counts both parts. "After" means once
@@ -90,8 +91,18 @@ ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, Sa
 #: How long the end of a body may take after ``[DONE]`` before its connection is closed.
 _READ_TO_END_S = 1.0
 
-#: The upstream's finish reasons passed on as they are; any other (a vendor's own) is a stop.
+#: The upstream's finish reasons passed on as they are; any other that is not a cut (a
+#: vendor's own name for a normal end: TGI's eos_token and stop_sequence) is a stop.
 _FINISH_REASONS: frozenset[str] = frozenset({"stop", "length", "tool_calls", "content_filter"})
+
+#: Finish reasons that say the upstream gave up on the answer, not that it ended: vLLM's
+#: abort and error (sent with a 200 and [DONE] when its engine aborts the request or shuts
+#: down), Mistral's and OpenRouter's error, DeepSeek's insufficient_system_resource, an
+#: inner tokenspout's cancelled (its drain, a cancel by id). The answer is then cut: it
+#: goes on elsewhere as a cut stream's does, never ends as whole.
+_CUT_REASONS: frozenset[str] = frozenset(
+    {"abort", "error", "cancelled", "insufficient_system_resource"}
+)
 
 
 @dataclass
@@ -412,6 +423,8 @@ class UpstreamRelay:
                 part.finish, part.capped = "length", True
                 return True
             self._deliver(chunk, part)
+            if chunk.finish_reason in _CUT_REASONS:
+                raise _Failed("cut", f"it ended the answer with {chunk.finish_reason!r}")
             part.finish = chunk.finish_reason or part.finish
             part.output = part.output or chunk.output
             if self._reached_max_tokens(part):
