@@ -20,9 +20,10 @@ synthetic tokenspout, and fails the way ``fault`` says:
   ``REASONING``'s pieces as ``reasoning_content`` deltas (one token each, counted in
   ``max_tokens`` and the usage, as vLLM's reasoning parsers send them), cut after
   ``--after`` chunks with ``reasoningcut``; ``refusal``: a chat answer is ``REFUSAL``'s
-  pieces as ``refusal`` deltas (OpenAI's); ``finish``: ends the answer with
-  ``finish_reason: reason`` after ``--after`` chunks, its usage and ``[DONE]`` (vLLM's
-  ``abort`` when its engine aborts a request). A completion with ``echo`` has its prompt at
+  pieces as ``refusal`` deltas (OpenAI's); ``finish``: ends the answer with ``finish_reason:
+  reason`` after ``--after`` chunks, its usage and ``[DONE]`` (vLLM's ``abort`` when its
+  engine aborts a request); ``ignoremax``: answers past the ``max_tokens`` it was sent (a
+  thousand times as many tokens). A completion with ``echo`` has its prompt at
   the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -55,9 +56,9 @@ from tokenspout.engine.synthetic_engine import SyntheticEngine
 MODEL = "synthetic"
 
 
-FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow", "tools",
-          "toolcut", "nousage", "filtered", "reasoning", "reasoningcut", "refusal",
-          "finish")  # fmt: skip
+FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
+          "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
+          "refusal", "finish", "ignoremax")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -66,7 +67,12 @@ REFUSAL = ("I can't ", "help with ", "that.")
 class FaultyUpstream:
     def __init__(self, models: list[dict[str, Any]]) -> None:
         self.args = argparse.Namespace(
-            fault="none", after=3, status=500, delay_s=5.0, retry_after=1, shape="openai",
+            fault="none",
+            after=3,
+            status=500,
+            delay_s=5.0,
+            retry_after=1,
+            shape="openai",
             reason="abort",
         )
         self.engine = SyntheticEngine()
@@ -138,6 +144,8 @@ class FaultyUpstream:
         limit = body.get("max_completion_tokens", body.get("max_tokens", room)) - len(reasoning)
         if args.fault == "finish":
             limit = min(limit, args.after)  # then ends with its own reason
+        elif args.fault == "ignoremax":
+            limit *= 1000
         params = SamplingParams(max_tokens=limit)
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""

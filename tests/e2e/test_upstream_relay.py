@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -164,6 +165,39 @@ def test_a_max_tokens_left_out_is_left_out_upstream_and_ours_ends_the_answer(
     assert answer["usage"]["completion_tokens"] == 3
     assert answer["choices"][0]["message"]["content"] == "a b c "
     assert "max_tokens" not in fault.stats()["body"]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_a_max_tokens_the_upstream_ignores_still_ends_the_answer(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, streamed: bool
+) -> None:
+    """An upstream that goes on past the max_tokens it was sent (it ignores the field) is
+    ended at it here, as one that was not sent it is: finish length, the usage of what the
+    client has, the upstream's response closed (it stops generating)."""
+    fault.fault("ignoremax")
+    server = front(start_server, fault)
+    user = f"ignoremax-{streamed}"
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "a b c d"}],
+            "max_tokens": 10, "user": user}  # fmt: skip
+    if streamed:
+        asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+        chunks = [json.loads(line) for line in lines]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+        finish = chunks[-2]["choices"][0]["finish_reason"]
+        usage = chunks[-1]["usage"]
+    else:
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()
+        text = answer["choices"][0]["message"]["content"]
+        finish, usage = answer["choices"][0]["finish_reason"], answer["usage"]
+    assert fault.stats()["body"]["max_tokens"] == 10
+    assert text == "a b c d " * 2 + "a b "
+    assert finish == "length" and usage["completion_tokens"] == 10
+    deadline = time.monotonic() + 20
+    while user not in fault.stats()["abandoned"]:
+        assert time.monotonic() < deadline, "the upstream's response was never closed"
+        time.sleep(0.005)
 
 
 def test_our_max_tokens_is_not_overshot_by_an_upstream_that_coalesces(

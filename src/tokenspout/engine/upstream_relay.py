@@ -42,7 +42,9 @@ after a cut counts these, exact for upstreams that give a count or send a chunk 
 (``request_body``) is this relay's to enforce: the answer ends with ``length`` at the last
 chunk within it; a chunk of several tokens that would go past it is left out whole (its text
 cannot be cut between its tokens), so such an answer may be a few tokens short of
-max_tokens, never longer, and its usage counts the tokens whose text the client has. Prompt
+max_tokens, never longer, and its usage counts the tokens whose text the client has. One
+that was sent is enforced too, against an upstream that ignores it: its first chunk past it
+ends the answer the same way (``length``, the upstream response closed). Prompt
 tokens are known from the upstream's usage: along the stream from one that sends it in every
 chunk, else at the last output only; an answer whose last usage never came (cut after its
 end, cancelled) keeps what was said before (0 when nothing was: tokenspout does not tokenize
@@ -129,7 +131,7 @@ class _Part:
     output: bool = False
     #: The prompt's tokens as a chunk without usage said (llama.cpp's timings).
     prompt_said: int | None = None
-    #: This relay ended it at ``max_tokens``, which the upstream was not sent.
+    #: This relay ended it at ``max_tokens`` (which the upstream was not sent, or ignored).
     capped: bool = False
 
     @property
@@ -433,7 +435,10 @@ class UpstreamRelay:
         return False
 
     def _reached_max_tokens(self, part: _Part) -> bool:
-        """A max_tokens left out upstream (``request_body``) is reached here."""
+        """A max_tokens left out upstream (``request_body``) is reached here. One that was
+        sent is the upstream's to end at, with its finish chunk and usage, which may come
+        after the last token's chunk (OpenAI, llama.cpp): only a chunk past it ends the
+        answer here (``_past_max_tokens``)."""
         params = self.params
         return (
             not params.max_tokens_given
@@ -442,13 +447,14 @@ class UpstreamRelay:
         )
 
     def _past_max_tokens(self, chunk: UpstreamChunk, part: _Part) -> bool:
-        """``chunk`` would take the answer past a max_tokens left out upstream: it holds
-        several tokens (an upstream that coalesces), and its text, which goes with its last
-        token, cannot be cut between them. The answer ends before it, so that its usage
-        never says more than max_tokens and counts exactly the tokens whose text the client
-        has. An echo's first chunk (the prompt and the first token) is delivered whole."""
+        """``chunk`` would take the answer past max_tokens: an upstream that ignores the
+        max_tokens it was sent, or one that was not sent it whose chunk holds several
+        tokens (it coalesces; its text, which goes with its last token, cannot be cut
+        between them). The answer ends before it, so that its usage never says more than
+        max_tokens and counts exactly the tokens whose text the client has. An echo's first
+        chunk (the prompt and the first token) is delivered whole."""
         params = self.params
-        if params.max_tokens_given or (params.echo and not self.echoed):
+        if params.echo and not self.echoed:
             return False
         if not any((chunk.text, chunk.logprobs, chunk.tool_calls, chunk.reasoning, chunk.refusal)):
             return False  # no token of its own to deliver (a finish, the usage)
