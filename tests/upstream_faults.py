@@ -23,7 +23,10 @@ synthetic tokenspout, and fails the way ``fault`` says:
   pieces as ``refusal`` deltas (OpenAI's); ``finish``: ends the answer with ``finish_reason:
   reason`` after ``--after`` chunks, its usage and ``[DONE]`` (vLLM's ``abort`` when its
   engine aborts a request); ``ignoremax``: answers past the ``max_tokens`` it was sent (a
-  thousand times as many tokens). A completion with ``echo`` has its prompt at
+  thousand times as many tokens); ``noindex``: two tool calls as Gemini's OpenAI-compatible
+  API streams them, without ``index`` (the first's arguments in pieces without id, the
+  second whole); ``badusage``: the finish chunk has a usage with null counts, the usage
+  chunk ``usage: {}``. A completion with ``echo`` has its prompt at
   the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -58,7 +61,7 @@ MODEL = "synthetic"
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
-          "refusal", "finish", "ignoremax")  # fmt: skip
+          "refusal", "finish", "ignoremax", "noindex", "badusage")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -123,6 +126,11 @@ class FaultyUpstream:
             cut_after = args.after if args.fault == "toolcut" else None
             return StreamingResponse(
                 self._watched(request, body, _tool_call(cut_after)), media_type="text/event-stream"
+            )
+        if args.fault == "noindex":
+            return StreamingResponse(
+                self._watched(request, body, _tool_calls_without_index()),
+                media_type="text/event-stream",
             )
         if args.fault == "refusal":
             return StreamingResponse(
@@ -219,12 +227,18 @@ class FaultyUpstream:
                 finish = {"filtered": "content_filter", "finish": args.reason}.get(
                     args.fault, out.finish_reason
                 )
-                yield _event(_chunk(chat, "", finish))
+                last = _chunk(chat, "", finish)
+                if args.fault == "badusage":
+                    last["usage"] = {"prompt_tokens": out.prompt_tokens,
+                                     "completion_tokens": None, "total_tokens": None}  # fmt: skip
+                yield _event(last)
                 if args.fault == "nousage":
                     raise ConnectionAbortedError("fault injected: cut after the finish")
                 completion = out.completion_tokens + len(reasoning)
                 usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": completion,
                          "total_tokens": out.prompt_tokens + completion}  # fmt: skip
+                if args.fault == "badusage":
+                    usage = {}
                 yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
         yield "data: [DONE]\n\n"
 
@@ -239,6 +253,23 @@ async def _tool_call(cut_after: int | None) -> AsyncIterator[str]:
             raise ConnectionAbortedError("fault injected: cut in the middle of a tool call")
     yield _event(_delta({}, "tool_calls"))
     usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+async def _tool_calls_without_index() -> AsyncIterator[str]:
+    """Tool calls as Gemini's OpenAI-compatible API and some proxies stream them: no
+    ``index``; here the first call's arguments come in pieces without id either."""
+    first = {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    yield _event(_delta({"role": "assistant", "tool_calls": [first]}, None))
+    for piece in ('{"city": ', '"Paris"', "}"):
+        yield _event(_delta({"tool_calls": [{"function": {"arguments": piece}}]}, None))
+    second = {"id": "call_2", "type": "function",
+              "function": {"name": "get_time", "arguments": "{}"}}  # fmt: skip
+    yield _event(_delta({"tool_calls": [second]}, None))
+    yield _event(_delta({}, "tool_calls"))
+    usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
     yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 

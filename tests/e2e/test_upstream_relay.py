@@ -372,6 +372,61 @@ def test_streamed_tool_call_reaches_the_sdk_intact(
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
 
 
+def test_tool_calls_streamed_without_their_index_reach_the_client_whole(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """Gemini's OpenAI-compatible API and some proxies leave a tool call's ``index`` out:
+    a piece with a new id begins the next call, one without goes on with the last."""
+    fault.fault("noindex")
+    server = front(start_server, fault)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "weather?"}]}
+    asked = {**body, "stream": True, "stream_options": {"flush_tokens": 1}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    calls: dict[int, dict[str, str]] = {}
+    for line in lines:
+        for d in json.loads(line)["choices"][0]["delta"].get("tool_calls") or ():
+            call = calls.setdefault(d["index"], {"id": "", "name": "", "arguments": ""})
+            call["id"] = d.get("id") or call["id"]
+            call["name"] = d.get("function", {}).get("name") or call["name"]
+            call["arguments"] += d.get("function", {}).get("arguments") or ""
+    expected = [("call_1", "get_weather", '{"city": "Paris"}'), ("call_2", "get_time", "{}")]
+    assert [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())] == expected
+    whole = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert whole.status_code == 200, whole.text
+    choice = whole.json()["choices"][0]
+    got = [(c["id"], c["function"]["name"], c["function"]["arguments"])
+           for c in choice["message"]["tool_calls"]]  # fmt: skip
+    assert got == expected and choice["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])
+def test_an_upstreams_unusable_usage_is_taken_as_none_not_as_a_failure(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, streamed: bool
+) -> None:
+    """A usage with null counts in the finish chunk and ``usage: {}`` after it: the answer
+    is whole, counted here as for an upstream that sends no usage."""
+    fault.fault("badusage")
+    server = front(start_server, fault, retries=0)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "a b c"}],
+            "max_tokens": 5}  # fmt: skip
+    if streamed:
+        asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+        chunks = [json.loads(line) for line in lines]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+        finish, usage = chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]
+    else:
+        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice, usage = r.json()["choices"][0], r.json()["usage"]
+        text, finish = choice["message"]["content"], choice["finish_reason"]
+    assert (text, finish) == ("a b c a b ", "length")
+    assert usage["completion_tokens"] == 5
+
+
 def test_responses_api_through_tokenspout_is_a_chat_request_upstream(
     start_server: Callable[..., RunningServer],
     synthetic: UpstreamProcess,

@@ -8,7 +8,12 @@ import json
 import pytest
 
 from tokenspout.engine.request import TokenLogprob, ToolCallDelta
-from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
+from tokenspout.engine.upstream_chunks import (
+    MalformedChunkError,
+    ToolCallSlots,
+    UpstreamChunk,
+    parse_chunk,
+)
 
 
 def chat(delta: dict, finish: str | None = None, **more: object) -> str:
@@ -247,7 +252,6 @@ def test_what_is_output_and_what_only_opens_a_chat(data: str, output: bool) -> N
         ('{"error": {"message": "engine died"}}', "engine died"),
         ('{"choices": [{"delta": {"content": 5}}]}', "unexpected shape"),
         ('{"object": "chunk"}', "unexpected shape"),
-        ('{"choices": [], "usage": {"prompt_tokens": 1}}', "unexpected shape"),
     ],
 )
 def test_malformed_chunks(data: str, why: str) -> None:
@@ -276,3 +280,53 @@ def test_a_parts_prompt_tokens_come_from_its_usage_or_else_its_timings() -> None
     assert part.prompt_tokens == 33
     # A continuation's prompt holds the answer's tokens before it, which come off.
     assert _Part(tokens_before=5, prompt_said=36).prompt_tokens == 31
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [{}, {"prompt_tokens": 1}, {"prompt_tokens": 5, "completion_tokens": None}, "n/a"],
+)
+def test_a_usage_without_its_counts_is_no_usage(usage: object) -> None:
+    """``usage: {}``, a null count: nothing the relay can count with, not a failure."""
+    data = json.dumps({"choices": [], "usage": usage})
+    assert parse_chunk(data) == UpstreamChunk("", (), None, None, output=False)
+    finish = {"index": 0, "delta": {}, "finish_reason": "stop"}
+    chunk = parse_chunk(json.dumps({"choices": [finish], "usage": usage}))
+    assert (chunk.finish_reason, chunk.usage, chunk.generated) == ("stop", None, None)
+
+
+def _calls(*pieces: list[dict]) -> list[tuple[int, str | None, str]]:
+    """The (index, id, arguments) of each piece of ``pieces``' chunks, read in turn."""
+    slots = ToolCallSlots()
+    chunks = [parse_chunk(chat({"tool_calls": p}), slots) for p in pieces]
+    return [(d.index, d.id, d.arguments) for c in chunks for d in c.tool_calls]
+
+
+def call(arguments: str, id: str | None = None, name: str | None = None, **more: object) -> dict:
+    function = {"arguments": arguments} | ({"name": name} if name else {})
+    return {"function": function} | ({"id": id} if id is not None else {}) | more
+
+
+@pytest.mark.parametrize(
+    ("pieces", "calls"),
+    [
+        # Gemini's: each call whole, in a chunk of its own or together, no index.
+        ([[call("{}", "a", "f")], [call("{}", "b", "g")]], [(0, "a", "{}"), (1, "b", "{}")]),
+        ([[call("{}", "a", "f"), call("{}", "b", "g")]], [(0, "a", "{}"), (1, "b", "{}")]),
+        # The arguments in pieces without index or id (or an empty id): the last call's.
+        (
+            [[call("", "a", "f")], [call('{"x"')], [call(": 1}", "")], [call("{}", "b", "g")]],
+            [(0, "a", ""), (0, None, '{"x"'), (0, "", ": 1}"), (1, "b", "{}")],
+        ),
+        # A known id goes with its call; a name without id begins one.
+        ([[call("", "a", "f")], [call("{}", "a")], [call("{}", name="g")]],
+         [(0, "a", ""), (0, "a", "{}"), (1, None, "{}")]),
+        # An index given is kept, and the next call comes after it.
+        ([[call("", "a", "f", index=2)], [call("{}")], [call("{}", "b", "g")]],
+         [(2, "a", ""), (2, None, "{}"), (3, "b", "{}")]),
+    ],
+)  # fmt: skip
+def test_a_tool_calls_index_left_out_is_made_good(
+    pieces: list[list[dict]], calls: list[tuple[int, str | None, str]]
+) -> None:
+    assert _calls(*pieces) == calls

@@ -6,7 +6,10 @@ models ``reasoning_content`` or ``reasoning``, from OpenAI a ``refusal``), compl
 the ``usage``. A chat stream usually opens with a chunk that has only the role
 (``{"role": "assistant", "content": ""}``), sent before any token is generated: no output
 yet. Anything that is not such a chunk is a ``MalformedChunkError``: the relay then treats
-the upstream as failed, as it would a cut connection.
+the upstream as failed, as it would a cut connection. What some servers leave out or send
+empty is made good instead: a tool call's ``index`` (``ToolCallSlots``), a ``usage`` without
+its counts (taken as no usage: the relay counts the answer itself, as for an upstream that
+sends none).
 """
 
 from __future__ import annotations
@@ -46,9 +49,37 @@ class UpstreamChunk(NamedTuple):
     prompt_tokens: int | None = None
 
 
-def parse_chunk(data: str | bytes) -> UpstreamChunk:
+class ToolCallSlots:
+    """The index of each tool call of one streamed answer, for the pieces that leave it out
+    (Gemini's OpenAI-compatible API, some proxies). A piece whose ``id`` is new, or which
+    has a name and no id, begins the next call; one with a known id goes on with that call;
+    one with neither (more of the arguments) goes on with the last call. A piece that gives
+    its index keeps it."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._last = -1
+        self._next = 0
+
+    def index(self, given: Any, call_id: Any, name: Any) -> int:
+        if given is not None:
+            index = int(given)
+        elif call_id and call_id in self._ids:
+            index = self._ids[call_id]
+        elif call_id or name or self._last < 0:
+            index = self._next
+        else:
+            index = self._last
+        if call_id:
+            self._ids.setdefault(call_id, index)
+        self._last, self._next = index, max(self._next, index + 1)
+        return index
+
+
+def parse_chunk(data: str | bytes, slots: ToolCallSlots | None = None) -> UpstreamChunk:
     """The chunk in one SSE ``data:`` field; ``MalformedChunkError`` for anything else,
-    including an ``{"error": ...}`` an upstream sends when it fails mid-stream."""
+    including an ``{"error": ...}`` an upstream sends when it fails mid-stream. ``slots``
+    are the answer's tool calls so far (a chunk's own when not given)."""
     try:
         # Bytes decoded here: json.loads would first guess their encoding (SSE is UTF-8).
         chunk = json.loads(data.decode() if isinstance(data, bytes) else data)
@@ -75,7 +106,8 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
             said = bool(text)
         else:
             text = delta.get("content") or ""
-            calls = tuple(_tool_call(c) for c in delta.get("tool_calls") or ())
+            slots = slots or ToolCallSlots()
+            calls = tuple(_tool_call(c, slots) for c in delta.get("tool_calls") or ())
             tokens = tuple(_chat_logprob(t) for t in (logprobs or {}).get("content") or ())
             # vLLM versions in between send the same piece under both names: one is taken.
             reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
@@ -106,16 +138,22 @@ def parse_chunk(data: str | bytes) -> UpstreamChunk:
 
 
 def _usage(usage: Any) -> tuple[int, int] | None:
-    if usage is None:
+    """(prompt_tokens, completion_tokens); None for no usage, and for one without both
+    counts (``{}``, a null count), which says nothing the relay can use either."""
+    if not isinstance(usage, dict):
         return None
-    return int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    try:
+        counts = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return counts if min(counts) >= 0 else None
 
 
-def _tool_call(call: dict[str, Any]) -> ToolCallDelta:
+def _tool_call(call: dict[str, Any], slots: ToolCallSlots) -> ToolCallDelta:
     function = call.get("function") or {}
-    return ToolCallDelta(
-        int(call["index"]), call.get("id"), function.get("name"), function.get("arguments") or ""
-    )
+    name = function.get("name")
+    index = slots.index(call.get("index"), call.get("id"), name)
+    return ToolCallDelta(index, call.get("id"), name, function.get("arguments") or "")
 
 
 def _error_message(error: Any) -> str:

@@ -77,7 +77,12 @@ from tokenspout.engine.request import (
 )
 from tokenspout.engine.stall_clock import StallClock
 from tokenspout.engine.upstream_body import encode, request_body
-from tokenspout.engine.upstream_chunks import MalformedChunkError, UpstreamChunk, parse_chunk
+from tokenspout.engine.upstream_chunks import (
+    MalformedChunkError,
+    ToolCallSlots,
+    UpstreamChunk,
+    parse_chunk,
+)
 from tokenspout.engine.upstream_metrics import FAILOVER_REASONS, UpstreamMetrics
 from tokenspout.engine.upstream_options import UpstreamOptions
 from tokenspout.engine.upstream_pool import UpstreamPool
@@ -133,6 +138,8 @@ class _Part:
     prompt_said: int | None = None
     #: This relay ended it at ``max_tokens`` (which the upstream was not sent, or ignored).
     capped: bool = False
+    #: Its tool calls so far, for the pieces that leave out their index.
+    calls: ToolCallSlots = field(default_factory=ToolCallSlots)
 
     @property
     def prompt_tokens(self) -> int:
@@ -414,7 +421,7 @@ class UpstreamRelay:
         for payload in payloads:
             if payload == b"[DONE]":
                 return True
-            chunk = parse_chunk(payload)
+            chunk = parse_chunk(payload, part.calls)
             if chunk.usage is not None:
                 part.usage = chunk.usage
                 self.prompt_tokens = part.prompt_tokens
