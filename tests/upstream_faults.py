@@ -26,7 +26,8 @@ synthetic tokenspout, and fails the way ``fault`` says:
   thousand times as many tokens); ``noindex``: two tool calls as Gemini's OpenAI-compatible
   API streams them, without ``index`` (the first's arguments in pieces without id, the
   second whole); ``badusage``: the finish chunk has a usage with null counts, the usage
-  chunk ``usage: {}``. A completion with ``echo`` has its prompt at
+  chunk ``usage: {}``; ``hang``: sends nothing more after the usage chunk (no ``[DONE]``, no
+  end of the body). A completion with ``echo`` has its prompt at
   the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
   echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -61,7 +62,7 @@ MODEL = "synthetic"
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
-          "refusal", "finish", "ignoremax", "noindex", "badusage")  # fmt: skip
+          "refusal", "finish", "ignoremax", "noindex", "badusage", "hang")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -240,6 +241,8 @@ class FaultyUpstream:
                 if args.fault == "badusage":
                     usage = {}
                 yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+                if args.fault == "hang":
+                    await asyncio.sleep(3600)
         yield "data: [DONE]\n\n"
 
 

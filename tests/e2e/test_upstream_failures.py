@@ -9,6 +9,7 @@ behind it gives the answer an uncut stream would have."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -338,6 +339,26 @@ def test_a_whole_answer_cut_before_its_usage_is_not_continued(
     labels = f'reason="cut",upstream="{fault.base}"'
     with pytest.raises(KeyError):
         server.metric("tokenspout_upstream_failovers_total", labels)
+
+
+def test_a_whole_answer_ends_at_its_usage_without_waiting_for_done(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """An upstream that sends its finish and its usage but neither [DONE] nor the end of
+    its body: the answer is whole, and ends then (not at the stall timeout, here far off);
+    the upstream's response is closed."""
+    fault.fault("hang")
+    server = front(start_server, fault, stall_timeout_s=3600)
+    path, body = CHAT
+    body = {**body, "model": "synthetic", "max_tokens": 4, "user": "hang"}
+    text, usage, lines = stream(server, path, body)
+    assert text == "one two three one "
+    assert usage["completion_tokens"] == 4
+    assert json.loads(lines[-3])["choices"][0]["finish_reason"] == "length"
+    deadline = time.monotonic() + 20
+    while "hang" not in fault.stats()["abandoned"]:
+        assert time.monotonic() < deadline, "the upstream's response was never closed"
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("status", [500, 503, 429, 204, 307])

@@ -95,7 +95,8 @@ logger = logging.getLogger(__name__)
 #: Builds the request for the rest of an answer (``Engine.continuation``).
 ContinueWith = Callable[[Prompt, SamplingParams, Continuation], tuple[Prompt, SamplingParams]]
 
-#: How long the end of a body may take after ``[DONE]`` before its connection is closed.
+#: How long the end of a body may take after the answer's end (``[DONE]``, or its usage)
+#: before its connection is closed.
 _READ_TO_END_S = 1.0
 
 #: The upstream's finish reasons passed on as they are; any other that is not a cut (a
@@ -393,7 +394,7 @@ class UpstreamRelay:
                     self.metrics.ttft.labels(server.address).observe(loop.time() - sent_at)
                     stall.start()
                 if done:
-                    break  # [DONE]
+                    break  # [DONE], max_tokens or a whole answer
                 server.streaming = True
                 if not self._first_seen:
                     # Only a chat's opening role so far: the first-token timeout runs on,
@@ -416,8 +417,8 @@ class UpstreamRelay:
             await _read_to_end(body)
 
     def _take(self, payloads: list[bytes], part: _Part) -> bool:
-        """Relay the chunks of one read; True at ``[DONE]`` or at ``max_tokens`` (what
-        follows is ignored)."""
+        """Relay the chunks of one read; True at ``[DONE]``, at ``max_tokens``, or once the
+        answer is whole (what follows is ignored)."""
         for payload in payloads:
             if payload == b"[DONE]":
                 return True
@@ -436,6 +437,11 @@ class UpstreamRelay:
                 raise _Failed("cut", f"it ended the answer with {chunk.finish_reason!r}")
             part.finish = chunk.finish_reason or part.finish
             part.output = part.output or chunk.output
+            if part.finish is not None and chunk.usage is not None:
+                # Whole: its finish, and the usage that was asked for (in the finish chunk
+                # or after it). An upstream that never sends [DONE] or ends its body would
+                # otherwise hold the end until the stall timeout.
+                return True
             if self._reached_max_tokens(part):
                 part.finish, part.capped = "length", True
                 return True
@@ -618,8 +624,8 @@ def _body(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 async def _read_to_end(body: AsyncIterator[bytes]) -> None:
-    """After ``[DONE]`` (the client has had the end already), the body's last bytes: its
-    end of chunks usually comes in the next segment, and a response read to its end leaves
+    """After the answer's end (the client has had it already), the body's last bytes: its
+    ``[DONE]`` and end of chunks usually come next, and a response read to its end leaves
     its connection to the next request, which then needs no new one. Bounded; whatever
     goes wrong here is ignored (the answer was whole)."""
     try:
