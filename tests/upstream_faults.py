@@ -27,9 +27,10 @@ synthetic tokenspout, and fails the way ``fault`` says:
   API streams them, without ``index`` (the first's arguments in pieces without id, the
   second whole); ``badusage``: the finish chunk has a usage with null counts, the usage
   chunk ``usage: {}``; ``hang``: sends nothing more after the usage chunk (no ``[DONE]``, no
-  end of the body). A completion with ``echo`` has its prompt at
-  the start of its first chunk; with ``logprobs`` each word is a token of logprob -1.0, an
-  echoed prompt's first null (as vLLM and tokenspout send it).
+  end of the body); ``json``: a 200 with a whole chat completion (``application/json``)
+  instead of a stream. A completion with ``echo`` has its prompt at the start of its first
+  chunk; with ``logprobs`` each word is a token of logprob -1.0, an echoed prompt's first
+  null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
 answers ``abandoned`` (by their request's ``user`` field): their client went away before
@@ -62,7 +63,7 @@ MODEL = "synthetic"
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
-          "refusal", "finish", "ignoremax", "noindex", "badusage", "hang")  # fmt: skip
+          "refusal", "finish", "ignoremax", "noindex", "badusage", "hang", "json")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -123,6 +124,10 @@ class FaultyUpstream:
             return JSONResponse({"error": error}, status_code=args.status, headers=headers)
         if args.fault == "slow":
             await asyncio.sleep(args.delay_s)
+        if args.fault == "json":
+            message = {"role": "assistant", "content": "whole"}
+            choice = {"index": 0, "message": message, "finish_reason": "stop"}
+            return JSONResponse({"object": "chat.completion", "choices": [choice]})
         if args.fault in ("tools", "toolcut"):
             cut_after = args.after if args.fault == "toolcut" else None
             return StreamingResponse(

@@ -380,6 +380,26 @@ def test_failure_before_the_first_token_is_retried_elsewhere(
     assert server.metric("tokenspout_upstream_requests_total", labels) == 1
 
 
+def test_a_200_that_is_not_a_stream_is_retried_elsewhere_else_a_502(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, synthetic: UpstreamProcess
+) -> None:
+    """An upstream that answers a whole JSON completion, not SSE: the request was not
+    accepted, so the streamed client's status is still to come (it used to get a 200 and
+    then an error event)."""
+    fault.fault("json")
+    path, body = CHAT
+    streamed = {**body, "model": "synthetic", "max_tokens": 3, "stream": True}
+    # Tried twice: the first failure's 200 went out while the second was asked.
+    alone = front(start_server, fault, **{**FAST, "retries": 1, "backoff_s": 0.2})
+    r = httpx.post(f"{alone.url}{path}", json=streamed)
+    assert r.status_code == 502
+    assert "not SSE" in r.json()["error"]["message"] and fault.base in r.text
+    server = front(start_server, fault, synthetic, **FAST)
+    text, _, _ = stream(server, path, streamed)
+    assert text == "one two three "
+    assert server.metric("tokenspout_upstream_retries_total", f'upstream="{fault.base}"') == 1
+
+
 def test_a_4xx_is_the_clients_and_passes_through(
     start_server: Callable[..., RunningServer], fault: UpstreamProcess
 ) -> None:

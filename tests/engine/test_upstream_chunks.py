@@ -250,6 +250,8 @@ def test_what_is_output_and_what_only_opens_a_chat(data: str, output: bool) -> N
         ("{not json", "not JSON"),
         ("[1, 2]", "not a JSON object"),
         ('{"error": {"message": "engine died"}}', "engine died"),
+        # Older vLLM's ErrorResponse, sent as it is.
+        ('{"object": "error", "message": "CUDA out of memory", "code": 500}', "CUDA out of"),
         ('{"choices": [{"delta": {"content": 5}}]}', "unexpected shape"),
         ('{"object": "chunk"}', "unexpected shape"),
     ],

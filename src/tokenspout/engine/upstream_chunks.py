@@ -78,7 +78,8 @@ class ToolCallSlots:
 
 def parse_chunk(data: str | bytes, slots: ToolCallSlots | None = None) -> UpstreamChunk:
     """The chunk in one SSE ``data:`` field; ``MalformedChunkError`` for anything else,
-    including an ``{"error": ...}`` an upstream sends when it fails mid-stream. ``slots``
+    including an ``{"error": ...}`` (older vLLM: ``{"object": "error", "message": ...}``)
+    an upstream sends when it fails mid-stream, with its message. ``slots``
     are the answer's tool calls so far (a chunk's own when not given)."""
     try:
         # Bytes decoded here: json.loads would first guess their encoding (SSE is UTF-8).
@@ -91,6 +92,8 @@ def parse_chunk(data: str | bytes, slots: ToolCallSlots | None = None) -> Upstre
         raise MalformedChunkError("a chunk that is not a JSON object")
     if "error" in chunk:
         raise MalformedChunkError(f"an error in the stream: {_error_message(chunk['error'])}")
+    if chunk.get("object") == "error":  # older vLLM's ErrorResponse, not wrapped
+        raise MalformedChunkError(f"an error in the stream: {_error_message(chunk)}")
     try:
         usage = _usage(chunk.get("usage"))
         choices = chunk["choices"]

@@ -328,6 +328,7 @@ class UpstreamRelay:
     async def _check_status(self, server: UpstreamServer, response: httpx.Response) -> None:
         status = response.status_code
         if status == 200:
+            _require_sse(response)
             server.succeeded()
             if not self.accepted:
                 # The request is not refused: the client's response may begin (refuses_late).
@@ -372,9 +373,6 @@ class UpstreamRelay:
         timer: asyncio.Timeout,
         sent_at: float,
     ) -> None:
-        content_type = response.headers.get("content-type", "")
-        if "text/event-stream" not in content_type:
-            raise _Failed("cut", f"it answered {content_type or 'no content type'!r}, not SSE")
         loop = asyncio.get_running_loop()
         self._first_seen = False
         part = self._part = _Part(self.tokens)
@@ -661,6 +659,15 @@ def _cut_error(kind: str, server: UpstreamServer, f: _Failed) -> UpstreamError:
     return UpstreamError(
         f"{message}: send the request again", status_code=502, code=f"{kind}_interrupted"
     )
+
+
+def _require_sse(response: httpx.Response) -> None:
+    """A 200 that is not a stream (a whole JSON answer) fails the upstream before the
+    request counts as accepted: the client's status is then still to come (a 502 when no
+    other upstream streams it)."""
+    content_type = response.headers.get("content-type", "")
+    if "text/event-stream" not in content_type:
+        raise _Failed("cut", f"it answered {content_type or 'no content type'!r}, not SSE")
 
 
 def _why(exc: Exception) -> str:
