@@ -25,12 +25,12 @@ synthetic tokenspout, and fails the way ``fault`` says:
   engine aborts a request); ``ignoremax``: answers past the ``max_tokens`` it was sent (a
   thousand times as many tokens); ``noindex``: two tool calls as Gemini's OpenAI-compatible
   API streams them, without ``index`` (the first's arguments in pieces without id, the
-  second whole); ``badusage``: the finish chunk has a usage with null counts, the usage
-  chunk ``usage: {}``; ``hang``: sends nothing more after the usage chunk (no ``[DONE]``, no
-  end of the body); ``json``: a 200 with a whole chat completion (``application/json``)
-  instead of a stream. A completion with ``echo`` has its prompt at the start of its first
-  chunk; with ``logprobs`` each word is a token of logprob -1.0, an echoed prompt's first
-  null (as vLLM and tokenspout send it).
+  second whole), ``noid`` the same without any id; ``badusage``: the finish chunk has a
+  usage with null counts, the usage chunk ``usage: {}``; ``hang``: sends nothing more after
+  the usage chunk (no ``[DONE]``, no end of the body); ``json``: a 200 with a whole chat
+  completion (``application/json``) instead of a stream. A completion with ``echo`` has its
+  prompt at the start of its first chunk; with ``logprobs`` each word is a token of logprob
+  -1.0, an echoed prompt's first null (as vLLM and tokenspout send it).
 
 ``GET /stats`` tells what it received: the requests, the last body and headers, and the
 answers ``abandoned`` (by their request's ``user`` field): their client went away before
@@ -63,7 +63,8 @@ MODEL = "synthetic"
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
-          "refusal", "finish", "ignoremax", "noindex", "badusage", "hang", "json")  # fmt: skip
+          "refusal", "finish", "ignoremax", "noindex", "noid", "badusage", "hang",
+          "json")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -133,9 +134,9 @@ class FaultyUpstream:
             return StreamingResponse(
                 self._watched(request, body, _tool_call(cut_after)), media_type="text/event-stream"
             )
-        if args.fault == "noindex":
+        if args.fault in ("noindex", "noid"):
             return StreamingResponse(
-                self._watched(request, body, _tool_calls_without_index()),
+                self._watched(request, body, _tool_calls_without_index(args.fault == "noindex")),
                 media_type="text/event-stream",
             )
         if args.fault == "refusal":
@@ -265,16 +266,17 @@ async def _tool_call(cut_after: int | None) -> AsyncIterator[str]:
     yield "data: [DONE]\n\n"
 
 
-async def _tool_calls_without_index() -> AsyncIterator[str]:
+async def _tool_calls_without_index(ids: bool) -> AsyncIterator[str]:
     """Tool calls as Gemini's OpenAI-compatible API and some proxies stream them: no
-    ``index``; here the first call's arguments come in pieces without id either."""
-    first = {"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+    ``index``; here the first call's arguments come in pieces without id either, and
+    without ``ids`` no piece has one."""
+    first = {"type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    second = {"type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+    if ids:
+        first, second = {"id": "call_1", **first}, {"id": "call_2", **second}
     yield _event(_delta({"role": "assistant", "tool_calls": [first]}, None))
     for piece in ('{"city": ', '"Paris"', "}"):
         yield _event(_delta({"tool_calls": [{"function": {"arguments": piece}}]}, None))
-    second = {"id": "call_2", "type": "function",
-              "function": {"name": "get_time", "arguments": "{}"}}  # fmt: skip
     yield _event(_delta({"tool_calls": [second]}, None))
     yield _event(_delta({}, "tool_calls"))
     usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}

@@ -372,12 +372,15 @@ def test_streamed_tool_call_reaches_the_sdk_intact(
     assert (call.function.name, call.function.arguments) == ("get_weather", '{"city": "Paris"}')
 
 
+@pytest.mark.parametrize("kind", ["noindex", "noid"])
 def test_tool_calls_streamed_without_their_index_reach_the_client_whole(
-    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, kind: str
 ) -> None:
     """Gemini's OpenAI-compatible API and some proxies leave a tool call's ``index`` out:
-    a piece with a new id begins the next call, one without goes on with the last."""
-    fault.fault("noindex")
+    a piece with a new id (or name) begins the next call, one without goes on with the
+    last. A call the upstream gave no id gets one, and its first delta has its name: that
+    delta was sent without name or type (a name was only sent beside an id)."""
+    fault.fault(kind)
     server = front(start_server, fault)
     body = {"model": "synthetic", "messages": [{"role": "user", "content": "weather?"}]}
     asked = {**body, "stream": True, "stream_options": {"flush_tokens": 1}}
@@ -387,18 +390,30 @@ def test_tool_calls_streamed_without_their_index_reach_the_client_whole(
     calls: dict[int, dict[str, str]] = {}
     for line in lines:
         for d in json.loads(line)["choices"][0]["delta"].get("tool_calls") or ():
-            call = calls.setdefault(d["index"], {"id": "", "name": "", "arguments": ""})
-            call["id"] = d.get("id") or call["id"]
-            call["name"] = d.get("function", {}).get("name") or call["name"]
-            call["arguments"] += d.get("function", {}).get("arguments") or ""
+            if d["index"] not in calls:  # a call's first delta: OpenAI's id, type and name
+                assert d["type"] == "function" and d["function"]["name"], d
+                calls[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+            else:
+                assert "id" not in d and "name" not in d["function"], d
+            calls[d["index"]]["arguments"] += d["function"]["arguments"]
     expected = [("call_1", "get_weather", '{"city": "Paris"}'), ("call_2", "get_time", "{}")]
-    assert [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())] == expected
+
+    def named(got: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """The ids as expected where the upstream gave none: made up, one per call."""
+        if kind == "noid":
+            ids = [i for i, _, _ in got]
+            assert all(i.startswith("call_") for i in ids) and len(set(ids)) == 2, ids
+            return [(f"call_{n}", *rest) for n, (_, *rest) in enumerate(got, 1)]  # type: ignore[misc]
+        return got
+
+    streamed = [(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+    assert named(streamed) == expected
     whole = httpx.post(f"{server.url}/v1/chat/completions", json=body)
     assert whole.status_code == 200, whole.text
     choice = whole.json()["choices"][0]
     got = [(c["id"], c["function"]["name"], c["function"]["arguments"])
            for c in choice["message"]["tool_calls"]]  # fmt: skip
-    assert got == expected and choice["finish_reason"] == "tool_calls"
+    assert named(got) == expected and choice["finish_reason"] == "tool_calls"
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "whole"])

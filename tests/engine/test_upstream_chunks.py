@@ -167,8 +167,11 @@ def chat(delta: dict, finish: str | None = None, **more: object) -> str:
     ],
 )
 def test_chunk_shapes(data: str, chunk: UpstreamChunk) -> None:
-    assert parse_chunk(data) == chunk
-    assert parse_chunk(data.encode()) == chunk  # as the relay reads it: SSE data as bytes
+    for raw in (data, data.encode()):  # bytes: as the relay reads it (SSE data)
+        slots = ToolCallSlots()
+        if chunk.tool_calls and chunk.tool_calls[0].id is None:
+            slots.place(0, "c1", "f")  # a later piece of a call already begun
+        assert parse_chunk(raw, slots) == chunk
 
 
 @pytest.mark.parametrize(
@@ -298,10 +301,15 @@ def test_a_usage_without_its_counts_is_no_usage(usage: object) -> None:
 
 
 def _calls(*pieces: list[dict]) -> list[tuple[int, str | None, str]]:
-    """The (index, id, arguments) of each piece of ``pieces``' chunks, read in turn."""
+    """The (index, id, arguments) of each piece of ``pieces``' chunks, read in turn; an id
+    made up for a call the upstream gave none is ``"made"``."""
     slots = ToolCallSlots()
     chunks = [parse_chunk(chat({"tool_calls": p}), slots) for p in pieces]
-    return [(d.index, d.id, d.arguments) for c in chunks for d in c.tool_calls]
+    deltas = [d for c in chunks for d in c.tool_calls]
+    given = {p.get("id") for chunk in pieces for p in chunk}
+    made = [d.id for d in deltas if d.id is not None and d.id not in given]
+    assert all(i.startswith("call_") for i in made) and len(set(made)) == len(made), made
+    return [(d.index, d.id if d.id in given else d.id and "made", d.arguments) for d in deltas]
 
 
 def call(arguments: str, id: str | None = None, name: str | None = None, **more: object) -> dict:
@@ -313,19 +321,24 @@ def call(arguments: str, id: str | None = None, name: str | None = None, **more:
     ("pieces", "calls"),
     [
         # Gemini's: each call whole, in a chunk of its own or together, no index.
-        ([[call("{}", "a", "f")], [call("{}", "b", "g")]], [(0, "a", "{}"), (1, "b", "{}")]),
-        ([[call("{}", "a", "f"), call("{}", "b", "g")]], [(0, "a", "{}"), (1, "b", "{}")]),
+        ([[call("{}", "a_1", "f")], [call("{}", "b_1", "g")]],
+         [(0, "a_1", "{}"), (1, "b_1", "{}")]),
+        ([[call("{}", "a_1", "f"), call("{}", "b_1", "g")]], [(0, "a_1", "{}"), (1, "b_1", "{}")]),
         # The arguments in pieces without index or id (or an empty id): the last call's.
         (
-            [[call("", "a", "f")], [call('{"x"')], [call(": 1}", "")], [call("{}", "b", "g")]],
-            [(0, "a", ""), (0, None, '{"x"'), (0, "", ": 1}"), (1, "b", "{}")],
+            [[call("", "a_1", "f")], [call('{"x"')], [call(": 1}", "")], [call("{}", "b_1", "g")]],
+            [(0, "a_1", ""), (0, None, '{"x"'), (0, None, ": 1}"), (1, "b_1", "{}")],
         ),
-        # A known id goes with its call; a name without id begins one.
-        ([[call("", "a", "f")], [call("{}", "a")], [call("{}", name="g")]],
-         [(0, "a", ""), (0, "a", "{}"), (1, None, "{}")]),
+        # A known id goes with its call (said once); a name without id begins one, whose id
+        # is made up.
+        ([[call("", "a_1", "f")], [call("{}", "a_1")], [call("{}", name="g")]],
+         [(0, "a_1", ""), (0, None, "{}"), (1, "made", "{}")]),
+        # Without index nor id at all: each name begins a call, with a made-up id.
+        ([[call('{"x"', name="f")], [call(": 1}")], [call("{}", name="g")]],
+         [(0, "made", '{"x"'), (0, None, ": 1}"), (1, "made", "{}")]),
         # An index given is kept, and the next call comes after it.
-        ([[call("", "a", "f", index=2)], [call("{}")], [call("{}", "b", "g")]],
-         [(2, "a", ""), (2, None, "{}"), (3, "b", "{}")]),
+        ([[call("", "a_1", "f", index=2)], [call("{}")], [call("{}", "b_1", "g")]],
+         [(2, "a_1", ""), (2, None, "{}"), (3, "b_1", "{}")]),
     ],
 )  # fmt: skip
 def test_a_tool_calls_index_left_out_is_made_good(

@@ -7,14 +7,15 @@ the ``usage``. A chat stream usually opens with a chunk that has only the role
 (``{"role": "assistant", "content": ""}``), sent before any token is generated: no output
 yet. Anything that is not such a chunk is a ``MalformedChunkError``: the relay then treats
 the upstream as failed, as it would a cut connection. What some servers leave out or send
-empty is made good instead: a tool call's ``index`` (``ToolCallSlots``), a ``usage`` without
-its counts (taken as no usage: the relay counts the answer itself, as for an upstream that
-sends none).
+empty is made good instead: a tool call's ``index`` and ``id`` (``ToolCallSlots``), a
+``usage`` without its counts (taken as no usage: the relay counts the answer itself, as for
+an upstream that sends none).
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any, NamedTuple
 
 from tokenspout.engine.request import TokenLogprob, ToolCallDelta
@@ -50,18 +51,23 @@ class UpstreamChunk(NamedTuple):
 
 
 class ToolCallSlots:
-    """The index of each tool call of one streamed answer, for the pieces that leave it out
-    (Gemini's OpenAI-compatible API, some proxies). A piece whose ``id`` is new, or which
-    has a name and no id, begins the next call; one with a known id goes on with that call;
-    one with neither (more of the arguments) goes on with the last call. A piece that gives
-    its index keeps it."""
+    """The index and id of each tool call of one streamed answer, for the pieces that leave
+    them out (Gemini's OpenAI-compatible API, some proxies). A piece whose ``id`` is new, or
+    which has a name and no id, begins the next call; one with a known id goes on with that
+    call; one with neither (more of the arguments) goes on with the last call. A piece that
+    gives its index keeps it. A call's first piece has its id (one made up when the upstream
+    gave none: clients match a call's result to it by its id, and the relayed delta names
+    the function only on a piece with an id); the later pieces have none, as OpenAI sends
+    them."""
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
+        self._begun: set[int] = set()
         self._last = -1
         self._next = 0
 
-    def index(self, given: Any, call_id: Any, name: Any) -> int:
+    def place(self, given: Any, call_id: Any, name: Any) -> tuple[int, str | None]:
+        """The piece's index, and its id when it begins its call (else None)."""
         if given is not None:
             index = int(given)
         elif call_id and call_id in self._ids:
@@ -73,7 +79,10 @@ class ToolCallSlots:
         if call_id:
             self._ids.setdefault(call_id, index)
         self._last, self._next = index, max(self._next, index + 1)
-        return index
+        if index in self._begun:
+            return index, None
+        self._begun.add(index)
+        return index, str(call_id) if call_id else f"call_{uuid.uuid4().hex[:24]}"
 
 
 def parse_chunk(data: str | bytes, slots: ToolCallSlots | None = None) -> UpstreamChunk:
@@ -155,8 +164,8 @@ def _usage(usage: Any) -> tuple[int, int] | None:
 def _tool_call(call: dict[str, Any], slots: ToolCallSlots) -> ToolCallDelta:
     function = call.get("function") or {}
     name = function.get("name")
-    index = slots.index(call.get("index"), call.get("id"), name)
-    return ToolCallDelta(index, call.get("id"), name, function.get("arguments") or "")
+    index, call_id = slots.place(call.get("index"), call.get("id"), name)
+    return ToolCallDelta(index, call_id, name, function.get("arguments") or "")
 
 
 def _error_message(error: Any) -> str:
