@@ -337,10 +337,11 @@ class UpstreamRelay:
             return
         await response.aread()
         if status == 429:
-            why = _with_message("429 Too Many Requests", response)
+            why = _with_message("429 Too Many Requests", server, response)
             raise _Failed("429", why, retry_after_s=_retry_after(response))
         if status >= 500:
-            raise _Failed(str(status), _with_message(f"status {status}", response), eject=True)
+            why = _with_message(f"status {status}", server, response)
+            raise _Failed(str(status), why, eject=True)
         if status < 400:
             # Not an answer (a 204, a redirect): no status of the client's request either,
             # and a 204 passed on with a body would break the client's connection.
@@ -695,12 +696,28 @@ def _error(response: httpx.Response) -> dict[str, Any] | None:
     return error if isinstance(error, dict) else {"message": str(error)}
 
 
-def _with_message(why: str, response: httpx.Response) -> str:
-    """``why`` and the message of the upstream's error body, when it has one: behind another
-    tokenspout, its own reason (which upstream failed it, how) is the one that matters."""
+#: The codes of tokenspout's own 5xx and 429 errors. Their messages say what failed and
+#: where, naming upstreams by address only, so behind another tokenspout its reason (which
+#: of its upstreams failed, how) is passed on.
+_RELAYED_CODES: frozenset[str] = frozenset(
+    {"upstream_unavailable", "upstream_rate_limited", "upstream_failed", "upstream_timeout",
+     "engine_unavailable", "server_overloaded", "shutting_down"}
+)  # fmt: skip
+
+
+def _with_message(why: str, server: UpstreamServer, response: httpx.Response) -> str:
+    """``why``, and the message of the upstream's error body when it is another
+    tokenspout's (``_RELAYED_CODES``). Any other server's message is logged, not passed on:
+    it may tell its operator's account (OpenAI's 429 names the organization and its
+    limits), which the clients of this server have no business reading."""
     error = _error(response)
-    said = str(error.get("message") or "") if error is not None else ""
-    return f"{why} ({said[:500]})" if said else why
+    said = str(error.get("message") or "")[:500] if error is not None else ""
+    if not said:
+        return why
+    if error is not None and error.get("code") in _RELAYED_CODES:
+        return f"{why} ({said})"
+    logger.warning("upstream %s: %s: %r", server.address, why, said)
+    return why
 
 
 def _refused(server: UpstreamServer, response: httpx.Response) -> UpstreamError:
