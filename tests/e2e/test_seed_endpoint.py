@@ -65,17 +65,22 @@ def test_usage_is_refused_where_no_event_could_carry_it(
     """A ``{"token": ...}`` event has no place for a usage: ``include_usage`` is a 400 naming
     it, as the GET's query refuses it, not a 200 whose events never carry one."""
     url = f"{synthetic_server.url}/v1/completions/stream"
-    for options in (
-        {"include_usage": True},
-        {"include_usage": True, "continuous_usage_stats": True},
+    for options, field in (
+        ({"include_usage": True}, "include_usage"),
+        ({"include_usage": True, "continuous_usage_stats": True}, "include_usage"),
+        ({"include_usage": False, "continuous_usage_stats": True}, "continuous_usage_stats"),
     ):
         body = {"prompt": "a b c", "max_tokens": 4, "stream_options": options}
         r = httpx.post(url, json=body, headers={"Accept": accept})
         assert r.status_code == 400, r.text
-        assert "stream_options.include_usage" in r.json()["error"]["message"]
+        error = r.json()["error"]
+        assert error["param"] == f"stream_options.{field}", error
+        assert "carry no usage" in error["message"], error
     assert httpx.get(url, params={"prompt": "a", "include_usage": "true"}).status_code == 400
-    # The knobs it honours are still taken: one event per token.
-    options = {"flush_tokens": 1, "flush_ms": 0, "resumable": True}
+    # The knobs it honours are still taken: one event per token; a usage not asked for is no
+    # refusal.
+    options = {"flush_tokens": 1, "flush_ms": 0, "resumable": True, "include_usage": False,
+               "continuous_usage_stats": False}  # fmt: skip
     r = httpx.post(url, json={"prompt": "a b", "max_tokens": 3, "stream_options": options})
     assert r.status_code == 200
     assert events(r.text) == ['{"token":"a "}', '{"token":"b "}', '{"token":"a "}', "[DONE]"]

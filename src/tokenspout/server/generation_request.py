@@ -352,6 +352,14 @@ def _generation(
     resumable = cfg.resumable
     if isinstance(options, StreamOptions):
         wire = _usage_options(wire, options)
+    elif options is not None:
+        for name in ("include_usage", "continuous_usage_stats"):
+            if getattr(options, name):
+                raise InvalidRequestError(
+                    'the seed endpoint\'s events ({"token": ...}) carry no usage: '
+                    f"stream_options.{name} can only be false (use /v1/completions for one)",
+                    param=f"stream_options.{name}",
+                )
     if options is not None:
         if options.resumable is not None:
             resumable = options.resumable

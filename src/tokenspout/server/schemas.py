@@ -87,12 +87,15 @@ class StreamOptions(StrictBody):
 
 class SeedStreamOptions(StrictBody):
     """The seed endpoint's ``stream_options``: the coalescing and resume knobs its query
-    takes. No ``include_usage`` (nor ``continuous_usage_stats``): a ``{"token": ...}`` event
-    has no place for a usage, so asking for one is a 400 rather than a usage never sent."""
+    takes. ``include_usage`` and ``continuous_usage_stats`` only false: a ``{"token": ...}``
+    event has no place for a usage, so asking for one is a 400 (``generation_request``)
+    rather than a usage never sent."""
 
     flush_tokens: PositiveInt | None = None
     flush_ms: FlushMs | None = None
     resumable: StrictBool | None = None
+    include_usage: StrictBool | None = None
+    continuous_usage_stats: StrictBool | None = None
 
 
 class TextPart(StrictBody):
