@@ -215,6 +215,21 @@ def test_the_token_limit_goes_upstream_under_the_clients_name_and_a_failover_red
     assert limits == [{limit: 6}, {limit: 4}]
 
 
+def test_chats_name_for_the_limit_on_a_completion_is_refused_not_dropped(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """An unknown field goes upstream as sent, but ``max_completion_tokens`` on
+    /v1/completions went nowhere (the limit goes upstream as ``max_tokens``): the answer ran
+    to the default limit, as the embedded engine's strict schema would not let happen."""
+    server = front(start_server, fault)
+    received = fault.stats()["received"]
+    body = {**COMPLETION[1], "model": "synthetic", "max_completion_tokens": 4}
+    r = httpx.post(f"{server.url}{COMPLETION[0]}", json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "max_completion_tokens"
+    assert fault.stats()["received"] == received
+
+
 # logprobs, which the synthetic tokenspout refuses (400) and the fault-injecting one gives.
 WITH_LOGPROBS = {"prompt": "one two three ", "model": "synthetic", "max_tokens": 6, "logprobs": 1}
 

@@ -137,6 +137,15 @@ async def prepare_response(state: ServerState, body: ResponsesRequest) -> Genera
 
 async def prepare_completion(state: ServerState, body: CompletionRequest) -> GenerationRequest:
     """A completion request ready to become a stream."""
+    if "max_completion_tokens" in (body.model_extra or {}):
+        # In front of upstreams, where unknown fields go upstream as sent: chat's name for
+        # the limit would reach none that honours it on /v1/completions (the limit goes as
+        # max_tokens), so the answer would silently run to the default instead.
+        raise InvalidRequestError(
+            "max_completion_tokens is the chat endpoint's name for the token limit: "
+            "/v1/completions takes max_tokens",
+            param="max_completion_tokens",
+        )
     model = check_model(state, body.model)
     prompt = await completion_prompt(state, body.prompt_text())
     return _request(
