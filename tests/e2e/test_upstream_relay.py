@@ -179,18 +179,7 @@ def test_a_max_tokens_the_upstream_ignores_still_ends_the_answer(
     user = f"ignoremax-{streamed}"
     body = {"model": "synthetic", "messages": [{"role": "user", "content": "a b c d"}],
             "max_tokens": 10, "user": user}  # fmt: skip
-    if streamed:
-        asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
-            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
-        chunks = [json.loads(line) for line in lines]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
-        finish = chunks[-2]["choices"][0]["finish_reason"]
-        usage = chunks[-1]["usage"]
-    else:
-        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body).json()
-        text = answer["choices"][0]["message"]["content"]
-        finish, usage = answer["choices"][0]["finish_reason"], answer["usage"]
+    text, finish, usage = _chat_answer(server, body, streamed)
     assert fault.stats()["body"]["max_tokens"] == 10
     assert text == "a b c d " * 2 + "a b "
     assert finish == "length" and usage["completion_tokens"] == 10
@@ -426,18 +415,7 @@ def test_an_upstreams_unusable_usage_is_taken_as_none_not_as_a_failure(
     server = front(start_server, fault, retries=0)
     body = {"model": "synthetic", "messages": [{"role": "user", "content": "a b c"}],
             "max_tokens": 5}  # fmt: skip
-    if streamed:
-        asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
-        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
-            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
-        chunks = [json.loads(line) for line in lines]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
-        finish, usage = chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]
-    else:
-        r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
-        assert r.status_code == 200, r.text
-        choice, usage = r.json()["choices"][0], r.json()["usage"]
-        text, finish = choice["message"]["content"], choice["finish_reason"]
+    text, finish, usage = _chat_answer(server, body, streamed)
     assert (text, finish) == ("a b c a b ", "length")
     assert usage["completion_tokens"] == 5
 
@@ -559,6 +537,22 @@ def test_echo_with_logprobs_passes_the_prompts_null_logprob_through(
     assert logprobs["tokens"] == ["one ", "two ", "three ", "one ", "two "]
     assert logprobs["token_logprobs"] == [None, -1.0, -1.0, -1.0, -1.0]
     assert logprobs["top_logprobs"][0] is None
+
+
+def _chat_answer(server: RunningServer, body: dict, streamed: bool) -> tuple[str, str, dict]:
+    """A chat answer's text, finish reason and usage, streamed (with the usage) or whole."""
+    if streamed:
+        asked = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=asked) as r:
+            assert r.status_code == 200, r.read()
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+        chunks = [json.loads(line) for line in lines]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1])
+        return text, chunks[-2]["choices"][0]["finish_reason"], chunks[-1]["usage"]
+    r = httpx.post(f"{server.url}/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["message"]["content"], choice["finish_reason"], r.json()["usage"]
 
 
 def _chat_deltas(lines: list[str]) -> tuple[dict[str, str], list[dict]]:
