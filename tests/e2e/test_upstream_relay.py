@@ -21,6 +21,7 @@ from tests.conftest import RunningServer
 from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
 from tokenspout.client.bench import BenchConfig, discover_model
 from tokenspout.engine.interface import SYNTHETIC_OWNER
+from tokenspout.engine.synthetic_engine import SyntheticEngine
 
 
 @pytest.fixture(scope="module")
@@ -461,6 +462,28 @@ def test_responses_api_through_tokenspout_is_a_chat_request_upstream(
         }
     ]
     assert "messages" in sent and not {"input", "store", "max_output_tokens"} & set(sent)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["whole", "streamed"])
+def test_an_upstreams_refusal_of_a_responses_request_names_the_responses_fields(
+    start_server: Callable[..., RunningServer], streamed: bool
+) -> None:
+    """The upstream refuses the chat request a Responses request became, naming chat's
+    fields (messages, max_completion_tokens): the client, which sent neither, is told
+    input and max_output_tokens, as the embedded engine tells it."""
+    inner = start_server(SyntheticEngine(max_model_len=16))
+    server = front(start_server, f"{inner.url}/v1")
+    for body, param in (
+        ({"input": "a " * 40}, "input"),
+        ({"input": "a b c", "max_output_tokens": 15}, "max_output_tokens"),
+    ):
+        asked = {"model": "synthetic", **body} | ({"stream": True} if streamed else {})
+        r = httpx.post(f"{server.url}/v1/responses", json=asked)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == param, error
+        assert "messages" not in error["message"], error
+        assert "max_completion_tokens" not in error["message"], error
 
 
 def test_n_choices_are_requests_of_their_own_upstream(

@@ -90,4 +90,4 @@ class CompletionResponse(Response, StreamTransport):
 
     async def _respond_error(self, err: TokenspoutError) -> None:
         assert self._send_asgi is not None
-        await send_error(self._send_asgi, err, self.stream.id)
+        await send_error(self._send_asgi, self.told(err), self.stream.id)

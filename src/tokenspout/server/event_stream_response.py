@@ -137,7 +137,7 @@ class EventStreamResponse(Response, StreamTransport):
                 assert self._send_asgi is not None
                 self._refused = True
                 self.stream.abort("error")
-                await send_error(self._send_asgi, refusal, self.stream.id)
+                await send_error(self._send_asgi, self.told(refusal), self.stream.id)
                 return
         await self._start()
         if self._announce is not None:
@@ -205,7 +205,7 @@ class EventStreamResponse(Response, StreamTransport):
         if self._refused:
             return
         await self._start()
-        body = self._event(self.chunks.error(err), self.cursor.position, 1)
+        body = self._event(self.chunks.error(self.told(err)), self.cursor.position, 1)
         await self._write(body + self._done())
 
     async def _start(self) -> None:
@@ -248,7 +248,7 @@ class EventStreamResponse(Response, StreamTransport):
     def _closing(self, end: StreamEnd) -> bytes:
         position = self.stream.length
         if end.error is not None:
-            payloads = [self.chunks.error(end.error)]
+            payloads = [self.chunks.error(self.told(end.error))]
         else:
             usage = Usage(end.prompt_tokens, end.completion_tokens)
             assert end.finish_reason is not None

@@ -14,6 +14,7 @@ Responses field (``responses_params``). What the response object echoes of the r
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -214,11 +215,23 @@ def responses_params() -> Iterator[None]:
     try:
         yield
     except TokenspoutError as err:
-        for chat, responses in _RENAMED:
-            param = err.param or ""
-            if param == chat or param.startswith((f"{chat}.", f"{chat}[")):
-                rest = "" if chat == "messages" else param[len(chat) :]
-                err.param = responses + rest
-                err.message = err.message.replace(chat, responses)
-                break
+        _rename(err)
         raise
+
+
+def responses_error(err: TokenspoutError) -> TokenspoutError:
+    """``err``, raised for the chat request a Responses request became (an upstream's
+    refusal of it), as that request's client is told it: naming the Responses field."""
+    told = copy.copy(err)
+    _rename(told)
+    return told
+
+
+def _rename(err: TokenspoutError) -> None:
+    for chat, responses in _RENAMED:
+        param = err.param or ""
+        if param == chat or param.startswith((f"{chat}.", f"{chat}[")):
+            rest = "" if chat == "messages" else param[len(chat) :]
+            err.param = responses + rest
+            err.message = err.message.replace(chat, responses)
+            return

@@ -38,6 +38,7 @@ from tokenspout.errors import InternalError, TokenspoutError
 from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.server.disconnect import DisconnectWatch
 from tokenspout.server.request_record import RequestRecord
+from tokenspout.server.responses_chat import responses_error
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.flush_policy import FlushPolicy
 from tokenspout.streaming.stream import Stream
@@ -108,6 +109,11 @@ class StreamTransport(ABC):
     def heartbeat_s(self) -> float:
         """Seconds of silence after which the reader gets a heartbeat."""
         return self.state.config.heartbeat_interval_s
+
+    def told(self, err: TokenspoutError) -> TokenspoutError:
+        """``err`` as this reader's client is told it: a Responses request's names its own
+        fields, not those of the chat request it became (which an upstream refuses)."""
+        return responses_error(err) if self.wire.kind == "responses" else err
 
     async def run(self) -> None:
         """Read the stream to its end, or until the connection ends."""
