@@ -146,6 +146,22 @@ def test_fields_the_sdk_sends_that_chat_accepts_are_accepted(client: OpenAI) -> 
     assert [e.type for e in stream][-1] == "response.incomplete"
 
 
+def test_metadata_is_echoed_in_the_response_whole_and_streamed(client: OpenAI) -> None:
+    """OpenAI's response object carries the request's metadata back (vLLM echoes it too):
+    it was a 400, though an answer can carry it without anything stored."""
+    tags = {"session": "s-1", "lang": "en"}
+    whole = client.responses.create(model="synthetic", input="x", max_output_tokens=2,
+                                    metadata=tags)  # fmt: skip
+    assert whole.metadata == tags
+    stream = client.responses.create(
+        model="synthetic", input="x", max_output_tokens=2, metadata=tags, stream=True
+    )
+    echoed = [e.response.metadata for e in stream if hasattr(e, "response")]
+    assert echoed and all(m == tags for m in echoed), echoed
+    plain = client.responses.create(model="synthetic", input="x", max_output_tokens=2)
+    assert plain.metadata == {}
+
+
 @pytest.mark.parametrize(
     ("asked", "param", "why"),
     [

@@ -194,7 +194,7 @@ def settings(body: ResponsesRequest) -> dict[str, Any]:
         "background": False,
         "previous_response_id": None,
         "reasoning": None,
-        "metadata": {},
+        "metadata": body.metadata or {},
     }
 
 

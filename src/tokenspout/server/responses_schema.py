@@ -31,12 +31,17 @@ from tokenspout.server.schemas import (
     refuse_unread_parts,
 )
 
+#: OpenAI's metadata: up to 16 pairs, keys of up to 64 characters, values of up to 512.
+Metadata = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[StrictStr, Field(max_length=512)]],
+    Field(max_length=16),
+]
+
 #: Why each field of the API that is not served is refused.
 _NOT_SERVED = {
     "previous_response_id": "this server stores no responses; send the whole conversation in input",
     "conversation": "this server stores no conversations; send the whole conversation in input",
     "reasoning": "the models served here do not reason on request",
-    "metadata": "this server stores no responses to attach it to",
     "prompt": "this server stores no prompt templates",
 }
 
@@ -303,8 +308,8 @@ class ResponsesRequest(StrictBody):
     """Not served (a 400): nothing is stored; send the conversation in ``input``."""
     reasoning: Any = None
     """Not served (a 400): the models served here do not reason on request."""
-    metadata: Any = None
-    """Not served (a 400): nothing is stored to attach it to."""
+    metadata: Metadata | None = None
+    """Echoed in the response object, as OpenAI's (nothing is stored to attach it to)."""
     prompt: Any = None
     """Not served (a 400): no prompt templates are stored here."""
 
