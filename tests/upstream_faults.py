@@ -25,7 +25,9 @@ synthetic tokenspout, and fails the way ``fault`` says:
   engine aborts a request); ``ignoremax``: answers past the ``max_tokens`` it was sent (a
   thousand times as many tokens); ``noindex``: two tool calls as Gemini's OpenAI-compatible
   API streams them, without ``index`` (the first's arguments in pieces without id, the
-  second whole), ``noid`` the same without any id; ``badusage``: the finish chunk has a
+  second whole), ``noid`` the same without any id; ``interleaved``: two parallel tool calls
+  whose pieces interleave by ``index`` (both calls' first pieces, then each one's
+  arguments), one piece a chunk, as vLLM can send them; ``badusage``: the finish chunk has a
   usage with null counts, the usage chunk ``usage: {}``; ``hang``: sends nothing more after
   the usage chunk (no ``[DONE]``, no end of the body); ``json``: a 200 with a whole chat
   completion (``application/json``) instead of a stream. A completion with ``echo`` has its
@@ -63,11 +65,13 @@ MODEL = "synthetic"
 
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
-          "refusal", "finish", "ignoremax", "noindex", "noid", "badusage", "hang",
-          "json")  # fmt: skip
+          "refusal", "finish", "ignoremax", "noindex", "noid", "interleaved", "badusage",
+          "hang", "json")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
+#: The cities of the ``interleaved`` calls to ``get_weather``, the first call's first.
+INTERLEAVED = ("Paris", "Rome")
 
 
 class FaultyUpstream:
@@ -137,6 +141,11 @@ class FaultyUpstream:
         if args.fault in ("noindex", "noid"):
             return StreamingResponse(
                 self._watched(request, body, _tool_calls_without_index(args.fault == "noindex")),
+                media_type="text/event-stream",
+            )
+        if args.fault == "interleaved":
+            return StreamingResponse(
+                self._watched(request, body, _interleaved_tool_calls()),
                 media_type="text/event-stream",
             )
         if args.fault == "refusal":
@@ -280,6 +289,24 @@ async def _tool_calls_without_index(ids: bool) -> AsyncIterator[str]:
     yield _event(_delta({"tool_calls": [second]}, None))
     yield _event(_delta({}, "tool_calls"))
     usage = {"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}
+    yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+    yield "data: [DONE]\n\n"
+
+
+async def _interleaved_tool_calls() -> AsyncIterator[str]:
+    """Two parallel calls, each piece naming its call by ``index`` only: both calls' first
+    pieces (id and name), then the first's arguments, then the second's."""
+    for index in range(len(INTERLEAVED)):
+        start = {"index": index, "id": f"call_{index + 1}", "type": "function",
+                 "function": {"name": "get_weather", "arguments": ""}}  # fmt: skip
+        yield _event(_delta({"tool_calls": [start]}, None))
+    for index, city in enumerate(INTERLEAVED):
+        arguments = json.dumps({"city": city})
+        yield _event(
+            _delta({"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}, None)
+        )
+    yield _event(_delta({}, "tool_calls"))
+    usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     yield _event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
     yield "data: [DONE]\n\n"
 

@@ -18,6 +18,7 @@ from openai import NotFoundError, OpenAI
 from websockets.sync.client import connect
 
 from tests.conftest import RunningServer
+from tests.upstream_faults import INTERLEAVED
 from tests.upstream_processes import UpstreamProcess, faulty, front, processes, tokenspout
 from tokenspout.client.bench import BenchConfig, discover_model
 from tokenspout.engine.interface import SYNTHETIC_OWNER
@@ -673,6 +674,41 @@ def test_responses_api_image_input_upstream_is_a_400_saying_where_images_go(
     error = r.json()["error"]
     assert error["param"] == "input[0].content[0]"
     assert "/v1/chat/completions sends it image_url" in error["message"]
+
+
+def test_responses_api_streams_interleaved_parallel_calls_each_into_its_own_item(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess
+) -> None:
+    """An upstream's parallel calls whose pieces interleave by ``index`` (both calls'
+    first pieces, then each one's arguments): each piece went to the last call's item, so
+    the first call streamed empty arguments and the second both calls' run together. Each
+    call's arguments now go to its own item, whose ``.done`` events carry them; the SDK's
+    accumulated response (``responses.stream``) and the whole answer agree."""
+    fault.fault("interleaved")
+    client = sdk(front(start_server, fault))
+    expected = [(f"call_{n}", json.dumps({"city": city})) for n, city in enumerate(INTERLEAVED, 1)]
+    with client.responses.stream(model="synthetic", input="weather?") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = {e.item.id: e.output_index for e in events if e.type == "response.output_item.added"}
+    deltas: dict[int, str] = {}
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            assert added[e.item_id] == e.output_index
+            deltas[e.output_index] = deltas.get(e.output_index, "") + e.delta
+    assert [deltas[i] for i in sorted(deltas)] == [a for _, a in expected]
+    done = [(e.output_index, e.arguments) for e in events
+            if e.type == "response.function_call_arguments.done"]  # fmt: skip
+    assert done == list(enumerate(a for _, a in expected))
+    items = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(i.call_id, i.arguments) for i in items] == expected  # type: ignore[union-attr]
+    completed = events[-1]
+    assert completed.type == "response.completed"
+    whole = client.responses.create(model="synthetic", input="weather?")
+    for response in (final, completed.response, whole):
+        calls = [(c.call_id, c.arguments) for c in response.output]  # type: ignore[union-attr]
+        assert calls == expected
 
 
 def test_responses_api_relays_a_reasoning_models_reasoning_as_a_reasoning_item(

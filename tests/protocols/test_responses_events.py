@@ -293,3 +293,39 @@ def test_an_answer_cut_in_its_reasoning_has_an_incomplete_reasoning_item() -> No
     assert thought.type == "reasoning" and thought.status == "incomplete"
     whole = events().response_choices([ChoiceOutput("", "length", [reasoning("Let me")])], USAGE)
     assert whole["output"] == end["response"]["output"]
+
+
+def test_interleaved_calls_each_stream_into_their_own_item() -> None:
+    """Parallel calls' pieces that interleave by index (an upstream's): each goes to its
+    call's item, which stays open until the calls end; each item's ``.done`` events carry
+    its own arguments, and the whole response is the same."""
+    enc = events()
+    enc.opening()
+    first = ToolCallDelta(0, "call_1", "f", "")
+    second = ToolCallDelta(1, "call_2", "g", "")
+    pieces = [first, second, ToolCallDelta(0, None, None, '{"a": 1}')]
+    pieces.append(ToolCallDelta(1, None, None, '{"b": 2}'))
+    stream = [
+        e for p in pieces for e in checked(enc.delta_events("", [OutputExtras(tool_calls=(p,))]))
+    ]
+    stream += checked(enc.closing("tool_calls", USAGE))
+    assert [e["sequence_number"] for e in stream] == list(range(2, 2 + len(stream)))
+    deltas = [(e["output_index"], e["item_id"], e["delta"]) for e in stream
+              if e["type"] == "response.function_call_arguments.delta"]  # fmt: skip
+    assert deltas == [(0, "fc_s1_0", '{"a": 1}'), (1, "fc_s1_1", '{"b": 2}')]
+    done = [(e["type"], e["output_index"], e.get("arguments") or e.get("item", {}).get("arguments"))
+            for e in stream if e["type"].endswith(".done")]  # fmt: skip
+    assert done == [
+        ("response.function_call_arguments.done", 0, '{"a": 1}'),
+        ("response.output_item.done", 0, '{"a": 1}'),
+        ("response.function_call_arguments.done", 1, '{"b": 2}'),
+        ("response.output_item.done", 1, '{"b": 2}'),
+    ]
+    end = Response.model_validate(stream[-1]["response"])
+    assert [(c.call_id, c.name, c.arguments) for c in end.output] == [  # type: ignore[union-attr]
+        ("call_1", "f", '{"a": 1}'),
+        ("call_2", "g", '{"b": 2}'),
+    ]
+    extras = [OutputExtras(tool_calls=(p,)) for p in pieces]
+    whole = events().response_choices([ChoiceOutput("", "tool_calls", extras)], USAGE)
+    assert whole["output"] == stream[-1]["response"]["output"]

@@ -4,13 +4,15 @@ A stream opens with ``response.created`` and ``response.in_progress``; its text 
 ``message`` output item (``response.output_item.added``, ``response.content_part.added``,
 then ``response.output_text.delta`` per event), a call into a ``function_call`` item
 (``response.output_item.added`` with its name, then
-``response.function_call_arguments.delta``). An upstream's reasoning goes into a
-``reasoning`` item before them (``response.output_item.added``, then
-``response.reasoning_text.delta``), its refusal into the message as a ``refusal`` part
-(``response.content_part.added``, then ``response.refusal.delta``): not dropped, which would
-leave a refusal an empty answer. A new kind of output closes the open item (or part) first,
-so each item's ``output_index`` is its place in the output. The end closes the open item
-(its ``.done`` events) and ends with ``response.completed``, or ``response.incomplete`` when
+``response.function_call_arguments.delta``, in the item of the call the piece names by its
+``index``: an upstream may interleave parallel calls' pieces, so the calls since the last
+other item stay open together). An upstream's reasoning goes into a ``reasoning`` item
+before them (``response.output_item.added``, then ``response.reasoning_text.delta``), its
+refusal into the message as a ``refusal`` part (``response.content_part.added``, then
+``response.refusal.delta``): not dropped, which would leave a refusal an empty answer. A new
+kind of output closes the open item (or part, or calls) first, so each item's
+``output_index`` is its place in the output. The end closes the open items (their ``.done``
+events) and ends with ``response.completed``, or ``response.incomplete`` when
 ``max_output_tokens`` (or a content filter, or a cancel) cut the answer. Every event has a
 ``type`` (also its SSE event name) and a ``sequence_number``; there is no ``[DONE]``. A
 failure after the start is an ``error`` event.
@@ -152,9 +154,12 @@ class ResponsesEvents:
     typed_events = True
     _sequence: int = 0
     _items: list[_Item] = field(default_factory=list)
-    #: Whether the last item is still open (receiving text or arguments); its last part,
-    #: if it has parts, is then open too.
-    _open: bool = False
+    #: Where the open items begin, if any are: they are the last item (receiving text; its
+    #: last part, if it has parts, is then open too), or the calls since the last other
+    #: item (receiving arguments, each by its call's index: ``_calls``).
+    _open_from: int | None = None
+    #: The open calls' items (their places in ``_items``) by the calls' indexes.
+    _calls: dict[int, int] = field(default_factory=dict)
 
     # -- the stream --------------------------------------------------------------------
 
@@ -179,8 +184,7 @@ class ResponsesEvents:
     def closing(self, finish_reason: str, usage: Usage) -> list[dict[str, Any]]:
         events = [] if self._items else self._open_item("message") + self._open_part("output_text")
         status = "completed" if response_status(finish_reason) == "completed" else "incomplete"
-        if self._open:
-            events += self._close(status)
+        events += self._close(status)
         whole = self._response(
             response_status(finish_reason), _output(self._items, status), finish_reason, usage
         )
@@ -236,7 +240,7 @@ class ResponsesEvents:
         part when the open one is of another kind), else in a new item."""
         spec = _KINDS[kind]
         events = []
-        if not (self._open and self._items[-1].type == spec.item):
+        if not (self._open_from is not None and self._items[-1].type == spec.item):
             events = self._close("completed") + self._open_item(spec.item)
         item = self._items[-1]
         if not item.parts or item.parts[-1].kind != kind:
@@ -250,7 +254,8 @@ class ResponsesEvents:
         index = len(self._items)
         item = _Item(kind, self._item_id(kind, index), **fields)
         self._items.append(item)
-        self._open = True
+        if self._open_from is None:
+            self._open_from = index
         return [
             self._event(
                 "response.output_item.added", output_index=index, item=item.as_dict("in_progress")
@@ -279,46 +284,54 @@ class ResponsesEvents:
         return events
 
     def _call_piece(self, piece: ToolCallDelta) -> list[dict[str, Any]]:
+        """A piece of the call ``piece.index``: in that call's item, which a piece with an
+        id (a call's first) opens; the open item closes first unless it is a call."""
         events = []
-        if piece.id is not None or not (self._open and self._items[-1].type == "function_call"):
+        index = self._calls.get(piece.index)
+        if piece.id is not None or index is None:
             # A call's first piece has its id and name, which its item says from the start.
             call = {"call_id": piece.id or "", "name": piece.name or ""}
-            events = self._close("completed") + self._open_item("function_call", **call)
-        item = self._items[-1]
+            events = [] if self._calls else self._close("completed")
+            events += self._open_item("function_call", **call)
+            index = self._calls[piece.index] = len(self._items) - 1
+        item = self._items[index]
         if piece.arguments:
             item.arguments += piece.arguments
             events.append(
                 self._event(
                     "response.function_call_arguments.delta",
                     item_id=item.id,
-                    output_index=len(self._items) - 1,
+                    output_index=index,
                     delta=piece.arguments,
                 )
             )
         return events
 
     def _close(self, status: str) -> list[dict[str, Any]]:
-        """The events that end the open item, if one is."""
-        if not self._open:
+        """The events that end the open items, if any are, in order; the last item gets
+        ``status``, the others were whole (as in ``_output``)."""
+        if self._open_from is None:
             return []
-        self._open = False
-        item = self._items[-1]
-        index = len(self._items) - 1
-        if item.type == "function_call":
-            events = [
-                self._event(
-                    "response.function_call_arguments.done",
-                    item_id=item.id,
-                    output_index=index,
-                    name=item.name,
-                    arguments=item.arguments,
+        events = []
+        last = len(self._items) - 1
+        for index in range(self._open_from, last + 1):
+            item = self._items[index]
+            if item.type == "function_call":
+                events.append(
+                    self._event(
+                        "response.function_call_arguments.done",
+                        item_id=item.id,
+                        output_index=index,
+                        name=item.name,
+                        arguments=item.arguments,
+                    )
                 )
-            ]
-        else:
-            events = self._close_part()
-        events.append(
-            self._event("response.output_item.done", output_index=index, item=item.as_dict(status))
-        )
+            else:
+                events += self._close_part()
+            done = item.as_dict(status if index == last else "completed")
+            events.append(self._event("response.output_item.done", output_index=index, item=done))
+        self._open_from = None
+        self._calls.clear()
         return events
 
     # -- the response object ------------------------------------------------------------
