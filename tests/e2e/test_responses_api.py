@@ -194,15 +194,19 @@ def test_a_function_call_output_must_answer_a_call(synthetic_server: RunningServ
     assert r.status_code == 400 and r.json()["error"]["param"] == "input[1].call_id"
 
 
-def test_cancel_by_id_ends_the_response_as_cancelled(start_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("by", ["stream", "response"])
+def test_cancel_by_id_ends_the_response_as_cancelled(start_server, by: str) -> None:  # type: ignore[no-untyped-def]
+    """Cancelled by its stream's id (``X-Stream-Id``) or by its response's (``resp_<stream
+    id>``, what a Responses client has: that was a 404)."""
     server: RunningServer = start_server(SyntheticEngine(itl_ms=10))
     body = {"input": "go", "max_output_tokens": 3000, "stream": True}
     with httpx.stream("POST", f"{server.url}/v1/responses", json=body) as r:
         stream_id = r.headers["x-stream-id"]
+        cancel_id = stream_id if by == "stream" else f"resp_{stream_id}"
         lines = r.iter_lines()
         for line in lines:
             if line == "event: response.output_text.delta":
-                cancel = httpx.post(f"{server.url}/v1/streams/{stream_id}/cancel")
+                cancel = httpx.post(f"{server.url}/v1/streams/{cancel_id}/cancel")
                 assert cancel.status_code == 200
                 break
         rest = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]

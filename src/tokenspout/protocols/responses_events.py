@@ -34,6 +34,8 @@ from tokenspout.errors import TokenspoutError
 from tokenspout.protocols.chunk_format import Usage
 from tokenspout.protocols.openai_chunks import ChoiceOutput
 
+#: A response's id is this and its stream's id.
+RESPONSE_ID_PREFIX = "resp_"
 #: A finish reason that cut the answer short, and the ``incomplete_details.reason`` it gives.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
@@ -144,7 +146,7 @@ class ResponsesEvents:
     delta is ``delta_events``, several events when it opens an output item, each named by
     its type. ``settings``: what the response object echoes of the request."""
 
-    #: ``resp_<stream id>``.
+    #: ``resp_<stream id>`` (``RESPONSE_ID_PREFIX``).
     id: str
     stream_id: str
     created: int

@@ -8,7 +8,7 @@ from typing import Any
 
 from tokenspout.protocols.chunk_format import ChunkFormat
 from tokenspout.protocols.openai_chunks import ChatChunks, CompletionChunks
-from tokenspout.protocols.responses_events import ResponsesEvents
+from tokenspout.protocols.responses_events import RESPONSE_ID_PREFIX, ResponsesEvents
 from tokenspout.protocols.seed_events import SeedEvents
 
 
@@ -43,5 +43,7 @@ class StreamWire:
         if self.kind == "responses":
             settings = self.settings or {}
             created_at = int(created)
-            return ResponsesEvents(f"resp_{stream_id}", stream_id, created_at, self.model, settings)
+            return ResponsesEvents(
+                f"{RESPONSE_ID_PREFIX}{stream_id}", stream_id, created_at, self.model, settings
+            )
         return SeedEvents()

@@ -7,6 +7,8 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from tokenspout.errors import StreamNotFoundError
+from tokenspout.protocols.responses_events import RESPONSE_ID_PREFIX
 from tokenspout.server.request_body import refuse_non_json_body
 from tokenspout.server.resume import last_event_id, resume
 from tokenspout.server.server_state import state_of
@@ -26,7 +28,15 @@ async def get_stream(stream_id: str, request: Request) -> Response:
 
 @router.post("/v1/streams/{stream_id}/cancel")
 async def cancel_stream(stream_id: str, request: Request) -> Response:
-    """Stop a stream by id; its readers see ``finish_reason: "cancelled"``."""
+    """Stop a stream by id, a Responses stream also by its response's id (``resp_<stream
+    id>``, what a Responses client has); its readers see ``finish_reason: "cancelled"``."""
     refuse_non_json_body(request)
-    await cancel_owned(state_of(request), owner_of(request), stream_id)
+    state, owner = state_of(request), owner_of(request)
+    try:
+        await cancel_owned(state, owner, stream_id)
+    except StreamNotFoundError:
+        # Tried as given first: a stream's own id may begin so too.
+        if not stream_id.startswith(RESPONSE_ID_PREFIX):
+            raise
+        await cancel_owned(state, owner, stream_id.removeprefix(RESPONSE_ID_PREFIX))
     return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
