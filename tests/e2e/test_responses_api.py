@@ -121,6 +121,11 @@ def test_ndjson_by_accept(synthetic_server: RunningServer) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools"),
         ({"max_output_tokens": 1_000_000}, "max_output_tokens"),
         ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        # Chat's names, sent here by mistake, are named as sent (not renamed as an error of
+        # the chat request a Responses request becomes).
+        ({"extra_body": {"max_completion_tokens": 3}}, "max_completion_tokens"),
+        ({"extra_body": {"response_format": {"type": "json_object"}}}, "response_format"),
+        ({"extra_body": {"messages": [{"role": "user", "content": "x"}]}}, "messages"),
     ],
 )
 def test_what_is_not_served_is_a_400_naming_the_field(

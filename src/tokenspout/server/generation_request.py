@@ -22,7 +22,7 @@ from tokenspout.errors import (
 from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.server import advanced_params
 from tokenspout.server.request_limits import check_stop
-from tokenspout.server.responses_chat import as_chat, settings
+from tokenspout.server.responses_chat import as_chat, responses_params, settings
 from tokenspout.server.responses_schema import ResponsesRequest
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
@@ -122,16 +122,17 @@ async def prepare_chat(state: ServerState, body: ChatCompletionRequest) -> Gener
 
 async def prepare_response(state: ServerState, body: ResponsesRequest) -> GenerationRequest:
     """A Responses API request ready to become a stream: the chat completion it asks for
-    (``responses_chat.as_chat``), validated as chat's (the route's ``responses_params``
-    makes an error name the Responses field), read in the Responses wire. Never
-    resumable: its events' sequence numbers are one reader's count, which another reader,
-    coalesced otherwise, would not repeat."""
-    chat = as_chat(body)
-    model = check_model(state, chat.model)
-    prompt = await chat_prompt(state, chat)
-    wire = StreamWire("responses", model, settings=settings(body))
-    max_tokens = chat.max_completion_tokens
-    generation = _request(state, wire, prompt, chat, max_tokens, "max_output_tokens")
+    (``responses_chat.as_chat``), validated as chat's (an error names the Responses
+    field; an upstream's later refusal of it too: ``StreamTransport.told``), read in the
+    Responses wire. Never resumable: its events' sequence numbers are one reader's count,
+    which another reader, coalesced otherwise, would not repeat."""
+    with responses_params():
+        chat = as_chat(body)
+        model = check_model(state, chat.model)
+        prompt = await chat_prompt(state, chat)
+        wire = StreamWire("responses", model, settings=settings(body))
+        max_tokens = chat.max_completion_tokens
+        generation = _request(state, wire, prompt, chat, max_tokens, "max_output_tokens")
     return replace(generation, resumable=False)
 
 

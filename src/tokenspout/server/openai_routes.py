@@ -22,7 +22,6 @@ from tokenspout.server.generation_request import (
 )
 from tokenspout.server.request_parsing import parse_body
 from tokenspout.server.responder import respond
-from tokenspout.server.responses_chat import responses_params
 from tokenspout.server.responses_schema import ResponsesRequest, responses_schema
 from tokenspout.server.schemas import (
     ChatCompletionRequest,
@@ -62,10 +61,8 @@ async def completions(request: Request) -> Response:
 
 
 async def responses(request: Request) -> Response:
-    """OpenAI's Responses API, served as the chat completion it asks for: its errors name
-    the Responses fields, also an upstream's refusal of the chat request it became."""
-    with responses_params():
-        return await _generate(request, responses_schema, prepare_response)
+    """OpenAI's Responses API, served as the chat completion it asks for."""
+    return await _generate(request, responses_schema, prepare_response)
 
 
 def _check_stream_options(
