@@ -336,6 +336,9 @@ def call(arguments: str, id: str | None = None, name: str | None = None, **more:
         # Without index nor id at all: each name begins a call, with a made-up id.
         ([[call('{"x"', name="f")], [call(": 1}")], [call("{}", name="g")]],
          [(0, "made", '{"x"'), (0, None, ": 1}"), (1, "made", "{}")]),
+        # A new id under an index another call has begun: the next call, not the same one.
+        ([[call("{}", "a_1", "f", index=0)], [call("{}", "b_1", "g", index=0)]],
+         [(0, "a_1", "{}"), (1, "b_1", "{}")]),
         # An index given is kept, and the next call comes after it.
         ([[call("", "a_1", "f", index=2)], [call("{}")], [call("{}", "b_1", "g")]],
          [(2, "a_1", ""), (2, None, "{}"), (3, "b_1", "{}")]),

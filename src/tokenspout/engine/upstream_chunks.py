@@ -51,14 +51,15 @@ class UpstreamChunk(NamedTuple):
 
 
 class ToolCallSlots:
-    """The index and id of each tool call of one streamed answer, for the pieces that leave
-    them out (Gemini's OpenAI-compatible API, some proxies). A piece whose ``id`` is new, or
-    which has a name and no id, begins the next call; one with a known id goes on with that
-    call; one with neither (more of the arguments) goes on with the last call. A piece that
-    gives its index keeps it. A call's first piece has its id (one made up when the upstream
-    gave none: clients match a call's result to it by its id, and the relayed delta names
-    the function only on a piece with an id); the later pieces have none, as OpenAI sends
-    them."""
+    """The index and id of each tool call of one streamed answer, for the pieces that
+    leave them out (Gemini's OpenAI-compatible API, some proxies). A piece whose ``id``
+    is new, or which has a name and no id, begins the next call; one with a known id
+    goes on with that call; one with neither (more of the arguments) goes on with the
+    last call. A piece that gives its index keeps it, unless it has a new id under an
+    index begun by another call. A call's first piece has its id (one made up when the
+    upstream gave none: clients match a call's result to it by its id, and the relayed
+    delta names the function only on a piece with an id); the later pieces have none, as
+    OpenAI sends them."""
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
@@ -68,6 +69,10 @@ class ToolCallSlots:
 
     def place(self, given: Any, call_id: Any, name: Any) -> tuple[int, str | None]:
         """The piece's index, and its id when it begins its call (else None)."""
+        if call_id and call_id not in self._ids and given is not None and int(given) in self._begun:
+            # A new call under an index another call has: the next place, rather than one
+            # call of two names whose arguments run together.
+            given = None
         if given is not None:
             index = int(given)
         elif call_id and call_id in self._ids:
