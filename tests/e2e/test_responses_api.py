@@ -219,6 +219,9 @@ def test_cancel_by_id_ends_the_response_as_cancelled(start_server, by: str) -> N
     assert end["type"] == "response.incomplete" and end["response"]["status"] == "cancelled"
     assert end["response"]["id"] == f"resp_{stream_id}"
     assert server.metric("tokenspout_generation_tokens_total") < 3000
+    # An unknown one is a 404 naming the id that was sent, not the id tried without resp_.
+    missing = httpx.post(f"{server.url}/v1/streams/resp_nope/cancel")
+    assert missing.status_code == 404 and "'resp_nope'" in missing.json()["error"]["message"]
 
 
 def test_heartbeats_while_the_first_token_is_pending(start_server) -> None:  # type: ignore[no-untyped-def]

@@ -34,9 +34,12 @@ async def cancel_stream(stream_id: str, request: Request) -> Response:
     state, owner = state_of(request), owner_of(request)
     try:
         await cancel_owned(state, owner, stream_id)
-    except StreamNotFoundError:
+    except StreamNotFoundError as as_given:
         # Tried as given first: a stream's own id may begin so too.
         if not stream_id.startswith(RESPONSE_ID_PREFIX):
             raise
-        await cancel_owned(state, owner, stream_id.removeprefix(RESPONSE_ID_PREFIX))
+        try:
+            await cancel_owned(state, owner, stream_id.removeprefix(RESPONSE_ID_PREFIX))
+        except StreamNotFoundError:
+            raise as_given from None  # it names the id the client sent
     return JSONResponse({"id": stream_id, "object": "stream.cancel", "cancelled": True})
