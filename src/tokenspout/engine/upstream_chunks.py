@@ -104,10 +104,10 @@ def parse_chunk(data: str | bytes, slots: ToolCallSlots | None = None) -> Upstre
         raise MalformedChunkError(f"a chunk that is not JSON ({exc})") from None
     if not isinstance(chunk, dict):
         raise MalformedChunkError("a chunk that is not a JSON object")
-    if "error" in chunk:
-        raise MalformedChunkError(f"an error in the stream: {_error_message(chunk['error'])}")
-    if chunk.get("object") == "error":  # older vLLM's ErrorResponse, not wrapped
-        raise MalformedChunkError(f"an error in the stream: {_error_message(chunk)}")
+    error = error_object(chunk)
+    if error is not None:
+        said = str(error.get("message", error))[:200]
+        raise MalformedChunkError(f"an error in the stream: {said}")
     try:
         usage = _usage(chunk.get("usage"))
         choices = chunk["choices"]
@@ -173,10 +173,19 @@ def _tool_call(call: dict[str, Any], slots: ToolCallSlots) -> ToolCallDelta:
     return ToolCallDelta(index, call_id, name, function.get("arguments") or "")
 
 
-def _error_message(error: Any) -> str:
-    if isinstance(error, dict):
-        return str(error.get("message", error))[:200]
-    return str(error)[:200]
+def error_object(body: Any) -> dict[str, Any] | None:
+    """The error an upstream's JSON (a chunk, or a refusal's body) says, in OpenAI's shape:
+    ``{"error": {...}}`` (a bare ``{"error": "text"}`` as its message) or older vLLM's
+    unwrapped ``{"object": "error", "message": ...}``, the object itself; None when
+    ``body`` is not one."""
+    if not isinstance(body, dict):
+        return None
+    if body.get("object") == "error":
+        return dict(body)
+    if "error" not in body:
+        return None
+    error = body["error"]
+    return error if isinstance(error, dict) else {"message": str(error)}
 
 
 def _chat_logprob(entry: dict[str, Any]) -> TokenLogprob:

@@ -81,6 +81,7 @@ from tokenspout.engine.upstream_chunks import (
     MalformedChunkError,
     ToolCallSlots,
     UpstreamChunk,
+    error_object,
     parse_chunk,
 )
 from tokenspout.engine.upstream_metrics import FAILOVER_REASONS, UpstreamMetrics
@@ -683,17 +684,12 @@ def _retry_after(response: httpx.Response) -> float:
 
 
 def _error(response: httpx.Response) -> dict[str, Any] | None:
-    """The error object of an OpenAI-shaped error body (``{"error": {...}}``; a bare
-    ``{"error": "text"}`` as its message; older vLLM's ``{"object": "error", "message":
-    ...}``, the object itself), None when the body is not one."""
+    """The error object of an OpenAI-shaped error body (``error_object``), None when the
+    body is not one."""
     try:
-        body = response.json()
-        if body.get("object") == "error" and "message" in body:
-            return dict(body)
-        error = body["error"]
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return error_object(response.json())
+    except ValueError:
         return None
-    return error if isinstance(error, dict) else {"message": str(error)}
 
 
 #: The codes of tokenspout's own 5xx and 429 errors. Their messages say what failed and
