@@ -176,6 +176,13 @@ async def prepare_seed(state: ServerState, body: SeedStreamRequest) -> Generatio
         # chat and stream_options shape tokenspout's own request and stream.
         sent = body.model_dump(mode="json", include={"temperature"}, exclude_unset=True)
         params = replace(params, extra_body=sent)
+    for name in ("include_usage", "continuous_usage_stats"):
+        if body.stream_options is not None and getattr(body.stream_options, name):
+            raise InvalidRequestError(
+                'the seed endpoint\'s events ({"token": ...}) carry no usage: '
+                f"stream_options.{name} can only be false (use /v1/completions for one)",
+                param=f"stream_options.{name}",
+            )
     return _generation(state, StreamWire("seed", model), prompt, params, body)
 
 
@@ -331,7 +338,7 @@ def _forwarded(body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any
 
 def _usage_options(wire: StreamWire, options: StreamOptions) -> StreamWire:
     """``wire`` with the usage and padding a chat or completion's ``stream_options`` ask for
-    (the seed endpoint's take none: ``SeedStreamOptions``)."""
+    (the seed endpoint's take none: ``prepare_seed``)."""
     if options.include_obfuscation:
         raise InvalidRequestError(
             "no obfuscation padding is added to the stream: "
@@ -362,14 +369,6 @@ def _generation(
     resumable = cfg.resumable
     if isinstance(options, StreamOptions):
         wire = _usage_options(wire, options)
-    elif options is not None:
-        for name in ("include_usage", "continuous_usage_stats"):
-            if getattr(options, name):
-                raise InvalidRequestError(
-                    'the seed endpoint\'s events ({"token": ...}) carry no usage: '
-                    f"stream_options.{name} can only be false (use /v1/completions for one)",
-                    param=f"stream_options.{name}",
-                )
     if options is not None:
         if options.resumable is not None:
             resumable = options.resumable

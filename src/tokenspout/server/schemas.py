@@ -88,7 +88,7 @@ class StreamOptions(StrictBody):
 class SeedStreamOptions(StrictBody):
     """The seed endpoint's ``stream_options``: the coalescing and resume knobs its query
     takes. ``include_usage`` and ``continuous_usage_stats`` only false: a ``{"token": ...}``
-    event has no place for a usage, so asking for one is a 400 (``generation_request``)
+    event has no place for a usage, so asking for one is a 400 (``prepare_seed``)
     rather than a usage never sent."""
 
     flush_tokens: PositiveInt | None = None
