@@ -15,6 +15,7 @@ import uvicorn
 
 from tokenspout.engine.interface import Engine
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.protocols import json_limits
 from tokenspout.server.app import create_app
 from tokenspout.server.config import ServerConfig
 from tokenspout.server.connection_limits import uvicorn_options
@@ -107,3 +108,10 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
 def synthetic_server(start_server: Callable[..., RunningServer]) -> RunningServer:
     """A synthetic engine at 2 ms per token."""
     return start_server(SyntheticEngine(itl_ms=2))
+
+
+@pytest.fixture
+def unencodable_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault injector for output that cannot be encoded: requests with a lone surrogate,
+    refused at parse time, are let through, so that the synthetic engine echoes one."""
+    monkeypatch.setattr(json_limits, "check_value", lambda data, max_depth=0: None)

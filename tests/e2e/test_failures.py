@@ -12,7 +12,6 @@ import pytest
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.protocols import json_limits
 from tokenspout.server.event_stream_response import EventStreamResponse
 from tokenspout.streaming.subscription import StreamEvent
 
@@ -21,15 +20,12 @@ def sse_data(response: httpx.Response) -> list[str]:
     return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
 
 
-def test_output_that_cannot_be_sent_ends_that_stream_only(
-    start_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.usefixtures("unencodable_output")
+def test_output_that_cannot_be_sent_ends_that_stream_only(start_server) -> None:  # type: ignore[no-untyped-def]
     """Regression (issue 10, defect 7): a lone surrogate echoed by the synthetic engine
     raised inside the engine's step timer; the step loop never ran again and every later
-    request on every endpoint hung while /health said ok."""
-    # Requests with a lone surrogate are refused at parse time now (issue 13): let this one
-    # through, as a fault injector for output that cannot be encoded.
-    monkeypatch.setattr(json_limits, "check_value", lambda data, max_depth=0: None)
+    request on every endpoint hung while /health said ok. (Requests with a lone surrogate
+    are refused at parse time now, issue 13: ``unencodable_output`` lets this one through.)"""
     server: RunningServer = start_server(SyntheticEngine(itl_ms=1))
     body = '{"prompt": "hi \\ud800 there", "max_tokens": 5, "stream": true}'
     headers = {"content-type": "application/json"}

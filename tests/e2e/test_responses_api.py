@@ -12,7 +12,6 @@ from openai import BadRequestError, OpenAI
 
 from tests.conftest import RunningServer
 from tokenspout.engine.synthetic_engine import SyntheticEngine
-from tokenspout.protocols import json_limits
 
 
 @pytest.fixture
@@ -236,11 +235,8 @@ def test_heartbeats_while_the_first_token_is_pending(start_server) -> None:  # t
     assert "event: response.in_progress" in seen
 
 
-def test_a_failure_after_the_start_is_an_error_event_and_a_clean_end(
-    start_server, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
-    # A lone surrogate, let through the parser, cannot be encoded when it is echoed.
-    monkeypatch.setattr(json_limits, "check_value", lambda data, max_depth=0: None)
+@pytest.mark.usefixtures("unencodable_output")
+def test_a_failure_after_the_start_is_an_error_event_and_a_clean_end(start_server) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine(itl_ms=1))
     body = '{"input": "hi \\ud800 there", "max_output_tokens": 5, "stream": true}'
     headers = {"content-type": "application/json"}
