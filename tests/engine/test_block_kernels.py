@@ -84,6 +84,65 @@ def test_q4_1_swiglu_matches_silu_of_gate_times_up(
     assert ((got.double() - expected).abs().max() / scale).item() < bound
 
 
+@pytest.mark.parametrize(("n", "k"), [(37, 64), (960, 576), (3, 96)])
+def test_q4_1_bf16_weights_are_q_times_d_plus_m_rounded_to_nearest_even(n: int, k: int) -> None:
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(n))
+    w[0, :32] = 0.0  # a block whose scale is 0
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    nibbles = blocks["qs"].view(n, k // 32, 16)
+    q = torch.cat((nibbles & 0x0F, nibbles >> 4), dim=-1).double()
+    # one fp32 rounding of q * d + m (an FMA), then torch's rounding to bf16
+    exact = q * blocks["d"].double()[..., None] + blocks["m"].double()[..., None]
+    expected = exact.view(n, k).float().bfloat16()
+    got = linear.bf16_weights()
+    assert got.dtype == torch.bfloat16 and got.shape == (n, k)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("threshold", [1, 10])
+def test_q4_1_runs_in_bf16_from_bf16_rows(threshold: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # From BF16_ROWS rows (set where the CPU has AMX) x and the weights are rounded to bf16
+    # and torch multiplies them; below, the block kernels' arithmetic is unchanged. bf16
+    # keeps 8 bits: x and w each move by <= 2^-9 relative and the result by 2^-9 of itself.
+    w = torch.randn(200, 576, generator=torch.Generator().manual_seed(5))
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    x = activations(12, 576, seed=6)
+    blocks_result = linear(x[: threshold - 1]) if threshold > 1 else None
+    monkeypatch.setattr(block_kernels.Q4Linear, "BF16_ROWS", threshold)
+    weights = linear.dequantize().double()
+    for rows in [r for r in (threshold - 1, threshold, threshold + 2) if r > 0]:
+        got = linear(x[:rows])
+        bf16 = torch.nn.functional.linear(x[:rows].bfloat16(), linear.bf16_weights()).float()
+        if rows >= threshold:
+            assert torch.equal(got, bf16)
+            scale = (x[:rows].abs().double() @ weights.abs().T).max()
+            error = (got.double() - x[:rows].double() @ weights.T).abs().max() / scale
+            assert error.item() < 3 * 2**-9
+        else:
+            assert blocks_result is not None and torch.equal(got, blocks_result)
+
+
+@pytest.mark.parametrize("inner", [1536, 37])  # SmolLM2's; a tail the C loop does alone
+def test_q4_1_swiglu_in_bf16_is_silu_of_the_bf16_product(
+    inner: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = torch.randn(2 * inner, 576, generator=torch.Generator().manual_seed(inner))
+    blocks = block_kernels.quantize_q4_1(w)
+    linear = block_kernels.Q4Linear(blocks["qs"], blocks["d"], blocks["m"])
+    x = activations(20, 576, seed=7)
+    monkeypatch.setattr(block_kernels.Q4Linear, "BF16_ROWS", 1)
+    product = torch.nn.functional.linear(x.bfloat16(), linear.bf16_weights()).double()
+    gate, up = product.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    got = linear.swiglu(x)
+    assert got.shape == (20, inner) and got.dtype == torch.float32
+    # SiLU's exp is within 2 ulp; the product's factors are exact bf16 values
+    bound = 1e-6 * gate.abs().max() * up.abs().max()
+    assert (got.double() - expected).abs().max() < bound
+
+
 @pytest.mark.parametrize("rows", [1, 4, 6, 21])
 @pytest.mark.parametrize("k", [576, 96])
 def test_q8_0_matches_its_dequantised_weights(rows: int, k: int) -> None:

@@ -115,6 +115,33 @@ def test_quantised_weights_agree_with_reference_top1(
     assert agree / total >= floor, f"{fmt} top-1 agreement {agree}/{total}"
 
 
+def test_q4_1_prompts_in_bf16_agree_with_reference_top1(
+    q4_1: ModelRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where the CPU has AMX, prompt chunks of BF16_ROWS tokens or more run their matmuls and
+    # attention in bf16. Here every chunk does (BF16_ROWS = 1), first with the usual decode
+    # steps after the prompt, then with every step recomputed as a whole prompt, all in bf16.
+    # Measured: 160 and 158 of 160.
+    from tokenspout.engine.request import ChatMessage
+
+    monkeypatch.setattr(block_kernels.Q4Linear, "BF16_ROWS", 1)
+    agree = whole = total = 0
+    for case in CASES:
+        prompt, ref = case["prompt_ids"], case["greedy_ids"]
+        logits = q4_1.forward([SeqChunk(0, prompt, 0)])
+        for i, token in enumerate(ref):
+            agree += int(logits[0].argmax()) == token
+            steps = prompt + ref[:i]
+            whole += int(q4_1.forward([SeqChunk(1, steps, 0)])[0].argmax()) == token
+            total += 1
+            logits = q4_1.forward([SeqChunk(0, [token], len(prompt) + i)])
+    assert agree / total >= 0.95, f"q4_1 bf16 prompts: top-1 agreement {agree}/{total}"
+    assert whole / total >= 0.95, f"q4_1 bf16 whole prompts: top-1 agreement {whole}/{total}"
+    tok = q4_1.tokenizer
+    prompt = tok.encode(tok.render_chat([ChatMessage("user", "What is the capital of France?")]))
+    assert "Paris" in tok.decode(greedy(q4_1, prompt, 12))
+
+
 def test_q4_1_batched_decode_agrees_with_reference_top1(q4_1: ModelRunner) -> None:
     # Decode steps of GEMM_ROWS or more tokens run as GEMMs (fp32 on the dequantised blocks,
     # or int8 x with AVX-512 VNNI), not the kernels: the same teacher-forced check, every

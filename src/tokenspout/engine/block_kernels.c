@@ -1228,3 +1228,65 @@ int sample_rows(const float *logits, int64_t V, const int64_t *rows, int64_t R,
     free(sums);
     return 0;
 }
+
+/* 8 fp32 -> bf16, rounded to nearest even (finite values) */
+static inline __m128i bf16_8(__m256 w) {
+    const __m256i bits = _mm256_castps_si256(w);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i up = _mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+    const __m256i top = _mm256_srli_epi32(up, 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+}
+
+/* Q4_1 W [N, K] as bf16 (w = q * d + m in fp32, rounded to nearest even, as torch rounds):
+ * on CPUs with AMX, prompts' matmuls multiply bf16 x by these in torch (oneDNN's AMX GEMM,
+ * about twice the block GEMM's speed there from 64 rows of x), and oneDNN takes no 4-bit
+ * blocks. By hand because no torch op unpacks GGUF's nibble order; torch ops took ~6x as
+ * long. Bound by writing the result (~12 GB/s): AVX-512 was no faster. */
+void q4_1_to_bf16(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t N, int64_t K,
+                  uint16_t *out) {
+    const int64_t nb = K / 32;
+    const __m256i low = _mm256_set1_epi32(0x0f);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t b = n * nb; b < (n + 1) * nb; b++) {
+            const uint8_t *q = qs + b * 16; /* byte j: element j (low nibble), j + 16 (high) */
+            uint16_t *o = out + b * 32;
+            const __m256 scale = _mm256_set1_ps(half1(d[b])), min = _mm256_set1_ps(half1(m[b]));
+            for (int j = 0; j < 16; j += 8) {
+                const __m256i bytes =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + j)));
+                const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, low));
+                const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+                _mm_storeu_si128((__m128i *)(o + j), bf16_8(_mm256_fmadd_ps(lo, scale, min)));
+                _mm_storeu_si128((__m128i *)(o + 16 + j), bf16_8(_mm256_fmadd_ps(hi, scale, min)));
+            }
+        }
+    }
+}
+
+/* act[M, I] = silu(gate) * up from [gate | up] bf16 [M, 2 * I] (the bf16 MLP input matmul's
+ * product), in fp32: one pass where widening, chunk, silu and mul in torch made four, each
+ * writing a fresh tensor. */
+void swiglu_bf16(const uint16_t *gu, int64_t M, int64_t I, float *act) {
+#pragma omp parallel for schedule(static) if (M * I >= 65536)
+    for (int64_t r = 0; r < M; r++) {
+        const uint16_t *g = gu + r * 2 * I, *u = g + I;
+        float *o = act + r * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(g + i))), 16));
+            const __m256 uv = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(u + i))), 16));
+            _mm256_storeu_ps(o + i, silu_times(gv, uv));
+        }
+        for (; i < I; i++) {
+            union {
+                uint32_t bits;
+                float value;
+            } gs = {(uint32_t)g[i] << 16}, us = {(uint32_t)u[i] << 16};
+            o[i] = gs.value / (1.0f + expf(-gs.value)) * us.value;
+        }
+    }
+}

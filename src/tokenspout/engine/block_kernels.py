@@ -20,12 +20,14 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from tokenspout.engine.model_files import cache_root
 from tokenspout.errors import ConfigError
@@ -147,6 +149,10 @@ def _load(target: str) -> ctypes.CDLL | None:
     lib.q4_1_gemm_int8.argtypes = lib.q4_1_linear.argtypes
     lib.q4_1_gemm_swiglu_int8.argtypes = lib.q4_1_linear.argtypes
     lib.q8_0_gemm_int8.argtypes = lib.q8_0_linear.argtypes
+    lib.q4_1_to_bf16.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.q4_1_to_bf16.restype = None
+    lib.swiglu_bf16.argtypes = [ptr, i64, i64, ptr]
+    lib.swiglu_bf16.restype = None
     for name in ("q4_1_linear", "q8_0_linear", "q4_1_gemm", "q8_0_gemm", "q4_1_gemm_swiglu"):
         getattr(lib, name).restype = ctypes.c_int
         if name.endswith(("gemm", "swiglu")):
@@ -232,31 +238,84 @@ class _BlockLinear:
         return y
 
 
+def amx_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in AMX tiles (torch's oneDNN GEMM uses them)."""
+    return torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+
+
 class Q4Linear(_BlockLinear):
     """Q4_1 weights (w = q * d + m per block of 32): ``qs`` uint8 [N, K/2] (GGUF's nibble
     order), ``d`` and ``m`` fp16 [N, K/32]."""
+
+    #: From how many rows of x a matmul runs in bf16 (x and the weights rounded to bf16,
+    #: products summed in fp32, the result rounded to bf16) by torch's GEMM on the weights
+    #: unpacked for the call (``bf16_weights``), instead of the block GEMM; None: never. Set
+    #: where the CPU has AMX, whose tiles took a layer's matmuls at 48 rows in 0.79x the
+    #: block GEMM's time and at 128-256 rows in 0.44-0.47x; 32 rows broke even
+    #: (benchmarks/bf16_prefill.py, RESULTS.md). Prompt chunks of as many rows attend in
+    #: bf16 too (``llama_model.Attention``).
+    BF16_ROWS: ClassVar[int | None] = 48 if amx_bf16() else None
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor):
         super().__init__("q4_1", qs, d, m)
         self._swiglu = _loaded(type(self).__name__).q4_1_gemm_swiglu
         self._swiglu_int8 = _loaded(type(self).__name__).q4_1_gemm_swiglu_int8
+        self._to_bf16 = _loaded(type(self).__name__).q4_1_to_bf16
+        self._swiglu_bf16 = _loaded(type(self).__name__).swiglu_bf16
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x fp32 [M, K] -> [M, N], in bf16 from ``BF16_ROWS`` rows, else as the blocks'."""
+        if self._in_bf16(x):
+            return self._bf16(x).float()
+        return super().__call__(x)
 
     def dequantize(self) -> torch.Tensor:
         """The fp32 weights [N, K]."""
         return dequantize_q4_1(*self.blocks)
 
+    def bf16_weights(self) -> torch.Tensor:
+        """The weights as bf16 [N, K] (q * d + m in fp32, rounded to nearest even), unpacked
+        into this thread's scratch buffer: valid until the thread's next call."""
+        out = _bf16_scratch(self.n * self.k).view(self.n, self.k)
+        self._to_bf16(*(t.data_ptr() for t in self.blocks), self.n, self.k, out.data_ptr())
+        return out
+
+    def _in_bf16(self, x: torch.Tensor) -> bool:
+        return self.BF16_ROWS is not None and x.shape[0] >= self.BF16_ROWS
+
+    def _bf16(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_check(x, self.k).to(torch.bfloat16), self.bf16_weights())
+
     def swiglu(self, x: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """x fp32 [M, K] -> silu(gate) * up [M, N / 2], for W's first N / 2 rows the gate's
         and the rest the up projection's (a fused MLP input matmul). From ``KERNEL_ROWS`` + 1
         rows in one GEMM call, whose panels apply SiLU and the product before they write;
-        below, by the kernel and two torch ops. ``int8``: by the GEMM with int8 x, whatever
-        the rows (as ``gemm``)."""
+        below, by the kernel and two torch ops; from ``BF16_ROWS`` in bf16, then SiLU and the
+        product in one C pass. ``int8``: by the GEMM with int8 x, whatever the rows (as
+        ``gemm``)."""
         if _int8(int8):
             return self._run(self._swiglu_int8, x, self.n // 2)
+        if self._in_bf16(x):
+            product = self._bf16(x)
+            act = torch.empty(x.shape[0], self.n // 2)
+            self._swiglu_bf16(product.data_ptr(), x.shape[0], self.n // 2, act.data_ptr())
+            return act
         if x.shape[0] <= self.KERNEL_ROWS:
             gate, up = self.kernel(x).chunk(2, dim=-1)
             return torch.nn.functional.silu(gate) * up
         return self._run(self._swiglu, x, self.n // 2)
+
+
+_scratch = threading.local()
+
+
+def _bf16_scratch(numel: int) -> torch.Tensor:
+    """This thread's bf16 buffer of at least ``numel`` elements: unpacked weights reuse one
+    buffer (a fresh allocation per matmul would fault in its pages each time)."""
+    buffer: torch.Tensor | None = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.buffer = torch.empty(numel, dtype=torch.bfloat16)
+    return buffer[:numel]
 
 
 class Q8Linear(_BlockLinear):

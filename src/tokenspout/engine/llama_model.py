@@ -252,15 +252,19 @@ class Attention:
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         t, s = q.shape[0], start + q.shape[0]
-        qh = q.transpose(0, 1).unsqueeze(0)  # [1, Hq, T, D]
-        k = k_slot[:, :s].unsqueeze(0).to(q.dtype)  # [1, Hkv, S, D], fp32 from an fp16 cache
-        v = v_slot[:, :s].unsqueeze(0).to(q.dtype)
+        # In bf16 where a chunk of this size has its matmuls in bf16 (Q4Linear.BF16_ROWS,
+        # AMX): torch's flash attention then multiplies in AMX tiles too, softmax in fp32.
+        bf16_rows = block_kernels.Q4Linear.BF16_ROWS if self.fused else None
+        dtype = torch.bfloat16 if bf16_rows is not None and t >= bf16_rows else q.dtype
+        qh = q.transpose(0, 1).unsqueeze(0).to(dtype)  # [1, Hq, T, D]
+        k = k_slot[:, :s].unsqueeze(0).to(dtype)  # [1, Hkv, S, D], from an fp16 cache
+        v = v_slot[:, :s].unsqueeze(0).to(dtype)
         # Without a mask (a chunk from position 0) the flash kernel skips the key blocks
         # above the diagonal, which a mask only hides.
         o = F.scaled_dot_product_attention(
             qh, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
         )
-        return o[0].transpose(0, 1).reshape(t, self.q_size)  # [T, Hq * D]
+        return o[0].transpose(0, 1).reshape(t, self.q_size).to(q.dtype)  # [T, Hq * D]
 
 
 class MLP:
