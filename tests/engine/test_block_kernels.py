@@ -294,15 +294,18 @@ def test_add_rms_norm_matches_torch(rows: int, with_delta: bool) -> None:
     assert torch.equal(x, summed)  # the residual add happened in place
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
+@pytest.mark.parametrize("tokens", [1, 5, 70])  # 70: a prompt chunk, split over the threads
 def test_rope_and_store_matches_the_torch_path(tokens: int) -> None:
     from tokenspout.engine.kv_cache import KVCache
     from tokenspout.engine.llama_model import Rotary
 
     heads, kv_heads, d = 9, 3, 64
     rope = Rotary(d, 10000.0, 64, torch.float32)
-    positions = torch.tensor([3, 17, 0, 63, 8][:tokens])
-    slots = torch.tensor([1, 0, 2, 2, 1][:tokens])
+    if tokens > 5:  # two prompt chunks of 35 tokens, in slots 0 and 1
+        positions, slots = torch.arange(tokens) % 35, torch.arange(tokens) // 35
+    else:
+        positions = torch.tensor([3, 17, 0, 63, 8][:tokens])
+        slots = torch.tensor([1, 0, 2, 2, 1][:tokens])
     cos, sin = rope.tables(positions)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d)
     expected_cache, cache = (KVCache(1, 3, 64, kv_heads, d, torch.float16) for _ in range(2))

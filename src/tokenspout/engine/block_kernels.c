@@ -362,13 +362,17 @@ void rope_and_store(float *qkv, int64_t N, int64_t Hq, int64_t Hkv, int64_t D,
                     const float *cos, const float *sin_signed, const int64_t *rows,
                     uint16_t *k_cache, uint16_t *v_cache) {
     const int64_t width = (Hq + 2 * Hkv) * D, half = D / 2;
-    float rotated[D];
+    /* Tokens are independent: a prompt chunk's split over the threads (a 1,000-token prompt
+     * spent ~4 % of its prefill here on one thread). */
+#pragma omp parallel for schedule(static) if (N >= 64)
     for (int64_t n = 0; n < N; n++) {
         const float *c = cos + n * D, *s = sin_signed + n * D;
+        float rotated[D];
         for (int64_t h = 0; h < Hq + Hkv; h++) {
             float *x = qkv + n * width + h * D;
-            for (int64_t i = 0; i < D; i++)
-                rotated[i] = x[i] * c[i] + x[(i + half) % D] * s[i];
+            /* roll(x, D/2) in two halves: no index arithmetic in the loops, which vectorise */
+            for (int64_t i = 0; i < half; i++) rotated[i] = x[i] * c[i] + x[i + half] * s[i];
+            for (int64_t i = half; i < D; i++) rotated[i] = x[i] * c[i] + x[i - half] * s[i];
             for (int64_t i = 0; i < D; i++) x[i] = rotated[i];
         }
         for (int64_t h = 0; h < Hkv; h++) {
