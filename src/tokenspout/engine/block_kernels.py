@@ -239,8 +239,10 @@ class _BlockLinear:
 
 
 def amx_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices in AMX tiles (torch's oneDNN GEMM uses them)."""
-    return torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported()
+    """Whether this CPU multiplies bf16 matrices in AMX tiles (torch's oneDNN GEMM uses them):
+    the CPU has them and the kernel lets this process use them (``_init_amx`` asks it, as
+    oneDNN would; a kernel or VM that refuses leaves oneDNN on slower paths)."""
+    return torch.cpu._is_avx512_bf16_supported() and torch.cpu._init_amx()
 
 
 class Q4Linear(_BlockLinear):
