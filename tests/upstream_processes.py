@@ -41,6 +41,14 @@ class UpstreamProcess:
     def stats(self) -> dict:
         return httpx.get(f"{self.url}/stats").json()
 
+    def wait_abandoned(self, user: str, timeout: float = 20.0) -> None:
+        """Until the fault-injecting upstream saw the client of ``user``'s answer go away
+        (its response closed)."""
+        deadline = time.monotonic() + timeout
+        while user not in self.stats()["abandoned"]:
+            assert time.monotonic() < deadline, "the upstream's response was never closed"
+            time.sleep(0.005)
+
     def metric(self, name: str) -> float:
         for line in httpx.get(f"{self.url}/metrics").text.splitlines():
             if line.startswith(name + " "):

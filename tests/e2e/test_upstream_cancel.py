@@ -62,14 +62,6 @@ def wait_upstream_idle(upstream: UpstreamProcess, timeout: float = 5.0) -> None:
         time.sleep(0.005)
 
 
-def wait_abandoned(upstream: UpstreamProcess, user: str, timeout: float = 20.0) -> None:
-    """Until the fault-injecting upstream saw the client of ``user``'s answer go away."""
-    deadline = time.monotonic() + timeout
-    while user not in upstream.stats()["abandoned"]:
-        assert time.monotonic() < deadline, "the upstream's response was never closed"
-        time.sleep(0.005)
-
-
 def test_client_disconnect_frees_the_upstream_slot(
     start_server: Callable[..., RunningServer], synthetic: UpstreamProcess
 ) -> None:
@@ -174,7 +166,7 @@ def test_send_timeout_closes_the_upstream_response(
         server.wait_metric(
             "tokenspout_requests_aborted_total", 1, timeout=20, labels='reason="send_timeout"'
         )
-        wait_abandoned(fault, "send-timeout")
+        fault.wait_abandoned("send-timeout")
         server.wait_metric("tokenspout_upstream_in_flight", 0, labels=f'upstream="{fault.base}"')
         labels = f'status="cancelled",upstream="{fault.base}"'
         assert server.metric("tokenspout_upstream_requests_total", labels) == 1
@@ -209,7 +201,7 @@ def test_drain_ends_the_stream_and_closes_the_upstream_response(fault: UpstreamP
             data = [line for line in lines if line.startswith("data: ")]
         assert data[-1] == "data: [DONE]"
         assert json.loads(data[-2][6:])["error"]["code"] == "shutting_down"
-        wait_abandoned(fault, "drain")
+        fault.wait_abandoned("drain")
         assert spout.proc.poll() is None, "the process exited before the upload ended"
         upload.sendall(b"}")
         assert spout.proc.wait(timeout=30) == 0
