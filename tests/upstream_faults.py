@@ -135,23 +135,13 @@ class FaultyUpstream:
             return JSONResponse({"object": "chat.completion", "choices": [choice]})
         if args.fault in ("tools", "toolcut"):
             cut_after = args.after if args.fault == "toolcut" else None
-            return StreamingResponse(
-                self._watched(request, body, _tool_call(cut_after)), media_type="text/event-stream"
-            )
+            return self._stream(request, body, _tool_call(cut_after))
         if args.fault in ("noindex", "noid"):
-            return StreamingResponse(
-                self._watched(request, body, _tool_calls_without_index(args.fault == "noindex")),
-                media_type="text/event-stream",
-            )
+            return self._stream(request, body, _tool_calls_without_index(args.fault == "noindex"))
         if args.fault == "interleaved":
-            return StreamingResponse(
-                self._watched(request, body, _interleaved_tool_calls()),
-                media_type="text/event-stream",
-            )
+            return self._stream(request, body, _interleaved_tool_calls())
         if args.fault == "refusal":
-            return StreamingResponse(
-                self._watched(request, body, _refusal()), media_type="text/event-stream"
-            )
+            return self._stream(request, body, _refusal())
         chat = "messages" in body
         reasoning = REASONING if chat and args.fault in ("reasoning", "reasoningcut") else ()
         if chat:
@@ -174,11 +164,15 @@ class FaultyUpstream:
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""
         logprobs = body.get("logprobs") is not None
+        chunks = self._chunks(prompt, params, chat, echo, logprobs, reasoning)
+        return self._stream(request, body, chunks)
+
+    def _stream(
+        self, request: Request, body: dict[str, Any], chunks: AsyncIterator[str]
+    ) -> StreamingResponse:
+        """An SSE response of ``chunks``, ``_watched``."""
         return StreamingResponse(
-            self._watched(
-                request, body, self._chunks(prompt, params, chat, echo, logprobs, reasoning)
-            ),
-            media_type="text/event-stream",
+            self._watched(request, body, chunks), media_type="text/event-stream"
         )
 
     async def _watched(
