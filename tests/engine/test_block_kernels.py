@@ -25,7 +25,7 @@ def gemm_bound(build: str) -> float:
     """The GEMM's error bound, relative to |x| @ |w|: the VNNI build's GEMM rounds x to int16
     per block of 32 as the kernel does (~1e-5 of the block's largest value); the fp32 one
     ~1e-7."""
-    return 1e-4 if build == "avx512-vnni" else 1e-5
+    return 1e-4 if build in ("avx512-vnni", "avx512-amx") else 1e-5
 
 
 def activations(rows: int, k: int, seed: int) -> torch.Tensor:
@@ -203,6 +203,36 @@ def test_int8_gemms_match_their_arithmetic(rows: int, n: int, k: int, kernels_bu
     scale = (x.abs().double() @ weights.abs().T).max()
     got = head.gemm(x, int8=True)
     assert ((got.double() - rounded @ weights.T).abs().max() / scale).item() < 1e-6
+
+
+@pytest.mark.parametrize("rows", [1, 9, 16, 33])
+# k = 96: an odd number of blocks (the tiles take blocks in pairs, then the last); n = 37: a
+# last panel with rows of zeros
+@pytest.mark.parametrize(("n", "k"), [(37, 96), (960, 576), (64, 1536)])
+def test_amx_tiles_give_the_vnni_builds_int8_gemms_bit_for_bit(
+    rows: int, n: int, k: int, kernels_build: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The avx512-amx build multiplies decode steps' int8 GEMMs in AMX tiles and scales the
+    # blocks' exact integer sums as the avx512-vnni build does: the same bits, Q4_1 (unsigned
+    # q), Q8_0 (signed q, the LM head) and the SwiGLU.
+    if kernels_build != "avx512-amx":
+        pytest.skip("the AMX build against the VNNI one: once, where this CPU has AMX")
+    gen = torch.Generator().manual_seed(rows + n + k)
+    x = activations(rows, k, seed=rows)
+    q4 = block_kernels.quantize_q4_1(torch.randn(n, k, generator=gen))
+    q8 = block_kernels.quantize_q8_0(torch.randn(n, k, generator=gen))
+    results = []
+    for build in ("avx512-vnni", "avx512-amx"):
+        monkeypatch.setenv(block_kernels.ISA_VARIABLE, build)
+        assert block_kernels.loaded_isa() == build
+        linear = block_kernels.Q4Linear(q4["qs"], q4["d"], q4["m"])
+        head = block_kernels.Q8Linear(q8["qs"], q8["d"])
+        results.append(
+            [linear.gemm(x, int8=True), head.gemm(x, int8=True)]
+            + ([linear.swiglu(x, int8=True)] if n % 2 == 0 else [])
+        )
+    for vnni, amx in zip(*results, strict=True):
+        assert torch.equal(vnni, amx)
 
 
 def test_rows_of_a_batch_do_not_depend_on_each_other() -> None:

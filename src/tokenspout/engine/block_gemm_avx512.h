@@ -225,6 +225,111 @@ static inline __attribute__((always_inline)) void vnni_tile8(const float *panel,
     for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
 }
 
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+/* ---- int8 x in AMX tiles (the avx512-amx build) --------------------------------------------
+ *
+ * Why: on a CPU with AMX, one TDPBUSD multiplies a tile of NR rows of W by a block of 16 rows
+ * of x, 32 x 16 x NR products, where vnni_tile8 spends 8 VPDPBUSD and 8 broadcasts per row
+ * of W and block. The packed x is already the B tile's layout (quads [K/4][16]) and a panel's
+ * q bytes [NR][K] the A tile's, so only the multiply changes: a block's integer sums go to
+ * memory from the tile and get vnni_tile8's very same fp32 scaling, so each output has the
+ * same bits as in the avx512-vnni build (Q8_0: TDPBSSD, signed by signed, gives the sum
+ * that build computes as (x + 128) * q - 128 * sum(q), exactly). The tiles' shapes are
+ * loaded per thread at the start of each GEMM (amx_begin) and released at its end: torch's
+ * oneDNN loads its own into the same threads between our calls. */
+#define AMX_INT8
+/* The tiles (numbers, not expressions: the intrinsics paste them into the assembly): the
+ * sums of two blocks, their W rows, their x. */
+#define AMX_ACC 0
+#define AMX_ACC1 1
+#define AMX_W 2
+#define AMX_W1 3
+#define AMX_X 4
+#define AMX_X1 5
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileShapes;
+
+static inline void amx_begin(void) {
+    TileShapes shapes = {0};
+    shapes.palette = 1;
+    for (int t = 0; t < 2; t++) {
+        shapes.rows[AMX_ACC + t] = NR, shapes.colsb[AMX_ACC + t] = 64; /* [NR][16] int32 */
+        shapes.rows[AMX_W + t] = NR, shapes.colsb[AMX_W + t] = 32;     /* [NR][32] bytes */
+        shapes.rows[AMX_X + t] = 8, shapes.colsb[AMX_X + t] = 64;      /* [8][16] quads */
+    }
+    _tile_loadconfig(&shapes);
+}
+
+static inline void amx_end(void) { _tile_release(); }
+
+/* Blocks b0 and b0 + 1 (when two) of the panel's NR rows against one chunk of x: their
+ * integer sums into sums[0] and sums[1]. */
+static inline __attribute__((always_inline)) void amx_sums(const int8_t *wq, const int32_t *xq,
+                                                           int64_t K, int64_t b0, const int two,
+                                                           const int has_m,
+                                                           int32_t sums[2][NR][16]) {
+    _tile_zero(AMX_ACC);
+    _tile_loadd(AMX_W, wq + b0 * 32, K);
+    _tile_loadd(AMX_X, xq + b0 * 128, 64);
+    if (has_m)
+        _tile_dpbusd(AMX_ACC, AMX_W, AMX_X);
+    else
+        _tile_dpbssd(AMX_ACC, AMX_W, AMX_X);
+    if (two) {
+        _tile_zero(AMX_ACC1);
+        _tile_loadd(AMX_W1, wq + b0 * 32 + 32, K);
+        _tile_loadd(AMX_X1, xq + b0 * 128 + 128, 64);
+        if (has_m)
+            _tile_dpbusd(AMX_ACC1, AMX_W1, AMX_X1);
+        else
+            _tile_dpbssd(AMX_ACC1, AMX_W1, AMX_X1);
+    }
+    _tile_stored(AMX_ACC, sums[0], 64);
+    if (two) _tile_stored(AMX_ACC1, sums[1], 64);
+}
+
+/* vnni_tile8 in tiles: the panel's NR rows against one chunk of x -> out[NR][16]. Blocks go
+ * to the tiles two at a time, and a pair's sums are scaled after the next pair's tiles are
+ * issued, so that the vector unit scales while the tiles multiply: a batch-16 step took
+ * 0.95x the time it took scaling each pair as soon as it was stored (benchmarks/step_ab.py). */
+static inline __attribute__((always_inline)) void amx_tile8(const float *panel, int64_t K,
+                                                            const int32_t *xq, const float *xs,
+                                                            const float *xsum, const int has_m,
+                                                            const Ahead *ahead,
+                                                            float out[NR][16]) {
+    const int64_t nb = K / 32;
+    const int8_t *wq = (const int8_t *)panel;
+    const float *d = panel + NR * K / 4, *c = d + NR * nb;
+    int32_t sums[2][2][NR][16] __attribute__((aligned(64))); /* [pair parity][block] */
+    __m512 f[NR];
+    for (int i = 0; i < NR; i++) f[i] = _mm512_setzero_ps();
+    amx_sums(wq, xq, K, 0, nb > 1, has_m, sums[0]);
+    for (int64_t b0 = 0; b0 < nb; b0 += 2) {
+        if (b0 + 2 < nb) amx_sums(wq, xq, K, b0 + 2, b0 + 3 < nb, has_m, sums[(b0 / 2 + 1) & 1]);
+        for (int64_t b = b0; b < b0 + 2 && b < nb; b++) {
+            const int32_t(*block)[16] = sums[(b0 / 2) & 1][b - b0];
+            if (ahead) fetch_part(ahead, b, nb);
+            const __m512 s = _mm512_loadu_ps(xs + b * 16);
+            for (int i = 0; i < NR; i++) {
+                const __m512 total = _mm512_cvtepi32_ps(_mm512_load_si512(block[i]));
+                f[i] = _mm512_fmadd_ps(total, _mm512_mul_ps(s, _mm512_set1_ps(d[i * nb + b])),
+                                       f[i]);
+            }
+            if (has_m) {
+                const __m512 sm = _mm512_loadu_ps(xsum + b * 16);
+                for (int i = 0; i < NR; i++)
+                    f[i] = _mm512_fmadd_ps(sm, _mm512_set1_ps(c[i * nb + b]), f[i]);
+            }
+        }
+    }
+    for (int i = 0; i < NR; i++) _mm512_storeu_ps(out[i], f[i]);
+}
+#endif
+
 /* Rows [m0, m0 + 16) of x [M, K] (m0 a multiple of 16) rounded to int8 or int16 into their
  * chunk of xt: a block's 32 values are 8 or 16 int32 words (quads or pairs), word p of row j
  * at [b][p][j]. */
@@ -274,10 +379,17 @@ static inline void multiply_panel(const float *panel, const float *xt, int64_t M
         const int32_t *xq = (const int32_t *)xt + m0 * per_row;
         const float *xs = scales + m0 * nb, *xsum = sums + m0 * nb;
         const Ahead *fetch = m0 == 0 ? ahead : NULL;
+#ifdef AMX_INT8
+        if (int8 && has_m)
+            amx_tile8(panel, K, xq, xs, xsum, 1, fetch, out);
+        else if (int8)
+            amx_tile8(panel, K, xq, xs, xsum, 0, fetch, out);
+#else
         if (int8 && has_m)
             vnni_tile8(panel, K, xq, xs, xsum, 1, fetch, out);
         else if (int8)
             vnni_tile8(panel, K, xq, xs, xsum, 0, fetch, out);
+#endif
         else if (has_m)
             vnni_tile(panel, K, xq, xs, xsum, 1, fetch, out);
         else

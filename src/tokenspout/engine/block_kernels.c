@@ -440,7 +440,10 @@ static inline void halves(const uint16_t *h, int64_t n, float *out) {
  * fill_panel waited on those loads: ~17 % of a batch-16 step with AVX-512 (perf). */
 typedef struct {
     const char *start[6];
-    int64_t bytes[6];
+    /* Per range, its cache lines and the lines per block of K in 32.32 fixed point: a
+     * block's share is found without dividing, where two integer divisions per range and
+     * block had been ~1/3 of the AMX build's tiles (perf). */
+    int64_t lines[6], per_block[6];
     int ranges;
 } Ahead;
 
@@ -454,8 +457,10 @@ static inline void ahead_rows(Ahead *ahead, const BlockWeights *w, int64_t first
     const int64_t sizes[3] = {count * row, count * nb * 2, count * nb * 2};
     for (int i = 0; i < 3; i++) {
         if (!parts[i]) continue;
+        const int64_t lines = (sizes[i] + 63) / 64;
         ahead->start[ahead->ranges] = parts[i];
-        ahead->bytes[ahead->ranges++] = sizes[i];
+        ahead->lines[ahead->ranges] = lines;
+        ahead->per_block[ahead->ranges++] = (lines << 32) / nb;
     }
 }
 
@@ -464,18 +469,19 @@ static inline void ahead_rows(Ahead *ahead, const BlockWeights *w, int64_t first
  * whole fetch, arguments and all (seen in objdump). */
 static inline void fetch_line(const char *p) { __asm__ volatile("prefetcht1 %0" : : "m"(*p)); }
 
-/* Part ``part`` of ``parts`` of every range: the cache lines a tile's block ``part`` fetches. */
-static inline void fetch_part(const Ahead *ahead, int64_t part, int64_t parts) {
+/* Block ``b`` of K's ``nb`` blocks: its share of every range's lines, the last block up to
+ * the range's end. */
+static inline void fetch_part(const Ahead *ahead, int64_t b, int64_t nb) {
     for (int r = 0; r < ahead->ranges; r++) {
-        const int64_t lines = (ahead->bytes[r] + 63) / 64;
-        for (int64_t l = lines * part / parts; l < lines * (part + 1) / parts; l++)
+        const int64_t end = b + 1 == nb ? ahead->lines[r] : ((b + 1) * ahead->per_block[r]) >> 32;
+        for (int64_t l = (b * ahead->per_block[r]) >> 32; l < end; l++)
             fetch_line(ahead->start[r] + l * 64);
     }
 }
 
 /* The panel after the one of rows n0.. (plain: NR rows of W [N, K]). */
 static inline Ahead after_panel(const BlockWeights *w, int64_t n0, int64_t N, int64_t K) {
-    Ahead ahead = {{NULL}, {0}, 0};
+    Ahead ahead = {{NULL}, {0}, {0}, 0};
     const int64_t next = n0 + NR;
     ahead_rows(&ahead, w, next, N - next < NR ? N - next : NR, K);
     return ahead;
@@ -484,7 +490,7 @@ static inline Ahead after_panel(const BlockWeights *w, int64_t n0, int64_t N, in
 /* The panel after the one of gate rows i0.. (swiglu: NR / 2 gate rows and their up rows). */
 static inline Ahead after_swiglu_panel(const BlockWeights *w13, int64_t i0, int64_t I,
                                        int64_t K) {
-    Ahead ahead = {{NULL}, {0}, 0};
+    Ahead ahead = {{NULL}, {0}, {0}, 0};
     const int64_t next = i0 + NR / 2, count = I - next < NR / 2 ? I - next : NR / 2;
     ahead_rows(&ahead, w13, next, count, K);
     ahead_rows(&ahead, w13, I + next, count, K);
@@ -660,11 +666,17 @@ static inline void multiply_panel(const float *panel, const float *xt, int64_t M
 #include "block_gemm_avx512.h"
 #endif
 
+#ifndef AMX_INT8 /* the builds without AMX tiles: no tile shapes to load */
+static inline void amx_begin(void) {}
+static inline void amx_end(void) {}
+#endif
+
 /* y[M, N] = x @ W^T from x packed (xt, int8 or not as int8 says), this thread's share of W's
  * rows, one panel (scratch of panel_floats(K)) at a time, either build's fill_panel and
  * multiply_panel; ends with the team's barrier (an orphaned omp for). */
 static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t K, int64_t N,
                       float *panel, float *y, const int int8) {
+    if (int8) amx_begin();
 #pragma omp for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += NR) {
         int64_t rows[NR];
@@ -674,12 +686,14 @@ static void team_gemm(const BlockWeights *w, const float *xt, int64_t M, int64_t
         multiply_panel(panel, xt, M, K, n0, N - n0 < NR ? N - n0 : NR, N, y, w, 0, &ahead,
                        int8);
     }
+    if (int8) amx_end();
 }
 
 /* act[M, I] = silu(gate) * up with [gate | up] = x @ W13^T (W13: I gate rows, then I up
  * rows), as team_gemm. */
 static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M, int64_t K,
                              int64_t I, float *panel, float *act, const int int8) {
+    if (int8) amx_begin();
 #pragma omp for schedule(static)
     for (int64_t i0 = 0; i0 < I; i0 += NR / 2) {
         int64_t rows[NR];
@@ -692,6 +706,7 @@ static void team_gemm_swiglu(const BlockWeights *w13, const float *xt, int64_t M
         multiply_panel(panel, xt, M, K, i0, I - i0 < NR / 2 ? I - i0 : NR / 2, I, act, w13,
                        1, &ahead, int8);
     }
+    if (int8) amx_end();
 }
 
 /* y[M, N] = x[M, K] @ W^T (team_gemm in a parallel region of its own); with swiglu, y[M, N]

@@ -37,25 +37,35 @@ _SOURCE = Path(__file__).with_name("block_kernels.c")
 _HEADERS = tuple(Path(__file__).with_name(f"block_{part}_avx512.h") for part in ("rows", "gemm"))
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fno-math-errno", "-fopenmp", "-shared", "-fPIC"]
 
-#: The builds: ``avx2`` (fp32 GEMM), and ``avx512-vnni`` whose GEMM multiplies int16 x by the
+#: The builds: ``avx2`` (fp32 GEMM), ``avx512-vnni`` whose GEMM multiplies int16 x by the
 #: weights' integers, 32 products per instruction, and whose kernels take two blocks per
-#: instruction (block_gemm_avx512.h, block_rows_avx512.h).
-ISAS = ("avx2", "avx512-vnni")
-_ISA_FLAGS = {"avx2": [], "avx512-vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]}
+#: instruction (block_gemm_avx512.h, block_rows_avx512.h), and ``avx512-amx``, that build
+#: with decode steps' int8 GEMMs in AMX tiles (same results, bit for bit).
+ISAS = ("avx2", "avx512-vnni", "avx512-amx")
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
+_ISA_FLAGS = {
+    "avx2": [],
+    "avx512-vnni": _AVX512,
+    "avx512-amx": [*_AVX512, "-mamx-tile", "-mamx-int8"],
+}
 ISA_VARIABLE = "TOKENSPOUT_KERNELS"
 #: The builds whose GEMMs can also take x rounded to int8 (VPDPBUSD: 64 products per
 #: instruction, twice int16's), which decode steps use: block_gemm_avx512.h says why and
 #: where, RESULTS.md what it costs in agreement with the fp32 reference and gains in speed.
-INT8_BUILDS = ("avx512-vnni",)
+INT8_BUILDS = ("avx512-vnni", "avx512-amx")
 
 
 def supported_isas() -> tuple[str, ...]:
     """The builds this CPU can run (none without AVX2 and FMA)."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return ()
-    if torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported():
+    if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
+        return ("avx2",)
+    # Every CPU with AMX tiles so far has their int8 products too (Sapphire Rapids on);
+    # _init_amx asks the kernel to let this process use them.
+    if torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx():
         return ISAS
-    return ("avx2",)
+    return ISAS[:2]
 
 
 def isa() -> str | None:
@@ -352,7 +362,7 @@ class DecodeLayers:
     #: which took 7 tokens in 0.86-0.94x the kernels' time and 6 in 0.96-1.05x (9 when its
     #: GEMMs were int16). An instance's ``gemm_rows`` is its loaded build's
     #: (benchmarks/gemm_rows.py sets it).
-    GEMM_ROWS: ClassVar[dict[str, int]] = {"avx2": 8, "avx512-vnni": 7}
+    GEMM_ROWS: ClassVar[dict[str, int]] = {"avx2": 8, "avx512-vnni": 7, "avx512-amx": 7}
     MAX_HEAD_DIM = 256  # the C function's stack buffers
 
     def __init__(
