@@ -173,9 +173,11 @@ static inline void fill_panel8(const BlockWeights *w, const int64_t rows[NR], in
             for (int64_t b = 0; b < nb; b++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(qn + b * 32));
                 _mm256_storeu_si256((__m256i *)(qi + b * 32), v);
+#ifndef __AMX_INT8__ /* the tiles multiply signed by signed: no x + 128 to take off */
                 const __m512i wide = _mm512_cvtepi8_epi16(v);
                 c[i * nb + b] = 128.0f * (float)_mm512_reduce_add_epi32(_mm512_madd_epi16(
                                              wide, _mm512_set1_epi16(1)));
+#endif
             }
         }
         row_scales(w, n, nb, d + i * nb, c + i * nb);
