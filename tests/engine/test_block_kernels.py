@@ -567,3 +567,23 @@ def test_a_build_that_does_not_compile_falls_back_to_avx2(
         assert small_decoder(1, 2, 2)[0].gemm_rows == block_kernels.DecodeLayers.GEMM_ROWS["avx2"]
     finally:
         block_kernels._load.cache_clear()
+
+
+def test_an_amx_build_that_does_not_compile_falls_back_to_avx512_vnni(
+    monkeypatch: pytest.MonkeyPatch, kernels_build: str
+) -> None:
+    # e.g. a compiler too old for -mamx-int8 on a CPU with AMX: the next best build, not AVX2.
+    if kernels_build != "avx512-amx":
+        pytest.skip("where this CPU has AMX")
+    real = block_kernels.flags
+    monkeypatch.setattr(
+        block_kernels,
+        "flags",
+        lambda target: real(target) + ["-mno-such-flag"] * (target == "avx512-amx"),
+    )
+    block_kernels._load.cache_clear()
+    try:
+        assert block_kernels.loaded_isa() == "avx512-vnni"
+        assert block_kernels._library() is block_kernels._load("avx512-vnni")
+    finally:
+        block_kernels._load.cache_clear()

@@ -128,15 +128,16 @@ def cpu_supported() -> bool:
 
 
 def loaded_isa() -> str | None:
-    """The build whose kernels run: the one ``isa()`` names, or the AVX2 build where that
-    one does not compile (e.g. with a compiler too old for AVX-512 VNNI); None where none
-    runs here."""
+    """The build whose kernels run: the one ``isa()`` names, or the best build below it
+    that compiles where that one does not (e.g. with a compiler too old for AMX or AVX-512
+    VNNI); None where none runs here."""
     target = isa()
     if target is None:
         return None
-    if _load(target) is not None:
-        return target
-    return "avx2" if target != "avx2" and _load("avx2") is not None else None
+    for build in reversed(ISAS[: ISAS.index(target) + 1]):
+        if _load(build) is not None:
+            return build
+    return None
 
 
 def _library() -> ctypes.CDLL | None:
