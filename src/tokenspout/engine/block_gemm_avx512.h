@@ -170,15 +170,23 @@ static inline void fill_panel8(const BlockWeights *w, const int64_t rows[NR], in
             }
         } else {
             const int8_t *qn = (const int8_t *)w->qs + n * K;
+#ifdef __AMX_INT8__
+            /* Q8_0's q are the A tile's bytes already: the tiles of a full panel load them
+             * from W's rows (amx_rows), and the tiles multiply signed by signed, with no
+             * x + 128 to take off */
+            if (rows[NR - 1] < 0)
+                for (int64_t b = 0; b < nb; b++)
+                    _mm256_storeu_si256((__m256i *)(qi + b * 32),
+                                        _mm256_loadu_si256((const __m256i *)(qn + b * 32)));
+#else
             for (int64_t b = 0; b < nb; b++) {
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(qn + b * 32));
                 _mm256_storeu_si256((__m256i *)(qi + b * 32), v);
-#ifndef __AMX_INT8__ /* the tiles multiply signed by signed: no x + 128 to take off */
                 const __m512i wide = _mm512_cvtepi8_epi16(v);
                 c[i * nb + b] = 128.0f * (float)_mm512_reduce_add_epi32(_mm512_madd_epi16(
                                              wide, _mm512_set1_epi16(1)));
-#endif
             }
+#endif
         }
         row_scales(w, n, nb, d + i * nb, c + i * nb);
     }
@@ -268,6 +276,13 @@ static inline void amx_begin(void) {
 
 static inline void amx_end(void) { _tile_release(); }
 
+/* Where the tiles load a Q8_0 panel's q from: W's own rows [n0, n0 + NR) when the panel is
+ * full (fill_panel8 then copies none), else the panel. */
+static inline const int8_t *amx_rows(const float *panel, const BlockWeights *w, int64_t n0,
+                                     int64_t rows, int64_t K) {
+    return rows == NR ? (const int8_t *)w->qs + n0 * K : (const int8_t *)panel;
+}
+
 /* Blocks b0 and b0 + 1 (when two) of the panel's NR rows against one chunk of x: their
  * integer sums into sums[0] and sums[1]. */
 static inline __attribute__((always_inline)) void amx_sums(const int8_t *wq, const int32_t *xq,
@@ -294,17 +309,18 @@ static inline __attribute__((always_inline)) void amx_sums(const int8_t *wq, con
     if (two) _tile_stored(AMX_ACC1, sums[1], 64);
 }
 
-/* vnni_tile8 in tiles: the panel's NR rows against one chunk of x -> out[NR][16]. Blocks go
+/* vnni_tile8 in tiles: the panel's NR rows (their q at wq, rows K bytes apart: the panel's,
+ * or amx_rows') against one chunk of x -> out[NR][16]. Blocks go
  * to the tiles two at a time, and a pair's sums are scaled after the next pair's tiles are
  * issued, so that the vector unit scales while the tiles multiply: a batch-16 step took
  * 0.95x the time it took scaling each pair as soon as it was stored (benchmarks/step_ab.py). */
-static inline __attribute__((always_inline)) void amx_tile8(const float *panel, int64_t K,
+static inline __attribute__((always_inline)) void amx_tile8(const float *panel,
+                                                            const int8_t *wq, int64_t K,
                                                             const int32_t *xq, const float *xs,
                                                             const float *xsum, const int has_m,
                                                             const Ahead *ahead,
                                                             float out[NR][16]) {
     const int64_t nb = K / 32;
-    const int8_t *wq = (const int8_t *)panel;
     const float *d = panel + NR * K / 4, *c = d + NR * nb;
     int32_t sums[2][2][NR][16] __attribute__((aligned(64))); /* [pair parity][block] */
     __m512 f[NR];
@@ -383,9 +399,9 @@ static inline void multiply_panel(const float *panel, const float *xt, int64_t M
         const Ahead *fetch = m0 == 0 ? ahead : NULL;
 #ifdef AMX_INT8
         if (int8 && has_m)
-            amx_tile8(panel, K, xq, xs, xsum, 1, fetch, out);
+            amx_tile8(panel, (const int8_t *)panel, K, xq, xs, xsum, 1, fetch, out);
         else if (int8)
-            amx_tile8(panel, K, xq, xs, xsum, 0, fetch, out);
+            amx_tile8(panel, amx_rows(panel, w, n0, rows, K), K, xq, xs, xsum, 0, fetch, out);
 #else
         if (int8 && has_m)
             vnni_tile8(panel, K, xq, xs, xsum, 1, fetch, out);
