@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
+from httpx_sse import EventSource, connect_sse
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai import BadRequestError, OpenAI
@@ -467,6 +468,41 @@ def test_completions_logprobs_legacy_shape(client: OpenAI) -> None:
     for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
         assert value <= 0 and len(top) <= 3
         assert value == pytest.approx(max(top.values()))
+
+
+def test_a_resumed_completions_stream_counts_text_offset_from_the_answers_start(
+    server: RunningServer,
+) -> None:
+    # A resume replays what the reader missed: text_offset goes on from the text before it,
+    # as in the whole answer, not from 0 again.
+    body = {"model": MODEL, "prompt": "The history of Rome", "max_tokens": 10, "temperature": 0}
+    body["logprobs"] = 1
+    url = f"{server.url}/v1/completions"
+    whole = httpx.post(url, json=body).json()["choices"][0]["logprobs"]["text_offset"]
+    body |= {"stream": True, "stream_options": {"resumable": True, "flush_tokens": 1}}
+    offsets: list[int] = []
+
+    def read(es: EventSource, stop_after: int) -> str | None:
+        last = None
+        for sse in es.iter_sse():
+            if sse.data == "[DONE]":
+                break
+            logprobs = json.loads(sse.data)["choices"][0]["logprobs"]
+            offsets.extend(logprobs["text_offset"] if logprobs else [])
+            last = sse.id
+            if len(offsets) == stop_after:
+                break
+        return last
+
+    with httpx.Client(timeout=300) as http:
+        with connect_sse(http, "POST", url, json=body) as es:
+            stream_id = es.response.headers["x-stream-id"]
+            last = read(es, 4)
+        resume = {"Last-Event-ID": str(last)}
+        with connect_sse(http, "GET", f"{server.url}/v1/streams/{stream_id}", headers=resume) as es:
+            read(es, -1)
+    assert len(whole) == 10 and whole[4] > 0
+    assert offsets == whole
 
 
 @pytest.mark.slow

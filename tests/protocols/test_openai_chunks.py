@@ -290,6 +290,23 @@ def test_legacy_text_offsets_count_characters_of_the_text() -> None:
     assert whole["text_offset"] == [0, 0, 1]
 
 
+def test_a_resumed_readers_text_offsets_go_on_from_the_events_it_skipped() -> None:
+    # A resume starts after "a" and the first bytes of "日": its offsets are the whole
+    # answer's, the character's last byte completing it at offset 1.
+    tokens = [
+        TokenLogprob("a", b"a", -0.1, ()),
+        TokenLogprob("\ufffd", b"\xe6\x97", -0.1, ()),
+        TokenLogprob("\ufffd", b"\xa5", -0.2, ()),
+        TokenLogprob("!", b"!", -0.3, ()),
+    ]
+    extras = [OutputExtras(logprob=t) for t in tokens]
+    whole = completion().delta_with("a日!", extras)["choices"][0]["logprobs"]["text_offset"]
+    resumed = completion()
+    resumed.skip(extras[:2])
+    later = resumed.delta_with("日!", extras[2:])["choices"][0]["logprobs"]["text_offset"]
+    assert whole == [0, 1, 1, 2] and later == whole[2:]
+
+
 def test_reasoning_and_refusal_pieces_of_one_event_are_joined_in_order() -> None:
     """Coalesced outputs' pieces go out as one delta: reasoning as ``reasoning_content``
     (vLLM's name), a refusal as ``refusal`` (OpenAI's), each only when there is some."""

@@ -168,9 +168,9 @@ class ChatChunks(_OpenAIChunks):
 class CompletionChunks(_OpenAIChunks):
     """``text_completion`` payloads (streamed chunks share the object name with the response).
 
-    ``text_offset`` in logprobs counts characters of the text from where this reader started
-    (0 for a new stream), per choice: a token that ends inside a character adds nothing, the
-    one that completes it adds the character.
+    ``text_offset`` in logprobs counts characters of the answer, per choice: a token that
+    ends inside a character adds nothing, the one that completes it adds the character. A
+    reader that starts later (a resumed one) counts on from the events it skips (``skip``).
     """
 
     OBJECT = "text_completion"
@@ -196,6 +196,11 @@ class CompletionChunks(_OpenAIChunks):
     def choice_end(self, finish_reason: str, index: int = 0) -> dict[str, Any]:
         """The chunk that ends one choice."""
         return self._chunk(self.OBJECT, [self._choice("", finish_reason, index)])
+
+    def skip(self, extras: Sequence[OutputExtras], index: int = 0) -> None:
+        """Count the tokens of events this reader does not get, those before a resumed
+        reader's start, as if it had: its ``text_offset`` then go on from there."""
+        self._logprobs(extras, index)
 
     def usage_end(self, usage: Usage) -> list[dict[str, Any]]:
         """What follows the last choice's end: the usage chunk, if asked for."""

@@ -18,6 +18,7 @@ from tokenspout.protocols.chunk_format import Usage, delta_encoder, delta_usage_
 from tokenspout.protocols.event_id import format_event_id
 from tokenspout.protocols.framing import Framing
 from tokenspout.protocols.json_text import dumps
+from tokenspout.protocols.openai_chunks import CompletionChunks
 from tokenspout.protocols.sse import SSEFraming, encode_event, encode_id
 from tokenspout.server.json_reply import send_error
 from tokenspout.server.send_watchdog import SendGuard
@@ -80,6 +81,10 @@ class EventStreamResponse(Response, StreamTransport):
             prompt=prompt,
         )
         self.chunks = self.wire.chunks(stream.id, stream.created)
+        if start and isinstance(self.chunks, CompletionChunks) and isinstance(stream, Stream):
+            # text_offset counts the answer's characters from its start, for a resumed reader
+            # too (a group, n > 1, is never resumed).
+            self.chunks.skip([c.extras for c in stream.read_before(start) if c.extras])
         #: A typed format's delta may be several events (``ChunkFormat.typed_events``).
         self._typed = self.chunks.typed_events
         self._delta_json = None if self._typed else delta_encoder(self.chunks)

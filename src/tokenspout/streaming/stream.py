@@ -191,6 +191,13 @@ class Stream:
         """Chunks at ``pos`` and after; ``StreamGoneError`` if they are no longer held."""
         return self._buffer.read(pos)
 
+    def read_before(self, pos: int) -> list[Chunk]:
+        """The chunks still held before ``pos``: all of them on a resumable stream, unless
+        memory bounds evicted some or the stream was continued from a copy that held no
+        earlier ones."""
+        buffer = self._buffer
+        return buffer.read(buffer.start)[: max(0, pos - buffer.start)]
+
     def refused(self) -> TokenspoutError | None:
         """The error the stream ended with before producing anything, if it did."""
         end = self.end
