@@ -76,6 +76,10 @@ def test_ids_of_up_to_the_limit_are_taken() -> None:
         (json.dumps({"type": "cancel", "id": "x" * (MAX_ID_LENGTH + 1)}), "1 to 128"),
         ('{"type": "cancel", "id": "a\\ud800"}', "lone surrogate"),  # echoed, it cannot be sent
         ('{"type": "generate", "id": "\\udfff", "prompt": "x"}', "lone surrogate"),
+        # A message of no known type is told so, with or without a readable id.
+        ('{"type": "bogus"}', "type must be 'generate' or 'cancel', not 'bogus'"),
+        ('{"id": 7}', "type must be 'generate' or 'cancel', not None"),
+        ('{"type": "stop", "id": "a\\ud800"}', "not 'stop'"),
     ],
 )
 def test_unreadable_messages_are_refused_without_an_id(text: str, says: str) -> None:

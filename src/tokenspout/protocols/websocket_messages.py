@@ -47,7 +47,31 @@ def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Clien
     data = parse(text, "message")
     if not isinstance(data, dict):
         raise InvalidRequestError("message must be a JSON object")
-    msg_id = data.get("id")
+    kind = data.get("type")
+    if kind not in ("generate", "cancel"):
+        # The type first: a message of no known type is not asked for an id it need not have.
+        try:
+            param: str | None = _checked_id(data.get("id"))
+        except InvalidRequestError:
+            param = None
+        raise InvalidRequestError(f"type must be 'generate' or 'cancel', not {kind!r}", param=param)
+    msg_id = _checked_id(data.get("id"))
+    try:
+        check_value(data, max_depth)
+    except InvalidRequestError as err:
+        raise InvalidRequestError(err.message, param=msg_id) from None
+    if kind == "cancel":
+        return Cancel(msg_id)
+    # A null is a field not given, as in an HTTP body (``schemas.StrictBody``): before telling
+    # a chat from a completion by which of messages and prompt it has.
+    body = {k: v for k, v in data.items() if k not in ("type", "id") and v is not None}
+    if ("messages" in body) == ("prompt" in body):
+        raise InvalidRequestError("generate needs exactly one of messages or prompt", param=msg_id)
+    return Generate(msg_id, body)
+
+
+def _checked_id(msg_id: object) -> str:
+    """A message's id, or ``InvalidRequestError`` saying what is wrong with it."""
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_LENGTH:
         raise InvalidRequestError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
     if not msg_id.isascii():
@@ -57,23 +81,7 @@ def parse_client_message(text: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Clien
             # Checked before anything names it: every answer about it echoes the id, and a
             # frame with a lone surrogate cannot be sent (the socket dropped).
             raise InvalidRequestError("id contains a lone surrogate (such as \\ud800)") from None
-    try:
-        check_value(data, max_depth)
-    except InvalidRequestError as err:
-        raise InvalidRequestError(err.message, param=msg_id) from None
-    kind = data.get("type")
-    if kind == "cancel":
-        return Cancel(msg_id)
-    if kind == "generate":
-        # A null is a field not given, as in an HTTP body (``schemas.StrictBody``): before
-        # telling a chat from a completion by which of messages and prompt it has.
-        body = {k: v for k, v in data.items() if k not in ("type", "id") and v is not None}
-        if ("messages" in body) == ("prompt" in body):
-            raise InvalidRequestError(
-                "generate needs exactly one of messages or prompt", param=msg_id
-            )
-        return Generate(msg_id, body)
-    raise InvalidRequestError(f"type must be 'generate' or 'cancel', not {kind!r}", param=msg_id)
+    return msg_id
 
 
 def delta(stream_id: str, text: str, extras: Sequence[OutputExtras] = ()) -> dict[str, Any]:
