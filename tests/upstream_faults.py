@@ -30,7 +30,10 @@ synthetic tokenspout, and fails the way ``fault`` says:
   arguments), one piece a chunk, as vLLM can send them; ``badusage``: the finish chunk has a
   usage with null counts, the usage chunk ``usage: {}``; ``hang``: sends nothing more after
   the usage chunk (no ``[DONE]``, no end of the body); ``json``: a 200 with a whole chat
-  completion (``application/json``) instead of a stream. A completion with ``echo`` has its
+  completion (``application/json``) instead of a stream; ``pieces``: each word is ``pieces``
+  tokens (3 unless set), as llama.cpp sends a character of several tokens: one chunk, one
+  logprobs entry, ``timings.predicted_n`` counting them all (and the usage). A completion with
+  ``echo`` has its
   prompt at the start of its first chunk; with ``logprobs`` each word is a token of logprob
   -1.0, an echoed prompt's first null (as vLLM and tokenspout send it).
 
@@ -66,7 +69,7 @@ MODEL = "synthetic"
 FAULTS = ("none", "cut", "stall", "malformed", "endless", "exit", "status", "slow",
           "tools", "toolcut", "nousage", "filtered", "reasoning", "reasoningcut",
           "refusal", "finish", "ignoremax", "noindex", "noid", "interleaved", "badusage",
-          "hang", "json")  # fmt: skip
+          "hang", "json", "pieces")  # fmt: skip
 #: A reasoning model's reasoning before its answer, and a refusal, one token a piece.
 REASONING = ("Let ", "me ", "think.")
 REFUSAL = ("I can't ", "help with ", "that.")
@@ -84,6 +87,7 @@ class FaultyUpstream:
             retry_after=1,
             shape="openai",
             reason="abort",
+            pieces=3,
         )
         self.engine = SyntheticEngine()
         self.served = models
@@ -160,6 +164,8 @@ class FaultyUpstream:
             limit = min(limit, args.after)  # then ends with its own reason
         elif args.fault == "ignoremax":
             limit *= 1000
+        elif args.fault == "pieces":
+            limit = -(-limit // args.pieces)  # words of ``pieces`` tokens each
         params = SamplingParams(max_tokens=limit)
         # A completion's echo comes first in the first chunk, as vLLM and tokenspout send it.
         echo = body["prompt"] if body.get("echo") else ""
@@ -231,6 +237,9 @@ class FaultyUpstream:
                 chunk = _chunk(chat, "".join(words), None)
                 if logprobs:
                     chunk["choices"][0]["logprobs"] = _completion_logprobs(words, echoed)
+                if args.fault == "pieces":
+                    generated = out.completion_tokens * args.pieces
+                    chunk["timings"] = {"prompt_n": out.prompt_tokens, "predicted_n": generated}
                 yield _event(chunk)
                 sent += 1
             if out.finish_reason is not None:
@@ -245,6 +254,8 @@ class FaultyUpstream:
                 if args.fault == "nousage":
                     raise ConnectionAbortedError("fault injected: cut after the finish")
                 completion = out.completion_tokens + len(reasoning)
+                if args.fault == "pieces":
+                    completion *= args.pieces
                 usage = {"prompt_tokens": out.prompt_tokens, "completion_tokens": completion,
                          "total_tokens": out.prompt_tokens + completion}  # fmt: skip
                 if args.fault == "badusage":

@@ -215,6 +215,25 @@ def test_our_max_tokens_is_not_overshot_by_an_upstream_that_coalesces(
     assert positions[-1].split(".")[0] == str(usage["completion_tokens"]), positions
 
 
+@pytest.mark.parametrize("max_tokens", [None, 12])
+def test_tokens_an_upstream_counts_beyond_its_logprobs_count_toward_max_tokens(
+    start_server: Callable[..., RunningServer], fault: UpstreamProcess, max_tokens: int | None
+) -> None:
+    """llama.cpp sends a character of several tokens as one chunk with one logprobs entry,
+    its ``timings.predicted_n`` counting them all. The relay counted a token per logprob:
+    the default max_tokens let 3x as many tokens through, and the usage said a third."""
+    fault.fault("pieces", pieces=3)
+    server = front(start_server, fault, config={"default_max_tokens": 12})
+    body = {"model": "synthetic", "prompt": "one two three ", "logprobs": 1, "stream": True,
+            "stream_options": {"include_usage": True}, "max_tokens": max_tokens}  # fmt: skip
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1]
+    assert finish == "length" and text == "one two three one "
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
 def test_a_long_prompt_without_max_tokens_gets_the_contexts_room_as_directly(
     start_server: Callable[..., RunningServer],
 ) -> None:

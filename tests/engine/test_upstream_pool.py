@@ -4,6 +4,7 @@ request is sent: picking is pure bookkeeping)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -89,6 +90,18 @@ def test_options_refuse_what_cannot_work() -> None:
         for bad in (0.0, float("nan")):
             with pytest.raises(ConfigError, match="must be > 0"):
                 UpstreamOptions(("http://h:1/v1",), **{timeout: bad})  # type: ignore[arg-type]
+
+
+def test_a_base_url_without_a_path_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    # llama-server answers chat at its root too, and completions there in its own shape: a
+    # base without /v1 worked for chat and failed for completions (502, malformed chunks).
+    with caplog.at_level(logging.WARNING, logger="tokenspout.engine.upstream_options"):
+        UpstreamOptions(("http://u:pw@h:1/v1", "http://h:2/v1/"))
+        assert not caplog.records
+        UpstreamOptions(("http://u:pw@h:1/",))
+    (record,) = caplog.records
+    assert "did you mean http://h:1/v1?" in record.getMessage()
+    assert "pw" not in record.getMessage()
 
 
 def test_passive_failures_never_eject_the_last_healthy_upstream() -> None:

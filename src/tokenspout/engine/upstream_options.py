@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from tokenspout.errors import ConfigError
 from tokenspout.url_address import address
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class UpstreamOptions:
                 raise ConfigError(
                     f"--upstream must be an http(s) OpenAI base URL such as "
                     f"http://host:8000/v1, not {shown!r}"
+                )
+            if parts.path in ("", "/"):
+                # Not refused (a proxy may serve the API at its root), but llama-server
+                # answers /chat/completions there too and /completions in its own shape:
+                # chat would work and completions fail as malformed chunks.
+                logger.warning(
+                    "--upstream %s has no path: OpenAI-compatible servers (vLLM, llama.cpp, "
+                    "TGI) serve the API under /v1; did you mean %s/v1?",
+                    address(url),
+                    address(url),
                 )
             # One server given twice would be balanced as two, and its metrics' samples
             # would repeat (an exposition scrapers refuse).

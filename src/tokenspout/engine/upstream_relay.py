@@ -34,9 +34,10 @@ failure try again elsewhere.
   A request cancelled while it waits for an upstream is never sent.
 
 Each upstream chunk with content (reasoning and refusals too: the upstream counts them as
-generated tokens) is one output per token it holds (a token per logprob, else the upstream's
-running count; one without either), its text with the first token that has a logprob, else
-with its last (tokenspout's flush policy coalesces them); what is left of ``max_tokens``
+generated tokens) is one output per token it holds (the upstream's running count, or a token
+per logprob when that is more: llama.cpp gives a character of several tokens one logprobs
+entry; one without either), its text with the first token that has a logprob, else with its
+last (tokenspout's flush policy coalesces them); what is left of ``max_tokens``
 after a cut counts these, exact for upstreams that give a count or send a chunk per token
 (vLLM, llama.cpp, tokenspout, which is asked to). A max_tokens left out upstream
 (``request_body``) is this relay's to enforce: the answer ends with ``length`` at the last
@@ -471,8 +472,8 @@ class UpstreamRelay:
             return False
         if not any((chunk.text, chunk.logprobs, chunk.tool_calls, chunk.reasoning, chunk.refusal)):
             return False  # no token of its own to deliver (a finish, the usage)
-        # What ``_deliver`` counts: a token per logprob, else the upstream's count.
-        tokens = len(chunk.logprobs) or self._count(chunk, part)
+        # What ``_deliver`` counts: a token per logprob, or the upstream's count when more.
+        tokens = max(len(chunk.logprobs), self._count(chunk, part))
         return self.tokens + tokens > params.max_tokens
 
     def _finish_part(self, server: UpstreamServer) -> None:
@@ -502,6 +503,11 @@ class UpstreamRelay:
                 self._cannot_continue = "refusal"
             elif chunk.reasoning:
                 self._cannot_continue = "reasoning"
+        if chunk.logprobs:
+            # Tokens the upstream counted beyond its logprobs, without text or logprob of
+            # their own: llama.cpp sends a character of several tokens as one chunk with one
+            # logprobs entry, its ``predicted_n`` counting them all.
+            self._skip_tokens(self._count(chunk, part) - len(chunk.logprobs), prompt)
         logprobs = chunk.logprobs or (None,)
         for i, logprob in enumerate(logprobs):
             if i == 0:  # the chunk's text and pieces go with its first token
