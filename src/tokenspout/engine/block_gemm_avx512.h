@@ -310,10 +310,10 @@ static inline __attribute__((always_inline)) void amx_sums(const int8_t *wq, con
 }
 
 /* vnni_tile8 in tiles: the panel's NR rows (their q at wq, rows K bytes apart: the panel's,
- * or amx_rows') against one chunk of x -> out[NR][16]. Blocks go
- * to the tiles two at a time, and a pair's sums are scaled after the next pair's tiles are
- * issued, so that the vector unit scales while the tiles multiply: a batch-16 step took
- * 0.95x the time it took scaling each pair as soon as it was stored (benchmarks/step_ab.py). */
+ * or amx_rows') against one chunk of x -> out[NR][16]. Blocks go to the tiles two at a time,
+ * and a pair's sums are scaled after the next pair's tiles are issued, so that the vector
+ * unit scales while the tiles multiply: a batch-16 step took 0.95x the time it took scaling
+ * each pair as soon as it was stored (benchmarks/step_ab.py). */
 static inline __attribute__((always_inline)) void amx_tile8(const float *panel,
                                                             const int8_t *wq, int64_t K,
                                                             const int32_t *xq, const float *xs,
