@@ -84,6 +84,40 @@ def test_chat_stream_cut_three_times_resumes_exactly(start_server, seed: int) ->
     assert server.metric("tokenspout_stream_resumes_total") == 4
 
 
+def test_a_resumed_reader_keeps_continuous_usage_counting_from_the_start(start_server) -> None:  # type: ignore[no-untyped-def]
+    # It sent "usage": null in every chunk after the resume (only the last usage chunk had
+    # one): a reader that starts later now counts the tokens of the events it skipped.
+    server: RunningServer = start_server(SyntheticEngine(itl_ms=2))
+    body = {"messages": [{"role": "user", "content": "a b c"}], "max_tokens": 30, "stream": True,
+            "stream_options": {"resumable": True, "flush_tokens": 1, "include_usage": True,
+                               "continuous_usage_stats": True}}  # fmt: skip
+    counts: list[int] = []
+
+    def read(response: httpx.Response, max_events: int) -> str | None:
+        last = None
+        for count, (event_id, data) in enumerate(sse_events(response.iter_lines()), start=1):
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                counts.append(chunk["usage"]["completion_tokens"])
+            last = event_id or last
+            if count >= max_events:
+                break
+        return last
+
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body) as r:
+        stream_id = r.headers["x-stream-id"]
+        last_id = read(r, 4)
+    headers = {"Last-Event-ID": str(last_id)}
+    with httpx.stream("GET", f"{server.url}/v1/streams/{stream_id}", headers=headers) as r:
+        read(r, 10_000)
+    # The resumed reader gets the backlog coalesced into its first event, its usage the
+    # tokens so far; then one token an event.
+    assert counts[:3] == [1, 2, 3] and counts[3] > 3
+    assert counts[3:] == list(range(counts[3], 31))
+
+
 def test_event_source_reconnect_resumes_the_seed_stream(start_server) -> None:  # type: ignore[no-untyped-def]
     server: RunningServer = start_server(SyntheticEngine(itl_ms=2), resumable=True)
     url = f"{server.url}/v1/completions/stream"

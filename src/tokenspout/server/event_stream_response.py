@@ -81,17 +81,20 @@ class EventStreamResponse(Response, StreamTransport):
             prompt=prompt,
         )
         self.chunks = self.wire.chunks(stream.id, stream.created)
-        if start and isinstance(self.chunks, CompletionChunks) and isinstance(stream, Stream):
-            # text_offset counts the answer's characters from its start, for a resumed reader
-            # too (a group, n > 1, is never resumed).
-            self.chunks.skip([c.extras for c in stream.read_before(start) if c.extras])
+        # What a reader that starts later (a resumed one) skips: a group (n > 1) is never
+        # resumed.
+        skipped = stream.read_before(start) if start and isinstance(stream, Stream) else []
+        if isinstance(self.chunks, CompletionChunks) and skipped:
+            # text_offset counts the answer's characters from its start.
+            self.chunks.skip([c.extras for c in skipped if c.extras])
         #: A typed format's delta may be several events (``ChunkFormat.typed_events``).
         self._typed = self.chunks.typed_events
         self._delta_json = None if self._typed else delta_encoder(self.chunks)
-        #: Tokens sent so far, for continuous usage; None without it, and for a reader that
-        #: starts later (a resumed one does not know the tokens before it: null usage).
-        continuous = getattr(self.chunks, "continuous_usage", False) and start == 0
-        self._usage_sent: int | None = 0 if continuous else None
+        #: Tokens sent so far, for continuous usage, the skipped ones counted; None without
+        #: it, and for a reader that starts where the log no longer holds all that came
+        #: before (evicted, or a copy continued from later): null usage then.
+        continuous = getattr(self.chunks, "continuous_usage", False) and len(skipped) == start
+        self._usage_sent: int | None = sum(c.num_tokens for c in skipped) if continuous else None
         self._delta_usage_json = delta_usage_encoder(self.chunks) if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
         self._opening = (not resumed) if opening is None else opening
