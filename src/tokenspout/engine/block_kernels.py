@@ -55,8 +55,11 @@ ISA_VARIABLE = "TOKENSPOUT_KERNELS"
 INT8_BUILDS = ("avx512-vnni", "avx512-amx")
 
 
+@functools.cache
 def supported_isas() -> tuple[str, ...]:
-    """The builds this CPU can run (none without AVX2 and FMA)."""
+    """The builds this CPU can run (none without AVX2 and FMA). Asked once: every call of
+    the per-op kernels finds its library through ``isa()``, and asking torch about the CPU
+    (and the kernel for AMX) each time took ~2 µs of that."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return ()
     if not (torch.cpu._is_avx512_supported() and torch.cpu._is_vnni_supported()):
