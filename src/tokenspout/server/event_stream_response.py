@@ -81,10 +81,13 @@ class EventStreamResponse(Response, StreamTransport):
             prompt=prompt,
         )
         self.chunks = self.wire.chunks(stream.id, stream.created)
-        # What a reader that starts later (a resumed one) skips: a group (n > 1) is never
-        # resumed.
-        skipped = stream.read_before(start) if start and isinstance(stream, Stream) else []
-        if isinstance(self.chunks, CompletionChunks) and skipped:
+        asked = getattr(self.chunks, "continuous_usage", False)
+        offsets = isinstance(self.chunks, CompletionChunks) and self.chunks.logprobs
+        # What a reader that starts later (a resumed one) skips, read from the log only for
+        # what counts it: a group (n > 1) is never resumed.
+        counted = start and (asked or offsets) and isinstance(stream, Stream)
+        skipped = stream.read_before(start) if counted else []
+        if offsets and skipped:
             # text_offset counts the answer's characters from its start.
             self.chunks.skip([c.extras for c in skipped if c.extras])
         #: A typed format's delta may be several events (``ChunkFormat.typed_events``).
@@ -93,7 +96,7 @@ class EventStreamResponse(Response, StreamTransport):
         #: Tokens sent so far, for continuous usage, the skipped ones counted; None without
         #: it, and for a reader that starts where the log no longer holds all that came
         #: before (evicted, or a copy continued from later): null usage then.
-        continuous = getattr(self.chunks, "continuous_usage", False) and len(skipped) == start
+        continuous = asked and len(skipped) == start
         self._usage_sent: int | None = sum(c.num_tokens for c in skipped) if continuous else None
         self._delta_usage_json = delta_usage_encoder(self.chunks) if continuous else None
         #: The opening chunks (chat's role chunk) go to a reader from the start.
