@@ -460,6 +460,85 @@ def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
     assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
 
 
+def test_sigterm_hands_a_running_stream_over_and_its_client_resumes_it_elsewhere(
+    replica_set: ReplicaSet,
+) -> None:
+    """A drain's end (1 s here) hands the owner's running stream over instead of ending it
+    with an error: its reader's connection is cut with no error and no end, the other
+    replica continues it, a resume there reads exactly the whole answer, and the stopped
+    replica exits 0. At 5 ms a token the answer needs 7.5 s: still running at the end."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "5")
+    expected = whole_text(1500)
+    parts: list[str] = []
+    with httpx.stream(
+        "POST", f"{a.url}/v1/chat/completions", json=chat_body(1500), timeout=60
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        events = sse_events(r.iter_lines())
+        last_id = None
+        for event_id, data in itertools.islice(events, 20):
+            parts.append(chat_text(data))
+            last_id = event_id or last_id
+        a.proc.send_signal(signal.SIGTERM)
+        cut_events: list[str] = []
+        try:
+            for event_id, data in events:
+                cut_events.append(data)
+                parts.append(chat_text(data))  # KeyError on an error event
+                last_id = event_id or last_id
+        except httpx.HTTPError:
+            pass  # cut
+    assert cut_events and "[DONE]" not in cut_events
+    assert a.proc.wait(30) == 0
+    resume_to_end(b.url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    assert b.metric("tokenspout_stream_takeovers_total") == 1
+    assert replica_set.owner(stream_id) is b
+
+
+@needs_nginx
+def test_the_python_client_finishes_an_answer_whose_replica_was_stopped(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+) -> None:
+    """A rolling restart's SIGTERM: ``tokenspout.client.Client`` through nginx resumes
+    the handed-over stream on the other replica by itself."""
+    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "5")
+    url = start_nginx([r.port for r in replicas])
+    options = {"resumable": True, "flush_tokens": 1}
+    with Client(url) as client:
+        stream = client.stream_chat(PROMPT, max_tokens=1500, temperature=0, stream_options=options)
+        deltas = []
+        for delta in stream:
+            deltas.append(delta)
+            if len(deltas) == 20:
+                owner = replica_set.owner(stream.result.stream_id or "")
+                owner.proc.send_signal(signal.SIGTERM)
+    assert "".join(deltas) == stream.result.text == whole_text(1500)
+    assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
+    assert owner.proc.wait(30) == 0
+
+
+def test_sigterm_without_another_replica_ends_the_stream_with_an_error(
+    replica_set: ReplicaSet,
+) -> None:
+    """Nobody could take it over: the drain ends it as a lone server does (an error event
+    and [DONE]), and Redis has it ended, not running for a replica that never comes."""
+    a = replica_set.start("--synthetic-itl-ms", "5")
+    with httpx.stream(
+        "POST", f"{a.url}/v1/chat/completions", json=chat_body(1500), timeout=60
+    ) as r:
+        stream_id = r.headers["x-stream-id"]
+        datas = []
+        for _, data in sse_events(r.iter_lines()):
+            datas.append(data)
+            if len(datas) == 5:
+                a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(30) == 0
+    assert datas[-1] == "[DONE]"
+    assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
+    assert replica_set.redis.cli("HGET", f"tokenspout:m:{stream_id}", "state") == "ended"
+
+
 def test_a_reader_on_another_replica_keeps_the_stream_past_the_owners_grace(
     replica_set: ReplicaSet,
 ) -> None:

@@ -7,7 +7,9 @@ score in ``replicas`` (its expiry on Redis's clock), refreshed every second; eve
 looks, at each refresh, for replicas whose lease lapsed, and claims their unfinished
 streams one by one in a script (``_CLAIM``: the stream leaves the dead replica's set and
 joins the claimer's atomically, so exactly one replica takes each) and continues them
-(``Takeover``).
+(``Takeover``). A replica that stops (SIGTERM) hands the streams its drain did not see
+end over to the others the same way: it writes them to their last chunk, stops them, and
+ends its lease at once (``hand_over``).
 """
 
 from __future__ import annotations
@@ -67,6 +69,18 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
 
+# KEYS: replicas; ARGV: me. The other replicas whose lease has not lapsed.
+_LIVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
+local others = {}
+for _, replica in ipairs(live) do
+  if replica ~= ARGV[1] then others[#others + 1] = replica end
+end
+return others
+"""
+
 # KEYS: replicas, admission, owned(dead); ARGV: dead. A lapsed replica with nothing left
 # to take over is forgotten.
 _FORGET = """
@@ -102,12 +116,16 @@ class Replica:
         self._lease = client.register_script(_LEASE)
         self._claim = client.register_script(_CLAIM)
         self._forget = client.register_script(_FORGET)
+        self._live = client.register_script(_LIVE)
         self.takeovers = Counter(
             "tokenspout_stream_takeovers",
-            "Streams of a replica whose lease lapsed that this replica continued.",
+            "Streams of a replica whose lease lapsed, or that a stopping replica handed "
+            "over, that this replica continued.",
             registry=registry,
         )
         self._takeovers_after = 0.0
+        #: It handed its streams over and ended its lease (``hand_over``): never renewed.
+        self._leaving = False
         self._state: ServerState | None = None
         self.admission: SharedAdmission | None = None
 
@@ -135,25 +153,61 @@ class Replica:
         logger.info("replica %s: sharing streams through Redis at %s", self.id, self.link.address)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._stop_tasks()
         await self._feed.close()
         await self.writer.stop()
         if self.admission is not None:
             # Its counts (zero after the drain) count until it is forgotten.
             await self.admission.publish()
-        # The lease is left to lapse: a stream whose end could not be written is then
-        # taken over, and a replica with nothing left is forgotten (_FORGET).
+        # The lease is left to lapse (or ended by hand_over): a stream whose end could not
+        # be written is then taken over, and a replica with nothing left is forgotten.
         await self.link.close()
+
+    async def hand_over(self, streams: list[Stream]) -> list[Stream]:
+        """A drain's end: give this replica's shared streams among ``streams`` (those still
+        running) to the other replicas, and return them. Their readers here are cut, for
+        their clients to resume elsewhere (``StreamWriter.release``); this replica then
+        refreshes its lease no more and ends it, so that the others take the streams over at
+        their next lease refresh, not a lease's time later. None without another live
+        replica, or without Redis: the caller ends them as a lone server does."""
+        shared = [s for s in streams if self.writer.writes(s.id)]
+        if not shared or not self.link.up:
+            return []
+        try:
+            others = await self._live(keys=[rk.REPLICAS], args=[self.id])
+        except LOST as exc:
+            self.link.lost(exc)
+            return []
+        if not others:
+            return []
+        # The lease first: refreshed once more, it would outlive its end below.
+        self._leaving = True
+        await self._stop_tasks()
+        released = await self.writer.release(shared, timeout_s=LEASE_EVERY_S)
+        if released:
+            logger.info(
+                "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,
+                len(released), len(others),
+            )  # fmt: skip
+            with contextlib.suppress(*LOST):
+                # A score of 0 has lapsed: the others' next refresh lists this replica.
+                await self.link.client.zadd(rk.REPLICAS, {self.id: 0})
+        return released
+
+    async def _stop_tasks(self) -> None:
+        """The lease's and the cancel channel's."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _redis_back(self) -> None:
         # The other replicas could not refresh their leases either, and may not have
         # noticed yet that Redis is back: none of them is taken for dead before they could.
         self._takeovers_after = time.monotonic() + LEASE_TTL_S
-        await self._refresh_lease()
+        if not self._leaving:
+            await self._refresh_lease()
         await self.writer.resync()
         if self.admission is not None:
             await self.admission.publish()
@@ -301,8 +355,9 @@ class Replica:
                 assert self.admission is not None
                 await self.admission.publish()
                 await self._mark_read([k for k, m in self._mirrors.items() if m.stream.readers])
-                if time.monotonic() < self._takeovers_after:
-                    continue
+                assert self._state is not None
+                if time.monotonic() < self._takeovers_after or self._state.draining:
+                    continue  # a draining replica would have to hand the streams on
                 for replica in lapsed:
                     await self._take_over_from(replica)
             except LOST as exc:
@@ -348,7 +403,8 @@ class Replica:
         record = StreamRecord.from_fields(stream_id, raw)
         entries = await self.link.client.xrange(rk.stream(stream_id))
         logger.warning(
-            "replica %s: taking over stream %s of replica %s (lease lapsed)", self.id,
+            "replica %s: taking over stream %s of replica %s (its lease lapsed, or it "
+            "stopped and handed it over)", self.id,
             stream_id, dead,
         )  # fmt: skip
         takeover = Takeover(self._state, record, entries)

@@ -167,6 +167,10 @@ class StreamWriter:
         self._dirty: set[str] = set()
         self._dirty_since: float | None = None
         self._wake = asyncio.Event()
+        #: One flush at a time: two would read a stream from the same persisted position and
+        #: write overlapping entries (the later one refused). The writer task flushes, and a
+        #: stopping replica's ``stop`` and ``release``.
+        self._flushing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.metrics = WriterMetrics(registry, link, self)
 
@@ -231,8 +235,41 @@ class StreamWriter:
                 self._wake.set()
             dirty.add(stream_id)
 
+    def writes(self, stream_id: str) -> bool:
+        """Whether this writer persists ``stream_id`` (a shared stream of this replica)."""
+        return stream_id in self._tracked
+
     def untrack(self, stream_id: str) -> None:
         self._tracked.pop(stream_id, None)
+
+    async def release(self, streams: list[Stream], timeout_s: float) -> list[Stream]:
+        """A stopping replica gives ``streams`` (its running ones) to the others: each that
+        it writes is written up to its last chunk, then, in the same turn of the loop (no
+        chunk can come between), no longer written here and stopped (``moved_away``: its
+        HTTP readers' connections are cut, for their clients to resume where it goes on).
+        Flushes until each caught up, for ``timeout_s`` at most; returns those released."""
+        pending = [s for s in streams if self.writes(s.id) and not s.finished]
+        released: list[Stream] = []
+        deadline = time.monotonic() + timeout_s
+        while pending and self._link.up and time.monotonic() < deadline:
+            try:
+                await self._flush()
+            except LOST as exc:
+                self._link.lost(exc)
+                break
+            behind = []
+            for stream in pending:
+                tracked = self._tracked.get(stream.id)
+                if tracked is None or stream.finished:
+                    continue  # ended meanwhile (and its end written), or taken over
+                if tracked.opened and tracked.persisted == stream.length:
+                    self.untrack(stream.id)
+                    stream.moved_away("this one stopped and handed it over")
+                    released.append(stream)
+                else:
+                    behind.append(stream)
+            pending = behind
+        return released
 
     def pending_s(self) -> float:
         since = self._dirty_since
@@ -262,6 +299,10 @@ class StreamWriter:
                 logger.exception("the Redis writer failed; it goes on with the next batch")
 
     async def _flush(self) -> None:
+        async with self._flushing:
+            await self._flush_dirty()
+
+    async def _flush_dirty(self) -> None:
         ids, self._dirty = self._dirty, set()
         since, self._dirty_since = self._dirty_since, None
         try:

@@ -6,7 +6,10 @@ on kept-alive connections get 503, new WebSocket streams an error), let running 
 finish for up to ``drain_timeout_s``, then end the rest with an error — an error event and
 ``[DONE]`` over HTTP, an ``error`` message over a WebSocket — and only then let uvicorn
 close the connections (a WebSocket gets close code 1012 after its error message). A drain
-is the designed way to stop, so the process then exits with 0.
+is the designed way to stop, so the process then exits with 0. A replica sharing streams
+through Redis first hands those it shares over to the other replicas, if any is alive
+(``Replica.hand_over``): their readers' connections are cut without an end, and their
+clients resume where the streams go on.
 
 A second SIGINT (Ctrl-C) during the drain is uvicorn's "force quit": the drain ends at once,
 as at its timeout, and the app's shutdown (engine, Redis writer, tracing) still runs.
@@ -102,7 +105,8 @@ class DrainingServer(uvicorn.Server):
 
 async def drain(state: ServerState, forced: asyncio.Event) -> None:
     """Let running streams finish for up to the drain timeout, or until ``forced`` is set,
-    then end the rest with an error and give their readers a moment to send it."""
+    then hand the shared ones over to other replicas, end the rest with an error, and give
+    their readers a moment to send it."""
     registry = state.streams
     timeout = state.config.drain_timeout_s
     running = registry.running()
@@ -110,6 +114,9 @@ async def drain(state: ServerState, forced: asyncio.Event) -> None:
         logger.info("draining %d stream(s) for up to %.0f s", len(running), timeout)
         await _wait_for_ends(running, forced, timeout_s=timeout)
     cut = registry.running()
+    if cut and state.cluster is not None:
+        handed = await state.cluster.hand_over(cut)
+        cut = [s for s in cut if s not in handed]
     if cut:
         why = "forced quit" if forced.is_set() else "drain timeout"
         logger.info("%s: ending %d stream(s)", why, len(cut))
