@@ -10,7 +10,9 @@ import redis.asyncio
 from prometheus_client import CollectorRegistry
 
 from tests.cluster.conftest import RedisServer
+from tests.streaming.stream_fakes import PARAMS, PROMPT, FakeEngine
 from tokenspout.cluster import redis_keys as rk
+from tokenspout.cluster.chunk_codec import decode_chunks
 from tokenspout.cluster.persisted_store import PersistedStreamStore
 from tokenspout.cluster.redis_link import RedisLink
 from tokenspout.cluster.stream_record import StreamRecord
@@ -84,6 +86,53 @@ def test_a_record_that_found_redis_down_is_written_when_it_is_back(
             stream.abort("test_over")
             await writer.stop()
         finally:
+            await link.close()
+
+    asyncio.run(main())
+
+
+def test_release_writes_a_stream_to_its_last_chunk_then_stops_it_here(
+    redis_server: RedisServer,
+) -> None:
+    """A stopping replica's hand-over: Redis has every token the stream produced, one that
+    came while the release's first write was in flight too, and still has it running (for
+    another replica to claim); here it is stopped and no longer written."""
+
+    async def main() -> None:
+        link = RedisLink(redis_server.url)
+        shared = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            engine = FakeEngine()
+            writer = StreamWriter(link, "r1", CollectorRegistry(), ended_ttl_s=60)
+            streams = StreamRegistry(engine, store=PersistedStreamStore(writer.touched))  # type: ignore[arg-type]
+            stream = streams.open(PROMPT, PARAMS, resumable=True)
+            record = StreamRecord(
+                stream.id, StreamWire("chat", "synthetic"), key="", replica="r1",
+                created=stream.created, prompt_tokens=3, body="{}",
+            )  # fmt: skip
+            await writer.open(stream, record)
+            for word in ("one ", "two ", "three "):
+                engine.push(stream.id, word)
+            write = writer._write
+
+            async def write_then_a_token(ids: set[str]) -> bool:
+                done = await write(ids)
+                writer._write = write  # type: ignore[method-assign]
+                engine.push(stream.id, "late ")  # after this write read the stream
+                return done
+
+            writer._write = write_then_a_token  # type: ignore[method-assign]
+            released = await writer.release([stream], timeout_s=30)
+            assert released == [stream]
+            entries = await shared.xrange(rk.stream(stream.id))
+            text = "".join(c[0] for _, f in entries for c in decode_chunks(f[b"c"]))
+            assert text.startswith("one two three late ")
+            assert await shared.hget(rk.meta(stream.id), "state") == b"running"
+            assert not writer.writes(stream.id)
+            assert stream.abort_reason == "moved"
+            assert [rid for rid, _ in engine.calls_of("abort")] == [stream.id]
+        finally:
+            await shared.aclose()
             await link.close()
 
     asyncio.run(main())
