@@ -466,8 +466,8 @@ def test_sigterm_hands_a_running_stream_over_and_its_client_resumes_it_elsewhere
     """A drain's end (1 s here) hands the owner's running stream over instead of ending it
     with an error: its reader's connection is cut with no error and no end, the other
     replica continues it, a resume there reads exactly the whole answer, and the stopped
-    replica exits 0. At 5 ms a token the answer needs 7.5 s: still running at the end."""
-    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "5")
+    replica exits 0. At 2 ms a token the answer needs 3 s: still running at the end."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "2")
     expected = whole_text(1500)
     parts: list[str] = []
     with httpx.stream(
@@ -502,7 +502,7 @@ def test_the_python_client_finishes_an_answer_whose_replica_was_stopped(
 ) -> None:
     """A rolling restart's SIGTERM: ``tokenspout.client.Client`` through nginx resumes
     the handed-over stream on the other replica by itself."""
-    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "5")
+    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "2")
     url = start_nginx([r.port for r in replicas])
     options = {"resumable": True, "flush_tokens": 1}
     with Client(url) as client:
@@ -523,7 +523,7 @@ def test_sigterm_without_another_replica_ends_the_stream_with_an_error(
 ) -> None:
     """Nobody could take it over: the drain ends it as a lone server does (an error event
     and [DONE]), and Redis has it ended, not running for a replica that never comes."""
-    a = replica_set.start("--synthetic-itl-ms", "5")
+    a = replica_set.start("--synthetic-itl-ms", "2")
     with httpx.stream(
         "POST", f"{a.url}/v1/chat/completions", json=chat_body(1500), timeout=60
     ) as r:

@@ -66,6 +66,7 @@ def test_screenshot_of_a_markdown_answer(start_server, browser, tmp_path: Path) 
     assert path.stat().st_size > 10_000
 
 
+@pytest.mark.slow  # 20 s of samples: `make test-slow` (CI) takes it
 def test_screenshot_of_the_dashboard_under_load(browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     _, stop = _start(SyntheticEngine(ttft_ms=40, itl_ms=20), ServerConfig(), port)
