@@ -7,7 +7,9 @@
   ``MEMORY USAGE`` of one stream's two keys) and the writer's lag histogram.
 * ``takeover``: two replicas; ``--kills`` times: a stream on one, a client reading it, the
   owner SIGKILLed, the client reconnecting at once to the other with ``Last-Event-ID``; the
-  time from the kill to the next token at the client (the lease lapse dominates it).
+  time from the kill to the next token at the client (the lease lapse dominates it). With
+  ``--signal term`` the owner is stopped with SIGTERM instead (``--drain-timeout-s 0``: the
+  drain hands the stream over at once): the time from the signal to the next token.
 * ``resume``: a stream cut on one replica and resumed with ``Last-Event-ID`` on the same
   replica or on another: the time from the request to the first replayed event.
 * ``open``: what writing a stream's record before its response starts costs, and what it
@@ -16,7 +18,7 @@
   to the other replica: how many of them found the stream.
 
     .venv/bin/python benchmarks/replicas_on_redis.py cpu --streams 400 --tokens 300 --reps 3
-    .venv/bin/python benchmarks/replicas_on_redis.py takeover --kills 20
+    .venv/bin/python benchmarks/replicas_on_redis.py takeover --kills 20 [--signal term]
     .venv/bin/python benchmarks/replicas_on_redis.py resume --samples 50
     .venv/bin/python benchmarks/replicas_on_redis.py open --samples 200
 
@@ -201,7 +203,7 @@ def start_replica(redis: Redis, itl_ms: float) -> tuple[subprocess.Popen[bytes],
     port = free_port()
     cmd = tokenspout_serve(
         port, "--engine", "synthetic", "--synthetic-itl-ms", str(itl_ms), "--redis-url",
-        redis.url, "--resumable", "--flush-tokens", "1",
+        redis.url, "--resumable", "--flush-tokens", "1", "--drain-timeout-s", "0",
     )  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(1200):
@@ -225,6 +227,7 @@ def sse(response: httpx.Response):  # type: ignore[no-untyped-def]
 
 def takeover(args: argparse.Namespace) -> None:
     print(machine())
+    stop = signal.SIGTERM if args.signal == "term" else signal.SIGKILL
     times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         redis = Redis(tmp)
@@ -240,9 +243,8 @@ def takeover(args: argparse.Namespace) -> None:
                     last = None
                     for _ in range(20):
                         last, _data = next(events)
-                    os.kill(victim.pid, signal.SIGKILL)
+                    os.kill(victim.pid, stop)
                     killed = time.perf_counter()
-                    victim.wait()
                     try:
                         for event_id, _data in events:
                             last = event_id or last
@@ -255,13 +257,15 @@ def takeover(args: argparse.Namespace) -> None:
                         if event_id and event_id != last:
                             times.append(time.perf_counter() - killed)
                             break
+                if victim.wait(60) != (0 if stop == signal.SIGTERM else -signal.SIGKILL):
+                    raise RuntimeError(f"the stopped replica exited with {victim.returncode}")
                 print(f"kill {kill + 1}: next token after {times[-1]:.3f} s", flush=True)
                 replicas = [replicas[1], start_replica(redis, args.itl_ms)]
         finally:
             for proc, _ in replicas:
                 proc.terminate()
             redis.stop()
-    print(f"\ntakeover over {len(times)} kills (SIGKILL → next token at the client):")
+    print(f"\ntakeover over {len(times)} kills ({stop.name} → next token at the client):")
     print(f"p50 {statistics.median(times):.3f} s, max {max(times):.3f} s, min {min(times):.3f} s")
 
 
@@ -353,6 +357,7 @@ def main() -> None:
     parser.add_argument("--itl-ms", type=float, default=10.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--signal", choices=["kill", "term"], default="kill")
     parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
     modes = {"cpu": cpu, "takeover": takeover, "resume": resume, "open": open_cost}
