@@ -6,6 +6,17 @@ them without knowing about HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+
+def field_path(parts: Iterable[str | int]) -> str:
+    """Where a field is in a request body, as an error's ``param`` and message name it:
+    ``messages[0].content`` for ``("messages", 0, "content")``."""
+    path = ""
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else part
+    return path
+
 
 class TokenspoutError(Exception):
     """Base class: ``type`` and ``code`` end up in the OpenAI-style error body."""

@@ -158,14 +158,15 @@ def test_bad_request(
         ("frequency_penalty", True),
         ("min_p", "0.1"),
         ("repetition_penalty", "1.1"),
-        ("logit_bias", {"5": "1"}),
-        ("stream_options", {"flush_ms": "5"}),
+        ("logit_bias.5", {"5": "1"}),
+        ("stream_options.flush_ms", {"flush_ms": "5"}),
     ],
 )
 def test_a_number_field_takes_no_string_or_boolean(
     synthetic_server: RunningServer, field: str, value: object
 ) -> None:
-    body = {"messages": MSG, "max_tokens": 1, "stream": True, field: value}
+    """``field``: the param, the whole path to the number (a key's too)."""
+    body = {"messages": MSG, "max_tokens": 1, "stream": True, field.split(".")[0]: value}
     r = httpx.post(f"{synthetic_server.url}/v1/chat/completions", json=body)
     assert r.status_code == 400, r.text
     error = r.json()["error"]
@@ -445,11 +446,11 @@ def test_a_message_error_names_the_message_by_its_index(synthetic_server: Runnin
             {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "x": 1}}},
             "response_format.json_schema.x: Extra inputs are not permitted",
         ),
-        # A union's member types were in the path too: messages.0.content.str.
+        # A union's member types were in the path too: messages[0].content.str.
         (
             {"messages": [{"role": "user", "content": 1}]},
-            "messages.0.content: Input should be a valid string; "
-            "messages.0.content: Input should be a valid list",
+            "messages[0].content: Input should be a valid string; "
+            "messages[0].content: Input should be a valid list",
         ),
         (
             {"tool_choice": {"type": "function", "function": {}}},

@@ -540,7 +540,10 @@ NAMED_NOPE = {"type": "function", "function": {"name": "nope"}}
     [
         ({"n": 9}, "n"),
         ({"foo": 1}, "foo"),
-        ({"structured_outputs": {"whitespace_pattern": " "}}, "structured_outputs"),
+        (
+            {"structured_outputs": {"whitespace_pattern": " "}},
+            "structured_outputs.whitespace_pattern",
+        ),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"structured_outputs": {"regex": "(?=a)b"}}, "structured_outputs.regex"),
         ({"structured_outputs": {"grammar": "start: nope"}}, "structured_outputs.grammar"),

@@ -70,4 +70,4 @@ def test_lone_surrogates_are_refused_at_parse_time(before: str, lone: str, after
         return  # a high then a low surrogate escape is a valid pair, not a lone one
     with pytest.raises(InvalidRequestError) as info:
         loads(body, "request body")
-    assert info.value.param == "messages.0.content"
+    assert info.value.param == "messages[0].content"

@@ -333,15 +333,15 @@ async def test_websocket_bad_frames_get_errors_and_the_socket_stays(
 @pytest.mark.parametrize(
     ("path", "body", "field"),
     [
-        (CHAT, '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages.0.content"),
+        (CHAT, '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
         (
             CHAT,
             '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
-            "messages.0.content.0.text",
+            "messages[0].content[0].text",
         ),
         ("/v1/completions", '{"prompt": "\\ud800"}', "prompt"),
-        ("/v1/completions", '{"prompt": ["\\ud800"]}', "prompt.0"),
-        ("/v1/completions", '{"prompt": "x", "stop": ["\\ud800"]}', "stop.0"),
+        ("/v1/completions", '{"prompt": ["\\ud800"]}', "prompt[0]"),
+        ("/v1/completions", '{"prompt": "x", "stop": ["\\ud800"]}', "stop[0]"),
         ("/v1/completions/stream", '{"prompt": "\\ud800"}', "prompt"),
     ],
 )

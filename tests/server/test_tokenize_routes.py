@@ -66,7 +66,7 @@ def test_detokenize_gives_the_text_back(server: RunningServer) -> None:
         ("/tokenize", {"prompt": "a", "best_of": 2}, "best_of", "Extra inputs"),
         ("/tokenize", {"messages": CHAT, "tool_choice": "required"}, "tool_choice", "needs tools"),
         ("/detokenize", {"tokens": [1, 49152]}, "tokens", "tokens[1] is 49152"),
-        ("/detokenize", {"tokens": ["1"]}, "tokens", "tokens.0: Input should be a valid integer"),
+        ("/detokenize", {"tokens": ["1"]}, "tokens[0]", "tokens[0]: Input should be a valid int"),
     ],
 )
 def test_what_cannot_be_answered_is_a_400_naming_the_field(

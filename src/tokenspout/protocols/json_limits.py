@@ -12,13 +12,13 @@ import json
 import sys
 from typing import Any
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, field_path
 
 DEFAULT_MAX_DEPTH = 32
 
 
 def _field(path: list[str | int]) -> str:
-    return ".".join(str(p) for p in path) or "body"
+    return field_path(path) or "body"
 
 
 def _valid_text(text: str) -> bool:

@@ -8,7 +8,7 @@ from typing import TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from tokenspout.errors import InvalidRequestError
+from tokenspout.errors import InvalidRequestError, field_path
 from tokenspout.protocols import json_limits
 from tokenspout.server.request_body import read_body, require_json
 from tokenspout.server.server_state import state_of
@@ -21,19 +21,19 @@ def describe(err: ValidationError, data: object) -> str:
     ``field: problem; ...``."""
     parts = []
     for e in err.errors(include_url=False):
-        where = ".".join(_path(e["loc"], data, missing=e["type"] == "missing")) or "body"
+        where = field_path(_path(e["loc"], data, missing=e["type"] == "missing")) or "body"
         parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)
 
 
-def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[str]:
+def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[int | str]:
     """The fields of ``loc`` that are in ``data``, and the missing one at its end.
 
     pydantic puts the member of a union it tried into the location: a tagged union's tag
     (``response_format.json_schema.json_schema`` for ``response_format.json_schema``) or a
-    member's type (``messages.0.content.str``). Those are no field of the input: following
+    member's type (``messages[0].content.str``). Those are no field of the input: following
     the location through ``data`` leaves them out."""
-    path = []
+    path: list[int | str] = []
     for i, key in enumerate(loc):
         if isinstance(data, dict) and key in data:
             data = data[key]
@@ -41,7 +41,7 @@ def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[st
             data = data[key]
         elif not (missing and i == len(loc) - 1 and isinstance(data, dict)):
             continue  # a union member's name
-        path.append(str(key))
+        path.append(key)
     return path
 
 
@@ -61,12 +61,13 @@ async def read_json(request: Request, limit: int) -> object:
 
 def validate(model: type[Body], data: object) -> Body:
     """Decoded JSON ``data`` as ``model``; ``InvalidRequestError`` naming the first field at
-    fault (its ``param``) and every problem otherwise."""
+    fault (its ``param``: the whole path, ``messages[0].content``, as OpenAI names it) and
+    every problem otherwise."""
     if not isinstance(data, dict):
         raise InvalidRequestError("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]["loc"]
-        param = str(first[0]) if first else None
+        first = err.errors(include_url=False)[0]
+        param = field_path(_path(first["loc"], data, missing=first["type"] == "missing")) or None
         raise InvalidRequestError(describe(err, data), param=param) from None
