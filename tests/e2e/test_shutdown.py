@@ -5,6 +5,8 @@ process exits with 0 (a real `tokenspout serve`)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.client
 import json
 import os
 import signal
@@ -51,6 +53,31 @@ def collect(url: str, max_tokens: int, out: list[str], started: threading.Event)
             if line.startswith("data: "):
                 out.append(line[6:])
                 started.set()
+
+
+def kept_alive(url: str) -> http.client.HTTPConnection:
+    """A connection that has had one answer and is kept alive, as a balancer's pool holds."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    assert response.status == 200 and not response.will_close
+    response.read()
+    return connection
+
+
+def refused_once_draining(connection: http.client.HTTPConnection) -> None:
+    """Sends requests over ``connection`` until it fails (closed by the server, and then a
+    new one refused): each answer until then must be a 200, never the draining 503. Each
+    request keeps the connection busy, so the keep-alive timeout (5 s) never closes it."""
+    while True:
+        try:
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            response.read()
+        except ConnectionError:
+            return
+        assert response.status == 200, "a request over a kept-alive connection to a drain"
 
 
 async def ws_collect(url: str, out: list[dict], started: threading.Event) -> None:
@@ -128,13 +155,11 @@ def test_a_second_sigint_ends_the_drain_at_once_and_still_shuts_the_app_down(
     try:
         reader.start()
         assert started.wait(15)
-        with httpx.Client(base_url=url) as kept_alive:
-            assert kept_alive.get("/health").status_code == 200
-            proc.send_signal(signal.SIGINT)
-            # Signals sent back to back may be handled as one: the second waits until the
-            # first has begun the drain (the kept-alive connection is told "draining").
-            while kept_alive.get("/health").json()["status"] != "draining":
-                pass
+        idle = kept_alive(url)
+        proc.send_signal(signal.SIGINT)
+        # Signals sent back to back may be handled as one: the second waits until the first
+        # has begun the drain (which closes kept-alive connections).
+        refused_once_draining(idle)
         proc.send_signal(signal.SIGINT)
         # The drain would last 600 s: ending well before shows the second signal ended it.
         assert proc.wait(timeout=60) == 0
@@ -148,6 +173,37 @@ def test_a_second_sigint_ends_the_drain_at_once_and_still_shuts_the_app_down(
     assert "forced quit: ending 1 stream(s)" in output
     assert "Application shutdown complete" in output
     assert "Traceback" not in output
+
+
+def test_a_drain_closes_kept_alive_connections_when_it_begins() -> None:
+    """Regression: a keep-alive connection stayed open through the drain, and nginx sent
+    new requests over it to the draining replica, which could only answer 503 (nginx does
+    not try another replica on a 503). Closed, they go to another replica. The drain itself
+    goes on: a running stream is still delivered."""
+    proc, url = start_cli_server("--synthetic-itl-ms", "20", "--drain-timeout-s", "600")
+    events: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # cut by the kill that ends the test
+            collect(url, 3000, events, started)
+
+    reader = threading.Thread(target=read)
+    try:
+        reader.start()
+        assert started.wait(15)
+        busy = kept_alive(url)
+        proc.send_signal(signal.SIGTERM)
+        refused_once_draining(busy)
+        assert proc.poll() is None
+        delivered = len(events)
+        while len(events) < delivered + 5:  # the stream goes on
+            assert reader.is_alive()
+        assert all("error" not in event for event in events)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        reader.join(30)
 
 
 def test_a_bad_flag_combination_is_one_line_and_exit_2() -> None:

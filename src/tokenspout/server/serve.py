@@ -1,8 +1,9 @@
 """Run the app under uvicorn with a graceful drain on SIGTERM/SIGINT, and the process-wide
 tuning that only a server process should get.
 
-On the signal we stop accepting connections and mark the server as draining (new requests
-on kept-alive connections get 503, new WebSocket streams an error), let running streams
+On the signal we stop accepting connections, close the idle kept-alive HTTP connections
+(busy ones close after their response) and mark the server as draining (a request that
+still comes gets 503, a new WebSocket stream an error), let running streams
 finish for up to ``drain_timeout_s``, then end the rest with an error — an error event and
 ``[DONE]`` over HTTP, an ``error`` message over a WebSocket — and only then let uvicorn
 close the connections (a WebSocket gets close code 1012 after its error message). A drain
@@ -83,6 +84,7 @@ class DrainingServer(uvicorn.Server):
         state.draining = True
         for server in self.servers:
             server.close()
+        self._close_kept_alive()
         if self.force_exit:  # both signals came before the loop was running
             self._forced.set()
         await drain(state, self._forced)
@@ -94,6 +96,16 @@ class DrainingServer(uvicorn.Server):
             await self.lifespan.shutdown()
         # A drain is the designed way to stop: no re-raised signal, exit status 0.
         self._captured_signals.clear()
+
+    def _close_kept_alive(self) -> None:
+        """End HTTP keep-alive now (uvicorn's own step, which comes after our drain): a
+        balancer sent new requests over its idle connections to this draining replica,
+        which could only answer 503 (nginx does not try another replica then). Closed, its
+        next attempt connects, is refused, and goes to another. Busy connections close after
+        their response; WebSockets are left to the drain."""
+        for connection in list(self.server_state.connections):
+            if not isinstance(connection, WebSocketsSansIOProtocol):
+                connection.shutdown()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
