@@ -4,7 +4,9 @@ its response starts), and a lost Redis leaves the stream to be written when it i
 from __future__ import annotations
 
 import asyncio
+import json
 
+import pytest
 import redis
 import redis.asyncio
 from prometheus_client import CollectorRegistry
@@ -91,18 +93,24 @@ def test_a_record_that_found_redis_down_is_written_when_it_is_back(
     asyncio.run(main())
 
 
-def test_release_writes_a_stream_to_its_last_chunk_then_stops_it_here(
-    redis_server: RedisServer,
+@pytest.mark.parametrize("last", ["cancelled", "length"])
+def test_release_stops_a_stream_then_writes_it_to_its_last_chunk(
+    redis_server: RedisServer, last: str
 ) -> None:
-    """A stopping replica's hand-over: Redis has every token the stream produced, one that
-    came while the release's first write was in flight too, and still has it running (for
-    another replica to claim); here it is stopped and no longer written."""
+    """A stopping replica's hand-over: the stream is stopped here first (the engine told to
+    let it go), then Redis gets every token it produced, those of a step that was in flight
+    at the stop too, and no end: another replica claims it running. Unless it ended by
+    itself before the stop reached the engine (``length``): then its end is written, as it
+    ended, without the hand-over's error."""
 
     async def main() -> None:
         link = RedisLink(redis_server.url)
         shared = redis.asyncio.Redis.from_url(redis_server.url)
         try:
             engine = FakeEngine()
+            # The engine takes the abort (or finds the request done) with a step in flight:
+            # that step's output, then the last one, come after it.
+            engine.abort = lambda request_id: last == "cancelled"  # type: ignore[method-assign]
             writer = StreamWriter(link, "r1", CollectorRegistry(), ended_ttl_s=60)
             streams = StreamRegistry(engine, store=PersistedStreamStore(writer.touched))  # type: ignore[arg-type]
             stream = streams.open(PROMPT, PARAMS, resumable=True)
@@ -113,24 +121,31 @@ def test_release_writes_a_stream_to_its_last_chunk_then_stops_it_here(
             await writer.open(stream, record)
             for word in ("one ", "two ", "three "):
                 engine.push(stream.id, word)
+            loop = asyncio.get_running_loop()
             write = writer._write
 
-            async def write_then_a_token(ids: set[str]) -> bool:
+            async def write_then_the_last_step(ids: set[str]) -> bool:
                 done = await write(ids)
                 writer._write = write  # type: ignore[method-assign]
-                engine.push(stream.id, "late ")  # after this write read the stream
+                # After this write has caught up with the stream, before it has ended.
+                loop.call_soon(engine.push, stream.id, "late ")
+                loop.call_soon(engine.push, stream.id, "", last, 0)
                 return done
 
-            writer._write = write_then_a_token  # type: ignore[method-assign]
-            released = await writer.release([stream], timeout_s=30)
-            assert released == [stream]
-            entries = await shared.xrange(rk.stream(stream.id))
-            text = "".join(c[0] for _, f in entries for c in decode_chunks(f[b"c"]))
-            assert text.startswith("one two three late ")
-            assert await shared.hget(rk.meta(stream.id), "state") == b"running"
-            assert not writer.writes(stream.id)
+            writer._write = write_then_the_last_step  # type: ignore[method-assign]
+            stopped = await writer.release([stream], timeout_s=30)
+            assert stopped == [stream] and stream.finished
             assert stream.abort_reason == "moved"
-            assert [rid for rid, _ in engine.calls_of("abort")] == [stream.id]
+            assert not writer.writes(stream.id)
+            entries = await shared.xrange(rk.stream(stream.id))
+            text = "".join(c[0] for _, f in entries if b"c" in f for c in decode_chunks(f[b"c"]))
+            assert text == "one two three late "
+            ends = [json.loads(f[b"e"]) for _, f in entries if b"e" in f]
+            state = await shared.hget(rk.meta(stream.id), "state")
+            if last == "cancelled":
+                assert ends == [] and state == b"running"
+            else:
+                assert ends == [{"f": "length", "p": 3, "c": 4, "e": None}] and state == b"ended"
         finally:
             await shared.aclose()
             await link.close()

@@ -8,7 +8,7 @@ looks, at each refresh, for replicas whose lease lapsed, and claims their unfini
 streams one by one in a script (``_CLAIM``: the stream leaves the dead replica's set and
 joins the claimer's atomically, so exactly one replica takes each) and continues them
 (``Takeover``). A replica that stops (SIGTERM) hands the streams its drain did not see
-end over to the others the same way: it writes them to their last chunk, stops them, and
+end over to the others the same way: it stops them, writes them to their last chunk, and
 ends its lease at once (``hand_over``).
 """
 
@@ -48,6 +48,8 @@ logger = logging.getLogger("tokenspout.cluster")
 #: The lease is refreshed this often and lapses after LEASE_TTL_S without a refresh.
 LEASE_EVERY_S = 1.0
 LEASE_TTL_S = 3.0
+#: How long a stopping replica waits for Redis to take its handed-over streams' last chunks.
+_RELEASE_S = 2.0
 
 _LEASE = """
 local t = redis.call('TIME')
@@ -183,7 +185,7 @@ class Replica:
         # The lease first: refreshed once more, it would outlive its end below.
         self._leaving = True
         await self._stop_tasks()
-        released = await self.writer.release(shared, timeout_s=LEASE_EVERY_S)
+        released = await self.writer.release(shared, timeout_s=_RELEASE_S)
         if released:
             logger.info(
                 "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -121,6 +122,8 @@ class _Tracked:
     persisted: int = 0
     #: Its record is in Redis.
     opened: bool = False
+    #: Handed over (``release``): its chunks are written, its end (``stream_moved``) never.
+    leaving: bool = False
 
 
 class WriterMetrics:
@@ -243,33 +246,41 @@ class StreamWriter:
         self._tracked.pop(stream_id, None)
 
     async def release(self, streams: list[Stream], timeout_s: float) -> list[Stream]:
-        """A stopping replica gives ``streams`` (its running ones) to the others: each that
-        it writes is written up to its last chunk, then, in the same turn of the loop (no
-        chunk can come between), no longer written here and stopped (``moved_away``: its
-        HTTP readers' connections are cut, for their clients to resume where it goes on).
-        Flushes until each caught up, for ``timeout_s`` at most; returns those released."""
-        pending = [s for s in streams if self.writes(s.id) and not s.finished]
-        released: list[Stream] = []
+        """A stopping replica gives ``streams`` (its running ones) to the others. Each that
+        it writes is stopped here first (``moved_away``: the engine lets it go, and its HTTP
+        readers' connections are cut, for their clients to resume where it goes on), then
+        written to its last chunk, without its end, and no longer written here. Returns the
+        streams it stopped. One whose chunks Redis did not take within ``timeout_s`` goes on
+        elsewhere from what Redis has, as after a death."""
+        leaving = [self._tracked[s.id] for s in streams if self.writes(s.id) and not s.finished]
+        for tracked in leaving:
+            tracked.leaving = True
+            tracked.stream.moved_away("this one stopped and handed it over")
+        stopped = [tracked.stream for tracked in leaving]
         deadline = time.monotonic() + timeout_s
-        while pending and self._link.up and time.monotonic() < deadline:
+        while leaving and self._link.up and time.monotonic() < deadline:
             try:
                 await self._flush()
             except LOST as exc:
                 self._link.lost(exc)
                 break
             behind = []
-            for stream in pending:
-                tracked = self._tracked.get(stream.id)
-                if tracked is None or stream.finished:
-                    continue  # ended meanwhile (and its end written), or taken over
-                if tracked.opened and tracked.persisted == stream.length:
-                    self.untrack(stream.id)
-                    stream.moved_away("this one stopped and handed it over")
-                    released.append(stream)
+            for tracked in leaving:
+                stream = tracked.stream
+                if self._tracked.get(stream.id) is not tracked:
+                    continue  # its chunks were refused: another replica has it already
+                if stream.finished and tracked.persisted == stream.length:
+                    self.untrack(stream.id)  # all of it is there: the others go on from it
                 else:
-                    behind.append(stream)
-            pending = behind
-        return released
+                    behind.append(tracked)
+            leaving = behind
+            if leaving:
+                # An engine's last outputs come after its next step; Redis may be slow.
+                await asyncio.sleep(FLUSH_EVERY_S)
+        for tracked in leaving:
+            logger.warning("stream %s: handed over with chunks not written", tracked.stream.id)
+            self.untrack(tracked.stream.id)
+        return stopped
 
     def pending_s(self) -> float:
         since = self._dirty_since
@@ -340,7 +351,13 @@ class StreamWriter:
                 batch.append([stream_id, "a", end, chunk_items(chunks)])
                 ops.append((tracked, end, "a"))
             if stream.end is not None and end >= stream.length:
-                batch.append([stream_id, "e", end, end_payload(stream.end)])
+                ended = stream.end
+                if tracked.leaving:
+                    if ended.finish_reason in (None, "cancelled"):
+                        continue  # stopped by the hand-over: another replica ends it
+                    # It ended by itself before the hand-over stopped it: all of it is here.
+                    ended = dataclasses.replace(ended, error=None)
+                batch.append([stream_id, "e", end, end_payload(ended)])
                 ops.append((tracked, end, "e"))
         if not ops and not len(pipe):
             return False
