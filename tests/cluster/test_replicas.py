@@ -54,6 +54,19 @@ def read_until_cut(
     return last_id, done
 
 
+def read_first(
+    response: httpx.Response, parts: list[str], count: int = 20
+) -> tuple[Iterator[tuple[str | None, str]], str | None]:
+    """A response's first ``count`` events read into ``parts``: the events after them, and
+    the last event id."""
+    events = sse_events(response.iter_lines())
+    last_id = None
+    for event_id, data in itertools.islice(events, count):
+        parts.append(chat_text(data))
+        last_id = event_id or last_id
+    return events, last_id
+
+
 def one_key(tmp_path: Path, name: str, **limits: int) -> tuple[Path, dict[str, str]]:
     """A keys file with the key ``sk-<name>`` (and ``limits``), and its request header."""
     keys = tmp_path / "keys.toml"
@@ -251,11 +264,7 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
         "POST", f"{url}/v1/chat/completions", json=chat_body(max_tokens), timeout=60
     ) as r:
         stream_id = r.headers["x-stream-id"]
-        events = sse_events(r.iter_lines())
-        last_id = None
-        for event_id, data in itertools.islice(events, 20):
-            parts.append(chat_text(data))
-            last_id = event_id or last_id
+        events, last_id = read_first(r, parts)
         owner = replica_set.owner(stream_id)
         kill(owner)
         # What the dead replica had already sent is read too: the client keeps it.
@@ -440,24 +449,27 @@ def test_an_answer_taken_over_in_front_of_upstreams_reports_its_prompt_tokens(
 
 
 @needs_nginx
-def test_the_python_client_finishes_an_answer_whose_replica_was_killed(
-    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_the_python_client_finishes_an_answer_whose_replica_stopped(
+    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str], stop: str
 ) -> None:
-    """``tokenspout.client.Client`` through nginx: the owner's SIGKILL cuts its connection,
-    and the client resumes from its last event on the other replica by itself."""
-    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "10")
+    """``tokenspout.client.Client`` through nginx: the owner's SIGKILL, or a rolling
+    restart's SIGTERM (whose drain hands the stream over), cuts its connection, and the
+    client resumes from its last event on the other replica by itself."""
+    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "2")
     url = start_nginx([r.port for r in replicas])
-    expected = whole_text(300)
     options = {"resumable": True, "flush_tokens": 1}
     with Client(url) as client:
-        stream = client.stream_chat(PROMPT, max_tokens=300, temperature=0, stream_options=options)
+        stream = client.stream_chat(PROMPT, max_tokens=1500, temperature=0, stream_options=options)
         deltas = []
         for delta in stream:
             deltas.append(delta)
             if len(deltas) == 20:
-                kill(replica_set.owner(stream.result.stream_id or ""))
-    assert "".join(deltas) == stream.result.text == expected
+                owner = replica_set.owner(stream.result.stream_id or "")
+                owner.proc.send_signal(getattr(signal, stop))
+    assert "".join(deltas) == stream.result.text == whole_text(1500)
     assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
+    assert owner.proc.wait(30) == (0 if stop == "SIGTERM" else -signal.SIGKILL)
 
 
 def test_sigterm_hands_a_running_stream_over_and_its_client_resumes_it_elsewhere(
@@ -474,48 +486,15 @@ def test_sigterm_hands_a_running_stream_over_and_its_client_resumes_it_elsewhere
         "POST", f"{a.url}/v1/chat/completions", json=chat_body(1500), timeout=60
     ) as r:
         stream_id = r.headers["x-stream-id"]
-        events = sse_events(r.iter_lines())
-        last_id = None
-        for event_id, data in itertools.islice(events, 20):
-            parts.append(chat_text(data))
-            last_id = event_id or last_id
+        events, last_id = read_first(r, parts)
         a.proc.send_signal(signal.SIGTERM)
-        cut_events: list[str] = []
-        try:
-            for event_id, data in events:
-                cut_events.append(data)
-                parts.append(chat_text(data))  # KeyError on an error event
-                last_id = event_id or last_id
-        except httpx.HTTPError:
-            pass  # cut
-    assert cut_events and "[DONE]" not in cut_events
+        last_id, done = read_until_cut(events, parts, last_id)  # KeyError on an error event
+    assert not done
     assert a.proc.wait(30) == 0
     resume_to_end(b.url, stream_id, last_id, parts)
     assert "".join(parts) == expected
     assert b.metric("tokenspout_stream_takeovers_total") == 1
     assert replica_set.owner(stream_id) is b
-
-
-@needs_nginx
-def test_the_python_client_finishes_an_answer_whose_replica_was_stopped(
-    replica_set: ReplicaSet, start_nginx: Callable[[list[int]], str]
-) -> None:
-    """A rolling restart's SIGTERM: ``tokenspout.client.Client`` through nginx resumes
-    the handed-over stream on the other replica by itself."""
-    replicas = replica_set.start_many(2, "--synthetic-itl-ms", "2")
-    url = start_nginx([r.port for r in replicas])
-    options = {"resumable": True, "flush_tokens": 1}
-    with Client(url) as client:
-        stream = client.stream_chat(PROMPT, max_tokens=1500, temperature=0, stream_options=options)
-        deltas = []
-        for delta in stream:
-            deltas.append(delta)
-            if len(deltas) == 20:
-                owner = replica_set.owner(stream.result.stream_id or "")
-                owner.proc.send_signal(signal.SIGTERM)
-    assert "".join(deltas) == stream.result.text == whole_text(1500)
-    assert stream.result.resumes >= 1 and stream.result.finish_reason == "length"
-    assert owner.proc.wait(30) == 0
 
 
 def test_sigterm_without_another_replica_ends_the_stream_with_an_error(
@@ -537,6 +516,56 @@ def test_sigterm_without_another_replica_ends_the_stream_with_an_error(
     assert datas[-1] == "[DONE]"
     assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
     assert replica_set.redis.cli("HGET", f"tokenspout:m:{stream_id}", "state") == "ended"
+
+
+def test_sigterm_while_the_other_replica_drains_ends_the_stream_with_an_error(
+    replica_set: ReplicaSet,
+) -> None:
+    """A draining replica takes nothing over: streams are not handed over to it (they were,
+    and then waited in Redis for a replica that never came), but end with the error."""
+    a = replica_set.start("--synthetic-itl-ms", "2")
+    b = replica_set.start("--synthetic-itl-ms", "2", "--drain-timeout-s", "60")
+    b_id = b.health()["replica"]
+    with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=chat_body(100_000)) as kept:
+        read_some(kept, 1, [])  # B's drain waits for this stream
+        b.proc.send_signal(signal.SIGTERM)
+        while replica_set.redis.cli("EXISTS", f"tokenspout:d:{b_id}") != "1":
+            pass  # until B said it drains
+        with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(1500)) as r:
+            datas = []
+            for _, data in sse_events(r.iter_lines()):
+                datas.append(data)
+                if len(datas) == 5:
+                    a.proc.send_signal(signal.SIGTERM)
+    assert a.proc.wait(30) == 0
+    assert datas[-1] == "[DONE]"
+    assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
+    os.kill(b.proc.pid, signal.SIGKILL)
+
+
+def test_sigterm_cuts_the_readers_of_another_replicas_stream_at_the_drains_end(
+    replica_set: ReplicaSet,
+) -> None:
+    """A reader here of a stream generated on B is cut without an end when the drain ends,
+    and resumes on B to the whole answer. It used to wait for uvicorn's last timeout and be
+    cancelled with an error and a traceback in the log."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "2")
+    expected = whole_text(1500)
+    parts: list[str] = []
+    with httpx.stream("POST", f"{b.url}/v1/chat/completions", json=chat_body(1500)) as first:
+        stream_id = first.headers["x-stream-id"]
+        last_id = read_some(first, 5, parts)
+    headers = {"Last-Event-ID": last_id or ""}
+    with httpx.stream("GET", f"{a.url}/v1/streams/{stream_id}", headers=headers) as mirror:
+        events, last_id = read_first(mirror, parts, 5)
+        a.proc.send_signal(signal.SIGTERM)
+        last_id, done = read_until_cut(events, parts, last_id)
+    assert not done
+    assert a.proc.wait(30) == 0
+    resume_to_end(b.url, stream_id, last_id, parts)
+    assert "".join(parts) == expected
+    log = a.log.read_text()
+    assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
 
 
 def test_a_reader_on_another_replica_keeps_the_stream_past_the_owners_grace(

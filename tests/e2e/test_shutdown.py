@@ -55,6 +55,21 @@ def collect(url: str, max_tokens: int, out: list[str], started: threading.Event)
                 started.set()
 
 
+def reading(url: str, max_tokens: int, events: list[str]) -> threading.Thread:
+    """A stream read into ``events`` on a thread, once its first event is in (a cut at the
+    end of a test ends it quietly)."""
+    started = threading.Event()
+
+    def read() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            collect(url, max_tokens, events, started)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(15)
+    return reader
+
+
 def kept_alive(url: str) -> http.client.HTTPConnection:
     """A connection that has had one answer and is kept alive, as a balancer's pool holds."""
     host, port = url.removeprefix("http://").split(":")
@@ -150,11 +165,8 @@ def test_a_second_sigint_ends_the_drain_at_once_and_still_shuts_the_app_down(
             "--synthetic-itl-ms", "50", "--drain-timeout-s", "600", log=log
         )
     events: list[str] = []
-    started = threading.Event()
-    reader = threading.Thread(target=collect, args=(url, 4000, events, started))
+    reader = reading(url, 4000, events)
     try:
-        reader.start()
-        assert started.wait(15)
         idle = kept_alive(url)
         proc.send_signal(signal.SIGINT)
         # Signals sent back to back may be handled as one: the second waits until the first
@@ -182,16 +194,8 @@ def test_a_drain_closes_kept_alive_connections_when_it_begins() -> None:
     goes on: a running stream is still delivered."""
     proc, url = start_cli_server("--synthetic-itl-ms", "20", "--drain-timeout-s", "600")
     events: list[str] = []
-    started = threading.Event()
-
-    def read() -> None:
-        with contextlib.suppress(httpx.HTTPError):  # cut by the kill that ends the test
-            collect(url, 3000, events, started)
-
-    reader = threading.Thread(target=read)
+    reader = reading(url, 3000, events)
     try:
-        reader.start()
-        assert started.wait(15)
         busy = kept_alive(url)
         proc.send_signal(signal.SIGTERM)
         refused_once_draining(busy)

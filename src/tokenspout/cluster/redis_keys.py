@@ -45,6 +45,11 @@ def owned(replica: str) -> str:
     return f"{PREFIX}o:{replica}"
 
 
+def draining(replica: str) -> str:
+    """Set while ``replica`` drains: it is no replica to hand streams over to."""
+    return f"{PREFIX}d:{replica}"
+
+
 def readers(stream_id: str) -> str:
     return f"{PREFIX}r:{stream_id}"
 

@@ -37,6 +37,10 @@ _PROBE_S = 0.5
 #: means Redis is gone, and no operation should hang on it.
 _SOCKET_TIMEOUT_S = 2.0
 _MAX_CONNECTIONS = 64
+#: How long a command waits for a free connection of the pool: a burst (hundreds of resumes
+#: while a replica takes hundreds of streams over) waits its turn; with the socket timeout
+#: here, it was "No connection available", taken for Redis lost (503 to the resumes).
+_POOL_WAIT_S = 30.0
 
 
 def check_reachable(url: str) -> None:
@@ -65,7 +69,7 @@ class RedisLink:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=_MAX_CONNECTIONS,
-            timeout=_SOCKET_TIMEOUT_S,
+            timeout=_POOL_WAIT_S,
             socket_connect_timeout=_SOCKET_TIMEOUT_S,
             socket_timeout=_SOCKET_TIMEOUT_S,
             health_check_interval=10,

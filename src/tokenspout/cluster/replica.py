@@ -50,6 +50,9 @@ LEASE_EVERY_S = 1.0
 LEASE_TTL_S = 3.0
 #: How long a stopping replica waits for Redis to take its handed-over streams' last chunks.
 _RELEASE_S = 2.0
+#: How long a stopping replica waits for its lease and cancel tasks to end: a cancel that
+#: comes during a Redis call may be lost in it, and the task then ends at its next turn.
+_STOP_TASKS_S = 2.0
 
 _LEASE = """
 local t = redis.call('TIME')
@@ -71,17 +74,20 @@ redis.call('SADD', KEYS[3], ARGV[3])
 return 1
 """
 
-# KEYS: replicas; ARGV: me. The other replicas whose lease has not lapsed.
+# KEYS: replicas; ARGV: me. The other replicas whose lease has not lapsed and that are not
+# draining themselves.
 _LIVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 local others = {}
 for _, replica in ipairs(live) do
-  if replica ~= ARGV[1] then others[#others + 1] = replica end
+  if replica ~= ARGV[1] and redis.call('EXISTS', PREFIX .. 'd:' .. replica) == 0 then
+    others[#others + 1] = replica
+  end
 end
 return others
-"""
+""".replace("PREFIX", repr(rk.PREFIX))
 
 # KEYS: replicas, admission, owned(dead); ARGV: dead. A lapsed replica with nothing left
 # to take over is forgotten.
@@ -165,13 +171,28 @@ class Replica:
         # be written is then taken over, and a replica with nothing left is forgotten.
         await self.link.close()
 
+    async def drain_begins(self, drain_s: float) -> None:
+        """Tell the other replicas that this one drains: none hands its streams over to it
+        (it would take them over no more)."""
+        ttl_ms = int((drain_s + LEASE_TTL_S * 10) * 1000)
+        with contextlib.suppress(*LOST):
+            await self.link.client.set(rk.draining(self.id), "1", px=ttl_ms)
+
+    def cut_mirror_readers(self) -> None:
+        """A drain's end: the readers here of streams generated elsewhere are cut without an
+        end, for their clients to resume on another replica (they waited for uvicorn's
+        last timeout, then were cancelled with a traceback)."""
+        for mirror in list(self._mirrors.values()):
+            mirror.stream.cut_readers("moved")
+
     async def hand_over(self, streams: list[Stream]) -> list[Stream]:
         """A drain's end: give this replica's shared streams among ``streams`` (those still
         running) to the other replicas, and return them. Their readers here are cut, for
         their clients to resume elsewhere (``StreamWriter.release``); this replica then
         refreshes its lease no more and ends it, so that the others take the streams over at
         their next lease refresh, not a lease's time later. None without another live
-        replica, or without Redis: the caller ends them as a lone server does."""
+        replica (one that is not draining too), or without Redis: the caller ends them as
+        a lone server does."""
         shared = [s for s in streams if self.writer.writes(s.id)]
         if not shared or not self.link.up:
             return []
@@ -197,12 +218,11 @@ class Replica:
         return released
 
     async def _stop_tasks(self) -> None:
-        """The lease's and the cancel channel's."""
+        """The lease's and the cancel channel's (see ``_STOP_TASKS_S``)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=_STOP_TASKS_S)
 
     async def _redis_back(self) -> None:
         # The other replicas could not refresh their leases either, and may not have
@@ -348,8 +368,10 @@ class Replica:
     # -- the lease and takeovers ---------------------------------------------------------
 
     async def _keep_lease(self) -> None:
-        while True:
+        while not self._leaving:
             await asyncio.sleep(LEASE_EVERY_S)
+            if self._leaving:
+                return  # handed over: its lease has ended
             if not self.link.up:
                 continue
             try:
@@ -377,6 +399,9 @@ class Replica:
         orphans = await client.smembers(rk.owned(dead))
         continued = False
         for raw in orphans:
+            assert self._state is not None
+            if self._state.draining:
+                break  # began to drain meanwhile: it would have to hand them on
             stream_id = raw.decode()
             keys = [rk.REPLICAS, rk.owned(dead), rk.owned(self.id), rk.meta(stream_id)]
             if await self._claim(keys=keys, args=[dead, self.id, stream_id]):
@@ -417,7 +442,9 @@ class Replica:
                 logger.warning("stream %s: cannot be taken over: %s", stream_id, exc)
             else:
                 logger.exception("stream %s: the takeover failed", stream_id)
-            await self._give_up(stream_id, f"the takeover after its replica died failed: {exc}")
+            await self._give_up(
+                stream_id, f"the takeover after its replica died or stopped failed: {exc}"
+            )
             return
         self.takeovers.inc()
         if record.key:

@@ -121,14 +121,17 @@ async def drain(state: ServerState, forced: asyncio.Event) -> None:
     their readers a moment to send it."""
     registry = state.streams
     timeout = state.config.drain_timeout_s
+    if state.cluster is not None:
+        await state.cluster.drain_begins(timeout)
     running = registry.running()
     if running and not forced.is_set():
         logger.info("draining %d stream(s) for up to %.0f s", len(running), timeout)
         await _wait_for_ends(running, forced, timeout_s=timeout)
     cut = registry.running()
-    if cut and state.cluster is not None:
+    if state.cluster is not None:
         handed = await state.cluster.hand_over(cut)
         cut = [s for s in cut if s not in handed]
+        state.cluster.cut_mirror_readers()
     if cut:
         why = "forced quit" if forced.is_set() else "drain timeout"
         logger.info("%s: ending %d stream(s)", why, len(cut))
