@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.cluster.conftest import RedisCutter, ReplicaSet, kill, needs_nginx
+from tests.cluster.conftest import RedisCutter, Replica, ReplicaSet, kill, needs_nginx
 from tests.conftest import free_port
 from tests.e2e.test_resume import chat_text, read_some, sse_events
 from tests.upstream_processes import faulty, processes
@@ -503,19 +503,25 @@ def test_sigterm_without_another_replica_ends_the_stream_with_an_error(
     """Nobody could take it over: the drain ends it as a lone server does (an error event
     and [DONE]), and Redis has it ended, not running for a replica that never comes."""
     a = replica_set.start("--synthetic-itl-ms", "2")
+    stream_id = stopped_mid_stream_with_the_error(a)
+    assert replica_set.redis.cli("HGET", f"tokenspout:m:{stream_id}", "state") == "ended"
+
+
+def stopped_mid_stream_with_the_error(replica: Replica) -> str:
+    """A stream on ``replica``, which gets SIGTERM after 5 events: the stream must end with
+    the drain's error event and [DONE], and the replica exit 0. Returns the stream's id."""
     with httpx.stream(
-        "POST", f"{a.url}/v1/chat/completions", json=chat_body(1500), timeout=60
+        "POST", f"{replica.url}/v1/chat/completions", json=chat_body(1500), timeout=60
     ) as r:
-        stream_id = r.headers["x-stream-id"]
         datas = []
         for _, data in sse_events(r.iter_lines()):
             datas.append(data)
             if len(datas) == 5:
-                a.proc.send_signal(signal.SIGTERM)
-    assert a.proc.wait(30) == 0
+                replica.proc.send_signal(signal.SIGTERM)
+    assert replica.proc.wait(30) == 0
     assert datas[-1] == "[DONE]"
     assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
-    assert replica_set.redis.cli("HGET", f"tokenspout:m:{stream_id}", "state") == "ended"
+    return r.headers["x-stream-id"]
 
 
 def test_sigterm_while_the_other_replica_drains_ends_the_stream_with_an_error(
@@ -531,15 +537,7 @@ def test_sigterm_while_the_other_replica_drains_ends_the_stream_with_an_error(
         b.proc.send_signal(signal.SIGTERM)
         while replica_set.redis.cli("EXISTS", f"tokenspout:d:{b_id}") != "1":
             pass  # until B said it drains
-        with httpx.stream("POST", f"{a.url}/v1/chat/completions", json=chat_body(1500)) as r:
-            datas = []
-            for _, data in sse_events(r.iter_lines()):
-                datas.append(data)
-                if len(datas) == 5:
-                    a.proc.send_signal(signal.SIGTERM)
-    assert a.proc.wait(30) == 0
-    assert datas[-1] == "[DONE]"
-    assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
+        stopped_mid_stream_with_the_error(a)
     os.kill(b.proc.pid, signal.SIGKILL)
 
 
