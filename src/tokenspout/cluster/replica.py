@@ -193,7 +193,7 @@ class Replica:
         their next lease refresh, not a lease's time later. None without another live
         replica (one that is not draining too), or without Redis: the caller ends them as
         a lone server does."""
-        shared = [s for s in streams if self.writer.writes(s.id)]
+        shared = self._shared(streams)
         if not shared or not self.link.up:
             return []
         try:
@@ -206,7 +206,8 @@ class Replica:
         # The lease first: refreshed once more, it would outlive its end below.
         self._leaving = True
         await self._stop_tasks()
-        released = await self.writer.release(shared, timeout_s=_RELEASE_S)
+        # With any stream a takeover begun before the drain opened here meanwhile.
+        released = await self.writer.release(self._shared(shared), timeout_s=_RELEASE_S)
         if released:
             logger.info(
                 "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,
@@ -216,6 +217,12 @@ class Replica:
                 # A score of 0 has lapsed: the others' next refresh lists this replica.
                 await self.link.client.zadd(rk.REPLICAS, {self.id: 0})
         return released
+
+    def _shared(self, streams: list[Stream]) -> list[Stream]:
+        """Of ``streams`` and this replica's running ones, those it shares through Redis."""
+        assert self._state is not None
+        running = dict.fromkeys([*streams, *self._state.streams.running()])
+        return [s for s in running if self.writer.writes(s.id) and not s.finished]
 
     async def _stop_tasks(self) -> None:
         """The lease's and the cancel channel's (see ``_STOP_TASKS_S``)."""
