@@ -185,16 +185,14 @@ class Replica:
         for mirror in list(self._mirrors.values()):
             mirror.stream.cut_readers("moved")
 
-    async def hand_over(self, streams: list[Stream]) -> list[Stream]:
-        """A drain's end: give this replica's shared streams among ``streams`` (those still
-        running) to the other replicas, and return them. Their readers here are cut, for
-        their clients to resume elsewhere (``StreamWriter.release``); this replica then
-        refreshes its lease no more and ends it, so that the others take the streams over at
-        their next lease refresh, not a lease's time later. None without another live
-        replica (one that is not draining too), or without Redis: the caller ends them as
-        a lone server does."""
-        shared = self._shared(streams)
-        if not shared or not self.link.up:
+    async def hand_over(self) -> list[Stream]:
+        """A drain's end: give this replica's running shared streams to the other replicas,
+        and return them. Their readers here are cut, for their clients to resume elsewhere
+        (``StreamWriter.release``); this replica then refreshes its lease no more and ends
+        it, so that the others take the streams over at their next lease refresh, not a
+        lease's time later. None without another live replica (one that is not draining
+        too), or without Redis: the caller ends them as a lone server does."""
+        if not self._shared() or not self.link.up:
             return []
         try:
             others = await self._live(keys=[rk.REPLICAS], args=[self.id])
@@ -207,7 +205,7 @@ class Replica:
         self._leaving = True
         await self._stop_tasks()
         # With any stream a takeover begun before the drain opened here meanwhile.
-        released = await self.writer.release(self._shared(shared), timeout_s=_RELEASE_S)
+        released = await self.writer.release(self._shared(), timeout_s=_RELEASE_S)
         if released:
             logger.info(
                 "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,
@@ -218,11 +216,10 @@ class Replica:
                 await self.link.client.zadd(rk.REPLICAS, {self.id: 0})
         return released
 
-    def _shared(self, streams: list[Stream]) -> list[Stream]:
-        """Of ``streams`` and this replica's running ones, those it shares through Redis."""
+    def _shared(self) -> list[Stream]:
+        """This replica's running streams that it shares through Redis."""
         assert self._state is not None
-        running = dict.fromkeys([*streams, *self._state.streams.running()])
-        return [s for s in running if self.writer.writes(s.id) and not s.finished]
+        return [s for s in self._state.streams.running() if self.writer.writes(s.id)]
 
     async def _stop_tasks(self) -> None:
         """The lease's and the cancel channel's (see ``_STOP_TASKS_S``)."""
@@ -375,7 +372,7 @@ class Replica:
     # -- the lease and takeovers ---------------------------------------------------------
 
     async def _keep_lease(self) -> None:
-        while not self._leaving:
+        while True:
             await asyncio.sleep(LEASE_EVERY_S)
             if self._leaving:
                 return  # handed over: its lease has ended

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 from starlette.requests import Request
 
 from tokenspout.errors import InvalidRequestError, field_path
@@ -19,11 +20,13 @@ Body = TypeVar("Body", bound=BaseModel)
 def describe(err: ValidationError, data: object) -> str:
     """pydantic's errors for the input ``data`` as one line a user can act on:
     ``field: problem; ...``."""
-    parts = []
-    for e in err.errors(include_url=False):
-        where = field_path(_path(e["loc"], data, missing=e["type"] == "missing")) or "body"
-        parts.append(f"{where}: {e['msg']}")
+    parts = [f"{_where(e, data) or 'body'}: {e['msg']}" for e in err.errors(include_url=False)]
     return "; ".join(parts)
+
+
+def _where(error: ErrorDetails, data: object) -> str:
+    """Where in ``data`` pydantic's ``error`` is, as ``param`` names it ("" for the body)."""
+    return field_path(_path(error["loc"], data, missing=error["type"] == "missing"))
 
 
 def _path(loc: tuple[int | str, ...], data: object, *, missing: bool) -> list[int | str]:
@@ -68,6 +71,5 @@ def validate(model: type[Body], data: object) -> Body:
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        param = field_path(_path(first["loc"], data, missing=first["type"] == "missing")) or None
+        param = _where(err.errors(include_url=False)[0], data) or None
         raise InvalidRequestError(describe(err, data), param=param) from None

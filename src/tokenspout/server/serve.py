@@ -129,7 +129,7 @@ async def drain(state: ServerState, forced: asyncio.Event) -> None:
         await _wait_for_ends(running, forced, timeout_s=timeout)
     cut = registry.running()
     if state.cluster is not None:
-        handed = await state.cluster.hand_over(cut)
+        handed = await state.cluster.hand_over()
         cut = [s for s in cut if s not in handed]
         state.cluster.cut_mirror_readers()
     if cut:
