@@ -327,6 +327,48 @@ def test_an_answer_the_engine_cannot_continue_is_gone_after_its_replica_died(
         assert f"{refusal} cannot be continued" in gone.json()["error"]["message"]
 
 
+def test_sigterm_hands_over_only_what_the_others_can_continue(
+    replica_set: ReplicaSet,
+) -> None:
+    """A drain's end hands a plain answer over, but not a constrained one, which the
+    embedded engine cannot continue: handed over, it was cut with no end here and then
+    given up elsewhere (410). It ends where it runs, as on a lone server: the drain's
+    error and [DONE], and Redis has it ended."""
+    a, b = replica_set.start_many(2, engine="embedded")
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
+        "required": ["n"],
+    }
+    constrained = {
+        "messages": [{"role": "user", "content": "Count."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+    }
+    plain = {"messages": [{"role": "user", "content": "Count."}], "ignore_eos": True}
+    options = {"resumable": True, "flush_tokens": 1}
+    with contextlib.ExitStack() as connections:
+        responses = {}
+        for name, body in (("constrained", constrained), ("plain", plain)):
+            body = {**body, "max_tokens": 700, "temperature": 0, "stream": True,
+                    "stream_options": options}  # fmt: skip
+            r = connections.enter_context(
+                httpx.stream("POST", f"{a.url}/v1/chat/completions", json=body, timeout=60)
+            )
+            responses[name] = (r, *read_first(r, [], count=3))
+        a.proc.send_signal(signal.SIGTERM)
+        _, events, _ = responses["constrained"]
+        datas = [data for _, data in events]
+        _, events, last_id = responses["plain"]
+        _, done = read_until_cut(events, [], last_id)
+    assert a.proc.wait(30) == 0
+    assert datas[-1] == "[DONE]"
+    assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
+    constrained_id = responses["constrained"][0].headers["x-stream-id"]
+    assert replica_set.redis.cli("HGET", f"tokenspout:m:{constrained_id}", "state") == "ended"
+    assert not done  # cut without an end: handed over
+    b.wait_metric("tokenspout_stream_takeovers_total", 1)
+
+
 def test_a_request_with_a_field_only_the_upstream_knows_is_taken_over(
     replica_set: ReplicaSet,
 ) -> None:

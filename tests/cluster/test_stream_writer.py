@@ -40,7 +40,7 @@ async def _open(link: RedisLink) -> tuple[StreamWriter, Stream]:
         stream.id, StreamWire("chat", "synthetic"), key="team", replica="r1",
         created=stream.created, prompt_tokens=2, body="{}",
     )  # fmt: skip
-    await writer.open(stream, record)
+    await writer.open(stream, record, continuable=True)
     return writer, stream
 
 
@@ -118,7 +118,7 @@ def test_release_stops_a_stream_then_writes_it_to_its_last_chunk(
                 stream.id, StreamWire("chat", "synthetic"), key="", replica="r1",
                 created=stream.created, prompt_tokens=3, body="{}",
             )  # fmt: skip
-            await writer.open(stream, record)
+            await writer.open(stream, record, continuable=True)
             for word in ("one ", "two ", "three "):
                 engine.push(stream.id, word)
             loop = asyncio.get_running_loop()

@@ -191,8 +191,10 @@ class Replica:
         (``StreamWriter.release``); this replica then refreshes its lease no more and ends
         it, so that the others take the streams over at their next lease refresh, not a
         lease's time later. None without another live replica (one that is not draining
-        too), or without Redis: the caller ends them as a lone server does."""
-        if not self._shared() or not self.link.up:
+        too), or without Redis: the caller ends them as a lone server does, and so it does
+        the streams the others could not go on with (constrained or echoed answers of the
+        embedded engine)."""
+        if not self._movable() or not self.link.up:
             return []
         try:
             others = await self._live(keys=[rk.REPLICAS], args=[self.id])
@@ -205,7 +207,7 @@ class Replica:
         self._leaving = True
         await self._stop_tasks()
         # With any stream a takeover begun before the drain opened here meanwhile.
-        released = await self.writer.release(self._shared(), timeout_s=_RELEASE_S)
+        released = await self.writer.release(self._movable(), timeout_s=_RELEASE_S)
         if released:
             logger.info(
                 "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,
@@ -216,10 +218,10 @@ class Replica:
                 await self.link.client.zadd(rk.REPLICAS, {self.id: 0})
         return released
 
-    def _shared(self) -> list[Stream]:
-        """This replica's running streams that it shares through Redis."""
+    def _movable(self) -> list[Stream]:
+        """This replica's running streams that it could hand over (``StreamWriter.movable``)."""
         assert self._state is not None
-        return [s for s in self._state.streams.running() if self.writer.writes(s.id)]
+        return [s for s in self._state.streams.running() if self.writer.movable(s)]
 
     async def _stop_tasks(self) -> None:
         """The lease's and the cancel channel's (see ``_STOP_TASKS_S``)."""
@@ -254,7 +256,9 @@ class Replica:
             prompt_tokens=stream.prompt_tokens,
             body=generation.body.model_dump_json(exclude_unset=True),
         )
-        await self.writer.open(stream, record)
+        assert self._state is not None
+        refusal = self._state.engine.continuation_refusal(generation.params)
+        await self.writer.open(stream, record, continuable=refusal is None)
 
     def ended(self, stream: Stream) -> None:
         if stream.resumable:

@@ -124,6 +124,9 @@ class _Tracked:
     opened: bool = False
     #: Handed over (``release``): its chunks are written, its end (``stream_moved``) never.
     leaving: bool = False
+    #: Another replica's engine can go on with it (``continuation_refusal``): it is handed
+    #: over; one that cannot be ends here, with the drain's error.
+    continuable: bool = True
 
 
 class WriterMetrics:
@@ -196,11 +199,12 @@ class StreamWriter:
 
     # -- what the streams tell it --------------------------------------------------------
 
-    async def open(self, stream: Stream, record: StreamRecord) -> None:
+    async def open(self, stream: Stream, record: StreamRecord, *, continuable: bool) -> None:
         """A stream opened here: its record goes to Redis now, before its response starts,
         so that any replica knows its id as soon as its client does (a resume or cancel
         sent elsewhere right after the first event is not a 404). Its chunks follow behind.
-        With Redis lost, the record is written with the chunks when it is back."""
+        With Redis lost, the record is written with the chunks when it is back.
+        ``continuable``: ``release`` hands it over."""
         opened = False
         if self._link.up:
             pipe = self._link.client.pipeline(transaction=False)
@@ -213,7 +217,7 @@ class StreamWriter:
             except Exception:
                 logger.exception("stream %s: writing its record failed; the writer retries",
                                  stream.id)  # fmt: skip
-        self.track(stream, record, opened=opened)
+        self.track(stream, record, opened=opened, continuable=continuable)
 
     def _open_record(self, pipe: Pipeline, record: StreamRecord) -> None:
         meta = rk.meta(record.stream_id)
@@ -222,11 +226,19 @@ class StreamWriter:
         pipe.sadd(rk.owned(self._replica), record.stream_id)
 
     def track(
-        self, stream: Stream, record: StreamRecord, *, persisted: int = 0, opened: bool = False
+        self,
+        stream: Stream,
+        record: StreamRecord,
+        *,
+        persisted: int = 0,
+        opened: bool = False,
+        continuable: bool = True,
     ) -> None:
         """Persist ``stream`` from now on; ``persisted``: Redis has its chunks up to there
         (and with ``opened`` its record: a stream taken over)."""
-        self._tracked[stream.id] = _Tracked(stream, record, persisted, opened)
+        self._tracked[stream.id] = _Tracked(
+            stream, record, persisted, opened, continuable=continuable
+        )
         self.touched(stream.id)
 
     def touched(self, stream_id: str) -> None:
@@ -242,6 +254,12 @@ class StreamWriter:
         """Whether this writer persists ``stream_id`` (a shared stream of this replica)."""
         return stream_id in self._tracked
 
+    def movable(self, stream: Stream) -> bool:
+        """Whether ``release`` would hand ``stream`` over: written here, running, and one
+        another replica can go on with."""
+        tracked = self._tracked.get(stream.id)
+        return tracked is not None and tracked.continuable and not stream.finished
+
     def untrack(self, stream_id: str) -> None:
         self._tracked.pop(stream_id, None)
 
@@ -250,9 +268,9 @@ class StreamWriter:
         it writes is stopped here first (``moved_away``: the engine lets it go, and its HTTP
         readers' connections are cut, for their clients to resume where it goes on), then
         written to its last chunk, without its end, and no longer written here. Returns the
-        streams it stopped. One whose chunks Redis did not take within ``timeout_s`` goes on
-        elsewhere from what Redis has, as after a death."""
-        leaving = [self._tracked[s.id] for s in streams if self.writes(s.id) and not s.finished]
+        streams it stopped (not those ``movable`` refuses). One whose chunks Redis did not
+        take within ``timeout_s`` goes on elsewhere from what Redis has, as after a death."""
+        leaving = [self._tracked[s.id] for s in streams if self.movable(s)]
         for tracked in leaving:
             tracked.leaving = True
             tracked.stream.moved_away("this one stopped and handed it over")

@@ -154,6 +154,12 @@ class Engine(ABC):
         this engine cannot continue such an answer). Under greedy decoding the first part
         followed by the rest is the answer an uncut request would have given."""
 
+    def continuation_refusal(self, params: SamplingParams) -> InvalidRequestError | None:
+        """Why ``continuation`` refuses every answer generated with ``params``, or None
+        where it continues them (a replica hands over to the others only the streams
+        they can go on with)."""
+        return None
+
     def check_params(self, params: SamplingParams) -> None:
         """Raise ``InvalidRequestError`` naming the first field of ``params`` this engine
         cannot honour (never accept and ignore). By default: everything beyond plain

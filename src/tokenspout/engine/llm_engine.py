@@ -250,16 +250,9 @@ class LLMEngine(Engine):
         # The clamp the uncut request had (see ``_new_request``): its answer stopped there.
         room = self.max_model_len - len(prompt.token_ids or ())
         rest = remaining_params(replace(params, max_tokens=min(params.max_tokens, room)), sofar)
-        if params.grammar is not None:
-            # The grammar's matcher would have to replay the first part; not done.
-            raise InvalidRequestError(
-                "a constrained answer (response_format, tools) cannot be continued",
-                param="response_format",
-            )
-        if params.echo:
-            # Not done here (the upstream engine continues one, asking for the rest without
-            # the echo the client already has).
-            raise InvalidRequestError("an echoed answer cannot be continued", param="echo")
+        refusal = self.continuation_refusal(params)
+        if refusal is not None:
+            raise refusal
         text = prompt.text + sofar.text
         tokenizer = self._runner().tokenizer
         if (
@@ -272,6 +265,19 @@ class LLMEngine(Engine):
             ids = tuple(tokenizer.encode(text, add_special_tokens=False))
         self._check_prompt(ids, prompt.field)
         return replace(prompt, text=text, token_ids=ids), rest
+
+    def continuation_refusal(self, params: SamplingParams) -> InvalidRequestError | None:
+        if params.grammar is not None:
+            # The grammar's matcher would have to replay the first part; not done.
+            return InvalidRequestError(
+                "a constrained answer (response_format, tools) cannot be continued",
+                param="response_format",
+            )
+        if params.echo:
+            # Not done here (the upstream engine continues one, asking for the rest without
+            # the echo the client already has).
+            return InvalidRequestError("an echoed answer cannot be continued", param="echo")
+        return None
 
     def detokenize(self, token_ids: Seq[int]) -> str:
         self._check_ids(token_ids)
