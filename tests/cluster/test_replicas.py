@@ -533,6 +533,9 @@ def test_sigterm_hands_a_running_stream_over_and_its_client_resumes_it_elsewhere
         last_id, done = read_until_cut(events, parts, last_id)  # KeyError on an error event
     assert not done
     assert a.proc.wait(30) == 0
+    # Cut on purpose, for the client to resume: no error in the log (uvicorn's "returned
+    # without completing response" was one per stream handed over).
+    assert "ERROR" not in a.log.read_text(), a.log.read_text()
     resume_to_end(b.url, stream_id, last_id, parts)
     assert "".join(parts) == expected
     assert b.metric("tokenspout_stream_takeovers_total") == 1

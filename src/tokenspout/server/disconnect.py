@@ -8,6 +8,8 @@ from typing import Any
 
 from starlette.types import Receive
 
+from tokenspout.server.cut_responses import cut_on_purpose
+
 
 class DisconnectWatch:
     """Runs a response's body as its own task, racing it against the client leaving.
@@ -48,6 +50,9 @@ class DisconnectWatch:
         finally:
             self._body = None
             listener.cancel()
+        if self.reason is not None:
+            # Left incomplete on purpose: no "returned without completing" error in the log.
+            cut_on_purpose(self.reason)
         return self.reason
 
     def interrupt(self, reason: str) -> None:

@@ -33,6 +33,7 @@ from websockets.exceptions import InvalidState
 
 from tokenspout.errors import ShuttingDownError
 from tokenspout.server.connection_limits import uvicorn_options
+from tokenspout.server.cut_responses import quiet_purposeful_cuts
 from tokenspout.server.log_redaction import redact_key_params
 from tokenspout.server.server_state import ServerState
 from tokenspout.streaming.stream import Stream
@@ -196,4 +197,5 @@ def serve(
         **uvicorn_options(state),
     )
     redact_key_params(state.config.log_prompts)
+    quiet_purposeful_cuts()
     DrainingServer(config, state).run()
