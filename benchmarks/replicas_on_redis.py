@@ -9,7 +9,8 @@
   owner SIGKILLed, the client reconnecting at once to the other with ``Last-Event-ID``; the
   time from the kill to the next token at the client (the lease lapse dominates it). With
   ``--signal term`` the owner is stopped with SIGTERM instead (``--drain-timeout-s 0``: the
-  drain hands the stream over at once): the time from the signal to the next token.
+  drain hands the stream over at once): the time from the signal to the next token. With
+  ``--at-once N``, N streams and clients each time (the other replica takes all N over).
 * ``resume``: a stream cut on one replica and resumed with ``Last-Event-ID`` on the same
   replica or on another: the time from the request to the first replayed event.
 * ``open``: what writing a stream's record before its response starts costs, and what it
@@ -18,7 +19,8 @@
   to the other replica: how many of them found the stream.
 
     .venv/bin/python benchmarks/replicas_on_redis.py cpu --streams 400 --tokens 300 --reps 3
-    .venv/bin/python benchmarks/replicas_on_redis.py takeover --kills 20 [--signal term]
+    .venv/bin/python benchmarks/replicas_on_redis.py takeover --kills 20 [--signal term] \
+        [--at-once 300]
     .venv/bin/python benchmarks/replicas_on_redis.py resume --samples 50
     .venv/bin/python benchmarks/replicas_on_redis.py open --samples 200
 
@@ -225,6 +227,59 @@ def sse(response: httpx.Response):  # type: ignore[no-untyped-def]
             yield event_id, line[6:]
 
 
+async def asse(response: httpx.Response):  # type: ignore[no-untyped-def]
+    event_id = None
+    async for line in response.aiter_lines():
+        if line.startswith("id: "):
+            event_id = line[4:]
+        elif line.startswith("data: "):
+            yield event_id, line[6:]
+
+
+async def stop_under_streams(
+    victim: subprocess.Popen[bytes], vport: int, other: int, stop: signal.Signals, at_once: int
+) -> list[float]:
+    """``at_once`` streams on the victim, each read 20 events in, then the victim stopped;
+    each client reads on until its connection is cut, then resumes on ``other`` with its
+    last event id. Per stream: the time from the stop to its next new event."""
+    body = {"prompt": "a b c d e f g h", "max_tokens": 3000}
+    all_in, stopped = asyncio.Event(), asyncio.Event()
+    waiting = [at_once]
+    stopped_at = [0.0]
+    limits = httpx.Limits(max_connections=2 * at_once + 10)
+
+    async def one(client: httpx.AsyncClient) -> float:
+        last = None
+        url = f"http://127.0.0.1:{vport}/v1/completions/stream"
+        async with client.stream("POST", url, json=body) as r:
+            events = asse(r)
+            for _ in range(20):
+                last, _data = await anext(events)
+            waiting[0] -= 1
+            if not waiting[0]:
+                all_in.set()
+            await stopped.wait()
+            try:
+                async for event_id, _data in events:
+                    last = event_id or last
+            except httpx.HTTPError:
+                pass
+        url = f"http://127.0.0.1:{other}/v1/completions/stream"
+        async with client.stream("GET", url, headers={"Last-Event-ID": last or ""}) as r:
+            async for event_id, _data in asse(r):
+                if event_id and event_id != last:
+                    return time.perf_counter() - stopped_at[0]
+        raise RuntimeError("the resumed stream ended without a new event")
+
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        tasks = [asyncio.ensure_future(one(client)) for _ in range(at_once)]
+        await all_in.wait()
+        os.kill(victim.pid, stop)
+        stopped_at[0] = time.perf_counter()
+        stopped.set()
+        return list(await asyncio.gather(*tasks))
+
+
 def takeover(args: argparse.Namespace) -> None:
     print(machine())
     stop = signal.SIGTERM if args.signal == "term" else signal.SIGKILL
@@ -235,37 +290,19 @@ def takeover(args: argparse.Namespace) -> None:
         try:
             for kill in range(args.kills):
                 (victim, vport), (_, other) = replicas
-                body = {"prompt": "a b c d e f g h", "max_tokens": 3000}
-                with httpx.stream(
-                    "POST", f"http://127.0.0.1:{vport}/v1/completions/stream", json=body
-                ) as r:
-                    events = sse(r)
-                    last = None
-                    for _ in range(20):
-                        last, _data = next(events)
-                    os.kill(victim.pid, stop)
-                    killed = time.perf_counter()
-                    try:
-                        for event_id, _data in events:
-                            last = event_id or last
-                    except httpx.HTTPError:
-                        pass
-                headers = {"Last-Event-ID": last or ""}
-                url = f"http://127.0.0.1:{other}/v1/completions/stream"
-                with httpx.stream("GET", url, headers=headers, timeout=60) as r:
-                    for event_id, _data in sse(r):
-                        if event_id and event_id != last:
-                            times.append(time.perf_counter() - killed)
-                            break
+                these = asyncio.run(stop_under_streams(victim, vport, other, stop, args.at_once))
+                times += these
                 if victim.wait(60) != (0 if stop == signal.SIGTERM else -signal.SIGKILL):
                     raise RuntimeError(f"the stopped replica exited with {victim.returncode}")
-                print(f"kill {kill + 1}: next token after {times[-1]:.3f} s", flush=True)
+                print(f"kill {kill + 1}: next token after p50 {statistics.median(these):.3f} s, "
+                      f"max {max(these):.3f} s ({len(these)} streams)", flush=True)  # fmt: skip
                 replicas = [replicas[1], start_replica(redis, args.itl_ms)]
         finally:
             for proc, _ in replicas:
                 proc.terminate()
             redis.stop()
-    print(f"\ntakeover over {len(times)} kills ({stop.name} → next token at the client):")
+    print(f"\ntakeover over {args.kills} kills of {args.at_once} stream(s) each "
+          f"({stop.name} → next token at the client):")  # fmt: skip
     print(f"p50 {statistics.median(times):.3f} s, max {max(times):.3f} s, min {min(times):.3f} s")
 
 
@@ -358,6 +395,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--signal", choices=["kill", "term"], default="kill")
+    parser.add_argument("--at-once", type=int, default=1, help="takeover: streams per stop")
     parser.add_argument("--samples", type=int, default=50)
     args = parser.parse_args()
     modes = {"cpu": cpu, "takeover": takeover, "resume": resume, "open": open_cost}
