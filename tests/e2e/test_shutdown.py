@@ -46,23 +46,33 @@ def start_cli_server(
     raise RuntimeError("server did not start")
 
 
-def collect(url: str, max_tokens: int, out: list[str], started: threading.Event) -> None:
+def collect(
+    url: str,
+    max_tokens: int,
+    out: list[str],
+    started: threading.Event,
+    arrived: threading.Semaphore | None = None,
+) -> None:
     body = {"prompt": "drain", "max_tokens": max_tokens}
     with httpx.stream("POST", f"{url}/v1/completions/stream", json=body, timeout=30) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 out.append(line[6:])
                 started.set()
+                if arrived is not None:
+                    arrived.release()
 
 
-def reading(url: str, max_tokens: int, events: list[str]) -> threading.Thread:
+def reading(
+    url: str, max_tokens: int, events: list[str], arrived: threading.Semaphore | None = None
+) -> threading.Thread:
     """A stream read into ``events`` on a thread, once its first event is in (a cut at the
-    end of a test ends it quietly)."""
+    end of a test ends it quietly); ``arrived`` is released once per event."""
     started = threading.Event()
 
     def read() -> None:
         with contextlib.suppress(httpx.HTTPError):
-            collect(url, max_tokens, events, started)
+            collect(url, max_tokens, events, started, arrived)
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -194,15 +204,17 @@ def test_a_drain_closes_kept_alive_connections_when_it_begins() -> None:
     goes on: a running stream is still delivered."""
     proc, url = start_cli_server("--synthetic-itl-ms", "20", "--drain-timeout-s", "600")
     events: list[str] = []
-    reader = reading(url, 3000, events)
+    arrived = threading.Semaphore(0)
+    reader = reading(url, 3000, events, arrived)
     try:
         busy = kept_alive(url)
         proc.send_signal(signal.SIGTERM)
         refused_once_draining(busy)
         assert proc.poll() is None
-        delivered = len(events)
-        while len(events) < delivered + 5:  # the stream goes on
-            assert reader.is_alive()
+        while arrived.acquire(blocking=False):
+            pass  # the events so far
+        for _ in range(5):  # the stream goes on
+            assert arrived.acquire(timeout=30)
         assert all("error" not in event for event in events)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
