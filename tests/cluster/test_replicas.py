@@ -276,6 +276,20 @@ def test_sigkill_owner_mid_stream_client_gets_the_whole_answer(
     assert survivor.metric("tokenspout_stream_takeovers_total") == 1
 
 
+#: A chat whose answer the embedded engine cannot continue (its grammar would have to replay
+#: the first part), far longer than the few tokens the tests read before they stop its
+#: replica: still generating then.
+_SCHEMA = {
+    "type": "object",
+    "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
+    "required": ["n"],
+}
+CONSTRAINED = {
+    "messages": [{"role": "user", "content": "Count."}],
+    "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": _SCHEMA}},
+}
+
+
 def test_an_answer_the_engine_cannot_continue_is_gone_after_its_replica_died(
     replica_set: ReplicaSet,
 ) -> None:
@@ -288,17 +302,7 @@ def test_an_answer_the_engine_cannot_continue_is_gone_after_its_replica_died(
 
     owner, survivor = replica_set.start_many(2, engine="embedded")
     options = {"resumable": True, "flush_tokens": 1}
-    # Far longer than the few tokens read before the kill: the owner is still generating.
-    schema = {
-        "type": "object",
-        "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
-        "required": ["n"],
-    }
-    constrained = {
-        "messages": [{"role": "user", "content": "Count."}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
-    }
-    echoed = {"prompt": "One two three", "echo": True}
+    constrained, echoed = CONSTRAINED, {"prompt": "One two three", "echo": True}
     requests = [
         ("chat/completions", constrained, "a constrained answer (response_format, tools)"),
         ("completions", echoed, "an echoed answer"),
@@ -335,15 +339,7 @@ def test_sigterm_hands_over_only_what_the_others_can_continue(
     given up elsewhere (410). It ends where it runs, as on a lone server: the drain's
     error and [DONE], and Redis has it ended."""
     a, b = replica_set.start_many(2, engine="embedded")
-    schema = {
-        "type": "object",
-        "properties": {"n": {"type": "array", "items": {"type": "integer"}, "minItems": 300}},
-        "required": ["n"],
-    }
-    constrained = {
-        "messages": [{"role": "user", "content": "Count."}],
-        "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
-    }
+    constrained = CONSTRAINED
     plain = {"messages": [{"role": "user", "content": "Count."}], "ignore_eos": True}
     options = {"resumable": True, "flush_tokens": 1}
     with contextlib.ExitStack() as connections:
