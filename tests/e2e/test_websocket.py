@@ -95,25 +95,34 @@ async def test_malformed_messages_get_errors_and_the_socket_stays(
     synthetic_server: RunningServer,
 ) -> None:
     async with connect(ws_url(synthetic_server)) as ws:
+        # The message, its id in the error, words of the error's message, and its param
+        # (the field at fault, named as over HTTP).
         bad = [
-            ("not json", None, "JSON"),
-            ("[1]", None, "object"),
-            (json.dumps({"type": "generate"}), None, "id"),
-            (json.dumps({"type": "dance", "id": "q"}), "q", "type"),
-            (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt"),
-            (generate("q", "hi", 0), "q", "max_tokens"),
-            (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable"),
+            ("not json", None, "JSON", None),
+            ("[1]", None, "object", None),
+            (json.dumps({"type": "generate"}), None, "id", "id"),
+            (json.dumps({"type": "dance", "id": "q"}), "q", "type", "type"),
+            (json.dumps({"type": "generate", "id": "q"}), "q", "messages or prompt", "messages"),
+            (generate("q", "hi", 0), "q", "max_tokens", "max_tokens"),
+            (generate("q", "hi", "x"), "q", "max_tokens", "max_tokens"),
+            (generate("r", "hi", 2, stream_options={"resumable": True}), "r", "not resumable",
+             "stream_options.resumable"),
             # Fields no socket message could honour are refused by name, not ignored.
-            (generate("s", "hi", 2, stream=False), "s", "always streams"),
-            (generate("u", "hi", 2, stream_options=USAGE_EVERY_CHUNK), "u", "continuous_usage"),
-            ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate"),
-            ('{"type": "generate", "id": "n", "max_tokens": ' + "9" * 5000 + "}", None, "long"),
-        ]
-        for text, msg_id, words in bad:
+            (generate("s", "hi", 2, stream=False), "s", "always streams", "stream"),
+            (generate("u", "hi", 2, stream_options=USAGE_EVERY_CHUNK), "u", "continuous_usage",
+             "stream_options.continuous_usage_stats"),
+            ('{"type": "cancel", "id": "\\ud800"}', None, "lone surrogate", "id"),
+            ('{"type": "generate", "id": "n", "max_tokens": ' + "9" * 5000 + "}", None, "long",
+             None),
+        ]  # fmt: skip
+        params = []
+        for text, msg_id, words, _ in bad:
             await ws.send(text)
             msg = json.loads(await ws.recv())
             assert msg["type"] == "error" and msg["id"] == msg_id, msg
             assert words in msg["error"]["message"]
+            params.append(msg["error"]["param"])
+        assert params == [param for *_, param in bad]
         await ws.send(generate("ok", "fine", 2))
         received = [json.loads(await ws.recv()) for _ in range(3)]
         assert received[-1]["type"] == "done"

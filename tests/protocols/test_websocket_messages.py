@@ -14,6 +14,7 @@ from tokenspout.protocols.websocket_messages import (
     MAX_ID_LENGTH,
     Cancel,
     Generate,
+    MessageRefused,
     delta,
     done,
     error,
@@ -86,7 +87,7 @@ def test_unreadable_messages_are_refused_without_an_id(text: str, says: str) -> 
     with pytest.raises(InvalidRequestError) as refused:
         parse_client_message(text)
     assert says in refused.value.message
-    assert refused.value.param is None and refused.value.status_code == 400
+    assert getattr(refused.value, "msg_id", None) is None and refused.value.status_code == 400
 
 
 @pytest.mark.parametrize(
@@ -105,7 +106,9 @@ def test_wrong_messages_with_an_id_name_it(message: dict, says: str) -> None:
     with pytest.raises(InvalidRequestError) as refused:
         parse_client_message(json.dumps(message))
     assert says in refused.value.message
-    assert refused.value.param == "r9"
+    assert isinstance(refused.value, MessageRefused) and refused.value.msg_id == "r9"
+    # The field at fault, not the id.
+    assert refused.value.param in ("messages", "type")
 
 
 def test_what_the_server_sends() -> None:
@@ -119,7 +122,12 @@ def test_what_the_server_sends() -> None:
     assert error("r1", EngineError("the engine broke")) == {
         "type": "error",
         "id": "r1",
-        "error": {"message": "the engine broke", "type": "server_error", "code": "engine_error"},
+        "error": {
+            "message": "the engine broke",
+            "type": "server_error",
+            "param": None,
+            "code": "engine_error",
+        },
     }
     # An error about a message whose id could not be read names no stream.
     refused = InvalidRequestError("message must be a JSON object")
@@ -129,9 +137,13 @@ def test_what_the_server_sends() -> None:
         "error": {
             "message": "message must be a JSON object",
             "type": "invalid_request_error",
+            "param": None,
             "code": "invalid_request",
         },
     }
+    # As over HTTP, the field at fault is named.
+    bad_field = InvalidRequestError("max_tokens: Input should be an integer", param="max_tokens")
+    assert error("a", bad_field)["error"]["param"] == "max_tokens"
     for message in (delta("r", "é\n"), done("r", "length", Usage(0, 1)), error(None, refused)):
         assert json.loads(json.dumps(message)) == message
 

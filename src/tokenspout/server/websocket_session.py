@@ -117,8 +117,11 @@ class WebSocketSession:
     async def _handle(self, text: str) -> None:
         try:
             message = wsm.parse_client_message(text, self.state.config.max_json_depth)
-        except InvalidRequestError as err:
-            await self._refuse(err.param, err)
+        except wsm.MessageRefused as err:
+            await self._refuse(err.msg_id, err)
+            return
+        except InvalidRequestError as err:  # before its id could be read
+            await self._refuse(None, err)
             return
         if isinstance(message, wsm.Cancel):
             await self._cancel(message.id)
