@@ -369,6 +369,18 @@ def test_stream_url_refuses_a_parameter_it_does_not_take(
     assert httpx.get(url.replace(f"&{extra}", "&api_key=&flush_ms=0")).status_code == 200
 
 
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "x"])
+def test_stream_url_refuses_what_is_not_a_finite_number(
+    synthetic_server: RunningServer, value: str
+) -> None:
+    """``float`` reads "nan" and "inf": a NaN temperature was refused as "less than or equal
+    to 2", and ``1e999`` is infinite."""
+    url = f"{synthetic_server.url}/v1/completions/stream?prompt=hi&temperature={value}"
+    error = httpx.get(url).json()["error"]
+    assert error["param"] == "temperature"
+    assert error["message"] == f"temperature: {value!r} is not a valid float"
+
+
 JUNK: list[object] = [
     None,
     True,

@@ -3,6 +3,7 @@ latter is what a browser ``EventSource`` can call). Served by ``direct_routes``.
 
 from __future__ import annotations
 
+import math
 import time
 from urllib.parse import unquote_plus
 
@@ -36,11 +37,14 @@ def _boolean(name: str, raw: str) -> bool:
 
 def _typed(name: str, raw: str, kind: type) -> int | float:
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
-        raise InvalidRequestError(
-            f"{name}: {raw!r} is not a valid {kind.__name__}", param=name
-        ) from None
+        value = None
+    # ``float`` reads "nan" and "inf" too, which a JSON body cannot hold: refused as such,
+    # not as out of range ("temperature: less than or equal to 2" for a NaN).
+    if value is None or not math.isfinite(value):
+        raise InvalidRequestError(f"{name}: {raw!r} is not a valid {kind.__name__}", param=name)
+    return value
 
 
 def _query(request: Request) -> list[tuple[str, str]]:
