@@ -582,6 +582,32 @@ def test_sigterm_while_the_other_replica_drains_ends_the_stream_with_an_error(
     os.kill(b.proc.pid, signal.SIGKILL)
 
 
+def test_replicas_stopped_together_end_their_streams_with_the_error(
+    replica_set: ReplicaSet,
+) -> None:
+    """A whole deployment stopped at once (drain 0): each replica looked for another to
+    hand its streams to before the other had marked itself draining, handed them to it, and
+    the other stopped too: the streams were cut, with nobody left to continue them. Each
+    must end its own with the drain's error and [DONE], as a lone server does."""
+    a, b = replica_set.start_many(2, "--synthetic-itl-ms", "2", "--drain-timeout-s", "0")
+    with contextlib.ExitStack() as connections:
+        events = []
+        for replica in (a, b):
+            r = connections.enter_context(
+                httpx.stream("POST", f"{replica.url}/v1/chat/completions",
+                             json=chat_body(1500), timeout=60)
+            )  # fmt: skip
+            events.append(sse_events(r.iter_lines()))
+            assert len(list(itertools.islice(events[-1], 5))) == 5
+        for replica in (a, b):
+            replica.proc.send_signal(signal.SIGTERM)
+        endings = [[data for _, data in stream][-2:] for stream in events]
+    assert a.proc.wait(30) == b.proc.wait(30) == 0
+    for error, done in endings:
+        assert done == "[DONE]"
+        assert json.loads(error)["error"]["code"] == "shutting_down"
+
+
 def test_sigterm_cuts_the_readers_of_another_replicas_stream_at_the_drains_end(
     replica_set: ReplicaSet,
 ) -> None:

@@ -53,6 +53,10 @@ _RELEASE_S = 2.0
 #: How long a stopping replica waits for its lease and cancel tasks to end: a cancel that
 #: comes during a Redis call may be lost in it, and the task then ends at its next turn.
 _STOP_TASKS_S = 2.0
+#: The least time between a replica's drain mark and its look for others to hand over to:
+#: replicas stopped together (a whole deployment) mark theirs within it, so none hands its
+#: streams to another that is stopping too (which then took them nowhere).
+_SETTLE_S = 0.5
 
 _LEASE = """
 local t = redis.call('TIME')
@@ -134,6 +138,8 @@ class Replica:
         self._takeovers_after = 0.0
         #: It handed its streams over and ended its lease (``hand_over``): never renewed.
         self._leaving = False
+        #: When it marked itself draining (``drain_begins``).
+        self._drain_marked_at = 0.0
         self._state: ServerState | None = None
         self.admission: SharedAdmission | None = None
 
@@ -175,6 +181,7 @@ class Replica:
         """Tell the other replicas that this one drains: none hands its streams over to it
         (it would take them over no more)."""
         ttl_ms = int((drain_s + LEASE_TTL_S * 10) * 1000)
+        self._drain_marked_at = time.monotonic()
         with contextlib.suppress(*LOST):
             await self.link.client.set(rk.draining(self.id), "1", px=ttl_ms)
 
@@ -196,6 +203,11 @@ class Replica:
         embedded engine)."""
         if not self._movable() or not self.link.up:
             return []
+        # A drain shorter than the settle (0 s, say) waits out the rest of it: the others
+        # stopped at the same moment have marked themselves draining by then.
+        settled = self._drain_marked_at + _SETTLE_S - time.monotonic()
+        if settled > 0:
+            await asyncio.sleep(settled)
         try:
             others = await self._live(keys=[rk.REPLICAS], args=[self.id])
         except LOST as exc:
