@@ -152,7 +152,8 @@ class Engine(ABC):
         first part is ``sofar`` (``max_tokens`` less ``sofar.completion_tokens``;
         ``NothingLeftError`` when nothing is left, any other ``InvalidRequestError`` when
         this engine cannot continue such an answer). Under greedy decoding the first part
-        followed by the rest is the answer an uncut request would have given."""
+        followed by the rest is the answer an uncut request would have given, up to
+        rounding: an engine that computes the first part again may flip a near-tie."""
 
     def continuation_refusal(self, params: SamplingParams) -> InvalidRequestError | None:
         """Why ``continuation`` refuses every answer generated with ``params``, or None
