@@ -183,11 +183,15 @@ async def test_a_cancel_that_crosses_the_end_leaves_the_whole_text(
 
 
 @pytest.mark.parametrize(
-    ("second", "said"),
+    ("second", "said", "param"),
     [
-        (generate("a", "again", 4), "'a' is already running"),
-        (json.dumps({"type": "bogus", "id": "a"}), "type must be"),
-        (json.dumps({"type": "generate", "id": "a"}), "exactly one of messages or prompt"),
+        (generate("a", "again", 4), "'a' is already running", "id"),
+        (json.dumps({"type": "bogus", "id": "a"}), "type must be", "type"),
+        (
+            json.dumps({"type": "generate", "id": "a"}),
+            "exactly one of messages or prompt",
+            "messages",
+        ),
     ],
     ids=["generate", "unknown type", "no prompt"],
 )
@@ -195,6 +199,7 @@ async def test_a_message_with_a_running_id_leaves_that_stream_alone(
     start_server,  # type: ignore[no-untyped-def]
     second: str,
     said: str,
+    param: str,
 ) -> None:
     """The refusal is not sent as the running stream's ``error``: ``a`` still ends once."""
     server = start_server(SyntheticEngine(itl_ms=5))
@@ -215,6 +220,7 @@ async def test_a_message_with_a_running_id_leaves_that_stream_alone(
             if msg["type"] != "delta":
                 ends.append(msg)
     assert refusal["id"] is None and said in refusal["error"]["message"]
+    assert refusal["error"]["param"] == param
     assert ends[0]["id"] == "a" and ends[0]["finish_reason"] == "cancelled", ends
 
 

@@ -129,7 +129,8 @@ class WebSocketSession:
         if message.id in self._streams:
             err = InvalidRequestError(
                 f"a stream with id {message.id!r} is already running: this generate was "
-                "ignored (use a new id)"
+                "ignored (use a new id)",
+                param="id",
             )
             await self._refuse(message.id, err)
             return
