@@ -16,13 +16,16 @@
   generate the stream follow it there: its owner does not end it for want of a reader;
 * ``expired(id)``: the key name that opened an ended stream, kept ``EXPIRED_KEPT_S`` after
   its keys expired, so that every replica, not only its owner, says it expired (410);
-* ``CANCEL``: the pub/sub channel cancels travel on.
+* ``CANCEL``: the pub/sub channel cancels travel on;
+* ``HANDED``: the pub/sub channel on which a stopping replica says it handed its streams
+  over (its id): the others claim them at once, not at their next lease refresh.
 """
 
 from __future__ import annotations
 
 PREFIX = "tokenspout:"
 CANCEL = PREFIX + "cancel"
+HANDED = PREFIX + "handed"
 REPLICAS = PREFIX + "replicas"
 ADMISSION = PREFIX + "admission"
 #: How long an ended stream's id is remembered after its keys expired (~100 bytes each).

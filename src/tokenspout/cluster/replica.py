@@ -140,6 +140,8 @@ class Replica:
         self._leaving = False
         #: When it marked itself draining (``drain_begins``).
         self._drain_marked_at = 0.0
+        #: Another replica said it handed its streams over: the lease loop looks now.
+        self._handed_over = asyncio.Event()
         self._state: ServerState | None = None
         self.admission: SharedAdmission | None = None
 
@@ -162,7 +164,7 @@ class Replica:
         self.writer.start()
         self._tasks = [
             asyncio.create_task(self._keep_lease()),
-            asyncio.create_task(self._listen_cancels()),
+            asyncio.create_task(self._listen()),
         ]
         logger.info("replica %s: sharing streams through Redis at %s", self.id, self.link.address)
 
@@ -196,8 +198,8 @@ class Replica:
         """A drain's end: give this replica's running shared streams to the other replicas,
         and return them. Their readers here are cut, for their clients to resume elsewhere
         (``StreamWriter.release``); this replica then refreshes its lease no more and ends
-        it, so that the others take the streams over at their next lease refresh, not a
-        lease's time later. None without another live replica (one that is not draining
+        it, and says so on ``HANDED``, so that the others take the streams over at once,
+        not a lease's time later. None without another live replica (one that is not draining
         too), or without Redis: the caller ends them as a lone server does, and so it does
         the streams the others could not go on with (constrained or echoed answers of the
         embedded engine)."""
@@ -226,8 +228,12 @@ class Replica:
                 len(released), len(others),
             )  # fmt: skip
             with contextlib.suppress(*LOST):
-                # A score of 0 has lapsed: the others' next refresh lists this replica.
-                await self.link.client.zadd(rk.REPLICAS, {self.id: 0})
+                # A score of 0 has lapsed: the others' next refresh lists this replica, and
+                # the message makes them refresh now.
+                pipe = self.link.client.pipeline(transaction=False)
+                pipe.zadd(rk.REPLICAS, {self.id: 0})
+                pipe.publish(rk.HANDED, self.id)
+                await execute(pipe)
         return released
 
     def _movable(self) -> list[Stream]:
@@ -350,14 +356,20 @@ class Replica:
 
         await self.link.call(send)
 
-    async def _listen_cancels(self) -> None:
+    async def _listen(self) -> None:
+        """Cancels, and other replicas' hand-overs (which wake the lease loop)."""
         while True:
             try:
                 async with self.link.client.pubsub() as pubsub:
-                    await pubsub.subscribe(rk.CANCEL)
+                    await pubsub.subscribe(rk.CANCEL, rk.HANDED)
                     async for message in pubsub.listen():
-                        if message["type"] == "message":
-                            self._cancel_here(message["data"].decode())
+                        if message["type"] != "message":
+                            continue
+                        data = message["data"].decode()
+                        if message["channel"].decode() == rk.CANCEL:
+                            self._cancel_here(data)
+                        elif data != self.id:
+                            self._handed_over.set()
             except LOST as exc:
                 self.link.lost(exc)
                 await asyncio.sleep(LEASE_EVERY_S / 2)
@@ -389,7 +401,10 @@ class Replica:
 
     async def _keep_lease(self) -> None:
         while True:
-            await asyncio.sleep(LEASE_EVERY_S)
+            # Every LEASE_EVERY_S, or at once when another replica handed its streams over.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._handed_over.wait(), LEASE_EVERY_S)
+            self._handed_over.clear()
             if self._leaving:
                 return  # handed over: its lease has ended
             if not self.link.up:
