@@ -357,8 +357,7 @@ def test_sigterm_hands_over_only_what_the_others_can_continue(
         _, events, last_id = responses["plain"]
         _, done = read_until_cut(events, [], last_id)
     assert a.proc.wait(30) == 0
-    assert datas[-1] == "[DONE]"
-    assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
+    assert_ends_with_the_drains_error(datas)
     constrained_id = responses["constrained"][0].headers["x-stream-id"]
     assert replica_set.redis.cli("HGET", f"tokenspout:m:{constrained_id}", "state") == "ended"
     assert not done  # cut without an end: handed over
@@ -560,9 +559,14 @@ def stopped_mid_stream_with_the_error(replica: Replica) -> str:
             if len(datas) == 5:
                 replica.proc.send_signal(signal.SIGTERM)
     assert replica.proc.wait(30) == 0
+    assert_ends_with_the_drains_error(datas)
+    return r.headers["x-stream-id"]
+
+
+def assert_ends_with_the_drains_error(datas: list[str]) -> None:
+    """A stream's SSE data ends as a lone server's drain ends it: its error, then [DONE]."""
     assert datas[-1] == "[DONE]"
     assert json.loads(datas[-2])["error"]["code"] == "shutting_down"
-    return r.headers["x-stream-id"]
 
 
 def test_sigterm_while_the_other_replica_drains_ends_the_stream_with_an_error(
@@ -601,11 +605,10 @@ def test_replicas_stopped_together_end_their_streams_with_the_error(
             assert len(list(itertools.islice(events[-1], 5))) == 5
         for replica in (a, b):
             replica.proc.send_signal(signal.SIGTERM)
-        endings = [[data for _, data in stream][-2:] for stream in events]
+        endings = [[data for _, data in stream] for stream in events]
     assert a.proc.wait(30) == b.proc.wait(30) == 0
-    for error, done in endings:
-        assert done == "[DONE]"
-        assert json.loads(error)["error"]["code"] == "shutting_down"
+    for datas in endings:
+        assert_ends_with_the_drains_error(datas)
 
 
 def test_sigterm_cuts_the_readers_of_another_replicas_stream_at_the_drains_end(
