@@ -21,12 +21,13 @@ from tokenspout.cluster.stream_record import StreamRecord
 from tokenspout.cluster.stream_writer import StreamWriter
 from tokenspout.engine.request import Prompt, SamplingParams
 from tokenspout.engine.synthetic_engine import SyntheticEngine
+from tokenspout.errors import ShuttingDownError
 from tokenspout.protocols.stream_wire import StreamWire
 from tokenspout.streaming.stream import Stream
 from tokenspout.streaming.stream_registry import StreamRegistry
 
 
-async def _open(link: RedisLink) -> tuple[StreamWriter, Stream]:
+async def _open(link: RedisLink, continuable: bool = True) -> tuple[StreamWriter, Stream]:
     """A resumable stream of the synthetic engine, opened through a writer whose task is
     not running: whatever is in Redis after ``open`` was written by ``open`` itself."""
     writer = StreamWriter(link, "r1", CollectorRegistry(), ended_ttl_s=60)
@@ -40,7 +41,7 @@ async def _open(link: RedisLink) -> tuple[StreamWriter, Stream]:
         stream.id, StreamWire("chat", "synthetic"), key="team", replica="r1",
         created=stream.created, prompt_tokens=2, body="{}",
     )  # fmt: skip
-    await writer.open(stream, record, continuable=True)
+    await writer.open(stream, record, continuable=continuable)
     return writer, stream
 
 
@@ -93,6 +94,40 @@ def test_a_record_that_found_redis_down_is_written_when_it_is_back(
     asyncio.run(main())
 
 
+def _shut_down(stream: Stream) -> None:
+    stream.fail(ShuttingDownError("the server is shutting down"), "shutdown")
+
+
+def test_release_ends_a_stream_no_other_replica_could_continue_before_it_returns(
+    redis_server: RedisServer,
+) -> None:
+    """One the engine could not continue (a constrained answer) is not handed over: ended
+    here, and Redis has its end when ``release`` returns, before the others are told to
+    claim this replica's streams. It was still running there: the others claimed it, could
+    not continue it, and gave it up (410), and its reader's error event was the last word."""
+
+    async def main() -> None:
+        link = RedisLink(redis_server.url)
+        shared = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            writer, stream = await _open(link, continuable=False)
+            ended: list[Stream] = []
+
+            def end(s: Stream) -> None:
+                ended.append(s)
+                _shut_down(s)
+
+            assert await writer.release([stream], end, timeout_s=30) == []
+            assert ended == [stream] and stream.finished
+            assert await shared.hget(rk.meta(stream.id), "state") == b"ended"
+            assert not writer.writes(stream.id)
+        finally:
+            await shared.aclose()
+            await link.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("last", ["cancelled", "length"])
 def test_release_stops_a_stream_then_writes_it_to_its_last_chunk(
     redis_server: RedisServer, last: str
@@ -133,7 +168,7 @@ def test_release_stops_a_stream_then_writes_it_to_its_last_chunk(
                 return done
 
             writer._write = write_then_the_last_step  # type: ignore[method-assign]
-            stopped = await writer.release([stream], timeout_s=30)
+            stopped = await writer.release([stream], _shut_down, timeout_s=30)
             assert stopped == [stream] and stream.finished
             assert stream.abort_reason == "moved"
             assert not writer.writes(stream.id)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter
@@ -194,15 +195,15 @@ class Replica:
         for mirror in list(self._mirrors.values()):
             mirror.stream.cut_readers("moved")
 
-    async def hand_over(self) -> list[Stream]:
+    async def hand_over(self, end: Callable[[Stream], None]) -> list[Stream]:
         """A drain's end: give this replica's running shared streams to the other replicas,
         and return them. Their readers here are cut, for their clients to resume elsewhere
-        (``StreamWriter.release``); this replica then refreshes its lease no more and ends
-        it, and says so on ``HANDED``, so that the others take the streams over at once,
-        not a lease's time later. None without another live replica (one that is not draining
-        too), or without Redis: the caller ends them as a lone server does, and so it does
-        the streams the others could not go on with (constrained or echoed answers of the
-        embedded engine)."""
+        (``StreamWriter.release``); those the others could not go on with (constrained or
+        echoed answers of the embedded engine) are ended here by ``end``, and written so,
+        first. This replica then refreshes its lease no more and ends it, and says so on
+        ``HANDED``, so that the others take the streams over at once, not a lease's time
+        later. None without another live replica (one that is not draining too), or
+        without Redis: the caller ends them as a lone server does."""
         if not self._movable() or not self.link.up:
             return []
         # A drain shorter than the settle (0 s, say) waits out the rest of it: the others
@@ -221,7 +222,9 @@ class Replica:
         self._leaving = True
         await self._stop_tasks()
         # With any stream a takeover begun before the drain opened here meanwhile.
-        released = await self.writer.release(self._movable(), timeout_s=_RELEASE_S)
+        assert self._state is not None
+        running = self._state.streams.running()
+        released = await self.writer.release(running, end, timeout_s=_RELEASE_S)
         if released:
             logger.info(
                 "replica %s: handed %d stream(s) over to %d other replica(s)", self.id,

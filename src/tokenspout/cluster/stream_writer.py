@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -263,41 +264,50 @@ class StreamWriter:
     def untrack(self, stream_id: str) -> None:
         self._tracked.pop(stream_id, None)
 
-    async def release(self, streams: list[Stream], timeout_s: float) -> list[Stream]:
+    async def release(
+        self, streams: list[Stream], end: Callable[[Stream], None], timeout_s: float
+    ) -> list[Stream]:
         """A stopping replica gives ``streams`` (its running ones) to the others. Each that
-        it writes is stopped here first (``moved_away``: the engine lets it go, and its HTTP
-        readers' connections are cut, for their clients to resume where it goes on), then
-        written to its last chunk, without its end, and no longer written here. Returns the
-        streams it stopped (not those ``movable`` refuses). One whose chunks Redis did not
+        it writes and that ``movable`` takes is stopped here first (``moved_away``: the
+        engine lets it go, and its HTTP readers' connections are cut, for their clients to
+        resume where it goes on), then written to its last chunk, without its end, and no
+        longer written here; the others it writes (no other replica could go on with them)
+        are ended here by ``end``, and written with their end. Both before the others are
+        told to claim this replica's streams: one still running in Redis would be claimed,
+        and given up. Returns the streams it handed over. One whose chunks Redis did not
         take within ``timeout_s`` goes on elsewhere from what Redis has, as after a death."""
-        leaving = [self._tracked[s.id] for s in streams if self.movable(s)]
-        for tracked in leaving:
-            tracked.leaving = True
-            tracked.stream.moved_away("this one stopped and handed it over")
-        stopped = [tracked.stream for tracked in leaving]
+        mine = [self._tracked[s.id] for s in streams if self.writes(s.id) and not s.finished]
+        for tracked in mine:
+            if tracked.continuable:
+                tracked.leaving = True
+                tracked.stream.moved_away("this one stopped and handed it over")
+            else:
+                end(tracked.stream)
+        stopped = [tracked.stream for tracked in mine if tracked.leaving]
         deadline = time.monotonic() + timeout_s
-        while leaving and self._link.up and time.monotonic() < deadline:
+        while mine and self._link.up and time.monotonic() < deadline:
             try:
                 await self._flush()
             except LOST as exc:
                 self._link.lost(exc)
                 break
             behind = []
-            for tracked in leaving:
+            for tracked in mine:
                 stream = tracked.stream
                 if self._tracked.get(stream.id) is not tracked:
-                    continue  # its chunks were refused: another replica has it already
-                if stream.finished and tracked.persisted == stream.length:
+                    continue  # its end is written, or another replica has it already
+                if tracked.leaving and stream.finished and tracked.persisted == stream.length:
                     self.untrack(stream.id)  # all of it is there: the others go on from it
                 else:
                     behind.append(tracked)
-            leaving = behind
-            if leaving:
+            mine = behind
+            if mine:
                 # An engine's last outputs come after its next step; Redis may be slow.
                 await asyncio.sleep(FLUSH_EVERY_S)
-        for tracked in leaving:
-            logger.warning("stream %s: handed over with chunks not written", tracked.stream.id)
-            self.untrack(tracked.stream.id)
+        for tracked in mine:
+            if tracked.leaving:
+                logger.warning("stream %s: handed over with chunks not written", tracked.stream.id)
+                self.untrack(tracked.stream.id)
         return stopped
 
     def pending_s(self) -> float:

@@ -130,15 +130,20 @@ async def drain(state: ServerState, forced: asyncio.Event) -> None:
         await _wait_for_ends(running, forced, timeout_s=timeout)
     cut = registry.running()
     if state.cluster is not None:
-        handed = await state.cluster.hand_over()
+        handed = await state.cluster.hand_over(_end)
         cut = [s for s in cut if s not in handed]
         state.cluster.cut_mirror_readers()
     if cut:
         why = "forced quit" if forced.is_set() else "drain timeout"
         logger.info("%s: ending %d stream(s)", why, len(cut))
     for stream in cut:
-        stream.fail(ShuttingDownError("the server is shutting down"), "shutdown")
+        _end(stream)
     await registry.wait_readers_gone(_FAREWELL_S)
+
+
+def _end(stream: Stream) -> None:
+    """How a drain ends a stream it does not hand over (a no-op on one already ended)."""
+    stream.fail(ShuttingDownError("the server is shutting down"), "shutdown")
 
 
 async def _wait_for_ends(streams: list[Stream], forced: asyncio.Event, *, timeout_s: float) -> None:
